@@ -1,0 +1,862 @@
+//! Raw TOML to checked [`Config`], collecting every mistake.
+//!
+//! The document is parsed with error recovery; each top-level section (and each
+//! element of an array of tables) is deserialized on its own, so one bad table does
+//! not hide the mistakes in the next. Values are then checked one by one, and
+//! cross-references last. Only when nothing is wrong is a [`Config`] returned.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use serde::de::DeserializeOwned;
+use toml::Spanned;
+use toml::de::{DeTable, DeValue, ValueDeserializer};
+
+use super::raw::*;
+use super::*;
+use crate::diag::{Diagnostic, LineIndex, Location};
+use crate::units::{self, ByteSize, Cidr, Date, HostPort, ValueError};
+
+const SECTIONS: &str = "node, zone, uplink, service, access, channel, ingest, audit, admin, hub, publish";
+
+/// Compiles TOML text into a [`Config`] (when there is no error) and the
+/// diagnostics found. Boundary rules are not applied here; see [`super::load`].
+pub fn compile(src: &str) -> (Option<Config>, Vec<Diagnostic>) {
+    let mut c = Compiler {
+        idx: LineIndex::new(src),
+        diags: Vec::new(),
+    };
+    let (doc, errors) = DeTable::parse_recoverable(src);
+    if !errors.is_empty() {
+        for e in &errors {
+            c.toml_error(e, "fix the TOML syntax (https://toml.io)");
+        }
+        return (None, c.diags);
+    }
+    let raw = c.split(doc.into_inner());
+    let config = c.config(raw);
+    let ok = !c.diags.iter().any(Diagnostic::is_error);
+    (config.filter(|_| ok), c.diags)
+}
+
+#[derive(Default)]
+struct RawDoc {
+    node: Option<RawNode>,
+    zones: Vec<RawZone>,
+    uplink: Option<(RawUplink, Range<usize>)>,
+    services: Vec<(RawService, Range<usize>)>,
+    accesses: Vec<(RawAccess, Range<usize>)>,
+    channels: Vec<(RawChannel, Range<usize>)>,
+    ingests: Vec<(RawIngest, Range<usize>)>,
+    audit: Option<(RawAudit, Range<usize>)>,
+    admin: Option<RawAdmin>,
+    hub: Option<(RawHub, Range<usize>)>,
+    publishes: Vec<(RawPublish, Range<usize>)>,
+    /// Sections present but malformed: their absence must not be reported again.
+    broken: HashSet<&'static str>,
+}
+
+struct Compiler<'a> {
+    idx: LineIndex<'a>,
+    diags: Vec<Diagnostic>,
+}
+
+impl Compiler<'_> {
+    fn at(&self, span: &Range<usize>) -> Location {
+        self.idx.locate_span(span)
+    }
+
+    fn error(&mut self, span: &Range<usize>, message: impl Into<String>, hint: impl Into<String>) {
+        let d = Diagnostic::error(self.at(span), message).hint(hint);
+        self.diags.push(d);
+    }
+
+    fn warning(&mut self, span: &Range<usize>, message: impl Into<String>, hint: impl Into<String>) {
+        let d = Diagnostic::warning(self.at(span), message).hint(hint);
+        self.diags.push(d);
+    }
+
+    fn value_error(&mut self, span: &Range<usize>, key: &str, e: ValueError) {
+        self.error(span, format!("{key}: {}", e.message), e.hint);
+    }
+
+    fn toml_error(&mut self, e: &toml::de::Error, hint: &str) {
+        let span = e.span().unwrap_or(0..0);
+        let message = e.message().trim().to_owned();
+        self.error(&span, message, hint.to_owned());
+    }
+
+    // ---- step 1: split the document into raw sections ----
+
+    fn split(&mut self, doc: DeTable<'_>) -> RawDoc {
+        let mut raw = RawDoc::default();
+        for (key, value) in doc {
+            let name = key.get_ref().as_ref();
+            let kspan = key.span();
+            match name {
+                "node" => raw.node = self.one(value, "node", &mut raw.broken).map(|(t, _)| t),
+                "uplink" => raw.uplink = self.one(value, "uplink", &mut raw.broken),
+                "audit" => raw.audit = self.one(value, "audit", &mut raw.broken),
+                "admin" => raw.admin = self.one(value, "admin", &mut raw.broken).map(|(t, _)| t),
+                "hub" => raw.hub = self.one(value, "hub", &mut raw.broken),
+                "zone" => raw.zones = self.many(value, "zone").into_iter().map(|(t, _)| t).collect(),
+                "service" => raw.services = self.many(value, "service"),
+                "access" => raw.accesses = self.many(value, "access"),
+                "channel" => raw.channels = self.many(value, "channel"),
+                "ingest" => raw.ingests = self.many(value, "ingest"),
+                "publish" => raw.publishes = self.many(value, "publish"),
+                other => {
+                    let hint = match closest(other, SECTIONS.split(", ")) {
+                        Some(s) => format!("did you mean [{s}]? The sections are: {SECTIONS}"),
+                        None => format!("the sections are: {SECTIONS}"),
+                    };
+                    self.error(&kspan, format!("unknown section or key `{other}`"), hint);
+                }
+            }
+        }
+        raw
+    }
+
+    fn de<T: DeserializeOwned>(&mut self, value: Spanned<DeValue<'_>>, section: &str) -> Option<(T, Range<usize>)> {
+        let span = value.span();
+        match T::deserialize(ValueDeserializer::from(value)) {
+            Ok(t) => Some((t, span)),
+            Err(e) => {
+                let hint = format!("see the keys of [{section}] in docs/config.md");
+                self.toml_error(&e, &hint);
+                None
+            }
+        }
+    }
+
+    fn one<T: DeserializeOwned>(
+        &mut self,
+        value: Spanned<DeValue<'_>>,
+        section: &'static str,
+        broken: &mut HashSet<&'static str>,
+    ) -> Option<(T, Range<usize>)> {
+        if !matches!(value.get_ref(), DeValue::Table(_)) {
+            broken.insert(section);
+            self.error(
+                &value.span(),
+                format!("`{section}` must be a table, written [{section}] once"),
+                format!("write the section header as [{section}], not [[{section}]] or `{section} = ...`"),
+            );
+            return None;
+        }
+        let out = self.de(value, section);
+        if out.is_none() {
+            broken.insert(section);
+        }
+        out
+    }
+
+    fn many<T: DeserializeOwned>(&mut self, value: Spanned<DeValue<'_>>, section: &str) -> Vec<(T, Range<usize>)> {
+        let span = value.span();
+        let DeValue::Array(items) = value.into_inner() else {
+            self.error(
+                &span,
+                format!("`{section}` must be an array of tables, written [[{section}]]"),
+                format!("write each entry under its own [[{section}]] header"),
+            );
+            return Vec::new();
+        };
+        items.iter().cloned().filter_map(|item| self.de(item, section)).collect()
+    }
+
+    // ---- step 2: check values and build the config ----
+
+    fn config(&mut self, raw: RawDoc) -> Option<Config> {
+        let start = 0..0;
+        let Some(node) = raw.node else {
+            if !raw.broken.contains("node") {
+                self.error(&start, "the [node] section is missing", "add [node] with id, role and state_dir");
+            }
+            return None;
+        };
+        let id = self.device_id(&node.id, "node.id");
+        let role = match node.role.get_ref().as_str() {
+            "edge" => Some(true),
+            "hub" => Some(false),
+            other => {
+                self.error(
+                    &node.role.span(),
+                    format!("node.role: unknown role {other:?}"),
+                    "write role = \"edge\" (a department's gateway) or role = \"hub\" (the central hub)",
+                );
+                None
+            }
+        };
+        let state_dir = PathBuf::from(node.state_dir.get_ref());
+        if !state_dir.is_absolute() {
+            self.error(
+                &node.state_dir.span(),
+                format!("node.state_dir: {:?} is not an absolute path", node.state_dir.get_ref()),
+                "write an absolute path, for example \"/var/lib/gatewayd\"",
+            );
+        }
+
+        let zones = self.zones(raw.zones);
+        let audit = self.audit(raw.audit);
+        let admin = self.admin(raw.admin);
+
+        let role = match role {
+            Some(true) => {
+                for (present, name) in [(raw.hub.is_some(), "[hub]"), (!raw.publishes.is_empty(), "[[publish]]")] {
+                    if present {
+                        self.error(
+                            &node.role.span(),
+                            format!("{name} is for hubs, but this node's role is \"edge\""),
+                            format!("remove {name}, or set role = \"hub\""),
+                        );
+                    }
+                }
+                self.edge(&zones, raw.uplink, raw.services, raw.accesses, raw.channels, raw.ingests, raw.broken.contains("uplink"))
+                    .map(Role::Edge)
+            }
+            Some(false) => {
+                let edge_only = [
+                    (raw.uplink.is_some(), "[uplink]"),
+                    (!raw.services.is_empty(), "[[service]]"),
+                    (!raw.accesses.is_empty(), "[[access]]"),
+                    (!raw.channels.is_empty(), "[[channel]]"),
+                    (!raw.ingests.is_empty(), "[[ingest]]"),
+                ];
+                for (present, name) in edge_only {
+                    if present {
+                        self.error(
+                            &node.role.span(),
+                            format!("{name} is for edges, but this node's role is \"hub\""),
+                            format!("remove {name}, or set role = \"edge\""),
+                        );
+                    }
+                }
+                if let Some(z) = zones.iter().find(|z| z.kind == ZoneKind::Legacy) {
+                    self.diags.push(
+                        Diagnostic::error(z.loc, format!("zone {:?}: a hub holds no legacy zone", z.name))
+                            .hint("declare legacy zones on the department's edge; a hub lives on the provincial network"),
+                    );
+                }
+                self.hub(&zones, raw.hub, raw.publishes, raw.broken.contains("hub")).map(Role::Hub)
+            }
+            None => None,
+        };
+        self.unique_listeners(&admin, role.as_ref());
+
+        Some(Config {
+            node: Node { id: id?, state_dir },
+            zones,
+            role: role?,
+            audit,
+            admin,
+        })
+    }
+
+    fn device_id(&mut self, s: &S, key: &str) -> Option<String> {
+        match units::check_name("device", s.get_ref()) {
+            Ok(()) => Some(s.get_ref().clone()),
+            Err(e) => {
+                self.value_error(&s.span(), key, e);
+                None
+            }
+        }
+    }
+
+    fn name(&mut self, s: &S, what: &str, seen: &mut HashMap<String, Range<usize>>) -> Option<String> {
+        let key = format!("{what}.name");
+        if let Err(e) = units::check_name(what, s.get_ref()) {
+            self.value_error(&s.span(), &key, e);
+            return None;
+        }
+        if let Some(first) = seen.get(s.get_ref()) {
+            let first = self.at(first);
+            self.error(
+                &s.span(),
+                format!("{key}: {what} {:?} is declared twice (first at line {})", s.get_ref(), first.line),
+                format!("give each {what} a unique name"),
+            );
+            return None;
+        }
+        seen.insert(s.get_ref().clone(), s.span());
+        Some(s.get_ref().clone())
+    }
+
+    fn socket(&mut self, s: &S, key: &str) -> Option<SocketAddr> {
+        match s.get_ref().parse::<SocketAddr>() {
+            Ok(a) if a.port() != 0 => Some(a),
+            Ok(_) => {
+                self.error(&s.span(), format!("{key}: port 0 is not allowed"), "give a fixed port from 1 to 65535");
+                None
+            }
+            Err(_) => {
+                self.error(
+                    &s.span(),
+                    format!("{key}: {:?} is not an IP address and port", s.get_ref()),
+                    "write ADDRESS:PORT with an IP address, for example \"10.20.0.1:8480\" or \"[fd00::1]:8480\"",
+                );
+                None
+            }
+        }
+    }
+
+    fn parsed<T: FromStr<Err = ValueError>>(&mut self, s: &S, key: &str) -> Option<T> {
+        match s.get_ref().parse::<T>() {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.value_error(&s.span(), key, e);
+                None
+            }
+        }
+    }
+
+    fn file(&mut self, s: &S, key: &'static str) -> Option<FilePath> {
+        let path = PathBuf::from(s.get_ref());
+        if !path.is_absolute() {
+            self.error(
+                &s.span(),
+                format!("{key}: {:?} is not an absolute path", s.get_ref()),
+                "write an absolute path, for example \"/etc/gatewayd/ca.pem\"",
+            );
+            return None;
+        }
+        Some(FilePath { path, key, loc: self.at(&s.span()) })
+    }
+
+    fn choice<T: Copy>(&mut self, s: &S, key: &str, options: &[(&str, T)]) -> Option<T> {
+        if let Some((_, v)) = options.iter().find(|(name, _)| *name == s.get_ref().as_str()) {
+            return Some(*v);
+        }
+        let names: Vec<String> = options.iter().map(|(n, _)| format!("{n:?}")).collect();
+        self.error(
+            &s.span(),
+            format!("{key}: unknown value {:?}", s.get_ref()),
+            format!("write one of {}", names.join(", ")),
+        );
+        None
+    }
+
+    fn zones(&mut self, raw: Vec<RawZone>) -> Vec<Zone> {
+        let mut seen = HashMap::new();
+        let mut zones: Vec<(Zone, Range<usize>)> = Vec::new();
+        for z in raw {
+            let name = self.name(&z.name, "zone", &mut seen);
+            let kinds = [
+                ("legacy", ZoneKind::Legacy),
+                ("intranet", ZoneKind::Intranet),
+                ("extranet", ZoneKind::Extranet),
+                ("internet", ZoneKind::Internet),
+            ];
+            let kind = self.choice(&z.kind, "zone.kind", &kinds);
+            let level = Level::new(*z.level.get_ref());
+            if level.is_none() {
+                self.error(
+                    &z.level.span(),
+                    format!("zone.level: {} is not a protection level", z.level.get_ref()),
+                    "GB/T 22239-2019 defines levels 1 to 4; write level = 1, 2, 3 or 4",
+                );
+            }
+            let classified = match (kind, z.classified.as_ref().map(|c| (*c.get_ref(), c.span()))) {
+                (Some(ZoneKind::Legacy), Some((c, _))) => Some(c),
+                (Some(ZoneKind::Legacy), None) => {
+                    self.error(
+                        &z.name.span(),
+                        "zone.classified: a legacy zone must say whether it is classified",
+                        "add classified = true (涉密) or classified = false (非涉密), as the department's classification decided",
+                    );
+                    None
+                }
+                (Some(ZoneKind::Intranet), None | Some((true, _))) => Some(true),
+                (Some(ZoneKind::Intranet), Some((false, span))) => {
+                    self.error(&span, "zone.classified: the intranet is always classified", "remove `classified`, or write classified = true");
+                    None
+                }
+                (Some(k), None | Some((false, _))) => Some(k == ZoneKind::Intranet),
+                (Some(k), Some((true, span))) => {
+                    self.error(
+                        &span,
+                        format!("zone.classified: the {} never carries classified information", k.as_str()),
+                        "classified networks connect only to the intranet; remove `classified` or change the kind",
+                    );
+                    None
+                }
+                (None, _) => None,
+            };
+            let mut networks = Vec::new();
+            if z.networks.get_ref().is_empty() {
+                self.error(&z.networks.span(), "zone.networks is empty", "list the zone's address ranges, for example [\"10.20.0.0/16\"]");
+            }
+            let mut net_ok = true;
+            for n in z.networks.get_ref() {
+                match self.parsed::<Cidr>(n, "zone.networks") {
+                    Some(c) => networks.push(c),
+                    None => net_ok = false,
+                }
+            }
+            let assessment = z.assessment.map(|a| {
+                let a = a.into_inner();
+                let date = self.date(&a.valid_until, "zone.assessment.valid_until");
+                (a.id, date, a.valid_until.span())
+            });
+            let assessment = match assessment {
+                Some((id, Some(valid_until), span)) => Some(Some(Assessment {
+                    id: id.into_inner(),
+                    valid_until,
+                    loc: self.at(&span),
+                })),
+                Some((_, None, _)) => None,
+                None => Some(None),
+            };
+            let (Some(name), Some(kind), Some(level), Some(classified), Some(assessment), true) =
+                (name, kind, level, classified, assessment, net_ok)
+            else {
+                continue;
+            };
+            let loc = self.at(&z.name.span());
+            zones.push((Zone { name, kind, classified, level, networks, assessment, loc }, z.networks.span()));
+        }
+        // An address belongs to one zone at most.
+        for (i, (a, _)) in zones.iter().enumerate() {
+            for (b, span) in &zones[i + 1..] {
+                for na in &a.networks {
+                    if let Some(nb) = b.networks.iter().find(|nb| na.overlaps(nb)) {
+                        let msg = format!(
+                            "zone.networks: {nb} of zone {:?} overlaps {na} of zone {:?}",
+                            b.name, a.name
+                        );
+                        let d = Diagnostic::error(self.at(span), msg)
+                            .hint("an address must belong to one zone only; split or correct the ranges");
+                        self.diags.push(d);
+                    }
+                }
+            }
+        }
+        zones.into_iter().map(|(z, _)| z).collect()
+    }
+
+    fn date(&mut self, v: &Spanned<toml::value::Datetime>, key: &str) -> Option<Date> {
+        let dt = v.get_ref();
+        let hint = "write a bare TOML date, for example valid_until = 2027-03-31";
+        match (dt.date, dt.time) {
+            (Some(d), None) => {
+                let date = Date::new(i32::from(d.year), d.month, d.day);
+                if date.is_none() {
+                    self.error(&v.span(), format!("{key}: {dt} is not a calendar date"), hint);
+                }
+                date
+            }
+            _ => {
+                self.error(&v.span(), format!("{key}: {dt} is not a plain date"), hint);
+                None
+            }
+        }
+    }
+
+    fn audit(&mut self, raw: Option<(RawAudit, Range<usize>)>) -> Audit {
+        let Some((a, span)) = raw else {
+            return Audit { retention_days: MIN_RETENTION_DAYS, loc: Location { line: 1, column: 1 } };
+        };
+        match a.retention_days {
+            None => Audit { retention_days: MIN_RETENTION_DAYS, loc: self.at(&span) },
+            Some(d) => {
+                let loc = self.at(&d.span());
+                let days = u32::try_from(*d.get_ref()).ok().filter(|d| *d > 0);
+                if days.is_none() {
+                    self.error(&d.span(), format!("audit.retention_days: {} is not a number of days", d.get_ref()), "write a whole number of days, at least 180");
+                }
+                // A bad value is reported above; the checker then sees the minimum.
+                Audit { retention_days: days.unwrap_or(MIN_RETENTION_DAYS), loc }
+            }
+        }
+    }
+
+    fn admin(&mut self, raw: Option<RawAdmin>) -> Admin {
+        let default = SocketAddr::from(([127, 0, 0, 1], DEFAULT_ADMIN_PORT.get()));
+        let listen = raw
+            .and_then(|a| a.listen)
+            .map_or(Some(default), |l| self.socket(&l, "admin.listen"));
+        Admin { listen: listen.unwrap_or(default) }
+    }
+
+    fn zone_ref<'z>(&mut self, zones: &'z [Zone], s: &S, key: &str, must_be_legacy: bool) -> Option<&'z Zone> {
+        let Some(z) = zones.iter().find(|z| z.name == *s.get_ref()) else {
+            let names: Vec<&str> = zones.iter().map(|z| z.name.as_str()).collect();
+            let hint = match closest(s.get_ref(), names.iter().copied()) {
+                Some(n) => format!("did you mean {n:?}? Declared zones: {}", names.join(", ")),
+                None if names.is_empty() => "declare the zone with [[zone]]".to_owned(),
+                None => format!("declared zones: {}", names.join(", ")),
+            };
+            self.error(&s.span(), format!("{key}: no zone named {:?}", s.get_ref()), hint);
+            return None;
+        };
+        if must_be_legacy && z.kind != ZoneKind::Legacy {
+            self.error(
+                &s.span(),
+                format!("{key}: zone {:?} is a {} zone, not a legacy zone", z.name, z.kind.as_str()),
+                "services, accesses, channels and ingest listeners live in the department's legacy zone",
+            );
+            return None;
+        }
+        Some(z)
+    }
+
+    fn inside(&mut self, zone: Option<&Zone>, addr: Option<SocketAddr>, s: &S, key: &str) {
+        if let (Some(z), Some(a)) = (zone, addr) {
+            if a.ip().is_unspecified() {
+                self.error(
+                    &s.span(),
+                    format!("{key}: {a} listens on every interface"),
+                    format!("bind to an address of zone {:?} ({}) so nothing listens on the other side of the boundary", z.name, nets(z)),
+                );
+            } else if !z.contains(a.ip()) {
+                self.error(
+                    &s.span(),
+                    format!("{key}: {} is not in zone {:?}", a.ip(), z.name),
+                    format!("use an address inside the zone's networks ({})", nets(z)),
+                );
+            }
+        }
+    }
+
+    fn remote(&mut self, s: &S, key: &str, what: &str) -> Option<(String, String)> {
+        let hint = format!("write DEVICE/{}, for example \"jl-gat-0007/{}\"", what.to_uppercase(), if what == "service" { "population-db" } else { "monthly-report" });
+        let Some((device, name)) = s.get_ref().split_once('/') else {
+            self.error(&s.span(), format!("{key}: {:?} does not name a device and a {what}", s.get_ref()), hint);
+            return None;
+        };
+        if units::check_name("device", device).is_err() || units::check_name(what, name).is_err() {
+            self.error(&s.span(), format!("{key}: {:?} is not a valid DEVICE/{}", s.get_ref(), what.to_uppercase()), hint);
+            return None;
+        }
+        Some((device.to_owned(), name.to_owned()))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn edge(
+        &mut self,
+        zones: &[Zone],
+        uplink: Option<(RawUplink, Range<usize>)>,
+        raw_services: Vec<(RawService, Range<usize>)>,
+        raw_accesses: Vec<(RawAccess, Range<usize>)>,
+        raw_channels: Vec<(RawChannel, Range<usize>)>,
+        raw_ingests: Vec<(RawIngest, Range<usize>)>,
+        uplink_broken: bool,
+    ) -> Option<Edge> {
+        let uplink = match uplink {
+            None => {
+                if !uplink_broken {
+                    self.error(&(0..0), "an edge needs an [uplink] section", "add [uplink] with hubs, ca, cert and key");
+                }
+                None
+            }
+            Some((u, _)) => {
+                let mut hubs = Vec::new();
+                if u.hubs.get_ref().is_empty() {
+                    self.error(&u.hubs.span(), "uplink.hubs is empty", "list at least one hub, for example [\"hub1.example.gov:7443\"]");
+                }
+                for h in u.hubs.get_ref() {
+                    if let Some(hp) = self.parsed::<HostPort>(h, "uplink.hubs") {
+                        if hubs.contains(&hp) {
+                            self.error(&h.span(), format!("uplink.hubs: {hp} is listed twice"), "list each hub once");
+                        } else {
+                            hubs.push(hp);
+                        }
+                    }
+                }
+                let ca = self.file(&u.ca, "uplink.ca");
+                let cert = self.file(&u.cert, "uplink.cert");
+                let key = self.file(&u.key, "uplink.key");
+                match (ca, cert, key) {
+                    (Some(ca), Some(cert), Some(key)) => Some(Uplink { hubs, ca, cert, key }),
+                    _ => None,
+                }
+            }
+        };
+
+        let mut seen = HashMap::new();
+        let mut services = Vec::new();
+        for (s, _) in raw_services {
+            let name = self.name(&s.name, "service", &mut seen);
+            let zone = self.zone_ref(zones, &s.zone, "service.zone", true);
+            let protocol = match &s.protocol {
+                None => Some(Protocol::Tcp),
+                Some(p) => self.choice(p, "service.protocol", &[("tcp", Protocol::Tcp), ("udp", Protocol::Udp)]),
+            };
+            let target = self.socket(&s.target, "service.target");
+            if let (Some(z), Some(t)) = (zone, target) {
+                if !z.contains(t.ip()) {
+                    self.error(
+                        &s.target.span(),
+                        format!("service.target: {} is not in zone {:?}", t.ip(), z.name),
+                        format!("a published service lives inside its legacy zone ({})", nets(z)),
+                    );
+                }
+            }
+            let app_protocol = match &s.app_protocol {
+                None => Some(None),
+                Some(a) => self.choice(a, "service.app_protocol", &[("http", AppProtocol::Http), ("tls", AppProtocol::Tls)]).map(Some),
+            };
+            if let (Some(Some(AppProtocol::Http | AppProtocol::Tls)), Some(Protocol::Udp), Some(a)) = (app_protocol, protocol, &s.app_protocol) {
+                self.error(&a.span(), "service.app_protocol: http and tls run over TCP, but this service is udp", "set protocol = \"tcp\", or remove app_protocol");
+            }
+            let mut allow = Vec::new();
+            if s.allow.get_ref().is_empty() {
+                self.warning(&s.allow.span(), "service.allow is empty: nobody can reach this service", "list the zones or device ids that may reach it");
+            }
+            for a in s.allow.get_ref() {
+                let entry = a.get_ref();
+                if let Some(z) = zones.iter().find(|z| z.name == *entry) {
+                    allow.push(Peer::Zone(z.name.clone()));
+                } else if units::check_name("device", entry).is_ok() {
+                    if let Some(near) = closest(entry, zones.iter().map(|z| z.name.as_str())) {
+                        self.warning(
+                            &a.span(),
+                            format!("service.allow: {entry:?} is not a zone, so it is taken as a device id"),
+                            format!("did you mean zone {near:?}?"),
+                        );
+                    }
+                    allow.push(Peer::Device(entry.clone()));
+                } else {
+                    self.error(&a.span(), format!("service.allow: {entry:?} is neither a zone nor a device id"), "list zone names or device ids");
+                }
+            }
+            if let (Some(name), Some(z), Some(protocol), Some(target), Some(app_protocol)) = (name, zone, protocol, target, app_protocol) {
+                let loc = self.at(&s.name.span());
+                services.push(Service { name, zone: z.name.clone(), protocol, target, app_protocol, allow, loc });
+            }
+        }
+
+        let mut accesses = Vec::new();
+        for (a, _) in raw_accesses {
+            let zone = self.zone_ref(zones, &a.zone, "access.zone", true);
+            let listen = self.socket(&a.listen, "access.listen");
+            self.inside(zone, listen, &a.listen, "access.listen");
+            let remote = self.remote(&a.service, "access.service", "service");
+            if let (Some(z), Some(listen), Some((device, service))) = (zone, listen, remote) {
+                let loc = self.at(&a.listen.span());
+                accesses.push(Access { listen, zone: z.name.clone(), device, service, loc });
+            }
+        }
+
+        let mut seen = HashMap::new();
+        let mut channels = Vec::new();
+        for (c, _) in raw_channels {
+            if let Some(ch) = self.channel(zones, c, &mut seen) {
+                channels.push(ch);
+            }
+        }
+
+        let mut ingests = Vec::new();
+        for (i, _) in raw_ingests {
+            let zone = self.zone_ref(zones, &i.zone, "ingest.zone", true);
+            let listen = self.socket(&i.listen, "ingest.listen");
+            self.inside(zone, listen, &i.listen, "ingest.listen");
+            if let (Some(z), Some(listen)) = (zone, listen) {
+                let loc = self.at(&i.listen.span());
+                ingests.push(Ingest { zone: z.name.clone(), listen, loc });
+            }
+        }
+        for ch in &channels {
+            if !ingests.iter().any(|i| i.zone == ch.zone) {
+                self.diags.push(
+                    Diagnostic::warning(ch.loc, format!("channel {:?}: no [[ingest]] listens in zone {:?}", ch.name, ch.zone))
+                        .hint("producers can still use the spool directory; add [[ingest]] for the HTTP API"),
+                );
+            }
+        }
+        Some(Edge { uplink: uplink?, services, accesses, channels, ingests })
+    }
+
+    fn channel(&mut self, zones: &[Zone], c: RawChannel, seen: &mut HashMap<String, Range<usize>>) -> Option<Channel> {
+        let name = self.name(&c.name, "channel", seen);
+        let zone = self.zone_ref(zones, &c.zone, "channel.zone", true);
+        let priority = match &c.priority {
+            None => Some(4),
+            Some(p) => {
+                let v = u8::try_from(*p.get_ref()).ok().filter(|p| *p <= 9);
+                if v.is_none() {
+                    self.error(&p.span(), format!("channel.priority: {} is out of range", p.get_ref()), "write a priority from 0 (most urgent) to 9");
+                }
+                v
+            }
+        };
+        let ttl = match &c.ttl {
+            None => Some(std::time::Duration::from_secs(7 * 86_400)),
+            Some(t) => match units::parse_duration(t.get_ref()) {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    self.value_error(&t.span(), "channel.ttl", e);
+                    None
+                }
+            },
+        };
+        let max_bytes = match &c.max_bytes {
+            None => Some(ByteSize(1 << 30)),
+            Some(s) => self.parsed::<ByteSize>(s, "channel.max_bytes"),
+        };
+        let when_full = match &c.when_full {
+            None => Some(WhenFull::Reject),
+            Some(w) => self.choice(
+                w,
+                "channel.when_full",
+                &[("reject", WhenFull::Reject), ("drop_oldest", WhenFull::DropOldest), ("block", WhenFull::Block)],
+            ),
+        };
+        let mut formats = Vec::new();
+        let mut formats_ok = true;
+        if let Some(fs) = &c.formats {
+            if fs.get_ref().is_empty() {
+                self.error(&fs.span(), "channel.formats is empty: no record could ever be accepted", "list the accepted formats (json, xml, csv, text), or remove the key to accept any");
+                formats_ok = false;
+            }
+            for f in fs.get_ref() {
+                match Format::parse(f.get_ref()) {
+                    Some(fmt) if !formats.contains(&fmt) => formats.push(fmt),
+                    Some(_) => self.warning(&f.span(), format!("channel.formats: {:?} is listed twice", f.get_ref()), "list each format once"),
+                    None => {
+                        formats_ok = false;
+                        self.error(&f.span(), format!("channel.formats: unknown format {:?}", f.get_ref()), "write json, xml, csv or text");
+                    }
+                }
+            }
+        }
+        let max_record_bytes = match &c.max_record_bytes {
+            None => Some(None),
+            Some(s) => self.parsed::<ByteSize>(s, "channel.max_record_bytes").map(Some),
+        };
+        if let (Some(Some(rec)), Some(total), Some(s)) = (max_record_bytes, max_bytes, &c.max_record_bytes) {
+            if rec > total {
+                self.error(&s.span(), format!("channel.max_record_bytes: {rec} is larger than max_bytes ({total})"), "a record must fit in the channel's buffer; lower max_record_bytes or raise max_bytes");
+            }
+        }
+        let deliver_to = match &c.deliver_to {
+            None => Some(Destination::Hub),
+            Some(d) if d.get_ref() == "hub" => Some(Destination::Hub),
+            Some(d) => self
+                .remote(d, "channel.deliver_to", "channel")
+                .map(|(device, channel)| Destination::Edge { device, channel }),
+        };
+        let one_way = c.one_way.map_or(false, |o| *o.get_ref());
+        let loc = self.at(&c.name.span());
+        match (name, zone, priority, ttl, max_bytes, when_full, max_record_bytes, deliver_to, formats_ok) {
+            (Some(name), Some(z), Some(priority), Some(ttl), Some(max_bytes), Some(when_full), Some(max_record_bytes), Some(deliver_to), true) => {
+                Some(Channel { name, zone: z.name.clone(), priority, ttl, max_bytes, when_full, formats, max_record_bytes, deliver_to, one_way, loc })
+            }
+            _ => None,
+        }
+    }
+
+    fn hub(
+        &mut self,
+        zones: &[Zone],
+        raw: Option<(RawHub, Range<usize>)>,
+        raw_publishes: Vec<(RawPublish, Range<usize>)>,
+        hub_broken: bool,
+    ) -> Option<Hub> {
+        let Some((h, _)) = raw else {
+            if !hub_broken {
+                self.error(&(0..0), "a hub needs a [hub] section", "add [hub] with listen, api, ca_cert, ca_key, cert and key");
+            }
+            return None;
+        };
+        let listen = self.socket(&h.listen, "hub.listen");
+        let api = self.socket(&h.api, "hub.api");
+        for (addr, s, key) in [(listen, &h.listen, "hub.listen"), (api, &h.api, "hub.api")] {
+            if let Some(a) = addr {
+                if !a.ip().is_loopback() && !a.ip().is_unspecified() && !zones.iter().any(|z| z.contains(a.ip())) {
+                    self.error(&s.span(), format!("{key}: {} is in none of the declared zones", a.ip()), "bind to an address of the provincial zone the hub serves");
+                }
+            }
+        }
+        let ca_cert = self.file(&h.ca_cert, "hub.ca_cert");
+        let ca_key = self.file(&h.ca_key, "hub.ca_key");
+        let cert = self.file(&h.cert, "hub.cert");
+        let key = self.file(&h.key, "hub.key");
+        let cert_lifetime = match &h.cert_lifetime {
+            None => Some(std::time::Duration::from_secs(86_400)),
+            Some(t) => match units::parse_duration(t.get_ref()) {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    self.value_error(&t.span(), "hub.cert_lifetime", e);
+                    None
+                }
+            },
+        };
+        let mut publishes = Vec::new();
+        let mut seen: HashMap<(String, String), Range<usize>> = HashMap::new();
+        for (p, _) in raw_publishes {
+            let remote = self.remote(&p.service, "publish.service", "service");
+            let zone = self.zone_ref(zones, &p.zone, "publish.zone", false);
+            let listen = self.socket(&p.listen, "publish.listen");
+            self.inside(zone, listen, &p.listen, "publish.listen");
+            if let Some(r) = &remote {
+                if let Some(first) = seen.get(r) {
+                    let line = self.at(first).line;
+                    self.warning(&p.service.span(), format!("publish.service: {}/{} is published twice (first at line {line})", r.0, r.1), "one listener per service is usually enough");
+                } else {
+                    seen.insert(r.clone(), p.service.span());
+                }
+            }
+            if let (Some((device, service)), Some(z), Some(listen)) = (remote, zone, listen) {
+                let loc = self.at(&p.service.span());
+                publishes.push(Publish { device, service, zone: z.name.clone(), listen, loc });
+            }
+        }
+        Some(Hub {
+            settings: HubSettings { listen: listen?, api: api?, ca_cert: ca_cert?, ca_key: ca_key?, cert: cert?, key: key?, cert_lifetime: cert_lifetime? },
+            publishes,
+        })
+    }
+
+    /// Two listeners on one address cannot both bind.
+    fn unique_listeners(&mut self, admin: &Admin, role: Option<&Role>) {
+        let mut all: Vec<(SocketAddr, Location, &str)> = vec![(admin.listen, Location { line: 1, column: 1 }, "admin.listen")];
+        match role {
+            Some(Role::Edge(e)) => {
+                all.extend(e.accesses.iter().map(|a| (a.listen, a.loc, "access.listen")));
+                all.extend(e.ingests.iter().map(|i| (i.listen, i.loc, "ingest.listen")));
+            }
+            Some(Role::Hub(h)) => {
+                all.extend(h.publishes.iter().map(|p| (p.listen, p.loc, "publish.listen")));
+                all.push((h.settings.api, Location { line: 1, column: 1 }, "hub.api"));
+            }
+            None => {}
+        }
+        for (i, (addr, _, _)) in all.iter().enumerate() {
+            if let Some((_, loc, key)) = all[i + 1..].iter().find(|(b, _, _)| b == addr) {
+                let d = Diagnostic::error(*loc, format!("{key}: {addr} is already used by another listener"))
+                    .hint("give each listener its own address and port");
+                self.diags.push(d);
+            }
+        }
+    }
+}
+
+fn nets(z: &Zone) -> String {
+    z.networks.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+}
+
+/// The candidate within edit distance 2 of `word`, if any.
+fn closest<'c>(word: &str, candidates: impl Iterator<Item = &'c str>) -> Option<&'c str> {
+    candidates
+        .map(|c| (levenshtein(word, c), c))
+        .filter(|(d, c)| *d <= 2 && *d < c.len())
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
+}
+
+fn levenshtein(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let cost = usize::from(ca != *cb);
+            cur.push((prev[j] + cost).min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}

@@ -1,0 +1,488 @@
+//! The configuration model: checked types that cannot hold a bad value.
+//!
+//! A file is read in two steps (see [`compile`]): TOML into the raw serde structs
+//! of [`raw`], then raw into [`Config`], collecting every mistake with its line and
+//! column. The boundary rules are then applied by [`crate::policy::check_config`].
+//! [`load`] does all of it.
+
+pub mod compile;
+pub mod raw;
+
+use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU16;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::diag::{Diagnostic, Location};
+use crate::units::{ByteSize, Cidr, Date, HostPort};
+
+/// The smallest audit retention the law allows, in days (rule R6.retention).
+pub const MIN_RETENTION_DAYS: u32 = 180;
+
+/// A configuration that passed every check of [`compile`].
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `[node]`
+    pub node: Node,
+    /// `[[zone]]`, in file order.
+    pub zones: Vec<Zone>,
+    /// What the role brings: edge or hub sections.
+    pub role: Role,
+    /// `[audit]`
+    pub audit: Audit,
+    /// `[admin]`
+    pub admin: Admin,
+}
+
+impl Config {
+    /// The zone named `name`.
+    pub fn zone(&self, name: &str) -> Option<&Zone> {
+        self.zones.iter().find(|z| z.name == name)
+    }
+
+    /// The provincial zone an edge's uplink reaches (its one intranet or extranet zone).
+    pub fn uplink_zone(&self) -> Option<&Zone> {
+        let mut provincial = self
+            .zones
+            .iter()
+            .filter(|z| matches!(z.kind, ZoneKind::Intranet | ZoneKind::Extranet));
+        let first = provincial.next()?;
+        provincial.next().is_none().then_some(first)
+    }
+
+    /// The edge sections, if this is an edge.
+    pub fn edge(&self) -> Option<&Edge> {
+        match &self.role {
+            Role::Edge(e) => Some(e),
+            Role::Hub(_) => None,
+        }
+    }
+
+    /// The hub sections, if this is a hub.
+    pub fn hub(&self) -> Option<&Hub> {
+        match &self.role {
+            Role::Hub(h) => Some(h),
+            Role::Edge(_) => None,
+        }
+    }
+
+    /// Files that must exist when the daemon runs, with where they are named.
+    pub fn runtime_paths(&self) -> Vec<&FilePath> {
+        match &self.role {
+            Role::Edge(e) => vec![&e.uplink.ca, &e.uplink.cert, &e.uplink.key],
+            Role::Hub(h) => vec![&h.settings.ca_cert, &h.settings.ca_key, &h.settings.cert, &h.settings.key],
+        }
+    }
+}
+
+/// `[node]`
+#[derive(Debug, Clone)]
+pub struct Node {
+    /// The device id; equals the identity in the device's certificate.
+    pub id: String,
+    /// Where the daemon keeps its databases (absolute).
+    pub state_dir: PathBuf,
+}
+
+/// The role's own sections.
+#[derive(Debug, Clone)]
+pub enum Role {
+    /// A department's gateway.
+    Edge(Edge),
+    /// The central hub.
+    Hub(Hub),
+}
+
+impl Role {
+    /// `"edge"` or `"hub"`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Role::Edge(_) => "edge",
+            Role::Hub(_) => "hub",
+        }
+    }
+}
+
+/// What an edge configures.
+#[derive(Debug, Clone)]
+pub struct Edge {
+    /// `[uplink]`
+    pub uplink: Uplink,
+    /// `[[service]]`
+    pub services: Vec<Service>,
+    /// `[[access]]`
+    pub accesses: Vec<Access>,
+    /// `[[channel]]`
+    pub channels: Vec<Channel>,
+    /// `[[ingest]]`
+    pub ingests: Vec<Ingest>,
+}
+
+/// What a hub configures.
+#[derive(Debug, Clone)]
+pub struct Hub {
+    /// `[hub]`
+    pub settings: HubSettings,
+    /// `[[publish]]`
+    pub publishes: Vec<Publish>,
+}
+
+/// What kind of network a zone is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ZoneKind {
+    /// A department's legacy private network (业务专网).
+    Legacy,
+    /// The e-government intranet (电子政务内网): classified, physically isolated.
+    Intranet,
+    /// The e-government extranet (电子政务外网): unclassified.
+    Extranet,
+    /// The internet: never bridged.
+    Internet,
+}
+
+impl ZoneKind {
+    /// The word used in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ZoneKind::Legacy => "legacy",
+            ZoneKind::Intranet => "intranet",
+            ZoneKind::Extranet => "extranet",
+            ZoneKind::Internet => "internet",
+        }
+    }
+}
+
+/// A protection level under GB/T 22239-2019, 1 to 4.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(transparent)]
+pub struct Level(u8);
+
+impl Level {
+    /// The level, if it is 1 to 4.
+    pub fn new(level: i64) -> Option<Self> {
+        u8::try_from(level).ok().filter(|l| (1..=4).contains(l)).map(Level)
+    }
+
+    /// 1 to 4.
+    pub fn get(self) -> u8 {
+        self.0
+    }
+}
+
+impl std::fmt::Display for Level {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "L{}", self.0)
+    }
+}
+
+/// `[[zone]]`
+#[derive(Debug, Clone)]
+pub struct Zone {
+    /// Unique name.
+    pub name: String,
+    /// What network it is.
+    pub kind: ZoneKind,
+    /// Whether it carries classified information (intranet: always; extranet, internet: never).
+    pub classified: bool,
+    /// Protection level.
+    pub level: Level,
+    /// Its address ranges; never empty, never overlapping another zone's.
+    pub networks: Vec<Cidr>,
+    /// The assessment (测评) that allows bridging a legacy zone.
+    pub assessment: Option<Assessment>,
+    /// Where the zone is declared.
+    pub loc: Location,
+}
+
+impl Zone {
+    /// Whether `ip` lies in one of the zone's networks.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        self.networks.iter().any(|n| n.contains(ip))
+    }
+}
+
+/// A zone's assessment (测评).
+#[derive(Debug, Clone)]
+pub struct Assessment {
+    /// The assessment report's id.
+    pub id: String,
+    /// Last day on which it is valid (inclusive).
+    pub valid_until: Date,
+    /// Where `valid_until` is written.
+    pub loc: Location,
+}
+
+/// A file named in the config that must exist at run time.
+#[derive(Debug, Clone)]
+pub struct FilePath {
+    /// The path as written.
+    pub path: PathBuf,
+    /// The key that names it, for messages (`uplink.ca`).
+    pub key: &'static str,
+    /// Where it is written.
+    pub loc: Location,
+}
+
+/// `[uplink]`
+#[derive(Debug, Clone)]
+pub struct Uplink {
+    /// The hubs, in order of preference; never empty, no duplicates.
+    pub hubs: Vec<HostPort>,
+    /// The CA that signs the hubs' certificates.
+    pub ca: FilePath,
+    /// This device's certificate.
+    pub cert: FilePath,
+    /// This device's private key.
+    pub key: FilePath,
+}
+
+/// Transport protocol of a service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// Relayed over one QUIC stream per connection.
+    Tcp,
+    /// Relayed over QUIC datagrams tagged with a flow id.
+    Udp,
+}
+
+/// Application protocol a service declares; checked on the first bytes at level 3 and up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AppProtocol {
+    /// HTTP/1.x requests.
+    Http,
+    /// A TLS handshake.
+    Tls,
+}
+
+/// Who may reach a service.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase", tag = "kind", content = "name")]
+pub enum Peer {
+    /// Clients in a zone of this box.
+    Zone(String),
+    /// Another department's gateway, through the hub.
+    Device(String),
+}
+
+/// `[[service]]`: a legacy application published through the hub.
+#[derive(Debug, Clone)]
+pub struct Service {
+    /// Unique name.
+    pub name: String,
+    /// The legacy zone it lives in.
+    pub zone: String,
+    /// TCP or UDP.
+    pub protocol: Protocol,
+    /// The legacy server, inside the zone's networks.
+    pub target: SocketAddr,
+    /// Declared application protocol (required at level 3 and up).
+    pub app_protocol: Option<AppProtocol>,
+    /// Who may reach it; anything else is denied.
+    pub allow: Vec<Peer>,
+    /// Where it is declared.
+    pub loc: Location,
+}
+
+/// `[[access]]`: a listener on the legacy side reaching another department's service.
+#[derive(Debug, Clone)]
+pub struct Access {
+    /// Where legacy clients connect, inside the zone's networks.
+    pub listen: SocketAddr,
+    /// The legacy zone of the listener.
+    pub zone: String,
+    /// The device that publishes the service.
+    pub device: String,
+    /// The service's name on that device.
+    pub service: String,
+    /// Where it is declared.
+    pub loc: Location,
+}
+
+/// What a full channel does with a new record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenFull {
+    /// Refuse the new record (the producer sees an error and may retry).
+    Reject,
+    /// Delete the oldest undelivered record (audited).
+    DropOldest,
+    /// Hold the producer until space frees.
+    Block,
+}
+
+/// Record formats a channel accepts; checked on every record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// A JSON document.
+    Json,
+    /// An XML document.
+    Xml,
+    /// Comma-separated values.
+    Csv,
+    /// UTF-8 text.
+    Text,
+}
+
+impl Format {
+    /// The word used in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Format::Json => "json",
+            Format::Xml => "xml",
+            Format::Csv => "csv",
+            Format::Text => "text",
+        }
+    }
+
+    /// Parses the config word.
+    pub fn parse(s: &str) -> Option<Self> {
+        [Format::Json, Format::Xml, Format::Csv, Format::Text]
+            .into_iter()
+            .find(|f| f.as_str() == s)
+    }
+}
+
+/// Where a channel's records go.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase", tag = "kind")]
+pub enum Destination {
+    /// The hub's store; consumers pull with a cursor.
+    Hub,
+    /// Another department's channel, through the hub.
+    Edge {
+        /// The receiving device.
+        device: String,
+        /// Its channel.
+        channel: String,
+    },
+}
+
+/// `[[channel]]`: data pushed from the legacy side and synced to the hub.
+#[derive(Debug, Clone)]
+pub struct Channel {
+    /// Unique name.
+    pub name: String,
+    /// The legacy zone producers live in.
+    pub zone: String,
+    /// 0 is most urgent, 9 least.
+    pub priority: u8,
+    /// How long an undelivered record is kept.
+    pub ttl: Duration,
+    /// Buffer space for this channel.
+    pub max_bytes: ByteSize,
+    /// What to do when the buffer is full.
+    pub when_full: WhenFull,
+    /// Accepted formats; empty means any (refused at level 3 and up).
+    pub formats: Vec<Format>,
+    /// Largest record accepted (required at level 3 and up).
+    pub max_record_bytes: Option<ByteSize>,
+    /// Where records go.
+    pub deliver_to: Destination,
+    /// Declared one-way: the only way data may flow to a lower-level zone (rule R4).
+    pub one_way: bool,
+    /// Where it is declared.
+    pub loc: Location,
+}
+
+/// `[[ingest]]`: where legacy applications hand records to channels.
+#[derive(Debug, Clone)]
+pub struct Ingest {
+    /// The legacy zone it listens in.
+    pub zone: String,
+    /// HTTP listener inside the zone's networks.
+    pub listen: SocketAddr,
+    /// Where it is declared.
+    pub loc: Location,
+}
+
+/// `[audit]`
+#[derive(Debug, Clone)]
+pub struct Audit {
+    /// Days audit records are kept (at least 180).
+    pub retention_days: u32,
+    /// Where `retention_days` is written (or `[audit]`, or the file start).
+    pub loc: Location,
+}
+
+/// `[admin]`
+#[derive(Debug, Clone)]
+pub struct Admin {
+    /// Where `/metrics`, `/healthz` and `/readyz` are served.
+    pub listen: SocketAddr,
+}
+
+/// `[hub]`
+#[derive(Debug, Clone)]
+pub struct HubSettings {
+    /// QUIC listener for edges.
+    pub listen: SocketAddr,
+    /// HTTP(S) API for operators and consumers.
+    pub api: SocketAddr,
+    /// The CA certificate edges are issued from.
+    pub ca_cert: FilePath,
+    /// The CA's private key.
+    pub ca_key: FilePath,
+    /// The hub's certificate.
+    pub cert: FilePath,
+    /// The hub's private key.
+    pub key: FilePath,
+    /// Lifetime of issued device certificates.
+    pub cert_lifetime: Duration,
+}
+
+/// `[[publish]]`: a hub listener for an edge's service.
+#[derive(Debug, Clone)]
+pub struct Publish {
+    /// The edge that publishes it.
+    pub device: String,
+    /// The service's name on that edge.
+    pub service: String,
+    /// The provincial zone of the listener.
+    pub zone: String,
+    /// Where provincial clients connect.
+    pub listen: SocketAddr,
+    /// Where it is declared.
+    pub loc: Location,
+}
+
+/// Default port of the admin endpoint.
+pub const DEFAULT_ADMIN_PORT: NonZeroU16 = match NonZeroU16::new(9600) {
+    Some(p) => p,
+    None => unreachable!(),
+};
+
+/// The result of reading a configuration: the config, if it has no error, and
+/// every diagnostic found.
+#[derive(Debug, Clone)]
+pub struct Checked {
+    /// Present when there is no error.
+    pub config: Option<Config>,
+    /// Errors and warnings, sorted by position.
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+impl Checked {
+    /// Whether the configuration is refused.
+    pub fn has_errors(&self) -> bool {
+        self.diagnostics.iter().any(Diagnostic::is_error)
+    }
+}
+
+/// Reads a configuration from TOML text and applies every check, the boundary
+/// rules included, as of `today` (assessment validity).
+pub fn load(src: &str, today: Date) -> Checked {
+    let (config, mut diagnostics) = compile::compile(src);
+    let config = config.and_then(|config| {
+        diagnostics.extend(crate::policy::check_config(&config, today));
+        let ok = !diagnostics.iter().any(Diagnostic::is_error);
+        ok.then_some(config)
+    });
+    crate::diag::sort(&mut diagnostics);
+    Checked { config, diagnostics }
+}

@@ -1,0 +1,134 @@
+//! Raw serde structs: the shape of the TOML file, nothing more.
+//!
+//! Every struct denies unknown keys. Values that need checking (addresses,
+//! networks, sizes, enums) stay strings here, wrapped in [`Spanned`] so that the
+//! compiler in [`super::compile`] can report each mistake at its line and column
+//! and keep going to the next one.
+
+#![allow(missing_docs)] // field names are the documented TOML keys (docs/config.md)
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// A spanned string.
+pub type S = Spanned<String>;
+
+/// `[node]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawNode {
+    pub id: S,
+    pub role: S,
+    pub state_dir: S,
+}
+
+/// `[[zone]]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawZone {
+    pub name: S,
+    pub kind: S,
+    pub classified: Option<Spanned<bool>>,
+    pub level: Spanned<i64>,
+    pub networks: Spanned<Vec<S>>,
+    pub assessment: Option<Spanned<RawAssessment>>,
+}
+
+/// `assessment = { id = "...", valid_until = 2027-03-31 }`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAssessment {
+    pub id: S,
+    pub valid_until: Spanned<toml::value::Datetime>,
+}
+
+/// `[uplink]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUplink {
+    pub hubs: Spanned<Vec<S>>,
+    pub ca: S,
+    pub cert: S,
+    pub key: S,
+}
+
+/// `[[service]]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawService {
+    pub name: S,
+    pub zone: S,
+    pub protocol: Option<S>,
+    pub target: S,
+    pub app_protocol: Option<S>,
+    pub allow: Spanned<Vec<S>>,
+}
+
+/// `[[access]]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAccess {
+    pub listen: S,
+    pub zone: S,
+    pub service: S,
+}
+
+/// `[[channel]]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawChannel {
+    pub name: S,
+    pub zone: S,
+    pub priority: Option<Spanned<i64>>,
+    pub ttl: Option<S>,
+    pub max_bytes: Option<S>,
+    pub when_full: Option<S>,
+    pub formats: Option<Spanned<Vec<S>>>,
+    pub max_record_bytes: Option<S>,
+    pub deliver_to: Option<S>,
+    pub one_way: Option<Spanned<bool>>,
+}
+
+/// `[[ingest]]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawIngest {
+    pub zone: S,
+    pub listen: S,
+}
+
+/// `[audit]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAudit {
+    pub retention_days: Option<Spanned<i64>>,
+}
+
+/// `[admin]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    pub listen: Option<S>,
+}
+
+/// `[hub]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHub {
+    pub listen: S,
+    pub api: S,
+    pub ca_cert: S,
+    pub ca_key: S,
+    pub cert: S,
+    pub key: S,
+    pub cert_lifetime: Option<S>,
+}
+
+/// `[[publish]]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPublish {
+    pub service: S,
+    pub zone: S,
+    pub listen: S,
+}

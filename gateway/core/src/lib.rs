@@ -1,0 +1,19 @@
+//! Pure logic of the gateway appliance: no sockets, no files, no clock, no tokio.
+//!
+//! - [`config`]: the configuration users write, parsed from TOML into raw serde
+//!   structs and compiled into checked types, with every mistake located.
+//! - [`policy`]: the boundary rules (GB/T 22239-2019 levels, secrecy rules) with two
+//!   faces: [`policy::check_config`] at config time and [`policy::Policy::decide`]
+//!   at run time.
+//! - [`audit`]: the canonical encoding and hash chaining of audit records.
+//! - [`summary`]: what a checked configuration will bridge, for `gatewayd check`.
+//!
+//! Time always comes in as a parameter ([`units::Date`], Unix milliseconds).
+#![forbid(unsafe_code)]
+
+pub mod audit;
+pub mod config;
+pub mod diag;
+pub mod policy;
+pub mod summary;
+pub mod units;
