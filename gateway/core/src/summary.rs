@@ -159,9 +159,14 @@ impl Summary {
             .into_iter()
             .map(|d| {
                 let level = policy::boundary_level(d.from, d.to);
+                // A hub's publish crosses from its zone into a tunnel to the edge.
+                let to = match &d.purpose {
+                    Purpose::Publish(svc) => format!("{} (tunnel)", svc.split('/').next().unwrap_or(svc)),
+                    _ => d.to.name.clone(),
+                };
                 CrossingSummary {
                     from: d.from.name.clone(),
-                    to: d.to.name.clone(),
+                    to,
                     level: level.get(),
                     flow: d.flow,
                     purpose: d.purpose,
@@ -272,7 +277,14 @@ impl Summary {
                 Flow::Channel { .. } => "channel",
             };
             let _ = writeln!(o, "  {} -> {}  boundary L{}  {} ({flow})", c.from, c.to, c.level, what);
-            let _ = writeln!(o, "      controls: {}", c.controls.join("; "));
+        }
+        let mut levels: Vec<u8> = self.crossings.iter().map(|c| c.level).collect();
+        levels.sort_unstable();
+        levels.dedup();
+        for l in levels {
+            if let Some(c) = self.crossings.iter().find(|c| c.level == l) {
+                let _ = writeln!(o, "  controls at L{l}: {}", c.controls.join("; "));
+            }
         }
         if !self.hubs.is_empty() {
             let _ = writeln!(o, "\nuplink hubs: {}", self.hubs.join(", "));
@@ -316,8 +328,17 @@ impl Summary {
                 };
                 let _ = writeln!(
                     o,
-                    "  {:<20} from {} to {to}; priority {}, ttl {}, {} buffer ({:?} when full), formats {formats}, records up to {rec}",
-                    c.name, c.zone, c.priority, c.ttl, c.max_bytes, c.when_full
+                    "  {:<20} from {} to {to}; priority {}, ttl {}, {} buffer ({} when full), formats {formats}, records up to {rec}",
+                    c.name,
+                    c.zone,
+                    c.priority,
+                    c.ttl,
+                    c.max_bytes,
+                    match c.when_full {
+                        WhenFull::Reject => "reject",
+                        WhenFull::DropOldest => "drop_oldest",
+                        WhenFull::Block => "block",
+                    }
                 );
             }
         }

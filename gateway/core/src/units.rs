@@ -217,7 +217,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, ValueError> {
 /// Renders a duration in the largest unit that divides it.
 pub fn format_duration(d: Duration) -> String {
     let ms = d.as_millis();
-    for (unit, mult) in [("w", 604_800_000u128), ("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1_000)] {
+    for (unit, mult) in [("d", 86_400_000u128), ("h", 3_600_000), ("m", 60_000), ("s", 1_000)] {
         if ms >= mult && ms % mult == 0 {
             return format!("{}{unit}", ms / mult);
         }

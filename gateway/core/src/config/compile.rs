@@ -171,34 +171,42 @@ impl Compiler<'_> {
 
     fn config(&mut self, raw: RawDoc) -> Option<Config> {
         let start = 0..0;
-        let Some(node) = raw.node else {
-            if !raw.broken.contains("node") {
-                self.error(&start, "the [node] section is missing", "add [node] with id, role and state_dir");
+        // Without a usable [node], the rest is still checked: the role is guessed
+        // from the sections present, and no config is built.
+        let (id, role, state_dir, role_span) = match &raw.node {
+            Some(node) => {
+                let id = self.device_id(&node.id, "node.id");
+                let role = match node.role.get_ref().as_str() {
+                    "edge" => Some(true),
+                    "hub" => Some(false),
+                    other => {
+                        self.error(
+                            &node.role.span(),
+                            format!("node.role: unknown role {other:?}"),
+                            "write role = \"edge\" (a department's gateway) or role = \"hub\" (the central hub)",
+                        );
+                        None
+                    }
+                };
+                let state_dir = PathBuf::from(node.state_dir.get_ref());
+                if !state_dir.is_absolute() {
+                    self.error(
+                        &node.state_dir.span(),
+                        format!("node.state_dir: {:?} is not an absolute path", node.state_dir.get_ref()),
+                        "write an absolute path, for example \"/var/lib/gatewayd\"",
+                    );
+                }
+                (id, role, Some(state_dir), Some(node.role.span()))
             }
-            return None;
-        };
-        let id = self.device_id(&node.id, "node.id");
-        let role = match node.role.get_ref().as_str() {
-            "edge" => Some(true),
-            "hub" => Some(false),
-            other => {
-                self.error(
-                    &node.role.span(),
-                    format!("node.role: unknown role {other:?}"),
-                    "write role = \"edge\" (a department's gateway) or role = \"hub\" (the central hub)",
-                );
-                None
+            None => {
+                if !raw.broken.contains("node") {
+                    self.error(&start, "the [node] section is missing", "add [node] with id, role and state_dir");
+                }
+                let hubbish = raw.hub.is_some() || !raw.publishes.is_empty() || raw.broken.contains("hub");
+                (None, Some(!hubbish), None, None)
             }
         };
-        let state_dir = PathBuf::from(node.state_dir.get_ref());
-        if !state_dir.is_absolute() {
-            self.error(
-                &node.state_dir.span(),
-                format!("node.state_dir: {:?} is not an absolute path", node.state_dir.get_ref()),
-                "write an absolute path, for example \"/var/lib/gatewayd\"",
-            );
-        }
-
+        let mismatch_span = role_span.clone().unwrap_or(start.clone());
         let zones = self.zones(raw.zones);
         let audit = self.audit(raw.audit);
         let admin = self.admin(raw.admin);
@@ -206,9 +214,9 @@ impl Compiler<'_> {
         let role = match role {
             Some(true) => {
                 for (present, name) in [(raw.hub.is_some(), "[hub]"), (!raw.publishes.is_empty(), "[[publish]]")] {
-                    if present {
+                    if present && role_span.is_some() {
                         self.error(
-                            &node.role.span(),
+                            &mismatch_span,
                             format!("{name} is for hubs, but this node's role is \"edge\""),
                             format!("remove {name}, or set role = \"hub\""),
                         );
@@ -226,9 +234,9 @@ impl Compiler<'_> {
                     (!raw.ingests.is_empty(), "[[ingest]]"),
                 ];
                 for (present, name) in edge_only {
-                    if present {
+                    if present && role_span.is_some() {
                         self.error(
-                            &node.role.span(),
+                            &mismatch_span,
                             format!("{name} is for edges, but this node's role is \"hub\""),
                             format!("remove {name}, or set role = \"edge\""),
                         );
@@ -247,7 +255,7 @@ impl Compiler<'_> {
         self.unique_listeners(&admin, role.as_ref());
 
         Some(Config {
-            node: Node { id: id?, state_dir },
+            node: Node { id: id?, state_dir: state_dir? },
             zones,
             role: role?,
             audit,
@@ -504,19 +512,18 @@ impl Compiler<'_> {
 
     fn inside(&mut self, zone: Option<&Zone>, addr: Option<SocketAddr>, s: &S, key: &str) {
         if let (Some(z), Some(a)) = (zone, addr) {
-            if a.ip().is_unspecified() {
-                self.error(
-                    &s.span(),
+            let (message, hint) = if a.ip().is_unspecified() {
+                (
                     format!("{key}: {a} listens on every interface"),
                     format!("bind to an address of zone {:?} ({}) so nothing listens on the other side of the boundary", z.name, nets(z)),
-                );
+                )
             } else if !z.contains(a.ip()) {
-                self.error(
-                    &s.span(),
-                    format!("{key}: {} is not in zone {:?}", a.ip(), z.name),
-                    format!("use an address inside the zone's networks ({})", nets(z)),
-                );
-            }
+                (format!("{key}: {} is not in zone {:?}", a.ip(), z.name), format!("use an address inside the zone's networks ({})", nets(z)))
+            } else {
+                return;
+            };
+            let d = Diagnostic::error(self.at(&s.span()), message).hint(hint).rule(crate::policy::RuleId::Address);
+            self.diags.push(d);
         }
     }
 
@@ -587,11 +594,10 @@ impl Compiler<'_> {
             let target = self.socket(&s.target, "service.target");
             if let (Some(z), Some(t)) = (zone, target) {
                 if !z.contains(t.ip()) {
-                    self.error(
-                        &s.target.span(),
-                        format!("service.target: {} is not in zone {:?}", t.ip(), z.name),
-                        format!("a published service lives inside its legacy zone ({})", nets(z)),
-                    );
+                    let d = Diagnostic::error(self.at(&s.target.span()), format!("service.target: {} is not in zone {:?}", t.ip(), z.name))
+                        .hint(format!("a published service lives inside its legacy zone ({})", nets(z)))
+                        .rule(crate::policy::RuleId::Address);
+                    self.diags.push(d);
                 }
             }
             let app_protocol = match &s.app_protocol {
@@ -738,7 +744,7 @@ impl Compiler<'_> {
                 .remote(d, "channel.deliver_to", "channel")
                 .map(|(device, channel)| Destination::Edge { device, channel }),
         };
-        let one_way = c.one_way.map_or(false, |o| *o.get_ref());
+        let one_way = c.one_way.is_some_and(|o| *o.get_ref());
         let loc = self.at(&c.name.span());
         match (name, zone, priority, ttl, max_bytes, when_full, max_record_bytes, deliver_to, formats_ok) {
             (Some(name), Some(z), Some(priority), Some(ttl), Some(max_bytes), Some(when_full), Some(max_record_bytes), Some(deliver_to), true) => {

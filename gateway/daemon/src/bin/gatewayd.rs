@@ -1,1 +1,34 @@
-fn main() {}
+//! `gatewayd`: the gateway appliance daemon (edge or hub, chosen by its config).
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use gateway_daemon::cli;
+
+/// Gateway appliance daemon: bridges a department's legacy network to the
+/// provincial e-government network under the boundary rules of GB/T 22239-2019.
+#[derive(Debug, Parser)]
+#[command(name = "gatewayd", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Check a configuration file: every mistake with its line and column, and
+    /// a summary of what will be bridged (exit 0 valid, 64 invalid).
+    Check(cli::check::CheckArgs),
+    /// Inspect the tamper-evident audit chain.
+    #[command(subcommand)]
+    Audit(cli::audit::AuditCommand),
+}
+
+fn main() -> ExitCode {
+    let args = Cli::parse();
+    let code = match &args.command {
+        Command::Check(a) => cli::check::run(a),
+        Command::Audit(a) => cli::audit::run(a),
+    };
+    ExitCode::from(code)
+}

@@ -1,0 +1,141 @@
+//! `gatewayd check --config FILE [--format text|json] [--at YYYY-MM-DD]`
+//!
+//! Exit 0 when the config is valid (warnings printed), 64 when not (every error
+//! listed), 66 when the file cannot be read. The JSON document is described in
+//! docs/config.md ("check output") and only ever gains fields.
+
+use std::path::{Path, PathBuf};
+
+use gateway_core::config::{self, Checked};
+use gateway_core::diag::{self, Diagnostic, Severity};
+use gateway_core::summary::Summary;
+use gateway_core::units::Date;
+use serde::Serialize;
+
+use super::OutputFormat;
+use crate::exit;
+
+/// Arguments of `gatewayd check`.
+#[derive(Debug, clap::Args)]
+pub struct CheckArgs {
+    /// The configuration file to check.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: PathBuf,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: OutputFormat,
+    /// Evaluate assessment validity on this date instead of today (UTC).
+    #[arg(long, value_name = "YYYY-MM-DD", value_parser = super::parse_date)]
+    pub at: Option<Date>,
+}
+
+/// The JSON form of a diagnostic.
+#[derive(Debug, Serialize)]
+struct JsonDiagnostic<'a> {
+    severity: Severity,
+    rule: Option<&'static str>,
+    file: &'a str,
+    line: u32,
+    column: u32,
+    message: &'a str,
+    hint: Option<&'a str>,
+}
+
+#[derive(Debug, Serialize)]
+struct JsonReport<'a> {
+    format_version: u32,
+    file: &'a str,
+    checked_for: Date,
+    valid: bool,
+    errors: Vec<JsonDiagnostic<'a>>,
+    warnings: Vec<JsonDiagnostic<'a>>,
+    summary: Option<Summary>,
+}
+
+/// Reads and checks a config file, adding warnings for run-time files that are
+/// missing. Returns the file's text on success too, for the caller's messages.
+///
+/// # Errors
+/// When the file cannot be read.
+pub fn check_file(path: &Path, today: Date) -> std::io::Result<Checked> {
+    let src = std::fs::read_to_string(path)?;
+    let mut checked = config::load(&src, today);
+    if let Some(cfg) = &checked.config {
+        for f in cfg.runtime_paths() {
+            if !f.path.exists() {
+                checked.diagnostics.push(
+                    Diagnostic::warning(f.loc, format!("{}: {} does not exist on this machine", f.key, f.path.display()))
+                        .hint("it must be in place before gatewayd runs; ignore this when checking a config for another box"),
+                );
+            }
+        }
+        diag::sort(&mut checked.diagnostics);
+    }
+    Ok(checked)
+}
+
+/// Runs `gatewayd check`; returns the exit code.
+pub fn run(args: &CheckArgs) -> u8 {
+    let today = args.at.unwrap_or_else(super::today_utc);
+    let file = args.config.display().to_string();
+    let checked = match check_file(&args.config, today) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: cannot read {file}: {e}");
+            eprintln!("  hint: give the path of a gatewayd TOML config, for example --config /etc/gatewayd/gatewayd.toml");
+            return exit::NO_INPUT;
+        }
+    };
+    let valid = !checked.has_errors();
+    let summary = checked.config.as_ref().map(|c| Summary::new(c, today));
+    match args.format {
+        OutputFormat::Json => {
+            fn json<'a>(file: &'a str, d: &'a Diagnostic) -> JsonDiagnostic<'a> {
+                JsonDiagnostic {
+                severity: d.severity,
+                rule: d.rule.map(|r| r.as_str()),
+                file,
+                line: d.location.line,
+                column: d.location.column,
+                message: &d.message,
+                hint: d.hint.as_deref(),
+                }
+            }
+            let report = JsonReport {
+                format_version: 1,
+                file: &file,
+                checked_for: today,
+                valid,
+                errors: checked.diagnostics.iter().filter(|d| d.is_error()).map(|d| json(&file, d)).collect(),
+                warnings: checked.diagnostics.iter().filter(|d| !d.is_error()).map(|d| json(&file, d)).collect(),
+                summary,
+            };
+            match serde_json::to_string_pretty(&report) {
+                Ok(s) => println!("{s}"),
+                Err(e) => {
+                    eprintln!("error: cannot encode the report: {e}");
+                    return exit::SOFTWARE;
+                }
+            }
+        }
+        OutputFormat::Text => {
+            for d in &checked.diagnostics {
+                eprintln!("{}", d.render(&file));
+            }
+            let errors = checked.diagnostics.iter().filter(|d| d.is_error()).count();
+            let warnings = checked.diagnostics.len() - errors;
+            if valid {
+                let s = summary.as_ref().map(Summary::render_text).unwrap_or_default();
+                println!("{file}: valid, checked for {today} ({warnings} warning{})\n", plural(warnings));
+                print!("{s}");
+            } else {
+                eprintln!("{file}: invalid: {errors} error{}, {warnings} warning{}", plural(errors), plural(warnings));
+            }
+        }
+    }
+    if valid { exit::OK } else { exit::CONFIG }
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 { "" } else { "s" }
+}
