@@ -78,7 +78,8 @@ pub fn encode(seq: u64, event: &Event, prev_hash: &Hash) -> Vec<u8> {
         &event.rule,
         &event.detail,
     ];
-    let mut out = Vec::with_capacity(DOMAIN.len() + 48 + fields.iter().map(|f| 4 + f.len()).sum::<usize>());
+    let mut out =
+        Vec::with_capacity(DOMAIN.len() + 48 + fields.iter().map(|f| 4 + f.len()).sum::<usize>());
     out.extend_from_slice(DOMAIN);
     out.extend_from_slice(&seq.to_be_bytes());
     out.extend_from_slice(&event.time_ms.to_be_bytes());
@@ -105,7 +106,12 @@ impl Record {
     /// Chains `event` after a record with sequence `seq - 1` and hash `prev_hash`.
     pub fn chain(seq: u64, event: Event, prev_hash: Hash) -> Self {
         let hash = hash(seq, &event, &prev_hash);
-        Self { seq, event, prev_hash, hash }
+        Self {
+            seq,
+            event,
+            prev_hash,
+            hash,
+        }
     }
 }
 
@@ -119,7 +125,7 @@ pub enum Break {
         seq: u64,
     },
     /// The sequence skips: records were deleted.
-    #[error("record {found}: expected record {expected} here (records are missing: deleted)")]
+    #[error("record {expected}: missing, the chain jumps to record {found} (records were deleted)")]
     Gap {
         /// The sequence number the chain needed.
         expected: u64,
@@ -127,13 +133,17 @@ pub enum Break {
         found: u64,
     },
     /// A record does not link to the one before: records were reordered, replaced or deleted.
-    #[error("record {seq}: it does not link to the record before it (records were deleted, reordered or replaced)")]
+    #[error(
+        "record {seq}: it does not link to the record before it (records were deleted, reordered or replaced)"
+    )]
     Unlinked {
         /// The record.
         seq: u64,
     },
     /// The chain ends before its recorded head: the newest records were deleted.
-    #[error("record {expected}: missing; the chain's head says it ends at record {head} (the newest records were deleted)")]
+    #[error(
+        "record {expected}: missing; the chain's head says it ends at record {head} (the newest records were deleted)"
+    )]
     Truncated {
         /// The first missing record.
         expected: u64,
@@ -163,7 +173,11 @@ pub struct Verifier {
 impl Verifier {
     /// Starts after the anchor: the last pruned record (`seq`, `hash`), or `(0, GENESIS)`.
     pub fn new(anchor_seq: u64, anchor_hash: Hash) -> Self {
-        Self { next_seq: anchor_seq + 1, prev: anchor_hash, count: 0 }
+        Self {
+            next_seq: anchor_seq + 1,
+            prev: anchor_hash,
+            count: 0,
+        }
     }
 
     /// Checks the next record.
@@ -173,7 +187,10 @@ impl Verifier {
     pub fn push(&mut self, r: &Record) -> Result<(), Break> {
         if r.seq != self.next_seq {
             return Err(if r.seq > self.next_seq {
-                Break::Gap { expected: self.next_seq, found: r.seq }
+                Break::Gap {
+                    expected: self.next_seq,
+                    found: r.seq,
+                }
             } else {
                 Break::Unlinked { seq: r.seq }
             });
@@ -197,7 +214,10 @@ impl Verifier {
     pub fn finish(&self, head_seq: u64, head_hash: &Hash) -> Result<u64, Break> {
         let last = self.next_seq - 1;
         if last < head_seq {
-            return Err(Break::Truncated { expected: self.next_seq, head: head_seq });
+            return Err(Break::Truncated {
+                expected: self.next_seq,
+                head: head_seq,
+            });
         }
         if last > head_seq || self.prev != *head_hash {
             return Err(Break::Unlinked { seq: last });
@@ -240,7 +260,9 @@ mod tests {
         for r in records {
             v.push(r)?;
         }
-        let head = chain(records.len() as u64).last().map_or((0, GENESIS), |r| (r.seq, r.hash));
+        let head = chain(records.len() as u64)
+            .last()
+            .map_or((0, GENESIS), |r| (r.seq, r.hash));
         v.finish(head.0, &head.1)
     }
 
@@ -269,7 +291,13 @@ mod tests {
 
         let mut deleted = chain(5);
         deleted.remove(1);
-        assert_eq!(verify(&deleted), Err(Break::Gap { expected: 2, found: 3 }));
+        assert_eq!(
+            verify(&deleted),
+            Err(Break::Gap {
+                expected: 2,
+                found: 3
+            })
+        );
 
         let mut swapped = chain(5);
         swapped.swap(1, 2);

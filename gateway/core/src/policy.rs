@@ -16,7 +16,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use serde::Serialize;
 
-use crate::config::{Config, Format, Level, MIN_RETENTION_DAYS, Peer, Role, ZoneKind, Zone};
+use crate::config::{Config, Format, Level, MIN_RETENTION_DAYS, Peer, Role, Zone, ZoneKind};
 use crate::diag::{Diagnostic, Location};
 use crate::units::Date;
 
@@ -110,7 +110,10 @@ pub struct Refusal {
 }
 
 fn refuse(rule: RuleId, reason: impl Into<String>) -> Refusal {
-    Refusal { rule, reason: reason.into() }
+    Refusal {
+        rule,
+        reason: reason.into(),
+    }
 }
 
 /// The boundary level of a crossing between two zones: the higher of their levels.
@@ -126,17 +129,32 @@ pub fn boundary_level(a: &Zone, b: &Zone) -> Level {
 pub fn bridge(config: &Config, from: &Zone, to: &Zone, flow: Flow) -> Result<Level, Refusal> {
     for z in [from, to] {
         if z.kind == ZoneKind::Internet {
-            return Err(refuse(RuleId::Internet, format!("zone {:?} is an internet zone, which is never bridged", z.name)));
+            return Err(refuse(
+                RuleId::Internet,
+                format!(
+                    "zone {:?} is an internet zone, which is never bridged",
+                    z.name
+                ),
+            ));
         }
     }
     if let Some((i, o)) = intranet_conflict(config) {
         return Err(refuse(
             RuleId::IntranetIsolation,
-            format!("this box holds the intranet zone {:?} together with the {} zone {:?}", i.name, o.kind.as_str(), o.name),
+            format!(
+                "this box holds the intranet zone {:?} together with the {} zone {:?}",
+                i.name,
+                o.kind.as_str(),
+                o.name
+            ),
         ));
     }
     if from.classified != to.classified {
-        let (secret, open) = if from.classified { (from, to) } else { (to, from) };
+        let (secret, open) = if from.classified {
+            (from, to)
+        } else {
+            (to, from)
+        };
         return Err(if secret.kind == ZoneKind::Intranet {
             refuse(
                 RuleId::OneWayImport,
@@ -148,20 +166,36 @@ pub fn bridge(config: &Config, from: &Zone, to: &Zone, flow: Flow) -> Result<Lev
         } else {
             refuse(
                 RuleId::ClassifiedBridge,
-                format!("classified zone {:?} may bridge only to the intranet, not to the {} zone {:?}", secret.name, open.kind.as_str(), open.name),
+                format!(
+                    "classified zone {:?} may bridge only to the intranet, not to the {} zone {:?}",
+                    secret.name,
+                    open.kind.as_str(),
+                    open.name
+                ),
             )
         });
     }
     if from.level > to.level {
-        let down = format!("from {:?} ({}) down to {:?} ({})", from.name, from.level, to.name, to.level);
+        let down = format!(
+            "from {:?} ({}) down to {:?} ({})",
+            from.name, from.level, to.name, to.level
+        );
         match flow {
             Flow::Interactive => {
-                return Err(refuse(RuleId::LevelDown, format!("an interactive relay may not run {down}")));
-            }
-            Flow::Channel { one_way, content_checked } if !(one_way && content_checked) => {
                 return Err(refuse(
                     RuleId::LevelDown,
-                    format!("data may flow {down} only through a channel declared one_way = true with formats and max_record_bytes"),
+                    format!("an interactive relay may not run {down}"),
+                ));
+            }
+            Flow::Channel {
+                one_way,
+                content_checked,
+            } if !(one_way && content_checked) => {
+                return Err(refuse(
+                    RuleId::LevelDown,
+                    format!(
+                        "data may flow {down} only through a channel declared one_way = true with formats and max_record_bytes"
+                    ),
                 ));
             }
             Flow::Channel { .. } => {}
@@ -189,10 +223,16 @@ pub fn assessment_valid(zone: &Zone, today: Date) -> Result<(), Refusal> {
         return Ok(());
     }
     match &zone.assessment {
-        None => Err(refuse(RuleId::AssessmentMissing, format!("legacy zone {:?} has no assessment", zone.name))),
+        None => Err(refuse(
+            RuleId::AssessmentMissing,
+            format!("legacy zone {:?} has no assessment", zone.name),
+        )),
         Some(a) if today > a.valid_until => Err(refuse(
             RuleId::AssessmentExpired,
-            format!("the assessment {} of zone {:?} ended on {}", a.id, zone.name, a.valid_until),
+            format!(
+                "the assessment {} of zone {:?} ended on {}",
+                a.id, zone.name, a.valid_until
+            ),
         )),
         Some(_) => Ok(()),
     }
@@ -237,21 +277,38 @@ pub fn declared(config: &Config) -> Vec<Declared<'_>> {
     match &config.role {
         Role::Edge(e) => {
             for s in &e.services {
-                let Some(to) = config.zone(&s.zone) else { continue };
+                let Some(to) = config.zone(&s.zone) else {
+                    continue;
+                };
                 for peer in &s.allow {
                     let (from, purpose) = match peer {
                         Peer::Zone(z) => (config.zone(z), Purpose::Service(s.name.clone())),
-                        Peer::Device(d) => (uplink, Purpose::ServiceFromDevice(format!("{}<-{d}", s.name))),
+                        Peer::Device(d) => (
+                            uplink,
+                            Purpose::ServiceFromDevice(format!("{}<-{d}", s.name)),
+                        ),
                     };
                     if let Some(from) = from {
-                        out.push(Declared { from, to, flow: Flow::Interactive, purpose, loc: s.loc });
+                        out.push(Declared {
+                            from,
+                            to,
+                            flow: Flow::Interactive,
+                            purpose,
+                            loc: s.loc,
+                        });
                     }
                 }
             }
             for a in &e.accesses {
                 if let (Some(from), Some(to)) = (config.zone(&a.zone), uplink) {
                     let purpose = Purpose::Access(format!("{}/{}", a.device, a.service));
-                    out.push(Declared { from, to, flow: Flow::Interactive, purpose, loc: a.loc });
+                    out.push(Declared {
+                        from,
+                        to,
+                        flow: Flow::Interactive,
+                        purpose,
+                        loc: a.loc,
+                    });
                 }
             }
             for c in &e.channels {
@@ -260,7 +317,13 @@ pub fn declared(config: &Config) -> Vec<Declared<'_>> {
                         one_way: c.one_way,
                         content_checked: !c.formats.is_empty() && c.max_record_bytes.is_some(),
                     };
-                    out.push(Declared { from, to, flow, purpose: Purpose::Channel(c.name.clone()), loc: c.loc });
+                    out.push(Declared {
+                        from,
+                        to,
+                        flow,
+                        purpose: Purpose::Channel(c.name.clone()),
+                        loc: c.loc,
+                    });
                 }
             }
         }
@@ -268,7 +331,13 @@ pub fn declared(config: &Config) -> Vec<Declared<'_>> {
             for p in &h.publishes {
                 if let Some(z) = config.zone(&p.zone) {
                     let purpose = Purpose::Publish(format!("{}/{}", p.device, p.service));
-                    out.push(Declared { from: z, to: z, flow: Flow::Interactive, purpose, loc: p.loc });
+                    out.push(Declared {
+                        from: z,
+                        to: z,
+                        flow: Flow::Interactive,
+                        purpose,
+                        loc: p.loc,
+                    });
                 }
             }
         }
@@ -315,7 +384,9 @@ pub fn check_config(config: &Config, today: Date) -> Vec<Diagnostic> {
             .collect();
         let needs_uplink_zone = !e.accesses.is_empty()
             || !e.channels.is_empty()
-            || e.services.iter().any(|s| s.allow.iter().any(|p| matches!(p, Peer::Device(_))));
+            || e.services
+                .iter()
+                .any(|s| s.allow.iter().any(|p| matches!(p, Peer::Device(_))));
         if provincial.is_empty() && needs_uplink_zone {
             out.push(
                 Diagnostic::error(Location { line: 1, column: 1 }, "no intranet or extranet zone: accesses, channels and device peers cross to the provincial network the uplink reaches")
@@ -336,11 +407,19 @@ pub fn check_config(config: &Config, today: Date) -> Vec<Diagnostic> {
             Err(r) if r.rule == RuleId::IntranetIsolation => {} // reported once above
             Err(r) => {
                 let hint = match r.rule {
-                    RuleId::OneWayImport => "remove this bridge; import unclassified data through the approved one-way import device",
-                    RuleId::ClassifiedBridge => "connect the classified network through a gateway on the intranet",
+                    RuleId::OneWayImport => {
+                        "remove this bridge; import unclassified data through the approved one-way import device"
+                    }
+                    RuleId::ClassifiedBridge => {
+                        "connect the classified network through a gateway on the intranet"
+                    }
                     RuleId::Internet => "internet zones are never bridged; remove this crossing",
-                    RuleId::LevelDown if matches!(d.flow, Flow::Channel { .. }) => "declare the channel one_way = true with formats and max_record_bytes, or do not send data down",
-                    _ => "reverse the direction: clients in the lower-level zone may reach services in the higher-level one",
+                    RuleId::LevelDown if matches!(d.flow, Flow::Channel { .. }) => {
+                        "declare the channel one_way = true with formats and max_record_bytes, or do not send data down"
+                    }
+                    _ => {
+                        "reverse the direction: clients in the lower-level zone may reach services in the higher-level one"
+                    }
                 };
                 out.push(err(r.rule, d.loc, r.reason).hint(hint));
             }
@@ -361,8 +440,12 @@ pub fn check_config(config: &Config, today: Date) -> Vec<Diagnostic> {
         match (&z.assessment, assessment_valid(z, today)) {
             (_, Err(r)) => {
                 let hint = match r.rule {
-                    RuleId::AssessmentMissing => "add assessment = { id = \"REPORT-ID\", valid_until = YYYY-MM-DD } once the zone has passed its assessment (测评)",
-                    _ => "renew the assessment (测评) and update valid_until; until then nothing in this zone is bridged",
+                    RuleId::AssessmentMissing => {
+                        "add assessment = { id = \"REPORT-ID\", valid_until = YYYY-MM-DD } once the zone has passed its assessment (测评)"
+                    }
+                    _ => {
+                        "renew the assessment (测评) and update valid_until; until then nothing in this zone is bridged"
+                    }
                 };
                 let loc = z.assessment.as_ref().map_or(z.loc, |a| a.loc);
                 out.push(err(r.rule, loc, r.reason).hint(hint));
@@ -385,12 +468,15 @@ pub fn check_config(config: &Config, today: Date) -> Vec<Diagnostic> {
 
 fn level3_controls(config: &Config, d: &Declared<'_>, level: Level) -> Vec<Diagnostic> {
     let mut out = Vec::new();
-    let Some(edge) = config.edge() else { return out };
+    let Some(edge) = config.edge() else {
+        return out;
+    };
     match &d.purpose {
         Purpose::Service(name) | Purpose::ServiceFromDevice(name) => {
             let name = name.split("<-").next().unwrap_or(name);
             if let Some(s) = edge.services.iter().find(|s| s.name == name) {
-                if s.app_protocol.is_none() && !out.iter().any(|o: &Diagnostic| o.location == s.loc) {
+                if s.app_protocol.is_none() && !out.iter().any(|o: &Diagnostic| o.location == s.loc)
+                {
                     out.push(
                         Diagnostic::error(s.loc, format!("service {:?} crosses a level-{} boundary but declares no app_protocol", s.name, level.get()))
                             .rule(RuleId::AppProtocol)
@@ -452,11 +538,21 @@ impl Decision {
     }
 
     fn deny(r: Refusal, level: Option<Level>) -> Self {
-        Self { verdict: Verdict::Deny, rule: r.rule, reason: r.reason, level }
+        Self {
+            verdict: Verdict::Deny,
+            rule: r.rule,
+            reason: r.reason,
+            level,
+        }
     }
 
     fn allow(rule: RuleId, reason: String, level: Level) -> Self {
-        Self { verdict: Verdict::Allow, rule, reason, level: Some(level) }
+        Self {
+            verdict: Verdict::Allow,
+            rule,
+            reason,
+            level: Some(level),
+        }
     }
 }
 
@@ -537,35 +633,59 @@ impl Policy {
         }
     }
 
-    fn try_decide(&self, crossing: &Crossing<'_>, today: Date) -> Result<Decision, (Refusal, Option<Level>)> {
+    fn try_decide(
+        &self,
+        crossing: &Crossing<'_>,
+        today: Date,
+    ) -> Result<Decision, (Refusal, Option<Level>)> {
         let cfg = &self.config;
         let no_level = |r: Refusal| (r, None);
         let deny_default = |what: String| (refuse(RuleId::DefaultDeny, what), None);
         match *crossing {
             Crossing::ServiceOpen { service, origin } => {
-                let edge = cfg.edge().ok_or_else(|| deny_default("this node publishes no services".into()))?;
+                let edge = cfg
+                    .edge()
+                    .ok_or_else(|| deny_default("this node publishes no services".into()))?;
                 let s = edge
                     .services
                     .iter()
                     .find(|s| s.name == service)
-                    .ok_or_else(|| deny_default(format!("no service named {service:?} is published here")))?;
-                let to = cfg.zone(&s.zone).ok_or_else(|| deny_default(format!("zone {:?} is not declared", s.zone)))?;
+                    .ok_or_else(|| {
+                        deny_default(format!("no service named {service:?} is published here"))
+                    })?;
+                let to = cfg
+                    .zone(&s.zone)
+                    .ok_or_else(|| deny_default(format!("zone {:?} is not declared", s.zone)))?;
                 let (from, peer) = match origin {
                     Origin::Local { client } => {
-                        let z = cfg.zones.iter().find(|z| z.contains(client)).ok_or_else(|| {
-                            no_level(refuse(RuleId::Address, format!("client {client} is in none of this box's zones")))
-                        })?;
+                        let z = cfg
+                            .zones
+                            .iter()
+                            .find(|z| z.contains(client))
+                            .ok_or_else(|| {
+                                no_level(refuse(
+                                    RuleId::Address,
+                                    format!("client {client} is in none of this box's zones"),
+                                ))
+                            })?;
                         (z, Peer::Zone(z.name.clone()))
                     }
                     Origin::Provincial { client } => {
-                        let z = cfg.uplink_zone().ok_or_else(|| deny_default("this edge has no provincial zone".into()))?;
+                        let z = cfg.uplink_zone().ok_or_else(|| {
+                            deny_default("this edge has no provincial zone".into())
+                        })?;
                         if !z.contains(client) {
-                            return Err(no_level(refuse(RuleId::Address, format!("client {client} is not in zone {:?}", z.name))));
+                            return Err(no_level(refuse(
+                                RuleId::Address,
+                                format!("client {client} is not in zone {:?}", z.name),
+                            )));
                         }
                         (z, Peer::Zone(z.name.clone()))
                     }
                     Origin::Device(d) => {
-                        let z = cfg.uplink_zone().ok_or_else(|| deny_default("this edge has no provincial zone".into()))?;
+                        let z = cfg.uplink_zone().ok_or_else(|| {
+                            deny_default("this edge has no provincial zone".into())
+                        })?;
                         (z, Peer::Device(d.to_owned()))
                     }
                 };
@@ -575,77 +695,156 @@ impl Policy {
                         Peer::Zone(z) => format!("zone {z:?}"),
                         Peer::Device(d) => format!("device {d:?}"),
                     };
-                    return Err((refuse(RuleId::DefaultDeny, format!("{who} is not allowed to reach service {:?}", s.name)), level));
+                    return Err((
+                        refuse(
+                            RuleId::DefaultDeny,
+                            format!("{who} is not allowed to reach service {:?}", s.name),
+                        ),
+                        level,
+                    ));
                 }
                 let level = bridge(cfg, from, to, Flow::Interactive).map_err(|r| (r, level))?;
                 self.assessments(&[from, to], today, level)?;
                 if level.get() >= 3 && s.app_protocol.is_none() {
-                    let r = refuse(RuleId::AppProtocol, format!("service {:?} declares no app_protocol at boundary level {}", s.name, level.get()));
+                    let r = refuse(
+                        RuleId::AppProtocol,
+                        format!(
+                            "service {:?} declares no app_protocol at boundary level {}",
+                            s.name,
+                            level.get()
+                        ),
+                    );
                     return Err((r, Some(level)));
                 }
-                Ok(Decision::allow(RuleId::AllowService, format!("{} may reach service {:?}", describe(&peer), s.name), level))
+                Ok(Decision::allow(
+                    RuleId::AllowService,
+                    format!("{} may reach service {:?}", describe(&peer), s.name),
+                    level,
+                ))
             }
             Crossing::AccessOpen { listen, client } => {
-                let edge = cfg.edge().ok_or_else(|| deny_default("this node has no accesses".into()))?;
+                let edge = cfg
+                    .edge()
+                    .ok_or_else(|| deny_default("this node has no accesses".into()))?;
                 let a = edge
                     .accesses
                     .iter()
                     .find(|a| a.listen == listen)
                     .ok_or_else(|| deny_default(format!("no access listens on {listen}")))?;
-                let from = cfg.zone(&a.zone).ok_or_else(|| deny_default(format!("zone {:?} is not declared", a.zone)))?;
+                let from = cfg
+                    .zone(&a.zone)
+                    .ok_or_else(|| deny_default(format!("zone {:?} is not declared", a.zone)))?;
                 if !from.contains(client) {
-                    return Err(no_level(refuse(RuleId::Address, format!("client {client} is not in zone {:?}", from.name))));
+                    return Err(no_level(refuse(
+                        RuleId::Address,
+                        format!("client {client} is not in zone {:?}", from.name),
+                    )));
                 }
-                let to = cfg.uplink_zone().ok_or_else(|| deny_default("this edge has no provincial zone".into()))?;
-                let level = bridge(cfg, from, to, Flow::Interactive).map_err(|r| (r, Some(boundary_level(from, to))))?;
+                let to = cfg
+                    .uplink_zone()
+                    .ok_or_else(|| deny_default("this edge has no provincial zone".into()))?;
+                let level = bridge(cfg, from, to, Flow::Interactive)
+                    .map_err(|r| (r, Some(boundary_level(from, to))))?;
                 self.assessments(&[from, to], today, level)?;
-                Ok(Decision::allow(RuleId::AllowAccess, format!("access to {}/{} from zone {:?}", a.device, a.service, from.name), level))
+                Ok(Decision::allow(
+                    RuleId::AllowAccess,
+                    format!(
+                        "access to {}/{} from zone {:?}",
+                        a.device, a.service, from.name
+                    ),
+                    level,
+                ))
             }
-            Crossing::ChannelRecord { channel, format, bytes } => {
-                let edge = cfg.edge().ok_or_else(|| deny_default("this node has no channels".into()))?;
+            Crossing::ChannelRecord {
+                channel,
+                format,
+                bytes,
+            } => {
+                let edge = cfg
+                    .edge()
+                    .ok_or_else(|| deny_default("this node has no channels".into()))?;
                 let c = edge
                     .channels
                     .iter()
                     .find(|c| c.name == channel)
                     .ok_or_else(|| deny_default(format!("no channel named {channel:?}")))?;
-                let from = cfg.zone(&c.zone).ok_or_else(|| deny_default(format!("zone {:?} is not declared", c.zone)))?;
-                let to = cfg.uplink_zone().ok_or_else(|| deny_default("this edge has no provincial zone".into()))?;
+                let from = cfg
+                    .zone(&c.zone)
+                    .ok_or_else(|| deny_default(format!("zone {:?} is not declared", c.zone)))?;
+                let to = cfg
+                    .uplink_zone()
+                    .ok_or_else(|| deny_default("this edge has no provincial zone".into()))?;
                 let content_checked = !c.formats.is_empty() && c.max_record_bytes.is_some();
-                let flow = Flow::Channel { one_way: c.one_way, content_checked };
-                let level = bridge(cfg, from, to, flow).map_err(|r| (r, Some(boundary_level(from, to))))?;
+                let flow = Flow::Channel {
+                    one_way: c.one_way,
+                    content_checked,
+                };
+                let level =
+                    bridge(cfg, from, to, flow).map_err(|r| (r, Some(boundary_level(from, to))))?;
                 self.assessments(&[from, to], today, level)?;
                 let content = |why: String| (refuse(RuleId::ChannelContent, why), Some(level));
                 if level.get() >= 3 && !content_checked {
-                    return Err(content(format!("channel {:?} declares no formats or record size limit at boundary level {}", c.name, level.get())));
+                    return Err(content(format!(
+                        "channel {:?} declares no formats or record size limit at boundary level {}",
+                        c.name,
+                        level.get()
+                    )));
                 }
                 if !c.formats.is_empty() && !c.formats.contains(&format) {
-                    return Err(content(format!("channel {:?} does not accept {} records", c.name, format.as_str())));
+                    return Err(content(format!(
+                        "channel {:?} does not accept {} records",
+                        c.name,
+                        format.as_str()
+                    )));
                 }
                 if let Some(max) = c.max_record_bytes {
                     if bytes > max.0 {
-                        return Err(content(format!("record of {bytes} bytes exceeds max_record_bytes ({max}) of channel {:?}", c.name)));
+                        return Err(content(format!(
+                            "record of {bytes} bytes exceeds max_record_bytes ({max}) of channel {:?}",
+                            c.name
+                        )));
                     }
                 }
-                Ok(Decision::allow(RuleId::AllowChannel, format!("{} record for channel {:?}", format.as_str(), c.name), level))
+                Ok(Decision::allow(
+                    RuleId::AllowChannel,
+                    format!("{} record for channel {:?}", format.as_str(), c.name),
+                    level,
+                ))
             }
             Crossing::PublishOpen { listen, client } => {
-                let hub = cfg.hub().ok_or_else(|| deny_default("this node has no publish listeners".into()))?;
+                let hub = cfg
+                    .hub()
+                    .ok_or_else(|| deny_default("this node has no publish listeners".into()))?;
                 let p = hub
                     .publishes
                     .iter()
                     .find(|p| p.listen == listen)
                     .ok_or_else(|| deny_default(format!("nothing is published on {listen}")))?;
-                let z = cfg.zone(&p.zone).ok_or_else(|| deny_default(format!("zone {:?} is not declared", p.zone)))?;
+                let z = cfg
+                    .zone(&p.zone)
+                    .ok_or_else(|| deny_default(format!("zone {:?} is not declared", p.zone)))?;
                 if !z.contains(client) {
-                    return Err(no_level(refuse(RuleId::Address, format!("client {client} is not in zone {:?}", z.name))));
+                    return Err(no_level(refuse(
+                        RuleId::Address,
+                        format!("client {client} is not in zone {:?}", z.name),
+                    )));
                 }
                 let level = bridge(cfg, z, z, Flow::Interactive).map_err(|r| (r, Some(z.level)))?;
-                Ok(Decision::allow(RuleId::AllowPublish, format!("{}/{} published in zone {:?}", p.device, p.service, z.name), level))
+                Ok(Decision::allow(
+                    RuleId::AllowPublish,
+                    format!("{}/{} published in zone {:?}", p.device, p.service, z.name),
+                    level,
+                ))
             }
         }
     }
 
-    fn assessments(&self, zones: &[&Zone], today: Date, level: Level) -> Result<(), (Refusal, Option<Level>)> {
+    fn assessments(
+        &self,
+        zones: &[&Zone],
+        today: Date,
+        level: Level,
+    ) -> Result<(), (Refusal, Option<Level>)> {
         for z in zones {
             assessment_valid(z, today).map_err(|r| (r, Some(level)))?;
         }
@@ -664,7 +863,10 @@ fn describe(peer: &Peer) -> String {
 pub fn controls(level: Level) -> Vec<&'static str> {
     let mut c = vec!["every crossing audited (hash-chained)"];
     if level.get() >= 2 {
-        c.extend(["default deny", "address, port, protocol and session-state control"]);
+        c.extend([
+            "default deny",
+            "address, port, protocol and session-state control",
+        ]);
     }
     if level.get() >= 3 {
         c.extend([
@@ -676,7 +878,10 @@ pub fn controls(level: Level) -> Vec<&'static str> {
         ]);
     }
     if level.get() >= 4 {
-        c.extend(["exchange only by protocol conversion", "mutual crypto authentication before any data"]);
+        c.extend([
+            "exchange only by protocol conversion",
+            "mutual crypto authentication before any data",
+        ]);
     }
     c
 }

@@ -152,7 +152,10 @@ impl Summary {
                 networks: z.networks.clone(),
                 assessment: z.assessment.as_ref().map(|a| a.id.clone()),
                 valid_until: z.assessment.as_ref().map(|a| a.valid_until),
-                days_left: z.assessment.as_ref().map(|a| today.days_until(a.valid_until)),
+                days_left: z
+                    .assessment
+                    .as_ref()
+                    .map(|a| today.days_until(a.valid_until)),
             })
             .collect();
         let crossings = policy::declared(config)
@@ -161,7 +164,9 @@ impl Summary {
                 let level = policy::boundary_level(d.from, d.to);
                 // A hub's publish crosses from its zone into a tunnel to the edge.
                 let to = match &d.purpose {
-                    Purpose::Publish(svc) => format!("{} (tunnel)", svc.split('/').next().unwrap_or(svc)),
+                    Purpose::Publish(svc) => {
+                        format!("{} (tunnel)", svc.split('/').next().unwrap_or(svc))
+                    }
                     _ => d.to.name.clone(),
                 };
                 CrossingSummary {
@@ -245,13 +250,30 @@ impl Summary {
     /// Renders the summary for a terminal.
     pub fn render_text(&self) -> String {
         let mut o = String::new();
-        let _ = writeln!(o, "node {} ({}), audit kept {} days", self.node, self.role, self.audit_retention_days);
+        let _ = writeln!(
+            o,
+            "node {} ({}), audit kept {} days",
+            self.node, self.role, self.audit_retention_days
+        );
         let _ = writeln!(o, "\nzones:");
         for z in &self.zones {
-            let class = if z.classified { "classified" } else { "unclassified" };
+            let class = if z.classified {
+                "classified"
+            } else {
+                "unclassified"
+            };
             let nets: Vec<String> = z.networks.iter().map(ToString::to_string).collect();
-            let _ = write!(o, "  {:<22} {:<9} L{} {:<12} {}", z.name, z.kind.as_str(), z.level, class, nets.join(", "));
-            if let (Some(id), Some(until), Some(left)) = (&z.assessment, z.valid_until, z.days_left) {
+            let _ = write!(
+                o,
+                "  {:<22} {:<9} L{} {:<12} {}",
+                z.name,
+                z.kind.as_str(),
+                z.level,
+                class,
+                nets.join(", ")
+            );
+            if let (Some(id), Some(until), Some(left)) = (&z.assessment, z.valid_until, z.days_left)
+            {
                 let _ = write!(o, "  assessment {id} valid until {until} ({left} days)");
             }
             o.push('\n');
@@ -276,7 +298,11 @@ impl Summary {
                 Flow::Channel { one_way: true, .. } => "channel, one-way",
                 Flow::Channel { .. } => "channel",
             };
-            let _ = writeln!(o, "  {} -> {}  boundary L{}  {} ({flow})", c.from, c.to, c.level, what);
+            let _ = writeln!(
+                o,
+                "  {} -> {}  boundary L{}  {} ({flow})",
+                c.from, c.to, c.level, what
+            );
         }
         let mut levels: Vec<u8> = self.crossings.iter().map(|c| c.level).collect();
         levels.sort_unstable();
@@ -308,7 +334,14 @@ impl Summary {
                     Protocol::Tcp => "tcp",
                     Protocol::Udp => "udp",
                 };
-                let _ = writeln!(o, "  {:<20} {proto}/{app} -> {} in {}; allowed: {}", s.name, s.target, s.zone, allow.join(", "));
+                let _ = writeln!(
+                    o,
+                    "  {:<20} {proto}/{app} -> {} in {}; allowed: {}",
+                    s.name,
+                    s.target,
+                    s.zone,
+                    allow.join(", ")
+                );
             }
         }
         if !self.accesses.is_empty() {
@@ -320,8 +353,14 @@ impl Summary {
         if !self.channels.is_empty() {
             let _ = writeln!(o, "\nchannels:");
             for c in &self.channels {
-                let formats = if c.formats.is_empty() { "any".to_owned() } else { c.formats.join(",") };
-                let rec = c.max_record_bytes.map_or("no limit".to_owned(), |b| b.to_string());
+                let formats = if c.formats.is_empty() {
+                    "any".to_owned()
+                } else {
+                    c.formats.join(",")
+                };
+                let rec = c
+                    .max_record_bytes
+                    .map_or("no limit".to_owned(), |b| b.to_string());
                 let to = match &c.deliver_to {
                     Destination::Hub => "hub".to_owned(),
                     Destination::Edge { device, channel } => format!("{device}/{channel}"),

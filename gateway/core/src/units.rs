@@ -170,7 +170,12 @@ impl FromStr for ByteSize {
 
 impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const UNITS: [(&str, u64); 4] = [("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
+        const UNITS: [(&str, u64); 4] = [
+            ("TiB", 1 << 40),
+            ("GiB", 1 << 30),
+            ("MiB", 1 << 20),
+            ("KiB", 1 << 10),
+        ];
         for (unit, mult) in UNITS {
             if self.0 >= mult && self.0 % mult == 0 {
                 return write!(f, "{}{unit}", self.0 / mult);
@@ -190,7 +195,8 @@ fn split_number(s: &str) -> (&str, &str) {
 /// # Errors
 /// When the text is not a whole number followed by one of those units, or is zero.
 pub fn parse_duration(s: &str) -> Result<Duration, ValueError> {
-    let hint = "write a duration as a whole number and a unit: ms, s, m, h, d or w, for example \"30d\"";
+    let hint =
+        "write a duration as a whole number and a unit: ms, s, m, h, d or w, for example \"30d\"";
     let (num, unit) = split_number(s.trim());
     let Ok(n) = num.parse::<u64>() else {
         return Err(bad(format!("{s:?} is not a duration"), hint));
@@ -203,13 +209,21 @@ pub fn parse_duration(s: &str) -> Result<Duration, ValueError> {
         "d" => 86_400_000,
         "w" => 7 * 86_400_000,
         "" => return Err(bad(format!("duration {s:?} has no unit"), hint)),
-        other => return Err(bad(format!("unknown duration unit {other:?} in {s:?}"), hint)),
+        other => {
+            return Err(bad(
+                format!("unknown duration unit {other:?} in {s:?}"),
+                hint,
+            ));
+        }
     };
     let total = n
         .checked_mul(ms)
         .ok_or_else(|| bad(format!("duration {s:?} is too long"), hint))?;
     if total == 0 {
-        return Err(bad(format!("duration {s:?} is zero"), "give a duration above zero"));
+        return Err(bad(
+            format!("duration {s:?} is zero"),
+            "give a duration above zero",
+        ));
     }
     Ok(Duration::from_millis(total))
 }
@@ -217,7 +231,12 @@ pub fn parse_duration(s: &str) -> Result<Duration, ValueError> {
 /// Renders a duration in the largest unit that divides it.
 pub fn format_duration(d: Duration) -> String {
     let ms = d.as_millis();
-    for (unit, mult) in [("d", 86_400_000u128), ("h", 3_600_000), ("m", 60_000), ("s", 1_000)] {
+    for (unit, mult) in [
+        ("d", 86_400_000u128),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1_000),
+    ] {
         if ms >= mult && ms % mult == 0 {
             return format!("{}{unit}", ms / mult);
         }
@@ -254,7 +273,9 @@ impl Cidr {
                 let mask = mask_v6(self.prefix);
                 u128::from(ip) & mask == u128::from(net)
             }
-            (IpAddr::V4(_), IpAddr::V6(ip)) => ip.to_ipv4_mapped().is_some_and(|v4| self.contains(IpAddr::V4(v4))),
+            (IpAddr::V4(_), IpAddr::V6(ip)) => ip
+                .to_ipv4_mapped()
+                .is_some_and(|v4| self.contains(IpAddr::V4(v4))),
             (IpAddr::V6(_), IpAddr::V4(_)) => false,
         }
     }
@@ -266,29 +287,42 @@ impl Cidr {
 }
 
 fn mask_v4(prefix: u8) -> u32 {
-    if prefix == 0 { 0 } else { u32::MAX << (32 - u32::from(prefix)) }
+    if prefix == 0 {
+        0
+    } else {
+        u32::MAX << (32 - u32::from(prefix))
+    }
 }
 
 fn mask_v6(prefix: u8) -> u128 {
-    if prefix == 0 { 0 } else { u128::MAX << (128 - u32::from(prefix)) }
+    if prefix == 0 {
+        0
+    } else {
+        u128::MAX << (128 - u32::from(prefix))
+    }
 }
 
 impl FromStr for Cidr {
     type Err = ValueError;
     fn from_str(s: &str) -> Result<Self, ValueError> {
-        let hint = "write a network as ADDRESS/PREFIX, for example \"10.20.0.0/16\" or \"fd00::/8\"";
+        let hint =
+            "write a network as ADDRESS/PREFIX, for example \"10.20.0.0/16\" or \"fd00::/8\"";
         let Some((addr, prefix)) = s.split_once('/') else {
-            return Err(bad(format!("{s:?} is not a network: the /PREFIX is missing"), hint));
+            return Err(bad(
+                format!("{s:?} is not a network: the /PREFIX is missing"),
+                hint,
+            ));
         };
         let addr: IpAddr = addr
             .parse()
             .map_err(|_| bad(format!("{addr:?} in {s:?} is not an IP address"), hint))?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix: u8 = prefix
-            .parse()
-            .ok()
-            .filter(|p| *p <= max)
-            .ok_or_else(|| bad(format!("prefix {prefix:?} in {s:?} is not a number from 0 to {max}"), hint))?;
+        let prefix: u8 = prefix.parse().ok().filter(|p| *p <= max).ok_or_else(|| {
+            bad(
+                format!("prefix {prefix:?} in {s:?} is not a number from 0 to {max}"),
+                hint,
+            )
+        })?;
         let network = match addr {
             IpAddr::V4(a) => IpAddr::V4((u32::from(a) & mask_v4(prefix)).into()),
             IpAddr::V6(a) => IpAddr::V6((u128::from(a) & mask_v6(prefix)).into()),
@@ -331,14 +365,20 @@ impl FromStr for HostPort {
         if let Ok(sa) = s.parse::<std::net::SocketAddr>() {
             let port = std::num::NonZeroU16::new(sa.port())
                 .ok_or_else(|| bad(format!("port 0 in {s:?}"), "give the hub's real port"))?;
-            return Ok(HostPort { host: sa.ip().to_string(), port });
+            return Ok(HostPort {
+                host: sa.ip().to_string(),
+                port,
+            });
         }
         let Some((host, port)) = s.rsplit_once(':') else {
             return Err(bad(format!("{s:?} has no port"), hint));
         };
-        let port = port
-            .parse::<std::num::NonZeroU16>()
-            .map_err(|_| bad(format!("{port:?} in {s:?} is not a port from 1 to 65535"), hint))?;
+        let port = port.parse::<std::num::NonZeroU16>().map_err(|_| {
+            bad(
+                format!("{port:?} in {s:?} is not a port from 1 to 65535"),
+                hint,
+            )
+        })?;
         let label_ok = |l: &str| {
             !l.is_empty()
                 && l.len() <= 63
@@ -347,9 +387,15 @@ impl FromStr for HostPort {
                 && !l.ends_with('-')
         };
         if host.len() > 253 || !host.split('.').all(label_ok) {
-            return Err(bad(format!("{host:?} in {s:?} is not a valid host name"), hint));
+            return Err(bad(
+                format!("{host:?} in {s:?} is not a valid host name"),
+                hint,
+            ));
         }
-        Ok(HostPort { host: host.to_ascii_lowercase(), port })
+        Ok(HostPort {
+            host: host.to_ascii_lowercase(),
+            port,
+        })
     }
 }
 
@@ -376,7 +422,10 @@ impl Serialize for HostPort {
 /// When the name breaks those rules.
 pub fn check_name(what: &str, s: &str) -> Result<(), ValueError> {
     let hint = "use 1 to 64 lowercase letters, digits, '-' or '_', starting with a letter or digit, for example \"pension-query\"";
-    let first_ok = s.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    let first_ok = s
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
     let rest_ok = s
         .chars()
         .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
@@ -397,7 +446,10 @@ mod tests {
             assert_eq!(d.days_since_epoch(), days, "{d}");
         }
         assert_eq!(Date::from_days_since_epoch(0).to_string(), "1970-01-01");
-        assert_eq!("2024-02-29".parse::<Date>().map(|d| d.days_since_epoch()), Ok(19_782));
+        assert_eq!(
+            "2024-02-29".parse::<Date>().map(|d| d.days_since_epoch()),
+            Ok(19_782)
+        );
         assert!("2023-02-29".parse::<Date>().is_err());
         assert!("2027-13-01".parse::<Date>().is_err());
         assert!("27-01-01".parse::<Date>().is_err());
@@ -446,7 +498,10 @@ mod tests {
     fn host_ports() {
         let hp: HostPort = "Hub1.example.gov:7443".parse().expect("valid");
         assert_eq!(hp.to_string(), "hub1.example.gov:7443");
-        assert_eq!("[fd00::1]:7443".parse::<HostPort>().map(|h| h.to_string()), Ok("[fd00::1]:7443".into()));
+        assert_eq!(
+            "[fd00::1]:7443".parse::<HostPort>().map(|h| h.to_string()),
+            Ok("[fd00::1]:7443".into())
+        );
         assert!("hub1.example.gov".parse::<HostPort>().is_err());
         assert!("hub_1:7443".parse::<HostPort>().is_err());
         assert!("hub:0".parse::<HostPort>().is_err());

@@ -36,12 +36,18 @@ fn legacy(name: &str, classified: bool, level: u8, net: &str) -> String {
 }
 
 fn zone(name: &str, kind: &str, level: u8, net: &str) -> String {
-    format!("\n[[zone]]\nname = \"{name}\"\nkind = \"{kind}\"\nlevel = {level}\nnetworks = [\"{net}\"]\n")
+    format!(
+        "\n[[zone]]\nname = \"{name}\"\nkind = \"{kind}\"\nlevel = {level}\nnetworks = [\"{net}\"]\n"
+    )
 }
 
 fn service(zone: &str, target: &str, allow: &str, app: Option<&str>) -> String {
-    let app = app.map(|a| format!("app_protocol = \"{a}\"\n")).unwrap_or_default();
-    format!("\n[[service]]\nname = \"svc\"\nzone = \"{zone}\"\ntarget = \"{target}\"\n{app}allow = [{allow}]\n")
+    let app = app
+        .map(|a| format!("app_protocol = \"{a}\"\n"))
+        .unwrap_or_default();
+    format!(
+        "\n[[service]]\nname = \"svc\"\nzone = \"{zone}\"\ntarget = \"{target}\"\n{app}allow = [{allow}]\n"
+    )
 }
 
 fn channel(zone: &str, extra: &str) -> String {
@@ -51,8 +57,19 @@ fn channel(zone: &str, extra: &str) -> String {
 /// The rule ids of the errors found, and of the warnings.
 fn rules_of(src: &str, today: &str) -> (Vec<RuleId>, Vec<RuleId>, Vec<String>) {
     let checked = config::load(src, day(today));
-    let pick = |sev| checked.diagnostics.iter().filter(|d| d.severity == sev).filter_map(|d| d.rule).collect();
-    let all = checked.diagnostics.iter().map(|d| d.render("test.toml")).collect();
+    let pick = |sev| {
+        checked
+            .diagnostics
+            .iter()
+            .filter(|d| d.severity == sev)
+            .filter_map(|d| d.rule)
+            .collect()
+    };
+    let all = checked
+        .diagnostics
+        .iter()
+        .map(|d| d.render("test.toml"))
+        .collect();
     (pick(Severity::Error), pick(Severity::Warning), all)
 }
 
@@ -65,11 +82,21 @@ struct Case {
 }
 
 fn ok(name: &'static str, src: String) -> Case {
-    Case { name, src, today: TODAY, refused_by: None }
+    Case {
+        name,
+        src,
+        today: TODAY,
+        refused_by: None,
+    }
 }
 
 fn refused(name: &'static str, src: String, rule: RuleId) -> Case {
-    Case { name, src, today: TODAY, refused_by: Some(rule) }
+    Case {
+        name,
+        src,
+        today: TODAY,
+        refused_by: Some(rule),
+    }
 }
 
 fn cases() -> Vec<Case> {
@@ -80,37 +107,76 @@ fn cases() -> Vec<Case> {
     let http_svc = |z: &str, t: &str, allow: &str| service(z, t, allow, Some("http"));
     vec![
         // R1.intranet-isolation
-        ok("classified legacy with intranet", format!("{secret}{int}{}", http_svc("secret", "172.16.0.5:80", "\"intranet\""))),
-        refused("intranet and extranet on one box", format!("{secret}{int}{ext}"), RuleId::IntranetIsolation),
-        refused("intranet and internet on one box", format!("{secret}{int}{}", zone("web", "internet", 1, "8.0.0.0/8")), RuleId::IntranetIsolation),
+        ok(
+            "classified legacy with intranet",
+            format!(
+                "{secret}{int}{}",
+                http_svc("secret", "172.16.0.5:80", "\"intranet\"")
+            ),
+        ),
+        refused(
+            "intranet and extranet on one box",
+            format!("{secret}{int}{ext}"),
+            RuleId::IntranetIsolation,
+        ),
+        refused(
+            "intranet and internet on one box",
+            format!("{secret}{int}{}", zone("web", "internet", 1, "8.0.0.0/8")),
+            RuleId::IntranetIsolation,
+        ),
         // R1.classified-bridge
         refused(
             "classified legacy published to the extranet",
-            format!("{secret}{ext}{}", http_svc("secret", "172.16.0.5:80", "\"extranet\"")),
+            format!(
+                "{secret}{ext}{}",
+                http_svc("secret", "172.16.0.5:80", "\"extranet\"")
+            ),
             RuleId::ClassifiedBridge,
         ),
         refused(
             "classified legacy bridged to an unclassified legacy zone",
-            format!("{secret}{ssn}{ext}{}", http_svc("secret", "172.16.0.5:80", "\"ssn\"")),
+            format!(
+                "{secret}{ssn}{ext}{}",
+                http_svc("secret", "172.16.0.5:80", "\"ssn\"")
+            ),
             RuleId::ClassifiedBridge,
         ),
         // R1.one-way-import
-        ok("unclassified legacy to extranet", format!("{ssn}{ext}{}", http_svc("ssn", "10.20.1.15:8080", "\"extranet\""))),
+        ok(
+            "unclassified legacy to extranet",
+            format!(
+                "{ssn}{ext}{}",
+                http_svc("ssn", "10.20.1.15:8080", "\"extranet\"")
+            ),
+        ),
         refused(
             "unclassified legacy published to the intranet",
-            format!("{ssn}{int}{}", http_svc("ssn", "10.20.1.15:8080", "\"intranet\"")),
+            format!(
+                "{ssn}{int}{}",
+                http_svc("ssn", "10.20.1.15:8080", "\"intranet\"")
+            ),
             RuleId::OneWayImport,
         ),
         refused(
             "unclassified channel into the intranet",
-            format!("{ssn}{int}{}", channel("ssn", "formats = [\"json\"]\nmax_record_bytes = \"1MiB\"")),
+            format!(
+                "{ssn}{int}{}",
+                channel("ssn", "formats = [\"json\"]\nmax_record_bytes = \"1MiB\"")
+            ),
             RuleId::OneWayImport,
         ),
         // R2.internet
-        ok("internet zone declared, not bridged", format!("{ssn}{ext}{}", zone("web", "internet", 1, "8.0.0.0/8"))),
+        ok(
+            "internet zone declared, not bridged",
+            format!("{ssn}{ext}{}", zone("web", "internet", 1, "8.0.0.0/8")),
+        ),
         refused(
             "service allowed from the internet",
-            format!("{ssn}{ext}{}{}", zone("web", "internet", 1, "8.0.0.0/8"), http_svc("ssn", "10.20.1.15:8080", "\"web\"")),
+            format!(
+                "{ssn}{ext}{}{}",
+                zone("web", "internet", 1, "8.0.0.0/8"),
+                http_svc("ssn", "10.20.1.15:8080", "\"web\"")
+            ),
             RuleId::Internet,
         ),
         // R3
@@ -125,13 +191,19 @@ fn cases() -> Vec<Case> {
         ),
         Case {
             name: "assessment ended",
-            src: format!("{ssn}{ext}{}", http_svc("ssn", "10.20.1.15:8080", "\"extranet\"")),
+            src: format!(
+                "{ssn}{ext}{}",
+                http_svc("ssn", "10.20.1.15:8080", "\"extranet\"")
+            ),
             today: "2027-04-01",
             refused_by: Some(RuleId::AssessmentExpired),
         },
         Case {
             name: "assessment valid on its last day",
-            src: format!("{ssn}{ext}{}", http_svc("ssn", "10.20.1.15:8080", "\"extranet\"")),
+            src: format!(
+                "{ssn}{ext}{}",
+                http_svc("ssn", "10.20.1.15:8080", "\"extranet\"")
+            ),
             today: "2027-03-31",
             refused_by: None,
         },
@@ -146,11 +218,19 @@ fn cases() -> Vec<Case> {
         ),
         ok(
             "L3 extranet client reaches an L4 legacy service",
-            format!("{}{ext}{}", legacy("ssn", false, 4, "10.20.0.0/16"), http_svc("ssn", "10.20.1.15:8080", "\"extranet\"")),
+            format!(
+                "{}{ext}{}",
+                legacy("ssn", false, 4, "10.20.0.0/16"),
+                http_svc("ssn", "10.20.1.15:8080", "\"extranet\"")
+            ),
         ),
         refused(
             "L4 channel down to L3 without one_way",
-            format!("{}{ext}{}", legacy("ssn", false, 4, "10.20.0.0/16"), channel("ssn", "formats = [\"json\"]\nmax_record_bytes = \"1MiB\"")),
+            format!(
+                "{}{ext}{}",
+                legacy("ssn", false, 4, "10.20.0.0/16"),
+                channel("ssn", "formats = [\"json\"]\nmax_record_bytes = \"1MiB\"")
+            ),
             RuleId::LevelDown,
         ),
         ok(
@@ -158,13 +238,19 @@ fn cases() -> Vec<Case> {
             format!(
                 "{}{ext}{}",
                 legacy("ssn", false, 4, "10.20.0.0/16"),
-                channel("ssn", "one_way = true\nformats = [\"json\"]\nmax_record_bytes = \"1MiB\"")
+                channel(
+                    "ssn",
+                    "one_way = true\nformats = [\"json\"]\nmax_record_bytes = \"1MiB\""
+                )
             ),
         ),
         // R5.app-protocol
         refused(
             "L3 service without app_protocol",
-            format!("{ssn}{ext}{}", service("ssn", "10.20.1.15:8080", "\"extranet\"", None)),
+            format!(
+                "{ssn}{ext}{}",
+                service("ssn", "10.20.1.15:8080", "\"extranet\"", None)
+            ),
             RuleId::AppProtocol,
         ),
         ok(
@@ -177,9 +263,26 @@ fn cases() -> Vec<Case> {
             ),
         ),
         // R5.channel-content
-        refused("L3 channel without formats", format!("{ssn}{ext}{}", channel("ssn", "max_record_bytes = \"1MiB\"")), RuleId::ChannelContent),
-        refused("L3 channel without record limit", format!("{ssn}{ext}{}", channel("ssn", "formats = [\"csv\"]")), RuleId::ChannelContent),
-        ok("L3 channel with formats and limit", format!("{ssn}{ext}{}", channel("ssn", "formats = [\"csv\"]\nmax_record_bytes = \"1MiB\""))),
+        refused(
+            "L3 channel without formats",
+            format!(
+                "{ssn}{ext}{}",
+                channel("ssn", "max_record_bytes = \"1MiB\"")
+            ),
+            RuleId::ChannelContent,
+        ),
+        refused(
+            "L3 channel without record limit",
+            format!("{ssn}{ext}{}", channel("ssn", "formats = [\"csv\"]")),
+            RuleId::ChannelContent,
+        ),
+        ok(
+            "L3 channel with formats and limit",
+            format!(
+                "{ssn}{ext}{}",
+                channel("ssn", "formats = [\"csv\"]\nmax_record_bytes = \"1MiB\"")
+            ),
+        ),
         // R5.address (config face: listeners and targets inside their zone)
         refused(
             "ingest listening outside its zone",
@@ -193,13 +296,26 @@ fn cases() -> Vec<Case> {
         ),
         refused(
             "service target outside its zone",
-            format!("{ssn}{ext}{}", http_svc("ssn", "59.72.1.15:8080", "\"extranet\"")),
+            format!(
+                "{ssn}{ext}{}",
+                http_svc("ssn", "59.72.1.15:8080", "\"extranet\"")
+            ),
             RuleId::Address,
         ),
-        ok("ingest inside its zone", format!("{ssn}{ext}\n[[ingest]]\nzone = \"ssn\"\nlisten = \"10.20.0.1:8480\"\n")),
+        ok(
+            "ingest inside its zone",
+            format!("{ssn}{ext}\n[[ingest]]\nzone = \"ssn\"\nlisten = \"10.20.0.1:8480\"\n"),
+        ),
         // R6.retention
-        refused("retention below 180 days", format!("{ssn}{ext}\n[audit]\nretention_days = 90\n"), RuleId::Retention),
-        ok("retention of 180 days", format!("{ssn}{ext}\n[audit]\nretention_days = 180\n")),
+        refused(
+            "retention below 180 days",
+            format!("{ssn}{ext}\n[audit]\nretention_days = 90\n"),
+            RuleId::Retention,
+        ),
+        ok(
+            "retention of 180 days",
+            format!("{ssn}{ext}\n[audit]\nretention_days = 180\n"),
+        ),
     ]
 }
 
@@ -208,8 +324,16 @@ fn every_rule_has_an_allowed_and_a_refused_case() {
     for case in cases() {
         let (errors, _warnings, all) = rules_of(&edge(&case.src), case.today);
         match case.refused_by {
-            None => assert!(all.iter().all(|d| !d.starts_with("error")), "{}: expected no error, got {all:#?}", case.name),
-            Some(rule) => assert!(errors.contains(&rule), "{}: expected {rule}, got {all:#?}", case.name),
+            None => assert!(
+                all.iter().all(|d| !d.starts_with("error")),
+                "{}: expected no error, got {all:#?}",
+                case.name
+            ),
+            Some(rule) => assert!(
+                errors.contains(&rule),
+                "{}: expected {rule}, got {all:#?}",
+                case.name
+            ),
         }
     }
 }
@@ -226,7 +350,10 @@ fn every_refusing_rule_is_covered_by_a_case() {
         RuleId::AssessmentExpiring, // a warning: see assessment_expiry_warns
     ];
     for rule in RuleId::ALL {
-        assert!(covered.contains(rule) || allow_or_warn.contains(rule), "no config case for {rule}");
+        assert!(
+            covered.contains(rule) || allow_or_warn.contains(rule),
+            "no config case for {rule}"
+        );
     }
 }
 
@@ -254,14 +381,21 @@ fn one_way_import_error_names_the_import_device() {
         service("ssn", "10.20.1.15:8080", "\"intranet\"", Some("http"))
     ));
     let (_, _, all) = rules_of(&src, TODAY);
-    assert!(all.iter().any(|d| d.contains("one-way import device")), "{all:#?}");
+    assert!(
+        all.iter().any(|d| d.contains("one-way import device")),
+        "{all:#?}"
+    );
 }
 
 /// A policy over a config that passed every check.
 fn policy(src: &str) -> Policy {
     let checked = config::load(&edge(src), day(TODAY));
     let msgs: Vec<String> = checked.diagnostics.iter().map(|d| d.render("t")).collect();
-    Policy::new(checked.config.unwrap_or_else(|| panic!("config refused: {msgs:#?}")))
+    Policy::new(
+        checked
+            .config
+            .unwrap_or_else(|| panic!("config refused: {msgs:#?}")),
+    )
 }
 
 /// A policy over a config that only passed compilation (not the boundary rules):
@@ -278,30 +412,165 @@ fn run_time_decisions() {
         "{}{}{ext}{}{}\n[[access]]\nlisten = \"10.20.0.1:15432\"\nzone = \"ssn\"\nservice = \"jl-gat-0007/population-db\"\n",
         legacy("ssn", false, 3, "10.20.0.0/16"),
         legacy("lab", false, 3, "10.30.0.0/16"),
-        service("ssn", "10.20.1.15:8080", "\"extranet\", \"jl-gat-0007\"", Some("http")),
+        service(
+            "ssn",
+            "10.20.1.15:8080",
+            "\"extranet\", \"jl-gat-0007\"",
+            Some("http")
+        ),
         channel("ssn", "formats = [\"json\"]\nmax_record_bytes = \"1KiB\""),
     ));
     let ip = |s: &str| s.parse().expect("ip");
     let today = day(TODAY);
-    let svc = |origin| Crossing::ServiceOpen { service: "svc", origin };
-    let rec = |format, bytes| Crossing::ChannelRecord { channel: "ch", format, bytes };
+    let svc = |origin| Crossing::ServiceOpen {
+        service: "svc",
+        origin,
+    };
+    let rec = |format, bytes| Crossing::ChannelRecord {
+        channel: "ch",
+        format,
+        bytes,
+    };
     let table: Vec<(&str, Crossing<'_>, Date, Verdict, RuleId)> = vec![
-        ("provincial client allowed", svc(Origin::Provincial { client: ip("59.72.3.4") }), today, Verdict::Allow, RuleId::AllowService),
-        ("allowed device", svc(Origin::Device("jl-gat-0007")), today, Verdict::Allow, RuleId::AllowService),
-        ("device not in allow list", svc(Origin::Device("jl-gat-0099")), today, Verdict::Deny, RuleId::DefaultDeny),
-        ("zone not in allow list", svc(Origin::Local { client: ip("10.30.0.9") }), today, Verdict::Deny, RuleId::DefaultDeny),
-        ("client in no zone", svc(Origin::Local { client: ip("192.0.2.1") }), today, Verdict::Deny, RuleId::Address),
-        ("provincial client outside the zone", svc(Origin::Provincial { client: ip("198.51.100.1") }), today, Verdict::Deny, RuleId::Address),
-        ("unknown service", Crossing::ServiceOpen { service: "nope", origin: Origin::Device("jl-gat-0007") }, today, Verdict::Deny, RuleId::DefaultDeny),
-        ("assessment ended", svc(Origin::Device("jl-gat-0007")), day("2027-04-01"), Verdict::Deny, RuleId::AssessmentExpired),
-        ("access from its zone", Crossing::AccessOpen { listen: "10.20.0.1:15432".parse().expect("addr"), client: ip("10.20.5.5") }, today, Verdict::Allow, RuleId::AllowAccess),
-        ("access from another zone", Crossing::AccessOpen { listen: "10.20.0.1:15432".parse().expect("addr"), client: ip("10.30.5.5") }, today, Verdict::Deny, RuleId::Address),
-        ("access on an unknown listener", Crossing::AccessOpen { listen: "10.20.0.1:1".parse().expect("addr"), client: ip("10.20.5.5") }, today, Verdict::Deny, RuleId::DefaultDeny),
-        ("json record", rec(Format::Json, 100), today, Verdict::Allow, RuleId::AllowChannel),
-        ("xml record refused", rec(Format::Xml, 100), today, Verdict::Deny, RuleId::ChannelContent),
-        ("record too large", rec(Format::Json, 1025), today, Verdict::Deny, RuleId::ChannelContent),
-        ("record for unknown channel", Crossing::ChannelRecord { channel: "nope", format: Format::Json, bytes: 1 }, today, Verdict::Deny, RuleId::DefaultDeny),
-        ("publish on an edge", Crossing::PublishOpen { listen: "59.72.1.10:18080".parse().expect("addr"), client: ip("59.72.3.4") }, today, Verdict::Deny, RuleId::DefaultDeny),
+        (
+            "provincial client allowed",
+            svc(Origin::Provincial {
+                client: ip("59.72.3.4"),
+            }),
+            today,
+            Verdict::Allow,
+            RuleId::AllowService,
+        ),
+        (
+            "allowed device",
+            svc(Origin::Device("jl-gat-0007")),
+            today,
+            Verdict::Allow,
+            RuleId::AllowService,
+        ),
+        (
+            "device not in allow list",
+            svc(Origin::Device("jl-gat-0099")),
+            today,
+            Verdict::Deny,
+            RuleId::DefaultDeny,
+        ),
+        (
+            "zone not in allow list",
+            svc(Origin::Local {
+                client: ip("10.30.0.9"),
+            }),
+            today,
+            Verdict::Deny,
+            RuleId::DefaultDeny,
+        ),
+        (
+            "client in no zone",
+            svc(Origin::Local {
+                client: ip("192.0.2.1"),
+            }),
+            today,
+            Verdict::Deny,
+            RuleId::Address,
+        ),
+        (
+            "provincial client outside the zone",
+            svc(Origin::Provincial {
+                client: ip("198.51.100.1"),
+            }),
+            today,
+            Verdict::Deny,
+            RuleId::Address,
+        ),
+        (
+            "unknown service",
+            Crossing::ServiceOpen {
+                service: "nope",
+                origin: Origin::Device("jl-gat-0007"),
+            },
+            today,
+            Verdict::Deny,
+            RuleId::DefaultDeny,
+        ),
+        (
+            "assessment ended",
+            svc(Origin::Device("jl-gat-0007")),
+            day("2027-04-01"),
+            Verdict::Deny,
+            RuleId::AssessmentExpired,
+        ),
+        (
+            "access from its zone",
+            Crossing::AccessOpen {
+                listen: "10.20.0.1:15432".parse().expect("addr"),
+                client: ip("10.20.5.5"),
+            },
+            today,
+            Verdict::Allow,
+            RuleId::AllowAccess,
+        ),
+        (
+            "access from another zone",
+            Crossing::AccessOpen {
+                listen: "10.20.0.1:15432".parse().expect("addr"),
+                client: ip("10.30.5.5"),
+            },
+            today,
+            Verdict::Deny,
+            RuleId::Address,
+        ),
+        (
+            "access on an unknown listener",
+            Crossing::AccessOpen {
+                listen: "10.20.0.1:1".parse().expect("addr"),
+                client: ip("10.20.5.5"),
+            },
+            today,
+            Verdict::Deny,
+            RuleId::DefaultDeny,
+        ),
+        (
+            "json record",
+            rec(Format::Json, 100),
+            today,
+            Verdict::Allow,
+            RuleId::AllowChannel,
+        ),
+        (
+            "xml record refused",
+            rec(Format::Xml, 100),
+            today,
+            Verdict::Deny,
+            RuleId::ChannelContent,
+        ),
+        (
+            "record too large",
+            rec(Format::Json, 1025),
+            today,
+            Verdict::Deny,
+            RuleId::ChannelContent,
+        ),
+        (
+            "record for unknown channel",
+            Crossing::ChannelRecord {
+                channel: "nope",
+                format: Format::Json,
+                bytes: 1,
+            },
+            today,
+            Verdict::Deny,
+            RuleId::DefaultDeny,
+        ),
+        (
+            "publish on an edge",
+            Crossing::PublishOpen {
+                listen: "59.72.1.10:18080".parse().expect("addr"),
+                client: ip("59.72.3.4"),
+            },
+            today,
+            Verdict::Deny,
+            RuleId::DefaultDeny,
+        ),
     ];
     for (name, crossing, date, verdict, rule) in table {
         let d = p.decide(&crossing, date);
@@ -317,14 +586,34 @@ fn run_time_refuses_bridges_the_checker_forbids() {
     let cases: Vec<(&str, String, Crossing<'_>, RuleId)> = vec![
         (
             "classified to extranet",
-            format!("{}{}{}", legacy("s", true, 3, "172.16.0.0/16"), zone("extranet", "extranet", 3, "59.72.0.0/16"), service("s", "172.16.0.5:80", "\"extranet\"", Some("http"))),
-            Crossing::ServiceOpen { service: "svc", origin: Origin::Provincial { client: ip("59.72.0.9") } },
+            format!(
+                "{}{}{}",
+                legacy("s", true, 3, "172.16.0.0/16"),
+                zone("extranet", "extranet", 3, "59.72.0.0/16"),
+                service("s", "172.16.0.5:80", "\"extranet\"", Some("http"))
+            ),
+            Crossing::ServiceOpen {
+                service: "svc",
+                origin: Origin::Provincial {
+                    client: ip("59.72.0.9"),
+                },
+            },
             RuleId::ClassifiedBridge,
         ),
         (
             "unclassified to intranet",
-            format!("{}{}{}", legacy("s", false, 3, "10.20.0.0/16"), zone("intranet", "intranet", 3, "30.1.0.0/16"), service("s", "10.20.0.5:80", "\"intranet\"", Some("http"))),
-            Crossing::ServiceOpen { service: "svc", origin: Origin::Provincial { client: ip("30.1.0.9") } },
+            format!(
+                "{}{}{}",
+                legacy("s", false, 3, "10.20.0.0/16"),
+                zone("intranet", "intranet", 3, "30.1.0.0/16"),
+                service("s", "10.20.0.5:80", "\"intranet\"", Some("http"))
+            ),
+            Crossing::ServiceOpen {
+                service: "svc",
+                origin: Origin::Provincial {
+                    client: ip("30.1.0.9"),
+                },
+            },
             RuleId::OneWayImport,
         ),
         (
@@ -334,19 +623,43 @@ fn run_time_refuses_bridges_the_checker_forbids() {
                 legacy("s", false, 4, "10.20.0.0/16"),
                 zone("extranet", "extranet", 3, "59.72.0.0/16")
             ),
-            Crossing::AccessOpen { listen: "10.20.0.1:15432".parse().expect("addr"), client: ip("10.20.0.9") },
+            Crossing::AccessOpen {
+                listen: "10.20.0.1:15432".parse().expect("addr"),
+                client: ip("10.20.0.9"),
+            },
             RuleId::LevelDown,
         ),
         (
             "missing app_protocol",
-            format!("{}{}{}", legacy("s", false, 3, "10.20.0.0/16"), zone("extranet", "extranet", 3, "59.72.0.0/16"), service("s", "10.20.0.5:80", "\"extranet\"", None)),
-            Crossing::ServiceOpen { service: "svc", origin: Origin::Provincial { client: ip("59.72.0.9") } },
+            format!(
+                "{}{}{}",
+                legacy("s", false, 3, "10.20.0.0/16"),
+                zone("extranet", "extranet", 3, "59.72.0.0/16"),
+                service("s", "10.20.0.5:80", "\"extranet\"", None)
+            ),
+            Crossing::ServiceOpen {
+                service: "svc",
+                origin: Origin::Provincial {
+                    client: ip("59.72.0.9"),
+                },
+            },
             RuleId::AppProtocol,
         ),
         (
             "internet",
-            format!("{}{}{}{}", legacy("s", false, 1, "10.20.0.0/16"), zone("extranet", "extranet", 1, "59.72.0.0/16"), zone("web", "internet", 1, "8.0.0.0/8"), service("s", "10.20.0.5:80", "\"web\"", None)),
-            Crossing::ServiceOpen { service: "svc", origin: Origin::Local { client: ip("8.8.8.8") } },
+            format!(
+                "{}{}{}{}",
+                legacy("s", false, 1, "10.20.0.0/16"),
+                zone("extranet", "extranet", 1, "59.72.0.0/16"),
+                zone("web", "internet", 1, "8.0.0.0/8"),
+                service("s", "10.20.0.5:80", "\"web\"", None)
+            ),
+            Crossing::ServiceOpen {
+                service: "svc",
+                origin: Origin::Local {
+                    client: ip("8.8.8.8"),
+                },
+            },
             RuleId::Internet,
         ),
     ];

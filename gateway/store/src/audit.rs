@@ -61,7 +61,9 @@ pub enum OpenError {
     #[error("no audit database at {0}")]
     Missing(String),
     /// The database was written by a newer gatewayd.
-    #[error("audit database schema {found} is newer than this gatewayd understands ({SCHEMA_VERSION})")]
+    #[error(
+        "audit database schema {found} is newer than this gatewayd understands ({SCHEMA_VERSION})"
+    )]
     NewerSchema {
         /// The version found.
         found: i64,
@@ -145,7 +147,10 @@ impl AuditLog {
         if !path.is_file() {
             return Err(OpenError::Missing(path.display().to_string()));
         }
-        let conn = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
+        let conn = Connection::open_with_flags(
+            &path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
         let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
         if version > SCHEMA_VERSION {
             return Err(OpenError::NewerSchema { found: version });
@@ -196,8 +201,13 @@ impl AuditLog {
     ///
     /// # Errors
     /// When SQLite refuses; then nothing was appended.
-    pub fn append(&mut self, events: impl IntoIterator<Item = Event>) -> Result<Vec<Record>, WriteError> {
-        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    pub fn append(
+        &mut self,
+        events: impl IntoIterator<Item = Event>,
+    ) -> Result<Vec<Record>, WriteError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let meta = Self::meta(&tx)?.ok_or(rusqlite::Error::QueryReturnedNoRows)?;
         let (mut seq, mut prev) = (meta.head_seq, meta.head_hash);
         let mut out = Vec::new();
@@ -242,25 +252,40 @@ impl AuditLog {
     /// # Errors
     /// When SQLite refuses; then nothing was removed.
     pub fn prune_before(&mut self, cutoff_ms: i64) -> Result<u64, WriteError> {
-        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         // Records are pruned as a prefix of the chain: stop at the first record
         // that is still young, even if an older timestamp follows it.
-        let first_young: Option<i64> = tx
-            .query_row("SELECT MIN(seq) FROM audit WHERE time_ms >= ?1", [cutoff_ms], |r| r.get(0))?;
+        let first_young: Option<i64> = tx.query_row(
+            "SELECT MIN(seq) FROM audit WHERE time_ms >= ?1",
+            [cutoff_ms],
+            |r| r.get(0),
+        )?;
         let last: Option<(i64, Vec<u8>)> = match first_young {
             Some(y) => tx
-                .query_row("SELECT seq, hash FROM audit WHERE seq < ?1 ORDER BY seq DESC LIMIT 1", [y], |r| {
-                    Ok((r.get(0)?, r.get(1)?))
-                })
+                .query_row(
+                    "SELECT seq, hash FROM audit WHERE seq < ?1 ORDER BY seq DESC LIMIT 1",
+                    [y],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
                 .optional()?,
             None => tx
-                .query_row("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", [], |r| Ok((r.get(0)?, r.get(1)?)))
+                .query_row(
+                    "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1",
+                    [],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
                 .optional()?,
         };
         let Some((anchor_seq, anchor_hash)) = last else {
             return Ok(0);
         };
-        let n = tx.query_row("SELECT COUNT(*) FROM audit WHERE seq <= ?1", [anchor_seq], |r| r.get::<_, i64>(0))?;
+        let n = tx.query_row(
+            "SELECT COUNT(*) FROM audit WHERE seq <= ?1",
+            [anchor_seq],
+            |r| r.get::<_, i64>(0),
+        )?;
         tx.execute(
             "UPDATE audit_meta SET anchor_seq = ?1, anchor_hash = ?2, pruned = pruned + ?3 WHERE id = 1",
             params![anchor_seq, anchor_hash, n],
@@ -286,7 +311,11 @@ impl AuditLog {
             verifier.push(&record)?;
         }
         let count = verifier.finish(meta.head_seq, &meta.head_hash)?;
-        Ok(Verified { count, pruned: meta.pruned, head_seq: meta.head_seq })
+        Ok(Verified {
+            count,
+            pruned: meta.pruned,
+            head_seq: meta.head_seq,
+        })
     }
 
     /// Up to `limit` records starting at sequence `from`, oldest first.
@@ -298,7 +327,10 @@ impl AuditLog {
             "SELECT seq, time_ms, device, subject, object, event, outcome, rule, detail, prev_hash, hash
              FROM audit WHERE seq >= ?1 ORDER BY seq LIMIT ?2",
         )?;
-        let mut rows = stmt.query(params![seq_i64(from), i64::try_from(limit).unwrap_or(i64::MAX)])?;
+        let mut rows = stmt.query(params![
+            seq_i64(from),
+            i64::try_from(limit).unwrap_or(i64::MAX)
+        ])?;
         let mut out = Vec::new();
         while let Some(row) = rows.next()? {
             out.push(read_record(row)?);
@@ -314,11 +346,20 @@ fn seq_i64(seq: u64) -> i64 {
 
 fn read_record(row: &rusqlite::Row<'_>) -> Result<Record, VerifyError> {
     let seq: i64 = row.get(0)?;
-    let bad = |what: &str| VerifyError::Unreadable { seq, what: what.to_owned() };
-    let text = |i: usize, name: &str| row.get::<_, String>(i).map_err(|_| bad(&format!("{name} is not text")));
+    let bad = |what: &str| VerifyError::Unreadable {
+        seq,
+        what: what.to_owned(),
+    };
+    let text = |i: usize, name: &str| {
+        row.get::<_, String>(i)
+            .map_err(|_| bad(&format!("{name} is not text")))
+    };
     let hash = |i: usize, name: &str| -> Result<Hash, VerifyError> {
-        let v: Vec<u8> = row.get(i).map_err(|_| bad(&format!("{name} is not a blob")))?;
-        v.try_into().map_err(|_| bad(&format!("{name} is not 32 bytes")))
+        let v: Vec<u8> = row
+            .get(i)
+            .map_err(|_| bad(&format!("{name} is not a blob")))?;
+        v.try_into()
+            .map_err(|_| bad(&format!("{name} is not 32 bytes")))
     };
     Ok(Record {
         seq: u64::try_from(seq).map_err(|_| bad("negative sequence"))?,
@@ -365,7 +406,8 @@ mod tests {
     /// after dropping the triggers that refuse it.
     fn tamper(dir: &Path, sql: &str) {
         let c = Connection::open(dir.join(FILE_NAME)).expect("open raw");
-        c.execute_batch("DROP TRIGGER audit_no_update; DROP TRIGGER audit_no_delete;").expect("drop triggers");
+        c.execute_batch("DROP TRIGGER audit_no_update; DROP TRIGGER audit_no_delete;")
+            .expect("drop triggers");
         c.execute_batch(sql).expect("tamper");
     }
 
@@ -393,21 +435,30 @@ mod tests {
     fn triggers_refuse_edits_and_deletes() {
         let (dir, _log) = log_with(3);
         let c = Connection::open(dir.path().join(FILE_NAME)).expect("open raw");
-        assert!(c.execute("UPDATE audit SET outcome = 'deny' WHERE seq = 2", []).is_err());
+        assert!(
+            c.execute("UPDATE audit SET outcome = 'deny' WHERE seq = 2", [])
+                .is_err()
+        );
         assert!(c.execute("DELETE FROM audit WHERE seq = 2", []).is_err());
     }
 
     #[test]
     fn detects_an_edited_field() {
         let (dir, _log) = log_with(10);
-        tamper(dir.path(), "UPDATE audit SET outcome = 'deny' WHERE seq = 4");
+        tamper(
+            dir.path(),
+            "UPDATE audit SET outcome = 'deny' WHERE seq = 4",
+        );
         assert_eq!(broken_at(dir.path()), 4);
     }
 
     #[test]
     fn detects_an_edited_time() {
         let (dir, _log) = log_with(10);
-        tamper(dir.path(), "UPDATE audit SET time_ms = time_ms + 1 WHERE seq = 7");
+        tamper(
+            dir.path(),
+            "UPDATE audit SET time_ms = time_ms + 1 WHERE seq = 7",
+        );
         assert_eq!(broken_at(dir.path()), 7);
     }
 
@@ -448,8 +499,13 @@ mod tests {
         let h = gateway_core::audit::hash(r.seq, &r.event, &r.prev_hash);
         drop(log);
         let c = Connection::open(dir.path().join(FILE_NAME)).expect("open raw");
-        c.execute_batch("DROP TRIGGER audit_no_update;").expect("drop");
-        c.execute("UPDATE audit SET outcome = 'deny', hash = ?1 WHERE seq = 2", [&h[..]]).expect("update");
+        c.execute_batch("DROP TRIGGER audit_no_update;")
+            .expect("drop");
+        c.execute(
+            "UPDATE audit SET outcome = 'deny', hash = ?1 WHERE seq = 2",
+            [&h[..]],
+        )
+        .expect("update");
         assert_eq!(broken_at(dir.path()), 3);
     }
 

@@ -20,7 +20,8 @@ use super::*;
 use crate::diag::{Diagnostic, LineIndex, Location};
 use crate::units::{self, ByteSize, Cidr, Date, HostPort, ValueError};
 
-const SECTIONS: &str = "node, zone, uplink, service, access, channel, ingest, audit, admin, hub, publish";
+const SECTIONS: &str =
+    "node, zone, uplink, service, access, channel, ingest, audit, admin, hub, publish";
 
 /// Compiles TOML text into a [`Config`] (when there is no error) and the
 /// diagnostics found. Boundary rules are not applied here; see [`super::load`].
@@ -74,7 +75,12 @@ impl Compiler<'_> {
         self.diags.push(d);
     }
 
-    fn warning(&mut self, span: &Range<usize>, message: impl Into<String>, hint: impl Into<String>) {
+    fn warning(
+        &mut self,
+        span: &Range<usize>,
+        message: impl Into<String>,
+        hint: impl Into<String>,
+    ) {
         let d = Diagnostic::warning(self.at(span), message).hint(hint);
         self.diags.push(d);
     }
@@ -85,7 +91,19 @@ impl Compiler<'_> {
 
     fn toml_error(&mut self, e: &toml::de::Error, hint: &str) {
         let span = e.span().unwrap_or(0..0);
-        let message = e.message().trim().to_owned();
+        // serde speaks Rust; say it in TOML terms.
+        let mut message = e.message().trim().to_owned();
+        for (rust, toml) in [
+            ("expected i64", "expected a whole number"),
+            (
+                "expected a sequence",
+                "expected an array like [\"a\", \"b\"]",
+            ),
+            ("expected a string", "expected a string in quotes"),
+            ("expected struct", "expected a table, for"),
+        ] {
+            message = message.replace(rust, toml);
+        }
         self.error(&span, message, hint.to_owned());
     }
 
@@ -102,7 +120,13 @@ impl Compiler<'_> {
                 "audit" => raw.audit = self.one(value, "audit", &mut raw.broken),
                 "admin" => raw.admin = self.one(value, "admin", &mut raw.broken).map(|(t, _)| t),
                 "hub" => raw.hub = self.one(value, "hub", &mut raw.broken),
-                "zone" => raw.zones = self.many(value, "zone").into_iter().map(|(t, _)| t).collect(),
+                "zone" => {
+                    raw.zones = self
+                        .many(value, "zone")
+                        .into_iter()
+                        .map(|(t, _)| t)
+                        .collect()
+                }
                 "service" => raw.services = self.many(value, "service"),
                 "access" => raw.accesses = self.many(value, "access"),
                 "channel" => raw.channels = self.many(value, "channel"),
@@ -120,7 +144,11 @@ impl Compiler<'_> {
         raw
     }
 
-    fn de<T: DeserializeOwned>(&mut self, value: Spanned<DeValue<'_>>, section: &str) -> Option<(T, Range<usize>)> {
+    fn de<T: DeserializeOwned>(
+        &mut self,
+        value: Spanned<DeValue<'_>>,
+        section: &str,
+    ) -> Option<(T, Range<usize>)> {
         let span = value.span();
         match T::deserialize(ValueDeserializer::from(value)) {
             Ok(t) => Some((t, span)),
@@ -154,7 +182,11 @@ impl Compiler<'_> {
         out
     }
 
-    fn many<T: DeserializeOwned>(&mut self, value: Spanned<DeValue<'_>>, section: &str) -> Vec<(T, Range<usize>)> {
+    fn many<T: DeserializeOwned>(
+        &mut self,
+        value: Spanned<DeValue<'_>>,
+        section: &str,
+    ) -> Vec<(T, Range<usize>)> {
         let span = value.span();
         let DeValue::Array(items) = value.into_inner() else {
             self.error(
@@ -164,7 +196,11 @@ impl Compiler<'_> {
             );
             return Vec::new();
         };
-        items.iter().cloned().filter_map(|item| self.de(item, section)).collect()
+        items
+            .iter()
+            .cloned()
+            .filter_map(|item| self.de(item, section))
+            .collect()
     }
 
     // ---- step 2: check values and build the config ----
@@ -173,6 +209,7 @@ impl Compiler<'_> {
         let start = 0..0;
         // Without a usable [node], the rest is still checked: the role is guessed
         // from the sections present, and no config is built.
+        let mut raw = raw;
         let (id, role, state_dir, role_span) = match &raw.node {
             Some(node) => {
                 let id = self.device_id(&node.id, "node.id");
@@ -192,7 +229,10 @@ impl Compiler<'_> {
                 if !state_dir.is_absolute() {
                     self.error(
                         &node.state_dir.span(),
-                        format!("node.state_dir: {:?} is not an absolute path", node.state_dir.get_ref()),
+                        format!(
+                            "node.state_dir: {:?} is not an absolute path",
+                            node.state_dir.get_ref()
+                        ),
                         "write an absolute path, for example \"/var/lib/gatewayd\"",
                     );
                 }
@@ -200,9 +240,16 @@ impl Compiler<'_> {
             }
             None => {
                 if !raw.broken.contains("node") {
-                    self.error(&start, "the [node] section is missing", "add [node] with id, role and state_dir");
+                    self.error(
+                        &start,
+                        "the [node] section is missing",
+                        "add [node] with id, role and state_dir",
+                    );
                 }
-                let hubbish = raw.hub.is_some() || !raw.publishes.is_empty() || raw.broken.contains("hub");
+                let hubbish =
+                    raw.hub.is_some() || !raw.publishes.is_empty() || raw.broken.contains("hub");
+                // With the role unknown, a missing [uplink] or [hub] is not reported.
+                raw.broken.insert(if hubbish { "hub" } else { "uplink" });
                 (None, Some(!hubbish), None, None)
             }
         };
@@ -213,7 +260,10 @@ impl Compiler<'_> {
 
         let role = match role {
             Some(true) => {
-                for (present, name) in [(raw.hub.is_some(), "[hub]"), (!raw.publishes.is_empty(), "[[publish]]")] {
+                for (present, name) in [
+                    (raw.hub.is_some(), "[hub]"),
+                    (!raw.publishes.is_empty(), "[[publish]]"),
+                ] {
                     if present && role_span.is_some() {
                         self.error(
                             &mismatch_span,
@@ -222,8 +272,16 @@ impl Compiler<'_> {
                         );
                     }
                 }
-                self.edge(&zones, raw.uplink, raw.services, raw.accesses, raw.channels, raw.ingests, raw.broken.contains("uplink"))
-                    .map(Role::Edge)
+                self.edge(
+                    &zones,
+                    raw.uplink,
+                    raw.services,
+                    raw.accesses,
+                    raw.channels,
+                    raw.ingests,
+                    raw.broken.contains("uplink"),
+                )
+                .map(Role::Edge)
             }
             Some(false) => {
                 let edge_only = [
@@ -248,14 +306,18 @@ impl Compiler<'_> {
                             .hint("declare legacy zones on the department's edge; a hub lives on the provincial network"),
                     );
                 }
-                self.hub(&zones, raw.hub, raw.publishes, raw.broken.contains("hub")).map(Role::Hub)
+                self.hub(&zones, raw.hub, raw.publishes, raw.broken.contains("hub"))
+                    .map(Role::Hub)
             }
             None => None,
         };
         self.unique_listeners(&admin, role.as_ref());
 
         Some(Config {
-            node: Node { id: id?, state_dir: state_dir? },
+            node: Node {
+                id: id?,
+                state_dir: state_dir?,
+            },
             zones,
             role: role?,
             audit,
@@ -273,7 +335,12 @@ impl Compiler<'_> {
         }
     }
 
-    fn name(&mut self, s: &S, what: &str, seen: &mut HashMap<String, Range<usize>>) -> Option<String> {
+    fn name(
+        &mut self,
+        s: &S,
+        what: &str,
+        seen: &mut HashMap<String, Range<usize>>,
+    ) -> Option<String> {
         let key = format!("{what}.name");
         if let Err(e) = units::check_name(what, s.get_ref()) {
             self.value_error(&s.span(), &key, e);
@@ -283,7 +350,11 @@ impl Compiler<'_> {
             let first = self.at(first);
             self.error(
                 &s.span(),
-                format!("{key}: {what} {:?} is declared twice (first at line {})", s.get_ref(), first.line),
+                format!(
+                    "{key}: {what} {:?} is declared twice (first at line {})",
+                    s.get_ref(),
+                    first.line
+                ),
                 format!("give each {what} a unique name"),
             );
             return None;
@@ -296,7 +367,11 @@ impl Compiler<'_> {
         match s.get_ref().parse::<SocketAddr>() {
             Ok(a) if a.port() != 0 => Some(a),
             Ok(_) => {
-                self.error(&s.span(), format!("{key}: port 0 is not allowed"), "give a fixed port from 1 to 65535");
+                self.error(
+                    &s.span(),
+                    format!("{key}: port 0 is not allowed"),
+                    "give a fixed port from 1 to 65535",
+                );
                 None
             }
             Err(_) => {
@@ -330,11 +405,18 @@ impl Compiler<'_> {
             );
             return None;
         }
-        Some(FilePath { path, key, loc: self.at(&s.span()) })
+        Some(FilePath {
+            path,
+            key,
+            loc: self.at(&s.span()),
+        })
     }
 
     fn choice<T: Copy>(&mut self, s: &S, key: &str, options: &[(&str, T)]) -> Option<T> {
-        if let Some((_, v)) = options.iter().find(|(name, _)| *name == s.get_ref().as_str()) {
+        if let Some((_, v)) = options
+            .iter()
+            .find(|(name, _)| *name == s.get_ref().as_str())
+        {
             return Some(*v);
         }
         let names: Vec<String> = options.iter().map(|(n, _)| format!("{n:?}")).collect();
@@ -362,11 +444,17 @@ impl Compiler<'_> {
             if level.is_none() {
                 self.error(
                     &z.level.span(),
-                    format!("zone.level: {} is not a protection level", z.level.get_ref()),
+                    format!(
+                        "zone.level: {} is not a protection level",
+                        z.level.get_ref()
+                    ),
                     "GB/T 22239-2019 defines levels 1 to 4; write level = 1, 2, 3 or 4",
                 );
             }
-            let classified = match (kind, z.classified.as_ref().map(|c| (*c.get_ref(), c.span()))) {
+            let classified = match (
+                kind,
+                z.classified.as_ref().map(|c| (*c.get_ref(), c.span())),
+            ) {
                 (Some(ZoneKind::Legacy), Some((c, _))) => Some(c),
                 (Some(ZoneKind::Legacy), None) => {
                     self.error(
@@ -378,7 +466,11 @@ impl Compiler<'_> {
                 }
                 (Some(ZoneKind::Intranet), None | Some((true, _))) => Some(true),
                 (Some(ZoneKind::Intranet), Some((false, span))) => {
-                    self.error(&span, "zone.classified: the intranet is always classified", "remove `classified`, or write classified = true");
+                    self.error(
+                        &span,
+                        "zone.classified: the intranet is always classified",
+                        "remove `classified`, or write classified = true",
+                    );
                     None
                 }
                 (Some(k), None | Some((false, _))) => Some(k == ZoneKind::Intranet),
@@ -394,7 +486,11 @@ impl Compiler<'_> {
             };
             let mut networks = Vec::new();
             if z.networks.get_ref().is_empty() {
-                self.error(&z.networks.span(), "zone.networks is empty", "list the zone's address ranges, for example [\"10.20.0.0/16\"]");
+                self.error(
+                    &z.networks.span(),
+                    "zone.networks is empty",
+                    "list the zone's address ranges, for example [\"10.20.0.0/16\"]",
+                );
             }
             let mut net_ok = true;
             for n in z.networks.get_ref() {
@@ -403,6 +499,7 @@ impl Compiler<'_> {
                     None => net_ok = false,
                 }
             }
+            let assessment_span = z.assessment.as_ref().map(Spanned::span);
             let assessment = z.assessment.map(|a| {
                 let a = a.into_inner();
                 let date = self.date(&a.valid_until, "zone.assessment.valid_until");
@@ -417,13 +514,33 @@ impl Compiler<'_> {
                 Some((_, None, _)) => None,
                 None => Some(None),
             };
+            if let (Some(k), Some(Some(_)), Some(span)) = (kind, &assessment, &assessment_span) {
+                if k != ZoneKind::Legacy {
+                    self.warning(
+                        span,
+                        format!("zone.assessment: only legacy zones are bridged on an assessment; this {} zone's is ignored", k.as_str()),
+                        "remove the assessment from this zone",
+                    );
+                }
+            }
             let (Some(name), Some(kind), Some(level), Some(classified), Some(assessment), true) =
                 (name, kind, level, classified, assessment, net_ok)
             else {
                 continue;
             };
             let loc = self.at(&z.name.span());
-            zones.push((Zone { name, kind, classified, level, networks, assessment, loc }, z.networks.span()));
+            zones.push((
+                Zone {
+                    name,
+                    kind,
+                    classified,
+                    level,
+                    networks,
+                    assessment,
+                    loc,
+                },
+                z.networks.span(),
+            ));
         }
         // An address belongs to one zone at most.
         for (i, (a, _)) in zones.iter().enumerate() {
@@ -434,8 +551,9 @@ impl Compiler<'_> {
                             "zone.networks: {nb} of zone {:?} overlaps {na} of zone {:?}",
                             b.name, a.name
                         );
-                        let d = Diagnostic::error(self.at(span), msg)
-                            .hint("an address must belong to one zone only; split or correct the ranges");
+                        let d = Diagnostic::error(self.at(span), msg).hint(
+                            "an address must belong to one zone only; split or correct the ranges",
+                        );
                         self.diags.push(d);
                     }
                 }
@@ -451,7 +569,11 @@ impl Compiler<'_> {
             (Some(d), None) => {
                 let date = Date::new(i32::from(d.year), d.month, d.day);
                 if date.is_none() {
-                    self.error(&v.span(), format!("{key}: {dt} is not a calendar date"), hint);
+                    self.error(
+                        &v.span(),
+                        format!("{key}: {dt} is not a calendar date"),
+                        hint,
+                    );
                 }
                 date
             }
@@ -464,18 +586,34 @@ impl Compiler<'_> {
 
     fn audit(&mut self, raw: Option<(RawAudit, Range<usize>)>) -> Audit {
         let Some((a, span)) = raw else {
-            return Audit { retention_days: MIN_RETENTION_DAYS, loc: Location { line: 1, column: 1 } };
+            return Audit {
+                retention_days: MIN_RETENTION_DAYS,
+                loc: Location { line: 1, column: 1 },
+            };
         };
         match a.retention_days {
-            None => Audit { retention_days: MIN_RETENTION_DAYS, loc: self.at(&span) },
+            None => Audit {
+                retention_days: MIN_RETENTION_DAYS,
+                loc: self.at(&span),
+            },
             Some(d) => {
                 let loc = self.at(&d.span());
                 let days = u32::try_from(*d.get_ref()).ok().filter(|d| *d > 0);
                 if days.is_none() {
-                    self.error(&d.span(), format!("audit.retention_days: {} is not a number of days", d.get_ref()), "write a whole number of days, at least 180");
+                    self.error(
+                        &d.span(),
+                        format!(
+                            "audit.retention_days: {} is not a number of days",
+                            d.get_ref()
+                        ),
+                        "write a whole number of days, at least 180",
+                    );
                 }
                 // A bad value is reported above; the checker then sees the minimum.
-                Audit { retention_days: days.unwrap_or(MIN_RETENTION_DAYS), loc }
+                Audit {
+                    retention_days: days.unwrap_or(MIN_RETENTION_DAYS),
+                    loc,
+                }
             }
         }
     }
@@ -485,10 +623,18 @@ impl Compiler<'_> {
         let listen = raw
             .and_then(|a| a.listen)
             .map_or(Some(default), |l| self.socket(&l, "admin.listen"));
-        Admin { listen: listen.unwrap_or(default) }
+        Admin {
+            listen: listen.unwrap_or(default),
+        }
     }
 
-    fn zone_ref<'z>(&mut self, zones: &'z [Zone], s: &S, key: &str, must_be_legacy: bool) -> Option<&'z Zone> {
+    fn zone_ref<'z>(
+        &mut self,
+        zones: &'z [Zone],
+        s: &S,
+        key: &str,
+        must_be_legacy: bool,
+    ) -> Option<&'z Zone> {
         let Some(z) = zones.iter().find(|z| z.name == *s.get_ref()) else {
             let names: Vec<&str> = zones.iter().map(|z| z.name.as_str()).collect();
             let hint = match closest(s.get_ref(), names.iter().copied()) {
@@ -496,13 +642,17 @@ impl Compiler<'_> {
                 None if names.is_empty() => "declare the zone with [[zone]]".to_owned(),
                 None => format!("declared zones: {}", names.join(", ")),
             };
-            self.error(&s.span(), format!("{key}: no zone named {:?}", s.get_ref()), hint);
+            self.error(
+                &s.span(),
+                format!("{key}: no zone named {:?}", s.get_ref()),
+                hint,
+            );
             return None;
         };
         if must_be_legacy && z.kind != ZoneKind::Legacy {
             self.error(
                 &s.span(),
-                format!("{key}: zone {:?} is a {} zone, not a legacy zone", z.name, z.kind.as_str()),
+                format!("{key}: zone {:?} is of kind {}, not a legacy zone", z.name, z.kind.as_str()),
                 "services, accesses, channels and ingest listeners live in the department's legacy zone",
             );
             return None;
@@ -515,26 +665,58 @@ impl Compiler<'_> {
             let (message, hint) = if a.ip().is_unspecified() {
                 (
                     format!("{key}: {a} listens on every interface"),
-                    format!("bind to an address of zone {:?} ({}) so nothing listens on the other side of the boundary", z.name, nets(z)),
+                    format!(
+                        "bind to an address of zone {:?} ({}) so nothing listens on the other side of the boundary",
+                        z.name,
+                        nets(z)
+                    ),
                 )
             } else if !z.contains(a.ip()) {
-                (format!("{key}: {} is not in zone {:?}", a.ip(), z.name), format!("use an address inside the zone's networks ({})", nets(z)))
+                (
+                    format!("{key}: {} is not in zone {:?}", a.ip(), z.name),
+                    format!("use an address inside the zone's networks ({})", nets(z)),
+                )
             } else {
                 return;
             };
-            let d = Diagnostic::error(self.at(&s.span()), message).hint(hint).rule(crate::policy::RuleId::Address);
+            let d = Diagnostic::error(self.at(&s.span()), message)
+                .hint(hint)
+                .rule(crate::policy::RuleId::Address);
             self.diags.push(d);
         }
     }
 
     fn remote(&mut self, s: &S, key: &str, what: &str) -> Option<(String, String)> {
-        let hint = format!("write DEVICE/{}, for example \"jl-gat-0007/{}\"", what.to_uppercase(), if what == "service" { "population-db" } else { "monthly-report" });
+        let hint = format!(
+            "write DEVICE/{}, for example \"jl-gat-0007/{}\"",
+            what.to_uppercase(),
+            if what == "service" {
+                "population-db"
+            } else {
+                "monthly-report"
+            }
+        );
         let Some((device, name)) = s.get_ref().split_once('/') else {
-            self.error(&s.span(), format!("{key}: {:?} does not name a device and a {what}", s.get_ref()), hint);
+            self.error(
+                &s.span(),
+                format!(
+                    "{key}: {:?} does not name a device and a {what}",
+                    s.get_ref()
+                ),
+                hint,
+            );
             return None;
         };
         if units::check_name("device", device).is_err() || units::check_name(what, name).is_err() {
-            self.error(&s.span(), format!("{key}: {:?} is not a valid DEVICE/{}", s.get_ref(), what.to_uppercase()), hint);
+            self.error(
+                &s.span(),
+                format!(
+                    "{key}: {:?} is not a valid DEVICE/{}",
+                    s.get_ref(),
+                    what.to_uppercase()
+                ),
+                hint,
+            );
             return None;
         }
         Some((device.to_owned(), name.to_owned()))
@@ -554,19 +736,31 @@ impl Compiler<'_> {
         let uplink = match uplink {
             None => {
                 if !uplink_broken {
-                    self.error(&(0..0), "an edge needs an [uplink] section", "add [uplink] with hubs, ca, cert and key");
+                    self.error(
+                        &(0..0),
+                        "an edge needs an [uplink] section",
+                        "add [uplink] with hubs, ca, cert and key",
+                    );
                 }
                 None
             }
             Some((u, _)) => {
                 let mut hubs = Vec::new();
                 if u.hubs.get_ref().is_empty() {
-                    self.error(&u.hubs.span(), "uplink.hubs is empty", "list at least one hub, for example [\"hub1.example.gov:7443\"]");
+                    self.error(
+                        &u.hubs.span(),
+                        "uplink.hubs is empty",
+                        "list at least one hub, for example [\"hub1.example.gov:7443\"]",
+                    );
                 }
                 for h in u.hubs.get_ref() {
                     if let Some(hp) = self.parsed::<HostPort>(h, "uplink.hubs") {
                         if hubs.contains(&hp) {
-                            self.error(&h.span(), format!("uplink.hubs: {hp} is listed twice"), "list each hub once");
+                            self.error(
+                                &h.span(),
+                                format!("uplink.hubs: {hp} is listed twice"),
+                                "list each hub once",
+                            );
                         } else {
                             hubs.push(hp);
                         }
@@ -576,7 +770,12 @@ impl Compiler<'_> {
                 let cert = self.file(&u.cert, "uplink.cert");
                 let key = self.file(&u.key, "uplink.key");
                 match (ca, cert, key) {
-                    (Some(ca), Some(cert), Some(key)) => Some(Uplink { hubs, ca, cert, key }),
+                    (Some(ca), Some(cert), Some(key)) => Some(Uplink {
+                        hubs,
+                        ca,
+                        cert,
+                        key,
+                    }),
                     _ => None,
                 }
             }
@@ -589,27 +788,56 @@ impl Compiler<'_> {
             let zone = self.zone_ref(zones, &s.zone, "service.zone", true);
             let protocol = match &s.protocol {
                 None => Some(Protocol::Tcp),
-                Some(p) => self.choice(p, "service.protocol", &[("tcp", Protocol::Tcp), ("udp", Protocol::Udp)]),
+                Some(p) => self.choice(
+                    p,
+                    "service.protocol",
+                    &[("tcp", Protocol::Tcp), ("udp", Protocol::Udp)],
+                ),
             };
             let target = self.socket(&s.target, "service.target");
             if let (Some(z), Some(t)) = (zone, target) {
                 if !z.contains(t.ip()) {
-                    let d = Diagnostic::error(self.at(&s.target.span()), format!("service.target: {} is not in zone {:?}", t.ip(), z.name))
-                        .hint(format!("a published service lives inside its legacy zone ({})", nets(z)))
-                        .rule(crate::policy::RuleId::Address);
+                    let d = Diagnostic::error(
+                        self.at(&s.target.span()),
+                        format!("service.target: {} is not in zone {:?}", t.ip(), z.name),
+                    )
+                    .hint(format!(
+                        "a published service lives inside its legacy zone ({})",
+                        nets(z)
+                    ))
+                    .rule(crate::policy::RuleId::Address);
                     self.diags.push(d);
                 }
             }
             let app_protocol = match &s.app_protocol {
                 None => Some(None),
-                Some(a) => self.choice(a, "service.app_protocol", &[("http", AppProtocol::Http), ("tls", AppProtocol::Tls)]).map(Some),
+                Some(a) => self
+                    .choice(
+                        a,
+                        "service.app_protocol",
+                        &[("http", AppProtocol::Http), ("tls", AppProtocol::Tls)],
+                    )
+                    .map(Some),
             };
-            if let (Some(Some(AppProtocol::Http | AppProtocol::Tls)), Some(Protocol::Udp), Some(a)) = (app_protocol, protocol, &s.app_protocol) {
-                self.error(&a.span(), "service.app_protocol: http and tls run over TCP, but this service is udp", "set protocol = \"tcp\", or remove app_protocol");
+            if let (
+                Some(Some(AppProtocol::Http | AppProtocol::Tls)),
+                Some(Protocol::Udp),
+                Some(a),
+            ) = (app_protocol, protocol, &s.app_protocol)
+            {
+                self.error(
+                    &a.span(),
+                    "service.app_protocol: http and tls run over TCP, but this service is udp",
+                    "set protocol = \"tcp\", or remove app_protocol",
+                );
             }
             let mut allow = Vec::new();
             if s.allow.get_ref().is_empty() {
-                self.warning(&s.allow.span(), "service.allow is empty: nobody can reach this service", "list the zones or device ids that may reach it");
+                self.warning(
+                    &s.allow.span(),
+                    "service.allow is empty: nobody can reach this service",
+                    "list the zones or device ids that may reach it",
+                );
             }
             for a in s.allow.get_ref() {
                 let entry = a.get_ref();
@@ -625,12 +853,26 @@ impl Compiler<'_> {
                     }
                     allow.push(Peer::Device(entry.clone()));
                 } else {
-                    self.error(&a.span(), format!("service.allow: {entry:?} is neither a zone nor a device id"), "list zone names or device ids");
+                    self.error(
+                        &a.span(),
+                        format!("service.allow: {entry:?} is neither a zone nor a device id"),
+                        "list zone names or device ids",
+                    );
                 }
             }
-            if let (Some(name), Some(z), Some(protocol), Some(target), Some(app_protocol)) = (name, zone, protocol, target, app_protocol) {
+            if let (Some(name), Some(z), Some(protocol), Some(target), Some(app_protocol)) =
+                (name, zone, protocol, target, app_protocol)
+            {
                 let loc = self.at(&s.name.span());
-                services.push(Service { name, zone: z.name.clone(), protocol, target, app_protocol, allow, loc });
+                services.push(Service {
+                    name,
+                    zone: z.name.clone(),
+                    protocol,
+                    target,
+                    app_protocol,
+                    allow,
+                    loc,
+                });
             }
         }
 
@@ -642,7 +884,13 @@ impl Compiler<'_> {
             let remote = self.remote(&a.service, "access.service", "service");
             if let (Some(z), Some(listen), Some((device, service))) = (zone, listen, remote) {
                 let loc = self.at(&a.listen.span());
-                accesses.push(Access { listen, zone: z.name.clone(), device, service, loc });
+                accesses.push(Access {
+                    listen,
+                    zone: z.name.clone(),
+                    device,
+                    service,
+                    loc,
+                });
             }
         }
 
@@ -661,7 +909,11 @@ impl Compiler<'_> {
             self.inside(zone, listen, &i.listen, "ingest.listen");
             if let (Some(z), Some(listen)) = (zone, listen) {
                 let loc = self.at(&i.listen.span());
-                ingests.push(Ingest { zone: z.name.clone(), listen, loc });
+                ingests.push(Ingest {
+                    zone: z.name.clone(),
+                    listen,
+                    loc,
+                });
             }
         }
         for ch in &channels {
@@ -672,10 +924,21 @@ impl Compiler<'_> {
                 );
             }
         }
-        Some(Edge { uplink: uplink?, services, accesses, channels, ingests })
+        Some(Edge {
+            uplink: uplink?,
+            services,
+            accesses,
+            channels,
+            ingests,
+        })
     }
 
-    fn channel(&mut self, zones: &[Zone], c: RawChannel, seen: &mut HashMap<String, Range<usize>>) -> Option<Channel> {
+    fn channel(
+        &mut self,
+        zones: &[Zone],
+        c: RawChannel,
+        seen: &mut HashMap<String, Range<usize>>,
+    ) -> Option<Channel> {
         let name = self.name(&c.name, "channel", seen);
         let zone = self.zone_ref(zones, &c.zone, "channel.zone", true);
         let priority = match &c.priority {
@@ -683,7 +946,11 @@ impl Compiler<'_> {
             Some(p) => {
                 let v = u8::try_from(*p.get_ref()).ok().filter(|p| *p <= 9);
                 if v.is_none() {
-                    self.error(&p.span(), format!("channel.priority: {} is out of range", p.get_ref()), "write a priority from 0 (most urgent) to 9");
+                    self.error(
+                        &p.span(),
+                        format!("channel.priority: {} is out of range", p.get_ref()),
+                        "write a priority from 0 (most urgent) to 9",
+                    );
                 }
                 v
             }
@@ -707,7 +974,11 @@ impl Compiler<'_> {
             Some(w) => self.choice(
                 w,
                 "channel.when_full",
-                &[("reject", WhenFull::Reject), ("drop_oldest", WhenFull::DropOldest), ("block", WhenFull::Block)],
+                &[
+                    ("reject", WhenFull::Reject),
+                    ("drop_oldest", WhenFull::DropOldest),
+                    ("block", WhenFull::Block),
+                ],
             ),
         };
         let mut formats = Vec::new();
@@ -720,19 +991,31 @@ impl Compiler<'_> {
             for f in fs.get_ref() {
                 match Format::parse(f.get_ref()) {
                     Some(fmt) if !formats.contains(&fmt) => formats.push(fmt),
-                    Some(_) => self.warning(&f.span(), format!("channel.formats: {:?} is listed twice", f.get_ref()), "list each format once"),
+                    Some(_) => self.warning(
+                        &f.span(),
+                        format!("channel.formats: {:?} is listed twice", f.get_ref()),
+                        "list each format once",
+                    ),
                     None => {
                         formats_ok = false;
-                        self.error(&f.span(), format!("channel.formats: unknown format {:?}", f.get_ref()), "write json, xml, csv or text");
+                        self.error(
+                            &f.span(),
+                            format!("channel.formats: unknown format {:?}", f.get_ref()),
+                            "write json, xml, csv or text",
+                        );
                     }
                 }
             }
         }
         let max_record_bytes = match &c.max_record_bytes {
             None => Some(None),
-            Some(s) => self.parsed::<ByteSize>(s, "channel.max_record_bytes").map(Some),
+            Some(s) => self
+                .parsed::<ByteSize>(s, "channel.max_record_bytes")
+                .map(Some),
         };
-        if let (Some(Some(rec)), Some(total), Some(s)) = (max_record_bytes, max_bytes, &c.max_record_bytes) {
+        if let (Some(Some(rec)), Some(total), Some(s)) =
+            (max_record_bytes, max_bytes, &c.max_record_bytes)
+        {
             if rec > total {
                 self.error(&s.span(), format!("channel.max_record_bytes: {rec} is larger than max_bytes ({total})"), "a record must fit in the channel's buffer; lower max_record_bytes or raise max_bytes");
             }
@@ -746,10 +1029,40 @@ impl Compiler<'_> {
         };
         let one_way = c.one_way.is_some_and(|o| *o.get_ref());
         let loc = self.at(&c.name.span());
-        match (name, zone, priority, ttl, max_bytes, when_full, max_record_bytes, deliver_to, formats_ok) {
-            (Some(name), Some(z), Some(priority), Some(ttl), Some(max_bytes), Some(when_full), Some(max_record_bytes), Some(deliver_to), true) => {
-                Some(Channel { name, zone: z.name.clone(), priority, ttl, max_bytes, when_full, formats, max_record_bytes, deliver_to, one_way, loc })
-            }
+        match (
+            name,
+            zone,
+            priority,
+            ttl,
+            max_bytes,
+            when_full,
+            max_record_bytes,
+            deliver_to,
+            formats_ok,
+        ) {
+            (
+                Some(name),
+                Some(z),
+                Some(priority),
+                Some(ttl),
+                Some(max_bytes),
+                Some(when_full),
+                Some(max_record_bytes),
+                Some(deliver_to),
+                true,
+            ) => Some(Channel {
+                name,
+                zone: z.name.clone(),
+                priority,
+                ttl,
+                max_bytes,
+                when_full,
+                formats,
+                max_record_bytes,
+                deliver_to,
+                one_way,
+                loc,
+            }),
             _ => None,
         }
     }
@@ -763,7 +1076,11 @@ impl Compiler<'_> {
     ) -> Option<Hub> {
         let Some((h, _)) = raw else {
             if !hub_broken {
-                self.error(&(0..0), "a hub needs a [hub] section", "add [hub] with listen, api, ca_cert, ca_key, cert and key");
+                self.error(
+                    &(0..0),
+                    "a hub needs a [hub] section",
+                    "add [hub] with listen, api, ca_cert, ca_key, cert and key",
+                );
             }
             return None;
         };
@@ -771,8 +1088,15 @@ impl Compiler<'_> {
         let api = self.socket(&h.api, "hub.api");
         for (addr, s, key) in [(listen, &h.listen, "hub.listen"), (api, &h.api, "hub.api")] {
             if let Some(a) = addr {
-                if !a.ip().is_loopback() && !a.ip().is_unspecified() && !zones.iter().any(|z| z.contains(a.ip())) {
-                    self.error(&s.span(), format!("{key}: {} is in none of the declared zones", a.ip()), "bind to an address of the provincial zone the hub serves");
+                if !a.ip().is_loopback()
+                    && !a.ip().is_unspecified()
+                    && !zones.iter().any(|z| z.contains(a.ip()))
+                {
+                    self.error(
+                        &s.span(),
+                        format!("{key}: {} is in none of the declared zones", a.ip()),
+                        "bind to an address of the provincial zone the hub serves",
+                    );
                 }
             }
         }
@@ -800,40 +1124,76 @@ impl Compiler<'_> {
             if let Some(r) = &remote {
                 if let Some(first) = seen.get(r) {
                     let line = self.at(first).line;
-                    self.warning(&p.service.span(), format!("publish.service: {}/{} is published twice (first at line {line})", r.0, r.1), "one listener per service is usually enough");
+                    self.warning(
+                        &p.service.span(),
+                        format!(
+                            "publish.service: {}/{} is published twice (first at line {line})",
+                            r.0, r.1
+                        ),
+                        "one listener per service is usually enough",
+                    );
                 } else {
                     seen.insert(r.clone(), p.service.span());
                 }
             }
             if let (Some((device, service)), Some(z), Some(listen)) = (remote, zone, listen) {
                 let loc = self.at(&p.service.span());
-                publishes.push(Publish { device, service, zone: z.name.clone(), listen, loc });
+                publishes.push(Publish {
+                    device,
+                    service,
+                    zone: z.name.clone(),
+                    listen,
+                    loc,
+                });
             }
         }
         Some(Hub {
-            settings: HubSettings { listen: listen?, api: api?, ca_cert: ca_cert?, ca_key: ca_key?, cert: cert?, key: key?, cert_lifetime: cert_lifetime? },
+            settings: HubSettings {
+                listen: listen?,
+                api: api?,
+                ca_cert: ca_cert?,
+                ca_key: ca_key?,
+                cert: cert?,
+                key: key?,
+                cert_lifetime: cert_lifetime?,
+            },
             publishes,
         })
     }
 
     /// Two listeners on one address cannot both bind.
     fn unique_listeners(&mut self, admin: &Admin, role: Option<&Role>) {
-        let mut all: Vec<(SocketAddr, Location, &str)> = vec![(admin.listen, Location { line: 1, column: 1 }, "admin.listen")];
+        let mut all: Vec<(SocketAddr, Location, &str)> = vec![(
+            admin.listen,
+            Location { line: 1, column: 1 },
+            "admin.listen",
+        )];
         match role {
             Some(Role::Edge(e)) => {
-                all.extend(e.accesses.iter().map(|a| (a.listen, a.loc, "access.listen")));
+                all.extend(
+                    e.accesses
+                        .iter()
+                        .map(|a| (a.listen, a.loc, "access.listen")),
+                );
                 all.extend(e.ingests.iter().map(|i| (i.listen, i.loc, "ingest.listen")));
             }
             Some(Role::Hub(h)) => {
-                all.extend(h.publishes.iter().map(|p| (p.listen, p.loc, "publish.listen")));
+                all.extend(
+                    h.publishes
+                        .iter()
+                        .map(|p| (p.listen, p.loc, "publish.listen")),
+                );
                 all.push((h.settings.api, Location { line: 1, column: 1 }, "hub.api"));
             }
             None => {}
         }
         for (i, (addr, _, _)) in all.iter().enumerate() {
             if let Some((_, loc, key)) = all[i + 1..].iter().find(|(b, _, _)| b == addr) {
-                let d = Diagnostic::error(*loc, format!("{key}: {addr} is already used by another listener"))
-                    .hint("give each listener its own address and port");
+                let d = Diagnostic::error(
+                    *loc,
+                    format!("{key}: {addr} is already used by another listener"),
+                )
+                .hint("give each listener its own address and port");
                 self.diags.push(d);
             }
         }
@@ -841,7 +1201,11 @@ impl Compiler<'_> {
 }
 
 fn nets(z: &Zone) -> String {
-    z.networks.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+    z.networks
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The candidate within edit distance 2 of `word`, if any.

@@ -72,7 +72,12 @@ impl Config {
     pub fn runtime_paths(&self) -> Vec<&FilePath> {
         match &self.role {
             Role::Edge(e) => vec![&e.uplink.ca, &e.uplink.cert, &e.uplink.key],
-            Role::Hub(h) => vec![&h.settings.ca_cert, &h.settings.ca_key, &h.settings.cert, &h.settings.key],
+            Role::Hub(h) => vec![
+                &h.settings.ca_cert,
+                &h.settings.ca_key,
+                &h.settings.cert,
+                &h.settings.key,
+            ],
         }
     }
 }
@@ -163,7 +168,10 @@ pub struct Level(u8);
 impl Level {
     /// The level, if it is 1 to 4.
     pub fn new(level: i64) -> Option<Self> {
-        u8::try_from(level).ok().filter(|l| (1..=4).contains(l)).map(Level)
+        u8::try_from(level)
+            .ok()
+            .filter(|l| (1..=4).contains(l))
+            .map(Level)
     }
 
     /// 1 to 4.
@@ -465,6 +473,9 @@ pub struct Checked {
     pub config: Option<Config>,
     /// Errors and warnings, sorted by position.
     pub diagnostics: Vec<Diagnostic>,
+    /// Whether the boundary rules were applied: they need a config without
+    /// errors in its values and references.
+    pub rules_checked: bool,
 }
 
 impl Checked {
@@ -478,11 +489,16 @@ impl Checked {
 /// rules included, as of `today` (assessment validity).
 pub fn load(src: &str, today: Date) -> Checked {
     let (config, mut diagnostics) = compile::compile(src);
+    let rules_checked = config.is_some();
     let config = config.and_then(|config| {
         diagnostics.extend(crate::policy::check_config(&config, today));
         let ok = !diagnostics.iter().any(Diagnostic::is_error);
         ok.then_some(config)
     });
     crate::diag::sort(&mut diagnostics);
-    Checked { config, diagnostics }
+    Checked {
+        config,
+        diagnostics,
+        rules_checked,
+    }
 }

@@ -34,7 +34,9 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Some(other) => {
-            eprintln!("gatewayctl: `{other}` is not available yet: gatewayctl needs the hub API, which is not built yet");
+            eprintln!(
+                "gatewayctl: `{other}` is not available yet: gatewayctl needs the hub API, which is not built yet"
+            );
             eprint!("{PLAN}");
             ExitCode::from(2)
         }

@@ -75,15 +75,36 @@ pub fn run(cmd: &AuditCommand) -> u8 {
             let (code, report) = match &result {
                 Ok(v) => (
                     exit::OK,
-                    VerifyReport { intact: true, records: Some(v.count), pruned: Some(v.pruned), head_seq: Some(v.head_seq), broken_at: None, reason: None },
+                    VerifyReport {
+                        intact: true,
+                        records: Some(v.count),
+                        pruned: Some(v.pruned),
+                        head_seq: Some(v.head_seq),
+                        broken_at: None,
+                        reason: None,
+                    },
                 ),
-                Err(e @ (VerifyError::Broken(_) | VerifyError::Unreadable { .. } | VerifyError::Meta)) => {
+                Err(
+                    e @ (VerifyError::Broken(_)
+                    | VerifyError::Unreadable { .. }
+                    | VerifyError::Meta),
+                ) => {
                     let at = match e {
                         VerifyError::Broken(b) => Some(b.seq()),
                         VerifyError::Unreadable { seq, .. } => u64::try_from(*seq).ok(),
                         _ => None,
                     };
-                    (exit::FAILED, VerifyReport { intact: false, records: None, pruned: None, head_seq: None, broken_at: at, reason: Some(e.to_string()) })
+                    (
+                        exit::FAILED,
+                        VerifyReport {
+                            intact: false,
+                            records: None,
+                            pruned: None,
+                            head_seq: None,
+                            broken_at: at,
+                            reason: Some(e.to_string()),
+                        },
+                    )
                 }
                 Err(e) => {
                     eprintln!("error: cannot read the audit chain: {e}");
@@ -91,18 +112,33 @@ pub fn run(cmd: &AuditCommand) -> u8 {
                 }
             };
             match format {
-                OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default()),
+                OutputFormat::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).unwrap_or_default()
+                ),
                 OutputFormat::Text => match &result {
                     Ok(v) => {
-                        let pruned = if v.pruned > 0 { format!(" ({} older records pruned by retention)", v.pruned) } else { String::new() };
-                        println!("audit chain intact: {} records{pruned}, head at record {}", v.count, v.head_seq);
+                        let pruned = if v.pruned > 0 {
+                            format!(" ({} older records pruned by retention)", v.pruned)
+                        } else {
+                            String::new()
+                        };
+                        println!(
+                            "audit chain intact: {} records{pruned}, head at record {}",
+                            v.count, v.head_seq
+                        );
                     }
                     Err(e) => eprintln!("audit chain BROKEN: {e}"),
                 },
             }
             code
         }
-        AuditCommand::Show { state_dir, format, from, limit } => {
+        AuditCommand::Show {
+            state_dir,
+            format,
+            from,
+            limit,
+        } => {
             let log = match open(state_dir) {
                 Ok(l) => l,
                 Err(code) => return code,
@@ -111,16 +147,26 @@ pub fn run(cmd: &AuditCommand) -> u8 {
                 Ok(r) => r,
                 Err(e) => {
                     eprintln!("error: {e}");
-                    eprintln!("  hint: run `gatewayd audit verify --state-dir {}`", state_dir.display());
+                    eprintln!(
+                        "  hint: run `gatewayd audit verify --state-dir {}`",
+                        state_dir.display()
+                    );
                     return exit::FAILED;
                 }
             };
             match format {
-                OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&records).unwrap_or_default()),
+                OutputFormat::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&records).unwrap_or_default()
+                ),
                 OutputFormat::Text => {
                     for r in &records {
                         let e = &r.event;
-                        let rule = if e.rule.is_empty() { String::new() } else { format!(" [{}]", e.rule) };
+                        let rule = if e.rule.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" [{}]", e.rule)
+                        };
                         println!(
                             "{:>6} {} {} {} {} -> {} {}{rule} {}",
                             r.seq,
@@ -147,6 +193,11 @@ pub fn run(cmd: &AuditCommand) -> u8 {
 fn format_time(ms: i64) -> String {
     let date = gateway_core::units::Date::from_unix_ms(ms);
     let in_day = ms.rem_euclid(86_400_000);
-    let (h, m, s, milli) = (in_day / 3_600_000, in_day / 60_000 % 60, in_day / 1000 % 60, in_day % 1000);
+    let (h, m, s, milli) = (
+        in_day / 3_600_000,
+        in_day / 60_000 % 60,
+        in_day / 1000 % 60,
+        in_day % 1000,
+    );
     format!("{date}T{h:02}:{m:02}:{s:02}.{milli:03}Z")
 }

@@ -47,6 +47,7 @@ struct JsonReport<'a> {
     file: &'a str,
     checked_for: Date,
     valid: bool,
+    boundary_rules_checked: bool,
     errors: Vec<JsonDiagnostic<'a>>,
     warnings: Vec<JsonDiagnostic<'a>>,
     summary: Option<Summary>,
@@ -82,7 +83,9 @@ pub fn run(args: &CheckArgs) -> u8 {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: cannot read {file}: {e}");
-            eprintln!("  hint: give the path of a gatewayd TOML config, for example --config /etc/gatewayd/gatewayd.toml");
+            eprintln!(
+                "  hint: give the path of a gatewayd TOML config, for example --config /etc/gatewayd/gatewayd.toml"
+            );
             return exit::NO_INPUT;
         }
     };
@@ -92,13 +95,13 @@ pub fn run(args: &CheckArgs) -> u8 {
         OutputFormat::Json => {
             fn json<'a>(file: &'a str, d: &'a Diagnostic) -> JsonDiagnostic<'a> {
                 JsonDiagnostic {
-                severity: d.severity,
-                rule: d.rule.map(|r| r.as_str()),
-                file,
-                line: d.location.line,
-                column: d.location.column,
-                message: &d.message,
-                hint: d.hint.as_deref(),
+                    severity: d.severity,
+                    rule: d.rule.map(|r| r.as_str()),
+                    file,
+                    line: d.location.line,
+                    column: d.location.column,
+                    message: &d.message,
+                    hint: d.hint.as_deref(),
                 }
             }
             let report = JsonReport {
@@ -106,8 +109,19 @@ pub fn run(args: &CheckArgs) -> u8 {
                 file: &file,
                 checked_for: today,
                 valid,
-                errors: checked.diagnostics.iter().filter(|d| d.is_error()).map(|d| json(&file, d)).collect(),
-                warnings: checked.diagnostics.iter().filter(|d| !d.is_error()).map(|d| json(&file, d)).collect(),
+                boundary_rules_checked: checked.rules_checked,
+                errors: checked
+                    .diagnostics
+                    .iter()
+                    .filter(|d| d.is_error())
+                    .map(|d| json(&file, d))
+                    .collect(),
+                warnings: checked
+                    .diagnostics
+                    .iter()
+                    .filter(|d| !d.is_error())
+                    .map(|d| json(&file, d))
+                    .collect(),
                 summary,
             };
             match serde_json::to_string_pretty(&report) {
@@ -125,11 +139,26 @@ pub fn run(args: &CheckArgs) -> u8 {
             let errors = checked.diagnostics.iter().filter(|d| d.is_error()).count();
             let warnings = checked.diagnostics.len() - errors;
             if valid {
-                let s = summary.as_ref().map(Summary::render_text).unwrap_or_default();
-                println!("{file}: valid, checked for {today} ({warnings} warning{})\n", plural(warnings));
+                let s = summary
+                    .as_ref()
+                    .map(Summary::render_text)
+                    .unwrap_or_default();
+                println!(
+                    "{file}: valid, checked for {today} ({warnings} warning{})\n",
+                    plural(warnings)
+                );
                 print!("{s}");
             } else {
-                eprintln!("{file}: invalid: {errors} error{}, {warnings} warning{}", plural(errors), plural(warnings));
+                eprintln!(
+                    "{file}: invalid: {errors} error{}, {warnings} warning{}",
+                    plural(errors),
+                    plural(warnings)
+                );
+                if !checked.rules_checked {
+                    eprintln!(
+                        "note: the boundary rules (docs/policy.md) are checked once these errors are fixed"
+                    );
+                }
             }
         }
     }
