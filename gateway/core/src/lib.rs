@@ -6,14 +6,19 @@
 //!   faces: [`policy::check_config`] at config time and [`policy::Policy::decide`]
 //!   at run time.
 //! - [`audit`]: the canonical encoding and hash chaining of audit records.
+//! - [`wire`]: the tunnel's frames; [`sniff`]: application-protocol checks;
+//!   [`backoff`]: reconnect delays.
 //! - [`summary`]: what a checked configuration will bridge, for `gatewayd check`.
 //!
 //! Time always comes in as a parameter ([`units::Date`], Unix milliseconds).
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod backoff;
 pub mod config;
 pub mod diag;
 pub mod policy;
+pub mod sniff;
 pub mod summary;
 pub mod units;
+pub mod wire;

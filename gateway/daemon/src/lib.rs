@@ -3,5 +3,15 @@
 //! this crate does the I/O around them.
 #![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod audit_sink;
 pub mod cli;
+pub mod daemon;
+pub mod edge;
 pub mod exit;
+pub mod hub;
+pub mod metrics;
+pub mod node;
+pub mod pki;
+pub mod relay;
+pub mod tls;

@@ -860,8 +860,33 @@ impl Compiler<'_> {
                     );
                 }
             }
-            if let (Some(name), Some(z), Some(protocol), Some(target), Some(app_protocol)) =
-                (name, zone, protocol, target, app_protocol)
+            let max_connections = match &s.max_connections {
+                None => Some(None),
+                Some(m) => {
+                    let v = u32::try_from(*m.get_ref())
+                        .ok()
+                        .and_then(std::num::NonZeroU32::new);
+                    if v.is_none() {
+                        self.error(
+                            &m.span(),
+                            format!(
+                                "service.max_connections: {} is not a positive number",
+                                m.get_ref()
+                            ),
+                            "write a whole number above zero, or remove the key for no limit",
+                        );
+                    }
+                    v.map(Some)
+                }
+            };
+            if let (
+                Some(name),
+                Some(z),
+                Some(protocol),
+                Some(target),
+                Some(app_protocol),
+                Some(max_connections),
+            ) = (name, zone, protocol, target, app_protocol, max_connections)
             {
                 let loc = self.at(&s.name.span());
                 services.push(Service {
@@ -871,6 +896,7 @@ impl Compiler<'_> {
                     target,
                     app_protocol,
                     allow,
+                    max_connections,
                     loc,
                 });
             }

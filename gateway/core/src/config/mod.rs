@@ -292,6 +292,8 @@ pub struct Service {
     pub app_protocol: Option<AppProtocol>,
     /// Who may reach it; anything else is denied.
     pub allow: Vec<Peer>,
+    /// Most relayed connections at once; over it new ones are refused.
+    pub max_connections: Option<std::num::NonZeroU32>,
     /// Where it is declared.
     pub loc: Location,
 }

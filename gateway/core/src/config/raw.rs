@@ -62,6 +62,7 @@ pub struct RawService {
     pub target: S,
     pub app_protocol: Option<S>,
     pub allow: Spanned<Vec<S>>,
+    pub max_connections: Option<Spanned<i64>>,
 }
 
 /// `[[access]]`

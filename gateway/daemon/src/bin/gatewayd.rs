@@ -19,6 +19,11 @@ enum Command {
     /// Check a configuration file: every mistake with its line and column, and
     /// a summary of what will be bridged (exit 0 valid, 64 invalid).
     Check(cli::check::CheckArgs),
+    /// Run the daemon (edge or hub, as the config says). SIGTERM drains, SIGHUP reloads.
+    Run(cli::run::RunArgs),
+    /// Create a private CA and issue device and hub certificates (offline).
+    #[command(subcommand)]
+    Pki(cli::pki::PkiCommand),
     /// Inspect the tamper-evident audit chain.
     #[command(subcommand)]
     Audit(cli::audit::AuditCommand),
@@ -28,6 +33,8 @@ fn main() -> ExitCode {
     let args = Cli::parse();
     let code = match &args.command {
         Command::Check(a) => cli::check::run(a),
+        Command::Run(a) => cli::run::run(a),
+        Command::Pki(a) => cli::pki::run(a),
         Command::Audit(a) => cli::audit::run(a),
     };
     ExitCode::from(code)

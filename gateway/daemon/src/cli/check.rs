@@ -24,7 +24,7 @@ pub struct CheckArgs {
     /// Output format.
     #[arg(long, value_enum, default_value = "text")]
     pub format: OutputFormat,
-    /// Evaluate assessment validity on this date instead of today (UTC).
+    /// Evaluate assessment validity on this date instead of today (China Standard Time).
     #[arg(long, value_name = "YYYY-MM-DD", value_parser = super::parse_date)]
     pub at: Option<Date>,
 }
@@ -77,7 +77,7 @@ pub fn check_file(path: &Path, today: Date) -> std::io::Result<Checked> {
 
 /// Runs `gatewayd check`; returns the exit code.
 pub fn run(args: &CheckArgs) -> u8 {
-    let today = args.at.unwrap_or_else(super::today_utc);
+    let today = args.at.unwrap_or_else(super::today);
     let file = args.config.display().to_string();
     let checked = match check_file(&args.config, today) {
         Ok(c) => c,

@@ -2,8 +2,8 @@
 
 pub mod audit;
 pub mod check;
-
-use std::time::{SystemTime, UNIX_EPOCH};
+pub mod pki;
+pub mod run;
 
 use gateway_core::units::Date;
 
@@ -16,12 +16,9 @@ pub enum OutputFormat {
     Json,
 }
 
-/// Today's date in UTC, from the system clock.
-pub fn today_utc() -> Date {
-    let ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
-    Date::from_unix_ms(ms)
+/// Today's date in China Standard Time, in which assessment dates are written.
+pub fn today() -> Date {
+    crate::node::today_local()
 }
 
 /// Parses `--at YYYY-MM-DD` for clap.

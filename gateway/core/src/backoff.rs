@@ -1,0 +1,58 @@
+//! Reconnect backoff: capped, jittered exponential. Pure: the caller supplies the
+//! randomness, so tests are deterministic.
+
+use std::time::Duration;
+
+/// First delay.
+pub const BASE: Duration = Duration::from_millis(100);
+/// Largest delay: a hub that comes back is reached again within this (plus the handshake).
+pub const CAP: Duration = Duration::from_secs(2);
+
+/// Backoff state for one hub.
+#[derive(Debug, Clone, Default)]
+pub struct Backoff {
+    failures: u32,
+}
+
+impl Backoff {
+    /// The delay before the next attempt, after one more failure. `jitter` in
+    /// `[0, 1)` spreads the delay over its upper half ("equal jitter").
+    pub fn next_delay(&mut self, jitter: f64) -> Duration {
+        let exp = BASE.saturating_mul(1u32 << self.failures.min(16));
+        self.failures = self.failures.saturating_add(1);
+        let d = exp.min(CAP);
+        d / 2 + d.mul_f64(jitter.clamp(0.0, 1.0) / 2.0)
+    }
+
+    /// A connection succeeded: start again from [`BASE`].
+    pub fn reset(&mut self) {
+        self.failures = 0;
+    }
+
+    /// Failures since the last success.
+    pub fn failures(&self) -> u32 {
+        self.failures
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grows_then_caps_with_jitter_inside_bounds() {
+        let mut b = Backoff::default();
+        let delays: Vec<Duration> = (0..8).map(|_| b.next_delay(0.999)).collect();
+        assert!(delays[0] < Duration::from_millis(101));
+        assert!(delays.windows(2).all(|w| w[0] <= w[1]));
+        assert!(delays.iter().all(|d| *d <= CAP));
+        let mut b = Backoff::default();
+        for _ in 0..20 {
+            let d = b.next_delay(0.0);
+            assert!(d >= BASE / 2 && d <= CAP / 2 + Duration::from_millis(1));
+        }
+        b.reset();
+        assert_eq!(b.failures(), 0);
+        assert!(b.next_delay(0.0) <= BASE);
+    }
+}

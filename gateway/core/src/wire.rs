@@ -1,0 +1,486 @@
+//! The tunnel's wire protocol (version 1): frames on QUIC streams and datagrams.
+//! Pure encoding and decoding; see `docs/protocol.md` for the prose.
+//!
+//! Every QUIC bidirectional stream starts with one frame from the side that
+//! opened it and one answer frame; after an [`Frame::Opened`] answer the stream
+//! carries the relayed bytes. A frame is `len: u32` (big-endian, of what follows)
+//! then `type: u8` and the fields. Strings are `len: u16` + UTF-8; addresses are
+//! `family: u8 (4|6)`, the address bytes, then `port: u16`.
+//!
+//! Decoders never trust a length: a frame above [`MAX_FRAME`] or a field that
+//! runs past its frame is an error, never a panic or an allocation of that size.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+/// Protocol version spoken by this build.
+pub const VERSION: u16 = 1;
+
+/// ALPN of the tunnel.
+pub const ALPN: &[u8] = b"gw/1";
+
+/// Largest frame body accepted.
+pub const MAX_FRAME: usize = 16 * 1024;
+
+/// Why a stream was refused (`Refuse.code`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u16)]
+pub enum RefuseCode {
+    /// The peers speak different protocol versions.
+    Version = 1,
+    /// The boundary policy denied the crossing (`rule` names the rule).
+    Policy = 2,
+    /// No such service, or its device is not connected.
+    NoRoute = 3,
+    /// The target did not accept the connection.
+    Unreachable = 4,
+    /// A per-service limit was reached (`max_connections`).
+    Limit = 5,
+    /// The peer sent something this protocol does not allow.
+    Protocol = 6,
+    /// The node is shutting down.
+    ShuttingDown = 7,
+}
+
+impl RefuseCode {
+    /// The code for a number; unknown numbers read as [`RefuseCode::Protocol`].
+    pub fn from_u16(n: u16) -> Self {
+        match n {
+            1 => Self::Version,
+            2 => Self::Policy,
+            3 => Self::NoRoute,
+            4 => Self::Unreachable,
+            5 => Self::Limit,
+            7 => Self::ShuttingDown,
+            _ => Self::Protocol,
+        }
+    }
+}
+
+/// Who asks for a relay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// A client of a hub's publish listener (provincial network).
+    Provincial,
+    /// A legacy client of another edge's access listener; the hub fills in the
+    /// device id from that edge's certificate.
+    Device(String),
+    /// A legacy client of this edge's access listener (edge to hub only).
+    Local,
+}
+
+/// A frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    /// Edge to hub, first frame of the control stream.
+    Hello {
+        /// The edge's protocol version.
+        version: u16,
+    },
+    /// Hub to edge: the handshake succeeded.
+    Welcome {
+        /// The hub's protocol version.
+        version: u16,
+        /// The hub's node id.
+        hub: String,
+    },
+    /// Open a TCP relay to `service`.
+    Open {
+        /// Edge to hub: `DEVICE/SERVICE`; hub to edge: the service's name.
+        service: String,
+        /// Who asks.
+        origin: Origin,
+        /// The client's address, for policy and audit.
+        client: SocketAddr,
+    },
+    /// Open a UDP flow to `service`; datagrams then carry `flow`.
+    OpenUdp {
+        /// As in [`Frame::Open`].
+        service: String,
+        /// Who asks.
+        origin: Origin,
+        /// The client's address.
+        client: SocketAddr,
+        /// The flow id chosen by the opener, unique on its connection.
+        flow: u32,
+    },
+    /// The relay is open: relayed bytes follow.
+    Opened,
+    /// Refused; the stream ends.
+    Refuse {
+        /// Why.
+        code: RefuseCode,
+        /// The boundary rule, for [`RefuseCode::Policy`]; else empty.
+        rule: String,
+        /// For the log and the operator.
+        message: String,
+    },
+}
+
+/// Decoding failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// More bytes are needed (a stream reader keeps reading).
+    #[error("incomplete frame")]
+    Incomplete,
+    /// The frame announces more than [`MAX_FRAME`] bytes.
+    #[error("frame of {0} bytes exceeds the limit of {MAX_FRAME}")]
+    TooLarge(usize),
+    /// Unknown frame type.
+    #[error("unknown frame type {0:#04x}")]
+    UnknownType(u8),
+    /// A field is malformed.
+    #[error("malformed frame: {0}")]
+    Malformed(&'static str),
+}
+
+mod tag {
+    pub const HELLO: u8 = 0x01;
+    pub const WELCOME: u8 = 0x02;
+    pub const REFUSE: u8 = 0x03;
+    pub const OPEN: u8 = 0x10;
+    pub const OPENED: u8 = 0x11;
+    pub const OPEN_UDP: u8 = 0x12;
+}
+
+impl Frame {
+    /// Appends the encoded frame (length prefix included) to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let start = out.len();
+        out.extend_from_slice(&[0; 4]);
+        match self {
+            Frame::Hello { version } => {
+                out.push(tag::HELLO);
+                out.extend_from_slice(&version.to_be_bytes());
+            }
+            Frame::Welcome { version, hub } => {
+                out.push(tag::WELCOME);
+                out.extend_from_slice(&version.to_be_bytes());
+                put_str(out, hub);
+            }
+            Frame::Open {
+                service,
+                origin,
+                client,
+            } => {
+                out.push(tag::OPEN);
+                put_str(out, service);
+                put_origin(out, origin);
+                put_addr(out, client);
+            }
+            Frame::OpenUdp {
+                service,
+                origin,
+                client,
+                flow,
+            } => {
+                out.push(tag::OPEN_UDP);
+                put_str(out, service);
+                put_origin(out, origin);
+                put_addr(out, client);
+                out.extend_from_slice(&flow.to_be_bytes());
+            }
+            Frame::Opened => out.push(tag::OPENED),
+            Frame::Refuse {
+                code,
+                rule,
+                message,
+            } => {
+                out.push(tag::REFUSE);
+                out.extend_from_slice(&(*code as u16).to_be_bytes());
+                put_str(out, rule);
+                put_str(out, message);
+            }
+        }
+        let len = u32::try_from(out.len() - start - 4).unwrap_or(u32::MAX);
+        out[start..start + 4].copy_from_slice(&len.to_be_bytes());
+    }
+
+    /// The encoded frame.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut v = Vec::new();
+        self.encode(&mut v);
+        v
+    }
+
+    /// The body length announced by a 4-byte prefix.
+    ///
+    /// # Errors
+    /// [`DecodeError::TooLarge`] above [`MAX_FRAME`].
+    pub fn body_len(prefix: [u8; 4]) -> Result<usize, DecodeError> {
+        let n = u32::from_be_bytes(prefix) as usize;
+        if n > MAX_FRAME {
+            return Err(DecodeError::TooLarge(n));
+        }
+        if n == 0 {
+            return Err(DecodeError::Malformed("empty frame"));
+        }
+        Ok(n)
+    }
+
+    /// Decodes one frame from the front of `buf`; returns it and the bytes used.
+    ///
+    /// # Errors
+    /// [`DecodeError::Incomplete`] when `buf` holds less than a frame; other
+    /// variants when the bytes are not a valid frame.
+    pub fn decode(buf: &[u8]) -> Result<(Frame, usize), DecodeError> {
+        let prefix: [u8; 4] = buf
+            .get(..4)
+            .and_then(|b| b.try_into().ok())
+            .ok_or(DecodeError::Incomplete)?;
+        let n = Self::body_len(prefix)?;
+        let body = buf.get(4..4 + n).ok_or(DecodeError::Incomplete)?;
+        Ok((Self::decode_body(body)?, 4 + n))
+    }
+
+    /// Decodes a frame body (what follows the length prefix).
+    ///
+    /// # Errors
+    /// When the body is not exactly one valid frame.
+    pub fn decode_body(body: &[u8]) -> Result<Frame, DecodeError> {
+        let mut r = Reader { buf: body };
+        let frame = match r.u8()? {
+            tag::HELLO => Frame::Hello { version: r.u16()? },
+            tag::WELCOME => Frame::Welcome {
+                version: r.u16()?,
+                hub: r.str()?,
+            },
+            tag::OPEN => Frame::Open {
+                service: r.str()?,
+                origin: r.origin()?,
+                client: r.addr()?,
+            },
+            tag::OPEN_UDP => Frame::OpenUdp {
+                service: r.str()?,
+                origin: r.origin()?,
+                client: r.addr()?,
+                flow: r.u32()?,
+            },
+            tag::OPENED => Frame::Opened,
+            tag::REFUSE => Frame::Refuse {
+                code: RefuseCode::from_u16(r.u16()?),
+                rule: r.str()?,
+                message: r.str()?,
+            },
+            t => return Err(DecodeError::UnknownType(t)),
+        };
+        if !r.buf.is_empty() {
+            return Err(DecodeError::Malformed("trailing bytes"));
+        }
+        Ok(frame)
+    }
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    // Strings are bounded by MAX_FRAME; truncate at a char boundary rather than
+    // write a length that lies.
+    let mut end = s.len().min(MAX_FRAME / 2);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    let len = end as u16;
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(&s.as_bytes()[..end]);
+}
+
+fn put_origin(out: &mut Vec<u8>, o: &Origin) {
+    match o {
+        Origin::Provincial => out.push(1),
+        Origin::Device(d) => {
+            out.push(2);
+            put_str(out, d);
+        }
+        Origin::Local => out.push(3),
+    }
+}
+
+fn put_addr(out: &mut Vec<u8>, a: &SocketAddr) {
+    match a.ip() {
+        IpAddr::V4(ip) => {
+            out.push(4);
+            out.extend_from_slice(&ip.octets());
+        }
+        IpAddr::V6(ip) => {
+            out.push(6);
+            out.extend_from_slice(&ip.octets());
+        }
+    }
+    out.extend_from_slice(&a.port().to_be_bytes());
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        if self.buf.len() < n {
+            return Err(DecodeError::Malformed("field runs past the frame"));
+        }
+        let (head, rest) = self.buf.split_at(n);
+        self.buf = rest;
+        Ok(head)
+    }
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, DecodeError> {
+        let b = self.take(2)?;
+        Ok(u16::from_be_bytes([b[0], b[1]]))
+    }
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        let b = self.take(4)?;
+        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn str(&mut self) -> Result<String, DecodeError> {
+        let n = self.u16()? as usize;
+        let b = self.take(n)?;
+        String::from_utf8(b.to_vec()).map_err(|_| DecodeError::Malformed("string is not UTF-8"))
+    }
+    fn origin(&mut self) -> Result<Origin, DecodeError> {
+        match self.u8()? {
+            1 => Ok(Origin::Provincial),
+            2 => Ok(Origin::Device(self.str()?)),
+            3 => Ok(Origin::Local),
+            _ => Err(DecodeError::Malformed("unknown origin")),
+        }
+    }
+    fn addr(&mut self) -> Result<SocketAddr, DecodeError> {
+        let ip = match self.u8()? {
+            4 => {
+                let b: [u8; 4] = self
+                    .take(4)?
+                    .try_into()
+                    .map_err(|_| DecodeError::Malformed("ipv4"))?;
+                IpAddr::V4(Ipv4Addr::from(b))
+            }
+            6 => {
+                let b: [u8; 16] = self
+                    .take(16)?
+                    .try_into()
+                    .map_err(|_| DecodeError::Malformed("ipv6"))?;
+                IpAddr::V6(Ipv6Addr::from(b))
+            }
+            _ => return Err(DecodeError::Malformed("unknown address family")),
+        };
+        Ok(SocketAddr::new(ip, self.u16()?))
+    }
+}
+
+/// A UDP datagram in the tunnel: `flow: u32` then the payload.
+///
+/// # Errors
+/// When the datagram is shorter than its flow id.
+pub fn decode_datagram(d: &[u8]) -> Result<(u32, &[u8]), DecodeError> {
+    let head: [u8; 4] = d
+        .get(..4)
+        .and_then(|b| b.try_into().ok())
+        .ok_or(DecodeError::Malformed("datagram shorter than its flow id"))?;
+    Ok((u32::from_be_bytes(head), &d[4..]))
+}
+
+/// Encodes a tunnel datagram.
+pub fn encode_datagram(flow: u32, payload: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(4 + payload.len());
+    v.extend_from_slice(&flow.to_be_bytes());
+    v.extend_from_slice(payload);
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn origin() -> impl Strategy<Value = Origin> {
+        prop_oneof![
+            Just(Origin::Provincial),
+            Just(Origin::Local),
+            "[a-z0-9-]{1,20}".prop_map(Origin::Device)
+        ]
+    }
+
+    fn addr() -> impl Strategy<Value = SocketAddr> {
+        prop_oneof![
+            (any::<[u8; 4]>(), any::<u16>())
+                .prop_map(|(ip, p)| SocketAddr::new(IpAddr::from(ip), p)),
+            (any::<[u8; 16]>(), any::<u16>())
+                .prop_map(|(ip, p)| SocketAddr::new(IpAddr::from(ip), p)),
+        ]
+    }
+
+    fn frame() -> impl Strategy<Value = Frame> {
+        let code = prop_oneof![
+            Just(RefuseCode::Version),
+            Just(RefuseCode::Policy),
+            Just(RefuseCode::NoRoute),
+            Just(RefuseCode::Unreachable),
+            Just(RefuseCode::Limit),
+            Just(RefuseCode::Protocol),
+            Just(RefuseCode::ShuttingDown)
+        ];
+        prop_oneof![
+            any::<u16>().prop_map(|version| Frame::Hello { version }),
+            (any::<u16>(), ".{0,30}").prop_map(|(version, hub)| Frame::Welcome { version, hub }),
+            (".{0,40}", origin(), addr()).prop_map(|(service, origin, client)| Frame::Open {
+                service,
+                origin,
+                client
+            }),
+            (".{0,40}", origin(), addr(), any::<u32>()).prop_map(
+                |(service, origin, client, flow)| Frame::OpenUdp {
+                    service,
+                    origin,
+                    client,
+                    flow
+                }
+            ),
+            Just(Frame::Opened),
+            (code, ".{0,20}", ".{0,200}").prop_map(|(code, rule, message)| Frame::Refuse {
+                code,
+                rule,
+                message
+            }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn frames_round_trip(f in frame(), tail in prop::collection::vec(any::<u8>(), 0..8)) {
+            let mut bytes = f.to_bytes();
+            let len = bytes.len();
+            bytes.extend_from_slice(&tail);
+            prop_assert_eq!(Frame::decode(&bytes), Ok((f, len)));
+        }
+
+        #[test]
+        fn every_prefix_is_incomplete(f in frame()) {
+            let bytes = f.to_bytes();
+            for cut in 0..bytes.len() {
+                prop_assert_eq!(Frame::decode(&bytes[..cut]), Err(DecodeError::Incomplete));
+            }
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+            let _ = Frame::decode(&bytes);
+            let _ = Frame::decode_body(&bytes);
+            let _ = decode_datagram(&bytes);
+        }
+
+        #[test]
+        fn datagrams_round_trip(flow in any::<u32>(), payload in prop::collection::vec(any::<u8>(), 0..64)) {
+            let d = encode_datagram(flow, &payload);
+            prop_assert_eq!(decode_datagram(&d), Ok((flow, &payload[..])));
+        }
+    }
+
+    #[test]
+    fn oversized_frames_are_refused_before_reading() {
+        let mut b = vec![0xff, 0xff, 0xff, 0xff];
+        b.push(tag::OPENED);
+        assert_eq!(
+            Frame::decode(&b),
+            Err(DecodeError::TooLarge(u32::MAX as usize))
+        );
+    }
+}

@@ -1,0 +1,64 @@
+//! `gatewayd pki init|issue`: the offline identity path.
+
+use std::path::PathBuf;
+
+use crate::exit;
+use crate::pki;
+
+/// `gatewayd pki ...`
+#[derive(Debug, clap::Subcommand)]
+pub enum PkiCommand {
+    /// Create a private CA: DIR/ca.pem and DIR/ca.key (mode 0600).
+    Init {
+        /// Where to write the CA.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// The CA's common name.
+        #[arg(long, default_value = "gatewayd private CA")]
+        name: String,
+    },
+    /// Issue a certificate for a device or hub: DIR/ID.pem and DIR/ID.key (0600).
+    Issue {
+        /// The CA directory (from `pki init`).
+        #[arg(long, value_name = "DIR")]
+        ca: PathBuf,
+        /// The node id (node.id in its config); the certificate's first DNS name.
+        #[arg(long, value_name = "DEVICE_ID")]
+        id: String,
+        /// Extra names edges use to reach a hub (DNS names or IP addresses); repeat.
+        #[arg(long, value_name = "NAME")]
+        san: Vec<String>,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+        /// Where to write the certificate and key.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
+}
+
+/// Runs a pki subcommand; returns the exit code.
+pub fn run(cmd: &PkiCommand) -> u8 {
+    let result = match cmd {
+        PkiCommand::Init { out, name } => pki::init(out, name),
+        PkiCommand::Issue {
+            ca,
+            id,
+            san,
+            days,
+            out,
+        } => pki::issue(ca, id, san, *days, out),
+    };
+    match result {
+        Ok(files) => {
+            for f in files {
+                println!("wrote {}", f.display());
+            }
+            exit::OK
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            exit::FAILED
+        }
+    }
+}

@@ -1,0 +1,146 @@
+//! `gatewayd run --config FILE`: load, check, bind, serve; SIGTERM drains,
+//! a second SIGTERM forces, SIGHUP reloads.
+//!
+//! Exit codes: 0 after a clean drain, 64 invalid config (systemd's
+//! `RestartPreventExitStatus=64` stops a restart loop), 66 unreadable config,
+//! 77 a private key readable by others, 71 a listener or TLS failure.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{error, info, warn};
+
+use crate::daemon::{self, Bindings, StartError};
+use crate::exit;
+use crate::node::today_local;
+use crate::pki::PkiError;
+use crate::tls::TlsError;
+
+/// Arguments of `gatewayd run`.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// The configuration file.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: PathBuf,
+    /// How long relays may finish after SIGTERM before they are cut.
+    #[arg(long, default_value = "10s", value_parser = parse_grace)]
+    pub grace: Duration,
+}
+
+fn parse_grace(s: &str) -> Result<Duration, String> {
+    gateway_core::units::parse_duration(s).map_err(|e| format!("{e}; {}", e.hint))
+}
+
+/// Sets up logging: `RUST_LOG` or `info`, to stderr (journald keeps it).
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Loads and checks a config for running; logs what is wrong.
+fn load(path: &Path) -> Result<gateway_core::config::Config, u8> {
+    let file = path.display().to_string();
+    let checked = match super::check::check_file(path, today_local()) {
+        Ok(c) => c,
+        Err(e) => {
+            error!("Cannot read {file}: {e}");
+            return Err(exit::NO_INPUT);
+        }
+    };
+    for d in &checked.diagnostics {
+        if d.is_error() {
+            error!("{}", d.render(&file));
+        } else {
+            warn!("{}", d.render(&file));
+        }
+    }
+    checked.config.ok_or(exit::CONFIG)
+}
+
+/// Runs the daemon; returns the exit code.
+pub fn run(args: &RunArgs) -> u8 {
+    init_logging();
+    let config = match load(&args.config) {
+        Ok(c) => c,
+        Err(code) => {
+            if code == exit::CONFIG {
+                error!(
+                    "Configuration refused; nothing started. Run `gatewayd check --config {}` for details",
+                    args.config.display()
+                );
+            }
+            return code;
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!("Cannot start the runtime: {e}");
+            return exit::SOFTWARE;
+        }
+    };
+    rt.block_on(serve(args, config))
+}
+
+async fn serve(args: &RunArgs, config: gateway_core::config::Config) -> u8 {
+    let running = match daemon::start(config, Bindings::default()).await {
+        Ok(r) => r,
+        Err(e) => {
+            error!("Not started: {e}");
+            return match e {
+                StartError::Tls(TlsError::Key(PkiError::KeyPermissions { .. })) => exit::NO_PERM,
+                StartError::Tls(_)
+                | StartError::Bind { .. }
+                | StartError::StateDir { .. }
+                | StartError::Audit(_) => exit::OS_ERR,
+            };
+        }
+    };
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        error!("Cannot install signal handlers");
+        return exit::OS_ERR;
+    };
+    info!(admin = %running.admin_addr, "Running; SIGTERM drains, SIGHUP reloads");
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => {
+                info!(file = %args.config.display(), "SIGHUP: reloading");
+                match load(&args.config) {
+                    Ok(c) => if let Err(e) = running.reload(c) {
+                        error!("Reload refused, the old configuration stays in force: {e}");
+                    },
+                    Err(_) => error!("Reload refused: the new configuration has errors (above); the old one stays in force"),
+                }
+            }
+        }
+    }
+    // A second signal forces the exit.
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        warn!("Second signal: exiting without draining");
+        std::process::exit(i32::from(exit::FAILED));
+    });
+    running.drain(args.grace).await;
+    tokio::task::spawn_blocking(move || running.flush_audit())
+        .await
+        .ok();
+    info!("Stopped");
+    exit::OK
+}

@@ -1,0 +1,381 @@
+//! Starting, reloading and draining a node (edge or hub).
+//!
+//! Everything is loaded and bound before the node reports itself started; a
+//! config that fails its checks never binds anything. Listeners can be handed in
+//! pre-bound ([`Bindings`]), so tests bind port 0 and nothing races for ports.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use gateway_core::config::{Config, Role};
+use gateway_core::policy::Policy;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::admin::{self, Readiness};
+use crate::audit_sink::{AuditSink, AuditWriter};
+use crate::edge::{self, Hubs};
+use crate::hub::{self, Devices};
+use crate::node::Ctx;
+use crate::tls::{self, TlsError};
+
+/// Sockets bound by the caller, used instead of binding the config's addresses.
+#[derive(Default)]
+pub struct Bindings {
+    /// TCP listeners by the address the config names.
+    pub tcp: HashMap<SocketAddr, std::net::TcpListener>,
+    /// The hub's QUIC socket.
+    pub udp: Option<std::net::UdpSocket>,
+}
+
+impl Bindings {
+    fn tcp(&mut self, addr: SocketAddr) -> std::io::Result<TcpListener> {
+        let l = match self.tcp.remove(&addr) {
+            Some(l) => l,
+            None => std::net::TcpListener::bind(addr)?,
+        };
+        l.set_nonblocking(true)?;
+        TcpListener::from_std(l)
+    }
+}
+
+/// Starting failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// TLS material is missing, unreadable or too open.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The audit database could not be opened.
+    #[error("{0}")]
+    Audit(#[from] gateway_store::audit::OpenError),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The state directory could not be created.
+    #[error("state_dir {path}: {source}")]
+    StateDir {
+        /// The directory.
+        path: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// A running node.
+pub struct Running {
+    ctx: Arc<Ctx>,
+    endpoint: quinn::Endpoint,
+    listeners: Mutex<HashMap<SocketAddr, CancellationToken>>,
+    role: RoleState,
+    admin_stop: CancellationToken,
+    writer: Mutex<Option<AuditWriter>>,
+    /// Where the admin listener and the hub's QUIC socket are bound.
+    pub admin_addr: SocketAddr,
+    /// The hub's QUIC address (hubs only).
+    pub quic_addr: Option<SocketAddr>,
+}
+
+enum RoleState {
+    Edge(Arc<Hubs>),
+    Hub(Arc<Devices>),
+}
+
+impl Running {
+    /// The shared state (metrics, audit) of the node.
+    pub fn ctx(&self) -> &Arc<Ctx> {
+        &self.ctx
+    }
+
+    /// Whether an edge has at least one hub tunnel up (hubs: always).
+    pub fn ready(&self) -> bool {
+        match &self.role {
+            RoleState::Edge(h) => h.any_up(),
+            RoleState::Hub(_) => true,
+        }
+    }
+}
+
+fn bind_err(addr: SocketAddr) -> impl FnOnce(std::io::Error) -> StartError {
+    move |source| StartError::Bind { addr, source }
+}
+
+/// Starts a node for a checked `config`. Must run inside a tokio runtime.
+///
+/// # Errors
+/// When TLS material, the audit database or a listener cannot be set up; then
+/// nothing is left running.
+pub async fn start(config: Config, mut bindings: Bindings) -> Result<Running, StartError> {
+    std::fs::create_dir_all(&config.node.state_dir).map_err(|source| StartError::StateDir {
+        path: config.node.state_dir.display().to_string(),
+        source,
+    })?;
+    let (audit, writer) = AuditSink::start(&config.node.state_dir, &config.node.id)?;
+    let admin_listener = bindings
+        .tcp(config.admin.listen)
+        .map_err(bind_err(config.admin.listen))?;
+    let admin_addr = admin_listener
+        .local_addr()
+        .map_err(bind_err(config.admin.listen))?;
+    let id = config.node.id.clone();
+    let role = config.role.clone();
+    let ctx = Ctx::new(id.clone(), Policy::new(config), audit);
+    let admin_stop = CancellationToken::new();
+    let runtime = Arc::new(quinn::TokioRuntime);
+    let mut listeners = HashMap::new();
+    let (endpoint, state, quic_addr, readiness) = match role {
+        Role::Hub(h) => {
+            let server = tls::server(
+                &h.settings.ca_cert.path,
+                &h.settings.cert.path,
+                &h.settings.key.path,
+            )?;
+            let socket = match bindings.udp.take() {
+                Some(s) => s,
+                None => std::net::UdpSocket::bind(h.settings.listen)
+                    .map_err(bind_err(h.settings.listen))?,
+            };
+            let endpoint = quinn::Endpoint::new(
+                quinn::EndpointConfig::default(),
+                Some(server),
+                socket,
+                runtime,
+            )
+            .map_err(bind_err(h.settings.listen))?;
+            let quic_addr = endpoint.local_addr().ok();
+            let devices = Arc::new(Devices::default());
+            let mut bound = Vec::new();
+            for p in &h.publishes {
+                bound.push((
+                    p.clone(),
+                    bindings.tcp(p.listen).map_err(bind_err(p.listen))?,
+                ));
+            }
+            tokio::spawn(hub::accept_edges(
+                ctx.clone(),
+                devices.clone(),
+                endpoint.clone(),
+            ));
+            for (p, l) in bound {
+                let stop = CancellationToken::new();
+                listeners.insert(p.listen, stop.clone());
+                tokio::spawn(hub::publish_listener(
+                    ctx.clone(),
+                    devices.clone(),
+                    p.listen,
+                    l,
+                    stop,
+                ));
+            }
+            info!(node = %id, quic = ?quic_addr, publishes = h.publishes.len(), "Hub started");
+            (endpoint, RoleState::Hub(devices), quic_addr, Readiness::Hub)
+        }
+        Role::Edge(e) => {
+            let client = tls::client(&e.uplink.ca.path, &e.uplink.cert.path, &e.uplink.key.path)?;
+            let any: SocketAddr = ([0, 0, 0, 0], 0).into();
+            let socket = std::net::UdpSocket::bind(any).map_err(bind_err(any))?;
+            let endpoint =
+                quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
+                    .map_err(bind_err(any))?;
+            let hubs = Hubs::new(&e.uplink.hubs);
+            let mut bound = Vec::new();
+            for a in &e.accesses {
+                bound.push((
+                    a.clone(),
+                    bindings.tcp(a.listen).map_err(bind_err(a.listen))?,
+                ));
+            }
+            for (i, h) in e.uplink.hubs.iter().enumerate() {
+                tokio::spawn(edge::keep_tunnel(
+                    ctx.clone(),
+                    hubs.clone(),
+                    i,
+                    h.clone(),
+                    endpoint.clone(),
+                    client.clone(),
+                ));
+            }
+            for (a, l) in bound {
+                let stop = CancellationToken::new();
+                listeners.insert(a.listen, stop.clone());
+                tokio::spawn(edge::access_listener(
+                    ctx.clone(),
+                    hubs.clone(),
+                    a.listen,
+                    l,
+                    stop,
+                ));
+            }
+            info!(node = %id, hubs = e.uplink.hubs.len(), services = e.services.len(), accesses = e.accesses.len(), "Edge started");
+            (endpoint, RoleState::Edge(hubs), None, Readiness::Edge)
+        }
+    };
+    tokio::spawn(admin::serve(
+        admin_listener,
+        ctx.metrics.clone(),
+        readiness,
+        admin_stop.clone(),
+    ));
+    ctx.audit
+        .record(&id, "node", "node.start", "ok", "", String::new());
+    Ok(Running {
+        ctx,
+        endpoint,
+        listeners: Mutex::new(listeners),
+        role: state,
+        admin_stop,
+        writer: Mutex::new(Some(writer)),
+        admin_addr,
+        quic_addr,
+    })
+}
+
+/// Reloading kept the old configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The role or node id changed: that needs a restart.
+    #[error("{0} cannot change on reload; restart gatewayd")]
+    NeedsRestart(&'static str),
+    /// A new listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+impl Running {
+    /// Puts a new checked config in force: the policy is swapped, listeners of
+    /// removed publishes or accesses stop (with their relays), new ones start,
+    /// and everything unchanged stays up. Uplink and hub settings need a restart.
+    ///
+    /// # Errors
+    /// When the change needs a restart or a new listener cannot be bound; the old
+    /// configuration then stays in force.
+    pub fn reload(&self, config: Config) -> Result<(), ReloadError> {
+        let old = self.ctx.policy();
+        if old.config().node.id != config.node.id {
+            return Err(ReloadError::NeedsRestart("node.id"));
+        }
+        let wanted: Vec<SocketAddr> = match (&self.role, &config.role) {
+            (RoleState::Hub(_), Role::Hub(h)) => h.publishes.iter().map(|p| p.listen).collect(),
+            (RoleState::Edge(_), Role::Edge(e)) => e.accesses.iter().map(|a| a.listen).collect(),
+            _ => return Err(ReloadError::NeedsRestart("node.role")),
+        };
+        let mut listeners = self
+            .listeners
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Bind every new listener first, so that a failure changes nothing.
+        let mut fresh = Vec::new();
+        for addr in wanted.iter().filter(|a| !listeners.contains_key(a)) {
+            let bound = std::net::TcpListener::bind(addr)
+                .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                .and_then(TcpListener::from_std)
+                .map_err(|source| ReloadError::Bind {
+                    addr: *addr,
+                    source,
+                })?;
+            fresh.push((*addr, bound));
+        }
+        // Listeners look their publish or access up in the policy at each accept,
+        // so a changed entry on an unchanged address takes effect with the policy.
+        self.ctx.set_policy(Policy::new(config));
+        listeners.retain(|addr, stop| {
+            let keep = wanted.contains(addr);
+            if !keep {
+                stop.cancel();
+            }
+            keep
+        });
+        for (addr, listener) in fresh {
+            let stop = CancellationToken::new();
+            listeners.insert(addr, stop.clone());
+            match &self.role {
+                RoleState::Hub(devices) => {
+                    tokio::spawn(hub::publish_listener(
+                        self.ctx.clone(),
+                        devices.clone(),
+                        addr,
+                        listener,
+                        stop,
+                    ));
+                }
+                RoleState::Edge(hubs) => {
+                    tokio::spawn(edge::access_listener(
+                        self.ctx.clone(),
+                        hubs.clone(),
+                        addr,
+                        listener,
+                        stop,
+                    ));
+                }
+            }
+        }
+        self.ctx.audit.record(
+            &self.ctx.id,
+            "config",
+            "config.reload",
+            "ok",
+            "",
+            String::new(),
+        );
+        info!("Configuration reloaded");
+        Ok(())
+    }
+
+    /// Drains: stop accepting, let relays finish for up to `grace`, then cut
+    /// them, close the QUIC endpoint cleanly and flush the audit.
+    pub async fn drain(&self, grace: Duration) {
+        info!(grace_s = grace.as_secs(), "Draining");
+        self.ctx.draining.cancel();
+        for stop in self
+            .listeners
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+        {
+            stop.cancel();
+        }
+        self.ctx.tracker.close();
+        if tokio::time::timeout(grace, self.ctx.tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                open = self.ctx.tracker.len(),
+                "Grace period over; cutting the remaining relays"
+            );
+            self.ctx.kill.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(2), self.ctx.tracker.wait()).await;
+        }
+        self.ctx
+            .audit
+            .record(&self.ctx.id, "node", "node.stop", "ok", "", String::new());
+        self.endpoint.close(quinn::VarInt::from_u32(0), b"shutdown");
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        self.admin_stop.cancel();
+    }
+
+    /// Waits for every audit event to be written (after [`Running::drain`]).
+    pub fn flush_audit(self) {
+        let writer = self
+            .writer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        drop(self.ctx);
+        if let Some(w) = writer {
+            w.flush_and_stop();
+        }
+    }
+}

@@ -1,0 +1,612 @@
+//! The edge: keeps a tunnel to every hub, serves the hubs' requests for its
+//! published services, and relays its access listeners through a hub.
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use gateway_core::backoff::Backoff;
+use gateway_core::config::Access;
+use gateway_core::policy::{Crossing, Origin as PolicyOrigin};
+use gateway_core::sniff::{MAX_SNIFF, Sniff, sniff};
+use gateway_core::units::HostPort;
+use gateway_core::wire::{self, Frame, Origin, RefuseCode};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::node::{Ctx, today_local};
+use crate::relay::{self, read_frame, write_frame};
+
+/// Time allowed to connect to a legacy target.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The tunnels to the hubs, in order of preference.
+#[derive(Default)]
+pub struct Hubs(Mutex<Vec<(String, Option<quinn::Connection>)>>);
+
+impl Hubs {
+    /// One slot per hub.
+    pub fn new(hubs: &[HostPort]) -> Arc<Self> {
+        Arc::new(Hubs(Mutex::new(
+            hubs.iter().map(|h| (h.to_string(), None)).collect(),
+        )))
+    }
+    fn set(&self, i: usize, c: Option<quinn::Connection>) {
+        if let Some(slot) = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get_mut(i)
+        {
+            slot.1 = c;
+        }
+    }
+    /// The first hub with a live tunnel.
+    pub fn any(&self) -> Option<quinn::Connection> {
+        let v = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        v.iter()
+            .filter_map(|(_, c)| c.as_ref())
+            .find(|c| c.close_reason().is_none())
+            .cloned()
+    }
+    /// Whether any tunnel is up.
+    pub fn any_up(&self) -> bool {
+        self.any().is_some()
+    }
+}
+
+/// Keeps the tunnel to hub `index` up until draining: connect, hello, serve,
+/// and on loss reconnect with capped, jittered backoff.
+pub async fn keep_tunnel(
+    ctx: Arc<Ctx>,
+    hubs: Arc<Hubs>,
+    index: usize,
+    hub: HostPort,
+    endpoint: quinn::Endpoint,
+    client: quinn::ClientConfig,
+) {
+    let name = hub.to_string();
+    let span = info_span!("tunnel", hub = %name);
+    async move {
+        let mut backoff = Backoff::default();
+        loop {
+            if ctx.draining.is_cancelled() {
+                return;
+            }
+            match connect(&hub, &endpoint, &client).await {
+                Ok((conn, _control)) => {
+                    backoff.reset();
+                    info!(rtt_ms = conn.rtt().as_millis() as u64, "Tunnel up");
+                    ctx.audit.record(
+                        &name,
+                        "tunnel",
+                        "tunnel.up",
+                        "ok",
+                        "",
+                        format!("peer={}", conn.remote_address()),
+                    );
+                    hubs.set(index, Some(conn.clone()));
+                    ctx.metrics.peer(&name, true);
+                    serve_tunnel(&ctx, &conn, &name).await;
+                    hubs.set(index, None);
+                    ctx.metrics.peer(&name, false);
+                    let reason = conn
+                        .close_reason()
+                        .map(|r| r.to_string())
+                        .unwrap_or_else(|| "draining".into());
+                    warn!(%reason, "Tunnel down");
+                    ctx.audit
+                        .record(&name, "tunnel", "tunnel.down", "ok", "", reason);
+                    if ctx.draining.is_cancelled() {
+                        conn.close(quinn::VarInt::from_u32(0), b"shutdown");
+                        return;
+                    }
+                }
+                Err(error) => {
+                    if backoff.failures() < 3 || backoff.failures() % 30 == 0 {
+                        warn!(%error, failures = backoff.failures() + 1, "Tunnel connect failed");
+                    } else {
+                        debug!(%error, "Tunnel connect failed");
+                    }
+                }
+            }
+            let delay = backoff.next_delay(rand::random::<f64>());
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = ctx.draining.cancelled() => return,
+            }
+        }
+    }
+    .instrument(span)
+    .await;
+}
+
+/// Connecting a tunnel failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The hub's name did not resolve.
+    #[error("cannot resolve {0}")]
+    Resolve(String),
+    /// QUIC or TLS failed.
+    #[error("{0}")]
+    Quic(String),
+    /// The hub refused the hello.
+    #[error("hub refused: {0}")]
+    Refused(String),
+}
+
+/// The control stream, kept open for the life of the tunnel.
+type Control = (quinn::SendStream, quinn::RecvStream);
+
+async fn connect(
+    hub: &HostPort,
+    endpoint: &quinn::Endpoint,
+    client: &quinn::ClientConfig,
+) -> Result<(quinn::Connection, Control), ConnectError> {
+    let target = format!("{}:{}", hub.host, hub.port);
+    let addr = tokio::net::lookup_host(&target)
+        .await
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| ConnectError::Resolve(target.clone()))?;
+    let conn = endpoint
+        .connect_with(client.clone(), addr, &hub.host)
+        .map_err(|e| ConnectError::Quic(e.to_string()))?
+        .await
+        .map_err(|e| ConnectError::Quic(e.to_string()))?;
+    let (mut send, mut recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| ConnectError::Quic(e.to_string()))?;
+    write_frame(
+        &mut send,
+        &Frame::Hello {
+            version: wire::VERSION,
+        },
+    )
+    .await
+    .map_err(|e| ConnectError::Quic(e.to_string()))?;
+    match read_frame(&mut recv).await {
+        Ok(Frame::Welcome {
+            version,
+            hub: hub_id,
+        }) => {
+            debug!(version, hub = %hub_id, "Welcome");
+            Ok((conn, (send, recv)))
+        }
+        Ok(Frame::Refuse { message, .. }) => Err(ConnectError::Refused(message)),
+        Ok(other) => Err(ConnectError::Refused(format!(
+            "unexpected answer {other:?}"
+        ))),
+        Err(e) => Err(ConnectError::Quic(e.to_string())),
+    }
+}
+
+async fn serve_tunnel(ctx: &Arc<Ctx>, conn: &quinn::Connection, hub: &str) {
+    let mut rtt = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tokio::select! {
+            s = conn.accept_bi() => match s {
+                Ok((send, recv)) => {
+                    let (ctx2, hub) = (ctx.clone(), hub.to_owned());
+                    ctx.tracker.spawn(async move { serve_open(ctx2, hub, send, recv).await });
+                }
+                Err(_) => return,
+            },
+            _ = rtt.tick() => ctx.metrics.rtt(hub, conn.rtt()),
+            () = ctx.draining.cancelled() => return,
+        }
+    }
+}
+
+/// A hub asks to open one of this edge's services.
+async fn serve_open(
+    ctx: Arc<Ctx>,
+    hub: String,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let refuse = |code, rule: &str, message: String| Frame::Refuse {
+        code,
+        rule: rule.to_owned(),
+        message,
+    };
+    let (service, origin, client) = match read_frame(&mut recv).await {
+        Ok(Frame::Open {
+            service,
+            origin,
+            client,
+        }) => (service, origin, client),
+        Ok(other) => {
+            let _ = write_frame(
+                &mut send,
+                &refuse(
+                    RefuseCode::Protocol,
+                    "",
+                    format!("unexpected frame {other:?}"),
+                ),
+            )
+            .await;
+            return;
+        }
+        Err(error) => {
+            debug!(%error, "Bad stream from hub");
+            return;
+        }
+    };
+    let (porigin, subject) = match &origin {
+        Origin::Provincial => (
+            PolicyOrigin::Provincial {
+                client: client.ip(),
+            },
+            format!("{client} via {hub}"),
+        ),
+        Origin::Device(d) => (PolicyOrigin::Device(d), format!("{d}:{client} via {hub}")),
+        Origin::Local => {
+            let _ = write_frame(
+                &mut send,
+                &refuse(
+                    RefuseCode::Protocol,
+                    "",
+                    "a hub cannot open a local origin".into(),
+                ),
+            )
+            .await;
+            return;
+        }
+    };
+    let span = info_span!("relay", %service, peer = %subject);
+    async move {
+        let policy = ctx.policy();
+        let decision = policy.decide(
+            &Crossing::ServiceOpen {
+                service: &service,
+                origin: porigin,
+            },
+            today_local(),
+        );
+        if !decision.is_allowed() {
+            info!(rule = %decision.rule, reason = %decision.reason, "Refused");
+            ctx.audit.record(
+                &subject,
+                &service,
+                "relay.refuse",
+                "deny",
+                decision.rule.as_str(),
+                decision.reason.clone(),
+            );
+            ctx.metrics.refused(&service, decision.rule.as_str());
+            let _ = write_frame(
+                &mut send,
+                &refuse(RefuseCode::Policy, decision.rule.as_str(), decision.reason),
+            )
+            .await;
+            let _ = send.finish();
+            return;
+        }
+        let Some(svc) = policy
+            .config()
+            .edge()
+            .and_then(|e| e.services.iter().find(|s| s.name == service))
+            .cloned()
+        else {
+            return;
+        };
+        if let Some(max) = svc.max_connections {
+            if ctx.metrics.active(&service) >= i64::from(max.get()) {
+                let reason = format!("service {service:?} is at its max_connections ({max})");
+                info!(%reason, "Refused");
+                ctx.audit.record(
+                    &subject,
+                    &service,
+                    "relay.refuse",
+                    "deny",
+                    "",
+                    reason.clone(),
+                );
+                ctx.metrics.refused(&service, "max-connections");
+                let _ = write_frame(&mut send, &refuse(RefuseCode::Limit, "", reason)).await;
+                let _ = send.finish();
+                return;
+            }
+        }
+        let mut target = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(svc.target))
+            .await
+        {
+            Ok(Ok(t)) => t,
+            Ok(Err(error)) => {
+                let reason = format!("cannot connect to {}: {error}", svc.target);
+                warn!(%reason, "Target unreachable");
+                ctx.audit.record(
+                    &subject,
+                    &service,
+                    "relay.error",
+                    "error",
+                    "",
+                    reason.clone(),
+                );
+                let _ = write_frame(&mut send, &refuse(RefuseCode::Unreachable, "", reason)).await;
+                let _ = send.finish();
+                return;
+            }
+            Err(_) => {
+                let reason = format!("connecting to {} timed out", svc.target);
+                warn!(%reason, "Target unreachable");
+                ctx.audit.record(
+                    &subject,
+                    &service,
+                    "relay.error",
+                    "error",
+                    "",
+                    reason.clone(),
+                );
+                let _ = write_frame(&mut send, &refuse(RefuseCode::Unreachable, "", reason)).await;
+                let _ = send.finish();
+                return;
+            }
+        };
+        let _ = target.set_nodelay(true);
+        if write_frame(&mut send, &Frame::Opened).await.is_err() {
+            return;
+        }
+        // Rule R5.app-protocol: at boundary level 3 and up, check the first bytes.
+        let mut first = Vec::new();
+        if let (Some(app), Some(level)) = (svc.app_protocol, decision.level) {
+            if level.get() >= 3 {
+                match sniff_stream(&mut recv, app, &mut first).await {
+                    Sniff::Match => {}
+                    verdict => {
+                        let reason = format!("first bytes are not {app:?} ({verdict:?})");
+                        info!(rule = "R5.app-protocol", %reason, "Refused");
+                        ctx.audit.record(
+                            &subject,
+                            &service,
+                            "relay.refuse",
+                            "deny",
+                            "R5.app-protocol",
+                            reason,
+                        );
+                        ctx.metrics.refused(&service, "R5.app-protocol");
+                        let _ = send.reset(quinn::VarInt::from_u32(RefuseCode::Policy as u32));
+                        let _ = recv.stop(quinn::VarInt::from_u32(RefuseCode::Policy as u32));
+                        relay::reset_tcp(&target);
+                        return;
+                    }
+                }
+            }
+        }
+        if !first.is_empty() && target.write_all(&first).await.is_err() {
+            let _ = send.reset(quinn::VarInt::from_u32(relay::RESET_CODE));
+            return;
+        }
+        let started = Instant::now();
+        ctx.audit.record(
+            &subject,
+            &service,
+            "relay.open",
+            "allow",
+            decision.rule.as_str(),
+            decision.reason,
+        );
+        ctx.metrics.opened(&service);
+        let live = [AtomicU64::new(first.len() as u64), AtomicU64::new(0)];
+        let stop = ctx.service_token(&service);
+        let done = {
+            let (mut tr, mut tw) = target.split();
+            tokio::select! {
+                s = relay::splice(&mut recv, &mut send, &mut tr, &mut tw, &live) => Some(s),
+                () = stop.cancelled() => None,
+            }
+        };
+        if done.is_none_or(|s| s.reset) {
+            relay::reset_tcp(&target);
+            if done.is_none() {
+                let _ = send.reset(quinn::VarInt::from_u32(relay::RESET_CODE));
+            }
+        }
+        let (up, down) = (
+            live[0].load(std::sync::atomic::Ordering::Relaxed),
+            live[1].load(std::sync::atomic::Ordering::Relaxed),
+        );
+        ctx.metrics.closed(&service, up, down);
+        let end = match done {
+            Some(s) if s.reset => "reset",
+            Some(_) => "closed",
+            None => "cut",
+        };
+        ctx.audit.record(
+            &subject,
+            &service,
+            "relay.close",
+            "ok",
+            "",
+            format!(
+                "bytes_up={up} bytes_down={down} duration_ms={} end={end}",
+                started.elapsed().as_millis()
+            ),
+        );
+    }
+    .instrument(span)
+    .await;
+}
+
+async fn sniff_stream(
+    recv: &mut quinn::RecvStream,
+    app: gateway_core::config::AppProtocol,
+    buf: &mut Vec<u8>,
+) -> Sniff {
+    let deadline = tokio::time::sleep(relay::HANDSHAKE_TIMEOUT);
+    tokio::pin!(deadline);
+    let mut chunk = [0u8; MAX_SNIFF];
+    loop {
+        match sniff(app, buf) {
+            Sniff::NeedMore => {}
+            verdict => return verdict,
+        }
+        let want = MAX_SNIFF.saturating_sub(buf.len()).max(1);
+        tokio::select! {
+            r = recv.read(&mut chunk[..want]) => match r {
+                Ok(Some(n)) => buf.extend_from_slice(&chunk[..n]),
+                _ => return Sniff::Mismatch,
+            },
+            () = &mut deadline => return Sniff::Mismatch,
+        }
+    }
+}
+
+fn access_at(ctx: &Ctx, listen: SocketAddr) -> Option<Access> {
+    ctx.policy()
+        .config()
+        .edge()?
+        .accesses
+        .iter()
+        .find(|a| a.listen == listen)
+        .cloned()
+}
+
+/// Serves one `[[access]]` listener until `stop` (or draining). The access is
+/// looked up at each accept, so a reload that changes it takes effect at once.
+pub async fn access_listener(
+    ctx: Arc<Ctx>,
+    hubs: Arc<Hubs>,
+    listen: SocketAddr,
+    listener: TcpListener,
+    stop: CancellationToken,
+) {
+    info!(%listen, "Access listening");
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = stop.cancelled() => break,
+            () = ctx.draining.cancelled() => break,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(a) => a,
+            Err(error) => {
+                warn!(%error, "Accept failed");
+                continue;
+            }
+        };
+        let Some(access) = access_at(&ctx, listen) else {
+            relay::reset_tcp(&tcp);
+            continue;
+        };
+        let object = format!("{}/{}", access.device, access.service);
+        let (ctx, hubs, stop) = (ctx.clone(), hubs.clone(), stop.clone());
+        let span = info_span!("relay", service = %object, %peer);
+        ctx.tracker.clone().spawn(
+            async move { access_relay(ctx, hubs, access, object, tcp, peer, stop).await }
+                .instrument(span),
+        );
+    }
+    info!(%listen, "Access stopped");
+}
+
+async fn access_relay(
+    ctx: Arc<Ctx>,
+    hubs: Arc<Hubs>,
+    access: Access,
+    object: String,
+    mut tcp: TcpStream,
+    peer: SocketAddr,
+    stop: CancellationToken,
+) {
+    let subject = peer.to_string();
+    let decision = ctx.policy().decide(
+        &Crossing::AccessOpen {
+            listen: access.listen,
+            client: peer.ip(),
+        },
+        today_local(),
+    );
+    let deny = |rule: &str, reason: String, tcp: &TcpStream| {
+        info!(%rule, %reason, "Refused");
+        ctx.audit
+            .record(&subject, &object, "relay.refuse", "deny", rule, reason);
+        ctx.metrics
+            .refused(&object, if rule.is_empty() { "refused" } else { rule });
+        relay::reset_tcp(tcp);
+    };
+    if !decision.is_allowed() {
+        deny(decision.rule.as_str(), decision.reason, &tcp);
+        return;
+    }
+    let Some(conn) = hubs.any() else {
+        deny("", "no hub is connected".into(), &tcp);
+        return;
+    };
+    let Ok((mut send, mut recv)) = conn.open_bi().await else {
+        deny("", "the tunnel closed".into(), &tcp);
+        return;
+    };
+    let open = Frame::Open {
+        service: object.clone(),
+        origin: Origin::Local,
+        client: peer,
+    };
+    if write_frame(&mut send, &open).await.is_err() {
+        relay::reset_tcp(&tcp);
+        return;
+    }
+    match read_frame(&mut recv).await {
+        Ok(Frame::Opened) => {}
+        Ok(Frame::Refuse { rule, message, .. }) => {
+            deny(&rule, message, &tcp);
+            return;
+        }
+        other => {
+            deny("", format!("no answer from the hub: {other:?}"), &tcp);
+            return;
+        }
+    }
+    let _ = tcp.set_nodelay(true);
+    let started = Instant::now();
+    ctx.audit.record(
+        &subject,
+        &object,
+        "relay.open",
+        "allow",
+        decision.rule.as_str(),
+        decision.reason,
+    );
+    ctx.metrics.opened(&object);
+    let live = [AtomicU64::new(0), AtomicU64::new(0)];
+    let done = {
+        let (mut tr, mut tw) = tcp.split();
+        tokio::select! {
+            s = relay::splice(&mut tr, &mut tw, &mut recv, &mut send, &live) => Some(s),
+            () = stop.cancelled() => None,
+            () = ctx.kill.cancelled() => None,
+        }
+    };
+    if done.is_none_or(|s| s.reset) {
+        relay::reset_tcp(&tcp);
+    }
+    let (up, down) = (
+        live[0].load(std::sync::atomic::Ordering::Relaxed),
+        live[1].load(std::sync::atomic::Ordering::Relaxed),
+    );
+    ctx.metrics.closed(&object, up, down);
+    let end = match done {
+        Some(s) if s.reset => "reset",
+        Some(_) => "closed",
+        None => "cut",
+    };
+    ctx.audit.record(
+        &subject,
+        &object,
+        "relay.close",
+        "ok",
+        "",
+        format!(
+            "bytes_up={up} bytes_down={down} duration_ms={} end={end}",
+            started.elapsed().as_millis()
+        ),
+    );
+}

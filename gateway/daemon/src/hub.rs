@@ -1,0 +1,505 @@
+//! The hub: accepts edges' tunnels, publishes their services on provincial
+//! listeners, and carries gateway-to-gateway relays between edges.
+//!
+//! The hub takes each edge's device id from its verified certificate. A relay
+//! is decided here (publish listeners) and again by the edge that owns the service.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use gateway_core::config::Publish;
+use gateway_core::policy::Crossing;
+use gateway_core::wire::{self, Frame, Origin, RefuseCode};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::node::{Ctx, today_local};
+use crate::relay::{self, read_frame, write_frame};
+use crate::tls;
+
+/// Connected edges by device id (several connections while one replaces another).
+#[derive(Default)]
+pub struct Devices(Mutex<HashMap<String, Vec<quinn::Connection>>>);
+
+impl Devices {
+    fn add(&self, id: &str, c: quinn::Connection) {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(id.to_owned())
+            .or_default()
+            .push(c);
+    }
+    fn remove(&self, id: &str, stable_id: usize) {
+        let mut m = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(v) = m.get_mut(id) {
+            v.retain(|c| c.stable_id() != stable_id);
+            if v.is_empty() {
+                m.remove(id);
+            }
+        }
+    }
+    /// The newest live connection of `id`.
+    pub fn get(&self, id: &str) -> Option<quinn::Connection> {
+        let m = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        m.get(id)?
+            .iter()
+            .rev()
+            .find(|c| c.close_reason().is_none())
+            .cloned()
+    }
+}
+
+/// Accepts edges until draining starts.
+pub async fn accept_edges(ctx: Arc<Ctx>, devices: Arc<Devices>, endpoint: quinn::Endpoint) {
+    loop {
+        let incoming = tokio::select! {
+            i = endpoint.accept() => i,
+            () = ctx.draining.cancelled() => return,
+        };
+        let Some(incoming) = incoming else { return };
+        // Spawn before awaiting the handshake: a slow peer never stalls the loop.
+        let (ctx, devices) = (ctx.clone(), devices.clone());
+        let remote = incoming.remote_address();
+        tokio::spawn(async move {
+            match incoming.await {
+                Ok(conn) => serve_edge(ctx, devices, conn).await,
+                Err(error) => info!(%remote, %error, "Tunnel handshake failed"),
+            }
+        });
+    }
+}
+
+async fn serve_edge(ctx: Arc<Ctx>, devices: Arc<Devices>, conn: quinn::Connection) {
+    let remote = conn.remote_address();
+    let Some(device) = tls::peer_id(&conn) else {
+        warn!(%remote, "Refusing tunnel: the certificate names no device");
+        conn.close(
+            quinn::VarInt::from_u32(RefuseCode::Protocol as u32),
+            b"certificate names no device",
+        );
+        return;
+    };
+    let span = info_span!("tunnel", %device, peer = %remote);
+    async move {
+        // The control stream: versioned hello.
+        let (mut send, mut recv) =
+            match tokio::time::timeout(relay::HANDSHAKE_TIMEOUT, conn.accept_bi()).await {
+                Ok(Ok(s)) => s,
+                _ => {
+                    info!("Edge opened no control stream");
+                    return;
+                }
+            };
+        match read_frame(&mut recv).await {
+            Ok(Frame::Hello { version }) if version == wire::VERSION => {}
+            Ok(Frame::Hello { version }) => {
+                let message = format!(
+                    "protocol version mismatch: hub {} speaks {}, edge {device} speaks {version}",
+                    ctx.id,
+                    wire::VERSION
+                );
+                warn!(
+                    edge_version = version,
+                    hub_version = wire::VERSION,
+                    "Refusing tunnel: {message}"
+                );
+                ctx.audit.record(
+                    &device,
+                    "tunnel",
+                    "tunnel.refuse",
+                    "deny",
+                    "",
+                    message.clone(),
+                );
+                let _ = write_frame(
+                    &mut send,
+                    &Frame::Refuse {
+                        code: RefuseCode::Version,
+                        rule: String::new(),
+                        message,
+                    },
+                )
+                .await;
+                let _ = send.finish();
+                let _ = tokio::time::timeout(relay::HANDSHAKE_TIMEOUT, conn.closed()).await;
+                return;
+            }
+            other => {
+                warn!(?other, "Refusing tunnel: no hello");
+                conn.close(
+                    quinn::VarInt::from_u32(RefuseCode::Protocol as u32),
+                    b"expected hello",
+                );
+                return;
+            }
+        }
+        if write_frame(
+            &mut send,
+            &Frame::Welcome {
+                version: wire::VERSION,
+                hub: ctx.id.clone(),
+            },
+        )
+        .await
+        .is_err()
+        {
+            return;
+        }
+        info!("Edge connected");
+        ctx.audit.record(
+            &device,
+            "tunnel",
+            "tunnel.up",
+            "ok",
+            "",
+            format!("peer={remote}"),
+        );
+        devices.add(&device, conn.clone());
+        ctx.metrics.peer(&device, true);
+        loop {
+            let stream = tokio::select! {
+                s = conn.accept_bi() => s,
+                () = ctx.draining.cancelled() => break,
+            };
+            let Ok((send, recv)) = stream else { break };
+            let (ctx, devices, device) = (ctx.clone(), devices.clone(), device.clone());
+            ctx.tracker
+                .clone()
+                .spawn(async move { transit(ctx, devices, device, send, recv).await });
+        }
+        devices.remove(&device, conn.stable_id());
+        ctx.metrics.peer(&device, false);
+        let reason = conn
+            .close_reason()
+            .map(|r| r.to_string())
+            .unwrap_or_else(|| "draining".into());
+        info!(%reason, "Edge disconnected");
+        ctx.audit
+            .record(&device, "tunnel", "tunnel.down", "ok", "", reason);
+        drop(send);
+    }
+    .instrument(span)
+    .await;
+}
+
+/// A gateway-to-gateway relay: edge `from` asks for `DEVICE/SERVICE`.
+async fn transit(
+    ctx: Arc<Ctx>,
+    devices: Arc<Devices>,
+    from: String,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let refuse = |code, rule: &str, message: String| Frame::Refuse {
+        code,
+        rule: rule.to_owned(),
+        message,
+    };
+    let (service, client) = match read_frame(&mut recv).await {
+        Ok(Frame::Open {
+            service,
+            origin: Origin::Local,
+            client,
+        }) => (service, client),
+        Ok(other) => {
+            let _ = write_frame(
+                &mut send,
+                &refuse(
+                    RefuseCode::Protocol,
+                    "",
+                    format!("unexpected frame {other:?}"),
+                ),
+            )
+            .await;
+            return;
+        }
+        Err(error) => {
+            debug!(%error, "Bad stream from edge");
+            return;
+        }
+    };
+    let subject = format!("{from}:{client}");
+    let Some((device, svc)) = service.split_once('/') else {
+        let _ = write_frame(
+            &mut send,
+            &refuse(
+                RefuseCode::NoRoute,
+                "",
+                format!("{service:?} is not DEVICE/SERVICE"),
+            ),
+        )
+        .await;
+        return;
+    };
+    let Some(target) = devices.get(device) else {
+        let message = format!("device {device} is not connected to hub {}", ctx.id);
+        ctx.audit.record(
+            &subject,
+            &service,
+            "relay.refuse",
+            "deny",
+            "",
+            message.clone(),
+        );
+        ctx.metrics.refused(&service, "no-route");
+        let _ = write_frame(&mut send, &refuse(RefuseCode::NoRoute, "", message)).await;
+        let _ = send.finish();
+        return;
+    };
+    let Ok((mut tsend, mut trecv)) = target.open_bi().await else {
+        let _ = write_frame(
+            &mut send,
+            &refuse(
+                RefuseCode::NoRoute,
+                "",
+                format!("device {device} went away"),
+            ),
+        )
+        .await;
+        return;
+    };
+    let open = Frame::Open {
+        service: svc.to_owned(),
+        origin: Origin::Device(from.clone()),
+        client,
+    };
+    if write_frame(&mut tsend, &open).await.is_err() {
+        return;
+    }
+    let answer = match read_frame(&mut trecv).await {
+        Ok(f) => f,
+        Err(error) => refuse(
+            RefuseCode::Unreachable,
+            "",
+            format!("device {device} did not answer: {error}"),
+        ),
+    };
+    let _ = write_frame(&mut send, &answer).await;
+    if let Frame::Refuse { rule, message, .. } = &answer {
+        ctx.audit.record(
+            &subject,
+            &service,
+            "relay.refuse",
+            "deny",
+            rule,
+            message.clone(),
+        );
+        ctx.metrics
+            .refused(&service, if rule.is_empty() { "refused" } else { rule });
+        let _ = send.finish();
+        return;
+    }
+    let started = Instant::now();
+    ctx.audit.record(
+        &subject,
+        &service,
+        "relay.open",
+        "allow",
+        "",
+        "transit".into(),
+    );
+    ctx.metrics.opened(&service);
+    let live = [AtomicU64::new(0), AtomicU64::new(0)];
+    let kill = ctx.kill.clone();
+    let done = tokio::select! {
+        s = relay::splice(&mut recv, &mut send, &mut trecv, &mut tsend, &live) => Some(s),
+        () = kill.cancelled() => None,
+    };
+    let (up, down) = (
+        live[0].load(std::sync::atomic::Ordering::Relaxed),
+        live[1].load(std::sync::atomic::Ordering::Relaxed),
+    );
+    ctx.metrics.closed(&service, up, down);
+    let how = match done {
+        Some(s) if s.reset => "reset",
+        Some(_) => "closed",
+        None => "cut at shutdown",
+    };
+    ctx.audit.record(
+        &subject,
+        &service,
+        "relay.close",
+        "ok",
+        "",
+        format!(
+            "bytes_up={up} bytes_down={down} duration_ms={} end={how}",
+            started.elapsed().as_millis()
+        ),
+    );
+}
+
+/// The `[[publish]]` on `listen` in the policy in force.
+fn publish_at(ctx: &Ctx, listen: SocketAddr) -> Option<Publish> {
+    ctx.policy()
+        .config()
+        .hub()?
+        .publishes
+        .iter()
+        .find(|p| p.listen == listen)
+        .cloned()
+}
+
+/// Serves one `[[publish]]` listener until `stop` (or draining). The publish is
+/// looked up at each accept, so a reload that changes it takes effect at once.
+pub async fn publish_listener(
+    ctx: Arc<Ctx>,
+    devices: Arc<Devices>,
+    listen: SocketAddr,
+    listener: TcpListener,
+    stop: CancellationToken,
+) {
+    info!(%listen, "Publish listening");
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = stop.cancelled() => break,
+            () = ctx.draining.cancelled() => break,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(a) => a,
+            Err(error) => {
+                warn!(%error, "Accept failed");
+                continue;
+            }
+        };
+        let Some(publish) = publish_at(&ctx, listen) else {
+            relay::reset_tcp(&tcp);
+            continue;
+        };
+        let object = format!("{}/{}", publish.device, publish.service);
+        let (ctx, devices, stop) = (ctx.clone(), devices.clone(), stop.clone());
+        let span = info_span!("relay", service = %object, %peer);
+        ctx.tracker.clone().spawn(
+            async move { publish_relay(ctx, devices, publish, object, tcp, peer, stop).await }
+                .instrument(span),
+        );
+    }
+    info!(%listen, "Publish stopped");
+}
+
+async fn publish_relay(
+    ctx: Arc<Ctx>,
+    devices: Arc<Devices>,
+    publish: Publish,
+    object: String,
+    mut tcp: TcpStream,
+    peer: SocketAddr,
+    stop: CancellationToken,
+) {
+    let subject = peer.to_string();
+    let decision = ctx.policy().decide(
+        &Crossing::PublishOpen {
+            listen: publish.listen,
+            client: peer.ip(),
+        },
+        today_local(),
+    );
+    if !decision.is_allowed() {
+        info!(rule = %decision.rule, reason = %decision.reason, "Refused");
+        ctx.audit.record(
+            &subject,
+            &object,
+            "relay.refuse",
+            "deny",
+            decision.rule.as_str(),
+            decision.reason,
+        );
+        ctx.metrics.refused(&object, decision.rule.as_str());
+        relay::reset_tcp(&tcp);
+        return;
+    }
+    let Some(conn) = devices.get(&publish.device) else {
+        let reason = format!("device {} is not connected", publish.device);
+        info!(%reason, "Refused");
+        ctx.audit
+            .record(&subject, &object, "relay.refuse", "deny", "", reason);
+        ctx.metrics.refused(&object, "no-route");
+        relay::reset_tcp(&tcp);
+        return;
+    };
+    let Ok((mut send, mut recv)) = conn.open_bi().await else {
+        relay::reset_tcp(&tcp);
+        return;
+    };
+    let open = Frame::Open {
+        service: publish.service.clone(),
+        origin: Origin::Provincial,
+        client: peer,
+    };
+    if write_frame(&mut send, &open).await.is_err() {
+        relay::reset_tcp(&tcp);
+        return;
+    }
+    match read_frame(&mut recv).await {
+        Ok(Frame::Opened) => {}
+        Ok(Frame::Refuse { rule, message, .. }) => {
+            info!(%rule, %message, "Refused by the edge");
+            ctx.audit
+                .record(&subject, &object, "relay.refuse", "deny", &rule, message);
+            ctx.metrics
+                .refused(&object, if rule.is_empty() { "refused" } else { &rule });
+            relay::reset_tcp(&tcp);
+            return;
+        }
+        other => {
+            info!(?other, "Edge gave no answer");
+            relay::reset_tcp(&tcp);
+            return;
+        }
+    }
+    let started = Instant::now();
+    ctx.audit.record(
+        &subject,
+        &object,
+        "relay.open",
+        "allow",
+        decision.rule.as_str(),
+        decision.reason,
+    );
+    ctx.metrics.opened(&object);
+    let live = [AtomicU64::new(0), AtomicU64::new(0)];
+    let done = {
+        let (mut tr, mut tw) = tcp.split();
+        tokio::select! {
+            s = relay::splice(&mut tr, &mut tw, &mut recv, &mut send, &live) => Some(s),
+            () = stop.cancelled() => None,
+            () = ctx.kill.cancelled() => None,
+        }
+    };
+    if done.is_none_or(|s| s.reset) {
+        relay::reset_tcp(&tcp);
+    }
+    let (up, down) = (
+        live[0].load(std::sync::atomic::Ordering::Relaxed),
+        live[1].load(std::sync::atomic::Ordering::Relaxed),
+    );
+    ctx.metrics.closed(&object, up, down);
+    let end = match done {
+        Some(s) if s.reset => "reset",
+        Some(_) => "closed",
+        None => "cut",
+    };
+    debug!(up, down, end, "Relay closed");
+    ctx.audit.record(
+        &subject,
+        &object,
+        "relay.close",
+        "ok",
+        "",
+        format!(
+            "bytes_up={up} bytes_down={down} duration_ms={} end={end}",
+            started.elapsed().as_millis()
+        ),
+    );
+}

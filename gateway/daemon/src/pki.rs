@@ -1,0 +1,179 @@
+//! Offline identity: a private CA and the certificates it issues (rcgen).
+//!
+//! `gatewayd pki init --out DIR` writes `ca.pem` and `ca.key`; `gatewayd pki issue`
+//! writes `ID.pem` and `ID.key`. The certificate's first DNS name is the node id:
+//! the hub takes a device's id from it, never from what the device says. Private
+//! keys are written with mode 0600, and [`check_key_file`] refuses to load one that
+//! group or others can read.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+
+/// A PKI operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Refusing to overwrite an existing key or certificate.
+    #[error("{0} already exists; remove it first or write elsewhere with --out")]
+    Exists(PathBuf),
+    /// rcgen refused.
+    #[error("certificate generation: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    /// A node id or subject name is malformed.
+    #[error("{0}")]
+    BadName(String),
+    /// A private key file is readable by group or others.
+    #[error("{path} is readable by group or others (mode {mode:o}); run: chmod 600 {path}", path = .path.display())]
+    KeyPermissions {
+        /// The key file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
+    move |source| PkiError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Writes `contents` to a new file with `mode`, refusing to overwrite.
+fn write_new(path: &Path, contents: &str, mode: u32) -> Result<(), PkiError> {
+    if path.exists() {
+        return Err(PkiError::Exists(path.to_owned()));
+    }
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(io(path))?;
+    f.write_all(contents.as_bytes()).map_err(io(path))?;
+    f.sync_all().map_err(io(path))
+}
+
+fn ca_params(name: &str) -> Result<CertificateParams, PkiError> {
+    let mut p = CertificateParams::new(Vec::<String>::new())?;
+    p.distinguished_name.push(DnType::CommonName, name);
+    p.distinguished_name
+        .push(DnType::OrganizationName, "gatewayd");
+    p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ((y0, m0, d0), (y1, m1, d1)) = (ymd(-1), ymd(3650));
+    p.not_before = rcgen::date_time_ymd(y0, m0, d0);
+    p.not_after = rcgen::date_time_ymd(y1, m1, d1);
+    Ok(p)
+}
+
+/// Midnight UTC, `offset` days from today. Certificates start a day early so a
+/// box whose clock lags a little accepts them.
+fn ymd(offset: i64) -> (i32, u8, u8) {
+    let d = gateway_core::units::Date::from_unix_ms(crate::audit_sink::now_ms()).add_days(offset);
+    (d.year(), d.month(), d.day())
+}
+
+/// Creates a private CA in `out` (`ca.pem`, `ca.key`). Returns the files written.
+///
+/// # Errors
+/// When a file exists already or cannot be written.
+pub fn init(out: &Path, name: &str) -> Result<Vec<PathBuf>, PkiError> {
+    std::fs::create_dir_all(out).map_err(io(out))?;
+    let key = KeyPair::generate()?;
+    let cert = ca_params(name)?.self_signed(&key)?;
+    let (cert_path, key_path) = (out.join("ca.pem"), out.join("ca.key"));
+    write_new(&key_path, &key.serialize_pem(), 0o600)?;
+    write_new(&cert_path, &cert.pem(), 0o644)?;
+    Ok(vec![cert_path, key_path])
+}
+
+/// Issues a certificate for node `id` from the CA in `ca_dir`, with extra subject
+/// names `sans` (DNS names or IP addresses, for hubs), valid `days`. Writes
+/// `out/ID.pem` and `out/ID.key`; returns their paths.
+///
+/// # Errors
+/// When the id is not a valid node id, the CA cannot be read, or a file exists.
+pub fn issue(
+    ca_dir: &Path,
+    id: &str,
+    sans: &[String],
+    days: u32,
+    out: &Path,
+) -> Result<Vec<PathBuf>, PkiError> {
+    gateway_core::units::check_name("device", id)
+        .map_err(|e| PkiError::BadName(format!("--id: {}; {}", e.message, e.hint)))?;
+    let (ca_cert_path, ca_key_path) = (ca_dir.join("ca.pem"), ca_dir.join("ca.key"));
+    check_key_file(&ca_key_path)?;
+    let ca_pem = std::fs::read_to_string(&ca_cert_path).map_err(io(&ca_cert_path))?;
+    let ca_key =
+        KeyPair::from_pem(&std::fs::read_to_string(&ca_key_path).map_err(io(&ca_key_path))?)?;
+    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)?;
+
+    let mut p = CertificateParams::new(Vec::<String>::new())?;
+    p.distinguished_name.push(DnType::CommonName, id);
+    p.subject_alt_names.push(SanType::DnsName(id.try_into()?));
+    for san in sans {
+        let entry = match san.parse::<std::net::IpAddr>() {
+            Ok(ip) => SanType::IpAddress(ip),
+            Err(_) => SanType::DnsName(san.as_str().try_into().map_err(|_| {
+                PkiError::BadName(format!(
+                    "--san {san:?} is neither a DNS name nor an IP address"
+                ))
+            })?),
+        };
+        p.subject_alt_names.push(entry);
+    }
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let ((y0, m0, d0), (y1, m1, d1)) = (ymd(-1), ymd(i64::from(days)));
+    p.not_before = rcgen::date_time_ymd(y0, m0, d0);
+    p.not_after = rcgen::date_time_ymd(y1, m1, d1);
+    let key = KeyPair::generate()?;
+    let cert = p.signed_by(&key, &issuer)?;
+    std::fs::create_dir_all(out).map_err(io(out))?;
+    let (cert_path, key_path) = (out.join(format!("{id}.pem")), out.join(format!("{id}.key")));
+    write_new(&key_path, &key.serialize_pem(), 0o600)?;
+    write_new(&cert_path, &cert.pem(), 0o644)?;
+    Ok(vec![cert_path, key_path])
+}
+
+/// Refuses a private key file that group or others may read.
+///
+/// # Errors
+/// [`PkiError::KeyPermissions`], or [`PkiError::Io`] when it cannot be examined.
+pub fn check_key_file(path: &Path) -> Result<(), PkiError> {
+    let mode = std::fs::metadata(path)
+        .map_err(io(path))?
+        .permissions()
+        .mode()
+        & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(PkiError::KeyPermissions {
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    Ok(())
+}

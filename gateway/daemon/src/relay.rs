@@ -1,0 +1,170 @@
+//! Moving bytes: frame I/O on QUIC streams and the splice of two byte streams
+//! with half-close and reset propagated.
+//!
+//! A splice runs both directions at once. When one direction reaches EOF its
+//! sink is closed for writing (TCP `shutdown(Write)` or QUIC `finish`) and the
+//! other direction goes on: half-close propagates. When one direction fails (a
+//! TCP reset, a QUIC stream reset) its sink is reset and the splice ends at
+//! once, telling the caller to reset the TCP side too: resets propagate.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use gateway_core::wire::{DecodeError, Frame};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// QUIC error code for a stream reset that mirrors a TCP reset.
+pub const RESET_CODE: u32 = 1;
+/// Time allowed for the opening frames of a stream.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Copy buffer per direction.
+const BUF: usize = 64 * 1024;
+
+/// Reading a frame failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The stream failed or ended early.
+    #[error("stream: {0}")]
+    Io(#[from] std::io::Error),
+    /// The bytes are not a frame.
+    #[error("{0}")]
+    Decode(#[from] DecodeError),
+    /// The peer took too long.
+    #[error("timed out waiting for the peer")]
+    Timeout,
+}
+
+/// Reads one frame.
+///
+/// # Errors
+/// When the stream fails, ends, times out or carries a malformed frame.
+pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Frame, FrameError> {
+    let go = async {
+        let mut prefix = [0u8; 4];
+        r.read_exact(&mut prefix).await?;
+        let n = Frame::body_len(prefix)?;
+        let mut body = vec![0u8; n];
+        r.read_exact(&mut body).await?;
+        Ok(Frame::decode_body(&body)?)
+    };
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, go)
+        .await
+        .map_err(|_| FrameError::Timeout)?
+}
+
+/// Writes one frame.
+///
+/// # Errors
+/// When the stream fails.
+pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, f: &Frame) -> std::io::Result<()> {
+    w.write_all(&f.to_bytes()).await
+}
+
+/// The writing half of a relayed byte stream.
+pub trait Sink: AsyncWrite + Unpin + Send {
+    /// Closes for writing: the peer reads EOF.
+    fn end(&mut self) -> impl Future<Output = ()> + Send;
+    /// Aborts: the peer sees a reset.
+    fn abort(&mut self);
+}
+
+impl Sink for quinn::SendStream {
+    async fn end(&mut self) {
+        let _ = self.finish();
+    }
+    fn abort(&mut self) {
+        let _ = self.reset(quinn::VarInt::from_u32(RESET_CODE));
+    }
+}
+
+impl Sink for tokio::net::tcp::WriteHalf<'_> {
+    async fn end(&mut self) {
+        let _ = self.shutdown().await;
+    }
+    // A TCP reset needs the whole socket: the caller does it (see `Spliced::reset`).
+    fn abort(&mut self) {}
+}
+
+/// What a splice moved.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Spliced {
+    /// Bytes from the first reader to the second sink.
+    pub forward: u64,
+    /// Bytes from the second reader to the first sink.
+    pub backward: u64,
+    /// One side was reset: reset the other TCP side too.
+    pub reset: bool,
+}
+
+async fn pump<R: AsyncRead + Unpin, W: Sink>(
+    r: &mut R,
+    w: &mut W,
+    count: &AtomicU64,
+) -> std::io::Result<()> {
+    let mut buf = vec![0u8; BUF];
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            w.end().await;
+            return Ok(());
+        }
+        w.write_all(&buf[..n]).await?;
+        count.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+/// Splices `(r1, w1)` with `(r2, w2)`: `r1 -> w2` forward, `r2 -> w1` backward.
+/// `live` counts bytes as they move (forward, backward), for metrics and audit.
+pub async fn splice<R1, W1, R2, W2>(
+    r1: &mut R1,
+    w1: &mut W1,
+    r2: &mut R2,
+    w2: &mut W2,
+    live: &[AtomicU64; 2],
+) -> Spliced
+where
+    R1: AsyncRead + Unpin,
+    W1: Sink,
+    R2: AsyncRead + Unpin,
+    W2: Sink,
+{
+    let reset = {
+        let fwd = async {
+            let r = pump(r1, w2, &live[0]).await;
+            if r.is_err() {
+                w2.abort();
+            }
+            r
+        };
+        let bwd = async {
+            let r = pump(r2, w1, &live[1]).await;
+            if r.is_err() {
+                w1.abort();
+            }
+            r
+        };
+        tokio::pin!(fwd, bwd);
+        tokio::select! {
+            r = &mut fwd => match r {
+                Ok(()) => bwd.await.is_err(),
+                Err(_) => true,
+            },
+            r = &mut bwd => match r {
+                Ok(()) => fwd.await.is_err(),
+                Err(_) => true,
+            },
+        }
+    };
+    Spliced {
+        forward: live[0].load(Ordering::Relaxed),
+        backward: live[1].load(Ordering::Relaxed),
+        reset,
+    }
+}
+
+/// Resets a TCP connection (RST instead of FIN) as it is dropped.
+#[allow(deprecated)] // a zero linger never blocks: the kernel sends RST at close
+pub fn reset_tcp(tcp: &tokio::net::TcpStream) {
+    let _ = tcp.set_linger(Some(Duration::ZERO));
+}

@@ -1,0 +1,144 @@
+//! TLS and QUIC settings of the tunnel: mutual TLS 1.3 with the ring provider,
+//! ALPN `gw/1`, and transport limits raised so one relay can fill the link.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{TransportConfig, VarInt};
+use rustls::RootCertStore;
+use rustls::server::WebPkiClientVerifier;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::pki::{self, PkiError};
+
+/// Keep-alive on every tunnel: a silent peer is noticed within [`IDLE_TIMEOUT`].
+pub const KEEP_ALIVE: Duration = Duration::from_secs(2);
+/// A tunnel with no packet for this long is dead (failure detection under 10 s).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(8);
+
+/// Building a TLS configuration failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A certificate or key could not be read.
+    #[error("{path}: {message}")]
+    Read {
+        /// The file.
+        path: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// The key file's permissions are too open.
+    #[error(transparent)]
+    Key(#[from] PkiError),
+    /// rustls refused the material.
+    #[error("TLS: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// The client verifier could not be built.
+    #[error("TLS client verifier: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+    /// quinn refused the rustls configuration.
+    #[error("QUIC crypto: {0}")]
+    Quic(String),
+}
+
+fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let read = |message: String| TlsError::Read {
+        path: path.display().to_string(),
+        message,
+    };
+    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| read(e.to_string()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| read(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(read("no certificate in the file".into()));
+    }
+    Ok(certs)
+}
+
+fn key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    pki::check_key_file(path)?;
+    PrivateKeyDer::from_pem_file(path).map_err(|e| TlsError::Read {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })
+}
+
+fn roots(ca: &Path) -> Result<Arc<RootCertStore>, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for c in certs(ca)? {
+        roots.add(c)?;
+    }
+    Ok(Arc::new(roots))
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The tunnel's transport settings.
+pub fn transport() -> TransportConfig {
+    let mut t = TransportConfig::default();
+    t.keep_alive_interval(Some(KEEP_ALIVE));
+    t.max_idle_timeout(Some(
+        IDLE_TIMEOUT
+            .try_into()
+            .unwrap_or(VarInt::from_u32(8_000).into()),
+    ));
+    // One stream per relayed connection: allow many at once.
+    t.max_concurrent_bidi_streams(VarInt::from_u32(16_384));
+    t.max_concurrent_uni_streams(VarInt::from_u32(0));
+    // Windows sized for high bandwidth-delay products on the provincial network.
+    t.stream_receive_window(VarInt::from_u32(8 << 20));
+    t.receive_window(VarInt::from_u32(64 << 20));
+    t.send_window(64 << 20);
+    t.datagram_receive_buffer_size(Some(8 << 20));
+    t.datagram_send_buffer_size(8 << 20);
+    t
+}
+
+/// The hub's QUIC server configuration: accepts only client certificates from `ca`.
+///
+/// # Errors
+/// When the files cannot be read or do not form a valid configuration.
+pub fn server(ca: &Path, cert: &Path, key_path: &Path) -> Result<quinn::ServerConfig, TlsError> {
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots(ca)?, provider()).build()?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs(cert)?, key(key_path)?)?;
+    tls.alpn_protocols = vec![gateway_core::wire::ALPN.to_vec()];
+    let crypto = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    server.transport_config(Arc::new(transport()));
+    Ok(server)
+}
+
+/// An edge's QUIC client configuration: trusts only `ca` and presents `cert`.
+///
+/// # Errors
+/// When the files cannot be read or do not form a valid configuration.
+pub fn client(ca: &Path, cert: &Path, key_path: &Path) -> Result<quinn::ClientConfig, TlsError> {
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots(ca)?)
+        .with_client_auth_cert(certs(cert)?, key(key_path)?)?;
+    tls.alpn_protocols = vec![gateway_core::wire::ALPN.to_vec()];
+    let crypto = QuicClientConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
+    let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+    client.transport_config(Arc::new(transport()));
+    Ok(client)
+}
+
+/// The node id of a connection's peer: the first DNS name of its verified
+/// certificate. Never what the peer says about itself.
+pub fn peer_id(conn: &quinn::Connection) -> Option<String> {
+    let identity = conn.peer_identity()?;
+    let chain = identity.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    let leaf = chain.first()?;
+    let cert = webpki::EndEntityCert::try_from(leaf).ok()?;
+    cert.valid_dns_names().next().map(str::to_owned)
+}
