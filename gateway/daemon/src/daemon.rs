@@ -31,11 +31,31 @@ pub struct Bindings {
     pub udp: Option<std::net::UdpSocket>,
 }
 
+/// Accept queue of every TCP listener: bursts of connections are queued, not reset
+/// (std's default of 128 overflows when a thousand clients connect at once).
+pub const BACKLOG: i32 = 4096;
+
+/// Binds a TCP listener with [`BACKLOG`] and `SO_REUSEADDR`.
+///
+/// # Errors
+/// When the address cannot be bound.
+pub fn listen_tcp(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    s.set_reuse_address(true)?;
+    s.bind(&addr.into())?;
+    s.listen(BACKLOG)?;
+    Ok(s.into())
+}
+
 impl Bindings {
     fn tcp(&mut self, addr: SocketAddr) -> std::io::Result<TcpListener> {
         let l = match self.tcp.remove(&addr) {
             Some(l) => l,
-            None => std::net::TcpListener::bind(addr)?,
+            None => listen_tcp(addr)?,
         };
         l.set_nonblocking(true)?;
         TcpListener::from_std(l)
@@ -278,7 +298,7 @@ impl Running {
         // Bind every new listener first, so that a failure changes nothing.
         let mut fresh = Vec::new();
         for addr in wanted.iter().filter(|a| !listeners.contains_key(a)) {
-            let bound = std::net::TcpListener::bind(addr)
+            let bound = listen_tcp(*addr)
                 .and_then(|l| l.set_nonblocking(true).map(|()| l))
                 .and_then(TcpListener::from_std)
                 .map_err(|source| ReloadError::Bind {

@@ -300,9 +300,12 @@ impl AuditLog {
     /// # Errors
     /// [`VerifyError::Broken`] naming the first broken record, or a read failure.
     pub fn verify(&self) -> Result<Verified, VerifyError> {
-        let meta = Self::meta(&self.conn)?.ok_or(VerifyError::Meta)?;
+        // One read transaction: the head and the records come from one snapshot,
+        // even while the daemon appends.
+        let tx = self.conn.unchecked_transaction()?;
+        let meta = Self::meta(&tx)?.ok_or(VerifyError::Meta)?;
         let mut verifier = Verifier::new(meta.anchor_seq, meta.anchor_hash);
-        let mut stmt = self.conn.prepare(
+        let mut stmt = tx.prepare(
             "SELECT seq, time_ms, device, subject, object, event, outcome, rule, detail, prev_hash, hash FROM audit ORDER BY seq",
         )?;
         let mut rows = stmt.query([])?;
@@ -311,6 +314,9 @@ impl AuditLog {
             verifier.push(&record)?;
         }
         let count = verifier.finish(meta.head_seq, &meta.head_hash)?;
+        drop(rows);
+        drop(stmt);
+        tx.finish()?;
         Ok(Verified {
             count,
             pruned: meta.pruned,

@@ -119,11 +119,14 @@ async fn serve(args: &RunArgs, config: gateway_core::config::Config) -> u8 {
             _ = int.recv() => break,
             _ = hup.recv() => {
                 info!(file = %args.config.display(), "SIGHUP: reloading");
-                match load(&args.config) {
-                    Ok(c) => if let Err(e) = running.reload(c) {
-                        error!("Reload refused, the old configuration stays in force: {e}");
-                    },
-                    Err(_) => error!("Reload refused: the new configuration has errors (above); the old one stays in force"),
+                let refused = match load(&args.config) {
+                    Ok(c) => running.reload(c).err().map(|e| e.to_string()),
+                    Err(_) => Some("the new configuration has errors (logged above)".to_owned()),
+                };
+                if let Some(why) = refused {
+                    error!("Reload refused, the old configuration stays in force: {why}");
+                    let ctx = running.ctx();
+                    ctx.audit.record(&ctx.id, "config", "config.reload", "error", "", why);
                 }
             }
         }

@@ -1,0 +1,252 @@
+//! `gatewayd run` as a real process: refusals at start, SIGHUP reload, SIGTERM
+//! drain. Ports come from binding port 0 and releasing it just before start.
+
+mod common;
+mod net;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use net::*;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+fn free_tcp(ip: &str) -> SocketAddr {
+    let l = std::net::TcpListener::bind((ip, 0)).expect("bind");
+    l.local_addr().expect("addr")
+}
+
+fn free_udp() -> SocketAddr {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    s.local_addr().expect("addr")
+}
+
+/// A running `gatewayd run`, with its stderr lines forwarded to a channel.
+struct Proc {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Proc {
+    fn start(config: &Path) -> Proc {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_gatewayd"))
+            .args([
+                "run",
+                "--config",
+                config.to_str().expect("path"),
+                "--grace",
+                "2s",
+            ])
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn gatewayd");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        Proc {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for a log line containing `needle`.
+    fn wait_log(&mut self, needle: &str) {
+        if self.seen.iter().any(|l| l.contains(needle)) {
+            return;
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(l) => {
+                    let hit = l.contains(needle);
+                    self.seen.push(l);
+                    if hit {
+                        return;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        panic!(
+            "no log line with {needle:?}; saw:\n{}",
+            self.seen.join("\n")
+        );
+    }
+
+    fn signal(&self, s: Signal) {
+        kill(Pid::from_raw(self.child.id() as i32), s).expect("kill");
+    }
+
+    fn wait_exit(mut self) -> (i32, Vec<String>) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                self.seen.extend(self.lines.try_iter());
+                return (status.code().unwrap_or(-1), std::mem::take(&mut self.seen));
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "gatewayd did not exit"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_group_readable_key_is_refused_at_start() {
+    use std::os::unix::fs::PermissionsExt;
+    let pki = Pki::new();
+    let (_, key) = pki.issue("hub-01");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+    let state = tempfile::tempdir().expect("state");
+    let spec = HubSpec {
+        id: "hub-01",
+        level: 2,
+        publishes: &[],
+        quic: None,
+        publish_addrs: vec![],
+    };
+    let text = hub_toml(
+        &pki,
+        &spec,
+        free_udp(),
+        &[],
+        free_tcp("127.0.0.1"),
+        state.path(),
+    );
+    let path = state.path().join("hub.toml");
+    std::fs::write(&path, text).expect("write");
+    let (code, lines) = Proc::start(&path).wait_exit();
+    assert_eq!(code, 77, "{lines:#?}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("readable by group or others") && l.contains("chmod 600")),
+        "{lines:#?}"
+    );
+}
+
+#[test]
+fn an_invalid_config_exits_64_before_binding() {
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("bad.toml");
+    std::fs::copy(common::root().join("tests/configs/bad/level-9.toml"), &path).expect("copy");
+    let (code, lines) = Proc::start(&path).wait_exit();
+    assert_eq!(code, 64, "{lines:#?}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("is not a protection level")),
+        "{lines:#?}"
+    );
+}
+
+#[test]
+fn sighup_adds_a_publish_and_sigterm_drains() {
+    let rt = tokio::runtime::Runtime::new().expect("rt");
+    let pki = Pki::new();
+    pki.issue("hub-01");
+    pki.issue("edge-b");
+    let echo_b = rt.block_on(echo("127.0.2.10"));
+    let hub_state = tempfile::tempdir().expect("state");
+    let edge_state = tempfile::tempdir().expect("state");
+    let (quic, p1, p2) = (free_udp(), free_tcp("127.0.0.1"), free_tcp("127.0.0.1"));
+    let spec = HubSpec {
+        id: "hub-01",
+        level: 2,
+        publishes: &["edge-b/echo"],
+        quic: None,
+        publish_addrs: vec![],
+    };
+    let hub_text = hub_toml(
+        &pki,
+        &spec,
+        quic,
+        &[p1],
+        free_tcp("127.0.0.1"),
+        hub_state.path(),
+    );
+    let hub_path = hub_state.path().join("hub.toml");
+    std::fs::write(&hub_path, &hub_text).expect("write");
+    let espec = EdgeSpec {
+        id: "edge-b",
+        net: 2,
+        level: 2,
+        hubs: vec![quic],
+        services: vec![("echo", echo_b.addr, "\"extranet\"", None, None)],
+        accesses: vec![],
+        cert: None,
+    };
+    let edge_path = edge_state.path().join("edge.toml");
+    std::fs::write(
+        &edge_path,
+        edge_toml(&pki, &espec, &[], free_tcp("127.0.0.1"), edge_state.path()),
+    )
+    .expect("write");
+
+    let mut hub = Proc::start(&hub_path);
+    hub.wait_log("Hub started");
+    let mut edge = Proc::start(&edge_path);
+    edge.wait_log("Tunnel up");
+    let back = rt
+        .block_on(round_trip(p1, "127.0.0.1", b"before reload".to_vec()))
+        .expect("relay");
+    assert_eq!(back, b"before reload");
+
+    // A broken config on SIGHUP is refused; the old one stays.
+    std::fs::write(&hub_path, format!("{hub_text}\n[[publish]]\nservice = \"edge-b/echo\"\nzone = \"nowhere\"\nlisten = \"{p2}\"\n")).expect("write");
+    hub.signal(Signal::SIGHUP);
+    hub.wait_log("Reload refused");
+    // A good one adds the publish.
+    std::fs::write(&hub_path, format!("{hub_text}\n[[publish]]\nservice = \"edge-b/echo\"\nzone = \"extranet\"\nlisten = \"{p2}\"\n")).expect("write");
+    hub.signal(Signal::SIGHUP);
+    hub.wait_log("Configuration reloaded");
+    let back = rt
+        .block_on(round_trip(p2, "127.0.0.1", b"after reload".to_vec()))
+        .expect("relay on the new publish");
+    assert_eq!(back, b"after reload");
+
+    edge.signal(Signal::SIGTERM);
+    hub.signal(Signal::SIGTERM);
+    let (edge_code, edge_lines) = edge.wait_exit();
+    let (hub_code, hub_lines) = hub.wait_exit();
+    assert_eq!(edge_code, 0, "{edge_lines:#?}");
+    assert_eq!(hub_code, 0, "{hub_lines:#?}");
+    let lines = audit_lines(hub_state.path());
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("config.reload") && l.contains(" error ")),
+        "the refused reload is audited: {lines:#?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("config.reload") && l.contains(" ok ")),
+        "{lines:#?}"
+    );
+    assert!(
+        lines.iter().any(|l| l.starts_with("node.stop")),
+        "{lines:#?}"
+    );
+}

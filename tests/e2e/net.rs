@@ -1,0 +1,340 @@
+//! In-process nodes on loopback for the relay tests: a private CA, hubs and edges
+//! started with pre-bound port-0 sockets, and a legacy echo server that counts
+//! what reaches it.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use gateway_core::config;
+use gateway_daemon::daemon::{self, Bindings, Running};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Waits for `cond`, polling, up to `limit`.
+pub async fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A private CA and certificates in a temporary directory.
+pub struct Pki {
+    pub dir: tempfile::TempDir,
+}
+
+impl Pki {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        gateway_daemon::pki::init(&dir.path().join("ca"), "test CA").expect("ca");
+        Pki { dir }
+    }
+    pub fn ca(&self) -> PathBuf {
+        self.dir.path().join("ca")
+    }
+    /// Issues `id` (with 127.0.0.1 as an extra name, for hubs); returns (cert, key).
+    pub fn issue(&self, id: &str) -> (PathBuf, PathBuf) {
+        let out = self.dir.path().join("certs");
+        if !out.join(format!("{id}.pem")).exists() {
+            gateway_daemon::pki::issue(&self.ca(), id, &["127.0.0.1".to_owned()], 30, &out)
+                .expect("issue");
+        }
+        (out.join(format!("{id}.pem")), out.join(format!("{id}.key")))
+    }
+}
+
+fn bind_tcp(ip: &str) -> (SocketAddr, std::net::TcpListener) {
+    let l = daemon::listen_tcp(format!("{ip}:0").parse().expect("addr")).expect("bind");
+    (l.local_addr().expect("addr"), l)
+}
+
+/// Publishes a hub makes: (DEVICE/SERVICE).
+pub struct HubSpec<'a> {
+    pub id: &'a str,
+    pub level: u8,
+    pub publishes: &'a [&'a str],
+    /// Reuse this QUIC address (hub restart).
+    pub quic: Option<SocketAddr>,
+    /// Reuse these publish addresses, by index.
+    pub publish_addrs: Vec<SocketAddr>,
+}
+
+pub struct HubNode {
+    pub running: Running,
+    pub quic: SocketAddr,
+    pub publish: Vec<SocketAddr>,
+    pub state: tempfile::TempDir,
+    pub config_text: String,
+}
+
+pub fn hub_toml(
+    pki: &Pki,
+    spec: &HubSpec<'_>,
+    quic: SocketAddr,
+    publish: &[SocketAddr],
+    admin: SocketAddr,
+    state: &Path,
+) -> String {
+    let (cert, key) = (
+        pki.dir.path().join(format!("certs/{}.pem", spec.id)),
+        pki.dir.path().join(format!("certs/{}.key", spec.id)),
+    );
+    let mut s = format!(
+        "[node]\nid = \"{id}\"\nrole = \"hub\"\nstate_dir = \"{state}\"\n\n[hub]\nlisten = \"{quic}\"\napi = \"127.0.0.1:1\"\nca_cert = \"{ca}/ca.pem\"\nca_key = \"{ca}/ca.key\"\ncert = \"{cert}\"\nkey = \"{key}\"\n\n[[zone]]\nname = \"extranet\"\nkind = \"extranet\"\nlevel = {level}\nnetworks = [\"127.0.0.0/24\"]\n\n[admin]\nlisten = \"{admin}\"\n",
+        id = spec.id,
+        state = state.display(),
+        ca = pki.ca().display(),
+        cert = cert.display(),
+        key = key.display(),
+        level = spec.level,
+    );
+    for (svc, addr) in spec.publishes.iter().zip(publish) {
+        s += &format!(
+            "\n[[publish]]\nservice = \"{svc}\"\nzone = \"extranet\"\nlisten = \"{addr}\"\n"
+        );
+    }
+    s
+}
+
+pub fn load(text: &str) -> config::Config {
+    let checked = config::load(text, gateway_daemon::node::today_local());
+    let errors: Vec<String> = checked
+        .diagnostics
+        .iter()
+        .filter(|d| d.is_error())
+        .map(|d| d.render("test"))
+        .collect();
+    checked
+        .config
+        .unwrap_or_else(|| panic!("config refused: {errors:#?}\n{text}"))
+}
+
+pub async fn start_hub(pki: &Pki, spec: HubSpec<'_>) -> HubNode {
+    pki.issue(spec.id);
+    let want = spec
+        .quic
+        .unwrap_or_else(|| "127.0.0.1:0".parse().expect("addr"));
+    // A restarted hub reuses its address once the old endpoint has let it go.
+    let mut udp = std::net::UdpSocket::bind(want);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while udp.is_err() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        udp = std::net::UdpSocket::bind(want);
+    }
+    let udp = udp.expect("udp");
+    let quic = udp.local_addr().expect("addr");
+    let mut bindings = Bindings {
+        udp: Some(udp),
+        ..Bindings::default()
+    };
+    let mut publish = Vec::new();
+    for i in 0..spec.publishes.len() {
+        let (addr, l) = match spec.publish_addrs.get(i) {
+            Some(a) => (*a, daemon::listen_tcp(*a).expect("rebind publish")),
+            None => bind_tcp("127.0.0.1"),
+        };
+        bindings.tcp.insert(addr, l);
+        publish.push(addr);
+    }
+    let (admin, l) = bind_tcp("127.0.0.1");
+    bindings.tcp.insert(admin, l);
+    let state = tempfile::tempdir().expect("state");
+    let text = hub_toml(pki, &spec, quic, &publish, admin, state.path());
+    let running = daemon::start(load(&text), bindings)
+        .await
+        .expect("hub starts");
+    HubNode {
+        running,
+        quic,
+        publish,
+        state,
+        config_text: text,
+    }
+}
+
+/// A service of a test edge: (name, target, allow list as TOML, app_protocol, max_connections).
+pub type ServiceSpec<'a> = (&'a str, SocketAddr, &'a str, Option<&'a str>, Option<u32>);
+
+/// An edge: legacy zone 127.0.N.0/24, extranet 127.0.0.0/24.
+pub struct EdgeSpec<'a> {
+    pub id: &'a str,
+    pub net: u8,
+    pub level: u8,
+    pub hubs: Vec<SocketAddr>,
+    pub services: Vec<ServiceSpec<'a>>,
+    /// DEVICE/SERVICE reached through access listeners.
+    pub accesses: Vec<&'a str>,
+    /// Use another CA's certificate (must be issued already).
+    pub cert: Option<(PathBuf, PathBuf, PathBuf)>,
+}
+
+pub struct EdgeNode {
+    pub running: Running,
+    pub access: Vec<SocketAddr>,
+    pub state: tempfile::TempDir,
+}
+
+pub fn edge_toml(
+    pki: &Pki,
+    spec: &EdgeSpec<'_>,
+    access: &[SocketAddr],
+    admin: SocketAddr,
+    state: &Path,
+) -> String {
+    let (ca, cert, key) = match &spec.cert {
+        Some((ca, c, k)) => (ca.clone(), c.clone(), k.clone()),
+        None => (
+            pki.ca().join("ca.pem"),
+            pki.dir.path().join(format!("certs/{}.pem", spec.id)),
+            pki.dir.path().join(format!("certs/{}.key", spec.id)),
+        ),
+    };
+    let hubs: Vec<String> = spec.hubs.iter().map(|h| format!("\"{h}\"")).collect();
+    let mut s = format!(
+        "[node]\nid = \"{id}\"\nrole = \"edge\"\nstate_dir = \"{state}\"\n\n[[zone]]\nname = \"lab\"\nkind = \"legacy\"\nclassified = false\nlevel = {level}\nnetworks = [\"127.0.{net}.0/24\"]\nassessment = {{ id = \"T-1\", valid_until = 2099-12-31 }}\n\n[[zone]]\nname = \"extranet\"\nkind = \"extranet\"\nlevel = {level}\nnetworks = [\"127.0.0.0/24\"]\n\n[uplink]\nhubs = [{hubs}]\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n\n[admin]\nlisten = \"{admin}\"\n",
+        id = spec.id,
+        state = state.display(),
+        level = spec.level,
+        net = spec.net,
+        hubs = hubs.join(", "),
+        ca = ca.display(),
+        cert = cert.display(),
+        key = key.display(),
+    );
+    for (name, target, allow, app, max) in &spec.services {
+        s += &format!(
+            "\n[[service]]\nname = \"{name}\"\nzone = \"lab\"\ntarget = \"{target}\"\nallow = [{allow}]\n"
+        );
+        if let Some(a) = app {
+            s += &format!("app_protocol = \"{a}\"\n");
+        }
+        if let Some(m) = max {
+            s += &format!("max_connections = {m}\n");
+        }
+    }
+    for (svc, addr) in spec.accesses.iter().zip(access) {
+        s += &format!("\n[[access]]\nlisten = \"{addr}\"\nzone = \"lab\"\nservice = \"{svc}\"\n");
+    }
+    s
+}
+
+pub async fn start_edge(pki: &Pki, spec: EdgeSpec<'_>) -> EdgeNode {
+    if spec.cert.is_none() {
+        pki.issue(spec.id);
+    }
+    let mut bindings = Bindings::default();
+    let mut access = Vec::new();
+    for _ in &spec.accesses {
+        let (addr, l) = bind_tcp(&format!("127.0.{}.1", spec.net));
+        bindings.tcp.insert(addr, l);
+        access.push(addr);
+    }
+    let (admin, l) = bind_tcp("127.0.0.1");
+    bindings.tcp.insert(admin, l);
+    let state = tempfile::tempdir().expect("state");
+    let text = edge_toml(pki, &spec, &access, admin, state.path());
+    let running = daemon::start(load(&text), bindings)
+        .await
+        .expect("edge starts");
+    EdgeNode {
+        running,
+        access,
+        state,
+    }
+}
+
+/// A legacy TCP echo server on `ip`, counting the bytes and connections it sees.
+pub struct Echo {
+    pub addr: SocketAddr,
+    pub bytes: Arc<AtomicU64>,
+    pub conns: Arc<AtomicUsize>,
+}
+
+pub async fn echo(ip: &str) -> Echo {
+    let std = daemon::listen_tcp(format!("{ip}:0").parse().expect("addr")).expect("bind echo");
+    std.set_nonblocking(true).expect("nonblocking");
+    let l = TcpListener::from_std(std).expect("echo listener");
+    let addr = l.local_addr().expect("addr");
+    let bytes = Arc::new(AtomicU64::new(0));
+    let conns = Arc::new(AtomicUsize::new(0));
+    let (b, c) = (bytes.clone(), conns.clone());
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            c.fetch_add(1, Ordering::SeqCst);
+            let b = b.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            b.fetch_add(n as u64, Ordering::SeqCst);
+                            if s.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    Echo { addr, bytes, conns }
+}
+
+/// Sends `payload` on a new connection to `to` (from `from_ip`), closes for
+/// writing, and returns everything read back until EOF (or the error).
+pub async fn round_trip(
+    to: SocketAddr,
+    from_ip: &str,
+    payload: Vec<u8>,
+) -> std::io::Result<Vec<u8>> {
+    let sock = tokio::net::TcpSocket::new_v4()?;
+    sock.bind(format!("{from_ip}:0").parse().expect("addr"))?;
+    let s: TcpStream = sock.connect(to).await?;
+    let (mut r, mut w) = s.into_split();
+    let writer = tokio::spawn(async move {
+        w.write_all(&payload).await?;
+        w.shutdown().await
+    });
+    let mut back = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(60), r.read_to_end(&mut back)).await;
+    let _ = writer.await;
+    match read {
+        Ok(Ok(_)) => Ok(back),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "no EOF within 60 s",
+        )),
+    }
+}
+
+/// Audit records of a node's state directory, as text lines.
+pub fn audit_lines(state: &Path) -> Vec<String> {
+    let log = gateway_store::audit::AuditLog::open_existing(state).expect("audit db");
+    log.verify().expect("audit chain intact");
+    log.records(0, usize::MAX)
+        .expect("records")
+        .into_iter()
+        .map(|r| {
+            format!(
+                "{} {} {} {} [{}] {}",
+                r.event.event,
+                r.event.subject,
+                r.event.object,
+                r.event.outcome,
+                r.event.rule,
+                r.event.detail
+            )
+        })
+        .collect()
+}

@@ -1,0 +1,726 @@
+//! Relays end to end, with real hubs and edges in-process on loopback (port 0):
+//! publish and access paths, big and many transfers, refusals and their audit,
+//! foreign certificates, version mismatch, hub restart and hub failover, reload.
+
+mod net;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use net::*;
+
+const MIB: usize = 1 << 20;
+
+fn pattern(n: usize, seed: u8) -> Vec<u8> {
+    (0..n)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+async fn ready(edge: &EdgeNode) {
+    wait_for("the edge's tunnel", Duration::from_secs(10), || {
+        edge.running.ready()
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_and_access_echo_reach_the_legacy_server() {
+    let pki = Pki::new();
+    let echo_b = echo("127.0.2.10").await;
+    let hub = start_hub(
+        &pki,
+        HubSpec {
+            id: "hub-01",
+            level: 2,
+            publishes: &["edge-b/echo"],
+            quic: None,
+            publish_addrs: vec![],
+        },
+    )
+    .await;
+    let edge_b = start_edge(
+        &pki,
+        EdgeSpec {
+            id: "edge-b",
+            net: 2,
+            level: 2,
+            hubs: vec![hub.quic],
+            services: vec![("echo", echo_b.addr, "\"extranet\", \"edge-a\"", None, None)],
+            accesses: vec![],
+            cert: None,
+        },
+    )
+    .await;
+    let edge_a = start_edge(
+        &pki,
+        EdgeSpec {
+            id: "edge-a",
+            net: 1,
+            level: 2,
+            hubs: vec![hub.quic],
+            services: vec![],
+            accesses: vec!["edge-b/echo"],
+            cert: None,
+        },
+    )
+    .await;
+    ready(&edge_a).await;
+    ready(&edge_b).await;
+
+    // Provincial client -> hub publish -> edge-b -> legacy echo.
+    let back = round_trip(hub.publish[0], "127.0.0.1", b"hello via publish".to_vec())
+        .await
+        .expect("publish relay");
+    assert_eq!(back, b"hello via publish");
+    // Legacy client of edge-a -> access -> hub -> edge-b -> legacy echo.
+    let back = round_trip(edge_a.access[0], "127.0.1.5", b"hello via access".to_vec())
+        .await
+        .expect("access relay");
+    assert_eq!(back, b"hello via access");
+    assert_eq!(
+        echo_b.bytes.load(Ordering::SeqCst),
+        33,
+        "the legacy server saw both payloads"
+    );
+    assert_eq!(echo_b.conns.load(Ordering::SeqCst), 2);
+
+    wait_for("edge-b's audit", Duration::from_secs(5), || {
+        audit_lines(edge_b.state.path())
+            .iter()
+            .filter(|l| l.starts_with("relay.close"))
+            .count()
+            == 2
+    })
+    .await;
+    let lines = audit_lines(edge_b.state.path());
+    assert!(
+        lines.iter().any(|l| l.contains("relay.open")
+            && l.contains("[R0.allow-service]")
+            && l.contains("edge-a:127.0.1.5")),
+        "{lines:#?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("relay.close") && l.contains("bytes_up=17 bytes_down=17")),
+        "{lines:#?}"
+    );
+    let hub_lines = audit_lines(hub.state.path());
+    assert!(
+        hub_lines
+            .iter()
+            .any(|l| l.starts_with("relay.open") && l.contains("[R0.allow-publish]")),
+        "{hub_lines:#?}"
+    );
+
+    let metrics = reqwest_metrics(&edge_b).await;
+    assert!(
+        metrics.contains("gateway_relays_total{service=\"echo\"} 2"),
+        "{metrics}"
+    );
+}
+
+async fn reqwest_metrics(edge: &EdgeNode) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(edge.running.admin_addr)
+        .await
+        .expect("admin");
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.expect("read");
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_100_mib_transfer_arrives_intact() {
+    let pki = Pki::new();
+    let echo_b = echo("127.0.2.10").await;
+    let hub = start_hub(
+        &pki,
+        HubSpec {
+            id: "hub-01",
+            level: 2,
+            publishes: &["edge-b/echo"],
+            quic: None,
+            publish_addrs: vec![],
+        },
+    )
+    .await;
+    let edge = start_edge(
+        &pki,
+        EdgeSpec {
+            id: "edge-b",
+            net: 2,
+            level: 2,
+            hubs: vec![hub.quic],
+            services: vec![("echo", echo_b.addr, "\"extranet\"", None, None)],
+            accesses: vec![],
+            cert: None,
+        },
+    )
+    .await;
+    ready(&edge).await;
+    let payload = pattern(100 * MIB, 7);
+    let digest = ring_digest(&payload);
+    let back = round_trip(hub.publish[0], "127.0.0.1", payload)
+        .await
+        .expect("relay");
+    assert_eq!(back.len(), 100 * MIB);
+    assert_eq!(
+        ring_digest(&back),
+        digest,
+        "SHA-256 of what came back differs"
+    );
+    assert_eq!(echo_b.bytes.load(Ordering::SeqCst), 100 * MIB as u64);
+}
+
+fn ring_digest(b: &[u8]) -> Vec<u8> {
+    ring::digest::digest(&ring::digest::SHA256, b)
+        .as_ref()
+        .to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_concurrent_relays() {
+    let pki = Pki::new();
+    let echo_b = echo("127.0.2.10").await;
+    let hub = start_hub(
+        &pki,
+        HubSpec {
+            id: "hub-01",
+            level: 2,
+            publishes: &["edge-b/echo"],
+            quic: None,
+            publish_addrs: vec![],
+        },
+    )
+    .await;
+    let edge = start_edge(
+        &pki,
+        EdgeSpec {
+            id: "edge-b",
+            net: 2,
+            level: 2,
+            hubs: vec![hub.quic],
+            services: vec![("echo", echo_b.addr, "\"extranet\"", None, None)],
+            accesses: vec![],
+            cert: None,
+        },
+    )
+    .await;
+    ready(&edge).await;
+    let publish = hub.publish[0];
+    let mut tasks = Vec::new();
+    for i in 0..1000u32 {
+        tasks.push(tokio::spawn(async move {
+            let payload = pattern(1024, i as u8);
+            let back = round_trip(publish, "127.0.0.1", payload.clone()).await;
+            (back.map(|b| b == payload), i)
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        let (r, i) = t.await.expect("task");
+        match r {
+            Ok(true) => ok += 1,
+            Ok(false) => panic!("connection {i}: echo differs"),
+            Err(e) => {
+                std::thread::sleep(Duration::from_secs(1));
+                let trouble = |lines: Vec<String>| {
+                    lines
+                        .into_iter()
+                        .filter(|l| !l.starts_with("relay.open") && !l.contains("end=closed"))
+                        .collect::<Vec<_>>()
+                };
+                panic!(
+                    "connection {i}: {e}\nhub: {:#?}\nedge: {:#?}",
+                    trouble(audit_lines(hub.state.path())),
+                    trouble(audit_lines(edge.state.path()))
+                );
+            }
+        }
+    }
+    assert_eq!(ok, 1000);
+    assert_eq!(echo_b.conns.load(Ordering::SeqCst), 1000);
+    assert_eq!(echo_b.bytes.load(Ordering::SeqCst), 1000 * 1024);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_denied_crossing_is_refused_and_audited() {
+    let pki = Pki::new();
+    let echo_b = echo("127.0.2.10").await;
+    let hub = start_hub(
+        &pki,
+        HubSpec {
+            id: "hub-01",
+            level: 2,
+            publishes: &["edge-b/echo"],
+            quic: None,
+            publish_addrs: vec![],
+        },
+    )
+    .await;
+    // The service allows only another department's gateway, not provincial clients.
+    let edge = start_edge(
+        &pki,
+        EdgeSpec {
+            id: "edge-b",
+            net: 2,
+            level: 2,
+            hubs: vec![hub.quic],
+            services: vec![("echo", echo_b.addr, "\"edge-z\"", None, None)],
+            accesses: vec![],
+            cert: None,
+        },
+    )
+    .await;
+    ready(&edge).await;
+    let r = round_trip(hub.publish[0], "127.0.0.1", b"let me in".to_vec()).await;
+    assert!(
+        r.as_ref().map_or(true, Vec::is_empty),
+        "a refused client gets no data: {r:?}"
+    );
+    assert_eq!(
+        echo_b.conns.load(Ordering::SeqCst),
+        0,
+        "nothing reached the legacy network"
+    );
+    wait_for(
+        "the refusal in the edge's audit",
+        Duration::from_secs(5),
+        || {
+            audit_lines(edge.state.path()).iter().any(|l| {
+                l.starts_with("relay.refuse")
+                    && l.contains("[R0.default-deny]")
+                    && l.contains("zone \"extranet\" is not allowed")
+            })
+        },
+    )
+    .await;
+    wait_for(
+        "the refusal in the hub's audit",
+        Duration::from_secs(5),
+        || {
+            audit_lines(hub.state.path())
+                .iter()
+                .any(|l| l.starts_with("relay.refuse") && l.contains("[R0.default-deny]"))
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn level_3_checks_the_application_protocol() {
+    let pki = Pki::new();
+    let echo_b = echo("127.0.2.10").await;
+    let hub = start_hub(
+        &pki,
+        HubSpec {
+            id: "hub-01",
+            level: 3,
+            publishes: &["edge-b/web"],
+            quic: None,
+            publish_addrs: vec![],
+        },
+    )
+    .await;
+    let edge = start_edge(
+        &pki,
+        EdgeSpec {
+            id: "edge-b",
+            net: 2,
+            level: 3,
+            hubs: vec![hub.quic],
+            services: vec![("web", echo_b.addr, "\"extranet\"", Some("http"), None)],
+            accesses: vec![],
+            cert: None,
+        },
+    )
+    .await;
+    ready(&edge).await;
+    let http = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
+    assert_eq!(
+        round_trip(hub.publish[0], "127.0.0.1", http.clone())
+            .await
+            .expect("http passes"),
+        http
+    );
+    let ssh = round_trip(
+        hub.publish[0],
+        "127.0.0.1",
+        b"SSH-2.0-OpenSSH_9.2\r\n".to_vec(),
+    )
+    .await;
+    assert!(ssh.as_ref().map_or(true, Vec::is_empty), "{ssh:?}");
+    assert_eq!(
+        echo_b.bytes.load(Ordering::SeqCst),
+        http.len() as u64,
+        "the SSH bytes never reached the server"
+    );
+    wait_for(
+        "the R5.app-protocol refusal",
+        Duration::from_secs(5),
+        || {
+            audit_lines(edge.state.path())
+                .iter()
+                .any(|l| l.starts_with("relay.refuse") && l.contains("[R5.app-protocol]"))
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connections_refuses_the_extra_one_and_keeps_the_others() {
+    let pki = Pki::new();
+    let echo_b = echo("127.0.2.10").await;
+    let hub = start_hub(
+        &pki,
+        HubSpec {
+            id: "hub-01",
+            level: 2,
+            publishes: &["edge-b/echo"],
+            quic: None,
+            publish_addrs: vec![],
+        },
+    )
+    .await;
+    let edge = start_edge(
+        &pki,
+        EdgeSpec {
+            id: "edge-b",
+            net: 2,
+            level: 2,
+            hubs: vec![hub.quic],
+            services: vec![("echo", echo_b.addr, "\"extranet\"", None, Some(2))],
+            accesses: vec![],
+            cert: None,
+        },
+    )
+    .await;
+    ready(&edge).await;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = tokio::net::TcpStream::connect(hub.publish[0])
+            .await
+            .expect("connect");
+        s.write_all(b"ping").await.expect("write");
+        let mut b = [0u8; 4];
+        s.read_exact(&mut b)
+            .await
+            .expect("echo while under the limit");
+        held.push(s);
+    }
+    let third = round_trip(hub.publish[0], "127.0.0.1", b"third".to_vec()).await;
+    assert!(third.as_ref().map_or(true, Vec::is_empty), "{third:?}");
+    for s in &mut held {
+        s.write_all(b"pong")
+            .await
+            .expect("existing relays untouched");
+        let mut b = [0u8; 4];
+        s.read_exact(&mut b).await.expect("echo");
+        assert_eq!(&b, b"pong");
+    }
+    wait_for("the limit refusal", Duration::from_secs(5), || {
+        audit_lines(edge.state.path())
+            .iter()
+            .any(|l| l.starts_with("relay.refuse") && l.contains("max_connections"))
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_from_another_ca_is_refused() {
+    let pki = Pki::new();
+    let rogue = Pki::new();
+    let (cert, key) = rogue.issue("edge-b");
+    let hub = start_hub(
+        &pki,
+        HubSpec {
+            id: "hub-01",
+            level: 2,
+            publishes: &[],
+            quic: None,
+            publish_addrs: vec![],
+        },
+    )
+    .await;
+    // The rogue edge trusts the real CA for the hub but presents a certificate of its own CA.
+    let edge = start_edge(
+        &pki,
+        EdgeSpec {
+            id: "edge-b",
+            net: 2,
+            level: 2,
+            hubs: vec![hub.quic],
+            services: vec![],
+            accesses: vec![],
+            cert: Some((pki.ca().join("ca.pem"), cert, key)),
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !edge.running.ready(),
+        "a foreign certificate must not bring a tunnel up"
+    );
+    assert!(!hub.running.ctx().metrics.any_peer_up());
+    // And an edge that trusts another CA does not accept the real hub.
+    let edge2 = start_edge(
+        &pki,
+        EdgeSpec {
+            id: "edge-c",
+            net: 3,
+            level: 2,
+            hubs: vec![hub.quic],
+            services: vec![],
+            accesses: vec![],
+            cert: Some((
+                rogue.ca().join("ca.pem"),
+                pki.issue("edge-c").0,
+                pki.dir.path().join("certs/edge-c.key"),
+            )),
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!edge2.running.ready());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_mismatch_is_refused_naming_both_versions() {
+    use gateway_core::wire::{Frame, RefuseCode};
+    let pki = Pki::new();
+    let hub = start_hub(
+        &pki,
+        HubSpec {
+            id: "hub-01",
+            level: 2,
+            publishes: &[],
+            quic: None,
+            publish_addrs: vec![],
+        },
+    )
+    .await;
+    let (cert, key) = pki.issue("edge-v");
+    let client =
+        gateway_daemon::tls::client(&pki.ca().join("ca.pem"), &cert, &key).expect("client config");
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+    let conn = endpoint
+        .connect_with(client, hub.quic, "127.0.0.1")
+        .expect("connect")
+        .await
+        .expect("handshake");
+    let (mut send, mut recv) = conn.open_bi().await.expect("stream");
+    gateway_daemon::relay::write_frame(&mut send, &Frame::Hello { version: 99 })
+        .await
+        .expect("hello");
+    match gateway_daemon::relay::read_frame(&mut recv)
+        .await
+        .expect("answer")
+    {
+        Frame::Refuse {
+            code: RefuseCode::Version,
+            message,
+            ..
+        } => {
+            assert!(
+                message.contains("speaks 1") && message.contains("speaks 99"),
+                "{message}"
+            );
+        }
+        other => panic!("expected a version refusal, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_returns_after_a_hub_restart() {
+    let pki = Pki::new();
+    let echo_b = echo("127.0.2.10").await;
+    let hub = start_hub(
+        &pki,
+        HubSpec {
+            id: "hub-01",
+            level: 2,
+            publishes: &["edge-b/echo"],
+            quic: None,
+            publish_addrs: vec![],
+        },
+    )
+    .await;
+    let edge = start_edge(
+        &pki,
+        EdgeSpec {
+            id: "edge-b",
+            net: 2,
+            level: 2,
+            hubs: vec![hub.quic],
+            services: vec![("echo", echo_b.addr, "\"extranet\"", None, None)],
+            accesses: vec![],
+            cert: None,
+        },
+    )
+    .await;
+    ready(&edge).await;
+    let (quic, publish) = (hub.quic, hub.publish.clone());
+    hub.running.drain(Duration::from_millis(100)).await;
+    drop(hub.running);
+    wait_for("the edge to notice", Duration::from_secs(10), || {
+        !edge.running.ready()
+    })
+    .await;
+    let hub2 = start_hub(
+        &pki,
+        HubSpec {
+            id: "hub-01",
+            level: 2,
+            publishes: &["edge-b/echo"],
+            quic: Some(quic),
+            publish_addrs: publish,
+        },
+    )
+    .await;
+    let t0 = tokio::time::Instant::now();
+    wait_for("the tunnel to return", Duration::from_secs(10), || {
+        edge.running.ready()
+    })
+    .await;
+    println!(
+        "tunnel back {} ms after the hub restarted",
+        t0.elapsed().as_millis()
+    );
+    let back = round_trip(hub2.publish[0], "127.0.0.1", b"back again".to_vec())
+        .await
+        .expect("relay after restart");
+    assert_eq!(back, b"back again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_keeps_working_while_one_of_two_hubs_is_down() {
+    let pki = Pki::new();
+    let echo_b = echo("127.0.2.10").await;
+    let hub1 = start_hub(
+        &pki,
+        HubSpec {
+            id: "hub-01",
+            level: 2,
+            publishes: &["edge-b/echo"],
+            quic: None,
+            publish_addrs: vec![],
+        },
+    )
+    .await;
+    let hub2 = start_hub(
+        &pki,
+        HubSpec {
+            id: "hub-02",
+            level: 2,
+            publishes: &["edge-b/echo"],
+            quic: None,
+            publish_addrs: vec![],
+        },
+    )
+    .await;
+    let edge = start_edge(
+        &pki,
+        EdgeSpec {
+            id: "edge-b",
+            net: 2,
+            level: 2,
+            hubs: vec![hub1.quic, hub2.quic],
+            services: vec![("echo", echo_b.addr, "\"extranet\"", None, None)],
+            accesses: vec![],
+            cert: None,
+        },
+    )
+    .await;
+    wait_for("both tunnels", Duration::from_secs(10), || {
+        hub1.running.ctx().metrics.any_peer_up() && hub2.running.ctx().metrics.any_peer_up()
+    })
+    .await;
+    hub1.running.drain(Duration::from_millis(100)).await;
+    drop(hub1);
+    let back = round_trip(hub2.publish[0], "127.0.0.1", b"via the second hub".to_vec())
+        .await
+        .expect("relay through hub2");
+    assert_eq!(back, b"via the second hub");
+    assert!(edge.running.ready());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_adds_and_removes_a_publish_and_keeps_other_relays() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = Pki::new();
+    let echo_b = echo("127.0.2.10").await;
+    let hub = start_hub(
+        &pki,
+        HubSpec {
+            id: "hub-01",
+            level: 2,
+            publishes: &["edge-b/echo"],
+            quic: None,
+            publish_addrs: vec![],
+        },
+    )
+    .await;
+    let edge = start_edge(
+        &pki,
+        EdgeSpec {
+            id: "edge-b",
+            net: 2,
+            level: 2,
+            hubs: vec![hub.quic],
+            services: vec![
+                ("echo", echo_b.addr, "\"extranet\"", None, None),
+                ("echo2", echo_b.addr, "\"extranet\"", None, None),
+            ],
+            accesses: vec![],
+            cert: None,
+        },
+    )
+    .await;
+    ready(&edge).await;
+    // A relay that stays open across the reloads.
+    let mut long = tokio::net::TcpStream::connect(hub.publish[0])
+        .await
+        .expect("connect");
+    long.write_all(b"one").await.expect("write");
+    let mut b = [0u8; 3];
+    long.read_exact(&mut b).await.expect("echo");
+
+    // Add a publish for echo2 on a new address.
+    let extra = std::net::TcpListener::bind("127.0.0.1:0").expect("probe");
+    let extra_addr = extra.local_addr().expect("addr");
+    drop(extra);
+    let text = format!(
+        "{}\n[[publish]]\nservice = \"edge-b/echo2\"\nzone = \"extranet\"\nlisten = \"{extra_addr}\"\n",
+        hub.config_text
+    );
+    hub.running.reload(load(&text)).expect("reload adds");
+    assert_eq!(
+        round_trip(extra_addr, "127.0.0.1", b"new".to_vec())
+            .await
+            .expect("new publish"),
+        b"new"
+    );
+
+    // Remove it again.
+    hub.running
+        .reload(load(&hub.config_text))
+        .expect("reload removes");
+    wait_for(
+        "the removed listener to close",
+        Duration::from_secs(5),
+        || std::net::TcpStream::connect(extra_addr).is_err(),
+    )
+    .await;
+
+    long.write_all(b"two").await.expect("write");
+    long.read_exact(&mut b)
+        .await
+        .expect("the unrelated relay survived both reloads");
+    assert_eq!(&b, b"two");
+}
