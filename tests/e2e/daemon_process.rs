@@ -196,6 +196,7 @@ fn sighup_adds_a_publish_and_sigterm_drains() {
         services: vec![("echo", echo_b.addr, "\"extranet\"", None, None)],
         accesses: vec![],
         cert: None,
+        bandwidth: None,
     };
     let edge_path = edge_state.path().join("edge.toml");
     std::fs::write(

@@ -174,6 +174,8 @@ pub struct EdgeSpec<'a> {
     pub accesses: Vec<&'a str>,
     /// Use another CA's certificate (must be issued already).
     pub cert: Option<(PathBuf, PathBuf, PathBuf)>,
+    /// `bandwidth` of every service.
+    pub bandwidth: Option<&'a str>,
 }
 
 pub struct EdgeNode {
@@ -218,6 +220,9 @@ pub fn edge_toml(
         }
         if let Some(m) = max {
             s += &format!("max_connections = {m}\n");
+        }
+        if let Some(b) = spec.bandwidth {
+            s += &format!("bandwidth = \"{b}\"\n");
         }
     }
     for (svc, addr) in spec.accesses.iter().zip(access) {

@@ -49,6 +49,7 @@ async fn publish_and_access_echo_reach_the_legacy_server() {
             services: vec![("echo", echo_b.addr, "\"extranet\", \"edge-a\"", None, None)],
             accesses: vec![],
             cert: None,
+            bandwidth: None,
         },
     )
     .await;
@@ -62,6 +63,7 @@ async fn publish_and_access_echo_reach_the_legacy_server() {
             services: vec![],
             accesses: vec!["edge-b/echo"],
             cert: None,
+            bandwidth: None,
         },
     )
     .await;
@@ -159,6 +161,7 @@ async fn a_100_mib_transfer_arrives_intact() {
             services: vec![("echo", echo_b.addr, "\"extranet\"", None, None)],
             accesses: vec![],
             cert: None,
+            bandwidth: None,
         },
     )
     .await;
@@ -208,6 +211,7 @@ async fn a_thousand_concurrent_relays() {
             services: vec![("echo", echo_b.addr, "\"extranet\"", None, None)],
             accesses: vec![],
             cert: None,
+            bandwidth: None,
         },
     )
     .await;
@@ -274,6 +278,7 @@ async fn a_denied_crossing_is_refused_and_audited() {
             services: vec![("echo", echo_b.addr, "\"edge-z\"", None, None)],
             accesses: vec![],
             cert: None,
+            bandwidth: None,
         },
     )
     .await;
@@ -337,6 +342,7 @@ async fn level_3_checks_the_application_protocol() {
             services: vec![("web", echo_b.addr, "\"extranet\"", Some("http"), None)],
             accesses: vec![],
             cert: None,
+            bandwidth: None,
         },
     )
     .await;
@@ -397,6 +403,7 @@ async fn max_connections_refuses_the_extra_one_and_keeps_the_others() {
             services: vec![("echo", echo_b.addr, "\"extranet\"", None, Some(2))],
             accesses: vec![],
             cert: None,
+            bandwidth: None,
         },
     )
     .await;
@@ -459,6 +466,7 @@ async fn a_certificate_from_another_ca_is_refused() {
             services: vec![],
             accesses: vec![],
             cert: Some((pki.ca().join("ca.pem"), cert, key)),
+            bandwidth: None,
         },
     )
     .await;
@@ -483,6 +491,7 @@ async fn a_certificate_from_another_ca_is_refused() {
                 pki.issue("edge-c").0,
                 pki.dir.path().join("certs/edge-c.key"),
             )),
+            bandwidth: None,
         },
     )
     .await;
@@ -561,6 +570,7 @@ async fn service_returns_after_a_hub_restart() {
             services: vec![("echo", echo_b.addr, "\"extranet\"", None, None)],
             accesses: vec![],
             cert: None,
+            bandwidth: None,
         },
     )
     .await;
@@ -634,6 +644,7 @@ async fn a_publish_keeps_working_while_one_of_two_hubs_is_down() {
             services: vec![("echo", echo_b.addr, "\"extranet\"", None, None)],
             accesses: vec![],
             cert: None,
+            bandwidth: None,
         },
     )
     .await;
@@ -679,6 +690,7 @@ async fn reload_adds_and_removes_a_publish_and_keeps_other_relays() {
             ],
             accesses: vec![],
             cert: None,
+            bandwidth: None,
         },
     )
     .await;
@@ -723,4 +735,105 @@ async fn reload_adds_and_removes_a_publish_and_keeps_other_relays() {
         .await
         .expect("the unrelated relay survived both reloads");
     assert_eq!(&b, b"two");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ended_assessment_cuts_running_relays_and_refuses_new_ones() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = Pki::new();
+    let echo_b = echo("127.0.2.10").await;
+    let hub = start_hub(
+        &pki,
+        HubSpec {
+            id: "hub-01",
+            level: 2,
+            publishes: &["edge-b/echo"],
+            quic: None,
+            publish_addrs: vec![],
+        },
+    )
+    .await;
+    let edge = start_edge(
+        &pki,
+        EdgeSpec {
+            id: "edge-b",
+            net: 2,
+            level: 2,
+            hubs: vec![hub.quic],
+            services: vec![("echo", echo_b.addr, "\"extranet\"", None, None)],
+            accesses: vec![],
+            cert: None,
+            bandwidth: None,
+        },
+    )
+    .await;
+    ready(&edge).await;
+    let mut long = tokio::net::TcpStream::connect(hub.publish[0])
+        .await
+        .expect("connect");
+    long.write_all(b"ping").await.expect("write");
+    let mut b = [0u8; 4];
+    long.read_exact(&mut b).await.expect("echo before expiry");
+
+    // The test assessments end on 2099-12-31: move the edge's calendar past it.
+    let ctx = edge.running.ctx();
+    let end: gateway_core::units::Date = "2099-12-31".parse().expect("date");
+    ctx.set_clock_offset_days(ctx.today().days_until(end) + 1);
+    assert_eq!(ctx.recheck_assessments(), vec!["lab".to_owned()]);
+    assert!(ctx.recheck_assessments().is_empty(), "reported once");
+
+    let mut rest = Vec::new();
+    let cut = tokio::time::timeout(Duration::from_secs(5), long.read_to_end(&mut rest))
+        .await
+        .expect("the running relay ends");
+    assert!(cut.is_err() || rest.is_empty(), "{cut:?} {rest:?}");
+    let new = round_trip(hub.publish[0], "127.0.0.1", b"after expiry".to_vec()).await;
+    assert!(new.as_ref().map_or(true, Vec::is_empty), "{new:?}");
+    wait_for("the expiry in the audit", Duration::from_secs(5), || {
+        let lines = audit_lines(edge.state.path());
+        lines
+            .iter()
+            .any(|l| l.starts_with("zone.stop") && l.contains("[R3.assessment-expired]"))
+            && lines
+                .iter()
+                .any(|l| l.starts_with("relay.refuse") && l.contains("[R3.assessment-expired]"))
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bandwidth_capped_service_still_delivers_intact() {
+    let pki = Pki::new();
+    let echo_b = echo("127.0.2.10").await;
+    let hub = start_hub(
+        &pki,
+        HubSpec {
+            id: "hub-01",
+            level: 2,
+            publishes: &["edge-b/echo"],
+            quic: None,
+            publish_addrs: vec![],
+        },
+    )
+    .await;
+    let edge = start_edge(
+        &pki,
+        EdgeSpec {
+            id: "edge-b",
+            net: 2,
+            level: 2,
+            hubs: vec![hub.quic],
+            services: vec![("echo", echo_b.addr, "\"extranet\"", None, None)],
+            accesses: vec![],
+            cert: None,
+            bandwidth: Some("200Mbit"),
+        },
+    )
+    .await;
+    ready(&edge).await;
+    let payload = pattern(8 * MIB, 3);
+    let back = round_trip(hub.publish[0], "127.0.0.1", payload.clone())
+        .await
+        .expect("relay");
+    assert!(back == payload, "capped relay corrupted the data");
 }

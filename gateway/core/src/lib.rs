@@ -18,6 +18,7 @@ pub mod backoff;
 pub mod config;
 pub mod diag;
 pub mod policy;
+pub mod rate;
 pub mod sniff;
 pub mod summary;
 pub mod units;

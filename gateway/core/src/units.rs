@@ -243,6 +243,49 @@ pub fn parse_duration(s: &str) -> Result<Duration, ValueError> {
     Ok(Duration::from_millis(total))
 }
 
+/// Parses a bandwidth like `100Mbit`, `1Gbit`, `512kbit` (bits per second) or
+/// `10MB/s`, `1MiB/s` (bytes per second) into bytes per second.
+///
+/// # Errors
+/// When the text is not a whole number and one of those units, or is zero.
+pub fn parse_bandwidth(s: &str) -> Result<u64, ValueError> {
+    let hint = "write a rate like \"100Mbit\", \"1Gbit\", \"512kbit\" (bits per second) or \"10MB/s\", \"1MiB/s\"";
+    let (num, unit) = split_number(s.trim());
+    let Ok(n) = num.parse::<u64>() else {
+        return Err(bad(format!("{s:?} is not a bandwidth"), hint));
+    };
+    let bits: Option<u64> = match unit {
+        "kbit" | "Kbit" => n.checked_mul(1_000),
+        "Mbit" => n.checked_mul(1_000_000),
+        "Gbit" => n.checked_mul(1_000_000_000),
+        _ => None,
+    };
+    let bytes = match (bits, unit) {
+        (Some(b), _) => Some(b / 8),
+        (None, "KB/s" | "kB/s") => n.checked_mul(1_000),
+        (None, "MB/s") => n.checked_mul(1_000_000),
+        (None, "GB/s") => n.checked_mul(1_000_000_000),
+        (None, "KiB/s") => n.checked_mul(1 << 10),
+        (None, "MiB/s") => n.checked_mul(1 << 20),
+        (None, "GiB/s") => n.checked_mul(1 << 30),
+        (None, "") => return Err(bad(format!("bandwidth {s:?} has no unit"), hint)),
+        (None, other) => {
+            return Err(bad(
+                format!("unknown bandwidth unit {other:?} in {s:?}"),
+                hint,
+            ));
+        }
+    };
+    match bytes {
+        Some(0) => Err(bad(
+            format!("bandwidth {s:?} is zero"),
+            "give a rate above zero, or remove the key for no cap",
+        )),
+        Some(b) => Ok(b),
+        None => Err(bad(format!("bandwidth {s:?} is too large"), hint)),
+    }
+}
+
 /// Renders a duration in the largest unit that divides it.
 pub fn format_duration(d: Duration) -> String {
     let ms = d.as_millis();
@@ -490,6 +533,15 @@ mod tests {
         assert!(parse_duration("30").is_err());
         assert!(parse_duration("1y").is_err());
         assert!(parse_duration("0s").is_err());
+    }
+
+    #[test]
+    fn bandwidths() {
+        assert_eq!(parse_bandwidth("100Mbit"), Ok(12_500_000));
+        assert_eq!(parse_bandwidth("1MiB/s"), Ok(1 << 20));
+        assert!(parse_bandwidth("100").is_err());
+        assert!(parse_bandwidth("100Mbps").is_err());
+        assert!(parse_bandwidth("0Gbit").is_err());
     }
 
     #[test]

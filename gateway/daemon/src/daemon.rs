@@ -212,6 +212,7 @@ pub async fn start(config: Config, mut bindings: Bindings) -> Result<Running, St
                     bindings.tcp(a.listen).map_err(bind_err(a.listen))?,
                 ));
             }
+            tokio::spawn(edge::watch_assessments(ctx.clone()));
             for (i, h) in e.uplink.hubs.iter().enumerate() {
                 tokio::spawn(edge::keep_tunnel(
                     ctx.clone(),
@@ -350,6 +351,7 @@ impl Running {
             String::new(),
         );
         info!("Configuration reloaded");
+        self.ctx.recheck_assessments();
         Ok(())
     }
 

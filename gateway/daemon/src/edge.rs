@@ -17,7 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::node::{Ctx, today_local};
+use crate::node::Ctx;
 use crate::relay::{self, read_frame, write_frame};
 
 /// Time allowed to connect to a legacy target.
@@ -269,7 +269,7 @@ async fn serve_open(
                 service: &service,
                 origin: porigin,
             },
-            today_local(),
+            ctx.today(),
         );
         if !decision.is_allowed() {
             info!(rule = %decision.rule, reason = %decision.reason, "Refused");
@@ -397,11 +397,14 @@ async fn serve_open(
         ctx.metrics.opened(&service);
         let live = [AtomicU64::new(first.len() as u64), AtomicU64::new(0)];
         let stop = ctx.service_token(&service);
+        let zone_stop = ctx.zone_token(&svc.zone);
+        let limits = ctx.limiter(&service, svc.bandwidth);
         let done = {
             let (mut tr, mut tw) = target.split();
             tokio::select! {
-                s = relay::splice(&mut recv, &mut send, &mut tr, &mut tw, &live) => Some(s),
+                s = relay::splice_limited(&mut recv, &mut send, &mut tr, &mut tw, &live, limits.as_deref()) => Some(s),
                 () = stop.cancelled() => None,
+                () = zone_stop.cancelled() => None,
             }
         };
         if done.is_none_or(|s| s.reset) {
@@ -523,7 +526,7 @@ async fn access_relay(
             listen: access.listen,
             client: peer.ip(),
         },
-        today_local(),
+        ctx.today(),
     );
     let deny = |rule: &str, reason: String, tcp: &TcpStream| {
         info!(%rule, %reason, "Refused");
@@ -577,11 +580,13 @@ async fn access_relay(
     );
     ctx.metrics.opened(&object);
     let live = [AtomicU64::new(0), AtomicU64::new(0)];
+    let zone_stop = ctx.zone_token(&access.zone);
     let done = {
         let (mut tr, mut tw) = tcp.split();
         tokio::select! {
             s = relay::splice(&mut tr, &mut tw, &mut recv, &mut send, &live) => Some(s),
             () = stop.cancelled() => None,
+            () = zone_stop.cancelled() => None,
             () = ctx.kill.cancelled() => None,
         }
     };
@@ -609,4 +614,17 @@ async fn access_relay(
             started.elapsed().as_millis()
         ),
     );
+}
+
+/// Re-checks assessments every minute until draining (rule R3 on running relays).
+pub async fn watch_assessments(ctx: Arc<Ctx>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                ctx.recheck_assessments();
+            }
+            () = ctx.draining.cancelled() => return,
+        }
+    }
 }

@@ -17,7 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::node::{Ctx, today_local};
+use crate::node::Ctx;
 use crate::relay::{self, read_frame, write_frame};
 use crate::tls;
 
@@ -403,7 +403,7 @@ async fn publish_relay(
             listen: publish.listen,
             client: peer.ip(),
         },
-        today_local(),
+        ctx.today(),
     );
     if !decision.is_allowed() {
         info!(rule = %decision.rule, reason = %decision.reason, "Refused");

@@ -9,8 +9,19 @@ use gateway_core::units::Date;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use std::sync::atomic::{AtomicI64, Ordering};
+
+use gateway_core::config::ZoneKind;
+use gateway_core::policy::assessment_valid;
+use tracing::{error, info};
+
 use crate::audit_sink::AuditSink;
 use crate::metrics::Metrics;
+use crate::relay::Limiter;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 /// China Standard Time, in which assessment dates are written.
 const LOCAL_OFFSET_MS: i64 = 8 * 3_600_000;
@@ -36,6 +47,10 @@ pub struct Ctx {
     /// Cancelled when the grace period ends: relays are cut.
     pub kill: CancellationToken,
     services: Mutex<HashMap<String, CancellationToken>>,
+    zones: Mutex<HashMap<String, CancellationToken>>,
+    limiters: Mutex<HashMap<String, Arc<[Limiter; 2]>>>,
+    expired: Mutex<Vec<String>>,
+    clock_offset_days: AtomicI64,
 }
 
 impl Ctx {
@@ -50,6 +65,10 @@ impl Ctx {
             draining: CancellationToken::new(),
             kill: CancellationToken::new(),
             services: Mutex::new(HashMap::new()),
+            zones: Mutex::new(HashMap::new()),
+            limiters: Mutex::new(HashMap::new()),
+            expired: Mutex::new(Vec::new()),
+            clock_offset_days: AtomicI64::new(0),
         })
     }
 
@@ -83,6 +102,81 @@ impl Ctx {
             }
             keep
         });
+    }
+
+    /// Today's date for decisions (China Standard Time, plus the test offset).
+    pub fn today(&self) -> Date {
+        today_local().add_days(self.clock_offset_days.load(Ordering::Relaxed))
+    }
+
+    /// Moves this node's calendar by `days` (tests of assessment expiry).
+    pub fn set_clock_offset_days(&self, days: i64) {
+        self.clock_offset_days.store(days, Ordering::Relaxed);
+    }
+
+    /// The token that cuts every relay of legacy zone `zone` (assessment ended).
+    pub fn zone_token(&self, zone: &str) -> CancellationToken {
+        lock(&self.zones)
+            .entry(zone.to_owned())
+            .or_insert_with(|| self.kill.child_token())
+            .clone()
+    }
+
+    /// The bandwidth caps (forward, backward) of `service`, if it has one.
+    pub fn limiter(&self, service: &str, rate: Option<u64>) -> Option<Arc<[Limiter; 2]>> {
+        let mut l = lock(&self.limiters);
+        let Some(rate) = rate else {
+            l.remove(service);
+            return None;
+        };
+        let entry = l
+            .entry(service.to_owned())
+            .or_insert_with(|| Arc::new([Limiter::new(rate), Limiter::new(rate)]));
+        if entry[0].rate != rate {
+            *entry = Arc::new([Limiter::new(rate), Limiter::new(rate)]);
+        }
+        Some(entry.clone())
+    }
+
+    /// Rule R3 on running relays: a legacy zone whose assessment has ended stops
+    /// bridging now. Its relays are cut, an error is logged and audited once.
+    /// Returns the zones cut by this call. (Called every minute, and after reload.)
+    pub fn recheck_assessments(&self) -> Vec<String> {
+        let today = self.today();
+        let policy = self.policy();
+        let mut cut = Vec::new();
+        let mut expired = lock(&self.expired);
+        for z in policy
+            .config()
+            .zones
+            .iter()
+            .filter(|z| z.kind == ZoneKind::Legacy)
+        {
+            match assessment_valid(z, today) {
+                Err(r) if !expired.contains(&z.name) => {
+                    error!(zone = %z.name, rule = %r.rule, "Assessment ended: bridging of this zone stopped. {}", r.reason);
+                    self.audit.record(
+                        &self.id,
+                        &z.name,
+                        "zone.stop",
+                        "deny",
+                        r.rule.as_str(),
+                        r.reason,
+                    );
+                    if let Some(t) = lock(&self.zones).remove(&z.name) {
+                        t.cancel();
+                    }
+                    expired.push(z.name.clone());
+                    cut.push(z.name.clone());
+                }
+                Ok(()) if expired.contains(&z.name) => {
+                    info!(zone = %z.name, "Assessment valid again: bridging resumes");
+                    expired.retain(|e| *e != z.name);
+                }
+                _ => {}
+            }
+        }
+        cut
     }
 
     /// The token that cuts relays of `service` when it is removed (or the node is killed).

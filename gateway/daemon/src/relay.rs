@@ -97,10 +97,42 @@ pub struct Spliced {
     pub reset: bool,
 }
 
+/// A shared bandwidth cap (one per service and direction).
+pub struct Limiter {
+    bucket: std::sync::Mutex<gateway_core::rate::TokenBucket>,
+    origin: std::time::Instant,
+    /// The cap, bytes per second.
+    pub rate: u64,
+}
+
+impl Limiter {
+    /// A cap of `rate` bytes per second.
+    pub fn new(rate: u64) -> Self {
+        Self {
+            bucket: std::sync::Mutex::new(gateway_core::rate::TokenBucket::new(rate, 0)),
+            origin: std::time::Instant::now(),
+            rate,
+        }
+    }
+
+    async fn take(&self, n: usize) {
+        let now = u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let wait = self
+            .bucket
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take(n as u64, now);
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
 async fn pump<R: AsyncRead + Unpin, W: Sink>(
     r: &mut R,
     w: &mut W,
     count: &AtomicU64,
+    limit: Option<&Limiter>,
 ) -> std::io::Result<()> {
     let mut buf = vec![0u8; BUF];
     loop {
@@ -108,6 +140,9 @@ async fn pump<R: AsyncRead + Unpin, W: Sink>(
         if n == 0 {
             w.end().await;
             return Ok(());
+        }
+        if let Some(l) = limit {
+            l.take(n).await;
         }
         w.write_all(&buf[..n]).await?;
         count.fetch_add(n as u64, Ordering::Relaxed);
@@ -129,16 +164,34 @@ where
     R2: AsyncRead + Unpin,
     W2: Sink,
 {
+    splice_limited(r1, w1, r2, w2, live, None).await
+}
+
+/// [`splice`] with an optional bandwidth cap per direction (forward, backward).
+pub async fn splice_limited<R1, W1, R2, W2>(
+    r1: &mut R1,
+    w1: &mut W1,
+    r2: &mut R2,
+    w2: &mut W2,
+    live: &[AtomicU64; 2],
+    limits: Option<&[Limiter; 2]>,
+) -> Spliced
+where
+    R1: AsyncRead + Unpin,
+    W1: Sink,
+    R2: AsyncRead + Unpin,
+    W2: Sink,
+{
     let reset = {
         let fwd = async {
-            let r = pump(r1, w2, &live[0]).await;
+            let r = pump(r1, w2, &live[0], limits.map(|l| &l[0])).await;
             if r.is_err() {
                 w2.abort();
             }
             r
         };
         let bwd = async {
-            let r = pump(r2, w1, &live[1]).await;
+            let r = pump(r2, w1, &live[1], limits.map(|l| &l[1])).await;
             if r.is_err() {
                 w1.abort();
             }

@@ -879,6 +879,16 @@ impl Compiler<'_> {
                     v.map(Some)
                 }
             };
+            let bandwidth = match &s.bandwidth {
+                None => Some(None),
+                Some(b) => match units::parse_bandwidth(b.get_ref()) {
+                    Ok(v) => Some(Some(v)),
+                    Err(e) => {
+                        self.value_error(&b.span(), "service.bandwidth", e);
+                        None
+                    }
+                },
+            };
             if let (
                 Some(name),
                 Some(z),
@@ -886,8 +896,16 @@ impl Compiler<'_> {
                 Some(target),
                 Some(app_protocol),
                 Some(max_connections),
-            ) = (name, zone, protocol, target, app_protocol, max_connections)
-            {
+                Some(bandwidth),
+            ) = (
+                name,
+                zone,
+                protocol,
+                target,
+                app_protocol,
+                max_connections,
+                bandwidth,
+            ) {
                 let loc = self.at(&s.name.span());
                 services.push(Service {
                     name,
@@ -897,6 +915,7 @@ impl Compiler<'_> {
                     app_protocol,
                     allow,
                     max_connections,
+                    bandwidth,
                     loc,
                 });
             }

@@ -294,6 +294,8 @@ pub struct Service {
     pub allow: Vec<Peer>,
     /// Most relayed connections at once; over it new ones are refused.
     pub max_connections: Option<std::num::NonZeroU32>,
+    /// Cap on the bytes per second of all its relays together, each direction.
+    pub bandwidth: Option<u64>,
     /// Where it is declared.
     pub loc: Location,
 }

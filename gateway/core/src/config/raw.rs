@@ -63,6 +63,7 @@ pub struct RawService {
     pub app_protocol: Option<S>,
     pub allow: Spanned<Vec<S>>,
     pub max_connections: Option<Spanned<i64>>,
+    pub bandwidth: Option<S>,
 }
 
 /// `[[access]]`

@@ -1,0 +1,169 @@
+#!/usr/bin/env bash
+# Relay benchmark, side by side in one run on this machine (loopback):
+#   direct   iperf3 client -> iperf3 server
+#   gatewayd iperf3 client -> hub publish -> QUIC tunnel -> edge -> iperf3 server
+#   rathole  iperf3 client -> rathole server -> noise tunnel -> rathole client -> iperf3 server
+# Single-stream and 8-stream throughput, 64-byte request/response latency
+# (p50/p99, through an echo server), RSS of the tunnel daemons idle and holding
+# 1,000 idle relayed connections. Prints a markdown table with ratios.
+#
+# Needs: iperf3, socat, python3 (apt-get install -y iperf3 socat), rathole
+# (cargo install rathole). Usage: tests/bench/relay.sh [SECONDS_PER_RUN]
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ROOT=$PWD
+T=${1:-5}
+for tool in iperf3 socat python3 rathole; do
+    command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install -y iperf3 socat; cargo install rathole" >&2; exit 1; }
+done
+cargo build --release -q -p gateway-daemon --bin gatewayd
+G=$ROOT/target/release/gatewayd
+W=$(mktemp -d)
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }
+trap cleanup EXIT
+
+# Ports (fixed, loopback only; the run fails loudly if one is taken).
+IPERF=15201 ECHO=15202 HUBQ=17443 PUB_IPERF=18201 PUB_ECHO=18202 RH_CTRL=12333 RH_IPERF=19201 RH_ECHO=19202
+
+iperf3 -s -B 127.0.1.10 -p $IPERF >/dev/null 2>&1 & PIDS+=($!)
+socat TCP-LISTEN:$ECHO,bind=127.0.1.10,fork,reuseaddr,backlog=4096 EXEC:cat >/dev/null 2>&1 & PIDS+=($!)
+
+# --- gatewayd: a hub and an edge ---
+$G pki init --out "$W/ca" >/dev/null
+$G pki issue --ca "$W/ca" --id bench-hub --san 127.0.0.1 --out "$W/certs" >/dev/null
+$G pki issue --ca "$W/ca" --id bench-edge --out "$W/certs" >/dev/null
+cat > "$W/hub.toml" <<TOML
+[node]
+id = "bench-hub"
+role = "hub"
+state_dir = "$W/hub-state"
+[hub]
+listen = "127.0.0.1:$HUBQ"
+api = "127.0.0.1:19443"
+ca_cert = "$W/ca/ca.pem"
+ca_key = "$W/ca/ca.key"
+cert = "$W/certs/bench-hub.pem"
+key = "$W/certs/bench-hub.key"
+[[zone]]
+name = "extranet"
+kind = "extranet"
+level = 2
+networks = ["127.0.0.0/24"]
+[[publish]]
+service = "bench-edge/iperf"
+zone = "extranet"
+listen = "127.0.0.1:$PUB_IPERF"
+[[publish]]
+service = "bench-edge/echo"
+zone = "extranet"
+listen = "127.0.0.1:$PUB_ECHO"
+[admin]
+listen = "127.0.0.1:19601"
+TOML
+cat > "$W/edge.toml" <<TOML
+[node]
+id = "bench-edge"
+role = "edge"
+state_dir = "$W/edge-state"
+[[zone]]
+name = "lab"
+kind = "legacy"
+classified = false
+level = 2
+networks = ["127.0.1.0/24"]
+assessment = { id = "BENCH", valid_until = 2099-12-31 }
+[[zone]]
+name = "extranet"
+kind = "extranet"
+level = 2
+networks = ["127.0.0.0/24"]
+[uplink]
+hubs = ["127.0.0.1:$HUBQ"]
+ca = "$W/ca/ca.pem"
+cert = "$W/certs/bench-edge.pem"
+key = "$W/certs/bench-edge.key"
+[[service]]
+name = "iperf"
+zone = "lab"
+target = "127.0.1.10:$IPERF"
+allow = ["extranet"]
+[[service]]
+name = "echo"
+zone = "lab"
+target = "127.0.1.10:$ECHO"
+allow = ["extranet"]
+[admin]
+listen = "127.0.0.1:19600"
+TOML
+RUST_LOG=warn $G run --config "$W/hub.toml" 2>"$W/hub.log" & HUB=$!; PIDS+=($HUB)
+sleep 0.3
+RUST_LOG=warn $G run --config "$W/edge.toml" 2>"$W/edge.log" & EDGE=$!; PIDS+=($EDGE)
+for _ in $(seq 100); do curl -sf 127.0.0.1:19600/readyz >/dev/null 2>&1 && break; sleep 0.1; done
+
+# --- rathole, noise transport ---
+KEYS=$(rathole --genkey)
+PRIV=$(echo "$KEYS" | awk '/Private Key/{getline; print}')
+PUB=$(echo "$KEYS" | awk '/Public Key/{getline; print}')
+cat > "$W/rh-server.toml" <<TOML
+[server]
+bind_addr = "127.0.0.1:$RH_CTRL"
+[server.transport]
+type = "noise"
+[server.transport.noise]
+local_private_key = "$PRIV"
+[server.services.iperf]
+token = "bench"
+bind_addr = "127.0.0.1:$RH_IPERF"
+[server.services.echo]
+token = "bench"
+bind_addr = "127.0.0.1:$RH_ECHO"
+TOML
+cat > "$W/rh-client.toml" <<TOML
+[client]
+remote_addr = "127.0.0.1:$RH_CTRL"
+[client.transport]
+type = "noise"
+[client.transport.noise]
+remote_public_key = "$PUB"
+[client.services.iperf]
+token = "bench"
+local_addr = "127.0.1.10:$IPERF"
+[client.services.echo]
+token = "bench"
+local_addr = "127.0.1.10:$ECHO"
+TOML
+rathole "$W/rh-server.toml" >"$W/rh-server.log" 2>&1 & RHS=$!; PIDS+=($RHS)
+rathole "$W/rh-client.toml" >"$W/rh-client.log" 2>&1 & RHC=$!; PIDS+=($RHC)
+sleep 1
+
+gbps() { # host port parallel
+    iperf3 -c "$1" -p "$2" -P "$3" -t "$T" -J 2>/dev/null | python3 -c 'import json,sys; print("%.2f" % (json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e9))'
+}
+rss_mb() { # pids...
+    local kb=0; for p in "$@"; do kb=$((kb + $(awk '/VmRSS/{print $2}' /proc/$p/status))); done; echo $((kb / 1024))
+}
+
+declare -A R
+R[direct,1]=$(gbps 127.0.1.10 $IPERF 1); R[direct,8]=$(gbps 127.0.1.10 $IPERF 8)
+R[gw,1]=$(gbps 127.0.0.1 $PUB_IPERF 1); R[gw,8]=$(gbps 127.0.0.1 $PUB_IPERF 8)
+R[rh,1]=$(gbps 127.0.0.1 $RH_IPERF 1); R[rh,8]=$(gbps 127.0.0.1 $RH_IPERF 8)
+read -r R[direct,p50] R[direct,p99] < <(python3 tests/bench/rtt.py latency 127.0.1.10 $ECHO 20000)
+read -r R[gw,p50] R[gw,p99] < <(python3 tests/bench/rtt.py latency 127.0.0.1 $PUB_ECHO 20000)
+read -r R[rh,p50] R[rh,p99] < <(python3 tests/bench/rtt.py latency 127.0.0.1 $RH_ECHO 20000)
+R[gw,idle]=$(rss_mb $HUB $EDGE); R[rh,idle]=$(rss_mb $RHS $RHC)
+python3 tests/bench/rtt.py hold 127.0.0.1 $PUB_ECHO 1000 4 >/dev/null & H=$!; sleep 3; R[gw,1k]=$(rss_mb $HUB $EDGE); wait $H
+python3 tests/bench/rtt.py hold 127.0.0.1 $RH_ECHO 1000 4 >/dev/null & H=$!; sleep 3; R[rh,1k]=$(rss_mb $RHS $RHC); wait $H
+
+ratio() { python3 -c "print('%.2f' % ($1 / $2))"; }
+echo
+echo "machine: $(nproc) cores, $(uname -r), $(date -u +%Y-%m-%d), $T s per iperf3 run"
+echo
+echo "| measure | direct | gatewayd | rathole (noise) | gatewayd / direct | gatewayd / rathole |"
+echo "|---|---|---|---|---|---|"
+echo "| 1 stream, Gbit/s | ${R[direct,1]} | ${R[gw,1]} | ${R[rh,1]} | $(ratio ${R[gw,1]} ${R[direct,1]}) | $(ratio ${R[gw,1]} ${R[rh,1]}) |"
+echo "| 8 streams, Gbit/s | ${R[direct,8]} | ${R[gw,8]} | ${R[rh,8]} | $(ratio ${R[gw,8]} ${R[direct,8]}) | $(ratio ${R[gw,8]} ${R[rh,8]}) |"
+echo "| 64 B round trip p50, µs | ${R[direct,p50]} | ${R[gw,p50]} | ${R[rh,p50]} | $(ratio ${R[gw,p50]} ${R[direct,p50]}) | $(ratio ${R[gw,p50]} ${R[rh,p50]}) |"
+echo "| 64 B round trip p99, µs | ${R[direct,p99]} | ${R[gw,p99]} | ${R[rh,p99]} | $(ratio ${R[gw,p99]} ${R[direct,p99]}) | $(ratio ${R[gw,p99]} ${R[rh,p99]}) |"
+echo "| RSS idle, MB (both daemons) | - | ${R[gw,idle]} | ${R[rh,idle]} | - | $(ratio ${R[gw,idle]} ${R[rh,idle]}) |"
+echo "| RSS with 1,000 idle relays, MB | - | ${R[gw,1k]} | ${R[rh,1k]} | - | $(ratio ${R[gw,1k]} ${R[rh,1k]}) |"
