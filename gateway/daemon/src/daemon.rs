@@ -204,7 +204,8 @@ pub async fn start(config: Config, mut bindings: Bindings) -> Result<Running, St
             let endpoint =
                 quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
                     .map_err(bind_err(any))?;
-            let hubs = Hubs::new(&e.uplink.hubs);
+            let lanes = edge::lanes();
+            let hubs = Hubs::new(&e.uplink.hubs, lanes);
             let mut bound = Vec::new();
             for a in &e.accesses {
                 bound.push((
@@ -214,14 +215,17 @@ pub async fn start(config: Config, mut bindings: Bindings) -> Result<Running, St
             }
             tokio::spawn(edge::watch_assessments(ctx.clone()));
             for (i, h) in e.uplink.hubs.iter().enumerate() {
-                tokio::spawn(edge::keep_tunnel(
-                    ctx.clone(),
-                    hubs.clone(),
-                    i,
-                    h.clone(),
-                    endpoint.clone(),
-                    client.clone(),
-                ));
+                for lane in 0..lanes {
+                    tokio::spawn(edge::keep_tunnel(
+                        ctx.clone(),
+                        hubs.clone(),
+                        i * lanes + lane,
+                        h.clone(),
+                        endpoint.clone(),
+                        client.clone(),
+                        lane,
+                    ));
+                }
             }
             for (a, l) in bound {
                 let stop = CancellationToken::new();

@@ -24,15 +24,27 @@ use crate::relay::{self, read_frame, write_frame};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The tunnels to the hubs, in order of preference.
+///
+/// Each hub gets several connections (lanes), so relays spread over more than
+/// one QUIC connection driver and more than one core.
 #[derive(Default)]
-pub struct Hubs(Mutex<Vec<(String, Option<quinn::Connection>)>>);
+pub struct Hubs(
+    Mutex<Vec<(usize, Option<quinn::Connection>)>>,
+    std::sync::atomic::AtomicUsize,
+);
+
+/// Tunnels kept to each hub: one per core, at most 4.
+pub fn lanes() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
+}
 
 impl Hubs {
-    /// One slot per hub.
-    pub fn new(hubs: &[HostPort]) -> Arc<Self> {
-        Arc::new(Hubs(Mutex::new(
-            hubs.iter().map(|h| (h.to_string(), None)).collect(),
-        )))
+    /// `lanes` slots per hub; slot `i * lanes + lane` belongs to hub `i`.
+    pub fn new(hubs: &[HostPort], lanes: usize) -> Arc<Self> {
+        Arc::new(Hubs(
+            Mutex::new((0..hubs.len() * lanes).map(|i| (i / lanes, None)).collect()),
+            std::sync::atomic::AtomicUsize::new(0),
+        ))
     }
     fn set(&self, i: usize, c: Option<quinn::Connection>) {
         if let Some(slot) = self
@@ -44,16 +56,24 @@ impl Hubs {
             slot.1 = c;
         }
     }
-    /// The first hub with a live tunnel.
+    /// A live tunnel of the first hub that has one, lanes taken in turn.
     pub fn any(&self) -> Option<quinn::Connection> {
         let v = self
             .0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        v.iter()
+        let live = |(_, c): &&(usize, Option<quinn::Connection>)| {
+            c.as_ref().is_some_and(|c| c.close_reason().is_none())
+        };
+        let hub = v.iter().find(live)?.0;
+        let lanes: Vec<&quinn::Connection> = v
+            .iter()
+            .filter(|s| s.0 == hub)
+            .filter(live)
             .filter_map(|(_, c)| c.as_ref())
-            .find(|c| c.close_reason().is_none())
-            .cloned()
+            .collect();
+        let turn = self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        lanes.get(turn % lanes.len()).map(|c| (*c).clone())
     }
     /// Whether any tunnel is up.
     pub fn any_up(&self) -> bool {
@@ -70,8 +90,14 @@ pub async fn keep_tunnel(
     hub: HostPort,
     endpoint: quinn::Endpoint,
     client: quinn::ClientConfig,
+    lane: usize,
 ) {
-    let name = hub.to_string();
+    // Metrics and audit name each lane: host:port, host:port#1, ...
+    let name = if lane == 0 {
+        hub.to_string()
+    } else {
+        format!("{hub}#{lane}")
+    };
     let span = info_span!("tunnel", hub = %name);
     async move {
         let mut backoff = Backoff::default();

@@ -21,9 +21,13 @@ use crate::node::Ctx;
 use crate::relay::{self, read_frame, write_frame};
 use crate::tls;
 
-/// Connected edges by device id (several connections while one replaces another).
+/// Connected edges by device id (several connections: lanes, and a new one
+/// while it replaces an old one), and a turn counter for spreading relays.
 #[derive(Default)]
-pub struct Devices(Mutex<HashMap<String, Vec<quinn::Connection>>>);
+pub struct Devices(
+    Mutex<HashMap<String, Vec<quinn::Connection>>>,
+    std::sync::atomic::AtomicUsize,
+);
 
 impl Devices {
     fn add(&self, id: &str, c: quinn::Connection) {
@@ -47,16 +51,23 @@ impl Devices {
         }
     }
     /// The newest live connection of `id`.
+    /// A live connection of `id`; an edge keeps several (lanes) to use more cores,
+    /// and relays are spread over them in turn.
     pub fn get(&self, id: &str) -> Option<quinn::Connection> {
         let m = self
             .0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        m.get(id)?
+        let live: Vec<&quinn::Connection> = m
+            .get(id)?
             .iter()
-            .rev()
-            .find(|c| c.close_reason().is_none())
-            .cloned()
+            .filter(|c| c.close_reason().is_none())
+            .collect();
+        if live.is_empty() {
+            return None;
+        }
+        let turn = self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        live.get(turn % live.len()).map(|c| (*c).clone())
     }
 }
 
@@ -179,7 +190,7 @@ async fn serve_edge(ctx: Arc<Ctx>, devices: Arc<Devices>, conn: quinn::Connectio
                 .spawn(async move { transit(ctx, devices, device, send, recv).await });
         }
         devices.remove(&device, conn.stable_id());
-        ctx.metrics.peer(&device, false);
+        ctx.metrics.peer(&device, devices.get(&device).is_some());
         let reason = conn
             .close_reason()
             .map(|r| r.to_string())
@@ -458,6 +469,7 @@ async fn publish_relay(
             return;
         }
     }
+    let _ = tcp.set_nodelay(true);
     let started = Instant::now();
     ctx.audit.record(
         &subject,
