@@ -96,9 +96,14 @@ pub fn hub_toml(
         key = key.display(),
         level = spec.level,
     );
+    // A publish written "udp:DEVICE/SERVICE" is a UDP publish.
     for (svc, addr) in spec.publishes.iter().zip(publish) {
+        let (svc, proto) = match svc.strip_prefix("udp:") {
+            Some(s) => (s, "udp"),
+            None => (*svc, "tcp"),
+        };
         s += &format!(
-            "\n[[publish]]\nservice = \"{svc}\"\nzone = \"extranet\"\nlisten = \"{addr}\"\n"
+            "\n[[publish]]\nservice = \"{svc}\"\nzone = \"extranet\"\nlisten = \"{addr}\"\nprotocol = \"{proto}\"\n"
         );
     }
     s
@@ -137,6 +142,13 @@ pub async fn start_hub(pki: &Pki, spec: HubSpec<'_>) -> HubNode {
     };
     let mut publish = Vec::new();
     for i in 0..spec.publishes.len() {
+        if spec.publishes[i].starts_with("udp:") {
+            let u = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp publish");
+            let addr = u.local_addr().expect("addr");
+            bindings.udp_publish.insert(addr, u);
+            publish.push(addr);
+            continue;
+        }
         let (addr, l) = match spec.publish_addrs.get(i) {
             Some(a) => (*a, daemon::listen_tcp(*a).expect("rebind publish")),
             None => bind_tcp("127.0.0.1"),
@@ -217,6 +229,10 @@ pub fn edge_toml(
         );
         if let Some(a) = app {
             s += &format!("app_protocol = \"{a}\"\n");
+        }
+        // A service named "udp-..." is UDP, with flows expiring after 1 s idle.
+        if name.starts_with("udp-") {
+            s += "protocol = \"udp\"\nidle_timeout = \"1s\"\n";
         }
         if let Some(m) = max {
             s += &format!("max_connections = {m}\n");
@@ -342,4 +358,22 @@ pub fn audit_lines(state: &Path) -> Vec<String> {
             )
         })
         .collect()
+}
+
+/// A legacy UDP echo server on `ip`, counting the datagrams it sees.
+pub async fn udp_echo(ip: &str) -> (SocketAddr, Arc<AtomicUsize>) {
+    let s = tokio::net::UdpSocket::bind((ip, 0))
+        .await
+        .expect("bind udp echo");
+    let addr = s.local_addr().expect("addr");
+    let seen = Arc::new(AtomicUsize::new(0));
+    let c = seen.clone();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65_536];
+        while let Ok((n, from)) = s.recv_from(&mut buf).await {
+            c.fetch_add(1, Ordering::SeqCst);
+            let _ = s.send_to(&buf[..n], from).await;
+        }
+    });
+    (addr, seen)
 }

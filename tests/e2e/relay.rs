@@ -837,3 +837,77 @@ async fn a_bandwidth_capped_service_still_delivers_intact() {
         .expect("relay");
     assert!(back == payload, "capped relay corrupted the data");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_echo_through_datagrams_with_idle_expiry() {
+    let pki = Pki::new();
+    let (echo_addr, seen) = udp_echo("127.0.2.10").await;
+    let hub = start_hub(
+        &pki,
+        HubSpec {
+            id: "hub-01",
+            level: 2,
+            publishes: &["udp:edge-b/udp-echo"],
+            quic: None,
+            publish_addrs: vec![],
+        },
+    )
+    .await;
+    let edge = start_edge(
+        &pki,
+        EdgeSpec {
+            id: "edge-b",
+            net: 2,
+            level: 2,
+            hubs: vec![hub.quic],
+            services: vec![("udp-echo", echo_addr, "\"extranet\"", None, None)],
+            accesses: vec![],
+            cert: None,
+            bandwidth: None,
+        },
+    )
+    .await;
+    ready(&edge).await;
+    let client = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("client");
+    let mut buf = [0u8; 2048];
+    for i in 0..20u8 {
+        let msg = [b'd', i, 0xAB, 0xCD];
+        client.send_to(&msg, hub.publish[0]).await.expect("send");
+        let (n, from) = tokio::time::timeout(Duration::from_secs(5), client.recv_from(&mut buf))
+            .await
+            .expect("an echo within 5 s")
+            .expect("recv");
+        assert_eq!((&buf[..n], from), (&msg[..], hub.publish[0]));
+    }
+    assert_eq!(
+        seen.load(Ordering::SeqCst),
+        20,
+        "every datagram reached the legacy server once"
+    );
+    // One flow, expired after 1 s without traffic, audited on both sides.
+    wait_for("the idle expiry", Duration::from_secs(10), || {
+        audit_lines(edge.state.path()).iter().any(|l| {
+            l.starts_with("relay.close") && l.contains("udp flow") && l.contains("end=idle")
+        }) && audit_lines(hub.state.path())
+            .iter()
+            .any(|l| l.starts_with("relay.close") && l.contains("end=expired"))
+    })
+    .await;
+    let opens = audit_lines(edge.state.path())
+        .iter()
+        .filter(|l| l.starts_with("relay.open"))
+        .count();
+    assert_eq!(opens, 1, "twenty datagrams from one client are one flow");
+    // After expiry a new datagram opens a new flow.
+    client
+        .send_to(b"again", hub.publish[0])
+        .await
+        .expect("send");
+    let (n, _) = tokio::time::timeout(Duration::from_secs(5), client.recv_from(&mut buf))
+        .await
+        .expect("echo after expiry")
+        .expect("recv");
+    assert_eq!(&buf[..n], b"again");
+}

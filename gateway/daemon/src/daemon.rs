@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use gateway_core::config::{Config, Role};
+use gateway_core::config::{Config, Protocol, Role};
 use gateway_core::policy::Policy;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -29,6 +29,8 @@ pub struct Bindings {
     pub tcp: HashMap<SocketAddr, std::net::TcpListener>,
     /// The hub's QUIC socket.
     pub udp: Option<std::net::UdpSocket>,
+    /// UDP publish sockets by the address the config names.
+    pub udp_publish: HashMap<SocketAddr, std::net::UdpSocket>,
 }
 
 /// Accept queue of every TCP listener: bursts of connections are queued, not reset
@@ -172,10 +174,36 @@ pub async fn start(config: Config, mut bindings: Bindings) -> Result<Running, St
             let quic_addr = endpoint.local_addr().ok();
             let devices = Arc::new(Devices::default());
             let mut bound = Vec::new();
+            let mut udp_bound = Vec::new();
             for p in &h.publishes {
-                bound.push((
-                    p.clone(),
-                    bindings.tcp(p.listen).map_err(bind_err(p.listen))?,
+                match p.protocol {
+                    Protocol::Tcp => bound.push((
+                        p.clone(),
+                        bindings.tcp(p.listen).map_err(bind_err(p.listen))?,
+                    )),
+                    Protocol::Udp => {
+                        let std = match bindings.udp_publish.remove(&p.listen) {
+                            Some(s) => s,
+                            None => {
+                                std::net::UdpSocket::bind(p.listen).map_err(bind_err(p.listen))?
+                            }
+                        };
+                        std.set_nonblocking(true).map_err(bind_err(p.listen))?;
+                        let socket =
+                            tokio::net::UdpSocket::from_std(std).map_err(bind_err(p.listen))?;
+                        udp_bound.push((p.clone(), Arc::new(socket)));
+                    }
+                }
+            }
+            for (p, socket) in udp_bound {
+                // UDP publishes change only with a restart (see reload).
+                tokio::spawn(crate::udp::publish_listener(
+                    ctx.clone(),
+                    devices.clone(),
+                    ctx.flows.clone(),
+                    p,
+                    socket,
+                    CancellationToken::new(),
                 ));
             }
             tokio::spawn(hub::accept_edges(
@@ -292,7 +320,12 @@ impl Running {
             return Err(ReloadError::NeedsRestart("node.id"));
         }
         let wanted: Vec<SocketAddr> = match (&self.role, &config.role) {
-            (RoleState::Hub(_), Role::Hub(h)) => h.publishes.iter().map(|p| p.listen).collect(),
+            (RoleState::Hub(_), Role::Hub(h)) => h
+                .publishes
+                .iter()
+                .filter(|p| p.protocol == Protocol::Tcp)
+                .map(|p| p.listen)
+                .collect(),
             (RoleState::Edge(_), Role::Edge(e)) => e.accesses.iter().map(|a| a.listen).collect(),
             _ => return Err(ReloadError::NeedsRestart("node.role")),
         };

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use gateway_core::backoff::Backoff;
-use gateway_core::config::Access;
+use gateway_core::config::{Access, Protocol};
 use gateway_core::policy::{Crossing, Origin as PolicyOrigin};
 use gateway_core::sniff::{MAX_SNIFF, Sniff, sniff};
 use gateway_core::units::HostPort;
@@ -215,13 +215,15 @@ async fn connect(
 }
 
 async fn serve_tunnel(ctx: &Arc<Ctx>, conn: &quinn::Connection, hub: &str) {
+    tokio::spawn(crate::udp::read_datagrams(ctx.flows.clone(), conn.clone()));
     let mut rtt = tokio::time::interval(Duration::from_secs(2));
     loop {
         tokio::select! {
             s = conn.accept_bi() => match s {
                 Ok((send, recv)) => {
                     let (ctx2, hub) = (ctx.clone(), hub.to_owned());
-                    ctx.tracker.spawn(async move { serve_open(ctx2, hub, send, recv).await });
+                    let conn = conn.clone();
+                    ctx.tracker.spawn(async move { serve_open(ctx2, hub, conn, send, recv).await });
                 }
                 Err(_) => return,
             },
@@ -235,6 +237,7 @@ async fn serve_tunnel(ctx: &Arc<Ctx>, conn: &quinn::Connection, hub: &str) {
 async fn serve_open(
     ctx: Arc<Ctx>,
     hub: String,
+    conn: quinn::Connection,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
@@ -243,12 +246,18 @@ async fn serve_open(
         rule: rule.to_owned(),
         message,
     };
-    let (service, origin, client) = match read_frame(&mut recv).await {
+    let (service, origin, client, udp_flow) = match read_frame(&mut recv).await {
         Ok(Frame::Open {
             service,
             origin,
             client,
-        }) => (service, origin, client),
+        }) => (service, origin, client, None),
+        Ok(Frame::OpenUdp {
+            service,
+            origin,
+            client,
+            flow,
+        }) => (service, origin, client, Some(flow)),
         Ok(other) => {
             let _ = write_frame(
                 &mut send,
@@ -324,6 +333,14 @@ async fn serve_open(
         else {
             return;
         };
+        let wanted = if udp_flow.is_some() { Protocol::Udp } else { Protocol::Tcp };
+        if svc.protocol != wanted {
+            let reason = format!("service {service:?} is {:?}, not {wanted:?}", svc.protocol);
+            ctx.audit.record(&subject, &service, "relay.refuse", "deny", "", reason.clone());
+            let _ = write_frame(&mut send, &refuse(RefuseCode::Protocol, "", reason)).await;
+            let _ = send.finish();
+            return;
+        }
         if let Some(max) = svc.max_connections {
             if ctx.metrics.active(&service) >= i64::from(max.get()) {
                 let reason = format!("service {service:?} is at its max_connections ({max})");
@@ -341,6 +358,22 @@ async fn serve_open(
                 let _ = send.finish();
                 return;
             }
+        }
+        if let Some(flow) = udp_flow {
+            crate::udp::edge_flow(
+                ctx.clone(),
+                ctx.flows.clone(),
+                conn,
+                flow,
+                service.clone(),
+                subject,
+                svc.target,
+                svc.idle_timeout,
+                send,
+                recv,
+            )
+            .await;
+            return;
         }
         let mut target = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(svc.target))
             .await

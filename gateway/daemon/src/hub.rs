@@ -177,6 +177,7 @@ async fn serve_edge(ctx: Arc<Ctx>, devices: Arc<Devices>, conn: quinn::Connectio
             format!("peer={remote}"),
         );
         devices.add(&device, conn.clone());
+        tokio::spawn(crate::udp::read_datagrams(ctx.flows.clone(), conn.clone()));
         ctx.metrics.peer(&device, true);
         loop {
             let stream = tokio::select! {

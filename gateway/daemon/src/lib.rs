@@ -15,3 +15,4 @@ pub mod node;
 pub mod pki;
 pub mod relay;
 pub mod tls;
+pub mod udp;

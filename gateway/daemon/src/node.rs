@@ -40,6 +40,8 @@ pub struct Ctx {
     pub audit: AuditSink,
     /// Counters for `/metrics`.
     pub metrics: Arc<Metrics>,
+    /// UDP flows by connection and flow id.
+    pub flows: Arc<crate::udp::Flows>,
     /// Every relay task, for draining.
     pub tracker: TaskTracker,
     /// Cancelled when draining starts: listeners stop accepting.
@@ -61,6 +63,7 @@ impl Ctx {
             policy: RwLock::new(Arc::new(policy)),
             audit,
             metrics: Arc::new(Metrics::default()),
+            flows: Arc::new(crate::udp::Flows::default()),
             tracker: TaskTracker::new(),
             draining: CancellationToken::new(),
             kill: CancellationToken::new(),

@@ -889,6 +889,16 @@ impl Compiler<'_> {
                     }
                 },
             };
+            let idle_timeout = match &s.idle_timeout {
+                None => Some(std::time::Duration::from_secs(60)),
+                Some(t) => match units::parse_duration(t.get_ref()) {
+                    Ok(d) => Some(d),
+                    Err(e) => {
+                        self.value_error(&t.span(), "service.idle_timeout", e);
+                        None
+                    }
+                },
+            };
             if let (
                 Some(name),
                 Some(z),
@@ -897,6 +907,7 @@ impl Compiler<'_> {
                 Some(app_protocol),
                 Some(max_connections),
                 Some(bandwidth),
+                Some(idle_timeout),
             ) = (
                 name,
                 zone,
@@ -905,6 +916,7 @@ impl Compiler<'_> {
                 app_protocol,
                 max_connections,
                 bandwidth,
+                idle_timeout,
             ) {
                 let loc = self.at(&s.name.span());
                 services.push(Service {
@@ -916,6 +928,7 @@ impl Compiler<'_> {
                     allow,
                     max_connections,
                     bandwidth,
+                    idle_timeout,
                     loc,
                 });
             }
@@ -1181,13 +1194,24 @@ impl Compiler<'_> {
                     seen.insert(r.clone(), p.service.span());
                 }
             }
-            if let (Some((device, service)), Some(z), Some(listen)) = (remote, zone, listen) {
+            let protocol = match &p.protocol {
+                None => Some(Protocol::Tcp),
+                Some(pr) => self.choice(
+                    pr,
+                    "publish.protocol",
+                    &[("tcp", Protocol::Tcp), ("udp", Protocol::Udp)],
+                ),
+            };
+            if let (Some((device, service)), Some(z), Some(listen), Some(protocol)) =
+                (remote, zone, listen, protocol)
+            {
                 let loc = self.at(&p.service.span());
                 publishes.push(Publish {
                     device,
                     service,
                     zone: z.name.clone(),
                     listen,
+                    protocol,
                     loc,
                 });
             }

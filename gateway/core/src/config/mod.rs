@@ -296,6 +296,8 @@ pub struct Service {
     pub max_connections: Option<std::num::NonZeroU32>,
     /// Cap on the bytes per second of all its relays together, each direction.
     pub bandwidth: Option<u64>,
+    /// UDP: a flow without a datagram either way for this long is closed.
+    pub idle_timeout: Duration,
     /// Where it is declared.
     pub loc: Location,
 }
@@ -459,6 +461,8 @@ pub struct Publish {
     pub zone: String,
     /// Where provincial clients connect.
     pub listen: SocketAddr,
+    /// TCP or UDP; must match the edge's service.
+    pub protocol: Protocol,
     /// Where it is declared.
     pub loc: Location,
 }

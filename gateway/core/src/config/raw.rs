@@ -64,6 +64,7 @@ pub struct RawService {
     pub allow: Spanned<Vec<S>>,
     pub max_connections: Option<Spanned<i64>>,
     pub bandwidth: Option<S>,
+    pub idle_timeout: Option<S>,
 }
 
 /// `[[access]]`
@@ -133,4 +134,5 @@ pub struct RawPublish {
     pub service: S,
     pub zone: S,
     pub listen: S,
+    pub protocol: Option<S>,
 }
