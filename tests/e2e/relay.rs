@@ -112,6 +112,12 @@ async fn publish_and_access_echo_reach_the_legacy_server() {
     assert!(
         hub_lines
             .iter()
+            .any(|l| l.starts_with("relay.open") && l.contains("[R0.allow-transit]")),
+        "{hub_lines:#?}"
+    );
+    assert!(
+        hub_lines
+            .iter()
             .any(|l| l.starts_with("relay.open") && l.contains("[R0.allow-publish]")),
         "{hub_lines:#?}"
     );

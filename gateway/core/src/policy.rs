@@ -59,6 +59,7 @@ rules! {
     AllowAccess = "R0.allow-access": "A legacy client may use a declared access to another department's service.",
     AllowChannel = "R0.allow-channel": "A record that passes its channel's checks is accepted.",
     AllowPublish = "R0.allow-publish": "A provincial client may open a hub's publish listener.",
+    AllowTransit = "R0.allow-transit": "A hub carries one department's gateway to another's service across its provincial zone.",
     IntranetIsolation = "R1.intranet-isolation": "The intranet never shares a box with the extranet or the internet.",
     ClassifiedBridge = "R1.classified-bridge": "A classified legacy zone bridges only to the intranet.",
     OneWayImport = "R1.one-way-import": "Unclassified data enters the intranet only through an approved one-way import device.",
@@ -606,6 +607,14 @@ pub enum Crossing<'a> {
         /// The client's address.
         client: IpAddr,
     },
+    /// On a hub: gateway `from` asks to reach a service of gateway `to`
+    /// (the owning edge decides again against its `allow` list).
+    Transit {
+        /// The asking device (from its certificate).
+        from: &'a str,
+        /// The device that owns the service.
+        to: &'a str,
+    },
 }
 
 /// The run-time face: decides crossings against a checked configuration.
@@ -833,6 +842,33 @@ impl Policy {
                 Ok(Decision::allow(
                     RuleId::AllowPublish,
                     format!("{}/{} published in zone {:?}", p.device, p.service, z.name),
+                    level,
+                ))
+            }
+            Crossing::Transit { from, to } => {
+                let hub = cfg
+                    .hub()
+                    .ok_or_else(|| deny_default("this node carries no transit".into()))?;
+                if from == to {
+                    return Err(deny_default(format!(
+                        "device {from} asked for its own service through the hub"
+                    )));
+                }
+                // The zone the hub meets edges in: the one holding its QUIC
+                // listener, or its only provincial zone.
+                let ip = hub.settings.listen.ip();
+                let z = cfg
+                    .zones
+                    .iter()
+                    .find(|z| z.contains(ip))
+                    .or_else(|| cfg.uplink_zone())
+                    .ok_or_else(|| {
+                        deny_default("the hub has no provincial zone for transit".into())
+                    })?;
+                let level = bridge(cfg, z, z, Flow::Interactive).map_err(|r| (r, Some(z.level)))?;
+                Ok(Decision::allow(
+                    RuleId::AllowTransit,
+                    format!("{from} to {to} across zone {:?}", z.name),
                     level,
                 ))
             }

@@ -307,7 +307,7 @@ fn forbidden(cfg: &Config, c: &Crossing<'_>, date: Date) -> bool {
                 || (!ch.formats.is_empty() && !ch.formats.contains(&format))
                 || ch.max_record_bytes.is_some_and(|m| bytes > m.0)
         }
-        Crossing::PublishOpen { .. } => true,
+        Crossing::PublishOpen { .. } | Crossing::Transit { .. } => true,
     }
 }
 

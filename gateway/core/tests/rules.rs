@@ -347,6 +347,7 @@ fn every_refusing_rule_is_covered_by_a_case() {
         RuleId::AllowAccess,
         RuleId::AllowChannel,
         RuleId::AllowPublish,
+        RuleId::AllowTransit,
         RuleId::AssessmentExpiring, // a warning: see assessment_expiry_warns
     ];
     for rule in RuleId::ALL {
@@ -666,5 +667,84 @@ fn run_time_refuses_bridges_the_checker_forbids() {
     for (name, src, crossing, rule) in cases {
         let d = unchecked_policy(&src).decide(&crossing, today);
         assert_eq!((d.verdict, d.rule), (Verdict::Deny, rule), "{name}: {d:?}");
+    }
+}
+
+#[test]
+fn hub_decides_publish_and_transit() {
+    let src = r#"
+[node]
+id = "jl-hub-01"
+role = "hub"
+state_dir = "/var/lib/gatewayd"
+
+[hub]
+listen = "59.72.1.10:7443"
+api = "59.72.1.10:9443"
+ca_cert = "/etc/gatewayd/ca.pem"
+ca_key = "/etc/gatewayd/ca.key"
+cert = "/etc/gatewayd/hub.pem"
+key = "/etc/gatewayd/hub.key"
+
+[[zone]]
+name = "extranet"
+kind = "extranet"
+level = 3
+networks = ["59.72.0.0/16"]
+
+[[publish]]
+service = "jl-gat-0001/pension-query"
+zone = "extranet"
+listen = "59.72.1.10:18080"
+"#;
+    let checked = config::load(src, day(TODAY));
+    let p = Policy::new(checked.config.expect("hub config"));
+    let today = day(TODAY);
+    let listen = "59.72.1.10:18080".parse().expect("addr");
+    let cases: Vec<(Crossing<'_>, Verdict, RuleId)> = vec![
+        (
+            Crossing::Transit {
+                from: "jl-gat-0001",
+                to: "jl-gat-0007",
+            },
+            Verdict::Allow,
+            RuleId::AllowTransit,
+        ),
+        (
+            Crossing::Transit {
+                from: "jl-gat-0001",
+                to: "jl-gat-0001",
+            },
+            Verdict::Deny,
+            RuleId::DefaultDeny,
+        ),
+        (
+            Crossing::PublishOpen {
+                listen,
+                client: "59.72.3.4".parse().expect("ip"),
+            },
+            Verdict::Allow,
+            RuleId::AllowPublish,
+        ),
+        (
+            Crossing::PublishOpen {
+                listen,
+                client: "8.8.8.8".parse().expect("ip"),
+            },
+            Verdict::Deny,
+            RuleId::Address,
+        ),
+        (
+            Crossing::ServiceOpen {
+                service: "x",
+                origin: Origin::Device("jl-gat-0001"),
+            },
+            Verdict::Deny,
+            RuleId::DefaultDeny,
+        ),
+    ];
+    for (c, verdict, rule) in cases {
+        let d = p.decide(&c, today);
+        assert_eq!((d.verdict, d.rule), (verdict, rule), "{c:?}: {d:?}");
     }
 }

@@ -254,6 +254,32 @@ async fn transit(
         .await;
         return;
     };
+    let decision = ctx.policy().decide(
+        &Crossing::Transit {
+            from: &from,
+            to: device,
+        },
+        ctx.today(),
+    );
+    if !decision.is_allowed() {
+        info!(rule = %decision.rule, reason = %decision.reason, "Transit refused");
+        ctx.audit.record(
+            &subject,
+            &service,
+            "relay.refuse",
+            "deny",
+            decision.rule.as_str(),
+            decision.reason.clone(),
+        );
+        ctx.metrics.refused(&service, decision.rule.as_str());
+        let _ = write_frame(
+            &mut send,
+            &refuse(RefuseCode::Policy, decision.rule.as_str(), decision.reason),
+        )
+        .await;
+        let _ = send.finish();
+        return;
+    }
     let Some(target) = devices.get(device) else {
         let message = format!("device {device} is not connected to hub {}", ctx.id);
         ctx.audit.record(
@@ -318,8 +344,8 @@ async fn transit(
         &service,
         "relay.open",
         "allow",
-        "",
-        "transit".into(),
+        decision.rule.as_str(),
+        decision.reason,
     );
     ctx.metrics.opened(&service);
     let live = [AtomicU64::new(0), AtomicU64::new(0)];
