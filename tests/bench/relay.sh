@@ -96,9 +96,10 @@ allow = ["extranet"]
 [admin]
 listen = "127.0.0.1:19600"
 TOML
-RUST_LOG=warn $G run --config "$W/hub.toml" 2>"$W/hub.log" & HUB=$!; PIDS+=($HUB)
+GW_ARGS=${GW_ARGS:-}
+RUST_LOG=warn $G run --config "$W/hub.toml" $GW_ARGS 2>"$W/hub.log" & HUB=$!; PIDS+=($HUB)
 sleep 0.3
-RUST_LOG=warn $G run --config "$W/edge.toml" 2>"$W/edge.log" & EDGE=$!; PIDS+=($EDGE)
+RUST_LOG=warn $G run --config "$W/edge.toml" $GW_ARGS 2>"$W/edge.log" & EDGE=$!; PIDS+=($EDGE)
 for _ in $(seq 100); do curl -sf 127.0.0.1:19600/readyz >/dev/null 2>&1 && break; sleep 0.1; done
 
 # --- rathole, noise transport ---

@@ -251,3 +251,101 @@ fn sighup_adds_a_publish_and_sigterm_drains() {
         "{lines:#?}"
     );
 }
+
+#[test]
+fn a_second_sigterm_forces_the_exit() {
+    use std::io::{Read, Write};
+    let rt = tokio::runtime::Runtime::new().expect("rt");
+    let pki = Pki::new();
+    pki.issue("hub-01");
+    pki.issue("edge-b");
+    let echo_b = rt.block_on(echo("127.0.2.10"));
+    let (hub_state, edge_state) = (
+        tempfile::tempdir().expect("state"),
+        tempfile::tempdir().expect("state"),
+    );
+    let (quic, p1) = (free_udp(), free_tcp("127.0.0.1"));
+    let spec = HubSpec {
+        id: "hub-01",
+        level: 2,
+        publishes: &["edge-b/echo"],
+        quic: None,
+        publish_addrs: vec![],
+    };
+    let hub_path = hub_state.path().join("hub.toml");
+    std::fs::write(
+        &hub_path,
+        hub_toml(
+            &pki,
+            &spec,
+            quic,
+            &[p1],
+            free_tcp("127.0.0.1"),
+            hub_state.path(),
+        ),
+    )
+    .expect("write");
+    let espec = EdgeSpec {
+        id: "edge-b",
+        net: 2,
+        level: 2,
+        hubs: vec![quic],
+        services: vec![("echo", echo_b.addr, "\"extranet\"", None, None)],
+        accesses: vec![],
+        cert: None,
+        bandwidth: None,
+    };
+    let edge_path = edge_state.path().join("edge.toml");
+    std::fs::write(
+        &edge_path,
+        edge_toml(&pki, &espec, &[], free_tcp("127.0.0.1"), edge_state.path()),
+    )
+    .expect("write");
+    let mut edge = Proc::start(&edge_path);
+    // The hub drains for up to ten minutes: only a second signal ends it sooner.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gatewayd"))
+        .args([
+            "run",
+            "--config",
+            hub_path.to_str().expect("path"),
+            "--grace",
+            "10m",
+        ])
+        .env("NO_COLOR", "1")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    let mut hub = Proc {
+        child,
+        lines,
+        seen: Vec::new(),
+    };
+    edge.wait_log("Tunnel up");
+    // A relay that stays open through the drain.
+    let mut held = std::net::TcpStream::connect(p1).expect("connect");
+    held.write_all(b"ping").expect("write");
+    let mut b = [0u8; 4];
+    held.read_exact(&mut b).expect("echo");
+    hub.signal(Signal::SIGTERM);
+    hub.wait_log("Draining");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        hub.child.try_wait().expect("wait").is_none(),
+        "the open relay holds the drain"
+    );
+    hub.signal(Signal::SIGTERM);
+    let (code, lines) = hub.wait_exit();
+    assert_eq!(code, 1, "{lines:#?}");
+    assert!(
+        lines.iter().any(|l| l.contains("Second signal")),
+        "{lines:#?}"
+    );
+    drop(held);
+}

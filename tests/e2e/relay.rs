@@ -917,3 +917,132 @@ async fn udp_echo_through_datagrams_with_idle_expiry() {
         .expect("recv");
     assert_eq!(&buf[..n], b"again");
 }
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("admin");
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.expect("read");
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_follows_the_tunnel_and_healthz_answers() {
+    let pki = Pki::new();
+    let hub = start_hub(
+        &pki,
+        HubSpec {
+            id: "hub-01",
+            level: 2,
+            publishes: &[],
+            quic: None,
+            publish_addrs: vec![],
+        },
+    )
+    .await;
+    let edge = start_edge(
+        &pki,
+        EdgeSpec {
+            id: "edge-b",
+            net: 2,
+            level: 2,
+            hubs: vec![hub.quic],
+            services: vec![],
+            accesses: vec![],
+            cert: None,
+            bandwidth: None,
+        },
+    )
+    .await;
+    ready(&edge).await;
+    let admin = edge.running.admin_addr;
+    assert!(
+        http_get(admin, "/healthz")
+            .await
+            .starts_with("HTTP/1.0 200")
+    );
+    let up = http_get(admin, "/readyz").await;
+    assert!(
+        up.starts_with("HTTP/1.0 200") && up.contains("a hub tunnel is up"),
+        "{up}"
+    );
+    hub.running.drain(Duration::from_millis(50)).await;
+    wait_for(
+        "the edge to notice the hub is gone",
+        Duration::from_secs(10),
+        || !edge.running.ready(),
+    )
+    .await;
+    let down = http_get(admin, "/readyz").await;
+    assert!(down.starts_with("HTTP/1.0 503"), "{down}");
+    let metrics = http_get(admin, "/metrics").await;
+    assert!(
+        metrics.contains("gateway_tunnel_up{peer=") && metrics.contains("} 0"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_by_the_legacy_server_reaches_the_client_as_a_reset() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = Pki::new();
+    // A legacy server that reads one request and answers with a TCP reset.
+    let rst = tokio::net::TcpListener::bind("127.0.2.10:0")
+        .await
+        .expect("bind");
+    let rst_addr = rst.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = rst.accept().await {
+            let mut b = [0u8; 4];
+            let _ = s.read_exact(&mut b).await;
+            #[allow(deprecated)] // zero linger: close with RST
+            let _ = s.set_linger(Some(Duration::ZERO));
+            drop(s);
+        }
+    });
+    let hub = start_hub(
+        &pki,
+        HubSpec {
+            id: "hub-01",
+            level: 2,
+            publishes: &["edge-b/rst"],
+            quic: None,
+            publish_addrs: vec![],
+        },
+    )
+    .await;
+    let edge = start_edge(
+        &pki,
+        EdgeSpec {
+            id: "edge-b",
+            net: 2,
+            level: 2,
+            hubs: vec![hub.quic],
+            services: vec![("rst", rst_addr, "\"extranet\"", None, None)],
+            accesses: vec![],
+            cert: None,
+            bandwidth: None,
+        },
+    )
+    .await;
+    ready(&edge).await;
+    let mut c = tokio::net::TcpStream::connect(hub.publish[0])
+        .await
+        .expect("connect");
+    c.write_all(b"ping").await.expect("write");
+    let mut out = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut out))
+        .await
+        .expect("the relay ends");
+    let e = r.expect_err("a reset, not a clean end of stream");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+    wait_for("the reset in the audit", Duration::from_secs(5), || {
+        audit_lines(edge.state.path())
+            .iter()
+            .any(|l| l.starts_with("relay.close") && l.contains("end=reset"))
+    })
+    .await;
+}

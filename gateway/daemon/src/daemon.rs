@@ -397,14 +397,8 @@ impl Running {
     pub async fn drain(&self, grace: Duration) {
         info!(grace_s = grace.as_secs(), "Draining");
         self.ctx.draining.cancel();
-        for stop in self
-            .listeners
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .values()
-        {
-            stop.cancel();
-        }
+        // Listeners stop on `draining`; their stop tokens would also cut the
+        // relays they accepted, which must get the grace period.
         self.ctx.tracker.close();
         if tokio::time::timeout(grace, self.ctx.tracker.wait())
             .await

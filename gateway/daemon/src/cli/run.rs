@@ -23,6 +23,9 @@ pub struct RunArgs {
     /// The configuration file.
     #[arg(long, short = 'c', value_name = "FILE")]
     pub config: PathBuf,
+    /// Worker threads (default: one per core).
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
     /// How long relays may finish after SIGTERM before they are cut.
     #[arg(long, default_value = "10s", value_parser = parse_grace)]
     pub grace: Duration,
@@ -77,10 +80,16 @@ pub fn run(args: &RunArgs) -> u8 {
             return code;
         }
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = match args.threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n.max(1));
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             error!("Cannot start the runtime: {e}");
