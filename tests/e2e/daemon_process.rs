@@ -119,13 +119,7 @@ fn a_group_readable_key_is_refused_at_start() {
     let (_, key) = pki.issue("hub-01");
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).expect("chmod");
     let state = tempfile::tempdir().expect("state");
-    let spec = HubSpec {
-        id: "hub-01",
-        level: 2,
-        publishes: &[],
-        quic: None,
-        publish_addrs: vec![],
-    };
+    let spec = HubSpec::new("hub-01", 2, &[]);
     let text = hub_toml(
         &pki,
         &spec,
@@ -171,13 +165,7 @@ fn sighup_adds_a_publish_and_sigterm_drains() {
     let hub_state = tempfile::tempdir().expect("state");
     let edge_state = tempfile::tempdir().expect("state");
     let (quic, p1, p2) = (free_udp(), free_tcp("127.0.0.1"), free_tcp("127.0.0.1"));
-    let spec = HubSpec {
-        id: "hub-01",
-        level: 2,
-        publishes: &["edge-b/echo"],
-        quic: None,
-        publish_addrs: vec![],
-    };
+    let spec = HubSpec::new("hub-01", 2, &["edge-b/echo"]);
     let hub_text = hub_toml(
         &pki,
         &spec,
@@ -189,14 +177,8 @@ fn sighup_adds_a_publish_and_sigterm_drains() {
     let hub_path = hub_state.path().join("hub.toml");
     std::fs::write(&hub_path, &hub_text).expect("write");
     let espec = EdgeSpec {
-        id: "edge-b",
-        net: 2,
-        level: 2,
-        hubs: vec![quic],
         services: vec![("echo", echo_b.addr, "\"extranet\"", None, None)],
-        accesses: vec![],
-        cert: None,
-        bandwidth: None,
+        ..EdgeSpec::new("edge-b", 2, 2, vec![quic])
     };
     let edge_path = edge_state.path().join("edge.toml");
     std::fs::write(
@@ -265,13 +247,7 @@ fn a_second_sigterm_forces_the_exit() {
         tempfile::tempdir().expect("state"),
     );
     let (quic, p1) = (free_udp(), free_tcp("127.0.0.1"));
-    let spec = HubSpec {
-        id: "hub-01",
-        level: 2,
-        publishes: &["edge-b/echo"],
-        quic: None,
-        publish_addrs: vec![],
-    };
+    let spec = HubSpec::new("hub-01", 2, &["edge-b/echo"]);
     let hub_path = hub_state.path().join("hub.toml");
     std::fs::write(
         &hub_path,
@@ -286,14 +262,8 @@ fn a_second_sigterm_forces_the_exit() {
     )
     .expect("write");
     let espec = EdgeSpec {
-        id: "edge-b",
-        net: 2,
-        level: 2,
-        hubs: vec![quic],
         services: vec![("echo", echo_b.addr, "\"extranet\"", None, None)],
-        accesses: vec![],
-        cert: None,
-        bandwidth: None,
+        ..EdgeSpec::new("edge-b", 2, 2, vec![quic])
     };
     let edge_path = edge_state.path().join("edge.toml");
     std::fs::write(

@@ -67,6 +67,19 @@ pub struct HubSpec<'a> {
     pub publish_addrs: Vec<SocketAddr>,
 }
 
+impl<'a> HubSpec<'a> {
+    /// A hub on fresh port-0 sockets.
+    pub fn new(id: &'a str, level: u8, publishes: &'a [&'a str]) -> Self {
+        HubSpec {
+            id,
+            level,
+            publishes,
+            quic: None,
+            publish_addrs: vec![],
+        }
+    }
+}
+
 pub struct HubNode {
     pub running: Running,
     pub quic: SocketAddr,
@@ -188,6 +201,22 @@ pub struct EdgeSpec<'a> {
     pub cert: Option<(PathBuf, PathBuf, PathBuf)>,
     /// `bandwidth` of every service.
     pub bandwidth: Option<&'a str>,
+}
+
+impl<'a> EdgeSpec<'a> {
+    /// An edge with no services, accesses or caps, and its own certificate.
+    pub fn new(id: &'a str, net: u8, level: u8, hubs: Vec<SocketAddr>) -> Self {
+        EdgeSpec {
+            id,
+            net,
+            level,
+            hubs,
+            services: vec![],
+            accesses: vec![],
+            cert: None,
+            bandwidth: None,
+        }
+    }
 }
 
 pub struct EdgeNode {
@@ -376,4 +405,36 @@ pub async fn udp_echo(ip: &str) -> (SocketAddr, Arc<AtomicUsize>) {
         }
     });
     (addr, seen)
+}
+
+/// The usual pair: hub `hub-01` publishing `edge-b/NAME`, and edge `edge-b`
+/// (legacy 127.0.2.0/24) serving NAME at `target` to the extranet, tunnel up.
+pub async fn hub_and_edge(
+    pki: &Pki,
+    level: u8,
+    service: ServiceSpec<'_>,
+    bandwidth: Option<&str>,
+) -> (HubNode, EdgeNode) {
+    let publish = format!("edge-b/{}", service.0);
+    let publish = if service.0.starts_with("udp-") {
+        format!("udp:{publish}")
+    } else {
+        publish
+    };
+    let publishes = [publish.as_str()];
+    let hub = start_hub(pki, HubSpec::new("hub-01", level, &publishes)).await;
+    let edge = start_edge(
+        pki,
+        EdgeSpec {
+            services: vec![service],
+            bandwidth,
+            ..EdgeSpec::new("edge-b", 2, level, vec![hub.quic])
+        },
+    )
+    .await;
+    wait_for("the edge's tunnel", Duration::from_secs(10), || {
+        edge.running.ready()
+    })
+    .await;
+    (hub, edge)
 }

@@ -28,42 +28,20 @@ async fn ready(edge: &EdgeNode) {
 async fn publish_and_access_echo_reach_the_legacy_server() {
     let pki = Pki::new();
     let echo_b = echo("127.0.2.10").await;
-    let hub = start_hub(
-        &pki,
-        HubSpec {
-            id: "hub-01",
-            level: 2,
-            publishes: &["edge-b/echo"],
-            quic: None,
-            publish_addrs: vec![],
-        },
-    )
-    .await;
+    let hub = start_hub(&pki, HubSpec::new("hub-01", 2, &["edge-b/echo"])).await;
     let edge_b = start_edge(
         &pki,
         EdgeSpec {
-            id: "edge-b",
-            net: 2,
-            level: 2,
-            hubs: vec![hub.quic],
             services: vec![("echo", echo_b.addr, "\"extranet\", \"edge-a\"", None, None)],
-            accesses: vec![],
-            cert: None,
-            bandwidth: None,
+            ..EdgeSpec::new("edge-b", 2, 2, vec![hub.quic])
         },
     )
     .await;
     let edge_a = start_edge(
         &pki,
         EdgeSpec {
-            id: "edge-a",
-            net: 1,
-            level: 2,
-            hubs: vec![hub.quic],
-            services: vec![],
             accesses: vec!["edge-b/echo"],
-            cert: None,
-            bandwidth: None,
+            ..EdgeSpec::new("edge-a", 1, 2, vec![hub.quic])
         },
     )
     .await;
@@ -146,32 +124,13 @@ async fn reqwest_metrics(edge: &EdgeNode) -> String {
 async fn a_100_mib_transfer_arrives_intact() {
     let pki = Pki::new();
     let echo_b = echo("127.0.2.10").await;
-    let hub = start_hub(
+    let (hub, _edge) = hub_and_edge(
         &pki,
-        HubSpec {
-            id: "hub-01",
-            level: 2,
-            publishes: &["edge-b/echo"],
-            quic: None,
-            publish_addrs: vec![],
-        },
+        2,
+        ("echo", echo_b.addr, "\"extranet\"", None, None),
+        None,
     )
     .await;
-    let edge = start_edge(
-        &pki,
-        EdgeSpec {
-            id: "edge-b",
-            net: 2,
-            level: 2,
-            hubs: vec![hub.quic],
-            services: vec![("echo", echo_b.addr, "\"extranet\"", None, None)],
-            accesses: vec![],
-            cert: None,
-            bandwidth: None,
-        },
-    )
-    .await;
-    ready(&edge).await;
     let payload = pattern(100 * MIB, 7);
     let digest = ring_digest(&payload);
     let back = round_trip(hub.publish[0], "127.0.0.1", payload)
@@ -196,32 +155,13 @@ fn ring_digest(b: &[u8]) -> Vec<u8> {
 async fn a_thousand_concurrent_relays() {
     let pki = Pki::new();
     let echo_b = echo("127.0.2.10").await;
-    let hub = start_hub(
+    let (hub, edge) = hub_and_edge(
         &pki,
-        HubSpec {
-            id: "hub-01",
-            level: 2,
-            publishes: &["edge-b/echo"],
-            quic: None,
-            publish_addrs: vec![],
-        },
+        2,
+        ("echo", echo_b.addr, "\"extranet\"", None, None),
+        None,
     )
     .await;
-    let edge = start_edge(
-        &pki,
-        EdgeSpec {
-            id: "edge-b",
-            net: 2,
-            level: 2,
-            hubs: vec![hub.quic],
-            services: vec![("echo", echo_b.addr, "\"extranet\"", None, None)],
-            accesses: vec![],
-            cert: None,
-            bandwidth: None,
-        },
-    )
-    .await;
-    ready(&edge).await;
     let publish = hub.publish[0];
     let mut tasks = Vec::new();
     for i in 0..1000u32 {
@@ -262,29 +202,13 @@ async fn a_thousand_concurrent_relays() {
 async fn a_denied_crossing_is_refused_and_audited() {
     let pki = Pki::new();
     let echo_b = echo("127.0.2.10").await;
-    let hub = start_hub(
-        &pki,
-        HubSpec {
-            id: "hub-01",
-            level: 2,
-            publishes: &["edge-b/echo"],
-            quic: None,
-            publish_addrs: vec![],
-        },
-    )
-    .await;
+    let hub = start_hub(&pki, HubSpec::new("hub-01", 2, &["edge-b/echo"])).await;
     // The service allows only another department's gateway, not provincial clients.
     let edge = start_edge(
         &pki,
         EdgeSpec {
-            id: "edge-b",
-            net: 2,
-            level: 2,
-            hubs: vec![hub.quic],
             services: vec![("echo", echo_b.addr, "\"edge-z\"", None, None)],
-            accesses: vec![],
-            cert: None,
-            bandwidth: None,
+            ..EdgeSpec::new("edge-b", 2, 2, vec![hub.quic])
         },
     )
     .await;
@@ -327,32 +251,13 @@ async fn a_denied_crossing_is_refused_and_audited() {
 async fn level_3_checks_the_application_protocol() {
     let pki = Pki::new();
     let echo_b = echo("127.0.2.10").await;
-    let hub = start_hub(
+    let (hub, edge) = hub_and_edge(
         &pki,
-        HubSpec {
-            id: "hub-01",
-            level: 3,
-            publishes: &["edge-b/web"],
-            quic: None,
-            publish_addrs: vec![],
-        },
+        3,
+        ("web", echo_b.addr, "\"extranet\"", Some("http"), None),
+        None,
     )
     .await;
-    let edge = start_edge(
-        &pki,
-        EdgeSpec {
-            id: "edge-b",
-            net: 2,
-            level: 3,
-            hubs: vec![hub.quic],
-            services: vec![("web", echo_b.addr, "\"extranet\"", Some("http"), None)],
-            accesses: vec![],
-            cert: None,
-            bandwidth: None,
-        },
-    )
-    .await;
-    ready(&edge).await;
     let http = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
     assert_eq!(
         round_trip(hub.publish[0], "127.0.0.1", http.clone())
@@ -388,32 +293,13 @@ async fn level_3_checks_the_application_protocol() {
 async fn max_connections_refuses_the_extra_one_and_keeps_the_others() {
     let pki = Pki::new();
     let echo_b = echo("127.0.2.10").await;
-    let hub = start_hub(
+    let (hub, edge) = hub_and_edge(
         &pki,
-        HubSpec {
-            id: "hub-01",
-            level: 2,
-            publishes: &["edge-b/echo"],
-            quic: None,
-            publish_addrs: vec![],
-        },
+        2,
+        ("echo", echo_b.addr, "\"extranet\"", None, Some(2)),
+        None,
     )
     .await;
-    let edge = start_edge(
-        &pki,
-        EdgeSpec {
-            id: "edge-b",
-            net: 2,
-            level: 2,
-            hubs: vec![hub.quic],
-            services: vec![("echo", echo_b.addr, "\"extranet\"", None, Some(2))],
-            accesses: vec![],
-            cert: None,
-            bandwidth: None,
-        },
-    )
-    .await;
-    ready(&edge).await;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut held = Vec::new();
     for _ in 0..2 {
@@ -450,29 +336,13 @@ async fn a_certificate_from_another_ca_is_refused() {
     let pki = Pki::new();
     let rogue = Pki::new();
     let (cert, key) = rogue.issue("edge-b");
-    let hub = start_hub(
-        &pki,
-        HubSpec {
-            id: "hub-01",
-            level: 2,
-            publishes: &[],
-            quic: None,
-            publish_addrs: vec![],
-        },
-    )
-    .await;
+    let hub = start_hub(&pki, HubSpec::new("hub-01", 2, &[])).await;
     // The rogue edge trusts the real CA for the hub but presents a certificate of its own CA.
     let edge = start_edge(
         &pki,
         EdgeSpec {
-            id: "edge-b",
-            net: 2,
-            level: 2,
-            hubs: vec![hub.quic],
-            services: vec![],
-            accesses: vec![],
             cert: Some((pki.ca().join("ca.pem"), cert, key)),
-            bandwidth: None,
+            ..EdgeSpec::new("edge-b", 2, 2, vec![hub.quic])
         },
     )
     .await;
@@ -509,17 +379,7 @@ async fn a_certificate_from_another_ca_is_refused() {
 async fn a_version_mismatch_is_refused_naming_both_versions() {
     use gateway_core::wire::{Frame, RefuseCode};
     let pki = Pki::new();
-    let hub = start_hub(
-        &pki,
-        HubSpec {
-            id: "hub-01",
-            level: 2,
-            publishes: &[],
-            quic: None,
-            publish_addrs: vec![],
-        },
-    )
-    .await;
+    let hub = start_hub(&pki, HubSpec::new("hub-01", 2, &[])).await;
     let (cert, key) = pki.issue("edge-v");
     let client =
         gateway_daemon::tls::client(&pki.ca().join("ca.pem"), &cert, &key).expect("client config");
@@ -555,17 +415,7 @@ async fn a_version_mismatch_is_refused_naming_both_versions() {
 async fn service_returns_after_a_hub_restart() {
     let pki = Pki::new();
     let echo_b = echo("127.0.2.10").await;
-    let hub = start_hub(
-        &pki,
-        HubSpec {
-            id: "hub-01",
-            level: 2,
-            publishes: &["edge-b/echo"],
-            quic: None,
-            publish_addrs: vec![],
-        },
-    )
-    .await;
+    let hub = start_hub(&pki, HubSpec::new("hub-01", 2, &["edge-b/echo"])).await;
     let edge = start_edge(
         &pki,
         EdgeSpec {
@@ -574,9 +424,7 @@ async fn service_returns_after_a_hub_restart() {
             level: 2,
             hubs: vec![hub.quic],
             services: vec![("echo", echo_b.addr, "\"extranet\"", None, None)],
-            accesses: vec![],
-            cert: None,
-            bandwidth: None,
+            ..EdgeSpec::new("edge-b", 2, 2, vec![hub.quic])
         },
     )
     .await;
@@ -618,39 +466,13 @@ async fn service_returns_after_a_hub_restart() {
 async fn a_publish_keeps_working_while_one_of_two_hubs_is_down() {
     let pki = Pki::new();
     let echo_b = echo("127.0.2.10").await;
-    let hub1 = start_hub(
-        &pki,
-        HubSpec {
-            id: "hub-01",
-            level: 2,
-            publishes: &["edge-b/echo"],
-            quic: None,
-            publish_addrs: vec![],
-        },
-    )
-    .await;
-    let hub2 = start_hub(
-        &pki,
-        HubSpec {
-            id: "hub-02",
-            level: 2,
-            publishes: &["edge-b/echo"],
-            quic: None,
-            publish_addrs: vec![],
-        },
-    )
-    .await;
+    let hub1 = start_hub(&pki, HubSpec::new("hub-01", 2, &["edge-b/echo"])).await;
+    let hub2 = start_hub(&pki, HubSpec::new("hub-02", 2, &["edge-b/echo"])).await;
     let edge = start_edge(
         &pki,
         EdgeSpec {
-            id: "edge-b",
-            net: 2,
-            level: 2,
-            hubs: vec![hub1.quic, hub2.quic],
             services: vec![("echo", echo_b.addr, "\"extranet\"", None, None)],
-            accesses: vec![],
-            cert: None,
-            bandwidth: None,
+            ..EdgeSpec::new("edge-b", 2, 2, vec![hub1.quic, hub2.quic])
         },
     )
     .await;
@@ -672,31 +494,15 @@ async fn reload_adds_and_removes_a_publish_and_keeps_other_relays() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let pki = Pki::new();
     let echo_b = echo("127.0.2.10").await;
-    let hub = start_hub(
-        &pki,
-        HubSpec {
-            id: "hub-01",
-            level: 2,
-            publishes: &["edge-b/echo"],
-            quic: None,
-            publish_addrs: vec![],
-        },
-    )
-    .await;
+    let hub = start_hub(&pki, HubSpec::new("hub-01", 2, &["edge-b/echo"])).await;
     let edge = start_edge(
         &pki,
         EdgeSpec {
-            id: "edge-b",
-            net: 2,
-            level: 2,
-            hubs: vec![hub.quic],
             services: vec![
                 ("echo", echo_b.addr, "\"extranet\"", None, None),
                 ("echo2", echo_b.addr, "\"extranet\"", None, None),
             ],
-            accesses: vec![],
-            cert: None,
-            bandwidth: None,
+            ..EdgeSpec::new("edge-b", 2, 2, vec![hub.quic])
         },
     )
     .await;
@@ -748,32 +554,13 @@ async fn an_ended_assessment_cuts_running_relays_and_refuses_new_ones() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let pki = Pki::new();
     let echo_b = echo("127.0.2.10").await;
-    let hub = start_hub(
+    let (hub, edge) = hub_and_edge(
         &pki,
-        HubSpec {
-            id: "hub-01",
-            level: 2,
-            publishes: &["edge-b/echo"],
-            quic: None,
-            publish_addrs: vec![],
-        },
+        2,
+        ("echo", echo_b.addr, "\"extranet\"", None, None),
+        None,
     )
     .await;
-    let edge = start_edge(
-        &pki,
-        EdgeSpec {
-            id: "edge-b",
-            net: 2,
-            level: 2,
-            hubs: vec![hub.quic],
-            services: vec![("echo", echo_b.addr, "\"extranet\"", None, None)],
-            accesses: vec![],
-            cert: None,
-            bandwidth: None,
-        },
-    )
-    .await;
-    ready(&edge).await;
     let mut long = tokio::net::TcpStream::connect(hub.publish[0])
         .await
         .expect("connect");
@@ -811,32 +598,13 @@ async fn an_ended_assessment_cuts_running_relays_and_refuses_new_ones() {
 async fn a_bandwidth_capped_service_still_delivers_intact() {
     let pki = Pki::new();
     let echo_b = echo("127.0.2.10").await;
-    let hub = start_hub(
+    let (hub, _edge) = hub_and_edge(
         &pki,
-        HubSpec {
-            id: "hub-01",
-            level: 2,
-            publishes: &["edge-b/echo"],
-            quic: None,
-            publish_addrs: vec![],
-        },
+        2,
+        ("echo", echo_b.addr, "\"extranet\"", None, None),
+        Some("200Mbit"),
     )
     .await;
-    let edge = start_edge(
-        &pki,
-        EdgeSpec {
-            id: "edge-b",
-            net: 2,
-            level: 2,
-            hubs: vec![hub.quic],
-            services: vec![("echo", echo_b.addr, "\"extranet\"", None, None)],
-            accesses: vec![],
-            cert: None,
-            bandwidth: Some("200Mbit"),
-        },
-    )
-    .await;
-    ready(&edge).await;
     let payload = pattern(8 * MIB, 3);
     let back = round_trip(hub.publish[0], "127.0.0.1", payload.clone())
         .await
@@ -848,32 +616,13 @@ async fn a_bandwidth_capped_service_still_delivers_intact() {
 async fn udp_echo_through_datagrams_with_idle_expiry() {
     let pki = Pki::new();
     let (echo_addr, seen) = udp_echo("127.0.2.10").await;
-    let hub = start_hub(
+    let (hub, edge) = hub_and_edge(
         &pki,
-        HubSpec {
-            id: "hub-01",
-            level: 2,
-            publishes: &["udp:edge-b/udp-echo"],
-            quic: None,
-            publish_addrs: vec![],
-        },
+        2,
+        ("udp-echo", echo_addr, "\"extranet\"", None, None),
+        None,
     )
     .await;
-    let edge = start_edge(
-        &pki,
-        EdgeSpec {
-            id: "edge-b",
-            net: 2,
-            level: 2,
-            hubs: vec![hub.quic],
-            services: vec![("udp-echo", echo_addr, "\"extranet\"", None, None)],
-            accesses: vec![],
-            cert: None,
-            bandwidth: None,
-        },
-    )
-    .await;
-    ready(&edge).await;
     let client = tokio::net::UdpSocket::bind("127.0.0.1:0")
         .await
         .expect("client");
@@ -932,28 +681,11 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_follows_the_tunnel_and_healthz_answers() {
     let pki = Pki::new();
-    let hub = start_hub(
-        &pki,
-        HubSpec {
-            id: "hub-01",
-            level: 2,
-            publishes: &[],
-            quic: None,
-            publish_addrs: vec![],
-        },
-    )
-    .await;
+    let hub = start_hub(&pki, HubSpec::new("hub-01", 2, &[])).await;
     let edge = start_edge(
         &pki,
         EdgeSpec {
-            id: "edge-b",
-            net: 2,
-            level: 2,
-            hubs: vec![hub.quic],
-            services: vec![],
-            accesses: vec![],
-            cert: None,
-            bandwidth: None,
+            ..EdgeSpec::new("edge-b", 2, 2, vec![hub.quic])
         },
     )
     .await;
@@ -1003,32 +735,8 @@ async fn a_reset_by_the_legacy_server_reaches_the_client_as_a_reset() {
             drop(s);
         }
     });
-    let hub = start_hub(
-        &pki,
-        HubSpec {
-            id: "hub-01",
-            level: 2,
-            publishes: &["edge-b/rst"],
-            quic: None,
-            publish_addrs: vec![],
-        },
-    )
-    .await;
-    let edge = start_edge(
-        &pki,
-        EdgeSpec {
-            id: "edge-b",
-            net: 2,
-            level: 2,
-            hubs: vec![hub.quic],
-            services: vec![("rst", rst_addr, "\"extranet\"", None, None)],
-            accesses: vec![],
-            cert: None,
-            bandwidth: None,
-        },
-    )
-    .await;
-    ready(&edge).await;
+    let (hub, edge) =
+        hub_and_edge(&pki, 2, ("rst", rst_addr, "\"extranet\"", None, None), None).await;
     let mut c = tokio::net::TcpStream::connect(hub.publish[0])
         .await
         .expect("connect");
