@@ -141,6 +141,9 @@ sleep 1
 gbps() { # host port parallel
     iperf3 -c "$1" -p "$2" -P "$3" -t "$T" -J 2>/dev/null | python3 -c 'import json,sys; print("%.2f" % (json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e9))'
 }
+cpu_ticks() { # pids... -> utime+stime in clock ticks
+    local t=0; for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' /proc/$p/stat))); done; echo $t
+}
 rss_mb() { # pids...
     local kb=0; for p in "$@"; do kb=$((kb + $(awk '/VmRSS/{print $2}' /proc/$p/status))); done; echo $((kb / 1024))
 }
@@ -149,8 +152,12 @@ declare -A R
 # Idle: tunnels up, nothing relayed yet.
 R[gw,idle]=$(rss_mb $HUB $EDGE); R[rh,idle]=$(rss_mb $RHS $RHC)
 R[direct,1]=$(gbps 127.0.1.10 $IPERF 1); R[direct,8]=$(gbps 127.0.1.10 $IPERF 8)
-R[gw,1]=$(gbps 127.0.0.1 $PUB_IPERF 1); R[gw,8]=$(gbps 127.0.0.1 $PUB_IPERF 8)
-R[rh,1]=$(gbps 127.0.0.1 $RH_IPERF 1); R[rh,8]=$(gbps 127.0.0.1 $RH_IPERF 8)
+R[gw,1]=$(gbps 127.0.0.1 $PUB_IPERF 1)
+c0=$(cpu_ticks $HUB $EDGE); R[gw,8]=$(gbps 127.0.0.1 $PUB_IPERF 8); c1=$(cpu_ticks $HUB $EDGE)
+R[gw,cpu]=$(python3 -c "print('%.2f' % (($c1 - $c0) / $(getconf CLK_TCK) / (${R[gw,8]} * $T / 8)))")
+R[rh,1]=$(gbps 127.0.0.1 $RH_IPERF 1)
+c0=$(cpu_ticks $RHS $RHC); R[rh,8]=$(gbps 127.0.0.1 $RH_IPERF 8); c1=$(cpu_ticks $RHS $RHC)
+R[rh,cpu]=$(python3 -c "print('%.2f' % (($c1 - $c0) / $(getconf CLK_TCK) / (${R[rh,8]} * $T / 8)))")
 read -r R[direct,p50] R[direct,p99] < <(python3 tests/bench/rtt.py latency 127.0.1.10 $ECHO 20000)
 read -r R[gw,p50] R[gw,p99] < <(python3 tests/bench/rtt.py latency 127.0.0.1 $PUB_ECHO 20000)
 read -r R[rh,p50] R[rh,p99] < <(python3 tests/bench/rtt.py latency 127.0.0.1 $RH_ECHO 20000)
@@ -165,6 +172,7 @@ echo "| measure | direct | gatewayd | rathole (noise) | gatewayd / direct | gate
 echo "|---|---|---|---|---|---|"
 echo "| 1 stream, Gbit/s | ${R[direct,1]} | ${R[gw,1]} | ${R[rh,1]} | $(ratio ${R[gw,1]} ${R[direct,1]}) | $(ratio ${R[gw,1]} ${R[rh,1]}) |"
 echo "| 8 streams, Gbit/s | ${R[direct,8]} | ${R[gw,8]} | ${R[rh,8]} | $(ratio ${R[gw,8]} ${R[direct,8]}) | $(ratio ${R[gw,8]} ${R[rh,8]}) |"
+echo "| CPU seconds per GB relayed (8 streams, both daemons) | - | ${R[gw,cpu]} | ${R[rh,cpu]} | - | $(ratio ${R[gw,cpu]} ${R[rh,cpu]}) |"
 echo "| 64 B round trip p50, µs | ${R[direct,p50]} | ${R[gw,p50]} | ${R[rh,p50]} | $(ratio ${R[gw,p50]} ${R[direct,p50]}) | $(ratio ${R[gw,p50]} ${R[rh,p50]}) |"
 echo "| 64 B round trip p99, µs | ${R[direct,p99]} | ${R[gw,p99]} | ${R[rh,p99]} | $(ratio ${R[gw,p99]} ${R[direct,p99]}) | $(ratio ${R[gw,p99]} ${R[rh,p99]}) |"
 echo "| RSS idle, MB (both daemons, before any relay) | - | ${R[gw,idle]} | ${R[rh,idle]} | - | $(ratio ${R[gw,idle]} ${R[rh,idle]}) |"

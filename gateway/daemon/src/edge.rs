@@ -459,9 +459,11 @@ async fn serve_open(
         let zone_stop = ctx.zone_token(&svc.zone);
         let limits = ctx.limiter(&service, svc.bandwidth);
         let done = {
-            let (mut tr, mut tw) = target.split();
+            let (tr, mut tw) = target.split();
+            let mut tr = relay::BufSource::new(tr);
+            let mut qr = relay::BufSource::new(&mut recv);
             tokio::select! {
-                s = relay::splice_limited(&mut recv, &mut send, &mut tr, &mut tw, &live, limits.as_deref()) => Some(s),
+                s = relay::splice_limited(&mut qr, &mut send, &mut tr, &mut tw, &live, limits.as_deref()) => Some(s),
                 () = stop.cancelled() => None,
                 () = zone_stop.cancelled() => None,
             }
@@ -641,9 +643,11 @@ async fn access_relay(
     let live = [AtomicU64::new(0), AtomicU64::new(0)];
     let zone_stop = ctx.zone_token(&access.zone);
     let done = {
-        let (mut tr, mut tw) = tcp.split();
+        let (tr, mut tw) = tcp.split();
+        let mut tr = relay::BufSource::new(tr);
+        let mut qr = relay::BufSource::new(&mut recv);
         tokio::select! {
-            s = relay::splice(&mut tr, &mut tw, &mut recv, &mut send, &live) => Some(s),
+            s = relay::splice(&mut tr, &mut tw, &mut qr, &mut send, &live) => Some(s),
             () = stop.cancelled() => None,
             () = zone_stop.cancelled() => None,
             () = ctx.kill.cancelled() => None,

@@ -350,8 +350,12 @@ async fn transit(
     ctx.metrics.opened(&service);
     let live = [AtomicU64::new(0), AtomicU64::new(0)];
     let kill = ctx.kill.clone();
+    let (mut src_a, mut src_b) = (
+        relay::BufSource::new(&mut recv),
+        relay::BufSource::new(&mut trecv),
+    );
     let done = tokio::select! {
-        s = relay::splice(&mut recv, &mut send, &mut trecv, &mut tsend, &live) => Some(s),
+        s = relay::splice(&mut src_a, &mut send, &mut src_b, &mut tsend, &live) => Some(s),
         () = kill.cancelled() => None,
     };
     let (up, down) = (
@@ -509,9 +513,11 @@ async fn publish_relay(
     ctx.metrics.opened(&object);
     let live = [AtomicU64::new(0), AtomicU64::new(0)];
     let done = {
-        let (mut tr, mut tw) = tcp.split();
+        let (tr, mut tw) = tcp.split();
+        let mut tr = relay::BufSource::new(tr);
+        let mut qr = relay::BufSource::new(&mut recv);
         tokio::select! {
-            s = relay::splice(&mut tr, &mut tw, &mut recv, &mut send, &live) => Some(s),
+            s = relay::splice(&mut tr, &mut tw, &mut qr, &mut send, &live) => Some(s),
             () = stop.cancelled() => None,
             () = ctx.kill.cancelled() => None,
         }

@@ -11,6 +11,7 @@ use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use bytes::{Bytes, BytesMut};
 use gateway_core::wire::{DecodeError, Frame};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -61,8 +62,43 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, f: &Frame) -> std::io
     w.write_all(&f.to_bytes()).await
 }
 
+/// The reading half of a relayed byte stream, chunk by chunk (zero-copy from QUIC).
+pub trait Source: Send {
+    /// The next chunk; `None` at the end of the stream.
+    fn next(&mut self) -> impl Future<Output = std::io::Result<Option<Bytes>>> + Send;
+}
+
+/// Any byte stream read in large chunks into a reused buffer. A QUIC stream
+/// read this way coalesces its frames, so the TCP side gets one write per read,
+/// not one per QUIC frame; a TCP stream read this way hands QUIC its chunk
+/// without another copy.
+pub struct BufSource<R> {
+    inner: R,
+    buf: BytesMut,
+}
+
+impl<R> BufSource<R> {
+    /// Wraps a reader.
+    pub fn new(inner: R) -> Self {
+        Self {
+            inner,
+            buf: BytesMut::new(),
+        }
+    }
+}
+
+impl<R: AsyncRead + Unpin + Send> Source for BufSource<R> {
+    async fn next(&mut self) -> std::io::Result<Option<Bytes>> {
+        self.buf.reserve(BUF);
+        let n = self.inner.read_buf(&mut self.buf).await?;
+        Ok((n > 0).then(|| self.buf.split().freeze()))
+    }
+}
+
 /// The writing half of a relayed byte stream.
-pub trait Sink: AsyncWrite + Unpin + Send {
+pub trait Sink: Send {
+    /// Writes a chunk.
+    fn put(&mut self, chunk: Bytes) -> impl Future<Output = std::io::Result<()>> + Send;
     /// Closes for writing: the peer reads EOF.
     fn end(&mut self) -> impl Future<Output = ()> + Send;
     /// Aborts: the peer sees a reset.
@@ -70,6 +106,9 @@ pub trait Sink: AsyncWrite + Unpin + Send {
 }
 
 impl Sink for quinn::SendStream {
+    async fn put(&mut self, chunk: Bytes) -> std::io::Result<()> {
+        self.write_chunk(chunk).await.map_err(Into::into)
+    }
     async fn end(&mut self) {
         let _ = self.finish();
     }
@@ -79,6 +118,9 @@ impl Sink for quinn::SendStream {
 }
 
 impl Sink for tokio::net::tcp::WriteHalf<'_> {
+    async fn put(&mut self, chunk: Bytes) -> std::io::Result<()> {
+        self.write_all(&chunk).await
+    }
     async fn end(&mut self) {
         let _ = self.shutdown().await;
     }
@@ -128,23 +170,22 @@ impl Limiter {
     }
 }
 
-async fn pump<R: AsyncRead + Unpin, W: Sink>(
+async fn pump<R: Source, W: Sink>(
     r: &mut R,
     w: &mut W,
     count: &AtomicU64,
     limit: Option<&Limiter>,
 ) -> std::io::Result<()> {
-    let mut buf = vec![0u8; BUF];
     loop {
-        let n = r.read(&mut buf).await?;
-        if n == 0 {
+        let Some(chunk) = r.next().await? else {
             w.end().await;
             return Ok(());
-        }
+        };
+        let n = chunk.len();
         if let Some(l) = limit {
             l.take(n).await;
         }
-        w.write_all(&buf[..n]).await?;
+        w.put(chunk).await?;
         count.fetch_add(n as u64, Ordering::Relaxed);
     }
 }
@@ -159,9 +200,9 @@ pub async fn splice<R1, W1, R2, W2>(
     live: &[AtomicU64; 2],
 ) -> Spliced
 where
-    R1: AsyncRead + Unpin,
+    R1: Source,
     W1: Sink,
-    R2: AsyncRead + Unpin,
+    R2: Source,
     W2: Sink,
 {
     splice_limited(r1, w1, r2, w2, live, None).await
@@ -177,9 +218,9 @@ pub async fn splice_limited<R1, W1, R2, W2>(
     limits: Option<&[Limiter; 2]>,
 ) -> Spliced
 where
-    R1: AsyncRead + Unpin,
+    R1: Source,
     W1: Sink,
-    R2: AsyncRead + Unpin,
+    R2: Source,
     W2: Sink,
 {
     let reset = {
