@@ -141,11 +141,11 @@ pub async fn start_hub(pki: &Pki, spec: HubSpec<'_>) -> HubNode {
         .quic
         .unwrap_or_else(|| "127.0.0.1:0".parse().expect("addr"));
     // A restarted hub reuses its address once the old endpoint has let it go.
-    let mut udp = std::net::UdpSocket::bind(want);
+    let mut udp = daemon::bind_udp_shared(want);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while udp.is_err() && std::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
-        udp = std::net::UdpSocket::bind(want);
+        udp = daemon::bind_udp_shared(want);
     }
     let udp = udp.expect("udp");
     let quic = udp.local_addr().expect("addr");

@@ -53,6 +53,23 @@ pub fn listen_tcp(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     Ok(s.into())
 }
 
+/// Binds a UDP socket that other sockets of this process may bind too
+/// (`SO_REUSEPORT`): the kernel spreads peers over them by address hash, so each
+/// has its own QUIC endpoint driver and the hub's receive path uses every core.
+///
+/// # Errors
+/// When the address cannot be bound.
+pub fn bind_udp_shared(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    s.set_reuse_port(true)?;
+    s.bind(&addr.into())?;
+    Ok(s.into())
+}
+
 impl Bindings {
     fn tcp(&mut self, addr: SocketAddr) -> std::io::Result<TcpListener> {
         let l = match self.tcp.remove(&addr) {
@@ -94,7 +111,7 @@ pub enum StartError {
 /// A running node.
 pub struct Running {
     ctx: Arc<Ctx>,
-    endpoint: quinn::Endpoint,
+    endpoints: Vec<quinn::Endpoint>,
     listeners: Mutex<HashMap<SocketAddr, CancellationToken>>,
     role: RoleState,
     admin_stop: CancellationToken,
@@ -152,25 +169,40 @@ pub async fn start(config: Config, mut bindings: Bindings) -> Result<Running, St
     let admin_stop = CancellationToken::new();
     let runtime = Arc::new(quinn::TokioRuntime);
     let mut listeners = HashMap::new();
-    let (endpoint, state, quic_addr, readiness) = match role {
+    let (endpoints, state, quic_addr, readiness) = match role {
         Role::Hub(h) => {
             let server = tls::server(
                 &h.settings.ca_cert.path,
                 &h.settings.cert.path,
                 &h.settings.key.path,
             )?;
-            let socket = match bindings.udp.take() {
+            let first = match bindings.udp.take() {
                 Some(s) => s,
-                None => std::net::UdpSocket::bind(h.settings.listen)
-                    .map_err(bind_err(h.settings.listen))?,
+                None => bind_udp_shared(h.settings.listen).map_err(bind_err(h.settings.listen))?,
             };
-            let endpoint = quinn::Endpoint::new(
-                quinn::EndpointConfig::default(),
-                Some(server),
-                socket,
-                runtime,
-            )
-            .map_err(bind_err(h.settings.listen))?;
+            let bound_at = first.local_addr().map_err(bind_err(h.settings.listen))?;
+            let mut sockets = vec![first];
+            // One endpoint per core on the same port; a socket bound without
+            // SO_REUSEPORT (handed in by a caller) stays alone.
+            for _ in 1..edge::lanes() {
+                match bind_udp_shared(bound_at) {
+                    Ok(s) => sockets.push(s),
+                    Err(_) => break,
+                }
+            }
+            let mut endpoints = Vec::new();
+            for socket in sockets {
+                endpoints.push(
+                    quinn::Endpoint::new(
+                        quinn::EndpointConfig::default(),
+                        Some(server.clone()),
+                        socket,
+                        runtime.clone(),
+                    )
+                    .map_err(bind_err(h.settings.listen))?,
+                );
+            }
+            let endpoint = endpoints[0].clone();
             let quic_addr = endpoint.local_addr().ok();
             let devices = Arc::new(Devices::default());
             let mut bound = Vec::new();
@@ -206,11 +238,9 @@ pub async fn start(config: Config, mut bindings: Bindings) -> Result<Running, St
                     CancellationToken::new(),
                 ));
             }
-            tokio::spawn(hub::accept_edges(
-                ctx.clone(),
-                devices.clone(),
-                endpoint.clone(),
-            ));
+            for e in &endpoints {
+                tokio::spawn(hub::accept_edges(ctx.clone(), devices.clone(), e.clone()));
+            }
             for (p, l) in bound {
                 let stop = CancellationToken::new();
                 listeners.insert(p.listen, stop.clone());
@@ -222,16 +252,17 @@ pub async fn start(config: Config, mut bindings: Bindings) -> Result<Running, St
                     stop,
                 ));
             }
-            info!(node = %id, quic = ?quic_addr, publishes = h.publishes.len(), "Hub started");
-            (endpoint, RoleState::Hub(devices), quic_addr, Readiness::Hub)
+            info!(node = %id, quic = ?quic_addr, endpoints = endpoints.len(), publishes = h.publishes.len(), "Hub started");
+            let _ = endpoint;
+            (
+                endpoints,
+                RoleState::Hub(devices),
+                quic_addr,
+                Readiness::Hub,
+            )
         }
         Role::Edge(e) => {
             let client = tls::client(&e.uplink.ca.path, &e.uplink.cert.path, &e.uplink.key.path)?;
-            let any: SocketAddr = ([0, 0, 0, 0], 0).into();
-            let socket = std::net::UdpSocket::bind(any).map_err(bind_err(any))?;
-            let endpoint =
-                quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
-                    .map_err(bind_err(any))?;
             let lanes = edge::lanes();
             let hubs = Hubs::new(&e.uplink.hubs, lanes);
             let mut bound = Vec::new();
@@ -242,8 +273,23 @@ pub async fn start(config: Config, mut bindings: Bindings) -> Result<Running, St
                 ));
             }
             tokio::spawn(edge::watch_assessments(ctx.clone()));
+            // Each lane has its own UDP socket and endpoint driver.
+            let any: SocketAddr = ([0, 0, 0, 0], 0).into();
+            let mut endpoints = Vec::new();
+            for _ in 0..lanes {
+                let socket = std::net::UdpSocket::bind(any).map_err(bind_err(any))?;
+                endpoints.push(
+                    quinn::Endpoint::new(
+                        quinn::EndpointConfig::default(),
+                        None,
+                        socket,
+                        runtime.clone(),
+                    )
+                    .map_err(bind_err(any))?,
+                );
+            }
             for (i, h) in e.uplink.hubs.iter().enumerate() {
-                for lane in 0..lanes {
+                for (lane, endpoint) in endpoints.iter().enumerate() {
                     tokio::spawn(edge::keep_tunnel(
                         ctx.clone(),
                         hubs.clone(),
@@ -267,7 +313,7 @@ pub async fn start(config: Config, mut bindings: Bindings) -> Result<Running, St
                 ));
             }
             info!(node = %id, hubs = e.uplink.hubs.len(), services = e.services.len(), accesses = e.accesses.len(), "Edge started");
-            (endpoint, RoleState::Edge(hubs), None, Readiness::Edge)
+            (endpoints, RoleState::Edge(hubs), None, Readiness::Edge)
         }
     };
     tokio::spawn(admin::serve(
@@ -280,7 +326,7 @@ pub async fn start(config: Config, mut bindings: Bindings) -> Result<Running, St
         .record(&id, "node", "node.start", "ok", "", String::new());
     Ok(Running {
         ctx,
-        endpoint,
+        endpoints,
         listeners: Mutex::new(listeners),
         role: state,
         admin_stop,
@@ -414,8 +460,12 @@ impl Running {
         self.ctx
             .audit
             .record(&self.ctx.id, "node", "node.stop", "ok", "", String::new());
-        self.endpoint.close(quinn::VarInt::from_u32(0), b"shutdown");
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        for e in &self.endpoints {
+            e.close(quinn::VarInt::from_u32(0), b"shutdown");
+        }
+        for e in &self.endpoints {
+            let _ = tokio::time::timeout(Duration::from_secs(2), e.wait_idle()).await;
+        }
         self.admin_stop.cancel();
     }
 
