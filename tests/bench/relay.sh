@@ -5,7 +5,8 @@
 #   rathole  iperf3 client -> rathole server -> noise tunnel -> rathole client -> iperf3 server
 # Single-stream and 8-stream throughput, 64-byte request/response latency
 # (p50/p99, through an echo server), RSS of the tunnel daemons idle and holding
-# 1,000 idle relayed connections. Prints a markdown table with ratios.
+# 1,000 idle relayed connections. Prints a markdown table with ratios: medians of
+# REPS (default 3) interleaved runs, the single runs on stderr.
 #
 # Needs: iperf3, socat, python3 (apt-get install -y iperf3 socat), rathole
 # (cargo install rathole). Usage: tests/bench/relay.sh [SECONDS_PER_RUN]
@@ -151,22 +152,42 @@ rss_mb() { # pids...
 declare -A R
 # Idle: tunnels up, nothing relayed yet.
 R[gw,idle]=$(rss_mb $HUB $EDGE); R[rh,idle]=$(rss_mb $RHS $RHC)
-R[direct,1]=$(gbps 127.0.1.10 $IPERF 1); R[direct,8]=$(gbps 127.0.1.10 $IPERF 8)
-R[gw,1]=$(gbps 127.0.0.1 $PUB_IPERF 1)
-c0=$(cpu_ticks $HUB $EDGE); R[gw,8]=$(gbps 127.0.0.1 $PUB_IPERF 8); c1=$(cpu_ticks $HUB $EDGE)
-R[gw,cpu]=$(python3 -c "print('%.2f' % (($c1 - $c0) / $(getconf CLK_TCK) / (${R[gw,8]} * $T / 8)))")
-R[rh,1]=$(gbps 127.0.0.1 $RH_IPERF 1)
-c0=$(cpu_ticks $RHS $RHC); R[rh,8]=$(gbps 127.0.0.1 $RH_IPERF 8); c1=$(cpu_ticks $RHS $RHC)
-R[rh,cpu]=$(python3 -c "print('%.2f' % (($c1 - $c0) / $(getconf CLK_TCK) / (${R[rh,8]} * $T / 8)))")
-read -r R[direct,p50] R[direct,p99] < <(python3 tests/bench/rtt.py latency 127.0.1.10 $ECHO 20000)
-read -r R[gw,p50] R[gw,p99] < <(python3 tests/bench/rtt.py latency 127.0.0.1 $PUB_ECHO 20000)
-read -r R[rh,p50] R[rh,p99] < <(python3 tests/bench/rtt.py latency 127.0.0.1 $RH_ECHO 20000)
+
+# Throughput: REPS runs each, gatewayd and rathole interleaved, median kept, so a
+# burst of background load does not decide the ratio.
+REPS=${REPS:-3}
+median() { python3 -c 'import sys, statistics; print("%.2f" % statistics.median(float(x) for x in sys.argv[1:]))' "$@"; }
+declare -A S
+for rep in $(seq "$REPS"); do
+    for n in 1 8; do
+        S[direct,$n]+=" $(gbps 127.0.1.10 $IPERF $n)"
+        c0=$(cpu_ticks $HUB $EDGE); g=$(gbps 127.0.0.1 $PUB_IPERF $n); c1=$(cpu_ticks $HUB $EDGE)
+        S[gw,$n]+=" $g"; S[gw,cpu$n]+=" $(python3 -c "print(($c1 - $c0) / $(getconf CLK_TCK) / ($g * $T / 8))")"
+        c0=$(cpu_ticks $RHS $RHC); r=$(gbps 127.0.0.1 $RH_IPERF $n); c1=$(cpu_ticks $RHS $RHC)
+        S[rh,$n]+=" $r"; S[rh,cpu$n]+=" $(python3 -c "print(($c1 - $c0) / $(getconf CLK_TCK) / ($r * $T / 8))")"
+    done
+done
+for k in direct,1 direct,8 gw,1 gw,8 rh,1 rh,8 gw,cpu8 rh,cpu8; do R[$k]=$(median ${S[$k]}); done
+R[gw,cpu]=${R[gw,cpu8]}; R[rh,cpu]=${R[rh,cpu8]}
+echo "runs (Gbit/s): gatewayd 1:${S[gw,1]} 8:${S[gw,8]} | rathole 1:${S[rh,1]} 8:${S[rh,8]}" >&2
+
+# Latency: REPS runs of 20,000 round trips each, interleaved; median of the p50s and p99s.
+for rep in $(seq "$REPS"); do
+    for who in direct gw rh; do
+        case $who in direct) a="127.0.1.10 $ECHO";; gw) a="127.0.0.1 $PUB_ECHO";; rh) a="127.0.0.1 $RH_ECHO";; esac
+        read -r p50 p99 < <(python3 tests/bench/rtt.py latency $a 20000)
+        S[$who,p50]+=" $p50"; S[$who,p99]+=" $p99"
+    done
+done
+for who in direct gw rh; do R[$who,p50]=$(median ${S[$who,p50]}); R[$who,p99]=$(median ${S[$who,p99]}); done
+echo "runs (µs p99): gatewayd${S[gw,p99]} | rathole${S[rh,p99]}" >&2
+
 python3 tests/bench/rtt.py hold 127.0.0.1 $PUB_ECHO 1000 4 >/dev/null & H=$!; sleep 3; R[gw,1k]=$(rss_mb $HUB $EDGE); wait $H
 python3 tests/bench/rtt.py hold 127.0.0.1 $RH_ECHO 1000 4 >/dev/null & H=$!; sleep 3; R[rh,1k]=$(rss_mb $RHS $RHC); wait $H
 
 ratio() { python3 -c "print('%.2f' % ($1 / $2))"; }
 echo
-echo "machine: $(nproc) cores, $(uname -r), $(date -u +%Y-%m-%d), $T s per iperf3 run"
+echo "machine: $(nproc) cores, $(uname -r), $(date -u +%Y-%m-%d), $T s per iperf3 run, median of $REPS interleaved runs"
 echo
 echo "| measure | direct | gatewayd | rathole (noise) | gatewayd / direct | gatewayd / rathole |"
 echo "|---|---|---|---|---|---|"

@@ -19,8 +19,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 pub const RESET_CODE: u32 = 1;
 /// Time allowed for the opening frames of a stream.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Copy buffer per direction.
+/// Read buffer per direction.
 const BUF: usize = 64 * 1024;
+/// Smallest room a read is given before a new buffer is taken.
+const MIN_READ: usize = 8 * 1024;
 
 /// Reading a frame failed.
 #[derive(Debug, thiserror::Error)]
@@ -89,7 +91,11 @@ impl<R> BufSource<R> {
 
 impl<R: AsyncRead + Unpin + Send> Source for BufSource<R> {
     async fn next(&mut self) -> std::io::Result<Option<Bytes>> {
-        self.buf.reserve(BUF);
+        // Reuse the rest of the buffer while it has room: reserving a full
+        // buffer per read would allocate one per small message.
+        if self.buf.capacity() < MIN_READ {
+            self.buf.reserve(BUF);
+        }
         let n = self.inner.read_buf(&mut self.buf).await?;
         Ok((n > 0).then(|| self.buf.split().freeze()))
     }
