@@ -105,12 +105,6 @@ pub fn transport() -> TransportConfig {
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     mtu.upper_bound(MTU_UPPER_BOUND);
     t.mtu_discovery_config(Some(mtu));
-    // ACK every 10th packet (within 5 ms) instead of every 2nd: bulk relays spend
-    // far fewer packets and syscalls on acknowledgements.
-    let mut ack = quinn::AckFrequencyConfig::default();
-    ack.ack_eliciting_threshold(VarInt::from_u32(9));
-    ack.max_ack_delay(Some(Duration::from_millis(5)));
-    t.ack_frequency_config(Some(ack));
     t.datagram_receive_buffer_size(Some(1 << 20));
     t.datagram_send_buffer_size(1 << 20);
     t
