@@ -1,9 +1,11 @@
 //! SQLite storage of the gateway.
 //!
 //! - [`audit`]: the append-only, hash-chained audit log (DESIGN.md rule 6).
+//! - [`buffer`]: the durable record buffer of data channels.
 //!
 //! Databases are opened in WAL mode with `synchronous = FULL`: a record that a
 //! call reported as written survives a power cut.
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod buffer;

@@ -1,0 +1,481 @@
+//! The durable record buffer of an edge's data channels: `STATE_DIR/buffer.sqlite`.
+//!
+//! Invariants (checked by the model-based test in `tests/buffer_model.rs`):
+//! - A record is acknowledged to its producer only after the transaction that
+//!   holds it committed (WAL, `synchronous = FULL`): a record that got a sequence
+//!   number survives a power cut.
+//! - Per channel, sequence numbers start at 1 and grow by one per accepted record,
+//!   across restarts, acks, expiry and drops; they are never reused.
+//! - Records are read in sequence order; reading never removes anything. Only
+//!   [`Buffer::ack`] (delivered), [`Buffer::expire`] (TTL) and a drop under
+//!   `when_full = "drop_oldest"` remove records, always a prefix of the channel.
+//! - A channel's accounted size (body bytes plus [`RECORD_OVERHEAD`] per record)
+//!   never exceeds its quota after an append.
+//! - Every body carries a CRC-32 checked on read; a record that fails it is moved
+//!   to `quarantine` and counted, never returned and never a crash loop.
+//!
+//! Appends take a batch (group commit): one `BEGIN IMMEDIATE` transaction for many
+//! producers' records, so durability costs one sync per batch, not per record.
+
+use std::path::Path;
+
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+
+/// File name of the buffer inside the state directory.
+pub const FILE_NAME: &str = "buffer.sqlite";
+
+/// Bytes accounted per record on top of its body (row, index and page overhead).
+pub const RECORD_OVERHEAD: u64 = 64;
+
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS channel (
+    name     TEXT PRIMARY KEY,
+    next_seq INTEGER NOT NULL,
+    bytes    INTEGER NOT NULL,
+    records  INTEGER NOT NULL,
+    dropped  INTEGER NOT NULL,
+    expired  INTEGER NOT NULL,
+    corrupt  INTEGER NOT NULL
+) STRICT;
+CREATE TABLE IF NOT EXISTS record (
+    channel  TEXT NOT NULL,
+    seq      INTEGER NOT NULL,
+    time_ms  INTEGER NOT NULL,
+    format   TEXT NOT NULL,
+    body     BLOB NOT NULL,
+    crc      INTEGER NOT NULL,
+    PRIMARY KEY (channel, seq)
+) STRICT, WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS quarantine (
+    channel  TEXT NOT NULL,
+    seq      INTEGER NOT NULL,
+    time_ms  INTEGER NOT NULL,
+    format   TEXT NOT NULL,
+    body     BLOB NOT NULL,
+    crc      INTEGER NOT NULL
+) STRICT;
+";
+
+/// A record handed in by a producer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewRecord {
+    /// Declared format (`json`, `xml`, `csv`, `text`).
+    pub format: String,
+    /// The body, as received.
+    pub body: Vec<u8>,
+}
+
+/// A record in the buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// Its sequence number in the channel.
+    pub seq: u64,
+    /// When it was accepted, Unix ms.
+    pub time_ms: i64,
+    /// Declared format.
+    pub format: String,
+    /// The body.
+    pub body: Vec<u8>,
+}
+
+/// What a full channel does with new records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhenFull {
+    /// Refuse the batch.
+    Reject,
+    /// Remove the oldest records until the batch fits.
+    DropOldest,
+}
+
+/// The result of an append.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Appended {
+    /// Sequence numbers given, in batch order.
+    pub first: u64,
+    /// The last one given (equal to `first - 1` for an empty batch).
+    pub last: u64,
+    /// Records removed to make room (`drop_oldest`), as an inclusive range.
+    pub dropped: Option<(u64, u64)>,
+}
+
+/// A channel's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Backlog {
+    /// Records waiting.
+    pub records: u64,
+    /// Their accounted size.
+    pub bytes: u64,
+    /// The next sequence number to be given.
+    pub next_seq: u64,
+    /// Oldest waiting record's time, Unix ms.
+    pub oldest_ms: Option<i64>,
+    /// Records removed by `drop_oldest`, ever.
+    pub dropped: u64,
+    /// Records removed by TTL, ever.
+    pub expired: u64,
+    /// Records quarantined for a bad CRC, ever.
+    pub corrupt: u64,
+}
+
+/// A buffer operation failed; nothing was changed.
+#[derive(Debug, thiserror::Error)]
+pub enum BufferError {
+    /// The batch does not fit the channel's quota (`when_full = "reject"`), or
+    /// one record alone is larger than the quota.
+    #[error("channel {channel} is full: {needed} bytes needed, {free} free of {quota}")]
+    Full {
+        /// The channel.
+        channel: String,
+        /// Accounted bytes the batch needs.
+        needed: u64,
+        /// Accounted bytes free.
+        free: u64,
+        /// The quota.
+        quota: u64,
+    },
+    /// The database was written by a newer gatewayd.
+    #[error("buffer schema {0} is newer than this gatewayd understands")]
+    NewerSchema(i64),
+    /// SQLite refused.
+    #[error("buffer: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+}
+
+fn size(body_len: usize) -> u64 {
+    body_len as u64 + RECORD_OVERHEAD
+}
+
+fn i64_of(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn u64_of(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
+}
+
+/// The durable buffer.
+#[derive(Debug)]
+pub struct Buffer {
+    conn: Connection,
+}
+
+impl Buffer {
+    /// Opens (or creates) `STATE_DIR/buffer.sqlite`.
+    ///
+    /// # Errors
+    /// When SQLite cannot open or initialise it, or its schema is newer.
+    pub fn open(state_dir: &Path) -> Result<Self, BufferError> {
+        let conn = Connection::open(state_dir.join(FILE_NAME))?;
+        // auto_vacuum takes effect only before the first table exists.
+        conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if version > SCHEMA_VERSION {
+            return Err(BufferError::NewerSchema(version));
+        }
+        conn.execute_batch(SCHEMA)?;
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        Ok(Self { conn })
+    }
+
+    fn ensure_channel(
+        tx: &rusqlite::Transaction<'_>,
+        channel: &str,
+    ) -> Result<(), rusqlite::Error> {
+        tx.execute(
+            "INSERT OR IGNORE INTO channel VALUES (?1, 1, 0, 0, 0, 0, 0)",
+            [channel],
+        )?;
+        Ok(())
+    }
+
+    /// Appends a batch to `channel` in one durable transaction, at `now_ms`.
+    /// With `DropOldest`, the oldest records are removed (and counted) until the
+    /// batch fits.
+    ///
+    /// # Errors
+    /// [`BufferError::Full`] when the batch does not fit (or cannot fit at all);
+    /// then nothing is appended.
+    pub fn append(
+        &mut self,
+        channel: &str,
+        records: &[NewRecord],
+        quota: u64,
+        when_full: WhenFull,
+        now_ms: i64,
+    ) -> Result<Appended, BufferError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        Self::ensure_channel(&tx, channel)?;
+        let (next_seq, bytes): (i64, i64) = tx.query_row(
+            "SELECT next_seq, bytes FROM channel WHERE name = ?1",
+            [channel],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        let (next_seq, mut bytes) = (u64_of(next_seq), u64_of(bytes));
+        let needed: u64 = records.iter().map(|r| size(r.body.len())).sum();
+        let full = |bytes: u64| BufferError::Full {
+            channel: channel.to_owned(),
+            needed,
+            free: quota.saturating_sub(bytes),
+            quota,
+        };
+        if needed > quota {
+            return Err(full(0));
+        }
+        let mut dropped = None;
+        if bytes + needed > quota {
+            if when_full == WhenFull::Reject {
+                return Err(full(bytes));
+            }
+            // Remove the oldest records until the batch fits.
+            let mut freed_to = None;
+            {
+                let mut stmt = tx.prepare(
+                    "SELECT seq, length(body) FROM record WHERE channel = ?1 ORDER BY seq",
+                )?;
+                let mut rows = stmt.query([channel])?;
+                while bytes + needed > quota {
+                    let Some(row) = rows.next()? else { break };
+                    let (seq, len): (i64, i64) = (row.get(0)?, row.get(1)?);
+                    bytes -= size(u64_of(len) as usize).min(bytes);
+                    freed_to = Some(u64_of(seq));
+                }
+            }
+            if let Some(to) = freed_to {
+                let from: i64 = tx.query_row(
+                    "SELECT MIN(seq) FROM record WHERE channel = ?1",
+                    [channel],
+                    |r| r.get(0),
+                )?;
+                let n = tx.execute(
+                    "DELETE FROM record WHERE channel = ?1 AND seq <= ?2",
+                    params![channel, i64_of(to)],
+                )?;
+                tx.execute(
+                    "UPDATE channel SET records = records - ?2, dropped = dropped + ?2, bytes = ?3 WHERE name = ?1",
+                    params![channel, n as i64, i64_of(bytes)],
+                )?;
+                dropped = Some((u64_of(from), to));
+            }
+        }
+        {
+            let mut insert = tx.prepare_cached("INSERT INTO record (channel, seq, time_ms, format, body, crc) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")?;
+            for (i, r) in records.iter().enumerate() {
+                let crc = crc32fast::hash(&r.body);
+                insert.execute(params![
+                    channel,
+                    i64_of(next_seq + i as u64),
+                    now_ms,
+                    r.format,
+                    r.body,
+                    i64::from(crc)
+                ])?;
+            }
+        }
+        let n = records.len() as u64;
+        tx.execute(
+            "UPDATE channel SET next_seq = ?2, bytes = ?3, records = records + ?4 WHERE name = ?1",
+            params![
+                channel,
+                i64_of(next_seq + n),
+                i64_of(bytes + needed),
+                i64_of(n)
+            ],
+        )?;
+        tx.commit()?;
+        Ok(Appended {
+            first: next_seq,
+            last: next_seq + n - 1,
+            dropped,
+        })
+    }
+
+    /// Up to `limit` records of `channel` after sequence `after`, in order. A
+    /// record whose CRC fails is quarantined (and counted) and skipped.
+    ///
+    /// # Errors
+    /// When SQLite fails.
+    pub fn read(
+        &mut self,
+        channel: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Record>, BufferError> {
+        let mut out = Vec::new();
+        let mut corrupt = Vec::new();
+        {
+            let mut stmt = self.conn.prepare_cached("SELECT seq, time_ms, format, body, crc FROM record WHERE channel = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3")?;
+            let mut rows = stmt.query(params![channel, i64_of(after), i64_of(limit as u64)])?;
+            while let Some(row) = rows.next()? {
+                let seq = u64_of(row.get(0)?);
+                let body: Vec<u8> = row.get(3)?;
+                let crc: i64 = row.get(4)?;
+                if i64::from(crc32fast::hash(&body)) != crc {
+                    corrupt.push(seq);
+                    continue;
+                }
+                out.push(Record {
+                    seq,
+                    time_ms: row.get(1)?,
+                    format: row.get(2)?,
+                    body,
+                });
+            }
+        }
+        if !corrupt.is_empty() {
+            self.quarantine(channel, &corrupt)?;
+        }
+        Ok(out)
+    }
+
+    fn quarantine(&mut self, channel: &str, seqs: &[u64]) -> Result<(), BufferError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        for seq in seqs {
+            let len: Option<i64> = tx
+                .query_row(
+                    "SELECT length(body) FROM record WHERE channel = ?1 AND seq = ?2",
+                    params![channel, i64_of(*seq)],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let Some(len) = len else { continue };
+            tx.execute(
+                "INSERT INTO quarantine SELECT channel, seq, time_ms, format, body, crc FROM record WHERE channel = ?1 AND seq = ?2",
+                params![channel, i64_of(*seq)],
+            )?;
+            tx.execute(
+                "DELETE FROM record WHERE channel = ?1 AND seq = ?2",
+                params![channel, i64_of(*seq)],
+            )?;
+            tx.execute(
+                "UPDATE channel SET records = records - 1, corrupt = corrupt + 1, bytes = max(0, bytes - ?2) WHERE name = ?1",
+                params![channel, i64_of(size(u64_of(len) as usize))],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Removes every record of `channel` up to and including `seq` (delivered).
+    /// Returns how many were removed. Acking what is already gone is a no-op.
+    ///
+    /// # Errors
+    /// When SQLite fails.
+    pub fn ack(&mut self, channel: &str, seq: u64) -> Result<u64, BufferError> {
+        self.remove_prefix(channel, "seq <= ?2", i64_of(seq), None)
+    }
+
+    /// Removes the records of `channel` accepted before `cutoff_ms` (TTL), as a
+    /// prefix: the first younger record stops it. Returns how many were removed.
+    ///
+    /// # Errors
+    /// When SQLite fails.
+    pub fn expire(&mut self, channel: &str, cutoff_ms: i64) -> Result<u64, BufferError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let first_young: Option<i64> = tx.query_row(
+            "SELECT MIN(seq) FROM record WHERE channel = ?1 AND time_ms >= ?2",
+            params![channel, cutoff_ms],
+            |r| r.get(0),
+        )?;
+        drop(tx);
+        let bound = match first_young {
+            Some(y) => y - 1,
+            None => i64::MAX,
+        };
+        self.remove_prefix(channel, "seq <= ?2", bound, Some("expired"))
+    }
+
+    fn remove_prefix(
+        &mut self,
+        channel: &str,
+        cond: &str,
+        bound: i64,
+        counter: Option<&str>,
+    ) -> Result<u64, BufferError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let (n, body): (i64, Option<i64>) = tx.query_row(
+            &format!(
+                "SELECT COUNT(*), SUM(length(body)) FROM record WHERE channel = ?1 AND {cond}"
+            ),
+            params![channel, bound],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        if n == 0 {
+            return Ok(0);
+        }
+        tx.execute(
+            &format!("DELETE FROM record WHERE channel = ?1 AND {cond}"),
+            params![channel, bound],
+        )?;
+        let freed = u64_of(body.unwrap_or(0)) + RECORD_OVERHEAD * u64_of(n);
+        let extra = counter
+            .map(|c| format!(", {c} = {c} + ?3"))
+            .unwrap_or_default();
+        tx.execute(
+            &format!("UPDATE channel SET records = records - ?3, bytes = max(0, bytes - ?2){extra} WHERE name = ?1"),
+            params![channel, i64_of(freed), n],
+        )?;
+        tx.commit()?;
+        Ok(u64_of(n))
+    }
+
+    /// The state of `channel` (all zero, next sequence 1, when unknown).
+    ///
+    /// # Errors
+    /// When SQLite fails.
+    pub fn backlog(&self, channel: &str) -> Result<Backlog, BufferError> {
+        let row = self
+            .conn
+            .query_row(
+                "SELECT next_seq, bytes, records, dropped, expired, corrupt FROM channel WHERE name = ?1",
+                [channel],
+                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?, r.get::<_, i64>(3)?, r.get::<_, i64>(4)?, r.get::<_, i64>(5)?)),
+            )
+            .optional()?;
+        let Some((next_seq, bytes, records, dropped, expired, corrupt)) = row else {
+            return Ok(Backlog {
+                next_seq: 1,
+                ..Backlog::default()
+            });
+        };
+        let oldest_ms: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT time_ms FROM record WHERE channel = ?1 ORDER BY seq LIMIT 1",
+                [channel],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(Backlog {
+            records: u64_of(records),
+            bytes: u64_of(bytes),
+            next_seq: u64_of(next_seq),
+            oldest_ms,
+            dropped: u64_of(dropped),
+            expired: u64_of(expired),
+            corrupt: u64_of(corrupt),
+        })
+    }
+
+    /// Checkpoints the WAL and returns free pages to the file system (after a
+    /// backlog drained), so the file shrinks.
+    ///
+    /// # Errors
+    /// When SQLite fails.
+    pub fn compact(&mut self) -> Result<(), BufferError> {
+        self.conn
+            .execute_batch("PRAGMA wal_checkpoint(TRUNCATE); PRAGMA incremental_vacuum;")?;
+        Ok(())
+    }
+}
