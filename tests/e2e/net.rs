@@ -201,6 +201,10 @@ pub struct EdgeSpec<'a> {
     pub cert: Option<(PathBuf, PathBuf, PathBuf)>,
     /// `bandwidth` of every service.
     pub bandwidth: Option<&'a str>,
+    /// TOML appended as is (channels).
+    pub extra: &'a str,
+    /// Bind an `[[ingest]]` listener in the legacy zone.
+    pub ingest: bool,
 }
 
 impl<'a> EdgeSpec<'a> {
@@ -215,6 +219,8 @@ impl<'a> EdgeSpec<'a> {
             accesses: vec![],
             cert: None,
             bandwidth: None,
+            extra: "",
+            ingest: false,
         }
     }
 }
@@ -222,6 +228,7 @@ impl<'a> EdgeSpec<'a> {
 pub struct EdgeNode {
     pub running: Running,
     pub access: Vec<SocketAddr>,
+    pub ingest: Option<SocketAddr>,
     pub state: tempfile::TempDir,
 }
 
@@ -290,15 +297,56 @@ pub async fn start_edge(pki: &Pki, spec: EdgeSpec<'_>) -> EdgeNode {
     let (admin, l) = bind_tcp("127.0.0.1");
     bindings.tcp.insert(admin, l);
     let state = tempfile::tempdir().expect("state");
-    let text = edge_toml(pki, &spec, &access, admin, state.path());
+    let mut text = edge_toml(pki, &spec, &access, admin, state.path());
+    let mut ingest = None;
+    if spec.ingest {
+        let (addr, l) = bind_tcp(&format!("127.0.{}.1", spec.net));
+        bindings.tcp.insert(addr, l);
+        text += &format!("\n[[ingest]]\nzone = \"lab\"\nlisten = \"{addr}\"\n");
+        ingest = Some(addr);
+    }
+    text += spec.extra;
     let running = daemon::start(load(&text), bindings)
         .await
         .expect("edge starts");
     EdgeNode {
         running,
         access,
+        ingest,
         state,
     }
+}
+
+/// A minimal HTTP/1.0 POST; returns the status code and the body.
+pub async fn http_post(
+    addr: SocketAddr,
+    path: &str,
+    content_type: Option<&str>,
+    body: &[u8],
+) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    let ct = content_type
+        .map(|c| format!("Content-Type: {c}\r\n"))
+        .unwrap_or_default();
+    let head = format!(
+        "POST {path} HTTP/1.0\r\nHost: x\r\n{ct}Content-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.expect("write");
+    s.write_all(body).await.expect("write");
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.expect("read");
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status");
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
 }
 
 /// A legacy TCP echo server on `ip`, counting the bytes and connections it sees.

@@ -356,18 +356,12 @@ async fn a_certificate_from_another_ca_is_refused() {
     let edge2 = start_edge(
         &pki,
         EdgeSpec {
-            id: "edge-c",
-            net: 3,
-            level: 2,
-            hubs: vec![hub.quic],
-            services: vec![],
-            accesses: vec![],
             cert: Some((
                 rogue.ca().join("ca.pem"),
                 pki.issue("edge-c").0,
                 pki.dir.path().join("certs/edge-c.key"),
             )),
-            bandwidth: None,
+            ..EdgeSpec::new("edge-c", 3, 2, vec![hub.quic])
         },
     )
     .await;

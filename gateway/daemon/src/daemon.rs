@@ -98,6 +98,9 @@ pub enum StartError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The record buffer could not be opened.
+    #[error("record buffer: {0}")]
+    Buffer(String),
     /// The state directory could not be created.
     #[error("state_dir {path}: {source}")]
     StateDir {
@@ -165,6 +168,7 @@ pub async fn start(config: Config, mut bindings: Bindings) -> Result<Running, St
         .map_err(bind_err(config.admin.listen))?;
     let id = config.node.id.clone();
     let role = config.role.clone();
+    let config_state_dir = config.node.state_dir.clone();
     let ctx = Ctx::new(id.clone(), Policy::new(config), audit);
     let admin_stop = CancellationToken::new();
     let runtime = Arc::new(quinn::TokioRuntime);
@@ -271,6 +275,20 @@ pub async fn start(config: Config, mut bindings: Bindings) -> Result<Running, St
                     a.clone(),
                     bindings.tcp(a.listen).map_err(bind_err(a.listen))?,
                 ));
+            }
+            let mut ingest_bound = Vec::new();
+            for i in &e.ingests {
+                ingest_bound.push((
+                    i.zone.clone(),
+                    bindings.tcp(i.listen).map_err(bind_err(i.listen))?,
+                ));
+            }
+            if !e.channels.is_empty() || !ingest_bound.is_empty() {
+                let writer = crate::ingest::Writer::start(&config_state_dir)
+                    .map_err(|e| StartError::Buffer(e.to_string()))?;
+                for (zone, l) in ingest_bound {
+                    tokio::spawn(crate::ingest::serve(ctx.clone(), zone, l, writer.clone()));
+                }
             }
             tokio::spawn(edge::watch_assessments(ctx.clone()));
             // Each lane has its own UDP socket and endpoint driver.

@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod edge;
 pub mod exit;
 pub mod hub;
+pub mod ingest;
 pub mod metrics;
 pub mod node;
 pub mod pki;

@@ -89,6 +89,19 @@ pub enum WhenFull {
     DropOldest,
 }
 
+/// One producer's batch in a group commit.
+#[derive(Debug, Clone, Copy)]
+pub struct Batch<'a> {
+    /// The channel.
+    pub channel: &'a str,
+    /// Its records.
+    pub records: &'a [NewRecord],
+    /// The channel's quota (accounted bytes).
+    pub quota: u64,
+    /// What to do when it does not fit.
+    pub when_full: WhenFull,
+}
+
 /// The result of an append.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Appended {
@@ -210,7 +223,46 @@ impl Buffer {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        Self::ensure_channel(&tx, channel)?;
+        let appended = Self::append_in(&tx, channel, records, quota, when_full, now_ms)?;
+        tx.commit()?;
+        Ok(appended)
+    }
+
+    /// Group commit: appends several producers' batches in one durable
+    /// transaction. A batch that does not fit gets its own
+    /// [`BufferError::Full`] and changes nothing; the others are committed.
+    ///
+    /// # Errors
+    /// When SQLite fails; then nothing of the group is appended.
+    pub fn append_group(
+        &mut self,
+        batches: &[Batch<'_>],
+        now_ms: i64,
+    ) -> Result<Vec<Result<Appended, BufferError>>, BufferError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut out = Vec::with_capacity(batches.len());
+        for b in batches {
+            match Self::append_in(&tx, b.channel, b.records, b.quota, b.when_full, now_ms) {
+                Err(e @ BufferError::Full { .. }) => out.push(Err(e)),
+                Err(e) => return Err(e),
+                Ok(a) => out.push(Ok(a)),
+            }
+        }
+        tx.commit()?;
+        Ok(out)
+    }
+
+    fn append_in(
+        tx: &rusqlite::Transaction<'_>,
+        channel: &str,
+        records: &[NewRecord],
+        quota: u64,
+        when_full: WhenFull,
+        now_ms: i64,
+    ) -> Result<Appended, BufferError> {
+        Self::ensure_channel(tx, channel)?;
         let (next_seq, bytes): (i64, i64) = tx.query_row(
             "SELECT next_seq, bytes FROM channel WHERE name = ?1",
             [channel],
@@ -287,7 +339,6 @@ impl Buffer {
                 i64_of(n)
             ],
         )?;
-        tx.commit()?;
         Ok(Appended {
             first: next_seq,
             last: next_seq + n - 1,
@@ -477,5 +528,66 @@ impl Buffer {
         self.conn
             .execute_batch("PRAGMA wal_checkpoint(TRUNCATE); PRAGMA incremental_vacuum;")?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(n: usize) -> NewRecord {
+        NewRecord {
+            format: "json".into(),
+            body: vec![b'x'; n],
+        }
+    }
+
+    #[test]
+    fn a_group_commit_refuses_only_the_batch_that_does_not_fit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut b = Buffer::open(dir.path()).expect("open");
+        let (small, big) = ([rec(10)], [rec(900)]);
+        let batches = [
+            Batch {
+                channel: "a",
+                records: &small,
+                quota: 1_000,
+                when_full: WhenFull::Reject,
+            },
+            Batch {
+                channel: "a",
+                records: &big,
+                quota: 1_000,
+                when_full: WhenFull::Reject,
+            },
+            Batch {
+                channel: "b",
+                records: &big,
+                quota: 1_000,
+                when_full: WhenFull::Reject,
+            },
+        ];
+        let r = b.append_group(&batches, 1).expect("group");
+        assert!(matches!(
+            r[0],
+            Ok(Appended {
+                first: 1,
+                last: 1,
+                dropped: None
+            })
+        ));
+        assert!(matches!(r[1], Err(BufferError::Full { .. })), "{:?}", r[1]);
+        assert!(matches!(r[2], Ok(Appended { first: 1, .. })));
+        assert_eq!(b.backlog("a").expect("a").records, 1);
+        assert_eq!(b.backlog("b").expect("b").records, 1);
+        // Sequence numbers survive a reopen.
+        drop(b);
+        let mut b = Buffer::open(dir.path()).expect("reopen");
+        assert_eq!(
+            b.append("a", &small, 1_000, WhenFull::Reject, 2)
+                .expect("append")
+                .first,
+            2
+        );
     }
 }

@@ -109,7 +109,8 @@ async fn serve(args: &RunArgs, config: gateway_core::config::Config) -> u8 {
                 StartError::Tls(_)
                 | StartError::Bind { .. }
                 | StartError::StateDir { .. }
-                | StartError::Audit(_) => exit::OS_ERR,
+                | StartError::Audit(_)
+                | StartError::Buffer(_) => exit::OS_ERR,
             };
         }
     };

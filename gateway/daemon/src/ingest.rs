@@ -1,0 +1,322 @@
+//! Ingest on the legacy side: `POST /v1/channels/{name}/records` on each
+//! `[[ingest]]` listener. A record is checked at the boundary (the policy's
+//! channel rules, then its declared format really parses), committed durably to
+//! the buffer, and only then answered with its sequence number.
+//!
+//! Durability costs one disk sync per transaction, so one writer thread commits
+//! whatever producers have queued while the previous sync ran (group commit):
+//! under load many records share a sync, and a lone record waits for no window.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use gateway_core::config::{Format, WhenFull as CfgWhenFull};
+use gateway_core::policy::Crossing;
+use gateway_store::buffer::{Appended, Batch, Buffer, BufferError, NewRecord, WhenFull};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tracing::{error, info};
+
+use crate::audit_sink::now_ms;
+use crate::node::Ctx;
+
+/// How long `when_full = "block"` holds a producer before answering 503.
+pub const BLOCK_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most records in one group commit.
+const GROUP: usize = 1024;
+
+struct Job {
+    channel: String,
+    record: NewRecord,
+    quota: u64,
+    when_full: WhenFull,
+    reply: oneshot::Sender<Result<Appended, String>>,
+}
+
+/// The buffer's writer thread; cheap to clone.
+#[derive(Clone)]
+pub struct Writer(mpsc::Sender<Job>);
+
+impl Writer {
+    /// Opens the buffer in `state_dir` and starts its writer thread.
+    ///
+    /// # Errors
+    /// When the buffer cannot be opened.
+    pub fn start(state_dir: &std::path::Path) -> Result<Writer, WriterError> {
+        let mut buffer = Buffer::open(state_dir)?;
+        let (tx, rx) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("buffer-writer".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let mut jobs = vec![first];
+                    jobs.extend(rx.try_iter().take(GROUP - 1));
+                    let records: Vec<[NewRecord; 1]> = jobs.iter().map(|j| [j.record.clone()]).collect();
+                    let batches: Vec<Batch<'_>> = jobs
+                        .iter()
+                        .zip(&records)
+                        .map(|(j, r)| Batch { channel: &j.channel, records: r, quota: j.quota, when_full: j.when_full })
+                        .collect();
+                    match buffer.append_group(&batches, now_ms()) {
+                        Ok(results) => {
+                            for (job, r) in jobs.into_iter().zip(results) {
+                                let _ = job.reply.send(r.map_err(|e| e.to_string()));
+                            }
+                        }
+                        Err(e) => {
+                            error!(error = %e, records = jobs.len(), "Buffer commit failed; producers are told to retry");
+                            for job in jobs {
+                                let _ = job.reply.send(Err(format!("commit failed: {e}")));
+                            }
+                        }
+                    }
+                }
+            })
+            .map_err(WriterError::Thread)?;
+        Ok(Writer(tx))
+    }
+
+    async fn append(
+        &self,
+        channel: &str,
+        record: NewRecord,
+        quota: u64,
+        when_full: WhenFull,
+    ) -> Result<Appended, String> {
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            channel: channel.to_owned(),
+            record,
+            quota,
+            when_full,
+            reply,
+        };
+        self.0
+            .send(job)
+            .map_err(|_| "the buffer writer stopped".to_owned())?;
+        answer
+            .await
+            .map_err(|_| "the buffer writer stopped".to_owned())?
+    }
+}
+
+/// The buffer writer could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum WriterError {
+    /// The buffer could not be opened.
+    #[error(transparent)]
+    Buffer(#[from] BufferError),
+    /// The writer thread could not be spawned.
+    #[error("cannot start the buffer writer: {0}")]
+    Thread(std::io::Error),
+}
+
+#[derive(Clone)]
+struct IngestState {
+    ctx: Arc<Ctx>,
+    zone: String,
+    writer: Writer,
+}
+
+/// Serves one `[[ingest]]` listener until draining.
+pub async fn serve(ctx: Arc<Ctx>, zone: String, listener: TcpListener, writer: Writer) {
+    let addr: Option<SocketAddr> = listener.local_addr().ok();
+    info!(listen = ?addr, %zone, "Ingest listening");
+    let limit = ctx
+        .policy()
+        .config()
+        .edge()
+        .map(|e| {
+            e.channels
+                .iter()
+                .map(|c| c.max_record_bytes.map_or(c.max_bytes.0, |m| m.0))
+                .max()
+                .unwrap_or(0)
+        })
+        .unwrap_or(0);
+    let draining = ctx.draining.clone();
+    let app = Router::new()
+        .route("/v1/channels/{name}/records", post(post_record))
+        // Room above the largest record limit, so an oversized record still
+        // reaches the policy and gets an explained, audited refusal.
+        .layer(DefaultBodyLimit::max(
+            usize::try_from(limit.saturating_add(1 << 20)).unwrap_or(usize::MAX),
+        ))
+        .with_state(IngestState { ctx, zone, writer });
+    if let Err(error) = axum::serve(listener, app)
+        .with_graceful_shutdown(draining.cancelled_owned())
+        .await
+    {
+        error!(%error, "Ingest listener failed");
+    }
+}
+
+fn answer(status: StatusCode, body: serde_json::Value) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        format!("{body}\n"),
+    )
+        .into_response()
+}
+
+fn format_of(headers: &HeaderMap) -> Option<Format> {
+    let ct = headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
+    let mime = ct.split(';').next()?.trim().to_ascii_lowercase();
+    match mime.as_str() {
+        "application/json" => Some(Format::Json),
+        "application/xml" | "text/xml" => Some(Format::Xml),
+        "text/csv" => Some(Format::Csv),
+        "text/plain" => Some(Format::Text),
+        _ => None,
+    }
+}
+
+/// Whether `body` really is what it declares (the content half of R5.channel-content).
+fn content_ok(format: Format, body: &[u8]) -> Result<(), String> {
+    let text = std::str::from_utf8(body)
+        .map_err(|_| format!("a {} record must be UTF-8", format.as_str()))?;
+    match format {
+        Format::Json => serde_json::from_str::<serde::de::IgnoredAny>(text)
+            .map(|_| ())
+            .map_err(|e| format!("not valid JSON: {e}")),
+        Format::Xml if !text.trim_start().starts_with('<') => {
+            Err("not XML: it does not start with '<'".into())
+        }
+        Format::Xml | Format::Csv | Format::Text => Ok(()),
+    }
+}
+
+async fn post_record(
+    State(st): State<IngestState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let policy = st.ctx.policy();
+    let Some(channel) = policy
+        .config()
+        .edge()
+        .and_then(|e| {
+            e.channels
+                .iter()
+                .find(|c| c.name == name && c.zone == st.zone)
+        })
+        .cloned()
+    else {
+        return answer(
+            StatusCode::NOT_FOUND,
+            json!({ "error": format!("no channel {name:?} takes records in zone {:?}", st.zone) }),
+        );
+    };
+    let Some(format) = format_of(&headers) else {
+        return answer(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            json!({ "error": "declare the record's format with Content-Type: application/json, application/xml, text/csv or text/plain" }),
+        );
+    };
+    let subject = format!("ingest:{}", st.zone);
+    let decision = policy.decide(
+        &Crossing::ChannelRecord {
+            channel: &name,
+            format,
+            bytes: body.len() as u64,
+        },
+        st.ctx.today(),
+    );
+    if !decision.is_allowed() {
+        st.ctx.audit.record(
+            &subject,
+            &name,
+            "channel.refuse",
+            "deny",
+            decision.rule.as_str(),
+            decision.reason.clone(),
+        );
+        st.ctx.metrics.refused(&name, decision.rule.as_str());
+        return answer(
+            StatusCode::FORBIDDEN,
+            json!({ "error": decision.reason, "rule": decision.rule.as_str() }),
+        );
+    }
+    if let Err(reason) = content_ok(format, &body) {
+        st.ctx.audit.record(
+            &subject,
+            &name,
+            "channel.refuse",
+            "deny",
+            "R5.channel-content",
+            reason.clone(),
+        );
+        st.ctx.metrics.refused(&name, "R5.channel-content");
+        return answer(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            json!({ "error": reason, "rule": "R5.channel-content" }),
+        );
+    }
+    let when_full = match channel.when_full {
+        CfgWhenFull::DropOldest => WhenFull::DropOldest,
+        CfgWhenFull::Reject | CfgWhenFull::Block => WhenFull::Reject,
+    };
+    let record = NewRecord {
+        format: format.as_str().to_owned(),
+        body: body.to_vec(),
+    };
+    let deadline = tokio::time::Instant::now() + BLOCK_TIMEOUT;
+    loop {
+        match st
+            .writer
+            .append(&name, record.clone(), channel.max_bytes.0, when_full)
+            .await
+        {
+            Ok(a) => {
+                if let Some((from, to)) = a.dropped {
+                    st.ctx.audit.record(
+                        &subject,
+                        &name,
+                        "channel.drop",
+                        "ok",
+                        "",
+                        format!("quota: dropped records {from}..={to}"),
+                    );
+                }
+                return answer(
+                    StatusCode::OK,
+                    json!({ "channel": name, "seq": a.first, "dropped": a.dropped.map(|(f, t)| [f, t]) }),
+                );
+            }
+            Err(reason) if reason.contains("is full") => {
+                if channel.when_full == CfgWhenFull::Block && tokio::time::Instant::now() < deadline
+                {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+                st.ctx.metrics.refused(&name, "quota");
+                let status = if channel.when_full == CfgWhenFull::Block {
+                    StatusCode::SERVICE_UNAVAILABLE
+                } else {
+                    StatusCode::INSUFFICIENT_STORAGE
+                };
+                return answer(
+                    status,
+                    json!({ "error": reason, "hint": "the channel's buffer is full: retry later, or raise max_bytes" }),
+                );
+            }
+            Err(reason) => {
+                return answer(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    json!({ "error": reason, "hint": "retry" }),
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,171 @@
+//! Ingest end to end: producers POST records to an edge's `[[ingest]]`
+//! listener; each is checked at the boundary and answered with its sequence
+//! number only once it is committed to the buffer on disk.
+
+mod net;
+
+use gateway_store::buffer::Buffer;
+use net::*;
+
+const CHANNEL: &str = r#"
+[[channel]]
+name = "readings"
+zone = "lab"
+formats = ["json"]
+max_record_bytes = "1KiB"
+max_bytes = "8KiB"
+when_full = "reject"
+"#;
+
+async fn edge_with_ingest(pki: &Pki) -> EdgeNode {
+    // No hub: ingest works while the uplink is down.
+    let hub: std::net::SocketAddr = "127.0.0.1:9".parse().expect("addr");
+    start_edge(
+        pki,
+        EdgeSpec {
+            extra: CHANNEL,
+            ingest: true,
+            ..EdgeSpec::new("edge-b", 2, 2, vec![hub])
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_are_checked_committed_and_numbered() {
+    let pki = Pki::new();
+    let edge = edge_with_ingest(&pki).await;
+    let at = edge.ingest.expect("ingest listener");
+    let path = "/v1/channels/readings/records";
+
+    let (s, b) = http_post(
+        at,
+        path,
+        Some("application/json"),
+        br#"{"meter": 1, "kwh": 3.5}"#,
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    assert!(b.contains(r#""seq":1"#), "{b}");
+    let (s, b) = http_post(
+        at,
+        path,
+        Some("application/json; charset=utf-8"),
+        br#"{"meter": 2}"#,
+    )
+    .await;
+    assert_eq!((s, b.contains(r#""seq":2"#)), (200, true), "{b}");
+
+    let (s, b) = http_post(at, path, Some("application/json"), b"{not json").await;
+    assert_eq!(s, 422, "{b}");
+    assert!(
+        b.contains("R5.channel-content") && b.contains("not valid JSON"),
+        "{b}"
+    );
+    let (s, b) = http_post(at, path, Some("application/xml"), b"<a/>").await;
+    assert_eq!(s, 403, "{b}");
+    assert!(
+        b.contains("R5.channel-content") && b.contains("does not accept xml"),
+        "{b}"
+    );
+    let big = format!(r#"{{"pad": "{}"}}"#, "x".repeat(2000));
+    let (s, b) = http_post(at, path, Some("application/json"), big.as_bytes()).await;
+    assert_eq!(s, 403, "{b}");
+    assert!(b.contains("max_record_bytes"), "{b}");
+    let (s, _) = http_post(
+        at,
+        "/v1/channels/nope/records",
+        Some("application/json"),
+        b"{}",
+    )
+    .await;
+    assert_eq!(s, 404);
+    let (s, b) = http_post(at, path, None, b"{}").await;
+    assert_eq!(s, 415, "{b}");
+
+    // Fill the 8 KiB quota: 1 KiB-ish records until the channel refuses.
+    let rec = format!(r#"{{"pad": "{}"}}"#, "y".repeat(900));
+    let mut accepted = 2;
+    let status = loop {
+        let (s, b) = http_post(at, path, Some("application/json"), rec.as_bytes()).await;
+        if s != 200 {
+            assert!(b.contains("is full"), "{b}");
+            break s;
+        }
+        accepted += 1;
+        assert!(accepted < 20, "the quota never held");
+    };
+    assert_eq!(status, 507);
+
+    // What was answered with a sequence number is on disk, in order.
+    let mut buf = Buffer::open(edge.state.path()).expect("open buffer");
+    let all = buf.read("readings", 0, 1000).expect("read");
+    assert_eq!(
+        all.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        (1..=accepted).collect::<Vec<u64>>()
+    );
+    assert_eq!(all[0].body, br#"{"meter": 1, "kwh": 3.5}"#);
+    assert!(buf.backlog("readings").expect("backlog").bytes <= 8 * 1024);
+
+    wait_for(
+        "the refusals in the audit",
+        std::time::Duration::from_secs(5),
+        || {
+            let lines = audit_lines(edge.state.path());
+            lines
+                .iter()
+                .filter(|l| l.starts_with("channel.refuse") && l.contains("[R5.channel-content]"))
+                .count()
+                == 3
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_producers_get_unique_contiguous_sequence_numbers() {
+    let pki = Pki::new();
+    let edge = start_edge(
+        &pki,
+        EdgeSpec {
+            extra: "\n[[channel]]\nname = \"readings\"\nzone = \"lab\"\nformats = [\"json\"]\nmax_record_bytes = \"1KiB\"\n",
+            ingest: true,
+            ..EdgeSpec::new("edge-b", 2, 2, vec!["127.0.0.1:9".parse().expect("addr")])
+        },
+    )
+    .await;
+    let at = edge.ingest.expect("ingest");
+    let mut tasks = Vec::new();
+    for p in 0..16 {
+        tasks.push(tokio::spawn(async move {
+            let mut seqs = Vec::new();
+            for i in 0..25 {
+                let body = format!(r#"{{"producer": {p}, "n": {i}}}"#);
+                let (s, b) = http_post(
+                    at,
+                    "/v1/channels/readings/records",
+                    Some("application/json"),
+                    body.as_bytes(),
+                )
+                .await;
+                assert_eq!(s, 200, "{b}");
+                let v: serde_json::Value = serde_json::from_str(&b).expect("json");
+                seqs.push(v["seq"].as_u64().expect("seq"));
+            }
+            seqs
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        let seqs = t.await.expect("producer");
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "one producer's records stay in order: {seqs:?}"
+        );
+        all.extend(seqs);
+    }
+    all.sort_unstable();
+    assert_eq!(all, (1..=400).collect::<Vec<u64>>());
+    let mut buf = Buffer::open(edge.state.path()).expect("open");
+    assert_eq!(buf.read("readings", 0, 1000).expect("read").len(), 400);
+}
