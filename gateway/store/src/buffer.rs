@@ -39,15 +39,18 @@ CREATE TABLE IF NOT EXISTS channel (
     expired  INTEGER NOT NULL,
     corrupt  INTEGER NOT NULL
 ) STRICT;
+-- A rowid table: bodies of a kilobyte and more pack densely in its leaves,
+-- where a WITHOUT ROWID table spent over four times their size on disk.
 CREATE TABLE IF NOT EXISTS record (
+    id       INTEGER PRIMARY KEY,
     channel  TEXT NOT NULL,
     seq      INTEGER NOT NULL,
     time_ms  INTEGER NOT NULL,
     format   TEXT NOT NULL,
     body     BLOB NOT NULL,
     crc      INTEGER NOT NULL,
-    PRIMARY KEY (channel, seq)
-) STRICT, WITHOUT ROWID;
+    UNIQUE (channel, seq)
+) STRICT;
 CREATE TABLE IF NOT EXISTS quarantine (
     channel  TEXT NOT NULL,
     seq      INTEGER NOT NULL,
