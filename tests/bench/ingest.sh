@@ -57,7 +57,18 @@ wrk.headers["Content-Type"] = "application/json"
 local f = io.open("$W/rec.json", "r"); wrk.body = f:read("*a"); f:close()
 LUA
 OUT=$(wrk -t2 -c16 -d"${D}s" --latency -s "$W/post.lua" http://127.0.1.1:18480/v1/channels/readings/records)
+echo "one record per request:"
 echo "$OUT" | grep -E "Requests/sec|50%|99%|Non-2xx" || true
+# Batches of 100 records (application/x-ndjson).
+python3 -c 'import json; print("\n".join(json.dumps({"meter": i, "pad": "x" * 1000}) for i in range(100)))' > "$W/batch.ndjson"
+cat > "$W/batch.lua" <<LUA
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/x-ndjson"
+local f = io.open("$W/batch.ndjson", "r"); wrk.body = f:read("*a"); f:close()
+LUA
+OUTB=$(wrk -t2 -c16 -d"${D}s" --latency -s "$W/batch.lua" http://127.0.1.1:18480/v1/channels/readings/records)
+echo "batches of 100 records (records/s = requests/s x 100):"
+echo "$OUTB" | grep -E "Requests/sec|50%|99%|Non-2xx" || true
 kill -TERM $EDGE; wait $EDGE 2>/dev/null || true
-echo "buffer on disk: $(du -m "$W/state/buffer.sqlite" | cut -f1) MB for $(echo "$OUT" | awk '/requests in/{print $1}') records of $(wc -c < "$W/rec.json") bytes"
+echo "buffer on disk: $(du -m "$W/state/buffer.sqlite" | cut -f1) MB for $(( $(echo "$OUT" | awk '/requests in/{print $1}') + 100 * $(echo "$OUTB" | awk '/requests in/{print $1}') )) records of about $(wc -c < "$W/rec.json") bytes"
 echo "machine: $(nproc) cores, $(uname -r), $(date -u +%Y-%m-%d), $D s"

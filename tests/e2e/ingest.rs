@@ -169,3 +169,39 @@ async fn concurrent_producers_get_unique_contiguous_sequence_numbers() {
     let mut buf = Buffer::open(edge.state.path()).expect("open");
     assert_eq!(buf.read("readings", 0, 1000).expect("read").len(), 400);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_is_committed_or_refused_as_a_whole() {
+    let pki = Pki::new();
+    let edge = edge_with_ingest(&pki).await;
+    let at = edge.ingest.expect("ingest");
+    let path = "/v1/channels/readings/records";
+    let (s, b) = http_post(
+        at,
+        path,
+        Some("application/x-ndjson"),
+        b"{\"n\":1}\n{\"n\":2}\n\n{\"n\":3}\n",
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    assert!(b.contains(r#""seq":1"#) && b.contains(r#""last":3"#), "{b}");
+    let (s, b) = http_post(
+        at,
+        path,
+        Some("application/x-ndjson"),
+        b"{\"n\":4}\n{broken\n{\"n\":6}\n",
+    )
+    .await;
+    assert_eq!(s, 422, "{b}");
+    assert!(b.contains("record 2 of the batch"), "{b}");
+    let mut buf = Buffer::open(edge.state.path()).expect("open");
+    let all = buf.read("readings", 0, 100).expect("read");
+    assert_eq!(
+        all.iter().map(|r| r.body.clone()).collect::<Vec<_>>(),
+        vec![
+            b"{\"n\":1}".to_vec(),
+            b"{\"n\":2}".to_vec(),
+            b"{\"n\":3}".to_vec()
+        ]
+    );
+}

@@ -36,7 +36,7 @@ const GROUP: usize = 1024;
 
 struct Job {
     channel: String,
-    record: NewRecord,
+    records: Vec<NewRecord>,
     quota: u64,
     when_full: WhenFull,
     reply: oneshot::Sender<Result<Appended, String>>,
@@ -60,11 +60,9 @@ impl Writer {
                 while let Ok(first) = rx.recv() {
                     let mut jobs = vec![first];
                     jobs.extend(rx.try_iter().take(GROUP - 1));
-                    let records: Vec<[NewRecord; 1]> = jobs.iter().map(|j| [j.record.clone()]).collect();
                     let batches: Vec<Batch<'_>> = jobs
                         .iter()
-                        .zip(&records)
-                        .map(|(j, r)| Batch { channel: &j.channel, records: r, quota: j.quota, when_full: j.when_full })
+                        .map(|j| Batch { channel: &j.channel, records: &j.records, quota: j.quota, when_full: j.when_full })
                         .collect();
                     match buffer.append_group(&batches, now_ms()) {
                         Ok(results) => {
@@ -88,14 +86,14 @@ impl Writer {
     async fn append(
         &self,
         channel: &str,
-        record: NewRecord,
+        records: Vec<NewRecord>,
         quota: u64,
         when_full: WhenFull,
     ) -> Result<Appended, String> {
         let (reply, answer) = oneshot::channel();
         let job = Job {
             channel: channel.to_owned(),
-            record,
+            records,
             quota,
             when_full,
             reply,
@@ -173,7 +171,7 @@ fn format_of(headers: &HeaderMap) -> Option<Format> {
     let ct = headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
     let mime = ct.split(';').next()?.trim().to_ascii_lowercase();
     match mime.as_str() {
-        "application/json" => Some(Format::Json),
+        "application/json" | "application/x-ndjson" => Some(Format::Json),
         "application/xml" | "text/xml" => Some(Format::Xml),
         "text/csv" => Some(Format::Csv),
         "text/plain" => Some(Format::Text),
@@ -225,57 +223,86 @@ async fn post_record(
         );
     };
     let subject = format!("ingest:{}", st.zone);
-    let decision = policy.decide(
-        &Crossing::ChannelRecord {
-            channel: &name,
-            format,
-            bytes: body.len() as u64,
-        },
-        st.ctx.today(),
-    );
-    if !decision.is_allowed() {
-        st.ctx.audit.record(
-            &subject,
-            &name,
-            "channel.refuse",
-            "deny",
-            decision.rule.as_str(),
-            decision.reason.clone(),
-        );
-        st.ctx.metrics.refused(&name, decision.rule.as_str());
-        return answer(
-            StatusCode::FORBIDDEN,
-            json!({ "error": decision.reason, "rule": decision.rule.as_str() }),
-        );
-    }
-    if let Err(reason) = content_ok(format, &body) {
-        st.ctx.audit.record(
-            &subject,
-            &name,
-            "channel.refuse",
-            "deny",
-            "R5.channel-content",
-            reason.clone(),
-        );
-        st.ctx.metrics.refused(&name, "R5.channel-content");
+    // A batch: `application/x-ndjson`, one JSON record per non-empty line,
+    // accepted or refused as a whole.
+    let batch = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().starts_with("application/x-ndjson"));
+    let items: Vec<&[u8]> = if batch {
+        body.split(|b| *b == b'\n')
+            .filter(|l| !l.iter().all(u8::is_ascii_whitespace))
+            .collect()
+    } else {
+        vec![&body[..]]
+    };
+    if items.is_empty() {
         return answer(
             StatusCode::UNPROCESSABLE_ENTITY,
-            json!({ "error": reason, "rule": "R5.channel-content" }),
+            json!({ "error": "the batch holds no record" }),
         );
+    }
+    for (i, item) in items.iter().enumerate() {
+        let at = if batch {
+            format!("record {} of the batch: ", i + 1)
+        } else {
+            String::new()
+        };
+        let decision = policy.decide(
+            &Crossing::ChannelRecord {
+                channel: &name,
+                format,
+                bytes: item.len() as u64,
+            },
+            st.ctx.today(),
+        );
+        if !decision.is_allowed() {
+            st.ctx.audit.record(
+                &subject,
+                &name,
+                "channel.refuse",
+                "deny",
+                decision.rule.as_str(),
+                format!("{at}{}", decision.reason),
+            );
+            st.ctx.metrics.refused(&name, decision.rule.as_str());
+            return answer(
+                StatusCode::FORBIDDEN,
+                json!({ "error": format!("{at}{}", decision.reason), "rule": decision.rule.as_str() }),
+            );
+        }
+        if let Err(reason) = content_ok(format, item) {
+            st.ctx.audit.record(
+                &subject,
+                &name,
+                "channel.refuse",
+                "deny",
+                "R5.channel-content",
+                format!("{at}{reason}"),
+            );
+            st.ctx.metrics.refused(&name, "R5.channel-content");
+            return answer(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                json!({ "error": format!("{at}{reason}"), "rule": "R5.channel-content" }),
+            );
+        }
     }
     let when_full = match channel.when_full {
         CfgWhenFull::DropOldest => WhenFull::DropOldest,
         CfgWhenFull::Reject | CfgWhenFull::Block => WhenFull::Reject,
     };
-    let record = NewRecord {
-        format: format.as_str().to_owned(),
-        body: body.to_vec(),
-    };
+    let records: Vec<NewRecord> = items
+        .iter()
+        .map(|b| NewRecord {
+            format: format.as_str().to_owned(),
+            body: b.to_vec(),
+        })
+        .collect();
     let deadline = tokio::time::Instant::now() + BLOCK_TIMEOUT;
     loop {
         match st
             .writer
-            .append(&name, record.clone(), channel.max_bytes.0, when_full)
+            .append(&name, records.clone(), channel.max_bytes.0, when_full)
             .await
         {
             Ok(a) => {
@@ -291,7 +318,7 @@ async fn post_record(
                 }
                 return answer(
                     StatusCode::OK,
-                    json!({ "channel": name, "seq": a.first, "dropped": a.dropped.map(|(f, t)| [f, t]) }),
+                    json!({ "channel": name, "seq": a.first, "last": a.last, "dropped": a.dropped.map(|(f, t)| [f, t]) }),
                 );
             }
             Err(reason) if reason.contains("is full") => {
