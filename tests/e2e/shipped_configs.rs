@@ -18,7 +18,8 @@ fn every_shipped_config_passes_check() {
             "edge-extranet-l3.toml",
             "edge-intranet-classified.toml",
             "edge-loopback-dev.toml",
-            "hub-extranet.toml"
+            "hub-extranet.toml",
+            "hub-loopback-dev.toml",
         ],
         "the shipped examples changed: update this list"
     );
