@@ -307,16 +307,7 @@ async fn serve_open(
             ctx.today(),
         );
         if !decision.is_allowed() {
-            info!(rule = %decision.rule, reason = %decision.reason, "Refused");
-            ctx.audit.record(
-                &subject,
-                &service,
-                "relay.refuse",
-                "deny",
-                decision.rule.as_str(),
-                decision.reason.clone(),
-            );
-            ctx.metrics.refused(&service, decision.rule.as_str());
+            ctx.refuse("relay.refuse", &subject, &service, decision.rule.as_str(), &decision.reason);
             let _ = write_frame(
                 &mut send,
                 &refuse(RefuseCode::Policy, decision.rule.as_str(), decision.reason),
@@ -336,7 +327,7 @@ async fn serve_open(
         let wanted = if udp_flow.is_some() { Protocol::Udp } else { Protocol::Tcp };
         if svc.protocol != wanted {
             let reason = format!("service {service:?} is {:?}, not {wanted:?}", svc.protocol);
-            ctx.audit.record(&subject, &service, "relay.refuse", "deny", "", reason.clone());
+            ctx.refuse("relay.refuse", &subject, &service, "", &reason);
             let _ = write_frame(&mut send, &refuse(RefuseCode::Protocol, "", reason)).await;
             let _ = send.finish();
             return;
@@ -344,16 +335,7 @@ async fn serve_open(
         if let Some(max) = svc.max_connections {
             if ctx.metrics.active(&service) >= i64::from(max.get()) {
                 let reason = format!("service {service:?} is at its max_connections ({max})");
-                info!(%reason, "Refused");
-                ctx.audit.record(
-                    &subject,
-                    &service,
-                    "relay.refuse",
-                    "deny",
-                    "",
-                    reason.clone(),
-                );
-                ctx.metrics.refused(&service, "max-connections");
+                ctx.refuse("relay.refuse", &subject, &service, "max-connections", &reason);
                 let _ = write_frame(&mut send, &refuse(RefuseCode::Limit, "", reason)).await;
                 let _ = send.finish();
                 return;
@@ -375,36 +357,16 @@ async fn serve_open(
             .await;
             return;
         }
-        let mut target = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(svc.target))
-            .await
-        {
-            Ok(Ok(t)) => t,
-            Ok(Err(error)) => {
-                let reason = format!("cannot connect to {}: {error}", svc.target);
+        let connected = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(svc.target)).await {
+            Ok(Ok(t)) => Ok(t),
+            Ok(Err(error)) => Err(format!("cannot connect to {}: {error}", svc.target)),
+            Err(_) => Err(format!("connecting to {} timed out", svc.target)),
+        };
+        let mut target = match connected {
+            Ok(t) => t,
+            Err(reason) => {
                 warn!(%reason, "Target unreachable");
-                ctx.audit.record(
-                    &subject,
-                    &service,
-                    "relay.error",
-                    "error",
-                    "",
-                    reason.clone(),
-                );
-                let _ = write_frame(&mut send, &refuse(RefuseCode::Unreachable, "", reason)).await;
-                let _ = send.finish();
-                return;
-            }
-            Err(_) => {
-                let reason = format!("connecting to {} timed out", svc.target);
-                warn!(%reason, "Target unreachable");
-                ctx.audit.record(
-                    &subject,
-                    &service,
-                    "relay.error",
-                    "error",
-                    "",
-                    reason.clone(),
-                );
+                ctx.audit.record(&subject, &service, "relay.error", "error", "", reason.clone());
                 let _ = write_frame(&mut send, &refuse(RefuseCode::Unreachable, "", reason)).await;
                 let _ = send.finish();
                 return;
@@ -422,16 +384,7 @@ async fn serve_open(
                     Sniff::Match => {}
                     verdict => {
                         let reason = format!("first bytes are not {app:?} ({verdict:?})");
-                        info!(rule = "R5.app-protocol", %reason, "Refused");
-                        ctx.audit.record(
-                            &subject,
-                            &service,
-                            "relay.refuse",
-                            "deny",
-                            "R5.app-protocol",
-                            reason,
-                        );
-                        ctx.metrics.refused(&service, "R5.app-protocol");
+                        ctx.refuse("relay.refuse", &subject, &service, "R5.app-protocol", &reason);
                         let _ = send.reset(quinn::VarInt::from_u32(RefuseCode::Policy as u32));
                         let _ = recv.stop(quinn::VarInt::from_u32(RefuseCode::Policy as u32));
                         relay::reset_tcp(&target);
@@ -474,27 +427,7 @@ async fn serve_open(
                 let _ = send.reset(quinn::VarInt::from_u32(relay::RESET_CODE));
             }
         }
-        let (up, down) = (
-            live[0].load(std::sync::atomic::Ordering::Relaxed),
-            live[1].load(std::sync::atomic::Ordering::Relaxed),
-        );
-        ctx.metrics.closed(&service, up, down);
-        let end = match done {
-            Some(s) if s.reset => "reset",
-            Some(_) => "closed",
-            None => "cut",
-        };
-        ctx.audit.record(
-            &subject,
-            &service,
-            "relay.close",
-            "ok",
-            "",
-            format!(
-                "bytes_up={up} bytes_down={down} duration_ms={} end={end}",
-                started.elapsed().as_millis()
-            ),
-        );
+        ctx.relay_closed(&subject, &service, relay::Spliced::moved(&live), started, relay::Spliced::end(done), "");
     }
     .instrument(span)
     .await;
@@ -543,33 +476,32 @@ pub async fn access_listener(
     listener: TcpListener,
     stop: CancellationToken,
 ) {
-    info!(%listen, "Access listening");
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            () = stop.cancelled() => break,
-            () = ctx.draining.cancelled() => break,
-        };
-        let (tcp, peer) = match accepted {
-            Ok(a) => a,
-            Err(error) => {
-                warn!(%error, "Accept failed");
-                continue;
-            }
-        };
-        let Some(access) = access_at(&ctx, listen) else {
-            relay::reset_tcp(&tcp);
-            continue;
-        };
-        let object = format!("{}/{}", access.device, access.service);
-        let (ctx, hubs, stop) = (ctx.clone(), hubs.clone(), stop.clone());
-        let span = info_span!("relay", service = %object, %peer);
-        ctx.tracker.clone().spawn(
-            async move { access_relay(ctx, hubs, access, object, tcp, peer, stop).await }
-                .instrument(span),
-        );
-    }
-    info!(%listen, "Access stopped");
+    let c = ctx.clone();
+    relay::accept_loop(
+        ctx,
+        "Access",
+        listen,
+        listener,
+        stop.clone(),
+        move |tcp, peer| {
+            let Some(access) = access_at(&c, listen) else {
+                relay::reset_tcp(&tcp);
+                return None;
+            };
+            let object = format!("{}/{}", access.device, access.service);
+            let relay = access_relay(
+                c.clone(),
+                hubs.clone(),
+                access,
+                object.clone(),
+                tcp,
+                peer,
+                stop.clone(),
+            );
+            Some((object, relay))
+        },
+    )
+    .await;
 }
 
 async fn access_relay(
@@ -590,11 +522,7 @@ async fn access_relay(
         ctx.today(),
     );
     let deny = |rule: &str, reason: String, tcp: &TcpStream| {
-        info!(%rule, %reason, "Refused");
-        ctx.audit
-            .record(&subject, &object, "relay.refuse", "deny", rule, reason);
-        ctx.metrics
-            .refused(&object, if rule.is_empty() { "refused" } else { rule });
+        ctx.refuse("relay.refuse", &subject, &object, rule, &reason);
         relay::reset_tcp(tcp);
     };
     if !decision.is_allowed() {
@@ -656,26 +584,13 @@ async fn access_relay(
     if done.is_none_or(|s| s.reset) {
         relay::reset_tcp(&tcp);
     }
-    let (up, down) = (
-        live[0].load(std::sync::atomic::Ordering::Relaxed),
-        live[1].load(std::sync::atomic::Ordering::Relaxed),
-    );
-    ctx.metrics.closed(&object, up, down);
-    let end = match done {
-        Some(s) if s.reset => "reset",
-        Some(_) => "closed",
-        None => "cut",
-    };
-    ctx.audit.record(
+    ctx.relay_closed(
         &subject,
         &object,
-        "relay.close",
-        "ok",
+        relay::Spliced::moved(&live),
+        started,
+        relay::Spliced::end(done),
         "",
-        format!(
-            "bytes_up={up} bytes_down={down} duration_ms={} end={end}",
-            started.elapsed().as_millis()
-        ),
     );
 }
 

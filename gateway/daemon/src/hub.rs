@@ -262,16 +262,13 @@ async fn transit(
         ctx.today(),
     );
     if !decision.is_allowed() {
-        info!(rule = %decision.rule, reason = %decision.reason, "Transit refused");
-        ctx.audit.record(
+        ctx.refuse(
+            "relay.refuse",
             &subject,
             &service,
-            "relay.refuse",
-            "deny",
             decision.rule.as_str(),
-            decision.reason.clone(),
+            &decision.reason,
         );
-        ctx.metrics.refused(&service, decision.rule.as_str());
         let _ = write_frame(
             &mut send,
             &refuse(RefuseCode::Policy, decision.rule.as_str(), decision.reason),
@@ -282,15 +279,7 @@ async fn transit(
     }
     let Some(target) = devices.get(device) else {
         let message = format!("device {device} is not connected to hub {}", ctx.id);
-        ctx.audit.record(
-            &subject,
-            &service,
-            "relay.refuse",
-            "deny",
-            "",
-            message.clone(),
-        );
-        ctx.metrics.refused(&service, "no-route");
+        ctx.refuse("relay.refuse", &subject, &service, "no-route", &message);
         let _ = write_frame(&mut send, &refuse(RefuseCode::NoRoute, "", message)).await;
         let _ = send.finish();
         return;
@@ -325,16 +314,7 @@ async fn transit(
     };
     let _ = write_frame(&mut send, &answer).await;
     if let Frame::Refuse { rule, message, .. } = &answer {
-        ctx.audit.record(
-            &subject,
-            &service,
-            "relay.refuse",
-            "deny",
-            rule,
-            message.clone(),
-        );
-        ctx.metrics
-            .refused(&service, if rule.is_empty() { "refused" } else { rule });
+        ctx.refuse("relay.refuse", &subject, &service, rule, message);
         let _ = send.finish();
         return;
     }
@@ -358,26 +338,13 @@ async fn transit(
         s = relay::splice(&mut src_a, &mut send, &mut src_b, &mut tsend, &live) => Some(s),
         () = kill.cancelled() => None,
     };
-    let (up, down) = (
-        live[0].load(std::sync::atomic::Ordering::Relaxed),
-        live[1].load(std::sync::atomic::Ordering::Relaxed),
-    );
-    ctx.metrics.closed(&service, up, down);
-    let how = match done {
-        Some(s) if s.reset => "reset",
-        Some(_) => "closed",
-        None => "cut at shutdown",
-    };
-    ctx.audit.record(
+    ctx.relay_closed(
         &subject,
         &service,
-        "relay.close",
-        "ok",
+        relay::Spliced::moved(&live),
+        started,
+        relay::Spliced::end(done),
         "",
-        format!(
-            "bytes_up={up} bytes_down={down} duration_ms={} end={how}",
-            started.elapsed().as_millis()
-        ),
     );
 }
 
@@ -401,33 +368,32 @@ pub async fn publish_listener(
     listener: TcpListener,
     stop: CancellationToken,
 ) {
-    info!(%listen, "Publish listening");
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            () = stop.cancelled() => break,
-            () = ctx.draining.cancelled() => break,
-        };
-        let (tcp, peer) = match accepted {
-            Ok(a) => a,
-            Err(error) => {
-                warn!(%error, "Accept failed");
-                continue;
-            }
-        };
-        let Some(publish) = publish_at(&ctx, listen) else {
-            relay::reset_tcp(&tcp);
-            continue;
-        };
-        let object = format!("{}/{}", publish.device, publish.service);
-        let (ctx, devices, stop) = (ctx.clone(), devices.clone(), stop.clone());
-        let span = info_span!("relay", service = %object, %peer);
-        ctx.tracker.clone().spawn(
-            async move { publish_relay(ctx, devices, publish, object, tcp, peer, stop).await }
-                .instrument(span),
-        );
-    }
-    info!(%listen, "Publish stopped");
+    let c = ctx.clone();
+    relay::accept_loop(
+        ctx,
+        "Publish",
+        listen,
+        listener,
+        stop.clone(),
+        move |tcp, peer| {
+            let Some(publish) = publish_at(&c, listen) else {
+                relay::reset_tcp(&tcp);
+                return None;
+            };
+            let object = format!("{}/{}", publish.device, publish.service);
+            let relay = publish_relay(
+                c.clone(),
+                devices.clone(),
+                publish,
+                object.clone(),
+                tcp,
+                peer,
+                stop.clone(),
+            );
+            Some((object, relay))
+        },
+    )
+    .await;
 }
 
 async fn publish_relay(
@@ -448,25 +414,19 @@ async fn publish_relay(
         ctx.today(),
     );
     if !decision.is_allowed() {
-        info!(rule = %decision.rule, reason = %decision.reason, "Refused");
-        ctx.audit.record(
+        ctx.refuse(
+            "relay.refuse",
             &subject,
             &object,
-            "relay.refuse",
-            "deny",
             decision.rule.as_str(),
-            decision.reason,
+            &decision.reason,
         );
-        ctx.metrics.refused(&object, decision.rule.as_str());
         relay::reset_tcp(&tcp);
         return;
     }
     let Some(conn) = devices.get(&publish.device) else {
         let reason = format!("device {} is not connected", publish.device);
-        info!(%reason, "Refused");
-        ctx.audit
-            .record(&subject, &object, "relay.refuse", "deny", "", reason);
-        ctx.metrics.refused(&object, "no-route");
+        ctx.refuse("relay.refuse", &subject, &object, "no-route", &reason);
         relay::reset_tcp(&tcp);
         return;
     };
@@ -486,11 +446,7 @@ async fn publish_relay(
     match read_frame(&mut recv).await {
         Ok(Frame::Opened) => {}
         Ok(Frame::Refuse { rule, message, .. }) => {
-            info!(%rule, %message, "Refused by the edge");
-            ctx.audit
-                .record(&subject, &object, "relay.refuse", "deny", &rule, message);
-            ctx.metrics
-                .refused(&object, if rule.is_empty() { "refused" } else { &rule });
+            ctx.refuse("relay.refuse", &subject, &object, &rule, &message);
             relay::reset_tcp(&tcp);
             return;
         }
@@ -525,26 +481,12 @@ async fn publish_relay(
     if done.is_none_or(|s| s.reset) {
         relay::reset_tcp(&tcp);
     }
-    let (up, down) = (
-        live[0].load(std::sync::atomic::Ordering::Relaxed),
-        live[1].load(std::sync::atomic::Ordering::Relaxed),
-    );
-    ctx.metrics.closed(&object, up, down);
-    let end = match done {
-        Some(s) if s.reset => "reset",
-        Some(_) => "closed",
-        None => "cut",
-    };
-    debug!(up, down, end, "Relay closed");
-    ctx.audit.record(
+    ctx.relay_closed(
         &subject,
         &object,
-        "relay.close",
-        "ok",
+        relay::Spliced::moved(&live),
+        started,
+        relay::Spliced::end(done),
         "",
-        format!(
-            "bytes_up={up} bytes_down={down} duration_ms={} end={end}",
-            started.elapsed().as_millis()
-        ),
     );
 }

@@ -257,30 +257,26 @@ async fn post_record(
             st.ctx.today(),
         );
         if !decision.is_allowed() {
-            st.ctx.audit.record(
+            st.ctx.refuse(
+                "channel.refuse",
                 &subject,
                 &name,
-                "channel.refuse",
-                "deny",
                 decision.rule.as_str(),
-                format!("{at}{}", decision.reason),
+                &format!("{at}{}", decision.reason),
             );
-            st.ctx.metrics.refused(&name, decision.rule.as_str());
             return answer(
                 StatusCode::FORBIDDEN,
                 json!({ "error": format!("{at}{}", decision.reason), "rule": decision.rule.as_str() }),
             );
         }
         if let Err(reason) = content_ok(format, item) {
-            st.ctx.audit.record(
+            st.ctx.refuse(
+                "channel.refuse",
                 &subject,
                 &name,
-                "channel.refuse",
-                "deny",
                 "R5.channel-content",
-                format!("{at}{reason}"),
+                &format!("{at}{reason}"),
             );
-            st.ctx.metrics.refused(&name, "R5.channel-content");
             return answer(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 json!({ "error": format!("{at}{reason}"), "rule": "R5.channel-content" }),
@@ -327,7 +323,8 @@ async fn post_record(
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     continue;
                 }
-                st.ctx.metrics.refused(&name, "quota");
+                st.ctx
+                    .refuse("channel.refuse", &subject, &name, "quota", &reason);
                 let status = if channel.when_full == CfgWhenFull::Block {
                     StatusCode::SERVICE_UNAVAILABLE
                 } else {

@@ -12,7 +12,7 @@ use tokio_util::task::TaskTracker;
 use std::sync::atomic::{AtomicI64, Ordering};
 
 use gateway_core::config::ZoneKind;
-use gateway_core::policy::assessment_valid;
+use gateway_core::policy::{RuleId, assessment_valid};
 use tracing::{error, info};
 
 use crate::audit_sink::AuditSink;
@@ -180,6 +180,46 @@ impl Ctx {
             }
         }
         cut
+    }
+
+    /// A refused crossing: logged, audited under `event` and counted. `why` is a
+    /// rule id (it then goes into the audit record) or a plain label such as
+    /// `no-route` or `max-connections` for the metrics.
+    pub fn refuse(&self, event: &str, subject: &str, object: &str, why: &str, reason: &str) {
+        info!(%subject, %object, why, %reason, "Refused");
+        let rule = if RuleId::parse(why).is_some() {
+            why
+        } else {
+            ""
+        };
+        self.audit
+            .record(subject, object, event, "deny", rule, reason.to_owned());
+        self.metrics
+            .refused(object, if why.is_empty() { "refused" } else { why });
+    }
+
+    /// A relay (or UDP flow) ended: its bytes counted and its close audited.
+    pub fn relay_closed(
+        &self,
+        subject: &str,
+        object: &str,
+        (up, down): (u64, u64),
+        started: std::time::Instant,
+        end: &str,
+        detail: &str,
+    ) {
+        self.metrics.closed(object, up, down);
+        self.audit.record(
+            subject,
+            object,
+            "relay.close",
+            "ok",
+            "",
+            format!(
+                "{detail}bytes_up={up} bytes_down={down} duration_ms={} end={end}",
+                started.elapsed().as_millis()
+            ),
+        );
     }
 
     /// The token that cuts relays of `service` when it is removed (or the node is killed).

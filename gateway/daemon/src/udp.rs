@@ -135,15 +135,13 @@ pub async fn publish_listener(
             ctx.today(),
         );
         if !decision.is_allowed() {
-            ctx.audit.record(
+            ctx.refuse(
+                "relay.refuse",
                 &client.to_string(),
                 &object,
-                "relay.refuse",
-                "deny",
                 decision.rule.as_str(),
-                decision.reason,
+                &decision.reason,
             );
-            ctx.metrics.refused(&object, decision.rule.as_str());
             continue;
         }
         let (tx, rx) = mpsc::channel(256);
@@ -176,15 +174,13 @@ async fn hub_flow(
 ) {
     let subject = client.to_string();
     let Some(conn) = devices.get(&publish.device) else {
-        ctx.audit.record(
+        ctx.refuse(
+            "relay.refuse",
             &subject,
             &object,
-            "relay.refuse",
-            "deny",
-            "",
-            format!("device {} is not connected", publish.device),
+            "no-route",
+            &format!("device {} is not connected", publish.device),
         );
-        ctx.metrics.refused(&object, "no-route");
         return;
     };
     let flow = NEXT_FLOW.fetch_add(1, Ordering::Relaxed);
@@ -203,11 +199,7 @@ async fn hub_flow(
     match read_frame(&mut recv).await {
         Ok(Frame::Opened) => {}
         Ok(Frame::Refuse { rule, message, .. }) => {
-            info!(%rule, %message, "UDP flow refused by the edge");
-            ctx.audit
-                .record(&subject, &object, "relay.refuse", "deny", &rule, message);
-            ctx.metrics
-                .refused(&object, if rule.is_empty() { "refused" } else { &rule });
+            ctx.refuse("relay.refuse", &subject, &object, &rule, &message);
             return;
         }
         other => {
@@ -259,22 +251,20 @@ async fn hub_flow(
     };
     flows.remove(conn.stable_id(), flow);
     let _ = send.finish();
-    let (u, d) = (
-        up.load(Ordering::Relaxed),
-        from_tunnel.load(Ordering::Relaxed),
+    let detail = format!(
+        "udp flow {flow} dropped={} ",
+        dropped.load(Ordering::Relaxed)
     );
-    ctx.metrics.closed(&object, u, d);
-    ctx.audit.record(
+    ctx.relay_closed(
         &subject,
         &object,
-        "relay.close",
-        "ok",
-        "",
-        format!(
-            "udp flow {flow} bytes_up={u} bytes_down={d} dropped={} duration_ms={} end={how}",
-            dropped.load(Ordering::Relaxed),
-            started.elapsed().as_millis()
+        (
+            up.load(Ordering::Relaxed),
+            from_tunnel.load(Ordering::Relaxed),
         ),
+        started,
+        how,
+        &detail,
     );
 }
 
@@ -369,21 +359,19 @@ pub async fn edge_flow(
     };
     flows.remove(conn.stable_id(), flow);
     let _ = send.finish();
-    let (u, d) = (
-        from_tunnel.load(Ordering::Relaxed),
-        down.load(Ordering::Relaxed),
+    let detail = format!(
+        "udp flow {flow} dropped={} ",
+        dropped.load(Ordering::Relaxed)
     );
-    ctx.metrics.closed(&service, u, d);
-    ctx.audit.record(
+    ctx.relay_closed(
         &subject,
         &service,
-        "relay.close",
-        "ok",
-        "",
-        format!(
-            "udp flow {flow} bytes_up={u} bytes_down={d} dropped={} duration_ms={} end={how}",
-            dropped.load(Ordering::Relaxed),
-            started.elapsed().as_millis()
+        (
+            from_tunnel.load(Ordering::Relaxed),
+            down.load(Ordering::Relaxed),
         ),
+        started,
+        how,
+        &detail,
     );
 }
