@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use net::*;
 use nix::sys::signal::{Signal, kill};
+use nix::sys::wait::{Id, WaitPidFlag, waitid};
 use nix::unistd::Pid;
 
 fn free_tcp(ip: &str) -> SocketAddr {
@@ -89,19 +90,25 @@ impl Proc {
         kill(Pid::from_raw(self.child.id() as i32), s).expect("kill");
     }
 
+    /// Waits up to 15 s for the exit, and returns its code and every log line.
     fn wait_exit(mut self) -> (i32, Vec<String>) {
-        let deadline = std::time::Instant::now() + Duration::from_secs(15);
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                self.seen.extend(self.lines.try_iter());
-                return (status.code().unwrap_or(-1), std::mem::take(&mut self.seen));
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "gatewayd did not exit"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let pid = Pid::from_raw(self.child.id() as i32);
+        let (tx, exited) = mpsc::channel();
+        // WNOWAIT: learn of the exit without reaping, so `Child` still owns the pid.
+        std::thread::spawn(move || {
+            let _ = tx.send(waitid(
+                Id::Pid(pid),
+                WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT,
+            ));
+        });
+        exited
+            .recv_timeout(Duration::from_secs(15))
+            .expect("gatewayd did not exit within 15 s")
+            .expect("waitid");
+        let status = self.child.wait().expect("reap");
+        // stderr closed at exit: the reader thread has sent every line.
+        self.seen.extend(self.lines.iter());
+        (status.code().unwrap_or(-1), std::mem::take(&mut self.seen))
     }
 }
 
@@ -305,7 +312,10 @@ fn a_second_sigterm_forces_the_exit() {
     held.read_exact(&mut b).expect("echo");
     hub.signal(Signal::SIGTERM);
     hub.wait_log("Draining");
-    std::thread::sleep(Duration::from_millis(300));
+    // The open relay still works while the hub drains, and holds the drain.
+    held.write_all(b"pong").expect("write while draining");
+    held.read_exact(&mut b).expect("echo while draining");
+    assert_eq!(&b, b"pong");
     assert!(
         hub.child.try_wait().expect("wait").is_none(),
         "the open relay holds the drain"

@@ -14,7 +14,8 @@ use gateway_daemon::daemon::{self, Bindings, Running};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-/// Waits for `cond`, polling, up to `limit`.
+/// Waits for `cond` up to `limit`. The one place the tests poll: for state that
+/// has no event to wait on (readiness, audit rows written by another thread).
 pub async fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + limit;
     while !cond() {
@@ -140,14 +141,8 @@ pub async fn start_hub(pki: &Pki, spec: HubSpec<'_>) -> HubNode {
     let want = spec
         .quic
         .unwrap_or_else(|| "127.0.0.1:0".parse().expect("addr"));
-    // A restarted hub reuses its address once the old endpoint has let it go.
-    let mut udp = daemon::bind_udp_shared(want);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while udp.is_err() && std::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        udp = daemon::bind_udp_shared(want);
-    }
-    let udp = udp.expect("udp");
+    // A restarted hub binds its old address again (SO_REUSEPORT, as the daemon does).
+    let udp = daemon::bind_udp_shared(want).expect("udp");
     let quic = udp.local_addr().expect("addr");
     let mut bindings = Bindings {
         udp: Some(udp),

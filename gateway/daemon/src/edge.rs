@@ -135,6 +135,7 @@ pub async fn keep_tunnel(
                     }
                 }
                 Err(error) => {
+                    ctx.metrics.connect_failed(&name);
                     if backoff.failures() < 3 || backoff.failures() % 30 == 0 {
                         warn!(%error, failures = backoff.failures() + 1, "Tunnel connect failed");
                     } else {

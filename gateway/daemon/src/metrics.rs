@@ -24,6 +24,8 @@ pub struct PeerCounters {
     pub up: bool,
     /// Connections established.
     pub connects: u64,
+    /// Connection attempts that failed (handshake, TLS, hello).
+    pub failures: u64,
     /// Latest round-trip time, seconds.
     pub rtt_seconds: f64,
 }
@@ -63,6 +65,19 @@ impl Metrics {
         *lock(&self.refusals)
             .entry((object.to_owned(), rule.to_owned()))
             .or_default() += 1;
+    }
+
+    /// An attempt to bring a tunnel to `peer` up failed.
+    pub fn connect_failed(&self, peer: &str) {
+        lock(&self.peers)
+            .entry(peer.to_owned())
+            .or_default()
+            .failures += 1;
+    }
+
+    /// Failed connection attempts to every peer together.
+    pub fn connect_failures(&self) -> u64 {
+        lock(&self.peers).values().map(|p| p.failures).sum()
     }
 
     /// A tunnel to or from `peer` came up or went down.
@@ -154,6 +169,17 @@ impl Metrics {
                 o,
                 "gateway_tunnel_connects_total{{peer=\"{p}\"}} {}",
                 c.connects
+            );
+        }
+        let _ = writeln!(
+            o,
+            "# HELP gateway_tunnel_connect_failures_total Failed tunnel connection attempts.\n# TYPE gateway_tunnel_connect_failures_total counter"
+        );
+        for (p, c) in &peers {
+            let _ = writeln!(
+                o,
+                "gateway_tunnel_connect_failures_total{{peer=\"{p}\"}} {}",
+                c.failures
             );
         }
         let _ = writeln!(
