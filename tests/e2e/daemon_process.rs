@@ -35,13 +35,17 @@ struct Proc {
 
 impl Proc {
     fn start(config: &Path) -> Proc {
+        Self::start_with_grace(config, "2s")
+    }
+
+    fn start_with_grace(config: &Path, grace: &str) -> Proc {
         let mut child = Command::new(env!("CARGO_BIN_EXE_gatewayd"))
             .args([
                 "run",
                 "--config",
                 config.to_str().expect("path"),
                 "--grace",
-                "2s",
+                grace,
             ])
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
@@ -162,41 +166,75 @@ fn an_invalid_config_exits_64_before_binding() {
     );
 }
 
+/// A hub publishing `edge-b/echo` on `publish` and an edge serving it from a
+/// legacy echo server, as config files ready for `gatewayd run`.
+struct Pair {
+    rt: tokio::runtime::Runtime,
+    /// Keeps the certificates the configs name on disk.
+    _pki: Pki,
+    hub_text: String,
+    hub_path: std::path::PathBuf,
+    edge_path: std::path::PathBuf,
+    publish: SocketAddr,
+    hub_state: tempfile::TempDir,
+    _edge_state: tempfile::TempDir,
+}
+
+impl Pair {
+    fn new() -> Pair {
+        let rt = tokio::runtime::Runtime::new().expect("rt");
+        let pki = Pki::new();
+        pki.issue("hub-01");
+        pki.issue("edge-b");
+        let echo_b = rt.block_on(echo("127.0.2.10"));
+        let (hub_state, edge_state) = (
+            tempfile::tempdir().expect("state"),
+            tempfile::tempdir().expect("state"),
+        );
+        let (quic, publish) = (free_udp(), free_tcp("127.0.0.1"));
+        let spec = HubSpec::new("hub-01", 2, &["edge-b/echo"]);
+        let hub_text = hub_toml(
+            &pki,
+            &spec,
+            quic,
+            &[publish],
+            free_tcp("127.0.0.1"),
+            hub_state.path(),
+        );
+        let hub_path = hub_state.path().join("hub.toml");
+        std::fs::write(&hub_path, &hub_text).expect("write");
+        let espec = EdgeSpec {
+            services: vec![("echo", echo_b.addr, "\"extranet\"", None, None)],
+            ..EdgeSpec::new("edge-b", 2, 2, vec![quic])
+        };
+        let edge_path = edge_state.path().join("edge.toml");
+        std::fs::write(
+            &edge_path,
+            edge_toml(&pki, &espec, &[], free_tcp("127.0.0.1"), edge_state.path()),
+        )
+        .expect("write");
+        Pair {
+            rt,
+            _pki: pki,
+            hub_text,
+            hub_path,
+            edge_path,
+            publish,
+            hub_state,
+            _edge_state: edge_state,
+        }
+    }
+}
+
 #[test]
 fn sighup_adds_a_publish_and_sigterm_drains() {
-    let rt = tokio::runtime::Runtime::new().expect("rt");
-    let pki = Pki::new();
-    pki.issue("hub-01");
-    pki.issue("edge-b");
-    let echo_b = rt.block_on(echo("127.0.2.10"));
-    let hub_state = tempfile::tempdir().expect("state");
-    let edge_state = tempfile::tempdir().expect("state");
-    let (quic, p1, p2) = (free_udp(), free_tcp("127.0.0.1"), free_tcp("127.0.0.1"));
-    let spec = HubSpec::new("hub-01", 2, &["edge-b/echo"]);
-    let hub_text = hub_toml(
-        &pki,
-        &spec,
-        quic,
-        &[p1],
-        free_tcp("127.0.0.1"),
-        hub_state.path(),
-    );
-    let hub_path = hub_state.path().join("hub.toml");
-    std::fs::write(&hub_path, &hub_text).expect("write");
-    let espec = EdgeSpec {
-        services: vec![("echo", echo_b.addr, "\"extranet\"", None, None)],
-        ..EdgeSpec::new("edge-b", 2, 2, vec![quic])
-    };
-    let edge_path = edge_state.path().join("edge.toml");
-    std::fs::write(
-        &edge_path,
-        edge_toml(&pki, &espec, &[], free_tcp("127.0.0.1"), edge_state.path()),
-    )
-    .expect("write");
+    let pair = Pair::new();
+    let (rt, hub_text, hub_path, p1) = (&pair.rt, &pair.hub_text, &pair.hub_path, pair.publish);
+    let p2 = free_tcp("127.0.0.1");
 
-    let mut hub = Proc::start(&hub_path);
+    let mut hub = Proc::start(hub_path);
     hub.wait_log("Hub started");
-    let mut edge = Proc::start(&edge_path);
+    let mut edge = Proc::start(&pair.edge_path);
     edge.wait_log("Tunnel up");
     let back = rt
         .block_on(round_trip(p1, "127.0.0.1", b"before reload".to_vec()))
@@ -204,11 +242,11 @@ fn sighup_adds_a_publish_and_sigterm_drains() {
     assert_eq!(back, b"before reload");
 
     // A broken config on SIGHUP is refused; the old one stays.
-    std::fs::write(&hub_path, format!("{hub_text}\n[[publish]]\nservice = \"edge-b/echo\"\nzone = \"nowhere\"\nlisten = \"{p2}\"\n")).expect("write");
+    std::fs::write(hub_path, format!("{hub_text}\n[[publish]]\nservice = \"edge-b/echo\"\nzone = \"nowhere\"\nlisten = \"{p2}\"\n")).expect("write");
     hub.signal(Signal::SIGHUP);
     hub.wait_log("Reload refused");
     // A good one adds the publish.
-    std::fs::write(&hub_path, format!("{hub_text}\n[[publish]]\nservice = \"edge-b/echo\"\nzone = \"extranet\"\nlisten = \"{p2}\"\n")).expect("write");
+    std::fs::write(hub_path, format!("{hub_text}\n[[publish]]\nservice = \"edge-b/echo\"\nzone = \"extranet\"\nlisten = \"{p2}\"\n")).expect("write");
     hub.signal(Signal::SIGHUP);
     hub.wait_log("Configuration reloaded");
     let back = rt
@@ -222,7 +260,7 @@ fn sighup_adds_a_publish_and_sigterm_drains() {
     let (hub_code, hub_lines) = hub.wait_exit();
     assert_eq!(edge_code, 0, "{edge_lines:#?}");
     assert_eq!(hub_code, 0, "{hub_lines:#?}");
-    let lines = audit_lines(hub_state.path());
+    let lines = audit_lines(pair.hub_state.path());
     assert!(
         lines
             .iter()
@@ -244,69 +282,13 @@ fn sighup_adds_a_publish_and_sigterm_drains() {
 #[test]
 fn a_second_sigterm_forces_the_exit() {
     use std::io::{Read, Write};
-    let rt = tokio::runtime::Runtime::new().expect("rt");
-    let pki = Pki::new();
-    pki.issue("hub-01");
-    pki.issue("edge-b");
-    let echo_b = rt.block_on(echo("127.0.2.10"));
-    let (hub_state, edge_state) = (
-        tempfile::tempdir().expect("state"),
-        tempfile::tempdir().expect("state"),
-    );
-    let (quic, p1) = (free_udp(), free_tcp("127.0.0.1"));
-    let spec = HubSpec::new("hub-01", 2, &["edge-b/echo"]);
-    let hub_path = hub_state.path().join("hub.toml");
-    std::fs::write(
-        &hub_path,
-        hub_toml(
-            &pki,
-            &spec,
-            quic,
-            &[p1],
-            free_tcp("127.0.0.1"),
-            hub_state.path(),
-        ),
-    )
-    .expect("write");
-    let espec = EdgeSpec {
-        services: vec![("echo", echo_b.addr, "\"extranet\"", None, None)],
-        ..EdgeSpec::new("edge-b", 2, 2, vec![quic])
-    };
-    let edge_path = edge_state.path().join("edge.toml");
-    std::fs::write(
-        &edge_path,
-        edge_toml(&pki, &espec, &[], free_tcp("127.0.0.1"), edge_state.path()),
-    )
-    .expect("write");
-    let mut edge = Proc::start(&edge_path);
+    let pair = Pair::new();
+    let mut edge = Proc::start(&pair.edge_path);
     // The hub drains for up to ten minutes: only a second signal ends it sooner.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_gatewayd"))
-        .args([
-            "run",
-            "--config",
-            hub_path.to_str().expect("path"),
-            "--grace",
-            "10m",
-        ])
-        .env("NO_COLOR", "1")
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        for l in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(l);
-        }
-    });
-    let mut hub = Proc {
-        child,
-        lines,
-        seen: Vec::new(),
-    };
+    let mut hub = Proc::start_with_grace(&pair.hub_path, "10m");
     edge.wait_log("Tunnel up");
     // A relay that stays open through the drain.
-    let mut held = std::net::TcpStream::connect(p1).expect("connect");
+    let mut held = std::net::TcpStream::connect(pair.publish).expect("connect");
     held.write_all(b"ping").expect("write");
     let mut b = [0u8; 4];
     held.read_exact(&mut b).expect("echo");
