@@ -105,6 +105,24 @@ pub enum Frame {
     },
     /// The relay is open: relayed bytes follow.
     Opened,
+    /// Edge to hub: this stream carries `channel`'s records (see [`Batch`]).
+    SyncOpen {
+        /// The channel's name on the edge.
+        channel: String,
+        /// Its destination: `hub` or `DEVICE/CHANNEL`.
+        deliver_to: String,
+    },
+    /// Hub to edge: the sink holds every record of the channel up to `acked`;
+    /// send from there.
+    SyncReady {
+        /// Highest sequence number already committed (0: none).
+        acked: u64,
+    },
+    /// Hub to edge: every record up to `upto` is committed to the sink.
+    SyncAck {
+        /// Highest committed sequence number.
+        upto: u64,
+    },
     /// Refused; the stream ends.
     Refuse {
         /// Why.
@@ -140,6 +158,9 @@ mod tag {
     pub const OPEN: u8 = 0x10;
     pub const OPENED: u8 = 0x11;
     pub const OPEN_UDP: u8 = 0x12;
+    pub const SYNC_OPEN: u8 = 0x20;
+    pub const SYNC_READY: u8 = 0x21;
+    pub const SYNC_ACK: u8 = 0x22;
 }
 
 impl Frame {
@@ -180,6 +201,22 @@ impl Frame {
                 out.extend_from_slice(&flow.to_be_bytes());
             }
             Frame::Opened => out.push(tag::OPENED),
+            Frame::SyncOpen {
+                channel,
+                deliver_to,
+            } => {
+                out.push(tag::SYNC_OPEN);
+                put_str(out, channel);
+                put_str(out, deliver_to);
+            }
+            Frame::SyncReady { acked } => {
+                out.push(tag::SYNC_READY);
+                out.extend_from_slice(&acked.to_be_bytes());
+            }
+            Frame::SyncAck { upto } => {
+                out.push(tag::SYNC_ACK);
+                out.extend_from_slice(&upto.to_be_bytes());
+            }
             Frame::Refuse {
                 code,
                 rule,
@@ -256,6 +293,12 @@ impl Frame {
                 flow: r.u32()?,
             },
             tag::OPENED => Frame::Opened,
+            tag::SYNC_OPEN => Frame::SyncOpen {
+                channel: r.str()?,
+                deliver_to: r.str()?,
+            },
+            tag::SYNC_READY => Frame::SyncReady { acked: r.u64()? },
+            tag::SYNC_ACK => Frame::SyncAck { upto: r.u64()? },
             tag::REFUSE => Frame::Refuse {
                 code: RefuseCode::from_u16(r.u16()?),
                 rule: r.str()?,
@@ -331,6 +374,13 @@ impl<'a> Reader<'a> {
         let b = self.take(4)?;
         Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
     }
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        let b: [u8; 8] = self
+            .take(8)?
+            .try_into()
+            .map_err(|_| DecodeError::Malformed("u64"))?;
+        Ok(u64::from_be_bytes(b))
+    }
     fn str(&mut self) -> Result<String, DecodeError> {
         let n = self.u16()? as usize;
         let b = self.take(n)?;
@@ -386,6 +436,94 @@ pub fn encode_datagram(flow: u32, payload: &[u8]) -> Vec<u8> {
     v
 }
 
+/// Largest record batch on a sync stream (prefix excluded). A record larger than
+/// this cannot be synced; `max_record_bytes` is checked against it.
+pub const MAX_BATCH: usize = 64 * 1024 * 1024;
+
+/// One record on a sync stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncRecord {
+    /// Its sequence number in the channel (strictly increasing in a batch).
+    pub seq: u64,
+    /// When the edge accepted it, Unix ms.
+    pub time_ms: i64,
+    /// Declared format.
+    pub format: String,
+    /// The body.
+    pub body: Vec<u8>,
+}
+
+/// A batch of records, edge to hub on a sync stream after [`Frame::SyncReady`]:
+/// `len: u32` (of what follows), `count: u32`, then per record `seq: u64`,
+/// `time_ms: i64`, `format` (string), `body_len: u32` and the body. Sequence
+/// numbers rise strictly within a batch and from one batch to the next.
+pub struct Batch;
+
+impl Batch {
+    /// Appends the encoded batch (length prefix included) to `out`.
+    pub fn encode(records: &[SyncRecord], out: &mut Vec<u8>) {
+        let start = out.len();
+        out.extend_from_slice(&[0; 4]);
+        out.extend_from_slice(&u32::try_from(records.len()).unwrap_or(u32::MAX).to_be_bytes());
+        for r in records {
+            out.extend_from_slice(&r.seq.to_be_bytes());
+            out.extend_from_slice(&r.time_ms.to_be_bytes());
+            put_str(out, &r.format);
+            out.extend_from_slice(&u32::try_from(r.body.len()).unwrap_or(u32::MAX).to_be_bytes());
+            out.extend_from_slice(&r.body);
+        }
+        let len = u32::try_from(out.len() - start - 4).unwrap_or(u32::MAX);
+        out[start..start + 4].copy_from_slice(&len.to_be_bytes());
+    }
+
+    /// The body length announced by a 4-byte prefix.
+    ///
+    /// # Errors
+    /// [`DecodeError::TooLarge`] above [`MAX_BATCH`].
+    pub fn body_len(prefix: [u8; 4]) -> Result<usize, DecodeError> {
+        let n = u32::from_be_bytes(prefix) as usize;
+        if n > MAX_BATCH {
+            return Err(DecodeError::TooLarge(n));
+        }
+        Ok(n)
+    }
+
+    /// Decodes a batch body (what follows the length prefix).
+    ///
+    /// # Errors
+    /// When the body is not exactly one valid batch, or its sequence numbers do
+    /// not rise strictly.
+    pub fn decode_body(body: &[u8]) -> Result<Vec<SyncRecord>, DecodeError> {
+        let mut r = Reader { buf: body };
+        let count = r.u32()? as usize;
+        // Each record takes at least 22 bytes: never allocate for a lying count.
+        if count > body.len() / 22 {
+            return Err(DecodeError::Malformed("record count exceeds the batch"));
+        }
+        let mut out: Vec<SyncRecord> = Vec::with_capacity(count);
+        for _ in 0..count {
+            let seq = r.u64()?;
+            let time_ms = i64::from_be_bytes(r.u64()?.to_be_bytes());
+            let format = r.str()?;
+            let n = r.u32()? as usize;
+            let body = r.take(n)?.to_vec();
+            if out.last().is_some_and(|p| p.seq >= seq) {
+                return Err(DecodeError::Malformed("sequence numbers do not rise"));
+            }
+            out.push(SyncRecord {
+                seq,
+                time_ms,
+                format,
+                body,
+            });
+        }
+        if !r.buf.is_empty() {
+            return Err(DecodeError::Malformed("trailing bytes"));
+        }
+        Ok(out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -435,6 +573,9 @@ mod tests {
                 }
             ),
             Just(Frame::Opened),
+            (".{0,30}", ".{0,40}").prop_map(|(channel, deliver_to)| Frame::SyncOpen { channel, deliver_to }),
+            any::<u64>().prop_map(|acked| Frame::SyncReady { acked }),
+            any::<u64>().prop_map(|upto| Frame::SyncAck { upto }),
             (code, ".{0,20}", ".{0,200}").prop_map(|(code, rule, message)| Frame::Refuse {
                 code,
                 rule,
@@ -465,6 +606,24 @@ mod tests {
             let _ = Frame::decode(&bytes);
             let _ = Frame::decode_body(&bytes);
             let _ = decode_datagram(&bytes);
+            let _ = Batch::decode_body(&bytes);
+        }
+
+        #[test]
+        fn batches_round_trip(
+            start in 0u64..1 << 40,
+            steps in prop::collection::vec((1u64..5, any::<i64>(), "[a-z]{0,6}", prop::collection::vec(any::<u8>(), 0..40)), 0..12),
+        ) {
+            let mut seq = start;
+            let records: Vec<SyncRecord> = steps.into_iter().map(|(step, time_ms, format, body)| {
+                seq += step;
+                SyncRecord { seq, time_ms, format, body }
+            }).collect();
+            let mut bytes = Vec::new();
+            Batch::encode(&records, &mut bytes);
+            let n = Batch::body_len(bytes[..4].try_into().unwrap()).unwrap();
+            prop_assert_eq!(n, bytes.len() - 4);
+            prop_assert_eq!(Batch::decode_body(&bytes[4..]), Ok(records));
         }
 
         #[test]

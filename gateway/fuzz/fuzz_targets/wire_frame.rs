@@ -1,8 +1,8 @@
-//! Any bytes from a peer as tunnel frames and datagrams: decoding never panics,
+//! Any bytes from a peer as tunnel frames, datagrams and sync batches: decoding never panics,
 //! and whatever decodes re-encodes to the same bytes.
 #![no_main]
 
-use gateway_core::wire::{Frame, decode_datagram};
+use gateway_core::wire::{Batch, Frame, decode_datagram};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -11,4 +11,7 @@ fuzz_target!(|data: &[u8]| {
     }
     let _ = Frame::decode_body(data);
     let _ = decode_datagram(data);
+    if let Ok(records) = Batch::decode_body(data) {
+        assert!(records.windows(2).all(|w| w[0].seq < w[1].seq));
+    }
 });

@@ -1,7 +1,8 @@
 //! SQLite storage of the gateway.
 //!
 //! - [`audit`]: the append-only, hash-chained audit log (DESIGN.md rule 6).
-//! - [`buffer`]: the durable record buffer of data channels.
+//! - [`buffer`]: the durable record buffer of data channels (edge).
+//! - [`sink`]: where the hub commits synced channel records, exactly once.
 //!
 //! Databases are opened in WAL mode with `synchronous = FULL`: a record that a
 //! call reported as written survives a power cut.
@@ -9,3 +10,4 @@
 
 pub mod audit;
 pub mod buffer;
+pub mod sink;

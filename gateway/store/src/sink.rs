@@ -1,0 +1,370 @@
+//! The hub's sink of channel records: `STATE_DIR/sink.sqlite`.
+//!
+//! Invariants (checked by the tests below and end to end in `tests/e2e/channels.rs`):
+//! - A record is keyed by (device, channel, seq). Per (device, channel) the sink
+//!   keeps `high`, the highest sequence number ever committed; a record at or
+//!   below `high` is a duplicate and is not stored again, even after a consumer
+//!   took it away. Edges send in sequence order, so this is exactly-once.
+//! - [`Sink::commit`] stores a batch in one `BEGIN IMMEDIATE` transaction
+//!   (WAL, `synchronous = FULL`) and only then reports `upto`, which the hub
+//!   acknowledges to the edge: an acknowledged record survives a power cut.
+//! - Several hub processes may share one sink file: `high` is read and raised
+//!   inside the writing transaction, so de-duplication holds across them.
+//! - Consumers read in sequence order after a cursor and acknowledge with it;
+//!   acknowledged records are removed, `high` stays.
+
+use std::path::Path;
+use std::time::Duration;
+
+use gateway_core::wire::SyncRecord;
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+
+/// File name of the sink inside the state directory.
+pub const FILE_NAME: &str = "sink.sqlite";
+
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS stream (
+    device     TEXT NOT NULL,
+    channel    TEXT NOT NULL,
+    deliver_to TEXT NOT NULL,
+    high       INTEGER NOT NULL,
+    consumed   INTEGER NOT NULL,
+    records    INTEGER NOT NULL,
+    bytes      INTEGER NOT NULL,
+    duplicates INTEGER NOT NULL,
+    PRIMARY KEY (device, channel)
+) STRICT;
+CREATE TABLE IF NOT EXISTS record (
+    id          INTEGER PRIMARY KEY,
+    device      TEXT NOT NULL,
+    channel     TEXT NOT NULL,
+    seq         INTEGER NOT NULL,
+    time_ms     INTEGER NOT NULL,
+    received_ms INTEGER NOT NULL,
+    format      TEXT NOT NULL,
+    body        BLOB NOT NULL,
+    UNIQUE (device, channel, seq)
+) STRICT;
+";
+
+/// A record in the sink.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    /// Its sequence number in the source channel.
+    pub seq: u64,
+    /// When the edge accepted it, Unix ms.
+    pub time_ms: i64,
+    /// When the hub committed it, Unix ms.
+    pub received_ms: i64,
+    /// Declared format.
+    pub format: String,
+    /// The body.
+    pub body: Vec<u8>,
+}
+
+/// What a commit did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Committed {
+    /// Every record up to here is in the sink (the ack to send).
+    pub upto: u64,
+    /// Records stored by this commit.
+    pub stored: u64,
+    /// Records that were already there.
+    pub duplicates: u64,
+}
+
+/// One (device, channel) stream's state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stream {
+    /// Source device.
+    pub device: String,
+    /// Source channel.
+    pub channel: String,
+    /// Declared destination.
+    pub deliver_to: String,
+    /// Highest sequence number committed.
+    pub high: u64,
+    /// Highest sequence number a consumer acknowledged.
+    pub consumed: u64,
+    /// Records waiting for a consumer.
+    pub records: u64,
+    /// Their body bytes.
+    pub bytes: u64,
+    /// Duplicates received and not stored, ever.
+    pub duplicates: u64,
+}
+
+/// A sink operation failed; nothing was changed.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// The database was written by a newer gatewayd.
+    #[error("sink schema {0} is newer than this gatewayd understands")]
+    NewerSchema(i64),
+    /// SQLite refused.
+    #[error("sink: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+}
+
+fn i64_of(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn u64_of(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
+}
+
+/// The hub's sink.
+#[derive(Debug)]
+pub struct Sink {
+    conn: Connection,
+}
+
+impl Sink {
+    /// Opens (or creates) `STATE_DIR/sink.sqlite`.
+    ///
+    /// # Errors
+    /// When SQLite cannot open or initialise it, or its schema is newer.
+    pub fn open(state_dir: &Path) -> Result<Self, SinkError> {
+        Self::open_file(&state_dir.join(FILE_NAME))
+    }
+
+    /// Opens (or creates) a sink file, possibly shared with other hubs.
+    ///
+    /// # Errors
+    /// As [`Sink::open`].
+    pub fn open_file(path: &Path) -> Result<Self, SinkError> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(Duration::from_secs(10))?;
+        conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if version > SCHEMA_VERSION {
+            return Err(SinkError::NewerSchema(version));
+        }
+        conn.execute_batch(SCHEMA)?;
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        Ok(Self { conn })
+    }
+
+    /// The highest sequence number committed for (device, channel); 0 if none.
+    ///
+    /// # Errors
+    /// When SQLite fails.
+    pub fn high(&self, device: &str, channel: &str) -> Result<u64, SinkError> {
+        let high: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT high FROM stream WHERE device = ?1 AND channel = ?2",
+                params![device, channel],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(high.map_or(0, u64_of))
+    }
+
+    /// Stores the records above `high` in one durable transaction.
+    ///
+    /// # Errors
+    /// When SQLite fails; nothing is stored then.
+    pub fn commit(
+        &mut self,
+        device: &str,
+        channel: &str,
+        deliver_to: &str,
+        records: &[SyncRecord],
+        now_ms: i64,
+    ) -> Result<Committed, SinkError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute(
+            "INSERT OR IGNORE INTO stream VALUES (?1, ?2, ?3, 0, 0, 0, 0, 0)",
+            params![device, channel, deliver_to],
+        )?;
+        let high: i64 = tx.query_row(
+            "SELECT high FROM stream WHERE device = ?1 AND channel = ?2",
+            params![device, channel],
+            |r| r.get(0),
+        )?;
+        let high = u64_of(high);
+        let (mut stored, mut bytes, mut upto) = (0u64, 0u64, high);
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO record (device, channel, seq, time_ms, received_ms, format, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?;
+            for r in records.iter().filter(|r| r.seq > high) {
+                insert.execute(params![
+                    device,
+                    channel,
+                    i64_of(r.seq),
+                    r.time_ms,
+                    now_ms,
+                    r.format,
+                    r.body
+                ])?;
+                stored += 1;
+                bytes += r.body.len() as u64;
+                upto = upto.max(r.seq);
+            }
+        }
+        let duplicates = records.len() as u64 - stored;
+        tx.execute(
+            "UPDATE stream SET high = ?3, records = records + ?4, bytes = bytes + ?5, duplicates = duplicates + ?6, deliver_to = ?7 WHERE device = ?1 AND channel = ?2",
+            params![
+                device,
+                channel,
+                i64_of(upto),
+                i64_of(stored),
+                i64_of(bytes),
+                i64_of(duplicates),
+                deliver_to
+            ],
+        )?;
+        tx.commit()?;
+        Ok(Committed {
+            upto,
+            stored,
+            duplicates,
+        })
+    }
+
+    /// Up to `limit` records after `after`, in sequence order.
+    ///
+    /// # Errors
+    /// When SQLite fails.
+    pub fn read(
+        &self,
+        device: &str,
+        channel: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Stored>, SinkError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT seq, time_ms, received_ms, format, body FROM record WHERE device = ?1 AND channel = ?2 AND seq > ?3 ORDER BY seq LIMIT ?4",
+        )?;
+        let rows = stmt.query_map(
+            params![device, channel, i64_of(after), i64_of(limit as u64)],
+            |r| {
+                Ok(Stored {
+                    seq: u64_of(r.get(0)?),
+                    time_ms: r.get(1)?,
+                    received_ms: r.get(2)?,
+                    format: r.get(3)?,
+                    body: r.get(4)?,
+                })
+            },
+        )?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// A consumer took every record up to `upto`: they are removed. Returns how
+    /// many.
+    ///
+    /// # Errors
+    /// When SQLite fails.
+    pub fn consume(&mut self, device: &str, channel: &str, upto: u64) -> Result<u64, SinkError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let (n, bytes): (i64, Option<i64>) = tx.query_row(
+            "SELECT COUNT(*), SUM(length(body)) FROM record WHERE device = ?1 AND channel = ?2 AND seq <= ?3",
+            params![device, channel, i64_of(upto)],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        tx.execute(
+            "DELETE FROM record WHERE device = ?1 AND channel = ?2 AND seq <= ?3",
+            params![device, channel, i64_of(upto)],
+        )?;
+        tx.execute(
+            "UPDATE stream SET consumed = max(consumed, ?3), records = records - ?4, bytes = max(0, bytes - ?5) WHERE device = ?1 AND channel = ?2",
+            params![device, channel, i64_of(upto), n, bytes.unwrap_or(0)],
+        )?;
+        tx.commit()?;
+        Ok(u64_of(n))
+    }
+
+    /// Every stream's state, by device and channel.
+    ///
+    /// # Errors
+    /// When SQLite fails.
+    pub fn streams(&self) -> Result<Vec<Stream>, SinkError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT device, channel, deliver_to, high, consumed, records, bytes, duplicates FROM stream ORDER BY device, channel",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(Stream {
+                device: r.get(0)?,
+                channel: r.get(1)?,
+                deliver_to: r.get(2)?,
+                high: u64_of(r.get(3)?),
+                consumed: u64_of(r.get(4)?),
+                records: u64_of(r.get(5)?),
+                bytes: u64_of(r.get(6)?),
+                duplicates: u64_of(r.get(7)?),
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn recs(seqs: &[u64]) -> Vec<SyncRecord> {
+        seqs.iter()
+            .map(|&seq| SyncRecord {
+                seq,
+                time_ms: seq as i64,
+                format: "json".into(),
+                body: format!("{{\"n\":{seq}}}").into_bytes(),
+            })
+            .collect()
+    }
+
+    fn seqs(v: &[Stored]) -> Vec<u64> {
+        v.iter().map(|r| r.seq).collect()
+    }
+
+    #[test]
+    fn a_record_delivered_twice_is_stored_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = Sink::open(dir.path()).expect("open");
+        let c = s.commit("d", "c", "hub", &recs(&[1, 2, 3]), 0).expect("commit");
+        assert_eq!((c.upto, c.stored, c.duplicates), (3, 3, 0));
+        let c = s.commit("d", "c", "hub", &recs(&[2, 3, 4]), 0).expect("commit");
+        assert_eq!((c.upto, c.stored, c.duplicates), (4, 1, 2));
+        assert_eq!(seqs(&s.read("d", "c", 0, 100).expect("read")), [1, 2, 3, 4]);
+        // Another device's channel of the same name is another stream.
+        let c = s.commit("e", "c", "hub", &recs(&[1]), 0).expect("commit");
+        assert_eq!(c.stored, 1);
+    }
+
+    #[test]
+    fn consumed_records_go_and_still_count_as_seen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = Sink::open(dir.path()).expect("open");
+        s.commit("d", "c", "hub", &recs(&[1, 2, 3]), 0).expect("commit");
+        assert_eq!(s.consume("d", "c", 2).expect("consume"), 2);
+        assert_eq!(seqs(&s.read("d", "c", 0, 100).expect("read")), [3]);
+        let c = s.commit("d", "c", "hub", &recs(&[1, 2]), 0).expect("commit");
+        assert_eq!((c.upto, c.stored), (3, 0));
+        let st = &s.streams().expect("streams")[0];
+        assert_eq!((st.high, st.consumed, st.records, st.duplicates), (3, 2, 1, 2));
+    }
+
+    #[test]
+    fn two_hubs_sharing_one_sink_store_each_record_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut a = Sink::open(dir.path()).expect("open a");
+        let mut b = Sink::open(dir.path()).expect("open b");
+        a.commit("d", "c", "hub", &recs(&[1, 2]), 0).expect("a");
+        let c = b.commit("d", "c", "hub", &recs(&[1, 2, 3]), 0).expect("b");
+        assert_eq!((c.upto, c.stored, c.duplicates), (3, 1, 2));
+        assert_eq!(a.high("d", "c").expect("high"), 3);
+        assert_eq!(seqs(&a.read("d", "c", 0, 100).expect("read")), [1, 2, 3]);
+    }
+}
