@@ -136,7 +136,7 @@ fn a_group_readable_key_is_refused_at_start() {
         &spec,
         free_udp(),
         &[],
-        free_tcp("127.0.0.1"),
+        (free_tcp("127.0.0.1"), free_tcp("127.0.0.1")),
         state.path(),
     );
     let path = state.path().join("hub.toml");
@@ -198,7 +198,7 @@ impl Pair {
             &spec,
             quic,
             &[publish],
-            free_tcp("127.0.0.1"),
+            (free_tcp("127.0.0.1"), free_tcp("127.0.0.1")),
             hub_state.path(),
         );
         let hub_path = hub_state.path().join("hub.toml");

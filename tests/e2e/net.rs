@@ -66,6 +66,10 @@ pub struct HubSpec<'a> {
     pub quic: Option<SocketAddr>,
     /// Reuse these publish addresses, by index.
     pub publish_addrs: Vec<SocketAddr>,
+    /// Reuse this state directory (the sink survives a restart).
+    pub state: Option<Arc<tempfile::TempDir>>,
+    /// Reuse this API address.
+    pub api: Option<SocketAddr>,
 }
 
 impl<'a> HubSpec<'a> {
@@ -77,6 +81,8 @@ impl<'a> HubSpec<'a> {
             publishes,
             quic: None,
             publish_addrs: vec![],
+            state: None,
+            api: None,
         }
     }
 }
@@ -85,7 +91,9 @@ pub struct HubNode {
     pub running: Running,
     pub quic: SocketAddr,
     pub publish: Vec<SocketAddr>,
-    pub state: tempfile::TempDir,
+    /// The consumers' API (`[hub].api`).
+    pub api: SocketAddr,
+    pub state: Arc<tempfile::TempDir>,
     pub config_text: String,
 }
 
@@ -94,7 +102,7 @@ pub fn hub_toml(
     spec: &HubSpec<'_>,
     quic: SocketAddr,
     publish: &[SocketAddr],
-    admin: SocketAddr,
+    (admin, api): (SocketAddr, SocketAddr),
     state: &Path,
 ) -> String {
     let (cert, key) = (
@@ -102,7 +110,7 @@ pub fn hub_toml(
         pki.dir.path().join(format!("certs/{}.key", spec.id)),
     );
     let mut s = format!(
-        "[node]\nid = \"{id}\"\nrole = \"hub\"\nstate_dir = \"{state}\"\n\n[hub]\nlisten = \"{quic}\"\napi = \"127.0.0.1:1\"\nca_cert = \"{ca}/ca.pem\"\nca_key = \"{ca}/ca.key\"\ncert = \"{cert}\"\nkey = \"{key}\"\n\n[[zone]]\nname = \"extranet\"\nkind = \"extranet\"\nlevel = {level}\nnetworks = [\"127.0.0.0/24\"]\n\n[admin]\nlisten = \"{admin}\"\n",
+        "[node]\nid = \"{id}\"\nrole = \"hub\"\nstate_dir = \"{state}\"\n\n[hub]\nlisten = \"{quic}\"\napi = \"{api}\"\nca_cert = \"{ca}/ca.pem\"\nca_key = \"{ca}/ca.key\"\ncert = \"{cert}\"\nkey = \"{key}\"\n\n[[zone]]\nname = \"extranet\"\nkind = \"extranet\"\nlevel = {level}\nnetworks = [\"127.0.0.0/24\"]\n\n[admin]\nlisten = \"{admin}\"\n",
         id = spec.id,
         state = state.display(),
         ca = pki.ca().display(),
@@ -166,8 +174,16 @@ pub async fn start_hub(pki: &Pki, spec: HubSpec<'_>) -> HubNode {
     }
     let (admin, l) = bind_tcp("127.0.0.1");
     bindings.tcp.insert(admin, l);
-    let state = tempfile::tempdir().expect("state");
-    let text = hub_toml(pki, &spec, quic, &publish, admin, state.path());
+    let (api, l) = match spec.api {
+        Some(a) => (a, daemon::listen_tcp(a).expect("rebind api")),
+        None => bind_tcp("127.0.0.1"),
+    };
+    bindings.tcp.insert(api, l);
+    let state = spec
+        .state
+        .clone()
+        .unwrap_or_else(|| Arc::new(tempfile::tempdir().expect("state")));
+    let text = hub_toml(pki, &spec, quic, &publish, (admin, api), state.path());
     let running = daemon::start(load(&text), bindings)
         .await
         .expect("hub starts");
@@ -175,6 +191,7 @@ pub async fn start_hub(pki: &Pki, spec: HubSpec<'_>) -> HubNode {
         running,
         quic,
         publish,
+        api,
         state,
         config_text: text,
     }
@@ -319,12 +336,22 @@ pub async fn http_post(
     content_type: Option<&str>,
     body: &[u8],
 ) -> (u16, String) {
+    http_request(addr, "POST", path, content_type, body).await
+}
+
+async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    content_type: Option<&str>,
+    body: &[u8],
+) -> (u16, String) {
     let mut s = TcpStream::connect(addr).await.expect("connect");
     let ct = content_type
         .map(|c| format!("Content-Type: {c}\r\n"))
         .unwrap_or_default();
     let head = format!(
-        "POST {path} HTTP/1.0\r\nHost: x\r\n{ct}Content-Length: {}\r\n\r\n",
+        "{method} {path} HTTP/1.0\r\nHost: x\r\n{ct}Content-Length: {}\r\n\r\n",
         body.len()
     );
     s.write_all(head.as_bytes()).await.expect("write");
@@ -342,6 +369,11 @@ pub async fn http_post(
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default();
     (status, body)
+}
+
+/// A minimal HTTP/1.0 request without a body; returns the status code and the body.
+pub async fn http_get(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
+    http_request(addr, method, path, None, b"").await
 }
 
 /// A legacy TCP echo server on `ip`, counting the bytes and connections it sees.

@@ -444,6 +444,7 @@ async fn service_returns_after_a_hub_restart() {
             publishes: &["edge-b/echo"],
             quic: Some(quic),
             publish_addrs: publish,
+            ..HubSpec::new("hub-01", 2, &["edge-b/echo"])
         },
     )
     .await;

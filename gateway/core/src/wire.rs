@@ -464,12 +464,20 @@ impl Batch {
     pub fn encode(records: &[SyncRecord], out: &mut Vec<u8>) {
         let start = out.len();
         out.extend_from_slice(&[0; 4]);
-        out.extend_from_slice(&u32::try_from(records.len()).unwrap_or(u32::MAX).to_be_bytes());
+        out.extend_from_slice(
+            &u32::try_from(records.len())
+                .unwrap_or(u32::MAX)
+                .to_be_bytes(),
+        );
         for r in records {
             out.extend_from_slice(&r.seq.to_be_bytes());
             out.extend_from_slice(&r.time_ms.to_be_bytes());
             put_str(out, &r.format);
-            out.extend_from_slice(&u32::try_from(r.body.len()).unwrap_or(u32::MAX).to_be_bytes());
+            out.extend_from_slice(
+                &u32::try_from(r.body.len())
+                    .unwrap_or(u32::MAX)
+                    .to_be_bytes(),
+            );
             out.extend_from_slice(&r.body);
         }
         let len = u32::try_from(out.len() - start - 4).unwrap_or(u32::MAX);
@@ -573,7 +581,10 @@ mod tests {
                 }
             ),
             Just(Frame::Opened),
-            (".{0,30}", ".{0,40}").prop_map(|(channel, deliver_to)| Frame::SyncOpen { channel, deliver_to }),
+            (".{0,30}", ".{0,40}").prop_map(|(channel, deliver_to)| Frame::SyncOpen {
+                channel,
+                deliver_to
+            }),
             any::<u64>().prop_map(|acked| Frame::SyncReady { acked }),
             any::<u64>().prop_map(|upto| Frame::SyncAck { upto }),
             (code, ".{0,20}", ".{0,200}").prop_map(|(code, rule, message)| Frame::Refuse {
@@ -621,7 +632,7 @@ mod tests {
             }).collect();
             let mut bytes = Vec::new();
             Batch::encode(&records, &mut bytes);
-            let n = Batch::body_len(bytes[..4].try_into().unwrap()).unwrap();
+            let n = Batch::body_len(bytes[..4].try_into().expect("prefix")).expect("length");
             prop_assert_eq!(n, bytes.len() - 4);
             prop_assert_eq!(Batch::decode_body(&bytes[4..]), Ok(records));
         }

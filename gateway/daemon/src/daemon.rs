@@ -101,6 +101,9 @@ pub enum StartError {
     /// The record buffer could not be opened.
     #[error("record buffer: {0}")]
     Buffer(String),
+    /// The hub's sink could not be opened.
+    #[error("sink: {0}")]
+    Sink(#[from] gateway_store::sink::SinkError),
     /// The state directory could not be created.
     #[error("state_dir {path}: {source}")]
     StateDir {
@@ -118,6 +121,8 @@ pub struct Running {
     listeners: Mutex<HashMap<SocketAddr, CancellationToken>>,
     role: RoleState,
     admin_stop: CancellationToken,
+    /// The admin and hub API servers; drain waits for their listeners to close.
+    servers: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     writer: Mutex<Option<AuditWriter>>,
     /// Where the admin listener and the hub's QUIC socket are bound.
     pub admin_addr: SocketAddr,
@@ -171,6 +176,7 @@ pub async fn start(config: Config, mut bindings: Bindings) -> Result<Running, St
     let config_state_dir = config.node.state_dir.clone();
     let ctx = Ctx::new(id.clone(), Policy::new(config), audit);
     let admin_stop = CancellationToken::new();
+    let mut servers = Vec::new();
     let runtime = Arc::new(quinn::TokioRuntime);
     let mut listeners = HashMap::new();
     let (endpoints, state, quic_addr, readiness) = match role {
@@ -242,8 +248,23 @@ pub async fn start(config: Config, mut bindings: Bindings) -> Result<Running, St
                     CancellationToken::new(),
                 ));
             }
+            let sink =
+                crate::sync::SinkHandle::new(gateway_store::sink::Sink::open(&config_state_dir)?);
+            let api = bindings
+                .tcp(h.settings.api)
+                .map_err(bind_err(h.settings.api))?;
+            servers.push(tokio::spawn(crate::api::serve(
+                api,
+                sink.clone(),
+                admin_stop.clone(),
+            )));
             for e in &endpoints {
-                tokio::spawn(hub::accept_edges(ctx.clone(), devices.clone(), e.clone()));
+                tokio::spawn(hub::accept_edges(
+                    ctx.clone(),
+                    devices.clone(),
+                    sink.clone(),
+                    e.clone(),
+                ));
             }
             for (p, l) in bound {
                 let stop = CancellationToken::new();
@@ -284,11 +305,12 @@ pub async fn start(config: Config, mut bindings: Bindings) -> Result<Running, St
                 ));
             }
             if !e.channels.is_empty() || !ingest_bound.is_empty() {
-                let writer = crate::ingest::Writer::start(&config_state_dir)
+                let writer = crate::buffer::BufferHandle::start(&config_state_dir)
                     .map_err(|e| StartError::Buffer(e.to_string()))?;
                 for (zone, l) in ingest_bound {
                     tokio::spawn(crate::ingest::serve(ctx.clone(), zone, l, writer.clone()));
                 }
+                tokio::spawn(crate::sync::supervise(ctx.clone(), hubs.clone(), writer));
             }
             tokio::spawn(edge::watch_assessments(ctx.clone()));
             // Each lane has its own UDP socket and endpoint driver.
@@ -334,12 +356,12 @@ pub async fn start(config: Config, mut bindings: Bindings) -> Result<Running, St
             (endpoints, RoleState::Edge(hubs), None, Readiness::Edge)
         }
     };
-    tokio::spawn(admin::serve(
+    servers.push(tokio::spawn(admin::serve(
         admin_listener,
         ctx.metrics.clone(),
         readiness,
         admin_stop.clone(),
-    ));
+    )));
     ctx.audit
         .record(&id, "node", "node.start", "ok", "", String::new());
     Ok(Running {
@@ -348,6 +370,7 @@ pub async fn start(config: Config, mut bindings: Bindings) -> Result<Running, St
         listeners: Mutex::new(listeners),
         role: state,
         admin_stop,
+        servers: Mutex::new(servers),
         writer: Mutex::new(Some(writer)),
         admin_addr,
         quic_addr,
@@ -485,6 +508,15 @@ impl Running {
             let _ = tokio::time::timeout(Duration::from_secs(2), e.wait_idle()).await;
         }
         self.admin_stop.cancel();
+        let servers = std::mem::take(
+            &mut *self
+                .servers
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        for s in servers {
+            let _ = tokio::time::timeout(Duration::from_secs(2), s).await;
+        }
     }
 
     /// Waits for every audit event to be written (after [`Running::drain`]).

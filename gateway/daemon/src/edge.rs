@@ -31,6 +31,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Hubs(
     Mutex<Vec<(usize, Option<quinn::Connection>)>>,
     std::sync::atomic::AtomicUsize,
+    tokio::sync::Notify,
 );
 
 /// Tunnels kept to each hub: one per core, at most 4.
@@ -44,9 +45,11 @@ impl Hubs {
         Arc::new(Hubs(
             Mutex::new((0..hubs.len() * lanes).map(|i| (i / lanes, None)).collect()),
             std::sync::atomic::AtomicUsize::new(0),
+            tokio::sync::Notify::new(),
         ))
     }
     fn set(&self, i: usize, c: Option<quinn::Connection>) {
+        let up = c.is_some();
         if let Some(slot) = self
             .0
             .lock()
@@ -54,6 +57,9 @@ impl Hubs {
             .get_mut(i)
         {
             slot.1 = c;
+        }
+        if up {
+            self.2.notify_waiters();
         }
     }
     /// A live tunnel of the first hub that has one, lanes taken in turn.
@@ -74,6 +80,10 @@ impl Hubs {
             .collect();
         let turn = self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         lanes.get(turn % lanes.len()).map(|c| (*c).clone())
+    }
+    /// Completes when a tunnel comes up after this call.
+    pub fn came_up(&self) -> tokio::sync::futures::Notified<'_> {
+        self.2.notified()
     }
     /// Whether any tunnel is up.
     pub fn any_up(&self) -> bool {
@@ -143,10 +153,8 @@ pub async fn keep_tunnel(
                     }
                 }
             }
-            let delay = backoff.next_delay(rand::random::<f64>());
-            tokio::select! {
-                () = tokio::time::sleep(delay) => {}
-                () = ctx.draining.cancelled() => return,
+            if !ctx.pause(backoff.next_delay(rand::random::<f64>())).await {
+                return;
             }
         }
     }

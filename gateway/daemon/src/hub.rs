@@ -19,6 +19,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::node::Ctx;
 use crate::relay::{self, read_frame, write_frame};
+use crate::sync::{self, SinkHandle};
 use crate::tls;
 
 /// Connected edges by device id (several connections: lanes, and a new one
@@ -72,7 +73,12 @@ impl Devices {
 }
 
 /// Accepts edges until draining starts.
-pub async fn accept_edges(ctx: Arc<Ctx>, devices: Arc<Devices>, endpoint: quinn::Endpoint) {
+pub async fn accept_edges(
+    ctx: Arc<Ctx>,
+    devices: Arc<Devices>,
+    sink: SinkHandle,
+    endpoint: quinn::Endpoint,
+) {
     loop {
         let incoming = tokio::select! {
             i = endpoint.accept() => i,
@@ -80,18 +86,23 @@ pub async fn accept_edges(ctx: Arc<Ctx>, devices: Arc<Devices>, endpoint: quinn:
         };
         let Some(incoming) = incoming else { return };
         // Spawn before awaiting the handshake: a slow peer never stalls the loop.
-        let (ctx, devices) = (ctx.clone(), devices.clone());
+        let (ctx, devices, sink) = (ctx.clone(), devices.clone(), sink.clone());
         let remote = incoming.remote_address();
         tokio::spawn(async move {
             match incoming.await {
-                Ok(conn) => serve_edge(ctx, devices, conn).await,
+                Ok(conn) => serve_edge(ctx, devices, sink, conn).await,
                 Err(error) => info!(%remote, %error, "Tunnel handshake failed"),
             }
         });
     }
 }
 
-async fn serve_edge(ctx: Arc<Ctx>, devices: Arc<Devices>, conn: quinn::Connection) {
+async fn serve_edge(
+    ctx: Arc<Ctx>,
+    devices: Arc<Devices>,
+    sink: SinkHandle,
+    conn: quinn::Connection,
+) {
     let remote = conn.remote_address();
     let Some(device) = tls::peer_id(&conn) else {
         warn!(%remote, "Refusing tunnel: the certificate names no device");
@@ -185,10 +196,11 @@ async fn serve_edge(ctx: Arc<Ctx>, devices: Arc<Devices>, conn: quinn::Connectio
                 () = ctx.draining.cancelled() => break,
             };
             let Ok((send, recv)) = stream else { break };
-            let (ctx, devices, device) = (ctx.clone(), devices.clone(), device.clone());
+            let (ctx, devices, sink, device) =
+                (ctx.clone(), devices.clone(), sink.clone(), device.clone());
             ctx.tracker
                 .clone()
-                .spawn(async move { transit(ctx, devices, device, send, recv).await });
+                .spawn(async move { edge_stream(ctx, devices, sink, device, send, recv).await });
         }
         devices.remove(&device, conn.stable_id());
         ctx.metrics.peer(&device, devices.get(&device).is_some());
@@ -205,11 +217,47 @@ async fn serve_edge(ctx: Arc<Ctx>, devices: Arc<Devices>, conn: quinn::Connectio
     .await;
 }
 
+/// A stream an edge opened: a relay through this hub, or a channel's sync.
+async fn edge_stream(
+    ctx: Arc<Ctx>,
+    devices: Arc<Devices>,
+    sink: SinkHandle,
+    from: String,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    match read_frame(&mut recv).await {
+        Ok(Frame::Open {
+            service,
+            origin: Origin::Local,
+            client,
+        }) => transit(ctx, devices, from, service, client, send, recv).await,
+        Ok(Frame::SyncOpen {
+            channel,
+            deliver_to,
+        }) => sync::serve_sync(ctx, sink, from, channel, deliver_to, send, recv).await,
+        Ok(other) => {
+            let _ = write_frame(
+                &mut send,
+                &Frame::Refuse {
+                    code: RefuseCode::Protocol,
+                    rule: String::new(),
+                    message: format!("unexpected frame {other:?}"),
+                },
+            )
+            .await;
+        }
+        Err(error) => debug!(%error, "Bad stream from edge"),
+    }
+}
+
 /// A gateway-to-gateway relay: edge `from` asks for `DEVICE/SERVICE`.
 async fn transit(
     ctx: Arc<Ctx>,
     devices: Arc<Devices>,
     from: String,
+    service: String,
+    client: SocketAddr,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
@@ -217,29 +265,6 @@ async fn transit(
         code,
         rule: rule.to_owned(),
         message,
-    };
-    let (service, client) = match read_frame(&mut recv).await {
-        Ok(Frame::Open {
-            service,
-            origin: Origin::Local,
-            client,
-        }) => (service, client),
-        Ok(other) => {
-            let _ = write_frame(
-                &mut send,
-                &refuse(
-                    RefuseCode::Protocol,
-                    "",
-                    format!("unexpected frame {other:?}"),
-                ),
-            )
-            .await;
-            return;
-        }
-        Err(error) => {
-            debug!(%error, "Bad stream from edge");
-            return;
-        }
     };
     let subject = format!("{from}:{client}");
     let Some((device, svc)) = service.split_once('/') else {

@@ -3,13 +3,11 @@
 //! channel rules, then its declared format really parses), committed durably to
 //! the buffer, and only then answered with its sequence number.
 //!
-//! Durability costs one disk sync per transaction, so one writer thread commits
-//! whatever producers have queued while the previous sync ran (group commit):
-//! under load many records share a sync, and a lone record waits for no window.
+//! Records are committed by the buffer thread ([`crate::buffer`]), which groups
+//! concurrent producers into one transaction.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::mpsc;
 use std::time::Duration;
 
 use axum::Router;
@@ -20,113 +18,25 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use gateway_core::config::{Format, WhenFull as CfgWhenFull};
 use gateway_core::policy::Crossing;
-use gateway_store::buffer::{Appended, Batch, Buffer, BufferError, NewRecord, WhenFull};
+use gateway_store::buffer::{NewRecord, WhenFull};
 use serde_json::json;
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
 use tracing::{error, info};
 
-use crate::audit_sink::now_ms;
+use crate::buffer::BufferHandle;
 use crate::node::Ctx;
 
 /// How long `when_full = "block"` holds a producer before answering 503.
 pub const BLOCK_TIMEOUT: Duration = Duration::from_secs(5);
-/// Most records in one group commit.
-const GROUP: usize = 1024;
-
-struct Job {
-    channel: String,
-    records: Vec<NewRecord>,
-    quota: u64,
-    when_full: WhenFull,
-    reply: oneshot::Sender<Result<Appended, String>>,
-}
-
-/// The buffer's writer thread; cheap to clone.
-#[derive(Clone)]
-pub struct Writer(mpsc::Sender<Job>);
-
-impl Writer {
-    /// Opens the buffer in `state_dir` and starts its writer thread.
-    ///
-    /// # Errors
-    /// When the buffer cannot be opened.
-    pub fn start(state_dir: &std::path::Path) -> Result<Writer, WriterError> {
-        let mut buffer = Buffer::open(state_dir)?;
-        let (tx, rx) = mpsc::channel::<Job>();
-        std::thread::Builder::new()
-            .name("buffer-writer".into())
-            .spawn(move || {
-                while let Ok(first) = rx.recv() {
-                    let mut jobs = vec![first];
-                    jobs.extend(rx.try_iter().take(GROUP - 1));
-                    let batches: Vec<Batch<'_>> = jobs
-                        .iter()
-                        .map(|j| Batch { channel: &j.channel, records: &j.records, quota: j.quota, when_full: j.when_full })
-                        .collect();
-                    match buffer.append_group(&batches, now_ms()) {
-                        Ok(results) => {
-                            for (job, r) in jobs.into_iter().zip(results) {
-                                let _ = job.reply.send(r.map_err(|e| e.to_string()));
-                            }
-                        }
-                        Err(e) => {
-                            error!(error = %e, records = jobs.len(), "Buffer commit failed; producers are told to retry");
-                            for job in jobs {
-                                let _ = job.reply.send(Err(format!("commit failed: {e}")));
-                            }
-                        }
-                    }
-                }
-            })
-            .map_err(WriterError::Thread)?;
-        Ok(Writer(tx))
-    }
-
-    async fn append(
-        &self,
-        channel: &str,
-        records: Vec<NewRecord>,
-        quota: u64,
-        when_full: WhenFull,
-    ) -> Result<Appended, String> {
-        let (reply, answer) = oneshot::channel();
-        let job = Job {
-            channel: channel.to_owned(),
-            records,
-            quota,
-            when_full,
-            reply,
-        };
-        self.0
-            .send(job)
-            .map_err(|_| "the buffer writer stopped".to_owned())?;
-        answer
-            .await
-            .map_err(|_| "the buffer writer stopped".to_owned())?
-    }
-}
-
-/// The buffer writer could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum WriterError {
-    /// The buffer could not be opened.
-    #[error(transparent)]
-    Buffer(#[from] BufferError),
-    /// The writer thread could not be spawned.
-    #[error("cannot start the buffer writer: {0}")]
-    Thread(std::io::Error),
-}
-
 #[derive(Clone)]
 struct IngestState {
     ctx: Arc<Ctx>,
     zone: String,
-    writer: Writer,
+    writer: BufferHandle,
 }
 
 /// Serves one `[[ingest]]` listener until draining.
-pub async fn serve(ctx: Arc<Ctx>, zone: String, listener: TcpListener, writer: Writer) {
+pub async fn serve(ctx: Arc<Ctx>, zone: String, listener: TcpListener, writer: BufferHandle) {
     let addr: Option<SocketAddr> = listener.local_addr().ok();
     info!(listen = ?addr, %zone, "Ingest listening");
     let limit = ctx

@@ -4,7 +4,9 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod api;
 pub mod audit_sink;
+pub mod buffer;
 pub mod cli;
 pub mod daemon;
 pub mod edge;
@@ -15,5 +17,6 @@ pub mod metrics;
 pub mod node;
 pub mod pki;
 pub mod relay;
+pub mod sync;
 pub mod tls;
 pub mod udp;

@@ -30,12 +30,48 @@ pub struct PeerCounters {
     pub rtt_seconds: f64,
 }
 
+/// Per-channel counters (edge).
+#[derive(Debug, Default, Clone)]
+pub struct ChannelCounters {
+    /// Records waiting in the buffer.
+    pub backlog_records: u64,
+    /// Their accounted bytes.
+    pub backlog_bytes: u64,
+    /// Age of the oldest waiting record, seconds.
+    pub oldest_age_seconds: f64,
+    /// Next sequence number to be given (committed = next - 1, ever).
+    pub next_seq: u64,
+    /// Records sent to a hub (resends included).
+    pub sent: u64,
+    /// Batch bytes sent.
+    pub sent_bytes: u64,
+    /// Highest sequence number acknowledged by a hub.
+    pub last_acked: u64,
+    /// Records removed without delivery, by reason (ttl, quota, corrupt).
+    pub dropped_ttl: u64,
+    /// See `dropped_ttl`.
+    pub dropped_quota: u64,
+    /// See `dropped_ttl`.
+    pub dropped_corrupt: u64,
+}
+
+/// Per-(device, channel) counters of the hub's sink.
+#[derive(Debug, Default, Clone)]
+pub struct SinkCounters {
+    /// Records committed.
+    pub stored: u64,
+    /// Duplicates received and ignored.
+    pub duplicates: u64,
+}
+
 /// All counters of a node.
 #[derive(Debug, Default)]
 pub struct Metrics {
     services: Mutex<BTreeMap<String, ServiceCounters>>,
     refusals: Mutex<BTreeMap<(String, String), u64>>,
     peers: Mutex<BTreeMap<String, PeerCounters>>,
+    channels: Mutex<BTreeMap<String, ChannelCounters>>,
+    sink: Mutex<BTreeMap<(String, String), SinkCounters>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -101,6 +137,54 @@ impl Metrics {
     /// Whether any tunnel is up.
     pub fn any_peer_up(&self) -> bool {
         lock(&self.peers).values().any(|p| p.up)
+    }
+
+    /// A batch of `records` (`bytes` on the wire) of `channel` went to a hub.
+    pub fn channel_sent(&self, channel: &str, records: u64, bytes: u64) {
+        let mut c = lock(&self.channels);
+        let c = c.entry(channel.to_owned()).or_default();
+        c.sent += records;
+        c.sent_bytes += bytes;
+    }
+
+    /// A hub acknowledged `channel` up to `seq`.
+    pub fn channel_acked(&self, channel: &str, seq: u64) {
+        let mut c = lock(&self.channels);
+        let c = c.entry(channel.to_owned()).or_default();
+        c.last_acked = c.last_acked.max(seq);
+    }
+
+    /// The buffer's view of `channel`, refreshed by its housekeeping.
+    pub fn channel_backlog(&self, channel: &str, b: &gateway_store::buffer::Backlog, now_ms: i64) {
+        let mut c = lock(&self.channels);
+        let c = c.entry(channel.to_owned()).or_default();
+        c.backlog_records = b.records;
+        c.backlog_bytes = b.bytes;
+        c.oldest_age_seconds = b
+            .oldest_ms
+            .map_or(0.0, |t| (now_ms - t).max(0) as f64 / 1000.0);
+        c.next_seq = b.next_seq;
+        c.dropped_ttl = b.expired;
+        c.dropped_quota = b.dropped;
+        c.dropped_corrupt = b.corrupt;
+    }
+
+    /// A channel's counters.
+    pub fn channel(&self, channel: &str) -> ChannelCounters {
+        lock(&self.channels)
+            .get(channel)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// The hub's sink committed records of (device, channel).
+    pub fn sink_committed(&self, device: &str, channel: &str, stored: u64, duplicates: u64) {
+        let mut s = lock(&self.sink);
+        let c = s
+            .entry((device.to_owned(), channel.to_owned()))
+            .or_default();
+        c.stored += stored;
+        c.duplicates += duplicates;
     }
 
     /// Relays of `service` open now.
@@ -193,6 +277,95 @@ impl Metrics {
                 c.rtt_seconds
             );
         }
+        self.render_channels(&mut o);
         o
+    }
+
+    fn render_channels(&self, o: &mut String) {
+        let channels = lock(&self.channels).clone();
+        type Get = fn(&ChannelCounters) -> String;
+        let series: [(&str, &str, &str, Get); 7] = [
+            (
+                "gateway_channel_backlog_records",
+                "gauge",
+                "Records waiting in the buffer.",
+                |c| c.backlog_records.to_string(),
+            ),
+            (
+                "gateway_channel_backlog_bytes",
+                "gauge",
+                "Accounted bytes waiting in the buffer.",
+                |c| c.backlog_bytes.to_string(),
+            ),
+            (
+                "gateway_channel_oldest_record_age_seconds",
+                "gauge",
+                "Age of the oldest waiting record.",
+                |c| c.oldest_age_seconds.to_string(),
+            ),
+            (
+                "gateway_channel_committed_total",
+                "counter",
+                "Records committed to the buffer.",
+                |c| c.next_seq.saturating_sub(1).to_string(),
+            ),
+            (
+                "gateway_channel_sent_records_total",
+                "counter",
+                "Records sent to a hub, resends included.",
+                |c| c.sent.to_string(),
+            ),
+            (
+                "gateway_channel_sent_bytes_total",
+                "counter",
+                "Batch bytes sent to a hub.",
+                |c| c.sent_bytes.to_string(),
+            ),
+            (
+                "gateway_channel_last_acked_seq",
+                "gauge",
+                "Highest sequence number a hub acknowledged.",
+                |c| c.last_acked.to_string(),
+            ),
+        ];
+        for (name, kind, help, get) in series {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (ch, c) in &channels {
+                let _ = writeln!(o, "{name}{{channel=\"{ch}\"}} {}", get(c));
+            }
+        }
+        let _ = writeln!(
+            o,
+            "# HELP gateway_channel_dropped_total Records removed without delivery, by reason.\n# TYPE gateway_channel_dropped_total counter"
+        );
+        for (ch, c) in &channels {
+            for (reason, n) in [
+                ("ttl", c.dropped_ttl),
+                ("quota", c.dropped_quota),
+                ("corrupt", c.dropped_corrupt),
+            ] {
+                let _ = writeln!(
+                    o,
+                    "gateway_channel_dropped_total{{channel=\"{ch}\",reason=\"{reason}\"}} {n}"
+                );
+            }
+        }
+        let sink = lock(&self.sink).clone();
+        let _ = writeln!(
+            o,
+            "# HELP gateway_sink_records_total Records committed to the hub's sink; duplicates ignored.\n# TYPE gateway_sink_records_total counter"
+        );
+        for ((d, ch), c) in &sink {
+            let _ = writeln!(
+                o,
+                "gateway_sink_records_total{{device=\"{d}\",channel=\"{ch}\",result=\"stored\"}} {}",
+                c.stored
+            );
+            let _ = writeln!(
+                o,
+                "gateway_sink_records_total{{device=\"{d}\",channel=\"{ch}\",result=\"duplicate\"}} {}",
+                c.duplicates
+            );
+        }
     }
 }

@@ -107,6 +107,14 @@ impl Ctx {
         });
     }
 
+    /// Sleeps for `d`; false if draining started meanwhile (stop retrying).
+    pub async fn pause(&self, d: std::time::Duration) -> bool {
+        tokio::select! {
+            () = tokio::time::sleep(d) => true,
+            () = self.draining.cancelled() => false,
+        }
+    }
+
     /// Today's date for decisions (China Standard Time, plus the test offset).
     pub fn today(&self) -> Date {
         today_local().add_days(self.clock_offset_days.load(Ordering::Relaxed))

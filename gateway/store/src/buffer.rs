@@ -360,7 +360,23 @@ impl Buffer {
         after: u64,
         limit: usize,
     ) -> Result<Vec<Record>, BufferError> {
+        self.read_upto(channel, after, limit, u64::MAX)
+    }
+
+    /// As [`Buffer::read`], stopping once the bodies read reach `max_bytes`
+    /// (at least one record is returned when there is one).
+    ///
+    /// # Errors
+    /// When SQLite fails.
+    pub fn read_upto(
+        &mut self,
+        channel: &str,
+        after: u64,
+        limit: usize,
+        max_bytes: u64,
+    ) -> Result<Vec<Record>, BufferError> {
         let mut out = Vec::new();
+        let mut bytes = 0u64;
         let mut corrupt = Vec::new();
         {
             let mut stmt = self.conn.prepare_cached("SELECT seq, time_ms, format, body, crc FROM record WHERE channel = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3")?;
@@ -373,12 +389,16 @@ impl Buffer {
                     corrupt.push(seq);
                     continue;
                 }
+                bytes += body.len() as u64;
                 out.push(Record {
                     seq,
                     time_ms: row.get(1)?,
                     format: row.get(2)?,
                     body,
                 });
+                if bytes >= max_bytes {
+                    break;
+                }
             }
         }
         if !corrupt.is_empty() {

@@ -333,9 +333,13 @@ mod tests {
     fn a_record_delivered_twice_is_stored_once() {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut s = Sink::open(dir.path()).expect("open");
-        let c = s.commit("d", "c", "hub", &recs(&[1, 2, 3]), 0).expect("commit");
+        let c = s
+            .commit("d", "c", "hub", &recs(&[1, 2, 3]), 0)
+            .expect("commit");
         assert_eq!((c.upto, c.stored, c.duplicates), (3, 3, 0));
-        let c = s.commit("d", "c", "hub", &recs(&[2, 3, 4]), 0).expect("commit");
+        let c = s
+            .commit("d", "c", "hub", &recs(&[2, 3, 4]), 0)
+            .expect("commit");
         assert_eq!((c.upto, c.stored, c.duplicates), (4, 1, 2));
         assert_eq!(seqs(&s.read("d", "c", 0, 100).expect("read")), [1, 2, 3, 4]);
         // Another device's channel of the same name is another stream.
@@ -347,13 +351,19 @@ mod tests {
     fn consumed_records_go_and_still_count_as_seen() {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut s = Sink::open(dir.path()).expect("open");
-        s.commit("d", "c", "hub", &recs(&[1, 2, 3]), 0).expect("commit");
+        s.commit("d", "c", "hub", &recs(&[1, 2, 3]), 0)
+            .expect("commit");
         assert_eq!(s.consume("d", "c", 2).expect("consume"), 2);
         assert_eq!(seqs(&s.read("d", "c", 0, 100).expect("read")), [3]);
-        let c = s.commit("d", "c", "hub", &recs(&[1, 2]), 0).expect("commit");
+        let c = s
+            .commit("d", "c", "hub", &recs(&[1, 2]), 0)
+            .expect("commit");
         assert_eq!((c.upto, c.stored), (3, 0));
         let st = &s.streams().expect("streams")[0];
-        assert_eq!((st.high, st.consumed, st.records, st.duplicates), (3, 2, 1, 2));
+        assert_eq!(
+            (st.high, st.consumed, st.records, st.duplicates),
+            (3, 2, 1, 2)
+        );
     }
 
     #[test]

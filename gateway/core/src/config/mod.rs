@@ -377,6 +377,15 @@ pub enum Destination {
     },
 }
 
+impl std::fmt::Display for Destination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Destination::Hub => f.write_str("hub"),
+            Destination::Edge { device, channel } => write!(f, "{device}/{channel}"),
+        }
+    }
+}
+
 /// `[[channel]]`: data pushed from the legacy side and synced to the hub.
 #[derive(Debug, Clone)]
 pub struct Channel {

@@ -110,7 +110,8 @@ async fn serve(args: &RunArgs, config: gateway_core::config::Config) -> u8 {
                 | StartError::Bind { .. }
                 | StartError::StateDir { .. }
                 | StartError::Audit(_)
-                | StartError::Buffer(_) => exit::OS_ERR,
+                | StartError::Buffer(_)
+                | StartError::Sink(_) => exit::OS_ERR,
             };
         }
     };

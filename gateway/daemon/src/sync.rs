@@ -1,0 +1,504 @@
+//! Channel sync: each edge channel streams its buffered records to a hub, which
+//! commits them to its sink and acknowledges; the edge deletes only what was
+//! acknowledged.
+//!
+//! One QUIC stream per channel (see `docs/protocol.md`, "Sync streams"):
+//! `SyncOpen` -> `SyncReady { acked }` (what the sink already holds), then record
+//! batches one way and `SyncAck { upto }` the other. Order holds because a
+//! channel has one stream at a time and the hub commits batches in the order
+//! they arrive; exactly-once holds because the sink ignores any sequence number
+//! at or below the highest it committed for (device, channel), so a batch
+//! resent after a lost ack or a crash is stored once.
+//!
+//! Batches are sized by the link: a batch that was full and acknowledged
+//! within [`FAST_ACK`] doubles the next one (a backlog drains at link speed),
+//! one acknowledged after [`SLOW_ACK`] halves it; up to [`WINDOW`] batches are in
+//! flight.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use gateway_core::backoff::Backoff;
+use gateway_core::config::Channel;
+use gateway_core::wire::{Batch, DecodeError, Frame, RefuseCode, SyncRecord};
+use gateway_store::sink::{Committed, Sink};
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::sync::mpsc;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::audit_sink::now_ms;
+use crate::buffer::BufferHandle;
+use crate::edge::Hubs;
+use crate::node::Ctx;
+use crate::relay::{read_frame, write_frame};
+
+/// Batches in flight on one channel's stream.
+pub const WINDOW: usize = 4;
+/// Most records in a batch.
+pub const MAX_RECORDS: usize = 4096;
+/// Most body bytes in a batch (a single larger record still goes alone).
+pub const MAX_BYTES: u64 = 4 * 1024 * 1024;
+/// An ack this fast after a full batch doubles the batch size.
+pub const FAST_ACK: Duration = Duration::from_millis(250);
+/// An ack this slow halves it.
+pub const SLOW_ACK: Duration = Duration::from_secs(2);
+/// Batch size a stream starts with.
+const FIRST_BATCH: usize = 64;
+
+/// Why a sync stream ended.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    /// No tunnel is up.
+    #[error("no hub is connected")]
+    NoHub,
+    /// The stream failed.
+    #[error("stream: {0}")]
+    Stream(String),
+    /// The hub refused the channel.
+    #[error("hub refused the channel ({rule}): {message}")]
+    Refused {
+        /// Boundary rule or code.
+        rule: String,
+        /// Why.
+        message: String,
+    },
+    /// The buffer failed.
+    #[error("buffer: {0}")]
+    Buffer(String),
+    /// The node is draining.
+    #[error("draining")]
+    Draining,
+}
+
+fn stream_err(e: impl std::fmt::Display) -> SyncError {
+    SyncError::Stream(e.to_string())
+}
+
+/// Keeps `channel` syncing until draining: through whichever hub is up,
+/// restarting from the first unacknowledged record after any failure.
+pub async fn run_channel(ctx: Arc<Ctx>, hubs: Arc<Hubs>, buffer: BufferHandle, channel: Channel) {
+    let span = info_span!("sync", channel = %channel.name);
+    async move {
+        let mut backoff = Backoff::default();
+        loop {
+            let up = hubs.came_up();
+            let result = match hubs.any() {
+                Some(conn) => sync_stream(&ctx, &conn, &buffer, &channel).await,
+                None => Err(SyncError::NoHub),
+            };
+            match result {
+                Err(SyncError::Draining) => return,
+                Err(SyncError::NoHub) => {
+                    // Wait for a tunnel; the timeout only guards a missed signal.
+                    tokio::select! {
+                        () = up => {}
+                        () = tokio::time::sleep(Duration::from_secs(2)) => {}
+                        () = ctx.draining.cancelled() => return,
+                    }
+                    continue;
+                }
+                Err(error) => {
+                    if backoff.failures() < 3 || backoff.failures() % 30 == 0 {
+                        warn!(%error, "Channel sync interrupted; resuming from the last acknowledged record");
+                    } else {
+                        debug!(%error, "Channel sync interrupted");
+                    }
+                }
+                Ok(()) => backoff.reset(),
+            }
+            if !ctx.pause(backoff.next_delay(rand::random::<f64>())).await {
+                return;
+            }
+        }
+    }
+    .instrument(span)
+    .await;
+}
+
+/// Runs the edge's channels until draining: one sync task per configured
+/// channel (started, stopped and restarted as reloads change the channels), and
+/// every second TTL expiry, the backlog metrics, and compaction once a backlog
+/// drained.
+pub async fn supervise(ctx: Arc<Ctx>, hubs: Arc<Hubs>, buffer: BufferHandle) {
+    let mut tasks: HashMap<String, (String, AbortOnDrop)> = HashMap::new();
+    let mut had_backlog: HashMap<String, bool> = HashMap::new();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = ctx.draining.cancelled() => return,
+        }
+        let policy = ctx.policy();
+        let channels: Vec<Channel> = policy
+            .config()
+            .edge()
+            .map(|e| e.channels.clone())
+            .unwrap_or_default();
+        tasks.retain(|name, _| channels.iter().any(|c| &c.name == name));
+        let mut drained = false;
+        for c in &channels {
+            let shape = format!("{}|{}", c.deliver_to, c.priority);
+            if tasks.get(&c.name).is_none_or(|(s, _)| *s != shape) {
+                let task = tokio::spawn(run_channel(
+                    ctx.clone(),
+                    hubs.clone(),
+                    buffer.clone(),
+                    c.clone(),
+                ));
+                tasks.insert(c.name.clone(), (shape, AbortOnDrop(task)));
+            }
+            let now = now_ms();
+            let ttl_ms = i64::try_from(c.ttl.as_millis()).unwrap_or(i64::MAX);
+            match buffer.expire(&c.name, now.saturating_sub(ttl_ms)).await {
+                Ok(0) => {}
+                Ok(n) => {
+                    warn!(channel = %c.name, records = n, ttl = ?c.ttl, "Records expired undelivered");
+                    ctx.audit.record(
+                        &c.name,
+                        &c.name,
+                        "channel.expire",
+                        "ok",
+                        "R6.retention",
+                        format!("{n} records older than the channel's ttl removed undelivered"),
+                    );
+                }
+                Err(error) => warn!(channel = %c.name, %error, "TTL expiry failed"),
+            }
+            if let Ok(b) = buffer.backlog(&c.name).await {
+                ctx.metrics.channel_backlog(&c.name, &b, now);
+                let before = had_backlog
+                    .insert(c.name.clone(), b.records > 0)
+                    .unwrap_or(false);
+                drained |= before && b.records == 0;
+            }
+        }
+        if drained {
+            if let Err(error) = buffer.compact().await {
+                warn!(%error, "Buffer compaction failed");
+            }
+        }
+    }
+}
+
+/// A batch sent and not yet acknowledged.
+struct InFlight {
+    last: u64,
+    full: bool,
+    sent: Instant,
+}
+
+async fn sync_stream(
+    ctx: &Ctx,
+    conn: &quinn::Connection,
+    buffer: &BufferHandle,
+    channel: &Channel,
+) -> Result<(), SyncError> {
+    let name = channel.name.as_str();
+    let (mut send, mut recv) = conn.open_bi().await.map_err(stream_err)?;
+    // Urgent channels (priority 0) are sent before less urgent ones when the
+    // link is the bottleneck.
+    let _ = send.set_priority(9 - i32::from(channel.priority));
+    write_frame(
+        &mut send,
+        &Frame::SyncOpen {
+            channel: name.to_owned(),
+            deliver_to: channel.deliver_to.to_string(),
+        },
+    )
+    .await
+    .map_err(stream_err)?;
+    let acked = match read_frame(&mut recv).await.map_err(stream_err)? {
+        Frame::SyncReady { acked } => acked,
+        Frame::Refuse {
+            code,
+            rule,
+            message,
+        } => {
+            return Err(SyncError::Refused {
+                rule: if rule.is_empty() {
+                    format!("{code:?}")
+                } else {
+                    rule
+                },
+                message,
+            });
+        }
+        other => return Err(stream_err(format!("unexpected {other:?}"))),
+    };
+    // The sink already holds everything up to `acked` (an ack that was lost).
+    let mut done = acked;
+    buffer.ack(name, done).await.map_err(SyncError::Buffer)?;
+    ctx.metrics.channel_acked(name, done);
+    debug!(acked, "Sync stream open");
+    let (ack_tx, mut acks) = mpsc::channel::<Result<u64, String>>(64);
+    let reader = tokio::spawn(async move {
+        loop {
+            let r = read_untimed(&mut recv).await;
+            let stop = !matches!(r, Ok(Frame::SyncAck { .. }));
+            let msg = match r {
+                Ok(Frame::SyncAck { upto }) => Ok(upto),
+                Ok(other) => Err(format!("unexpected {other:?}")),
+                Err(e) => Err(e),
+            };
+            if ack_tx.send(msg).await.is_err() || stop {
+                return;
+            }
+        }
+    });
+    let _reader = AbortOnDrop(reader);
+    let committed = buffer.committed(name);
+    let mut sent = done;
+    let mut inflight: VecDeque<InFlight> = VecDeque::new();
+    let mut size = FIRST_BATCH;
+    let mut out = Vec::new();
+    loop {
+        // Fill the window.
+        while inflight.len() < WINDOW {
+            let records = buffer
+                .read(name, sent, size, MAX_BYTES)
+                .await
+                .map_err(SyncError::Buffer)?;
+            let Some(last) = records.last().map(|r| r.seq) else {
+                break;
+            };
+            let full = records.len() >= size;
+            let records: Vec<SyncRecord> = records
+                .into_iter()
+                .map(|r| SyncRecord {
+                    seq: r.seq,
+                    time_ms: r.time_ms,
+                    format: r.format,
+                    body: r.body,
+                })
+                .collect();
+            out.clear();
+            Batch::encode(&records, &mut out);
+            send.write_all(&out).await.map_err(stream_err)?;
+            ctx.metrics
+                .channel_sent(name, records.len() as u64, out.len() as u64);
+            sent = last;
+            inflight.push_back(InFlight {
+                last,
+                full,
+                sent: Instant::now(),
+            });
+        }
+        let wake = committed.notified();
+        tokio::select! {
+            ack = acks.recv() => {
+                let upto = match ack {
+                    Some(Ok(upto)) => upto,
+                    Some(Err(e)) => return Err(SyncError::Stream(e)),
+                    None => return Err(stream_err("ack reader ended")),
+                };
+                if upto <= done || upto > sent {
+                    return Err(stream_err(format!("ack {upto} outside the window {done}..={sent}")));
+                }
+                buffer.ack(name, upto).await.map_err(SyncError::Buffer)?;
+                done = upto;
+                ctx.metrics.channel_acked(name, done);
+                while inflight.front().is_some_and(|b| b.last <= upto) {
+                    let Some(b) = inflight.pop_front() else { break };
+                    let took = b.sent.elapsed();
+                    if b.full && took < FAST_ACK {
+                        size = (size * 2).min(MAX_RECORDS);
+                    } else if took > SLOW_ACK {
+                        size = (size / 2).max(1);
+                    }
+                }
+            }
+            () = wake, if inflight.len() < WINDOW => {}
+            () = ctx.draining.cancelled() => {
+                let _ = send.finish();
+                return Err(SyncError::Draining);
+            }
+        }
+    }
+}
+
+/// Aborts a task when dropped (the ack reader outlives no stream).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// One frame, waiting as long as it takes (acks come when batches commit).
+async fn read_untimed<R: AsyncRead + Unpin>(r: &mut R) -> Result<Frame, String> {
+    let mut prefix = [0u8; 4];
+    r.read_exact(&mut prefix).await.map_err(|e| e.to_string())?;
+    let n = Frame::body_len(prefix).map_err(|e| e.to_string())?;
+    let mut body = vec![0u8; n];
+    r.read_exact(&mut body).await.map_err(|e| e.to_string())?;
+    Frame::decode_body(&body).map_err(|e| e.to_string())
+}
+
+/// The hub's sink, shared by every sync stream (SQLite serialises writers).
+#[derive(Clone)]
+pub struct SinkHandle(Arc<Mutex<Sink>>);
+
+impl SinkHandle {
+    /// Wraps an open sink.
+    pub fn new(sink: Sink) -> Self {
+        SinkHandle(Arc::new(Mutex::new(sink)))
+    }
+
+    /// Runs `f` on the sink in a blocking thread.
+    ///
+    /// # Errors
+    /// `f`'s error, or the thread's failure, as text.
+    pub async fn with<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Sink) -> Result<T, gateway_store::sink::SinkError> + Send + 'static,
+    ) -> Result<T, String> {
+        let sink = self.0.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut s = sink
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            f(&mut s).map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+}
+
+/// Hub side of a sync stream opened by `device` (after its `SyncOpen`).
+pub async fn serve_sync(
+    ctx: Arc<Ctx>,
+    sink: SinkHandle,
+    device: String,
+    channel: String,
+    deliver_to: String,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let span = info_span!("sync", %device, %channel);
+    async move {
+        if let Err(message) = check_destination(&device, &deliver_to) {
+            ctx.refuse("channel.refuse", &device, &channel, "no-route", &message);
+            let _ = write_frame(
+                &mut send,
+                &Frame::Refuse {
+                    code: RefuseCode::NoRoute,
+                    rule: String::new(),
+                    message,
+                },
+            )
+            .await;
+            let _ = send.finish();
+            return;
+        }
+        let (d, c) = (device.clone(), channel.clone());
+        let high = match sink.with(move |s| s.high(&d, &c)).await {
+            Ok(h) => h,
+            Err(error) => {
+                warn!(%error, "Sink unavailable; refusing the sync stream");
+                return;
+            }
+        };
+        if write_frame(&mut send, &Frame::SyncReady { acked: high })
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let mut last = high;
+        loop {
+            let next = tokio::select! {
+                r = read_batch(&mut recv) => r,
+                // Unacknowledged batches are resent to whichever hub is up.
+                () = ctx.draining.cancelled() => {
+                    let _ = send.finish();
+                    return;
+                }
+            };
+            let records = match next {
+                Ok(Some(r)) => r,
+                Ok(None) => return,
+                Err(error) => {
+                    debug!(%error, "Sync stream ended");
+                    return;
+                }
+            };
+            // Order: a batch starts above what this stream already sent.
+            if records.first().is_some_and(|r| r.seq <= last) {
+                warn!(last, "Edge sent records out of order; closing the stream");
+                let _ = send.reset(quinn::VarInt::from_u32(RefuseCode::Protocol as u32));
+                return;
+            }
+            if let Some(r) = records.last() {
+                last = r.seq;
+            }
+            let n = records.len() as u64;
+            let (d, c, t) = (device.clone(), channel.clone(), deliver_to.clone());
+            let committed: Committed = match sink
+                .with(move |s| s.commit(&d, &c, &t, &records, now_ms()))
+                .await
+            {
+                Ok(c) => c,
+                Err(error) => {
+                    warn!(%error, "Sink commit failed; the edge will resend");
+                    let _ = send.reset(quinn::VarInt::from_u32(0));
+                    return;
+                }
+            };
+            ctx.metrics
+                .sink_committed(&device, &channel, committed.stored, committed.duplicates);
+            if committed.duplicates > 0 {
+                info!(
+                    duplicates = committed.duplicates,
+                    of = n,
+                    "Duplicates ignored"
+                );
+            }
+            if write_frame(
+                &mut send,
+                &Frame::SyncAck {
+                    upto: committed.upto,
+                },
+            )
+            .await
+            .is_err()
+            {
+                return;
+            }
+        }
+    }
+    .instrument(span)
+    .await;
+}
+
+/// Where the hub can deliver: its own sink (`hub`); delivery to another edge is
+/// not built yet and is refused with that reason.
+fn check_destination(device: &str, deliver_to: &str) -> Result<(), String> {
+    if deliver_to == "hub" {
+        Ok(())
+    } else {
+        Err(format!(
+            "channel of {device} delivers to {deliver_to:?}: this hub delivers only to its own sink (\"hub\")"
+        ))
+    }
+}
+
+/// The next batch, or `None` at a clean end of the stream.
+async fn read_batch(recv: &mut quinn::RecvStream) -> Result<Option<Vec<SyncRecord>>, String> {
+    let mut prefix = [0u8; 4];
+    match recv.read_exact(&mut prefix).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(e) => return Err(e.to_string()),
+    }
+    let n = Batch::body_len(prefix).map_err(|e: DecodeError| e.to_string())?;
+    let mut body = vec![0u8; n];
+    recv.read_exact(&mut body)
+        .await
+        .map_err(|e| e.to_string())?;
+    Batch::decode_body(&body)
+        .map(Some)
+        .map_err(|e| e.to_string())
+}

@@ -1,0 +1,268 @@
+//! Channels end to end, in-process on loopback: records posted to an edge reach
+//! the hub's sink exactly once and in order, through a hub outage, a hub
+//! restart and a lossy link made by a userspace UDP relay; consumers read them
+//! with a cursor and acknowledge.
+
+mod common;
+mod net;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::time::Duration;
+
+use net::*;
+use tokio::net::UdpSocket;
+
+const CHANNEL: &str = "\n[[channel]]\nname = \"readings\"\nzone = \"lab\"\nformats = [\"json\"]\nmax_record_bytes = \"4KiB\"\n";
+
+fn edge_spec(hubs: Vec<SocketAddr>) -> EdgeSpec<'static> {
+    EdgeSpec {
+        extra: CHANNEL,
+        ingest: true,
+        ..EdgeSpec::new("edge-b", 2, 2, hubs)
+    }
+}
+
+/// Posts records `from..=to` (bodies `{"n":N}`), alone or in NDJSON batches of
+/// ten, and checks that the edge numbered them `from..=to`.
+async fn post_range(ingest: SocketAddr, from: u64, to: u64) {
+    let path = "/v1/channels/readings/records";
+    let mut n = from;
+    while n <= to {
+        if n % 3 == 0 && n + 9 <= to {
+            let body: String = (n..n + 10).map(|i| format!("{{\"n\":{i}}}\n")).collect();
+            let (status, b) =
+                http_post(ingest, path, Some("application/x-ndjson"), body.as_bytes()).await;
+            assert_eq!(status, 200, "{b}");
+            assert!(b.contains(&format!("\"seq\":{n}")), "{b}");
+            n += 10;
+        } else {
+            let (status, b) = http_post(
+                ingest,
+                path,
+                Some("application/json"),
+                format!("{{\"n\":{n}}}").as_bytes(),
+            )
+            .await;
+            assert_eq!(status, 200, "{b}");
+            assert!(b.contains(&format!("\"seq\":{n}")), "{b}");
+            n += 1;
+        }
+    }
+}
+
+/// Every record the hub's sink holds for edge-b/readings, read with the cursor
+/// API in pages of 100: (seq, n from the body).
+async fn sink_records(api: SocketAddr) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let mut after = 0;
+    loop {
+        let (status, body) = http_get(
+            api,
+            "GET",
+            &format!("/v1/channels/edge-b/readings/records?after={after}&limit=100"),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+        let records = v["records"].as_array().expect("records");
+        if records.is_empty() {
+            return out;
+        }
+        for r in records {
+            let seq = r["seq"].as_u64().expect("seq");
+            let body: serde_json::Value =
+                serde_json::from_str(r["body"].as_str().expect("body")).expect("body json");
+            out.push((seq, body["n"].as_u64().expect("n")));
+        }
+        after = v["next"].as_u64().expect("next");
+    }
+}
+
+/// Waits until the sink's high-water mark for edge-b/readings reaches `n`.
+async fn wait_sink_high(api: SocketAddr, n: u64, limit: Duration) {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let (_, body) = http_get(api, "GET", "/v1/channels").await;
+        let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+        let high = v["channels"]
+            .as_array()
+            .and_then(|a| a.iter().find(|c| c["channel"] == "readings"))
+            .and_then(|c| c["high"].as_u64())
+            .unwrap_or(0);
+        if high >= n {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "sink reached {high} of {n}: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn exactly(from: u64, to: u64) -> Vec<(u64, u64)> {
+    (from..=to).map(|n| (n, n)).collect()
+}
+
+/// The edge's buffer, opened beside the running daemon (WAL readers do not block).
+fn edge_backlog(edge: &EdgeNode) -> u64 {
+    let b = gateway_store::buffer::Buffer::open(edge.state.path()).expect("open buffer");
+    b.backlog("readings").expect("backlog").records
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_posted_while_the_hub_is_down_arrive_once_in_order() {
+    let pki = Pki::new();
+    let hub = start_hub(&pki, HubSpec::new("hub-01", 2, &[])).await;
+    let (quic, api, state) = (hub.quic, hub.api, hub.state.clone());
+    let edge = start_edge(&pki, edge_spec(vec![quic])).await;
+    let ingest = edge.ingest.expect("ingest");
+    wait_for("the tunnel", Duration::from_secs(10), || {
+        edge.running.ready()
+    })
+    .await;
+    post_range(ingest, 1, 40).await;
+    wait_sink_high(api, 40, Duration::from_secs(10)).await;
+
+    // The hub goes away; producers keep writing into the edge's buffer.
+    hub.running.drain(Duration::from_millis(100)).await;
+    drop(hub.running);
+    wait_for("the edge to notice", Duration::from_secs(15), || {
+        !edge.running.ready()
+    })
+    .await;
+    post_range(ingest, 41, 300).await;
+    assert_eq!(edge_backlog(&edge), 260);
+
+    // Back on the same address and sink: the backlog drains, once, in order.
+    let restart = |state: Arc<tempfile::TempDir>| HubSpec {
+        quic: Some(quic),
+        api: Some(api),
+        state: Some(state),
+        ..HubSpec::new("hub-01", 2, &[])
+    };
+    let hub = start_hub(&pki, restart(state.clone())).await;
+    wait_sink_high(api, 300, Duration::from_secs(15)).await;
+    assert_eq!(sink_records(api).await, exactly(1, 300));
+    wait_for(
+        "the edge to delete what was acknowledged",
+        Duration::from_secs(10),
+        || edge_backlog(&edge) == 0,
+    )
+    .await;
+
+    // A consumer takes 1..=200; the sink keeps the rest and remembers the rest.
+    let (status, body) = http_get(api, "POST", "/v1/channels/edge-b/readings/ack?cursor=200").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"consumed\":200"), "{body}");
+    assert_eq!(sink_records(api).await, exactly(201, 300));
+
+    // Another restart while records flow: nothing lost, nothing twice.
+    let producer = tokio::spawn(post_range(ingest, 301, 500));
+    hub.running.drain(Duration::from_millis(100)).await;
+    drop(hub.running);
+    let hub = start_hub(&pki, restart(state.clone())).await;
+    producer.await.expect("producer");
+    wait_sink_high(api, 500, Duration::from_secs(15)).await;
+    assert_eq!(sink_records(api).await, exactly(201, 500));
+    drop(hub);
+}
+
+/// A userspace UDP relay between edge and hub: forwards both ways, dropping
+/// everything (mode 100) or one datagram in `mode` percent.
+struct LossyLink {
+    addr: SocketAddr,
+    drop_percent: Arc<AtomicU8>,
+    dropped: Arc<AtomicU64>,
+}
+
+async fn lossy_link(hub: SocketAddr) -> LossyLink {
+    let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind"));
+    let addr = front.local_addr().expect("addr");
+    let drop_percent = Arc::new(AtomicU8::new(0));
+    let dropped = Arc::new(AtomicU64::new(0));
+    let (pct, cnt) = (drop_percent.clone(), dropped.clone());
+    tokio::spawn(async move {
+        // One upstream socket per edge socket (the edge has a socket per lane).
+        let mut upstream: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut buf = vec![0u8; 65_536];
+        let lose = move |seed: &mut u64, pct: &AtomicU8| {
+            *seed ^= *seed << 13;
+            *seed ^= *seed >> 7;
+            *seed ^= *seed << 17;
+            (*seed % 100) < u64::from(pct.load(Ordering::SeqCst))
+        };
+        while let Ok((n, from)) = front.recv_from(&mut buf).await {
+            let up = match upstream.get(&from) {
+                Some(u) => u.clone(),
+                None => {
+                    let u = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind"));
+                    u.connect(hub).await.expect("connect");
+                    let (u2, front2, pct2, cnt2) =
+                        (u.clone(), front.clone(), pct.clone(), cnt.clone());
+                    tokio::spawn(async move {
+                        let mut seed = 0x2545_f491_4f6c_dd1du64;
+                        let mut b = vec![0u8; 65_536];
+                        while let Ok(n) = u2.recv(&mut b).await {
+                            if lose(&mut seed, &pct2) {
+                                cnt2.fetch_add(1, Ordering::Relaxed);
+                                continue;
+                            }
+                            let _ = front2.send_to(&b[..n], from).await;
+                        }
+                    });
+                    upstream.insert(from, u.clone());
+                    u
+                }
+            };
+            if lose(&mut seed, &pct) {
+                cnt.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let _ = up.send(&buf[..n]).await;
+        }
+    });
+    LossyLink {
+        addr,
+        drop_percent,
+        dropped,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_and_then_ten_percent_loss_lose_and_duplicate_nothing() {
+    let pki = Pki::new();
+    let hub = start_hub(&pki, HubSpec::new("hub-01", 2, &[])).await;
+    let link = lossy_link(hub.quic).await;
+    let edge = start_edge(&pki, edge_spec(vec![link.addr])).await;
+    let ingest = edge.ingest.expect("ingest");
+    wait_for("the tunnel", Duration::from_secs(10), || {
+        edge.running.ready()
+    })
+    .await;
+    let producer = tokio::spawn(post_range(ingest, 1, 300));
+
+    // Outage: everything dropped until the edge declares the tunnel dead.
+    link.drop_percent.store(100, Ordering::SeqCst);
+    wait_for(
+        "the edge to declare the tunnel dead",
+        Duration::from_secs(20),
+        || !edge.running.ready(),
+    )
+    .await;
+    producer.await.expect("producer");
+    // Then a bad link: one datagram in ten lost, each way.
+    link.drop_percent.store(10, Ordering::SeqCst);
+    post_range(ingest, 301, 600).await;
+    wait_sink_high(hub.api, 600, Duration::from_secs(60)).await;
+    assert_eq!(sink_records(hub.api).await, exactly(1, 600));
+    assert!(link.dropped.load(Ordering::Relaxed) > 0);
+    println!(
+        "{} datagrams dropped by the relay",
+        link.dropped.load(Ordering::Relaxed)
+    );
+}
