@@ -200,11 +200,12 @@ pub async fn start(config: Config, mut bindings: Bindings) -> Result<Running, St
                     Err(_) => break,
                 }
             }
+            let endpoint_config = tls::hub_endpoint_config(&config_state_dir)?;
             let mut endpoints = Vec::new();
             for socket in sockets {
                 endpoints.push(
                     quinn::Endpoint::new(
-                        quinn::EndpointConfig::default(),
+                        endpoint_config.clone(),
                         Some(server.clone()),
                         socket,
                         runtime.clone(),

@@ -152,3 +152,72 @@ pub fn peer_id(conn: &quinn::Connection) -> Option<String> {
     let cert = webpki::EndEntityCert::try_from(leaf).ok()?;
     cert.valid_dns_names().next().map(str::to_owned)
 }
+
+/// File in the state directory holding the hub's stateless-reset key.
+pub const RESET_KEY_FILE: &str = "quic-reset.key";
+
+/// The hub's QUIC endpoint settings, with a stateless-reset key kept in
+/// `STATE_DIR/quic-reset.key` (64 random bytes, mode 0600, made on first start).
+/// A hub restarted after a crash answers packets of its old connections with a
+/// stateless reset the edges recognise, so they reconnect at once instead of
+/// waiting out the idle timeout; all the hub's endpoints share the key.
+///
+/// # Errors
+/// When the key file cannot be read or created.
+pub fn hub_endpoint_config(state_dir: &Path) -> Result<quinn::EndpointConfig, TlsError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let path = state_dir.join(RESET_KEY_FILE);
+    let err = |e: std::io::Error| TlsError::Read {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    };
+    let key = match std::fs::read(&path) {
+        Ok(k) if k.len() == 64 => k,
+        Ok(_) => {
+            return Err(TlsError::Read {
+                path: path.display().to_string(),
+                message: "not a 64-byte key; delete it to have a new one made".into(),
+            });
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut k = vec![0u8; 64];
+            rand::fill(&mut k[..]);
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(err)?;
+            f.write_all(&k).map_err(err)?;
+            f.sync_all().map_err(err)?;
+            k
+        }
+        Err(e) => return Err(err(e)),
+    };
+    let mut config = quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(
+        ring::hmac::HMAC_SHA256,
+        &key,
+    )));
+    // quinn's default connection ids carry a check keyed per process, so a
+    // restarted hub would drop its old connections' packets as invalid instead
+    // of resetting them: take random ids that any of our processes answers.
+    config.cid_generator(|| Box::new(RandomCids));
+    Ok(config)
+}
+
+/// 8-byte random connection ids; every unknown one is answered with a
+/// stateless reset (rate-limited by quinn, never larger than what came in).
+struct RandomCids;
+
+impl quinn::ConnectionIdGenerator for RandomCids {
+    fn generate_cid(&mut self) -> quinn::ConnectionId {
+        quinn::ConnectionId::new(&rand::random::<[u8; 8]>())
+    }
+    fn cid_len(&self) -> usize {
+        8
+    }
+    fn cid_lifetime(&self) -> Option<Duration> {
+        None
+    }
+}
