@@ -3,125 +3,13 @@
 
 mod common;
 mod net;
+mod process;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
 
 use net::*;
-use nix::sys::signal::{Signal, kill};
-use nix::sys::wait::{Id, WaitPidFlag, waitid};
-use nix::unistd::Pid;
-
-fn free_tcp(ip: &str) -> SocketAddr {
-    let l = std::net::TcpListener::bind((ip, 0)).expect("bind");
-    l.local_addr().expect("addr")
-}
-
-fn free_udp() -> SocketAddr {
-    let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
-    s.local_addr().expect("addr")
-}
-
-/// A running `gatewayd run`, with its stderr lines forwarded to a channel.
-struct Proc {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Proc {
-    fn start(config: &Path) -> Proc {
-        Self::start_with_grace(config, "2s")
-    }
-
-    fn start_with_grace(config: &Path, grace: &str) -> Proc {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_gatewayd"))
-            .args([
-                "run",
-                "--config",
-                config.to_str().expect("path"),
-                "--grace",
-                grace,
-            ])
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn gatewayd");
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        Proc {
-            child,
-            lines,
-            seen: Vec::new(),
-        }
-    }
-
-    /// Waits for a log line containing `needle`.
-    fn wait_log(&mut self, needle: &str) {
-        if self.seen.iter().any(|l| l.contains(needle)) {
-            return;
-        }
-        let deadline = std::time::Instant::now() + Duration::from_secs(15);
-        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
-            match self.lines.recv_timeout(left) {
-                Ok(l) => {
-                    let hit = l.contains(needle);
-                    self.seen.push(l);
-                    if hit {
-                        return;
-                    }
-                }
-                Err(_) => break,
-            }
-        }
-        panic!(
-            "no log line with {needle:?}; saw:\n{}",
-            self.seen.join("\n")
-        );
-    }
-
-    fn signal(&self, s: Signal) {
-        kill(Pid::from_raw(self.child.id() as i32), s).expect("kill");
-    }
-
-    /// Waits up to 15 s for the exit, and returns its code and every log line.
-    fn wait_exit(mut self) -> (i32, Vec<String>) {
-        let pid = Pid::from_raw(self.child.id() as i32);
-        let (tx, exited) = mpsc::channel();
-        // WNOWAIT: learn of the exit without reaping, so `Child` still owns the pid.
-        std::thread::spawn(move || {
-            let _ = tx.send(waitid(
-                Id::Pid(pid),
-                WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT,
-            ));
-        });
-        exited
-            .recv_timeout(Duration::from_secs(15))
-            .expect("gatewayd did not exit within 15 s")
-            .expect("waitid");
-        let status = self.child.wait().expect("reap");
-        // stderr closed at exit: the reader thread has sent every line.
-        self.seen.extend(self.lines.iter());
-        (status.code().unwrap_or(-1), std::mem::take(&mut self.seen))
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use nix::sys::signal::Signal;
+use process::*;
 
 #[test]
 fn a_group_readable_key_is_refused_at_start() {
