@@ -107,6 +107,17 @@ fn exactly(from: u64, to: u64) -> Vec<(u64, u64)> {
     (from..=to).map(|n| (n, n)).collect()
 }
 
+/// `gatewayd channels --state-dir DIR --format json`, run as a user would.
+fn channels_cli(dir: &std::path::Path) -> serde_json::Value {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gatewayd"))
+        .args(["channels", "--format", "json", "--state-dir"])
+        .arg(dir)
+        .output()
+        .expect("run gatewayd channels");
+    assert!(out.status.success(), "{out:?}");
+    serde_json::from_slice(&out.stdout).expect("json")
+}
+
 /// The edge's buffer, opened beside the running daemon (WAL readers do not block).
 fn edge_backlog(edge: &EdgeNode) -> u64 {
     let b = gateway_store::buffer::Buffer::open(edge.state.path()).expect("open buffer");
@@ -136,6 +147,9 @@ async fn records_posted_while_the_hub_is_down_arrive_once_in_order() {
     .await;
     post_range(ingest, 41, 300).await;
     assert_eq!(edge_backlog(&edge), 260);
+    let table = channels_cli(edge.state.path());
+    assert_eq!(table["channels"][0]["backlog_records"], 260, "{table}");
+    assert_eq!(table["channels"][0]["committed"], 300, "{table}");
 
     // Back on the same address and sink: the backlog drains, once, in order.
     let restart = |state: Arc<tempfile::TempDir>| HubSpec {
@@ -153,6 +167,26 @@ async fn records_posted_while_the_hub_is_down_arrive_once_in_order() {
         || edge_backlog(&edge) == 0,
     )
     .await;
+    let table = channels_cli(state.path());
+    assert_eq!(table["channels"][0]["high"], 300, "{table}");
+    // The edge's housekeeping refreshes the backlog gauges every second.
+    let admin = edge.running.admin_addr;
+    let mut metrics = String::new();
+    for _ in 0..200 {
+        metrics = http_get(admin, "GET", "/metrics").await.1;
+        if metrics.contains("gateway_channel_committed_total{channel=\"readings\"} 300") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for line in [
+        "gateway_channel_backlog_records{channel=\"readings\"} 0",
+        "gateway_channel_committed_total{channel=\"readings\"} 300",
+        "gateway_channel_last_acked_seq{channel=\"readings\"} 300",
+        "gateway_channel_dropped_total{channel=\"readings\",reason=\"ttl\"} 0",
+    ] {
+        assert!(metrics.contains(line), "{line} missing from\n{metrics}");
+    }
 
     // A consumer takes 1..=200; the sink keeps the rest and remembers the rest.
     let (status, body) = http_get(api, "POST", "/v1/channels/edge-b/readings/ack?cursor=200").await;

@@ -184,6 +184,8 @@ impl Buffer {
     /// When SQLite cannot open or initialise it, or its schema is newer.
     pub fn open(state_dir: &Path) -> Result<Self, BufferError> {
         let conn = Connection::open(state_dir.join(FILE_NAME))?;
+        // Another process (`gatewayd channels`) may hold the lock for a moment.
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
         // auto_vacuum takes effect only before the first table exists.
         conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -502,6 +504,18 @@ impl Buffer {
         )?;
         tx.commit()?;
         Ok(u64_of(n))
+    }
+
+    /// Every channel that ever had a record, by name.
+    ///
+    /// # Errors
+    /// When SQLite fails.
+    pub fn channels(&self) -> Result<Vec<String>, BufferError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT name FROM channel ORDER BY name")?;
+        let names = stmt.query_map([], |r| r.get(0))?;
+        Ok(names.collect::<Result<_, _>>()?)
     }
 
     /// The state of `channel` (all zero, next sequence 1, when unknown).

@@ -27,6 +27,9 @@ enum Command {
     /// Inspect the tamper-evident audit chain.
     #[command(subcommand)]
     Audit(cli::audit::AuditCommand),
+    /// Show the data channels of a node from its state directory: backlogs on
+    /// an edge, synced streams on a hub.
+    Channels(cli::channels::ChannelsArgs),
 }
 
 fn main() -> ExitCode {
@@ -36,6 +39,7 @@ fn main() -> ExitCode {
         Command::Run(a) => cli::run::run(a),
         Command::Pki(a) => cli::pki::run(a),
         Command::Audit(a) => cli::audit::run(a),
+        Command::Channels(a) => cli::channels::run(a),
     };
     ExitCode::from(code)
 }

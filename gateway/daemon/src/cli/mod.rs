@@ -1,6 +1,7 @@
 //! `gatewayd` subcommands.
 
 pub mod audit;
+pub mod channels;
 pub mod check;
 pub mod pki;
 pub mod run;
