@@ -107,6 +107,36 @@ fn exactly(from: u64, to: u64) -> Vec<(u64, u64)> {
     (from..=to).map(|n| (n, n)).collect()
 }
 
+/// The edge's receipts for every record of `readings`, read in pages of 128
+/// after checking that they come in sequence order: count by status.
+async fn receipt_counts(ingest: SocketAddr) -> std::collections::BTreeMap<String, u64> {
+    let mut counts = std::collections::BTreeMap::new();
+    let mut after = 0;
+    loop {
+        let (status, body) = http_get(
+            ingest,
+            "GET",
+            &format!("/v1/channels/readings/receipts?after={after}&limit=128"),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+        let list = v["receipts"].as_array().expect("receipts");
+        if list.is_empty() {
+            return counts;
+        }
+        for r in list {
+            let seq = r["seq"].as_u64().expect("seq");
+            assert_eq!(seq, after + 1, "{body}");
+            after = seq;
+            *counts
+                .entry(r["status"].as_str().expect("status").to_owned())
+                .or_default() += 1;
+        }
+        assert_eq!(v["next"], after);
+    }
+}
+
 /// `gatewayd channels --state-dir DIR --format json`, run as a user would.
 fn channels_cli(dir: &std::path::Path) -> serde_json::Value {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_gatewayd"))
@@ -147,6 +177,12 @@ async fn records_posted_while_the_hub_is_down_arrive_once_in_order() {
     .await;
     post_range(ingest, 41, 300).await;
     assert_eq!(edge_backlog(&edge), 260);
+    assert_eq!(
+        receipt_counts(ingest).await,
+        [("accepted", 260), ("delivered", 40)]
+            .map(|(s, n)| (s.to_owned(), n))
+            .into(),
+    );
     let table = channels_cli(edge.state.path());
     assert_eq!(table["channels"][0]["backlog_records"], 260, "{table}");
     assert_eq!(table["channels"][0]["committed"], 300, "{table}");
@@ -169,22 +205,27 @@ async fn records_posted_while_the_hub_is_down_arrive_once_in_order() {
     .await;
     let table = channels_cli(state.path());
     assert_eq!(table["channels"][0]["high"], 300, "{table}");
+    assert_eq!(
+        receipt_counts(ingest).await,
+        [("delivered".to_owned(), 300)].into()
+    );
     // The edge's housekeeping refreshes the backlog gauges every second.
     let admin = edge.running.admin_addr;
-    let mut metrics = String::new();
-    for _ in 0..200 {
-        metrics = http_get(admin, "GET", "/metrics").await.1;
-        if metrics.contains("gateway_channel_committed_total{channel=\"readings\"} 300") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    for line in [
+    let want = [
         "gateway_channel_backlog_records{channel=\"readings\"} 0",
         "gateway_channel_committed_total{channel=\"readings\"} 300",
         "gateway_channel_last_acked_seq{channel=\"readings\"} 300",
         "gateway_channel_dropped_total{channel=\"readings\",reason=\"ttl\"} 0",
-    ] {
+    ];
+    let mut metrics = String::new();
+    for _ in 0..200 {
+        metrics = http_get(admin, "GET", "/metrics").await.1;
+        if want.iter().all(|l| metrics.contains(l)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for line in want {
         assert!(metrics.contains(line), "{line} missing from\n{metrics}");
     }
 

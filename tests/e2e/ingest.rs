@@ -205,3 +205,56 @@ async fn a_batch_is_committed_or_refused_as_a_whole() {
         ]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_past_their_ttl_expire_with_a_receipt_and_an_audit_record() {
+    let pki = Pki::new();
+    let edge = start_edge(
+        &pki,
+        EdgeSpec {
+            extra: "\n[[channel]]\nname = \"readings\"\nzone = \"lab\"\nformats = [\"json\"]\nmax_record_bytes = \"1KiB\"\nttl = \"1s\"\n",
+            ingest: true,
+            ..EdgeSpec::new("edge-b", 2, 2, vec!["127.0.0.1:9".parse().expect("addr")])
+        },
+    )
+    .await;
+    let at = edge.ingest.expect("ingest");
+    for n in 0..5 {
+        let (s, b) = http_post(
+            at,
+            "/v1/channels/readings/records",
+            Some("application/json"),
+            format!("{{\"n\":{n}}}").as_bytes(),
+        )
+        .await;
+        assert_eq!(s, 200, "{b}");
+    }
+    let receipts = || async {
+        let (s, b) = http_get(at, "GET", "/v1/channels/readings/receipts").await;
+        assert_eq!(s, 200, "{b}");
+        serde_json::from_str::<serde_json::Value>(&b).expect("json")
+    };
+    assert_eq!(receipts().await["receipts"][4]["status"], "accepted");
+    // No hub ever answers: after the 1 s TTL the housekeeping (every second)
+    // removes them, and says so.
+    let state = edge.state.path().to_owned();
+    wait_for(
+        "the expiry audit record",
+        std::time::Duration::from_secs(10),
+        || {
+            audit_lines(&state)
+                .iter()
+                .any(|l| l.starts_with("channel.expire") && l.contains("5 records"))
+        },
+    )
+    .await;
+    let v = receipts().await;
+    let list = v["receipts"].as_array().expect("receipts");
+    assert_eq!(list.len(), 5, "{v}");
+    for r in list {
+        assert_eq!(r["status"], "expired", "{v}");
+        assert_eq!(r["reason"], "ttl", "{v}");
+    }
+    let (s, b) = http_get(at, "GET", "/v1/channels/nope/receipts").await;
+    assert_eq!(s, 404, "{b}");
+}

@@ -12,7 +12,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
 use gateway_store::buffer::{
-    Appended, Backlog, Batch, Buffer, BufferError, NewRecord, Record, WhenFull,
+    Appended, Backlog, Batch, Buffer, BufferError, NewRecord, Receipt, Record, WhenFull,
 };
 use tokio::sync::{Notify, oneshot};
 use tracing::error;
@@ -57,6 +57,17 @@ enum Job {
     },
     Compact {
         reply: Reply<()>,
+    },
+    Delivered {
+        channel: String,
+        upto: u64,
+        reply: Reply<()>,
+    },
+    Receipts {
+        channel: String,
+        after: u64,
+        limit: usize,
+        reply: Reply<Vec<Receipt>>,
     },
 }
 
@@ -202,6 +213,40 @@ impl BufferHandle {
         self.ask(|reply| Job::Backlog { channel, reply }).await
     }
 
+    /// The destination confirmed records up to `upto`.
+    ///
+    /// # Errors
+    /// When SQLite fails.
+    pub async fn delivered(&self, channel: &str, upto: u64) -> Result<(), String> {
+        let channel = channel.to_owned();
+        self.ask(|reply| Job::Delivered {
+            channel,
+            upto,
+            reply,
+        })
+        .await
+    }
+
+    /// Receipts of records after `after`, at most `limit`.
+    ///
+    /// # Errors
+    /// When SQLite fails.
+    pub async fn receipts(
+        &self,
+        channel: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Receipt>, String> {
+        let channel = channel.to_owned();
+        self.ask(|reply| Job::Receipts {
+            channel,
+            after,
+            limit,
+            reply,
+        })
+        .await
+    }
+
     /// Checkpoints the WAL and returns free pages to the file system, so the
     /// file shrinks after a backlog drained.
     ///
@@ -263,6 +308,21 @@ fn run(mut buffer: Buffer, rx: &mpsc::Receiver<Job>, signals: &Signals) {
                 }
                 Job::Backlog { channel, reply } => {
                     let _ = reply.send(buffer.backlog(&channel).map_err(e));
+                }
+                Job::Delivered {
+                    channel,
+                    upto,
+                    reply,
+                } => {
+                    let _ = reply.send(buffer.delivered(&channel, upto).map_err(e));
+                }
+                Job::Receipts {
+                    channel,
+                    after,
+                    limit,
+                    reply,
+                } => {
+                    let _ = reply.send(buffer.receipts(&channel, after, limit).map_err(e));
                 }
                 Job::Compact { reply } => {
                     let _ = reply.send(buffer.compact().map_err(e));

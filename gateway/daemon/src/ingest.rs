@@ -12,10 +12,10 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use gateway_core::config::{Format, WhenFull as CfgWhenFull};
 use gateway_core::policy::Crossing;
 use gateway_store::buffer::{NewRecord, WhenFull};
@@ -54,6 +54,7 @@ pub async fn serve(ctx: Arc<Ctx>, zone: String, listener: TcpListener, writer: B
     let draining = ctx.draining.clone();
     let app = Router::new()
         .route("/v1/channels/{name}/records", post(post_record))
+        .route("/v1/channels/{name}/receipts", get(receipts))
         // Room above the largest record limit, so an oversized record still
         // reaches the policy and gets an explained, audited refusal.
         .layer(DefaultBodyLimit::max(
@@ -252,5 +253,53 @@ async fn post_record(
                 );
             }
         }
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct ReceiptsQuery {
+    #[serde(default)]
+    after: u64,
+    limit: Option<usize>,
+}
+
+/// `GET /v1/channels/{name}/receipts?after=SEQ&limit=N`: what became of each
+/// record after `after`, in sequence order.
+async fn receipts(
+    State(st): State<IngestState>,
+    Path(name): Path<String>,
+    Query(q): Query<ReceiptsQuery>,
+) -> Response {
+    let known = st.ctx.policy().config().edge().is_some_and(|e| {
+        e.channels
+            .iter()
+            .any(|c| c.name == name && c.zone == st.zone)
+    });
+    if !known {
+        return answer(
+            StatusCode::NOT_FOUND,
+            json!({ "error": format!("no channel {name:?} takes records in zone {:?}", st.zone) }),
+        );
+    }
+    let limit = q.limit.unwrap_or(1000).clamp(1, 10_000);
+    match st.writer.receipts(&name, q.after, limit).await {
+        Ok(list) => {
+            let next = list.last().map_or(q.after, |r| r.seq);
+            let list: Vec<_> = list
+                .iter()
+                .map(|r| {
+                    let mut v = json!({ "seq": r.seq, "status": r.status.name() });
+                    if let Some(reason) = r.status.reason() {
+                        v["reason"] = reason.into();
+                    }
+                    v
+                })
+                .collect();
+            answer(
+                StatusCode::OK,
+                json!({ "channel": name, "receipts": list, "next": next }),
+            )
+        }
+        Err(e) => answer(StatusCode::SERVICE_UNAVAILABLE, json!({ "error": e })),
     }
 }

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use gateway_core::backoff::Backoff;
-use gateway_core::config::Channel;
+use gateway_core::config::{Channel, Destination};
 use gateway_core::wire::{Batch, DecodeError, Frame, RefuseCode, SyncRecord};
 use gateway_store::sink::{Committed, Sink};
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -228,8 +228,15 @@ async fn sync_stream(
         other => return Err(stream_err(format!("unexpected {other:?}"))),
     };
     // The sink already holds everything up to `acked` (an ack that was lost).
+    let to_hub = channel.deliver_to == Destination::Hub;
     let mut done = acked;
     buffer.ack(name, done).await.map_err(SyncError::Buffer)?;
+    if to_hub {
+        buffer
+            .delivered(name, done)
+            .await
+            .map_err(SyncError::Buffer)?;
+    }
     ctx.metrics.channel_acked(name, done);
     debug!(acked, "Sync stream open");
     let (ack_tx, mut acks) = mpsc::channel::<Result<u64, String>>(64);
@@ -297,6 +304,10 @@ async fn sync_stream(
                     return Err(stream_err(format!("ack {upto} outside the window {done}..={sent}")));
                 }
                 buffer.ack(name, upto).await.map_err(SyncError::Buffer)?;
+                if to_hub {
+                    // The hub's sink is the destination: committed is delivered.
+                    buffer.delivered(name, upto).await.map_err(SyncError::Buffer)?;
+                }
                 done = upto;
                 ctx.metrics.channel_acked(name, done);
                 while inflight.front().is_some_and(|b| b.last <= upto) {

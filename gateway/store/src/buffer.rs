@@ -27,7 +27,7 @@ pub const FILE_NAME: &str = "buffer.sqlite";
 /// Bytes accounted per record on top of its body (row, index and page overhead).
 pub const RECORD_OVERHEAD: u64 = 64;
 
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS channel (
@@ -37,8 +37,19 @@ CREATE TABLE IF NOT EXISTS channel (
     records  INTEGER NOT NULL,
     dropped  INTEGER NOT NULL,
     expired  INTEGER NOT NULL,
-    corrupt  INTEGER NOT NULL
+    corrupt  INTEGER NOT NULL,
+    acked     INTEGER NOT NULL DEFAULT 0,
+    delivered INTEGER NOT NULL DEFAULT 0
 ) STRICT;
+-- Records that left undelivered, as ranges: for receipts.
+CREATE TABLE IF NOT EXISTS gap (
+    channel  TEXT NOT NULL,
+    first    INTEGER NOT NULL,
+    last     INTEGER NOT NULL,
+    reason   TEXT NOT NULL,
+    time_ms  INTEGER NOT NULL
+) STRICT;
+CREATE INDEX IF NOT EXISTS gap_by_channel ON gap (channel, last);
 -- A rowid table: bodies of a kilobyte and more pack densely in its leaves,
 -- where a WITHOUT ROWID table spent over four times their size on disk.
 CREATE TABLE IF NOT EXISTS record (
@@ -81,6 +92,54 @@ pub struct Record {
     pub format: String,
     /// The body.
     pub body: Vec<u8>,
+}
+
+/// What became of a record, for receipts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Status {
+    /// In the buffer, not yet acknowledged by a hub.
+    Accepted,
+    /// Committed by a hub, not yet confirmed by its destination.
+    DeliveredToHub,
+    /// Confirmed by its destination.
+    Delivered,
+    /// Could not be delivered; why.
+    Failed(String),
+    /// Removed by the channel's TTL before delivery.
+    Expired(String),
+    /// Removed to make room (`when_full = "drop_oldest"`).
+    Dropped(String),
+}
+
+impl Status {
+    /// The status name in receipts.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Status::Accepted => "accepted",
+            Status::DeliveredToHub => "delivered_to_hub",
+            Status::Delivered => "delivered",
+            Status::Failed(_) => "failed",
+            Status::Expired(_) => "expired",
+            Status::Dropped(_) => "dropped",
+        }
+    }
+
+    /// Why, for the statuses that have a reason.
+    pub fn reason(&self) -> Option<&str> {
+        match self {
+            Status::Failed(r) | Status::Expired(r) | Status::Dropped(r) => Some(r),
+            _ => None,
+        }
+    }
+}
+
+/// A record's receipt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Receipt {
+    /// Its sequence number.
+    pub seq: u64,
+    /// What became of it.
+    pub status: Status,
 }
 
 /// What a full channel does with new records.
@@ -194,6 +253,12 @@ impl Buffer {
         if version > SCHEMA_VERSION {
             return Err(BufferError::NewerSchema(version));
         }
+        if version == 1 {
+            conn.execute_batch(
+                "ALTER TABLE channel ADD COLUMN acked INTEGER NOT NULL DEFAULT 0;
+                 ALTER TABLE channel ADD COLUMN delivered INTEGER NOT NULL DEFAULT 0;",
+            )?;
+        }
         conn.execute_batch(SCHEMA)?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         Ok(Self { conn })
@@ -204,7 +269,7 @@ impl Buffer {
         channel: &str,
     ) -> Result<(), rusqlite::Error> {
         tx.execute(
-            "INSERT OR IGNORE INTO channel VALUES (?1, 1, 0, 0, 0, 0, 0)",
+            "INSERT OR IGNORE INTO channel (name, next_seq, bytes, records, dropped, expired, corrupt) VALUES (?1, 1, 0, 0, 0, 0, 0)",
             [channel],
         )?;
         Ok(())
@@ -316,6 +381,10 @@ impl Buffer {
                 tx.execute(
                     "UPDATE channel SET records = records - ?2, dropped = dropped + ?2, bytes = ?3 WHERE name = ?1",
                     params![channel, n as i64, i64_of(bytes)],
+                )?;
+                tx.execute(
+                    "INSERT INTO gap VALUES (?1, ?2, ?3, 'dropped: quota', ?4)",
+                    params![channel, from, i64_of(to), now_ms],
                 )?;
                 dropped = Some((u64_of(from), to));
             }
@@ -445,7 +514,101 @@ impl Buffer {
     /// # Errors
     /// When SQLite fails.
     pub fn ack(&mut self, channel: &str, seq: u64) -> Result<u64, BufferError> {
-        self.remove_prefix(channel, "seq <= ?2", i64_of(seq), None)
+        self.conn.execute(
+            "UPDATE channel SET acked = max(acked, ?2) WHERE name = ?1",
+            params![channel, i64_of(seq)],
+        )?;
+        self.remove_prefix(channel, i64_of(seq), None)
+    }
+
+    /// The destination confirmed every record up to `seq` (for `deliver_to =
+    /// "hub"` that is the hub's ack); receipts report them delivered.
+    ///
+    /// # Errors
+    /// When SQLite fails.
+    pub fn delivered(&mut self, channel: &str, seq: u64) -> Result<(), BufferError> {
+        self.conn.execute(
+            "UPDATE channel SET delivered = max(delivered, ?2) WHERE name = ?1",
+            params![channel, i64_of(seq)],
+        )?;
+        Ok(())
+    }
+
+    /// The fate of records `after + 1 ..` (at most `limit`), in sequence order.
+    ///
+    /// # Errors
+    /// When SQLite fails.
+    pub fn receipts(
+        &self,
+        channel: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Receipt>, BufferError> {
+        let Some((next_seq, acked, delivered)) = self
+            .conn
+            .query_row(
+                "SELECT next_seq, acked, delivered FROM channel WHERE name = ?1",
+                [channel],
+                |r| Ok((u64_of(r.get(0)?), u64_of(r.get(1)?), u64_of(r.get(2)?))),
+            )
+            .optional()?
+        else {
+            return Ok(Vec::new());
+        };
+        let end = next_seq.min(after.saturating_add(limit as u64).saturating_add(1));
+        if after + 1 >= end {
+            return Ok(Vec::new());
+        }
+        let (lo, hi) = (i64_of(after + 1), i64_of(end - 1));
+        let mut gaps: Vec<(u64, u64, String)> = Vec::new();
+        {
+            let mut stmt = self.conn.prepare_cached(
+                "SELECT first, last, reason FROM gap WHERE channel = ?1 AND last >= ?2 AND first <= ?3 ORDER BY first",
+            )?;
+            let rows = stmt.query_map(params![channel, lo, hi], |r| {
+                Ok((u64_of(r.get(0)?), u64_of(r.get(1)?), r.get(2)?))
+            })?;
+            for g in rows {
+                gaps.push(g?);
+            }
+        }
+        let seqs_in = |table: &str| -> Result<std::collections::HashSet<u64>, BufferError> {
+            let mut stmt = self.conn.prepare_cached(&format!(
+                "SELECT seq FROM {table} WHERE channel = ?1 AND seq BETWEEN ?2 AND ?3"
+            ))?;
+            let rows = stmt.query_map(params![channel, lo, hi], |r| r.get::<_, i64>(0))?;
+            let mut set = std::collections::HashSet::new();
+            for r in rows {
+                set.insert(u64_of(r?));
+            }
+            Ok(set)
+        };
+        let corrupt = seqs_in("quarantine")?;
+        let waiting = seqs_in("record")?;
+        Ok((after + 1..end)
+            .map(|seq| {
+                let status = if corrupt.contains(&seq) {
+                    Status::Failed("corrupt in the buffer (CRC mismatch), quarantined".into())
+                } else if let Some((_, _, reason)) =
+                    gaps.iter().find(|(f, l, _)| (*f..=*l).contains(&seq))
+                {
+                    match reason.split_once(": ") {
+                        Some(("expired", why)) => Status::Expired(why.to_owned()),
+                        Some((_, why)) => Status::Dropped(why.to_owned()),
+                        None => Status::Dropped(reason.clone()),
+                    }
+                } else if waiting.contains(&seq) {
+                    Status::Accepted
+                } else if seq <= delivered {
+                    Status::Delivered
+                } else if seq <= acked {
+                    Status::DeliveredToHub
+                } else {
+                    Status::Accepted
+                };
+                Receipt { seq, status }
+            })
+            .collect())
     }
 
     /// Removes the records of `channel` accepted before `cutoff_ms` (TTL), as a
@@ -467,41 +630,46 @@ impl Buffer {
             Some(y) => y - 1,
             None => i64::MAX,
         };
-        self.remove_prefix(channel, "seq <= ?2", bound, Some("expired"))
+        self.remove_prefix(channel, bound, Some(("expired", "expired: ttl", cutoff_ms)))
     }
 
+    /// Removes the channel's records up to `bound` in one transaction; `gone`
+    /// (counter column, gap reason, time) marks them as removed undelivered.
     fn remove_prefix(
         &mut self,
         channel: &str,
-        cond: &str,
         bound: i64,
-        counter: Option<&str>,
+        gone: Option<(&str, &str, i64)>,
     ) -> Result<u64, BufferError> {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let (n, body): (i64, Option<i64>) = tx.query_row(
-            &format!(
-                "SELECT COUNT(*), SUM(length(body)) FROM record WHERE channel = ?1 AND {cond}"
-            ),
+        let (n, body, first, last): (i64, Option<i64>, Option<i64>, Option<i64>) = tx.query_row(
+            "SELECT COUNT(*), SUM(length(body)), MIN(seq), MAX(seq) FROM record WHERE channel = ?1 AND seq <= ?2",
             params![channel, bound],
-            |r| Ok((r.get(0)?, r.get(1)?)),
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
         )?;
         if n == 0 {
             return Ok(0);
         }
         tx.execute(
-            &format!("DELETE FROM record WHERE channel = ?1 AND {cond}"),
+            "DELETE FROM record WHERE channel = ?1 AND seq <= ?2",
             params![channel, bound],
         )?;
         let freed = u64_of(body.unwrap_or(0)) + RECORD_OVERHEAD * u64_of(n);
-        let extra = counter
-            .map(|c| format!(", {c} = {c} + ?3"))
+        let extra = gone
+            .map(|(c, _, _)| format!(", {c} = {c} + ?3"))
             .unwrap_or_default();
         tx.execute(
             &format!("UPDATE channel SET records = records - ?3, bytes = max(0, bytes - ?2){extra} WHERE name = ?1"),
             params![channel, i64_of(freed), n],
         )?;
+        if let Some((_, reason, time_ms)) = gone {
+            tx.execute(
+                "INSERT INTO gap VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![channel, first, last, reason, time_ms],
+            )?;
+        }
         tx.commit()?;
         Ok(u64_of(n))
     }

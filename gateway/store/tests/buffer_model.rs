@@ -1,7 +1,8 @@
 //! Model-based test of the record buffer: random appends (with quotas, both
 //! full behaviours), reads, acks, expiry, corruption and restarts against a plain
 //! in-memory model. After every step the buffer holds exactly what the model
-//! holds, in order, with the same sequence numbers and counters.
+//! holds, in order, with the same sequence numbers and counters, and every
+//! record ever numbered has the receipt the model expects.
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -65,6 +66,8 @@ struct Model {
     dropped: BTreeMap<usize, u64>,
     expired: BTreeMap<usize, u64>,
     corrupt: BTreeMap<usize, u64>,
+    /// Every record's receipt status, by channel and sequence number.
+    status: BTreeMap<(usize, u64), &'static str>,
 }
 
 impl Model {
@@ -108,6 +111,7 @@ proptest! {
                     let mut dropped = None;
                     while q.iter().map(|r| r.body.len() as u64 + RECORD_OVERHEAD).sum::<u64>() + needed > QUOTA {
                         let r = q.pop_front().expect("something to drop");
+                        m.status.insert((ch, r.seq), "dropped");
                         dropped = Some((dropped.map_or(r.seq, |(f, _)| f), r.seq));
                         *m.dropped.entry(ch).or_default() += 1;
                     }
@@ -115,6 +119,7 @@ proptest! {
                     prop_assert_eq!(got.first, next);
                     for (i, r) in recs.into_iter().enumerate() {
                         q.push_back(M { seq: next + i as u64, time: now, body: r.body });
+                        m.status.insert((ch, next + i as u64), "accepted");
                     }
                     m.next.insert(ch, next + sizes.len() as u64);
                 }
@@ -132,6 +137,9 @@ proptest! {
                     let q = m.recs.entry(ch).or_default();
                     let Some(upto) = q.get(count).map(|r| r.seq) else { continue };
                     let before = q.len();
+                    for r in q.iter().filter(|r| r.seq <= upto) {
+                        m.status.insert((ch, r.seq), "delivered_to_hub");
+                    }
                     q.retain(|r| r.seq > upto);
                     prop_assert_eq!(buf.ack(CHANNELS[ch], upto).expect("ack"), (before - q.len()) as u64);
                 }
@@ -139,7 +147,9 @@ proptest! {
                     let cutoff = now - age;
                     let q = m.recs.entry(ch).or_default();
                     let n = q.iter().take_while(|r| r.time < cutoff).count();
-                    q.drain(..n);
+                    for r in q.drain(..n) {
+                        m.status.insert((ch, r.seq), "expired");
+                    }
                     *m.expired.entry(ch).or_default() += n as u64;
                     prop_assert_eq!(buf.expire(CHANNELS[ch], cutoff).expect("expire"), n as u64);
                 }
@@ -159,6 +169,7 @@ proptest! {
                         continue; // zeroing changed nothing
                     }
                     q.remove(idx);
+                    m.status.insert((ch, seq), "failed");
                     *m.corrupt.entry(ch).or_default() += 1;
                     // The next read that reaches it quarantines it.
                     let _ = buf.read(CHANNELS[ch], seq - 1, 1).expect("read past corruption");
@@ -179,6 +190,10 @@ proptest! {
                 prop_assert_eq!(b.dropped, *m.dropped.get(&ch).unwrap_or(&0));
                 prop_assert_eq!(b.expired, *m.expired.get(&ch).unwrap_or(&0));
                 prop_assert_eq!(b.corrupt, *m.corrupt.get(&ch).unwrap_or(&0));
+                // Receipts: every record ever numbered, with its fate.
+                let got: Vec<(u64, &str)> = buf.receipts(name, 0, 10_000).expect("receipts").iter().map(|r| (r.seq, r.status.name())).collect();
+                let want: Vec<(u64, &str)> = m.status.range((ch, 0)..(ch + 1, 0)).map(|((_, s), st)| (*s, *st)).collect();
+                prop_assert_eq!(got, want, "receipts of {}", name);
             }
         }
         // Whatever is left reads back intact and in order.
