@@ -341,3 +341,68 @@ async fn an_outage_and_then_ten_percent_loss_lose_and_duplicate_nothing() {
         link.dropped.load(Ordering::Relaxed)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spool_files_are_committed_once_and_moved_or_refused_with_a_reason() {
+    let pki = Pki::new();
+    let hub = start_hub(&pki, HubSpec::new("hub-01", 2, &[])).await;
+    let edge = start_edge(&pki, edge_spec(vec![hub.quic])).await;
+    let spool = edge.state.path().join("spool/readings");
+    let (inbox, done, failed) = (spool.join("in"), spool.join("done"), spool.join("failed"));
+    wait_for("the spool directories", Duration::from_secs(5), || {
+        inbox.is_dir()
+    })
+    .await;
+    // Written beside in/, then renamed in: only complete files are ever seen.
+    let put = |name: &str, body: &str| {
+        let tmp = spool.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, body).expect("write");
+        std::fs::rename(&tmp, inbox.join(name)).expect("rename in");
+    };
+    std::fs::write(inbox.join(".still-writing.json"), "{\"n\":").expect("write partial");
+    put("a.json", "{\"n\":1}");
+    put("b.ndjson", "{\"n\":2}\n{\"n\":3}\n\n{\"n\":4}\n");
+    put("c.json", "{\"n\":");
+    put("d.bin", "\u{1}\u{2}");
+    wait_for("the good files in done/", Duration::from_secs(10), || {
+        done.join("a.json").exists() && done.join("b.ndjson").exists()
+    })
+    .await;
+    wait_for("the bad files in failed/", Duration::from_secs(10), || {
+        failed.join("c.json.reason").exists() && failed.join("d.bin.reason").exists()
+    })
+    .await;
+    let why = std::fs::read_to_string(failed.join("c.json.reason")).expect("reason");
+    assert!(
+        why.contains("R5.channel-content") && why.contains("not valid JSON"),
+        "{why}"
+    );
+    let why = std::fs::read_to_string(failed.join("d.bin.reason")).expect("reason");
+    assert!(why.contains("unknown format"), "{why}");
+    assert!(
+        inbox.join(".still-writing.json").exists(),
+        "a hidden file is left alone"
+    );
+    wait_sink_high(hub.api, 4, Duration::from_secs(10)).await;
+    assert_eq!(sink_records(hub.api).await, exactly(1, 4));
+
+    // The crash window: a committed file found in in/ again (same name, size
+    // and time, as after a crash before the move) is moved on, not committed.
+    std::fs::rename(done.join("a.json"), inbox.join("a.json")).expect("back to in/");
+    wait_for(
+        "the recommitted-looking file to move on",
+        Duration::from_secs(10),
+        || !inbox.join("a.json").exists(),
+    )
+    .await;
+    put("e.json", "{\"n\":5}");
+    wait_sink_high(hub.api, 5, Duration::from_secs(10)).await;
+    assert_eq!(sink_records(hub.api).await, exactly(1, 5));
+    let lines = audit_lines(edge.state.path());
+    assert!(
+        lines.iter().any(|l| l.starts_with("channel.refuse")
+            && l.contains("spool:")
+            && l.contains("[R5.channel-content]")),
+        "{lines:#?}"
+    );
+}

@@ -29,6 +29,7 @@ struct AppendJob {
     records: Vec<NewRecord>,
     quota: u64,
     when_full: WhenFull,
+    source: Option<String>,
     reply: Reply<Appended>,
 }
 
@@ -62,6 +63,11 @@ enum Job {
         channel: String,
         upto: u64,
         reply: Reply<()>,
+    },
+    Spooled {
+        channel: String,
+        source: String,
+        reply: Reply<Option<(u64, u64)>>,
     },
     Receipts {
         channel: String,
@@ -140,6 +146,23 @@ impl BufferHandle {
         quota: u64,
         when_full: WhenFull,
     ) -> Result<Appended, String> {
+        self.append_from(channel, records, quota, when_full, None)
+            .await
+    }
+
+    /// As [`BufferHandle::append`], remembering in the same transaction that
+    /// the records came from spool file `source` (see [`BufferHandle::spooled`]).
+    ///
+    /// # Errors
+    /// As [`BufferHandle::append`].
+    pub async fn append_from(
+        &self,
+        channel: &str,
+        records: Vec<NewRecord>,
+        quota: u64,
+        when_full: WhenFull,
+        source: Option<String>,
+    ) -> Result<Appended, String> {
         let channel = channel.to_owned();
         self.ask(|reply| {
             Job::Append(AppendJob {
@@ -147,8 +170,23 @@ impl BufferHandle {
                 records,
                 quota,
                 when_full,
+                source,
                 reply,
             })
+        })
+        .await
+    }
+
+    /// The sequence numbers given to spool file `source`, if it was committed.
+    ///
+    /// # Errors
+    /// When SQLite fails.
+    pub async fn spooled(&self, channel: &str, source: &str) -> Result<Option<(u64, u64)>, String> {
+        let (channel, source) = (channel.to_owned(), source.to_owned());
+        self.ask(|reply| Job::Spooled {
+            channel,
+            source,
+            reply,
         })
         .await
     }
@@ -316,6 +354,13 @@ fn run(mut buffer: Buffer, rx: &mpsc::Receiver<Job>, signals: &Signals) {
                 } => {
                     let _ = reply.send(buffer.delivered(&channel, upto).map_err(e));
                 }
+                Job::Spooled {
+                    channel,
+                    source,
+                    reply,
+                } => {
+                    let _ = reply.send(buffer.spooled(&channel, &source).map_err(e));
+                }
                 Job::Receipts {
                     channel,
                     after,
@@ -341,6 +386,7 @@ fn commit(buffer: &mut Buffer, jobs: Vec<AppendJob>, signals: &Signals) {
             records: &j.records,
             quota: j.quota,
             when_full: j.when_full,
+            source: j.source.as_deref(),
         })
         .collect();
     let results = buffer.append_group(&batches, now_ms());

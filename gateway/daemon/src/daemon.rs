@@ -311,6 +311,11 @@ pub async fn start(config: Config, mut bindings: Bindings) -> Result<Running, St
                 for (zone, l) in ingest_bound {
                     tokio::spawn(crate::ingest::serve(ctx.clone(), zone, l, writer.clone()));
                 }
+                tokio::spawn(crate::spool::run(
+                    ctx.clone(),
+                    writer.clone(),
+                    config_state_dir.clone(),
+                ));
                 tokio::spawn(crate::sync::supervise(ctx.clone(), hubs.clone(), writer));
             }
             tokio::spawn(edge::watch_assessments(ctx.clone()));

@@ -105,6 +105,85 @@ fn content_ok(format: Format, body: &[u8]) -> Result<(), String> {
     }
 }
 
+/// A record refused at the boundary.
+#[derive(Debug)]
+pub struct Refused {
+    /// The rule that refused it.
+    pub rule: String,
+    /// Why, for the producer (with the record's place in a batch).
+    pub reason: String,
+    /// The boundary policy refused it (else its content did not parse).
+    pub by_policy: bool,
+}
+
+/// The boundary checks of a channel record: the policy's channel rules, then
+/// that each record really is its declared format. A refusal is logged,
+/// audited and counted here (as `channel.refuse`).
+///
+/// # Errors
+/// The first record refused, with the rule.
+pub fn check_records(
+    ctx: &Ctx,
+    subject: &str,
+    channel: &str,
+    format: Format,
+    items: &[&[u8]],
+    batch: bool,
+) -> Result<(), Refused> {
+    let policy = ctx.policy();
+    for (i, item) in items.iter().enumerate() {
+        let at = if batch {
+            format!("record {} of the batch: ", i + 1)
+        } else {
+            String::new()
+        };
+        let decision = policy.decide(
+            &Crossing::ChannelRecord {
+                channel,
+                format,
+                bytes: item.len() as u64,
+            },
+            ctx.today(),
+        );
+        let refusal = if decision.is_allowed() {
+            content_ok(format, item)
+                .err()
+                .map(|reason| ("R5.channel-content".to_owned(), reason, false))
+        } else {
+            Some((decision.rule.as_str().to_owned(), decision.reason, true))
+        };
+        if let Some((rule, reason, by_policy)) = refusal {
+            let reason = format!("{at}{reason}");
+            ctx.refuse("channel.refuse", subject, channel, &rule, &reason);
+            return Err(Refused {
+                rule,
+                reason,
+                by_policy,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The records of a body: itself, or for a batch (NDJSON) each non-empty line.
+pub fn split_records(body: &[u8], batch: bool) -> Vec<&[u8]> {
+    if batch {
+        body.split(|b| *b == b'\n')
+            .filter(|l| !l.iter().all(u8::is_ascii_whitespace))
+            .collect()
+    } else {
+        vec![body]
+    }
+}
+
+/// The buffer's behaviour for a channel's `when_full` (`block` waits above it).
+pub fn buffer_when_full(w: CfgWhenFull) -> WhenFull {
+    match w {
+        CfgWhenFull::DropOldest => WhenFull::DropOldest,
+        CfgWhenFull::Reject | CfgWhenFull::Block => WhenFull::Reject,
+    }
+}
+
 async fn post_record(
     State(st): State<IngestState>,
     Path(name): Path<String>,
@@ -140,64 +219,22 @@ async fn post_record(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.trim_start().starts_with("application/x-ndjson"));
-    let items: Vec<&[u8]> = if batch {
-        body.split(|b| *b == b'\n')
-            .filter(|l| !l.iter().all(u8::is_ascii_whitespace))
-            .collect()
-    } else {
-        vec![&body[..]]
-    };
+    let items = split_records(&body, batch);
     if items.is_empty() {
         return answer(
             StatusCode::UNPROCESSABLE_ENTITY,
             json!({ "error": "the batch holds no record" }),
         );
     }
-    for (i, item) in items.iter().enumerate() {
-        let at = if batch {
-            format!("record {} of the batch: ", i + 1)
+    if let Err(r) = check_records(&st.ctx, &subject, &name, format, &items, batch) {
+        let status = if r.by_policy {
+            StatusCode::FORBIDDEN
         } else {
-            String::new()
+            StatusCode::UNPROCESSABLE_ENTITY
         };
-        let decision = policy.decide(
-            &Crossing::ChannelRecord {
-                channel: &name,
-                format,
-                bytes: item.len() as u64,
-            },
-            st.ctx.today(),
-        );
-        if !decision.is_allowed() {
-            st.ctx.refuse(
-                "channel.refuse",
-                &subject,
-                &name,
-                decision.rule.as_str(),
-                &format!("{at}{}", decision.reason),
-            );
-            return answer(
-                StatusCode::FORBIDDEN,
-                json!({ "error": format!("{at}{}", decision.reason), "rule": decision.rule.as_str() }),
-            );
-        }
-        if let Err(reason) = content_ok(format, item) {
-            st.ctx.refuse(
-                "channel.refuse",
-                &subject,
-                &name,
-                "R5.channel-content",
-                &format!("{at}{reason}"),
-            );
-            return answer(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                json!({ "error": format!("{at}{reason}"), "rule": "R5.channel-content" }),
-            );
-        }
+        return answer(status, json!({ "error": r.reason, "rule": r.rule }));
     }
-    let when_full = match channel.when_full {
-        CfgWhenFull::DropOldest => WhenFull::DropOldest,
-        CfgWhenFull::Reject | CfgWhenFull::Block => WhenFull::Reject,
-    };
+    let when_full = buffer_when_full(channel.when_full);
     let records: Vec<NewRecord> = items
         .iter()
         .map(|b| NewRecord {

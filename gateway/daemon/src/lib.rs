@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod node;
 pub mod pki;
 pub mod relay;
+pub mod spool;
 pub mod sync;
 pub mod tls;
 pub mod udp;

@@ -50,6 +50,15 @@ CREATE TABLE IF NOT EXISTS gap (
     time_ms  INTEGER NOT NULL
 ) STRICT;
 CREATE INDEX IF NOT EXISTS gap_by_channel ON gap (channel, last);
+-- Spool files committed, by identity (name, size, mtime): a file found again
+-- in in/ after a crash is moved on, never committed twice.
+CREATE TABLE IF NOT EXISTS spool_file (
+    channel  TEXT NOT NULL,
+    source   TEXT NOT NULL,
+    first    INTEGER NOT NULL,
+    last     INTEGER NOT NULL,
+    PRIMARY KEY (channel, source)
+) STRICT;
 -- A rowid table: bodies of a kilobyte and more pack densely in its leaves,
 -- where a WITHOUT ROWID table spent over four times their size on disk.
 CREATE TABLE IF NOT EXISTS record (
@@ -162,6 +171,9 @@ pub struct Batch<'a> {
     pub quota: u64,
     /// What to do when it does not fit.
     pub when_full: WhenFull,
+    /// The spool file the records came from, remembered in the same
+    /// transaction (see [`Buffer::spooled`]).
+    pub source: Option<&'a str>,
 }
 
 /// The result of an append.
@@ -317,7 +329,15 @@ impl Buffer {
             match Self::append_in(&tx, b.channel, b.records, b.quota, b.when_full, now_ms) {
                 Err(e @ BufferError::Full { .. }) => out.push(Err(e)),
                 Err(e) => return Err(e),
-                Ok(a) => out.push(Ok(a)),
+                Ok(a) => {
+                    if let Some(source) = b.source {
+                        tx.execute(
+                            "INSERT OR REPLACE INTO spool_file VALUES (?1, ?2, ?3, ?4)",
+                            params![b.channel, source, i64_of(a.first), i64_of(a.last)],
+                        )?;
+                    }
+                    out.push(Ok(a));
+                }
             }
         }
         tx.commit()?;
@@ -674,6 +694,21 @@ impl Buffer {
         Ok(u64_of(n))
     }
 
+    /// The sequence numbers given to spool file `source`, if it was committed.
+    ///
+    /// # Errors
+    /// When SQLite fails.
+    pub fn spooled(&self, channel: &str, source: &str) -> Result<Option<(u64, u64)>, BufferError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT first, last FROM spool_file WHERE channel = ?1 AND source = ?2",
+                params![channel, source],
+                |r| Ok((u64_of(r.get(0)?), u64_of(r.get(1)?))),
+            )
+            .optional()?)
+    }
+
     /// Every channel that ever had a record, by name.
     ///
     /// # Errors
@@ -758,18 +793,21 @@ mod tests {
                 records: &small,
                 quota: 1_000,
                 when_full: WhenFull::Reject,
+                source: None,
             },
             Batch {
                 channel: "a",
                 records: &big,
                 quota: 1_000,
                 when_full: WhenFull::Reject,
+                source: None,
             },
             Batch {
                 channel: "b",
                 records: &big,
                 quota: 1_000,
                 when_full: WhenFull::Reject,
+                source: None,
             },
         ];
         let r = b.append_group(&batches, 1).expect("group");
