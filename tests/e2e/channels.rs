@@ -406,3 +406,148 @@ async fn spool_files_are_committed_once_and_moved_or_refused_with_a_reason() {
         "{lines:#?}"
     );
 }
+
+/// Files in a directory, sorted by name.
+fn files_in(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// Receipts of `readings`-like channel `name` on an edge: statuses in order.
+async fn receipt_statuses(ingest: SocketAddr, name: &str) -> Vec<String> {
+    let (status, body) = http_get(
+        ingest,
+        "GET",
+        &format!("/v1/channels/{name}/receipts?limit=10000"),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    v["receipts"]
+        .as_array()
+        .expect("receipts")
+        .iter()
+        .map(|r| r["status"].as_str().expect("status").to_owned())
+        .collect()
+}
+
+/// Polls the receipts of channel `name` until `done` holds (or 10 s pass).
+async fn wait_receipts(
+    ingest: SocketAddr,
+    name: &str,
+    done: impl Fn(&[String]) -> bool,
+) -> Vec<String> {
+    let mut statuses = Vec::new();
+    for _ in 0..500 {
+        statuses = receipt_statuses(ingest, name).await;
+        if done(&statuses) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    statuses
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_delivers_to_another_departments_spool_once_with_receipts_back() {
+    let pki = Pki::new();
+    let hub = start_hub(&pki, HubSpec::new("hub-01", 2, &[])).await;
+    let source = "\n[[channel]]\nname = \"reports\"\nzone = \"lab\"\nformats = [\"json\", \"xml\"]\nmax_record_bytes = \"4KiB\"\ndeliver_to = \"edge-c/inbox\"\n";
+    let dest = "\n[[channel]]\nname = \"inbox\"\nzone = \"lab\"\nformats = [\"json\"]\nmax_record_bytes = \"4KiB\"\n";
+    let c_spec = |state| EdgeSpec {
+        extra: dest,
+        state,
+        ..EdgeSpec::new("edge-c", 3, 2, vec![hub.quic])
+    };
+    let edge_c = start_edge(&pki, c_spec(None)).await;
+    let c_state = edge_c.state.clone();
+    let edge_a = start_edge(
+        &pki,
+        EdgeSpec {
+            extra: source,
+            ingest: true,
+            ..EdgeSpec::new("edge-a", 2, 2, vec![hub.quic])
+        },
+    )
+    .await;
+    let ingest = edge_a.ingest.expect("ingest");
+    let post = |n: u64, ct: &'static str, body: String| async move {
+        let (s, b) = http_post(
+            ingest,
+            "/v1/channels/reports/records",
+            Some(ct),
+            body.as_bytes(),
+        )
+        .await;
+        assert_eq!(s, 200, "{b}");
+        assert!(b.contains(&format!("\"seq\":{n}")), "{b}");
+    };
+    for n in 1..=40 {
+        post(n, "application/json", format!("{{\"n\":{n}}}")).await;
+    }
+    // edge-c takes json only: an xml record is refused at its boundary.
+    post(41, "application/xml", "<n>41</n>".into()).await;
+    let out = c_state.path().join("spool/inbox/out");
+    let failed = c_state.path().join("spool/inbox/failed");
+    wait_for("40 files in edge-c's out/", Duration::from_secs(15), || {
+        files_in(&out).len() == 40
+    })
+    .await;
+    let names = files_in(&out);
+    assert_eq!(names[0], "edge-a.reports.00000000000000000001.json");
+    assert_eq!(names[39], "edge-a.reports.00000000000000000040.json");
+    for (i, name) in names.iter().enumerate() {
+        let body = std::fs::read_to_string(out.join(name)).expect("read");
+        assert_eq!(body, format!("{{\"n\":{}}}", i + 1));
+    }
+    wait_for(
+        "the refused record in failed/",
+        Duration::from_secs(10),
+        || {
+            failed
+                .join("edge-a.reports.00000000000000000041.xml.reason")
+                .exists()
+        },
+    )
+    .await;
+    let why =
+        std::fs::read_to_string(failed.join("edge-a.reports.00000000000000000041.xml.reason"))
+            .expect("reason");
+    assert!(why.contains("R5.channel-content"), "{why}");
+    let statuses = wait_receipts(ingest, "reports", |s| s.iter().all(|s| s == "delivered")).await;
+    assert_eq!(statuses, vec!["delivered".to_owned(); 41]);
+
+    // The destination goes offline: records wait in the hub's sink, and the
+    // source's receipts say so; back online, each arrives once.
+    edge_c.running.drain(Duration::from_millis(100)).await;
+    drop(edge_c);
+    for n in 42..=60 {
+        post(n, "application/json", format!("{{\"n\":{n}}}")).await;
+    }
+    let statuses = wait_receipts(ingest, "reports", |s| {
+        s[41..].iter().all(|s| s == "delivered_to_hub")
+    })
+    .await;
+    assert!(
+        statuses[41..].iter().all(|s| s == "delivered_to_hub"),
+        "{statuses:?}"
+    );
+    let edge_c = start_edge(&pki, c_spec(Some(c_state.clone()))).await;
+    wait_for("59 files in edge-c's out/", Duration::from_secs(15), || {
+        files_in(&out).len() == 59
+    })
+    .await;
+    let names = files_in(&out);
+    assert_eq!(names[58], "edge-a.reports.00000000000000000060.json");
+    let statuses = wait_receipts(ingest, "reports", |s| s.iter().all(|s| s == "delivered")).await;
+    assert_eq!(statuses, vec!["delivered".to_owned(); 60]);
+    assert!(files_in(&c_state.path().join("spool/inbox/.staging")).is_empty());
+    drop(edge_c);
+}

@@ -217,6 +217,8 @@ pub struct EdgeSpec<'a> {
     pub extra: &'a str,
     /// Bind an `[[ingest]]` listener in the legacy zone.
     pub ingest: bool,
+    /// Reuse this state directory (a restart).
+    pub state: Option<Arc<tempfile::TempDir>>,
 }
 
 impl<'a> EdgeSpec<'a> {
@@ -233,6 +235,7 @@ impl<'a> EdgeSpec<'a> {
             bandwidth: None,
             extra: "",
             ingest: false,
+            state: None,
         }
     }
 }
@@ -241,7 +244,7 @@ pub struct EdgeNode {
     pub running: Running,
     pub access: Vec<SocketAddr>,
     pub ingest: Option<SocketAddr>,
-    pub state: tempfile::TempDir,
+    pub state: Arc<tempfile::TempDir>,
 }
 
 pub fn edge_toml(
@@ -308,7 +311,10 @@ pub async fn start_edge(pki: &Pki, spec: EdgeSpec<'_>) -> EdgeNode {
     }
     let (admin, l) = bind_tcp("127.0.0.1");
     bindings.tcp.insert(admin, l);
-    let state = tempfile::tempdir().expect("state");
+    let state = spec
+        .state
+        .clone()
+        .unwrap_or_else(|| Arc::new(tempfile::tempdir().expect("state")));
     let mut text = edge_toml(pki, &spec, &access, admin, state.path());
     let mut ingest = None;
     if spec.ingest {

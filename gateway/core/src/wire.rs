@@ -123,6 +123,21 @@ pub enum Frame {
         /// Highest committed sequence number.
         upto: u64,
     },
+    /// Hub to the destination edge of a channel, first frame of a delivery
+    /// stream: records of `from` follow as batches, for local `channel`; the
+    /// edge answers [`Frame::SyncReady`] and acks each batch it delivered.
+    Deliver {
+        /// The source: `DEVICE/CHANNEL`.
+        from: String,
+        /// The destination channel on this edge.
+        channel: String,
+    },
+    /// Hub to a source edge, on its sync stream: the destination confirmed every
+    /// record up to `upto`.
+    SyncDelivered {
+        /// Highest sequence number delivered.
+        upto: u64,
+    },
     /// Refused; the stream ends.
     Refuse {
         /// Why.
@@ -161,6 +176,8 @@ mod tag {
     pub const SYNC_OPEN: u8 = 0x20;
     pub const SYNC_READY: u8 = 0x21;
     pub const SYNC_ACK: u8 = 0x22;
+    pub const DELIVER: u8 = 0x23;
+    pub const SYNC_DELIVERED: u8 = 0x24;
 }
 
 impl Frame {
@@ -215,6 +232,15 @@ impl Frame {
             }
             Frame::SyncAck { upto } => {
                 out.push(tag::SYNC_ACK);
+                out.extend_from_slice(&upto.to_be_bytes());
+            }
+            Frame::Deliver { from, channel } => {
+                out.push(tag::DELIVER);
+                put_str(out, from);
+                put_str(out, channel);
+            }
+            Frame::SyncDelivered { upto } => {
+                out.push(tag::SYNC_DELIVERED);
                 out.extend_from_slice(&upto.to_be_bytes());
             }
             Frame::Refuse {
@@ -299,6 +325,11 @@ impl Frame {
             },
             tag::SYNC_READY => Frame::SyncReady { acked: r.u64()? },
             tag::SYNC_ACK => Frame::SyncAck { upto: r.u64()? },
+            tag::DELIVER => Frame::Deliver {
+                from: r.str()?,
+                channel: r.str()?,
+            },
+            tag::SYNC_DELIVERED => Frame::SyncDelivered { upto: r.u64()? },
             tag::REFUSE => Frame::Refuse {
                 code: RefuseCode::from_u16(r.u16()?),
                 rule: r.str()?,
@@ -587,6 +618,8 @@ mod tests {
             }),
             any::<u64>().prop_map(|acked| Frame::SyncReady { acked }),
             any::<u64>().prop_map(|upto| Frame::SyncAck { upto }),
+            (".{0,30}", ".{0,30}").prop_map(|(from, channel)| Frame::Deliver { from, channel }),
+            any::<u64>().prop_map(|upto| Frame::SyncDelivered { upto }),
             (code, ".{0,20}", ".{0,200}").prop_map(|(code, rule, message)| Frame::Refuse {
                 code,
                 rule,

@@ -21,7 +21,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
-use crate::sync::SinkHandle;
+use crate::hub_sink::SinkHandle;
 
 /// Most records one read returns.
 pub const MAX_LIMIT: usize = 10_000;

@@ -249,8 +249,9 @@ pub async fn start(config: Config, mut bindings: Bindings) -> Result<Running, St
                     CancellationToken::new(),
                 ));
             }
-            let sink =
-                crate::sync::SinkHandle::new(gateway_store::sink::Sink::open(&config_state_dir)?);
+            let sink = crate::hub_sink::SinkHandle::new(gateway_store::sink::Sink::open(
+                &config_state_dir,
+            )?);
             let api = bindings
                 .tcp(h.settings.api)
                 .map_err(bind_err(h.settings.api))?;
@@ -259,6 +260,18 @@ pub async fn start(config: Config, mut bindings: Bindings) -> Result<Running, St
                 sink.clone(),
                 admin_stop.clone(),
             )));
+            {
+                let (sink, ctx, devices) = (sink.clone(), ctx.clone(), devices.clone());
+                tokio::spawn(async move {
+                    sink.resume_forwarding(&ctx, &devices).await;
+                    // Consumed records' pages go back to the file system.
+                    while ctx.pause(std::time::Duration::from_secs(10)).await {
+                        if let Err(error) = sink.with(|s| s.compact()).await {
+                            tracing::warn!(%error, "Sink compaction failed");
+                        }
+                    }
+                });
+            }
             for e in &endpoints {
                 tokio::spawn(hub::accept_edges(
                     ctx.clone(),
@@ -311,6 +324,12 @@ pub async fn start(config: Config, mut bindings: Bindings) -> Result<Running, St
                 for (zone, l) in ingest_bound {
                     tokio::spawn(crate::ingest::serve(ctx.clone(), zone, l, writer.clone()));
                 }
+                let inbox = gateway_store::inbox::Inbox::open(&config_state_dir)
+                    .map_err(|e| StartError::Buffer(format!("inbox: {e}")))?;
+                let _ = ctx.inbox.set((
+                    crate::delivery::InboxHandle::new(inbox),
+                    config_state_dir.clone(),
+                ));
                 tokio::spawn(crate::spool::run(
                     ctx.clone(),
                     writer.clone(),

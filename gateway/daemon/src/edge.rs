@@ -256,6 +256,14 @@ async fn serve_open(
         message,
     };
     let (service, origin, client, udp_flow) = match read_frame(&mut recv).await {
+        Ok(Frame::Deliver { from, channel }) => {
+            let (inbox, state_dir) = match ctx.inbox.get() {
+                Some((i, d)) => (Some(i.clone()), d.clone()),
+                None => (None, std::path::PathBuf::new()),
+            };
+            crate::delivery::serve(ctx, inbox, state_dir, from, channel, send, recv).await;
+            return;
+        }
         Ok(Frame::Open {
             service,
             origin,

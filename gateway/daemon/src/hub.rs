@@ -17,9 +17,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::hub_sink::{self, SinkHandle};
 use crate::node::Ctx;
 use crate::relay::{self, read_frame, write_frame};
-use crate::sync::{self, SinkHandle};
 use crate::tls;
 
 /// Connected edges by device id (several connections: lanes, and a new one
@@ -235,7 +235,9 @@ async fn edge_stream(
         Ok(Frame::SyncOpen {
             channel,
             deliver_to,
-        }) => sync::serve_sync(ctx, sink, from, channel, deliver_to, send, recv).await,
+        }) => {
+            hub_sink::serve_sync(ctx, sink, devices, from, (channel, deliver_to), send, recv).await;
+        }
         Ok(other) => {
             let _ = write_frame(
                 &mut send,

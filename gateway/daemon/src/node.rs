@@ -53,6 +53,9 @@ pub struct Ctx {
     limiters: Mutex<HashMap<String, Arc<[Limiter; 2]>>>,
     expired: Mutex<Vec<String>>,
     clock_offset_days: AtomicI64,
+    /// On an edge: where records delivered from other departments are logged,
+    /// and the state directory their spool lives in.
+    pub inbox: std::sync::OnceLock<(crate::delivery::InboxHandle, std::path::PathBuf)>,
 }
 
 impl Ctx {
@@ -72,6 +75,7 @@ impl Ctx {
             limiters: Mutex::new(HashMap::new()),
             expired: Mutex::new(Vec::new()),
             clock_offset_days: AtomicI64::new(0),
+            inbox: std::sync::OnceLock::new(),
         })
     }
 

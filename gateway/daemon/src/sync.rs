@@ -16,16 +16,15 @@
 //! flight.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gateway_core::backoff::Backoff;
 use gateway_core::config::{Channel, Destination};
-use gateway_core::wire::{Batch, DecodeError, Frame, RefuseCode, SyncRecord};
-use gateway_store::sink::{Committed, Sink};
+use gateway_core::wire::{Batch, DecodeError, Frame, SyncRecord};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::mpsc;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, info_span, warn};
 
 use crate::audit_sink::now_ms;
 use crate::buffer::BufferHandle;
@@ -239,13 +238,13 @@ async fn sync_stream(
     }
     ctx.metrics.channel_acked(name, done);
     debug!(acked, "Sync stream open");
-    let (ack_tx, mut acks) = mpsc::channel::<Result<u64, String>>(64);
+    let (ack_tx, mut acks) = mpsc::channel::<Result<Frame, String>>(64);
     let reader = tokio::spawn(async move {
         loop {
             let r = read_untimed(&mut recv).await;
-            let stop = !matches!(r, Ok(Frame::SyncAck { .. }));
+            let stop = !matches!(r, Ok(Frame::SyncAck { .. } | Frame::SyncDelivered { .. }));
             let msg = match r {
-                Ok(Frame::SyncAck { upto }) => Ok(upto),
+                Ok(f @ (Frame::SyncAck { .. } | Frame::SyncDelivered { .. })) => Ok(f),
                 Ok(other) => Err(format!("unexpected {other:?}")),
                 Err(e) => Err(e),
             };
@@ -271,15 +270,7 @@ async fn sync_stream(
                 break;
             };
             let full = records.len() >= size;
-            let records: Vec<SyncRecord> = records
-                .into_iter()
-                .map(|r| SyncRecord {
-                    seq: r.seq,
-                    time_ms: r.time_ms,
-                    format: r.format,
-                    body: r.body,
-                })
-                .collect();
+            let records: Vec<SyncRecord> = records.into_iter().map(SyncRecord::from).collect();
             out.clear();
             Batch::encode(&records, &mut out);
             send.write_all(&out).await.map_err(stream_err)?;
@@ -296,7 +287,13 @@ async fn sync_stream(
         tokio::select! {
             ack = acks.recv() => {
                 let upto = match ack {
-                    Some(Ok(upto)) => upto,
+                    Some(Ok(Frame::SyncAck { upto })) => upto,
+                    Some(Ok(Frame::SyncDelivered { upto })) => {
+                        // The destination edge confirmed: receipts say delivered.
+                        buffer.delivered(name, upto.min(done)).await.map_err(SyncError::Buffer)?;
+                        continue;
+                    }
+                    Some(Ok(other)) => return Err(stream_err(format!("unexpected {other:?}"))),
                     Some(Err(e)) => return Err(SyncError::Stream(e)),
                     None => return Err(stream_err("ack reader ended")),
                 };
@@ -348,156 +345,8 @@ async fn read_untimed<R: AsyncRead + Unpin>(r: &mut R) -> Result<Frame, String> 
     Frame::decode_body(&body).map_err(|e| e.to_string())
 }
 
-/// The hub's sink, shared by every sync stream (SQLite serialises writers).
-#[derive(Clone)]
-pub struct SinkHandle(Arc<Mutex<Sink>>);
-
-impl SinkHandle {
-    /// Wraps an open sink.
-    pub fn new(sink: Sink) -> Self {
-        SinkHandle(Arc::new(Mutex::new(sink)))
-    }
-
-    /// Runs `f` on the sink in a blocking thread.
-    ///
-    /// # Errors
-    /// `f`'s error, or the thread's failure, as text.
-    pub async fn with<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&mut Sink) -> Result<T, gateway_store::sink::SinkError> + Send + 'static,
-    ) -> Result<T, String> {
-        let sink = self.0.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut s = sink
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            f(&mut s).map_err(|e| e.to_string())
-        })
-        .await
-        .map_err(|e| e.to_string())?
-    }
-}
-
-/// Hub side of a sync stream opened by `device` (after its `SyncOpen`).
-pub async fn serve_sync(
-    ctx: Arc<Ctx>,
-    sink: SinkHandle,
-    device: String,
-    channel: String,
-    deliver_to: String,
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
-) {
-    let span = info_span!("sync", %device, %channel);
-    async move {
-        if let Err(message) = check_destination(&device, &deliver_to) {
-            ctx.refuse("channel.refuse", &device, &channel, "no-route", &message);
-            let _ = write_frame(
-                &mut send,
-                &Frame::Refuse {
-                    code: RefuseCode::NoRoute,
-                    rule: String::new(),
-                    message,
-                },
-            )
-            .await;
-            let _ = send.finish();
-            return;
-        }
-        let (d, c) = (device.clone(), channel.clone());
-        let high = match sink.with(move |s| s.high(&d, &c)).await {
-            Ok(h) => h,
-            Err(error) => {
-                warn!(%error, "Sink unavailable; refusing the sync stream");
-                return;
-            }
-        };
-        if write_frame(&mut send, &Frame::SyncReady { acked: high })
-            .await
-            .is_err()
-        {
-            return;
-        }
-        let mut last = high;
-        loop {
-            let next = tokio::select! {
-                r = read_batch(&mut recv) => r,
-                // Unacknowledged batches are resent to whichever hub is up.
-                () = ctx.draining.cancelled() => {
-                    let _ = send.finish();
-                    return;
-                }
-            };
-            let records = match next {
-                Ok(Some(r)) => r,
-                Ok(None) => return,
-                Err(error) => {
-                    debug!(%error, "Sync stream ended");
-                    return;
-                }
-            };
-            // Order: a batch starts above what this stream already sent.
-            if records.first().is_some_and(|r| r.seq <= last) {
-                warn!(last, "Edge sent records out of order; closing the stream");
-                let _ = send.reset(quinn::VarInt::from_u32(RefuseCode::Protocol as u32));
-                return;
-            }
-            if let Some(r) = records.last() {
-                last = r.seq;
-            }
-            let n = records.len() as u64;
-            let (d, c, t) = (device.clone(), channel.clone(), deliver_to.clone());
-            let committed: Committed = match sink
-                .with(move |s| s.commit(&d, &c, &t, &records, now_ms()))
-                .await
-            {
-                Ok(c) => c,
-                Err(error) => {
-                    warn!(%error, "Sink commit failed; the edge will resend");
-                    let _ = send.reset(quinn::VarInt::from_u32(0));
-                    return;
-                }
-            };
-            ctx.metrics
-                .sink_committed(&device, &channel, committed.stored, committed.duplicates);
-            if committed.duplicates > 0 {
-                info!(
-                    duplicates = committed.duplicates,
-                    of = n,
-                    "Duplicates ignored"
-                );
-            }
-            if write_frame(
-                &mut send,
-                &Frame::SyncAck {
-                    upto: committed.upto,
-                },
-            )
-            .await
-            .is_err()
-            {
-                return;
-            }
-        }
-    }
-    .instrument(span)
-    .await;
-}
-
-/// Where the hub can deliver: its own sink (`hub`); delivery to another edge is
-/// not built yet and is refused with that reason.
-fn check_destination(device: &str, deliver_to: &str) -> Result<(), String> {
-    if deliver_to == "hub" {
-        Ok(())
-    } else {
-        Err(format!(
-            "channel of {device} delivers to {deliver_to:?}: this hub delivers only to its own sink (\"hub\")"
-        ))
-    }
-}
-
 /// The next batch, or `None` at a clean end of the stream.
-async fn read_batch(recv: &mut quinn::RecvStream) -> Result<Option<Vec<SyncRecord>>, String> {
+pub async fn read_batch(recv: &mut quinn::RecvStream) -> Result<Option<Vec<SyncRecord>>, String> {
     let mut prefix = [0u8; 4];
     match recv.read_exact(&mut prefix).await {
         Ok(()) => {}

@@ -2,6 +2,7 @@
 //!
 //! - [`audit`]: the append-only, hash-chained audit log (DESIGN.md rule 6).
 //! - [`buffer`]: the durable record buffer of data channels (edge).
+//! - [`inbox`]: what a destination edge delivered from other departments.
 //! - [`sink`]: where the hub commits synced channel records, exactly once.
 //!
 //! Databases are opened in WAL mode with `synchronous = FULL`: a record that a
@@ -10,4 +11,5 @@
 
 pub mod audit;
 pub mod buffer;
+pub mod inbox;
 pub mod sink;

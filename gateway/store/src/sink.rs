@@ -64,6 +64,17 @@ pub struct Stored {
     pub body: Vec<u8>,
 }
 
+impl From<Stored> for SyncRecord {
+    fn from(r: Stored) -> Self {
+        SyncRecord {
+            seq: r.seq,
+            time_ms: r.time_ms,
+            format: r.format,
+            body: r.body,
+        }
+    }
+}
+
 /// What a commit did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Committed {
@@ -284,6 +295,22 @@ impl Sink {
         )?;
         tx.commit()?;
         Ok(u64_of(n))
+    }
+
+    /// Returns the pages of consumed records to the file system (incremental
+    /// vacuum, then a WAL checkpoint), so the file shrinks as consumers keep up.
+    ///
+    /// # Errors
+    /// When SQLite fails.
+    pub fn compact(&mut self) -> Result<(), SinkError> {
+        {
+            let mut vacuum = self.conn.prepare("PRAGMA incremental_vacuum")?;
+            let mut rows = vacuum.query([])?;
+            while rows.next()?.is_some() {}
+        }
+        self.conn
+            .execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")?;
+        Ok(())
     }
 
     /// Every stream's state, by device and channel.

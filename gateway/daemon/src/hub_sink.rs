@@ -1,0 +1,409 @@
+//! The hub's half of channel sync: it commits each edge's batches to its sink
+//! (`gateway_store::sink`) and acknowledges them, and for channels delivered to
+//! another department (`deliver_to = "DEVICE/CHANNEL"`) forwards them from the
+//! sink to that edge and reports the deliveries back to the source.
+//!
+//! Forwarding runs one task per (source device, channel): it opens a stream to
+//! the destination edge with `Deliver{from, channel}`, resumes after the mark
+//! the destination answers, sends batches read from the sink one at a time,
+//! and on each ack removes them from the sink (`consumed`) and tells the
+//! source's sync stream (`SyncDelivered`). Records wait in the sink while the
+//! destination is offline, and survive hub restarts there.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use gateway_core::backoff::Backoff;
+use gateway_core::policy::Crossing;
+use gateway_core::wire::{Batch, Frame, RefuseCode, SyncRecord};
+use gateway_store::sink::{Committed, Sink, SinkError};
+use tokio::sync::{Notify, watch};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::audit_sink::now_ms;
+use crate::hub::Devices;
+use crate::node::Ctx;
+use crate::relay::{read_frame, write_frame};
+use crate::sync::read_batch;
+
+/// Records per forwarded batch.
+const FORWARD_BATCH: usize = 1000;
+
+/// A forwarding task's handles.
+#[derive(Clone)]
+struct Forwarder {
+    /// Signalled after new records of the stream were committed.
+    wake: Arc<Notify>,
+    /// Highest sequence number the destination confirmed.
+    delivered: watch::Receiver<u64>,
+}
+
+/// The hub's sink, shared by every sync stream (SQLite serialises writers),
+/// and the forwarding tasks of channels delivered to other edges.
+#[derive(Clone)]
+pub struct SinkHandle {
+    sink: Arc<Mutex<Sink>>,
+    forwarders: Arc<Mutex<HashMap<(String, String), Forwarder>>>,
+}
+
+impl SinkHandle {
+    /// Wraps an open sink.
+    pub fn new(sink: Sink) -> Self {
+        SinkHandle {
+            sink: Arc::new(Mutex::new(sink)),
+            forwarders: Arc::default(),
+        }
+    }
+
+    /// Runs `f` on the sink in a blocking thread.
+    ///
+    /// # Errors
+    /// `f`'s error, or the thread's failure, as text.
+    pub async fn with<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Sink) -> Result<T, SinkError> + Send + 'static,
+    ) -> Result<T, String> {
+        let sink = self.sink.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut s = sink
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            f(&mut s).map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+
+    /// The forwarder of (device, channel) to `dest` (`DEVICE/CHANNEL`),
+    /// started on first use.
+    fn forwarder(
+        &self,
+        ctx: &Arc<Ctx>,
+        devices: &Arc<Devices>,
+        device: &str,
+        channel: &str,
+        dest: &str,
+    ) -> Forwarder {
+        let mut map = self
+            .forwarders
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let key = (device.to_owned(), channel.to_owned());
+        if let Some(f) = map.get(&key) {
+            return f.clone();
+        }
+        let (tx, rx) = watch::channel(0);
+        let f = Forwarder {
+            wake: Arc::new(Notify::new()),
+            delivered: rx,
+        };
+        map.insert(key, f.clone());
+        tokio::spawn(forward(
+            ctx.clone(),
+            devices.clone(),
+            self.clone(),
+            (device.to_owned(), channel.to_owned(), dest.to_owned()),
+            f.wake.clone(),
+            tx,
+        ));
+        f
+    }
+
+    /// Starts forwarding every stream with records waiting for another edge
+    /// (after a hub restart).
+    pub async fn resume_forwarding(&self, ctx: &Arc<Ctx>, devices: &Arc<Devices>) {
+        match self.with(|s| s.streams()).await {
+            Ok(streams) => {
+                for s in streams
+                    .iter()
+                    .filter(|s| s.deliver_to != "hub" && s.records > 0)
+                {
+                    self.forwarder(ctx, devices, &s.device, &s.channel, &s.deliver_to);
+                }
+            }
+            Err(error) => warn!(%error, "Cannot read the sink to resume forwarding"),
+        }
+    }
+}
+
+/// Whether `device` may deliver to `deliver_to`: the hub's own sink, or another
+/// edge the boundary policy lets it reach.
+fn check_destination(ctx: &Ctx, device: &str, deliver_to: &str) -> Result<(), (String, String)> {
+    if deliver_to == "hub" {
+        return Ok(());
+    }
+    let Some((dest, _)) = deliver_to.split_once('/') else {
+        return Err((
+            "no-route".into(),
+            format!("{deliver_to:?} is neither \"hub\" nor DEVICE/CHANNEL"),
+        ));
+    };
+    let decision = ctx.policy().decide(
+        &Crossing::Transit {
+            from: device,
+            to: dest,
+        },
+        ctx.today(),
+    );
+    if decision.is_allowed() {
+        Ok(())
+    } else {
+        Err((decision.rule.as_str().to_owned(), decision.reason))
+    }
+}
+
+/// Hub side of a sync stream opened by `device` (after its `SyncOpen`).
+pub async fn serve_sync(
+    ctx: Arc<Ctx>,
+    sink: SinkHandle,
+    devices: Arc<Devices>,
+    device: String,
+    (channel, deliver_to): (String, String),
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let span = info_span!("sync", %device, %channel);
+    async move {
+        if let Err((rule, message)) = check_destination(&ctx, &device, &deliver_to) {
+            ctx.refuse("channel.refuse", &device, &channel, &rule, &message);
+            let code = if rule == "no-route" {
+                RefuseCode::NoRoute
+            } else {
+                RefuseCode::Policy
+            };
+            let rule = if rule == "no-route" {
+                String::new()
+            } else {
+                rule
+            };
+            let _ = write_frame(
+                &mut send,
+                &Frame::Refuse {
+                    code,
+                    rule,
+                    message,
+                },
+            )
+            .await;
+            let _ = send.finish();
+            return;
+        }
+        let (d, c) = (device.clone(), channel.clone());
+        let high = match sink.with(move |s| s.high(&d, &c)).await {
+            Ok(h) => h,
+            Err(error) => {
+                warn!(%error, "Sink unavailable; refusing the sync stream");
+                return;
+            }
+        };
+        if write_frame(&mut send, &Frame::SyncReady { acked: high })
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let mut forwarder = (deliver_to != "hub")
+            .then(|| sink.forwarder(&ctx, &devices, &device, &channel, &deliver_to));
+        let mut told = 0;
+        let mut last = high;
+        loop {
+            // Deliveries confirmed since the last word to the source.
+            if let Some(f) = &forwarder {
+                let upto = *f.delivered.borrow();
+                if upto > told {
+                    told = upto;
+                    if write_frame(&mut send, &Frame::SyncDelivered { upto })
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+            let delivered_changed = async {
+                match forwarder.as_mut() {
+                    Some(f) => {
+                        if f.delivered.changed().await.is_err() {
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            let next = tokio::select! {
+                r = read_batch(&mut recv) => r,
+                () = delivered_changed => continue,
+                // Unacknowledged batches are resent to whichever hub is up.
+                () = ctx.draining.cancelled() => {
+                    let _ = send.finish();
+                    return;
+                }
+            };
+            let records = match next {
+                Ok(Some(r)) => r,
+                Ok(None) => return,
+                Err(error) => {
+                    debug!(%error, "Sync stream ended");
+                    return;
+                }
+            };
+            // Order: a batch starts above what this stream already sent.
+            if records.first().is_some_and(|r| r.seq <= last) {
+                warn!(last, "Edge sent records out of order; closing the stream");
+                let _ = send.reset(quinn::VarInt::from_u32(RefuseCode::Protocol as u32));
+                return;
+            }
+            if let Some(r) = records.last() {
+                last = r.seq;
+            }
+            let n = records.len() as u64;
+            let (d, c, t) = (device.clone(), channel.clone(), deliver_to.clone());
+            let committed: Committed = match sink
+                .with(move |s| s.commit(&d, &c, &t, &records, now_ms()))
+                .await
+            {
+                Ok(c) => c,
+                Err(error) => {
+                    warn!(%error, "Sink commit failed; the edge will resend");
+                    let _ = send.reset(quinn::VarInt::from_u32(0));
+                    return;
+                }
+            };
+            ctx.metrics
+                .sink_committed(&device, &channel, committed.stored, committed.duplicates);
+            if committed.duplicates > 0 {
+                info!(
+                    duplicates = committed.duplicates,
+                    of = n,
+                    "Duplicates ignored"
+                );
+            }
+            if let Some(f) = &forwarder {
+                f.wake.notify_one();
+            }
+            if write_frame(
+                &mut send,
+                &Frame::SyncAck {
+                    upto: committed.upto,
+                },
+            )
+            .await
+            .is_err()
+            {
+                return;
+            }
+        }
+    }
+    .instrument(span)
+    .await;
+}
+
+/// Forwards (device, channel)'s records from the sink to `dest` until draining.
+async fn forward(
+    ctx: Arc<Ctx>,
+    devices: Arc<Devices>,
+    sink: SinkHandle,
+    (device, channel, dest): (String, String, String),
+    wake: Arc<Notify>,
+    delivered: watch::Sender<u64>,
+) {
+    let span = info_span!("forward", from = %format!("{device}/{channel}"), to = %dest);
+    async move {
+        let Some((dest_device, dest_channel)) = dest.split_once('/') else {
+            return;
+        };
+        let mut backoff = Backoff::default();
+        loop {
+            let result = match devices.get(dest_device) {
+                Some(conn) => {
+                    forward_stream(
+                        &ctx,
+                        &sink,
+                        &conn,
+                        (&device, &channel, dest_channel),
+                        &wake,
+                        &delivered,
+                    )
+                    .await
+                }
+                None => Err(format!(
+                    "{dest_device} is not connected; records wait in the sink"
+                )),
+            };
+            if let Err(error) = result {
+                if backoff.failures() < 3 || backoff.failures() % 30 == 0 {
+                    info!(%error, "Forwarding paused");
+                }
+            }
+            if !ctx.pause(backoff.next_delay(rand::random::<f64>())).await {
+                return;
+            }
+        }
+    }
+    .instrument(span)
+    .await;
+}
+
+async fn forward_stream(
+    ctx: &Ctx,
+    sink: &SinkHandle,
+    conn: &quinn::Connection,
+    (device, channel, dest_channel): (&str, &str, &str),
+    wake: &Notify,
+    delivered: &watch::Sender<u64>,
+) -> Result<(), String> {
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    write_frame(
+        &mut send,
+        &Frame::Deliver {
+            from: format!("{device}/{channel}"),
+            channel: dest_channel.to_owned(),
+        },
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let mut acked = match read_frame(&mut recv).await.map_err(|e| e.to_string())? {
+        Frame::SyncReady { acked } => acked,
+        Frame::Refuse { message, .. } => return Err(format!("destination refused: {message}")),
+        other => return Err(format!("unexpected {other:?}")),
+    };
+    let mut out = Vec::new();
+    let mut consumed = None;
+    loop {
+        if consumed != Some(acked) {
+            // What the destination has leaves the sink; the source hears of it.
+            let (d, c) = (device.to_owned(), channel.to_owned());
+            sink.with(move |s| s.consume(&d, &c, acked)).await?;
+            consumed = Some(acked);
+            delivered.send_if_modified(|v| {
+                let more = acked > *v;
+                *v = (*v).max(acked);
+                more
+            });
+        }
+        let (d, c) = (device.to_owned(), channel.to_owned());
+        let records = sink
+            .with(move |s| s.read(&d, &c, acked, FORWARD_BATCH))
+            .await?;
+        if records.is_empty() {
+            let woken = wake.notified();
+            tokio::select! {
+                () = woken => {}
+                () = tokio::time::sleep(Duration::from_secs(5)) => {}
+                () = ctx.draining.cancelled() => return Ok(()),
+            }
+            continue;
+        }
+        let records: Vec<SyncRecord> = records.into_iter().map(SyncRecord::from).collect();
+        out.clear();
+        Batch::encode(&records, &mut out);
+        tokio::io::AsyncWriteExt::write_all(&mut send, &out)
+            .await
+            .map_err(|e| e.to_string())?;
+        acked = match read_frame(&mut recv).await.map_err(|e| e.to_string())? {
+            Frame::SyncAck { upto } => upto,
+            other => return Err(format!("unexpected {other:?}")),
+        };
+    }
+}
