@@ -258,3 +258,94 @@ async fn records_past_their_ttl_expire_with_a_receipt_and_an_audit_record() {
     let (s, b) = http_get(at, "GET", "/v1/channels/nope/receipts").await;
     assert_eq!(s, 404, "{b}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_with_a_denied_keyword_are_refused_and_audited() {
+    let pki = Pki::new();
+    let edge = start_edge(
+        &pki,
+        EdgeSpec {
+            extra: "\n[[channel]]\nname = \"readings\"\nzone = \"lab\"\nformats = [\"json\"]\nmax_record_bytes = \"1KiB\"\ndeny_keywords = [\"机密\", \"Secret\"]\n",
+            ingest: true,
+            ..EdgeSpec::new("edge-b", 2, 2, vec!["127.0.0.1:9".parse().expect("addr")])
+        },
+    )
+    .await;
+    let at = edge.ingest.expect("ingest");
+    let path = "/v1/channels/readings/records";
+    let post = |body: &'static str| http_post(at, path, Some("application/json"), body.as_bytes());
+    let (s, b) = post(r#"{"note": "top SECRET plan"}"#).await;
+    assert_eq!(s, 403, "{b}");
+    assert!(
+        b.contains("R5.channel-content") && b.contains("denied keyword"),
+        "{b}"
+    );
+    let (s, b) = post(r#"{"note": "内部机密文件"}"#).await;
+    assert_eq!(s, 403, "{b}");
+    assert!(b.contains("机密"), "{b}");
+    let (s, b) = post(r#"{"note": "public"}"#).await;
+    assert_eq!(s, 200, "{b}");
+    let state = edge.state.path().to_owned();
+    wait_for(
+        "the refusals in the audit",
+        std::time::Duration::from_secs(5),
+        || {
+            audit_lines(&state)
+                .iter()
+                .filter(|l| l.starts_with("channel.refuse") && l.contains("denied keyword"))
+                .count()
+                == 2
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ttl_waits_while_no_hub_is_reachable_when_asked_to() {
+    let pki = Pki::new();
+    let edge = start_edge(
+        &pki,
+        EdgeSpec {
+            extra: "\n[[channel]]\nname = \"readings\"\nzone = \"lab\"\nformats = [\"json\"]\nmax_record_bytes = \"1KiB\"\nttl = \"1s\"\nttl_pauses_offline = true\n",
+            ingest: true,
+            ..EdgeSpec::new("edge-b", 2, 2, vec!["127.0.0.1:9".parse().expect("addr")])
+        },
+    )
+    .await;
+    let at = edge.ingest.expect("ingest");
+    for n in 0..3 {
+        let (s, b) = http_post(
+            at,
+            "/v1/channels/readings/records",
+            Some("application/json"),
+            format!("{{\"n\":{n}}}").as_bytes(),
+        )
+        .await;
+        assert_eq!(s, 200, "{b}");
+    }
+    // Wait until the housekeeping has seen the records at twice their TTL.
+    let admin = edge.running.admin_addr;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (_, m) = http_get(admin, "GET", "/metrics").await;
+        let age: f64 = m
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("gateway_channel_oldest_record_age_seconds{channel=\"readings\"} ")
+            })
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        if age >= 2.0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{m}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let (s, b) = http_get(at, "GET", "/v1/channels/readings/receipts").await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(
+        b.matches("\"accepted\"").count(),
+        3,
+        "never online, so never expired: {b}"
+    );
+}

@@ -17,6 +17,7 @@ pub mod audit;
 pub mod backoff;
 pub mod config;
 pub mod diag;
+pub mod expiry;
 pub mod policy;
 pub mod rate;
 pub mod sniff;

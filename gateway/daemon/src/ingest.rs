@@ -149,6 +149,15 @@ pub fn check_records(
             content_ok(format, item)
                 .err()
                 .map(|reason| ("R5.channel-content".to_owned(), reason, false))
+                .or_else(|| {
+                    denied_keyword(&policy, channel, item).map(|k| {
+                        (
+                            "R5.channel-content".to_owned(),
+                            format!("contains the denied keyword {k:?}"),
+                            true,
+                        )
+                    })
+                })
         } else {
             Some((decision.rule.as_str().to_owned(), decision.reason, true))
         };
@@ -163,6 +172,29 @@ pub fn check_records(
         }
     }
     Ok(())
+}
+
+/// The first of the channel's `deny_keywords` the record contains
+/// (case-insensitive).
+fn denied_keyword<'p>(
+    policy: &'p gateway_core::policy::Policy,
+    channel: &str,
+    item: &[u8],
+) -> Option<&'p str> {
+    let c = policy
+        .config()
+        .edge()?
+        .channels
+        .iter()
+        .find(|c| c.name == channel)?;
+    if c.deny_keywords.is_empty() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(item).to_lowercase();
+    c.deny_keywords
+        .iter()
+        .find(|k| text.contains(k.as_str()))
+        .map(String::as_str)
 }
 
 /// The records of a body: itself, or for a batch (NDJSON) each non-empty line.

@@ -163,7 +163,8 @@ impl Limiter {
         }
     }
 
-    async fn take(&self, n: usize) {
+    /// Waits until `n` bytes fit the cap.
+    pub async fn take(&self, n: usize) {
         let now = u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX);
         let wait = self
             .bucket

@@ -122,6 +122,9 @@ pub async fn run_channel(ctx: Arc<Ctx>, hubs: Arc<Hubs>, buffer: BufferHandle, c
 pub async fn supervise(ctx: Arc<Ctx>, hubs: Arc<Hubs>, buffer: BufferHandle) {
     let mut tasks: HashMap<String, (String, AbortOnDrop)> = HashMap::new();
     let mut had_backlog: HashMap<String, bool> = HashMap::new();
+    // When no hub was reachable, for `ttl_pauses_offline`.
+    let mut offline: Vec<(i64, i64)> = Vec::new();
+    let mut offline_since: Option<i64> = None;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -137,6 +140,20 @@ pub async fn supervise(ctx: Arc<Ctx>, hubs: Arc<Hubs>, buffer: BufferHandle) {
             .unwrap_or_default();
         tasks.retain(|name, _| channels.iter().any(|c| &c.name == name));
         let mut drained = false;
+        let now = now_ms();
+        match (hubs.any_up(), offline_since) {
+            (false, None) => offline_since = Some(now),
+            (true, Some(since)) => {
+                offline.push((since, now));
+                if offline.len() > 10_000 {
+                    offline.remove(0);
+                }
+                offline_since = None;
+            }
+            _ => {}
+        }
+        let mut gaps = offline.clone();
+        gaps.extend(offline_since.map(|s| (s, now)));
         for c in &channels {
             let shape = format!("{}|{}", c.deliver_to, c.priority);
             if tasks.get(&c.name).is_none_or(|(s, _)| *s != shape) {
@@ -148,9 +165,9 @@ pub async fn supervise(ctx: Arc<Ctx>, hubs: Arc<Hubs>, buffer: BufferHandle) {
                 ));
                 tasks.insert(c.name.clone(), (shape, AbortOnDrop(task)));
             }
-            let now = now_ms();
             let ttl_ms = i64::try_from(c.ttl.as_millis()).unwrap_or(i64::MAX);
-            match buffer.expire(&c.name, now.saturating_sub(ttl_ms)).await {
+            let cutoff = gateway_core::expiry::cutoff(now, ttl_ms, &gaps, c.ttl_pauses_offline);
+            match buffer.expire(&c.name, cutoff).await {
                 Ok(0) => {}
                 Ok(n) => {
                     warn!(channel = %c.name, records = n, ttl = ?c.ttl, "Records expired undelivered");
@@ -259,11 +276,16 @@ async fn sync_stream(
     let mut inflight: VecDeque<InFlight> = VecDeque::new();
     let mut size = FIRST_BATCH;
     let mut out = Vec::new();
+    // A capped channel sends batches of at most a quarter second of its rate.
+    let limiter = channel.bandwidth.map(crate::relay::Limiter::new);
+    let max_bytes = channel
+        .bandwidth
+        .map_or(MAX_BYTES, |r| (r / 4).clamp(1, MAX_BYTES));
     loop {
         // Fill the window.
         while inflight.len() < WINDOW {
             let records = buffer
-                .read(name, sent, size, MAX_BYTES)
+                .read(name, sent, size, max_bytes)
                 .await
                 .map_err(SyncError::Buffer)?;
             let Some(last) = records.last().map(|r| r.seq) else {
@@ -273,6 +295,9 @@ async fn sync_stream(
             let records: Vec<SyncRecord> = records.into_iter().map(SyncRecord::from).collect();
             out.clear();
             Batch::encode(&records, &mut out);
+            if let Some(l) = &limiter {
+                l.take(out.len()).await;
+            }
             send.write_all(&out).await.map_err(stream_err)?;
             ctx.metrics
                 .channel_sent(name, records.len() as u64, out.len() as u64);

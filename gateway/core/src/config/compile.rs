@@ -1086,6 +1086,31 @@ impl Compiler<'_> {
                 .map(|(device, channel)| Destination::Edge { device, channel }),
         };
         let one_way = c.one_way.is_some_and(|o| *o.get_ref());
+        let ttl_pauses_offline = c.ttl_pauses_offline.is_some_and(|o| *o.get_ref());
+        let mut deny_keywords = Vec::new();
+        if let Some(ks) = &c.deny_keywords {
+            for k in ks.get_ref() {
+                if k.get_ref().trim().is_empty() {
+                    self.error(
+                        &k.span(),
+                        "channel.deny_keywords: an empty keyword would refuse every record",
+                        "remove it",
+                    );
+                } else {
+                    deny_keywords.push(k.get_ref().to_lowercase());
+                }
+            }
+        }
+        let bandwidth = match &c.bandwidth {
+            None => Some(None),
+            Some(b) => match units::parse_bandwidth(b.get_ref()) {
+                Ok(v) => Some(Some(v)),
+                Err(e) => {
+                    self.value_error(&b.span(), "channel.bandwidth", e);
+                    None
+                }
+            },
+        };
         let loc = self.at(&c.name.span());
         match (
             name,
@@ -1097,6 +1122,7 @@ impl Compiler<'_> {
             max_record_bytes,
             deliver_to,
             formats_ok,
+            bandwidth,
         ) {
             (
                 Some(name),
@@ -1108,6 +1134,7 @@ impl Compiler<'_> {
                 Some(max_record_bytes),
                 Some(deliver_to),
                 true,
+                Some(bandwidth),
             ) => Some(Channel {
                 name,
                 zone: z.name.clone(),
@@ -1119,6 +1146,9 @@ impl Compiler<'_> {
                 max_record_bytes,
                 deliver_to,
                 one_way,
+                deny_keywords,
+                bandwidth,
+                ttl_pauses_offline,
                 loc,
             }),
             _ => None,

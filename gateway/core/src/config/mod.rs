@@ -409,6 +409,12 @@ pub struct Channel {
     pub deliver_to: Destination,
     /// Declared one-way: the only way data may flow to a lower-level zone (rule R4).
     pub one_way: bool,
+    /// Records containing any of these (case-insensitive) are refused at ingest.
+    pub deny_keywords: Vec<String>,
+    /// Cap on the channel's sync traffic, bytes per second.
+    pub bandwidth: Option<u64>,
+    /// TTL does not run while no hub is reachable.
+    pub ttl_pauses_offline: bool,
     /// Where it is declared.
     pub loc: Location,
 }

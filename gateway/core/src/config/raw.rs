@@ -90,6 +90,9 @@ pub struct RawChannel {
     pub max_record_bytes: Option<S>,
     pub deliver_to: Option<S>,
     pub one_way: Option<Spanned<bool>>,
+    pub deny_keywords: Option<Spanned<Vec<S>>>,
+    pub bandwidth: Option<S>,
+    pub ttl_pauses_offline: Option<Spanned<bool>>,
 }
 
 /// `[[ingest]]`
