@@ -15,7 +15,7 @@ pub fn cutoff(now_ms: i64, ttl_ms: i64, offline: &[(i64, i64)], pause: bool) -> 
         .map(|&(s, e)| (s, e.min(now_ms)))
         .filter(|&(s, e)| s < e)
         .collect();
-    gaps.sort_unstable_by(|a, b| b.1.cmp(&a.1));
+    gaps.sort_unstable_by_key(|g| std::cmp::Reverse(g.1));
     let (mut t, mut need) = (now_ms, ttl_ms);
     for (s, e) in gaps {
         let online = t - e;

@@ -125,6 +125,7 @@ pub async fn supervise(ctx: Arc<Ctx>, hubs: Arc<Hubs>, buffer: BufferHandle) {
     // When no hub was reachable, for `ttl_pauses_offline`.
     let mut offline: Vec<(i64, i64)> = Vec::new();
     let mut offline_since: Option<i64> = None;
+    let mut ticks: u64 = 0;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -190,7 +191,10 @@ pub async fn supervise(ctx: Arc<Ctx>, hubs: Arc<Hubs>, buffer: BufferHandle) {
                 drained |= before && b.records == 0;
             }
         }
-        if drained {
+        // After a drain, and every minute in case a reader kept the last
+        // checkpoint from finishing.
+        ticks += 1;
+        if drained || ticks % 60 == 0 {
             if let Err(error) = buffer.compact().await {
                 warn!(%error, "Buffer compaction failed");
             }
