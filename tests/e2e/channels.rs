@@ -551,3 +551,32 @@ async fn a_channel_delivers_to_another_departments_spool_once_with_receipts_back
     assert!(files_in(&c_state.path().join("spool/inbox/.staging")).is_empty());
     drop(edge_c);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_two_hubs_sharing_a_sink_a_channel_syncs_through_whichever_is_up() {
+    let pki = Pki::new();
+    let shared = tempfile::tempdir().expect("shared sink dir");
+    let sink = shared.path().join("sink.sqlite");
+    let spec = |id| HubSpec {
+        sink: Some(sink.clone()),
+        ..HubSpec::new(id, 2, &[])
+    };
+    let hub_a = start_hub(&pki, spec("hub-01")).await;
+    let hub_b = start_hub(&pki, spec("hub-02")).await;
+    let edge = start_edge(&pki, edge_spec(vec![hub_a.quic, hub_b.quic])).await;
+    let ingest = edge.ingest.expect("ingest");
+    wait_for("the tunnels", Duration::from_secs(10), || {
+        edge.running.ready()
+    })
+    .await;
+    post_range(ingest, 1, 100).await;
+    wait_sink_high(hub_a.api, 100, Duration::from_secs(10)).await;
+    // The first hub goes away while producers write: the channel continues
+    // through the second, and what the first had committed is not stored again.
+    let producer = tokio::spawn(post_range(ingest, 101, 400));
+    hub_a.running.drain(Duration::from_millis(100)).await;
+    drop(hub_a);
+    producer.await.expect("producer");
+    wait_sink_high(hub_b.api, 400, Duration::from_secs(15)).await;
+    assert_eq!(sink_records(hub_b.api).await, exactly(1, 400));
+}

@@ -70,6 +70,8 @@ pub struct HubSpec<'a> {
     pub state: Option<Arc<tempfile::TempDir>>,
     /// Reuse this API address.
     pub api: Option<SocketAddr>,
+    /// `[hub].sink`: a sink file shared with other hubs.
+    pub sink: Option<PathBuf>,
 }
 
 impl<'a> HubSpec<'a> {
@@ -83,6 +85,7 @@ impl<'a> HubSpec<'a> {
             publish_addrs: vec![],
             state: None,
             api: None,
+            sink: None,
         }
     }
 }
@@ -118,6 +121,13 @@ pub fn hub_toml(
         key = key.display(),
         level = spec.level,
     );
+    if let Some(sink) = &spec.sink {
+        s = s.replacen(
+            "\n\n[[zone]]",
+            &format!("\nsink = \"{}\"\n\n[[zone]]", sink.display()),
+            1,
+        );
+    }
     // A publish written "udp:DEVICE/SERVICE" is a UDP publish.
     for (svc, addr) in spec.publishes.iter().zip(publish) {
         let (svc, proto) = match svc.strip_prefix("udp:") {

@@ -57,7 +57,7 @@ enum Job {
         reply: Reply<Backlog>,
     },
     Compact {
-        reply: Reply<()>,
+        reply: Reply<u64>,
     },
     Delivered {
         channel: String,
@@ -291,7 +291,9 @@ impl BufferHandle {
     /// # Errors
     /// When SQLite fails.
     pub async fn compact(&self) -> Result<(), String> {
-        self.ask(|reply| Job::Compact { reply }).await
+        // In steps of 16 MiB, so producers' commits get in between.
+        while self.ask(|reply| Job::Compact { reply }).await? > 0 {}
+        Ok(())
     }
 
     /// Signalled after records were committed to `channel`. The signal is kept
@@ -370,7 +372,7 @@ fn run(mut buffer: Buffer, rx: &mpsc::Receiver<Job>, signals: &Signals) {
                     let _ = reply.send(buffer.receipts(&channel, after, limit).map_err(e));
                 }
                 Job::Compact { reply } => {
-                    let _ = reply.send(buffer.compact().map_err(e));
+                    let _ = reply.send(buffer.compact_step(4096).map_err(e));
                 }
                 Job::Append(_) => {}
             }

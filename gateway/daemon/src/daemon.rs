@@ -249,9 +249,10 @@ pub async fn start(config: Config, mut bindings: Bindings) -> Result<Running, St
                     CancellationToken::new(),
                 ));
             }
-            let sink = crate::hub_sink::SinkHandle::new(gateway_store::sink::Sink::open(
-                &config_state_dir,
-            )?);
+            let sink = crate::hub_sink::SinkHandle::new(match &h.settings.sink {
+                Some(file) => gateway_store::sink::Sink::open_file(file)?,
+                None => gateway_store::sink::Sink::open(&config_state_dir)?,
+            });
             let api = bindings
                 .tcp(h.settings.api)
                 .map_err(bind_err(h.settings.api))?;

@@ -776,16 +776,70 @@ impl Buffer {
     /// # Errors
     /// When SQLite fails.
     pub fn compact(&mut self) -> Result<(), BufferError> {
-        // incremental_vacuum frees one page per step: step it to the end. The
-        // freed pages leave the file at the checkpoint after.
+        while self.compact_step(u32::MAX)? > 0 {}
+        Ok(())
+    }
+
+    /// One bounded step of [`Buffer::compact`]: frees up to `pages` free pages
+    /// (4 KiB each), checkpointing when none are left, and returns how many
+    /// remain, so a caller can let other work in between steps.
+    ///
+    /// # Errors
+    /// When SQLite fails.
+    pub fn compact_step(&mut self, pages: u32) -> Result<u64, BufferError> {
+        // incremental_vacuum frees one page per step of the statement: step it
+        // to the end. Freed pages leave the file at the next checkpoint.
         {
-            let mut vacuum = self.conn.prepare("PRAGMA incremental_vacuum")?;
+            let mut vacuum = self
+                .conn
+                .prepare(&format!("PRAGMA incremental_vacuum({pages})"))?;
             let mut rows = vacuum.query([])?;
             while rows.next()?.is_some() {}
         }
-        self.conn
-            .execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")?;
-        Ok(())
+        let left: i64 = self
+            .conn
+            .pragma_query_value(None, "freelist_count", |r| r.get(0))?;
+        if left == 0 {
+            self.conn
+                .execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")?;
+        }
+        Ok(u64_of(left))
+    }
+}
+
+/// Read-only access to a buffer another process owns (`gatewayd channels`):
+/// never takes a write lock, so it neither waits for nor blocks the daemon.
+#[derive(Debug)]
+pub struct BufferReader(Buffer);
+
+impl BufferReader {
+    /// Opens `STATE_DIR/buffer.sqlite` read-only.
+    ///
+    /// # Errors
+    /// When it does not exist or SQLite cannot open it.
+    pub fn open(state_dir: &Path) -> Result<Self, BufferError> {
+        let conn = Connection::open_with_flags(
+            state_dir.join(FILE_NAME),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        Ok(BufferReader(Buffer { conn }))
+    }
+
+    /// See [`Buffer::channels`].
+    ///
+    /// # Errors
+    /// When SQLite fails.
+    pub fn channels(&self) -> Result<Vec<String>, BufferError> {
+        self.0.channels()
+    }
+
+    /// See [`Buffer::backlog`].
+    ///
+    /// # Errors
+    /// When SQLite fails.
+    pub fn backlog(&self, channel: &str) -> Result<Backlog, BufferError> {
+        self.0.backlog(channel)
     }
 }
 

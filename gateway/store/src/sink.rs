@@ -160,6 +160,20 @@ impl Sink {
         Ok(Self { conn })
     }
 
+    /// Opens an existing sink read-only (`gatewayd channels`), never taking a
+    /// write lock.
+    ///
+    /// # Errors
+    /// When it does not exist or SQLite cannot open it.
+    pub fn open_read_only(path: &Path) -> Result<Self, SinkError> {
+        let conn = Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        Ok(Self { conn })
+    }
+
     /// The highest sequence number committed for (device, channel); 0 if none.
     ///
     /// # Errors

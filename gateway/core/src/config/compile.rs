@@ -1255,6 +1255,10 @@ impl Compiler<'_> {
                 cert: cert?,
                 key: key?,
                 cert_lifetime: cert_lifetime?,
+                sink: h
+                    .sink
+                    .as_ref()
+                    .map(|s| std::path::PathBuf::from(s.get_ref())),
             },
             publishes,
         })

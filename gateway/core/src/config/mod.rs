@@ -463,6 +463,9 @@ pub struct HubSettings {
     pub key: FilePath,
     /// Lifetime of issued device certificates.
     pub cert_lifetime: Duration,
+    /// The sink file, when several hubs share one (default
+    /// `STATE_DIR/sink.sqlite`).
+    pub sink: Option<std::path::PathBuf>,
 }
 
 /// `[[publish]]`: a hub listener for an edge's service.

@@ -128,6 +128,7 @@ pub struct RawHub {
     pub cert: S,
     pub key: S,
     pub cert_lifetime: Option<S>,
+    pub sink: Option<S>,
 }
 
 /// `[[publish]]`

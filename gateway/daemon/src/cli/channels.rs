@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use gateway_core::units::{ByteSize, format_duration};
-use gateway_store::buffer::{self, Buffer};
+use gateway_store::buffer::{self, BufferReader};
 use gateway_store::sink::{self, Sink};
 use serde_json::json;
 
@@ -62,7 +62,7 @@ pub fn run(args: &ChannelsArgs) -> u8 {
 }
 
 fn edge_table(dir: &Path, now_ms: i64, format: OutputFormat) -> Result<String, String> {
-    let b = Buffer::open(dir).map_err(|e| e.to_string())?;
+    let b = BufferReader::open(dir).map_err(|e| e.to_string())?;
     let mut rows = Vec::new();
     for name in b.channels().map_err(|e| e.to_string())? {
         let l = b.backlog(&name).map_err(|e| e.to_string())?;
@@ -110,7 +110,7 @@ fn edge_table(dir: &Path, now_ms: i64, format: OutputFormat) -> Result<String, S
 }
 
 fn hub_table(dir: &Path, format: OutputFormat) -> Result<String, String> {
-    let s = Sink::open(dir).map_err(|e| e.to_string())?;
+    let s = Sink::open_read_only(&dir.join(sink::FILE_NAME)).map_err(|e| e.to_string())?;
     let streams = s.streams().map_err(|e| e.to_string())?;
     if format == OutputFormat::Json {
         let list: Vec<_> = streams
