@@ -252,6 +252,8 @@ struct LossyLink {
     addr: SocketAddr,
     drop_percent: Arc<AtomicU8>,
     dropped: Arc<AtomicU64>,
+    /// Edge to hub, bytes per second (0: as fast as it comes).
+    rate: Arc<AtomicU64>,
 }
 
 async fn lossy_link(hub: SocketAddr) -> LossyLink {
@@ -259,7 +261,8 @@ async fn lossy_link(hub: SocketAddr) -> LossyLink {
     let addr = front.local_addr().expect("addr");
     let drop_percent = Arc::new(AtomicU8::new(0));
     let dropped = Arc::new(AtomicU64::new(0));
-    let (pct, cnt) = (drop_percent.clone(), dropped.clone());
+    let rate = Arc::new(AtomicU64::new(0));
+    let (pct, cnt, bps) = (drop_percent.clone(), dropped.clone(), rate.clone());
     tokio::spawn(async move {
         // One upstream socket per edge socket (the edge has a socket per lane).
         let mut upstream: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
@@ -271,7 +274,14 @@ async fn lossy_link(hub: SocketAddr) -> LossyLink {
             *seed ^= *seed << 17;
             (*seed % 100) < u64::from(pct.load(Ordering::SeqCst))
         };
+        // A queue drained at the link's rate: each datagram leaves when the
+        // previous ones have.
+        let mut free_at = tokio::time::Instant::now();
         while let Ok((n, from)) = front.recv_from(&mut buf).await {
+            if let Some(ns) = (n as u64 * 1_000_000_000).checked_div(bps.load(Ordering::SeqCst)) {
+                free_at = free_at.max(tokio::time::Instant::now()) + Duration::from_nanos(ns);
+                tokio::time::sleep_until(free_at).await;
+            }
             let up = match upstream.get(&from) {
                 Some(u) => u.clone(),
                 None => {
@@ -305,6 +315,7 @@ async fn lossy_link(hub: SocketAddr) -> LossyLink {
         addr,
         drop_percent,
         dropped,
+        rate,
     }
 }
 
@@ -579,4 +590,77 @@ async fn with_two_hubs_sharing_a_sink_a_channel_syncs_through_whichever_is_up() 
     producer.await.expect("producer");
     wait_sink_high(hub_b.api, 400, Duration::from_secs(15)).await;
     assert_eq!(sink_records(hub_b.api).await, exactly(1, 400));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_less_urgent_channel_is_not_starved_by_a_more_urgent_backlog() {
+    let pki = Pki::new();
+    let hub = start_hub(&pki, HubSpec::new("hub-01", 2, &[])).await;
+    let link = lossy_link(hub.quic).await;
+    let channels = "\n[[channel]]\nname = \"urgent\"\nzone = \"lab\"\npriority = 0\nformats = [\"json\"]\nmax_record_bytes = \"8KiB\"\n\n[[channel]]\nname = \"bulk\"\nzone = \"lab\"\npriority = 9\nformats = [\"json\"]\nmax_record_bytes = \"8KiB\"\n";
+    let edge = start_edge(
+        &pki,
+        EdgeSpec {
+            extra: channels,
+            ingest: true,
+            ..EdgeSpec::new("edge-b", 2, 2, vec![link.addr])
+        },
+    )
+    .await;
+    let ingest = edge.ingest.expect("ingest");
+    wait_for("the tunnel", Duration::from_secs(10), || {
+        edge.running.ready()
+    })
+    .await;
+    // A 2 MB/s link and a 24 MB backlog of urgent records: 12 s of sending.
+    link.rate.store(2_000_000, Ordering::SeqCst);
+    let pad = "x".repeat(4000);
+    for b in 0..60u64 {
+        let body: String = (0..100)
+            .map(|i| format!("{{\"n\":{},\"pad\":\"{pad}\"}}\n", b * 100 + i))
+            .collect();
+        let (s, r) = http_post(
+            ingest,
+            "/v1/channels/urgent/records",
+            Some("application/x-ndjson"),
+            body.as_bytes(),
+        )
+        .await;
+        assert_eq!(s, 200, "{r}");
+    }
+    let (s, r) = http_post(
+        ingest,
+        "/v1/channels/bulk/records",
+        Some("application/json"),
+        b"{\"n\":1}",
+    )
+    .await;
+    assert_eq!(s, 200, "{r}");
+    // The bulk record reaches the sink while the urgent backlog is still
+    // draining: its batch was lifted after STARVE_AFTER, not queued behind
+    // all 6,000 urgent records.
+    let high = |channel: &'static str| async move {
+        let (_, body) = http_get(hub.api, "GET", "/v1/channels").await;
+        let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+        v["channels"]
+            .as_array()
+            .and_then(|a| a.iter().find(|c| c["channel"] == channel))
+            .and_then(|c| c["high"].as_u64())
+            .unwrap_or(0)
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while high("bulk").await < 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the bulk record never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let urgent = high("urgent").await;
+    println!("bulk arrived with {urgent} of 6000 urgent records synced");
+    assert!(urgent > 0, "urgent records go first");
+    assert!(
+        urgent < 6000,
+        "the bulk record waited for the whole urgent backlog"
+    );
 }

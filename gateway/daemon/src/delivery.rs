@@ -23,6 +23,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::ingest::check_records;
 use crate::node::Ctx;
 use crate::relay::write_frame;
+use crate::spool::write_whole;
 use crate::sync::read_batch;
 
 /// The inbox, shared by delivery streams; used from blocking threads.
@@ -127,9 +128,12 @@ fn publish(
     };
     for (r, name, reason) in &refused {
         std::fs::create_dir_all(failed).map_err(io(failed))?;
-        std::fs::write(failed.join(name), &r.body).map_err(io(failed))?;
-        std::fs::write(failed.join(format!("{name}.reason")), format!("{reason}\n"))
-            .map_err(io(failed))?;
+        write_whole(&failed.join(name), &r.body).map_err(io(failed))?;
+        write_whole(
+            &failed.join(format!("{name}.reason")),
+            format!("{reason}\n").as_bytes(),
+        )
+        .map_err(io(failed))?;
     }
     let mut names = Vec::with_capacity(accepted.len());
     for (r, name) in &accepted {

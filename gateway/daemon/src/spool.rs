@@ -119,12 +119,23 @@ fn move_into(file: &Path, dir: &Path) -> std::io::Result<PathBuf> {
     Ok(to)
 }
 
+/// Writes `path` so that it appears whole: a hidden temporary file beside it,
+/// renamed into place.
+pub fn write_whole(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    std::fs::write(&tmp, contents)?;
+    std::fs::rename(&tmp, path)
+}
+
 fn fail(file: &Path, failed: &Path, reason: &str) {
     match move_into(file, failed) {
         Ok(to) => {
             let mut why = to.clone().into_os_string();
             why.push(".reason");
-            if let Err(error) = std::fs::write(&why, format!("{reason}\n")) {
+            if let Err(error) =
+                write_whole(std::path::Path::new(&why), format!("{reason}\n").as_bytes())
+            {
                 warn!(file = %to.display(), %error, "Cannot write the .reason file");
             }
             warn!(file = %to.display(), %reason, "Spool file refused");

@@ -32,6 +32,33 @@ use crate::edge::Hubs;
 use crate::node::Ctx;
 use crate::relay::{read_frame, write_frame};
 
+/// The channels with batches in flight now, and their priorities: a channel
+/// is starved only while a more urgent one is sending.
+#[derive(Default)]
+pub struct Sending(std::sync::Mutex<HashMap<String, u8>>);
+
+impl Sending {
+    fn set(&self, channel: &str, priority: u8, busy: bool) {
+        let mut m = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if busy {
+            m.insert(channel.to_owned(), priority);
+        } else {
+            m.remove(channel);
+        }
+    }
+
+    fn more_urgent_than(&self, priority: u8) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+            .any(|p| *p < priority)
+    }
+}
+
 /// Batches in flight on one channel's stream.
 pub const WINDOW: usize = 4;
 /// Most records in a batch.
@@ -42,6 +69,12 @@ pub const MAX_BYTES: u64 = 4 * 1024 * 1024;
 pub const FAST_ACK: Duration = Duration::from_millis(250);
 /// An ack this slow halves it.
 pub const SLOW_ACK: Duration = Duration::from_secs(2);
+/// A batch unacknowledged this long is resent on a stream above all
+/// priorities: the bound on how long a less urgent channel waits behind more
+/// urgent ones (plus the time to send that batch).
+pub const STARVE_AFTER: Duration = Duration::from_secs(2);
+/// Stream priority of a lifted channel (channels use 0..=9).
+const BOOSTED: i32 = 100;
 /// Batch size a stream starts with.
 const FIRST_BATCH: usize = 64;
 
@@ -68,6 +101,9 @@ pub enum SyncError {
     /// The node is draining.
     #[error("draining")]
     Draining,
+    /// A batch waited longer than [`STARVE_AFTER`] behind more urgent channels.
+    #[error("starved by more urgent channels")]
+    Starved,
 }
 
 fn stream_err(e: impl std::fmt::Display) -> SyncError {
@@ -76,18 +112,35 @@ fn stream_err(e: impl std::fmt::Display) -> SyncError {
 
 /// Keeps `channel` syncing until draining: through whichever hub is up,
 /// restarting from the first unacknowledged record after any failure.
-pub async fn run_channel(ctx: Arc<Ctx>, hubs: Arc<Hubs>, buffer: BufferHandle, channel: Channel) {
+pub async fn run_channel(
+    ctx: Arc<Ctx>,
+    hubs: Arc<Hubs>,
+    buffer: BufferHandle,
+    channel: Channel,
+    sending: Arc<Sending>,
+) {
     let span = info_span!("sync", channel = %channel.name);
     async move {
         let mut backoff = Backoff::default();
+        let mut lift = false;
         loop {
             let up = hubs.came_up();
             let result = match hubs.any() {
-                Some(conn) => sync_stream(&ctx, &conn, &buffer, &channel).await,
+                Some(conn) => {
+                    let r = sync_stream(&ctx, &conn, &buffer, &channel, lift, &sending).await;
+                    sending.set(&channel.name, channel.priority, false);
+                    r
+                }
                 None => Err(SyncError::NoHub),
             };
+            lift = false;
             match result {
                 Err(SyncError::Draining) => return,
+                Err(SyncError::Starved) => {
+                    // Again at once, on a new stream above every priority.
+                    lift = true;
+                    continue;
+                }
                 Err(SyncError::NoHub) => {
                     // Wait for a tunnel; the timeout only guards a missed signal.
                     tokio::select! {
@@ -121,6 +174,7 @@ pub async fn run_channel(ctx: Arc<Ctx>, hubs: Arc<Hubs>, buffer: BufferHandle, c
 /// drained.
 pub async fn supervise(ctx: Arc<Ctx>, hubs: Arc<Hubs>, buffer: BufferHandle) {
     let mut tasks: HashMap<String, (String, AbortOnDrop)> = HashMap::new();
+    let sending = Arc::new(Sending::default());
     let mut had_backlog: HashMap<String, bool> = HashMap::new();
     // When no hub was reachable, for `ttl_pauses_offline`.
     let mut offline: Vec<(i64, i64)> = Vec::new();
@@ -163,6 +217,7 @@ pub async fn supervise(ctx: Arc<Ctx>, hubs: Arc<Hubs>, buffer: BufferHandle) {
                     hubs.clone(),
                     buffer.clone(),
                     c.clone(),
+                    sending.clone(),
                 ));
                 tasks.insert(c.name.clone(), (shape, AbortOnDrop(task)));
             }
@@ -214,12 +269,20 @@ async fn sync_stream(
     conn: &quinn::Connection,
     buffer: &BufferHandle,
     channel: &Channel,
+    lift: bool,
+    sending: &Sending,
 ) -> Result<(), SyncError> {
     let name = channel.name.as_str();
     let (mut send, mut recv) = conn.open_bi().await.map_err(stream_err)?;
     // Urgent channels (priority 0) are sent before less urgent ones when the
-    // link is the bottleneck.
-    let _ = send.set_priority(9 - i32::from(channel.priority));
+    // link is the bottleneck. quinn applies a new priority only when it next
+    // sends from a stream, which a starved stream never does: so a batch
+    // waiting longer than STARVE_AFTER ends the stream, and the channel resends
+    // on a new one opened above every priority (`lift`), back to its own
+    // priority once its first batch is through.
+    let priority = 9 - i32::from(channel.priority);
+    let _ = send.set_priority(if lift { BOOSTED } else { priority });
+    let mut boosted = lift;
     write_frame(
         &mut send,
         &Frame::SyncOpen {
@@ -312,8 +375,21 @@ async fn sync_stream(
                 sent: Instant::now(),
             });
         }
+        sending.set(name, channel.priority, !inflight.is_empty());
         let wake = committed.notified();
+        let oldest = inflight.front().map(|b| b.sent);
+        let starving = async {
+            match oldest {
+                Some(t) if !boosted => tokio::time::sleep_until((t + STARVE_AFTER).into()).await,
+                _ => std::future::pending().await,
+            }
+        };
         tokio::select! {
+            () = starving, if sending.more_urgent_than(channel.priority) => {
+                debug!(priority = channel.priority, "Batch starved by more urgent channels; resending it lifted");
+                let _ = send.reset(quinn::VarInt::from_u32(0));
+                return Err(SyncError::Starved);
+            }
             ack = acks.recv() => {
                 let upto = match ack {
                     Some(Ok(Frame::SyncAck { upto })) => upto,
@@ -344,6 +420,10 @@ async fn sync_stream(
                     } else if took > SLOW_ACK {
                         size = (size / 2).max(1);
                     }
+                }
+                if boosted {
+                    let _ = send.set_priority(priority);
+                    boosted = false;
                 }
             }
             () = wake, if inflight.len() < WINDOW => {}
