@@ -3,10 +3,12 @@
 #   1. the disk's ceiling: SQLite (WAL, synchronous=FULL) inserting 1 KiB records,
 #      one transaction per record and 100 per transaction (python3's sqlite3);
 #   2. durable ingest over HTTP, 16 producers (wrk), one record per request and
-#      batches of 100, with a hub connected: records/s, producer p50/p99, and
+#      NDJSON batches (env BATCHES, default "10 100" records), with a hub connected: records/s, producer p50/p99, and
 #      records/s delivered and acknowledged at the hub's sink over the same time;
 #   3. drain: the hub stopped, a backlog of DRAIN_MB (default 1024) MiB built up,
-#      the hub started: time until the sink holds all of it.
+#      the hub started: time until the sink holds all of it;
+#   4. a channel capped at CAP (default 40Mbit = 5 MB/s): its backlog of about
+#      CAP_MB (default 100) MiB drains at what share of the cap.
 #
 # Needs: wrk, curl, python3 (apt-get install -y wrk curl).
 # Usage: tests/bench/channels.sh [SECONDS]   (env DRAIN_MB=1024)
@@ -14,6 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 D=${1:-10}
 DRAIN_MB=${DRAIN_MB:-1024}
+CAP=${CAP:-40Mbit} CAP_MB=${CAP_MB:-100}
 for tool in wrk curl python3; do
     command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install -y wrk curl" >&2; exit 1; }
 done
@@ -95,6 +98,13 @@ zone = "lab"
 formats = ["json"]
 max_record_bytes = "4KiB"
 max_bytes = "16GiB"
+[[channel]]
+name = "capped"
+zone = "lab"
+formats = ["json"]
+max_record_bytes = "4KiB"
+max_bytes = "16GiB"
+bandwidth = "$CAP"
 [[ingest]]
 zone = "lab"
 listen = "127.0.1.1:$INGEST"
@@ -107,18 +117,28 @@ RUST_LOG=warn $G run --config "$W/edge.toml" 2>"$W/edge.log" & EDGE=$!; PIDS+=($
 start_hub
 for _ in $(seq 100); do curl -sf 127.0.0.1:$EADMIN/readyz >/dev/null 2>&1 && break; sleep 0.1; done
 
-high() { curl -sf 127.0.0.1:$API/v1/channels | python3 -c 'import json,sys; c=json.load(sys.stdin)["channels"]; print(c[0]["high"] if c else 0)' 2>/dev/null || echo 0; }
-committed() { $G channels --state-dir "$W/edge" --format json | python3 -c 'import json,sys; c=json.load(sys.stdin)["channels"]; print(c[0]["committed"] if c else 0)'; }
+high() { # [channel]
+    curl -sf 127.0.0.1:$API/v1/channels | python3 -c 'import json,sys; c=[x for x in json.load(sys.stdin)["channels"] if x["channel"]==sys.argv[1]]; print(c[0]["high"] if c else 0)' "${1:-readings}" 2>/dev/null || echo 0
+}
+committed() { # [channel]
+    $G channels --state-dir "$W/edge" --format json | python3 -c 'import json,sys; c=[x for x in json.load(sys.stdin)["channels"] if x["channel"]==sys.argv[1]]; print(c[0]["committed"] if c else 0)' "${1:-readings}"
+}
 now() { date +%s.%N; }
-wait_high() { # until the sink holds N records; prints the time it was reached
-    while [ "$(high)" -lt "$1" ]; do sleep 0.05; done; now
+wait_high() { # N [channel]: until the sink holds N records; prints the time it was reached
+    while [ "$(high "${2:-readings}")" -lt "$1" ]; do sleep 0.05; done; now
 }
 
 python3 -c 'import json; print(json.dumps({"meter": 1, "pad": "x" * 1000}))' > "$W/rec.json"
-python3 -c 'import json; print("\n".join(json.dumps({"meter": i, "pad": "x" * 1000}) for i in range(100)))' > "$W/batch.ndjson"
-for kind in rec batch; do
+BATCHES=${BATCHES:-10 100}
+KINDS=rec
+for n in $BATCHES; do
+    python3 -c "import json; print('\n'.join(json.dumps({'meter': i, 'pad': 'x' * 1000}) for i in range($n)))" > "$W/batch$n.ndjson"
+    KINDS+=" batch$n"
+done
+cp "$W/batch${BATCHES##* }.ndjson" "$W/batch.ndjson"   # the largest, for the backlogs
+for kind in $KINDS batch; do
     ct=application/json; f=$W/rec.json
-    [ $kind = batch ] && { ct=application/x-ndjson; f=$W/batch.ndjson; }
+    [ $kind != rec ] && { ct=application/x-ndjson; f=$W/$kind.ndjson; }
     cat > "$W/$kind.lua" <<LUA
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "$ct"
@@ -127,7 +147,7 @@ LUA
 done
 
 echo "== 2. durable ingest, 16 producers, hub connected"
-for kind in rec batch; do
+for kind in $KINDS; do
     h0=$(high); c0=$(committed); t0=$(now)
     OUT=$(wrk -t2 -c16 -d"${D}s" --latency -s "$W/$kind.lua" "http://127.0.1.1:$INGEST/v1/channels/readings/records")
     t1=$(now); h1=$(high); c1=$(committed)
@@ -166,4 +186,24 @@ while [ "$($G channels --state-dir "$W/edge" --format json | python3 -c 'import 
 t0=$(now)
 for _ in $(seq 600); do [ "$(du -m "$W/edge/buffer.sqlite" | cut -f1)" -lt $(( before / 4 )) ] && break; sleep 0.1; done
 echo "edge buffer on disk: ${before} MB when the hub had it all, $(du -m "$W/edge/buffer.sqlite" | cut -f1) MB $(python3 -c "print(f'{$(now) - $t0:.1f}')") s after the backlog emptied (compaction)"
+echo "== 4. a backlog of about ${CAP_MB} MiB on a channel capped at $CAP"
+kill -TERM $HUB; wait $HUB 2>/dev/null || true
+while [ "$(committed capped)" -lt $(( CAP_MB * 1024 )) ]; do
+    wrk -t2 -c16 -d1s -s "$W/batch.lua" "http://127.0.1.1:$INGEST/v1/channels/capped/records" >/dev/null
+done
+c1=$(committed capped)
+sent() { curl -sf 127.0.0.1:$EADMIN/metrics | awk -F'} ' '/^gateway_channel_sent_bytes_total\{channel="capped"/{print $2}'; }
+start_hub
+# From the first record through (the tunnel is up and syncing) to the last.
+t0=$(wait_high 1 capped); s0=$(sent); s0=${s0:-0}
+tdone=$(wait_high "$c1" capped)
+sleep 1.2   # the sent-bytes counter is exact; this only waits for the last scrape
+s1=$(sent)
+python3 -c "
+cap = '$CAP'; import re
+n, unit = re.match(r'(\d+)(\w+)', cap).groups()
+bps = int(n) * {'kbit': 125, 'Mbit': 125_000, 'Gbit': 125_000_000}[unit]
+rate = ($s1 - $s0) / ($tdone - $t0)
+print(f'drained $c1 records: {($s1 - $s0) / 2**20:.0f} MiB on the wire in {$tdone - $t0:.1f} s = {rate / 1e6:.2f} MB/s, {rate / bps:.1%} of the {bps / 1e6:.2f} MB/s cap')
+"
 echo "machine: $(nproc) cores, $(uname -r), $(date -u +%Y-%m-%d), $D s per ingest run"
