@@ -532,8 +532,21 @@ async fn a_channel_delivers_to_another_departments_spool_once_with_receipts_back
         std::fs::read_to_string(failed.join("edge-a.reports.00000000000000000041.xml.reason"))
             .expect("reason");
     assert!(why.contains("R5.channel-content"), "{why}");
-    let statuses = wait_receipts(ingest, "reports", |s| s.iter().all(|s| s == "delivered")).await;
-    assert_eq!(statuses, vec!["delivered".to_owned(); 41]);
+    // Receipts: 40 delivered, and the refused one failed, with edge-c's reason.
+    let want = |n: usize| -> Vec<String> {
+        (1..=n)
+            .map(|i| if i == 41 { "failed" } else { "delivered" }.to_owned())
+            .collect()
+    };
+    let statuses = wait_receipts(ingest, "reports", |s| s == want(41).as_slice()).await;
+    assert_eq!(statuses, want(41));
+    let (_, b) = http_get(
+        ingest,
+        "GET",
+        "/v1/channels/reports/receipts?after=40&limit=1",
+    )
+    .await;
+    assert!(b.contains("R5.channel-content"), "{b}");
 
     // The destination goes offline: records wait in the hub's sink, and the
     // source's receipts say so; back online, each arrives once.
@@ -557,8 +570,8 @@ async fn a_channel_delivers_to_another_departments_spool_once_with_receipts_back
     .await;
     let names = files_in(&out);
     assert_eq!(names[58], "edge-a.reports.00000000000000000060.json");
-    let statuses = wait_receipts(ingest, "reports", |s| s.iter().all(|s| s == "delivered")).await;
-    assert_eq!(statuses, vec!["delivered".to_owned(); 60]);
+    let statuses = wait_receipts(ingest, "reports", |s| s == want(60).as_slice()).await;
+    assert_eq!(statuses, want(60));
     assert!(files_in(&c_state.path().join("spool/inbox/.staging")).is_empty());
     drop(edge_c);
 }

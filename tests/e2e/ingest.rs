@@ -349,3 +349,65 @@ async fn ttl_waits_while_no_hub_is_reachable_when_asked_to() {
         "never online, so never expired: {b}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drop_oldest_makes_room_and_says_which_records_went() {
+    let pki = Pki::new();
+    let edge = start_edge(
+        &pki,
+        EdgeSpec {
+            extra: "\n[[channel]]\nname = \"readings\"\nzone = \"lab\"\nformats = [\"json\"]\nmax_record_bytes = \"2KiB\"\nmax_bytes = \"4KiB\"\nwhen_full = \"drop_oldest\"\n",
+            ingest: true,
+            ..EdgeSpec::new("edge-b", 2, 2, vec!["127.0.0.1:9".parse().expect("addr")])
+        },
+    )
+    .await;
+    let at = edge.ingest.expect("ingest");
+    let pad = "x".repeat(900);
+    let mut dropped_any = false;
+    for n in 1..=10 {
+        let (s, b) = http_post(
+            at,
+            "/v1/channels/readings/records",
+            Some("application/json"),
+            format!("{{\"n\":{n},\"pad\":\"{pad}\"}}").as_bytes(),
+        )
+        .await;
+        assert_eq!(s, 200, "{b}");
+        dropped_any |= !b.contains("\"dropped\":null");
+    }
+    assert!(dropped_any, "a 4 KiB quota cannot hold ten 1 KiB records");
+    let (s, b) = http_get(at, "GET", "/v1/channels/readings/receipts").await;
+    assert_eq!(s, 200, "{b}");
+    let v: serde_json::Value = serde_json::from_str(&b).expect("json");
+    let list = v["receipts"].as_array().expect("receipts");
+    assert_eq!(list.len(), 10, "{b}");
+    assert_eq!(list[0]["status"], "dropped", "{b}");
+    assert_eq!(list[0]["reason"], "quota", "{b}");
+    assert_eq!(list[9]["status"], "accepted", "{b}");
+    // A refused record counts as dropped for content on /metrics.
+    let (s, _) = http_post(
+        at,
+        "/v1/channels/readings/records",
+        Some("application/json"),
+        b"{oops",
+    )
+    .await;
+    assert_eq!(s, 422);
+    let (_, m) = http_get(edge.running.admin_addr, "GET", "/metrics").await;
+    assert!(
+        m.contains("gateway_channel_dropped_total{channel=\"readings\",reason=\"content\"} 1"),
+        "{m}"
+    );
+    let state = edge.state.path().to_owned();
+    wait_for(
+        "the drops in the audit",
+        std::time::Duration::from_secs(5),
+        || {
+            audit_lines(&state)
+                .iter()
+                .any(|l| l.starts_with("channel.drop") && l.contains("quota"))
+        },
+    )
+    .await;
+}

@@ -138,6 +138,15 @@ pub enum Frame {
         /// Highest sequence number delivered.
         upto: u64,
     },
+    /// A record could not be delivered: destination edge to hub on a delivery
+    /// stream (before the batch's [`Frame::SyncAck`]), and hub to the source
+    /// edge on its sync stream (before the [`Frame::SyncDelivered`] that covers it).
+    SyncFailed {
+        /// The record's sequence number in the source channel.
+        seq: u64,
+        /// Why (rule and reason).
+        reason: String,
+    },
     /// Refused; the stream ends.
     Refuse {
         /// Why.
@@ -178,6 +187,7 @@ mod tag {
     pub const SYNC_ACK: u8 = 0x22;
     pub const DELIVER: u8 = 0x23;
     pub const SYNC_DELIVERED: u8 = 0x24;
+    pub const SYNC_FAILED: u8 = 0x25;
 }
 
 impl Frame {
@@ -242,6 +252,11 @@ impl Frame {
             Frame::SyncDelivered { upto } => {
                 out.push(tag::SYNC_DELIVERED);
                 out.extend_from_slice(&upto.to_be_bytes());
+            }
+            Frame::SyncFailed { seq, reason } => {
+                out.push(tag::SYNC_FAILED);
+                out.extend_from_slice(&seq.to_be_bytes());
+                put_str(out, reason);
             }
             Frame::Refuse {
                 code,
@@ -330,6 +345,10 @@ impl Frame {
                 channel: r.str()?,
             },
             tag::SYNC_DELIVERED => Frame::SyncDelivered { upto: r.u64()? },
+            tag::SYNC_FAILED => Frame::SyncFailed {
+                seq: r.u64()?,
+                reason: r.str()?,
+            },
             tag::REFUSE => Frame::Refuse {
                 code: RefuseCode::from_u16(r.u16()?),
                 rule: r.str()?,
@@ -620,6 +639,7 @@ mod tests {
             any::<u64>().prop_map(|upto| Frame::SyncAck { upto }),
             (".{0,30}", ".{0,30}").prop_map(|(from, channel)| Frame::Deliver { from, channel }),
             any::<u64>().prop_map(|upto| Frame::SyncDelivered { upto }),
+            (any::<u64>(), ".{0,60}").prop_map(|(seq, reason)| Frame::SyncFailed { seq, reason }),
             (code, ".{0,20}", ".{0,200}").prop_map(|(code, rule, message)| Frame::Refuse {
                 code,
                 rule,

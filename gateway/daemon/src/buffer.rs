@@ -64,6 +64,12 @@ enum Job {
         upto: u64,
         reply: Reply<()>,
     },
+    Failed {
+        channel: String,
+        seq: u64,
+        reason: String,
+        reply: Reply<()>,
+    },
     Spooled {
         channel: String,
         source: String,
@@ -265,6 +271,21 @@ impl BufferHandle {
         .await
     }
 
+    /// The destination refused record `seq`.
+    ///
+    /// # Errors
+    /// When SQLite fails.
+    pub async fn failed(&self, channel: &str, seq: u64, reason: String) -> Result<(), String> {
+        let channel = channel.to_owned();
+        self.ask(|reply| Job::Failed {
+            channel,
+            seq,
+            reason,
+            reply,
+        })
+        .await
+    }
+
     /// Receipts of records after `after`, at most `limit`.
     ///
     /// # Errors
@@ -355,6 +376,14 @@ fn run(mut buffer: Buffer, rx: &mpsc::Receiver<Job>, signals: &Signals) {
                     reply,
                 } => {
                     let _ = reply.send(buffer.delivered(&channel, upto).map_err(e));
+                }
+                Job::Failed {
+                    channel,
+                    seq,
+                    reason,
+                    reply,
+                } => {
+                    let _ = reply.send(buffer.failed(&channel, seq, &reason, now_ms()).map_err(e));
                 }
                 Job::Spooled {
                     channel,

@@ -243,6 +243,10 @@ pub async fn serve(
                 }
             }
             let n = (accepted.len(), refused.len());
+            let failures: Vec<(u64, String)> = refused
+                .iter()
+                .map(|(r, _, why)| (r.seq, why.clone()))
+                .collect();
             let (src, ch, d) = (from.clone(), channel.clone(), dirs.clone());
             match inbox
                 .with(move |i| publish(i, &src, &ch, &d, accepted, refused, upto))
@@ -261,6 +265,14 @@ pub async fn serve(
                 upto,
                 "Records delivered to out/"
             );
+            for (seq, reason) in failures {
+                if write_frame(&mut send, &Frame::SyncFailed { seq, reason })
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
             if write_frame(&mut send, &Frame::SyncAck { upto })
                 .await
                 .is_err()

@@ -212,6 +212,19 @@ pub async fn serve_sync(
             if let Some(f) = &forwarder {
                 let upto = *f.delivered.borrow();
                 if upto > told {
+                    let (d, c, after) = (device.clone(), channel.clone(), told);
+                    let failures = sink
+                        .with(move |s| s.failures(&d, &c, after, upto))
+                        .await
+                        .unwrap_or_default();
+                    for (seq, reason) in failures {
+                        if write_frame(&mut send, &Frame::SyncFailed { seq, reason })
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
                     told = upto;
                     if write_frame(&mut send, &Frame::SyncDelivered { upto })
                         .await
@@ -401,9 +414,16 @@ async fn forward_stream(
         tokio::io::AsyncWriteExt::write_all(&mut send, &out)
             .await
             .map_err(|e| e.to_string())?;
-        acked = match read_frame(&mut recv).await.map_err(|e| e.to_string())? {
-            Frame::SyncAck { upto } => upto,
-            other => return Err(format!("unexpected {other:?}")),
+        // Refused records first (kept for the source's receipts), then the ack.
+        acked = loop {
+            match read_frame(&mut recv).await.map_err(|e| e.to_string())? {
+                Frame::SyncFailed { seq, reason } => {
+                    let (d, c) = (device.to_owned(), channel.to_owned());
+                    sink.with(move |s| s.failed(&d, &c, seq, &reason)).await?;
+                }
+                Frame::SyncAck { upto } => break upto,
+                other => return Err(format!("unexpected {other:?}")),
+            }
         };
     }
 }

@@ -164,6 +164,7 @@ pub fn check_records(
         if let Some((rule, reason, by_policy)) = refusal {
             let reason = format!("{at}{reason}");
             ctx.refuse("channel.refuse", subject, channel, &rule, &reason);
+            ctx.metrics.channel_refused(channel, items.len() as u64);
             return Err(Refused {
                 rule,
                 reason,

@@ -53,6 +53,8 @@ pub struct ChannelCounters {
     pub dropped_quota: u64,
     /// See `dropped_ttl`.
     pub dropped_corrupt: u64,
+    /// Records refused at ingest by the boundary checks.
+    pub dropped_content: u64,
 }
 
 /// Per-(device, channel) counters of the hub's sink.
@@ -167,6 +169,14 @@ impl Metrics {
         c.dropped_ttl = b.expired;
         c.dropped_quota = b.dropped;
         c.dropped_corrupt = b.corrupt;
+    }
+
+    /// Records of `channel` refused at ingest by the boundary checks.
+    pub fn channel_refused(&self, channel: &str, records: u64) {
+        lock(&self.channels)
+            .entry(channel.to_owned())
+            .or_default()
+            .dropped_content += records;
     }
 
     /// A channel's counters.
@@ -343,6 +353,7 @@ impl Metrics {
                 ("ttl", c.dropped_ttl),
                 ("quota", c.dropped_quota),
                 ("corrupt", c.dropped_corrupt),
+                ("content", c.dropped_content),
             ] {
                 let _ = writeln!(
                     o,

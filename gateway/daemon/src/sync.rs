@@ -326,9 +326,15 @@ async fn sync_stream(
     let reader = tokio::spawn(async move {
         loop {
             let r = read_untimed(&mut recv).await;
-            let stop = !matches!(r, Ok(Frame::SyncAck { .. } | Frame::SyncDelivered { .. }));
+            let ok = |f: &Frame| {
+                matches!(
+                    f,
+                    Frame::SyncAck { .. } | Frame::SyncDelivered { .. } | Frame::SyncFailed { .. }
+                )
+            };
+            let stop = !r.as_ref().is_ok_and(ok);
             let msg = match r {
-                Ok(f @ (Frame::SyncAck { .. } | Frame::SyncDelivered { .. })) => Ok(f),
+                Ok(f) if ok(&f) => Ok(f),
                 Ok(other) => Err(format!("unexpected {other:?}")),
                 Err(e) => Err(e),
             };
@@ -393,6 +399,12 @@ async fn sync_stream(
             ack = acks.recv() => {
                 let upto = match ack {
                     Some(Ok(Frame::SyncAck { upto })) => upto,
+                    Some(Ok(Frame::SyncFailed { seq, reason })) => {
+                        // The destination refused it: the receipt says why.
+                        warn!(seq, %reason, "The destination refused a record");
+                        buffer.failed(name, seq, reason).await.map_err(SyncError::Buffer)?;
+                        continue;
+                    }
                     Some(Ok(Frame::SyncDelivered { upto })) => {
                         // The destination edge confirmed: receipts say delivered.
                         buffer.delivered(name, upto.min(done)).await.map_err(SyncError::Buffer)?;

@@ -565,6 +565,32 @@ impl Buffer {
         Ok(())
     }
 
+    /// The destination refused record `seq`: its receipt says failed, why.
+    ///
+    /// # Errors
+    /// When SQLite fails.
+    pub fn failed(
+        &mut self,
+        channel: &str,
+        seq: u64,
+        reason: &str,
+        now_ms: i64,
+    ) -> Result<(), BufferError> {
+        let seq = i64_of(seq);
+        let known: bool = self.conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM gap WHERE channel = ?1 AND first = ?2 AND last = ?2)",
+            params![channel, seq],
+            |r| r.get(0),
+        )?;
+        if !known {
+            self.conn.execute(
+                "INSERT INTO gap VALUES (?1, ?2, ?2, ?3, ?4)",
+                params![channel, seq, format!("failed: {reason}"), now_ms],
+            )?;
+        }
+        Ok(())
+    }
+
     /// The fate of records `after + 1 ..` (at most `limit`), in sequence order.
     ///
     /// # Errors
@@ -625,6 +651,7 @@ impl Buffer {
                 {
                     match reason.split_once(": ") {
                         Some(("expired", why)) => Status::Expired(why.to_owned()),
+                        Some(("failed", why)) => Status::Failed(why.to_owned()),
                         Some((_, why)) => Status::Dropped(why.to_owned()),
                         None => Status::Dropped(reason.clone()),
                     }

@@ -36,6 +36,14 @@ CREATE TABLE IF NOT EXISTS stream (
     duplicates INTEGER NOT NULL,
     PRIMARY KEY (device, channel)
 ) STRICT;
+-- Records the destination edge refused, kept for the source's receipts.
+CREATE TABLE IF NOT EXISTS failure (
+    device  TEXT NOT NULL,
+    channel TEXT NOT NULL,
+    seq     INTEGER NOT NULL,
+    reason  TEXT NOT NULL,
+    PRIMARY KEY (device, channel, seq)
+) STRICT;
 CREATE TABLE IF NOT EXISTS record (
     id          INTEGER PRIMARY KEY,
     device      TEXT NOT NULL,
@@ -309,6 +317,44 @@ impl Sink {
         )?;
         tx.commit()?;
         Ok(u64_of(n))
+    }
+
+    /// The destination refused record `seq` of (device, channel).
+    ///
+    /// # Errors
+    /// When SQLite fails.
+    pub fn failed(
+        &mut self,
+        device: &str,
+        channel: &str,
+        seq: u64,
+        reason: &str,
+    ) -> Result<(), SinkError> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO failure VALUES (?1, ?2, ?3, ?4)",
+            params![device, channel, i64_of(seq), reason],
+        )?;
+        Ok(())
+    }
+
+    /// Refused records of (device, channel) in `(after, upto]`, in order.
+    ///
+    /// # Errors
+    /// When SQLite fails.
+    pub fn failures(
+        &self,
+        device: &str,
+        channel: &str,
+        after: u64,
+        upto: u64,
+    ) -> Result<Vec<(u64, String)>, SinkError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT seq, reason FROM failure WHERE device = ?1 AND channel = ?2 AND seq > ?3 AND seq <= ?4 ORDER BY seq",
+        )?;
+        let rows = stmt.query_map(params![device, channel, i64_of(after), i64_of(upto)], |r| {
+            Ok((u64_of(r.get(0)?), r.get(1)?))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// Returns the pages of consumed records to the file system (incremental
