@@ -374,13 +374,13 @@ async fn spool_files_are_committed_once_and_moved_or_refused_with_a_reason() {
     put("a.json", "{\"n\":1}");
     put("b.ndjson", "{\"n\":2}\n{\"n\":3}\n\n{\"n\":4}\n");
     put("c.json", "{\"n\":");
-    put("d.bin", "\u{1}\u{2}");
+    put("d.dat", "\u{1}\u{2}");
     wait_for("the good files in done/", Duration::from_secs(10), || {
         done.join("a.json").exists() && done.join("b.ndjson").exists()
     })
     .await;
     wait_for("the bad files in failed/", Duration::from_secs(10), || {
-        failed.join("c.json.reason").exists() && failed.join("d.bin.reason").exists()
+        failed.join("c.json.reason").exists() && failed.join("d.dat.reason").exists()
     })
     .await;
     let why = std::fs::read_to_string(failed.join("c.json.reason")).expect("reason");
@@ -388,7 +388,7 @@ async fn spool_files_are_committed_once_and_moved_or_refused_with_a_reason() {
         why.contains("R5.channel-content") && why.contains("not valid JSON"),
         "{why}"
     );
-    let why = std::fs::read_to_string(failed.join("d.bin.reason")).expect("reason");
+    let why = std::fs::read_to_string(failed.join("d.dat.reason")).expect("reason");
     assert!(why.contains("unknown format"), "{why}");
     assert!(
         inbox.join(".still-writing.json").exists(),
@@ -676,4 +676,57 @@ async fn a_less_urgent_channel_is_not_starved_by_a_more_urgent_backlog() {
         urgent < 6000,
         "the bulk record waited for the whole urgent backlog"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_record_is_quarantined_audited_and_skipped_not_a_crash_loop() {
+    let pki = Pki::new();
+    let hub = start_hub(&pki, HubSpec::new("hub-01", 2, &[])).await;
+    let (quic, api) = (hub.quic, hub.api);
+    hub.running.drain(Duration::from_millis(100)).await;
+    drop(hub);
+    let edge = start_edge(&pki, edge_spec(vec![quic])).await;
+    let ingest = edge.ingest.expect("ingest");
+    post_range(ingest, 1, 20).await;
+    // A bad disk flips record 7 behind the daemon's back.
+    let raw = rusqlite::Connection::open(edge.state.path().join(gateway_store::buffer::FILE_NAME))
+        .expect("raw");
+    raw.busy_timeout(Duration::from_secs(5)).expect("busy");
+    raw.execute(
+        "UPDATE record SET body = CAST('{\"n\":70}' AS BLOB) WHERE channel = 'readings' AND seq = 7",
+        [],
+    )
+    .expect("corrupt");
+    drop(raw);
+    let hub = start_hub(
+        &pki,
+        HubSpec {
+            quic: Some(quic),
+            api: Some(api),
+            ..HubSpec::new("hub-01", 2, &[])
+        },
+    )
+    .await;
+    wait_sink_high(api, 20, Duration::from_secs(15)).await;
+    let want: Vec<(u64, u64)> = (1..=20).filter(|n| *n != 7).map(|n| (n, n)).collect();
+    assert_eq!(sink_records(api).await, want);
+    let (_, b) = http_get(
+        ingest,
+        "GET",
+        "/v1/channels/readings/receipts?after=6&limit=1",
+    )
+    .await;
+    assert!(b.contains("\"failed\"") && b.contains("corrupt"), "{b}");
+    let state = edge.state.path().to_owned();
+    wait_for(
+        "the quarantine in the audit",
+        Duration::from_secs(10),
+        || {
+            audit_lines(&state)
+                .iter()
+                .any(|l| l.starts_with("channel.corrupt"))
+        },
+    )
+    .await;
+    drop(hub);
 }

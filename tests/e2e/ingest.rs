@@ -411,3 +411,38 @@ async fn drop_oldest_makes_room_and_says_which_records_went() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_bytes_are_taken_only_where_declared() {
+    let pki = Pki::new();
+    let edge = start_edge(
+        &pki,
+        EdgeSpec {
+            extra: "\n[[channel]]\nname = \"images\"\nzone = \"lab\"\nformats = [\"raw\"]\nmax_record_bytes = \"1KiB\"\n\n[[channel]]\nname = \"readings\"\nzone = \"lab\"\nformats = [\"json\"]\nmax_record_bytes = \"1KiB\"\n",
+            ingest: true,
+            ..EdgeSpec::new("edge-b", 2, 2, vec!["127.0.0.1:9".parse().expect("addr")])
+        },
+    )
+    .await;
+    let at = edge.ingest.expect("ingest");
+    let bytes = [0xffu8, 0x00, 0xd8, 0x01];
+    let (s, b) = http_post(
+        at,
+        "/v1/channels/images/records",
+        Some("application/octet-stream"),
+        &bytes,
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    let mut buf = Buffer::open(edge.state.path()).expect("open");
+    assert_eq!(buf.read("images", 0, 10).expect("read")[0].body, bytes);
+    let (s, b) = http_post(
+        at,
+        "/v1/channels/readings/records",
+        Some("application/octet-stream"),
+        &bytes,
+    )
+    .await;
+    assert_eq!(s, 403, "{b}");
+    assert!(b.contains("R5.channel-content"), "{b}");
+}

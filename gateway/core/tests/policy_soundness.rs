@@ -376,7 +376,13 @@ fn accepted_configs_never_allow_a_forbidden_crossing() {
             }
         }
         for c in &edge.channels {
-            for format in [Format::Json, Format::Xml, Format::Csv, Format::Text] {
+            for format in [
+                Format::Json,
+                Format::Xml,
+                Format::Csv,
+                Format::Text,
+                Format::Raw,
+            ] {
                 for bytes in [1, 100, 5000] {
                     crossings.push(Crossing::ChannelRecord {
                         channel: &c.name,

@@ -62,6 +62,7 @@ fn extension(format: &str) -> &'static str {
         "json" => "json",
         "xml" => "xml",
         "csv" => "csv",
+        "raw" => "bin",
         _ => "txt",
     }
 }
@@ -72,6 +73,7 @@ fn format_of(name: &str) -> Option<Format> {
         "xml" => Some(Format::Xml),
         "csv" => Some(Format::Csv),
         "text" => Some(Format::Text),
+        "raw" => Some(Format::Raw),
         _ => None,
     }
 }

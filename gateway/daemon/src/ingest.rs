@@ -86,12 +86,16 @@ fn format_of(headers: &HeaderMap) -> Option<Format> {
         "application/xml" | "text/xml" => Some(Format::Xml),
         "text/csv" => Some(Format::Csv),
         "text/plain" => Some(Format::Text),
+        "application/octet-stream" => Some(Format::Raw),
         _ => None,
     }
 }
 
 /// Whether `body` really is what it declares (the content half of R5.channel-content).
 fn content_ok(format: Format, body: &[u8]) -> Result<(), String> {
+    if format == Format::Raw {
+        return Ok(());
+    }
     let text = std::str::from_utf8(body)
         .map_err(|_| format!("a {} record must be UTF-8", format.as_str()))?;
     match format {
@@ -101,7 +105,7 @@ fn content_ok(format: Format, body: &[u8]) -> Result<(), String> {
         Format::Xml if !text.trim_start().starts_with('<') => {
             Err("not XML: it does not start with '<'".into())
         }
-        Format::Xml | Format::Csv | Format::Text => Ok(()),
+        Format::Xml | Format::Csv | Format::Text | Format::Raw => Ok(()),
     }
 }
 

@@ -102,6 +102,7 @@ fn format_of(path: &Path) -> Option<(Format, bool)> {
         "xml" => Some((Format::Xml, false)),
         "csv" => Some((Format::Csv, false)),
         "txt" | "text" => Some((Format::Text, false)),
+        "bin" => Some((Format::Raw, false)),
         _ => None,
     }
 }

@@ -24,7 +24,7 @@ use gateway_core::config::{Channel, Destination};
 use gateway_core::wire::{Batch, DecodeError, Frame, SyncRecord};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::mpsc;
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{Instrument, debug, error, info_span, warn};
 
 use crate::audit_sink::now_ms;
 use crate::buffer::BufferHandle;
@@ -239,6 +239,21 @@ pub async fn supervise(ctx: Arc<Ctx>, hubs: Arc<Hubs>, buffer: BufferHandle) {
                 Err(error) => warn!(channel = %c.name, %error, "TTL expiry failed"),
             }
             if let Ok(b) = buffer.backlog(&c.name).await {
+                let seen = ctx.metrics.channel(&c.name).dropped_corrupt;
+                if b.corrupt > seen && had_backlog.contains_key(&c.name) {
+                    error!(channel = %c.name, records = b.corrupt - seen, "Corrupt records quarantined (CRC mismatch); they will not be delivered");
+                    ctx.audit.record(
+                        &c.name,
+                        &c.name,
+                        "channel.corrupt",
+                        "error",
+                        "",
+                        format!(
+                            "{} records failed their CRC and were quarantined",
+                            b.corrupt - seen
+                        ),
+                    );
+                }
                 ctx.metrics.channel_backlog(&c.name, &b, now);
                 let before = had_backlog
                     .insert(c.name.clone(), b.records > 0)

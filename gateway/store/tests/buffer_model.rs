@@ -1,5 +1,6 @@
 //! Model-based test of the record buffer: random appends (with quotas, both
-//! full behaviours), reads, acks, expiry, corruption and restarts against a plain
+//! full behaviours), reads, acks, expiry, corruption, restarts and crashes in
+//! the middle of a commit against a plain
 //! in-memory model. After every step the buffer holds exactly what the model
 //! holds, in order, with the same sequence numbers and counters, and every
 //! record ever numbered has the receipt the model expects.
@@ -38,6 +39,11 @@ enum Op {
         nth: usize,
     },
     Restart,
+    /// The process dies in the middle of a commit: a transaction that wrote
+    /// records and advanced the sequence is never committed.
+    Crash {
+        ch: usize,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -49,6 +55,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (1i64..20).prop_map(Op::Tick),
         1 => (0..2usize, 0usize..3).prop_map(|(ch, nth)| Op::Corrupt { ch, nth }),
         1 => Just(Op::Restart),
+        1 => (0..2usize).prop_map(|ch| Op::Crash { ch }),
     ]
 }
 
@@ -177,6 +184,20 @@ proptest! {
                 Op::Restart => {
                     drop(buf);
                     buf = Buffer::open(dir.path()).expect("reopen");
+                }
+                Op::Crash { ch } => {
+                    drop(buf);
+                    {
+                        let mut raw = rusqlite::Connection::open(dir.path().join(gateway_store::buffer::FILE_NAME)).expect("raw");
+                        let tx = raw.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).expect("begin");
+                        let next = *m.next.get(&ch).unwrap_or(&1) as i64;
+                        tx.execute("INSERT OR IGNORE INTO channel (name, next_seq, bytes, records, dropped, expired, corrupt) VALUES (?1, 1, 0, 0, 0, 0, 0)", [CHANNELS[ch]]).expect("channel");
+                        tx.execute("INSERT INTO record (channel, seq, time_ms, format, body, crc) VALUES (?1, ?2, 0, 'json', x'00', 0)", rusqlite::params![CHANNELS[ch], next]).expect("insert");
+                        tx.execute("UPDATE channel SET next_seq = next_seq + 1, records = records + 1 WHERE name = ?1", [CHANNELS[ch]]).expect("advance");
+                        // Dropped without commit: what a crash leaves.
+                        drop(tx);
+                    }
+                    buf = Buffer::open(dir.path()).expect("reopen after crash");
                 }
             }
             for (ch, name) in CHANNELS.iter().enumerate() {

@@ -1043,7 +1043,7 @@ impl Compiler<'_> {
         let mut formats_ok = true;
         if let Some(fs) = &c.formats {
             if fs.get_ref().is_empty() {
-                self.error(&fs.span(), "channel.formats is empty: no record could ever be accepted", "list the accepted formats (json, xml, csv, text), or remove the key to accept any");
+                self.error(&fs.span(), "channel.formats is empty: no record could ever be accepted", "list the accepted formats (json, xml, csv, text, raw), or remove the key to accept any");
                 formats_ok = false;
             }
             for f in fs.get_ref() {
@@ -1059,7 +1059,7 @@ impl Compiler<'_> {
                         self.error(
                             &f.span(),
                             format!("channel.formats: unknown format {:?}", f.get_ref()),
-                            "write json, xml, csv or text",
+                            "write json, xml, csv, text or raw",
                         );
                     }
                 }

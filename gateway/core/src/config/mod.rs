@@ -341,6 +341,8 @@ pub enum Format {
     Csv,
     /// UTF-8 text.
     Text,
+    /// Bytes, unchecked beyond their size (declared `application/octet-stream`).
+    Raw,
 }
 
 impl Format {
@@ -351,14 +353,21 @@ impl Format {
             Format::Xml => "xml",
             Format::Csv => "csv",
             Format::Text => "text",
+            Format::Raw => "raw",
         }
     }
 
     /// Parses the config word.
     pub fn parse(s: &str) -> Option<Self> {
-        [Format::Json, Format::Xml, Format::Csv, Format::Text]
-            .into_iter()
-            .find(|f| f.as_str() == s)
+        [
+            Format::Json,
+            Format::Xml,
+            Format::Csv,
+            Format::Text,
+            Format::Raw,
+        ]
+        .into_iter()
+        .find(|f| f.as_str() == s)
     }
 }
 
