@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use gateway_store::buffer::{Buffer, BufferError, NewRecord, RECORD_OVERHEAD, WhenFull};
+use gateway_store::buffer::{Buffer, BufferError, NewRecord, WhenFull, accounted};
 use proptest::prelude::*;
 
 const CHANNELS: [&str; 2] = ["reports", "readings"];
@@ -79,11 +79,9 @@ struct Model {
 
 impl Model {
     fn bytes(&self, ch: usize) -> u64 {
-        self.recs.get(&ch).map_or(0, |q| {
-            q.iter()
-                .map(|m| m.body.len() as u64 + RECORD_OVERHEAD)
-                .sum()
-        })
+        self.recs
+            .get(&ch)
+            .map_or(0, |q| q.iter().map(|m| accounted(m.body.len())).sum())
     }
 }
 
@@ -105,7 +103,7 @@ proptest! {
                 Op::Append { ch, sizes, drop_oldest } => {
                     let next = *m.next.get(&ch).unwrap_or(&1);
                     let recs: Vec<NewRecord> = sizes.iter().enumerate().map(|(i, n)| NewRecord { format: "json".into(), body: body(next + i as u64, *n) }).collect();
-                    let needed: u64 = sizes.iter().map(|n| *n as u64 + RECORD_OVERHEAD).sum();
+                    let needed: u64 = sizes.iter().map(|n| accounted(*n)).sum();
                     let when = if drop_oldest { WhenFull::DropOldest } else { WhenFull::Reject };
                     let got = buf.append(CHANNELS[ch], &recs, QUOTA, when, now);
                     let fits = m.bytes(ch) + needed <= QUOTA;
@@ -116,7 +114,7 @@ proptest! {
                     let got = got.expect("append");
                     let q = m.recs.entry(ch).or_default();
                     let mut dropped = None;
-                    while q.iter().map(|r| r.body.len() as u64 + RECORD_OVERHEAD).sum::<u64>() + needed > QUOTA {
+                    while q.iter().map(|r| accounted(r.body.len())).sum::<u64>() + needed > QUOTA {
                         let r = q.pop_front().expect("something to drop");
                         m.status.insert((ch, r.seq), "dropped");
                         dropped = Some((dropped.map_or(r.seq, |(f, _)| f), r.seq));
