@@ -215,6 +215,7 @@ async fn records_posted_while_the_hub_is_down_arrive_once_in_order() {
         "gateway_channel_backlog_records{channel=\"readings\"} 0",
         "gateway_channel_committed_total{channel=\"readings\"} 300",
         "gateway_channel_last_acked_seq{channel=\"readings\"} 300",
+        "gateway_channel_acked_records_total{channel=\"readings\"} 300",
         "gateway_channel_dropped_total{channel=\"readings\",reason=\"ttl\"} 0",
     ];
     let mut metrics = String::new();

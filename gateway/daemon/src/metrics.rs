@@ -47,6 +47,8 @@ pub struct ChannelCounters {
     pub sent_bytes: u64,
     /// Highest sequence number acknowledged by a hub.
     pub last_acked: u64,
+    /// Records acknowledged by a hub (and deleted from the buffer).
+    pub acked: u64,
     /// Records removed without delivery, by reason (ttl, quota, corrupt).
     pub dropped_ttl: u64,
     /// See `dropped_ttl`.
@@ -149,11 +151,12 @@ impl Metrics {
         c.sent_bytes += bytes;
     }
 
-    /// A hub acknowledged `channel` up to `seq`.
-    pub fn channel_acked(&self, channel: &str, seq: u64) {
+    /// A hub acknowledged `channel` up to `seq`, `records` of them new.
+    pub fn channel_acked(&self, channel: &str, seq: u64, records: u64) {
         let mut c = lock(&self.channels);
         let c = c.entry(channel.to_owned()).or_default();
         c.last_acked = c.last_acked.max(seq);
+        c.acked += records;
     }
 
     /// The buffer's view of `channel`, refreshed by its housekeeping.
@@ -294,7 +297,7 @@ impl Metrics {
     fn render_channels(&self, o: &mut String) {
         let channels = lock(&self.channels).clone();
         type Get = fn(&ChannelCounters) -> String;
-        let series: [(&str, &str, &str, Get); 7] = [
+        let series: [(&str, &str, &str, Get); 8] = [
             (
                 "gateway_channel_backlog_records",
                 "gauge",
@@ -324,6 +327,12 @@ impl Metrics {
                 "counter",
                 "Records sent to a hub, resends included.",
                 |c| c.sent.to_string(),
+            ),
+            (
+                "gateway_channel_acked_records_total",
+                "counter",
+                "Records a hub acknowledged (deleted from the buffer).",
+                |c| c.acked.to_string(),
             ),
             (
                 "gateway_channel_sent_bytes_total",

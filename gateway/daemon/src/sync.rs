@@ -328,14 +328,14 @@ async fn sync_stream(
     // The sink already holds everything up to `acked` (an ack that was lost).
     let to_hub = channel.deliver_to == Destination::Hub;
     let mut done = acked;
-    buffer.ack(name, done).await.map_err(SyncError::Buffer)?;
+    let n = buffer.ack(name, done).await.map_err(SyncError::Buffer)?;
     if to_hub {
         buffer
             .delivered(name, done)
             .await
             .map_err(SyncError::Buffer)?;
     }
-    ctx.metrics.channel_acked(name, done);
+    ctx.metrics.channel_acked(name, done, n);
     debug!(acked, "Sync stream open");
     let (ack_tx, mut acks) = mpsc::channel::<Result<Frame, String>>(64);
     let reader = tokio::spawn(async move {
@@ -432,13 +432,13 @@ async fn sync_stream(
                 if upto <= done || upto > sent {
                     return Err(stream_err(format!("ack {upto} outside the window {done}..={sent}")));
                 }
-                buffer.ack(name, upto).await.map_err(SyncError::Buffer)?;
+                let n = buffer.ack(name, upto).await.map_err(SyncError::Buffer)?;
                 if to_hub {
                     // The hub's sink is the destination: committed is delivered.
                     buffer.delivered(name, upto).await.map_err(SyncError::Buffer)?;
                 }
                 done = upto;
-                ctx.metrics.channel_acked(name, done);
+                ctx.metrics.channel_acked(name, done, n);
                 while inflight.front().is_some_and(|b| b.last <= upto) {
                     let Some(b) = inflight.pop_front() else { break };
                     let took = b.sent.elapsed();
