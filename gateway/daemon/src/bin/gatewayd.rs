@@ -16,6 +16,10 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// See the whole product work on this machine: a hub and two department
+    /// gateways on loopback, a published legacy app, a channel between the
+    /// departments, a refused crossing. Runs until Ctrl-C.
+    Demo(cli::demo::DemoArgs),
     /// Check a configuration file: every mistake with its line and column, and
     /// a summary of what will be bridged (exit 0 valid, 64 invalid).
     Check(cli::check::CheckArgs),
@@ -35,6 +39,7 @@ enum Command {
 fn main() -> ExitCode {
     let args = Cli::parse();
     let code = match &args.command {
+        Command::Demo(a) => cli::demo::run(a),
         Command::Check(a) => cli::check::run(a),
         Command::Run(a) => cli::run::run(a),
         Command::Pki(a) => cli::pki::run(a),

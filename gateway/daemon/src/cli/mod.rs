@@ -3,6 +3,7 @@
 pub mod audit;
 pub mod channels;
 pub mod check;
+pub mod demo;
 pub mod pki;
 pub mod run;
 

@@ -1,0 +1,538 @@
+//! `gatewayd demo`: the whole product on one machine, in one process.
+//!
+//! In a temporary state directory it creates a private CA, starts a hub and two
+//! department edges on loopback (each department's "legacy network" is its own
+//! 127.0.N.0/24), a sample legacy HTTP application behind department A, publishes
+//! it through the hub, lets department B reach it through an access, sends
+//! records from A's channel to B's spool directory, shows a crossing the policy
+//! refuses and why, and prints what to try next. Ctrl-C drains everything and
+//! removes the directory (unless `--keep`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use gateway_core::config;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use crate::daemon::{self, Bindings, Running};
+use crate::exit;
+
+/// `gatewayd demo`
+#[derive(Debug, clap::Args)]
+pub struct DemoArgs {
+    /// Keep the state directory (configs, certificates, audit, buffers) at exit.
+    #[arg(long)]
+    pub keep: bool,
+}
+
+/// Runs the demo until Ctrl-C; returns the exit code.
+pub fn run(args: &DemoArgs) -> u8 {
+    if std::env::var_os("RUST_LOG").is_none() {
+        // The story goes to stdout; only problems to stderr.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
+            .with_writer(std::io::stderr)
+            .try_init();
+    } else {
+        super::run::init_logging();
+    }
+    let dir = std::env::temp_dir().join(format!("gatewayd-demo-{}", std::process::id()));
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return exit::SOFTWARE;
+        }
+    };
+    let code = rt.block_on(async {
+        match demo(&dir).await {
+            Ok(nodes) => {
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(mut term) => {
+                        tokio::select! {
+                            _ = tokio::signal::ctrl_c() => {}
+                            _ = term.recv() => {}
+                        }
+                    }
+                    Err(_) => {
+                        let _ = tokio::signal::ctrl_c().await;
+                    }
+                }
+                println!("\nStopping: draining the hub and both edges...");
+                for n in &nodes {
+                    n.drain(Duration::from_secs(2)).await;
+                }
+                for n in nodes {
+                    let _ = tokio::task::spawn_blocking(move || n.flush_audit()).await;
+                }
+                exit::OK
+            }
+            Err(e) => {
+                eprintln!("error: the demo could not start: {e}");
+                exit::FAILED
+            }
+        }
+    });
+    if args.keep {
+        println!("Kept {}", dir.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&dir);
+        println!("Removed {}", dir.display());
+    }
+    code
+}
+
+fn bind(addr: &str) -> Result<std::net::TcpListener, String> {
+    let a: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+    daemon::listen_tcp(a).map_err(|e| format!("cannot listen on {addr}: {e}"))
+}
+
+/// Pre-binds a loopback port for a config and remembers the listener.
+fn port(b: &mut Bindings, ip: &str) -> Result<SocketAddr, String> {
+    let l = bind(&format!("{ip}:0"))?;
+    let a = l.local_addr().map_err(|e| e.to_string())?;
+    b.tcp.insert(a, l);
+    Ok(a)
+}
+
+fn load(text: &str, what: &str) -> Result<config::Config, String> {
+    let checked = config::load(text, crate::node::today_local());
+    checked.config.ok_or_else(|| {
+        let errors: Vec<String> = checked
+            .diagnostics
+            .iter()
+            .filter(|d| d.is_error())
+            .map(|d| d.render(what))
+            .collect();
+        format!(
+            "the generated {what} config is invalid:\n{}",
+            errors.join("\n")
+        )
+    })
+}
+
+fn step(n: u32, text: &str) {
+    println!("\n{n}. {text}");
+}
+
+/// A tiny legacy HTTP application: answers every request with one line.
+async fn legacy_app(l: TcpListener) {
+    while let Ok((mut s, _)) = l.accept().await {
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            let _ = s.read(&mut buf).await;
+            let body =
+                "pension record 42: status=active, monthly=3120.50 CNY (legacy app of dept-a)\n";
+            let _ = s
+                .write_all(
+                    format!(
+                        "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    )
+                    .as_bytes(),
+                )
+                .await;
+        });
+    }
+}
+
+/// One HTTP/1.0 exchange; returns the status line and the body.
+async fn http(
+    (from, addr): (&str, SocketAddr),
+    method: &str,
+    path: &str,
+    body: Option<(&str, &str)>,
+) -> Result<(String, String), String> {
+    // Clients live on a network: dept-b's legacy clients come from 127.0.2.x.
+    let socket = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
+    let ip: std::net::IpAddr = from.parse().map_err(|e| format!("{from}: {e}"))?;
+    socket
+        .bind(SocketAddr::new(ip, 0))
+        .map_err(|e| format!("{from}: {e}"))?;
+    let mut s = tokio::time::timeout(Duration::from_secs(5), socket.connect(addr))
+        .await
+        .map_err(|_| format!("{addr}: timed out"))?
+        .map_err(|e| format!("{addr}: {e}"))?;
+    let (ct, data) = body.unwrap_or(("text/plain", ""));
+    let req = format!(
+        "{method} {path} HTTP/1.0\r\nHost: demo\r\nContent-Type: {ct}\r\nContent-Length: {}\r\n\r\n{data}",
+        data.len()
+    );
+    s.write_all(req.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .map_err(|_| format!("{addr}: no answer"))?
+        .map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text.lines().next().unwrap_or("").to_owned();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.trim_end().to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+async fn wait(what: &str, mut cond: impl FnMut() -> bool) -> Result<(), String> {
+    for _ in 0..500 {
+        if cond() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Err(format!("timed out waiting for {what}"))
+}
+
+fn edge_toml(
+    dir: &Path,
+    id: &str,
+    net: u8,
+    hub: SocketAddr,
+    admin: SocketAddr,
+    extra: &str,
+) -> String {
+    let d = dir.display();
+    format!(
+        r#"# dept {id}: legacy network 127.0.{net}.0/24, provincial extranet 127.0.0.0/24
+[node]
+id = "{id}"
+role = "edge"
+state_dir = "{d}/{id}"
+
+[[zone]]
+name = "legacy"
+kind = "legacy"
+classified = false
+level = 2
+networks = ["127.0.{net}.0/24"]
+assessment = {{ id = "DEMO-{net}", valid_until = 2099-12-31 }}
+
+[[zone]]
+name = "extranet"
+kind = "extranet"
+level = 2
+networks = ["127.0.0.0/24"]
+
+[uplink]
+hubs = ["{hub}"]
+ca = "{d}/ca/ca.pem"
+cert = "{d}/certs/{id}.pem"
+key = "{d}/certs/{id}.key"
+
+[admin]
+listen = "{admin}"
+{extra}"#
+    )
+}
+
+async fn demo(dir: &Path) -> Result<Vec<Running>, String> {
+    println!("gatewayd demo: a hub and two department gateways on this machine.");
+    println!("State directory: {}", dir.display());
+
+    step(
+        1,
+        "A private CA and a certificate for the hub and each department gateway",
+    );
+    let ca = dir.join("ca");
+    let certs = dir.join("certs");
+    crate::pki::init(&ca, "gatewayd demo CA").map_err(|e| e.to_string())?;
+    crate::pki::issue(&ca, "hub-01", &["127.0.0.1".into()], 30, &certs)
+        .map_err(|e| e.to_string())?;
+    for id in ["dept-a", "dept-b"] {
+        crate::pki::issue(&ca, id, &[], 30, &certs).map_err(|e| e.to_string())?;
+    }
+    println!(
+        "   {}  (gatewayd pki init / pki issue do the same)",
+        certs.display()
+    );
+
+    // Every address on loopback, every port chosen by the kernel.
+    let app = TcpListener::from_std({
+        let l = bind("127.0.1.10:0")?;
+        l.set_nonblocking(true).map_err(|e| e.to_string())?;
+        l
+    })
+    .map_err(|e| e.to_string())?;
+    let app_addr = app.local_addr().map_err(|e| e.to_string())?;
+    tokio::spawn(legacy_app(app));
+
+    let mut hb = Bindings::default();
+    let udp = daemon::bind_udp_shared("127.0.0.1:0".parse().map_err(|e| format!("{e}"))?)
+        .map_err(|e| e.to_string())?;
+    let quic = udp.local_addr().map_err(|e| e.to_string())?;
+    hb.udp = Some(udp);
+    let (hub_admin, api, publish) = (
+        port(&mut hb, "127.0.0.1")?,
+        port(&mut hb, "127.0.0.1")?,
+        port(&mut hb, "127.0.0.1")?,
+    );
+    let d = dir.display();
+    let hub_text = format!(
+        r#"# The hub: meets the departments' gateways on the provincial extranet
+[node]
+id = "hub-01"
+role = "hub"
+state_dir = "{d}/hub-01"
+
+[hub]
+listen = "{quic}"
+api = "{api}"
+ca_cert = "{d}/ca/ca.pem"
+ca_key = "{d}/ca/ca.key"
+cert = "{d}/certs/hub-01.pem"
+key = "{d}/certs/hub-01.key"
+
+[[zone]]
+name = "extranet"
+kind = "extranet"
+level = 2
+networks = ["127.0.0.0/24"]
+
+[[publish]]
+service = "dept-a/pension"
+zone = "extranet"
+listen = "{publish}"
+
+[admin]
+listen = "{hub_admin}"
+"#
+    );
+
+    let mut ab = Bindings::default();
+    let (a_admin, a_ingest) = (port(&mut ab, "127.0.0.1")?, port(&mut ab, "127.0.1.1")?);
+    let a_text = edge_toml(
+        dir,
+        "dept-a",
+        1,
+        quic,
+        a_admin,
+        &format!(
+            r#"
+[[service]]
+name = "pension"
+zone = "legacy"
+target = "{app_addr}"
+allow = ["extranet", "dept-b"]
+
+[[service]]
+name = "records-db"
+zone = "legacy"
+target = "127.0.1.11:5432"
+allow = ["extranet"]
+
+[[channel]]
+name = "reports"
+zone = "legacy"
+formats = ["json"]
+max_record_bytes = "64KiB"
+deliver_to = "dept-b/inbox"
+
+[[ingest]]
+zone = "legacy"
+listen = "{a_ingest}"
+"#
+        ),
+    );
+    let mut bb = Bindings::default();
+    let (b_admin, b_pension, b_db) = (
+        port(&mut bb, "127.0.0.1")?,
+        port(&mut bb, "127.0.2.1")?,
+        port(&mut bb, "127.0.2.1")?,
+    );
+    let b_text = edge_toml(
+        dir,
+        "dept-b",
+        2,
+        quic,
+        b_admin,
+        &format!(
+            r#"
+[[access]]
+listen = "{b_pension}"
+zone = "legacy"
+service = "dept-a/pension"
+
+[[access]]
+listen = "{b_db}"
+zone = "legacy"
+service = "dept-a/records-db"
+
+[[channel]]
+name = "inbox"
+zone = "legacy"
+formats = ["json"]
+max_record_bytes = "64KiB"
+"#
+        ),
+    );
+    for (name, text) in [
+        ("hub-01", &hub_text),
+        ("dept-a", &a_text),
+        ("dept-b", &b_text),
+    ] {
+        std::fs::create_dir_all(dir.join(name)).map_err(|e| e.to_string())?;
+        std::fs::write(dir.join(format!("{name}.toml")), text).map_err(|e| e.to_string())?;
+    }
+
+    step(
+        2,
+        "The hub and the two department gateways start, and connect over QUIC with mutual TLS",
+    );
+    let hub = daemon::start(load(&hub_text, "hub-01.toml")?, hb)
+        .await
+        .map_err(|e| e.to_string())?;
+    let a = daemon::start(load(&a_text, "dept-a.toml")?, ab)
+        .await
+        .map_err(|e| e.to_string())?;
+    let b = daemon::start(load(&b_text, "dept-b.toml")?, bb)
+        .await
+        .map_err(|e| e.to_string())?;
+    wait("both tunnels", || a.ready() && b.ready()).await?;
+    println!(
+        "   hub-01  QUIC {quic}, consumer API http://{api}, metrics http://{hub_admin}/metrics"
+    );
+    println!("   dept-a  legacy network 127.0.1.0/24, metrics http://{a_admin}/metrics");
+    println!("   dept-b  legacy network 127.0.2.0/24, metrics http://{b_admin}/metrics");
+    println!("   configs: {d}/hub-01.toml, {d}/dept-a.toml, {d}/dept-b.toml");
+
+    step(
+        3,
+        "dept-a's legacy pension application is published on the provincial network",
+    );
+    println!("   the app listens only on dept-a's legacy network: {app_addr}");
+    println!(
+        "   the hub publishes it at {publish}; no packet is routed across, each connection is relayed"
+    );
+    let (status, body) = http(("127.0.0.1", publish), "GET", "/pension/42", None).await?;
+    println!("   GET http://{publish}/pension/42 -> {status}\n      {body}");
+
+    step(
+        4,
+        "dept-b's legacy clients reach it through an access listener, gateway to gateway",
+    );
+    let (status, body) = http(("127.0.2.10", b_pension), "GET", "/pension/42", None).await?;
+    println!(
+        "   GET http://{b_pension}/pension/42 from 127.0.2.10 (dept-b's legacy network) -> {status}\n      {body}"
+    );
+
+    step(
+        5,
+        "dept-a pushes records into channel \"reports\", delivered exactly once to dept-b's spool",
+    );
+    let out = dir.join("dept-b/spool/inbox/out");
+    for (i, r) in [
+        r#"{"month":"2026-10","claims":1832}"#,
+        r#"{"month":"2026-11","claims":1907}"#,
+    ]
+    .iter()
+    .enumerate()
+    {
+        let (status, body) = http(
+            ("127.0.1.20", a_ingest),
+            "POST",
+            "/v1/channels/reports/records",
+            Some(("application/json", r)),
+        )
+        .await?;
+        println!("   POST record {} -> {status} {body}", i + 1);
+    }
+    wait("the records in dept-b's out/", || {
+        std::fs::read_dir(&out).map(|d| d.count()).unwrap_or(0) >= 2
+    })
+    .await?;
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&out)
+        .map_err(|e| e.to_string())?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    files.sort();
+    for f in &files {
+        println!("   dept-b received {}", f.display());
+    }
+    let mut receipts = String::new();
+    for _ in 0..100 {
+        receipts = http(
+            ("127.0.1.20", a_ingest),
+            "GET",
+            "/v1/channels/reports/receipts",
+            None,
+        )
+        .await?
+        .1;
+        if receipts.matches("\"delivered\"").count() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!("   receipts at dept-a: {receipts}");
+
+    step(6, "A crossing the boundary policy refuses");
+    println!("   dept-a's records-db allows only the provincial extranet, not dept-b's gateway;");
+    println!("   a client on dept-b's legacy network tries it through {b_db}:");
+    let refused = http(("127.0.2.10", b_db), "GET", "/", None).await;
+    println!(
+        "   -> {}",
+        match refused {
+            Ok((s, _)) if s.is_empty() => "connection closed without an answer".to_owned(),
+            Ok((s, _)) => s,
+            Err(e) => e,
+        }
+    );
+    let a_state = dir.join("dept-a");
+    let mut why = String::new();
+    for _ in 0..100 {
+        let log =
+            gateway_store::audit::AuditLog::open_existing(&a_state).map_err(|e| e.to_string())?;
+        if let Ok(records) = log.records(1, 10_000) {
+            if let Some(r) = records
+                .iter()
+                .rev()
+                .find(|r| r.event.event == "relay.refuse")
+            {
+                let e = &r.event;
+                why = format!(
+                    "[{}] {} ({} asked for {})",
+                    e.rule, e.detail, e.subject, e.object
+                );
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!("   dept-a's audit says: {why}");
+
+    step(
+        7,
+        "Try it yourself (Ctrl-C stops everything and removes the directory)",
+    );
+    let g = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "gatewayd".into());
+    println!(
+        "   curl http://{publish}/pension/7                         # published service, via the hub"
+    );
+    println!(
+        "   curl --interface 127.0.2.10 http://{b_pension}/pension/7   # from dept-b's legacy network"
+    );
+    println!(
+        "   curl http://{b_pension}/pension/7                       # from elsewhere: refused (R5.address), see the audit"
+    );
+    println!(
+        "   curl --interface 127.0.1.20 -H 'Content-Type: application/json' -d '{{\"month\":\"2026-12\"}}' http://{a_ingest}/v1/channels/reports/records"
+    );
+    println!("   ls {}", out.display());
+    println!("   curl --interface 127.0.1.20 http://{a_ingest}/v1/channels/reports/receipts");
+    println!("   curl -s http://{a_admin}/metrics | grep gateway_");
+    println!("   {g} audit show --state-dir {d}/dept-a");
+    println!("   {g} audit verify --state-dir {d}/hub-01");
+    println!("   {g} channels --state-dir {d}/dept-a");
+    println!("   {g} check --config {d}/dept-b.toml");
+    println!("\nRunning. Press Ctrl-C to stop.");
+    Ok(vec![b, a, hub])
+}
