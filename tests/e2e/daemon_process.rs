@@ -199,3 +199,45 @@ fn a_second_sigterm_forces_the_exit() {
     );
     drop(held);
 }
+
+#[test]
+fn it_tells_the_service_manager_ready_watchdog_and_stopping() {
+    let pair = Pair::new();
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&path).expect("notify socket");
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(15)))
+        .expect("timeout");
+    let mut hub = Proc::start_env(
+        &pair.hub_path,
+        "2s",
+        &[
+            ("NOTIFY_SOCKET", path.to_str().expect("path")),
+            ("WATCHDOG_USEC", "200000"),
+        ],
+    );
+    let mut seen = Vec::new();
+    let until = |want: &str, seen: &mut Vec<String>| {
+        let mut buf = [0u8; 4096];
+        while !seen.iter().any(|m| m.contains(want)) {
+            let n = sock
+                .recv(&mut buf)
+                .unwrap_or_else(|e| panic!("no {want:?} (got {seen:?}): {e}"));
+            seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    };
+    until("READY=1", &mut seen);
+    assert!(
+        seen.iter().any(|m| m.contains("STATUS=running: ")),
+        "{seen:?}"
+    );
+    // The watchdog is fed at half of WATCHDOG_USEC, from the main loop.
+    until("WATCHDOG=1", &mut seen);
+    seen.retain(|m| !m.contains("WATCHDOG=1"));
+    until("WATCHDOG=1", &mut seen);
+    hub.wait_log("Hub started");
+    hub.signal(Signal::SIGTERM);
+    until("STOPPING=1", &mut seen);
+    let (code, lines) = hub.wait_exit();
+    assert_eq!(code, 0, "{lines:#?}");
+}

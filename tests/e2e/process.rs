@@ -36,6 +36,11 @@ impl Proc {
     }
 
     pub fn start_with_grace(config: &Path, grace: &str) -> Proc {
+        Self::start_env(config, grace, &[])
+    }
+
+    /// Starts with extra environment variables.
+    pub fn start_env(config: &Path, grace: &str, env: &[(&str, &str)]) -> Proc {
         let mut child = Command::new(env!("CARGO_BIN_EXE_gatewayd"))
             .args([
                 "run",
@@ -46,6 +51,7 @@ impl Proc {
             ])
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn gatewayd");

@@ -17,6 +17,7 @@ pub mod hub_sink;
 pub mod ingest;
 pub mod metrics;
 pub mod node;
+pub mod notify;
 pub mod pki;
 pub mod relay;
 pub mod spool;

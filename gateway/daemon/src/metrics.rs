@@ -138,6 +138,14 @@ impl Metrics {
             .rtt_seconds = rtt.as_secs_f64();
     }
 
+    /// A one-line state for the service manager: tunnels up and relays open.
+    pub fn status_line(&self) -> String {
+        let peers = lock(&self.peers);
+        let up = peers.values().filter(|p| p.up).count();
+        let relays: i64 = lock(&self.services).values().map(|c| c.active).sum();
+        format!("{up} of {} tunnels up, {relays} relays open", peers.len())
+    }
+
     /// Whether any tunnel is up.
     pub fn any_peer_up(&self) -> bool {
         lock(&self.peers).values().any(|p| p.up)

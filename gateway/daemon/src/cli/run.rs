@@ -14,6 +14,7 @@ use tracing::{error, info, warn};
 use crate::daemon::{self, Bindings, StartError};
 use crate::exit;
 use crate::node::today_local;
+use crate::notify;
 use crate::pki::PkiError;
 use crate::tls::TlsError;
 
@@ -124,12 +125,31 @@ async fn serve(args: &RunArgs, config: gateway_core::config::Config) -> u8 {
         return exit::OS_ERR;
     };
     info!(admin = %running.admin_addr, "Running; SIGTERM drains, SIGHUP reloads");
+    let metrics = running.ctx().metrics.clone();
+    notify::notify(&format!(
+        "READY=1\nSTATUS=running: {}",
+        metrics.status_line()
+    ));
+    // The watchdog is fed from this loop: if it stops turning, systemd restarts us.
+    let mut watchdog = notify::watchdog_interval().map(tokio::time::interval);
     loop {
+        let ping = async {
+            match watchdog.as_mut() {
+                Some(t) => {
+                    t.tick().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
+            () = ping => {
+                notify::notify(&format!("WATCHDOG=1\nSTATUS=running: {}", metrics.status_line()));
+            }
             _ = hup.recv() => {
                 info!(file = %args.config.display(), "SIGHUP: reloading");
+                notify::notify("RELOADING=1\nSTATUS=reloading the configuration");
                 let refused = match load(&args.config) {
                     Ok(c) => running.reload(c).err().map(|e| e.to_string()),
                     Err(_) => Some("the new configuration has errors (logged above)".to_owned()),
@@ -139,6 +159,7 @@ async fn serve(args: &RunArgs, config: gateway_core::config::Config) -> u8 {
                     let ctx = running.ctx();
                     ctx.audit.record(&ctx.id, "config", "config.reload", "error", "", why);
                 }
+                notify::notify(&format!("READY=1\nSTATUS=running: {}", metrics.status_line()));
             }
         }
     }
@@ -151,6 +172,7 @@ async fn serve(args: &RunArgs, config: gateway_core::config::Config) -> u8 {
         warn!("Second signal: exiting without draining");
         std::process::exit(i32::from(exit::FAILED));
     });
+    notify::notify("STOPPING=1\nSTATUS=draining: open relays get the grace period");
     running.drain(args.grace).await;
     tokio::task::spawn_blocking(move || running.flush_audit())
         .await
