@@ -241,3 +241,56 @@ fn it_tells_the_service_manager_ready_watchdog_and_stopping() {
     let (code, lines) = hub.wait_exit();
     assert_eq!(code, 0, "{lines:#?}");
 }
+
+#[test]
+fn started_as_root_it_drops_to_node_user_after_binding() {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    if !status
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
+    {
+        println!("skipped: needs root to drop it");
+        return;
+    }
+    let pair = Pair::new();
+    let text = pair
+        .hub_text
+        .replacen("role = \"hub\"", "role = \"hub\"\nuser = \"nobody\"", 1);
+    std::fs::write(&pair.hub_path, text).expect("write");
+    let mut hub = Proc::start(&pair.hub_path);
+    hub.wait_log("Dropped root privileges");
+    let mut edge = Proc::start(&pair.edge_path);
+    edge.wait_log("Tunnel up");
+    let proc_status =
+        std::fs::read_to_string(format!("/proc/{}/status", hub.child.id())).expect("status");
+    let field = |name: &str| {
+        proc_status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_owned())
+            .unwrap_or_default()
+    };
+    assert!(
+        field("Uid:").split_whitespace().all(|u| u == "65534"),
+        "{proc_status}"
+    );
+    assert_eq!(field("CapEff:"), "0000000000000000", "{proc_status}");
+    assert_eq!(field("CapPrm:"), "0000000000000000", "{proc_status}");
+    // The listeners bound as root still serve.
+    let back = pair
+        .rt
+        .block_on(round_trip(pair.publish, "127.0.0.1", b"as nobody".to_vec()))
+        .expect("relay after the drop");
+    assert_eq!(back, b"as nobody");
+    hub.signal(Signal::SIGTERM);
+    edge.signal(Signal::SIGTERM);
+    let (code, lines) = hub.wait_exit();
+    assert_eq!(code, 0, "{lines:#?}");
+    let _ = edge.wait_exit();
+    assert!(
+        audit_lines(pair.hub_state.path())
+            .iter()
+            .any(|l| l.starts_with("node.stop")),
+        "the audit is still written after the drop"
+    );
+}

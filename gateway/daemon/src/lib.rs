@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod node;
 pub mod notify;
 pub mod pki;
+pub mod privilege;
 pub mod relay;
 pub mod spool;
 pub mod sync;

@@ -317,6 +317,11 @@ impl Compiler<'_> {
             node: Node {
                 id: id?,
                 state_dir: state_dir?,
+                user: raw
+                    .node
+                    .as_ref()
+                    .and_then(|n| n.user.as_ref())
+                    .map(|u| u.get_ref().clone()),
             },
             zones,
             role: role?,

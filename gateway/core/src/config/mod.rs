@@ -89,6 +89,8 @@ pub struct Node {
     pub id: String,
     /// Where the daemon keeps its databases (absolute).
     pub state_dir: PathBuf,
+    /// The user to drop to after binding, when started as root.
+    pub user: Option<String>,
 }
 
 /// The role's own sections.

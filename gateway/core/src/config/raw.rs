@@ -20,6 +20,7 @@ pub struct RawNode {
     pub id: S,
     pub role: S,
     pub state_dir: S,
+    pub user: Option<S>,
 }
 
 /// `[[zone]]`

@@ -16,6 +16,7 @@ use crate::exit;
 use crate::node::today_local;
 use crate::notify;
 use crate::pki::PkiError;
+use crate::privilege;
 use crate::tls::TlsError;
 
 /// Arguments of `gatewayd run`.
@@ -101,6 +102,7 @@ pub fn run(args: &RunArgs) -> u8 {
 }
 
 async fn serve(args: &RunArgs, config: gateway_core::config::Config) -> u8 {
+    let (user, state_dir) = (config.node.user.clone(), config.node.state_dir.clone());
     let running = match daemon::start(config, Bindings::default()).await {
         Ok(r) => r,
         Err(e) => {
@@ -124,6 +126,23 @@ async fn serve(args: &RunArgs, config: gateway_core::config::Config) -> u8 {
         error!("Cannot install signal handlers");
         return exit::OS_ERR;
     };
+    // Listeners are bound: root is no longer needed.
+    if privilege::is_root() {
+        match &user {
+            Some(u) => {
+                if let Err(why) = privilege::drop_to(u, &state_dir) {
+                    error!("Cannot drop root privileges, stopping: {why}");
+                    running.drain(Duration::ZERO).await;
+                    return exit::OS_ERR;
+                }
+                info!(user = %u, "Dropped root privileges");
+            }
+            None if std::env::var_os("INVOCATION_ID").is_none() => {
+                warn!("Running as root: set node.user to drop privileges after binding");
+            }
+            None => {}
+        }
+    }
     info!(admin = %running.admin_addr, "Running; SIGTERM drains, SIGHUP reloads");
     let metrics = running.ctx().metrics.clone();
     notify::notify(&format!(
