@@ -18,6 +18,7 @@ pub mod backoff;
 pub mod config;
 pub mod diag;
 pub mod expiry;
+pub mod firewall;
 pub mod policy;
 pub mod rate;
 pub mod sniff;

@@ -34,6 +34,9 @@ enum Command {
     /// Show the data channels of a node from its state directory: backlogs on
     /// an edge, synced streams on a hub.
     Channels(cli::channels::ChannelsArgs),
+    /// Print the box's nftables baseline from its config: nothing forwarded,
+    /// only the configured listeners open (`| nft -f -` to apply).
+    Nftables(cli::nftables::NftablesArgs),
 }
 
 fn main() -> ExitCode {
@@ -45,6 +48,7 @@ fn main() -> ExitCode {
         Command::Pki(a) => cli::pki::run(a),
         Command::Audit(a) => cli::audit::run(a),
         Command::Channels(a) => cli::channels::run(a),
+        Command::Nftables(a) => cli::nftables::run(a),
     };
     ExitCode::from(code)
 }

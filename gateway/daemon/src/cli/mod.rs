@@ -4,6 +4,7 @@ pub mod audit;
 pub mod channels;
 pub mod check;
 pub mod demo;
+pub mod nftables;
 pub mod pki;
 pub mod run;
 

@@ -1,0 +1,130 @@
+//! The nftables baseline of a box, derived from its configuration
+//! (`gatewayd nftables --config FILE`): nothing is forwarded between
+//! interfaces (the gateway relays, it never routes), and only the configured
+//! listeners accept connections, each on its own address. Pure: text out.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+
+use crate::config::{Config, Protocol, Role};
+
+/// A listener the ruleset opens.
+struct Open {
+    addr: SocketAddr,
+    udp: bool,
+    what: String,
+}
+
+fn opens(cfg: &Config) -> Vec<Open> {
+    let tcp = |addr: SocketAddr, what: String| Open {
+        addr,
+        udp: false,
+        what,
+    };
+    let mut v = vec![tcp(
+        cfg.admin.listen,
+        "admin (/metrics, /healthz, /readyz)".into(),
+    )];
+    match &cfg.role {
+        Role::Edge(e) => {
+            for a in &e.accesses {
+                v.push(tcp(
+                    a.listen,
+                    format!("access to {}/{} for zone {}", a.device, a.service, a.zone),
+                ));
+            }
+            for i in &e.ingests {
+                v.push(tcp(i.listen, format!("channel ingest for zone {}", i.zone)));
+            }
+        }
+        Role::Hub(h) => {
+            v.push(Open {
+                addr: h.settings.listen,
+                udp: true,
+                what: "QUIC tunnels from edges".into(),
+            });
+            v.push(tcp(h.settings.api, "hub API".into()));
+            for p in &h.publishes {
+                v.push(Open {
+                    addr: p.listen,
+                    udp: p.protocol == Protocol::Udp,
+                    what: format!("publish of {}/{} in zone {}", p.device, p.service, p.zone),
+                });
+            }
+        }
+    }
+    v
+}
+
+/// The ruleset, for `nft -f`. It replaces only its own table (`inet gatewayd`).
+pub fn nftables(cfg: &Config) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "#!/usr/sbin/nft -f\n# gatewayd baseline for node {} (generated from its config; regenerate after changes)\n\
+         table inet gatewayd\ndelete table inet gatewayd\ntable inet gatewayd {{",
+        cfg.node.id
+    );
+    let _ = writeln!(
+        o,
+        "    chain input {{\n        type filter hook input priority filter; policy drop;\n        \
+         ct state established,related accept\n        ct state invalid drop\n        iif \"lo\" accept\n        \
+         meta l4proto {{ icmp, ipv6-icmp }} limit rate 10/second accept"
+    );
+    for open in opens(cfg) {
+        let fam = if open.addr.is_ipv4() { "ip" } else { "ip6" };
+        let proto = if open.udp { "udp" } else { "tcp" };
+        let _ = writeln!(
+            o,
+            "        {fam} daddr {} {proto} dport {} accept comment \"{}\"",
+            open.addr.ip(),
+            open.addr.port(),
+            open.what.replace('"', "'")
+        );
+    }
+    let _ = writeln!(
+        o,
+        "        limit rate 5/second log prefix \"gatewayd-drop-in \"\n    }}\n    \
+         chain forward {{\n        type filter hook forward priority filter; policy drop;\n        \
+         limit rate 5/second log prefix \"gatewayd-drop-fwd \"\n    }}\n    \
+         chain output {{\n        type filter hook output priority filter; policy accept;\n    }}\n}}"
+    );
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_listener_is_opened_on_its_address_and_nothing_is_forwarded() {
+        let text = include_str!("../../../config/hub-extranet.toml");
+        let cfg = crate::config::load(text, crate::units::Date::new(2026, 1, 1).expect("date"))
+            .config
+            .expect("valid");
+        let rules = nftables(&cfg);
+        assert!(
+            rules.contains(
+                "chain forward {\n        type filter hook forward priority filter; policy drop;"
+            ),
+            "{rules}"
+        );
+        let Role::Hub(h) = &cfg.role else {
+            panic!("a hub")
+        };
+        assert!(
+            rules.contains(&format!("udp dport {} accept", h.settings.listen.port())),
+            "{rules}"
+        );
+        for p in &h.publishes {
+            assert!(
+                rules.contains(&format!("daddr {} ", p.listen.ip())),
+                "{rules}"
+            );
+            assert!(
+                rules.contains(&format!("dport {} accept", p.listen.port())),
+                "{rules}"
+            );
+        }
+    }
+}
