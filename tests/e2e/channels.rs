@@ -83,24 +83,26 @@ async fn sink_records(api: SocketAddr) -> Vec<(u64, u64)> {
 
 /// Waits until the sink's high-water mark for edge-b/readings reaches `n`.
 async fn wait_sink_high(api: SocketAddr, n: u64, limit: Duration) {
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        let (_, body) = http_get(api, "GET", "/v1/channels").await;
-        let v: serde_json::Value = serde_json::from_str(&body).expect("json");
-        let high = v["channels"]
-            .as_array()
-            .and_then(|a| a.iter().find(|c| c["channel"] == "readings"))
-            .and_then(|c| c["high"].as_u64())
-            .unwrap_or(0);
+    poll(&format!("{n} records in the sink"), limit, || async {
+        let high = sink_high(api, "readings").await;
         if high >= n {
-            return;
+            Ok(())
+        } else {
+            Err(format!("high {high}"))
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "sink reached {high} of {n}: {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
+}
+
+/// The sink's high-water mark for edge-b's `channel` (0 before any record).
+async fn sink_high(api: SocketAddr, channel: &str) -> u64 {
+    let (_, body) = http_get(api, "GET", "/v1/channels").await;
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    v["channels"]
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["channel"] == channel))
+        .and_then(|c| c["high"].as_u64())
+        .unwrap_or(0)
 }
 
 fn exactly(from: u64, to: u64) -> Vec<(u64, u64)> {
@@ -218,17 +220,14 @@ async fn records_posted_while_the_hub_is_down_arrive_once_in_order() {
         "gateway_channel_acked_records_total{channel=\"readings\"} 300",
         "gateway_channel_dropped_total{channel=\"readings\",reason=\"ttl\"} 0",
     ];
-    let mut metrics = String::new();
-    for _ in 0..200 {
-        metrics = http_get(admin, "GET", "/metrics").await.1;
-        if want.iter().all(|l| metrics.contains(l)) {
-            break;
+    poll("the channel metrics", Duration::from_secs(4), || async {
+        let metrics = http_get(admin, "GET", "/metrics").await.1;
+        match want.iter().find(|l| !metrics.contains(*l)) {
+            None => Ok(()),
+            Some(line) => Err(format!("{line} missing from\n{metrics}")),
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    for line in want {
-        assert!(metrics.contains(line), "{line} missing from\n{metrics}");
-    }
+    })
+    .await;
 
     // A consumer takes 1..=200; the sink keeps the rest and remembers the rest.
     let (status, body) = http_get(api, "POST", "/v1/channels/edge-b/readings/ack?cursor=200").await;
@@ -456,15 +455,15 @@ async fn wait_receipts(
     name: &str,
     done: impl Fn(&[String]) -> bool,
 ) -> Vec<String> {
-    let mut statuses = Vec::new();
-    for _ in 0..500 {
-        statuses = receipt_statuses(ingest, name).await;
+    poll("the receipts", Duration::from_secs(10), || async {
+        let statuses = receipt_statuses(ingest, name).await;
         if done(&statuses) {
-            break;
+            Ok(statuses)
+        } else {
+            Err(format!("{statuses:?}"))
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    statuses
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -653,24 +652,19 @@ async fn a_less_urgent_channel_is_not_starved_by_a_more_urgent_backlog() {
     // The bulk record reaches the sink while the urgent backlog is still
     // draining: its batch was lifted after STARVE_AFTER, not queued behind
     // all 6,000 urgent records.
-    let high = |channel: &'static str| async move {
-        let (_, body) = http_get(hub.api, "GET", "/v1/channels").await;
-        let v: serde_json::Value = serde_json::from_str(&body).expect("json");
-        v["channels"]
-            .as_array()
-            .and_then(|a| a.iter().find(|c| c["channel"] == channel))
-            .and_then(|c| c["high"].as_u64())
-            .unwrap_or(0)
-    };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while high("bulk").await < 1 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the bulk record never arrived"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let urgent = high("urgent").await;
+    poll(
+        "the bulk record at the hub",
+        Duration::from_secs(60),
+        || async {
+            if sink_high(hub.api, "bulk").await >= 1 {
+                Ok(())
+            } else {
+                Err("not yet".into())
+            }
+        },
+    )
+    .await;
+    let urgent = sink_high(hub.api, "urgent").await;
     println!("bulk arrived with {urgent} of 6000 urgent records synced");
     assert!(urgent > 0, "urgent records go first");
     assert!(

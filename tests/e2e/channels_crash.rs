@@ -16,7 +16,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use net::*;
@@ -49,12 +49,16 @@ fn request(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> Option<(u
     Some((status, out.split_once("\r\n\r\n")?.1.to_owned()))
 }
 
-/// What producers were told: sequence number -> body.
-type Accepted = Arc<Mutex<BTreeMap<u64, String>>>;
+/// What producers were told: sequence number -> body; signalled on each answer.
+type Accepted = Arc<(Mutex<BTreeMap<u64, String>>, Condvar)>;
+
+/// Edge starts so far; producers whose edge died wait for the next one.
+type Starts = Arc<(Mutex<u64>, Condvar)>;
 
 /// Producers posting `{"p":P,"i":I}` records as fast as the edge answers.
 struct Producers {
     accepted: Accepted,
+    starts: Starts,
     stop: Arc<AtomicBool>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
@@ -62,14 +66,16 @@ struct Producers {
 impl Producers {
     fn start(ingest: SocketAddr) -> Producers {
         let accepted: Accepted = Arc::default();
+        let starts: Starts = Arc::new((Mutex::new(1), Condvar::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let threads = (0..PRODUCERS)
             .map(|p| {
-                let (accepted, stop) = (accepted.clone(), stop.clone());
+                let (accepted, starts, stop) = (accepted.clone(), starts.clone(), stop.clone());
                 std::thread::spawn(move || {
                     let mut i = 0u64;
                     while !stop.load(Ordering::SeqCst) {
                         i += 1;
+                        let started = *starts.0.lock().expect("lock");
                         let body = format!("{{\"p\":{p},\"i\":{i}}}");
                         match request(
                             ingest,
@@ -81,12 +87,22 @@ impl Producers {
                                 let v: serde_json::Value =
                                     serde_json::from_str(&answer).expect("answer json");
                                 let seq = v["seq"].as_u64().expect("seq");
-                                let old = accepted.lock().expect("lock").insert(seq, body);
+                                let old = accepted.0.lock().expect("lock").insert(seq, body);
+                                accepted.1.notify_all();
                                 assert!(old.is_none(), "sequence number {seq} given twice");
                             }
                             Some((status, answer)) => panic!("ingest answered {status}: {answer}"),
-                            // The edge is down (killed): try again shortly.
-                            None => std::thread::sleep(Duration::from_millis(5)),
+                            // The edge is down (killed): wait for its next start.
+                            None => {
+                                let (n, up) = &*starts;
+                                let guard = n.lock().expect("lock");
+                                let (_guard, waited) = up
+                                    .wait_timeout_while(guard, Duration::from_secs(30), |n| {
+                                        *n == started && !stop.load(Ordering::SeqCst)
+                                    })
+                                    .expect("lock");
+                                assert!(!waited.timed_out(), "the edge never came back");
+                            }
                         }
                     }
                 })
@@ -94,36 +110,38 @@ impl Producers {
             .collect();
         Producers {
             accepted,
+            starts,
             stop,
             threads,
         }
     }
 
-    fn count(&self) -> usize {
-        self.accepted.lock().expect("lock").len()
+    /// The edge was (re)started: producers waiting for it go on.
+    fn edge_started(&self) {
+        *self.starts.0.lock().expect("lock") += 1;
+        self.starts.1.notify_all();
     }
 
     /// Waits until `n` more records were answered.
     fn wait_more(&self, n: usize) {
-        let target = self.count() + n;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while self.count() < target {
-            assert!(
-                Instant::now() < deadline,
-                "producers stalled at {}",
-                self.count()
-            );
-            std::thread::sleep(Duration::from_millis(2));
-        }
+        let (map, answered) = &*self.accepted;
+        let guard = map.lock().expect("lock");
+        let target = guard.len() + n;
+        let (guard, waited) = answered
+            .wait_timeout_while(guard, Duration::from_secs(30), |m| m.len() < target)
+            .expect("lock");
+        assert!(!waited.timed_out(), "producers stalled at {}", guard.len());
     }
 
     fn finish(self) -> BTreeMap<u64, String> {
         self.stop.store(true, Ordering::SeqCst);
+        self.edge_started();
         for t in self.threads {
             t.join().expect("producer");
         }
         Arc::try_unwrap(self.accepted)
             .expect("producers gone")
+            .0
             .into_inner()
             .expect("lock")
     }
@@ -207,24 +225,23 @@ fn sink_high(api: SocketAddr) -> Option<u64> {
 
 /// Waits until the sink's high-water mark for edge-b/readings exceeds `high`.
 fn wait_sink_above(api: SocketAddr, high: u64) -> u64 {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(now) = sink_high(api).filter(|&n| n > high) {
-            return now;
-        }
-        assert!(Instant::now() < deadline, "no sync above {high}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    poll_blocking(
+        &format!("a sync above {high}"),
+        Duration::from_secs(30),
+        || match sink_high(api) {
+            Some(now) if now > high => Ok(now),
+            other => Err(format!("{other:?}")),
+        },
+    )
 }
 
 /// Reads the whole sink through the hub API and checks it against what the
 /// producers were told.
 fn check_sink(api: SocketAddr, accepted: &BTreeMap<u64, String>) {
     let last = *accepted.keys().next_back().expect("some records");
-    let deadline = Instant::now() + Duration::from_secs(60);
     let mut sink: BTreeMap<u64, String> = BTreeMap::new();
     let mut after = 0;
-    loop {
+    poll_blocking("the whole sink", Duration::from_secs(60), || {
         let got = request(
             api,
             "GET",
@@ -244,17 +261,12 @@ fn check_sink(api: SocketAddr, accepted: &BTreeMap<u64, String>) {
             sink.insert(seq, r["body"].as_str().expect("body").to_owned());
             after = seq;
         }
-        if records.is_empty() {
-            if after >= last {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "sink stopped at {after} of {last}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
+        if records.is_empty() && after >= last {
+            Ok(())
+        } else {
+            Err(format!("at {after} of {last}"))
         }
-    }
+    });
     // No gap: every sequence number from 1 to the last is there once (records
     // answered only by a dying edge may be there too, under their own number).
     let seqs: Vec<u64> = sink.keys().copied().collect();
@@ -283,11 +295,13 @@ fn records_survive_an_edge_killed_twenty_times() {
     for _ in 0..rounds() {
         let mut edge = Proc::start(&s.edge_path);
         edge.wait_log("Ingest listening");
+        producers.edge_started();
         producers.wait_more(1 + (next(&mut seed) % 150) as usize);
         kill9(edge);
     }
     let mut edge = Proc::start(&s.edge_path);
     edge.wait_log("Ingest listening");
+    producers.edge_started();
     producers.wait_more(10);
     let accepted = producers.finish();
     check_sink(s.api, &accepted);

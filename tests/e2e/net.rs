@@ -27,6 +27,27 @@ pub async fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> boo
     }
 }
 
+/// Asks `probe` until it answers `Ok(value)`, up to `limit`, for state only
+/// reachable by asking (an HTTP API, `/metrics`); `Err(last)` says what it saw,
+/// for the failure message. Polls in the same rhythm as [`wait_for`]; `process::poll_blocking` is its blocking twin.
+pub async fn poll<T, F, Fut>(what: &str, limit: Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match probe().await {
+            Ok(v) => return v,
+            Err(last) => assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {what}; last seen:\n{last}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// A private CA and certificates in a temporary directory.
 pub struct Pki {
     pub dir: tempfile::TempDir,

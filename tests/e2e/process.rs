@@ -23,6 +23,28 @@ pub fn free_udp() -> SocketAddr {
     s.local_addr().expect("addr")
 }
 
+/// Asks `probe` until it answers `Ok(value)`, up to `limit`: for state only
+/// reachable by asking (an HTTP API of another process, a log file). `Err(last)`
+/// says what it saw, for the failure message. The one polling loop of the
+/// process tests.
+pub fn poll_blocking<T>(
+    what: &str,
+    limit: Duration,
+    mut probe: impl FnMut() -> Result<T, String>,
+) -> T {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        match probe() {
+            Ok(v) => return v,
+            Err(last) => assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {what}; last seen:\n{last}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// A running `gatewayd run`, with its stderr lines forwarded to a channel.
 pub struct Proc {
     pub child: Child,

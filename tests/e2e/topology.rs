@@ -17,6 +17,8 @@
 //!
 //! Needs root and `ip` (iproute2); elsewhere each test prints why it is skipped.
 
+mod process;
+
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -24,9 +26,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::sched::{CloneFlags, setns};
+use process::poll_blocking;
 
 fn skip_reason() -> Option<String> {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -258,15 +261,18 @@ impl Daemon {
 
     /// Waits until the log holds `n` lines containing `needle`.
     fn wait_log_n(&self, needle: &str, n: usize) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-            if text.lines().filter(|l| l.contains(needle)).count() >= n {
-                return;
-            }
-            assert!(Instant::now() < deadline, "no {needle:?} in\n{text}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        poll_blocking(
+            &format!("{n} log lines with {needle:?}"),
+            Duration::from_secs(20),
+            || {
+                let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+                if text.lines().filter(|l| l.contains(needle)).count() >= n {
+                    Ok(())
+                } else {
+                    Err(text)
+                }
+            },
+        );
     }
 }
 
@@ -278,11 +284,9 @@ impl Drop for Daemon {
 }
 
 fn until(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out: {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    poll_blocking(what, Duration::from_secs(30), || {
+        if f() { Ok(()) } else { Err(String::new()) }
+    });
 }
 
 fn edge_config(dir: &Path, id: &str, hub: &str, extra: &str) -> PathBuf {
