@@ -8,6 +8,8 @@
 //! - [`audit`]: the canonical encoding and hash chaining of audit records.
 //! - [`wire`]: the tunnel's frames; [`sniff`]: application-protocol checks;
 //!   [`backoff`]: reconnect delays.
+//! - [`fleet`]: central management: control messages, operator roles, which
+//!   config sections are policy, renewal timing, the audit export check.
 //! - [`summary`]: what a checked configuration will bridge, for `gatewayd check`.
 //!
 //! Time always comes in as a parameter ([`units::Date`], Unix milliseconds).
@@ -19,6 +21,7 @@ pub mod config;
 pub mod diag;
 pub mod expiry;
 pub mod firewall;
+pub mod fleet;
 pub mod policy;
 pub mod rate;
 pub mod sniff;

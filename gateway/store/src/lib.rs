@@ -2,6 +2,7 @@
 //!
 //! - [`audit`]: the append-only, hash-chained audit log (DESIGN.md rule 6).
 //! - [`buffer`]: the durable record buffer of data channels (edge).
+//! - [`fleet`]: the hub's registry: operators, tokens, devices, configs, collected audit.
 //! - [`inbox`]: what a destination edge delivered from other departments.
 //! - [`sink`]: where the hub commits synced channel records, exactly once.
 //!
@@ -11,5 +12,6 @@
 
 pub mod audit;
 pub mod buffer;
+pub mod fleet;
 pub mod inbox;
 pub mod sink;

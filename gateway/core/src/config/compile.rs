@@ -89,6 +89,33 @@ impl Compiler<'_> {
         self.error(span, format!("{key}: {}", e.message), e.hint);
     }
 
+    /// An optional duration, `default_s` seconds when absent; zero is refused.
+    fn duration_or(
+        &mut self,
+        raw: Option<&S>,
+        key: &str,
+        default_s: u64,
+    ) -> Option<std::time::Duration> {
+        let Some(t) = raw else {
+            return Some(std::time::Duration::from_secs(default_s));
+        };
+        match units::parse_duration(t.get_ref()) {
+            Ok(d) if d.is_zero() => {
+                self.error(
+                    &t.span(),
+                    format!("{key}: must be longer than zero"),
+                    format!("write a duration like \"{default_s}s\""),
+                );
+                None
+            }
+            Ok(d) => Some(d),
+            Err(e) => {
+                self.value_error(&t.span(), key, e);
+                None
+            }
+        }
+    }
+
     fn toml_error(&mut self, e: &toml::de::Error, hint: &str) {
         let span = e.span().unwrap_or(0..0);
         // serde speaks Rust; say it in TOML terms.
@@ -774,13 +801,19 @@ impl Compiler<'_> {
                 let ca = self.file(&u.ca, "uplink.ca");
                 let cert = self.file(&u.cert, "uplink.cert");
                 let key = self.file(&u.key, "uplink.key");
-                match (ca, cert, key) {
-                    (Some(ca), Some(cert), Some(key)) => Some(Uplink {
-                        hubs,
-                        ca,
-                        cert,
-                        key,
-                    }),
+                let heartbeat = self.duration_or(u.heartbeat.as_ref(), "uplink.heartbeat", 10);
+                let config_try = self.duration_or(u.config_try.as_ref(), "uplink.config_try", 60);
+                match (ca, cert, key, heartbeat, config_try) {
+                    (Some(ca), Some(cert), Some(key), Some(heartbeat), Some(config_try)) => {
+                        Some(Uplink {
+                            hubs,
+                            ca,
+                            cert,
+                            key,
+                            heartbeat,
+                            config_try,
+                        })
+                    }
                     _ => None,
                 }
             }
@@ -1197,15 +1230,10 @@ impl Compiler<'_> {
         let ca_key = self.file(&h.ca_key, "hub.ca_key");
         let cert = self.file(&h.cert, "hub.cert");
         let key = self.file(&h.key, "hub.key");
-        let cert_lifetime = match &h.cert_lifetime {
-            None => Some(std::time::Duration::from_secs(86_400)),
-            Some(t) => match units::parse_duration(t.get_ref()) {
-                Ok(d) => Some(d),
-                Err(e) => {
-                    self.value_error(&t.span(), "hub.cert_lifetime", e);
-                    None
-                }
-            },
+        let cert_lifetime = self.duration_or(h.cert_lifetime.as_ref(), "hub.cert_lifetime", 86_400);
+        let ops = match &h.ops {
+            None => Some(None),
+            Some(s) => self.socket(s, "hub.ops").map(Some),
         };
         let mut publishes = Vec::new();
         let mut seen: HashMap<(String, String), Range<usize>> = HashMap::new();
@@ -1260,6 +1288,7 @@ impl Compiler<'_> {
                 cert: cert?,
                 key: key?,
                 cert_lifetime: cert_lifetime?,
+                ops: ops?,
                 sink: h
                     .sink
                     .as_ref()

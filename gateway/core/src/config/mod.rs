@@ -247,6 +247,11 @@ pub struct Uplink {
     pub cert: FilePath,
     /// This device's private key.
     pub key: FilePath,
+    /// How often the edge reports its status to each hub (default 10 s).
+    pub heartbeat: Duration,
+    /// After applying a config pushed by a hub: how long the edge waits for a
+    /// hub connection before it reverts to the last good config (default 60 s).
+    pub config_try: Duration,
 }
 
 /// Transport protocol of a service.
@@ -477,6 +482,8 @@ pub struct HubSettings {
     /// The sink file, when several hubs share one (default
     /// `STATE_DIR/sink.sqlite`).
     pub sink: Option<std::path::PathBuf>,
+    /// The operators' HTTPS API (`gatewayctl`), when set.
+    pub ops: Option<SocketAddr>,
 }
 
 /// `[[publish]]`: a hub listener for an edge's service.

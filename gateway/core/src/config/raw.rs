@@ -51,6 +51,8 @@ pub struct RawUplink {
     pub ca: S,
     pub cert: S,
     pub key: S,
+    pub heartbeat: Option<S>,
+    pub config_try: Option<S>,
 }
 
 /// `[[service]]`
@@ -130,6 +132,7 @@ pub struct RawHub {
     pub key: S,
     pub cert_lifetime: Option<S>,
     pub sink: Option<S>,
+    pub ops: Option<S>,
 }
 
 /// `[[publish]]`

@@ -1,0 +1,898 @@
+//! Central management, the pure part: the messages of the control stream and of
+//! enrollment, the operators' roles, tokens and credentials, which sections of a
+//! config are boundary policy, when to renew a certificate, and the audit export
+//! format with its offline check.
+//!
+//! Messages are JSON in a length-prefixed envelope: `len: u32` (big-endian) then
+//! that many bytes of one JSON object with a `"type"` field. A message above
+//! [`MAX_MESSAGE`] is refused before anything is allocated for it.
+
+use serde::{Deserialize, Serialize};
+
+use crate::audit::{self, Event, Hash, Record};
+
+/// ALPN of an enrollment connection (no client certificate yet).
+pub const ENROLL_ALPN: &[u8] = b"gw-enroll/1";
+
+/// Largest control or enrollment message (a pushed config, an audit batch).
+pub const MAX_MESSAGE: usize = 4 << 20;
+
+/// QUIC close code for a revoked device.
+pub const CLOSE_REVOKED: u32 = 0x52;
+
+/// A heartbeat: what an edge reports about itself.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    /// gatewayd's version.
+    pub version: String,
+    /// Seconds since the daemon started.
+    pub uptime_s: u64,
+    /// The version of the centrally managed config in force (0: the local file).
+    pub config_version: u64,
+    /// When the device certificate expires (Unix ms), if known.
+    pub cert_not_after_ms: Option<i64>,
+    /// Each legacy zone's assessment expiry (`YYYY-MM-DD`).
+    pub assessments: Vec<(String, String)>,
+    /// Relays open now.
+    pub relays_open: u64,
+    /// Records waiting in each channel's buffer.
+    pub backlogs: Vec<(String, u64)>,
+    /// The last error or warning logged, if any.
+    pub last_error: Option<String>,
+    /// Seconds between heartbeats.
+    pub interval_s: u64,
+}
+
+/// What an edge did with an offered config.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum ConfigOutcome {
+    /// Applied; the edge now runs it.
+    Applied,
+    /// Refused: it does not check, or it is not newer than what runs.
+    Refused {
+        /// The located errors, or why it is stale.
+        errors: Vec<String>,
+    },
+    /// Applied, but no hub was reachable within the try window: the edge went
+    /// back to its last good config.
+    Reverted {
+        /// The version that was tried.
+        tried: u64,
+        /// What happened.
+        reason: String,
+    },
+}
+
+/// A remote command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CommandKind {
+    /// Close and re-open every hub tunnel.
+    Reconnect,
+    /// Recent log lines, a metrics snapshot and the config check result.
+    Diagnostics,
+}
+
+/// A message on the control stream, after the hello.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Message {
+    /// Edge to hub, every `interval_s`.
+    Heartbeat(Status),
+    /// Edge to hub, once per tunnel: the config in force.
+    ConfigState {
+        /// Its version (0: the local file, never pushed).
+        version: u64,
+        /// Its text.
+        text: String,
+    },
+    /// Hub to edge: a desired config.
+    ConfigOffer {
+        /// Its version.
+        version: u64,
+        /// Its text.
+        text: String,
+    },
+    /// Edge to hub: the result of an offer (or of a revert, reported later).
+    ConfigResult {
+        /// The version offered (or tried).
+        offered: u64,
+        /// The version in force now.
+        applied: u64,
+        /// What happened.
+        #[serde(flatten)]
+        outcome: ConfigOutcome,
+    },
+    /// Hub to edge.
+    Command {
+        /// Matches the result to the request.
+        id: u64,
+        /// What to do.
+        kind: CommandKind,
+    },
+    /// Edge to hub.
+    CommandResult {
+        /// The command's id.
+        id: u64,
+        /// Whether it worked.
+        ok: bool,
+        /// Its output (JSON text for diagnostics).
+        output: String,
+    },
+    /// Edge to hub: a certificate signing request for a fresh key.
+    Renew {
+        /// The CSR, PEM.
+        csr_pem: String,
+    },
+    /// Hub to edge: the renewed certificate.
+    Renewed {
+        /// The certificate, PEM.
+        cert_pem: String,
+    },
+    /// Hub to edge: renewal refused.
+    RenewRefused {
+        /// Why.
+        reason: String,
+    },
+    /// Hub to edge: send audit records from this sequence number on.
+    AuditCursor {
+        /// The next record the hub wants.
+        next_seq: u64,
+    },
+    /// Edge to hub: audit records, in order.
+    AuditBatch {
+        /// The records.
+        records: Vec<AuditEntry>,
+    },
+}
+
+/// An audit record as shipped and exported: every field, hashes in hex.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    /// Position in the device's chain.
+    pub seq: u64,
+    /// Unix ms.
+    pub time_ms: i64,
+    /// The device that recorded it.
+    pub device: String,
+    /// Who acted.
+    pub subject: String,
+    /// What was acted on.
+    pub object: String,
+    /// The kind of event.
+    pub event: String,
+    /// allow / deny / ok / error.
+    pub outcome: String,
+    /// The rule that decided.
+    pub rule: String,
+    /// Detail.
+    pub detail: String,
+    /// Hash of the record before, hex.
+    pub prev_hash: String,
+    /// This record's hash, hex.
+    pub hash: String,
+}
+
+impl From<&Record> for AuditEntry {
+    fn from(r: &Record) -> Self {
+        let e = &r.event;
+        AuditEntry {
+            seq: r.seq,
+            time_ms: e.time_ms,
+            device: e.device.clone(),
+            subject: e.subject.clone(),
+            object: e.object.clone(),
+            event: e.event.clone(),
+            outcome: e.outcome.clone(),
+            rule: e.rule.clone(),
+            detail: e.detail.clone(),
+            prev_hash: audit::to_hex(&r.prev_hash),
+            hash: audit::to_hex(&r.hash),
+        }
+    }
+}
+
+impl AuditEntry {
+    /// The record, when both hashes are 64 hex digits.
+    pub fn to_record(&self) -> Option<Record> {
+        Some(Record {
+            seq: self.seq,
+            event: Event {
+                time_ms: self.time_ms,
+                device: self.device.clone(),
+                subject: self.subject.clone(),
+                object: self.object.clone(),
+                event: self.event.clone(),
+                outcome: self.outcome.clone(),
+                rule: self.rule.clone(),
+                detail: self.detail.clone(),
+            },
+            prev_hash: from_hex(&self.prev_hash)?,
+            hash: from_hex(&self.hash)?,
+        })
+    }
+}
+
+/// A hash from 64 hex digits.
+pub fn from_hex(s: &str) -> Option<Hash> {
+    if s.len() != 64 || !s.is_ascii() {
+        return None;
+    }
+    let mut h = [0u8; 32];
+    for (i, b) in h.iter_mut().enumerate() {
+        *b = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(h)
+}
+
+/// Enrollment, edge to hub: the only message of an enrollment connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollRequest {
+    /// The single-use token from `gatewayctl token create`.
+    pub token: String,
+    /// The device id the box claims (must match the token and the CSR).
+    pub device: String,
+    /// A CSR for a key made on the box, PEM.
+    pub csr_pem: String,
+}
+
+/// Enrollment, hub to edge.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum EnrollAnswer {
+    /// The signed certificate.
+    Issued {
+        /// PEM.
+        cert_pem: String,
+    },
+    /// Refused.
+    Refused {
+        /// Why, for the engineer at the box.
+        reason: String,
+    },
+}
+
+/// A message could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// The length prefix is above [`MAX_MESSAGE`].
+    #[error("message of {0} bytes is larger than the {MAX_MESSAGE}-byte limit")]
+    TooLarge(usize),
+    /// Not the JSON of a known message.
+    #[error("malformed message: {0}")]
+    Json(String),
+}
+
+/// `len: u32` + JSON.
+pub fn encode<T: Serialize>(m: &T) -> Vec<u8> {
+    let body = serde_json::to_vec(m).unwrap_or_default();
+    let mut out = Vec::with_capacity(4 + body.len());
+    out.extend_from_slice(&u32::try_from(body.len()).unwrap_or(u32::MAX).to_be_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// The body length a prefix announces.
+///
+/// # Errors
+/// [`DecodeError::TooLarge`] above [`MAX_MESSAGE`].
+pub fn body_len(prefix: [u8; 4]) -> Result<usize, DecodeError> {
+    let n = u32::from_be_bytes(prefix) as usize;
+    if n > MAX_MESSAGE {
+        return Err(DecodeError::TooLarge(n));
+    }
+    Ok(n)
+}
+
+/// Decodes a message body (without its prefix).
+///
+/// # Errors
+/// When it is not the JSON of a `T`.
+pub fn decode<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, DecodeError> {
+    serde_json::from_slice(body).map_err(|e| DecodeError::Json(e.to_string()))
+}
+
+// ---------------------------------------------------------------------------
+// Operators
+
+/// An operator's role. An account holds exactly one (DESIGN.md rule 7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdminRole {
+    /// Devices, tokens, the non-policy sections of config, remote commands.
+    System,
+    /// The policy sections of config, revocation.
+    Security,
+    /// Audit read and export only.
+    Audit,
+}
+
+impl AdminRole {
+    /// The role's name as written on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AdminRole::System => "system",
+            AdminRole::Security => "security",
+            AdminRole::Audit => "audit",
+        }
+    }
+
+    /// Parses `system`, `security` or `audit`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "system" => Some(Self::System),
+            "security" => Some(Self::Security),
+            "audit" => Some(Self::Audit),
+            _ => None,
+        }
+    }
+}
+
+/// What an operator asks the hub to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Create an enrollment token.
+    TokenCreate,
+    /// List or show devices, config status.
+    DevicesRead,
+    /// Run a remote command on a device.
+    Command,
+    /// Push a config that changes its non-policy sections.
+    ConfigPushOther,
+    /// Push a config that changes its policy sections.
+    ConfigPushPolicy,
+    /// Revoke a device.
+    Revoke,
+    /// Read or export audit records.
+    AuditRead,
+}
+
+/// Whether `role` may do `action`. Nothing is shared between the system and
+/// security roles' write actions, and the audit role only reads audit.
+pub fn allowed(role: AdminRole, action: Action) -> bool {
+    use Action as A;
+    match role {
+        AdminRole::System => matches!(
+            action,
+            A::TokenCreate | A::DevicesRead | A::Command | A::ConfigPushOther
+        ),
+        AdminRole::Security => matches!(action, A::DevicesRead | A::ConfigPushPolicy | A::Revoke),
+        AdminRole::Audit => matches!(action, A::AuditRead),
+    }
+}
+
+/// A secret with its kind and owner: `gwt1.DEVICE.HEX` (enrollment token) or
+/// `gwa1.ACCOUNT.HEX` (operator credential).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Secret {
+    /// `gwt1` or `gwa1`.
+    pub kind: &'static str,
+    /// The device or account it belongs to.
+    pub owner: String,
+    /// The random part, hex.
+    pub secret: String,
+}
+
+/// Prefix of enrollment tokens.
+pub const TOKEN_KIND: &str = "gwt1";
+/// Prefix of operator credentials.
+pub const CREDENTIAL_KIND: &str = "gwa1";
+
+impl Secret {
+    /// Parses a token or credential of `kind`.
+    pub fn parse(kind: &'static str, s: &str) -> Option<Secret> {
+        let s = s.trim();
+        let rest = s.strip_prefix(kind)?.strip_prefix('.')?;
+        let (owner, secret) = rest.rsplit_once('.')?;
+        if owner.is_empty() || secret.len() != 64 || !secret.bytes().all(|b| b.is_ascii_hexdigit())
+        {
+            return None;
+        }
+        Some(Secret {
+            kind,
+            owner: owner.to_owned(),
+            secret: secret.to_owned(),
+        })
+    }
+
+    /// The text form.
+    pub fn to_text(&self) -> String {
+        format!("{}.{}.{}", self.kind, self.owner, self.secret)
+    }
+
+    /// What the hub stores: SHA-256 of the whole text, hex. The secret itself is
+    /// never stored.
+    pub fn digest(&self) -> String {
+        let d = ring::digest::digest(&ring::digest::SHA256, self.to_text().as_bytes());
+        d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Config sections
+
+/// Keys that are boundary policy: who may cross and what may cross. A push that
+/// changes any of them needs the security administrator; one that changes
+/// anything else needs the system administrator.
+const POLICY_TABLES: &[&str] = &["zone"];
+const POLICY_KEYS: &[(&str, &[&str])] = &[
+    ("service", &["allow", "app_protocol", "zone"]),
+    ("access", &["zone", "service"]),
+    (
+        "channel",
+        &[
+            "zone",
+            "formats",
+            "deny_keywords",
+            "max_record_bytes",
+            "deliver_to",
+            "one_way",
+        ],
+    ),
+    ("publish", &["zone", "service"]),
+];
+
+/// Which parts of a config a change touches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct Change {
+    /// Zones, allow lists, content rules changed.
+    pub policy: bool,
+    /// Anything else changed.
+    pub other: bool,
+}
+
+/// Splits a config's TOML into (policy part, the rest).
+fn split(text: &str) -> Option<(toml::Table, toml::Table)> {
+    let mut rest: toml::Table = toml::from_str(text).ok()?;
+    let mut policy = toml::Table::new();
+    for t in POLICY_TABLES {
+        if let Some(v) = rest.remove(*t) {
+            policy.insert((*t).to_owned(), v);
+        }
+    }
+    for (table, keys) in POLICY_KEYS {
+        let Some(toml::Value::Array(items)) = rest.get_mut(*table) else {
+            continue;
+        };
+        let mut taken = Vec::new();
+        for item in items.iter_mut() {
+            let mut p = toml::Table::new();
+            if let toml::Value::Table(t) = item {
+                // The name identifies the entry in both halves.
+                if let Some(n) = t.get("name").or_else(|| t.get("listen")) {
+                    p.insert("id".into(), n.clone());
+                }
+                for k in *keys {
+                    if let Some(v) = t.remove(*k) {
+                        p.insert((*k).to_owned(), v);
+                    }
+                }
+            }
+            taken.push(toml::Value::Table(p));
+        }
+        policy.insert((*table).to_owned(), toml::Value::Array(taken));
+    }
+    Some((policy, rest))
+}
+
+/// What changed from `old` to `new` (both TOML). Text that does not parse
+/// counts as changed everywhere.
+pub fn classify_change(old: &str, new: &str) -> Change {
+    match (split(old), split(new)) {
+        (Some((p0, r0)), Some((p1, r1))) => Change {
+            policy: p0 != p1,
+            other: r0 != r1,
+        },
+        _ => Change {
+            policy: true,
+            other: true,
+        },
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Certificates and liveness
+
+/// Milliseconds from `now_ms` until a certificate valid from `not_before_ms` to
+/// `not_after_ms` should be renewed: at two thirds of its lifetime, minus up to
+/// a tenth of it of jitter (`r` in `[0, 1)`), so a fleet enrolled together does
+/// not renew together. Zero when that moment has passed.
+pub fn renew_in_ms(not_before_ms: i64, not_after_ms: i64, now_ms: i64, r: f64) -> i64 {
+    let life = (not_after_ms - not_before_ms).max(0);
+    let jitter = (life as f64 / 10.0 * r.clamp(0.0, 1.0)) as i64;
+    let at = not_before_ms + life * 2 / 3 - jitter;
+    (at - now_ms).max(0)
+}
+
+/// Whether a device counts as online: connected, and a heartbeat within three
+/// intervals.
+pub fn online(
+    connected: bool,
+    last_heartbeat_ms: Option<i64>,
+    interval_s: u64,
+    now_ms: i64,
+) -> bool {
+    let window = 3 * i64::try_from(interval_s.max(1)).unwrap_or(i64::MAX / 4_000) * 1_000;
+    connected && last_heartbeat_ms.is_some_and(|t| now_ms - t <= window)
+}
+
+// ---------------------------------------------------------------------------
+// Audit export
+
+/// First line of an export.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportHeader {
+    /// `gw-audit-export/1`.
+    pub format: String,
+    /// The device whose chain this is.
+    pub device: String,
+    /// The record before the first exported one: its sequence number and hash
+    /// (the chain is checked from there).
+    pub anchor_seq: u64,
+    /// Hex.
+    pub anchor_hash: String,
+    /// The chain's head at the hub when exported: the last record's number and
+    /// hash; every exported record links up to it.
+    pub head_seq: u64,
+    /// Hex.
+    pub head_hash: String,
+    /// Whether the hub found the device's chain continuous when collecting it.
+    pub continuous: bool,
+}
+
+/// The export format's name.
+pub const EXPORT_FORMAT: &str = "gw-audit-export/1";
+
+/// What an intact export holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ExportSummary {
+    /// The device.
+    pub device: String,
+    /// Records checked.
+    pub records: u64,
+    /// First and last sequence numbers.
+    pub first_seq: u64,
+    /// Last.
+    pub last_seq: u64,
+}
+
+/// Why an export does not verify.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ExportError {
+    /// The first line is not a header.
+    #[error("line 1: not a gw-audit-export/1 header: {0}")]
+    Header(String),
+    /// A line is not a record.
+    #[error("line {line}: not an audit record: {message}")]
+    Line {
+        /// 1-based.
+        line: usize,
+        /// Why.
+        message: String,
+    },
+    /// A record belongs to another device.
+    #[error("line {line}: record {seq} belongs to {device}, not to this export's device")]
+    Device {
+        /// 1-based.
+        line: usize,
+        /// Its number.
+        seq: u64,
+        /// Its device.
+        device: String,
+    },
+    /// The chain is broken.
+    #[error("line {line}: {cause}")]
+    Broken {
+        /// 1-based.
+        line: usize,
+        /// The break.
+        cause: audit::Break,
+    },
+    /// The export ends before the head.
+    #[error("the export ends early: {0}")]
+    Truncated(audit::Break),
+    /// The hub had found the chain broken when it collected it.
+    #[error("the hub found this device's chain broken when it collected it")]
+    NotContinuous,
+}
+
+/// Checks an export offline: every record's hash, its link to the one before,
+/// from the anchor to the head the header names.
+///
+/// # Errors
+/// The first problem found, with its line.
+pub fn verify_export(text: &str) -> Result<ExportSummary, ExportError> {
+    let mut lines = text.lines();
+    let header: ExportHeader = lines
+        .next()
+        .ok_or_else(|| ExportError::Header("the file is empty".into()))
+        .and_then(|l| serde_json::from_str(l).map_err(|e| ExportError::Header(e.to_string())))?;
+    if header.format != EXPORT_FORMAT {
+        return Err(ExportError::Header(format!("format {:?}", header.format)));
+    }
+    let (Some(anchor), Some(head)) = (from_hex(&header.anchor_hash), from_hex(&header.head_hash))
+    else {
+        return Err(ExportError::Header("a hash is not 64 hex digits".into()));
+    };
+    let mut v = audit::Verifier::new(header.anchor_seq, anchor);
+    let (mut first, mut last) = (0, 0);
+    for (i, l) in lines.enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let line = i + 2;
+        let entry: AuditEntry = serde_json::from_str(l).map_err(|e| ExportError::Line {
+            line,
+            message: e.to_string(),
+        })?;
+        let record = entry.to_record().ok_or_else(|| ExportError::Line {
+            line,
+            message: "a hash is not 64 hex digits".into(),
+        })?;
+        if record.event.device != header.device {
+            return Err(ExportError::Device {
+                line,
+                seq: record.seq,
+                device: record.event.device,
+            });
+        }
+        v.push(&record)
+            .map_err(|cause| ExportError::Broken { line, cause })?;
+        if first == 0 {
+            first = record.seq;
+        }
+        last = record.seq;
+    }
+    let records = v
+        .finish(header.head_seq, &head)
+        .map_err(ExportError::Truncated)?;
+    if !header.continuous {
+        return Err(ExportError::NotContinuous);
+    }
+    Ok(ExportSummary {
+        device: header.device,
+        records,
+        first_seq: first,
+        last_seq: last,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn roles_are_separated() {
+        use Action as A;
+        let all = [
+            A::TokenCreate,
+            A::DevicesRead,
+            A::Command,
+            A::ConfigPushOther,
+            A::ConfigPushPolicy,
+            A::Revoke,
+            A::AuditRead,
+        ];
+        let may = |r| all.iter().filter(|a| allowed(r, **a)).count();
+        assert_eq!(may(AdminRole::Audit), 1);
+        for a in all {
+            // No write action is shared by two roles.
+            let holders = [AdminRole::System, AdminRole::Security, AdminRole::Audit]
+                .into_iter()
+                .filter(|r| allowed(*r, a))
+                .count();
+            if a != A::DevicesRead {
+                assert_eq!(holders, 1, "{a:?}");
+            }
+        }
+        assert!(!allowed(AdminRole::System, A::Revoke));
+        assert!(!allowed(AdminRole::System, A::ConfigPushPolicy));
+        assert!(!allowed(AdminRole::Security, A::TokenCreate));
+        assert!(!allowed(AdminRole::Audit, A::DevicesRead));
+    }
+
+    #[test]
+    fn secrets_parse_and_digest() {
+        let s = Secret {
+            kind: TOKEN_KIND,
+            owner: "jl-gat-0001".into(),
+            secret: "ab".repeat(32),
+        };
+        let text = s.to_text();
+        assert_eq!(Secret::parse(TOKEN_KIND, &text), Some(s.clone()));
+        assert_eq!(Secret::parse(CREDENTIAL_KIND, &text), None);
+        assert_eq!(Secret::parse(TOKEN_KIND, &text[..text.len() - 1]), None);
+        assert_eq!(s.digest().len(), 64);
+        assert_ne!(s.digest(), s.secret);
+    }
+
+    const BASE: &str = r#"
+[node]
+id = "e1"
+role = "edge"
+state_dir = "/x"
+
+[[zone]]
+name = "lab"
+level = 3
+
+[[service]]
+name = "web"
+zone = "lab"
+target = "10.0.0.1:80"
+allow = ["extranet"]
+
+[admin]
+listen = "127.0.0.1:9600"
+"#;
+
+    #[test]
+    fn changes_are_classified() {
+        let same = classify_change(BASE, BASE);
+        assert_eq!(same, Change::default());
+        let other = BASE.replace("9600", "9700");
+        assert_eq!(
+            classify_change(BASE, &other),
+            Change {
+                policy: false,
+                other: true
+            }
+        );
+        let target = BASE.replace("10.0.0.1:80", "10.0.0.2:80");
+        assert_eq!(
+            classify_change(BASE, &target),
+            Change {
+                policy: false,
+                other: true
+            }
+        );
+        let allow = BASE.replace("[\"extranet\"]", "[\"extranet\", \"e9\"]");
+        assert_eq!(
+            classify_change(BASE, &allow),
+            Change {
+                policy: true,
+                other: false
+            }
+        );
+        let level = BASE.replace("level = 3", "level = 2");
+        assert_eq!(
+            classify_change(BASE, &level),
+            Change {
+                policy: true,
+                other: false
+            }
+        );
+        let both = level.replace("9600", "9700");
+        assert_eq!(
+            classify_change(BASE, &both),
+            Change {
+                policy: true,
+                other: true
+            }
+        );
+        assert_eq!(
+            classify_change(BASE, "not = [toml"),
+            Change {
+                policy: true,
+                other: true
+            }
+        );
+    }
+
+    #[test]
+    fn renewal_at_two_thirds_with_jitter() {
+        assert_eq!(renew_in_ms(0, 90_000, 0, 0.0), 60_000);
+        assert_eq!(renew_in_ms(0, 90_000, 0, 0.5), 55_500);
+        assert_eq!(renew_in_ms(0, 90_000, 70_000, 0.0), 0);
+        assert_eq!(renew_in_ms(0, 0, 5, 0.5), 0);
+    }
+
+    #[test]
+    fn online_needs_a_recent_heartbeat() {
+        assert!(online(true, Some(0), 10, 30_000));
+        assert!(!online(true, Some(0), 10, 30_001));
+        assert!(!online(false, Some(0), 10, 1));
+        assert!(!online(true, None, 10, 1));
+    }
+
+    fn chain(n: u64) -> Vec<Record> {
+        let mut prev = audit::GENESIS;
+        (1..=n)
+            .map(|i| {
+                let r = Record::chain(
+                    i,
+                    Event {
+                        time_ms: i as i64,
+                        device: "e1".into(),
+                        subject: "s".into(),
+                        object: "o".into(),
+                        event: "relay.open".into(),
+                        outcome: "allow".into(),
+                        rule: "R0.allow".into(),
+                        detail: String::new(),
+                    },
+                    prev,
+                );
+                prev = r.hash;
+                r
+            })
+            .collect()
+    }
+
+    fn export(records: &[Record], from: usize) -> String {
+        let anchor = if from == 0 {
+            audit::GENESIS
+        } else {
+            records[from - 1].hash
+        };
+        let last = records.last().expect("records");
+        let mut s = serde_json::to_string(&ExportHeader {
+            format: EXPORT_FORMAT.into(),
+            device: "e1".into(),
+            anchor_seq: from as u64,
+            anchor_hash: audit::to_hex(&anchor),
+            head_seq: last.seq,
+            head_hash: audit::to_hex(&last.hash),
+            continuous: true,
+        })
+        .expect("json");
+        for r in &records[from..] {
+            s.push('\n');
+            s += &serde_json::to_string(&AuditEntry::from(r)).expect("json");
+        }
+        s
+    }
+
+    #[test]
+    fn exports_verify_and_tampering_is_found() {
+        let records = chain(10);
+        let good = export(&records, 3);
+        let summary = verify_export(&good).expect("intact");
+        assert_eq!(
+            (summary.records, summary.first_seq, summary.last_seq),
+            (7, 4, 10)
+        );
+
+        let edited = good.replacen("\"outcome\":\"allow\"", "\"outcome\":\"deny\"", 1);
+        assert!(matches!(
+            verify_export(&edited),
+            Err(ExportError::Broken { line: 2, .. })
+        ));
+        let mut lines: Vec<&str> = good.lines().collect();
+        lines.remove(4);
+        assert!(matches!(
+            verify_export(&lines.join("\n")),
+            Err(ExportError::Broken { .. })
+        ));
+        let truncated: Vec<&str> = good.lines().take(good.lines().count() - 1).collect();
+        assert!(matches!(
+            verify_export(&truncated.join("\n")),
+            Err(ExportError::Truncated(_))
+        ));
+        assert!(verify_export("").is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn messages_round_trip(v in any::<u64>(), text in ".*", id in any::<u64>()) {
+            for m in [
+                Message::ConfigOffer { version: v, text: text.clone() },
+                Message::CommandResult { id, ok: true, output: text.clone() },
+                Message::ConfigResult { offered: v, applied: id, outcome: ConfigOutcome::Refused { errors: vec![text.clone()] } },
+                Message::Heartbeat(Status { version: text.clone(), uptime_s: v, ..Status::default() }),
+            ] {
+                let bytes = encode(&m);
+                let n = body_len(bytes[..4].try_into().expect("prefix")).expect("len");
+                prop_assert_eq!(n, bytes.len() - 4);
+                prop_assert_eq!(decode::<Message>(&bytes[4..]).expect("decode"), m);
+            }
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = decode::<Message>(&bytes);
+            let _ = decode::<EnrollRequest>(&bytes);
+            let _ = decode::<EnrollAnswer>(&bytes);
+            let _ = verify_export(&String::from_utf8_lossy(&bytes));
+        }
+    }
+}
