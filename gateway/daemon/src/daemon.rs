@@ -31,6 +31,9 @@ pub struct Bindings {
     pub udp: Option<std::net::UdpSocket>,
     /// UDP publish sockets by the address the config names.
     pub udp_publish: HashMap<SocketAddr, std::net::UdpSocket>,
+    /// The config in force as (managed version, text), for central management
+    /// (`gatewayd run` fills it in; version 0 is the local file).
+    pub config_source: Option<(u64, String)>,
 }
 
 /// Accept queue of every TCP listener: bursts of connections are queued, not reset
@@ -104,6 +107,9 @@ pub enum StartError {
     /// The hub's sink could not be opened.
     #[error("sink: {0}")]
     Sink(#[from] gateway_store::sink::SinkError),
+    /// The hub's fleet registry or CA could not be opened.
+    #[error("central management: {0}")]
+    Fleet(String),
     /// The state directory could not be created.
     #[error("state_dir {path}: {source}")]
     StateDir {
@@ -128,10 +134,23 @@ pub struct Running {
     pub admin_addr: SocketAddr,
     /// The hub's QUIC address (hubs only).
     pub quic_addr: Option<SocketAddr>,
+    /// The operators' HTTPS API address (hubs with `[hub].ops`).
+    pub ops_addr: Option<SocketAddr>,
+    fleet_requests: Mutex<Option<tokio::sync::mpsc::Receiver<crate::fleet::edge::Request>>>,
+}
+
+/// An edge's tunnels: the hubs' slots, the lanes' endpoints, the TLS client
+/// configuration, and the token that stops this generation of tunnel tasks.
+struct Tunnels {
+    hubs: Arc<Hubs>,
+    endpoints: Vec<quinn::Endpoint>,
+    client: crate::tls::ClientHolder,
+    stop: Mutex<CancellationToken>,
+    fleet: Option<Arc<crate::fleet::edge::EdgeFleet>>,
 }
 
 enum RoleState {
-    Edge(Arc<Hubs>),
+    Edge(Arc<Tunnels>),
     Hub(Arc<Devices>),
 }
 
@@ -144,7 +163,7 @@ impl Running {
     /// Whether an edge has at least one hub tunnel up (hubs: always).
     pub fn ready(&self) -> bool {
         match &self.role {
-            RoleState::Edge(h) => h.any_up(),
+            RoleState::Edge(t) => t.hubs.any_up(),
             RoleState::Hub(_) => true,
         }
     }
@@ -174,6 +193,10 @@ pub async fn start(config: Config, mut bindings: Bindings) -> Result<Running, St
     let id = config.node.id.clone();
     let role = config.role.clone();
     let config_state_dir = config.node.state_dir.clone();
+    let retention_days = config.audit.retention_days;
+    let mut ops_addr = None;
+    let (fleet_tx, fleet_rx) = tokio::sync::mpsc::channel(4);
+    let config_source = bindings.config_source.take();
     let ctx = Ctx::new(id.clone(), Policy::new(config), audit);
     let admin_stop = CancellationToken::new();
     let mut servers = Vec::new();
@@ -273,12 +296,36 @@ pub async fn start(config: Config, mut bindings: Bindings) -> Result<Running, St
                     }
                 });
             }
+            let signer =
+                crate::pki::Signer::load(&h.settings.ca_cert.path, &h.settings.ca_key.path)
+                    .map_err(|e| StartError::Fleet(format!("the CA that signs devices: {e}")))?;
+            let fleet = crate::fleet::hub::Fleet::open(
+                ctx.clone(),
+                devices.clone(),
+                &config_state_dir,
+                signer,
+                h.settings.cert_lifetime,
+            )
+            .map_err(|e| StartError::Fleet(e.to_string()))?;
+            tokio::spawn(fleet.clone().prune_loop(retention_days));
+            if let Some(ops) = h.settings.ops {
+                let l = bindings.tcp(ops).map_err(bind_err(ops))?;
+                ops_addr = l.local_addr().ok();
+                let tls = tls::ops_server(&h.settings.cert.path, &h.settings.key.path)?;
+                servers.push(tokio::spawn(crate::fleet::ops::serve(
+                    fleet.clone(),
+                    l,
+                    tls,
+                    admin_stop.clone(),
+                )));
+            }
             for e in &endpoints {
                 tokio::spawn(hub::accept_edges(
                     ctx.clone(),
                     devices.clone(),
                     sink.clone(),
                     e.clone(),
+                    fleet.clone(),
                 ));
             }
             for (p, l) in bound {
@@ -302,9 +349,23 @@ pub async fn start(config: Config, mut bindings: Bindings) -> Result<Running, St
             )
         }
         Role::Edge(e) => {
-            let client = tls::client(&e.uplink.ca.path, &e.uplink.cert.path, &e.uplink.key.path)?;
+            let client: crate::tls::ClientHolder = Arc::new(std::sync::RwLock::new(tls::client(
+                &e.uplink.ca.path,
+                &e.uplink.cert.path,
+                &e.uplink.key.path,
+            )?));
             let lanes = edge::lanes();
             let hubs = Hubs::new(&e.uplink.hubs, lanes);
+            let fleet = crate::fleet::edge::EdgeFleet::new(
+                ctx.policy().config(),
+                client.clone(),
+                config_source.unwrap_or_default(),
+                fleet_tx,
+            );
+            if let Some(f) = &fleet {
+                ctx.metrics.config_version(f.applied().0);
+                tokio::spawn(crate::fleet::edge::watch_cert(f.clone(), ctx.clone()));
+            }
             let mut bound = Vec::new();
             for a in &e.accesses {
                 bound.push((
@@ -354,19 +415,14 @@ pub async fn start(config: Config, mut bindings: Bindings) -> Result<Running, St
                     .map_err(bind_err(any))?,
                 );
             }
-            for (i, h) in e.uplink.hubs.iter().enumerate() {
-                for (lane, endpoint) in endpoints.iter().enumerate() {
-                    tokio::spawn(edge::keep_tunnel(
-                        ctx.clone(),
-                        hubs.clone(),
-                        i * lanes + lane,
-                        h.clone(),
-                        endpoint.clone(),
-                        client.clone(),
-                        lane,
-                    ));
-                }
-            }
+            let tunnels = Arc::new(Tunnels {
+                hubs: hubs.clone(),
+                endpoints: endpoints.clone(),
+                client,
+                stop: Mutex::new(CancellationToken::new()),
+                fleet,
+            });
+            tunnels.spawn(&ctx, &e.uplink.hubs);
             for (a, l) in bound {
                 let stop = CancellationToken::new();
                 listeners.insert(a.listen, stop.clone());
@@ -379,7 +435,7 @@ pub async fn start(config: Config, mut bindings: Bindings) -> Result<Running, St
                 ));
             }
             info!(node = %id, hubs = e.uplink.hubs.len(), services = e.services.len(), accesses = e.accesses.len(), "Edge started");
-            (endpoints, RoleState::Edge(hubs), None, Readiness::Edge)
+            (endpoints, RoleState::Edge(tunnels), None, Readiness::Edge)
         }
     };
     servers.push(tokio::spawn(admin::serve(
@@ -400,7 +456,48 @@ pub async fn start(config: Config, mut bindings: Bindings) -> Result<Running, St
         writer: Mutex::new(Some(writer)),
         admin_addr,
         quic_addr,
+        ops_addr,
+        fleet_requests: Mutex::new(Some(fleet_rx)),
     })
+}
+
+impl Tunnels {
+    /// Starts a tunnel task per hub and lane, under a fresh stop token.
+    fn spawn(&self, ctx: &Arc<Ctx>, hubs: &[gateway_core::units::HostPort]) {
+        let stop = CancellationToken::new();
+        *self
+            .stop
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = stop.clone();
+        let lanes = self.endpoints.len();
+        self.hubs.reset(hubs.len(), lanes);
+        for (i, h) in hubs.iter().enumerate() {
+            for (lane, endpoint) in self.endpoints.iter().enumerate() {
+                tokio::spawn(edge::keep_tunnel(
+                    ctx.clone(),
+                    edge::TunnelSpec {
+                        hubs: self.hubs.clone(),
+                        index: i * lanes + lane,
+                        hub: h.clone(),
+                        endpoint: endpoint.clone(),
+                        client: self.client.clone(),
+                        lane,
+                        stop: stop.clone(),
+                        fleet: if lane == 0 { self.fleet.clone() } else { None },
+                    },
+                ));
+            }
+        }
+    }
+
+    /// Closes every tunnel and opens them again (to `hubs`).
+    fn restart(&self, ctx: &Arc<Ctx>, hubs: &[gateway_core::units::HostPort]) {
+        self.stop
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .cancel();
+        self.spawn(ctx, hubs);
+    }
 }
 
 /// Reloading kept the old configuration.
@@ -409,6 +506,9 @@ pub enum ReloadError {
     /// The role or node id changed: that needs a restart.
     #[error("{0} cannot change on reload; restart gatewayd")]
     NeedsRestart(&'static str),
+    /// The new uplink's TLS material cannot be loaded.
+    #[error("uplink: {0}")]
+    Uplink(String),
     /// A new listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -458,9 +558,36 @@ impl Running {
                 })?;
             fresh.push((*addr, bound));
         }
+        // A changed uplink: new TLS material first (a failure changes nothing),
+        // then every tunnel is closed and opened to the new hubs.
+        let uplink_change = match (&self.role, &old.config().role, &config.role) {
+            (RoleState::Edge(t), Role::Edge(before), Role::Edge(after))
+                if uplink_differs(&before.uplink, &after.uplink) =>
+            {
+                let client = tls::client(
+                    &after.uplink.ca.path,
+                    &after.uplink.cert.path,
+                    &after.uplink.key.path,
+                )
+                .map_err(|e| ReloadError::Uplink(e.to_string()))?;
+                Some((t.clone(), client, after.uplink.hubs.clone()))
+            }
+            _ => None,
+        };
         // Listeners look their publish or access up in the policy at each accept,
         // so a changed entry on an unchanged address takes effect with the policy.
         self.ctx.set_policy(Policy::new(config));
+        if let Some((tunnels, client, hubs)) = uplink_change {
+            *tunnels
+                .client
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = client;
+            info!(
+                hubs = hubs.len(),
+                "Uplink changed: reconnecting every tunnel"
+            );
+            tunnels.restart(&self.ctx, &hubs);
+        }
         listeners.retain(|addr, stop| {
             let keep = wanted.contains(addr);
             if !keep {
@@ -481,10 +608,10 @@ impl Running {
                         stop,
                     ));
                 }
-                RoleState::Edge(hubs) => {
+                RoleState::Edge(tunnels) => {
                     tokio::spawn(edge::access_listener(
                         self.ctx.clone(),
-                        hubs.clone(),
+                        tunnels.hubs.clone(),
                         addr,
                         listener,
                         stop,
@@ -503,6 +630,46 @@ impl Running {
         info!("Configuration reloaded");
         self.ctx.recheck_assessments();
         Ok(())
+    }
+
+    /// Closes every hub tunnel and opens it again (an edge's `reconnect` command).
+    pub fn reconnect(&self) {
+        if let RoleState::Edge(t) = &self.role {
+            if let Role::Edge(e) = &self.ctx.policy().config().role {
+                t.restart(&self.ctx, &e.uplink.hubs);
+            }
+        }
+    }
+
+    /// Whether an edge has a hub tunnel up now.
+    pub fn hub_reachable(&self) -> bool {
+        self.ready()
+    }
+
+    /// Completes when a hub tunnel comes up (never on a hub).
+    pub async fn hub_came_up(&self) {
+        match &self.role {
+            RoleState::Edge(t) => t.hubs.came_up().await,
+            RoleState::Hub(_) => std::future::pending().await,
+        }
+    }
+
+    /// The edge's central management state.
+    pub fn edge_fleet(&self) -> Option<Arc<crate::fleet::edge::EdgeFleet>> {
+        match &self.role {
+            RoleState::Edge(t) => t.fleet.clone(),
+            RoleState::Hub(_) => None,
+        }
+    }
+
+    /// What the edge's control sessions ask of the main loop (taken once).
+    pub fn take_fleet_requests(
+        &self,
+    ) -> Option<tokio::sync::mpsc::Receiver<crate::fleet::edge::Request>> {
+        self.fleet_requests
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
     }
 
     /// Drains: stop accepting, let relays finish for up to `grace`, then cut
@@ -557,4 +724,11 @@ impl Running {
             w.flush_and_stop();
         }
     }
+}
+
+fn uplink_differs(a: &gateway_core::config::Uplink, b: &gateway_core::config::Uplink) -> bool {
+    a.hubs != b.hubs
+        || a.ca.path != b.ca.path
+        || a.cert.path != b.cert.path
+        || a.key.path != b.key.path
 }

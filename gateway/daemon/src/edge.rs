@@ -15,7 +15,7 @@ use gateway_core::wire::{self, Frame, Origin, RefuseCode};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::node::Ctx;
 use crate::relay::{self, read_frame, write_frame};
@@ -47,6 +47,15 @@ impl Hubs {
             std::sync::atomic::AtomicUsize::new(0),
             tokio::sync::Notify::new(),
         ))
+    }
+    /// Empties the slots and sizes them for `hubs` hubs of `lanes` lanes (a new
+    /// uplink); the old tunnel tasks have been told to stop.
+    pub fn reset(&self, hubs: usize, lanes: usize) {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            (0..hubs * lanes).map(|i| (i / lanes, None)).collect();
     }
     fn set(&self, i: usize, c: Option<quinn::Connection>) {
         let up = c.is_some();
@@ -91,17 +100,39 @@ impl Hubs {
     }
 }
 
-/// Keeps the tunnel to hub `index` up until draining: connect, hello, serve,
-/// and on loss reconnect with capped, jittered backoff.
-pub async fn keep_tunnel(
-    ctx: Arc<Ctx>,
-    hubs: Arc<Hubs>,
-    index: usize,
-    hub: HostPort,
-    endpoint: quinn::Endpoint,
-    client: quinn::ClientConfig,
-    lane: usize,
-) {
+/// What one tunnel task keeps up.
+pub struct TunnelSpec {
+    /// The slots of every hub's lanes.
+    pub hubs: Arc<Hubs>,
+    /// This tunnel's slot.
+    pub index: usize,
+    /// The hub.
+    pub hub: HostPort,
+    /// The lane's QUIC endpoint.
+    pub endpoint: quinn::Endpoint,
+    /// The TLS client configuration (renewed certificates are swapped in).
+    pub client: crate::tls::ClientHolder,
+    /// Lane number; lane 0 carries the management session.
+    pub lane: usize,
+    /// Stops this tunnel (a new uplink, a reconnect command).
+    pub stop: CancellationToken,
+    /// The management state, on lane 0.
+    pub fleet: Option<Arc<crate::fleet::edge::EdgeFleet>>,
+}
+
+/// Keeps the tunnel of `spec` up until draining or its stop: connect, hello,
+/// serve, and on loss reconnect with capped, jittered backoff.
+pub async fn keep_tunnel(ctx: Arc<Ctx>, spec: TunnelSpec) {
+    let TunnelSpec {
+        hubs,
+        index,
+        hub,
+        endpoint,
+        client,
+        lane,
+        stop,
+        fleet,
+    } = spec;
     // Metrics and audit name each lane: host:port, host:port#1, ...
     let name = if lane == 0 {
         hub.to_string()
@@ -112,11 +143,23 @@ pub async fn keep_tunnel(
     async move {
         let mut backoff = Backoff::default();
         loop {
-            if ctx.draining.is_cancelled() {
+            if ctx.draining.is_cancelled() || stop.is_cancelled() {
                 return;
             }
-            match connect(&hub, &endpoint, &client).await {
-                Ok((conn, _control)) => {
+            let config = client
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone();
+            let attempt = tokio::select! {
+                r = connect(&hub, &endpoint, &config) => r,
+                () = stop.cancelled() => return,
+            };
+            match attempt {
+                Ok((conn, (send, recv))) => {
+                    if stop.is_cancelled() {
+                        conn.close(quinn::VarInt::from_u32(0), b"reconnecting");
+                        return;
+                    }
                     backoff.reset();
                     info!(rtt_ms = conn.rtt().as_millis() as u64, "Tunnel up");
                     ctx.audit.record(
@@ -129,14 +172,44 @@ pub async fn keep_tunnel(
                     );
                     hubs.set(index, Some(conn.clone()));
                     ctx.metrics.peer(&name, true);
-                    serve_tunnel(&ctx, &conn, &name).await;
+                    // Lane 0 carries the management session; others keep their
+                    // control stream open and idle.
+                    let session = match &fleet {
+                        Some(f) => tokio::spawn(crate::fleet::edge::session(
+                            f.clone(),
+                            ctx.clone(),
+                            conn.clone(),
+                            send,
+                            recv,
+                        )),
+                        None => tokio::spawn(async move {
+                            let _control = (send, recv);
+                            std::future::pending::<()>().await;
+                        }),
+                    };
+                    let stopped = tokio::select! {
+                        () = serve_tunnel(&ctx, &conn, &name) => false,
+                        () = stop.cancelled() => true,
+                    };
+                    session.abort();
+                    if stopped {
+                        conn.close(quinn::VarInt::from_u32(0), b"reconnecting");
+                        ctx.metrics.peer(&name, false);
+                        info!("Tunnel closed to reconnect");
+                        ctx.audit.record(&name, "tunnel", "tunnel.down", "ok", "", "reconnect".into());
+                        return;
+                    }
                     hubs.set(index, None);
                     ctx.metrics.peer(&name, false);
                     let reason = conn
                         .close_reason()
                         .map(|r| r.to_string())
                         .unwrap_or_else(|| "draining".into());
-                    warn!(%reason, "Tunnel down");
+                    if revoked(&conn) {
+                        error!("The hub revoked this device: it is refused from now on; ask central operations");
+                    } else {
+                        warn!(%reason, "Tunnel down");
+                    }
                     ctx.audit
                         .record(&name, "tunnel", "tunnel.down", "ok", "", reason);
                     if ctx.draining.is_cancelled() {
@@ -153,13 +226,23 @@ pub async fn keep_tunnel(
                     }
                 }
             }
-            if !ctx.pause(backoff.next_delay(rand::random::<f64>())).await {
-                return;
+            let delay = backoff.next_delay(rand::random::<f64>());
+            tokio::select! {
+                go = ctx.pause(delay) => if !go { return },
+                () = stop.cancelled() => return,
             }
         }
     }
     .instrument(span)
     .await;
+}
+
+fn revoked(conn: &quinn::Connection) -> bool {
+    matches!(
+        conn.close_reason(),
+        Some(quinn::ConnectionError::ApplicationClosed(c))
+            if c.error_code == quinn::VarInt::from_u32(gateway_core::fleet::CLOSE_REVOKED)
+    )
 }
 
 /// Connecting a tunnel failed.

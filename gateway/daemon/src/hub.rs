@@ -11,12 +11,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use gateway_core::config::Publish;
+use gateway_core::fleet;
 use gateway_core::policy::Crossing;
 use gateway_core::wire::{self, Frame, Origin, RefuseCode};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::fleet::hub::Fleet;
 use crate::hub_sink::{self, SinkHandle};
 use crate::node::Ctx;
 use crate::relay::{self, read_frame, write_frame};
@@ -51,6 +53,20 @@ impl Devices {
             }
         }
     }
+    /// Closes every connection of `id` with `code`; returns how many.
+    pub fn close_all(&self, id: &str, code: u32, reason: &[u8]) -> usize {
+        let conns = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(id)
+            .unwrap_or_default();
+        for c in &conns {
+            c.close(quinn::VarInt::from_u32(code), reason);
+        }
+        conns.len()
+    }
+
     /// The newest live connection of `id`.
     /// A live connection of `id`; an edge keeps several (lanes) to use more cores,
     /// and relays are spread over them in turn.
@@ -78,6 +94,7 @@ pub async fn accept_edges(
     devices: Arc<Devices>,
     sink: SinkHandle,
     endpoint: quinn::Endpoint,
+    fleet: Arc<Fleet>,
 ) {
     loop {
         let incoming = tokio::select! {
@@ -86,11 +103,15 @@ pub async fn accept_edges(
         };
         let Some(incoming) = incoming else { return };
         // Spawn before awaiting the handshake: a slow peer never stalls the loop.
-        let (ctx, devices, sink) = (ctx.clone(), devices.clone(), sink.clone());
+        let (ctx, devices, sink, fleet) =
+            (ctx.clone(), devices.clone(), sink.clone(), fleet.clone());
         let remote = incoming.remote_address();
         tokio::spawn(async move {
             match incoming.await {
-                Ok(conn) => serve_edge(ctx, devices, sink, conn).await,
+                Ok(conn) if tls::alpn(&conn).as_deref() == Some(fleet::ENROLL_ALPN) => {
+                    fleet.enroll(conn).await;
+                }
+                Ok(conn) => serve_edge(ctx, devices, sink, conn, fleet).await,
                 Err(error) => info!(%remote, %error, "Tunnel handshake failed"),
             }
         });
@@ -102,6 +123,7 @@ async fn serve_edge(
     devices: Arc<Devices>,
     sink: SinkHandle,
     conn: quinn::Connection,
+    fleet: Arc<Fleet>,
 ) {
     let remote = conn.remote_address();
     let Some(device) = tls::peer_id(&conn) else {
@@ -112,6 +134,22 @@ async fn serve_edge(
         );
         return;
     };
+    if fleet.is_revoked(&device).await {
+        warn!(%device, %remote, "Refusing tunnel: the device is revoked");
+        ctx.audit.record(
+            &device,
+            "tunnel",
+            "tunnel.refuse",
+            "deny",
+            "",
+            format!("revoked device; peer={remote}"),
+        );
+        conn.close(
+            quinn::VarInt::from_u32(fleet::CLOSE_REVOKED),
+            b"this device is revoked",
+        );
+        return;
+    }
     let span = info_span!("tunnel", %device, peer = %remote);
     async move {
         // The control stream: versioned hello.
@@ -188,6 +226,8 @@ async fn serve_edge(
             format!("peer={remote}"),
         );
         devices.add(&device, conn.clone());
+        // The control stream goes on as the device's management session.
+        let control = tokio::spawn(fleet.clone().session(device.clone(), send, recv));
         tokio::spawn(crate::udp::read_datagrams(ctx.flows.clone(), conn.clone()));
         ctx.metrics.peer(&device, true);
         loop {
@@ -211,7 +251,7 @@ async fn serve_edge(
         info!(%reason, "Edge disconnected");
         ctx.audit
             .record(&device, "tunnel", "tunnel.down", "ok", "", reason);
-        drop(send);
+        control.abort();
     }
     .instrument(span)
     .await;

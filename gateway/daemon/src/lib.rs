@@ -12,6 +12,7 @@ pub mod daemon;
 pub mod delivery;
 pub mod edge;
 pub mod exit;
+pub mod fleet;
 pub mod hub;
 pub mod hub_sink;
 pub mod ingest;

@@ -76,6 +76,22 @@ pub struct Metrics {
     peers: Mutex<BTreeMap<String, PeerCounters>>,
     channels: Mutex<BTreeMap<String, ChannelCounters>>,
     sink: Mutex<BTreeMap<(String, String), SinkCounters>>,
+    fleet: Mutex<FleetGauges>,
+}
+
+/// Central management gauges.
+#[derive(Debug, Default, Clone)]
+pub struct FleetGauges {
+    /// Edge: when the device certificate expires (Unix seconds).
+    pub cert_not_after_s: Option<i64>,
+    /// Edge: certificate renewals done, and refused or failed.
+    pub renewals: u64,
+    /// See `renewals`.
+    pub renewal_failures: u64,
+    /// Edge: the managed config version in force.
+    pub config_version: u64,
+    /// Hub: devices whose collected audit chain is broken.
+    pub audit_broken: std::collections::BTreeSet<String>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -208,6 +224,50 @@ impl Metrics {
         c.duplicates += duplicates;
     }
 
+    /// Edge: the device certificate's expiry.
+    pub fn cert_expiry(&self, not_after_ms: i64) {
+        lock(&self.fleet).cert_not_after_s = Some(not_after_ms.div_euclid(1000));
+    }
+
+    /// Edge: a renewal worked (or not).
+    pub fn renewal(&self, ok: bool) {
+        let mut f = lock(&self.fleet);
+        if ok {
+            f.renewals += 1;
+        } else {
+            f.renewal_failures += 1;
+        }
+    }
+
+    /// Edge: the managed config version in force.
+    pub fn config_version(&self, v: u64) {
+        lock(&self.fleet).config_version = v;
+    }
+
+    /// Hub: a device's collected audit chain is broken.
+    pub fn audit_alarm(&self, device: &str) {
+        lock(&self.fleet).audit_broken.insert(device.to_owned());
+    }
+
+    /// The central management gauges.
+    pub fn fleet(&self) -> FleetGauges {
+        lock(&self.fleet).clone()
+    }
+
+    /// Relays open now, over all services.
+    pub fn relays_open(&self) -> u64 {
+        let n: i64 = lock(&self.services).values().map(|c| c.active).sum();
+        u64::try_from(n).unwrap_or(0)
+    }
+
+    /// Records waiting, per channel.
+    pub fn backlogs(&self) -> Vec<(String, u64)> {
+        lock(&self.channels)
+            .iter()
+            .map(|(k, c)| (k.clone(), c.backlog_records))
+            .collect()
+    }
+
     /// Relays of `service` open now.
     pub fn active(&self, service: &str) -> i64 {
         lock(&self.services).get(service).map_or(0, |c| c.active)
@@ -299,7 +359,37 @@ impl Metrics {
             );
         }
         self.render_channels(&mut o);
+        self.render_fleet(&mut o);
         o
+    }
+
+    fn render_fleet(&self, o: &mut String) {
+        let f = lock(&self.fleet).clone();
+        if let Some(t) = f.cert_not_after_s {
+            let _ = writeln!(
+                o,
+                "# HELP gateway_cert_expiry_timestamp_seconds When the device certificate expires.\n# TYPE gateway_cert_expiry_timestamp_seconds gauge\ngateway_cert_expiry_timestamp_seconds {t}"
+            );
+            let _ = writeln!(
+                o,
+                "# HELP gateway_cert_renewals_total Certificate renewals, by result.\n# TYPE gateway_cert_renewals_total counter\ngateway_cert_renewals_total{{result=\"ok\"}} {}\ngateway_cert_renewals_total{{result=\"failed\"}} {}",
+                f.renewals, f.renewal_failures
+            );
+            let _ = writeln!(
+                o,
+                "# HELP gateway_config_version The centrally managed config version in force (0: the local file).\n# TYPE gateway_config_version gauge\ngateway_config_version {}",
+                f.config_version
+            );
+        }
+        if !f.audit_broken.is_empty() {
+            let _ = writeln!(
+                o,
+                "# HELP gateway_audit_chain_broken A device's collected audit chain does not continue.\n# TYPE gateway_audit_chain_broken gauge"
+            );
+            for d in &f.audit_broken {
+                let _ = writeln!(o, "gateway_audit_chain_broken{{device=\"{d}\"}} 1");
+            }
+        }
     }
 
     fn render_channels(&self, o: &mut String) {

@@ -177,3 +177,122 @@ pub fn check_key_file(path: &Path) -> Result<(), PkiError> {
     }
     Ok(())
 }
+
+/// The hub's CA, loaded to sign devices' certificate requests.
+pub struct Signer {
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl Signer {
+    /// Loads the CA certificate and key (the key must be 0600).
+    ///
+    /// # Errors
+    /// When a file cannot be read or is not a CA certificate and key.
+    pub fn load(ca_cert: &Path, ca_key: &Path) -> Result<Self, PkiError> {
+        check_key_file(ca_key)?;
+        let pem = std::fs::read_to_string(ca_cert).map_err(io(ca_cert))?;
+        let key = KeyPair::from_pem(&std::fs::read_to_string(ca_key).map_err(io(ca_key))?)?;
+        Ok(Signer {
+            issuer: Issuer::from_ca_cert_pem(&pem, key)?,
+        })
+    }
+
+    /// Signs `csr_pem` for device `id`, valid `lifetime` from `now_ms` (started
+    /// up to five minutes early, at most a quarter of the lifetime, for clocks
+    /// that lag). Only the CSR's public key is taken: names, usages and validity
+    /// are the hub's. Returns the certificate (PEM) and its expiry (Unix ms).
+    ///
+    /// # Errors
+    /// When the CSR does not parse, its signature does not verify, or it does
+    /// not name `id`.
+    pub fn sign_csr(
+        &self,
+        csr_pem: &str,
+        id: &str,
+        now_ms: i64,
+        lifetime: std::time::Duration,
+    ) -> Result<(String, i64), PkiError> {
+        let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)?;
+        let names_id = csr
+            .params
+            .subject_alt_names
+            .iter()
+            .any(|s| matches!(s, SanType::DnsName(n) if n.as_str() == id));
+        if !names_id {
+            return Err(PkiError::BadName(format!(
+                "the certificate request does not name device {id}"
+            )));
+        }
+        let life_ms = i64::try_from(lifetime.as_millis()).unwrap_or(i64::MAX / 2);
+        let early_ms = (life_ms / 4).min(300_000);
+        let at = |ms: i64| {
+            time::OffsetDateTime::from_unix_timestamp(ms.div_euclid(1000))
+                .map_err(|e| PkiError::BadName(format!("certificate time: {e}")))
+        };
+        let not_after_ms = now_ms + life_ms;
+        let mut p = CertificateParams::new(Vec::<String>::new())?;
+        p.distinguished_name.push(DnType::CommonName, id);
+        p.subject_alt_names.push(SanType::DnsName(id.try_into()?));
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        p.not_before = at(now_ms - early_ms)?;
+        p.not_after = at(not_after_ms)?;
+        p.serial_number = Some(rcgen::SerialNumber::from_slice(&rand::random::<[u8; 16]>()));
+        csr.params = p;
+        let cert = csr.signed_by(&self.issuer)?;
+        Ok((cert.pem(), not_after_ms.div_euclid(1000) * 1000))
+    }
+}
+
+/// A new key for device `id` and a certificate request for it: (key PEM, CSR PEM).
+///
+/// # Errors
+/// When `id` is not a valid DNS name.
+pub fn new_request(id: &str) -> Result<(String, String), PkiError> {
+    let key = KeyPair::generate()?;
+    let mut p = CertificateParams::new(Vec::<String>::new())?;
+    p.distinguished_name.push(DnType::CommonName, id);
+    p.subject_alt_names.push(SanType::DnsName(id.try_into()?));
+    let csr = p.serialize_request(&key)?;
+    Ok((key.serialize_pem(), csr.pem()?))
+}
+
+/// A certificate's validity (Unix ms): (not before, not after).
+pub fn validity(cert_pem: &str) -> Option<(i64, i64)> {
+    use rustls_pki_types::pem::PemObject as _;
+    let der = rustls_pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes()).ok()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).ok()?;
+    let v = cert.validity();
+    Some((
+        v.not_before.timestamp() * 1000,
+        v.not_after.timestamp() * 1000,
+    ))
+}
+
+/// Replaces `path` with `contents` atomically (a temporary file in the same
+/// directory, synced, renamed over it), with `mode`.
+///
+/// # Errors
+/// When the directory is not writable.
+pub fn write_replace(path: &Path, contents: &str, mode: u32) -> Result<(), PkiError> {
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(io(&tmp))?;
+    f.write_all(contents.as_bytes()).map_err(io(&tmp))?;
+    f.sync_all().map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))?;
+    if let Some(dir) = path.parent() {
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
+}

@@ -115,12 +115,20 @@ pub fn transport() -> TransportConfig {
 /// # Errors
 /// When the files cannot be read or do not form a valid configuration.
 pub fn server(ca: &Path, cert: &Path, key_path: &Path) -> Result<quinn::ServerConfig, TlsError> {
-    let verifier = WebPkiClientVerifier::builder_with_provider(roots(ca)?, provider()).build()?;
+    // A certificate, when presented, must chain to `ca`. A connection without
+    // one completes the handshake only to enroll (ALPN gw-enroll/1): the hub
+    // closes any other such connection before reading a byte of it.
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots(ca)?, provider())
+        .allow_unauthenticated()
+        .build()?;
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(certs(cert)?, key(key_path)?)?;
-    tls.alpn_protocols = vec![gateway_core::wire::ALPN.to_vec()];
+    tls.alpn_protocols = vec![
+        gateway_core::wire::ALPN.to_vec(),
+        gateway_core::fleet::ENROLL_ALPN.to_vec(),
+    ];
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     server.transport_config(Arc::new(transport()));
@@ -141,6 +149,60 @@ pub fn client(ca: &Path, cert: &Path, key_path: &Path) -> Result<quinn::ClientCo
     let mut client = quinn::ClientConfig::new(Arc::new(crypto));
     client.transport_config(Arc::new(transport()));
     Ok(client)
+}
+
+/// The TLS client configuration the tunnels use; swapped when the device
+/// certificate is renewed.
+pub type ClientHolder = Arc<std::sync::RwLock<quinn::ClientConfig>>;
+
+/// An enrolling box's QUIC client configuration: trusts only `ca`, presents
+/// no certificate (it has none yet), ALPN `gw-enroll/1`.
+///
+/// # Errors
+/// When the CA file cannot be read.
+pub fn enroll_client(ca: &Path) -> Result<quinn::ClientConfig, TlsError> {
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots(ca)?)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![gateway_core::fleet::ENROLL_ALPN.to_vec()];
+    let crypto = QuicClientConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
+    Ok(quinn::ClientConfig::new(Arc::new(crypto)))
+}
+
+/// The operators' HTTPS API: the hub's certificate, no client certificate
+/// (operators authenticate with a credential), TLS 1.3.
+///
+/// # Errors
+/// When the files cannot be read.
+pub fn ops_server(cert: &Path, key_path: &Path) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(certs(cert)?, key(key_path)?)?;
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(tls))
+}
+
+/// `gatewayctl`'s TLS client: trusts only `ca`.
+///
+/// # Errors
+/// When the CA file cannot be read.
+pub fn ops_client(ca: &Path) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots(ca)?)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(tls))
+}
+
+/// The ALPN protocol a connection agreed on.
+pub fn alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    conn.handshake_data()?
+        .downcast::<quinn::crypto::rustls::HandshakeData>()
+        .ok()?
+        .protocol
 }
 
 /// The node id of a connection's peer: the first DNS name of its verified

@@ -102,6 +102,9 @@ pub enum FleetError {
     /// The device is revoked.
     #[error("device {0} is revoked")]
     Revoked(String),
+    /// The caller's own step (signing a certificate) failed.
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// One device as the hub knows it.

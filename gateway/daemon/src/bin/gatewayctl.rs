@@ -1,44 +1,550 @@
-//! `gatewayctl`: the central operator's command line.
+//! `gatewayctl`: the central operator's command line. It talks to a hub's
+//! operators' API (`[hub].ops`, HTTPS) with an account's credential; `audit
+//! verify` works offline.
 //!
-//! It talks to a hub's API, which arrives with the fleet-management issue; until
-//! then it only prints the commands it will have, and refuses to pretend.
+//! Settings come from flags or the environment, never a credential on the
+//! command line: `--hub HOST:PORT` / `GATEWAYCTL_HUB`, `--ca FILE` /
+//! `GATEWAYCTL_CA` (the CA that signed the hub), `--credentials FILE` /
+//! `GATEWAYCTL_CREDENTIALS` (written by `gatewayd accounts add`).
+//!
+//! Exit codes: 0 done, 1 the hub refused or failed, 2 usage, 65 an audit export
+//! that does not verify, 69 the hub is unreachable, 77 not allowed (role or
+//! credential).
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-const PLAN: &str = "\
-gatewayctl: the central operator's command line (planned; needs the hub API)
+use clap::{Parser, Subcommand};
+use gateway_daemon::fleet::client::{ClientError, OpsClient};
+use serde_json::Value;
 
-planned commands:
-  gatewayctl devices list                       every enrolled gateway, with health
-  gatewayctl devices show DEVICE                one gateway: status, config version, certificate
-  gatewayctl enroll DEVICE --zone ...           issue an enrollment token for a new box
-  gatewayctl revoke DEVICE                      revoke a gateway's certificate now
-  gatewayctl config push DEVICE FILE            offer a desired configuration (checked first)
-  gatewayctl audit export DEVICE --since DATE   collect a gateway's audit chain
-  gatewayctl channel read CHANNEL --cursor N    read channel records from the hub's store
+/// The central operator's command line: enroll boxes, push config, watch the
+/// fleet, revoke, collect audit. Talks to a hub's operators' API.
+#[derive(Debug, Parser)]
+#[command(name = "gatewayctl", version, about, long_about = None)]
+struct Cli {
+    /// The hub's operators' API, HOST:PORT ([hub].ops).
+    #[arg(long, env = "GATEWAYCTL_HUB", global = true)]
+    hub: Option<String>,
+    /// The CA certificate that signed the hub's certificate.
+    #[arg(long, env = "GATEWAYCTL_CA", global = true, value_name = "FILE")]
+    ca: Option<PathBuf>,
+    /// The file holding this operator's credential (gatewayd accounts add).
+    #[arg(
+        long,
+        env = "GATEWAYCTL_CREDENTIALS",
+        global = true,
+        value_name = "FILE"
+    )]
+    credentials: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
 
-available today, on the box itself:
-  gatewayd check --config FILE                  check a configuration
-  gatewayd audit verify --state-dir DIR         verify the audit chain
-";
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Which account and role the credential belongs to.
+    Whoami,
+    /// Enrollment tokens (system administrator).
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// The fleet's status from heartbeats.
+    #[command(subcommand)]
+    Devices(DevicesCommand),
+    /// Revoke a device: its connections are dropped now and it is refused from
+    /// then on (security administrator).
+    Revoke {
+        /// The device id.
+        device: String,
+    },
+    /// Desired-state configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Run a command on a device and print its result (system administrator).
+    #[command(name = "command")]
+    Run {
+        /// The device id.
+        device: String,
+        /// reconnect or diagnostics.
+        #[arg(value_parser = ["reconnect", "diagnostics"])]
+        kind: String,
+    },
+    /// Collected audit (audit administrator); `verify` works offline.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Make a single-use enrollment token bound to a device id.
+    Create {
+        /// The device id the box will have (its config's node.id).
+        #[arg(long)]
+        device: String,
+        /// How long the token may be used.
+        #[arg(long, default_value = "24h")]
+        expires: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Format {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum DevicesCommand {
+    /// Every device the hub knows, with its state.
+    List {
+        #[arg(long, value_enum, default_value = "text")]
+        format: Format,
+    },
+    /// One device in full.
+    Show {
+        /// The device id.
+        device: String,
+        #[arg(long, value_enum, default_value = "text")]
+        format: Format,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Store a new config version for a device; the hub checks it first and
+    /// offers it to the device, which reports what it did.
+    Push {
+        /// The device id.
+        device: String,
+        /// The config file (TOML).
+        file: PathBuf,
+    },
+    /// Desired and applied config version of each device.
+    Status {
+        #[arg(long, value_enum, default_value = "text")]
+        format: Format,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Write a device's collected audit records (JSON lines) with the chain
+    /// proof in the first line.
+    Export {
+        /// The device id.
+        #[arg(long)]
+        device: String,
+        /// From this date on (YYYY-MM-DD, China Standard Time).
+        #[arg(long)]
+        since: Option<String>,
+        /// Write here instead of stdout.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+    /// Check an export offline: every record's hash and link, up to its head.
+    Verify {
+        /// The export file.
+        file: PathBuf,
+    },
+}
+
+const USAGE: u8 = 2;
+const REFUSED: u8 = 1;
+const BAD_DATA: u8 = 65;
+const UNREACHABLE: u8 = 69;
+const NO_PERM: u8 = 77;
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
-        None | Some("-h" | "--help" | "help") => {
-            print!("{PLAN}");
-            ExitCode::SUCCESS
+    let cli = Cli::parse();
+    if let Command::Audit(AuditCommand::Verify { file }) = &cli.command {
+        return ExitCode::from(verify(file));
+    }
+    let (Some(hub), Some(ca), Some(credentials)) = (&cli.hub, &cli.ca, &cli.credentials) else {
+        eprintln!("error: gatewayctl needs the hub, its CA and a credential");
+        eprintln!(
+            "  hint: set --hub HOST:PORT --ca FILE --credentials FILE, or GATEWAYCTL_HUB, GATEWAYCTL_CA and GATEWAYCTL_CREDENTIALS"
+        );
+        return ExitCode::from(USAGE);
+    };
+    let client = match OpsClient::new(hub, ca, credentials) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(USAGE);
         }
-        Some("-V" | "--version") => {
-            println!("gatewayctl {}", env!("CARGO_PKG_VERSION"));
-            ExitCode::SUCCESS
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(REFUSED);
         }
-        Some(other) => {
-            eprintln!(
-                "gatewayctl: `{other}` is not available yet: gatewayctl needs the hub API, which is not built yet"
+    };
+    ExitCode::from(rt.block_on(run(&client, cli.command)))
+}
+
+/// Sends a request; on a refusal prints the hub's message and returns the code.
+async fn call(
+    client: &OpsClient,
+    method: &str,
+    path: &str,
+    body: Option<(&str, &[u8])>,
+) -> Result<(u16, Vec<u8>), u8> {
+    match client.request(method, path, body).await {
+        Ok((status, body)) if status < 300 => Ok((status, body)),
+        Ok((status, body)) => {
+            let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            let message = v["error"]
+                .as_str()
+                .map(str::to_owned)
+                .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
+            eprintln!("error: the hub refused ({status}): {message}");
+            if let Some(errors) = v["errors"].as_array() {
+                for e in errors {
+                    eprintln!("  {}", e.as_str().unwrap_or_default());
+                }
+            }
+            Err(if status == 401 || status == 403 {
+                NO_PERM
+            } else {
+                REFUSED
+            })
+        }
+        Err(e @ ClientError::Connect(..)) => {
+            eprintln!("error: {e}");
+            Err(UNREACHABLE)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            Err(REFUSED)
+        }
+    }
+}
+
+fn json(body: &[u8]) -> Value {
+    serde_json::from_slice(body).unwrap_or(Value::Null)
+}
+
+async fn run(client: &OpsClient, command: Command) -> u8 {
+    match go(client, command).await {
+        Ok(()) => 0,
+        Err(code) => code,
+    }
+}
+
+async fn go(client: &OpsClient, command: Command) -> Result<(), u8> {
+    match command {
+        Command::Whoami => {
+            let (_, b) = call(client, "GET", "/v1/whoami", None).await?;
+            let v = json(&b);
+            println!(
+                "{} ({} administrator)",
+                v["account"].as_str().unwrap_or("?"),
+                v["role"].as_str().unwrap_or("?")
             );
-            eprint!("{PLAN}");
-            ExitCode::from(2)
+        }
+        Command::Token(TokenCommand::Create { device, expires }) => {
+            let d = gateway_core::units::parse_duration(&expires).map_err(|e| {
+                eprintln!("error: --expires: {e}; {}", e.hint);
+                USAGE
+            })?;
+            let body =
+                serde_json::json!({ "device": device, "expires_s": d.as_secs() }).to_string();
+            let (_, b) = call(
+                client,
+                "POST",
+                "/v1/tokens",
+                Some(("application/json", body.as_bytes())),
+            )
+            .await?;
+            let v = json(&b);
+            println!("{}", v["token"].as_str().unwrap_or_default());
+            eprintln!(
+                "single-use enrollment token for {device}, valid {expires}; on the box: gatewayd enroll --config FILE --token-file FILE"
+            );
+        }
+        Command::Devices(DevicesCommand::List { format }) => {
+            let (_, b) = call(client, "GET", "/v1/devices", None).await?;
+            let v = json(&b);
+            match format {
+                Format::Json => {
+                    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default())
+                }
+                Format::Text => print!("{}", devices_table(&v)),
+            }
+        }
+        Command::Devices(DevicesCommand::Show { device, format }) => {
+            let (_, b) = call(client, "GET", &format!("/v1/devices/{device}"), None).await?;
+            let v = json(&b);
+            match format {
+                Format::Json => {
+                    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default())
+                }
+                Format::Text => print!("{}", device_text(&v)),
+            }
+        }
+        Command::Revoke { device } => {
+            let (_, b) = call(
+                client,
+                "POST",
+                &format!("/v1/devices/{device}/revoke"),
+                None,
+            )
+            .await?;
+            let v = json(&b);
+            if v["already"].as_bool() == Some(true) {
+                println!("{device} was already revoked");
+            } else {
+                println!(
+                    "{device} revoked: its connections are closed and it is refused from now on"
+                );
+            }
+        }
+        Command::Config(ConfigCommand::Push { device, file }) => {
+            let text = std::fs::read(&file).map_err(|e| {
+                eprintln!("error: {}: {e}", file.display());
+                USAGE
+            })?;
+            let (_, b) = call(
+                client,
+                "POST",
+                &format!("/v1/devices/{device}/config"),
+                Some(("application/toml", &text)),
+            )
+            .await?;
+            let v = json(&b);
+            println!(
+                "config version {} stored for {device}{}",
+                v["version"],
+                if v["offered"].as_bool() == Some(true) {
+                    "; offered to the device now (see gatewayctl config status)"
+                } else {
+                    "; the device gets it when it next connects"
+                }
+            );
+        }
+        Command::Config(ConfigCommand::Status { format }) => {
+            let (_, b) = call(client, "GET", "/v1/config", None).await?;
+            let v = json(&b);
+            match format {
+                Format::Json => {
+                    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default())
+                }
+                Format::Text => {
+                    println!("{:<20} {:>8} {:>8}  RESULT", "DEVICE", "DESIRED", "APPLIED");
+                    for d in v.as_array().into_iter().flatten() {
+                        let r = &d["result"];
+                        let result = match r["outcome"].as_str() {
+                            Some("refused") => format!(
+                                "refused v{}: {}",
+                                r["offered"],
+                                r["errors"]
+                                    .as_array()
+                                    .map(|e| e
+                                        .iter()
+                                        .filter_map(Value::as_str)
+                                        .collect::<Vec<_>>()
+                                        .join("; "))
+                                    .unwrap_or_default()
+                            ),
+                            Some("reverted") => format!(
+                                "reverted v{}: {}",
+                                r["tried"],
+                                r["reason"].as_str().unwrap_or_default()
+                            ),
+                            Some(o) => o.to_owned(),
+                            None => "-".into(),
+                        };
+                        println!(
+                            "{:<20} {:>8} {:>8}  {result}",
+                            d["id"].as_str().unwrap_or("?"),
+                            opt(&d["desired"]),
+                            opt(&d["applied"]),
+                        );
+                    }
+                }
+            }
+        }
+        Command::Run { device, kind } => {
+            let (_, b) = call(
+                client,
+                "POST",
+                &format!("/v1/devices/{device}/commands/{kind}"),
+                None,
+            )
+            .await?;
+            let v = json(&b);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&v["output"]).unwrap_or_default()
+            );
+            if v["ok"].as_bool() != Some(true) {
+                return Err(REFUSED);
+            }
+        }
+        Command::Audit(AuditCommand::Export { device, since, out }) => {
+            let path = match &since {
+                Some(s) => format!("/v1/devices/{device}/audit?since={s}"),
+                None => format!("/v1/devices/{device}/audit"),
+            };
+            let (_, b) = call(client, "GET", &path, None).await?;
+            let records = b.iter().filter(|c| **c == b'\n').count().saturating_sub(1);
+            match out {
+                Some(f) => {
+                    std::fs::write(&f, &b).map_err(|e| {
+                        eprintln!("error: {}: {e}", f.display());
+                        REFUSED
+                    })?;
+                    eprintln!(
+                        "{records} records of {device} written to {}; check with gatewayctl audit verify {}",
+                        f.display(),
+                        f.display()
+                    );
+                }
+                None => {
+                    use std::io::Write as _;
+                    let _ = std::io::stdout().write_all(&b);
+                }
+            }
+        }
+        Command::Audit(AuditCommand::Verify { .. }) => {}
+    }
+    Ok(())
+}
+
+fn opt(v: &Value) -> String {
+    if v.is_null() {
+        "-".into()
+    } else {
+        v.to_string()
+    }
+}
+
+fn ago(ms: &Value) -> String {
+    match ms.as_i64() {
+        Some(t) => format!(
+            "{}s ago",
+            (gateway_daemon::fleet::now_ms() - t).max(0) / 1000
+        ),
+        None => "-".into(),
+    }
+}
+
+fn until(ms: &Value) -> String {
+    match ms.as_i64() {
+        Some(t) => {
+            let s = (t - gateway_daemon::fleet::now_ms()) / 1000;
+            if s < 0 {
+                "EXPIRED".into()
+            } else if s < 7200 {
+                format!("in {s}s")
+            } else {
+                format!("in {}h", s / 3600)
+            }
+        }
+        None => "-".into(),
+    }
+}
+
+fn devices_table(v: &Value) -> String {
+    let mut o = format!(
+        "{:<20} {:<10} {:>7} {:>12} {:>12} {:>6} {:>8}  LAST ERROR\n",
+        "DEVICE", "STATE", "CONFIG", "CERT", "HEARTBEAT", "RELAYS", "BACKLOG"
+    );
+    for d in v.as_array().into_iter().flatten() {
+        let s = &d["status"];
+        let backlog: u64 = s["backlogs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|b| b[1].as_u64())
+            .sum();
+        let config = format!(
+            "{}/{}",
+            opt(&d["config_applied"]),
+            opt(&d["config_desired"])
+        );
+        o += &format!(
+            "{:<20} {:<10} {:>7} {:>12} {:>12} {:>6} {:>8}  {}\n",
+            d["id"].as_str().unwrap_or("?"),
+            d["state"].as_str().unwrap_or("?"),
+            config,
+            until(&d["cert_not_after_ms"]),
+            ago(&d["last_heartbeat_ms"]),
+            opt(&s["relays_open"]),
+            backlog,
+            s["last_error"].as_str().unwrap_or("-"),
+        );
+    }
+    o
+}
+
+fn device_text(d: &Value) -> String {
+    let s = &d["status"];
+    let mut o = format!("device        {}\n", d["id"].as_str().unwrap_or("?"));
+    o += &format!("state         {}\n", d["state"].as_str().unwrap_or("?"));
+    o += &format!("heartbeat     {}\n", ago(&d["last_heartbeat_ms"]));
+    o += &format!("version       {}\n", s["version"].as_str().unwrap_or("-"));
+    o += &format!("uptime        {}s\n", opt(&s["uptime_s"]));
+    o += &format!("certificate   expires {}\n", until(&d["cert_not_after_ms"]));
+    o += &format!(
+        "config        applied {} / desired {} ({})\n",
+        opt(&d["config_applied"]),
+        opt(&d["config_desired"]),
+        d["config_result"]["outcome"].as_str().unwrap_or("-")
+    );
+    for a in s["assessments"].as_array().into_iter().flatten() {
+        o += &format!(
+            "assessment    {} valid until {}\n",
+            a[0].as_str().unwrap_or("?"),
+            a[1].as_str().unwrap_or("?")
+        );
+    }
+    o += &format!("relays open   {}\n", opt(&s["relays_open"]));
+    for b in s["backlogs"].as_array().into_iter().flatten() {
+        o += &format!(
+            "backlog       {} {} records\n",
+            b[0].as_str().unwrap_or("?"),
+            b[1]
+        );
+    }
+    o += &format!(
+        "audit         collected to record {}{}\n",
+        opt(&d["audit_head"]),
+        d["audit_broken"]
+            .as_str()
+            .map(|b| format!(" -- CHAIN BROKEN: {b}"))
+            .unwrap_or_default()
+    );
+    o += &format!(
+        "last error    {}\n",
+        s["last_error"].as_str().unwrap_or("-")
+    );
+    o
+}
+
+fn verify(file: &std::path::Path) -> u8 {
+    let text = match std::fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {}: {e}", file.display());
+            return USAGE;
+        }
+    };
+    match gateway_core::fleet::verify_export(&text) {
+        Ok(s) => {
+            println!(
+                "intact: {} records of {} (records {} to {}), every hash and link checked up to the head",
+                s.records, s.device, s.first_seq, s.last_seq
+            );
+            0
+        }
+        Err(e) => {
+            println!("BROKEN: {e}");
+            BAD_DATA
         }
     }
 }

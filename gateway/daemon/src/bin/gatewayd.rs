@@ -25,6 +25,12 @@ enum Command {
     Check(cli::check::CheckArgs),
     /// Run the daemon (edge or hub, as the config says). SIGTERM drains, SIGHUP reloads.
     Run(cli::run::RunArgs),
+    /// Enroll this box with a hub: a key made here, a certificate signed by the
+    /// hub for a single-use token from central ops.
+    Enroll(cli::enroll::EnrollArgs),
+    /// Operator accounts of a hub (one role each): the bootstrap for gatewayctl.
+    #[command(subcommand)]
+    Accounts(cli::accounts::AccountsCommand),
     /// Create a private CA and issue device and hub certificates (offline).
     #[command(subcommand)]
     Pki(cli::pki::PkiCommand),
@@ -45,6 +51,8 @@ fn main() -> ExitCode {
         Command::Demo(a) => cli::demo::run(a),
         Command::Check(a) => cli::check::run(a),
         Command::Run(a) => cli::run::run(a),
+        Command::Enroll(a) => cli::enroll::run(a),
+        Command::Accounts(a) => cli::accounts::run(a),
         Command::Pki(a) => cli::pki::run(a),
         Command::Audit(a) => cli::audit::run(a),
         Command::Channels(a) => cli::channels::run(a),

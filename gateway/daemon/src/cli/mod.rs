@@ -1,9 +1,11 @@
 //! `gatewayd` subcommands.
 
+pub mod accounts;
 pub mod audit;
 pub mod channels;
 pub mod check;
 pub mod demo;
+pub mod enroll;
 pub mod nftables;
 pub mod pki;
 pub mod run;

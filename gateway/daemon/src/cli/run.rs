@@ -13,6 +13,7 @@ use tracing::{error, info, warn};
 
 use crate::daemon::{self, Bindings, StartError};
 use crate::exit;
+use crate::fleet::edge as managed;
 use crate::node::today_local;
 use crate::notify;
 use crate::pki::PkiError;
@@ -41,9 +42,12 @@ fn parse_grace(s: &str) -> Result<Duration, String> {
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(crate::fleet::logring::RingLayer)
         .try_init();
 }
 
@@ -101,9 +105,55 @@ pub fn run(args: &RunArgs) -> u8 {
     rt.block_on(serve(args, config))
 }
 
+/// The config to run: the centrally managed one in the state directory when
+/// there is one that checks and belongs to this box, else the local file.
+/// Returns it with (managed version, text) and whether a try window was open.
+fn choose_config(
+    path: &Path,
+    local: gateway_core::config::Config,
+) -> (gateway_core::config::Config, (u64, String), bool) {
+    let local_text = std::fs::read_to_string(path).unwrap_or_default();
+    let Some((version, text, trying)) = managed::load_managed(&local.node.state_dir) else {
+        return (local, (0, local_text), false);
+    };
+    match managed::check_text(&text, "managed config") {
+        Ok(c) if c.node.id == local.node.id && c.node.state_dir == local.node.state_dir => {
+            info!(
+                version,
+                dir = %local.node.state_dir.join("managed").display(),
+                "Running the centrally managed config; the --config file is the bootstrap"
+            );
+            (c, (version, text), trying)
+        }
+        Ok(_) => {
+            warn!(
+                "The managed config belongs to another node id or state_dir; running the local file"
+            );
+            (local, (0, local_text), false)
+        }
+        Err(errors) => {
+            for e in errors {
+                error!("{e}");
+            }
+            warn!("The managed config does not check; running the local file");
+            (local, (0, local_text), false)
+        }
+    }
+}
+
 async fn serve(args: &RunArgs, config: gateway_core::config::Config) -> u8 {
+    let (config, source, trying) = choose_config(&args.config, config);
+    let try_window = match &config.role {
+        gateway_core::config::Role::Edge(e) => e.uplink.config_try,
+        gateway_core::config::Role::Hub(_) => Duration::from_secs(60),
+    };
+    let mut applier = managed::Applier::new(try_window, trying.then_some(source.0));
     let (user, state_dir) = (config.node.user.clone(), config.node.state_dir.clone());
-    let running = match daemon::start(config, Bindings::default()).await {
+    let bindings = Bindings {
+        config_source: Some(source),
+        ..Bindings::default()
+    };
+    let running = match daemon::start(config, bindings).await {
         Ok(r) => r,
         Err(e) => {
             error!("Not started: {e}");
@@ -114,7 +164,8 @@ async fn serve(args: &RunArgs, config: gateway_core::config::Config) -> u8 {
                 | StartError::StateDir { .. }
                 | StartError::Audit(_)
                 | StartError::Buffer(_)
-                | StartError::Sink(_) => exit::OS_ERR,
+                | StartError::Sink(_)
+                | StartError::Fleet(_) => exit::OS_ERR,
             };
         }
     };
@@ -151,7 +202,30 @@ async fn serve(args: &RunArgs, config: gateway_core::config::Config) -> u8 {
     ));
     // The watchdog is fed from this loop: if it stops turning, systemd restarts us.
     let mut watchdog = notify::watchdog_interval().map(tokio::time::interval);
+    let mut requests = running.take_fleet_requests();
+    let fleet = running.edge_fleet();
     loop {
+        // A pushed config is on trial until a hub is reachable with it.
+        if applier.deadline().is_some() && running.hub_reachable() {
+            if let Some(f) = &fleet {
+                applier.confirm(f, &state_dir);
+            }
+        }
+        let trial = async {
+            match applier.deadline() {
+                Some(at) => tokio::select! {
+                    () = tokio::time::sleep_until(at.into()) => true,
+                    () = running.hub_came_up() => false,
+                },
+                None => std::future::pending().await,
+            }
+        };
+        let request = async {
+            match requests.as_mut() {
+                Some(r) => r.recv().await,
+                None => std::future::pending().await,
+            }
+        };
         let ping = async {
             match watchdog.as_mut() {
                 Some(t) => {
@@ -166,12 +240,59 @@ async fn serve(args: &RunArgs, config: gateway_core::config::Config) -> u8 {
             () = ping => {
                 notify::notify(&format!("WATCHDOG=1\nSTATUS=running: {}", metrics.status_line()));
             }
+            expired = trial => {
+                if expired && !running.hub_reachable() {
+                    if let Some(f) = &fleet {
+                        applier.revert(f, &state_dir, |c| running.reload(c).map_err(|e| e.to_string()));
+                        running.ctx().metrics.config_version(f.applied().0);
+                    }
+                }
+            }
+            Some(req) = request => match (req, &fleet) {
+                (managed::Request::Apply { version, text, reply }, Some(f)) => {
+                    let current = running.ctx().policy().config().clone();
+                    let result = applier.apply(f, &current, version, &text, |c| {
+                        running.reload(c).map_err(|e| e.to_string())
+                    });
+                    running.ctx().metrics.config_version(f.applied().0);
+                    let (outcome, detail) = match &result {
+                        gateway_core::fleet::Message::ConfigResult { outcome: gateway_core::fleet::ConfigOutcome::Applied, .. } => ("ok", format!("applied version {version}")),
+                        _ => ("error", format!("refused version {version}")),
+                    };
+                    let ctx = running.ctx();
+                    ctx.audit.record("hub", "config", "config.push", outcome, "", detail);
+                    let _ = reply.send(result);
+                }
+                (managed::Request::Reconnect, _) => {
+                    info!("Reconnecting every hub tunnel (remote command)");
+                    running.reconnect();
+                }
+                (managed::Request::Apply { .. }, None) => {}
+            },
             _ = hup.recv() => {
-                info!(file = %args.config.display(), "SIGHUP: reloading");
+                let managed_version = fleet.as_ref().map_or(0, |f| f.applied().0);
                 notify::notify("RELOADING=1\nSTATUS=reloading the configuration");
-                let refused = match load(&args.config) {
-                    Ok(c) => running.reload(c).err().map(|e| e.to_string()),
-                    Err(_) => Some("the new configuration has errors (logged above)".to_owned()),
+                let refused = if managed_version > 0 {
+                    warn!(version = managed_version, "SIGHUP: this box runs a centrally managed config; reloading it (remove STATE_DIR/managed to go back to the local file)");
+                    let text = fleet.as_ref().map(|f| f.applied().1).unwrap_or_default();
+                    match managed::check_text(&text, "managed config") {
+                        Ok(c) => running.reload(c).err().map(|e| e.to_string()),
+                        Err(e) => Some(e.join("; ")),
+                    }
+                } else {
+                    info!(file = %args.config.display(), "SIGHUP: reloading");
+                    match load(&args.config) {
+                        Ok(c) => {
+                            let refused = running.reload(c).err().map(|e| e.to_string());
+                            if refused.is_none() {
+                                if let (Some(f), Ok(text)) = (&fleet, std::fs::read_to_string(&args.config)) {
+                                    f.set_applied(0, text);
+                                }
+                            }
+                            refused
+                        }
+                        Err(_) => Some("the new configuration has errors (logged above)".to_owned()),
+                    }
                 };
                 if let Some(why) = refused {
                     error!("Reload refused, the old configuration stays in force: {why}");

@@ -1,0 +1,702 @@
+//! The edge's side of central management: enrollment (`gatewayd enroll`), the
+//! control session on the first lane of each hub tunnel (heartbeats, config
+//! offers, commands, certificate renewal, audit shipping), and the managed
+//! config with its try mode.
+//!
+//! A config pushed by the hub is kept in `STATE_DIR/managed/`: `config.toml` (in
+//! force), `last-good.toml` and `state.json`. On start the daemon prefers it to
+//! the `--config` file (the bootstrap), as long as it checks and keeps the node
+//! id and state directory.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use gateway_core::config::{Config, Role};
+use gateway_core::fleet::{
+    self, CommandKind, ConfigOutcome, EnrollAnswer, EnrollRequest, Message, Status,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{error, info, warn};
+
+use super::{now_ms, read_msg, write_msg};
+use crate::node::Ctx;
+use crate::pki::{self, PkiError};
+use crate::tls::{self, ClientHolder};
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// What a control session asks of the main loop (which owns the running node).
+pub enum Request {
+    /// Apply an offered config; the answer is the `ConfigResult` to send.
+    Apply {
+        /// Offered version.
+        version: u64,
+        /// Its text.
+        text: String,
+        /// Where the result goes.
+        reply: oneshot::Sender<Message>,
+    },
+    /// Close and re-open every hub tunnel.
+    Reconnect,
+}
+
+/// The edge's management state.
+pub struct EdgeFleet {
+    state_dir: PathBuf,
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    /// The TLS client configuration the tunnels connect with (swapped on renewal).
+    pub client: ClientHolder,
+    heartbeat: Duration,
+    started: Instant,
+    applied: Mutex<(u64, String)>,
+    report: Mutex<Option<Message>>,
+    requests: mpsc::Sender<Request>,
+    validity: Mutex<Option<(i64, i64)>>,
+}
+
+impl EdgeFleet {
+    /// The management state of an edge running `applied` (version, text).
+    pub fn new(
+        config: &Config,
+        client: ClientHolder,
+        applied: (u64, String),
+        requests: mpsc::Sender<Request>,
+    ) -> Option<Arc<Self>> {
+        let Role::Edge(e) = &config.role else {
+            return None;
+        };
+        let validity = std::fs::read_to_string(&e.uplink.cert.path)
+            .ok()
+            .and_then(|p| pki::validity(&p));
+        Some(Arc::new(EdgeFleet {
+            state_dir: config.node.state_dir.clone(),
+            ca: e.uplink.ca.path.clone(),
+            cert: e.uplink.cert.path.clone(),
+            key: e.uplink.key.path.clone(),
+            client,
+            heartbeat: e.uplink.heartbeat,
+            started: Instant::now(),
+            applied: Mutex::new(applied),
+            report: Mutex::new(None),
+            requests,
+            validity: Mutex::new(validity),
+        }))
+    }
+
+    /// The config in force: (version, text).
+    pub fn applied(&self) -> (u64, String) {
+        lock(&self.applied).clone()
+    }
+
+    /// Records the config in force.
+    pub fn set_applied(&self, version: u64, text: String) {
+        *lock(&self.applied) = (version, text);
+    }
+
+    /// Keeps a result for the next control session (a revert, found while no
+    /// hub was reachable).
+    pub fn report_later(&self, m: Message) {
+        *lock(&self.report) = Some(m);
+    }
+
+    /// The certificate's validity (Unix ms).
+    pub fn validity(&self) -> Option<(i64, i64)> {
+        *lock(&self.validity)
+    }
+
+    fn status(&self, ctx: &Ctx) -> Status {
+        let config = ctx.policy().config().clone();
+        Status {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            uptime_s: self.started.elapsed().as_secs(),
+            config_version: lock(&self.applied).0,
+            cert_not_after_ms: self.validity().map(|v| v.1),
+            assessments: config
+                .zones
+                .iter()
+                .filter_map(|z| {
+                    z.assessment
+                        .as_ref()
+                        .map(|a| (z.name.clone(), a.valid_until.to_string()))
+                })
+                .collect(),
+            relays_open: ctx.metrics.relays_open(),
+            backlogs: ctx.metrics.backlogs(),
+            last_error: super::logring::last_error(),
+            interval_s: self.heartbeat.as_secs().max(1),
+        }
+    }
+
+    /// Renewal: install a certificate the hub signed for the key made here.
+    fn install(&self, ctx: &Ctx, key_pem: &str, cert_pem: &str) -> Result<(i64, i64), String> {
+        let v = pki::validity(cert_pem).ok_or("the hub sent a certificate that does not parse")?;
+        if v.1 <= now_ms() {
+            return Err("the hub sent an expired certificate".into());
+        }
+        // Key first: a crash between the two renames leaves a key the old
+        // certificate does not match; enrollment with a new token repairs it.
+        pki::write_replace(&self.key, key_pem, 0o600).map_err(|e| e.to_string())?;
+        pki::write_replace(&self.cert, cert_pem, 0o644).map_err(|e| e.to_string())?;
+        let client = tls::client(&self.ca, &self.cert, &self.key).map_err(|e| e.to_string())?;
+        *self
+            .client
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = client;
+        *lock(&self.validity) = Some(v);
+        ctx.metrics.cert_expiry(v.1);
+        Ok(v)
+    }
+}
+
+/// Runs the control session on a tunnel's first lane until the tunnel ends.
+pub async fn session(
+    fleet: Arc<EdgeFleet>,
+    ctx: Arc<Ctx>,
+    conn: quinn::Connection,
+    mut send: quinn::SendStream,
+    recv: quinn::RecvStream,
+) {
+    // A result kept from while no hub was reachable goes first, so the hub
+    // knows of a revert before it decides what to offer.
+    let report = lock(&fleet.report).take();
+    if let Some(m) = report {
+        if write_msg(&mut send, &m).await.is_err() {
+            fleet.report_later(m);
+            return;
+        }
+    }
+    let (version, text) = fleet.applied();
+    if write_msg(&mut send, &Message::ConfigState { version, text })
+        .await
+        .is_err()
+    {
+        return;
+    }
+    // Reading runs on its own so a half-read message is never dropped by select.
+    let (in_tx, mut incoming) = mpsc::channel::<Message>(16);
+    let reader = tokio::spawn(async move {
+        let mut recv = recv;
+        while let Ok(m) = read_msg::<Message, _>(&mut recv).await {
+            if in_tx.send(m).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut heartbeat = tokio::time::interval(fleet.heartbeat);
+    let mut ship = tokio::time::interval(Duration::from_secs(1));
+    let mut cursor: Option<u64> = None;
+    let audit = Arc::new(Mutex::new(None::<gateway_store::audit::AuditLog>));
+    let jitter = rand::random::<f64>();
+    let mut renewing: Option<String> = None;
+    let mut renew_at = renew_deadline(&fleet, jitter);
+    loop {
+        tokio::select! {
+            _ = heartbeat.tick() => {
+                if write_msg(&mut send, &Message::Heartbeat(fleet.status(&ctx))).await.is_err() {
+                    break;
+                }
+            }
+            _ = ship.tick(), if cursor.is_some() => {
+                let from = cursor.unwrap_or(1);
+                let (dir, audit) = (fleet.state_dir.clone(), audit.clone());
+                let records = tokio::task::spawn_blocking(move || {
+                    let mut a = lock(&audit);
+                    if a.is_none() {
+                        *a = gateway_store::audit::AuditLog::open_existing(&dir).ok();
+                    }
+                    a.as_ref().and_then(|a| a.records(from, 500).ok()).unwrap_or_default()
+                }).await.unwrap_or_default();
+                if let Some(last) = records.last() {
+                    let next = last.seq + 1;
+                    let records = records.iter().map(fleet::AuditEntry::from).collect();
+                    if write_msg(&mut send, &Message::AuditBatch { records }).await.is_err() {
+                        break;
+                    }
+                    cursor = Some(next);
+                    if next > from + 499 {
+                        ship.reset_immediately();
+                    }
+                }
+            }
+            () = sleep_until(renew_at), if renewing.is_none() && renew_at.is_some() => {
+                let id = ctx.id.clone();
+                match tokio::task::spawn_blocking(move || pki::new_request(&id)).await {
+                    Ok(Ok((key_pem, csr_pem))) => {
+                        info!("Renewing the device certificate");
+                        if write_msg(&mut send, &Message::Renew { csr_pem }).await.is_err() {
+                            break;
+                        }
+                        renewing = Some(key_pem);
+                    }
+                    _ => {
+                        error!("Cannot make a key for renewal");
+                        renew_at = Some(Instant::now() + Duration::from_secs(60));
+                    }
+                }
+            }
+            m = incoming.recv() => {
+                let Some(m) = m else { break };
+                match m {
+                    Message::AuditCursor { next_seq } => cursor = Some(next_seq),
+                    Message::Renewed { cert_pem } => {
+                        let key = renewing.take().unwrap_or_default();
+                        match fleet.install(&ctx, &key, &cert_pem) {
+                            Ok((_, not_after)) => {
+                                ctx.metrics.renewal(true);
+                                info!(valid_for_s = (not_after - now_ms()) / 1000, "Certificate renewed");
+                                ctx.audit.record(&ctx.id, "certificate", "cert.renew", "ok", "", format!("not_after_ms={not_after}"));
+                                renew_at = renew_deadline(&fleet, rand::random::<f64>());
+                            }
+                            Err(e) => {
+                                ctx.metrics.renewal(false);
+                                error!(%e, "Cannot install the renewed certificate");
+                                renew_at = retry_deadline(&fleet);
+                            }
+                        }
+                    }
+                    Message::RenewRefused { reason } => {
+                        renewing = None;
+                        ctx.metrics.renewal(false);
+                        error!(%reason, "The hub refused to renew the device certificate");
+                        ctx.audit.record(&ctx.id, "certificate", "cert.renew", "deny", "", reason);
+                        renew_at = retry_deadline(&fleet);
+                    }
+                    Message::ConfigOffer { version, text } => {
+                        info!(version, "The hub offers a config");
+                        let (reply, answer) = oneshot::channel();
+                        let result = if fleet.requests.send(Request::Apply { version, text, reply }).await.is_ok() {
+                            answer.await.ok()
+                        } else {
+                            None
+                        };
+                        let result = result.unwrap_or(Message::ConfigResult {
+                            offered: version,
+                            applied: fleet.applied().0,
+                            outcome: ConfigOutcome::Refused { errors: vec!["this node cannot apply configs (not run by `gatewayd run`)".into()] },
+                        });
+                        if write_msg(&mut send, &result).await.is_err() {
+                            fleet.report_later(result);
+                            break;
+                        }
+                    }
+                    Message::Command { id, kind } => {
+                        let (ok, output) = command(&fleet, &ctx, kind).await;
+                        if write_msg(&mut send, &Message::CommandResult { id, ok, output }).await.is_err() {
+                            break;
+                        }
+                    }
+                    other => warn!(?other, "Unexpected control message from the hub; ignored"),
+                }
+            }
+            _ = conn.closed() => break,
+        }
+    }
+    reader.abort();
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn renew_deadline(fleet: &EdgeFleet, jitter: f64) -> Option<Instant> {
+    let (nb, na) = fleet.validity()?;
+    let ms = fleet::renew_in_ms(nb, na, now_ms(), jitter);
+    Some(Instant::now() + Duration::from_millis(u64::try_from(ms).unwrap_or(0)))
+}
+
+fn retry_deadline(fleet: &EdgeFleet) -> Option<Instant> {
+    let (_, na) = fleet.validity()?;
+    let left = (na - now_ms()).max(0);
+    let ms = (left / 8).clamp(1_000, 60_000);
+    Some(Instant::now() + Duration::from_millis(u64::try_from(ms).unwrap_or(1_000)))
+}
+
+async fn command(fleet: &EdgeFleet, ctx: &Ctx, kind: CommandKind) -> (bool, String) {
+    info!(?kind, "Remote command");
+    ctx.audit.record(
+        "hub",
+        "node",
+        "command",
+        "ok",
+        "",
+        format!("{kind:?}").to_lowercase(),
+    );
+    match kind {
+        CommandKind::Reconnect => {
+            let ok = fleet.requests.send(Request::Reconnect).await.is_ok();
+            (ok, "reconnecting every hub tunnel".into())
+        }
+        CommandKind::Diagnostics => {
+            let (version, text) = fleet.applied();
+            let checked = gateway_core::config::load(&text, crate::node::today_local());
+            let check: Vec<String> = checked
+                .diagnostics
+                .iter()
+                .map(|d| d.render(&format!("config v{version}")))
+                .collect();
+            let out = serde_json::json!({
+                "config_version": version,
+                "config_valid": checked.config.is_some(),
+                "config_check": check,
+                "status": fleet.status(ctx),
+                "log": super::logring::recent(),
+                "metrics": ctx.metrics.render(),
+            });
+            (true, out.to_string())
+        }
+    }
+}
+
+/// Watches the certificate's expiry: a metric, and a warning in the log when a
+/// quarter of its lifetime is left (renewal should have happened at two thirds).
+pub async fn watch_cert(fleet: Arc<EdgeFleet>, ctx: Arc<Ctx>) {
+    let mut warned = 0;
+    loop {
+        let Some((nb, na)) = fleet.validity() else {
+            return;
+        };
+        ctx.metrics.cert_expiry(na);
+        let (life, left) = (na - nb, na - now_ms());
+        if left <= 0 && warned < 2 {
+            error!(
+                "The device certificate has expired: the hubs will refuse this box; re-enroll it with a new token (gatewayd enroll)"
+            );
+            warned = 2;
+        } else if left > 0 && left < life / 4 && warned < 1 {
+            warn!(
+                left_s = left / 1000,
+                "The device certificate expires soon and has not been renewed; check the hub connection"
+            );
+            warned = 1;
+        } else if left >= life / 4 {
+            warned = 0;
+        }
+        let step = (life / 20).clamp(1_000, 60_000);
+        if !ctx
+            .pause(Duration::from_millis(u64::try_from(step).unwrap_or(1_000)))
+            .await
+        {
+            return;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Enrollment
+
+/// Enrollment failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollError {
+    /// A file or the key.
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+    /// TLS setup.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// No hub could be reached.
+    #[error("no hub answered: {0}")]
+    Unreachable(String),
+    /// The hub refused.
+    #[error("the hub refused the enrollment: {0}")]
+    Refused(String),
+}
+
+/// Enrolls this box: makes a key here, sends a certificate request with the
+/// token to the first hub that answers, and stores the certificate and key
+/// where `[uplink]` says. Returns the hub that signed and the expiry (Unix ms).
+///
+/// # Errors
+/// When no hub answers or the hub refuses.
+pub async fn enroll(config: &Config, token: &str) -> Result<(String, i64), EnrollError> {
+    let Role::Edge(e) = &config.role else {
+        return Err(EnrollError::Refused(
+            "only an edge enrolls; this config is a hub's".into(),
+        ));
+    };
+    let id = config.node.id.clone();
+    let (key_pem, csr_pem) = pki::new_request(&id)?;
+    let client = tls::enroll_client(&e.uplink.ca.path)?;
+    let any: std::net::SocketAddr = ([0, 0, 0, 0], 0).into();
+    let endpoint =
+        quinn::Endpoint::client(any).map_err(|e| EnrollError::Unreachable(e.to_string()))?;
+    let mut why = Vec::new();
+    for hub in &e.uplink.hubs {
+        let target = format!("{}:{}", hub.host, hub.port);
+        let attempt = async {
+            let addr = tokio::net::lookup_host(&target)
+                .await
+                .ok()
+                .and_then(|mut a| a.next())
+                .ok_or_else(|| format!("cannot resolve {target}"))?;
+            let conn = endpoint
+                .connect_with(client.clone(), addr, &hub.host)
+                .map_err(|e| e.to_string())?
+                .await
+                .map_err(|e| e.to_string())?;
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+            let req = EnrollRequest {
+                token: token.trim().to_owned(),
+                device: id.clone(),
+                csr_pem: csr_pem.clone(),
+            };
+            write_msg(&mut send, &req)
+                .await
+                .map_err(|e| e.to_string())?;
+            let _ = send.finish();
+            let answer: EnrollAnswer = read_msg(&mut recv).await.map_err(|e| e.to_string())?;
+            conn.close(quinn::VarInt::from_u32(0), b"enrolled");
+            Ok::<_, String>(answer)
+        };
+        match tokio::time::timeout(Duration::from_secs(15), attempt).await {
+            Ok(Ok(EnrollAnswer::Issued { cert_pem })) => {
+                let (_, not_after) = pki::validity(&cert_pem)
+                    .ok_or_else(|| EnrollError::Refused("the certificate does not parse".into()))?;
+                if let Some(dir) = e.uplink.key.path.parent() {
+                    std::fs::create_dir_all(dir).map_err(|source| PkiError::Io {
+                        path: dir.to_owned(),
+                        source,
+                    })?;
+                }
+                pki::write_replace(&e.uplink.key.path, &key_pem, 0o600)?;
+                pki::write_replace(&e.uplink.cert.path, &cert_pem, 0o644)?;
+                endpoint.wait_idle().await;
+                return Ok((hub.to_string(), not_after));
+            }
+            Ok(Ok(EnrollAnswer::Refused { reason })) => return Err(EnrollError::Refused(reason)),
+            Ok(Err(e)) => why.push(format!("{hub}: {e}")),
+            Err(_) => why.push(format!("{hub}: no answer within 15 s")),
+        }
+    }
+    Err(EnrollError::Unreachable(why.join("; ")))
+}
+
+// ---------------------------------------------------------------------------
+// The managed config and try mode (run by the main loop)
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct ManagedState {
+    version: u64,
+    last_good: u64,
+    /// Set while a just-applied version waits for a hub connection.
+    trying: bool,
+}
+
+fn managed_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("managed")
+}
+
+/// The managed config on disk, if any: (version, text, trying).
+pub fn load_managed(state_dir: &Path) -> Option<(u64, String, bool)> {
+    let dir = managed_dir(state_dir);
+    let state: ManagedState =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("state.json")).ok()?).ok()?;
+    let text = std::fs::read_to_string(dir.join("config.toml")).ok()?;
+    Some((state.version, text, state.trying))
+}
+
+fn last_good(state_dir: &Path) -> Option<(u64, String)> {
+    let dir = managed_dir(state_dir);
+    let state: ManagedState =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("state.json")).ok()?).ok()?;
+    let text = std::fs::read_to_string(dir.join("last-good.toml")).ok()?;
+    Some((state.last_good, text))
+}
+
+fn save_managed(
+    state_dir: &Path,
+    (version, text): (u64, &str),
+    (good_version, good_text): (u64, &str),
+    trying: bool,
+) -> Result<(), PkiError> {
+    let dir = managed_dir(state_dir);
+    std::fs::create_dir_all(&dir).map_err(|source| PkiError::Io {
+        path: dir.clone(),
+        source,
+    })?;
+    pki::write_replace(&dir.join("last-good.toml"), good_text, 0o600)?;
+    pki::write_replace(&dir.join("config.toml"), text, 0o600)?;
+    let state = ManagedState {
+        version,
+        last_good: good_version,
+        trying,
+    };
+    pki::write_replace(
+        &dir.join("state.json"),
+        &serde_json::to_string(&state).unwrap_or_default(),
+        0o600,
+    )
+}
+
+/// Checks a config text the way `gatewayd check` does; the errors rendered
+/// with their line and column under `name`.
+pub fn check_text(text: &str, name: &str) -> Result<Config, Vec<String>> {
+    let checked = gateway_core::config::load(text, crate::node::today_local());
+    match checked.config {
+        Some(c) => Ok(c),
+        None => Err(checked
+            .diagnostics
+            .iter()
+            .filter(|d| d.is_error())
+            .map(|d| d.render(name))
+            .collect()),
+    }
+}
+
+/// The main loop's half of config pushes: apply, watch the try window, revert.
+pub struct Applier {
+    /// Until when a just-applied version may wait for a hub; the version.
+    trying: Option<(Instant, u64)>,
+    window: Duration,
+}
+
+impl Applier {
+    /// An applier; `resume_trying` when the node started in a try window.
+    pub fn new(window: Duration, resume_trying: Option<u64>) -> Self {
+        Applier {
+            trying: resume_trying.map(|v| (Instant::now() + window, v)),
+            window,
+        }
+    }
+
+    /// When the try window ends, if one is open.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.trying.map(|t| t.0)
+    }
+
+    /// Applies an offered config with `reload`; returns the result to send.
+    pub fn apply(
+        &mut self,
+        fleet: &EdgeFleet,
+        current: &Config,
+        version: u64,
+        text: &str,
+        reload: impl FnOnce(Config) -> Result<(), String>,
+    ) -> Message {
+        let (applied, applied_text) = fleet.applied();
+        let refuse = |errors: Vec<String>| {
+            warn!(
+                version,
+                ?errors,
+                "Pushed config refused; the config in force stays"
+            );
+            Message::ConfigResult {
+                offered: version,
+                applied,
+                outcome: ConfigOutcome::Refused { errors },
+            }
+        };
+        if version <= applied {
+            return refuse(vec![format!(
+                "version {version} is not newer than version {applied} in force"
+            )]);
+        }
+        let config = match check_text(text, &format!("pushed config v{version}")) {
+            Ok(c) => c,
+            Err(errors) => return refuse(errors),
+        };
+        if config.node.id != current.node.id {
+            return refuse(vec![format!(
+                "node.id is {} but this box is {}",
+                config.node.id, current.node.id
+            )]);
+        }
+        if config.node.state_dir != current.node.state_dir {
+            return refuse(vec![
+                "node.state_dir cannot change by a push (the managed config lives there)".into(),
+            ]);
+        }
+        if let Err(e) = save_managed(
+            &current.node.state_dir,
+            (version, text),
+            (applied, &applied_text),
+            true,
+        ) {
+            return refuse(vec![format!("cannot store it: {e}")]);
+        }
+        if let Err(e) = reload(config) {
+            // Put the files back as they were.
+            let _ = save_managed(
+                &current.node.state_dir,
+                (applied, &applied_text),
+                (applied, &applied_text),
+                false,
+            );
+            return refuse(vec![e]);
+        }
+        fleet.set_applied(version, text.to_owned());
+        self.trying = Some((Instant::now() + self.window, version));
+        info!(
+            version,
+            try_s = self.window.as_secs(),
+            "Pushed config applied; it is kept once a hub is reachable with it"
+        );
+        Message::ConfigResult {
+            offered: version,
+            applied: version,
+            outcome: ConfigOutcome::Applied,
+        }
+    }
+
+    /// A hub is reachable: the version being tried is good.
+    pub fn confirm(&mut self, fleet: &EdgeFleet, state_dir: &Path) {
+        if let Some((_, v)) = self.trying.take() {
+            let (version, text) = fleet.applied();
+            if version == v {
+                let _ = save_managed(state_dir, (version, &text), (version, &text), false);
+                info!(
+                    version,
+                    "Pushed config confirmed: a hub is reachable with it"
+                );
+            }
+        }
+    }
+
+    /// The try window ended without a hub: go back to the last good config.
+    pub fn revert(
+        &mut self,
+        fleet: &EdgeFleet,
+        state_dir: &Path,
+        reload: impl FnOnce(Config) -> Result<(), String>,
+    ) {
+        let Some((_, tried)) = self.trying.take() else {
+            return;
+        };
+        let Some((good, text)) = last_good(state_dir) else {
+            error!(tried, "No last good config to revert to");
+            return;
+        };
+        let reason = format!(
+            "no hub was reachable within {} s of applying version {tried}",
+            self.window.as_secs()
+        );
+        error!(
+            tried,
+            back_to = good,
+            "{reason}: reverting to the last good config"
+        );
+        let outcome = check_text(&text, "last good config")
+            .map_err(|e| e.join("; "))
+            .and_then(reload);
+        match outcome {
+            Ok(()) => {
+                let _ = save_managed(state_dir, (good, &text), (good, &text), false);
+                fleet.set_applied(good, text);
+                fleet.report_later(Message::ConfigResult {
+                    offered: tried,
+                    applied: good,
+                    outcome: ConfigOutcome::Reverted { tried, reason },
+                });
+            }
+            Err(e) => error!(%e, "Reverting failed; the tried config stays in force"),
+        }
+    }
+}

@@ -1,0 +1,476 @@
+//! The hub's side of central management: the registry, enrollment of new
+//! boxes, and one control session per connected edge (heartbeats, config
+//! offers and results, commands, renewal, audit collection).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use gateway_core::fleet::{
+    self, AuditEntry, CommandKind, ConfigOutcome, EnrollAnswer, EnrollRequest, Message, Secret,
+};
+use gateway_store::fleet::{FleetError, Registry};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{Instrument, error, info, info_span, warn};
+
+use super::{now_ms, read_msg, write_msg};
+use crate::hub::Devices;
+use crate::node::Ctx;
+use crate::pki::Signer;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A command's answer: (worked, output).
+pub type CommandAnswer = (bool, String);
+
+/// The hub's fleet state.
+pub struct Fleet {
+    reg: Arc<Mutex<Registry>>,
+    signer: Signer,
+    lifetime: Duration,
+    ctx: Arc<Ctx>,
+    devices: Arc<Devices>,
+    sessions: Mutex<HashMap<String, mpsc::UnboundedSender<Message>>>,
+    pending: Mutex<HashMap<u64, oneshot::Sender<CommandAnswer>>>,
+    next_command: AtomicU64,
+}
+
+/// Why an operator's request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OpsError {
+    /// The registry failed.
+    #[error(transparent)]
+    Fleet(#[from] FleetError),
+    /// The device is not connected.
+    #[error("device {0} is not connected to this hub")]
+    Offline(String),
+    /// The device did not answer in time.
+    #[error("device {0} did not answer within {1} s")]
+    Timeout(String, u64),
+}
+
+impl Fleet {
+    /// Opens the registry in `state_dir` and loads the CA.
+    ///
+    /// # Errors
+    /// When the registry or the CA cannot be opened.
+    pub fn open(
+        ctx: Arc<Ctx>,
+        devices: Arc<Devices>,
+        state_dir: &std::path::Path,
+        signer: Signer,
+        lifetime: Duration,
+    ) -> Result<Arc<Self>, FleetError> {
+        Ok(Arc::new(Fleet {
+            reg: Arc::new(Mutex::new(Registry::open(state_dir)?)),
+            signer,
+            lifetime,
+            ctx,
+            devices,
+            sessions: Mutex::new(HashMap::new()),
+            pending: Mutex::new(HashMap::new()),
+            next_command: AtomicU64::new(1),
+        }))
+    }
+
+    /// Runs `f` on the registry off the async threads.
+    pub async fn db<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Registry) -> T + Send + 'static,
+    ) -> T {
+        let reg = self.reg.clone();
+        match tokio::task::spawn_blocking(move || f(&mut lock(&reg))).await {
+            Ok(v) => v,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    }
+
+    /// The hub's audit, for operators' actions.
+    pub fn ctx(&self) -> &Arc<Ctx> {
+        &self.ctx
+    }
+
+    /// Whether `device` may connect.
+    pub async fn is_revoked(&self, device: &str) -> bool {
+        let d = device.to_owned();
+        self.db(move |r| r.is_revoked(&d)).await.unwrap_or(false)
+    }
+
+    /// Whether `device` has a control session here now.
+    pub fn connected(&self, device: &str) -> bool {
+        lock(&self.sessions).contains_key(device)
+    }
+
+    /// Revokes `device`: refused from now on, its connections closed now.
+    ///
+    /// # Errors
+    /// When the registry fails.
+    pub async fn revoke(&self, device: &str, by: &str) -> Result<bool, FleetError> {
+        let (d, b) = (device.to_owned(), by.to_owned());
+        let fresh = self.db(move |r| r.revoke(&d, &b, now_ms())).await?;
+        let closed = self.devices.close_all(
+            device,
+            fleet::CLOSE_REVOKED,
+            b"revoked by central operations",
+        );
+        lock(&self.sessions).remove(device);
+        warn!(%device, by, closed, "Device revoked: connections closed, it is refused from now on");
+        self.ctx.audit.record(
+            by,
+            device,
+            "device.revoke",
+            "ok",
+            "",
+            format!("connections_closed={closed}"),
+        );
+        Ok(fresh)
+    }
+
+    /// Stores a config version for `device` and offers it if it is connected.
+    ///
+    /// # Errors
+    /// When the registry fails.
+    pub async fn push(&self, device: &str, text: String, by: &str) -> Result<u64, FleetError> {
+        let (d, b, t) = (device.to_owned(), by.to_owned(), text.clone());
+        let version = self
+            .db(move |r| r.push_config(&d, &t, &b, now_ms()))
+            .await?;
+        info!(%device, version, by, "Config version stored; offering it");
+        self.send(device, Message::ConfigOffer { version, text });
+        Ok(version)
+    }
+
+    /// Sends a command to `device` and waits for its answer.
+    ///
+    /// # Errors
+    /// When the device is not connected or does not answer within 20 s.
+    pub async fn command(
+        &self,
+        device: &str,
+        kind: CommandKind,
+    ) -> Result<CommandAnswer, OpsError> {
+        let id = self.next_command.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        lock(&self.pending).insert(id, tx);
+        if !self.send(device, Message::Command { id, kind }) {
+            lock(&self.pending).remove(&id);
+            return Err(OpsError::Offline(device.to_owned()));
+        }
+        match tokio::time::timeout(Duration::from_secs(20), rx).await {
+            Ok(Ok(answer)) => Ok(answer),
+            _ => {
+                lock(&self.pending).remove(&id);
+                Err(OpsError::Timeout(device.to_owned(), 20))
+            }
+        }
+    }
+
+    fn send(&self, device: &str, m: Message) -> bool {
+        lock(&self.sessions)
+            .get(device)
+            .is_some_and(|tx| tx.send(m).is_ok())
+    }
+
+    /// Serves an enrollment connection (ALPN `gw-enroll/1`, no client
+    /// certificate): one request, one answer.
+    pub async fn enroll(self: Arc<Self>, conn: quinn::Connection) {
+        let remote = conn.remote_address();
+        let Ok(Ok((mut send, mut recv))) =
+            tokio::time::timeout(crate::relay::HANDSHAKE_TIMEOUT, conn.accept_bi()).await
+        else {
+            return;
+        };
+        let req: EnrollRequest = match tokio::time::timeout(
+            crate::relay::HANDSHAKE_TIMEOUT,
+            read_msg(&mut recv),
+        )
+        .await
+        {
+            Ok(Ok(r)) => r,
+            _ => {
+                info!(%remote, "Enrollment connection sent no request");
+                conn.close(
+                    quinn::VarInt::from_u32(1),
+                    b"expected an enrollment request",
+                );
+                return;
+            }
+        };
+        let answer = self.clone().redeem(req, remote).await;
+        let _ = write_msg(&mut send, &answer).await;
+        let _ = send.finish();
+        let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+    }
+
+    async fn redeem(
+        self: Arc<Self>,
+        req: EnrollRequest,
+        remote: std::net::SocketAddr,
+    ) -> EnrollAnswer {
+        let device = req.device.clone();
+        let refuse = |reason: String| {
+            warn!(%device, %remote, %reason, "Enrollment refused");
+            self.ctx.audit.record(
+                &remote.to_string(),
+                &device,
+                "device.enroll",
+                "deny",
+                "",
+                reason.clone(),
+            );
+            EnrollAnswer::Refused { reason }
+        };
+        let Some(token) = Secret::parse(fleet::TOKEN_KIND, &req.token) else {
+            return refuse(
+                "the enrollment token is malformed; it looks like gwt1.DEVICE.HEX".into(),
+            );
+        };
+        if token.owner != req.device {
+            return refuse(format!(
+                "this enrollment token was issued for {}, not for {}",
+                token.owner, req.device
+            ));
+        }
+        let me = self.clone();
+        let (digest, csr, id) = (token.digest(), req.csr_pem.clone(), req.device.clone());
+        let result = self
+            .db(move |r| {
+                r.enroll(&digest, &id, now_ms(), || {
+                    me.signer
+                        .sign_csr(&csr, &id, now_ms(), me.lifetime)
+                        .map_err(|e| FleetError::Refused(e.to_string()))
+                })
+            })
+            .await;
+        match result {
+            Ok(cert_pem) => {
+                info!(%device, %remote, "Device enrolled");
+                self.ctx.audit.record(
+                    &remote.to_string(),
+                    &device,
+                    "device.enroll",
+                    "ok",
+                    "",
+                    format!("lifetime_s={}", self.lifetime.as_secs()),
+                );
+                EnrollAnswer::Issued { cert_pem }
+            }
+            Err(e) => refuse(e.to_string()),
+        }
+    }
+
+    /// Runs the control session of `device` on its tunnel's control stream,
+    /// until the stream or the tunnel ends.
+    pub async fn session(
+        self: Arc<Self>,
+        device: String,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+    ) {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Message>();
+        let span = info_span!("control", %device);
+        async move {
+            // The writer: everything for this device goes through one task.
+            let writer = tokio::spawn(async move {
+                while let Some(m) = rx.recv().await {
+                    if write_msg(&mut send, &m).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            let mut registered = false;
+            loop {
+                let m: Message = match read_msg(&mut recv).await {
+                    Ok(m) => m,
+                    Err(_) => break,
+                };
+                if !registered {
+                    // The edge's first message marks its management lane.
+                    lock(&self.sessions).insert(device.clone(), tx.clone());
+                    registered = true;
+                    let d = device.clone();
+                    let next = self.db(move |r| r.audit_next(&d)).await.unwrap_or(1);
+                    let _ = tx.send(Message::AuditCursor { next_seq: next });
+                }
+                self.handle(&device, m, &tx).await;
+            }
+            if registered {
+                let mut s = lock(&self.sessions);
+                if s.get(&device).is_some_and(|t| t.same_channel(&tx)) {
+                    s.remove(&device);
+                }
+            }
+            writer.abort();
+        }
+        .instrument(span)
+        .await;
+    }
+
+    async fn handle(&self, device: &str, m: Message, tx: &mpsc::UnboundedSender<Message>) {
+        let d = device.to_owned();
+        match m {
+            Message::Heartbeat(status) => {
+                let json = serde_json::to_string(&status).unwrap_or_default();
+                let not_after = status.cert_not_after_ms;
+                let _ = self
+                    .db(move |r| {
+                        if let Some(t) = not_after {
+                            r.set_cert(&d, t)?;
+                        }
+                        r.heartbeat(&d, now_ms(), &json)
+                    })
+                    .await;
+            }
+            Message::ConfigState { version, text } => {
+                let offer = self
+                    .db(move |r| -> Result<Option<(u64, String)>, FleetError> {
+                        let known = r.device(&d)?;
+                        // The last result stays while the version in force is
+                        // the one it speaks of (a refusal or a revert).
+                        let result = known
+                            .as_ref()
+                            .and_then(|k| k.applied.clone())
+                            .filter(|(v, _, _)| *v == version)
+                            .map_or_else(|| "{\"outcome\":\"connected\"}".to_owned(), |a| a.1);
+                        r.set_applied(&d, version, Some(&text), &result, now_ms())?;
+                        let desired = r.desired(&d)?;
+                        // Offer what is newer, unless the edge already refused
+                        // or reverted exactly that version.
+                        let refused = known
+                            .and_then(|k| k.applied)
+                            .and_then(|(_, result, _)| {
+                                serde_json::from_str::<serde_json::Value>(&result).ok()
+                            })
+                            .filter(|v| v["outcome"] != "applied" && v["outcome"] != "connected")
+                            .and_then(|v| v["offered"].as_u64());
+                        Ok(desired.filter(|(v, _)| *v > version && Some(*v) != refused))
+                    })
+                    .await;
+                if let Ok(Some((version, text))) = offer {
+                    info!(version, "Offering the desired config");
+                    let _ = tx.send(Message::ConfigOffer { version, text });
+                }
+            }
+            Message::ConfigResult {
+                offered,
+                applied,
+                outcome,
+            } => {
+                let json = match &outcome {
+                    ConfigOutcome::Refused { errors } => serde_json::json!({
+                        "offered": offered, "outcome": "refused", "errors": errors
+                    })
+                    .to_string(),
+                    ConfigOutcome::Reverted { tried, reason } => serde_json::json!({
+                        "offered": offered, "outcome": "reverted", "tried": tried, "reason": reason
+                    })
+                    .to_string(),
+                    ConfigOutcome::Applied => {
+                        serde_json::json!({ "offered": offered, "outcome": "applied" }).to_string()
+                    }
+                };
+                let _ = self
+                    .db(move |r| r.set_applied(&d, applied, None, &json, now_ms()))
+                    .await;
+                let (result, detail) = match &outcome {
+                    ConfigOutcome::Applied => ("ok", format!("applied version {applied}")),
+                    ConfigOutcome::Refused { errors } => (
+                        "error",
+                        format!(
+                            "refused version {offered}, kept {applied}: {}",
+                            errors.join("; ")
+                        ),
+                    ),
+                    ConfigOutcome::Reverted { tried, reason } => (
+                        "error",
+                        format!("reverted version {tried} to {applied}: {reason}"),
+                    ),
+                };
+                if result == "ok" {
+                    info!(%detail, "Config result");
+                } else {
+                    warn!(%detail, "Config result");
+                }
+                self.ctx
+                    .audit
+                    .record(device, "config", "config.result", result, "", detail);
+            }
+            Message::CommandResult { id, ok, output } => {
+                if let Some(waiter) = lock(&self.pending).remove(&id) {
+                    let _ = waiter.send((ok, output));
+                }
+            }
+            Message::Renew { csr_pem } => {
+                let answer = if self.is_revoked(device).await {
+                    Message::RenewRefused {
+                        reason: "this device is revoked".into(),
+                    }
+                } else {
+                    match self
+                        .signer
+                        .sign_csr(&csr_pem, device, now_ms(), self.lifetime)
+                    {
+                        Ok((cert_pem, not_after)) => {
+                            let _ = self.db(move |r| r.set_cert(&d, not_after)).await;
+                            Message::Renewed { cert_pem }
+                        }
+                        Err(e) => Message::RenewRefused {
+                            reason: e.to_string(),
+                        },
+                    }
+                };
+                let (outcome, detail) = match &answer {
+                    Message::RenewRefused { reason } => ("deny", reason.clone()),
+                    _ => ("ok", format!("lifetime_s={}", self.lifetime.as_secs())),
+                };
+                info!(outcome, %detail, "Certificate renewal");
+                self.ctx
+                    .audit
+                    .record(device, "certificate", "cert.renew", outcome, "", detail);
+                let _ = tx.send(answer);
+            }
+            Message::AuditBatch { records } => self.collect(device, records).await,
+            other => {
+                warn!(?other, "Unexpected control message from an edge; ignored");
+            }
+        }
+    }
+
+    async fn collect(&self, device: &str, records: Vec<AuditEntry>) {
+        let d = device.to_owned();
+        let n = records.len();
+        match self.db(move |r| r.append_audit(&d, &records)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(problem)) => {
+                error!(%device, %problem, "ALARM: the device's audit chain does not continue; collection stopped for it");
+                self.ctx.metrics.audit_alarm(device);
+                self.ctx.audit.record(
+                    device,
+                    "audit",
+                    "audit.chain_broken",
+                    "error",
+                    "R6.audit",
+                    format!("{n} records refused: {problem}"),
+                );
+            }
+            Err(e) => error!(%device, %e, "Cannot store collected audit records"),
+        }
+    }
+
+    /// Drops collected audit older than `days`, daily.
+    pub async fn prune_loop(self: Arc<Self>, days: u32) {
+        let mut tick = tokio::time::interval(Duration::from_secs(3600));
+        loop {
+            tick.tick().await;
+            let before = now_ms() - i64::from(days) * 86_400_000;
+            match self.db(move |r| r.prune_audit(before)).await {
+                Ok(0) => {}
+                Ok(n) => info!(records = n, days, "Pruned collected audit past retention"),
+                Err(e) => warn!(%e, "Cannot prune collected audit"),
+            }
+        }
+    }
+}

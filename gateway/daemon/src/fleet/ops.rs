@@ -1,0 +1,606 @@
+//! The operators' HTTPS API on the hub (`[hub].ops`), used by `gatewayctl`.
+//!
+//! Every request carries `Authorization: Bearer gwa1.ACCOUNT.SECRET`; the hub
+//! keeps only the credential's digest. Each account holds one role (system,
+//! security or audit administrator) and each route needs one action of
+//! `gateway_core::fleet::allowed`; a refusal names the role that may. Every
+//! action, allowed or refused, is written to the hub's audit chain with the
+//! account.
+//!
+//! | route | action |
+//! |---|---|
+//! | `GET /v1/whoami` | any account |
+//! | `POST /v1/tokens` `{"device", "expires_s"}` | token create (system) |
+//! | `GET /v1/devices`, `GET /v1/devices/{id}`, `GET /v1/config` | devices read (system, security) |
+//! | `POST /v1/devices/{id}/config` (TOML body) | config push: policy sections (security), the rest (system) |
+//! | `POST /v1/devices/{id}/revoke` | revoke (security) |
+//! | `POST /v1/devices/{id}/commands/{reconnect,diagnostics}` | command (system) |
+//! | `GET /v1/devices/{id}/audit?since=YYYY-MM-DD` | audit read (audit) |
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use gateway_core::config::Role;
+use gateway_core::fleet::{
+    self, Action, AdminRole, CommandKind, EXPORT_FORMAT, ExportHeader, Secret,
+};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::hub::Fleet;
+use super::now_ms;
+
+/// An error answer: status and message (JSON `{"error": ...}`).
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, axum::Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+type Answer = Result<Response, ApiError>;
+
+fn internal(e: impl std::fmt::Display) -> ApiError {
+    ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+}
+
+fn role_for(action: Action) -> &'static str {
+    match action {
+        Action::TokenCreate | Action::Command | Action::ConfigPushOther => "system administrator",
+        Action::ConfigPushPolicy | Action::Revoke => "security administrator",
+        Action::AuditRead => "audit administrator",
+        Action::DevicesRead => "system or security administrator",
+    }
+}
+
+fn role_name(r: AdminRole) -> &'static str {
+    match r {
+        AdminRole::System => "system administrator",
+        AdminRole::Security => "security administrator",
+        AdminRole::Audit => "audit administrator",
+    }
+}
+
+/// The account a request's credential belongs to; unknown ones are audited.
+async fn account(
+    fleet: &Fleet,
+    headers: &HeaderMap,
+    what: &str,
+    object: &str,
+) -> Result<(String, AdminRole), ApiError> {
+    let unauthorized = |m: &str| ApiError(StatusCode::UNAUTHORIZED, m.to_owned());
+    let bearer = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| {
+            unauthorized("no credential: send Authorization: Bearer gwa1.ACCOUNT.SECRET")
+        })?;
+    let secret = Secret::parse(fleet::CREDENTIAL_KIND, bearer)
+        .ok_or_else(|| unauthorized("malformed credential"))?;
+    let digest = secret.digest();
+    let found = fleet
+        .db(move |r| r.account(&digest))
+        .await
+        .map_err(internal)?;
+    found.ok_or_else(|| {
+        warn!(account = %secret.owner, "Operator API: unknown credential");
+        fleet.ctx().audit.record(
+            &secret.owner,
+            object,
+            &format!("admin.{what}"),
+            "deny",
+            "",
+            "unknown credential".into(),
+        );
+        unauthorized("unknown credential")
+    })
+}
+
+/// Who is asking, checked for `action`; refusals are audited.
+async fn authorize(
+    fleet: &Fleet,
+    headers: &HeaderMap,
+    action: Action,
+    what: &str,
+    object: &str,
+) -> Result<(String, AdminRole), ApiError> {
+    let (name, role) = account(fleet, headers, what, object).await?;
+    if !fleet::allowed(role, action) {
+        let message = format!(
+            "account {name} ({}) may not {what}: that is the {}'s",
+            role_name(role),
+            role_for(action)
+        );
+        warn!(%message, "Operator API: refused");
+        fleet.ctx().audit.record(
+            &name,
+            object,
+            &format!("admin.{what}"),
+            "deny",
+            "",
+            message.clone(),
+        );
+        return Err(ApiError(StatusCode::FORBIDDEN, message));
+    }
+    Ok((name, role))
+}
+
+fn audit_ok(fleet: &Fleet, account: &str, what: &str, object: &str, detail: String) {
+    fleet
+        .ctx()
+        .audit
+        .record(account, object, &format!("admin.{what}"), "ok", "", detail);
+}
+
+/// Serves the API on `listener` with TLS until `stop`.
+pub async fn serve(
+    fleet: Arc<Fleet>,
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    stop: CancellationToken,
+) {
+    let app = Router::new()
+        .route("/v1/whoami", get(whoami))
+        .route("/v1/tokens", post(token_create))
+        .route("/v1/devices", get(devices_list))
+        .route("/v1/devices/{id}", get(device_show))
+        .route("/v1/devices/{id}/revoke", post(revoke))
+        .route("/v1/devices/{id}/config", post(config_push))
+        .route("/v1/devices/{id}/commands/{kind}", post(command))
+        .route("/v1/devices/{id}/audit", get(audit_export))
+        .route("/v1/config", get(config_status))
+        .with_state(fleet);
+    let listener = TlsListener {
+        tcp: listener,
+        acceptor: tokio_rustls::TlsAcceptor::from(tls),
+    };
+    if let Err(error) = axum::serve(listener, app)
+        .with_graceful_shutdown(stop.cancelled_owned())
+        .await
+    {
+        tracing::error!(%error, "Operator API failed");
+    }
+}
+
+struct TlsListener {
+    tcp: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let (tcp, addr) = match self.tcp.accept().await {
+                Ok(x) => x,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            };
+            match tokio::time::timeout(Duration::from_secs(5), self.acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => return (tls, addr),
+                Ok(Err(error)) => info!(%addr, %error, "Operator API: TLS handshake failed"),
+                Err(_) => info!(%addr, "Operator API: TLS handshake timed out"),
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.tcp.local_addr()
+    }
+}
+
+async fn whoami(State(fleet): State<Arc<Fleet>>, headers: HeaderMap) -> Answer {
+    let (name, role) = account(&fleet, &headers, "whoami", "account").await?;
+    Ok(axum::Json(json!({ "account": name, "role": role.as_str() })).into_response())
+}
+
+#[derive(Deserialize)]
+struct TokenReq {
+    device: String,
+    expires_s: Option<u64>,
+}
+
+async fn token_create(
+    State(fleet): State<Arc<Fleet>>,
+    headers: HeaderMap,
+    axum::Json(req): axum::Json<TokenReq>,
+) -> Answer {
+    let (by, _) = authorize(
+        &fleet,
+        &headers,
+        Action::TokenCreate,
+        "create enrollment tokens",
+        &req.device,
+    )
+    .await?;
+    if let Err(e) = gateway_core::units::check_name("device", &req.device) {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("device: {}; {}", e.message, e.hint),
+        ));
+    }
+    let secret = crate::fleet::new_secret(fleet::TOKEN_KIND, req.device.clone());
+    let expires_s = req.expires_s.unwrap_or(86_400);
+    let expires_ms =
+        now_ms() + i64::try_from(expires_s.saturating_mul(1000)).unwrap_or(i64::MAX / 2);
+    let (d, digest, b) = (req.device.clone(), secret.digest(), by.clone());
+    fleet
+        .db(move |r| r.create_token(&d, &digest, expires_ms, &b, now_ms()))
+        .await
+        .map_err(|e| ApiError(StatusCode::CONFLICT, e.to_string()))?;
+    info!(device = %req.device, by, expires_s, "Enrollment token created");
+    audit_ok(
+        &fleet,
+        &by,
+        "token.create",
+        &req.device,
+        format!("expires_s={expires_s}"),
+    );
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(
+            json!({ "device": req.device, "token": secret.to_text(), "expires_ms": expires_ms }),
+        ),
+    )
+        .into_response())
+}
+
+async fn device_view(fleet: &Fleet, id: &str) -> Result<Option<Value>, ApiError> {
+    let d = id.to_owned();
+    let row = fleet.db(move |r| r.device(&d)).await.map_err(internal)?;
+    let Some(row) = row else { return Ok(None) };
+    let connected = fleet.connected(id);
+    let status: Value = row
+        .status
+        .as_ref()
+        .and_then(|(_, j)| serde_json::from_str(j).ok())
+        .unwrap_or(Value::Null);
+    let interval = status["interval_s"].as_u64().unwrap_or(10);
+    let online = fleet::online(
+        connected,
+        row.status.as_ref().map(|s| s.0),
+        interval,
+        now_ms(),
+    );
+    let state = if row.revoked_ms.is_some() {
+        "revoked"
+    } else if online {
+        "online"
+    } else if row.status.is_none() {
+        "never seen"
+    } else {
+        "offline"
+    };
+    let result: Value = row
+        .applied
+        .as_ref()
+        .and_then(|(_, j, _)| serde_json::from_str(j).ok())
+        .unwrap_or(Value::Null);
+    Ok(Some(json!({
+        "id": row.id,
+        "state": state,
+        "connected": connected,
+        "last_heartbeat_ms": row.status.as_ref().map(|s| s.0),
+        "enrolled_ms": row.enrolled_ms,
+        "cert_not_after_ms": row.not_after_ms,
+        "revoked_ms": row.revoked_ms,
+        "config_desired": row.desired,
+        "config_applied": row.applied.as_ref().map(|a| a.0),
+        "config_result": result,
+        "audit_head": row.audit.as_ref().map(|a| a.0),
+        "audit_broken": row.audit.as_ref().and_then(|a| a.1.clone()),
+        "status": status,
+    })))
+}
+
+async fn devices_list(State(fleet): State<Arc<Fleet>>, headers: HeaderMap) -> Answer {
+    authorize(
+        &fleet,
+        &headers,
+        Action::DevicesRead,
+        "list devices",
+        "devices",
+    )
+    .await?;
+    let rows = fleet.db(|r| r.devices()).await.map_err(internal)?;
+    let mut out = Vec::new();
+    for r in rows {
+        if let Some(v) = device_view(&fleet, &r.id).await? {
+            out.push(v);
+        }
+    }
+    Ok(axum::Json(Value::Array(out)).into_response())
+}
+
+async fn device_show(
+    State(fleet): State<Arc<Fleet>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Answer {
+    authorize(&fleet, &headers, Action::DevicesRead, "show devices", &id).await?;
+    match device_view(&fleet, &id).await? {
+        Some(v) => Ok(axum::Json(v).into_response()),
+        None => Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no device {id} on this hub"),
+        )),
+    }
+}
+
+async fn config_status(State(fleet): State<Arc<Fleet>>, headers: HeaderMap) -> Answer {
+    authorize(
+        &fleet,
+        &headers,
+        Action::DevicesRead,
+        "read config status",
+        "config",
+    )
+    .await?;
+    let rows = fleet.db(|r| r.devices()).await.map_err(internal)?;
+    let out: Vec<Value> = rows
+        .iter()
+        .map(|r| {
+            let result: Value = r
+                .applied
+                .as_ref()
+                .and_then(|(_, j, _)| serde_json::from_str(j).ok())
+                .unwrap_or(Value::Null);
+            json!({
+                "id": r.id,
+                "desired": r.desired,
+                "applied": r.applied.as_ref().map(|a| a.0),
+                "in_sync": r.desired.is_none_or(|d| r.applied.as_ref().is_some_and(|a| a.0 >= d)),
+                "result": result,
+            })
+        })
+        .collect();
+    Ok(axum::Json(Value::Array(out)).into_response())
+}
+
+async fn revoke(
+    State(fleet): State<Arc<Fleet>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Answer {
+    let (by, _) = authorize(&fleet, &headers, Action::Revoke, "revoke devices", &id).await?;
+    let fresh = fleet.revoke(&id, &by).await.map_err(internal)?;
+    Ok(axum::Json(json!({ "device": id, "revoked": true, "already": !fresh })).into_response())
+}
+
+async fn config_push(
+    State(fleet): State<Arc<Fleet>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: String,
+) -> Answer {
+    // Any account that may push something gets this far; the change decides.
+    let (by, role) = account(&fleet, &headers, "push config", &id).await?;
+    if !fleet::allowed(role, Action::ConfigPushOther)
+        && !fleet::allowed(role, Action::ConfigPushPolicy)
+    {
+        authorize(
+            &fleet,
+            &headers,
+            Action::ConfigPushOther,
+            "push config",
+            &id,
+        )
+        .await?;
+    }
+    let refuse = |status: StatusCode, message: String, errors: Vec<String>| {
+        fleet
+            .ctx()
+            .audit
+            .record(&by, &id, "admin.config.push", "deny", "", message.clone());
+        warn!(device = %id, by, %message, "Config push refused");
+        Ok((
+            status,
+            axum::Json(json!({ "error": message, "errors": errors })),
+        )
+            .into_response())
+    };
+    let config = match super::edge::check_text(&body, &format!("{id}.toml")) {
+        Ok(c) => c,
+        Err(errors) => {
+            return refuse(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("the config does not check ({} errors)", errors.len()),
+                errors,
+            );
+        }
+    };
+    if config.node.id != id || !matches!(config.role, Role::Edge(_)) {
+        return refuse(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "the config is for node {} ({}), not for edge {id}",
+                config.node.id,
+                if matches!(config.role, Role::Edge(_)) {
+                    "edge"
+                } else {
+                    "hub"
+                }
+            ),
+            vec![],
+        );
+    }
+    let d = id.clone();
+    let base = fleet
+        .db(
+            move |r| -> Result<Option<(u64, String)>, gateway_store::fleet::FleetError> {
+                Ok(r.desired(&d)?.or(r.applied(&d)?))
+            },
+        )
+        .await
+        .map_err(internal)?;
+    let Some((base_version, base_text)) = base else {
+        return refuse(
+            StatusCode::CONFLICT,
+            format!("the hub has not seen {id}'s config yet; it reports it when it first connects"),
+            vec![],
+        );
+    };
+    let change = fleet::classify_change(&base_text, &body);
+    if !change.policy && !change.other {
+        return refuse(
+            StatusCode::CONFLICT,
+            format!("the config equals version {base_version}; nothing to push"),
+            vec![],
+        );
+    }
+    for (changed, action, part) in [
+        (
+            change.policy,
+            Action::ConfigPushPolicy,
+            "its policy sections (zones, allow lists, content rules)",
+        ),
+        (
+            change.other,
+            Action::ConfigPushOther,
+            "its non-policy sections",
+        ),
+    ] {
+        if changed && !fleet::allowed(role, action) {
+            return refuse(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "account {by} ({}) may not change {part}: that is the {}'s; push those changes separately",
+                    role_name(role),
+                    role_for(action)
+                ),
+                vec![],
+            );
+        }
+    }
+    let version = fleet.push(&id, body, &by).await.map_err(internal)?;
+    audit_ok(
+        &fleet,
+        &by,
+        "config.push",
+        &id,
+        format!(
+            "version={version} policy={} other={}",
+            change.policy, change.other
+        ),
+    );
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(json!({ "device": id, "version": version, "change": change, "offered": fleet.connected(&id) })),
+    )
+        .into_response())
+}
+
+async fn command(
+    State(fleet): State<Arc<Fleet>>,
+    headers: HeaderMap,
+    Path((id, kind)): Path<(String, String)>,
+) -> Answer {
+    let (by, _) = authorize(
+        &fleet,
+        &headers,
+        Action::Command,
+        "run remote commands",
+        &id,
+    )
+    .await?;
+    let kind = match kind.as_str() {
+        "reconnect" => CommandKind::Reconnect,
+        "diagnostics" => CommandKind::Diagnostics,
+        other => {
+            return Err(ApiError(
+                StatusCode::NOT_FOUND,
+                format!("no command {other:?}; there are reconnect and diagnostics"),
+            ));
+        }
+    };
+    audit_ok(
+        &fleet,
+        &by,
+        "command",
+        &id,
+        format!("{kind:?}").to_lowercase(),
+    );
+    match fleet.command(&id, kind).await {
+        Ok((ok, output)) => {
+            let output: Value = serde_json::from_str(&output).unwrap_or(Value::String(output));
+            Ok(axum::Json(json!({ "device": id, "ok": ok, "output": output })).into_response())
+        }
+        Err(e) => Err(ApiError(StatusCode::GATEWAY_TIMEOUT, e.to_string())),
+    }
+}
+
+#[derive(Deserialize)]
+struct Since {
+    since: Option<String>,
+}
+
+async fn audit_export(
+    State(fleet): State<Arc<Fleet>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<Since>,
+) -> Answer {
+    let (by, _) = authorize(&fleet, &headers, Action::AuditRead, "read audit", &id).await?;
+    let since_ms = match q.since.as_deref() {
+        None => 0,
+        Some(s) => match s.parse::<gateway_core::units::Date>() {
+            // Dates are China Standard Time, like assessment dates.
+            Ok(d) => d.days_since_epoch() * 86_400_000 - 8 * 3_600_000,
+            Err(e) => {
+                return Err(ApiError(
+                    StatusCode::BAD_REQUEST,
+                    format!("since: {e}; {}", e.hint),
+                ));
+            }
+        },
+    };
+    let d = id.clone();
+    let found = fleet
+        .db(move |r| r.audit_export(&d, since_ms))
+        .await
+        .map_err(internal)?;
+    let Some((anchor_seq, anchor_hash, head_seq, head_hash, continuous, records)) = found else {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no audit collected from {id}"),
+        ));
+    };
+    let mut out = serde_json::to_string(&ExportHeader {
+        format: EXPORT_FORMAT.into(),
+        device: id.clone(),
+        anchor_seq,
+        anchor_hash,
+        head_seq,
+        head_hash,
+        continuous,
+    })
+    .map_err(internal)?;
+    for r in &records {
+        out.push('\n');
+        out += &serde_json::to_string(r).map_err(internal)?;
+    }
+    out.push('\n');
+    audit_ok(
+        &fleet,
+        &by,
+        "audit.export",
+        &id,
+        format!("records={} since_ms={since_ms}", records.len()),
+    );
+    Ok(([("content-type", "application/x-ndjson")], out).into_response())
+}
