@@ -1,0 +1,551 @@
+//! Central management end to end, with real processes: a hub with its
+//! operators' API, edges enrolled by token, `gatewayctl` as operators use it.
+//!
+//! - enrollment, token reuse and a token for another id refused; renewal with a
+//!   6-second lifetime, the renewed certificate accepted by a restarted hub after
+//!   the first one expired; revocation cutting a live relay; each role refused
+//!   what it may not do;
+//! - config push: a bad file refused at the hub with its located error, a policy
+//!   change refused to the system administrator, a push applied, one that breaks
+//!   the uplink reverted by try mode and reported; heartbeats and offline
+//!   marking; remote commands; audit export verified, a tampered one detected.
+
+mod common;
+mod net;
+mod process;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use net::*;
+use nix::sys::signal::Signal;
+use process::*;
+use serde_json::Value;
+
+/// A hub process with its operators' API and three accounts.
+struct Hub {
+    proc: Option<Proc>,
+    config: PathBuf,
+    quic: SocketAddr,
+    ops: SocketAddr,
+    publish: SocketAddr,
+    dir: tempfile::TempDir,
+    pki: Pki,
+}
+
+impl Hub {
+    fn start(lifetime: &str) -> Hub {
+        let pki = Pki::new();
+        pki.issue("hub-01");
+        let dir = tempfile::tempdir().expect("dir");
+        let (quic, ops, publish) = (free_udp(), free_tcp("127.0.0.1"), free_tcp("127.0.0.1"));
+        let spec = HubSpec::new("hub-01", 2, &["edge-a/echo"]);
+        let text = hub_toml(
+            &pki,
+            &spec,
+            quic,
+            &[publish],
+            (free_tcp("127.0.0.1"), free_tcp("127.0.0.1")),
+            &dir.path().join("state"),
+        )
+        .replacen(
+            "[hub]\n",
+            &format!("[hub]\nops = \"{ops}\"\ncert_lifetime = \"{lifetime}\"\n"),
+            1,
+        );
+        let config = dir.path().join("hub.toml");
+        std::fs::write(&config, text).expect("write");
+        for (name, role) in [("sam", "system"), ("sue", "security"), ("ada", "audit")] {
+            let out = common::gatewayd(&[
+                "accounts",
+                "add",
+                "--config",
+                config.to_str().expect("path"),
+                "--name",
+                name,
+                "--role",
+                role,
+                "--out",
+                dir.path()
+                    .join(format!("{name}.cred"))
+                    .to_str()
+                    .expect("path"),
+            ]);
+            assert_eq!(common::code(&out), 0, "{:?}", common::text(&out));
+        }
+        let mut hub = Hub {
+            proc: None,
+            config,
+            quic,
+            ops,
+            publish,
+            dir,
+            pki,
+        };
+        hub.run();
+        hub
+    }
+
+    fn run(&mut self) {
+        let mut p = Proc::start(&self.config);
+        p.wait_log("Running;");
+        self.proc = Some(p);
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.signal(Signal::SIGKILL);
+            let _ = p.child.wait();
+        }
+    }
+
+    /// Runs gatewayctl as `account`; (exit code, stdout, stderr).
+    fn ctl(&self, account: &str, args: &[&str]) -> (i32, String, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_gatewayctl"))
+            .args(args)
+            .env("GATEWAYCTL_HUB", self.ops.to_string())
+            .env("GATEWAYCTL_CA", self.pki.ca().join("ca.pem"))
+            .env(
+                "GATEWAYCTL_CREDENTIALS",
+                self.dir.path().join(format!("{account}.cred")),
+            )
+            .output()
+            .expect("run gatewayctl");
+        let (o, e) = common::text(&out);
+        (out.status.code().unwrap_or(-1), o, e)
+    }
+
+    fn token(&self, device: &str) -> String {
+        let (code, out, err) = self.ctl("sam", &["token", "create", "--device", device]);
+        assert_eq!(code, 0, "{err}");
+        out.trim().to_owned()
+    }
+
+    fn device(&self, id: &str) -> Value {
+        let (code, out, err) = self.ctl("sam", &["devices", "show", id, "--format", "json"]);
+        assert_eq!(code, 0, "{err}");
+        serde_json::from_str(&out).expect("json")
+    }
+
+    fn config_status(&self, id: &str) -> Value {
+        let (code, out, err) = self.ctl("sue", &["config", "status", "--format", "json"]);
+        assert_eq!(code, 0, "{err}");
+        let all: Value = serde_json::from_str(&out).expect("json");
+        all.as_array()
+            .into_iter()
+            .flatten()
+            .find(|d| d["id"] == id)
+            .cloned()
+            .unwrap_or(Value::Null)
+    }
+}
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// An edge's config whose certificate and key live in its state directory
+/// (they come from enrollment), with a published echo service.
+fn edge_config(hub: &Hub, id: &str, echo: SocketAddr, extra_uplink: &str) -> (PathBuf, PathBuf) {
+    let dir = hub.dir.path().join(id);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let state = dir.join("state");
+    let mut spec = EdgeSpec::new(id, 1, 2, vec![hub.quic]);
+    spec.cert = Some((
+        hub.pki.ca().join("ca.pem"),
+        state.join("device.pem"),
+        state.join("device.key"),
+    ));
+    spec.services = vec![("echo", echo, "\"extranet\"", None, None)];
+    let text = edge_toml(&hub.pki, &spec, &[], free_tcp("127.0.0.1"), &state).replacen(
+        "[uplink]\n",
+        &format!("[uplink]\nheartbeat = \"1s\"\n{extra_uplink}"),
+        1,
+    );
+    let path = dir.join("edge.toml");
+    std::fs::write(&path, text).expect("write");
+    (path, state)
+}
+
+fn enroll(config: &Path, token: &str) -> (i32, String) {
+    let out = common::gatewayd(&[
+        "enroll",
+        "--config",
+        config.to_str().expect("path"),
+        "--token",
+        token,
+    ]);
+    let (o, e) = common::text(&out);
+    (common::code(&out), format!("{o}{e}"))
+}
+
+/// A legacy echo server on the edge's legacy network.
+fn echo_server(ip: &str) -> SocketAddr {
+    let l = TcpListener::bind((ip, 0)).expect("bind");
+    let addr = l.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for s in l.incoming().map_while(Result::ok) {
+            std::thread::spawn(move || {
+                let mut s = s;
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 || s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+fn round_trip(s: &mut TcpStream, msg: &[u8]) {
+    s.write_all(msg).expect("write");
+    let mut back = vec![0u8; msg.len()];
+    s.read_exact(&mut back).expect("echo");
+    assert_eq!(back, msg);
+}
+
+fn not_after(cert: &Path) -> i64 {
+    gateway_daemon::pki::validity(&std::fs::read_to_string(cert).expect("cert"))
+        .expect("validity")
+        .1
+}
+
+#[test]
+fn enrollment_renewal_revocation_and_roles() {
+    let mut hub = Hub::start("6s");
+    let echo = echo_server("127.0.1.1");
+    let (config, state) = edge_config(&hub, "edge-a", echo, "");
+
+    // A token for another id, then the right one, then the same one again.
+    let other = hub.token("edge-b");
+    let (code, out) = enroll(&config, &other);
+    assert_eq!(code, 77, "{out}");
+    assert!(out.contains("issued for edge-b, not for edge-a"), "{out}");
+    let token = hub.token("edge-a");
+    let (code, out) = enroll(&config, &token);
+    assert_eq!(code, 0, "{out}");
+    let key_mode = std::fs::metadata(state.join("device.key"))
+        .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777)
+        .expect("key");
+    assert_eq!(key_mode, 0o600);
+    let (code, out) = enroll(&config, &token);
+    assert_eq!(code, 77, "{out}");
+    assert!(out.contains("used already"), "{out}");
+    let first_expiry = not_after(&state.join("device.pem"));
+
+    // The enrolled edge connects and its service is reachable.
+    let mut edge = Proc::start(&config);
+    edge.wait_log("Tunnel up");
+    let mut client = TcpStream::connect(hub.publish).expect("publish");
+    round_trip(&mut client, b"hello through the hub");
+
+    // Renewal over the tunnel at two thirds of the 6 s lifetime.
+    edge.wait_log("Certificate renewed");
+    let renewed_expiry = not_after(&state.join("device.pem"));
+    assert!(
+        renewed_expiry > first_expiry,
+        "{renewed_expiry} > {first_expiry}"
+    );
+    // After the first certificate expired, a restarted hub accepts the renewed one.
+    poll_blocking(
+        "the first certificate to expire",
+        Duration::from_secs(10),
+        || {
+            if gateway_daemon::fleet::now_ms() > first_expiry + 1_000 {
+                Ok(())
+            } else {
+                Err("not yet".into())
+            }
+        },
+    );
+    hub.kill();
+    hub.run();
+    edge.wait_next_log("Tunnel up");
+    let mut client = TcpStream::connect(hub.publish).expect("publish");
+    round_trip(&mut client, b"after the hub restarted");
+    let d = hub.device("edge-a");
+    assert!(
+        d["cert_not_after_ms"].as_i64().unwrap_or(0) > first_expiry,
+        "{d}"
+    );
+
+    // Each role is refused what it may not do.
+    for (account, args) in [
+        ("sam", vec!["revoke", "edge-a"]),
+        ("ada", vec!["devices", "list"]),
+        ("sue", vec!["token", "create", "--device", "edge-c"]),
+        ("sam", vec!["audit", "export", "--device", "edge-a"]),
+        ("ada", vec!["command", "edge-a", "reconnect"]),
+    ] {
+        let (code, _, err) = hub.ctl(account, &args);
+        assert_eq!(code, 77, "{account} {args:?}: {err}");
+        assert!(err.contains("may not"), "{err}");
+    }
+
+    // Revocation drops the live relay and refuses the device from then on.
+    round_trip(&mut client, b"still up");
+    let (code, out, err) = hub.ctl("sue", &["revoke", "edge-a"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("revoked"), "{out}");
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut buf = [0u8; 16];
+    match client.read(&mut buf) {
+        Ok(0) => {}
+        Err(e)
+            if e.kind() != std::io::ErrorKind::WouldBlock
+                && e.kind() != std::io::ErrorKind::TimedOut => {}
+        other => panic!("the relay outlived the revocation by 5 s: {other:?}"),
+    }
+    edge.wait_next_log("revoked");
+    assert_eq!(hub.device("edge-a")["state"], "revoked");
+    let refused = TcpStream::connect(hub.publish).and_then(|mut c| {
+        c.set_read_timeout(Some(Duration::from_secs(5)))?;
+        c.write_all(b"x")?;
+        let mut b = [0u8; 1];
+        c.read(&mut b)
+    });
+    assert!(matches!(refused, Ok(0) | Err(_)), "{refused:?}");
+    // No new token for a revoked device.
+    let (code, _, err) = hub.ctl("sam", &["token", "create", "--device", "edge-a"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("revoked"), "{err}");
+    // The hub's own audit holds the operators' actions with their accounts.
+    let audit = audit_lines(&hub.dir.path().join("state"));
+    assert!(
+        audit
+            .iter()
+            .any(|l| l.contains("sue") && l.contains("device.revoke")),
+        "{audit:#?}"
+    );
+    assert!(
+        audit
+            .iter()
+            .any(|l| l.contains("sam") && l.contains("admin.revoke") && l.contains("deny")),
+        "{audit:#?}"
+    );
+    edge.signal(Signal::SIGKILL);
+}
+
+#[test]
+fn config_push_try_mode_status_commands_and_audit() {
+    let hub = Hub::start("1h");
+    let echo = echo_server("127.0.1.1");
+    let (config, state) = edge_config(&hub, "edge-a", echo, "config_try = \"3s\"\n");
+    let (code, out) = enroll(&config, &hub.token("edge-a"));
+    assert_eq!(code, 0, "{out}");
+    let mut edge = Proc::start(&config);
+    edge.wait_log("Tunnel up");
+    let base = std::fs::read_to_string(&config).expect("config");
+
+    // Heartbeats reach the hub.
+    let d = poll_blocking("a heartbeat", Duration::from_secs(10), || {
+        let d = hub.device("edge-a");
+        if d["state"] == "online" && d["status"]["version"].is_string() {
+            Ok(d)
+        } else {
+            Err(d.to_string())
+        }
+    });
+    assert_eq!(d["status"]["assessments"][0][0], "lab", "{d}");
+    let (code, table, _) = hub.ctl("sam", &["devices", "list"]);
+    assert_eq!(code, 0);
+    assert!(
+        table.contains("edge-a") && table.contains("online"),
+        "{table}"
+    );
+
+    // A bad file is refused at the hub with its located error.
+    let bad = hub.dir.path().join("bad.toml");
+    std::fs::write(&bad, base.replacen("level = 2", "level = 7", 1)).expect("write");
+    let (code, _, err) = hub.ctl(
+        "sam",
+        &["config", "push", "edge-a", bad.to_str().expect("p")],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("edge-a.toml:") && err.contains("protection level"),
+        "{err}"
+    );
+    // A policy change is not the system administrator's.
+    let policy = hub.dir.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        base.replace("\"extranet\"]\n", "\"extranet\", \"edge-z\"]\n"),
+    )
+    .expect("write");
+    let (code, _, err) = hub.ctl(
+        "sam",
+        &["config", "push", "edge-a", policy.to_str().expect("p")],
+    );
+    assert_eq!(code, 77, "{err}");
+    assert!(err.contains("policy sections"), "{err}");
+    // A good one (a non-policy change) is applied.
+    let good = hub.dir.path().join("good.toml");
+    let good_text = base.replacen("heartbeat = \"1s\"", "heartbeat = \"2s\"", 1);
+    std::fs::write(&good, &good_text).expect("write");
+    let (code, out, err) = hub.ctl(
+        "sam",
+        &["config", "push", "edge-a", good.to_str().expect("p")],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("version 1"), "{out}");
+    edge.wait_log("Pushed config applied");
+    let s = poll_blocking("version 1 applied", Duration::from_secs(10), || {
+        let s = hub.config_status("edge-a");
+        if s["applied"] == 1 && s["result"]["outcome"] == "applied" {
+            Ok(s)
+        } else {
+            Err(s.to_string())
+        }
+    });
+    assert_eq!(s["desired"], 1);
+    assert_eq!(
+        std::fs::read_to_string(state.join("managed/config.toml")).expect("managed"),
+        good_text
+    );
+    // The security administrator's policy change is applied too.
+    let (code, _, err) = hub.ctl(
+        "sue",
+        &["config", "push", "edge-a", policy.to_str().expect("p")],
+    );
+    // Over version 1 that file also changes the heartbeat back: not hers alone.
+    assert_eq!(code, 77, "{err}");
+    assert!(err.contains("non-policy sections"), "{err}");
+    let policy2 = hub.dir.path().join("policy2.toml");
+    std::fs::write(
+        &policy2,
+        good_text.replace("\"extranet\"]\n", "\"extranet\", \"edge-z\"]\n"),
+    )
+    .expect("write");
+    let (code, _, err) = hub.ctl(
+        "sue",
+        &["config", "push", "edge-a", policy2.to_str().expect("p")],
+    );
+    assert_eq!(code, 0, "{err}");
+    edge.wait_next_log("Pushed config applied");
+
+    // A config that cannot reach any hub is reverted by try mode and reported.
+    let broken = hub.dir.path().join("broken.toml");
+    let dead = free_udp();
+    std::fs::write(
+        &broken,
+        std::fs::read_to_string(&policy2)
+            .expect("p")
+            .replace(&hub.quic.to_string(), &dead.to_string()),
+    )
+    .expect("write");
+    let (code, _, err) = hub.ctl(
+        "sam",
+        &["config", "push", "edge-a", broken.to_str().expect("p")],
+    );
+    assert_eq!(code, 0, "{err}");
+    edge.wait_next_log("reverting to the last good config");
+    let s = poll_blocking("the revert reported", Duration::from_secs(15), || {
+        let s = hub.config_status("edge-a");
+        if s["result"]["outcome"] == "reverted" {
+            Ok(s)
+        } else {
+            Err(s.to_string())
+        }
+    });
+    assert_eq!(
+        (s["desired"].as_u64(), s["applied"].as_u64()),
+        (Some(3), Some(2)),
+        "{s}"
+    );
+    // The reverted version is not offered again.
+    let (code, text, _) = hub.ctl("sam", &["config", "status"]);
+    assert_eq!(code, 0);
+    assert!(text.contains("reverted v3"), "{text}");
+
+    // Remote commands.
+    let (code, out, err) = hub.ctl("sam", &["command", "edge-a", "diagnostics"]);
+    assert_eq!(code, 0, "{err}");
+    let diag: Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(diag["config_version"], 2, "{diag}");
+    assert_eq!(diag["config_valid"], true);
+    assert!(
+        diag["metrics"]
+            .as_str()
+            .unwrap_or("")
+            .contains("gateway_tunnel_up"),
+        "{diag}"
+    );
+    assert!(diag["log"].as_array().is_some_and(|l| !l.is_empty()));
+    let (code, _, err) = hub.ctl("sam", &["command", "edge-a", "reconnect"]);
+    assert_eq!(code, 0, "{err}");
+    edge.wait_next_log("Tunnel closed to reconnect");
+    edge.wait_next_log("Tunnel up");
+
+    // Audit collection: export, verify offline, a tampered export detected.
+    let export = hub.dir.path().join("export.jsonl");
+    let n = poll_blocking("audit collected", Duration::from_secs(10), || {
+        let (code, _, err) = hub.ctl(
+            "ada",
+            &[
+                "audit",
+                "export",
+                "--device",
+                "edge-a",
+                "--since",
+                "2020-01-01",
+                "--out",
+                export.to_str().expect("p"),
+            ],
+        );
+        let text = std::fs::read_to_string(&export).unwrap_or_default();
+        let n = text.lines().count();
+        if code == 0 && text.contains("config.push") {
+            Ok(n)
+        } else {
+            Err(format!("{code} {err} {n}"))
+        }
+    });
+    assert!(n > 5, "{n}");
+    let verify = |f: &Path| {
+        let out = Command::new(env!("CARGO_BIN_EXE_gatewayctl"))
+            .args(["audit", "verify", f.to_str().expect("p")])
+            .output()
+            .expect("verify");
+        (out.status.code().unwrap_or(-1), common::text(&out).0)
+    };
+    let (code, out) = verify(&export);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.starts_with("intact"), "{out}");
+    let text = std::fs::read_to_string(&export).expect("export");
+    let tampered = hub.dir.path().join("tampered.jsonl");
+    std::fs::write(
+        &tampered,
+        text.replacen("\"outcome\":\"ok\"", "\"outcome\":\"deny\"", 1),
+    )
+    .expect("write");
+    let (code, out) = verify(&tampered);
+    assert_eq!(code, 65, "{out}");
+    assert!(out.contains("does not match its hash"), "{out}");
+    let mut lines: Vec<&str> = text.lines().collect();
+    lines.remove(3);
+    std::fs::write(&tampered, lines.join("\n")).expect("write");
+    let (code, out) = verify(&tampered);
+    assert_eq!(code, 65, "{out}");
+
+    // Three missed heartbeats: offline.
+    edge.signal(Signal::SIGKILL);
+    let _ = edge.child.wait();
+    poll_blocking("the device marked offline", Duration::from_secs(20), || {
+        let d = hub.device("edge-a");
+        if d["state"] == "offline" {
+            Ok(())
+        } else {
+            Err(d["state"].to_string())
+        }
+    });
+}
