@@ -1,13 +1,14 @@
-//! The guides do not lie about the command line: every `gatewayd` command in a
-//! code block of README.md or docs/*.md names a real subcommand, and every
-//! `--flag` it uses is one that subcommand takes.
+//! The guides do not lie about the command line: every `gatewayd` and
+//! `gatewayctl` command in a code block of README.md or docs/*.md names a real
+//! subcommand, and every `--flag` it uses is one that subcommand takes.
 
 mod common;
 
 use std::process::Command;
 
-/// `gatewayd ...` lines inside ``` blocks (README's `$G` is gatewayd too).
-fn documented_commands() -> Vec<(String, String)> {
+/// `gatewayd ...` and `gatewayctl ...` lines inside ``` blocks (README's `$G`
+/// is gatewayd too): (file, binary, command).
+fn documented_commands() -> Vec<(String, &'static str, String)> {
     let root = common::root();
     let mut files = vec![root.join("README.md")];
     for e in std::fs::read_dir(root.join("docs"))
@@ -28,10 +29,15 @@ fn documented_commands() -> Vec<(String, String)> {
                 continue;
             }
             let l = line.trim_start();
-            let rest = l
+            let found = l
                 .strip_prefix("gatewayd ")
-                .or_else(|| l.strip_prefix("$G "));
-            if let (true, Some(rest)) = (in_code, rest) {
+                .or_else(|| l.strip_prefix("$G "))
+                .map(|r| (env!("CARGO_BIN_EXE_gatewayd"), r))
+                .or_else(|| {
+                    l.strip_prefix("gatewayctl ")
+                        .map(|r| (env!("CARGO_BIN_EXE_gatewayctl"), r))
+                });
+            if let (true, Some((bin, rest))) = (in_code, found) {
                 // Up to a comment or the next shell command.
                 let cmd = rest
                     .split(" #")
@@ -42,7 +48,7 @@ fn documented_commands() -> Vec<(String, String)> {
                     .unwrap_or("")
                     .trim()
                     .to_owned();
-                out.push((f.display().to_string(), cmd));
+                out.push((f.display().to_string(), bin, cmd));
             }
         }
     }
@@ -53,7 +59,16 @@ fn documented_commands() -> Vec<(String, String)> {
 fn every_documented_command_and_flag_exists() {
     let commands = documented_commands();
     assert!(commands.len() > 10, "found only {commands:?}");
-    for (file, cmd) in commands {
+    assert!(
+        commands.iter().any(|c| c.1.ends_with("gatewayctl")),
+        "no gatewayctl command documented"
+    );
+    for (file, bin, cmd) in commands {
+        let name = if bin.ends_with("gatewayctl") {
+            "gatewayctl"
+        } else {
+            "gatewayd"
+        };
         let words: Vec<&str> = cmd.split_whitespace().collect();
         // The subcommand path: the leading words that are not flags or values.
         let path: Vec<&str> = words
@@ -62,7 +77,7 @@ fn every_documented_command_and_flag_exists() {
             .take(2)
             .copied()
             .collect();
-        let help = Command::new(env!("CARGO_BIN_EXE_gatewayd"))
+        let help = Command::new(bin)
             .args(&path)
             .arg("--help")
             .output()
@@ -70,14 +85,14 @@ fn every_documented_command_and_flag_exists() {
         let text = String::from_utf8_lossy(&help.stdout);
         assert!(
             help.status.success(),
-            "{file}: `gatewayd {cmd}`: `gatewayd {} --help` fails",
+            "{file}: `{name} {cmd}`: `{name} {} --help` fails",
             path.join(" ")
         );
         for flag in words.iter().filter(|w| w.starts_with("--")) {
             let flag = flag.split('=').next().unwrap_or(flag);
             assert!(
                 text.contains(flag),
-                "{file}: `gatewayd {cmd}` uses {flag}, which `gatewayd {}` does not take:\n{text}",
+                "{file}: `{name} {cmd}` uses {flag}, which `{name} {}` does not take:\n{text}",
                 path.join(" ")
             );
         }

@@ -511,16 +511,46 @@ fn config_push_try_mode_status_commands_and_audit() {
         }
     });
     assert!(n > 5, "{n}");
+    let ca = hub.pki.ca().join("ca.pem");
     let verify = |f: &Path| {
         let out = Command::new(env!("CARGO_BIN_EXE_gatewayctl"))
-            .args(["audit", "verify", f.to_str().expect("p")])
+            .args([
+                "audit",
+                "verify",
+                f.to_str().expect("p"),
+                "--ca",
+                ca.to_str().expect("p"),
+            ])
             .output()
             .expect("verify");
         (out.status.code().unwrap_or(-1), common::text(&out).0)
     };
     let (code, out) = verify(&export);
     assert_eq!(code, 0, "{out}");
-    assert!(out.starts_with("intact"), "{out}");
+    assert!(
+        out.starts_with("intact") && out.contains("signed by hub hub-01"),
+        "{out}"
+    );
+    // Re-hashing an edited record and the head keeps the chain consistent; the
+    // hub's signature over the head does not follow.
+    let text = std::fs::read_to_string(&export).expect("export");
+    let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+    let last = lines.len() - 1;
+    let mut entry: gateway_core::fleet::AuditEntry =
+        serde_json::from_str(&lines[last]).expect("entry");
+    entry.detail = "nothing happened".into();
+    let mut record = entry.to_record().expect("record");
+    record = gateway_core::audit::Record::chain(record.seq, record.event, record.prev_hash);
+    lines[last] =
+        serde_json::to_string(&gateway_core::fleet::AuditEntry::from(&record)).expect("json");
+    let mut header = gateway_core::fleet::export_header(&text).expect("header");
+    header.head_hash = gateway_core::audit::to_hex(&record.hash);
+    lines[0] = serde_json::to_string(&header).expect("json");
+    let forged = hub.dir.path().join("forged.jsonl");
+    std::fs::write(&forged, lines.join("\n")).expect("write");
+    let (code, out) = verify(&forged);
+    assert_eq!(code, 65, "{out}");
+    assert!(out.contains("signature does not match"), "{out}");
     let text = std::fs::read_to_string(&export).expect("export");
     let tampered = hub.dir.path().join("tampered.jsonl");
     std::fs::write(

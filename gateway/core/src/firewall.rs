@@ -44,6 +44,9 @@ fn opens(cfg: &Config) -> Vec<Open> {
                 what: "QUIC tunnels from edges".into(),
             });
             v.push(tcp(h.settings.api, "hub API".into()));
+            if let Some(ops) = h.settings.ops {
+                v.push(tcp(ops, "operators' API (gatewayctl)".into()));
+            }
             for p in &h.publishes {
                 v.push(Open {
                     addr: p.listen,

@@ -539,6 +539,48 @@ pub struct ExportHeader {
     pub head_hash: String,
     /// Whether the hub found the device's chain continuous when collecting it.
     pub continuous: bool,
+    /// When the hub wrote the export (Unix ms).
+    #[serde(default)]
+    pub exported_ms: i64,
+    /// The hub that signed it.
+    #[serde(default)]
+    pub signed_by: Option<String>,
+    /// That hub's certificate (PEM), to check against the CA.
+    #[serde(default)]
+    pub hub_cert_pem: Option<String>,
+    /// ECDSA P-256 signature (hex, ASN.1) over [`signed_message`].
+    #[serde(default)]
+    pub signature: Option<String>,
+}
+
+/// What the hub signs: every header field but the certificate and the
+/// signature, so the head (and with it every record, through the chain) cannot
+/// be changed, or the export cut short, without the hub's key.
+pub fn signed_message(h: &ExportHeader) -> Vec<u8> {
+    format!(
+        "{EXPORT_FORMAT}\0{}\0{}\0{}\0{}\0{}\0{}\0{}\0{}",
+        h.device,
+        h.anchor_seq,
+        h.anchor_hash,
+        h.head_seq,
+        h.head_hash,
+        h.continuous,
+        h.exported_ms,
+        h.signed_by.as_deref().unwrap_or("")
+    )
+    .into_bytes()
+}
+
+/// The header of an export (its first line).
+///
+/// # Errors
+/// When the first line is not a header.
+pub fn export_header(text: &str) -> Result<ExportHeader, ExportError> {
+    let line = text
+        .lines()
+        .next()
+        .ok_or_else(|| ExportError::Header("the file is empty".into()))?;
+    serde_json::from_str(line).map_err(|e| ExportError::Header(e.to_string()))
 }
 
 /// The export format's name.
@@ -603,11 +645,9 @@ pub enum ExportError {
 /// # Errors
 /// The first problem found, with its line.
 pub fn verify_export(text: &str) -> Result<ExportSummary, ExportError> {
+    let header = export_header(text)?;
     let mut lines = text.lines();
-    let header: ExportHeader = lines
-        .next()
-        .ok_or_else(|| ExportError::Header("the file is empty".into()))
-        .and_then(|l| serde_json::from_str(l).map_err(|e| ExportError::Header(e.to_string())))?;
+    lines.next();
     if header.format != EXPORT_FORMAT {
         return Err(ExportError::Header(format!("format {:?}", header.format)));
     }
@@ -833,6 +873,10 @@ listen = "127.0.0.1:9600"
             head_seq: last.seq,
             head_hash: audit::to_hex(&last.hash),
             continuous: true,
+            exported_ms: 0,
+            signed_by: None,
+            hub_cert_pem: None,
+            signature: None,
         })
         .expect("json");
         for r in &records[from..] {

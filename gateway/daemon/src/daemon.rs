@@ -305,6 +305,7 @@ pub async fn start(config: Config, mut bindings: Bindings) -> Result<Running, St
                 &config_state_dir,
                 signer,
                 h.settings.cert_lifetime,
+                (&h.settings.cert.path, &h.settings.key.path),
             )
             .map_err(|e| StartError::Fleet(e.to_string()))?;
             tokio::spawn(fleet.clone().prune_loop(retention_days));

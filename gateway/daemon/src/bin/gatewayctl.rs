@@ -141,7 +141,8 @@ enum AuditCommand {
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
     },
-    /// Check an export offline: every record's hash and link, up to its head.
+    /// Check an export offline: every record's hash and link up to its head,
+    /// and, with --ca (or GATEWAYCTL_CA), the hub's signature over the head.
     Verify {
         /// The export file.
         file: PathBuf,
@@ -157,7 +158,7 @@ const NO_PERM: u8 = 77;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Command::Audit(AuditCommand::Verify { file }) = &cli.command {
-        return ExitCode::from(verify(file));
+        return ExitCode::from(verify(file, cli.ca.as_deref()));
     }
     let (Some(hub), Some(ca), Some(credentials)) = (&cli.hub, &cli.ca, &cli.credentials) else {
         eprintln!("error: gatewayctl needs the hub, its CA and a credential");
@@ -526,7 +527,7 @@ fn device_text(d: &Value) -> String {
     o
 }
 
-fn verify(file: &std::path::Path) -> u8 {
+fn verify(file: &std::path::Path, ca: Option<&std::path::Path>) -> u8 {
     let text = match std::fs::read_to_string(file) {
         Ok(t) => t,
         Err(e) => {
@@ -536,11 +537,30 @@ fn verify(file: &std::path::Path) -> u8 {
     };
     match gateway_core::fleet::verify_export(&text) {
         Ok(s) => {
-            println!(
-                "intact: {} records of {} (records {} to {}), every hash and link checked up to the head",
-                s.records, s.device, s.first_seq, s.last_seq
-            );
-            0
+            let signature = match ca {
+                None => Ok("the hub's signature not checked (give --ca)".to_owned()),
+                Some(ca) => std::fs::read(ca)
+                    .map_err(|e| format!("{}: {e}", ca.display()))
+                    .and_then(|pem| {
+                        let header =
+                            gateway_core::fleet::export_header(&text).map_err(|e| e.to_string())?;
+                        gateway_daemon::fleet::verify_export_signature(&header, &pem)
+                    })
+                    .map(|hub| format!("signed by hub {hub}, whose certificate chains to the CA")),
+            };
+            match signature {
+                Ok(how) => {
+                    println!(
+                        "intact: {} records of {} (records {} to {}), every hash and link checked up to the head; {how}",
+                        s.records, s.device, s.first_seq, s.last_seq
+                    );
+                    0
+                }
+                Err(e) => {
+                    println!("BROKEN: {e}");
+                    BAD_DATA
+                }
+            }
         }
         Err(e) => {
             println!("BROKEN: {e}");

@@ -30,6 +30,7 @@ pub type CommandAnswer = (bool, String);
 pub struct Fleet {
     reg: Arc<Mutex<Registry>>,
     signer: Signer,
+    export_key: Option<(ring::signature::EcdsaKeyPair, String)>,
     lifetime: Duration,
     ctx: Arc<Ctx>,
     devices: Arc<Devices>,
@@ -63,10 +64,16 @@ impl Fleet {
         state_dir: &std::path::Path,
         signer: Signer,
         lifetime: Duration,
+        hub_identity: (&std::path::Path, &std::path::Path),
     ) -> Result<Arc<Self>, FleetError> {
+        let export_key = export_key(hub_identity.0, hub_identity.1);
+        if export_key.is_none() {
+            warn!("The hub's key is not ECDSA P-256: audit exports are not signed");
+        }
         Ok(Arc::new(Fleet {
             reg: Arc::new(Mutex::new(Registry::open(state_dir)?)),
             signer,
+            export_key,
             lifetime,
             ctx,
             devices,
@@ -91,6 +98,20 @@ impl Fleet {
     /// The hub's audit, for operators' actions.
     pub fn ctx(&self) -> &Arc<Ctx> {
         &self.ctx
+    }
+
+    /// Signs an audit export's header with the hub's key.
+    pub fn sign_export(&self, header: &mut fleet::ExportHeader) {
+        let Some((key, cert_pem)) = &self.export_key else {
+            return;
+        };
+        header.signed_by = Some(self.ctx.id.clone());
+        let msg = fleet::signed_message(header);
+        let rng = ring::rand::SystemRandom::new();
+        if let Ok(sig) = key.sign(&rng, &msg) {
+            header.hub_cert_pem = Some(cert_pem.clone());
+            header.signature = Some(sig.as_ref().iter().map(|b| format!("{b:02x}")).collect());
+        }
     }
 
     /// Whether `device` may connect.
@@ -460,17 +481,34 @@ impl Fleet {
         }
     }
 
-    /// Drops collected audit older than `days`, daily.
+    /// Drops collected audit older than `days`, hourly, until draining.
     pub async fn prune_loop(self: Arc<Self>, days: u32) {
-        let mut tick = tokio::time::interval(Duration::from_secs(3600));
         loop {
-            tick.tick().await;
             let before = now_ms() - i64::from(days) * 86_400_000;
             match self.db(move |r| r.prune_audit(before)).await {
                 Ok(0) => {}
                 Ok(n) => info!(records = n, days, "Pruned collected audit past retention"),
                 Err(e) => warn!(%e, "Cannot prune collected audit"),
             }
+            if !self.ctx.pause(Duration::from_secs(3600)).await {
+                return;
+            }
         }
     }
+}
+
+/// The hub's key, for signing audit exports (ECDSA P-256 as `gatewayd pki` makes).
+fn export_key(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Option<(ring::signature::EcdsaKeyPair, String)> {
+    use rustls_pki_types::pem::PemObject as _;
+    let der = rustls_pki_types::PrivatePkcs8KeyDer::from_pem_file(key).ok()?;
+    let pair = ring::signature::EcdsaKeyPair::from_pkcs8(
+        &ring::signature::ECDSA_P256_SHA256_ASN1_SIGNING,
+        der.secret_pkcs8_der(),
+        &ring::rand::SystemRandom::new(),
+    )
+    .ok()?;
+    Some((pair, std::fs::read_to_string(cert).ok()?))
 }

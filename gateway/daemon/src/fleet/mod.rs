@@ -77,3 +77,63 @@ pub fn new_secret(kind: &'static str, owner: String) -> fleet::Secret {
             .collect(),
     }
 }
+
+/// Checks an export's signature: the hub certificate in its header chains to
+/// the CA in `ca_pem` (at the time of the export) and signed the header.
+/// Returns the signing hub's id.
+///
+/// # Errors
+/// What does not hold.
+pub fn verify_export_signature(
+    header: &fleet::ExportHeader,
+    ca_pem: &[u8],
+) -> Result<String, String> {
+    use rustls_pki_types::pem::PemObject as _;
+    use rustls_pki_types::{CertificateDer, UnixTime};
+    let (Some(signer), Some(cert_pem), Some(sig)) =
+        (&header.signed_by, &header.hub_cert_pem, &header.signature)
+    else {
+        return Err("the export is not signed".into());
+    };
+    let sig: Vec<u8> = (0..sig.len() / 2)
+        .map(|i| u8::from_str_radix(sig.get(2 * i..2 * i + 2).unwrap_or("zz"), 16))
+        .collect::<Result<_, _>>()
+        .map_err(|_| "the signature is not hex".to_owned())?;
+    let cert = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+        .map_err(|e| format!("the hub certificate in the header: {e}"))?;
+    let anchors: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(ca_pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("the CA file: {e}"))?;
+    let anchors: Vec<_> = anchors
+        .iter()
+        .filter_map(|c| webpki::anchor_from_trusted_cert(c).ok())
+        .collect();
+    let ee =
+        webpki::EndEntityCert::try_from(&cert).map_err(|e| format!("the hub certificate: {e}"))?;
+    let at = UnixTime::since_unix_epoch(std::time::Duration::from_millis(
+        u64::try_from(header.exported_ms).unwrap_or(0),
+    ));
+    ee.verify_for_usage(
+        webpki::ALL_VERIFICATION_ALGS,
+        &anchors,
+        &[],
+        at,
+        webpki::KeyUsage::server_auth(),
+        None,
+        None,
+    )
+    .map_err(|e| format!("the hub certificate does not chain to the CA: {e}"))?;
+    if !ee.valid_dns_names().any(|n| n == signer) {
+        return Err(format!("the certificate in the header is not {signer}'s"));
+    }
+    ee.verify_signature(
+        webpki::ring::ECDSA_P256_SHA256,
+        &fleet::signed_message(header),
+        &sig,
+    )
+    .map_err(|_| {
+        "the signature does not match the header: the export was changed after the hub signed it"
+            .to_owned()
+    })?;
+    Ok(signer.clone())
+}

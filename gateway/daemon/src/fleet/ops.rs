@@ -580,7 +580,7 @@ async fn audit_export(
             format!("no audit collected from {id}"),
         ));
     };
-    let mut out = serde_json::to_string(&ExportHeader {
+    let mut header = ExportHeader {
         format: EXPORT_FORMAT.into(),
         device: id.clone(),
         anchor_seq,
@@ -588,8 +588,13 @@ async fn audit_export(
         head_seq,
         head_hash,
         continuous,
-    })
-    .map_err(internal)?;
+        exported_ms: now_ms(),
+        signed_by: None,
+        hub_cert_pem: None,
+        signature: None,
+    };
+    fleet.sign_export(&mut header);
+    let mut out = serde_json::to_string(&header).map_err(internal)?;
     for r in &records {
         out.push('\n');
         out += &serde_json::to_string(r).map_err(internal)?;
