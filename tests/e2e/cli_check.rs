@@ -199,16 +199,42 @@ fn bad_invocations_have_distinct_exit_codes() {
 }
 
 #[test]
-fn gatewayctl_prints_its_plan_and_refuses_to_pretend() {
+fn gatewayctl_says_what_it_needs() {
     let help = std::process::Command::new(env!("CARGO_BIN_EXE_gatewayctl"))
+        .arg("--help")
         .output()
         .expect("run");
     assert!(help.status.success());
-    assert!(String::from_utf8_lossy(&help.stdout).contains("planned commands"));
+    let text = String::from_utf8_lossy(&help.stdout);
+    for cmd in ["token", "devices", "revoke", "config", "command", "audit"] {
+        assert!(text.contains(cmd), "{cmd} missing:\n{text}");
+    }
+    // Without a hub, CA and credential: usage error naming the settings.
     let cmd = std::process::Command::new(env!("CARGO_BIN_EXE_gatewayctl"))
         .args(["devices", "list"])
+        .env_remove("GATEWAYCTL_HUB")
+        .env_remove("GATEWAYCTL_CA")
+        .env_remove("GATEWAYCTL_CREDENTIALS")
         .output()
         .expect("run");
     assert_eq!(cmd.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&cmd.stderr).contains("not available yet"));
+    let err = String::from_utf8_lossy(&cmd.stderr);
+    assert!(err.contains("GATEWAYCTL_CREDENTIALS"), "{err}");
+    // A hub nobody listens on: unreachable, exit 69.
+    let dir = tempfile::tempdir().expect("dir");
+    let cred = dir.path().join("c");
+    std::fs::write(&cred, "gwa1.x.00").expect("write");
+    gateway_daemon::pki::init(&dir.path().join("ca"), "t").expect("ca");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port");
+    let cmd = std::process::Command::new(env!("CARGO_BIN_EXE_gatewayctl"))
+        .args(["devices", "list", "--hub", &port.to_string(), "--ca"])
+        .arg(dir.path().join("ca/ca.pem"))
+        .arg("--credentials")
+        .arg(&cred)
+        .output()
+        .expect("run");
+    assert_eq!(cmd.status.code(), Some(69), "{}", String::from_utf8_lossy(&cmd.stderr));
+    assert!(String::from_utf8_lossy(&cmd.stderr).contains("cannot reach the hub"));
 }
