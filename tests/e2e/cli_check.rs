@@ -235,6 +235,11 @@ fn gatewayctl_says_what_it_needs() {
         .arg(&cred)
         .output()
         .expect("run");
-    assert_eq!(cmd.status.code(), Some(69), "{}", String::from_utf8_lossy(&cmd.stderr));
+    assert_eq!(
+        cmd.status.code(),
+        Some(69),
+        "{}",
+        String::from_utf8_lossy(&cmd.stderr)
+    );
     assert!(String::from_utf8_lossy(&cmd.stderr).contains("cannot reach the hub"));
 }

@@ -700,3 +700,109 @@ impl Applier {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Box_ {
+        _dir: tempfile::TempDir,
+        config: Config,
+        text: String,
+        fleet: Arc<EdgeFleet>,
+    }
+
+    fn edge() -> Box_ {
+        let dir = tempfile::tempdir().expect("dir");
+        pki::init(&dir.path().join("ca"), "t").expect("ca");
+        pki::issue(&dir.path().join("ca"), "e1", &[], 1, &dir.path().join("c")).expect("cert");
+        let text = format!(
+            "[node]\nid = \"e1\"\nrole = \"edge\"\nstate_dir = \"{d}/state\"\n\n[[zone]]\nname = \"lab\"\nkind = \"legacy\"\nclassified = false\nlevel = 2\nnetworks = [\"10.0.0.0/24\"]\nassessment = {{ id = \"A\", valid_until = 2099-01-01 }}\n\n[uplink]\nhubs = [\"127.0.0.1:1\"]\nca = \"{d}/ca/ca.pem\"\ncert = \"{d}/c/e1.pem\"\nkey = \"{d}/c/e1.key\"\n\n[admin]\nlisten = \"127.0.0.1:9600\"\n",
+            d = dir.path().display()
+        );
+        let config = check_text(&text, "t").expect("config");
+        let Role::Edge(e) = &config.role else {
+            panic!("edge")
+        };
+        let client = Arc::new(std::sync::RwLock::new(
+            tls::client(&e.uplink.ca.path, &e.uplink.cert.path, &e.uplink.key.path)
+                .expect("client"),
+        ));
+        let (tx, _rx) = mpsc::channel(1);
+        let fleet = EdgeFleet::new(&config, client, (0, text.clone()), tx).expect("fleet");
+        Box_ {
+            _dir: dir,
+            config,
+            text,
+            fleet,
+        }
+    }
+
+    fn outcome(m: &Message) -> (&ConfigOutcome, u64) {
+        match m {
+            Message::ConfigResult {
+                outcome, applied, ..
+            } => (outcome, *applied),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn offers_are_checked_applied_confirmed_or_reverted() {
+        let b = edge();
+        let state = b.config.node.state_dir.clone();
+        let mut a = Applier::new(Duration::from_secs(60), None);
+        let never = |_: Config| -> Result<(), String> { panic!("must not reload") };
+
+        // Equal or older: refused.
+        let r = a.apply(&b.fleet, &b.config, 0, &b.text, never);
+        assert!(
+            matches!(outcome(&r), (ConfigOutcome::Refused { errors }, 0) if errors[0].contains("not newer"))
+        );
+        // Errors: refused with their location.
+        let bad = b.text.replace("level = 2", "level = 9");
+        let r = a.apply(&b.fleet, &b.config, 1, &bad, never);
+        assert!(
+            matches!(outcome(&r), (ConfigOutcome::Refused { errors }, 0) if errors[0].contains("pushed config v1:10:"))
+        );
+        // Another box's config: refused.
+        let other = b.text.replace("id = \"e1\"", "id = \"e2\"");
+        let r = a.apply(&b.fleet, &b.config, 1, &other, never);
+        assert!(
+            matches!(outcome(&r), (ConfigOutcome::Refused { errors }, 0) if errors[0].contains("this box is e1"))
+        );
+        // A reload failure leaves everything as it was.
+        let v1 = b.text.replace("9600", "9601");
+        let r = a.apply(&b.fleet, &b.config, 1, &v1, |_| Err("cannot bind".into()));
+        assert!(matches!(outcome(&r), (ConfigOutcome::Refused { .. }, 0)));
+        assert_eq!(b.fleet.applied().0, 0);
+        assert!(a.deadline().is_none());
+
+        // Applied, on trial, then confirmed.
+        let r = a.apply(&b.fleet, &b.config, 1, &v1, |_| Ok(()));
+        assert_eq!(outcome(&r), (&ConfigOutcome::Applied, 1));
+        assert!(a.deadline().is_some());
+        assert_eq!(load_managed(&state), Some((1, v1.clone(), true)));
+        a.confirm(&b.fleet, &state);
+        assert!(a.deadline().is_none());
+        assert_eq!(load_managed(&state), Some((1, v1.clone(), false)));
+
+        // Applied, then no hub within the window: back to version 1, reported.
+        let v2 = v1.replace("9601", "9602");
+        let r = a.apply(&b.fleet, &b.config, 2, &v2, |_| Ok(()));
+        assert_eq!(outcome(&r), (&ConfigOutcome::Applied, 2));
+        let mut reloaded = None;
+        a.revert(&b.fleet, &state, |c| {
+            reloaded = Some(c.admin.listen.port());
+            Ok(())
+        });
+        assert_eq!(reloaded, Some(9601));
+        assert_eq!(b.fleet.applied(), (1, v1.clone()));
+        assert_eq!(load_managed(&state), Some((1, v1, false)));
+        let report = lock(&b.fleet.report).take().expect("report");
+        assert!(matches!(
+            outcome(&report),
+            (ConfigOutcome::Reverted { tried: 2, .. }, 1)
+        ));
+    }
+}
