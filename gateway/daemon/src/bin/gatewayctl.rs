@@ -440,8 +440,10 @@ fn until(ms: &Value) -> String {
             let s = (t - gateway_daemon::fleet::now_ms()) / 1000;
             if s < 0 {
                 "EXPIRED".into()
-            } else if s < 7200 {
+            } else if s < 120 {
                 format!("in {s}s")
+            } else if s < 7200 {
+                format!("in {}m", s / 60)
             } else {
                 format!("in {}h", s / 3600)
             }

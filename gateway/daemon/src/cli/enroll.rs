@@ -72,8 +72,8 @@ pub fn run(args: &EnrollArgs) -> u8 {
     };
     match rt.block_on(edge::enroll(&config, &token)) {
         Ok((hub, not_after)) => {
-            let left = std::time::Duration::from_millis(
-                u64::try_from(not_after - crate::audit_sink::now_ms()).unwrap_or(0),
+            let left = std::time::Duration::from_secs(
+                u64::try_from((not_after - crate::audit_sink::now_ms()) / 1000).unwrap_or(0),
             );
             println!(
                 "enrolled {} with hub {hub}; certificate valid for {}, renewed over the tunnel at two thirds of that",
