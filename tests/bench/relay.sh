@@ -3,18 +3,20 @@
 #   direct   iperf3 client -> iperf3 server
 #   gatewayd iperf3 client -> hub publish -> QUIC tunnel -> edge -> iperf3 server
 #   rathole  iperf3 client -> rathole server -> noise tunnel -> rathole client -> iperf3 server
+#   rathole-tls the same over rathole's TLS transport (native-tls, certificates
+#            from the same CA as gatewayd's: the like-for-like authentication)
 # Single-stream and 8-stream throughput, 64-byte request/response latency
 # (p50/p99, through an echo server), RSS of the tunnel daemons idle and holding
 # 1,000 idle relayed connections. Prints a markdown table with ratios: medians of
 # REPS (default 3) interleaved runs, the single runs on stderr.
 #
-# Needs: iperf3, socat, python3 (apt-get install -y iperf3 socat), rathole
+# Needs: iperf3, socat, python3, openssl (apt-get install -y iperf3 socat openssl), rathole
 # (cargo install rathole). Usage: tests/bench/relay.sh [SECONDS_PER_RUN]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
 T=${1:-5}
-for tool in iperf3 socat python3 rathole; do
+for tool in iperf3 socat python3 openssl rathole; do
     command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install -y iperf3 socat; cargo install rathole" >&2; exit 1; }
 done
 cargo build --release -q -p gateway-daemon --bin gatewayd
@@ -26,6 +28,7 @@ trap cleanup EXIT
 
 # Ports (fixed, loopback only; the run fails loudly if one is taken).
 IPERF=15201 ECHO=15202 HUBQ=17443 PUB_IPERF=18201 PUB_ECHO=18202 RH_CTRL=12333 RH_IPERF=19201 RH_ECHO=19202
+RT_CTRL=12334 RT_IPERF=19211 RT_ECHO=19212
 
 iperf3 -s -B 127.0.1.10 -p $IPERF >/dev/null 2>&1 & PIDS+=($!)
 socat TCP-LISTEN:$ECHO,bind=127.0.1.10,fork,reuseaddr,backlog=4096 EXEC:cat >/dev/null 2>&1 & PIDS+=($!)
@@ -137,6 +140,42 @@ local_addr = "127.0.1.10:$ECHO"
 TOML
 rathole "$W/rh-server.toml" >"$W/rh-server.log" 2>&1 & RHS=$!; PIDS+=($RHS)
 rathole "$W/rh-client.toml" >"$W/rh-client.log" 2>&1 & RHC=$!; PIDS+=($RHC)
+
+# --- rathole, TLS transport (the hub's certificate from gatewayd's CA) ---
+openssl pkcs12 -export -inkey "$W/certs/bench-hub.key" -in "$W/certs/bench-hub.pem" \
+    -out "$W/rt.p12" -passout pass:bench 2>/dev/null
+cat > "$W/rt-server.toml" <<TOML
+[server]
+bind_addr = "127.0.0.1:$RT_CTRL"
+[server.transport]
+type = "tls"
+[server.transport.tls]
+pkcs12 = "$W/rt.p12"
+pkcs12_password = "bench"
+[server.services.iperf]
+token = "bench"
+bind_addr = "127.0.0.1:$RT_IPERF"
+[server.services.echo]
+token = "bench"
+bind_addr = "127.0.0.1:$RT_ECHO"
+TOML
+cat > "$W/rt-client.toml" <<TOML
+[client]
+remote_addr = "127.0.0.1:$RT_CTRL"
+[client.transport]
+type = "tls"
+[client.transport.tls]
+trusted_root = "$W/ca/ca.pem"
+hostname = "bench-hub"
+[client.services.iperf]
+token = "bench"
+local_addr = "127.0.1.10:$IPERF"
+[client.services.echo]
+token = "bench"
+local_addr = "127.0.1.10:$ECHO"
+TOML
+rathole "$W/rt-server.toml" >"$W/rt-server.log" 2>&1 & RTS=$!; PIDS+=($RTS)
+rathole "$W/rt-client.toml" >"$W/rt-client.log" 2>&1 & RTC=$!; PIDS+=($RTC)
 sleep 1
 
 gbps() { # host port parallel
@@ -151,7 +190,7 @@ rss_mb() { # pids...
 
 declare -A R
 # Idle: tunnels up, nothing relayed yet.
-R[gw,idle]=$(rss_mb $HUB $EDGE); R[rh,idle]=$(rss_mb $RHS $RHC)
+R[gw,idle]=$(rss_mb $HUB $EDGE); R[rh,idle]=$(rss_mb $RHS $RHC); R[rt,idle]=$(rss_mb $RTS $RTC)
 
 # Throughput: REPS runs each, gatewayd and rathole interleaved, median kept, so a
 # burst of background load does not decide the ratio.
@@ -165,36 +204,44 @@ for rep in $(seq "$REPS"); do
         S[gw,$n]+=" $g"; S[gw,cpu$n]+=" $(python3 -c "print(($c1 - $c0) / $(getconf CLK_TCK) / ($g * $T / 8))")"
         c0=$(cpu_ticks $RHS $RHC); r=$(gbps 127.0.0.1 $RH_IPERF $n); c1=$(cpu_ticks $RHS $RHC)
         S[rh,$n]+=" $r"; S[rh,cpu$n]+=" $(python3 -c "print(($c1 - $c0) / $(getconf CLK_TCK) / ($r * $T / 8))")"
+        c0=$(cpu_ticks $RTS $RTC); r=$(gbps 127.0.0.1 $RT_IPERF $n); c1=$(cpu_ticks $RTS $RTC)
+        S[rt,$n]+=" $r"; S[rt,cpu$n]+=" $(python3 -c "print(($c1 - $c0) / $(getconf CLK_TCK) / ($r * $T / 8))")"
     done
 done
-for k in direct,1 direct,8 gw,1 gw,8 rh,1 rh,8 gw,cpu8 rh,cpu8; do R[$k]=$(median ${S[$k]}); done
-R[gw,cpu]=${R[gw,cpu8]}; R[rh,cpu]=${R[rh,cpu8]}
-echo "runs (Gbit/s): gatewayd 1:${S[gw,1]} 8:${S[gw,8]} | rathole 1:${S[rh,1]} 8:${S[rh,8]}" >&2
+for k in direct,1 direct,8 gw,1 gw,8 rh,1 rh,8 rt,1 rt,8 gw,cpu8 rh,cpu8 rt,cpu8; do R[$k]=$(median ${S[$k]}); done
+R[gw,cpu]=${R[gw,cpu8]}; R[rh,cpu]=${R[rh,cpu8]}; R[rt,cpu]=${R[rt,cpu8]}
+echo "runs (Gbit/s): gatewayd 1:${S[gw,1]} 8:${S[gw,8]} | rathole noise 1:${S[rh,1]} 8:${S[rh,8]} | rathole tls 1:${S[rt,1]} 8:${S[rt,8]}" >&2
 
 # Latency: REPS runs of 20,000 round trips each, interleaved; median of the p50s and p99s.
 for rep in $(seq "$REPS"); do
-    for who in direct gw rh; do
-        case $who in direct) a="127.0.1.10 $ECHO";; gw) a="127.0.0.1 $PUB_ECHO";; rh) a="127.0.0.1 $RH_ECHO";; esac
+    for who in direct gw rh rt; do
+        case $who in direct) a="127.0.1.10 $ECHO";; gw) a="127.0.0.1 $PUB_ECHO";; rh) a="127.0.0.1 $RH_ECHO";; rt) a="127.0.0.1 $RT_ECHO";; esac
         read -r p50 p99 < <(python3 tests/bench/rtt.py latency $a 20000)
         S[$who,p50]+=" $p50"; S[$who,p99]+=" $p99"
     done
 done
-for who in direct gw rh; do R[$who,p50]=$(median ${S[$who,p50]}); R[$who,p99]=$(median ${S[$who,p99]}); done
-echo "runs (µs p99): gatewayd${S[gw,p99]} | rathole${S[rh,p99]}" >&2
+for who in direct gw rh rt; do R[$who,p50]=$(median ${S[$who,p50]}); R[$who,p99]=$(median ${S[$who,p99]}); done
+echo "runs (µs p99): gatewayd${S[gw,p99]} | rathole noise${S[rh,p99]} | rathole tls${S[rt,p99]}" >&2
 
 python3 tests/bench/rtt.py hold 127.0.0.1 $PUB_ECHO 1000 4 >/dev/null & H=$!; sleep 3; R[gw,1k]=$(rss_mb $HUB $EDGE); wait $H
 python3 tests/bench/rtt.py hold 127.0.0.1 $RH_ECHO 1000 4 >/dev/null & H=$!; sleep 3; R[rh,1k]=$(rss_mb $RHS $RHC); wait $H
+python3 tests/bench/rtt.py hold 127.0.0.1 $RT_ECHO 1000 4 >/dev/null & H=$!; sleep 3; R[rt,1k]=$(rss_mb $RTS $RTC); wait $H
 
 ratio() { python3 -c "print('%.2f' % ($1 / $2))"; }
 echo
 echo "machine: $(nproc) cores, $(uname -r), $(date -u +%Y-%m-%d), $T s per iperf3 run, median of $REPS interleaved runs"
 echo
-echo "| measure | direct | gatewayd | rathole (noise) | gatewayd / direct | gatewayd / rathole |"
-echo "|---|---|---|---|---|---|"
-echo "| 1 stream, Gbit/s | ${R[direct,1]} | ${R[gw,1]} | ${R[rh,1]} | $(ratio ${R[gw,1]} ${R[direct,1]}) | $(ratio ${R[gw,1]} ${R[rh,1]}) |"
-echo "| 8 streams, Gbit/s | ${R[direct,8]} | ${R[gw,8]} | ${R[rh,8]} | $(ratio ${R[gw,8]} ${R[direct,8]}) | $(ratio ${R[gw,8]} ${R[rh,8]}) |"
-echo "| CPU seconds per GB relayed (8 streams, both daemons) | - | ${R[gw,cpu]} | ${R[rh,cpu]} | - | $(ratio ${R[gw,cpu]} ${R[rh,cpu]}) |"
-echo "| 64 B round trip p50, µs | ${R[direct,p50]} | ${R[gw,p50]} | ${R[rh,p50]} | $(ratio ${R[gw,p50]} ${R[direct,p50]}) | $(ratio ${R[gw,p50]} ${R[rh,p50]}) |"
-echo "| 64 B round trip p99, µs | ${R[direct,p99]} | ${R[gw,p99]} | ${R[rh,p99]} | $(ratio ${R[gw,p99]} ${R[direct,p99]}) | $(ratio ${R[gw,p99]} ${R[rh,p99]}) |"
-echo "| RSS idle, MB (both daemons, before any relay) | - | ${R[gw,idle]} | ${R[rh,idle]} | - | $(ratio ${R[gw,idle]} ${R[rh,idle]}) |"
-echo "| RSS with 1,000 idle relays, MB (after the throughput runs) | - | ${R[gw,1k]} | ${R[rh,1k]} | - | $(ratio ${R[gw,1k]} ${R[rh,1k]}) |"
+echo "| measure | direct | gatewayd | rathole (noise) | rathole (tls) | gatewayd / direct | gatewayd / rathole noise | gatewayd / rathole tls |"
+echo "|---|---|---|---|---|---|---|---|"
+row() { # label key [direct-key]
+    local d=${R[direct,$2]:--}
+    local vd=-; [ "$d" != - ] && vd=$(ratio ${R[gw,$2]} $d)
+    echo "| $1 | $d | ${R[gw,$2]} | ${R[rh,$2]} | ${R[rt,$2]} | $vd | $(ratio ${R[gw,$2]} ${R[rh,$2]}) | $(ratio ${R[gw,$2]} ${R[rt,$2]}) |"
+}
+row "1 stream, Gbit/s" 1
+row "8 streams, Gbit/s" 8
+row "CPU seconds per GB relayed (8 streams, both daemons)" cpu
+row "64 B round trip p50, µs" p50
+row "64 B round trip p99, µs" p99
+row "RSS idle, MB (both daemons, before any relay)" idle
+row "RSS with 1,000 idle relays, MB (after the throughput runs)" 1k

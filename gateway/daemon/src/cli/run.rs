@@ -261,7 +261,11 @@ async fn serve(args: &RunArgs, config: gateway_core::config::Config) -> u8 {
                     };
                     let ctx = running.ctx();
                     ctx.audit.record("hub", "config", "config.push", outcome, "", detail);
-                    let _ = reply.send(result);
+                    // An [uplink] change closed the session that asked: the
+                    // result goes out on the next connection.
+                    if let Err(result) = reply.send(result) {
+                        f.report_later(result);
+                    }
                 }
                 (managed::Request::Reconnect, _) => {
                     info!("Reconnecting every hub tunnel (remote command)");

@@ -285,8 +285,20 @@ pub async fn session(
                             break;
                         }
                     }
+                    Message::Command { id, kind: CommandKind::Reconnect } => {
+                        // Answer first and wait until the hub has it: reconnecting
+                        // closes this connection, and unsent data with it.
+                        info!("Remote command: reconnect");
+                        ctx.audit.record("hub", "node", "command", "ok", "", "reconnect".into());
+                        let result = Message::CommandResult { id, ok: true, output: "reconnecting every hub tunnel".into() };
+                        if write_msg(&mut send, &result).await.is_ok() && send.finish().is_ok() {
+                            let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+                        }
+                        let _ = fleet.requests.send(Request::Reconnect).await;
+                        break;
+                    }
                     Message::Command { id, kind } => {
-                        let (ok, output) = command(&fleet, &ctx, kind).await;
+                        let (ok, output) = command(&fleet, &ctx, kind);
                         if write_msg(&mut send, &Message::CommandResult { id, ok, output }).await.is_err() {
                             break;
                         }
@@ -320,7 +332,7 @@ fn retry_deadline(fleet: &EdgeFleet) -> Option<Instant> {
     Some(Instant::now() + Duration::from_millis(u64::try_from(ms).unwrap_or(1_000)))
 }
 
-async fn command(fleet: &EdgeFleet, ctx: &Ctx, kind: CommandKind) -> (bool, String) {
+fn command(fleet: &EdgeFleet, ctx: &Ctx, kind: CommandKind) -> (bool, String) {
     info!(?kind, "Remote command");
     ctx.audit.record(
         "hub",
@@ -331,10 +343,8 @@ async fn command(fleet: &EdgeFleet, ctx: &Ctx, kind: CommandKind) -> (bool, Stri
         format!("{kind:?}").to_lowercase(),
     );
     match kind {
-        CommandKind::Reconnect => {
-            let ok = fleet.requests.send(Request::Reconnect).await.is_ok();
-            (ok, "reconnecting every hub tunnel".into())
-        }
+        // Handled by the session (it must answer before the tunnel closes).
+        CommandKind::Reconnect => (false, "reconnect is handled by the session".into()),
         CommandKind::Diagnostics => {
             let (version, text) = fleet.applied();
             let checked = gateway_core::config::load(&text, crate::node::today_local());
