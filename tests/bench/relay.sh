@@ -12,6 +12,7 @@
 #
 # Needs: iperf3, socat, python3, openssl (apt-get install -y iperf3 socat openssl), rathole
 # (cargo install rathole). Usage: tests/bench/relay.sh [SECONDS_PER_RUN]
+# LAT_ONLY=1 measures the round trips only (about a minute), for trying changes.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -197,7 +198,8 @@ R[gw,idle]=$(rss_mb $HUB $EDGE); R[rh,idle]=$(rss_mb $RHS $RHC); R[rt,idle]=$(rs
 REPS=${REPS:-3}
 median() { python3 -c 'import sys, statistics; print("%.2f" % statistics.median(float(x) for x in sys.argv[1:]))' "$@"; }
 declare -A S
-for rep in $(seq "$REPS"); do
+THROUGHPUT_REPS=$REPS; [ "${LAT_ONLY:-0}" = 1 ] && THROUGHPUT_REPS=0
+for rep in $(seq "$THROUGHPUT_REPS"); do
     for n in 1 8; do
         S[direct,$n]+=" $(gbps 127.0.1.10 $IPERF $n)"
         c0=$(cpu_ticks $HUB $EDGE); g=$(gbps 127.0.0.1 $PUB_IPERF $n); c1=$(cpu_ticks $HUB $EDGE)
@@ -208,9 +210,9 @@ for rep in $(seq "$REPS"); do
         S[rt,$n]+=" $r"; S[rt,cpu$n]+=" $(python3 -c "print(($c1 - $c0) / $(getconf CLK_TCK) / ($r * $T / 8))")"
     done
 done
-for k in direct,1 direct,8 gw,1 gw,8 rh,1 rh,8 rt,1 rt,8 gw,cpu8 rh,cpu8 rt,cpu8; do R[$k]=$(median ${S[$k]}); done
+for k in direct,1 direct,8 gw,1 gw,8 rh,1 rh,8 rt,1 rt,8 gw,cpu8 rh,cpu8 rt,cpu8; do R[$k]=$(median ${S[$k]:-0}); done
 R[gw,cpu]=${R[gw,cpu8]}; R[rh,cpu]=${R[rh,cpu8]}; R[rt,cpu]=${R[rt,cpu8]}
-echo "runs (Gbit/s): gatewayd 1:${S[gw,1]} 8:${S[gw,8]} | rathole noise 1:${S[rh,1]} 8:${S[rh,8]} | rathole tls 1:${S[rt,1]} 8:${S[rt,8]}" >&2
+[ "${LAT_ONLY:-0}" = 1 ] || echo "runs (Gbit/s): gatewayd 1:${S[gw,1]} 8:${S[gw,8]} | rathole noise 1:${S[rh,1]} 8:${S[rh,8]} | rathole tls 1:${S[rt,1]} 8:${S[rt,8]}" >&2
 
 # Latency: REPS runs of 20,000 round trips each, interleaved; median of the p50s and p99s.
 for rep in $(seq "$REPS"); do
@@ -223,6 +225,12 @@ done
 for who in direct gw rh rt; do R[$who,p50]=$(median ${S[$who,p50]}); R[$who,p99]=$(median ${S[$who,p99]}); done
 echo "runs (µs p99): gatewayd${S[gw,p99]} | rathole noise${S[rh,p99]} | rathole tls${S[rt,p99]}" >&2
 
+if [ "${LAT_ONLY:-0}" = 1 ]; then
+    echo "| round trip | direct | gatewayd | rathole (noise) | rathole (tls) |"
+    echo "|---|---|---|---|---|"
+    for q in p50 p99; do echo "| $q, µs | ${R[direct,$q]} | ${R[gw,$q]} | ${R[rh,$q]} | ${R[rt,$q]} |"; done
+    exit 0
+fi
 python3 tests/bench/rtt.py hold 127.0.0.1 $PUB_ECHO 1000 4 >/dev/null & H=$!; sleep 3; R[gw,1k]=$(rss_mb $HUB $EDGE); wait $H
 python3 tests/bench/rtt.py hold 127.0.0.1 $RH_ECHO 1000 4 >/dev/null & H=$!; sleep 3; R[rh,1k]=$(rss_mb $RHS $RHC); wait $H
 python3 tests/bench/rtt.py hold 127.0.0.1 $RT_ECHO 1000 4 >/dev/null & H=$!; sleep 3; R[rt,1k]=$(rss_mb $RTS $RTC); wait $H
