@@ -33,16 +33,26 @@ struct Hub {
     ops: SocketAddr,
     publish: SocketAddr,
     dir: tempfile::TempDir,
-    pki: Pki,
+    pki: std::sync::Arc<Pki>,
 }
 
 impl Hub {
     fn start(lifetime: &str) -> Hub {
-        let pki = Pki::new();
-        pki.issue("hub-01");
+        Hub::start_on(std::sync::Arc::new(Pki::new()), "hub-01", lifetime, None)
+    }
+
+    /// A hub `id` of the CA in `pki`; with `registry`, sharing that registry
+    /// file (the accounts are made only when it does not exist yet).
+    fn start_on(
+        pki: std::sync::Arc<Pki>,
+        id: &str,
+        lifetime: &str,
+        registry: Option<&Path>,
+    ) -> Hub {
+        pki.issue(id);
         let dir = tempfile::tempdir().expect("dir");
         let (quic, ops, publish) = (free_udp(), free_tcp("127.0.0.1"), free_tcp("127.0.0.1"));
-        let spec = HubSpec::new("hub-01", 2, &["edge-a/echo"]);
+        let spec = HubSpec::new(id, 2, &["edge-a/echo"]);
         let text = hub_toml(
             &pki,
             &spec,
@@ -53,12 +63,24 @@ impl Hub {
         )
         .replacen(
             "[hub]\n",
-            &format!("[hub]\nops = \"{ops}\"\ncert_lifetime = \"{lifetime}\"\n"),
+            &format!(
+                "[hub]\nops = \"{ops}\"\ncert_lifetime = \"{lifetime}\"\n{}",
+                registry.map_or(String::new(), |r| format!(
+                    "registry = \"{}\"\n",
+                    r.display()
+                ))
+            ),
             1,
         );
+        let fresh = registry.is_none_or(|r| !r.exists());
         let config = dir.path().join("hub.toml");
         std::fs::write(&config, text).expect("write");
-        for (name, role) in [("sam", "system"), ("sue", "security"), ("ada", "audit")] {
+        let accounts: &[(&str, &str)] = if fresh {
+            &[("sam", "system"), ("sue", "security"), ("ada", "audit")]
+        } else {
+            &[]
+        };
+        for (name, role) in accounts.iter().copied() {
             let out = common::gatewayd(&[
                 "accounts",
                 "add",
@@ -211,6 +233,21 @@ fn round_trip(s: &mut TcpStream, msg: &[u8]) {
     assert_eq!(back, msg);
 }
 
+/// The relayed connection ends (EOF or reset) within 5 s.
+fn assert_cut_within_5s(client: &mut TcpStream, what: &str) {
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut buf = [0u8; 16];
+    match client.read(&mut buf) {
+        Ok(0) => {}
+        Err(e)
+            if e.kind() != std::io::ErrorKind::WouldBlock
+                && e.kind() != std::io::ErrorKind::TimedOut => {}
+        other => panic!("{what} outlived the revocation by 5 s: {other:?}"),
+    }
+}
+
 fn not_after(cert: &Path) -> i64 {
     gateway_daemon::pki::validity(&std::fs::read_to_string(cert).expect("cert"))
         .expect("validity")
@@ -294,17 +331,7 @@ fn enrollment_renewal_revocation_and_roles() {
     let (code, out, err) = hub.ctl("sue", &["revoke", "edge-a"]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("revoked"), "{out}");
-    client
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("timeout");
-    let mut buf = [0u8; 16];
-    match client.read(&mut buf) {
-        Ok(0) => {}
-        Err(e)
-            if e.kind() != std::io::ErrorKind::WouldBlock
-                && e.kind() != std::io::ErrorKind::TimedOut => {}
-        other => panic!("the relay outlived the revocation by 5 s: {other:?}"),
-    }
+    assert_cut_within_5s(&mut client, "the relay");
     edge.wait_next_log("revoked");
     assert_eq!(hub.device("edge-a")["state"], "revoked");
     let refused = TcpStream::connect(hub.publish).and_then(|mut c| {
@@ -578,4 +605,57 @@ fn config_push_try_mode_status_commands_and_audit() {
             Err(d["state"].to_string())
         }
     });
+}
+
+#[test]
+fn hubs_sharing_a_registry_cut_a_device_revoked_at_either() {
+    let pki = std::sync::Arc::new(Pki::new());
+    let shared = tempfile::tempdir().expect("dir");
+    let registry = shared.path().join("fleet.sqlite");
+    let hub1 = Hub::start_on(pki.clone(), "hub-01", "1h", Some(&registry));
+    let hub2 = Hub::start_on(pki, "hub-02", "1h", Some(&registry));
+    let echo = echo_server("127.0.1.1");
+    let (config, _state) = edge_config(&hub1, "edge-a", echo, "");
+    let text = std::fs::read_to_string(&config).expect("config").replace(
+        &format!("\"{}\"]", hub1.quic),
+        &format!("\"{}\", \"{}\"]", hub1.quic, hub2.quic),
+    );
+    std::fs::write(&config, text).expect("write");
+    let (code, out) = enroll(&config, &hub1.token("edge-a"));
+    assert_eq!(code, 0, "{out}");
+    let _edge = Proc::start(&config);
+    // A relay through the second hub.
+    let mut client = poll_blocking("a relay through hub-02", Duration::from_secs(15), || {
+        let mut c = TcpStream::connect(hub2.publish).map_err(|e| e.to_string())?;
+        c.set_read_timeout(Some(Duration::from_secs(2)))
+            .map_err(|e| e.to_string())?;
+        c.write_all(b"ping").map_err(|e| e.to_string())?;
+        let mut b = [0u8; 4];
+        c.read_exact(&mut b).map_err(|e| e.to_string())?;
+        Ok(c)
+    });
+    // Both hubs collect the edge's audit into the one registry: still continuous.
+    poll_blocking(
+        "audit collected through both hubs",
+        Duration::from_secs(10),
+        || {
+            let d = hub1.device("edge-a");
+            if d["audit_head"].as_u64().unwrap_or(0) > 0 && d["audit_broken"].is_null() {
+                Ok(())
+            } else {
+                Err(d.to_string())
+            }
+        },
+    );
+    // Revoked at the first hub: the second cuts its relay too.
+    let (code, _, err) = hub1.ctl("sue", &["revoke", "edge-a"]);
+    assert_eq!(code, 0, "{err}");
+    assert_cut_within_5s(&mut client, "the relay through hub-02");
+    let audit = audit_lines(&hub2.dir.path().join("state"));
+    assert!(
+        audit
+            .iter()
+            .any(|l| l.contains("device.revoke") && l.contains("edge-a")),
+        "{audit:#?}"
+    );
 }

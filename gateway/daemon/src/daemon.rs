@@ -299,16 +299,22 @@ pub async fn start(config: Config, mut bindings: Bindings) -> Result<Running, St
             let signer =
                 crate::pki::Signer::load(&h.settings.ca_cert.path, &h.settings.ca_key.path)
                     .map_err(|e| StartError::Fleet(format!("the CA that signs devices: {e}")))?;
+            let registry = h
+                .settings
+                .registry
+                .clone()
+                .unwrap_or_else(|| config_state_dir.join(gateway_store::fleet::FILE_NAME));
             let fleet = crate::fleet::hub::Fleet::open(
                 ctx.clone(),
                 devices.clone(),
-                &config_state_dir,
+                &registry,
                 signer,
                 h.settings.cert_lifetime,
                 (&h.settings.cert.path, &h.settings.key.path),
             )
             .map_err(|e| StartError::Fleet(e.to_string()))?;
             tokio::spawn(fleet.clone().prune_loop(retention_days));
+            tokio::spawn(fleet.clone().revocation_sweep());
             if let Some(ops) = h.settings.ops {
                 let l = bindings.tcp(ops).map_err(bind_err(ops))?;
                 ops_addr = l.local_addr().ok();

@@ -53,6 +53,16 @@ impl Devices {
             }
         }
     }
+    /// The ids of the devices connected now.
+    pub fn ids(&self) -> Vec<String> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .keys()
+            .cloned()
+            .collect()
+    }
+
     /// Closes every connection of `id` with `code`; returns how many.
     pub fn close_all(&self, id: &str, code: u32, reason: &[u8]) -> usize {
         let conns = self

@@ -143,7 +143,16 @@ impl Registry {
     /// # Errors
     /// When SQLite cannot open or set it up.
     pub fn open(state_dir: &Path) -> Result<Self, FleetError> {
-        let db = Connection::open(state_dir.join(FILE_NAME))?;
+        Self::open_file(&state_dir.join(FILE_NAME))
+    }
+
+    /// Opens or creates the registry at `path` (hubs may share one file:
+    /// every write is one `BEGIN IMMEDIATE` transaction or one statement).
+    ///
+    /// # Errors
+    /// When SQLite cannot open or set it up.
+    pub fn open_file(path: &Path) -> Result<Self, FleetError> {
+        let db = Connection::open(path)?;
         db.busy_timeout(Duration::from_secs(10))?;
         db.pragma_update(None, "journal_mode", "WAL")?;
         db.pragma_update(None, "synchronous", "FULL")?;
@@ -318,6 +327,23 @@ impl Registry {
             [device],
             |r| r.get(0),
         )?)
+    }
+
+    /// Which of `ids` are revoked.
+    ///
+    /// # Errors
+    /// SQLite.
+    pub fn revoked_among(&self, ids: &[String]) -> Result<Vec<String>, FleetError> {
+        let mut st = self
+            .db
+            .prepare_cached("SELECT 1 FROM device WHERE id = ?1 AND revoked_ms IS NOT NULL")?;
+        let mut out = Vec::new();
+        for id in ids {
+            if st.exists([id])? {
+                out.push(id.clone());
+            }
+        }
+        Ok(out)
     }
 
     /// Revokes `device` (known or not); false when it already was.
@@ -567,6 +593,31 @@ impl Registry {
         if let Some((_, _, Some(broken))) = &head {
             return Ok(Err(format!("chain already marked broken: {broken}")));
         }
+        // Records this registry holds already (another hub sharing it
+        // collected them) are skipped if they are the same records.
+        let known = head.as_ref().map_or(0, |h| h.0 as u64);
+        for e in entries.iter().filter(|e| e.seq <= known) {
+            let stored: Option<String> = tx
+                .query_row(
+                    "SELECT json FROM edge_audit WHERE device = ?1 AND seq = ?2",
+                    params![device, e.seq as i64],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let same = stored
+                .and_then(|j| serde_json::from_str::<AuditEntry>(&j).ok())
+                .is_none_or(|s| s.hash == e.hash);
+            if !same {
+                let p = format!("record {} differs from the one collected before", e.seq);
+                tx.execute(
+                    "UPDATE edge_audit_head SET broken = ?2 WHERE device = ?1",
+                    params![device, p],
+                )?;
+                tx.commit()?;
+                return Ok(Err(p));
+            }
+        }
+        let entries: Vec<&AuditEntry> = entries.iter().filter(|e| e.seq > known).collect();
         let Some(first) = entries.first() else {
             return Ok(Ok(0));
         };
@@ -583,7 +634,7 @@ impl Registry {
         let mut v = Verifier::new(anchor_seq, anchor_hash);
         let mut problem = None;
         let mut last = (anchor_seq, anchor_hash);
-        for e in entries {
+        for e in &entries {
             let checked = match e.to_record() {
                 None => Err("a hash is not 64 hex digits".to_owned()),
                 Some(r) if r.event.device != device => Err(format!(
@@ -610,7 +661,7 @@ impl Registry {
             tx.commit()?;
             return Ok(Err(p));
         }
-        for e in entries {
+        for e in &entries {
             tx.execute(
                 "INSERT INTO edge_audit (device, seq, time_ms, json) VALUES (?1, ?2, ?3, ?4)",
                 params![
@@ -843,6 +894,16 @@ mod tests {
             r.audit_export("e1", 0).expect("q").expect("some");
         assert_eq!((head, continuous, records.len()), (4, false, 4));
 
+        // What another hub sharing the registry collected already is skipped
+        // when it is the same, and breaks the chain when it differs.
+        let c4 = chain("e4", 6);
+        assert_eq!(r.append_audit("e4", &c4[..4]).expect("sql"), Ok(4));
+        assert_eq!(r.append_audit("e4", &c4[..6]).expect("sql"), Ok(2));
+        assert_eq!(r.append_audit("e4", &c4[2..]).expect("sql"), Ok(0));
+        let mut forged = c4.clone();
+        forged[1].hash = forged[2].hash.clone();
+        assert!(r.append_audit("e4", &forged).expect("sql").is_err());
+
         // Another device: an edited record is refused.
         let mut c2 = chain("e2", 3);
         c2[1].detail = "edited".into();
@@ -854,6 +915,6 @@ mod tests {
         let (a_seq, _, head, _, ok, records) =
             r.audit_export("e3", 4_000).expect("q").expect("some");
         assert_eq!((a_seq, head, ok, records.len()), (3, 6, true, 3));
-        assert_eq!(r.prune_audit(5_500).expect("prune"), 5 + 3);
+        assert_eq!(r.prune_audit(5_500).expect("prune"), 5 + 3 + 5);
     }
 }

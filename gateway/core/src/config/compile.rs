@@ -1289,6 +1289,10 @@ impl Compiler<'_> {
                 key: key?,
                 cert_lifetime: cert_lifetime?,
                 ops: ops?,
+                registry: h
+                    .registry
+                    .as_ref()
+                    .map(|s| std::path::PathBuf::from(s.get_ref())),
                 sink: h
                     .sink
                     .as_ref()

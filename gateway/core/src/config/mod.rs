@@ -484,6 +484,9 @@ pub struct HubSettings {
     pub sink: Option<std::path::PathBuf>,
     /// The operators' HTTPS API (`gatewayctl`), when set.
     pub ops: Option<SocketAddr>,
+    /// The fleet registry file, when several hubs share one (default
+    /// `STATE_DIR/fleet.sqlite`).
+    pub registry: Option<std::path::PathBuf>,
 }
 
 /// `[[publish]]`: a hub listener for an edge's service.

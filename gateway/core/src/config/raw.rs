@@ -133,6 +133,7 @@ pub struct RawHub {
     pub cert_lifetime: Option<S>,
     pub sink: Option<S>,
     pub ops: Option<S>,
+    pub registry: Option<S>,
 }
 
 /// `[[publish]]`

@@ -59,15 +59,20 @@ fn registry(config: &std::path::Path) -> Result<Registry, (u8, String)> {
             format!("{} does not check; run gatewayd check", config.display()),
         ));
     };
-    if !matches!(c.role, gateway_core::config::Role::Hub(_)) {
+    let gateway_core::config::Role::Hub(h) = &c.role else {
         return Err((
             exit::USAGE,
             "operator accounts live on a hub; this config is an edge's".into(),
         ));
-    }
+    };
     std::fs::create_dir_all(&c.node.state_dir)
         .map_err(|e| (exit::OS_ERR, format!("{}: {e}", c.node.state_dir.display())))?;
-    Registry::open(&c.node.state_dir).map_err(|e| (exit::OS_ERR, e.to_string()))
+    let file = h
+        .settings
+        .registry
+        .clone()
+        .unwrap_or_else(|| c.node.state_dir.join(gateway_store::fleet::FILE_NAME));
+    Registry::open_file(&file).map_err(|e| (exit::OS_ERR, format!("{}: {e}", file.display())))
 }
 
 /// Runs the subcommand; returns the exit code.

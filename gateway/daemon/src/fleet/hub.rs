@@ -61,7 +61,7 @@ impl Fleet {
     pub fn open(
         ctx: Arc<Ctx>,
         devices: Arc<Devices>,
-        state_dir: &std::path::Path,
+        registry: &std::path::Path,
         signer: Signer,
         lifetime: Duration,
         hub_identity: (&std::path::Path, &std::path::Path),
@@ -71,7 +71,7 @@ impl Fleet {
             warn!("The hub's key is not ECDSA P-256: audit exports are not signed");
         }
         Ok(Arc::new(Fleet {
-            reg: Arc::new(Mutex::new(Registry::open(state_dir)?)),
+            reg: Arc::new(Mutex::new(Registry::open_file(registry)?)),
             signer,
             export_key,
             lifetime,
@@ -478,6 +478,40 @@ impl Fleet {
                 );
             }
             Err(e) => error!(%device, %e, "Cannot store collected audit records"),
+        }
+    }
+
+    /// Closes, every second, the connections of devices revoked in the
+    /// registry: hubs sharing one registry cut a device revoked at any of them
+    /// within about a second.
+    pub async fn revocation_sweep(self: Arc<Self>) {
+        while self.ctx.pause(Duration::from_secs(1)).await {
+            let ids = self.devices.ids();
+            if ids.is_empty() {
+                continue;
+            }
+            let Ok(revoked) = self.db(move |r| r.revoked_among(&ids)).await else {
+                continue;
+            };
+            for device in revoked {
+                let closed = self.devices.close_all(
+                    &device,
+                    fleet::CLOSE_REVOKED,
+                    b"revoked by central operations",
+                );
+                lock(&self.sessions).remove(&device);
+                if closed > 0 {
+                    warn!(%device, closed, "Device revoked (seen in the registry): connections closed");
+                    self.ctx.audit.record(
+                        "registry",
+                        &device,
+                        "device.revoke",
+                        "ok",
+                        "",
+                        format!("connections_closed={closed}"),
+                    );
+                }
+            }
         }
     }
 
