@@ -346,18 +346,23 @@ fn enrollment_renewal_revocation_and_roles() {
     assert_ne!(code, 0);
     assert!(err.contains("revoked"), "{err}");
     // The hub's own audit holds the operators' actions with their accounts.
-    let audit = audit_lines(&hub.dir.path().join("state"));
-    assert!(
-        audit
-            .iter()
-            .any(|l| l.contains("sue") && l.contains("device.revoke")),
-        "{audit:#?}"
-    );
-    assert!(
-        audit
-            .iter()
-            .any(|l| l.contains("sam") && l.contains("admin.revoke") && l.contains("deny")),
-        "{audit:#?}"
+    poll_blocking(
+        "the operators' actions in the hub's audit",
+        Duration::from_secs(5),
+        || {
+            let audit = audit_lines(&hub.dir.path().join("state"));
+            let revoked = audit
+                .iter()
+                .any(|l| l.contains("sue") && l.contains("device.revoke"));
+            let refused = audit
+                .iter()
+                .any(|l| l.contains("sam") && l.contains("admin.revoke") && l.contains("deny"));
+            if revoked && refused {
+                Ok(())
+            } else {
+                Err(audit.join("\n"))
+            }
+        },
     );
     edge.signal(Signal::SIGKILL);
 }
@@ -651,11 +656,19 @@ fn hubs_sharing_a_registry_cut_a_device_revoked_at_either() {
     let (code, _, err) = hub1.ctl("sue", &["revoke", "edge-a"]);
     assert_eq!(code, 0, "{err}");
     assert_cut_within_5s(&mut client, "the relay through hub-02");
-    let audit = audit_lines(&hub2.dir.path().join("state"));
-    assert!(
-        audit
-            .iter()
-            .any(|l| l.contains("device.revoke") && l.contains("edge-a")),
-        "{audit:#?}"
+    poll_blocking(
+        "hub-02's audit of the revocation",
+        Duration::from_secs(5),
+        || {
+            let audit = audit_lines(&hub2.dir.path().join("state"));
+            if audit
+                .iter()
+                .any(|l| l.contains("device.revoke") && l.contains("edge-a"))
+            {
+                Ok(())
+            } else {
+                Err(audit.join("\n"))
+            }
+        },
     );
 }
