@@ -62,6 +62,38 @@ fn the_demo_runs_the_whole_story_and_cleans_up() {
     let mut answer = String::new();
     s.read_to_string(&mut answer).expect("read");
     assert!(answer.contains("pension record"), "{answer}");
+    // The central management commands it prints work as printed.
+    let env: Vec<(String, String)> = seen
+        .iter()
+        .find_map(|l| l.trim().strip_prefix("export GATEWAYCTL_HUB="))
+        .map(|rest| format!("GATEWAYCTL_HUB={rest}"))
+        .expect("an export line")
+        .split_whitespace()
+        .filter_map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        })
+        .collect();
+    let ctl = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_gatewayctl"))
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .output()
+            .expect("gatewayctl");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let table = ctl(&["devices", "list"]);
+    assert!(
+        table.contains("dept-a") && table.contains("dept-b"),
+        "{table}"
+    );
+    let diag = ctl(&["command", "dept-a", "diagnostics"]);
+    assert!(diag.contains("config_valid"), "{diag}");
     let dir = seen
         .iter()
         .find_map(|l| l.strip_prefix("State directory: "))

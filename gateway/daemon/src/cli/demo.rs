@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use gateway_core::config;
+use gateway_core::fleet::AdminRole;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -114,6 +115,41 @@ fn load(text: &str, what: &str) -> Result<config::Config, String> {
             errors.join("\n")
         )
     })
+}
+
+/// One operator account per role in the hub's registry, their credentials in
+/// `DIR/ops/ROLE.cred` (what `gatewayd accounts add` does).
+fn operators(dir: &Path) -> Result<std::path::PathBuf, String> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let hub_state = dir.join("hub-01");
+    let out = dir.join("ops");
+    std::fs::create_dir_all(&hub_state).map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(&out).map_err(|e| e.to_string())?;
+    let mut reg = gateway_store::fleet::Registry::open(&hub_state).map_err(|e| e.to_string())?;
+    for (name, role) in [
+        ("system", AdminRole::System),
+        ("security", AdminRole::Security),
+        ("audit", AdminRole::Audit),
+    ] {
+        let secret =
+            crate::fleet::new_secret(gateway_core::fleet::CREDENTIAL_KIND, format!("demo-{name}"));
+        reg.add_account(
+            &secret.owner,
+            role,
+            &secret.digest(),
+            crate::audit_sink::now_ms(),
+        )
+        .map_err(|e| e.to_string())?;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(out.join(format!("{name}.cred")))
+            .and_then(|mut f| f.write_all(format!("{}\n", secret.to_text()).as_bytes()))
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(out)
 }
 
 fn step(n: u32, text: &str) {
@@ -268,7 +304,8 @@ async fn demo(dir: &Path) -> Result<Vec<Running>, String> {
         .map_err(|e| e.to_string())?;
     let quic = udp.local_addr().map_err(|e| e.to_string())?;
     hb.udp = Some(udp);
-    let (hub_admin, api, publish) = (
+    let (hub_admin, api, publish, ops) = (
+        port(&mut hb, "127.0.0.1")?,
         port(&mut hb, "127.0.0.1")?,
         port(&mut hb, "127.0.0.1")?,
         port(&mut hb, "127.0.0.1")?,
@@ -284,6 +321,7 @@ state_dir = "{d}/hub-01"
 [hub]
 listen = "{quic}"
 api = "{api}"
+ops = "{ops}"
 ca_cert = "{d}/ca/ca.pem"
 ca_key = "{d}/ca/ca.key"
 cert = "{d}/certs/hub-01.pem"
@@ -385,6 +423,9 @@ max_record_bytes = "64KiB"
         2,
         "The hub and the two department gateways start, and connect over QUIC with mutual TLS",
     );
+    let creds = operators(dir)?;
+    ab.config_source = Some((0, a_text.clone()));
+    bb.config_source = Some((0, b_text.clone()));
     let hub = daemon::start(load(&hub_text, "hub-01.toml")?, hb)
         .await
         .map_err(|e| e.to_string())?;
@@ -533,6 +574,30 @@ max_record_bytes = "64KiB"
     println!("   {g} audit verify --state-dir {d}/hub-01");
     println!("   {g} channels --state-dir {d}/dept-a");
     println!("   {g} check --config {d}/dept-b.toml");
+    let built = std::env::current_exe()
+        .ok()
+        .map(|p| p.with_file_name("gatewayctl"))
+        .filter(|p| p.exists());
+    let ctl = built
+        .as_ref()
+        .map_or_else(|| "gatewayctl".to_owned(), |p| p.display().to_string());
+    println!("   # central management, as the system, security and audit administrators:");
+    if built.is_none() {
+        println!(
+            "   cargo build --release -p gateway-daemon --bin gatewayctl   # then use target/release/gatewayctl"
+        );
+    }
+    println!(
+        "   export GATEWAYCTL_HUB={ops} GATEWAYCTL_CA={d}/ca/ca.pem GATEWAYCTL_CREDENTIALS={}",
+        creds.join("system.cred").display()
+    );
+    println!("   {ctl} devices list");
+    println!("   {ctl} command dept-a diagnostics");
+    println!(
+        "   GATEWAYCTL_CREDENTIALS={} {ctl} audit export --device dept-a --out /tmp/dept-a-audit.jsonl",
+        creds.join("audit.cred").display()
+    );
+    println!("   {ctl} audit verify /tmp/dept-a-audit.jsonl --ca {d}/ca/ca.pem");
     println!("\nRunning. Press Ctrl-C to stop.");
     Ok(vec![b, a, hub])
 }
