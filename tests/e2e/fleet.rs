@@ -672,3 +672,110 @@ fn hubs_sharing_a_registry_cut_a_device_revoked_at_either() {
         },
     );
 }
+
+#[test]
+fn an_edited_edge_audit_record_raises_the_alarm_at_the_hub() {
+    let hub = Hub::start("1h");
+    let echo = echo_server("127.0.1.1");
+    let (config, state) = edge_config(&hub, "edge-a", echo, "");
+    let (code, out) = enroll(&config, &hub.token("edge-a"));
+    assert_eq!(code, 0, "{out}");
+    let mut edge = Proc::start(&config);
+    edge.wait_log("Tunnel up");
+    let collected = poll_blocking("audit collected", Duration::from_secs(10), || {
+        let d = hub.device("edge-a");
+        d["audit_head"]
+            .as_u64()
+            .filter(|h| *h >= 2)
+            .ok_or(d.to_string())
+    });
+    edge.signal(Signal::SIGTERM);
+    let _ = edge.wait_exit();
+    // While the box is down, someone with its disk edits a record the hub has
+    // not collected yet (the stop's own records come after `collected`).
+    let db = rusqlite::Connection::open(state.join("audit.sqlite")).expect("open");
+    db.execute_batch(
+        "DROP TRIGGER IF EXISTS audit_no_update; DROP TRIGGER IF EXISTS audit_no_delete;",
+    )
+    .expect("drop triggers");
+    let n = db
+        .execute(
+            "UPDATE audit SET detail = 'nothing to see' WHERE seq = ?1",
+            [collected as i64 + 1],
+        )
+        .expect("tamper");
+    assert_eq!(n, 1);
+    drop(db);
+    let mut edge = Proc::start(&config);
+    edge.wait_log("Tunnel up");
+    let d = poll_blocking("the alarm", Duration::from_secs(10), || {
+        let d = hub.device("edge-a");
+        if d["audit_broken"].is_string() {
+            Ok(d)
+        } else {
+            Err(d.to_string())
+        }
+    });
+    assert!(
+        d["audit_broken"]
+            .as_str()
+            .unwrap_or("")
+            .contains("does not match its hash"),
+        "{d}"
+    );
+    poll_blocking("the alarm metric", Duration::from_secs(5), || {
+        let mut c = TcpStream::connect(hub_admin(&hub)).map_err(|e| e.to_string())?;
+        c.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+            .map_err(|e| e.to_string())?;
+        let mut text = String::new();
+        c.read_to_string(&mut text).map_err(|e| e.to_string())?;
+        if text.contains("gateway_audit_chain_broken{device=\"edge-a\"} 1") {
+            Ok(())
+        } else {
+            Err(text)
+        }
+    });
+    poll_blocking(
+        "the hub's audit of the alarm",
+        Duration::from_secs(5),
+        || {
+            let audit = audit_lines(&hub.dir.path().join("state"));
+            if audit
+                .iter()
+                .any(|l| l.contains("audit.chain_broken") && l.contains("edge-a"))
+            {
+                Ok(())
+            } else {
+                Err(audit.join("\n"))
+            }
+        },
+    );
+    // The export says so, and verify refuses it.
+    let export = hub.dir.path().join("broken.jsonl");
+    let (code, _, err) = hub.ctl(
+        "ada",
+        &[
+            "audit",
+            "export",
+            "--device",
+            "edge-a",
+            "--out",
+            export.to_str().expect("p"),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let out = Command::new(env!("CARGO_BIN_EXE_gatewayctl"))
+        .args(["audit", "verify", export.to_str().expect("p")])
+        .output()
+        .expect("verify");
+    assert_eq!(out.status.code(), Some(65));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("found this device's chain broken"));
+    edge.signal(Signal::SIGKILL);
+}
+
+/// The hub's admin listener, from its config.
+fn hub_admin(hub: &Hub) -> String {
+    let text = std::fs::read_to_string(&hub.config).expect("config");
+    let admin = text.split("[admin]").nth(1).expect("[admin]");
+    admin.split('"').nth(1).expect("listen").to_owned()
+}
