@@ -233,6 +233,22 @@ fn round_trip(s: &mut TcpStream, msg: &[u8]) {
     assert_eq!(back, msg);
 }
 
+/// Waits for the hub's audit to hold an `event` about edge-a (the writer
+/// commits in batches).
+fn wait_audit(hub: &Hub, event: &str) {
+    poll_blocking(event, Duration::from_secs(5), || {
+        let audit = audit_lines(&hub.dir.path().join("state"));
+        if audit
+            .iter()
+            .any(|l| l.contains(event) && l.contains("edge-a"))
+        {
+            Ok(())
+        } else {
+            Err(audit.join("\n"))
+        }
+    });
+}
+
 /// The relayed connection ends (EOF or reset) within 5 s.
 fn assert_cut_within_5s(client: &mut TcpStream, what: &str) {
     client
@@ -656,21 +672,7 @@ fn hubs_sharing_a_registry_cut_a_device_revoked_at_either() {
     let (code, _, err) = hub1.ctl("sue", &["revoke", "edge-a"]);
     assert_eq!(code, 0, "{err}");
     assert_cut_within_5s(&mut client, "the relay through hub-02");
-    poll_blocking(
-        "hub-02's audit of the revocation",
-        Duration::from_secs(5),
-        || {
-            let audit = audit_lines(&hub2.dir.path().join("state"));
-            if audit
-                .iter()
-                .any(|l| l.contains("device.revoke") && l.contains("edge-a"))
-            {
-                Ok(())
-            } else {
-                Err(audit.join("\n"))
-            }
-        },
-    );
+    wait_audit(&hub2, "device.revoke");
 }
 
 #[test]
@@ -735,21 +737,7 @@ fn an_edited_edge_audit_record_raises_the_alarm_at_the_hub() {
             Err(text)
         }
     });
-    poll_blocking(
-        "the hub's audit of the alarm",
-        Duration::from_secs(5),
-        || {
-            let audit = audit_lines(&hub.dir.path().join("state"));
-            if audit
-                .iter()
-                .any(|l| l.contains("audit.chain_broken") && l.contains("edge-a"))
-            {
-                Ok(())
-            } else {
-                Err(audit.join("\n"))
-            }
-        },
-    );
+    wait_audit(&hub, "audit.chain_broken");
     // The export says so, and verify refuses it.
     let export = hub.dir.path().join("broken.jsonl");
     let (code, _, err) = hub.ctl(
