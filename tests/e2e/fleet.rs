@@ -481,6 +481,42 @@ fn config_push_try_mode_status_commands_and_audit() {
     assert_eq!(code, 0, "{err}");
     edge.wait_next_log("Pushed config applied");
 
+    // A change only a restart can make is refused by the box, which says so.
+    let restart = hub.dir.path().join("restart.toml");
+    let admin = hub_admin_of(&policy2);
+    std::fs::write(
+        &restart,
+        std::fs::read_to_string(&policy2)
+            .expect("p")
+            .replace(&admin, &free_tcp("127.0.0.1").to_string()),
+    )
+    .expect("write");
+    let (code, _, err) = hub.ctl(
+        "sam",
+        &["config", "push", "edge-a", restart.to_str().expect("p")],
+    );
+    assert_eq!(code, 0, "{err}");
+    let s = poll_blocking(
+        "version 3 refused by the box",
+        Duration::from_secs(10),
+        || {
+            let s = hub.config_status("edge-a");
+            if s["result"]["outcome"] == "refused" {
+                Ok(s)
+            } else {
+                Err(s.to_string())
+            }
+        },
+    );
+    assert_eq!(s["applied"], 2, "{s}");
+    assert!(
+        s["result"]["errors"][0]
+            .as_str()
+            .unwrap_or("")
+            .contains("admin.listen cannot change on reload"),
+        "{s}"
+    );
+
     // A config that cannot reach any hub is reverted by try mode and reported.
     let broken = hub.dir.path().join("broken.toml");
     let dead = free_udp();
@@ -507,13 +543,13 @@ fn config_push_try_mode_status_commands_and_audit() {
     });
     assert_eq!(
         (s["desired"].as_u64(), s["applied"].as_u64()),
-        (Some(3), Some(2)),
+        (Some(4), Some(2)),
         "{s}"
     );
     // The reverted version is not offered again.
     let (code, text, _) = hub.ctl("sam", &["config", "status"]);
     assert_eq!(code, 0);
-    assert!(text.contains("reverted v3"), "{text}");
+    assert!(text.contains("reverted v4"), "{text}");
 
     // Remote commands.
     let (code, out, err) = hub.ctl("sam", &["command", "edge-a", "diagnostics"]);
@@ -763,7 +799,12 @@ fn an_edited_edge_audit_record_raises_the_alarm_at_the_hub() {
 
 /// The hub's admin listener, from its config.
 fn hub_admin(hub: &Hub) -> String {
-    let text = std::fs::read_to_string(&hub.config).expect("config");
+    hub_admin_of(&hub.config)
+}
+
+/// `[admin].listen` of a config file.
+fn hub_admin_of(config: &Path) -> String {
+    let text = std::fs::read_to_string(config).expect("config");
     let admin = text.split("[admin]").nth(1).expect("[admin]");
     admin.split('"').nth(1).expect("listen").to_owned()
 }

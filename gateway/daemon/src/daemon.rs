@@ -549,6 +549,28 @@ impl Running {
             (RoleState::Edge(_), Role::Edge(e)) => e.accesses.iter().map(|a| a.listen).collect(),
             _ => return Err(ReloadError::NeedsRestart("node.role")),
         };
+        // Listeners bound once at start: a change would be silently ignored.
+        let before = old.config();
+        if before.admin.listen != config.admin.listen {
+            return Err(ReloadError::NeedsRestart("admin.listen"));
+        }
+        if before.node.user != config.node.user {
+            return Err(ReloadError::NeedsRestart("node.user"));
+        }
+        if before.node.state_dir != config.node.state_dir {
+            return Err(ReloadError::NeedsRestart("node.state_dir"));
+        }
+        if let (Role::Edge(b), Role::Edge(a)) = (&before.role, &config.role) {
+            let listens = |e: &gateway_core::config::Edge| -> Vec<(String, SocketAddr)> {
+                e.ingests
+                    .iter()
+                    .map(|i| (i.zone.clone(), i.listen))
+                    .collect()
+            };
+            if listens(b) != listens(a) {
+                return Err(ReloadError::NeedsRestart("[[ingest]]"));
+            }
+        }
         let mut listeners = self
             .listeners
             .lock()

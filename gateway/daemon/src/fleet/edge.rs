@@ -105,6 +105,14 @@ impl EdgeFleet {
         *lock(&self.report) = Some(m);
     }
 
+    /// The heartbeat interval of the config in force.
+    fn heartbeat_now(&self, ctx: &Ctx) -> Duration {
+        match &ctx.policy().config().role {
+            Role::Edge(e) => e.uplink.heartbeat,
+            Role::Hub(_) => self.heartbeat,
+        }
+    }
+
     /// The certificate's validity (Unix ms).
     pub fn validity(&self) -> Option<(i64, i64)> {
         *lock(&self.validity)
@@ -188,7 +196,8 @@ pub async fn session(
             }
         }
     });
-    let mut heartbeat = tokio::time::interval(fleet.heartbeat);
+    let mut period = fleet.heartbeat_now(&ctx);
+    let mut heartbeat = tokio::time::interval(period);
     let mut ship = tokio::time::interval(Duration::from_secs(1));
     let mut cursor: Option<u64> = None;
     let audit = Arc::new(Mutex::new(None::<gateway_store::audit::AuditLog>));
@@ -198,6 +207,12 @@ pub async fn session(
     loop {
         tokio::select! {
             _ = heartbeat.tick() => {
+                // A pushed or reloaded config may change the interval.
+                let now = fleet.heartbeat_now(&ctx);
+                if now != period {
+                    period = now;
+                    heartbeat = tokio::time::interval_at((Instant::now() + period).into(), period);
+                }
                 if write_msg(&mut send, &Message::Heartbeat(fleet.status(&ctx))).await.is_err() {
                     break;
                 }
@@ -624,6 +639,10 @@ impl Applier {
                 "node.state_dir cannot change by a push (the managed config lives there)".into(),
             ]);
         }
+        let window = match &config.role {
+            Role::Edge(e) => Some(e.uplink.config_try),
+            Role::Hub(_) => None,
+        };
         if let Err(e) = save_managed(
             &current.node.state_dir,
             (version, text),
@@ -643,6 +662,10 @@ impl Applier {
             return refuse(vec![e]);
         }
         fleet.set_applied(version, text.to_owned());
+        // The new config's own try window applies to it.
+        if let Some(w) = window {
+            self.window = w;
+        }
         self.trying = Some((Instant::now() + self.window, version));
         info!(
             version,
