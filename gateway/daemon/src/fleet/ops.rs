@@ -161,10 +161,7 @@ pub async fn serve(
         .route("/v1/devices/{id}/audit", get(audit_export))
         .route("/v1/config", get(config_status))
         .with_state(fleet);
-    let listener = TlsListener {
-        tcp: listener,
-        acceptor: tokio_rustls::TlsAcceptor::from(tls),
-    };
+    let listener = TlsListener::spawn(listener, tokio_rustls::TlsAcceptor::from(tls), stop.clone());
     if let Err(error) = axum::serve(listener, app)
         .with_graceful_shutdown(stop.cancelled_owned())
         .await
@@ -173,9 +170,51 @@ pub async fn serve(
     }
 }
 
+/// Completed TLS connections, handed to axum. Handshakes run in their own
+/// tasks (5 s limit each), so a slow or silent client never holds up the others.
 struct TlsListener {
-    tcp: TcpListener,
-    acceptor: tokio_rustls::TlsAcceptor,
+    ready: tokio::sync::mpsc::Receiver<(tokio_rustls::server::TlsStream<TcpStream>, SocketAddr)>,
+    local: SocketAddr,
+}
+
+impl TlsListener {
+    fn spawn(
+        tcp: TcpListener,
+        acceptor: tokio_rustls::TlsAcceptor,
+        stop: CancellationToken,
+    ) -> Self {
+        let (tx, ready) = tokio::sync::mpsc::channel(64);
+        let local = tcp
+            .local_addr()
+            .unwrap_or_else(|_| ([0, 0, 0, 0], 0).into());
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    a = tcp.accept() => a,
+                    () = stop.cancelled() => return,
+                };
+                let Ok((stream, addr)) = accepted else {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                };
+                let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                tokio::spawn(async move {
+                    match tokio::time::timeout(Duration::from_secs(5), acceptor.accept(stream))
+                        .await
+                    {
+                        Ok(Ok(tls)) => {
+                            let _ = tx.send((tls, addr)).await;
+                        }
+                        Ok(Err(error)) => {
+                            info!(%addr, %error, "Operator API: TLS handshake failed")
+                        }
+                        Err(_) => info!(%addr, "Operator API: TLS handshake timed out"),
+                    }
+                });
+            }
+        });
+        TlsListener { ready, local }
+    }
 }
 
 impl axum::serve::Listener for TlsListener {
@@ -183,24 +222,15 @@ impl axum::serve::Listener for TlsListener {
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            let (tcp, addr) = match self.tcp.accept().await {
-                Ok(x) => x,
-                Err(_) => {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
-            };
-            match tokio::time::timeout(Duration::from_secs(5), self.acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => return (tls, addr),
-                Ok(Err(error)) => info!(%addr, %error, "Operator API: TLS handshake failed"),
-                Err(_) => info!(%addr, "Operator API: TLS handshake timed out"),
-            }
+        match self.ready.recv().await {
+            Some(c) => c,
+            // The acceptor stopped (shutdown): wait for axum to notice.
+            None => std::future::pending().await,
         }
     }
 
     fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        self.tcp.local_addr()
+        Ok(self.local)
     }
 }
 
