@@ -276,6 +276,14 @@ fn enrollment_renewal_revocation_and_roles() {
     let echo = echo_server("127.0.1.1");
     let (config, state) = edge_config(&hub, "edge-a", echo, "");
 
+    // Before enrollment the box does not start, and says what to do.
+    let (code, lines) = Proc::start(&config).wait_exit();
+    assert_eq!(code, 71, "{lines:#?}");
+    assert!(
+        lines.iter().any(|l| l.contains("gatewayd enroll --config")),
+        "{lines:#?}"
+    );
+
     // A token for another id, then the right one, then the same one again.
     let other = hub.token("edge-b");
     let (code, out) = enroll(&config, &other);

@@ -149,6 +149,7 @@ async fn serve(args: &RunArgs, config: gateway_core::config::Config) -> u8 {
     };
     let mut applier = managed::Applier::new(try_window, trying.then_some(source.0));
     let (user, state_dir) = (config.node.user.clone(), config.node.state_dir.clone());
+    let role = config.role.clone();
     let bindings = Bindings {
         config_source: Some(source),
         ..Bindings::default()
@@ -157,6 +158,14 @@ async fn serve(args: &RunArgs, config: gateway_core::config::Config) -> u8 {
         Ok(r) => r,
         Err(e) => {
             error!("Not started: {e}");
+            if let (StartError::Tls(_), gateway_core::config::Role::Edge(e)) = (&e, &role) {
+                if !e.uplink.cert.path.exists() || !e.uplink.key.path.exists() {
+                    error!(
+                        "This box has no device certificate yet: run `gatewayd enroll --config {} --token-file FILE` with a token from central ops (or install one made by `gatewayd pki issue`)",
+                        args.config.display()
+                    );
+                }
+            }
             return match e {
                 StartError::Tls(TlsError::Key(PkiError::KeyPermissions { .. })) => exit::NO_PERM,
                 StartError::Tls(_)

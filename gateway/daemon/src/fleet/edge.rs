@@ -485,11 +485,13 @@ pub async fn enroll(config: &Config, token: &str) -> Result<(String, i64), Enrol
             Ok(Ok(EnrollAnswer::Issued { cert_pem })) => {
                 let (_, not_after) = pki::validity(&cert_pem)
                     .ok_or_else(|| EnrollError::Refused("the certificate does not parse".into()))?;
-                if let Some(dir) = e.uplink.key.path.parent() {
-                    std::fs::create_dir_all(dir).map_err(|source| PkiError::Io {
-                        path: dir.to_owned(),
-                        source,
-                    })?;
+                for file in [&e.uplink.key.path, &e.uplink.cert.path] {
+                    if let Some(dir) = file.parent() {
+                        std::fs::create_dir_all(dir).map_err(|source| PkiError::Io {
+                            path: dir.to_owned(),
+                            source,
+                        })?;
+                    }
                 }
                 pki::write_replace(&e.uplink.key.path, &key_pem, 0o600)?;
                 pki::write_replace(&e.uplink.cert.path, &cert_pem, 0o644)?;
