@@ -72,9 +72,13 @@ pub fn run(args: &EnrollArgs) -> u8 {
     };
     match rt.block_on(edge::enroll(&config, &token)) {
         Ok((hub, not_after)) => {
-            let left = std::time::Duration::from_secs(
-                u64::try_from((not_after - crate::audit_sink::now_ms()) / 1000).unwrap_or(0),
-            );
+            // Whole minutes once it is long: "24h", not "86399s".
+            let secs = u64::try_from((not_after - crate::audit_sink::now_ms()) / 1000).unwrap_or(0);
+            let left = std::time::Duration::from_secs(if secs >= 120 {
+                (secs + 30) / 60 * 60
+            } else {
+                secs
+            });
             println!(
                 "enrolled {} with hub {hub}; certificate valid for {}, renewed over the tunnel at two thirds of that",
                 config.node.id,
