@@ -816,3 +816,38 @@ fn hub_admin_of(config: &Path) -> String {
     let admin = text.split("[admin]").nth(1).expect("[admin]");
     admin.split('"').nth(1).expect("listen").to_owned()
 }
+
+#[test]
+fn enrollment_connections_without_a_certificate_are_bounded() {
+    let hub = Hub::start("1h");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let client =
+            gateway_daemon::tls::enroll_client(&hub.pki.ca().join("ca.pem")).expect("client");
+        let endpoint =
+            quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+        // One more silent enrollment connection than there are slots: exactly
+        // one is closed at once, saying why; the others stay open until their
+        // own timeout (10 s), longer than this test waits.
+        let mut waiting = tokio::task::JoinSet::new();
+        for _ in 0..=gateway_daemon::fleet::hub::MAX_ENROLLING {
+            let c = endpoint
+                .connect_with(client.clone(), hub.quic, "127.0.0.1")
+                .expect("connect")
+                .await
+                .expect("handshake");
+            waiting.spawn(async move {
+                tokio::time::timeout(Duration::from_secs(5), c.closed())
+                    .await
+                    .ok()
+                    .map(|why| why.to_string())
+            });
+        }
+        let closed: Vec<String> = waiting.join_all().await.into_iter().flatten().collect();
+        assert_eq!(closed.len(), 1, "{closed:?}");
+        assert!(closed[0].contains("too many enrollments"), "{closed:?}");
+    });
+}

@@ -37,7 +37,12 @@ pub struct Fleet {
     sessions: Mutex<HashMap<String, mpsc::UnboundedSender<Message>>>,
     pending: Mutex<HashMap<u64, oneshot::Sender<CommandAnswer>>>,
     next_command: AtomicU64,
+    enrolling: Arc<tokio::sync::Semaphore>,
 }
+
+/// Enrollment connections served at once; more are closed at once (they come
+/// without a certificate, so they are bounded before anything is read).
+pub const MAX_ENROLLING: usize = 32;
 
 /// Why an operator's request failed.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +85,7 @@ impl Fleet {
             sessions: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
             next_command: AtomicU64::new(1),
+            enrolling: Arc::new(tokio::sync::Semaphore::new(MAX_ENROLLING)),
         }))
     }
 
@@ -199,6 +205,14 @@ impl Fleet {
     /// certificate): one request, one answer.
     pub async fn enroll(self: Arc<Self>, conn: quinn::Connection) {
         let remote = conn.remote_address();
+        let Ok(_permit) = self.enrolling.clone().try_acquire_owned() else {
+            warn!(%remote, limit = MAX_ENROLLING, "Enrollment refused: too many at once");
+            conn.close(
+                quinn::VarInt::from_u32(1),
+                b"too many enrollments at once; retry",
+            );
+            return;
+        };
         let Ok(Ok((mut send, mut recv))) =
             tokio::time::timeout(crate::relay::HANDSHAKE_TIMEOUT, conn.accept_bi()).await
         else {
