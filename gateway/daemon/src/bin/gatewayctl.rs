@@ -216,6 +216,11 @@ async fn call(
         }
         Err(e @ ClientError::Connect(..)) => {
             eprintln!("error: {e}");
+            if e.to_string().contains("certificate") {
+                eprintln!(
+                    "  hint: --ca must be the CA that signed the hub, and the hub's certificate must name the host in --hub (gatewayd pki issue --san)"
+                );
+            }
             Err(UNREACHABLE)
         }
         Err(e) => {
