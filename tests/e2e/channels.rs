@@ -416,6 +416,46 @@ async fn spool_files_are_committed_once_and_moved_or_refused_with_a_reason() {
             && l.contains("[R5.channel-content]")),
         "{lines:#?}"
     );
+
+    // Identities live as long as their files: after a restart (its first scan
+    // forgets), a file still in done/ and put back is not committed twice, one
+    // removed from done/ and dropped again (same name, size and time) is new.
+    let a_time = std::fs::metadata(done.join("a.json"))
+        .and_then(|m| m.modified())
+        .expect("mtime");
+    std::fs::remove_file(done.join("a.json")).expect("remove a");
+    edge.running.drain(Duration::from_millis(100)).await;
+    let state = edge.state.clone();
+    drop(edge);
+    let _edge = start_edge(
+        &pki,
+        EdgeSpec {
+            state: Some(state),
+            ..edge_spec(vec![hub.quic])
+        },
+    )
+    .await;
+    // A new file moved on proves the first scan (which forgets first) ran.
+    put("f.json", "{\"n\":6}");
+    wait_sink_high(hub.api, 6, Duration::from_secs(10)).await;
+    std::fs::rename(done.join("b.ndjson"), inbox.join("b.ndjson")).expect("b back");
+    let tmp = spool.join(".a.json.tmp");
+    std::fs::write(&tmp, "{\"n\":1}").expect("write");
+    std::fs::File::options()
+        .write(true)
+        .open(&tmp)
+        .and_then(|f| f.set_modified(a_time))
+        .expect("mtime");
+    std::fs::rename(&tmp, inbox.join("a.json")).expect("a again");
+    wait_sink_high(hub.api, 7, Duration::from_secs(10)).await;
+    wait_for("b.ndjson moved on again", Duration::from_secs(10), || {
+        done.join("b.ndjson").exists() && !inbox.join("b.ndjson").exists()
+    })
+    .await;
+    // b's records once (2-4), a's record again as a new one (7, body n=1).
+    let mut want = exactly(1, 6);
+    want.push((7, 1));
+    assert_eq!(sink_records(hub.api).await, want);
 }
 
 /// Files in a directory, sorted by name.

@@ -75,6 +75,11 @@ enum Job {
         source: String,
         reply: Reply<Option<(u64, u64)>>,
     },
+    ForgetSpooled {
+        channel: String,
+        present: std::collections::HashSet<String>,
+        reply: Reply<u64>,
+    },
     Receipts {
         channel: String,
         after: u64,
@@ -192,6 +197,25 @@ impl BufferHandle {
         self.ask(|reply| Job::Spooled {
             channel,
             source,
+            reply,
+        })
+        .await
+    }
+
+    /// Forgets spool files of `channel` no longer in `in/` (see
+    /// `gateway_store::buffer::Buffer::forget_spooled`).
+    ///
+    /// # Errors
+    /// When the buffer thread is gone or SQLite fails.
+    pub async fn forget_spooled(
+        &self,
+        channel: &str,
+        present: std::collections::HashSet<String>,
+    ) -> Result<u64, String> {
+        let channel = channel.to_owned();
+        self.ask(|reply| Job::ForgetSpooled {
+            channel,
+            present,
             reply,
         })
         .await
@@ -391,6 +415,13 @@ fn run(mut buffer: Buffer, rx: &mpsc::Receiver<Job>, signals: &Signals) {
                     reply,
                 } => {
                     let _ = reply.send(buffer.spooled(&channel, &source).map_err(e));
+                }
+                Job::ForgetSpooled {
+                    channel,
+                    present,
+                    reply,
+                } => {
+                    let _ = reply.send(buffer.forget_spooled(&channel, &present).map_err(e));
                 }
                 Job::Receipts {
                     channel,

@@ -46,10 +46,16 @@ pub async fn run(ctx: Arc<Ctx>, buffer: BufferHandle, state_dir: PathBuf) {
     let mut made: Vec<String> = Vec::new();
     // Files already reported as waiting for room (reported once).
     let mut told: HashSet<PathBuf> = HashSet::new();
+    // The first scan forgets too (after a restart or an upgrade).
+    let mut last_forget: Option<std::time::Instant> = None;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             () = ctx.draining.cancelled() => return,
+        }
+        let forget_due = last_forget.is_none_or(|t| t.elapsed() >= FORGET_EVERY);
+        if forget_due {
+            last_forget = Some(std::time::Instant::now());
         }
         let channels: Vec<Channel> = ctx
             .policy()
@@ -67,7 +73,21 @@ pub async fn run(ctx: Arc<Ctx>, buffer: BufferHandle, state_dir: PathBuf) {
                 }
                 made.push(c.name.clone());
             }
-            for file in waiting(&inbox) {
+            let files = waiting(&inbox);
+            if forget_due {
+                // A committed file's identity is kept while the file is in
+                // in/ (the crash window) or done/ (moved back by hand, it is
+                // still not committed twice); once removed from done/, it goes.
+                let present = files
+                    .iter()
+                    .chain(all_files(&done).iter())
+                    .filter_map(|f| identity(f))
+                    .collect();
+                if let Err(error) = buffer.forget_spooled(&c.name, present).await {
+                    warn!(channel = %c.name, %error, "Cannot forget removed spool files");
+                }
+            }
+            for file in files {
                 if ctx.draining.is_cancelled() {
                     return;
                 }
@@ -75,6 +95,17 @@ pub async fn run(ctx: Arc<Ctx>, buffer: BufferHandle, state_dir: PathBuf) {
             }
         }
     }
+}
+
+/// How often identities of spool files removed from `done/` are forgotten
+/// (`done/` is listed then).
+const FORGET_EVERY: Duration = Duration::from_secs(600);
+
+/// Every file in `dir`.
+fn all_files(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect())
+        .unwrap_or_default()
 }
 
 /// Complete files in `in/`, oldest first.
@@ -93,6 +124,21 @@ fn waiting(inbox: &Path) -> Vec<PathBuf> {
         .collect();
     files.sort();
     files.into_iter().map(|(_, p)| p).collect()
+}
+
+/// A spool file's identity: name, size and modification time.
+fn identity(file: &Path) -> Option<String> {
+    let meta = std::fs::metadata(file).ok()?;
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    Some(format!(
+        "{}:{}:{mtime}",
+        file.file_name().unwrap_or_default().to_string_lossy(),
+        meta.len()
+    ))
 }
 
 fn format_of(path: &Path) -> Option<(Format, bool)> {
@@ -154,19 +200,9 @@ async fn take(
     told: &mut HashSet<PathBuf>,
 ) {
     let name = &channel.name;
-    let Ok(meta) = std::fs::metadata(file) else {
+    let Some(source) = identity(file) else {
         return;
     };
-    let mtime = meta
-        .modified()
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_nanos());
-    let source = format!(
-        "{}:{}:{mtime}",
-        file.file_name().unwrap_or_default().to_string_lossy(),
-        meta.len()
-    );
     // Committed before a crash, still here: move it on.
     if let Ok(Some((first, last))) = buffer.spooled(name, &source).await {
         if move_into(file, done).is_ok() {

@@ -762,6 +762,40 @@ impl Buffer {
             .optional()?)
     }
 
+    /// Forgets the spool files of `channel` that are no longer waiting in
+    /// `in/` (`present` holds the identities of those that are): a committed
+    /// file's identity is kept only until it has been moved on, so the table
+    /// does not grow with every file ever spooled. Returns how many it forgot.
+    ///
+    /// # Errors
+    /// When SQLite fails.
+    pub fn forget_spooled(
+        &mut self,
+        channel: &str,
+        present: &std::collections::HashSet<String>,
+    ) -> Result<u64, BufferError> {
+        let known: Vec<String> = {
+            let mut st = self
+                .conn
+                .prepare_cached("SELECT source FROM spool_file WHERE channel = ?1")?;
+            st.query_map([channel], |r| r.get(0))?
+                .collect::<Result<_, _>>()?
+        };
+        let gone: Vec<&String> = known.iter().filter(|s| !present.contains(*s)).collect();
+        if gone.is_empty() {
+            return Ok(0);
+        }
+        let tx = self.conn.transaction()?;
+        for s in &gone {
+            tx.execute(
+                "DELETE FROM spool_file WHERE channel = ?1 AND source = ?2",
+                params![channel, s],
+            )?;
+        }
+        tx.commit()?;
+        Ok(gone.len() as u64)
+    }
+
     /// Every channel that ever had a record, by name.
     ///
     /// # Errors
@@ -946,6 +980,29 @@ mod tests {
                 .first,
             2
         );
+    }
+
+    #[test]
+    fn spool_identities_are_kept_only_while_the_file_waits() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut b = Buffer::open(dir.path()).expect("open");
+        let one = [rec(10)];
+        for source in ["a.json:10:1", "b.json:10:2"] {
+            let batch = [Batch {
+                channel: "c",
+                records: &one,
+                quota: 1_000_000,
+                when_full: WhenFull::Reject,
+                source: Some(source),
+            }];
+            assert!(b.append_group(&batch, 1).expect("group")[0].is_ok());
+        }
+        let waiting: std::collections::HashSet<String> = ["a.json:10:1".to_owned()].into();
+        assert_eq!(b.forget_spooled("c", &waiting).expect("forget"), 1);
+        assert_eq!(b.spooled("c", "a.json:10:1").expect("q"), Some((1, 1)));
+        assert_eq!(b.spooled("c", "b.json:10:2").expect("q"), None);
+        assert_eq!(b.forget_spooled("c", &waiting).expect("again"), 0);
+        assert_eq!(b.forget_spooled("c", &Default::default()).expect("all"), 1);
     }
 }
 
