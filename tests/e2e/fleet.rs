@@ -468,6 +468,18 @@ fn config_push_try_mode_status_commands_and_audit() {
         std::fs::read_to_string(state.join("managed/config.toml")).expect("managed"),
         good_text
     );
+    // Operators read what was pushed and what the box runs.
+    for args in [
+        vec!["config", "show", "edge-a"],
+        vec!["config", "show", "edge-a", "--version", "1"],
+        vec!["config", "show", "edge-a", "--applied"],
+    ] {
+        let (code, out, err) = hub.ctl("sue", &args);
+        assert_eq!(code, 0, "{args:?}: {err}");
+        assert_eq!(out, good_text, "{args:?}");
+    }
+    let (code, _, err) = hub.ctl("ada", &["config", "show", "edge-a"]);
+    assert_eq!(code, 77, "{err}");
     // The security administrator's policy change is applied too.
     let (code, _, err) = hub.ctl(
         "sue",

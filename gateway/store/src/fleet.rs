@@ -430,6 +430,21 @@ impl Registry {
             .optional()?)
     }
 
+    /// A stored version of `device`'s config.
+    ///
+    /// # Errors
+    /// SQLite.
+    pub fn config_version(&self, device: &str, version: u64) -> Result<Option<String>, FleetError> {
+        Ok(self
+            .db
+            .query_row(
+                "SELECT text FROM config WHERE device = ?1 AND version = ?2",
+                params![device, version as i64],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
     /// What `device` runs, as it reported: (version, text).
     ///
     /// # Errors

@@ -119,6 +119,18 @@ enum ConfigCommand {
         /// The config file (TOML).
         file: PathBuf,
     },
+    /// Print a device's config: the newest pushed version, a given one, or
+    /// the one the box runs (as it reported).
+    Show {
+        /// The device id.
+        device: String,
+        /// A pushed version number.
+        #[arg(long, conflicts_with = "applied")]
+        version: Option<u64>,
+        /// What the box runs now.
+        #[arg(long)]
+        applied: bool,
+    },
     /// Desired and applied config version of each device.
     Status {
         #[arg(long, value_enum, default_value = "text")]
@@ -331,6 +343,20 @@ async fn go(client: &OpsClient, command: Command) -> Result<(), u8> {
                     "; the device gets it when it next connects"
                 }
             );
+        }
+        Command::Config(ConfigCommand::Show {
+            device,
+            version,
+            applied,
+        }) => {
+            let path = match (version, applied) {
+                (Some(v), _) => format!("/v1/devices/{device}/config?version={v}"),
+                (None, true) => format!("/v1/devices/{device}/config?version=applied"),
+                (None, false) => format!("/v1/devices/{device}/config"),
+            };
+            let (_, b) = call(client, "GET", &path, None).await?;
+            use std::io::Write as _;
+            let _ = std::io::stdout().write_all(&b);
         }
         Command::Config(ConfigCommand::Status { format }) => {
             let (_, b) = call(client, "GET", "/v1/config", None).await?;

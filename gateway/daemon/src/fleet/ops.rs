@@ -13,6 +13,7 @@
 //! | `POST /v1/tokens` `{"device", "expires_s"}` | token create (system) |
 //! | `GET /v1/devices`, `GET /v1/devices/{id}`, `GET /v1/config` | devices read (system, security) |
 //! | `POST /v1/devices/{id}/config` (TOML body) | config push: policy sections (security), the rest (system) |
+//! | `GET /v1/devices/{id}/config?version=N\|applied` | devices read: a stored version, the newest, or what the box runs |
 //! | `POST /v1/devices/{id}/revoke` | revoke (security) |
 //! | `POST /v1/devices/{id}/commands/{reconnect,diagnostics}` | command (system) |
 //! | `GET /v1/devices/{id}/audit?since=YYYY-MM-DD` | audit read (audit) |
@@ -156,7 +157,10 @@ pub async fn serve(
         .route("/v1/devices", get(devices_list))
         .route("/v1/devices/{id}", get(device_show))
         .route("/v1/devices/{id}/revoke", post(revoke))
-        .route("/v1/devices/{id}/config", post(config_push))
+        .route(
+            "/v1/devices/{id}/config",
+            post(config_push).get(config_show),
+        )
         .route("/v1/devices/{id}/commands/{kind}", post(command))
         .route("/v1/devices/{id}/audit", get(audit_export))
         .route("/v1/config", get(config_status))
@@ -571,6 +575,60 @@ async fn command(
             Ok(axum::Json(json!({ "device": id, "ok": ok, "output": output })).into_response())
         }
         Err(e) => Err(ApiError(StatusCode::GATEWAY_TIMEOUT, e.to_string())),
+    }
+}
+
+#[derive(Deserialize)]
+struct Which {
+    version: Option<String>,
+}
+
+async fn config_show(
+    State(fleet): State<Arc<Fleet>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<Which>,
+) -> Answer {
+    authorize(&fleet, &headers, Action::DevicesRead, "read config", &id).await?;
+    let d = id.clone();
+    let which = q.version.clone();
+    let found = fleet
+        .db(
+            move |r| -> Result<Option<(String, String)>, gateway_store::fleet::FleetError> {
+                Ok(match which.as_deref() {
+                    Some("applied") => r
+                        .applied(&d)?
+                        .map(|(v, t)| (format!("applied, version {v}"), t)),
+                    Some(n) => match n.parse::<u64>() {
+                        Ok(v) => r
+                            .config_version(&d, v)?
+                            .map(|t| (format!("version {v}"), t)),
+                        Err(_) => None,
+                    },
+                    None => r
+                        .desired(&d)?
+                        .map(|(v, t)| (format!("desired, version {v}"), t)),
+                })
+            },
+        )
+        .await
+        .map_err(internal)?;
+    match found {
+        Some((what, text)) => Ok((
+            [
+                ("content-type", "application/toml"),
+                ("x-gateway-config", what.as_str()),
+            ],
+            text,
+        )
+            .into_response()),
+        None => Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no such config of {id} ({}); give a pushed version number, or applied",
+                q.version.as_deref().unwrap_or("nothing pushed yet")
+            ),
+        )),
     }
 }
 
