@@ -640,13 +640,11 @@ fn config_push_try_mode_status_commands_and_audit() {
     let text = std::fs::read_to_string(&export).expect("export");
     let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
     let last = lines.len() - 1;
-    let mut entry: gateway_core::fleet::AuditEntry =
-        serde_json::from_str(&lines[last]).expect("entry");
-    entry.detail = "nothing happened".into();
-    let mut record = entry.to_record().expect("record");
+    let mut record: gateway_core::audit::Record =
+        serde_json::from_str(&lines[last]).expect("record");
+    record.event.detail = "nothing happened".into();
     record = gateway_core::audit::Record::chain(record.seq, record.event, record.prev_hash);
-    lines[last] =
-        serde_json::to_string(&gateway_core::fleet::AuditEntry::from(&record)).expect("json");
+    lines[last] = serde_json::to_string(&record).expect("json");
     let mut header = gateway_core::fleet::export_header(&text).expect("header");
     header.head_hash = gateway_core::audit::to_hex(&record.hash);
     lines[0] = serde_json::to_string(&header).expect("json");

@@ -11,7 +11,7 @@
 //! `"gw-audit-v1\0" | seq u64 | time_ms i64 | prev_hash [32] | then for device,
 //! subject, object, event, outcome, rule, detail: len u32 | UTF-8 bytes`.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// A SHA-256 hash.
 pub type Hash = [u8; 32];
@@ -22,7 +22,7 @@ pub const GENESIS: Hash = [0; 32];
 const DOMAIN: &[u8] = b"gw-audit-v1\0";
 
 /// What happened, before it is chained.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {
     /// Unix time in milliseconds.
     pub time_ms: i64,
@@ -42,8 +42,9 @@ pub struct Event {
     pub detail: String,
 }
 
-/// An event in the chain.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// An event in the chain. Its JSON form (every field, hashes in hex) is what
+/// `gatewayd audit show` prints, what edges ship to the hub and what exports hold.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
     /// Position in the chain, from 1, without gaps.
     pub seq: u64,
@@ -51,15 +52,32 @@ pub struct Record {
     #[serde(flatten)]
     pub event: Event,
     /// Hash of the record before (or the anchor, or [`GENESIS`]).
-    #[serde(serialize_with = "hex")]
+    #[serde(serialize_with = "hex", deserialize_with = "unhex")]
     pub prev_hash: Hash,
     /// This record's hash.
-    #[serde(serialize_with = "hex")]
+    #[serde(serialize_with = "hex", deserialize_with = "unhex")]
     pub hash: Hash,
 }
 
 fn hex<S: serde::Serializer>(h: &Hash, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&to_hex(h))
+}
+
+fn unhex<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Hash, D::Error> {
+    let s = String::deserialize(d)?;
+    from_hex(&s).ok_or_else(|| serde::de::Error::custom("a hash is 64 hex digits"))
+}
+
+/// A hash from 64 hex digits.
+pub fn from_hex(s: &str) -> Option<Hash> {
+    if s.len() != 64 || !s.is_ascii() {
+        return None;
+    }
+    let mut h = [0u8; 32];
+    for (i, b) in h.iter_mut().enumerate() {
+        *b = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(h)
 }
 
 /// Lowercase hex of a hash.

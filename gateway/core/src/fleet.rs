@@ -9,7 +9,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::audit::{self, Event, Hash, Record};
+use crate::audit::{self, Record};
 
 /// ALPN of an enrollment connection (no client certificate yet).
 pub const ENROLL_ALPN: &[u8] = b"gw-enroll/1";
@@ -143,87 +143,8 @@ pub enum Message {
     /// Edge to hub: audit records, in order.
     AuditBatch {
         /// The records.
-        records: Vec<AuditEntry>,
+        records: Vec<Record>,
     },
-}
-
-/// An audit record as shipped and exported: every field, hashes in hex.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AuditEntry {
-    /// Position in the device's chain.
-    pub seq: u64,
-    /// Unix ms.
-    pub time_ms: i64,
-    /// The device that recorded it.
-    pub device: String,
-    /// Who acted.
-    pub subject: String,
-    /// What was acted on.
-    pub object: String,
-    /// The kind of event.
-    pub event: String,
-    /// allow / deny / ok / error.
-    pub outcome: String,
-    /// The rule that decided.
-    pub rule: String,
-    /// Detail.
-    pub detail: String,
-    /// Hash of the record before, hex.
-    pub prev_hash: String,
-    /// This record's hash, hex.
-    pub hash: String,
-}
-
-impl From<&Record> for AuditEntry {
-    fn from(r: &Record) -> Self {
-        let e = &r.event;
-        AuditEntry {
-            seq: r.seq,
-            time_ms: e.time_ms,
-            device: e.device.clone(),
-            subject: e.subject.clone(),
-            object: e.object.clone(),
-            event: e.event.clone(),
-            outcome: e.outcome.clone(),
-            rule: e.rule.clone(),
-            detail: e.detail.clone(),
-            prev_hash: audit::to_hex(&r.prev_hash),
-            hash: audit::to_hex(&r.hash),
-        }
-    }
-}
-
-impl AuditEntry {
-    /// The record, when both hashes are 64 hex digits.
-    pub fn to_record(&self) -> Option<Record> {
-        Some(Record {
-            seq: self.seq,
-            event: Event {
-                time_ms: self.time_ms,
-                device: self.device.clone(),
-                subject: self.subject.clone(),
-                object: self.object.clone(),
-                event: self.event.clone(),
-                outcome: self.outcome.clone(),
-                rule: self.rule.clone(),
-                detail: self.detail.clone(),
-            },
-            prev_hash: from_hex(&self.prev_hash)?,
-            hash: from_hex(&self.hash)?,
-        })
-    }
-}
-
-/// A hash from 64 hex digits.
-pub fn from_hex(s: &str) -> Option<Hash> {
-    if s.len() != 64 || !s.is_ascii() {
-        return None;
-    }
-    let mut h = [0u8; 32];
-    for (i, b) in h.iter_mut().enumerate() {
-        *b = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(h)
 }
 
 /// Enrollment, edge to hub: the only message of an enrollment connection.
@@ -651,21 +572,19 @@ pub fn verify_export(text: &str) -> Result<ExportSummary, ExportError> {
     if header.format != EXPORT_FORMAT {
         return Err(ExportError::Header(format!("format {:?}", header.format)));
     }
-    let (Some(anchor), Some(head)) = (from_hex(&header.anchor_hash), from_hex(&header.head_hash))
-    else {
+    let (Some(anchor), Some(head)) = (
+        audit::from_hex(&header.anchor_hash),
+        audit::from_hex(&header.head_hash),
+    ) else {
         return Err(ExportError::Header("a hash is not 64 hex digits".into()));
     };
     let mut v = audit::Verifier::new(header.anchor_seq, anchor);
     let (mut first, mut last) = (0, 0);
     for (i, l) in lines.enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         let line = i + 2;
-        let entry: AuditEntry = serde_json::from_str(l).map_err(|e| ExportError::Line {
+        let record: Record = serde_json::from_str(l).map_err(|e| ExportError::Line {
             line,
             message: e.to_string(),
-        })?;
-        let record = entry.to_record().ok_or_else(|| ExportError::Line {
-            line,
-            message: "a hash is not 64 hex digits".into(),
         })?;
         if record.event.device != header.device {
             return Err(ExportError::Device {
@@ -698,6 +617,7 @@ pub fn verify_export(text: &str) -> Result<ExportSummary, ExportError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::audit::Event;
     use proptest::prelude::*;
 
     #[test]
@@ -881,7 +801,7 @@ listen = "127.0.0.1:9600"
         .expect("json");
         for r in &records[from..] {
             s.push('\n');
-            s += &serde_json::to_string(&AuditEntry::from(r)).expect("json");
+            s += &serde_json::to_string(r).expect("json");
         }
         s
     }
@@ -923,6 +843,8 @@ listen = "127.0.0.1:9600"
                 Message::CommandResult { id, ok: true, output: text.clone() },
                 Message::ConfigResult { offered: v, applied: id, outcome: ConfigOutcome::Refused { errors: vec![text.clone()] } },
                 Message::Heartbeat(Status { version: text.clone(), uptime_s: v, ..Status::default() }),
+                // Audit records travel in their own JSON form (hashes in hex).
+                Message::AuditBatch { records: chain(3).into_iter().map(|mut r| { r.event.detail = text.clone(); r }).collect() },
             ] {
                 let bytes = encode(&m);
                 let n = body_len(bytes[..4].try_into().expect("prefix")).expect("len");

@@ -19,8 +19,8 @@
 use std::path::Path;
 use std::time::Duration;
 
-use gateway_core::audit::{self, Hash, Verifier};
-use gateway_core::fleet::{AdminRole, AuditEntry};
+use gateway_core::audit::{self, Hash, Record, Verifier};
+use gateway_core::fleet::AdminRole;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 /// File name inside the hub's state directory.
@@ -593,7 +593,7 @@ impl Registry {
     pub fn append_audit(
         &mut self,
         device: &str,
-        entries: &[AuditEntry],
+        entries: &[Record],
     ) -> Result<Result<usize, String>, FleetError> {
         let tx = self
             .db
@@ -620,7 +620,7 @@ impl Registry {
                 )
                 .optional()?;
             let same = stored
-                .and_then(|j| serde_json::from_str::<AuditEntry>(&j).ok())
+                .and_then(|j| serde_json::from_str::<Record>(&j).ok())
                 .is_none_or(|s| s.hash == e.hash);
             if !same {
                 let p = format!("record {} differs from the one collected before", e.seq);
@@ -632,34 +632,28 @@ impl Registry {
                 return Ok(Err(p));
             }
         }
-        let entries: Vec<&AuditEntry> = entries.iter().filter(|e| e.seq > known).collect();
+        let entries: Vec<&Record> = entries.iter().filter(|e| e.seq > known).collect();
         let Some(first) = entries.first() else {
             return Ok(Ok(0));
         };
         let (anchor_seq, anchor_hash) = match &head {
-            Some((seq, hash, _)) => (
-                *seq as u64,
-                gateway_core::fleet::from_hex(hash).unwrap_or(audit::GENESIS),
-            ),
-            None => (
-                first.seq.saturating_sub(1),
-                gateway_core::fleet::from_hex(&first.prev_hash).unwrap_or(audit::GENESIS),
-            ),
+            Some((seq, hash, _)) => (*seq as u64, audit::from_hex(hash).unwrap_or(audit::GENESIS)),
+            None => (first.seq.saturating_sub(1), first.prev_hash),
         };
         let mut v = Verifier::new(anchor_seq, anchor_hash);
         let mut problem = None;
         let mut last = (anchor_seq, anchor_hash);
         for e in &entries {
-            let checked = match e.to_record() {
-                None => Err("a hash is not 64 hex digits".to_owned()),
-                Some(r) if r.event.device != device => Err(format!(
+            let checked = if e.event.device == device {
+                v.push(e).map_err(|b| b.to_string())
+            } else {
+                Err(format!(
                     "record {} names device {}, not {device}",
-                    r.seq, r.event.device
-                )),
-                Some(r) => v.push(&r).map(|()| r).map_err(|b| b.to_string()),
+                    e.seq, e.event.device
+                ))
             };
             match checked {
-                Ok(r) => last = (r.seq, r.hash),
+                Ok(()) => last = (e.seq, e.hash),
                 Err(p) => {
                     problem = Some(p);
                     break;
@@ -682,7 +676,7 @@ impl Registry {
                 params![
                     device,
                     e.seq as i64,
-                    e.time_ms,
+                    e.event.time_ms,
                     serde_json::to_string(e).unwrap_or_default()
                 ],
             )?;
@@ -714,16 +708,16 @@ impl Registry {
         &self,
         device: &str,
         since_ms: i64,
-    ) -> Result<Option<(u64, String, u64, String, bool, Vec<AuditEntry>)>, FleetError> {
-        let head: Option<(i64, String, i64, String, Option<String>)> = self
+    ) -> Result<Option<(u64, String, u64, String, bool, Vec<Record>)>, FleetError> {
+        let head: Option<(i64, String, Option<String>)> = self
             .db
             .query_row(
-                "SELECT anchor_seq, anchor_hash, head_seq, head_hash, broken FROM edge_audit_head WHERE device = ?1",
+                "SELECT head_seq, head_hash, broken FROM edge_audit_head WHERE device = ?1",
                 [device],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
             .optional()?;
-        let Some((anchor_seq, anchor_hash, head_seq, head_hash, broken)) = head else {
+        let Some((head_seq, head_hash, broken)) = head else {
             return Ok(None);
         };
         // From the first record at or after `since`; everything after it, so the
@@ -737,15 +731,14 @@ impl Registry {
             .db
             .prepare("SELECT json FROM edge_audit WHERE device = ?1 AND seq >= ?2 ORDER BY seq")?;
         let from = first.unwrap_or(head_seq + 1);
-        let records: Vec<AuditEntry> = st
+        let records: Vec<Record> = st
             .query_map(params![device, from], |r| r.get::<_, String>(0))?
             .filter_map(|j| j.ok().and_then(|j| serde_json::from_str(&j).ok()))
             .collect();
         let (a_seq, a_hash) = match records.first() {
-            Some(r) => (r.seq - 1, r.prev_hash.clone()),
+            Some(r) => (r.seq - 1, hex(&r.prev_hash)),
             None => (head_seq as u64, head_hash.clone()),
         };
-        let _ = (anchor_seq, anchor_hash);
         Ok(Some((
             a_seq,
             a_hash,
@@ -786,7 +779,7 @@ fn unreachable_row(id: &str) -> DeviceRow {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use gateway_core::audit::{Event, Record};
+    use gateway_core::audit::Event;
 
     fn reg() -> (tempfile::TempDir, Registry) {
         let d = tempfile::tempdir().expect("tempdir");
@@ -869,7 +862,7 @@ mod tests {
         assert_eq!(r.applied("e1").expect("q"), Some((8, "c".into())));
     }
 
-    fn chain(device: &str, n: u64) -> Vec<AuditEntry> {
+    fn chain(device: &str, n: u64) -> Vec<Record> {
         let mut prev = audit::GENESIS;
         (1..=n)
             .map(|i| {
@@ -888,7 +881,7 @@ mod tests {
                     prev,
                 );
                 prev = r.hash;
-                AuditEntry::from(&r)
+                r
             })
             .collect()
     }
@@ -916,12 +909,12 @@ mod tests {
         assert_eq!(r.append_audit("e4", &c4[..6]).expect("sql"), Ok(2));
         assert_eq!(r.append_audit("e4", &c4[2..]).expect("sql"), Ok(0));
         let mut forged = c4.clone();
-        forged[1].hash = forged[2].hash.clone();
+        forged[1].hash = forged[2].hash;
         assert!(r.append_audit("e4", &forged).expect("sql").is_err());
 
         // Another device: an edited record is refused.
         let mut c2 = chain("e2", 3);
-        c2[1].detail = "edited".into();
+        c2[1].event.detail = "edited".into();
         assert!(r.append_audit("e2", &c2).expect("sql").is_err());
 
         // Export since a time starts there and links to the head.

@@ -229,7 +229,6 @@ pub async fn session(
                 }).await.unwrap_or_default();
                 if let Some(last) = records.last() {
                     let next = last.seq + 1;
-                    let records = records.iter().map(fleet::AuditEntry::from).collect();
                     if write_msg(&mut send, &Message::AuditBatch { records }).await.is_err() {
                         break;
                     }

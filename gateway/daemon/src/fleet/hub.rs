@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use gateway_core::fleet::{
-    self, AuditEntry, CommandKind, ConfigOutcome, EnrollAnswer, EnrollRequest, Message, Secret,
+    self, CommandKind, ConfigOutcome, EnrollAnswer, EnrollRequest, Message, Secret,
 };
 use gateway_store::fleet::{FleetError, Registry};
 use tokio::sync::{mpsc, oneshot};
@@ -474,7 +474,7 @@ impl Fleet {
         }
     }
 
-    async fn collect(&self, device: &str, records: Vec<AuditEntry>) {
+    async fn collect(&self, device: &str, records: Vec<gateway_core::audit::Record>) {
         let d = device.to_owned();
         let n = records.len();
         match self.db(move |r| r.append_audit(&d, &records)).await {
