@@ -152,6 +152,29 @@ impl Hub {
         serde_json::from_str(&out).expect("json")
     }
 
+    /// Writes `text` to a file and pushes it to edge-a as `account`.
+    fn push(&self, account: &str, text: &str) -> (i32, String, String) {
+        let file = tempfile::NamedTempFile::new_in(self.dir.path()).expect("file");
+        std::fs::write(file.path(), text).expect("write");
+        self.ctl(
+            account,
+            &[
+                "config",
+                "push",
+                "edge-a",
+                file.path().to_str().expect("path"),
+            ],
+        )
+    }
+
+    /// Waits until edge-a's config status satisfies `ok`; returns it.
+    fn wait_config(&self, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
+        poll_blocking(what, Duration::from_secs(15), || {
+            let s = self.config_status("edge-a");
+            if ok(&s) { Ok(s) } else { Err(s.to_string()) }
+        })
+    }
+
     fn config_status(&self, id: &str) -> Value {
         let (code, out, err) = self.ctl("sue", &["config", "status", "--format", "json"]);
         assert_eq!(code, 0, "{err}");
@@ -420,48 +443,26 @@ fn config_push_try_mode_status_commands_and_audit() {
     );
 
     // A bad file is refused at the hub with its located error.
-    let bad = hub.dir.path().join("bad.toml");
-    std::fs::write(&bad, base.replacen("level = 2", "level = 7", 1)).expect("write");
-    let (code, _, err) = hub.ctl(
-        "sam",
-        &["config", "push", "edge-a", bad.to_str().expect("p")],
-    );
+    let (code, _, err) = hub.push("sam", &base.replacen("level = 2", "level = 7", 1));
     assert_eq!(code, 1, "{err}");
     assert!(
         err.contains("edge-a.toml:") && err.contains("protection level"),
         "{err}"
     );
     // A policy change is not the system administrator's.
-    let policy = hub.dir.path().join("policy.toml");
-    std::fs::write(
-        &policy,
-        base.replace("\"extranet\"]\n", "\"extranet\", \"edge-z\"]\n"),
-    )
-    .expect("write");
-    let (code, _, err) = hub.ctl(
-        "sam",
-        &["config", "push", "edge-a", policy.to_str().expect("p")],
-    );
+    let allow_more = |t: &str| t.replace("\"extranet\"]\n", "\"extranet\", \"edge-z\"]\n");
+    let policy = allow_more(&base);
+    let (code, _, err) = hub.push("sam", &policy);
     assert_eq!(code, 77, "{err}");
     assert!(err.contains("policy sections"), "{err}");
     // A good one (a non-policy change) is applied.
-    let good = hub.dir.path().join("good.toml");
     let good_text = base.replacen("heartbeat = \"1s\"", "heartbeat = \"2s\"", 1);
-    std::fs::write(&good, &good_text).expect("write");
-    let (code, out, err) = hub.ctl(
-        "sam",
-        &["config", "push", "edge-a", good.to_str().expect("p")],
-    );
+    let (code, out, err) = hub.push("sam", &good_text);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("version 1"), "{out}");
     edge.wait_log("Pushed config applied");
-    let s = poll_blocking("version 1 applied", Duration::from_secs(10), || {
-        let s = hub.config_status("edge-a");
-        if s["applied"] == 1 && s["result"]["outcome"] == "applied" {
-            Ok(s)
-        } else {
-            Err(s.to_string())
-        }
+    let s = hub.wait_config("version 1 applied", |s| {
+        s["applied"] == 1 && s["result"]["outcome"] == "applied"
     });
     assert_eq!(s["desired"], 1);
     assert_eq!(
@@ -480,54 +481,25 @@ fn config_push_try_mode_status_commands_and_audit() {
     }
     let (code, _, err) = hub.ctl("ada", &["config", "show", "edge-a"]);
     assert_eq!(code, 77, "{err}");
-    // The security administrator's policy change is applied too.
-    let (code, _, err) = hub.ctl(
-        "sue",
-        &["config", "push", "edge-a", policy.to_str().expect("p")],
-    );
-    // Over version 1 that file also changes the heartbeat back: not hers alone.
+    // Over version 1 the first policy file also changes the heartbeat back:
+    // not the security administrator's alone.
+    let (code, _, err) = hub.push("sue", &policy);
     assert_eq!(code, 77, "{err}");
     assert!(err.contains("non-policy sections"), "{err}");
-    let policy2 = hub.dir.path().join("policy2.toml");
-    std::fs::write(
-        &policy2,
-        good_text.replace("\"extranet\"]\n", "\"extranet\", \"edge-z\"]\n"),
-    )
-    .expect("write");
-    let (code, _, err) = hub.ctl(
-        "sue",
-        &["config", "push", "edge-a", policy2.to_str().expect("p")],
-    );
+    // Her policy change on top of version 1 is applied.
+    let policy2 = allow_more(&good_text);
+    let (code, _, err) = hub.push("sue", &policy2);
     assert_eq!(code, 0, "{err}");
     edge.wait_next_log("Pushed config applied");
 
     // A change only a restart can make is refused by the box, which says so.
-    let restart = hub.dir.path().join("restart.toml");
-    let admin = hub_admin_of(&policy2);
-    std::fs::write(
-        &restart,
-        std::fs::read_to_string(&policy2)
-            .expect("p")
-            .replace(&admin, &free_tcp("127.0.0.1").to_string()),
-    )
-    .expect("write");
-    let (code, _, err) = hub.ctl(
-        "sam",
-        &["config", "push", "edge-a", restart.to_str().expect("p")],
-    );
+    let admin = hub_admin_of(&config);
+    let restart = policy2.replace(&admin, &free_tcp("127.0.0.1").to_string());
+    let (code, _, err) = hub.push("sam", &restart);
     assert_eq!(code, 0, "{err}");
-    let s = poll_blocking(
-        "version 3 refused by the box",
-        Duration::from_secs(10),
-        || {
-            let s = hub.config_status("edge-a");
-            if s["result"]["outcome"] == "refused" {
-                Ok(s)
-            } else {
-                Err(s.to_string())
-            }
-        },
-    );
+    let s = hub.wait_config("version 3 refused by the box", |s| {
+        s["result"]["outcome"] == "refused"
+    });
     assert_eq!(s["applied"], 2, "{s}");
     assert!(
         s["result"]["errors"][0]
@@ -538,28 +510,12 @@ fn config_push_try_mode_status_commands_and_audit() {
     );
 
     // A config that cannot reach any hub is reverted by try mode and reported.
-    let broken = hub.dir.path().join("broken.toml");
-    let dead = free_udp();
-    std::fs::write(
-        &broken,
-        std::fs::read_to_string(&policy2)
-            .expect("p")
-            .replace(&hub.quic.to_string(), &dead.to_string()),
-    )
-    .expect("write");
-    let (code, _, err) = hub.ctl(
-        "sam",
-        &["config", "push", "edge-a", broken.to_str().expect("p")],
-    );
+    let broken = policy2.replace(&hub.quic.to_string(), &free_udp().to_string());
+    let (code, _, err) = hub.push("sam", &broken);
     assert_eq!(code, 0, "{err}");
     edge.wait_next_log("reverting to the last good config");
-    let s = poll_blocking("the revert reported", Duration::from_secs(15), || {
-        let s = hub.config_status("edge-a");
-        if s["result"]["outcome"] == "reverted" {
-            Ok(s)
-        } else {
-            Err(s.to_string())
-        }
+    let s = hub.wait_config("the revert reported", |s| {
+        s["result"]["outcome"] == "reverted"
     });
     assert_eq!(
         (s["desired"].as_u64(), s["applied"].as_u64()),
