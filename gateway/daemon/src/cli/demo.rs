@@ -216,10 +216,16 @@ async fn http(
     Ok((status, body))
 }
 
-async fn wait(what: &str, mut cond: impl FnMut() -> bool) -> Result<(), String> {
+/// Asks `probe` every 20 ms, for up to 10 s, until it answers: for state the
+/// demo can only ask about (readiness, another node's API, files, the audit).
+async fn poll<T, F, Fut>(what: &str, mut probe: F) -> Result<T, String>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
     for _ in 0..500 {
-        if cond() {
-            return Ok(());
+        if let Some(v) = probe().await {
+            return Ok(v);
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -435,7 +441,10 @@ max_record_bytes = "64KiB"
     let b = daemon::start(load(&b_text, "dept-b.toml")?, bb)
         .await
         .map_err(|e| e.to_string())?;
-    wait("both tunnels", || a.ready() && b.ready()).await?;
+    poll("both tunnels", || async {
+        (a.ready() && b.ready()).then_some(())
+    })
+    .await?;
     println!(
         "   hub-01  QUIC {quic}, consumer API http://{api}, metrics http://{hub_admin}/metrics"
     );
@@ -484,8 +493,8 @@ max_record_bytes = "64KiB"
         .await?;
         println!("   POST record {} -> {status} {body}", i + 1);
     }
-    wait("the records in dept-b's out/", || {
-        std::fs::read_dir(&out).map(|d| d.count()).unwrap_or(0) >= 2
+    poll("the records in dept-b's out/", || async {
+        (std::fs::read_dir(&out).map(|d| d.count()).unwrap_or(0) >= 2).then_some(())
     })
     .await?;
     let mut files: Vec<PathBuf> = std::fs::read_dir(&out)
@@ -496,21 +505,18 @@ max_record_bytes = "64KiB"
     for f in &files {
         println!("   dept-b received {}", f.display());
     }
-    let mut receipts = String::new();
-    for _ in 0..100 {
-        receipts = http(
+    let receipts = poll("both receipts delivered", || async {
+        let (_, body) = http(
             ("127.0.1.20", a_ingest),
             "GET",
             "/v1/channels/reports/receipts",
             None,
         )
-        .await?
-        .1;
-        if receipts.matches("\"delivered\"").count() >= 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        .await
+        .ok()?;
+        (body.matches("\"delivered\"").count() >= 2).then_some(body)
+    })
+    .await?;
     println!("   receipts at dept-a: {receipts}");
 
     step(6, "A crossing the boundary policy refuses");
@@ -526,26 +532,20 @@ max_record_bytes = "64KiB"
         }
     );
     let a_state = dir.join("dept-a");
-    let mut why = String::new();
-    for _ in 0..100 {
-        let log =
-            gateway_store::audit::AuditLog::open_existing(&a_state).map_err(|e| e.to_string())?;
-        if let Ok(records) = log.records(1, 10_000) {
-            if let Some(r) = records
-                .iter()
-                .rev()
-                .find(|r| r.event.event == "relay.refuse")
-            {
-                let e = &r.event;
-                why = format!(
-                    "[{}] {} ({} asked for {})",
-                    e.rule, e.detail, e.subject, e.object
-                );
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let why = poll("the refusal in dept-a's audit", || async {
+        let log = gateway_store::audit::AuditLog::open_existing(&a_state).ok()?;
+        let records = log.records(1, 10_000).ok()?;
+        let e = &records
+            .iter()
+            .rev()
+            .find(|r| r.event.event == "relay.refuse")?
+            .event;
+        Some(format!(
+            "[{}] {} ({} asked for {})",
+            e.rule, e.detail, e.subject, e.object
+        ))
+    })
+    .await?;
     println!("   dept-a's audit says: {why}");
 
     step(
