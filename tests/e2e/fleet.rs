@@ -117,6 +117,10 @@ impl Hub {
         self.proc = Some(p);
     }
 
+    fn wait_log(&mut self, needle: &str) {
+        self.proc.as_mut().expect("running").wait_log(needle);
+    }
+
     fn kill(&mut self) {
         if let Some(mut p) = self.proc.take() {
             p.signal(Signal::SIGKILL);
@@ -644,7 +648,7 @@ fn hubs_sharing_a_registry_cut_a_device_revoked_at_either() {
     let shared = tempfile::tempdir().expect("dir");
     let registry = shared.path().join("fleet.sqlite");
     let hub1 = Hub::start_on(pki.clone(), "hub-01", "1h", Some(&registry));
-    let hub2 = Hub::start_on(pki, "hub-02", "1h", Some(&registry));
+    let mut hub2 = Hub::start_on(pki, "hub-02", "1h", Some(&registry));
     let echo = echo_server("127.0.1.1");
     let (config, _state) = edge_config(&hub1, "edge-a", echo, "");
     let text = std::fs::read_to_string(&config).expect("config").replace(
@@ -656,15 +660,9 @@ fn hubs_sharing_a_registry_cut_a_device_revoked_at_either() {
     assert_eq!(code, 0, "{out}");
     let _edge = Proc::start(&config);
     // A relay through the second hub.
-    let mut client = poll_blocking("a relay through hub-02", Duration::from_secs(15), || {
-        let mut c = TcpStream::connect(hub2.publish).map_err(|e| e.to_string())?;
-        c.set_read_timeout(Some(Duration::from_secs(2)))
-            .map_err(|e| e.to_string())?;
-        c.write_all(b"ping").map_err(|e| e.to_string())?;
-        let mut b = [0u8; 4];
-        c.read_exact(&mut b).map_err(|e| e.to_string())?;
-        Ok(c)
-    });
+    hub2.wait_log("Edge connected");
+    let mut client = TcpStream::connect(hub2.publish).expect("publish on hub-02");
+    round_trip(&mut client, b"ping");
     // Both hubs collect the edge's audit into the one registry: still continuous.
     poll_blocking(
         "audit collected through both hubs",
