@@ -119,7 +119,8 @@ impl EdgeFleet {
     }
 
     fn status(&self, ctx: &Ctx) -> Status {
-        let config = ctx.policy().config().clone();
+        let policy = ctx.policy();
+        let config = policy.config();
         Status {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             uptime_s: self.started.elapsed().as_secs(),

@@ -294,11 +294,9 @@ async fn token_create(
         .into_response())
 }
 
-async fn device_view(fleet: &Fleet, id: &str) -> Result<Option<Value>, ApiError> {
-    let d = id.to_owned();
-    let row = fleet.db(move |r| r.device(&d)).await.map_err(internal)?;
-    let Some(row) = row else { return Ok(None) };
-    let connected = fleet.connected(id);
+/// What operators see of one device.
+fn device_view(fleet: &Fleet, row: &gateway_store::fleet::DeviceRow) -> Value {
+    let connected = fleet.connected(&row.id);
     let status: Value = row
         .status
         .as_ref()
@@ -325,7 +323,7 @@ async fn device_view(fleet: &Fleet, id: &str) -> Result<Option<Value>, ApiError>
         .as_ref()
         .and_then(|(_, j, _)| serde_json::from_str(j).ok())
         .unwrap_or(Value::Null);
-    Ok(Some(json!({
+    json!({
         "id": row.id,
         "state": state,
         "connected": connected,
@@ -339,7 +337,7 @@ async fn device_view(fleet: &Fleet, id: &str) -> Result<Option<Value>, ApiError>
         "audit_head": row.audit.as_ref().map(|a| a.0),
         "audit_broken": row.audit.as_ref().and_then(|a| a.1.clone()),
         "status": status,
-    })))
+    })
 }
 
 async fn devices_list(State(fleet): State<Arc<Fleet>>, headers: HeaderMap) -> Answer {
@@ -352,12 +350,7 @@ async fn devices_list(State(fleet): State<Arc<Fleet>>, headers: HeaderMap) -> An
     )
     .await?;
     let rows = fleet.db(|r| r.devices()).await.map_err(internal)?;
-    let mut out = Vec::new();
-    for r in rows {
-        if let Some(v) = device_view(&fleet, &r.id).await? {
-            out.push(v);
-        }
-    }
+    let out = rows.iter().map(|r| device_view(&fleet, r)).collect();
     Ok(axum::Json(Value::Array(out)).into_response())
 }
 
@@ -367,8 +360,10 @@ async fn device_show(
     Path(id): Path<String>,
 ) -> Answer {
     authorize(&fleet, &headers, Action::DevicesRead, "show devices", &id).await?;
-    match device_view(&fleet, &id).await? {
-        Some(v) => Ok(axum::Json(v).into_response()),
+    let d = id.clone();
+    let row = fleet.db(move |r| r.device(&d)).await.map_err(internal)?;
+    match row {
+        Some(row) => Ok(axum::Json(device_view(&fleet, &row)).into_response()),
         None => Err(ApiError(
             StatusCode::NOT_FOUND,
             format!("no device {id} on this hub"),
