@@ -143,6 +143,27 @@ async fn a_100_mib_transfer_arrives_intact() {
         "SHA-256 of what came back differs"
     );
     assert_eq!(echo_b.bytes.load(Ordering::SeqCst), 100 * MIB as u64);
+
+    // The transfer ran on large packets: path MTU discovery reached its bound
+    // on loopback and no batch of large packets was lost on the way (quinn
+    // drops a segmentation-offload batch over 64 KiB whole, which reads as an
+    // MTU black hole and sends the path back to 1200).
+    let path = || {
+        hub.running
+            .ctx()
+            .metrics
+            .peers()
+            .get("edge-b")
+            .cloned()
+            .unwrap_or_default()
+    };
+    wait_for(
+        "a path sample at the largest MTU",
+        Duration::from_secs(10),
+        || path().mtu_bytes == gateway_daemon::tls::MTU_UPPER_BOUND,
+    )
+    .await;
+    assert_eq!(path().black_holes, 0, "{:?}", path());
 }
 
 fn ring_digest(b: &[u8]) -> Vec<u8> {

@@ -73,6 +73,36 @@ pub fn bind_udp_shared(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket>
     Ok(s.into())
 }
 
+/// Socket buffer asked for on each tunnel UDP socket, each way.
+pub const UDP_BUFFER: usize = 4 << 20;
+
+/// Gives a tunnel UDP socket [`UDP_BUFFER`] each way. Linux's default (208 KiB)
+/// overflows under a burst of large QUIC packets: the datagrams are dropped,
+/// QUIC takes the loss for congestion and slows down, and path MTU discovery
+/// can take it for an MTU black hole. The kernel caps the size at
+/// `net.core.rmem_max` / `wmem_max`; a capped size is logged with the fix.
+pub fn size_udp_buffers(socket: &std::net::UdpSocket) {
+    let s = socket2::SockRef::from(socket);
+    let _ = s.set_recv_buffer_size(UDP_BUFFER);
+    let _ = s.set_send_buffer_size(UDP_BUFFER);
+    // Linux reports twice the size asked for (bookkeeping included).
+    let got = s
+        .recv_buffer_size()
+        .unwrap_or(0)
+        .min(s.send_buffer_size().unwrap_or(0))
+        / 2;
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    if got < UDP_BUFFER {
+        ONCE.call_once(|| tracing::warn!(
+            wanted = UDP_BUFFER,
+            got,
+            "UDP socket buffers capped by the kernel; bursts may be dropped. \
+             Raise them with `sysctl -w net.core.rmem_max={UDP_BUFFER} net.core.wmem_max={UDP_BUFFER}` \
+             (the package's /usr/lib/sysctl.d/90-gatewayd.conf does at boot)"
+        ));
+    }
+}
+
 impl Bindings {
     fn tcp(&mut self, addr: SocketAddr) -> std::io::Result<TcpListener> {
         let l = match self.tcp.remove(&addr) {
@@ -214,12 +244,16 @@ pub async fn start(config: Config, mut bindings: Bindings) -> Result<Running, St
                 None => bind_udp_shared(h.settings.listen).map_err(bind_err(h.settings.listen))?,
             };
             let bound_at = first.local_addr().map_err(bind_err(h.settings.listen))?;
+            size_udp_buffers(&first);
             let mut sockets = vec![first];
             // One endpoint per core on the same port; a socket bound without
             // SO_REUSEPORT (handed in by a caller) stays alone.
             for _ in 1..edge::lanes() {
                 match bind_udp_shared(bound_at) {
-                    Ok(s) => sockets.push(s),
+                    Ok(s) => {
+                        size_udp_buffers(&s);
+                        sockets.push(s);
+                    }
                     Err(_) => break,
                 }
             }
@@ -412,9 +446,10 @@ pub async fn start(config: Config, mut bindings: Bindings) -> Result<Running, St
             let mut endpoints = Vec::new();
             for _ in 0..lanes {
                 let socket = std::net::UdpSocket::bind(any).map_err(bind_err(any))?;
+                size_udp_buffers(&socket);
                 endpoints.push(
                     quinn::Endpoint::new(
-                        quinn::EndpointConfig::default(),
+                        crate::tls::edge_endpoint_config(),
                         None,
                         socket,
                         runtime.clone(),

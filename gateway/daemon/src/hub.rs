@@ -240,9 +240,15 @@ async fn serve_edge(
         let control = tokio::spawn(fleet.clone().session(device.clone(), send, recv));
         tokio::spawn(crate::udp::read_datagrams(ctx.flows.clone(), conn.clone()));
         ctx.metrics.peer(&device, true);
+        let mut sample = tokio::time::interval(crate::edge::PATH_SAMPLE);
+        let mut path = conn.stats().path;
         loop {
             let stream = tokio::select! {
                 s = conn.accept_bi() => s,
+                _ = sample.tick() => {
+                    path = crate::edge::sample_path(&ctx, &device, &conn, &path);
+                    continue;
+                }
                 () = ctx.draining.cancelled() => break,
             };
             let Ok((send, recv)) = stream else { break };

@@ -28,7 +28,23 @@ pub struct PeerCounters {
     pub failures: u64,
     /// Latest round-trip time, seconds.
     pub rtt_seconds: f64,
+    /// Latest path MTU (largest UDP payload), bytes.
+    pub mtu_bytes: u16,
+    /// Packets QUIC declared lost.
+    pub lost_packets: u64,
+    /// Congestion events (the window cut after a loss).
+    pub congestion_events: u64,
+    /// MTU black holes detected (the MTU fell back to 1200).
+    pub black_holes: u64,
 }
+
+/// One per-peer series: name (after `gateway_tunnel_`), type, help, value.
+type PeerSeries = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&PeerCounters) -> u64,
+);
 
 /// Per-channel counters (edge).
 #[derive(Debug, Default, Clone)]
@@ -146,12 +162,21 @@ impl Metrics {
         c.up = up;
     }
 
-    /// The latest round-trip time to `peer`.
-    pub fn rtt(&self, peer: &str, rtt: std::time::Duration) {
-        lock(&self.peers)
-            .entry(peer.to_owned())
-            .or_default()
-            .rtt_seconds = rtt.as_secs_f64();
+    /// A sample of one tunnel connection's path to `peer`: `now`, and `before`
+    /// (the same connection's previous sample) so that counters add up over
+    /// every lane and reconnection.
+    pub fn path(&self, peer: &str, before: &quinn::PathStats, now: &quinn::PathStats) {
+        let mut peers = lock(&self.peers);
+        let c = peers.entry(peer.to_owned()).or_default();
+        c.rtt_seconds = now.rtt.as_secs_f64();
+        c.mtu_bytes = now.current_mtu;
+        c.lost_packets += now.lost_packets.saturating_sub(before.lost_packets);
+        c.congestion_events += now
+            .congestion_events
+            .saturating_sub(before.congestion_events);
+        c.black_holes += now
+            .black_holes_detected
+            .saturating_sub(before.black_holes_detected);
     }
 
     /// A one-line state for the service manager: tunnels up and relays open.
@@ -165,6 +190,11 @@ impl Metrics {
     /// Whether any tunnel is up.
     pub fn any_peer_up(&self) -> bool {
         lock(&self.peers).values().any(|p| p.up)
+    }
+
+    /// The tunnel figures of every peer.
+    pub fn peers(&self) -> BTreeMap<String, PeerCounters> {
+        lock(&self.peers).clone()
     }
 
     /// A batch of `records` (`bytes` on the wire) of `channel` went to a hub.
@@ -357,6 +387,41 @@ impl Metrics {
                 "gateway_tunnel_rtt_seconds{{peer=\"{p}\"}} {}",
                 c.rtt_seconds
             );
+        }
+        let path: [PeerSeries; 4] = [
+            (
+                "path_mtu_bytes",
+                "gauge",
+                "Path MTU in use (largest UDP payload).",
+                |c| u64::from(c.mtu_bytes),
+            ),
+            (
+                "lost_packets_total",
+                "counter",
+                "QUIC packets declared lost.",
+                |c| c.lost_packets,
+            ),
+            (
+                "congestion_events_total",
+                "counter",
+                "Congestion window cuts after a loss.",
+                |c| c.congestion_events,
+            ),
+            (
+                "mtu_black_holes_total",
+                "counter",
+                "MTU black holes detected (MTU back to 1200).",
+                |c| c.black_holes,
+            ),
+        ];
+        for (name, kind, help, value) in path {
+            let _ = writeln!(
+                o,
+                "# HELP gateway_tunnel_{name} {help}\n# TYPE gateway_tunnel_{name} {kind}"
+            );
+            for (p, c) in &peers {
+                let _ = writeln!(o, "gateway_tunnel_{name}{{peer=\"{p}\"}} {}", value(c));
+            }
         }
         self.render_channels(&mut o);
         self.render_fleet(&mut o);
