@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The latency floor of the tunnel's transport on this machine, beside TCP's:
 # 64-byte round trips between two processes over one quinn stream (the
-# tunnel's transport and endpoint settings) and over one TCP connection, with
-# the echo server's CPU time per round trip (user and system, /proc/PID/stat).
+# tunnel's transport and endpoint settings), over quinn-proto driven by one
+# task per process (no quinn driver tasks: the best a relay driving
+# quinn-proto itself could do), and over one TCP connection, with the echo
+# server's CPU time per round trip (user and system, /proc/PID/stat).
 # A relay through gatewayd crosses one QUIC hop each way; rathole's crosses a
 # TCP hop: the difference between the two rows is the part of
 # tests/bench/relay.sh's latency gap that comes with quinn.
@@ -19,10 +21,11 @@ W=$(mktemp -d)
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }
 trap cleanup EXIT
-QUIC=127.0.0.1:16401 TCP=127.0.0.1:16402
+QUIC=127.0.0.1:16401 TCP=127.0.0.1:16402 PROTO=127.0.0.1:16403
 "$F" quic-server $QUIC "$W/cert.der" & QS=$!; PIDS+=($QS)
+"$F" proto-server $PROTO "$W/proto.der" & PS=$!; PIDS+=($PS)
 "$F" tcp-server $TCP & TS=$!; PIDS+=($TS)
-for _ in $(seq 50); do [ -s "$W/cert.der" ] && break; sleep 0.1; done
+for _ in $(seq 50); do [ -s "$W/cert.der" ] && [ -s "$W/proto.der" ] && break; sleep 0.1; done
 
 ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }
 HZ=$(getconf CLK_TCK)
@@ -36,16 +39,17 @@ run() {
 }
 for _ in $(seq "$REPS"); do
     run quic $QS quic-client $QUIC "$W/cert.der" "$N"
+    run proto $PS proto-client $PROTO "$W/proto.der" "$N"
     run tcp $TS tcp-client $TCP "$N"
 done
 median() { sort -n | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}'; }
 col() { cut -d' ' -f"$2" "$W/$1" | median; }
-echo "runs (p50 p99 user sys): quic $(paste -sd'|' "$W/quic") | tcp $(paste -sd'|' "$W/tcp")" >&2
+echo "runs (p50 p99 user sys): quic $(paste -sd'|' "$W/quic") | proto $(paste -sd'|' "$W/proto") | tcp $(paste -sd'|' "$W/tcp")" >&2
 echo
 echo "machine: $(nproc) cores, $(uname -r), $(date +%F), $N round trips of 64 B, median of $REPS interleaved runs"
 echo
 echo "| transport | p50, µs | p99, µs | echo server CPU per round trip, user µs | system µs |"
 echo "|---|---|---|---|---|"
-for t in quic tcp; do
+for t in quic proto tcp; do
     echo "| $t | $(col $t 1) | $(col $t 2) | $(col $t 3) | $(col $t 4) |"
 done

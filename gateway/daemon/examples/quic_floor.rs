@@ -6,9 +6,15 @@
 //! ```text
 //! quic_floor quic-server ADDR CERT_OUT     serve echo over QUIC, write the certificate
 //! quic_floor quic-client ADDR CERT N       N round trips; prints "p50 p99" in µs
+//! quic_floor proto-server ADDR CERT_OUT    the same, quinn-proto driven by one task
+//! quic_floor proto-client ADDR CERT N
 //! quic_floor tcp-server ADDR
 //! quic_floor tcp-client ADDR N
 //! ```
+//!
+//! The `proto` pair drives quinn's protocol core (quinn-proto) from a single
+//! task per process, without quinn's endpoint and connection driver tasks: what
+//! a relay driving quinn-proto itself could reach at best.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -26,12 +32,14 @@ type Error = Box<dyn std::error::Error + Send + Sync>;
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     let args: Vec<String> = std::env::args().collect();
-    let usage = "usage: quic_floor quic-server ADDR CERT_OUT | quic-client ADDR CERT N | tcp-server ADDR | tcp-client ADDR N";
+    let usage = "usage: quic_floor quic-server|proto-server ADDR CERT_OUT | quic-client|proto-client ADDR CERT N | tcp-server ADDR | tcp-client ADDR N";
     let arg = |i: usize| args.get(i).map(String::as_str).ok_or(usage);
     let addr: SocketAddr = arg(2)?.parse()?;
     match arg(1)? {
         "quic-server" => quic_server(addr, arg(3)?).await,
         "quic-client" => quic_client(addr, arg(3)?, arg(4)?.parse()?).await,
+        "proto-server" => proto_server(addr, arg(3)?).await,
+        "proto-client" => proto_client(addr, arg(3)?, arg(4)?.parse()?).await,
         "tcp-server" => tcp_server(addr).await,
         "tcp-client" => tcp_client(addr, arg(3)?.parse()?).await,
         _ => Err(usage.into()),
@@ -52,7 +60,8 @@ fn endpoint(
     )?)
 }
 
-async fn quic_server(addr: SocketAddr, cert_out: &str) -> Result<(), Error> {
+/// A server configuration with a fresh self-signed certificate, written to `cert_out`.
+fn server_config(cert_out: &str) -> Result<quinn::ServerConfig, Error> {
     let key = rcgen::generate_simple_self_signed(vec!["quic-floor".into()])?;
     std::fs::write(cert_out, key.cert.der())?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -67,7 +76,27 @@ async fn quic_server(addr: SocketAddr, cert_out: &str) -> Result<(), Error> {
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     server.transport_config(Arc::new(gateway_daemon::tls::transport()));
-    let endpoint = endpoint(addr, Some(server))?;
+    Ok(server)
+}
+
+/// A client configuration trusting the certificate in `cert`.
+fn client_config(cert: &str) -> Result<quinn::ClientConfig, Error> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from(std::fs::read(cert)?))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
+    let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+    client.transport_config(Arc::new(gateway_daemon::tls::transport()));
+    Ok(client)
+}
+
+async fn quic_server(addr: SocketAddr, cert_out: &str) -> Result<(), Error> {
+    let endpoint = endpoint(addr, Some(server_config(cert_out)?))?;
     while let Some(incoming) = endpoint.accept().await {
         tokio::spawn(async move {
             let Ok(conn) = incoming.await else { return };
@@ -87,21 +116,194 @@ async fn quic_server(addr: SocketAddr, cert_out: &str) -> Result<(), Error> {
 }
 
 async fn quic_client(addr: SocketAddr, cert: &str, n: usize) -> Result<(), Error> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(CertificateDer::from(std::fs::read(cert)?))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![ALPN.to_vec()];
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
-    let mut client = quinn::ClientConfig::new(Arc::new(crypto));
-    client.transport_config(Arc::new(gateway_daemon::tls::transport()));
     let endpoint = endpoint(([127, 0, 0, 1], 0).into(), None)?;
-    let conn = endpoint.connect_with(client, addr, "quic-floor")?.await?;
+    let conn = endpoint
+        .connect_with(client_config(cert)?, addr, "quic-floor")?
+        .await?;
     let (mut send, mut recv) = conn.open_bi().await?;
     round_trips(&mut recv, &mut send, n).await
+}
+
+/// One process's QUIC endpoint and its one connection, driven by the caller's task.
+struct Proto {
+    endpoint: quinn_proto::Endpoint,
+    server: Option<Arc<quinn::ServerConfig>>,
+    conn: Option<(quinn_proto::ConnectionHandle, quinn_proto::Connection)>,
+    socket: tokio::net::UdpSocket,
+    recv_buf: Vec<u8>,
+    send_buf: Vec<u8>,
+}
+
+impl Proto {
+    fn new(addr: SocketAddr, server: Option<quinn::ServerConfig>) -> Result<Self, Error> {
+        let socket = std::net::UdpSocket::bind(addr)?;
+        gateway_daemon::daemon::size_udp_buffers(&socket);
+        socket.set_nonblocking(true)?;
+        let server = server.map(Arc::new);
+        Ok(Self {
+            endpoint: quinn_proto::Endpoint::new(
+                Arc::new(gateway_daemon::tls::edge_endpoint_config()),
+                server.clone(),
+                true,
+                None,
+            ),
+            server,
+            conn: None,
+            socket: tokio::net::UdpSocket::from_std(socket)?,
+            recv_buf: vec![0; 64 * 1024],
+            send_buf: Vec::new(),
+        })
+    }
+
+    fn conn(&mut self) -> Result<&mut quinn_proto::Connection, Error> {
+        Ok(&mut self.conn.as_mut().ok_or("no connection")?.1)
+    }
+
+    /// Waits for datagrams or the connection's timer and handles them.
+    async fn turn(&mut self) -> Result<(), Error> {
+        let deadline = self.conn.as_mut().and_then(|(_, c)| c.poll_timeout());
+        tokio::select! {
+            r = self.socket.readable() => r?,
+            () = async {
+                match deadline {
+                    Some(t) => tokio::time::sleep_until(t.into()).await,
+                    None => std::future::pending().await,
+                }
+            } => {}
+        }
+        let now = Instant::now();
+        loop {
+            let (n, from) = match self.socket.try_recv_from(&mut self.recv_buf) {
+                Ok(got) => got,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e.into()),
+            };
+            let data = bytes::BytesMut::from(&self.recv_buf[..n]);
+            let mut response = Vec::new();
+            match self
+                .endpoint
+                .handle(now, from, None, None, data, &mut response)
+            {
+                Some(quinn_proto::DatagramEvent::ConnectionEvent(_, event)) => {
+                    self.conn()?.handle_event(event);
+                }
+                Some(quinn_proto::DatagramEvent::NewConnection(incoming)) => {
+                    let accepted =
+                        self.endpoint
+                            .accept(incoming, now, &mut response, self.server.clone());
+                    self.conn = Some(accepted.map_err(|e| format!("{:?}", e.cause))?);
+                }
+                Some(quinn_proto::DatagramEvent::Response(t)) => {
+                    let _ = self.socket.try_send_to(&response[..t.size], t.destination);
+                }
+                None => {}
+            }
+        }
+        if deadline.is_some_and(|t| t <= now) {
+            self.conn()?.handle_timeout(now);
+        }
+        Ok(())
+    }
+
+    /// Hands endpoint events over and sends whatever the connection has to send.
+    fn transmit(&mut self) {
+        let Some((handle, conn)) = self.conn.as_mut() else {
+            return;
+        };
+        while let Some(event) = conn.poll_endpoint_events() {
+            if let Some(event) = self.endpoint.handle_event(*handle, event) {
+                conn.handle_event(event);
+            }
+        }
+        let now = Instant::now();
+        loop {
+            self.send_buf.clear();
+            let Some(t) = conn.poll_transmit(now, 1, &mut self.send_buf) else {
+                break;
+            };
+            let _ = self
+                .socket
+                .try_send_to(&self.send_buf[..t.size], t.destination);
+        }
+    }
+
+    /// Everything readable on `id`, appended to `out`.
+    fn read(&mut self, id: quinn_proto::StreamId, out: &mut Vec<u8>) -> Result<(), Error> {
+        let mut stream = self.conn()?.recv_stream(id);
+        let mut chunks = stream.read(true)?;
+        while let Ok(Some(chunk)) = chunks.next(usize::MAX) {
+            out.extend_from_slice(&chunk.bytes);
+        }
+        let _ = chunks.finalize();
+        Ok(())
+    }
+}
+
+async fn proto_server(addr: SocketAddr, cert_out: &str) -> Result<(), Error> {
+    let mut node = Proto::new(addr, Some(server_config(cert_out)?))?;
+    let mut stream = None;
+    let mut data = Vec::new();
+    loop {
+        node.turn().await?;
+        if node.conn.is_some() {
+            while node.conn()?.poll().is_some() {}
+            if let Some(id) = node.conn()?.streams().accept(quinn_proto::Dir::Bi) {
+                stream = Some(id);
+            }
+            if let Some(id) = stream {
+                data.clear();
+                node.read(id, &mut data)?;
+                if !data.is_empty() {
+                    node.conn()?.send_stream(id).write(&data)?;
+                }
+            }
+        }
+        node.transmit();
+    }
+}
+
+async fn proto_client(addr: SocketAddr, cert: &str, n: usize) -> Result<(), Error> {
+    let mut node = Proto::new(([127, 0, 0, 1], 0).into(), None)?;
+    let now = Instant::now();
+    node.conn = Some(
+        node.endpoint
+            .connect(now, client_config(cert)?, addr, "quic-floor")?,
+    );
+    node.transmit();
+    'connecting: loop {
+        node.turn().await?;
+        while let Some(event) = node.conn()?.poll() {
+            match event {
+                quinn_proto::Event::Connected => break 'connecting,
+                quinn_proto::Event::ConnectionLost { reason } => return Err(reason.into()),
+                _ => {}
+            }
+        }
+        node.transmit();
+    }
+    let id = node
+        .conn()?
+        .streams()
+        .open(quinn_proto::Dir::Bi)
+        .ok_or("no stream")?;
+    let mut samples = Vec::with_capacity(n);
+    let mut got = Vec::new();
+    for i in 0..n + WARM_UP {
+        let t = Instant::now();
+        node.conn()?.send_stream(id).write(&[b'x'; MESSAGE])?;
+        node.transmit();
+        got.clear();
+        while got.len() < MESSAGE {
+            node.turn().await?;
+            while node.conn()?.poll().is_some() {}
+            node.read(id, &mut got)?;
+            node.transmit();
+        }
+        if i >= WARM_UP {
+            samples.push(t.elapsed().as_micros());
+        }
+    }
+    report(samples)
 }
 
 async fn tcp_server(addr: SocketAddr) -> Result<(), Error> {
@@ -143,6 +345,10 @@ where
             samples.push(t.elapsed().as_micros());
         }
     }
+    report(samples)
+}
+
+fn report(mut samples: Vec<u128>) -> Result<(), Error> {
     samples.sort_unstable();
     let at = |q: usize| {
         samples
