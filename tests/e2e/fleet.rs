@@ -327,6 +327,7 @@ fn enrollment_renewal_revocation_and_roles() {
     assert_eq!(code, 77, "{out}");
     assert!(out.contains("used already"), "{out}");
     let first_expiry = not_after(&state.join("device.pem"));
+    let first_cert = std::fs::read(state.join("device.pem")).expect("first certificate");
 
     // The enrolled edge connects and its service is reachable.
     let mut edge = Proc::start(&config);
@@ -363,6 +364,18 @@ fn enrollment_renewal_revocation_and_roles() {
         d["cert_not_after_ms"].as_i64().unwrap_or(0) > first_expiry,
         "{d}"
     );
+
+    // Power lost during a renewal, between installing the new key and its
+    // certificate: the new key is in place, the old certificate too, the new
+    // one staged. The next start finishes the renewal instead of failing.
+    edge.signal(Signal::SIGKILL);
+    std::fs::rename(state.join("device.pem"), state.join("device.pem.next")).expect("stage");
+    std::fs::write(state.join("device.pem"), &first_cert).expect("old certificate");
+    let mut edge = Proc::start(&config);
+    edge.wait_log("installed the renewed certificate staged before a crash");
+    edge.wait_log("Tunnel up");
+    let mut client = TcpStream::connect(hub.publish).expect("publish");
+    round_trip(&mut client, b"after a crash in the middle of a renewal");
 
     // Each role is refused what it may not do.
     for (account, args) in [

@@ -390,6 +390,12 @@ pub async fn start(config: Config, mut bindings: Bindings) -> Result<Running, St
             )
         }
         Role::Edge(e) => {
+            // A renewal a crash interrupted is finished before the pair is read.
+            let recovered = crate::pki::recover_pair(&e.uplink.key.path, &e.uplink.cert.path)
+                .map_err(tls::TlsError::Key)?;
+            if let Some(what) = recovered {
+                tracing::warn!(key = %e.uplink.key.path.display(), "{what}");
+            }
             let client: crate::tls::ClientHolder = Arc::new(std::sync::RwLock::new(tls::client(
                 &e.uplink.ca.path,
                 &e.uplink.cert.path,

@@ -288,11 +288,141 @@ pub fn write_replace(path: &Path, contents: &str, mode: u32) -> Result<(), PkiEr
         .map_err(io(&tmp))?;
     f.write_all(contents.as_bytes()).map_err(io(&tmp))?;
     f.sync_all().map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))?;
-    if let Some(dir) = path.parent() {
+    rename_synced(&tmp, path)
+}
+
+/// Renames `from` over `to` and syncs the directory, so the rename survives a
+/// power cut.
+fn rename_synced(from: &Path, to: &Path) -> Result<(), PkiError> {
+    std::fs::rename(from, to).map_err(io(to))?;
+    if let Some(dir) = to.parent() {
         if let Ok(d) = std::fs::File::open(dir) {
             let _ = d.sync_all();
         }
     }
     Ok(())
+}
+
+/// Where one file of a key pair waits, complete, before it replaces `path`.
+fn staged(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".next");
+    name.into()
+}
+
+/// Replaces a private key and its certificate as one pair. Both are first
+/// staged complete (`KEY.next`, then `CERT.next`, each written atomically and
+/// synced); only then does each replace the file in use, key first. A crash on
+/// the way is finished (or undone) by [`recover_pair`] at the next start, so a
+/// power cut during renewal never leaves a key with a certificate that is not
+/// its own.
+///
+/// # Errors
+/// When the directory is not writable.
+pub fn write_pair(key: &Path, key_pem: &str, cert: &Path, cert_pem: &str) -> Result<(), PkiError> {
+    write_replace(&staged(key), key_pem, 0o600)?;
+    write_replace(&staged(cert), cert_pem, 0o644)?;
+    rename_synced(&staged(key), key)?;
+    rename_synced(&staged(cert), cert)
+}
+
+/// Finishes a [`write_pair`] that a crash interrupted. A staged certificate
+/// means the pair was complete: what is staged is installed. A staged key
+/// alone means the certificate never arrived: the key is discarded and the
+/// pair in use stays. Returns what was done, for the log.
+///
+/// # Errors
+/// When a staged file cannot be renamed or removed.
+pub fn recover_pair(key: &Path, cert: &Path) -> Result<Option<&'static str>, PkiError> {
+    let (next_key, next_cert) = (staged(key), staged(cert));
+    match (next_key.exists(), next_cert.exists()) {
+        (true, true) => {
+            rename_synced(&next_key, key)?;
+            rename_synced(&next_cert, cert)?;
+            Ok(Some(
+                "installed the renewed key and certificate staged before a crash",
+            ))
+        }
+        (false, true) => {
+            rename_synced(&next_cert, cert)?;
+            Ok(Some(
+                "installed the renewed certificate staged before a crash",
+            ))
+        }
+        (true, false) => {
+            std::fs::remove_file(&next_key).map_err(io(&next_key))?;
+            Ok(Some(
+                "discarded a key staged without its certificate; the pair in use stays",
+            ))
+        }
+        (false, false) => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(p: &Path) -> String {
+        std::fs::read_to_string(p).unwrap_or_default()
+    }
+
+    /// A directory holding the pair in use ("old key", "old cert").
+    fn old_pair() -> (tempfile::TempDir, PathBuf, PathBuf) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (key, cert) = (dir.path().join("edge.key"), dir.path().join("edge.pem"));
+        write_replace(&key, "old key", 0o600).expect("key");
+        write_replace(&cert, "old cert", 0o644).expect("cert");
+        (dir, key, cert)
+    }
+
+    #[test]
+    fn a_pair_replaces_both_files_and_leaves_nothing_staged() {
+        let (dir, key, cert) = old_pair();
+        write_pair(&key, "new key", &cert, "new cert").expect("pair");
+        assert_eq!(
+            (read(&key).as_str(), read(&cert).as_str()),
+            ("new key", "new cert")
+        );
+        let mode = std::fs::metadata(&key).expect("key").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("dir")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+        assert_eq!(recover_pair(&key, &cert).expect("recover"), None);
+    }
+
+    /// Every point a crash can stop `write_pair` at (after its 1st, 2nd and
+    /// 3rd step; the 4th is the end): recovery always yields a matching pair,
+    /// the new one as soon as both halves were staged.
+    #[test]
+    fn recovery_after_a_crash_at_each_step_yields_a_matching_pair() {
+        for crash_after in 1..=3 {
+            let (_dir, key, cert) = old_pair();
+            write_replace(&staged(&key), "new key", 0o600).expect("step 1");
+            if crash_after >= 2 {
+                write_replace(&staged(&cert), "new cert", 0o644).expect("step 2");
+            }
+            if crash_after >= 3 {
+                rename_synced(&staged(&key), &key).expect("step 3");
+            }
+            let done = recover_pair(&key, &cert).expect("recover");
+            assert!(done.is_some(), "step {crash_after}: nothing recovered");
+            let pair = (read(&key), read(&cert));
+            let want = if crash_after == 1 {
+                ("old key", "old cert")
+            } else {
+                ("new key", "new cert")
+            };
+            assert_eq!(
+                (pair.0.as_str(), pair.1.as_str()),
+                want,
+                "crash after step {crash_after}"
+            );
+            assert!(!staged(&key).exists() && !staged(&cert).exists());
+            assert_eq!(recover_pair(&key, &cert).expect("again"), None);
+        }
+    }
 }

@@ -148,10 +148,8 @@ impl EdgeFleet {
         if v.1 <= now_ms() {
             return Err("the hub sent an expired certificate".into());
         }
-        // Key first: a crash between the two renames leaves a key the old
-        // certificate does not match; enrollment with a new token repairs it.
-        pki::write_replace(&self.key, key_pem, 0o600).map_err(|e| e.to_string())?;
-        pki::write_replace(&self.cert, cert_pem, 0o644).map_err(|e| e.to_string())?;
+        // As a pair: a crash half way is finished at the next start.
+        pki::write_pair(&self.key, key_pem, &self.cert, cert_pem).map_err(|e| e.to_string())?;
         let client = tls::client(&self.ca, &self.cert, &self.key).map_err(|e| e.to_string())?;
         *self
             .client
@@ -493,8 +491,7 @@ pub async fn enroll(config: &Config, token: &str) -> Result<(String, i64), Enrol
                         })?;
                     }
                 }
-                pki::write_replace(&e.uplink.key.path, &key_pem, 0o600)?;
-                pki::write_replace(&e.uplink.cert.path, &cert_pem, 0o644)?;
+                pki::write_pair(&e.uplink.key.path, &key_pem, &e.uplink.cert.path, &cert_pem)?;
                 endpoint.wait_idle().await;
                 return Ok((hub.to_string(), not_after));
             }
