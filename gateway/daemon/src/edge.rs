@@ -161,6 +161,9 @@ pub async fn keep_tunnel(ctx: Arc<Ctx>, spec: TunnelSpec) {
                         return;
                     }
                     backoff.reset();
+                    // Usable for relays before anyone is told it is up.
+                    hubs.set(index, Some(conn.clone()));
+                    ctx.metrics.peer(&name, true);
                     info!(rtt_ms = conn.rtt().as_millis() as u64, "Tunnel up");
                     ctx.audit.record(
                         &name,
@@ -170,8 +173,6 @@ pub async fn keep_tunnel(ctx: Arc<Ctx>, spec: TunnelSpec) {
                         "",
                         format!("peer={}", conn.remote_address()),
                     );
-                    hubs.set(index, Some(conn.clone()));
-                    ctx.metrics.peer(&name, true);
                     // Lane 0 carries the management session; others keep their
                     // control stream open and idle.
                     let session = match &fleet {

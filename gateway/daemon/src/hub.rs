@@ -226,6 +226,8 @@ async fn serve_edge(
         {
             return;
         }
+        // Usable for relays before anyone is told it is connected.
+        devices.add(&device, conn.clone());
         info!("Edge connected");
         ctx.audit.record(
             &device,
@@ -235,7 +237,6 @@ async fn serve_edge(
             "",
             format!("peer={remote}"),
         );
-        devices.add(&device, conn.clone());
         // The control stream goes on as the device's management session.
         let control = tokio::spawn(fleet.clone().session(device.clone(), send, recv));
         tokio::spawn(crate::udp::read_datagrams(ctx.flows.clone(), conn.clone()));
