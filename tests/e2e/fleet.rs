@@ -8,7 +8,8 @@
 //! - config push: a bad file refused at the hub with its located error, a policy
 //!   change refused to the system administrator, a push applied, one that breaks
 //!   the uplink reverted by try mode and reported; heartbeats and offline
-//!   marking; remote commands; audit export verified, a tampered one detected.
+//!   marking; remote commands; audit export verified, a tampered one detected;
+//! - the CA rotation of docs/operate.md, step by step.
 
 mod common;
 mod net;
@@ -827,4 +828,115 @@ fn enrollment_connections_without_a_certificate_are_bounded() {
         assert_eq!(closed.len(), 1, "{closed:?}");
         assert!(closed[0].contains("too many enrollments"), "{closed:?}");
     });
+}
+
+/// docs/operate.md, "Rotate the CA", step by step with real processes: the
+/// box trusts a bundle, the hub signs with the new CA while accepting both,
+/// the box renews onto the new CA, the hub takes a certificate from it, and
+/// the old CA is dropped from both sides; the service is reachable after
+/// every step (after the last only if the box's certificate and its trust
+/// really moved to the new CA).
+#[test]
+fn the_ca_rotates_as_the_operators_guide_says() {
+    let mut hub = Hub::start("6s");
+    let echo = echo_server("127.0.1.1");
+    let (config, _state) = edge_config(&hub, "edge-a", echo, "");
+    // The box's own copy of the CA (the hub's file is not the box's).
+    let old_ca = hub.pki.ca().join("ca.pem");
+    let box_ca = hub.dir.path().join("edge-a").join("ca.pem");
+    std::fs::copy(&old_ca, &box_ca).expect("box CA");
+    let text = std::fs::read_to_string(&config).expect("config");
+    let text = text.replace(
+        &format!("ca = \"{}\"", old_ca.display()),
+        &format!("ca = \"{}\"", box_ca.display()),
+    );
+    assert!(text.contains(&box_ca.display().to_string()), "{text}");
+    std::fs::write(&config, text).expect("write");
+    let (code, out) = enroll(&config, &hub.token("edge-a"));
+    assert_eq!(code, 0, "{out}");
+    let mut edge = Proc::start(&config);
+    edge.wait_log("Tunnel up");
+    let relay = |hub: &Hub, what: &str| {
+        let mut client = TcpStream::connect(hub.publish).expect("publish");
+        round_trip(&mut client, what.as_bytes());
+    };
+    relay(&hub, "before the rotation");
+    let pem = |p: &Path| std::fs::read_to_string(p).expect("pem");
+    let path = |p: &Path| p.to_str().expect("path").to_owned();
+    let gatewayd = |args: &[&str]| {
+        let out = common::gatewayd(args);
+        assert_eq!(common::code(&out), 0, "{args:?}: {:?}", common::text(&out));
+    };
+
+    // 1. A new CA.
+    let new_ca = hub.dir.path().join("ca-2027");
+    gatewayd(&["pki", "init", "--out", &path(&new_ca)]);
+    // 2. The box trusts the old and the new CA; it reads the bundle when it
+    //    next renews.
+    std::fs::write(&box_ca, pem(&old_ca) + &pem(&new_ca.join("ca.pem"))).expect("bundle");
+    edge.wait_next_log("Certificate renewed");
+    // 3. The hub checks against new + old and signs with the new key.
+    let hub_bundle = hub.dir.path().join("ca-bundle.pem");
+    std::fs::write(&hub_bundle, pem(&new_ca.join("ca.pem")) + &pem(&old_ca)).expect("bundle");
+    let edit_hub = |hub: &Hub, from: String, to: String| {
+        let text = std::fs::read_to_string(&hub.config).expect("hub config");
+        assert!(text.contains(&from), "{from} not in {text}");
+        std::fs::write(&hub.config, text.replace(&from, &to)).expect("write");
+    };
+    edit_hub(
+        &hub,
+        format!("ca_cert = \"{}\"", old_ca.display()),
+        format!("ca_cert = \"{}\"", hub_bundle.display()),
+    );
+    edit_hub(
+        &hub,
+        format!("ca_key = \"{}\"", hub.pki.ca().join("ca.key").display()),
+        format!("ca_key = \"{}\"", new_ca.join("ca.key").display()),
+    );
+    hub.kill();
+    hub.run();
+    edge.wait_next_log("Tunnel up");
+    relay(&hub, "the hub trusts both CAs");
+    //    The box renews onto the new CA.
+    edge.wait_next_log("Certificate renewed");
+    // 4. The hub's own certificate from the new CA.
+    let hub_certs = hub.dir.path().join("hub-2027");
+    gatewayd(&[
+        "pki",
+        "issue",
+        "--ca",
+        &path(&new_ca),
+        "--id",
+        "hub-01",
+        "--san",
+        "127.0.0.1",
+        "--out",
+        &path(&hub_certs),
+    ]);
+    let (old_cert, old_key) = hub.pki.issue("hub-01");
+    edit_hub(
+        &hub,
+        format!("cert = \"{}\"", old_cert.display()),
+        format!("cert = \"{}\"", hub_certs.join("hub-01.pem").display()),
+    );
+    edit_hub(
+        &hub,
+        format!("key = \"{}\"", old_key.display()),
+        format!("key = \"{}\"", hub_certs.join("hub-01.key").display()),
+    );
+    hub.kill();
+    hub.run();
+    edge.wait_next_log("Tunnel up");
+    relay(&hub, "the hub's certificate is from the new CA");
+    // 5. The old CA leaves both bundles: the hub now refuses any certificate
+    //    of the old CA, and the box trusts only the new one from its next
+    //    renewal on.
+    std::fs::write(&hub_bundle, pem(&new_ca.join("ca.pem"))).expect("new CA only");
+    std::fs::write(&box_ca, pem(&new_ca.join("ca.pem"))).expect("new CA only");
+    edge.wait_next_log("Certificate renewed");
+    hub.kill();
+    hub.run();
+    edge.wait_next_log("Tunnel up");
+    relay(&hub, "the old CA is gone");
+    edge.signal(Signal::SIGKILL);
 }
