@@ -192,7 +192,7 @@ pub async fn start_hub(pki: &Pki, spec: HubSpec<'_>) -> HubNode {
         if spec.publishes[i].starts_with("udp:") {
             let u = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp publish");
             let addr = u.local_addr().expect("addr");
-            bindings.udp_publish.insert(addr, u);
+            bindings.udp_listeners.insert(addr, u);
             publish.push(addr);
             continue;
         }
@@ -323,8 +323,15 @@ pub fn edge_toml(
             s += &format!("bandwidth = \"{b}\"\n");
         }
     }
+    // An access written "udp:DEVICE/SERVICE" is a UDP access.
     for (svc, addr) in spec.accesses.iter().zip(access) {
-        s += &format!("\n[[access]]\nlisten = \"{addr}\"\nzone = \"lab\"\nservice = \"{svc}\"\n");
+        let (svc, proto) = match svc.strip_prefix("udp:") {
+            Some(svc) => (svc, "udp"),
+            None => (*svc, "tcp"),
+        };
+        s += &format!(
+            "\n[[access]]\nlisten = \"{addr}\"\nzone = \"lab\"\nservice = \"{svc}\"\nprotocol = \"{proto}\"\n"
+        );
     }
     s
 }
@@ -335,7 +342,15 @@ pub async fn start_edge(pki: &Pki, spec: EdgeSpec<'_>) -> EdgeNode {
     }
     let mut bindings = Bindings::default();
     let mut access = Vec::new();
-    for _ in &spec.accesses {
+    for a in &spec.accesses {
+        if a.starts_with("udp:") {
+            let u =
+                std::net::UdpSocket::bind(format!("127.0.{}.1:0", spec.net)).expect("udp access");
+            let addr = u.local_addr().expect("addr");
+            bindings.udp_listeners.insert(addr, u);
+            access.push(addr);
+            continue;
+        }
         let (addr, l) = bind_tcp(&format!("127.0.{}.1", spec.net));
         bindings.tcp.insert(addr, l);
         access.push(addr);

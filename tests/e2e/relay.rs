@@ -677,6 +677,18 @@ async fn udp_echo_through_datagrams_with_idle_expiry() {
         .filter(|l| l.starts_with("relay.open"))
         .count();
     assert_eq!(opens, 1, "twenty datagrams from one client are one flow");
+    // A reload may not add, drop or move a UDP publish (its socket is bound
+    // once): refused with the reason, the running one kept.
+    let moved = hub.config_text.replace(
+        &format!("listen = \"{}\"", hub.publish[0]),
+        "listen = \"127.0.0.1:1\"",
+    );
+    assert_ne!(moved, hub.config_text);
+    let refused = hub
+        .running
+        .reload(load(&moved))
+        .expect_err("a moved UDP publish");
+    assert!(refused.to_string().contains("UDP [[publish]]"), "{refused}");
     // After expiry a new datagram opens a new flow.
     client
         .send_to(b"again", hub.publish[0])
@@ -687,6 +699,117 @@ async fn udp_echo_through_datagrams_with_idle_expiry() {
         .expect("echo after expiry")
         .expect("recv");
     assert_eq!(&buf[..n], b"again");
+}
+
+/// Legacy client of edge-a -> UDP access -> hub -> edge-b -> legacy UDP echo:
+/// datagrams pass the hub from one tunnel to the other; edge-b's idle expiry
+/// ends the flow at the hub and at edge-a too; every side audits it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_echo_through_an_access_gateway_to_gateway() {
+    let pki = Pki::new();
+    let (echo_addr, seen) = udp_echo("127.0.2.10").await;
+    let hub = start_hub(&pki, HubSpec::new("hub-01", 2, &[])).await;
+    let edge_b = start_edge(
+        &pki,
+        EdgeSpec {
+            services: vec![("udp-echo", echo_addr, "\"edge-a\"", None, None)],
+            ..EdgeSpec::new("edge-b", 2, 2, vec![hub.quic])
+        },
+    )
+    .await;
+    let edge_a = start_edge(
+        &pki,
+        EdgeSpec {
+            accesses: vec!["udp:edge-b/udp-echo"],
+            ..EdgeSpec::new("edge-a", 1, 2, vec![hub.quic])
+        },
+    )
+    .await;
+    ready(&edge_a).await;
+    ready(&edge_b).await;
+    let access = edge_a.access[0];
+    let client = tokio::net::UdpSocket::bind("127.0.1.5:0")
+        .await
+        .expect("client");
+    let mut buf = [0u8; 2048];
+    for i in 0..20u8 {
+        let msg = [b'a', i, 0xAB, 0xCD];
+        client.send_to(&msg, access).await.expect("send");
+        let (n, from) = tokio::time::timeout(Duration::from_secs(5), client.recv_from(&mut buf))
+            .await
+            .expect("an echo within 5 s")
+            .expect("recv");
+        assert_eq!((&buf[..n], from), (&msg[..], access));
+    }
+    assert_eq!(
+        seen.load(Ordering::SeqCst),
+        20,
+        "each datagram reached the server once"
+    );
+    // edge-b expires the flow after 1 s idle; the hub and edge-a follow.
+    let closed = |lines: Vec<String>, end: &str| {
+        lines
+            .iter()
+            .any(|l| l.starts_with("relay.close") && l.contains("udp flow") && l.contains(end))
+    };
+    wait_for(
+        "the idle expiry on every side",
+        Duration::from_secs(10),
+        || {
+            closed(audit_lines(edge_b.state.path()), "end=idle")
+                && closed(audit_lines(hub.state.path()), "end=expired")
+                && closed(audit_lines(edge_a.state.path()), "end=expired")
+        },
+    )
+    .await;
+    let hub_lines = audit_lines(hub.state.path());
+    assert!(
+        hub_lines.iter().any(|l| l.starts_with("relay.open")
+            && l.contains("edge-a:127.0.1.5")
+            && l.contains("[R0.allow-transit]")),
+        "{hub_lines:#?}"
+    );
+    assert!(
+        hub_lines
+            .iter()
+            .any(|l| l.starts_with("relay.close") && l.contains("bytes_up=80 bytes_down=80")),
+        "{hub_lines:#?}"
+    );
+    let b_lines = audit_lines(edge_b.state.path());
+    assert!(
+        b_lines.iter().any(|l| l.starts_with("relay.open")
+            && l.contains("[R0.allow-service]")
+            && l.contains("edge-a:127.0.1.5")),
+        "{b_lines:#?}"
+    );
+    // After expiry a new datagram opens a new flow end to end.
+    client.send_to(b"again", access).await.expect("send");
+    let (n, _) = tokio::time::timeout(Duration::from_secs(5), client.recv_from(&mut buf))
+        .await
+        .expect("echo after expiry")
+        .expect("recv");
+    assert_eq!(&buf[..n], b"again");
+    // A client outside the access's zone is refused at edge-a, with the rule.
+    let outsider = tokio::net::UdpSocket::bind("127.0.0.9:0")
+        .await
+        .expect("outsider");
+    outsider.send_to(b"let me in", access).await.expect("send");
+    wait_for(
+        "the refusal in edge-a's audit",
+        Duration::from_secs(5),
+        || {
+            audit_lines(edge_a.state.path())
+                .iter()
+                .any(|l| l.starts_with("relay.refuse") && l.contains("127.0.0.9"))
+        },
+    )
+    .await;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), outsider.recv_from(&mut buf))
+            .await
+            .is_err(),
+        "no answer to a refused client"
+    );
 }
 
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {

@@ -29,8 +29,8 @@ pub struct Bindings {
     pub tcp: HashMap<SocketAddr, std::net::TcpListener>,
     /// The hub's QUIC socket.
     pub udp: Option<std::net::UdpSocket>,
-    /// UDP publish sockets by the address the config names.
-    pub udp_publish: HashMap<SocketAddr, std::net::UdpSocket>,
+    /// UDP publish and access sockets by the address the config names.
+    pub udp_listeners: HashMap<SocketAddr, std::net::UdpSocket>,
     /// The config in force as (managed version, text), for central management
     /// (`gatewayd run` fills it in; version 0 is the local file).
     pub config_source: Option<(u64, String)>,
@@ -104,6 +104,17 @@ pub fn size_udp_buffers(socket: &std::net::UdpSocket) {
 }
 
 impl Bindings {
+    /// The UDP socket for a publish or access on `addr`: handed in, or bound.
+    fn udp(&mut self, addr: SocketAddr) -> Result<Arc<tokio::net::UdpSocket>, StartError> {
+        let std = match self.udp_listeners.remove(&addr) {
+            Some(s) => s,
+            None => std::net::UdpSocket::bind(addr).map_err(bind_err(addr))?,
+        };
+        std.set_nonblocking(true).map_err(bind_err(addr))?;
+        let socket = tokio::net::UdpSocket::from_std(std).map_err(bind_err(addr))?;
+        Ok(Arc::new(socket))
+    }
+
     fn tcp(&mut self, addr: SocketAddr) -> std::io::Result<TcpListener> {
         let l = match self.tcp.remove(&addr) {
             Some(l) => l,
@@ -281,30 +292,13 @@ pub async fn start(config: Config, mut bindings: Bindings) -> Result<Running, St
                         p.clone(),
                         bindings.tcp(p.listen).map_err(bind_err(p.listen))?,
                     )),
-                    Protocol::Udp => {
-                        let std = match bindings.udp_publish.remove(&p.listen) {
-                            Some(s) => s,
-                            None => {
-                                std::net::UdpSocket::bind(p.listen).map_err(bind_err(p.listen))?
-                            }
-                        };
-                        std.set_nonblocking(true).map_err(bind_err(p.listen))?;
-                        let socket =
-                            tokio::net::UdpSocket::from_std(std).map_err(bind_err(p.listen))?;
-                        udp_bound.push((p.clone(), Arc::new(socket)));
-                    }
+                    Protocol::Udp => udp_bound.push((p.clone(), bindings.udp(p.listen)?)),
                 }
             }
             for (p, socket) in udp_bound {
                 // UDP publishes change only with a restart (see reload).
-                tokio::spawn(crate::udp::publish_listener(
-                    ctx.clone(),
-                    devices.clone(),
-                    ctx.flows.clone(),
-                    p,
-                    socket,
-                    CancellationToken::new(),
-                ));
+                let front = crate::udp::Front::publish(&p, &devices);
+                tokio::spawn(crate::udp::front(ctx.clone(), front, socket));
             }
             let sink = crate::hub_sink::SinkHandle::new(match &h.settings.sink {
                 Some(file) => gateway_store::sink::Sink::open_file(file)?,
@@ -414,11 +408,15 @@ pub async fn start(config: Config, mut bindings: Bindings) -> Result<Running, St
                 tokio::spawn(crate::fleet::edge::watch_cert(f.clone(), ctx.clone()));
             }
             let mut bound = Vec::new();
+            let mut udp_bound = Vec::new();
             for a in &e.accesses {
-                bound.push((
-                    a.clone(),
-                    bindings.tcp(a.listen).map_err(bind_err(a.listen))?,
-                ));
+                match a.protocol {
+                    Protocol::Tcp => bound.push((
+                        a.clone(),
+                        bindings.tcp(a.listen).map_err(bind_err(a.listen))?,
+                    )),
+                    Protocol::Udp => udp_bound.push((a.clone(), bindings.udp(a.listen)?)),
+                }
             }
             let mut ingest_bound = Vec::new();
             for i in &e.ingests {
@@ -481,6 +479,11 @@ pub async fn start(config: Config, mut bindings: Bindings) -> Result<Running, St
                     l,
                     stop,
                 ));
+            }
+            for (a, socket) in udp_bound {
+                // UDP accesses change only with a restart (see reload).
+                let front = crate::udp::Front::access(&a, &hubs);
+                tokio::spawn(crate::udp::front(ctx.clone(), front, socket));
             }
             info!(node = %id, hubs = e.uplink.hubs.len(), services = e.services.len(), accesses = e.accesses.len(), "Edge started");
             (endpoints, RoleState::Edge(tunnels), None, Readiness::Edge)
@@ -567,6 +570,26 @@ pub enum ReloadError {
     },
 }
 
+/// The UDP publishes or accesses of a role: (listen, device, service, zone).
+fn udp_fronts(role: &Role) -> Vec<(SocketAddr, &str, &str, &str)> {
+    let all: Vec<_> = match role {
+        Role::Hub(h) => h
+            .publishes
+            .iter()
+            .map(|p| (p.protocol, (p.listen, &*p.device, &*p.service, &*p.zone)))
+            .collect(),
+        Role::Edge(e) => e
+            .accesses
+            .iter()
+            .map(|a| (a.protocol, (a.listen, &*a.device, &*a.service, &*a.zone)))
+            .collect(),
+    };
+    all.into_iter()
+        .filter(|(protocol, _)| *protocol == Protocol::Udp)
+        .map(|(_, front)| front)
+        .collect()
+}
+
 impl Running {
     /// Puts a new checked config in force: the policy is swapped, listeners of
     /// removed publishes or accesses stop (with their relays), new ones start,
@@ -587,9 +610,18 @@ impl Running {
                 .filter(|p| p.protocol == Protocol::Tcp)
                 .map(|p| p.listen)
                 .collect(),
-            (RoleState::Edge(_), Role::Edge(e)) => e.accesses.iter().map(|a| a.listen).collect(),
+            (RoleState::Edge(_), Role::Edge(e)) => e
+                .accesses
+                .iter()
+                .filter(|a| a.protocol == Protocol::Tcp)
+                .map(|a| a.listen)
+                .collect(),
             _ => return Err(ReloadError::NeedsRestart("node.role")),
         };
+        // UDP fronts are bound once at start: a change would be half applied.
+        if udp_fronts(&old.config().role) != udp_fronts(&config.role) {
+            return Err(ReloadError::NeedsRestart("a UDP [[publish]] or [[access]]"));
+        }
         // Listeners bound once at start: a change would be silently ignored.
         let before = old.config();
         if before.admin.listen != config.admin.listen {

@@ -178,16 +178,7 @@ pub async fn serve(
         let Some(inbox) = inbox.filter(|_| known) else {
             let message = format!("no channel {channel:?} on {} to deliver {from} to", ctx.id);
             ctx.refuse("channel.refuse", &from, &channel, "no-route", &message);
-            let _ = write_frame(
-                &mut send,
-                &Frame::Refuse {
-                    code: RefuseCode::NoRoute,
-                    rule: String::new(),
-                    message,
-                },
-            )
-            .await;
-            let _ = send.finish();
+            crate::relay::refuse(&mut send, RefuseCode::NoRoute, "", message).await;
             return;
         };
         let dirs = dirs(&state_dir, &channel);

@@ -253,11 +253,15 @@ async fn serve_edge(
                 () = ctx.draining.cancelled() => break,
             };
             let Ok((send, recv)) = stream else { break };
-            let (ctx, devices, sink, device) =
-                (ctx.clone(), devices.clone(), sink.clone(), device.clone());
+            let (ctx, devices, sink, from) = (
+                ctx.clone(),
+                devices.clone(),
+                sink.clone(),
+                (device.clone(), conn.clone()),
+            );
             ctx.tracker
                 .clone()
-                .spawn(async move { edge_stream(ctx, devices, sink, device, send, recv).await });
+                .spawn(async move { edge_stream(ctx, devices, sink, from, send, recv).await });
         }
         devices.remove(&device, conn.stable_id());
         ctx.metrics.peer(&device, devices.get(&device).is_some());
@@ -279,7 +283,7 @@ async fn edge_stream(
     ctx: Arc<Ctx>,
     devices: Arc<Devices>,
     sink: SinkHandle,
-    from: String,
+    (from, conn): (String, quinn::Connection),
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
@@ -289,6 +293,29 @@ async fn edge_stream(
             origin: Origin::Local,
             client,
         }) => transit(ctx, devices, from, service, client, send, recv).await,
+        Ok(Frame::OpenUdp {
+            service,
+            origin: Origin::Local,
+            client,
+            flow,
+        }) => {
+            let subject = format!("{from}:{client}");
+            if let Some(decision) = allow_transit(&ctx, &from, &service, &subject, &mut send).await
+            {
+                let rule = decision.rule.as_str().to_owned();
+                crate::udp::transit(
+                    ctx,
+                    devices,
+                    from,
+                    (service, client, flow),
+                    conn,
+                    rule,
+                    send,
+                    recv,
+                )
+                .await;
+            }
+        }
         Ok(Frame::SyncOpen {
             channel,
             deliver_to,
@@ -310,6 +337,121 @@ async fn edge_stream(
     }
 }
 
+/// The transit policy for edge `from` asking for `service` (`DEVICE/SERVICE`):
+/// the decision when allowed, else `None` after refusing on `send` (audited).
+async fn allow_transit(
+    ctx: &Ctx,
+    from: &str,
+    service: &str,
+    subject: &str,
+    send: &mut quinn::SendStream,
+) -> Option<gateway_core::policy::Decision> {
+    let refusal = match service.split_once('/') {
+        None => Err((
+            RefuseCode::NoRoute,
+            String::new(),
+            format!("{service:?} is not DEVICE/SERVICE"),
+        )),
+        Some((device, _)) => {
+            let decision = ctx
+                .policy()
+                .decide(&Crossing::Transit { from, to: device }, ctx.today());
+            if decision.is_allowed() {
+                Ok(decision)
+            } else {
+                ctx.refuse(
+                    "relay.refuse",
+                    subject,
+                    service,
+                    decision.rule.as_str(),
+                    &decision.reason,
+                );
+                Err((
+                    RefuseCode::Policy,
+                    decision.rule.as_str().to_owned(),
+                    decision.reason,
+                ))
+            }
+        }
+    };
+    match refusal {
+        Ok(d) => Some(d),
+        Err((code, rule, message)) => {
+            relay::refuse(send, code, &rule, message).await;
+            None
+        }
+    }
+}
+
+/// Transit, second step: opens a stream on `device`'s tunnel, sends `open`
+/// and reads the device's answer (a `Refuse` when it gives none); returns the
+/// tunnel, the stream and the answer. `None` when
+/// the device is not there, after refusing on the source's `send` (audited as
+/// `subject` asking for `service`).
+pub async fn ask_device(
+    ctx: &Ctx,
+    devices: &Devices,
+    device: &str,
+    open: &Frame,
+    (subject, service): (&str, &str),
+    send: &mut quinn::SendStream,
+) -> Option<(
+    quinn::Connection,
+    quinn::SendStream,
+    quinn::RecvStream,
+    Frame,
+)> {
+    let opened = match devices.get(device) {
+        Some(target) => target
+            .open_bi()
+            .await
+            .map(|(s, r)| (target, s, r))
+            .map_err(|_| format!("device {device} went away")),
+        None => Err(format!(
+            "device {device} is not connected to hub {}",
+            ctx.id
+        )),
+    };
+    let (target, mut tsend, mut trecv) = match opened {
+        Ok(s) => s,
+        Err(message) => {
+            ctx.refuse("relay.refuse", subject, service, "no-route", &message);
+            relay::refuse(send, RefuseCode::NoRoute, "", message).await;
+            return None;
+        }
+    };
+    write_frame(&mut tsend, open).await.ok()?;
+    let answer = match read_frame(&mut trecv).await {
+        Ok(f) => f,
+        Err(error) => Frame::Refuse {
+            code: RefuseCode::Unreachable,
+            rule: String::new(),
+            message: format!("device {device} did not answer: {error}"),
+        },
+    };
+    Some((target, tsend, trecv, answer))
+}
+
+/// Transit, last step: passes the device's answer to the source; a refusal is
+/// audited and ends the source's stream. Whether the relay is open.
+pub async fn answer_source(
+    ctx: &Ctx,
+    answer: &Frame,
+    (subject, service): (&str, &str),
+    send: &mut quinn::SendStream,
+) -> bool {
+    let _ = write_frame(send, answer).await;
+    match answer {
+        Frame::Opened => true,
+        Frame::Refuse { rule, message, .. } => {
+            ctx.refuse("relay.refuse", subject, service, rule, message);
+            let _ = send.finish();
+            false
+        }
+        _ => false,
+    }
+}
+
 /// A gateway-to-gateway relay: edge `from` asks for `DEVICE/SERVICE`.
 async fn transit(
     ctx: Arc<Ctx>,
@@ -320,64 +462,11 @@ async fn transit(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
-    let refuse = |code, rule: &str, message: String| Frame::Refuse {
-        code,
-        rule: rule.to_owned(),
-        message,
-    };
     let subject = format!("{from}:{client}");
+    let Some(decision) = allow_transit(&ctx, &from, &service, &subject, &mut send).await else {
+        return;
+    };
     let Some((device, svc)) = service.split_once('/') else {
-        let _ = write_frame(
-            &mut send,
-            &refuse(
-                RefuseCode::NoRoute,
-                "",
-                format!("{service:?} is not DEVICE/SERVICE"),
-            ),
-        )
-        .await;
-        return;
-    };
-    let decision = ctx.policy().decide(
-        &Crossing::Transit {
-            from: &from,
-            to: device,
-        },
-        ctx.today(),
-    );
-    if !decision.is_allowed() {
-        ctx.refuse(
-            "relay.refuse",
-            &subject,
-            &service,
-            decision.rule.as_str(),
-            &decision.reason,
-        );
-        let _ = write_frame(
-            &mut send,
-            &refuse(RefuseCode::Policy, decision.rule.as_str(), decision.reason),
-        )
-        .await;
-        let _ = send.finish();
-        return;
-    }
-    let Some(target) = devices.get(device) else {
-        let message = format!("device {device} is not connected to hub {}", ctx.id);
-        ctx.refuse("relay.refuse", &subject, &service, "no-route", &message);
-        let _ = write_frame(&mut send, &refuse(RefuseCode::NoRoute, "", message)).await;
-        let _ = send.finish();
-        return;
-    };
-    let Ok((mut tsend, mut trecv)) = target.open_bi().await else {
-        let _ = write_frame(
-            &mut send,
-            &refuse(
-                RefuseCode::NoRoute,
-                "",
-                format!("device {device} went away"),
-            ),
-        )
-        .await;
         return;
     };
     let open = Frame::Open {
@@ -385,21 +474,13 @@ async fn transit(
         origin: Origin::Device(from.clone()),
         client,
     };
-    if write_frame(&mut tsend, &open).await.is_err() {
+    let who = (subject.as_str(), service.as_str());
+    let Some((_, mut tsend, mut trecv, answer)) =
+        ask_device(&ctx, &devices, device, &open, who, &mut send).await
+    else {
         return;
-    }
-    let answer = match read_frame(&mut trecv).await {
-        Ok(f) => f,
-        Err(error) => refuse(
-            RefuseCode::Unreachable,
-            "",
-            format!("device {device} did not answer: {error}"),
-        ),
     };
-    let _ = write_frame(&mut send, &answer).await;
-    if let Frame::Refuse { rule, message, .. } = &answer {
-        ctx.refuse("relay.refuse", &subject, &service, rule, message);
-        let _ = send.finish();
+    if !answer_source(&ctx, &answer, who, &mut send).await {
         return;
     }
     let started = Instant::now();

@@ -177,16 +177,7 @@ pub async fn serve_sync(
             } else {
                 rule
             };
-            let _ = write_frame(
-                &mut send,
-                &Frame::Refuse {
-                    code,
-                    rule,
-                    message,
-                },
-            )
-            .await;
-            let _ = send.finish();
+            crate::relay::refuse(&mut send, code, &rule, message).await;
             return;
         }
         let (d, c) = (device.clone(), channel.clone());

@@ -64,6 +64,26 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, f: &Frame) -> std::io
     w.write_all(&f.to_bytes()).await
 }
 
+/// Refuses on `send`: a `Refuse` frame, then the end of the stream.
+pub async fn refuse(
+    send: &mut quinn::SendStream,
+    code: gateway_core::wire::RefuseCode,
+    rule: &str,
+    message: String,
+) {
+    let rule = rule.to_owned();
+    let _ = write_frame(
+        send,
+        &Frame::Refuse {
+            code,
+            rule,
+            message,
+        },
+    )
+    .await;
+    let _ = send.finish();
+}
+
 /// The reading half of a relayed byte stream, chunk by chunk (zero-copy from QUIC).
 pub trait Source: Send {
     /// The next chunk; `None` at the end of the stream.

@@ -2,9 +2,14 @@
 //!
 //! A flow is opened with an `OpenUdp` frame on its own bidirectional stream,
 //! which stays open as the flow's lifetime: when either side ends the stream, the
-//! flow is gone. Datagrams carry `flow: u32` + payload. The edge expires a flow
-//! after the service's `idle_timeout` without a datagram either way; the hub
-//! then sees the stream end and forgets the client.
+//! flow is gone. Datagrams carry `flow: u32` + payload. The edge that serves the
+//! service expires a flow after its `idle_timeout` without a datagram either
+//! way; the other side sees the stream end and forgets the client.
+//!
+//! A UDP "front" takes clients' datagrams on a socket, one flow per client
+//! address: a hub's UDP `[[publish]]` (flows to the publishing edge) and an
+//! edge's UDP `[[access]]` (flows to `DEVICE/SERVICE` through a hub, which joins
+//! the two edges' flows in [`transit`]).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -13,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use gateway_core::config::Publish;
+use gateway_core::config::{Access, Publish};
 use gateway_core::policy::Crossing;
 use gateway_core::wire::{Frame, Origin, decode_datagram, encode_datagram};
 use tokio::net::UdpSocket;
@@ -22,16 +27,36 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::audit_sink::now_ms;
+use crate::edge::Hubs;
 use crate::hub::Devices;
 use crate::node::Ctx;
 use crate::relay::{read_frame, write_frame};
 
+/// Where a flow's datagrams from the tunnel go.
+#[derive(Clone)]
+pub enum Target {
+    /// A UDP socket: to `peer` (a front's client), or connected (an edge's target).
+    Socket {
+        /// The socket.
+        socket: Arc<UdpSocket>,
+        /// The client's address; `None` when the socket is connected.
+        peer: Option<SocketAddr>,
+    },
+    /// Another tunnel's flow (a hub joining two edges).
+    Tunnel {
+        /// The other connection.
+        conn: quinn::Connection,
+        /// The flow id on it.
+        flow: u32,
+        /// Datagrams it could not take.
+        dropped: Arc<AtomicU64>,
+    },
+}
+
 /// One side of a flow: where datagrams from the tunnel go.
 pub struct Flow {
-    /// The socket to the client (hub) or the target (edge, connected).
-    pub socket: Arc<UdpSocket>,
-    /// Hub: the client's address; edge: `None` (the socket is connected).
-    pub peer: Option<SocketAddr>,
+    /// Where they go.
+    pub to: Target,
     /// Last datagram either way, Unix ms.
     pub last: Arc<AtomicI64>,
     /// Bytes that came in from the tunnel.
@@ -72,15 +97,29 @@ pub async fn read_datagrams(flows: Arc<Flows>, conn: quinn::Connection) {
                 f.last.store(now_ms(), Ordering::Relaxed);
                 f.from_tunnel
                     .fetch_add(payload.len() as u64, Ordering::Relaxed);
-                (f.socket.clone(), f.peer)
+                f.to.clone()
             })
         };
         // Unknown flows (just expired) are dropped: UDP may lose datagrams.
-        if let Some((socket, peer)) = target {
-            let _ = match peer {
-                Some(p) => socket.try_send_to(payload, p),
-                None => socket.try_send(payload),
-            };
+        let Some(target) = target else {
+            continue;
+        };
+        // Neither send waits: a full socket or tunnel drops, as UDP may.
+        match &target {
+            Target::Socket {
+                socket,
+                peer: Some(p),
+            } => {
+                let _ = socket.try_send_to(payload, *p);
+            }
+            Target::Socket { socket, peer: None } => {
+                let _ = socket.try_send(payload);
+            }
+            Target::Tunnel {
+                conn,
+                flow,
+                dropped,
+            } => send_dgram(conn, *flow, payload, dropped),
         }
     }
 }
@@ -97,17 +136,114 @@ fn send_dgram(conn: &quinn::Connection, flow: u32, payload: &[u8], dropped: &Ato
 
 static NEXT_FLOW: AtomicU32 = AtomicU32::new(1);
 
-/// Serves one UDP `[[publish]]` socket until `stop` (or draining).
-pub async fn publish_listener(
-    ctx: Arc<Ctx>,
-    devices: Arc<Devices>,
-    flows: Arc<Flows>,
-    publish: Publish,
-    socket: Arc<UdpSocket>,
-    stop: CancellationToken,
-) {
-    let object = format!("{}/{}", publish.device, publish.service);
-    info!(listen = %publish.listen, service = %object, "UDP publish listening");
+/// A UDP front: what it serves and where its flows go.
+#[derive(Clone)]
+pub struct Front {
+    /// `DEVICE/SERVICE`, for logs, audit and metrics.
+    pub object: String,
+    /// The socket's address, for the policy.
+    pub listen: SocketAddr,
+    /// Where flows go.
+    pub route: Route,
+}
+
+/// Where a front's flows go.
+#[derive(Clone)]
+pub enum Route {
+    /// A hub's `[[publish]]`: the tunnel of the edge that publishes `service`.
+    Publish {
+        /// The hub's connected devices.
+        devices: Arc<Devices>,
+        /// The publishing device.
+        device: String,
+        /// Its service.
+        service: String,
+    },
+    /// An edge's `[[access]]`: any hub tunnel, asking for `DEVICE/SERVICE`.
+    Access {
+        /// The edge's hub tunnels.
+        hubs: Arc<Hubs>,
+        /// The access's legacy zone (its assessment ending cuts the flows).
+        zone: String,
+    },
+}
+
+impl Front {
+    /// A hub's UDP `[[publish]]`.
+    pub fn publish(p: &Publish, devices: &Arc<Devices>) -> Self {
+        Self {
+            object: format!("{}/{}", p.device, p.service),
+            listen: p.listen,
+            route: Route::Publish {
+                devices: devices.clone(),
+                device: p.device.clone(),
+                service: p.service.clone(),
+            },
+        }
+    }
+
+    /// An edge's UDP `[[access]]`.
+    pub fn access(a: &Access, hubs: &Arc<Hubs>) -> Self {
+        Self {
+            object: format!("{}/{}", a.device, a.service),
+            listen: a.listen,
+            route: Route::Access {
+                hubs: hubs.clone(),
+                zone: a.zone.clone(),
+            },
+        }
+    }
+
+    fn crossing(&self, client: std::net::IpAddr) -> Crossing<'static> {
+        match self.route {
+            Route::Publish { .. } => Crossing::PublishOpen {
+                listen: self.listen,
+                client,
+            },
+            Route::Access { .. } => Crossing::AccessOpen {
+                listen: self.listen,
+                client,
+            },
+        }
+    }
+
+    fn conn(&self) -> Result<quinn::Connection, String> {
+        match &self.route {
+            Route::Publish {
+                devices, device, ..
+            } => devices
+                .get(device)
+                .ok_or_else(|| format!("device {device} is not connected")),
+            Route::Access { hubs, .. } => hubs.any().ok_or_else(|| "no hub is connected".into()),
+        }
+    }
+
+    fn open(&self, client: SocketAddr, flow: u32) -> Frame {
+        let (service, origin) = match &self.route {
+            Route::Publish { service, .. } => (service.clone(), Origin::Provincial),
+            Route::Access { .. } => (self.object.clone(), Origin::Local),
+        };
+        Frame::OpenUdp {
+            service,
+            origin,
+            client,
+            flow,
+        }
+    }
+
+    fn zone_stop(&self, ctx: &Ctx) -> Option<CancellationToken> {
+        match &self.route {
+            Route::Publish { .. } => None,
+            Route::Access { zone, .. } => Some(ctx.zone_token(zone)),
+        }
+    }
+}
+
+/// Serves one UDP front socket until draining (it lives as long as the
+/// process: a reload cannot change it): each new client address is decided by
+/// the policy and gets its own flow.
+pub async fn front(ctx: Arc<Ctx>, front: Front, socket: Arc<UdpSocket>) {
+    info!(listen = %front.listen, service = %front.object, "UDP listening");
     let mut clients: HashMap<SocketAddr, mpsc::Sender<Vec<u8>>> = HashMap::new();
     let mut buf = vec![0u8; 65_536];
     loop {
@@ -119,7 +255,6 @@ pub async fn publish_listener(
                     continue;
                 }
             },
-            () = stop.cancelled() => break,
             () = ctx.draining.cancelled() => break,
         };
         clients.retain(|_, tx| !tx.is_closed());
@@ -127,18 +262,14 @@ pub async fn publish_listener(
             let _ = tx.try_send(buf[..n].to_vec());
             continue;
         }
-        let decision = ctx.policy().decide(
-            &Crossing::PublishOpen {
-                listen: publish.listen,
-                client: client.ip(),
-            },
-            ctx.today(),
-        );
+        let decision = ctx
+            .policy()
+            .decide(&front.crossing(client.ip()), ctx.today());
         if !decision.is_allowed() {
             ctx.refuse(
                 "relay.refuse",
                 &client.to_string(),
-                &object,
+                &front.object,
                 decision.rule.as_str(),
                 &decision.reason,
             );
@@ -147,53 +278,41 @@ pub async fn publish_listener(
         let (tx, rx) = mpsc::channel(256);
         let _ = tx.try_send(buf[..n].to_vec());
         clients.insert(client, tx);
-        let (ctx, devices, flows, publish, socket, object) = (
-            ctx.clone(),
-            devices.clone(),
-            flows.clone(),
-            publish.clone(),
-            socket.clone(),
-            object.clone(),
-        );
-        ctx.tracker.clone().spawn(async move {
-            hub_flow(ctx, devices, flows, publish, object, socket, client, rx).await
-        });
+        let (ctx, front, socket) = (ctx.clone(), front.clone(), socket.clone());
+        let allowed = (decision.rule.as_str().to_owned(), decision.reason);
+        ctx.tracker
+            .clone()
+            .spawn(async move { client_flow(ctx, front, socket, client, allowed, rx).await });
     }
+    info!(listen = %front.listen, "UDP stopped");
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn hub_flow(
+/// One client's flow through a front, until the far side ends it (idle
+/// expiry), the zone's assessment ends, or the node is killed.
+async fn client_flow(
     ctx: Arc<Ctx>,
-    devices: Arc<Devices>,
-    flows: Arc<Flows>,
-    publish: Publish,
-    object: String,
+    front: Front,
     socket: Arc<UdpSocket>,
     client: SocketAddr,
+    (rule, reason): (String, String),
     mut rx: mpsc::Receiver<Vec<u8>>,
 ) {
-    let subject = client.to_string();
-    let Some(conn) = devices.get(&publish.device) else {
-        ctx.refuse(
-            "relay.refuse",
-            &subject,
-            &object,
-            "no-route",
-            &format!("device {} is not connected", publish.device),
-        );
-        return;
+    let (subject, object) = (client.to_string(), front.object.clone());
+    let conn = match front.conn() {
+        Ok(c) => c,
+        Err(why) => {
+            ctx.refuse("relay.refuse", &subject, &object, "no-route", &why);
+            return;
+        }
     };
     let flow = NEXT_FLOW.fetch_add(1, Ordering::Relaxed);
     let Ok((mut send, mut recv)) = conn.open_bi().await else {
         return;
     };
-    let open = Frame::OpenUdp {
-        service: publish.service.clone(),
-        origin: Origin::Provincial,
-        client,
-        flow,
-    };
-    if write_frame(&mut send, &open).await.is_err() {
+    if write_frame(&mut send, &front.open(client, flow))
+        .await
+        .is_err()
+    {
         return;
     }
     match read_frame(&mut recv).await {
@@ -203,7 +322,7 @@ async fn hub_flow(
             return;
         }
         other => {
-            warn!(?other, "Edge gave no answer to a UDP flow");
+            warn!(?other, "No answer to a UDP flow");
             return;
         }
     }
@@ -214,12 +333,14 @@ async fn hub_flow(
         AtomicU64::new(0),
         AtomicU64::new(0),
     );
-    flows.insert(
+    ctx.flows.insert(
         conn.stable_id(),
         flow,
         Flow {
-            socket,
-            peer: Some(client),
+            to: Target::Socket {
+                socket,
+                peer: Some(client),
+            },
             last: last.clone(),
             from_tunnel: from_tunnel.clone(),
         },
@@ -229,10 +350,18 @@ async fn hub_flow(
         &object,
         "relay.open",
         "allow",
-        "R0.allow-publish",
-        format!("udp flow {flow}"),
+        &rule,
+        format!("udp flow {flow}: {reason}"),
     );
     ctx.metrics.opened(&object);
+    let zone_stop = front.zone_stop(&ctx);
+    let zone_ended = async {
+        match &zone_stop {
+            Some(t) => t.cancelled().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(zone_ended);
     let mut end = [0u8; 1];
     let how = loop {
         tokio::select! {
@@ -244,27 +373,115 @@ async fn hub_flow(
                 }
                 None => break "closed",
             },
-            // The edge ends the stream when the flow expires.
+            // The far side ends the stream when the flow expires.
             _ = recv.read(&mut end) => break "expired",
+            () = &mut zone_ended => break "cut",
             () = ctx.kill.cancelled() => break "cut",
         }
     };
-    flows.remove(conn.stable_id(), flow);
+    ctx.flows.remove(conn.stable_id(), flow);
     let _ = send.finish();
-    let detail = format!(
-        "udp flow {flow} dropped={} ",
-        dropped.load(Ordering::Relaxed)
-    );
-    ctx.relay_closed(
-        &subject,
-        &object,
-        (
-            up.load(Ordering::Relaxed),
-            from_tunnel.load(Ordering::Relaxed),
-        ),
+    let bytes = (&up, from_tunnel.as_ref());
+    flow_closed(
+        &ctx,
+        (&subject, &object),
+        bytes,
+        (flow, &dropped),
         started,
         how,
-        &detail,
+    );
+}
+
+/// A hub joins edge `from`'s UDP flow `flow_from` (opened on `conn_from` for
+/// `DEVICE/SERVICE`) to a new flow on that device's tunnel, after the transit
+/// policy allowed it; datagrams pass from one tunnel to the other without
+/// touching a socket, and either side ending its stream ends both.
+#[allow(clippy::too_many_arguments)]
+pub async fn transit(
+    ctx: Arc<Ctx>,
+    devices: Arc<Devices>,
+    from: String,
+    (service, client, flow_from): (String, SocketAddr, u32),
+    conn_from: quinn::Connection,
+    rule: String,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let subject = format!("{from}:{client}");
+    let Some((device, svc)) = service.split_once('/') else {
+        return;
+    };
+    let flow_to = NEXT_FLOW.fetch_add(1, Ordering::Relaxed);
+    let open = Frame::OpenUdp {
+        service: svc.to_owned(),
+        origin: Origin::Device(from.clone()),
+        client,
+        flow: flow_to,
+    };
+    let who = (subject.as_str(), service.as_str());
+    let Some((conn_to, mut tsend, mut trecv, answer)) =
+        crate::hub::ask_device(&ctx, &devices, device, &open, who, &mut send).await
+    else {
+        return;
+    };
+    // Both ends' flows exist before the source hears it may send.
+    let (last, dropped) = (
+        Arc::new(AtomicI64::new(now_ms())),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let (forward, backward) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let joined = [
+        (&conn_from, flow_from, &conn_to, flow_to, &forward),
+        (&conn_to, flow_to, &conn_from, flow_from, &backward),
+    ];
+    if matches!(answer, Frame::Opened) {
+        for (at, flow, to, to_flow, count) in joined {
+            ctx.flows.insert(
+                at.stable_id(),
+                flow,
+                Flow {
+                    to: Target::Tunnel {
+                        conn: to.clone(),
+                        flow: to_flow,
+                        dropped: dropped.clone(),
+                    },
+                    last: last.clone(),
+                    from_tunnel: count.clone(),
+                },
+            );
+        }
+    }
+    if !crate::hub::answer_source(&ctx, &answer, who, &mut send).await {
+        return;
+    }
+    let started = Instant::now();
+    ctx.audit.record(
+        &subject,
+        &service,
+        "relay.open",
+        "allow",
+        &rule,
+        format!("udp flow {flow_from} -> {device} flow {flow_to}"),
+    );
+    ctx.metrics.opened(&service);
+    let (mut end, mut tend) = ([0u8; 1], [0u8; 1]);
+    let how = tokio::select! {
+        _ = recv.read(&mut end) => "closed",
+        _ = trecv.read(&mut tend) => "expired",
+        () = ctx.kill.cancelled() => "cut",
+    };
+    ctx.flows.remove(conn_from.stable_id(), flow_from);
+    ctx.flows.remove(conn_to.stable_id(), flow_to);
+    let _ = send.finish();
+    let _ = tsend.finish();
+    let bytes = (forward.as_ref(), backward.as_ref());
+    flow_closed(
+        &ctx,
+        (&subject, &service),
+        bytes,
+        (flow_from, &dropped),
+        started,
+        how,
     );
 }
 
@@ -316,8 +533,10 @@ pub async fn edge_flow(
         conn.stable_id(),
         flow,
         Flow {
-            socket: socket.clone(),
-            peer: None,
+            to: Target::Socket {
+                socket: socket.clone(),
+                peer: None,
+            },
             last: last.clone(),
             from_tunnel: from_tunnel.clone(),
         },
@@ -359,19 +578,30 @@ pub async fn edge_flow(
     };
     flows.remove(conn.stable_id(), flow);
     let _ = send.finish();
+    let bytes = (from_tunnel.as_ref(), &down);
+    flow_closed(
+        &ctx,
+        (&subject, &service),
+        bytes,
+        (flow, &dropped),
+        started,
+        how,
+    );
+}
+
+/// Audits and counts a flow's end: bytes (up, down), the flow and its drops.
+fn flow_closed(
+    ctx: &Ctx,
+    (subject, object): (&str, &str),
+    (up, down): (&AtomicU64, &AtomicU64),
+    (flow, dropped): (u32, &AtomicU64),
+    started: Instant,
+    how: &str,
+) {
+    let bytes = (up.load(Ordering::Relaxed), down.load(Ordering::Relaxed));
     let detail = format!(
         "udp flow {flow} dropped={} ",
         dropped.load(Ordering::Relaxed)
     );
-    ctx.relay_closed(
-        &subject,
-        &service,
-        (
-            from_tunnel.load(Ordering::Relaxed),
-            down.load(Ordering::Relaxed),
-        ),
-        started,
-        how,
-        &detail,
-    );
+    ctx.relay_closed(subject, object, bytes, started, how, &detail);
 }

@@ -444,6 +444,14 @@ impl Compiler<'_> {
         })
     }
 
+    /// A `protocol` key: `"tcp"` (the default) or `"udp"`.
+    fn protocol(&mut self, s: Option<&S>, key: &str) -> Option<Protocol> {
+        match s {
+            None => Some(Protocol::Tcp),
+            Some(p) => self.choice(p, key, &[("tcp", Protocol::Tcp), ("udp", Protocol::Udp)]),
+        }
+    }
+
     fn choice<T: Copy>(&mut self, s: &S, key: &str, options: &[(&str, T)]) -> Option<T> {
         if let Some((_, v)) = options
             .iter()
@@ -824,14 +832,7 @@ impl Compiler<'_> {
         for (s, _) in raw_services {
             let name = self.name(&s.name, "service", &mut seen);
             let zone = self.zone_ref(zones, &s.zone, "service.zone", true);
-            let protocol = match &s.protocol {
-                None => Some(Protocol::Tcp),
-                Some(p) => self.choice(
-                    p,
-                    "service.protocol",
-                    &[("tcp", Protocol::Tcp), ("udp", Protocol::Udp)],
-                ),
-            };
+            let protocol = self.protocol(s.protocol.as_ref(), "service.protocol");
             let target = self.socket(&s.target, "service.target");
             if let (Some(z), Some(t)) = (zone, target) {
                 if !z.contains(t.ip()) {
@@ -978,13 +979,17 @@ impl Compiler<'_> {
             let listen = self.socket(&a.listen, "access.listen");
             self.inside(zone, listen, &a.listen, "access.listen");
             let remote = self.remote(&a.service, "access.service", "service");
-            if let (Some(z), Some(listen), Some((device, service))) = (zone, listen, remote) {
+            let protocol = self.protocol(a.protocol.as_ref(), "access.protocol");
+            if let (Some(z), Some(listen), Some((device, service)), Some(protocol)) =
+                (zone, listen, remote, protocol)
+            {
                 let loc = self.at(&a.listen.span());
                 accesses.push(Access {
                     listen,
                     zone: z.name.clone(),
                     device,
                     service,
+                    protocol,
                     loc,
                 });
             }
@@ -1257,14 +1262,7 @@ impl Compiler<'_> {
                     seen.insert(r.clone(), p.service.span());
                 }
             }
-            let protocol = match &p.protocol {
-                None => Some(Protocol::Tcp),
-                Some(pr) => self.choice(
-                    pr,
-                    "publish.protocol",
-                    &[("tcp", Protocol::Tcp), ("udp", Protocol::Udp)],
-                ),
-            };
+            let protocol = self.protocol(p.protocol.as_ref(), "publish.protocol");
             if let (Some((device, service)), Some(z), Some(listen), Some(protocol)) =
                 (remote, zone, listen, protocol)
             {

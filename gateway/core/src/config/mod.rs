@@ -320,6 +320,8 @@ pub struct Access {
     pub device: String,
     /// The service's name on that device.
     pub service: String,
+    /// TCP (a listener) or UDP (a socket whose datagrams travel as flows).
+    pub protocol: Protocol,
     /// Where it is declared.
     pub loc: Location,
 }

@@ -77,6 +77,7 @@ pub struct RawAccess {
     pub listen: S,
     pub zone: S,
     pub service: S,
+    pub protocol: Option<S>,
 }
 
 /// `[[channel]]`
