@@ -105,6 +105,9 @@ pub enum Frame {
     },
     /// The relay is open: relayed bytes follow.
     Opened,
+    /// Hub to edge, on a stream of its own: are you there? Answered with a
+    /// `Ping` (an edge older than this frame answers `Refuse`, as alive).
+    Ping,
     /// Edge to hub: this stream carries `channel`'s records (see [`Batch`]).
     SyncOpen {
         /// The channel's name on the edge.
@@ -182,6 +185,7 @@ mod tag {
     pub const OPEN: u8 = 0x10;
     pub const OPENED: u8 = 0x11;
     pub const OPEN_UDP: u8 = 0x12;
+    pub const PING: u8 = 0x13;
     pub const SYNC_OPEN: u8 = 0x20;
     pub const SYNC_READY: u8 = 0x21;
     pub const SYNC_ACK: u8 = 0x22;
@@ -228,6 +232,7 @@ impl Frame {
                 out.extend_from_slice(&flow.to_be_bytes());
             }
             Frame::Opened => out.push(tag::OPENED),
+            Frame::Ping => out.push(tag::PING),
             Frame::SyncOpen {
                 channel,
                 deliver_to,
@@ -334,6 +339,7 @@ impl Frame {
                 flow: r.u32()?,
             },
             tag::OPENED => Frame::Opened,
+            tag::PING => Frame::Ping,
             tag::SYNC_OPEN => Frame::SyncOpen {
                 channel: r.str()?,
                 deliver_to: r.str()?,
@@ -631,6 +637,7 @@ mod tests {
                 }
             ),
             Just(Frame::Opened),
+            Just(Frame::Ping),
             (".{0,30}", ".{0,40}").prop_map(|(channel, deliver_to)| Frame::SyncOpen {
                 channel,
                 deliver_to

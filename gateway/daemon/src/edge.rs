@@ -364,6 +364,11 @@ async fn serve_open(
             crate::delivery::serve(ctx, inbox, state_dir, from, channel, send, recv).await;
             return;
         }
+        Ok(Frame::Ping) => {
+            let _ = write_frame(&mut send, &Frame::Ping).await;
+            let _ = send.finish();
+            return;
+        }
         Ok(Frame::Open {
             service,
             origin,

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use gateway_core::config::Publish;
 use gateway_core::fleet;
@@ -28,73 +28,124 @@ use crate::tls;
 /// while it replaces an old one), and a turn counter for spreading relays.
 #[derive(Default)]
 pub struct Devices(
-    Mutex<HashMap<String, Vec<quinn::Connection>>>,
+    Mutex<HashMap<String, Vec<Lane>>>,
     std::sync::atomic::AtomicUsize,
 );
 
+/// One connection of a device, and whether it is in doubt: the device has
+/// connected again since, and this one has not yet answered a ping.
+struct Lane {
+    conn: quinn::Connection,
+    doubt: bool,
+}
+
 impl Devices {
-    fn add(&self, id: &str, c: quinn::Connection) {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<Lane>>> {
         self.0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .entry(id.to_owned())
-            .or_default()
-            .push(c);
     }
+
+    /// Adds a connection of `id`. Its other connections are put in doubt
+    /// (relays avoid them) and returned, to be pinged: a device that connects
+    /// again may have been restarted, and the old process's connections look
+    /// alive to QUIC until their idle timeout.
+    fn add(&self, id: &str, c: quinn::Connection) -> Vec<quinn::Connection> {
+        let mut m = self.lock();
+        let lanes = m.entry(id.to_owned()).or_default();
+        let others = lanes
+            .iter_mut()
+            .map(|l| {
+                l.doubt = true;
+                l.conn.clone()
+            })
+            .collect();
+        lanes.push(Lane {
+            conn: c,
+            doubt: false,
+        });
+        others
+    }
+
+    /// A connection in doubt answered: relays may use it again.
+    fn trust(&self, id: &str, stable_id: usize) {
+        if let Some(v) = self.lock().get_mut(id) {
+            for l in v.iter_mut().filter(|l| l.conn.stable_id() == stable_id) {
+                l.doubt = false;
+            }
+        }
+    }
+
     fn remove(&self, id: &str, stable_id: usize) {
-        let mut m = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut m = self.lock();
         if let Some(v) = m.get_mut(id) {
-            v.retain(|c| c.stable_id() != stable_id);
+            v.retain(|l| l.conn.stable_id() != stable_id);
             if v.is_empty() {
                 m.remove(id);
             }
         }
     }
+
     /// The ids of the devices connected now.
     pub fn ids(&self) -> Vec<String> {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .keys()
-            .cloned()
-            .collect()
+        self.lock().keys().cloned().collect()
     }
 
     /// Closes every connection of `id` with `code`; returns how many.
     pub fn close_all(&self, id: &str, code: u32, reason: &[u8]) -> usize {
-        let conns = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(id)
-            .unwrap_or_default();
-        for c in &conns {
-            c.close(quinn::VarInt::from_u32(code), reason);
+        let lanes = self.lock().remove(id).unwrap_or_default();
+        for l in &lanes {
+            l.conn.close(quinn::VarInt::from_u32(code), reason);
         }
-        conns.len()
+        lanes.len()
     }
 
-    /// The newest live connection of `id`.
     /// A live connection of `id`; an edge keeps several (lanes) to use more cores,
-    /// and relays are spread over them in turn.
+    /// and relays are spread over them in turn. Connections in doubt are used
+    /// only when there is no other.
     pub fn get(&self, id: &str) -> Option<quinn::Connection> {
-        let m = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let live: Vec<&quinn::Connection> = m
+        let m = self.lock();
+        let live: Vec<&Lane> = m
             .get(id)?
             .iter()
-            .filter(|c| c.close_reason().is_none())
+            .filter(|l| l.conn.close_reason().is_none())
             .collect();
-        if live.is_empty() {
+        let trusted: Vec<&Lane> = live.iter().copied().filter(|l| !l.doubt).collect();
+        let pool = if trusted.is_empty() { live } else { trusted };
+        if pool.is_empty() {
             return None;
         }
         let turn = self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        live.get(turn % live.len()).map(|c| (*c).clone())
+        pool.get(turn % pool.len()).map(|l| l.conn.clone())
+    }
+}
+
+/// How long a connection in doubt has to answer a ping before it is closed.
+const PING_WAIT: Duration = Duration::from_secs(5);
+
+/// Pings each of `id`'s connections in doubt: one that answers is trusted
+/// again, one that does not within [`PING_WAIT`] is closed (its process is
+/// gone), which ends its relays' wait at once instead of at the idle timeout.
+fn settle_doubts(devices: &Arc<Devices>, id: &str, conns: Vec<quinn::Connection>) {
+    for c in conns {
+        let (devices, id) = (devices.clone(), id.to_owned());
+        tokio::spawn(async move {
+            let ping = async {
+                let (mut send, mut recv) = c.open_bi().await.ok()?;
+                write_frame(&mut send, &Frame::Ping).await.ok()?;
+                // Any answer will do: an edge older than Ping refuses it.
+                read_frame(&mut recv).await.ok()
+            };
+            if let Ok(Some(_)) = tokio::time::timeout(PING_WAIT, ping).await {
+                devices.trust(&id, c.stable_id());
+            } else {
+                info!(device = %id, "A connection from before the device reconnected does not answer; closing it");
+                c.close(
+                    quinn::VarInt::from_u32(0),
+                    b"no answer after the device reconnected",
+                );
+            }
+        });
     }
 }
 
@@ -227,7 +278,8 @@ async fn serve_edge(
             return;
         }
         // Usable for relays before anyone is told it is connected.
-        devices.add(&device, conn.clone());
+        let doubtful = devices.add(&device, conn.clone());
+        settle_doubts(&devices, &device, doubtful);
         info!("Edge connected");
         ctx.audit.record(
             &device,
