@@ -23,26 +23,27 @@ pub const MAX_FRAME: usize = 16 * 1024;
 
 /// Why a stream was refused (`Refuse.code`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u16)]
 pub enum RefuseCode {
-    /// The peers speak different protocol versions.
-    Version = 1,
-    /// The boundary policy denied the crossing (`rule` names the rule).
-    Policy = 2,
-    /// No such service, or its device is not connected.
-    NoRoute = 3,
-    /// The target did not accept the connection.
-    Unreachable = 4,
-    /// A per-service limit was reached (`max_connections`).
-    Limit = 5,
-    /// The peer sent something this protocol does not allow.
-    Protocol = 6,
-    /// The node is shutting down.
-    ShuttingDown = 7,
+    /// 1: the peers speak different protocol versions.
+    Version,
+    /// 2: the boundary policy denied the crossing (`rule` names the rule).
+    Policy,
+    /// 3: no such service, or its device is not connected.
+    NoRoute,
+    /// 4: the target did not accept the connection.
+    Unreachable,
+    /// 5: a per-service limit was reached (`max_connections`).
+    Limit,
+    /// 6: the peer sent something this protocol does not allow.
+    Protocol,
+    /// 7: the node is shutting down.
+    ShuttingDown,
+    /// A number this version does not know (a newer peer's), kept as sent.
+    Other(u16),
 }
 
 impl RefuseCode {
-    /// The code for a number; unknown numbers read as [`RefuseCode::Protocol`].
+    /// The code for a number; unknown numbers are kept as [`RefuseCode::Other`].
     pub fn from_u16(n: u16) -> Self {
         match n {
             1 => Self::Version,
@@ -50,8 +51,23 @@ impl RefuseCode {
             3 => Self::NoRoute,
             4 => Self::Unreachable,
             5 => Self::Limit,
+            6 => Self::Protocol,
             7 => Self::ShuttingDown,
-            _ => Self::Protocol,
+            n => Self::Other(n),
+        }
+    }
+
+    /// The code's number on the wire (also used as a QUIC error code).
+    pub fn number(self) -> u16 {
+        match self {
+            Self::Version => 1,
+            Self::Policy => 2,
+            Self::NoRoute => 3,
+            Self::Unreachable => 4,
+            Self::Limit => 5,
+            Self::Protocol => 6,
+            Self::ShuttingDown => 7,
+            Self::Other(n) => n,
         }
     }
 }
@@ -269,7 +285,7 @@ impl Frame {
                 message,
             } => {
                 out.push(tag::REFUSE);
-                out.extend_from_slice(&(*code as u16).to_be_bytes());
+                out.extend_from_slice(&code.number().to_be_bytes());
                 put_str(out, rule);
                 put_str(out, message);
             }
@@ -611,15 +627,8 @@ mod tests {
     }
 
     fn frame() -> impl Strategy<Value = Frame> {
-        let code = prop_oneof![
-            Just(RefuseCode::Version),
-            Just(RefuseCode::Policy),
-            Just(RefuseCode::NoRoute),
-            Just(RefuseCode::Unreachable),
-            Just(RefuseCode::Limit),
-            Just(RefuseCode::Protocol),
-            Just(RefuseCode::ShuttingDown)
-        ];
+        // Every number: the known ones read as their names, others as Other.
+        let code = any::<u16>().prop_map(RefuseCode::from_u16);
         prop_oneof![
             any::<u16>().prop_map(|version| Frame::Hello { version }),
             (any::<u16>(), ".{0,30}").prop_map(|(version, hub)| Frame::Welcome { version, hub }),
@@ -702,6 +711,21 @@ mod tests {
             let d = encode_datagram(flow, &payload);
             prop_assert_eq!(decode_datagram(&d), Ok((flow, &payload[..])));
         }
+    }
+
+    /// Found by the fuzzer: a Refuse with a code this version does not know
+    /// (0, 0x0400) decoded as Protocol (6) and re-encoded differently.
+    #[test]
+    fn unknown_refuse_codes_are_kept_as_sent() {
+        for input in [
+            &[0, 0, 0, 7, 3, 0, 0, 0, 0, 0, 0, 0, 1, 0][..],
+            &[0, 0, 0, 7, 3, 4, 0, 0, 0, 0, 0],
+        ] {
+            let (frame, used) = Frame::decode(input).expect("decodes");
+            assert_eq!(frame.to_bytes(), input[..used].to_vec(), "{frame:?}");
+        }
+        assert_eq!(RefuseCode::from_u16(0x0400), RefuseCode::Other(0x0400));
+        assert_eq!(RefuseCode::from_u16(6), RefuseCode::Protocol);
     }
 
     #[test]

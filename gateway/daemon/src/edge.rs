@@ -507,8 +507,8 @@ async fn serve_open(
                     verdict => {
                         let reason = format!("first bytes are not {app:?} ({verdict:?})");
                         ctx.refuse("relay.refuse", &subject, &service, "R5.app-protocol", &reason);
-                        let _ = send.reset(quinn::VarInt::from_u32(RefuseCode::Policy as u32));
-                        let _ = recv.stop(quinn::VarInt::from_u32(RefuseCode::Policy as u32));
+                        let _ = send.reset(quinn::VarInt::from_u32(u32::from(RefuseCode::Policy.number())));
+                        let _ = recv.stop(quinn::VarInt::from_u32(u32::from(RefuseCode::Policy.number())));
                         relay::reset_tcp(&target);
                         return;
                     }

@@ -190,7 +190,7 @@ async fn serve_edge(
     let Some(device) = tls::peer_id(&conn) else {
         warn!(%remote, "Refusing tunnel: the certificate names no device");
         conn.close(
-            quinn::VarInt::from_u32(RefuseCode::Protocol as u32),
+            quinn::VarInt::from_u32(u32::from(RefuseCode::Protocol.number())),
             b"certificate names no device",
         );
         return;
@@ -259,7 +259,7 @@ async fn serve_edge(
             other => {
                 warn!(?other, "Refusing tunnel: no hello");
                 conn.close(
-                    quinn::VarInt::from_u32(RefuseCode::Protocol as u32),
+                    quinn::VarInt::from_u32(u32::from(RefuseCode::Protocol.number())),
                     b"expected hello",
                 );
                 return;

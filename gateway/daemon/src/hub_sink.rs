@@ -255,7 +255,9 @@ pub async fn serve_sync(
             // Order: a batch starts above what this stream already sent.
             if records.first().is_some_and(|r| r.seq <= last) {
                 warn!(last, "Edge sent records out of order; closing the stream");
-                let _ = send.reset(quinn::VarInt::from_u32(RefuseCode::Protocol as u32));
+                let _ = send.reset(quinn::VarInt::from_u32(u32::from(
+                    RefuseCode::Protocol.number(),
+                )));
                 return;
             }
             if let Some(r) = records.last() {
