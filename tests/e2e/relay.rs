@@ -789,21 +789,34 @@ async fn udp_echo_through_an_access_gateway_to_gateway() {
         .expect("echo after expiry")
         .expect("recv");
     assert_eq!(&buf[..n], b"again");
-    // A client outside the access's zone is refused at edge-a, with the rule.
+    // A client outside the access's zone is refused at edge-a, with the rule,
+    // once: its next datagrams are dropped without an audit record each.
     let outsider = tokio::net::UdpSocket::bind("127.0.0.9:0")
         .await
         .expect("outsider");
-    outsider.send_to(b"let me in", access).await.expect("send");
+    for _ in 0..50 {
+        outsider.send_to(b"let me in", access).await.expect("send");
+    }
+    // A datagram from inside the zone after the 50, to know they were all read.
+    client.send_to(b"marker", access).await.expect("send");
+    let (n, _) = tokio::time::timeout(Duration::from_secs(5), client.recv_from(&mut buf))
+        .await
+        .expect("echo of the marker")
+        .expect("recv");
+    assert_eq!(&buf[..n], b"marker");
+    let refusals = || {
+        audit_lines(edge_a.state.path())
+            .iter()
+            .filter(|l| l.starts_with("relay.refuse") && l.contains("127.0.0.9"))
+            .count()
+    };
     wait_for(
         "the refusal in edge-a's audit",
         Duration::from_secs(5),
-        || {
-            audit_lines(edge_a.state.path())
-                .iter()
-                .any(|l| l.starts_with("relay.refuse") && l.contains("127.0.0.9"))
-        },
+        || refusals() > 0,
     )
     .await;
+    assert_eq!(refusals(), 1, "one audit record for 50 refused datagrams");
     assert!(
         tokio::time::timeout(Duration::from_millis(300), outsider.recv_from(&mut buf))
             .await

@@ -245,6 +245,7 @@ impl Front {
 pub async fn front(ctx: Arc<Ctx>, front: Front, socket: Arc<UdpSocket>) {
     info!(listen = %front.listen, service = %front.object, "UDP listening");
     let mut clients: HashMap<SocketAddr, mpsc::Sender<Vec<u8>>> = HashMap::new();
+    let refused = Arc::new(Refused::default());
     let mut buf = vec![0u8; 65_536];
     loop {
         let (n, client) = tokio::select! {
@@ -257,9 +258,14 @@ pub async fn front(ctx: Arc<Ctx>, front: Front, socket: Arc<UdpSocket>) {
             },
             () = ctx.draining.cancelled() => break,
         };
-        clients.retain(|_, tx| !tx.is_closed());
-        if let Some(tx) = clients.get(&client) {
+        if let Some(tx) = clients.get(&client).filter(|tx| !tx.is_closed()) {
+            // A full queue drops the datagram, as UDP may.
             let _ = tx.try_send(buf[..n].to_vec());
+            continue;
+        }
+        // A refused client's datagrams are dropped unaudited for a while: one
+        // record per refusal, not one per datagram.
+        if refused.holds(client) {
             continue;
         }
         let decision = ctx
@@ -273,18 +279,49 @@ pub async fn front(ctx: Arc<Ctx>, front: Front, socket: Arc<UdpSocket>) {
                 decision.rule.as_str(),
                 &decision.reason,
             );
+            refused.hold(client);
             continue;
         }
+        clients.retain(|_, tx| !tx.is_closed());
         let (tx, rx) = mpsc::channel(256);
         let _ = tx.try_send(buf[..n].to_vec());
         clients.insert(client, tx);
-        let (ctx, front, socket) = (ctx.clone(), front.clone(), socket.clone());
+        let (ctx, front, socket, refused) =
+            (ctx.clone(), front.clone(), socket.clone(), refused.clone());
         let allowed = (decision.rule.as_str().to_owned(), decision.reason);
-        ctx.tracker
-            .clone()
-            .spawn(async move { client_flow(ctx, front, socket, client, allowed, rx).await });
+        ctx.tracker.clone().spawn(async move {
+            client_flow(ctx, front, socket, client, allowed, rx, &refused).await
+        });
     }
     info!(listen = %front.listen, "UDP stopped");
+}
+
+/// How long a refused client's datagrams are dropped before it is decided again.
+pub const REFUSED_HOLD: Duration = Duration::from_secs(10);
+
+/// Clients of a front refused lately, until when.
+#[derive(Default)]
+struct Refused(Mutex<HashMap<SocketAddr, Instant>>);
+
+impl Refused {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Instant>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn hold(&self, client: SocketAddr) {
+        let now = Instant::now();
+        let mut m = self.lock();
+        m.retain(|_, until| *until > now);
+        m.insert(client, now + REFUSED_HOLD);
+    }
+
+    fn holds(&self, client: SocketAddr) -> bool {
+        self.lock()
+            .get(&client)
+            .is_some_and(|until| *until > Instant::now())
+    }
 }
 
 /// One client's flow through a front, until the far side ends it (idle
@@ -296,12 +333,14 @@ async fn client_flow(
     client: SocketAddr,
     (rule, reason): (String, String),
     mut rx: mpsc::Receiver<Vec<u8>>,
+    refused: &Refused,
 ) {
     let (subject, object) = (client.to_string(), front.object.clone());
     let conn = match front.conn() {
         Ok(c) => c,
         Err(why) => {
             ctx.refuse("relay.refuse", &subject, &object, "no-route", &why);
+            refused.hold(client);
             return;
         }
     };
@@ -319,6 +358,7 @@ async fn client_flow(
         Ok(Frame::Opened) => {}
         Ok(Frame::Refuse { rule, message, .. }) => {
             ctx.refuse("relay.refuse", &subject, &object, &rule, &message);
+            refused.hold(client);
             return;
         }
         other => {
