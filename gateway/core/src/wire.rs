@@ -122,7 +122,8 @@ pub enum Frame {
     /// The relay is open: relayed bytes follow.
     Opened,
     /// Hub to edge, on a stream of its own: are you there? Answered with a
-    /// `Ping` (an edge older than this frame answers `Refuse`, as alive).
+    /// `Ping` (an edge older than this frame ends the stream unanswered,
+    /// which proves it alive just as well).
     Ping,
     /// Edge to hub: this stream carries `channel`'s records (see [`Batch`]).
     SyncOpen {

@@ -131,12 +131,17 @@ fn settle_doubts(devices: &Arc<Devices>, id: &str, conns: Vec<quinn::Connection>
         let (devices, id) = (devices.clone(), id.to_owned());
         tokio::spawn(async move {
             let ping = async {
-                let (mut send, mut recv) = c.open_bi().await.ok()?;
-                write_frame(&mut send, &Frame::Ping).await.ok()?;
-                // Any answer will do: an edge older than Ping refuses it.
-                read_frame(&mut recv).await.ok()
+                let Ok((mut send, mut recv)) = c.open_bi().await else {
+                    return;
+                };
+                let _ = write_frame(&mut send, &Frame::Ping).await;
+                // Any reaction proves a live process: the Ping back, or the
+                // stream ended unanswered (an edge older than Ping cannot
+                // read it). Only silence means the process is gone.
+                let _ = read_frame(&mut recv).await;
             };
-            if let Ok(Some(_)) = tokio::time::timeout(PING_WAIT, ping).await {
+            let answered = tokio::time::timeout(PING_WAIT, ping).await.is_ok();
+            if answered && c.close_reason().is_none() {
                 devices.trust(&id, c.stable_id());
             } else {
                 info!(device = %id, "A connection from before the device reconnected does not answer; closing it");
