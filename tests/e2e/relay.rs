@@ -432,6 +432,61 @@ async fn a_version_mismatch_is_refused_naming_both_versions() {
     }
 }
 
+/// When a device connects again the hub pings its older connections. An edge
+/// older than the Ping frame cannot read it and ends the stream unanswered:
+/// that is a live process, and its connection must stay up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_ends_the_ping_unanswered_is_kept() {
+    use gateway_core::wire::{Frame, VERSION};
+    use gateway_daemon::relay::{read_frame, write_frame};
+    let pki = Pki::new();
+    let hub = start_hub(&pki, HubSpec::new("hub-01", 2, &[])).await;
+    let (cert, key) = pki.issue("edge-old");
+    let client =
+        gateway_daemon::tls::client(&pki.ca().join("ca.pem"), &cert, &key).expect("client config");
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+    // An old edge: hello, then every stream the hub opens is read and ended.
+    let (pinged_tx, mut pinged) = tokio::sync::mpsc::unbounded_channel();
+    let mut conns = Vec::new();
+    for _ in 0..2 {
+        let conn = endpoint
+            .connect_with(client.clone(), hub.quic, "127.0.0.1")
+            .expect("connect")
+            .await
+            .expect("handshake");
+        let (mut send, mut recv) = conn.open_bi().await.expect("control stream");
+        write_frame(&mut send, &Frame::Hello { version: VERSION })
+            .await
+            .expect("hello");
+        let welcome = read_frame(&mut recv).await.expect("welcome");
+        assert!(matches!(welcome, Frame::Welcome { .. }), "{welcome:?}");
+        let (c, tx) = (conn.clone(), pinged_tx.clone());
+        tokio::spawn(async move {
+            let _control = (send, recv);
+            while let Ok((mut s, mut r)) = c.accept_bi().await {
+                let mut first = [0u8; 5];
+                let _ = tokio::io::AsyncReadExt::read_exact(&mut r, &mut first).await;
+                let _ = s.finish();
+                let _ = tx.send(first[4]);
+            }
+        });
+        conns.push(conn);
+    }
+    // The second connection put the first in doubt: the hub pinged it.
+    let tag = tokio::time::timeout(Duration::from_secs(5), pinged.recv())
+        .await
+        .expect("a ping within 5 s")
+        .expect("tag");
+    assert_eq!(tag, 0x13, "the Ping frame");
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), conns[0].closed())
+            .await
+            .is_err(),
+        "the hub closed a connection that ended its ping unanswered: {:?}",
+        conns[0].close_reason()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn service_returns_after_a_hub_restart() {
     let pki = Pki::new();
