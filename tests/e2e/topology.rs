@@ -202,6 +202,12 @@ fn echo_from(lab: &Lab, ns: &str, addr: &str, msg: &'static [u8]) -> Result<Vec<
     })
 }
 
+/// The value of one series in a Prometheus text page.
+fn metric(page: &str, series: &str) -> Option<f64> {
+    page.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+}
+
 /// One HTTP/1.0 request from namespace `ns`: (status, body).
 fn http_from(
     lab: &Lab,
@@ -441,6 +447,16 @@ listen = "10.0.0.1:8480"
     );
     assert_eq!(legacy_conns.load(Ordering::SeqCst), 1);
     assert_eq!(legacy2_conns.load(Ordering::SeqCst), 1);
+
+    // Path MTU discovery on 1,500-byte links: probes above fail, the path
+    // settles just under the link's MTU, and nothing reads as a black hole.
+    until("gw-01's path MTU settled under 1,500 bytes", || {
+        http_from(&lab, "hub", "127.0.0.1:9600", "GET", "/metrics", "").is_some_and(|(_, m)| {
+            let mtu = metric(&m, "gateway_tunnel_path_mtu_bytes{peer=\"gw-01\"}");
+            let holes = metric(&m, "gateway_tunnel_mtu_black_holes_total{peer=\"gw-01\"}");
+            mtu.is_some_and(|v| v > 1400.0 && v <= 1472.0) && holes == Some(0.0)
+        })
+    });
 
     // 2. Not routed: straight at the legacy address, via the gateway, nothing.
     let direct = echo_from(&lab, "prov", "10.0.0.10:7000", HELLO);
