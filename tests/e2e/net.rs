@@ -17,19 +17,17 @@ use tokio::net::{TcpListener, TcpStream};
 /// Waits for `cond` up to `limit`. The one place the tests poll: for state that
 /// has no event to wait on (readiness, audit rows written by another thread).
 pub async fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + limit;
-    while !cond() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    poll(what, limit, || {
+        let met = cond();
+        async move { if met { Ok(()) } else { Err(String::new()) } }
+    })
+    .await;
 }
 
 /// Asks `probe` until it answers `Ok(value)`, up to `limit`, for state only
 /// reachable by asking (an HTTP API, `/metrics`); `Err(last)` says what it saw,
-/// for the failure message. Polls in the same rhythm as [`wait_for`]; `process::poll_blocking` is its blocking twin.
+/// for the failure message. The one polling loop of the in-process tests;
+/// `process::poll_blocking` is its blocking twin.
 pub async fn poll<T, F, Fut>(what: &str, limit: Duration, mut probe: F) -> T
 where
     F: FnMut() -> Fut,

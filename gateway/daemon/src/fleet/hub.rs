@@ -480,8 +480,9 @@ impl Fleet {
         match self.db(move |r| r.append_audit(&d, &records)).await {
             Ok(Ok(_)) => {}
             Ok(Err(problem)) => {
-                error!(%device, %problem, "ALARM: the device's audit chain does not continue; collection stopped for it");
+                // The registry and the metric say so before the log does.
                 self.ctx.metrics.audit_alarm(device);
+                error!(%device, %problem, "ALARM: the device's audit chain does not continue; collection stopped for it");
                 self.ctx.audit.record(
                     device,
                     "audit",
