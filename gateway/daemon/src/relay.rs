@@ -304,6 +304,13 @@ impl Spliced {
     }
 }
 
+/// After a failed TCP accept (most often: too many open files), logs it and
+/// pauses, so an accept loop does not spin while the condition lasts.
+pub async fn accept_failed(error: &std::io::Error) {
+    tracing::warn!(%error, "Accept failed");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+}
+
 /// Resets a TCP connection (RST instead of FIN) as it is dropped.
 #[allow(deprecated)] // a zero linger never blocks: the kernel sends RST at close
 pub fn reset_tcp(tcp: &tokio::net::TcpStream) {
@@ -341,7 +348,7 @@ pub async fn accept_loop<F, R>(
                     ctx.tracker.spawn(relay.instrument(span));
                 }
             }
-            Err(error) => tracing::warn!(%error, "Accept failed"),
+            Err(error) => accept_failed(&error).await,
         }
     }
     tracing::info!(%listen, "{what} stopped");

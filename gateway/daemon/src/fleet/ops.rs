@@ -197,9 +197,12 @@ impl TlsListener {
                     a = tcp.accept() => a,
                     () = stop.cancelled() => return,
                 };
-                let Ok((stream, addr)) = accepted else {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
+                let (stream, addr) = match accepted {
+                    Ok(a) => a,
+                    Err(error) => {
+                        crate::relay::accept_failed(&error).await;
+                        continue;
+                    }
                 };
                 let (acceptor, tx) = (acceptor.clone(), tx.clone());
                 tokio::spawn(async move {
