@@ -309,7 +309,7 @@ async fn connect(
 
 async fn serve_tunnel(ctx: &Arc<Ctx>, conn: &quinn::Connection, hub: &str) {
     tokio::spawn(crate::udp::read_datagrams(ctx.flows.clone(), conn.clone()));
-    let mut sample = tokio::time::interval(PATH_SAMPLE);
+    let mut sample = tokio::time::interval(crate::metrics::PATH_SAMPLE);
     let mut path = conn.stats().path;
     loop {
         tokio::select! {
@@ -321,25 +321,10 @@ async fn serve_tunnel(ctx: &Arc<Ctx>, conn: &quinn::Connection, hub: &str) {
                 }
                 Err(_) => return,
             },
-            _ = sample.tick() => path = sample_path(ctx, hub, conn, &path),
+            _ = sample.tick() => path = ctx.metrics.sample_path(hub, conn, &path),
             () = ctx.draining.cancelled() => return,
         }
     }
-}
-
-/// How often a tunnel's path figures go to the metrics.
-pub const PATH_SAMPLE: Duration = Duration::from_secs(2);
-
-/// Records `conn`'s path figures for `peer`; returns them for the next sample.
-pub fn sample_path(
-    ctx: &Ctx,
-    peer: &str,
-    conn: &quinn::Connection,
-    before: &quinn::PathStats,
-) -> quinn::PathStats {
-    let now = conn.stats().path;
-    ctx.metrics.path(peer, before, &now);
-    now
 }
 
 /// A hub asks to open one of this edge's services.

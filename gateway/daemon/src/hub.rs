@@ -298,13 +298,13 @@ async fn serve_edge(
         let control = tokio::spawn(fleet.clone().session(device.clone(), send, recv));
         tokio::spawn(crate::udp::read_datagrams(ctx.flows.clone(), conn.clone()));
         ctx.metrics.peer(&device, true);
-        let mut sample = tokio::time::interval(crate::edge::PATH_SAMPLE);
+        let mut sample = tokio::time::interval(crate::metrics::PATH_SAMPLE);
         let mut path = conn.stats().path;
         loop {
             let stream = tokio::select! {
                 s = conn.accept_bi() => s,
                 _ = sample.tick() => {
-                    path = crate::edge::sample_path(&ctx, &device, &conn, &path);
+                    path = ctx.metrics.sample_path(&device, &conn, &path);
                     continue;
                 }
                 () = ctx.draining.cancelled() => break,

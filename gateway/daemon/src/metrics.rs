@@ -38,6 +38,9 @@ pub struct PeerCounters {
     pub black_holes: u64,
 }
 
+/// How often each tunnel connection's path figures are sampled.
+pub const PATH_SAMPLE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// One per-peer series: name (after `gateway_tunnel_`), type, help, value.
 type PeerSeries = (
     &'static str,
@@ -162,10 +165,16 @@ impl Metrics {
         c.up = up;
     }
 
-    /// A sample of one tunnel connection's path to `peer`: `now`, and `before`
-    /// (the same connection's previous sample) so that counters add up over
-    /// every lane and reconnection.
-    pub fn path(&self, peer: &str, before: &quinn::PathStats, now: &quinn::PathStats) {
+    /// Samples `conn`'s path to `peer` against `before` (the same connection's
+    /// previous sample, so that counters add up over every lane and
+    /// reconnection); returns the sample for the next time.
+    pub fn sample_path(
+        &self,
+        peer: &str,
+        conn: &quinn::Connection,
+        before: &quinn::PathStats,
+    ) -> quinn::PathStats {
+        let now = conn.stats().path;
         let mut peers = lock(&self.peers);
         let c = peers.entry(peer.to_owned()).or_default();
         c.rtt_seconds = now.rtt.as_secs_f64();
@@ -177,6 +186,7 @@ impl Metrics {
         c.black_holes += now
             .black_holes_detected
             .saturating_sub(before.black_holes_detected);
+        now
     }
 
     /// A one-line state for the service manager: tunnels up and relays open.
