@@ -224,7 +224,7 @@ fn gatewayctl_says_what_it_needs() {
     let dir = tempfile::tempdir().expect("dir");
     let cred = dir.path().join("c");
     std::fs::write(&cred, "gwa1.x.00").expect("write");
-    gateway_daemon::pki::init(&dir.path().join("ca"), "t").expect("ca");
+    gateway_daemon::tunnel::pki::init(&dir.path().join("ca"), "t").expect("ca");
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("port");

@@ -293,7 +293,7 @@ fn assert_cut_within_5s(client: &mut TcpStream, what: &str) {
 }
 
 fn not_after(cert: &Path) -> i64 {
-    gateway_daemon::pki::validity(&std::fs::read_to_string(cert).expect("cert"))
+    gateway_daemon::tunnel::pki::validity(&std::fs::read_to_string(cert).expect("cert"))
         .expect("validity")
         .1
 }
@@ -348,7 +348,7 @@ fn enrollment_renewal_revocation_and_roles() {
         "the first certificate to expire",
         Duration::from_secs(10),
         || {
-            if gateway_daemon::fleet::now_ms() > first_expiry + 1_000 {
+            if gateway_daemon::node::clock::now_ms() > first_expiry + 1_000 {
                 Ok(())
             } else {
                 Err("not yet".into())
@@ -805,8 +805,8 @@ fn enrollment_connections_without_a_certificate_are_bounded() {
         .build()
         .expect("runtime");
     rt.block_on(async {
-        let client =
-            gateway_daemon::tls::enroll_client(&hub.pki.ca().join("ca.pem")).expect("client");
+        let client = gateway_daemon::tunnel::tls::enroll_client(&hub.pki.ca().join("ca.pem"))
+            .expect("client");
         let endpoint =
             quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
         // One more silent enrollment connection than there are slots: exactly

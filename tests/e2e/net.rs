@@ -9,8 +9,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use gateway_core::check;
 use gateway_core::config;
-use gateway_daemon::daemon::{self, Bindings, Running};
+use gateway_daemon::node::sockets;
+use gateway_daemon::role::{self, Bindings, Running};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -54,7 +56,7 @@ pub struct Pki {
 impl Pki {
     pub fn new() -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        gateway_daemon::pki::init(&dir.path().join("ca"), "test CA").expect("ca");
+        gateway_daemon::tunnel::pki::init(&dir.path().join("ca"), "test CA").expect("ca");
         Pki { dir }
     }
     pub fn ca(&self) -> PathBuf {
@@ -64,7 +66,7 @@ impl Pki {
     pub fn issue(&self, id: &str) -> (PathBuf, PathBuf) {
         let out = self.dir.path().join("certs");
         if !out.join(format!("{id}.pem")).exists() {
-            gateway_daemon::pki::issue(&self.ca(), id, &["127.0.0.1".to_owned()], 30, &out)
+            gateway_daemon::tunnel::pki::issue(&self.ca(), id, &["127.0.0.1".to_owned()], 30, &out)
                 .expect("issue");
         }
         (out.join(format!("{id}.pem")), out.join(format!("{id}.key")))
@@ -72,7 +74,7 @@ impl Pki {
 }
 
 fn bind_tcp(ip: &str) -> (SocketAddr, std::net::TcpListener) {
-    let l = daemon::listen_tcp(format!("{ip}:0").parse().expect("addr")).expect("bind");
+    let l = sockets::listen_tcp(format!("{ip}:0").parse().expect("addr")).expect("bind");
     (l.local_addr().expect("addr"), l)
 }
 
@@ -161,7 +163,7 @@ pub fn hub_toml(
 }
 
 pub fn load(text: &str) -> config::Config {
-    let checked = config::load(text, gateway_daemon::node::today_local());
+    let checked = check::load(text, gateway_daemon::node::clock::today_local());
     let errors: Vec<String> = checked
         .diagnostics
         .iter()
@@ -179,7 +181,7 @@ pub async fn start_hub(pki: &Pki, spec: HubSpec<'_>) -> HubNode {
         .quic
         .unwrap_or_else(|| "127.0.0.1:0".parse().expect("addr"));
     // A restarted hub binds its old address again (SO_REUSEPORT, as the daemon does).
-    let udp = daemon::bind_udp_shared(want).expect("udp");
+    let udp = sockets::bind_udp_shared(want).expect("udp");
     let quic = udp.local_addr().expect("addr");
     let mut bindings = Bindings {
         udp: Some(udp),
@@ -195,7 +197,7 @@ pub async fn start_hub(pki: &Pki, spec: HubSpec<'_>) -> HubNode {
             continue;
         }
         let (addr, l) = match spec.publish_addrs.get(i) {
-            Some(a) => (*a, daemon::listen_tcp(*a).expect("rebind publish")),
+            Some(a) => (*a, sockets::listen_tcp(*a).expect("rebind publish")),
             None => bind_tcp("127.0.0.1"),
         };
         bindings.tcp.insert(addr, l);
@@ -204,7 +206,7 @@ pub async fn start_hub(pki: &Pki, spec: HubSpec<'_>) -> HubNode {
     let (admin, l) = bind_tcp("127.0.0.1");
     bindings.tcp.insert(admin, l);
     let (api, l) = match spec.api {
-        Some(a) => (a, daemon::listen_tcp(a).expect("rebind api")),
+        Some(a) => (a, sockets::listen_tcp(a).expect("rebind api")),
         None => bind_tcp("127.0.0.1"),
     };
     bindings.tcp.insert(api, l);
@@ -213,7 +215,7 @@ pub async fn start_hub(pki: &Pki, spec: HubSpec<'_>) -> HubNode {
         .clone()
         .unwrap_or_else(|| Arc::new(tempfile::tempdir().expect("state")));
     let text = hub_toml(pki, &spec, quic, &publish, (admin, api), state.path());
-    let running = daemon::start(load(&text), bindings)
+    let running = role::start(load(&text), bindings)
         .await
         .expect("hub starts");
     HubNode {
@@ -368,7 +370,7 @@ pub async fn start_edge(pki: &Pki, spec: EdgeSpec<'_>) -> EdgeNode {
         ingest = Some(addr);
     }
     text += spec.extra;
-    let running = daemon::start(load(&text), bindings)
+    let running = role::start(load(&text), bindings)
         .await
         .expect("edge starts");
     EdgeNode {
@@ -434,7 +436,7 @@ pub struct Echo {
 }
 
 pub async fn echo(ip: &str) -> Echo {
-    let std = daemon::listen_tcp(format!("{ip}:0").parse().expect("addr")).expect("bind echo");
+    let std = sockets::listen_tcp(format!("{ip}:0").parse().expect("addr")).expect("bind echo");
     std.set_nonblocking(true).expect("nonblocking");
     let l = TcpListener::from_std(std).expect("echo listener");
     let addr = l.local_addr().expect("addr");

@@ -160,7 +160,7 @@ async fn a_100_mib_transfer_arrives_intact() {
     wait_for(
         "a path sample at the largest MTU",
         Duration::from_secs(10),
-        || path().mtu_bytes == gateway_daemon::tls::MTU_UPPER_BOUND,
+        || path().mtu_bytes == gateway_daemon::tunnel::tls::MTU_UPPER_BOUND,
     )
     .await;
     assert_eq!(path().black_holes, 0, "{:?}", path());
@@ -402,8 +402,8 @@ async fn a_version_mismatch_is_refused_naming_both_versions() {
     let pki = Pki::new();
     let hub = start_hub(&pki, HubSpec::new("hub-01", 2, &[])).await;
     let (cert, key) = pki.issue("edge-v");
-    let client =
-        gateway_daemon::tls::client(&pki.ca().join("ca.pem"), &cert, &key).expect("client config");
+    let client = gateway_daemon::tunnel::tls::client(&pki.ca().join("ca.pem"), &cert, &key)
+        .expect("client config");
     let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
     let conn = endpoint
         .connect_with(client, hub.quic, "127.0.0.1")
@@ -411,10 +411,10 @@ async fn a_version_mismatch_is_refused_naming_both_versions() {
         .await
         .expect("handshake");
     let (mut send, mut recv) = conn.open_bi().await.expect("stream");
-    gateway_daemon::relay::write_frame(&mut send, &Frame::Hello { version: 99 })
+    gateway_daemon::tunnel::frame::write_frame(&mut send, &Frame::Hello { version: 99 })
         .await
         .expect("hello");
-    match gateway_daemon::relay::read_frame(&mut recv)
+    match gateway_daemon::tunnel::frame::read_frame(&mut recv)
         .await
         .expect("answer")
     {
@@ -438,12 +438,12 @@ async fn a_version_mismatch_is_refused_naming_both_versions() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_that_ends_the_ping_unanswered_is_kept() {
     use gateway_core::wire::{Frame, VERSION};
-    use gateway_daemon::relay::{read_frame, write_frame};
+    use gateway_daemon::tunnel::frame::{read_frame, write_frame};
     let pki = Pki::new();
     let hub = start_hub(&pki, HubSpec::new("hub-01", 2, &[])).await;
     let (cert, key) = pki.issue("edge-old");
-    let client =
-        gateway_daemon::tls::client(&pki.ca().join("ca.pem"), &cert, &key).expect("client config");
+    let client = gateway_daemon::tunnel::tls::client(&pki.ca().join("ca.pem"), &cert, &key)
+        .expect("client config");
     let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
     // An old edge: hello, then every stream the hub opens is read and ended.
     let (pinged_tx, mut pinged) = tokio::sync::mpsc::unbounded_channel();

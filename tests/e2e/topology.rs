@@ -349,8 +349,8 @@ fn real_namespaces_bridge_only_what_is_published() {
     let lab = Lab::build();
     let dir = tempfile::tempdir().expect("dir");
     let d = dir.path();
-    gateway_daemon::pki::init(&d.join("ca"), "topology CA").expect("ca");
-    gateway_daemon::pki::issue(
+    gateway_daemon::tunnel::pki::init(&d.join("ca"), "topology CA").expect("ca");
+    gateway_daemon::tunnel::pki::issue(
         &d.join("ca"),
         "hub-01",
         &["172.16.0.1".into()],
@@ -359,7 +359,8 @@ fn real_namespaces_bridge_only_what_is_published() {
     )
     .expect("hub cert");
     for id in ["gw-01", "gw-02"] {
-        gateway_daemon::pki::issue(&d.join("ca"), id, &[], 2, &d.join("certs")).expect("edge cert");
+        gateway_daemon::tunnel::pki::issue(&d.join("ca"), id, &[], 2, &d.join("certs"))
+            .expect("edge cert");
     }
     let legacy_conns = legacy_echo(&lab, "legacy", "10.0.0.10:7000");
     let legacy2_conns = legacy_echo(&lab, "legacy2", "10.0.0.10:7000");

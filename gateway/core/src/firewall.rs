@@ -102,7 +102,7 @@ mod tests {
     #[test]
     fn every_listener_is_opened_on_its_address_and_nothing_is_forwarded() {
         let text = include_str!("../../../config/hub-extranet.toml");
-        let cfg = crate::config::load(text, crate::units::Date::new(2026, 1, 1).expect("date"))
+        let cfg = crate::check::load(text, crate::units::Date::new(2026, 1, 1).expect("date"))
             .config
             .expect("valid");
         let rules = nftables(&cfg);

@@ -2,9 +2,11 @@
 //!
 //! - [`config`]: the configuration users write, parsed from TOML into raw serde
 //!   structs and compiled into checked types, with every mistake located.
+//! - [`check`]: [`check::load`], a config as the daemon accepts it: compiled,
+//!   then the boundary rules applied.
 //! - [`policy`]: the boundary rules (GB/T 22239-2019 levels, secrecy rules) with two
 //!   faces: [`policy::check_config`] at config time and [`policy::Policy::decide`]
-//!   at run time.
+//!   at run time; [`rule`]: the rules' stable ids.
 //! - [`audit`]: the canonical encoding and hash chaining of audit records.
 //! - [`wire`]: the tunnel's frames; [`sniff`]: application-protocol checks;
 //!   [`backoff`]: reconnect delays.
@@ -17,6 +19,7 @@
 
 pub mod audit;
 pub mod backoff;
+pub mod check;
 pub mod config;
 pub mod diag;
 pub mod expiry;
@@ -24,6 +27,7 @@ pub mod firewall;
 pub mod fleet;
 pub mod policy;
 pub mod rate;
+pub mod rule;
 pub mod sniff;
 pub mod summary;
 pub mod units;

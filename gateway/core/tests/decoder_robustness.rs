@@ -3,7 +3,7 @@
 //! exactly when there is no error. Value parsers round-trip through Display.
 //! (The same property is fuzzed by gateway/fuzz's `config_load` target.)
 
-use gateway_core::config;
+use gateway_core::check;
 use gateway_core::units::{ByteSize, Cidr, Date, format_duration, parse_duration};
 use proptest::prelude::*;
 
@@ -75,7 +75,7 @@ proptest! {
     #[test]
     fn edited_configs_never_panic_and_errors_point_inside(seed in 0..SEEDS.len(), edits in prop::collection::vec(edit(), 1..6)) {
         let src = apply(SEEDS[seed].to_owned(), &edits);
-        let checked = config::load(&src, Date::new(2026, 11, 26).expect("date"));
+        let checked = check::load(&src, Date::new(2026, 11, 26).expect("date"));
         let lines = u32::try_from(src.split('\n').count()).expect("lines");
         for d in &checked.diagnostics {
             prop_assert!(d.location.line >= 1 && d.location.line <= lines, "{d:?} in {lines} lines");

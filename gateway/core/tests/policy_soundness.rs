@@ -6,7 +6,8 @@
 use std::cell::Cell;
 use std::net::IpAddr;
 
-use gateway_core::config::{self, Config, Format, Peer, Zone, ZoneKind};
+use gateway_core::check;
+use gateway_core::config::{Config, Format, Peer, Zone, ZoneKind};
 use gateway_core::policy::{Crossing, Origin, Policy};
 use gateway_core::units::Date;
 use proptest::prelude::*;
@@ -324,7 +325,7 @@ fn accepted_configs_never_allow_a_forbidden_crossing() {
     });
     let result = runner.run(&model(), |m| {
         let src = render(&m);
-        let checked = config::load(&src, today());
+        let checked = check::load(&src, today());
         let Some(cfg) = checked.config else {
             if std::env::var_os("SOUNDNESS_DEBUG").is_some() {
                 for d in checked.diagnostics.iter().filter(|d| d.is_error()) {

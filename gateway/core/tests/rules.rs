@@ -1,6 +1,7 @@
 //! Every boundary rule, at config time and at run time, with an allowed and a
 //! refused case each (table-driven).
 
+use gateway_core::check;
 use gateway_core::config::{self, Format};
 use gateway_core::diag::Severity;
 use gateway_core::policy::{Crossing, Origin, Policy, RuleId, Verdict};
@@ -56,7 +57,7 @@ fn channel(zone: &str, extra: &str) -> String {
 
 /// The rule ids of the errors found, and of the warnings.
 fn rules_of(src: &str, today: &str) -> (Vec<RuleId>, Vec<RuleId>, Vec<String>) {
-    let checked = config::load(src, day(today));
+    let checked = check::load(src, day(today));
     let pick = |sev| {
         checked
             .diagnostics
@@ -390,7 +391,7 @@ fn one_way_import_error_names_the_import_device() {
 
 /// A policy over a config that passed every check.
 fn policy(src: &str) -> Policy {
-    let checked = config::load(&edge(src), day(TODAY));
+    let checked = check::load(&edge(src), day(TODAY));
     let msgs: Vec<String> = checked.diagnostics.iter().map(|d| d.render("t")).collect();
     Policy::new(
         checked
@@ -697,7 +698,7 @@ service = "jl-gat-0001/pension-query"
 zone = "extranet"
 listen = "59.72.1.10:18080"
 "#;
-    let checked = config::load(src, day(TODAY));
+    let checked = check::load(src, day(TODAY));
     let p = Policy::new(checked.config.expect("hub config"));
     let today = day(TODAY);
     let listen = "59.72.1.10:18080".parse().expect("addr");

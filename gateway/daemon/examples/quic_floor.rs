@@ -51,9 +51,9 @@ fn endpoint(
     server: Option<quinn::ServerConfig>,
 ) -> Result<quinn::Endpoint, Error> {
     let socket = std::net::UdpSocket::bind(addr)?;
-    gateway_daemon::daemon::size_udp_buffers(&socket);
+    gateway_daemon::node::sockets::size_udp_buffers(&socket);
     Ok(quinn::Endpoint::new(
-        gateway_daemon::tls::edge_endpoint_config(),
+        gateway_daemon::tunnel::tls::edge_endpoint_config(),
         server,
         socket,
         Arc::new(quinn::TokioRuntime),
@@ -75,7 +75,7 @@ fn server_config(cert_out: &str) -> Result<quinn::ServerConfig, Error> {
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    server.transport_config(Arc::new(gateway_daemon::tls::transport()));
+    server.transport_config(Arc::new(gateway_daemon::tunnel::tls::transport()));
     Ok(server)
 }
 
@@ -91,7 +91,7 @@ fn client_config(cert: &str) -> Result<quinn::ClientConfig, Error> {
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
     let mut client = quinn::ClientConfig::new(Arc::new(crypto));
-    client.transport_config(Arc::new(gateway_daemon::tls::transport()));
+    client.transport_config(Arc::new(gateway_daemon::tunnel::tls::transport()));
     Ok(client)
 }
 
@@ -137,12 +137,12 @@ struct Proto {
 impl Proto {
     fn new(addr: SocketAddr, server: Option<quinn::ServerConfig>) -> Result<Self, Error> {
         let socket = std::net::UdpSocket::bind(addr)?;
-        gateway_daemon::daemon::size_udp_buffers(&socket);
+        gateway_daemon::node::sockets::size_udp_buffers(&socket);
         socket.set_nonblocking(true)?;
         let server = server.map(Arc::new);
         Ok(Self {
             endpoint: quinn_proto::Endpoint::new(
-                Arc::new(gateway_daemon::tls::edge_endpoint_config()),
+                Arc::new(gateway_daemon::tunnel::tls::edge_endpoint_config()),
                 server.clone(),
                 true,
                 None,

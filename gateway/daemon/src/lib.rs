@@ -1,28 +1,26 @@
-//! The gateway daemon's shell: command line, and (in later issues) the tunnel
-//! driver, relays, ingest and admin APIs. All decisions live in `gateway-core`;
-//! this crate does the I/O around them.
+//! The gateway daemon: `gatewayd` (edge or hub) and `gatewayctl`, the I/O shell
+//! around the decisions of `gateway-core` and the storage of `gateway-store`.
+//!
+//! Rooms by capability, arrows pointing down (`tests/tools/module-cycles`
+//! checks that no two rooms import each other in a circle):
+//!
+//! - roles: [`role`] (start, reload, drain; [`role::edge`] and [`role::hub`]
+//!   wire the capabilities together) and [`cli`] (the commands).
+//! - capabilities: [`relay`] (TCP and UDP relays), [`channel`] (ingest,
+//!   buffer, sync, sink, delivery, the consumers' API), [`fleet`] (enrollment,
+//!   config, heartbeats, commands, audit collection, the operators' API).
+//! - [`tunnel`]: QUIC and TLS between edges and hubs, and stream framing.
+//! - node services: [`node`] (shared context, audit writer, clock, sockets,
+//!   bandwidth caps), [`admin`] (metrics, health, readiness), [`os`]
+//!   (sd_notify, privilege drop, exit codes).
 #![forbid(unsafe_code)]
 
 pub mod admin;
-pub mod api;
-pub mod audit_sink;
-pub mod buffer;
+pub mod channel;
 pub mod cli;
-pub mod daemon;
-pub mod delivery;
-pub mod edge;
-pub mod exit;
 pub mod fleet;
-pub mod hub;
-pub mod hub_sink;
-pub mod ingest;
-pub mod metrics;
 pub mod node;
-pub mod notify;
-pub mod pki;
-pub mod privilege;
+pub mod os;
 pub mod relay;
-pub mod spool;
-pub mod sync;
-pub mod tls;
-pub mod udp;
+pub mod role;
+pub mod tunnel;

@@ -721,7 +721,7 @@ impl Compiler<'_> {
             };
             let d = Diagnostic::error(self.at(&s.span()), message)
                 .hint(hint)
-                .rule(crate::policy::RuleId::Address);
+                .rule(crate::rule::RuleId::Address);
             self.diags.push(d);
         }
     }
@@ -844,7 +844,7 @@ impl Compiler<'_> {
                         "a published service lives inside its legacy zone ({})",
                         nets(z)
                     ))
-                    .rule(crate::policy::RuleId::Address);
+                    .rule(crate::rule::RuleId::Address);
                     self.diags.push(d);
                 }
             }

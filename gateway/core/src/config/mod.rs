@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::diag::{Diagnostic, Location};
+use crate::diag::Location;
 use crate::units::{ByteSize, Cidr, Date, HostPort};
 
 /// The smallest audit retention the law allows, in days (rule R6.retention).
@@ -513,41 +513,3 @@ pub const DEFAULT_ADMIN_PORT: NonZeroU16 = match NonZeroU16::new(9600) {
     Some(p) => p,
     None => unreachable!(),
 };
-
-/// The result of reading a configuration: the config, if it has no error, and
-/// every diagnostic found.
-#[derive(Debug, Clone)]
-pub struct Checked {
-    /// Present when there is no error.
-    pub config: Option<Config>,
-    /// Errors and warnings, sorted by position.
-    pub diagnostics: Vec<Diagnostic>,
-    /// Whether the boundary rules were applied: they need a config without
-    /// errors in its values and references.
-    pub rules_checked: bool,
-}
-
-impl Checked {
-    /// Whether the configuration is refused.
-    pub fn has_errors(&self) -> bool {
-        self.diagnostics.iter().any(Diagnostic::is_error)
-    }
-}
-
-/// Reads a configuration from TOML text and applies every check, the boundary
-/// rules included, as of `today` (assessment validity).
-pub fn load(src: &str, today: Date) -> Checked {
-    let (config, mut diagnostics) = compile::compile(src);
-    let rules_checked = config.is_some();
-    let config = config.and_then(|config| {
-        diagnostics.extend(crate::policy::check_config(&config, today));
-        let ok = !diagnostics.iter().any(Diagnostic::is_error);
-        ok.then_some(config)
-    });
-    crate::diag::sort(&mut diagnostics);
-    Checked {
-        config,
-        diagnostics,
-        rules_checked,
-    }
-}

@@ -459,7 +459,7 @@ fn ago(ms: &Value) -> String {
     match ms.as_i64() {
         Some(t) => format!(
             "{}s ago",
-            (gateway_daemon::fleet::now_ms() - t).max(0) / 1000
+            (gateway_daemon::node::clock::now_ms() - t).max(0) / 1000
         ),
         None => "-".into(),
     }
@@ -468,7 +468,7 @@ fn ago(ms: &Value) -> String {
 fn until(ms: &Value) -> String {
     match ms.as_i64() {
         Some(t) => {
-            let s = (t - gateway_daemon::fleet::now_ms()) / 1000;
+            let s = (t - gateway_daemon::node::clock::now_ms()) / 1000;
             if s < 0 {
                 "EXPIRED".into()
             } else if s < 120 {

@@ -8,9 +8,9 @@ use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::PathBuf;
 
 use gateway_core::fleet::{self, AdminRole};
-use gateway_store::fleet::Registry;
+use gateway_store::sqlite::SqliteRegistry;
 
-use crate::exit;
+use crate::os::exit;
 
 /// `gatewayd accounts`
 #[derive(Debug, clap::Subcommand)]
@@ -46,7 +46,8 @@ pub struct ListArgs {
     pub config: PathBuf,
 }
 
-fn registry(config: &std::path::Path) -> Result<Registry, (u8, String)> {
+/// The hub's embedded registry file, opened directly (offline, like `gatewayd pki`).
+fn registry(config: &std::path::Path) -> Result<SqliteRegistry, (u8, String)> {
     let checked = super::check::check_file(config, super::today()).map_err(|e| {
         (
             exit::NO_INPUT,
@@ -67,12 +68,12 @@ fn registry(config: &std::path::Path) -> Result<Registry, (u8, String)> {
     };
     std::fs::create_dir_all(&c.node.state_dir)
         .map_err(|e| (exit::OS_ERR, format!("{}: {e}", c.node.state_dir.display())))?;
-    let file = h
-        .settings
-        .registry
-        .clone()
-        .unwrap_or_else(|| c.node.state_dir.join(gateway_store::fleet::FILE_NAME));
-    Registry::open_file(&file).map_err(|e| (exit::OS_ERR, format!("{}: {e}", file.display())))
+    let file = h.settings.registry.clone().unwrap_or_else(|| {
+        c.node
+            .state_dir
+            .join(gateway_store::sqlite::registry::FILE_NAME)
+    });
+    SqliteRegistry::open_file(&file).map_err(|e| (exit::OS_ERR, format!("{}: {e}", file.display())))
 }
 
 /// Runs the subcommand; returns the exit code.
@@ -116,7 +117,7 @@ fn add(a: &AddArgs) -> Result<(), (u8, String)> {
                 format!("{}: {e} (it is never overwritten)", a.out.display()),
             )
         })?;
-    let now = crate::audit_sink::now_ms();
+    let now = crate::node::clock::now_ms();
     if let Err(e) = reg.add_account(&a.name, role, &secret.digest(), now) {
         drop(f);
         let _ = std::fs::remove_file(&a.out);

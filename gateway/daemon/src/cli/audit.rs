@@ -9,7 +9,7 @@ use gateway_store::audit::{AuditLog, OpenError, VerifyError};
 use serde::Serialize;
 
 use super::OutputFormat;
-use crate::exit;
+use crate::os::exit;
 
 /// `gatewayd audit ...`
 #[derive(Debug, clap::Subcommand)]

@@ -7,11 +7,11 @@ use std::path::{Path, PathBuf};
 
 use gateway_core::units::{ByteSize, format_duration};
 use gateway_store::buffer::{self, BufferReader};
-use gateway_store::sink::{self, Sink};
+use gateway_store::sqlite::sink::{self, SqliteSink};
 use serde_json::json;
 
 use super::OutputFormat;
-use crate::exit;
+use crate::os::exit;
 
 /// `gatewayd channels`
 #[derive(Debug, clap::Args)]
@@ -27,7 +27,7 @@ pub struct ChannelsArgs {
 /// Prints the channels; returns the exit code.
 pub fn run(args: &ChannelsArgs) -> u8 {
     let dir = &args.state_dir;
-    let now = crate::audit_sink::now_ms();
+    let now = crate::node::clock::now_ms();
     let (edge, hub) = (
         dir.join(buffer::FILE_NAME).exists(),
         dir.join(sink::FILE_NAME).exists(),
@@ -110,7 +110,7 @@ fn edge_table(dir: &Path, now_ms: i64, format: OutputFormat) -> Result<String, S
 }
 
 fn hub_table(dir: &Path, format: OutputFormat) -> Result<String, String> {
-    let s = Sink::open_read_only(&dir.join(sink::FILE_NAME)).map_err(|e| e.to_string())?;
+    let s = SqliteSink::open_read_only(&dir.join(sink::FILE_NAME)).map_err(|e| e.to_string())?;
     let streams = s.streams().map_err(|e| e.to_string())?;
     if format == OutputFormat::Json {
         let list: Vec<_> = streams

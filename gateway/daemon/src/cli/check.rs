@@ -6,14 +6,14 @@
 
 use std::path::{Path, PathBuf};
 
-use gateway_core::config::{self, Checked};
+use gateway_core::check::{self, Checked};
 use gateway_core::diag::{self, Diagnostic, Severity};
 use gateway_core::summary::Summary;
 use gateway_core::units::Date;
 use serde::Serialize;
 
 use super::OutputFormat;
-use crate::exit;
+use crate::os::exit;
 
 /// Arguments of `gatewayd check`.
 #[derive(Debug, clap::Args)]
@@ -60,7 +60,7 @@ struct JsonReport<'a> {
 /// When the file cannot be read.
 pub fn check_file(path: &Path, today: Date) -> std::io::Result<Checked> {
     let src = std::fs::read_to_string(path)?;
-    let mut checked = config::load(&src, today);
+    let mut checked = check::load(&src, today);
     if let Some(cfg) = &checked.config {
         for f in cfg.runtime_paths() {
             if !f.path.exists() {

@@ -12,13 +12,14 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use gateway_core::check;
 use gateway_core::config;
 use gateway_core::fleet::AdminRole;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-use crate::daemon::{self, Bindings, Running};
-use crate::exit;
+use crate::os::exit;
+use crate::role::{self, Bindings, Running};
 
 /// `gatewayd demo`
 #[derive(Debug, clap::Args)]
@@ -90,7 +91,7 @@ pub fn run(args: &DemoArgs) -> u8 {
 
 fn bind(addr: &str) -> Result<std::net::TcpListener, String> {
     let a: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
-    daemon::listen_tcp(a).map_err(|e| format!("cannot listen on {addr}: {e}"))
+    crate::node::sockets::listen_tcp(a).map_err(|e| format!("cannot listen on {addr}: {e}"))
 }
 
 /// Pre-binds a loopback port for a config and remembers the listener.
@@ -102,7 +103,7 @@ fn port(b: &mut Bindings, ip: &str) -> Result<SocketAddr, String> {
 }
 
 fn load(text: &str, what: &str) -> Result<config::Config, String> {
-    let checked = config::load(text, crate::node::today_local());
+    let checked = check::load(text, crate::node::clock::today_local());
     checked.config.ok_or_else(|| {
         let errors: Vec<String> = checked
             .diagnostics
@@ -126,7 +127,8 @@ fn operators(dir: &Path) -> Result<std::path::PathBuf, String> {
     let out = dir.join("ops");
     std::fs::create_dir_all(&hub_state).map_err(|e| e.to_string())?;
     std::fs::create_dir_all(&out).map_err(|e| e.to_string())?;
-    let mut reg = gateway_store::fleet::Registry::open(&hub_state).map_err(|e| e.to_string())?;
+    let mut reg =
+        gateway_store::sqlite::SqliteRegistry::open(&hub_state).map_err(|e| e.to_string())?;
     for (name, role) in [
         ("system", AdminRole::System),
         ("security", AdminRole::Security),
@@ -138,7 +140,7 @@ fn operators(dir: &Path) -> Result<std::path::PathBuf, String> {
             &secret.owner,
             role,
             &secret.digest(),
-            crate::audit_sink::now_ms(),
+            crate::node::clock::now_ms(),
         )
         .map_err(|e| e.to_string())?;
         std::fs::OpenOptions::new()
@@ -284,11 +286,11 @@ async fn demo(dir: &Path) -> Result<Vec<Running>, String> {
     );
     let ca = dir.join("ca");
     let certs = dir.join("certs");
-    crate::pki::init(&ca, "gatewayd demo CA").map_err(|e| e.to_string())?;
-    crate::pki::issue(&ca, "hub-01", &["127.0.0.1".into()], 30, &certs)
+    crate::tunnel::pki::init(&ca, "gatewayd demo CA").map_err(|e| e.to_string())?;
+    crate::tunnel::pki::issue(&ca, "hub-01", &["127.0.0.1".into()], 30, &certs)
         .map_err(|e| e.to_string())?;
     for id in ["dept-a", "dept-b"] {
-        crate::pki::issue(&ca, id, &[], 30, &certs).map_err(|e| e.to_string())?;
+        crate::tunnel::pki::issue(&ca, id, &[], 30, &certs).map_err(|e| e.to_string())?;
     }
     println!(
         "   {}  (gatewayd pki init / pki issue do the same)",
@@ -306,8 +308,9 @@ async fn demo(dir: &Path) -> Result<Vec<Running>, String> {
     tokio::spawn(legacy_app(app));
 
     let mut hb = Bindings::default();
-    let udp = daemon::bind_udp_shared("127.0.0.1:0".parse().map_err(|e| format!("{e}"))?)
-        .map_err(|e| e.to_string())?;
+    let udp =
+        crate::node::sockets::bind_udp_shared("127.0.0.1:0".parse().map_err(|e| format!("{e}"))?)
+            .map_err(|e| e.to_string())?;
     let quic = udp.local_addr().map_err(|e| e.to_string())?;
     hb.udp = Some(udp);
     let (hub_admin, api, publish, ops) = (
@@ -432,13 +435,13 @@ max_record_bytes = "64KiB"
     let creds = operators(dir)?;
     ab.config_source = Some((0, a_text.clone()));
     bb.config_source = Some((0, b_text.clone()));
-    let hub = daemon::start(load(&hub_text, "hub-01.toml")?, hb)
+    let hub = role::start(load(&hub_text, "hub-01.toml")?, hb)
         .await
         .map_err(|e| e.to_string())?;
-    let a = daemon::start(load(&a_text, "dept-a.toml")?, ab)
+    let a = role::start(load(&a_text, "dept-a.toml")?, ab)
         .await
         .map_err(|e| e.to_string())?;
-    let b = daemon::start(load(&b_text, "dept-b.toml")?, bb)
+    let b = role::start(load(&b_text, "dept-b.toml")?, bb)
         .await
         .map_err(|e| e.to_string())?;
     poll("both tunnels", || async {

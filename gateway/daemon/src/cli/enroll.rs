@@ -6,8 +6,8 @@
 use std::path::PathBuf;
 
 use super::run::init_logging;
-use crate::exit;
 use crate::fleet::edge::{self, EnrollError};
+use crate::os::exit;
 
 /// `gatewayd enroll`
 #[derive(Debug, clap::Args)]
@@ -73,7 +73,8 @@ pub fn run(args: &EnrollArgs) -> u8 {
     match rt.block_on(edge::enroll(&config, &token)) {
         Ok((hub, not_after)) => {
             // Whole minutes once it is long: "24h", not "86399s".
-            let secs = u64::try_from((not_after - crate::audit_sink::now_ms()) / 1000).unwrap_or(0);
+            let secs =
+                u64::try_from((not_after - crate::node::clock::now_ms()) / 1000).unwrap_or(0);
             let left = std::time::Duration::from_secs(if secs >= 120 {
                 (secs + 30) / 60 * 60
             } else {

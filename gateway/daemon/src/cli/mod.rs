@@ -23,7 +23,7 @@ pub enum OutputFormat {
 
 /// Today's date in China Standard Time, in which assessment dates are written.
 pub fn today() -> Date {
-    crate::node::today_local()
+    crate::node::clock::today_local()
 }
 
 /// Parses `--at YYYY-MM-DD` for clap.

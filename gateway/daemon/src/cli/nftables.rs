@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use crate::exit;
+use crate::os::exit;
 
 /// `gatewayd nftables`
 #[derive(Debug, clap::Args)]
@@ -23,7 +23,7 @@ pub fn run(args: &NftablesArgs) -> u8 {
             return exit::NO_INPUT;
         }
     };
-    let checked = gateway_core::config::load(&text, super::today());
+    let checked = gateway_core::check::load(&text, super::today());
     let Some(config) = checked.config else {
         eprintln!(
             "error: {} is not valid; `gatewayd check --config {}` shows why",

@@ -2,8 +2,8 @@
 
 use std::path::PathBuf;
 
-use crate::exit;
-use crate::pki;
+use crate::os::exit;
+use crate::tunnel::pki;
 
 /// `gatewayd pki ...`
 #[derive(Debug, clap::Subcommand)]

@@ -11,14 +11,14 @@ use std::time::Duration;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
-use crate::daemon::{self, Bindings, StartError};
-use crate::exit;
 use crate::fleet::edge as managed;
-use crate::node::today_local;
-use crate::notify;
-use crate::pki::PkiError;
-use crate::privilege;
-use crate::tls::TlsError;
+use crate::node::clock::today_local;
+use crate::os::exit;
+use crate::os::notify;
+use crate::os::privilege;
+use crate::role::{self, Bindings, StartError};
+use crate::tunnel::pki::PkiError;
+use crate::tunnel::tls::TlsError;
 
 /// Arguments of `gatewayd run`.
 #[derive(Debug, clap::Args)]
@@ -154,7 +154,7 @@ async fn serve(args: &RunArgs, config: gateway_core::config::Config) -> u8 {
         config_source: Some(source),
         ..Bindings::default()
     };
-    let running = match daemon::start(config, bindings).await {
+    let running = match role::start(config, bindings).await {
         Ok(r) => r,
         Err(e) => {
             error!("Not started: {e}");
@@ -174,6 +174,7 @@ async fn serve(args: &RunArgs, config: gateway_core::config::Config) -> u8 {
                 | StartError::Audit(_)
                 | StartError::Buffer(_)
                 | StartError::Sink(_)
+                | StartError::Registry(_)
                 | StartError::Fleet(_) => exit::OS_ERR,
             };
         }

@@ -42,8 +42,8 @@ impl OpsClient {
             .ok_or_else(|| ClientError::Setup(format!("--hub {hub:?}: expected HOST:PORT")))?;
         let name = ServerName::try_from(host.to_owned())
             .map_err(|e| ClientError::Setup(format!("--hub {hub:?}: {e}")))?;
-        let tls =
-            crate::tls::ops_client(ca).map_err(|e| ClientError::Setup(format!("--ca: {e}")))?;
+        let tls = crate::tunnel::tls::ops_client(ca)
+            .map_err(|e| ClientError::Setup(format!("--ca: {e}")))?;
         let credential = std::fs::read_to_string(credentials)
             .map_err(|e| {
                 ClientError::Setup(format!("--credentials {}: {e}", credentials.display()))

@@ -20,10 +20,11 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
-use super::{now_ms, read_msg, write_msg};
+use super::{read_msg, write_msg};
 use crate::node::Ctx;
-use crate::pki::{self, PkiError};
-use crate::tls::{self, ClientHolder};
+use crate::node::clock::now_ms;
+use crate::tunnel::pki::{self, PkiError};
+use crate::tunnel::tls::{self, ClientHolder};
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -360,7 +361,7 @@ fn command(fleet: &EdgeFleet, ctx: &Ctx, kind: CommandKind) -> (bool, String) {
         CommandKind::Reconnect => (false, "reconnect is handled by the session".into()),
         CommandKind::Diagnostics => {
             let (version, text) = fleet.applied();
-            let checked = gateway_core::config::load(&text, crate::node::today_local());
+            let checked = gateway_core::check::load(&text, crate::node::clock::today_local());
             let check: Vec<String> = checked
                 .diagnostics
                 .iter()
@@ -563,7 +564,7 @@ fn save_managed(
 /// Checks a config text the way `gatewayd check` does; the errors rendered
 /// with their line and column under `name`.
 pub fn check_text(text: &str, name: &str) -> Result<Config, Vec<String>> {
-    let checked = gateway_core::config::load(text, crate::node::today_local());
+    let checked = gateway_core::check::load(text, crate::node::clock::today_local());
     match checked.config {
         Some(c) => Ok(c),
         None => Err(checked

@@ -10,14 +10,15 @@ use std::time::Duration;
 use gateway_core::fleet::{
     self, CommandKind, ConfigOutcome, EnrollAnswer, EnrollRequest, Message, Secret,
 };
-use gateway_store::fleet::{FleetError, Registry};
+use gateway_store::registry::{AppliedReport, ConfigPush, Enrollment, Registry, RegistryError};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{Instrument, error, info, info_span, warn};
 
-use super::{now_ms, read_msg, write_msg};
-use crate::hub::Devices;
+use super::{read_msg, write_msg};
 use crate::node::Ctx;
-use crate::pki::Signer;
+use crate::node::clock::now_ms;
+use crate::tunnel::devices::Devices;
+use crate::tunnel::pki::Signer;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -28,7 +29,7 @@ pub type CommandAnswer = (bool, String);
 
 /// The hub's fleet state.
 pub struct Fleet {
-    reg: Arc<Mutex<Registry>>,
+    reg: Arc<dyn Registry>,
     signer: Signer,
     export_key: Option<(ring::signature::EcdsaKeyPair, String)>,
     lifetime: Duration,
@@ -49,7 +50,7 @@ pub const MAX_ENROLLING: usize = 32;
 pub enum OpsError {
     /// The registry failed.
     #[error(transparent)]
-    Fleet(#[from] FleetError),
+    Fleet(#[from] RegistryError),
     /// The device is not connected.
     #[error("device {0} is not connected to this hub")]
     Offline(String),
@@ -59,24 +60,21 @@ pub enum OpsError {
 }
 
 impl Fleet {
-    /// Opens the registry in `state_dir` and loads the CA.
-    ///
-    /// # Errors
-    /// When the registry or the CA cannot be opened.
-    pub fn open(
+    /// The hub's fleet state over an open registry and the CA's signer.
+    pub fn new(
         ctx: Arc<Ctx>,
         devices: Arc<Devices>,
-        registry: &std::path::Path,
+        registry: Arc<dyn Registry>,
         signer: Signer,
         lifetime: Duration,
         hub_identity: (&std::path::Path, &std::path::Path),
-    ) -> Result<Arc<Self>, FleetError> {
+    ) -> Arc<Self> {
         let export_key = export_key(hub_identity.0, hub_identity.1);
         if export_key.is_none() {
             warn!("The hub's key is not ECDSA P-256: audit exports are not signed");
         }
-        Ok(Arc::new(Fleet {
-            reg: Arc::new(Mutex::new(Registry::open_file(registry)?)),
+        Arc::new(Fleet {
+            reg: registry,
             signer,
             export_key,
             lifetime,
@@ -86,19 +84,12 @@ impl Fleet {
             pending: Mutex::new(HashMap::new()),
             next_command: AtomicU64::new(1),
             enrolling: Arc::new(tokio::sync::Semaphore::new(MAX_ENROLLING)),
-        }))
+        })
     }
 
-    /// Runs `f` on the registry off the async threads.
-    pub async fn db<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&mut Registry) -> T + Send + 'static,
-    ) -> T {
-        let reg = self.reg.clone();
-        match tokio::task::spawn_blocking(move || f(&mut lock(&reg))).await {
-            Ok(v) => v,
-            Err(e) => std::panic::resume_unwind(e.into_panic()),
-        }
+    /// The registry.
+    pub fn registry(&self) -> &dyn Registry {
+        &*self.reg
     }
 
     /// The hub's audit, for operators' actions.
@@ -122,8 +113,10 @@ impl Fleet {
 
     /// Whether `device` may connect.
     pub async fn is_revoked(&self, device: &str) -> bool {
-        let d = device.to_owned();
-        self.db(move |r| r.is_revoked(&d)).await.unwrap_or(false)
+        self.reg
+            .is_revoked(device.to_owned())
+            .await
+            .unwrap_or(false)
     }
 
     /// Whether `device` has a control session here now.
@@ -135,9 +128,11 @@ impl Fleet {
     ///
     /// # Errors
     /// When the registry fails.
-    pub async fn revoke(&self, device: &str, by: &str) -> Result<bool, FleetError> {
-        let (d, b) = (device.to_owned(), by.to_owned());
-        let fresh = self.db(move |r| r.revoke(&d, &b, now_ms())).await?;
+    pub async fn revoke(&self, device: &str, by: &str) -> Result<bool, RegistryError> {
+        let fresh = self
+            .reg
+            .revoke(device.to_owned(), by.to_owned(), now_ms())
+            .await?;
         let closed = self.devices.close_all(
             device,
             fleet::CLOSE_REVOKED,
@@ -160,10 +155,15 @@ impl Fleet {
     ///
     /// # Errors
     /// When the registry fails.
-    pub async fn push(&self, device: &str, text: String, by: &str) -> Result<u64, FleetError> {
-        let (d, b, t) = (device.to_owned(), by.to_owned(), text.clone());
+    pub async fn push(&self, device: &str, text: String, by: &str) -> Result<u64, RegistryError> {
         let version = self
-            .db(move |r| r.push_config(&d, &t, &b, now_ms()))
+            .reg
+            .push_config(ConfigPush {
+                device: device.to_owned(),
+                text: text.clone(),
+                by: by.to_owned(),
+                now_ms: now_ms(),
+            })
             .await?;
         info!(%device, version, by, "Config version stored; offering it");
         self.send(device, Message::ConfigOffer { version, text });
@@ -214,12 +214,12 @@ impl Fleet {
             return;
         };
         let Ok(Ok((mut send, mut recv))) =
-            tokio::time::timeout(crate::relay::HANDSHAKE_TIMEOUT, conn.accept_bi()).await
+            tokio::time::timeout(crate::tunnel::frame::HANDSHAKE_TIMEOUT, conn.accept_bi()).await
         else {
             return;
         };
         let req: EnrollRequest = match tokio::time::timeout(
-            crate::relay::HANDSHAKE_TIMEOUT,
+            crate::tunnel::frame::HANDSHAKE_TIMEOUT,
             read_msg(&mut recv),
         )
         .await
@@ -271,14 +271,21 @@ impl Fleet {
         }
         let me = self.clone();
         let (digest, csr, id) = (token.digest(), req.csr_pem.clone(), req.device.clone());
+        let sign = Box::new(move || {
+            me.signer
+                .sign_csr(&csr, &id, now_ms(), me.lifetime)
+                .map_err(|e| RegistryError::Refused(e.to_string()))
+        });
         let result = self
-            .db(move |r| {
-                r.enroll(&digest, &id, now_ms(), || {
-                    me.signer
-                        .sign_csr(&csr, &id, now_ms(), me.lifetime)
-                        .map_err(|e| FleetError::Refused(e.to_string()))
-                })
-            })
+            .reg
+            .enroll(
+                Enrollment {
+                    digest,
+                    device: req.device.clone(),
+                    now_ms: now_ms(),
+                },
+                sign,
+            )
             .await;
         match result {
             Ok(cert_pem) => {
@@ -326,8 +333,7 @@ impl Fleet {
                     // The edge's first message marks its management lane.
                     lock(&self.sessions).insert(device.clone(), tx.clone());
                     registered = true;
-                    let d = device.clone();
-                    let next = self.db(move |r| r.audit_next(&d)).await.unwrap_or(1);
+                    let next = self.reg.audit_next(device.clone()).await.unwrap_or(1);
                     let _ = tx.send(Message::AuditCursor { next_seq: next });
                 }
                 self.handle(&device, m, &tx).await;
@@ -350,40 +356,48 @@ impl Fleet {
             Message::Heartbeat(status) => {
                 let json = serde_json::to_string(&status).unwrap_or_default();
                 let not_after = status.cert_not_after_ms;
-                let _ = self
-                    .db(move |r| {
-                        if let Some(t) = not_after {
-                            r.set_cert(&d, t)?;
-                        }
-                        r.heartbeat(&d, now_ms(), &json)
-                    })
-                    .await;
+                let cert_known = match not_after {
+                    Some(t) => self.reg.set_cert(d.clone(), t).await,
+                    None => Ok(()),
+                };
+                if cert_known.is_ok() {
+                    let _ = self.reg.heartbeat(d, now_ms(), json).await;
+                }
             }
             Message::ConfigState { version, text } => {
-                let offer = self
-                    .db(move |r| -> Result<Option<(u64, String)>, FleetError> {
-                        let known = r.device(&d)?;
-                        // The last result stays while the version in force is
-                        // the one it speaks of (a refusal or a revert).
-                        let result = known
-                            .as_ref()
-                            .and_then(|k| k.applied.clone())
-                            .filter(|(v, _, _)| *v == version)
-                            .map_or_else(|| "{\"outcome\":\"connected\"}".to_owned(), |a| a.1);
-                        r.set_applied(&d, version, Some(&text), &result, now_ms())?;
-                        let desired = r.desired(&d)?;
-                        // Offer what is newer, unless the edge already refused
-                        // or reverted exactly that version.
-                        let refused = known
-                            .and_then(|k| k.applied)
-                            .and_then(|(_, result, _)| {
-                                serde_json::from_str::<serde_json::Value>(&result).ok()
-                            })
-                            .filter(|v| v["outcome"] != "applied" && v["outcome"] != "connected")
-                            .and_then(|v| v["offered"].as_u64());
-                        Ok(desired.filter(|(v, _)| *v > version && Some(*v) != refused))
-                    })
-                    .await;
+                let offer = async {
+                    let known = self.reg.device(d.clone()).await?;
+                    // The last result stays while the version in force is
+                    // the one it speaks of (a refusal or a revert).
+                    let result = known
+                        .as_ref()
+                        .and_then(|k| k.applied.clone())
+                        .filter(|(v, _, _)| *v == version)
+                        .map_or_else(|| "{\"outcome\":\"connected\"}".to_owned(), |a| a.1);
+                    self.reg
+                        .set_applied(AppliedReport {
+                            device: d.clone(),
+                            version,
+                            text: Some(text),
+                            result,
+                            now_ms: now_ms(),
+                        })
+                        .await?;
+                    let desired = self.reg.desired(d).await?;
+                    // Offer what is newer, unless the edge already refused
+                    // or reverted exactly that version.
+                    let refused = known
+                        .and_then(|k| k.applied)
+                        .and_then(|(_, result, _)| {
+                            serde_json::from_str::<serde_json::Value>(&result).ok()
+                        })
+                        .filter(|v| v["outcome"] != "applied" && v["outcome"] != "connected")
+                        .and_then(|v| v["offered"].as_u64());
+                    Ok::<_, RegistryError>(
+                        desired.filter(|(v, _)| *v > version && Some(*v) != refused),
+                    )
+                }
+                .await;
                 if let Ok(Some((version, text))) = offer {
                     info!(version, "Offering the desired config");
                     let _ = tx.send(Message::ConfigOffer { version, text });
@@ -408,7 +422,14 @@ impl Fleet {
                     }
                 };
                 let _ = self
-                    .db(move |r| r.set_applied(&d, applied, None, &json, now_ms()))
+                    .reg
+                    .set_applied(AppliedReport {
+                        device: d,
+                        version: applied,
+                        text: None,
+                        result: json,
+                        now_ms: now_ms(),
+                    })
                     .await;
                 let (result, detail) = match &outcome {
                     ConfigOutcome::Applied => ("ok", format!("applied version {applied}")),
@@ -449,7 +470,7 @@ impl Fleet {
                         .sign_csr(&csr_pem, device, now_ms(), self.lifetime)
                     {
                         Ok((cert_pem, not_after)) => {
-                            let _ = self.db(move |r| r.set_cert(&d, not_after)).await;
+                            let _ = self.reg.set_cert(d, not_after).await;
                             Message::Renewed { cert_pem }
                         }
                         Err(e) => Message::RenewRefused {
@@ -475,9 +496,8 @@ impl Fleet {
     }
 
     async fn collect(&self, device: &str, records: Vec<gateway_core::audit::Record>) {
-        let d = device.to_owned();
         let n = records.len();
-        match self.db(move |r| r.append_audit(&d, &records)).await {
+        match self.reg.append_audit(device.to_owned(), records).await {
             Ok(Ok(_)) => {}
             Ok(Err(problem)) => {
                 // The registry and the metric say so before the log does.
@@ -505,7 +525,7 @@ impl Fleet {
             if ids.is_empty() {
                 continue;
             }
-            let Ok(revoked) = self.db(move |r| r.revoked_among(&ids)).await else {
+            let Ok(revoked) = self.reg.revoked_among(ids).await else {
                 continue;
             };
             for device in revoked {
@@ -534,7 +554,7 @@ impl Fleet {
     pub async fn prune_loop(self: Arc<Self>, days: u32) {
         loop {
             let before = now_ms() - i64::from(days) * 86_400_000;
-            match self.db(move |r| r.prune_audit(before)).await {
+            match self.reg.prune_audit(before).await {
                 Ok(0) => {}
                 Ok(n) => info!(records = n, days, "Pruned collected audit past retention"),
                 Err(e) => warn!(%e, "Cannot prune collected audit"),

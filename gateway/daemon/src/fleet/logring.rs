@@ -76,7 +76,7 @@ impl<S: Subscriber> tracing_subscriber::Layer<S> for RingLayer {
         if r.lines.len() == KEEP {
             r.lines.pop_front();
         }
-        let stamp = crate::fleet::now_ms();
+        let stamp = crate::node::clock::now_ms();
         r.lines
             .push_back(format!("{}.{:03} {}", stamp / 1000, stamp % 1000, line.0));
     }

@@ -61,11 +61,6 @@ pub async fn write_msg<T: Serialize, W: AsyncWrite + Unpin>(
     w.write_all(&fleet::encode(m)).await
 }
 
-/// Unix ms.
-pub fn now_ms() -> i64 {
-    crate::audit_sink::now_ms()
-}
-
 /// A fresh token or credential of `kind` for `owner`: 32 random bytes.
 pub fn new_secret(kind: &'static str, owner: String) -> fleet::Secret {
     fleet::Secret {

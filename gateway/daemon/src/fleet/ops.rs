@@ -31,6 +31,7 @@ use gateway_core::config::Role;
 use gateway_core::fleet::{
     self, Action, AdminRole, CommandKind, EXPORT_FORMAT, ExportHeader, Secret,
 };
+use gateway_store::registry::NewToken;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
@@ -38,7 +39,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::hub::Fleet;
-use super::now_ms;
+use crate::node::clock::now_ms;
 
 /// An error answer: status and message (JSON `{"error": ...}`).
 pub struct ApiError(StatusCode, String);
@@ -90,10 +91,7 @@ async fn account(
     let secret = Secret::parse(fleet::CREDENTIAL_KIND, bearer)
         .ok_or_else(|| unauthorized("malformed credential"))?;
     let digest = secret.digest();
-    let found = fleet
-        .db(move |r| r.account(&digest))
-        .await
-        .map_err(internal)?;
+    let found = fleet.registry().account(digest).await.map_err(internal)?;
     found.ok_or_else(|| {
         warn!(account = %secret.owner, "Operator API: unknown credential");
         fleet.ctx().audit.record(
@@ -200,7 +198,7 @@ impl TlsListener {
                 let (stream, addr) = match accepted {
                     Ok(a) => a,
                     Err(error) => {
-                        crate::relay::accept_failed(&error).await;
+                        crate::node::sockets::accept_failed(&error).await;
                         continue;
                     }
                 };
@@ -275,9 +273,15 @@ async fn token_create(
     let expires_s = req.expires_s.unwrap_or(86_400);
     let expires_ms =
         now_ms() + i64::try_from(expires_s.saturating_mul(1000)).unwrap_or(i64::MAX / 2);
-    let (d, digest, b) = (req.device.clone(), secret.digest(), by.clone());
     fleet
-        .db(move |r| r.create_token(&d, &digest, expires_ms, &b, now_ms()))
+        .registry()
+        .create_token(NewToken {
+            device: req.device.clone(),
+            digest: secret.digest(),
+            expires_ms,
+            by: by.clone(),
+            now_ms: now_ms(),
+        })
         .await
         .map_err(|e| ApiError(StatusCode::CONFLICT, e.to_string()))?;
     info!(device = %req.device, by, expires_s, "Enrollment token created");
@@ -298,7 +302,7 @@ async fn token_create(
 }
 
 /// What operators see of one device.
-fn device_view(fleet: &Fleet, row: &gateway_store::fleet::DeviceRow) -> Value {
+fn device_view(fleet: &Fleet, row: &gateway_store::registry::DeviceRow) -> Value {
     let connected = fleet.connected(&row.id);
     let status: Value = row
         .status
@@ -352,7 +356,7 @@ async fn devices_list(State(fleet): State<Arc<Fleet>>, headers: HeaderMap) -> An
         "devices",
     )
     .await?;
-    let rows = fleet.db(|r| r.devices()).await.map_err(internal)?;
+    let rows = fleet.registry().devices().await.map_err(internal)?;
     let out = rows.iter().map(|r| device_view(&fleet, r)).collect();
     Ok(axum::Json(Value::Array(out)).into_response())
 }
@@ -363,8 +367,11 @@ async fn device_show(
     Path(id): Path<String>,
 ) -> Answer {
     authorize(&fleet, &headers, Action::DevicesRead, "show devices", &id).await?;
-    let d = id.clone();
-    let row = fleet.db(move |r| r.device(&d)).await.map_err(internal)?;
+    let row = fleet
+        .registry()
+        .device(id.clone())
+        .await
+        .map_err(internal)?;
     match row {
         Some(row) => Ok(axum::Json(device_view(&fleet, &row)).into_response()),
         None => Err(ApiError(
@@ -383,7 +390,7 @@ async fn config_status(State(fleet): State<Arc<Fleet>>, headers: HeaderMap) -> A
         "config",
     )
     .await?;
-    let rows = fleet.db(|r| r.devices()).await.map_err(internal)?;
+    let rows = fleet.registry().devices().await.map_err(internal)?;
     let out: Vec<Value> = rows
         .iter()
         .map(|r| {
@@ -471,15 +478,11 @@ async fn config_push(
             vec![],
         );
     }
-    let d = id.clone();
-    let base = fleet
-        .db(
-            move |r| -> Result<Option<(u64, String)>, gateway_store::fleet::FleetError> {
-                Ok(r.desired(&d)?.or(r.applied(&d)?))
-            },
-        )
-        .await
-        .map_err(internal)?;
+    let reg = fleet.registry();
+    let base = match reg.desired(id.clone()).await.map_err(internal)? {
+        Some(desired) => Some(desired),
+        None => reg.applied(id.clone()).await.map_err(internal)?,
+    };
     let Some((base_version, base_text)) = base else {
         return refuse(
             StatusCode::CONFLICT,
@@ -588,29 +591,27 @@ async fn config_show(
     Query(q): Query<Which>,
 ) -> Answer {
     authorize(&fleet, &headers, Action::DevicesRead, "read config", &id).await?;
-    let d = id.clone();
-    let which = q.version.clone();
-    let found = fleet
-        .db(
-            move |r| -> Result<Option<(String, String)>, gateway_store::fleet::FleetError> {
-                Ok(match which.as_deref() {
-                    Some("applied") => r
-                        .applied(&d)?
-                        .map(|(v, t)| (format!("applied, version {v}"), t)),
-                    Some(n) => match n.parse::<u64>() {
-                        Ok(v) => r
-                            .config_version(&d, v)?
-                            .map(|t| (format!("version {v}"), t)),
-                        Err(_) => None,
-                    },
-                    None => r
-                        .desired(&d)?
-                        .map(|(v, t)| (format!("desired, version {v}"), t)),
-                })
-            },
-        )
-        .await
-        .map_err(internal)?;
+    let reg = fleet.registry();
+    let found = match q.version.as_deref() {
+        Some("applied") => reg
+            .applied(id.clone())
+            .await
+            .map_err(internal)?
+            .map(|(v, t)| (format!("applied, version {v}"), t)),
+        Some(n) => match n.parse::<u64>() {
+            Ok(v) => reg
+                .config_version(id.clone(), v)
+                .await
+                .map_err(internal)?
+                .map(|t| (format!("version {v}"), t)),
+            Err(_) => None,
+        },
+        None => reg
+            .desired(id.clone())
+            .await
+            .map_err(internal)?
+            .map(|(v, t)| (format!("desired, version {v}"), t)),
+    };
     match found {
         Some((what, text)) => Ok((
             [
@@ -655,12 +656,12 @@ async fn audit_export(
             }
         },
     };
-    let d = id.clone();
     let found = fleet
-        .db(move |r| r.audit_export(&d, since_ms))
+        .registry()
+        .audit_export(id.clone(), since_ms)
         .await
         .map_err(internal)?;
-    let Some((anchor_seq, anchor_hash, head_seq, head_hash, continuous, records)) = found else {
+    let Some(export) = found else {
         return Err(ApiError(
             StatusCode::NOT_FOUND,
             format!("no audit collected from {id}"),
@@ -669,11 +670,11 @@ async fn audit_export(
     let mut header = ExportHeader {
         format: EXPORT_FORMAT.into(),
         device: id.clone(),
-        anchor_seq,
-        anchor_hash,
-        head_seq,
-        head_hash,
-        continuous,
+        anchor_seq: export.anchor_seq,
+        anchor_hash: export.anchor_hash,
+        head_seq: export.head_seq,
+        head_hash: export.head_hash,
+        continuous: export.continuous,
         exported_ms: now_ms(),
         signed_by: None,
         hub_cert_pem: None,
@@ -681,6 +682,7 @@ async fn audit_export(
     };
     fleet.sign_export(&mut header);
     let mut out = serde_json::to_string(&header).map_err(internal)?;
+    let records = export.records;
     for r in &records {
         out.push('\n');
         out += &serde_json::to_string(r).map_err(internal)?;

@@ -1,0 +1,284 @@
+//! Delivery to another department: the destination edge's half of
+//! `deliver_to = "DEVICE/CHANNEL"`.
+//!
+//! The hub opens a stream with `Deliver{from, channel}` and sends the source's
+//! records as batches. This edge checks each record at its own boundary (the
+//! policy's channel rules and the declared format), writes it as one file into
+//! `STATE_DIR/spool/CHANNEL/out/` and only then acknowledges; a record refused
+//! here goes to `failed/` with `NAME.reason` and is audited. Files are named
+//! `SOURCE-DEVICE.SOURCE-CHANNEL.SEQ.EXT` (SEQ zero-padded to 20 digits, so
+//! names sort in order) and appear by rename, whole.
+//!
+//! Exactly once: see `gateway_store::inbox` (staged files, a durable mark per
+//! source, recovery of pending renames at the start of every stream).
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use gateway_core::config::Format;
+use gateway_core::wire::{Frame, RefuseCode, SyncRecord};
+use gateway_store::inbox::Inbox;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use super::check::check_records;
+use super::spool::write_whole;
+use crate::node::Ctx;
+use crate::tunnel::frame::{read_batch, refuse, write_frame};
+
+/// The inbox, shared by delivery streams and used from blocking threads, and
+/// the state directory whose spool the deliveries are written to.
+#[derive(Clone)]
+pub struct InboxHandle {
+    inbox: Arc<Mutex<Inbox>>,
+    state_dir: PathBuf,
+}
+
+impl InboxHandle {
+    /// Wraps an open inbox of `state_dir`.
+    pub fn new(inbox: Inbox, state_dir: PathBuf) -> Self {
+        InboxHandle {
+            inbox: Arc::new(Mutex::new(inbox)),
+            state_dir,
+        }
+    }
+
+    async fn with<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Inbox) -> Result<T, String> + Send + 'static,
+    ) -> Result<T, String> {
+        let inbox = self.inbox.clone();
+        tokio::task::spawn_blocking(move || {
+            f(&mut inbox
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner))
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+}
+
+/// `spool/CHANNEL/{.staging, out, failed}` under `state_dir`.
+pub fn dirs(state_dir: &Path, channel: &str) -> [PathBuf; 3] {
+    let base = state_dir.join("spool").join(channel);
+    [base.join(".staging"), base.join("out"), base.join("failed")]
+}
+
+fn extension(format: &str) -> &'static str {
+    match format {
+        "json" => "json",
+        "xml" => "xml",
+        "csv" => "csv",
+        "raw" => "bin",
+        _ => "txt",
+    }
+}
+
+fn format_of(name: &str) -> Option<Format> {
+    match name {
+        "json" => Some(Format::Json),
+        "xml" => Some(Format::Xml),
+        "csv" => Some(Format::Csv),
+        "text" => Some(Format::Text),
+        "raw" => Some(Format::Raw),
+        _ => None,
+    }
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Finishes what a crash interrupted: pending files are renamed into `out/`,
+/// staged files that were never committed are removed.
+fn recover(
+    inbox: &mut Inbox,
+    channel: &str,
+    [staging, out, _]: &[PathBuf; 3],
+) -> Result<(), String> {
+    for d in [staging, out] {
+        std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+    }
+    let pending = inbox.pending(channel).map_err(|e| e.to_string())?;
+    for name in &pending {
+        let from = staging.join(name);
+        if from.exists() {
+            std::fs::rename(&from, out.join(name))
+                .map_err(|e| format!("{}: {e}", from.display()))?;
+        }
+    }
+    sync_dir(out).map_err(|e| e.to_string())?;
+    inbox
+        .published(channel, &pending)
+        .map_err(|e| e.to_string())?;
+    if let Ok(entries) = std::fs::read_dir(staging) {
+        for e in entries.filter_map(Result::ok) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+    Ok(())
+}
+
+/// Writes one batch: refused records to `failed/`, the others staged, the mark
+/// raised with them pending, then renamed into `out/`. Returns the new mark.
+fn publish(
+    inbox: &mut Inbox,
+    source: &str,
+    channel: &str,
+    dirs: &[PathBuf; 3],
+    accepted: Vec<(SyncRecord, String)>,
+    refused: Vec<(SyncRecord, String, String)>,
+    upto: u64,
+) -> Result<u64, String> {
+    let [staging, out, failed] = dirs;
+    let io = |p: &Path| {
+        let p = p.display().to_string();
+        move |e: std::io::Error| format!("{p}: {e}")
+    };
+    for (r, name, reason) in &refused {
+        std::fs::create_dir_all(failed).map_err(io(failed))?;
+        write_whole(&failed.join(name), &r.body).map_err(io(failed))?;
+        write_whole(
+            &failed.join(format!("{name}.reason")),
+            format!("{reason}\n").as_bytes(),
+        )
+        .map_err(io(failed))?;
+    }
+    let mut names = Vec::with_capacity(accepted.len());
+    for (r, name) in &accepted {
+        let path = staging.join(name);
+        let mut f = std::fs::File::create(&path).map_err(io(&path))?;
+        std::io::Write::write_all(&mut f, &r.body).map_err(io(&path))?;
+        f.sync_all().map_err(io(&path))?;
+        names.push(name.clone());
+    }
+    inbox
+        .commit(source, channel, upto, &names)
+        .map_err(|e| e.to_string())?;
+    for name in &names {
+        std::fs::rename(staging.join(name), out.join(name)).map_err(io(out))?;
+    }
+    sync_dir(out).map_err(io(out))?;
+    inbox
+        .published(channel, &names)
+        .map_err(|e| e.to_string())?;
+    Ok(upto)
+}
+
+/// Serves a delivery stream the hub opened (after its `Deliver` frame).
+pub async fn serve(
+    ctx: Arc<Ctx>,
+    inbox: Option<InboxHandle>,
+    from: String,
+    channel: String,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let span = info_span!("deliver", %from, %channel);
+    async move {
+        let known = ctx
+            .policy()
+            .config()
+            .edge()
+            .is_some_and(|e| e.channels.iter().any(|c| c.name == channel));
+        let Some(inbox) = inbox.filter(|_| known) else {
+            let message = format!("no channel {channel:?} on {} to deliver {from} to", ctx.id);
+            ctx.refuse("channel.refuse", &from, &channel, "no-route", &message);
+            refuse(&mut send, RefuseCode::NoRoute, "", message).await;
+            return;
+        };
+        let dirs = dirs(&inbox.state_dir, &channel);
+        let (ch, d, src) = (channel.clone(), dirs.clone(), from.clone());
+        let high = match inbox
+            .with(move |i| {
+                recover(i, &ch, &d)?;
+                i.high(&src).map_err(|e| e.to_string())
+            })
+            .await
+        {
+            Ok(h) => h,
+            Err(error) => {
+                warn!(%error, "Cannot deliver: the inbox or spool directory failed");
+                let _ = send.reset(quinn::VarInt::from_u32(0));
+                return;
+            }
+        };
+        if write_frame(&mut send, &Frame::SyncReady { acked: high })
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let mut high = high;
+        let prefix = from.replace('/', ".");
+        let subject = format!("deliver:{from}");
+        loop {
+            let next = tokio::select! {
+                r = read_batch(&mut recv) => r,
+                () = ctx.draining.cancelled() => return,
+            };
+            let records = match next {
+                Ok(Some(r)) => r,
+                Ok(None) => return,
+                Err(error) => {
+                    debug!(%error, "Delivery stream ended");
+                    return;
+                }
+            };
+            let Some(upto) = records.last().map(|r| r.seq) else {
+                continue;
+            };
+            let (mut accepted, mut refused) = (Vec::new(), Vec::new());
+            for r in records.into_iter().filter(|r| r.seq > high) {
+                let name = format!("{prefix}.{:020}.{}", r.seq, extension(&r.format));
+                let verdict = match format_of(&r.format) {
+                    Some(f) => check_records(&ctx, &subject, &channel, f, &[&r.body[..]], false)
+                        .map_err(|x| format!("[{}] {}", x.rule, x.reason)),
+                    None => Err(format!("unknown format {:?}", r.format)),
+                };
+                match verdict {
+                    Ok(()) => accepted.push((r, name)),
+                    Err(reason) => refused.push((r, name, reason)),
+                }
+            }
+            let n = (accepted.len(), refused.len());
+            let failures: Vec<(u64, String)> = refused
+                .iter()
+                .map(|(r, _, why)| (r.seq, why.clone()))
+                .collect();
+            let (src, ch, d) = (from.clone(), channel.clone(), dirs.clone());
+            match inbox
+                .with(move |i| publish(i, &src, &ch, &d, accepted, refused, upto))
+                .await
+            {
+                Ok(h) => high = high.max(h),
+                Err(error) => {
+                    warn!(%error, "Delivery failed; the hub will resend");
+                    let _ = send.reset(quinn::VarInt::from_u32(0));
+                    return;
+                }
+            }
+            info!(
+                delivered = n.0,
+                refused = n.1,
+                upto,
+                "Records delivered to out/"
+            );
+            for (seq, reason) in failures {
+                if write_frame(&mut send, &Frame::SyncFailed { seq, reason })
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            if write_frame(&mut send, &Frame::SyncAck { upto })
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    }
+    .instrument(span)
+    .await;
+}

@@ -1,0 +1,21 @@
+//! Channels: records a legacy application hands to the edge, kept in a
+//! durable buffer and synced exactly once, in order, to the hub's sink, and
+//! from there to consumers or another department's edge (DESIGN.md "Data
+//! paths"). A record's way, module by module:
+//!
+//! - in at the edge: [`ingest`] (HTTP) and [`spool`] (directories), both
+//!   checked at the boundary by [`check`], committed by [`buffer`];
+//! - out of the edge: [`sync`], one stream per channel, batches and acks;
+//! - in at the hub: [`sink`] commits each batch and acknowledges it, and
+//!   forwards records meant for another department;
+//! - out of the hub: [`consumer_api`] (consumers read with a cursor) or
+//!   [`delivery`] (the destination edge writes them to its spool).
+
+pub mod buffer;
+pub mod check;
+pub mod consumer_api;
+pub mod delivery;
+pub mod ingest;
+pub mod sink;
+pub mod spool;
+pub mod sync;

@@ -1,0 +1,88 @@
+//! The node's audit writer: events go through a channel to one thread that
+//! appends them to the SQLite chain in batches (one transaction per batch), so a
+//! relay never waits on a disk sync.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::mpsc;
+
+use gateway_core::audit::Event;
+use gateway_store::audit::{AuditLog, OpenError};
+
+use super::clock::now_ms;
+
+/// Largest batch written in one transaction.
+const BATCH: usize = 1024;
+
+/// A handle for writing audit events; cheap to clone.
+#[derive(Clone)]
+pub struct AuditSink {
+    tx: mpsc::Sender<Event>,
+    device: Arc<str>,
+}
+
+/// The writer thread; join it after every [`AuditSink`] is dropped to flush.
+pub struct AuditWriter(std::thread::JoinHandle<()>);
+
+impl AuditWriter {
+    /// Waits until every queued event is written.
+    pub fn flush_and_stop(self) {
+        let _ = self.0.join();
+    }
+}
+
+impl AuditSink {
+    /// Opens `STATE_DIR/audit.sqlite` and starts the writer.
+    ///
+    /// # Errors
+    /// When the database cannot be opened.
+    pub fn start(state_dir: &Path, device: &str) -> Result<(AuditSink, AuditWriter), OpenError> {
+        let mut log = AuditLog::open(state_dir)?;
+        let (tx, rx) = mpsc::channel::<Event>();
+        let handle = std::thread::Builder::new()
+            .name("audit-writer".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let mut batch = vec![first];
+                    batch.extend(rx.try_iter().take(BATCH - 1));
+                    let n = batch.len();
+                    if let Err(error) = log.append(batch) {
+                        tracing::error!(%error, lost = n, "Audit write failed");
+                    }
+                }
+            })
+            .map_err(|e| OpenError::Missing(format!("cannot start the audit writer: {e}")))?;
+        Ok((
+            AuditSink {
+                tx,
+                device: device.into(),
+            },
+            AuditWriter(handle),
+        ))
+    }
+
+    /// Records an event now.
+    pub fn record(
+        &self,
+        subject: &str,
+        object: &str,
+        event: &str,
+        outcome: &str,
+        rule: &str,
+        detail: String,
+    ) {
+        let e = Event {
+            time_ms: now_ms(),
+            device: self.device.to_string(),
+            subject: subject.to_owned(),
+            object: object.to_owned(),
+            event: event.to_owned(),
+            outcome: outcome.to_owned(),
+            rule: rule.to_owned(),
+            detail,
+        };
+        if self.tx.send(e).is_err() {
+            tracing::error!("Audit writer is gone; event lost");
+        }
+    }
+}

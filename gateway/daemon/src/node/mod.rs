@@ -1,0 +1,275 @@
+//! What every capability of a running node shares (the layer under tunnel,
+//! relay, channel and fleet): identity, the policy in force, the audit writer,
+//! metrics, the shutdown tokens, the tokens that cut relays of a removed
+//! service or an expired zone, and bandwidth caps.
+//!
+//! - [`audit`]: the audit writer thread; [`clock`]: now, and today in CST;
+//!   [`limit`]: bandwidth caps; [`sockets`]: listeners, handed in or bound.
+//!
+//! Invariants: a zone whose assessment ended is cut once, audited once, and
+//! bridged again only when valid again; a service removed from the policy has
+//! its relays cut as the policy is swapped.
+
+pub mod audit;
+pub mod clock;
+pub mod limit;
+pub mod sockets;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use gateway_core::config::ZoneKind;
+use gateway_core::policy::{Policy, RuleId, assessment_valid};
+use gateway_core::units::Date;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info};
+
+use crate::admin::metrics::Metrics;
+use audit::AuditSink;
+use clock::today_local;
+use limit::Limiter;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Shared state of a running node.
+pub struct Ctx {
+    /// This node's id.
+    pub id: String,
+    policy: RwLock<Arc<Policy>>,
+    /// The audit writer.
+    pub audit: AuditSink,
+    /// Counters for `/metrics`.
+    pub metrics: Arc<Metrics>,
+    /// Every relay task, for draining.
+    pub tracker: TaskTracker,
+    /// Cancelled when draining starts: listeners stop accepting.
+    pub draining: CancellationToken,
+    /// Cancelled when the grace period ends: relays are cut.
+    pub kill: CancellationToken,
+    services: Mutex<HashMap<String, CancellationToken>>,
+    zones: Mutex<HashMap<String, CancellationToken>>,
+    limiters: Mutex<HashMap<String, Arc<[Limiter; 2]>>>,
+    expired: Mutex<Vec<String>>,
+    clock_offset_days: AtomicI64,
+}
+
+impl Ctx {
+    /// A context for `policy`.
+    pub fn new(id: String, policy: Policy, audit: AuditSink) -> Arc<Self> {
+        Arc::new(Ctx {
+            id,
+            policy: RwLock::new(Arc::new(policy)),
+            audit,
+            metrics: Arc::new(Metrics::default()),
+            tracker: TaskTracker::new(),
+            draining: CancellationToken::new(),
+            kill: CancellationToken::new(),
+            services: Mutex::new(HashMap::new()),
+            zones: Mutex::new(HashMap::new()),
+            limiters: Mutex::new(HashMap::new()),
+            expired: Mutex::new(Vec::new()),
+            clock_offset_days: AtomicI64::new(0),
+        })
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Puts a new policy in force; relays of services it no longer has are cut.
+    pub fn set_policy(&self, policy: Policy) {
+        let names: Vec<String> = policy
+            .config()
+            .edge()
+            .map(|e| e.services.iter().map(|s| s.name.clone()).collect())
+            .unwrap_or_default();
+        *self
+            .policy
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(policy);
+        let mut services = self
+            .services
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        services.retain(|name, token| {
+            let keep = names.contains(name);
+            if !keep {
+                token.cancel();
+            }
+            keep
+        });
+    }
+
+    /// Sleeps for `d`; false if draining started meanwhile (stop retrying).
+    pub async fn pause(&self, d: Duration) -> bool {
+        tokio::select! {
+            () = tokio::time::sleep(d) => true,
+            () = self.draining.cancelled() => false,
+        }
+    }
+
+    /// Today's date for decisions (China Standard Time, plus the test offset).
+    pub fn today(&self) -> Date {
+        today_local().add_days(self.clock_offset_days.load(Ordering::Relaxed))
+    }
+
+    /// Moves this node's calendar by `days` (tests of assessment expiry).
+    pub fn set_clock_offset_days(&self, days: i64) {
+        self.clock_offset_days.store(days, Ordering::Relaxed);
+    }
+
+    /// The token that cuts every relay of legacy zone `zone` (assessment ended).
+    pub fn zone_token(&self, zone: &str) -> CancellationToken {
+        lock(&self.zones)
+            .entry(zone.to_owned())
+            .or_insert_with(|| self.kill.child_token())
+            .clone()
+    }
+
+    /// The bandwidth caps (forward, backward) of `service`, if it has one.
+    pub fn limiter(&self, service: &str, rate: Option<u64>) -> Option<Arc<[Limiter; 2]>> {
+        let mut l = lock(&self.limiters);
+        let Some(rate) = rate else {
+            l.remove(service);
+            return None;
+        };
+        let entry = l
+            .entry(service.to_owned())
+            .or_insert_with(|| Arc::new([Limiter::new(rate), Limiter::new(rate)]));
+        if entry[0].rate != rate {
+            *entry = Arc::new([Limiter::new(rate), Limiter::new(rate)]);
+        }
+        Some(entry.clone())
+    }
+
+    /// Rule R3 on running relays: a legacy zone whose assessment has ended stops
+    /// bridging now. Its relays are cut, an error is logged and audited once.
+    /// Returns the zones cut by this call. (Called every minute, and after reload.)
+    pub fn recheck_assessments(&self) -> Vec<String> {
+        let today = self.today();
+        let policy = self.policy();
+        let mut cut = Vec::new();
+        let mut expired = lock(&self.expired);
+        for z in policy
+            .config()
+            .zones
+            .iter()
+            .filter(|z| z.kind == ZoneKind::Legacy)
+        {
+            match assessment_valid(z, today) {
+                Err(r) if !expired.contains(&z.name) => {
+                    error!(zone = %z.name, rule = %r.rule, "Assessment ended: bridging of this zone stopped. {}", r.reason);
+                    self.audit.record(
+                        &self.id,
+                        &z.name,
+                        "zone.stop",
+                        "deny",
+                        r.rule.as_str(),
+                        r.reason,
+                    );
+                    if let Some(t) = lock(&self.zones).remove(&z.name) {
+                        t.cancel();
+                    }
+                    expired.push(z.name.clone());
+                    cut.push(z.name.clone());
+                }
+                Ok(()) if expired.contains(&z.name) => {
+                    info!(zone = %z.name, "Assessment valid again: bridging resumes");
+                    expired.retain(|e| *e != z.name);
+                }
+                _ => {}
+            }
+        }
+        cut
+    }
+
+    /// A refused crossing: logged, audited under `event` and counted. `why` is a
+    /// rule id (it then goes into the audit record) or a plain label such as
+    /// `no-route` or `max-connections` for the metrics.
+    pub fn refuse(&self, event: &str, subject: &str, object: &str, why: &str, reason: &str) {
+        info!(%subject, %object, why, %reason, "Refused");
+        let rule = if RuleId::parse(why).is_some() {
+            why
+        } else {
+            ""
+        };
+        self.audit
+            .record(subject, object, event, "deny", rule, reason.to_owned());
+        self.metrics
+            .refused(object, if why.is_empty() { "refused" } else { why });
+    }
+
+    /// A relay (or UDP flow) opened: audited with the rule that allowed it and
+    /// counted. Returns when it started, for its close.
+    pub fn relay_opened(
+        &self,
+        subject: &str,
+        object: &str,
+        rule: &str,
+        detail: String,
+    ) -> std::time::Instant {
+        let started = std::time::Instant::now();
+        self.audit
+            .record(subject, object, "relay.open", "allow", rule, detail);
+        self.metrics.opened(object);
+        started
+    }
+
+    /// A relay (or UDP flow) ended: its bytes counted and its close audited.
+    pub fn relay_closed(
+        &self,
+        subject: &str,
+        object: &str,
+        (up, down): (u64, u64),
+        started: std::time::Instant,
+        end: &str,
+        detail: &str,
+    ) {
+        self.metrics.closed(object, up, down);
+        self.audit.record(
+            subject,
+            object,
+            "relay.close",
+            "ok",
+            "",
+            format!(
+                "{detail}bytes_up={up} bytes_down={down} duration_ms={} end={end}",
+                started.elapsed().as_millis()
+            ),
+        );
+    }
+
+    /// The token that cuts relays of `service` when it is removed (or the node is killed).
+    pub fn service_token(&self, service: &str) -> CancellationToken {
+        let mut services = self
+            .services
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        services
+            .entry(service.to_owned())
+            .or_insert_with(|| self.kill.child_token())
+            .clone()
+    }
+}
+
+/// Re-checks assessments every minute until draining (rule R3 on running relays).
+pub async fn watch_assessments(ctx: Arc<Ctx>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                ctx.recheck_assessments();
+            }
+            () = ctx.draining.cancelled() => return,
+        }
+    }
+}

@@ -1,0 +1,50 @@
+//! Accepting TCP clients on `[[publish]]` and `[[access]]` listeners, and
+//! refusing one with a reset.
+
+use std::future::Future;
+use std::time::Duration;
+
+use crate::node::sockets::accept_failed;
+
+/// Resets a TCP connection (RST instead of FIN) as it is dropped.
+#[allow(deprecated)] // a zero linger never blocks: the kernel sends RST at close
+pub fn reset_tcp(tcp: &tokio::net::TcpStream) {
+    let _ = tcp.set_linger(Some(Duration::ZERO));
+}
+
+/// Accepts TCP connections on a `[[publish]]` or `[[access]]` listener until
+/// `stop` or draining. For each one `open` looks up what the listener serves in
+/// the policy in force (so a reload takes effect at once) and returns the name
+/// for logs and the relay to run, or `None` after refusing the connection itself.
+/// Relays are spawned on the node's tracker, so draining waits for them.
+pub async fn accept_loop<F, R>(
+    ctx: std::sync::Arc<crate::node::Ctx>,
+    what: &'static str,
+    listen: std::net::SocketAddr,
+    listener: tokio::net::TcpListener,
+    stop: tokio_util::sync::CancellationToken,
+    mut open: F,
+) where
+    F: FnMut(tokio::net::TcpStream, std::net::SocketAddr) -> Option<(String, R)>,
+    R: Future<Output = ()> + Send + 'static,
+{
+    use tracing::Instrument as _;
+    tracing::info!(%listen, "{what} listening");
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = stop.cancelled() => break,
+            () = ctx.draining.cancelled() => break,
+        };
+        match accepted {
+            Ok((tcp, peer)) => {
+                if let Some((object, relay)) = open(tcp, peer) {
+                    let span = tracing::info_span!("relay", service = %object, %peer);
+                    ctx.tracker.spawn(relay.instrument(span));
+                }
+            }
+            Err(error) => accept_failed(&error).await,
+        }
+    }
+    tracing::info!(%listen, "{what} stopped");
+}

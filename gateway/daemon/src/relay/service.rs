@@ -1,0 +1,210 @@
+//! The edge's side of a relay: a hub asks to open one of this edge's
+//! `[[service]]`s for a provincial client or another department's gateway. The
+//! edge decides again with its own policy (the hub decided first), holds the
+//! service to its `max_connections` and `bandwidth`, connects to the legacy
+//! target, checks the application protocol at level 3 and up, and splices.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use gateway_core::config::Protocol;
+use gateway_core::policy::{Crossing, Origin as PolicyOrigin};
+use gateway_core::sniff::Sniff;
+use gateway_core::wire::{Frame, Origin, RefuseCode};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tracing::{Instrument, info_span, warn};
+
+use super::app_protocol::sniff_stream;
+use super::listen::reset_tcp;
+use super::splice::{BufSource, RESET_CODE, Spliced, splice_limited};
+use super::udp::flows::{Flows, edge_flow};
+use crate::node::Ctx;
+use crate::tunnel::frame::write_frame;
+
+/// Time allowed to connect to a legacy target.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What a hub asked to open: an `Open` or `OpenUdp` frame.
+pub struct OpenRequest {
+    /// The service's name on this edge.
+    pub service: String,
+    /// Who asks: a provincial client or another department's gateway.
+    pub origin: Origin,
+    /// The client's address, as the hub saw it.
+    pub client: SocketAddr,
+    /// The flow id, for a UDP flow.
+    pub udp_flow: Option<u32>,
+}
+
+/// A hub (`hub`, named for logs) asks to open one of this edge's services.
+pub async fn serve(
+    ctx: Arc<Ctx>,
+    flows: Arc<Flows>,
+    hub: &str,
+    conn: quinn::Connection,
+    open: OpenRequest,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let OpenRequest {
+        service,
+        origin,
+        client,
+        udp_flow,
+    } = open;
+    let refuse = |code, rule: &str, message: String| Frame::Refuse {
+        code,
+        rule: rule.to_owned(),
+        message,
+    };
+    let (porigin, subject) = match &origin {
+        Origin::Provincial => (
+            PolicyOrigin::Provincial {
+                client: client.ip(),
+            },
+            format!("{client} via {hub}"),
+        ),
+        Origin::Device(d) => (PolicyOrigin::Device(d), format!("{d}:{client} via {hub}")),
+        Origin::Local => {
+            let _ = write_frame(
+                &mut send,
+                &refuse(
+                    RefuseCode::Protocol,
+                    "",
+                    "a hub cannot open a local origin".into(),
+                ),
+            )
+            .await;
+            return;
+        }
+    };
+    let span = info_span!("relay", %service, peer = %subject);
+    async move {
+        let policy = ctx.policy();
+        let decision = policy.decide(
+            &Crossing::ServiceOpen {
+                service: &service,
+                origin: porigin,
+            },
+            ctx.today(),
+        );
+        if !decision.is_allowed() {
+            ctx.refuse("relay.refuse", &subject, &service, decision.rule.as_str(), &decision.reason);
+            let _ = write_frame(
+                &mut send,
+                &refuse(RefuseCode::Policy, decision.rule.as_str(), decision.reason),
+            )
+            .await;
+            let _ = send.finish();
+            return;
+        }
+        let Some(svc) = policy
+            .config()
+            .edge()
+            .and_then(|e| e.services.iter().find(|s| s.name == service))
+            .cloned()
+        else {
+            return;
+        };
+        let wanted = if udp_flow.is_some() { Protocol::Udp } else { Protocol::Tcp };
+        if svc.protocol != wanted {
+            let reason = format!("service {service:?} is {:?}, not {wanted:?}", svc.protocol);
+            ctx.refuse("relay.refuse", &subject, &service, "", &reason);
+            let _ = write_frame(&mut send, &refuse(RefuseCode::Protocol, "", reason)).await;
+            let _ = send.finish();
+            return;
+        }
+        if let Some(max) = svc.max_connections {
+            if ctx.metrics.active(&service) >= i64::from(max.get()) {
+                let reason = format!("service {service:?} is at its max_connections ({max})");
+                ctx.refuse("relay.refuse", &subject, &service, "max-connections", &reason);
+                let _ = write_frame(&mut send, &refuse(RefuseCode::Limit, "", reason)).await;
+                let _ = send.finish();
+                return;
+            }
+        }
+        if let Some(flow) = udp_flow {
+            edge_flow(
+                ctx.clone(),
+                flows,
+                conn,
+                flow,
+                service.clone(),
+                subject,
+                svc.target,
+                svc.idle_timeout,
+                send,
+                recv,
+            )
+            .await;
+            return;
+        }
+        let connected = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(svc.target)).await {
+            Ok(Ok(t)) => Ok(t),
+            Ok(Err(error)) => Err(format!("cannot connect to {}: {error}", svc.target)),
+            Err(_) => Err(format!("connecting to {} timed out", svc.target)),
+        };
+        let mut target = match connected {
+            Ok(t) => t,
+            Err(reason) => {
+                warn!(%reason, "Target unreachable");
+                ctx.audit.record(&subject, &service, "relay.error", "error", "", reason.clone());
+                let _ = write_frame(&mut send, &refuse(RefuseCode::Unreachable, "", reason)).await;
+                let _ = send.finish();
+                return;
+            }
+        };
+        let _ = target.set_nodelay(true);
+        if write_frame(&mut send, &Frame::Opened).await.is_err() {
+            return;
+        }
+        // Rule R5.app-protocol: at boundary level 3 and up, check the first bytes.
+        let mut first = Vec::new();
+        if let (Some(app), Some(level)) = (svc.app_protocol, decision.level) {
+            if level.get() >= 3 {
+                match sniff_stream(&mut recv, app, &mut first).await {
+                    Sniff::Match => {}
+                    verdict => {
+                        let reason = format!("first bytes are not {app:?} ({verdict:?})");
+                        ctx.refuse("relay.refuse", &subject, &service, "R5.app-protocol", &reason);
+                        let _ = send.reset(quinn::VarInt::from_u32(u32::from(RefuseCode::Policy.number())));
+                        let _ = recv.stop(quinn::VarInt::from_u32(u32::from(RefuseCode::Policy.number())));
+                        reset_tcp(&target);
+                        return;
+                    }
+                }
+            }
+        }
+        if !first.is_empty() && target.write_all(&first).await.is_err() {
+            let _ = send.reset(quinn::VarInt::from_u32(RESET_CODE));
+            return;
+        }
+        let started = ctx.relay_opened(&subject, &service, decision.rule.as_str(), decision.reason);
+        let live = [AtomicU64::new(first.len() as u64), AtomicU64::new(0)];
+        let stop = ctx.service_token(&service);
+        let zone_stop = ctx.zone_token(&svc.zone);
+        let limits = ctx.limiter(&service, svc.bandwidth);
+        let done = {
+            let (tr, mut tw) = target.split();
+            let mut tr = BufSource::new(tr);
+            let mut qr = BufSource::new(&mut recv);
+            tokio::select! {
+                s = splice_limited(&mut qr, &mut send, &mut tr, &mut tw, &live, limits.as_deref()) => Some(s),
+                () = stop.cancelled() => None,
+                () = zone_stop.cancelled() => None,
+            }
+        };
+        if done.is_none_or(|s| s.reset) {
+            reset_tcp(&target);
+            if done.is_none() {
+                let _ = send.reset(quinn::VarInt::from_u32(RESET_CODE));
+            }
+        }
+        ctx.relay_closed(&subject, &service, Spliced::moved(&live), started, Spliced::end(done), "");
+    }
+    .instrument(span)
+    .await;
+}

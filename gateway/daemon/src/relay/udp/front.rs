@@ -1,0 +1,324 @@
+//! UDP fronts: a socket that takes clients' datagrams, one flow per client
+//! address, each decided by the policy when it first appears: a hub's UDP
+//! `[[publish]]` (flows to the publishing edge) and an edge's UDP `[[access]]`
+//! (flows to `DEVICE/SERVICE` through a hub). A refused client is held off for
+//! [`REFUSED_HOLD`]: one audit record per refusal, not one per datagram.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use gateway_core::config::{Access, Publish};
+use gateway_core::policy::Crossing;
+use gateway_core::wire::{Frame, Origin};
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::flows::{Flow, Flows, Target, flow_closed, next_flow, send_dgram};
+use crate::node::Ctx;
+use crate::node::clock::now_ms;
+use crate::tunnel::devices::Devices;
+use crate::tunnel::frame::{read_frame, write_frame};
+use crate::tunnel::hubs::Hubs;
+
+/// A UDP front: what it serves and where its flows go.
+#[derive(Clone)]
+pub struct Front {
+    /// `DEVICE/SERVICE`, for logs, audit and metrics.
+    pub object: String,
+    /// The socket's address, for the policy.
+    pub listen: SocketAddr,
+    /// Where flows go.
+    pub route: Route,
+    /// The node's flow table.
+    pub flows: Arc<Flows>,
+}
+
+/// Where a front's flows go.
+#[derive(Clone)]
+pub enum Route {
+    /// A hub's `[[publish]]`: the tunnel of the edge that publishes `service`.
+    Publish {
+        /// The hub's connected devices.
+        devices: Arc<Devices>,
+        /// The publishing device.
+        device: String,
+        /// Its service.
+        service: String,
+    },
+    /// An edge's `[[access]]`: any hub tunnel, asking for `DEVICE/SERVICE`.
+    Access {
+        /// The edge's hub tunnels.
+        hubs: Arc<Hubs>,
+        /// The access's legacy zone (its assessment ending cuts the flows).
+        zone: String,
+    },
+}
+
+impl Front {
+    /// A hub's UDP `[[publish]]`.
+    pub fn publish(p: &Publish, devices: &Arc<Devices>, flows: &Arc<Flows>) -> Self {
+        Self {
+            object: format!("{}/{}", p.device, p.service),
+            listen: p.listen,
+            route: Route::Publish {
+                devices: devices.clone(),
+                device: p.device.clone(),
+                service: p.service.clone(),
+            },
+            flows: flows.clone(),
+        }
+    }
+
+    /// An edge's UDP `[[access]]`.
+    pub fn access(a: &Access, hubs: &Arc<Hubs>, flows: &Arc<Flows>) -> Self {
+        Self {
+            object: format!("{}/{}", a.device, a.service),
+            listen: a.listen,
+            route: Route::Access {
+                hubs: hubs.clone(),
+                zone: a.zone.clone(),
+            },
+            flows: flows.clone(),
+        }
+    }
+
+    fn crossing(&self, client: std::net::IpAddr) -> Crossing<'static> {
+        match self.route {
+            Route::Publish { .. } => Crossing::PublishOpen {
+                listen: self.listen,
+                client,
+            },
+            Route::Access { .. } => Crossing::AccessOpen {
+                listen: self.listen,
+                client,
+            },
+        }
+    }
+
+    fn conn(&self) -> Result<quinn::Connection, String> {
+        match &self.route {
+            Route::Publish {
+                devices, device, ..
+            } => devices
+                .get(device)
+                .ok_or_else(|| format!("device {device} is not connected")),
+            Route::Access { hubs, .. } => hubs.any().ok_or_else(|| "no hub is connected".into()),
+        }
+    }
+
+    fn open(&self, client: SocketAddr, flow: u32) -> Frame {
+        let (service, origin) = match &self.route {
+            Route::Publish { service, .. } => (service.clone(), Origin::Provincial),
+            Route::Access { .. } => (self.object.clone(), Origin::Local),
+        };
+        Frame::OpenUdp {
+            service,
+            origin,
+            client,
+            flow,
+        }
+    }
+
+    fn zone_stop(&self, ctx: &Ctx) -> Option<CancellationToken> {
+        match &self.route {
+            Route::Publish { .. } => None,
+            Route::Access { zone, .. } => Some(ctx.zone_token(zone)),
+        }
+    }
+}
+
+/// Serves one UDP front socket until draining (it lives as long as the
+/// process: a reload cannot change it): each new client address is decided by
+/// the policy and gets its own flow.
+pub async fn front(ctx: Arc<Ctx>, front: Front, socket: Arc<UdpSocket>) {
+    info!(listen = %front.listen, service = %front.object, "UDP listening");
+    let mut clients: HashMap<SocketAddr, mpsc::Sender<Vec<u8>>> = HashMap::new();
+    let refused = Arc::new(Refused::default());
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        let (n, client) = tokio::select! {
+            r = socket.recv_from(&mut buf) => match r {
+                Ok(x) => x,
+                Err(error) => {
+                    debug!(%error, "UDP receive failed");
+                    continue;
+                }
+            },
+            () = ctx.draining.cancelled() => break,
+        };
+        if let Some(tx) = clients.get(&client).filter(|tx| !tx.is_closed()) {
+            // A full queue drops the datagram, as UDP may.
+            let _ = tx.try_send(buf[..n].to_vec());
+            continue;
+        }
+        // A refused client's datagrams are dropped unaudited for a while: one
+        // record per refusal, not one per datagram.
+        if refused.holds(client) {
+            continue;
+        }
+        let decision = ctx
+            .policy()
+            .decide(&front.crossing(client.ip()), ctx.today());
+        if !decision.is_allowed() {
+            ctx.refuse(
+                "relay.refuse",
+                &client.to_string(),
+                &front.object,
+                decision.rule.as_str(),
+                &decision.reason,
+            );
+            refused.hold(client);
+            continue;
+        }
+        clients.retain(|_, tx| !tx.is_closed());
+        let (tx, rx) = mpsc::channel(256);
+        let _ = tx.try_send(buf[..n].to_vec());
+        clients.insert(client, tx);
+        let (ctx, front, socket, refused) =
+            (ctx.clone(), front.clone(), socket.clone(), refused.clone());
+        let allowed = (decision.rule.as_str().to_owned(), decision.reason);
+        ctx.tracker.clone().spawn(async move {
+            client_flow(ctx, front, socket, client, allowed, rx, &refused).await
+        });
+    }
+    info!(listen = %front.listen, "UDP stopped");
+}
+
+/// How long a refused client's datagrams are dropped before it is decided again.
+pub const REFUSED_HOLD: Duration = Duration::from_secs(10);
+
+/// Clients of a front refused lately, until when.
+#[derive(Default)]
+struct Refused {
+    until: Mutex<HashMap<SocketAddr, Instant>>,
+}
+
+impl Refused {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Instant>> {
+        self.until
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn hold(&self, client: SocketAddr) {
+        let now = Instant::now();
+        let mut m = self.lock();
+        m.retain(|_, until| *until > now);
+        m.insert(client, now + REFUSED_HOLD);
+    }
+
+    fn holds(&self, client: SocketAddr) -> bool {
+        self.lock()
+            .get(&client)
+            .is_some_and(|until| *until > Instant::now())
+    }
+}
+
+/// One client's flow through a front, until the far side ends it (idle
+/// expiry), the zone's assessment ends, or the node is killed.
+async fn client_flow(
+    ctx: Arc<Ctx>,
+    front: Front,
+    socket: Arc<UdpSocket>,
+    client: SocketAddr,
+    (rule, reason): (String, String),
+    mut rx: mpsc::Receiver<Vec<u8>>,
+    refused: &Refused,
+) {
+    let (subject, object) = (client.to_string(), front.object.clone());
+    let conn = match front.conn() {
+        Ok(c) => c,
+        Err(why) => {
+            ctx.refuse("relay.refuse", &subject, &object, "no-route", &why);
+            refused.hold(client);
+            return;
+        }
+    };
+    let flow = next_flow();
+    let Ok((mut send, mut recv)) = conn.open_bi().await else {
+        return;
+    };
+    if write_frame(&mut send, &front.open(client, flow))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    match read_frame(&mut recv).await {
+        Ok(Frame::Opened) => {}
+        Ok(Frame::Refuse { rule, message, .. }) => {
+            ctx.refuse("relay.refuse", &subject, &object, &rule, &message);
+            refused.hold(client);
+            return;
+        }
+        other => {
+            warn!(?other, "No answer to a UDP flow");
+            return;
+        }
+    }
+    let (last, from_tunnel, up, dropped) = (
+        Arc::new(AtomicI64::new(now_ms())),
+        Arc::new(AtomicU64::new(0)),
+        AtomicU64::new(0),
+        AtomicU64::new(0),
+    );
+    front.flows.insert(
+        conn.stable_id(),
+        flow,
+        Flow {
+            to: Target::Socket {
+                socket,
+                peer: Some(client),
+            },
+            last: last.clone(),
+            from_tunnel: from_tunnel.clone(),
+        },
+    );
+    let started = ctx.relay_opened(
+        &subject,
+        &object,
+        &rule,
+        format!("udp flow {flow}: {reason}"),
+    );
+    let zone_stop = front.zone_stop(&ctx);
+    let zone_ended = async {
+        match &zone_stop {
+            Some(t) => t.cancelled().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(zone_ended);
+    let mut end = [0u8; 1];
+    let how = loop {
+        tokio::select! {
+            p = rx.recv() => match p {
+                Some(p) => {
+                    up.fetch_add(p.len() as u64, Ordering::Relaxed);
+                    last.store(now_ms(), Ordering::Relaxed);
+                    send_dgram(&conn, flow, &p, &dropped);
+                }
+                None => break "closed",
+            },
+            // The far side ends the stream when the flow expires.
+            _ = recv.read(&mut end) => break "expired",
+            () = &mut zone_ended => break "cut",
+            () = ctx.kill.cancelled() => break "cut",
+        }
+    };
+    front.flows.remove(conn.stable_id(), flow);
+    let _ = send.finish();
+    let bytes = (&up, from_tunnel.as_ref());
+    flow_closed(
+        &ctx,
+        (&subject, &object),
+        bytes,
+        (flow, &dropped),
+        started,
+        how,
+    );
+}

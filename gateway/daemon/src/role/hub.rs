@@ -1,0 +1,225 @@
+//! The hub role: wiring only. It binds the hub's sockets and composes the
+//! capabilities: tunnels from edges ([`tunnel::accept`]), publish listeners and
+//! transit ([`relay`]), the sink and the consumers' API ([`channel`]), and
+//! central management ([`fleet`]), over the registry and sink engines it
+//! opens (embedded SQLite). What an edge's tunnel carries is decided here, by
+//! its first frame.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use gateway_core::config;
+use gateway_core::wire::{Frame, Origin};
+use gateway_store::sqlite::{Blocking, SqliteRegistry, SqliteSink, registry};
+use tracing::info;
+
+use super::{StartError, Tasks, bind_err, bind_fronts};
+use crate::channel::consumer_api;
+use crate::channel::sink::{self, SinkHandle};
+use crate::fleet;
+use crate::fleet::hub::Fleet;
+use crate::node::Ctx;
+use crate::node::sockets::Bindings;
+use crate::relay;
+use crate::relay::udp::flows::{Flows, read_datagrams};
+use crate::relay::udp::front::{self, Front};
+use crate::tunnel;
+use crate::tunnel::accept::{self, BiStream, Control};
+use crate::tunnel::devices::Devices;
+use crate::tunnel::frame::refuse_unexpected;
+use crate::tunnel::pki::Signer;
+use crate::tunnel::{endpoint, tls};
+
+/// A started hub, for reload and drain.
+pub(super) struct Started {
+    /// The QUIC endpoints edges connect to.
+    pub endpoints: Vec<quinn::Endpoint>,
+    /// The connected edges.
+    pub devices: Arc<Devices>,
+    /// Where the first endpoint is bound.
+    pub quic_addr: Option<SocketAddr>,
+    /// The operators' API address, with `[hub].ops`.
+    pub ops_addr: Option<SocketAddr>,
+}
+
+/// Binds and starts everything of hub `h`.
+pub(super) fn start(
+    ctx: &Arc<Ctx>,
+    h: &config::Hub,
+    bindings: &mut Bindings,
+    state_dir: &Path,
+    retention_days: u32,
+    tasks: &mut Tasks,
+) -> Result<Started, StartError> {
+    let server = tls::server(
+        &h.settings.ca_cert.path,
+        &h.settings.cert.path,
+        &h.settings.key.path,
+    )?;
+    let endpoints =
+        endpoint::hub_endpoints(bindings.udp.take(), h.settings.listen, &server, state_dir)?;
+    let quic_addr = endpoints.first().and_then(|e| e.local_addr().ok());
+    let devices = Arc::new(Devices::default());
+    let flows = Arc::new(Flows::default());
+    let fronts = bind_fronts(&h.publishes, bindings, |p| (p.protocol, p.listen))?;
+    for (p, socket) in fronts.udp {
+        // UDP publishes change only with a restart (see reload).
+        let front = Front::publish(&p, &devices, &flows);
+        tokio::spawn(front::front(ctx.clone(), front, socket));
+    }
+    let sink = SinkHandle::new(Arc::new(Blocking::new(match &h.settings.sink {
+        Some(file) => SqliteSink::open_file(file)?,
+        None => SqliteSink::open(state_dir)?,
+    })));
+    let api = bindings
+        .tcp(h.settings.api)
+        .map_err(bind_err(h.settings.api))?;
+    tasks.servers.push(tokio::spawn(consumer_api::serve(
+        api,
+        sink.clone(),
+        tasks.admin_stop.clone(),
+    )));
+    tokio::spawn(sink::maintain(sink.clone(), ctx.clone(), devices.clone()));
+    let signer = Signer::load(&h.settings.ca_cert.path, &h.settings.ca_key.path)
+        .map_err(|e| StartError::Fleet(format!("the CA that signs devices: {e}")))?;
+    let registry = h
+        .settings
+        .registry
+        .clone()
+        .unwrap_or_else(|| state_dir.join(registry::FILE_NAME));
+    let registry = Arc::new(Blocking::new(SqliteRegistry::open_file(&registry)?));
+    let fleet = Fleet::new(
+        ctx.clone(),
+        devices.clone(),
+        registry,
+        signer,
+        h.settings.cert_lifetime,
+        (&h.settings.cert.path, &h.settings.key.path),
+    );
+    tokio::spawn(fleet.clone().prune_loop(retention_days));
+    tokio::spawn(fleet.clone().revocation_sweep());
+    let mut ops_addr = None;
+    if let Some(ops) = h.settings.ops {
+        let l = bindings.tcp(ops).map_err(bind_err(ops))?;
+        ops_addr = l.local_addr().ok();
+        let tls = tls::ops_server(&h.settings.cert.path, &h.settings.key.path)?;
+        tasks.servers.push(tokio::spawn(fleet::ops::serve(
+            fleet.clone(),
+            l,
+            tls,
+            tasks.admin_stop.clone(),
+        )));
+    }
+    let wiring = Arc::new(Wiring {
+        ctx: ctx.clone(),
+        devices: devices.clone(),
+        sink,
+        fleet,
+        flows,
+    });
+    for e in &endpoints {
+        tokio::spawn(accept::accept_edges(
+            ctx.clone(),
+            devices.clone(),
+            e.clone(),
+            wiring.clone(),
+        ));
+    }
+    for (p, l) in fronts.tcp {
+        let (ctx, devices) = (ctx.clone(), devices.clone());
+        tasks.spawn_listener(p.listen, |stop| {
+            relay::publish::publish_listener(ctx, devices, p.listen, l, stop)
+        });
+    }
+    info!(node = %ctx.id, quic = ?quic_addr, endpoints = endpoints.len(), publishes = h.publishes.len(), "Hub started");
+    Ok(Started {
+        endpoints,
+        devices,
+        quic_addr,
+        ops_addr,
+    })
+}
+
+/// What runs on an edge's tunnel at this hub.
+struct Wiring {
+    ctx: Arc<Ctx>,
+    devices: Arc<Devices>,
+    sink: SinkHandle,
+    fleet: Arc<Fleet>,
+    flows: Arc<Flows>,
+}
+
+impl tunnel::accept::Handler for Wiring {
+    async fn enroll(&self, conn: quinn::Connection) {
+        self.fleet.clone().enroll(conn).await;
+    }
+
+    async fn is_revoked(&self, device: &str) -> bool {
+        self.fleet.is_revoked(device).await
+    }
+
+    fn up(
+        &self,
+        device: &str,
+        conn: &quinn::Connection,
+        (send, recv): Control,
+    ) -> tokio::task::JoinHandle<()> {
+        let control = tokio::spawn(self.fleet.clone().session(device.to_owned(), send, recv));
+        tokio::spawn(read_datagrams(self.flows.clone(), conn.clone()));
+        control
+    }
+
+    /// A relay through this hub, or a channel's sync.
+    async fn stream(
+        &self,
+        device: &str,
+        conn: quinn::Connection,
+        first: Frame,
+        (mut send, recv): BiStream,
+    ) {
+        let (ctx, devices, from) = (self.ctx.clone(), self.devices.clone(), device.to_owned());
+        match first {
+            Frame::Open {
+                service,
+                origin: Origin::Local,
+                client,
+            } => relay::transit::transit(ctx, devices, from, service, client, send, recv).await,
+            Frame::OpenUdp {
+                service,
+                origin: Origin::Local,
+                client,
+                flow,
+            } => {
+                let subject = format!("{from}:{client}");
+                let allowed =
+                    relay::transit::allow_transit(&ctx, &from, &service, &subject, &mut send).await;
+                if let Some(decision) = allowed {
+                    let rule = decision.rule.as_str().to_owned();
+                    relay::udp::transit::transit(
+                        ctx,
+                        devices,
+                        self.flows.clone(),
+                        from,
+                        (service, client, flow),
+                        conn,
+                        rule,
+                        send,
+                        recv,
+                    )
+                    .await;
+                }
+            }
+            Frame::SyncOpen {
+                channel,
+                deliver_to,
+            } => {
+                let sink = self.sink.clone();
+                sink::serve_sync(ctx, sink, devices, from, (channel, deliver_to), send, recv).await;
+            }
+            other => {
+                refuse_unexpected(&mut send, &other).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,216 @@
+//! The hub's side of a tunnel: accept an edge's QUIC connection, take its
+//! device id from the verified certificate (never from what it says), refuse a
+//! revoked device, answer the versioned hello, and list the connection in
+//! [`Devices`] until it closes. What runs on the tunnel is the hub role's
+//! business: it comes in through [`Handler`].
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::task::JoinHandle;
+
+use gateway_core::fleet;
+use gateway_core::wire::{self, Frame, RefuseCode};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use super::devices::{Devices, settle_doubts};
+use super::frame::{HANDSHAKE_TIMEOUT, read_frame, write_frame};
+use super::tls;
+use crate::admin::metrics::PATH_SAMPLE;
+use crate::node::Ctx;
+
+/// A bidirectional stream of a tunnel: its sending and receiving halves.
+pub type BiStream = (quinn::SendStream, quinn::RecvStream);
+
+/// A tunnel's control stream, open for the tunnel's life.
+pub type Control = BiStream;
+
+/// What the hub does with an edge's tunnel: the role wires its capabilities
+/// in (enrollment and management, relays, channel sync); the tunnel knows none
+/// of them.
+pub trait Handler: Send + Sync + 'static {
+    /// Serves an enrollment connection (ALPN `gw-enroll/1`, no client certificate).
+    fn enroll(&self, conn: quinn::Connection) -> impl Future<Output = ()> + Send;
+    /// Whether `device` is refused before its hello (revoked).
+    fn is_revoked(&self, device: &str) -> impl Future<Output = bool> + Send;
+    /// The device's tunnel is up (hello answered): starts what serves it. The
+    /// returned task (its management session on `control`) is aborted when the
+    /// tunnel goes down.
+    fn up(&self, device: &str, conn: &quinn::Connection, control: Control) -> JoinHandle<()>;
+    /// A stream the edge opened, after its first frame. Runs on the node's
+    /// tracker, so draining waits for it.
+    fn stream(
+        &self,
+        device: &str,
+        conn: quinn::Connection,
+        first: Frame,
+        stream: BiStream,
+    ) -> impl Future<Output = ()> + Send;
+}
+
+/// Accepts edges until draining starts.
+pub async fn accept_edges<H: Handler>(
+    ctx: Arc<Ctx>,
+    devices: Arc<Devices>,
+    endpoint: quinn::Endpoint,
+    handler: Arc<H>,
+) {
+    loop {
+        let incoming = tokio::select! {
+            i = endpoint.accept() => i,
+            () = ctx.draining.cancelled() => return,
+        };
+        let Some(incoming) = incoming else { return };
+        // Spawn before awaiting the handshake: a slow peer never stalls the loop.
+        let (ctx, devices, handler) = (ctx.clone(), devices.clone(), handler.clone());
+        let remote = incoming.remote_address();
+        tokio::spawn(async move {
+            match incoming.await {
+                Ok(conn) if tls::alpn(&conn).as_deref() == Some(fleet::ENROLL_ALPN) => {
+                    handler.enroll(conn).await;
+                }
+                Ok(conn) => serve_edge(ctx, devices, conn, handler).await,
+                Err(error) => info!(%remote, %error, "Tunnel handshake failed"),
+            }
+        });
+    }
+}
+
+async fn serve_edge<H: Handler>(
+    ctx: Arc<Ctx>,
+    devices: Arc<Devices>,
+    conn: quinn::Connection,
+    handler: Arc<H>,
+) {
+    let remote = conn.remote_address();
+    let Some(device) = tls::peer_id(&conn) else {
+        warn!(%remote, "Refusing tunnel: the certificate names no device");
+        conn.close(
+            quinn::VarInt::from_u32(u32::from(RefuseCode::Protocol.number())),
+            b"certificate names no device",
+        );
+        return;
+    };
+    if handler.is_revoked(&device).await {
+        warn!(%device, %remote, "Refusing tunnel: the device is revoked");
+        audit_refusal(&ctx, &device, format!("revoked device; peer={remote}"));
+        conn.close(
+            quinn::VarInt::from_u32(fleet::CLOSE_REVOKED),
+            b"this device is revoked",
+        );
+        return;
+    }
+    let span = info_span!("tunnel", %device, peer = %remote);
+    async move {
+        // The control stream: versioned hello.
+        let (mut send, mut recv) =
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.accept_bi()).await {
+                Ok(Ok(s)) => s,
+                _ => {
+                    info!("Edge opened no control stream");
+                    return;
+                }
+            };
+        match read_frame(&mut recv).await {
+            Ok(Frame::Hello { version }) if version == wire::VERSION => {}
+            Ok(Frame::Hello { version }) => {
+                let message = format!(
+                    "protocol version mismatch: hub {} speaks {}, edge {device} speaks {version}",
+                    ctx.id,
+                    wire::VERSION
+                );
+                warn!(
+                    edge_version = version,
+                    hub_version = wire::VERSION,
+                    "Refusing tunnel: {message}"
+                );
+                audit_refusal(&ctx, &device, message.clone());
+                let _ = write_frame(
+                    &mut send,
+                    &Frame::Refuse {
+                        code: RefuseCode::Version,
+                        rule: String::new(),
+                        message,
+                    },
+                )
+                .await;
+                let _ = send.finish();
+                let _ = tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.closed()).await;
+                return;
+            }
+            other => {
+                warn!(?other, "Refusing tunnel: no hello");
+                conn.close(
+                    quinn::VarInt::from_u32(u32::from(RefuseCode::Protocol.number())),
+                    b"expected hello",
+                );
+                return;
+            }
+        }
+        if write_frame(
+            &mut send,
+            &Frame::Welcome {
+                version: wire::VERSION,
+                hub: ctx.id.clone(),
+            },
+        )
+        .await
+        .is_err()
+        {
+            return;
+        }
+        // Usable for relays before anyone is told it is connected.
+        let doubtful = devices.add(&device, conn.clone());
+        settle_doubts(&devices, &device, doubtful);
+        info!("Edge connected");
+        ctx.audit.record(
+            &device,
+            "tunnel",
+            "tunnel.up",
+            "ok",
+            "",
+            format!("peer={remote}"),
+        );
+        // The control stream goes on as the device's management session.
+        let control = handler.up(&device, &conn, (send, recv));
+        ctx.metrics.peer(&device, true);
+        let mut sample = tokio::time::interval(PATH_SAMPLE);
+        let mut path = conn.stats().path;
+        loop {
+            let stream = tokio::select! {
+                s = conn.accept_bi() => s,
+                _ = sample.tick() => {
+                    path = ctx.metrics.sample_path(&device, &conn, &path);
+                    continue;
+                }
+                () = ctx.draining.cancelled() => break,
+            };
+            let Ok((send, mut recv)) = stream else { break };
+            let (handler, device, conn) = (handler.clone(), device.clone(), conn.clone());
+            ctx.tracker.spawn(async move {
+                match read_frame(&mut recv).await {
+                    Ok(first) => handler.stream(&device, conn, first, (send, recv)).await,
+                    Err(error) => debug!(%error, "Bad stream from edge"),
+                }
+            });
+        }
+        devices.remove(&device, conn.stable_id());
+        ctx.metrics.peer(&device, devices.get(&device).is_some());
+        let reason = conn
+            .close_reason()
+            .map(|r| r.to_string())
+            .unwrap_or_else(|| "draining".into());
+        info!(%reason, "Edge disconnected");
+        ctx.audit
+            .record(&device, "tunnel", "tunnel.down", "ok", "", reason);
+        control.abort();
+    }
+    .instrument(span)
+    .await;
+}
+
+/// Audits a tunnel of `device` refused before its hello was answered.
+fn audit_refusal(ctx: &Ctx, device: &str, detail: String) {
+    ctx.audit
+        .record(device, "tunnel", "tunnel.refuse", "deny", "", detail);
+}

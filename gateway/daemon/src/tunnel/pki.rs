@@ -1,0 +1,428 @@
+//! Offline identity: a private CA and the certificates it issues (rcgen).
+//!
+//! `gatewayd pki init --out DIR` writes `ca.pem` and `ca.key`; `gatewayd pki issue`
+//! writes `ID.pem` and `ID.key`. The certificate's first DNS name is the node id:
+//! the hub takes a device's id from it, never from what the device says. Private
+//! keys are written with mode 0600, and [`check_key_file`] refuses to load one that
+//! group or others can read.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+
+/// A PKI operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Refusing to overwrite an existing key or certificate.
+    #[error("{0} already exists; remove it first or write elsewhere with --out")]
+    Exists(PathBuf),
+    /// rcgen refused.
+    #[error("certificate generation: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    /// A node id or subject name is malformed.
+    #[error("{0}")]
+    BadName(String),
+    /// A private key file is readable by group or others.
+    #[error("{path} is readable by group or others (mode {mode:o}); run: chmod 600 {path}", path = .path.display())]
+    KeyPermissions {
+        /// The key file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
+    move |source| PkiError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Writes `contents` to a new file with `mode`, refusing to overwrite.
+fn write_new(path: &Path, contents: &str, mode: u32) -> Result<(), PkiError> {
+    if path.exists() {
+        return Err(PkiError::Exists(path.to_owned()));
+    }
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(io(path))?;
+    f.write_all(contents.as_bytes()).map_err(io(path))?;
+    f.sync_all().map_err(io(path))
+}
+
+fn ca_params(name: &str) -> Result<CertificateParams, PkiError> {
+    let mut p = CertificateParams::new(Vec::<String>::new())?;
+    p.distinguished_name.push(DnType::CommonName, name);
+    p.distinguished_name
+        .push(DnType::OrganizationName, "gatewayd");
+    p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ((y0, m0, d0), (y1, m1, d1)) = (ymd(-1), ymd(3650));
+    p.not_before = rcgen::date_time_ymd(y0, m0, d0);
+    p.not_after = rcgen::date_time_ymd(y1, m1, d1);
+    Ok(p)
+}
+
+/// Midnight UTC, `offset` days from today. Certificates start a day early so a
+/// box whose clock lags a little accepts them.
+fn ymd(offset: i64) -> (i32, u8, u8) {
+    let d = gateway_core::units::Date::from_unix_ms(crate::node::clock::now_ms()).add_days(offset);
+    (d.year(), d.month(), d.day())
+}
+
+/// Creates a private CA in `out` (`ca.pem`, `ca.key`). Returns the files written.
+///
+/// # Errors
+/// When a file exists already or cannot be written.
+pub fn init(out: &Path, name: &str) -> Result<Vec<PathBuf>, PkiError> {
+    std::fs::create_dir_all(out).map_err(io(out))?;
+    let key = KeyPair::generate()?;
+    let cert = ca_params(name)?.self_signed(&key)?;
+    let (cert_path, key_path) = (out.join("ca.pem"), out.join("ca.key"));
+    write_new(&key_path, &key.serialize_pem(), 0o600)?;
+    write_new(&cert_path, &cert.pem(), 0o644)?;
+    Ok(vec![cert_path, key_path])
+}
+
+/// Issues a certificate for node `id` from the CA in `ca_dir`, with extra subject
+/// names `sans` (DNS names or IP addresses, for hubs), valid `days`. Writes
+/// `out/ID.pem` and `out/ID.key`; returns their paths.
+///
+/// # Errors
+/// When the id is not a valid node id, the CA cannot be read, or a file exists.
+pub fn issue(
+    ca_dir: &Path,
+    id: &str,
+    sans: &[String],
+    days: u32,
+    out: &Path,
+) -> Result<Vec<PathBuf>, PkiError> {
+    gateway_core::units::check_name("device", id)
+        .map_err(|e| PkiError::BadName(format!("--id: {}; {}", e.message, e.hint)))?;
+    let (ca_cert_path, ca_key_path) = (ca_dir.join("ca.pem"), ca_dir.join("ca.key"));
+    check_key_file(&ca_key_path)?;
+    let ca_pem = std::fs::read_to_string(&ca_cert_path).map_err(io(&ca_cert_path))?;
+    let ca_key =
+        KeyPair::from_pem(&std::fs::read_to_string(&ca_key_path).map_err(io(&ca_key_path))?)?;
+    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)?;
+
+    let mut p = CertificateParams::new(Vec::<String>::new())?;
+    p.distinguished_name.push(DnType::CommonName, id);
+    p.subject_alt_names.push(SanType::DnsName(id.try_into()?));
+    for san in sans {
+        let entry = match san.parse::<std::net::IpAddr>() {
+            Ok(ip) => SanType::IpAddress(ip),
+            Err(_) => SanType::DnsName(san.as_str().try_into().map_err(|_| {
+                PkiError::BadName(format!(
+                    "--san {san:?} is neither a DNS name nor an IP address"
+                ))
+            })?),
+        };
+        p.subject_alt_names.push(entry);
+    }
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let ((y0, m0, d0), (y1, m1, d1)) = (ymd(-1), ymd(i64::from(days)));
+    p.not_before = rcgen::date_time_ymd(y0, m0, d0);
+    p.not_after = rcgen::date_time_ymd(y1, m1, d1);
+    let key = KeyPair::generate()?;
+    let cert = p.signed_by(&key, &issuer)?;
+    std::fs::create_dir_all(out).map_err(io(out))?;
+    let (cert_path, key_path) = (out.join(format!("{id}.pem")), out.join(format!("{id}.key")));
+    write_new(&key_path, &key.serialize_pem(), 0o600)?;
+    write_new(&cert_path, &cert.pem(), 0o644)?;
+    Ok(vec![cert_path, key_path])
+}
+
+/// Refuses a private key file that group or others may read.
+///
+/// # Errors
+/// [`PkiError::KeyPermissions`], or [`PkiError::Io`] when it cannot be examined.
+pub fn check_key_file(path: &Path) -> Result<(), PkiError> {
+    let mode = std::fs::metadata(path)
+        .map_err(io(path))?
+        .permissions()
+        .mode()
+        & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(PkiError::KeyPermissions {
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    Ok(())
+}
+
+/// The hub's CA, loaded to sign devices' certificate requests.
+pub struct Signer {
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl Signer {
+    /// Loads the CA certificate and key (the key must be 0600).
+    ///
+    /// # Errors
+    /// When a file cannot be read or is not a CA certificate and key.
+    pub fn load(ca_cert: &Path, ca_key: &Path) -> Result<Self, PkiError> {
+        check_key_file(ca_key)?;
+        let pem = std::fs::read_to_string(ca_cert).map_err(io(ca_cert))?;
+        let key = KeyPair::from_pem(&std::fs::read_to_string(ca_key).map_err(io(ca_key))?)?;
+        Ok(Signer {
+            issuer: Issuer::from_ca_cert_pem(&pem, key)?,
+        })
+    }
+
+    /// Signs `csr_pem` for device `id`, valid `lifetime` from `now_ms` (started
+    /// up to five minutes early, at most a quarter of the lifetime, for clocks
+    /// that lag). Only the CSR's public key is taken: names, usages and validity
+    /// are the hub's. Returns the certificate (PEM) and its expiry (Unix ms).
+    ///
+    /// # Errors
+    /// When the CSR does not parse, its signature does not verify, or it does
+    /// not name `id`.
+    pub fn sign_csr(
+        &self,
+        csr_pem: &str,
+        id: &str,
+        now_ms: i64,
+        lifetime: std::time::Duration,
+    ) -> Result<(String, i64), PkiError> {
+        let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)?;
+        let names_id = csr
+            .params
+            .subject_alt_names
+            .iter()
+            .any(|s| matches!(s, SanType::DnsName(n) if n.as_str() == id));
+        if !names_id {
+            return Err(PkiError::BadName(format!(
+                "the certificate request does not name device {id}"
+            )));
+        }
+        let life_ms = i64::try_from(lifetime.as_millis()).unwrap_or(i64::MAX / 2);
+        let early_ms = (life_ms / 4).min(300_000);
+        let at = |ms: i64| {
+            time::OffsetDateTime::from_unix_timestamp(ms.div_euclid(1000))
+                .map_err(|e| PkiError::BadName(format!("certificate time: {e}")))
+        };
+        let not_after_ms = now_ms + life_ms;
+        let mut p = CertificateParams::new(Vec::<String>::new())?;
+        p.distinguished_name.push(DnType::CommonName, id);
+        p.subject_alt_names.push(SanType::DnsName(id.try_into()?));
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        p.not_before = at(now_ms - early_ms)?;
+        p.not_after = at(not_after_ms)?;
+        p.serial_number = Some(rcgen::SerialNumber::from_slice(&rand::random::<[u8; 16]>()));
+        csr.params = p;
+        let cert = csr.signed_by(&self.issuer)?;
+        Ok((cert.pem(), not_after_ms.div_euclid(1000) * 1000))
+    }
+}
+
+/// A new key for device `id` and a certificate request for it: (key PEM, CSR PEM).
+///
+/// # Errors
+/// When `id` is not a valid DNS name.
+pub fn new_request(id: &str) -> Result<(String, String), PkiError> {
+    let key = KeyPair::generate()?;
+    let mut p = CertificateParams::new(Vec::<String>::new())?;
+    p.distinguished_name.push(DnType::CommonName, id);
+    p.subject_alt_names.push(SanType::DnsName(id.try_into()?));
+    let csr = p.serialize_request(&key)?;
+    Ok((key.serialize_pem(), csr.pem()?))
+}
+
+/// A certificate's validity (Unix ms): (not before, not after).
+pub fn validity(cert_pem: &str) -> Option<(i64, i64)> {
+    use rustls_pki_types::pem::PemObject as _;
+    let der = rustls_pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes()).ok()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).ok()?;
+    let v = cert.validity();
+    Some((
+        v.not_before.timestamp() * 1000,
+        v.not_after.timestamp() * 1000,
+    ))
+}
+
+/// Replaces `path` with `contents` atomically (a temporary file in the same
+/// directory, synced, renamed over it), with `mode`.
+///
+/// # Errors
+/// When the directory is not writable.
+pub fn write_replace(path: &Path, contents: &str, mode: u32) -> Result<(), PkiError> {
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(io(&tmp))?;
+    f.write_all(contents.as_bytes()).map_err(io(&tmp))?;
+    f.sync_all().map_err(io(&tmp))?;
+    rename_synced(&tmp, path)
+}
+
+/// Renames `from` over `to` and syncs the directory, so the rename survives a
+/// power cut.
+fn rename_synced(from: &Path, to: &Path) -> Result<(), PkiError> {
+    std::fs::rename(from, to).map_err(io(to))?;
+    if let Some(dir) = to.parent() {
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
+}
+
+/// Where one file of a key pair waits, complete, before it replaces `path`.
+fn staged(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".next");
+    name.into()
+}
+
+/// Replaces a private key and its certificate as one pair. Both are first
+/// staged complete (`KEY.next`, then `CERT.next`, each written atomically and
+/// synced); only then does each replace the file in use, key first. A crash on
+/// the way is finished (or undone) by [`recover_pair`] at the next start, so a
+/// power cut during renewal never leaves a key with a certificate that is not
+/// its own.
+///
+/// # Errors
+/// When the directory is not writable.
+pub fn write_pair(key: &Path, key_pem: &str, cert: &Path, cert_pem: &str) -> Result<(), PkiError> {
+    write_replace(&staged(key), key_pem, 0o600)?;
+    write_replace(&staged(cert), cert_pem, 0o644)?;
+    rename_synced(&staged(key), key)?;
+    rename_synced(&staged(cert), cert)
+}
+
+/// Finishes a [`write_pair`] that a crash interrupted. A staged certificate
+/// means the pair was complete: what is staged is installed. A staged key
+/// alone means the certificate never arrived: the key is discarded and the
+/// pair in use stays. Returns what was done, for the log.
+///
+/// # Errors
+/// When a staged file cannot be renamed or removed.
+pub fn recover_pair(key: &Path, cert: &Path) -> Result<Option<&'static str>, PkiError> {
+    let (next_key, next_cert) = (staged(key), staged(cert));
+    match (next_key.exists(), next_cert.exists()) {
+        (true, true) => {
+            rename_synced(&next_key, key)?;
+            rename_synced(&next_cert, cert)?;
+            Ok(Some(
+                "installed the renewed key and certificate staged before a crash",
+            ))
+        }
+        (false, true) => {
+            rename_synced(&next_cert, cert)?;
+            Ok(Some(
+                "installed the renewed certificate staged before a crash",
+            ))
+        }
+        (true, false) => {
+            std::fs::remove_file(&next_key).map_err(io(&next_key))?;
+            Ok(Some(
+                "discarded a key staged without its certificate; the pair in use stays",
+            ))
+        }
+        (false, false) => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(p: &Path) -> String {
+        std::fs::read_to_string(p).unwrap_or_default()
+    }
+
+    /// A directory holding the pair in use ("old key", "old cert").
+    fn old_pair() -> (tempfile::TempDir, PathBuf, PathBuf) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (key, cert) = (dir.path().join("edge.key"), dir.path().join("edge.pem"));
+        write_replace(&key, "old key", 0o600).expect("key");
+        write_replace(&cert, "old cert", 0o644).expect("cert");
+        (dir, key, cert)
+    }
+
+    #[test]
+    fn a_pair_replaces_both_files_and_leaves_nothing_staged() {
+        let (dir, key, cert) = old_pair();
+        write_pair(&key, "new key", &cert, "new cert").expect("pair");
+        assert_eq!(
+            (read(&key).as_str(), read(&cert).as_str()),
+            ("new key", "new cert")
+        );
+        let mode = std::fs::metadata(&key).expect("key").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("dir")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+        assert_eq!(recover_pair(&key, &cert).expect("recover"), None);
+    }
+
+    /// Every point a crash can stop `write_pair` at (after its 1st, 2nd and
+    /// 3rd step; the 4th is the end): recovery always yields a matching pair,
+    /// the new one as soon as both halves were staged.
+    #[test]
+    fn recovery_after_a_crash_at_each_step_yields_a_matching_pair() {
+        for crash_after in 1..=3 {
+            let (_dir, key, cert) = old_pair();
+            write_replace(&staged(&key), "new key", 0o600).expect("step 1");
+            if crash_after >= 2 {
+                write_replace(&staged(&cert), "new cert", 0o644).expect("step 2");
+            }
+            if crash_after >= 3 {
+                rename_synced(&staged(&key), &key).expect("step 3");
+            }
+            let done = recover_pair(&key, &cert).expect("recover");
+            assert!(done.is_some(), "step {crash_after}: nothing recovered");
+            let pair = (read(&key), read(&cert));
+            let want = if crash_after == 1 {
+                ("old key", "old cert")
+            } else {
+                ("new key", "new cert")
+            };
+            assert_eq!(
+                (pair.0.as_str(), pair.1.as_str()),
+                want,
+                "crash after step {crash_after}"
+            );
+            assert!(!staged(&key).exists() && !staged(&cert).exists());
+            assert_eq!(recover_pair(&key, &cert).expect("again"), None);
+        }
+    }
+}

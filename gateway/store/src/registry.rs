@@ -1,0 +1,229 @@
+//! The hub's registry of its fleet, behind a trait the daemon calls: operator
+//! accounts (one role each), single-use enrollment tokens, enrolled devices
+//! with their certificate expiry and revocation, the last heartbeat, pushed
+//! config versions and what each device reported applying, and every device's
+//! audit chain as collected. [`crate::sqlite::SqliteRegistry`] is the embedded
+//! engine.
+//!
+//! Invariants every engine keeps (the SQLite engine's tests check them):
+//! - Secrets are stored only as digests (SHA-256 of the whole token text).
+//! - A token is redeemed at most once, only for its device, only before its
+//!   expiry, only while the device is not revoked; redeeming and recording the
+//!   device happen in one transaction, with the certificate's signing.
+//! - An account name holds exactly one role; adding it again is refused.
+//! - Config versions of a device only grow; a push gets `max + 1`.
+//! - Collected audit records of a device are accepted only if they continue its
+//!   chain; otherwise nothing is stored and the device is marked broken.
+//!
+//! Cancel safety: no method is cancel-safe in the sense of "dropped means not
+//! done": an engine finishes an operation it started. Callers that give up on
+//! a write must read again before they assume either outcome.
+
+use gateway_core::audit::Record;
+use gateway_core::fleet::AdminRole;
+
+use crate::error::{StoreError, StoreFuture};
+
+/// A registry operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// The engine failed: [`StoreError::Unavailable`] (retry later) or
+    /// [`StoreError::Refused`].
+    #[error("fleet registry: {0}")]
+    Store(#[from] StoreError),
+    /// An account of that name exists.
+    #[error(
+        "account {0:?} exists; an account holds exactly one role, make another account for another role"
+    )]
+    AccountExists(String),
+    /// The token is unknown, used, expired, or for another device.
+    #[error("{0}")]
+    Token(&'static str),
+    /// The device is revoked.
+    #[error("device {0} is revoked")]
+    Revoked(String),
+    /// The caller's own step (signing a certificate) failed.
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// One device as the hub knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceRow {
+    /// The id.
+    pub id: String,
+    /// Enrolled at (Unix ms; 0 when it connected with an offline certificate).
+    pub enrolled_ms: i64,
+    /// The last certificate's expiry.
+    pub not_after_ms: Option<i64>,
+    /// Revoked at.
+    pub revoked_ms: Option<i64>,
+    /// The last heartbeat (Unix ms, JSON).
+    pub status: Option<(i64, String)>,
+    /// The newest pushed version.
+    pub desired: Option<u64>,
+    /// What it reported: version in force, last result (JSON), when.
+    pub applied: Option<(u64, String, i64)>,
+    /// Collected audit: head sequence number, and why the chain is broken.
+    pub audit: Option<(u64, Option<String>)>,
+}
+
+impl RegistryError {
+    /// Whether trying again later may succeed (the engine was unavailable).
+    pub fn retry_later(&self) -> bool {
+        matches!(self, RegistryError::Store(StoreError::Unavailable(_)))
+    }
+}
+
+/// A registry future: the engine's answer, or why not.
+pub type RegistryFuture<'a, T> = StoreFuture<'a, T, RegistryError>;
+
+/// Signs the certificate of a device being enrolled, inside the enrollment's
+/// transaction: returns the certificate (PEM) and its expiry (Unix ms).
+pub type SignCertificate = Box<dyn FnOnce() -> Result<(String, i64), RegistryError> + Send>;
+
+/// A device's collected audit for export: the anchor (the record before the
+/// first one returned), the head, and the records between.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditExport {
+    /// Sequence number of the record before the first one returned.
+    pub anchor_seq: u64,
+    /// Its hash (hex).
+    pub anchor_hash: String,
+    /// The newest collected record's sequence number.
+    pub head_seq: u64,
+    /// Its hash (hex).
+    pub head_hash: String,
+    /// Whether the collected chain has no break.
+    pub continuous: bool,
+    /// The records, in order.
+    pub records: Vec<Record>,
+}
+
+/// The hub's registry. Every method is one transaction (or one statement) of
+/// the engine: hubs sharing one engine see each other's writes. Arguments are
+/// owned, so an engine can move them to its own thread or connection.
+pub trait Registry: Send + Sync {
+    /// Adds an operator account with `role`, identified by a credential digest.
+    /// [`RegistryError::AccountExists`] when the name is taken.
+    fn add_account(&self, account: NewAccount) -> RegistryFuture<'_, ()>;
+    /// The accounts: (name, role).
+    fn accounts(&self) -> RegistryFuture<'_, Vec<(String, String)>>;
+    /// The account (name, role) a credential digest belongs to.
+    fn account(&self, digest: String) -> RegistryFuture<'_, Option<(String, AdminRole)>>;
+    /// Stores a new enrollment token; [`RegistryError::Revoked`] for a revoked
+    /// device.
+    fn create_token(&self, token: NewToken) -> RegistryFuture<'_, ()>;
+    /// Redeems the token for its device and lets `sign` make its certificate;
+    /// both are committed together, or neither. Returns the certificate.
+    fn enroll(&self, enrollment: Enrollment, sign: SignCertificate) -> RegistryFuture<'_, String>;
+    /// Records the expiry of `device`'s newest certificate.
+    fn set_cert(&self, device: String, not_after_ms: i64) -> RegistryFuture<'_, ()>;
+    /// Whether `device` is revoked.
+    fn is_revoked(&self, device: String) -> RegistryFuture<'_, bool>;
+    /// Which of `ids` are revoked.
+    fn revoked_among(&self, ids: Vec<String>) -> RegistryFuture<'_, Vec<String>>;
+    /// Revokes `device` (by operator `by`); whether it was not revoked before.
+    fn revoke(&self, device: String, by: String, now_ms: i64) -> RegistryFuture<'_, bool>;
+    /// Stores `device`'s latest heartbeat (JSON).
+    fn heartbeat(&self, device: String, now_ms: i64, json: String) -> RegistryFuture<'_, ()>;
+    /// Stores a config version for its device; returns its version number.
+    fn push_config(&self, push: ConfigPush) -> RegistryFuture<'_, u64>;
+    /// The newest pushed version and its text.
+    fn desired(&self, device: String) -> RegistryFuture<'_, Option<(u64, String)>>;
+    /// The text of one pushed version.
+    fn config_version(&self, device: String, version: u64) -> RegistryFuture<'_, Option<String>>;
+    /// What `device` runs as it reported: version and text.
+    fn applied(&self, device: String) -> RegistryFuture<'_, Option<(u64, String)>>;
+    /// Records what a device runs and its last result.
+    fn set_applied(&self, report: AppliedReport) -> RegistryFuture<'_, ()>;
+    /// Every device the hub knows, by id.
+    fn devices(&self) -> RegistryFuture<'_, Vec<DeviceRow>>;
+    /// One device.
+    fn device(&self, id: String) -> RegistryFuture<'_, Option<DeviceRow>>;
+    /// The next audit record wanted from `device`.
+    fn audit_next(&self, device: String) -> RegistryFuture<'_, u64>;
+    /// Appends collected records of `device`: how many were stored, or the
+    /// break in the chain (then nothing is stored and the device is marked).
+    fn append_audit(
+        &self,
+        device: String,
+        records: Vec<Record>,
+    ) -> RegistryFuture<'_, Result<usize, String>>;
+    /// Collected records of `device` from `since_ms` on, for export.
+    fn audit_export(
+        &self,
+        device: String,
+        since_ms: i64,
+    ) -> RegistryFuture<'_, Option<AuditExport>>;
+    /// Removes collected records older than `before_ms`, keeping each
+    /// device's newest; returns how many.
+    fn prune_audit(&self, before_ms: i64) -> RegistryFuture<'_, usize>;
+}
+
+/// An operator account to add.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewAccount {
+    /// The account's name (one role per name).
+    pub name: String,
+    /// Its role.
+    pub role: AdminRole,
+    /// Digest of its credential.
+    pub digest: String,
+    /// When, Unix ms.
+    pub now_ms: i64,
+}
+
+/// An enrollment token to store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewToken {
+    /// The device it enrolls.
+    pub device: String,
+    /// Digest of the token.
+    pub digest: String,
+    /// Its expiry, Unix ms.
+    pub expires_ms: i64,
+    /// The operator who made it.
+    pub by: String,
+    /// When, Unix ms.
+    pub now_ms: i64,
+}
+
+/// A device redeeming its enrollment token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Enrollment {
+    /// Digest of the token it presented.
+    pub digest: String,
+    /// The device it says it is (the token must be for it).
+    pub device: String,
+    /// When, Unix ms.
+    pub now_ms: i64,
+}
+
+/// A config version pushed for a device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigPush {
+    /// The device.
+    pub device: String,
+    /// The config text.
+    pub text: String,
+    /// The operator who pushed it.
+    pub by: String,
+    /// When, Unix ms.
+    pub now_ms: i64,
+}
+
+/// What a device reported running, and the result of the last offer (JSON).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppliedReport {
+    /// The device.
+    pub device: String,
+    /// The version in force.
+    pub version: u64,
+    /// Its text, when the device sent it.
+    pub text: Option<String>,
+    /// The last result, JSON.
+    pub result: String,
+    /// When, Unix ms.
+    pub now_ms: i64,
+}

@@ -1,0 +1,252 @@
+//! The embedded engine of the hub's storage traits: SQLite files in WAL mode
+//! with `synchronous = FULL`, one connection per file, run on tokio's blocking
+//! threads by [`Blocking`] so no async task waits on a disk sync.
+//!
+//! - [`registry`]: [`SqliteRegistry`], the fleet registry.
+//! - [`sink`]: [`SqliteSink`], the sink of channel records.
+//!
+//! Errors are sorted for the caller: a busy or locked database, a failing or
+//! full disk is [`StoreError::Unavailable`] (retry later); a constraint, a
+//! corrupt or newer database is [`StoreError::Refused`].
+
+pub mod registry;
+pub mod sink;
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use gateway_core::audit::Record;
+use gateway_core::fleet::AdminRole;
+
+pub use registry::SqliteRegistry;
+pub use sink::{SinkError, SqliteSink};
+
+use crate::error::{StoreError, StoreFuture};
+use crate::registry::{
+    AppliedReport, AuditExport, ConfigPush, DeviceRow, Enrollment, NewAccount, NewToken, Registry,
+    RegistryError, RegistryFuture, SignCertificate,
+};
+use crate::sink::{Committed, Sink, SinkBatch, Stored, Stream, StreamKey};
+
+/// What a SQLite failure means to the caller.
+pub fn classify(e: &rusqlite::Error) -> StoreError {
+    use rusqlite::ErrorCode as C;
+    let text = e.to_string();
+    match e {
+        rusqlite::Error::SqliteFailure(f, _)
+            if matches!(
+                f.code,
+                C::DatabaseBusy
+                    | C::DatabaseLocked
+                    | C::SystemIoFailure
+                    | C::DiskFull
+                    | C::CannotOpen
+                    | C::OutOfMemory
+                    | C::FileLockingProtocolFailed
+            ) =>
+        {
+            StoreError::Unavailable(text)
+        }
+        _ => StoreError::Refused(text),
+    }
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        classify(&e)
+    }
+}
+
+impl From<rusqlite::Error> for RegistryError {
+    fn from(e: rusqlite::Error) -> Self {
+        RegistryError::Store(classify(&e))
+    }
+}
+
+impl From<SinkError> for StoreError {
+    fn from(e: SinkError) -> Self {
+        match e {
+            SinkError::Sqlite(e) => classify(&e),
+            newer @ SinkError::NewerSchema(_) => StoreError::Refused(newer.to_string()),
+        }
+    }
+}
+
+/// A SQLite engine shared by async callers: each call runs on a blocking
+/// thread, one at a time (SQLite serialises writers anyway).
+pub struct Blocking<T> {
+    engine: Arc<Mutex<T>>,
+}
+
+impl<T: Send + 'static> Blocking<T> {
+    /// Wraps an open engine.
+    pub fn new(engine: T) -> Self {
+        Blocking {
+            engine: Arc::new(Mutex::new(engine)),
+        }
+    }
+
+    /// Runs `f` on the engine in a blocking thread.
+    fn run<R, E>(
+        &self,
+        f: impl FnOnce(&mut T) -> Result<R, E> + Send + 'static,
+    ) -> StoreFuture<'static, R, E>
+    where
+        R: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
+        let engine = self.engine.clone();
+        Box::pin(async move {
+            let done = tokio::task::spawn_blocking(move || {
+                f(&mut engine.lock().unwrap_or_else(PoisonError::into_inner))
+            })
+            .await;
+            match done {
+                Ok(r) => r,
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                Err(e) => Err(StoreError::Unavailable(format!("storage thread: {e}")).into()),
+            }
+        })
+    }
+}
+
+impl Sink for Blocking<SqliteSink> {
+    fn high(&self, k: StreamKey) -> StoreFuture<'_, u64> {
+        self.run(move |s| Ok(s.high(&k.device, &k.channel)?))
+    }
+
+    fn commit(&self, batches: Vec<SinkBatch>) -> StoreFuture<'_, Vec<Committed>> {
+        self.run(move |s| Ok(s.commit_batches(&batches)?))
+    }
+
+    fn read(&self, k: StreamKey, after: u64, limit: usize) -> StoreFuture<'_, Vec<Stored>> {
+        self.run(move |s| Ok(s.read(&k.device, &k.channel, after, limit)?))
+    }
+
+    fn consume(&self, k: StreamKey, upto: u64) -> StoreFuture<'_, u64> {
+        self.run(move |s| Ok(s.consume(&k.device, &k.channel, upto)?))
+    }
+
+    fn failed(&self, k: StreamKey, seq: u64, reason: String) -> StoreFuture<'_, ()> {
+        self.run(move |s| Ok(s.failed(&k.device, &k.channel, seq, &reason)?))
+    }
+
+    fn failures(&self, k: StreamKey, after: u64, upto: u64) -> StoreFuture<'_, Vec<(u64, String)>> {
+        self.run(move |s| Ok(s.failures(&k.device, &k.channel, after, upto)?))
+    }
+
+    fn streams(&self) -> StoreFuture<'_, Vec<Stream>> {
+        self.run(|s| Ok(s.streams()?))
+    }
+
+    fn maintain(&self) -> StoreFuture<'_, ()> {
+        self.run(|s| Ok(s.compact()?))
+    }
+}
+
+impl Registry for Blocking<SqliteRegistry> {
+    fn add_account(&self, a: NewAccount) -> RegistryFuture<'_, ()> {
+        self.run(move |r| r.add_account(&a.name, a.role, &a.digest, a.now_ms))
+    }
+
+    fn accounts(&self) -> RegistryFuture<'_, Vec<(String, String)>> {
+        self.run(|r| r.accounts())
+    }
+
+    fn account(&self, digest: String) -> RegistryFuture<'_, Option<(String, AdminRole)>> {
+        self.run(move |r| r.account(&digest))
+    }
+
+    fn create_token(&self, t: NewToken) -> RegistryFuture<'_, ()> {
+        self.run(move |r| r.create_token(&t.device, &t.digest, t.expires_ms, &t.by, t.now_ms))
+    }
+
+    fn enroll(&self, e: Enrollment, sign: SignCertificate) -> RegistryFuture<'_, String> {
+        self.run(move |r| r.enroll(&e.digest, &e.device, e.now_ms, sign))
+    }
+
+    fn set_cert(&self, device: String, not_after_ms: i64) -> RegistryFuture<'_, ()> {
+        self.run(move |r| r.set_cert(&device, not_after_ms))
+    }
+
+    fn is_revoked(&self, device: String) -> RegistryFuture<'_, bool> {
+        self.run(move |r| r.is_revoked(&device))
+    }
+
+    fn revoked_among(&self, ids: Vec<String>) -> RegistryFuture<'_, Vec<String>> {
+        self.run(move |r| r.revoked_among(&ids))
+    }
+
+    fn revoke(&self, device: String, by: String, now_ms: i64) -> RegistryFuture<'_, bool> {
+        self.run(move |r| r.revoke(&device, &by, now_ms))
+    }
+
+    fn heartbeat(&self, device: String, now_ms: i64, json: String) -> RegistryFuture<'_, ()> {
+        self.run(move |r| r.heartbeat(&device, now_ms, &json))
+    }
+
+    fn push_config(&self, p: ConfigPush) -> RegistryFuture<'_, u64> {
+        self.run(move |r| r.push_config(&p.device, &p.text, &p.by, p.now_ms))
+    }
+
+    fn desired(&self, device: String) -> RegistryFuture<'_, Option<(u64, String)>> {
+        self.run(move |r| r.desired(&device))
+    }
+
+    fn config_version(&self, device: String, version: u64) -> RegistryFuture<'_, Option<String>> {
+        self.run(move |r| r.config_version(&device, version))
+    }
+
+    fn applied(&self, device: String) -> RegistryFuture<'_, Option<(u64, String)>> {
+        self.run(move |r| r.applied(&device))
+    }
+
+    fn set_applied(&self, a: AppliedReport) -> RegistryFuture<'_, ()> {
+        self.run(move |r| {
+            r.set_applied(&a.device, a.version, a.text.as_deref(), &a.result, a.now_ms)
+        })
+    }
+
+    fn devices(&self) -> RegistryFuture<'_, Vec<DeviceRow>> {
+        self.run(|r| r.devices())
+    }
+
+    fn device(&self, id: String) -> RegistryFuture<'_, Option<DeviceRow>> {
+        self.run(move |r| r.device(&id))
+    }
+
+    fn audit_next(&self, device: String) -> RegistryFuture<'_, u64> {
+        self.run(move |r| r.audit_next(&device))
+    }
+
+    fn append_audit(
+        &self,
+        device: String,
+        records: Vec<Record>,
+    ) -> RegistryFuture<'_, Result<usize, String>> {
+        self.run(move |r| r.append_audit(&device, &records))
+    }
+
+    fn audit_export(
+        &self,
+        device: String,
+        since_ms: i64,
+    ) -> RegistryFuture<'_, Option<AuditExport>> {
+        self.run(move |r| {
+            let found = r.audit_export(&device, since_ms)?;
+            Ok(found.map(
+                |(anchor_seq, anchor_hash, head_seq, head_hash, continuous, records)| AuditExport {
+                    anchor_seq,
+                    anchor_hash,
+                    head_seq,
+                    head_hash,
+                    continuous,
+                    records,
+                },
+            ))
+        })
+    }
+
+    fn prune_audit(&self, before_ms: i64) -> RegistryFuture<'_, usize> {
+        self.run(move |r| r.prune_audit(before_ms))
+    }
+}
