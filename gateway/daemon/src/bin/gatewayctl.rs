@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use gateway_daemon::fleet::client::{ClientError, OpsClient};
+use gateway_daemon::fleet::ops_client::{ClientError, OpsClient};
 use serde_json::Value;
 
 /// The central operator's command line: enroll boxes, push config, watch the

@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 
 use super::run::init_logging;
-use crate::fleet::edge::{self, EnrollError};
+use crate::fleet::enroll::{self, EnrollError};
 use crate::os::exit;
 
 /// `gatewayd enroll`
@@ -70,7 +70,7 @@ pub fn run(args: &EnrollArgs) -> u8 {
             return exit::SOFTWARE;
         }
     };
-    match rt.block_on(edge::enroll(&config, &token)) {
+    match rt.block_on(enroll::enroll(&config, &token)) {
         Ok((hub, not_after)) => {
             // Whole minutes once it is long: "24h", not "86399s".
             let secs =

@@ -12,6 +12,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
 use crate::fleet::edge as managed;
+use crate::fleet::pushed_config;
 use crate::node::clock::today_local;
 use crate::os::exit;
 use crate::os::notify;
@@ -113,10 +114,10 @@ fn choose_config(
     local: gateway_core::config::Config,
 ) -> (gateway_core::config::Config, (u64, String), bool) {
     let local_text = std::fs::read_to_string(path).unwrap_or_default();
-    let Some((version, text, trying)) = managed::load_managed(&local.node.state_dir) else {
+    let Some((version, text, trying)) = pushed_config::load_managed(&local.node.state_dir) else {
         return (local, (0, local_text), false);
     };
-    match managed::check_text(&text, "managed config") {
+    match pushed_config::check_text(&text, "managed config") {
         Ok(c) if c.node.id == local.node.id && c.node.state_dir == local.node.state_dir => {
             info!(
                 version,
@@ -147,7 +148,7 @@ async fn serve(args: &RunArgs, config: gateway_core::config::Config) -> u8 {
         gateway_core::config::Role::Edge(e) => e.uplink.config_try,
         gateway_core::config::Role::Hub(_) => Duration::from_secs(60),
     };
-    let mut applier = managed::Applier::new(try_window, trying.then_some(source.0));
+    let mut applier = pushed_config::Applier::new(try_window, trying.then_some(source.0));
     let (user, state_dir) = (config.node.user.clone(), config.node.state_dir.clone());
     let role = config.role.clone();
     let bindings = Bindings {
@@ -289,7 +290,7 @@ async fn serve(args: &RunArgs, config: gateway_core::config::Config) -> u8 {
                 let refused = if managed_version > 0 {
                     warn!(version = managed_version, "SIGHUP: this box runs a centrally managed config; reloading it (remove STATE_DIR/managed to go back to the local file)");
                     let text = fleet.as_ref().map(|f| f.applied().1).unwrap_or_default();
-                    match managed::check_text(&text, "managed config") {
+                    match pushed_config::check_text(&text, "managed config") {
                         Ok(c) => running.reload(c).err().map(|e| e.to_string()),
                         Err(e) => Some(e.join("; ")),
                     }

@@ -4,20 +4,27 @@
 //! that `gatewayctl` talks to.
 //!
 //! - [`hub`]: the hub's side: the registry, enrollment, control sessions.
-//! - [`edge`]: the edge's side: its control session, enrollment, managed config.
-//! - [`ops`]: the operators' API on the hub (`[hub].ops`), with roles.
-//! - [`client`]: `gatewayctl`'s client of that API.
+//! - [`edge`]: the edge's side: its control session (heartbeats, commands,
+//!   renewal, audit shipping).
+//! - [`enroll`]: the edge's enrollment with a token.
+//! - [`pushed_config`]: a pushed config on the edge: kept, tried, applied or
+//!   reverted.
+//! - [`ops_api`]: the operators' API on the hub (`[hub].ops`); each request's
+//!   role is checked there.
+//! - [`ops_client`]: `gatewayctl`'s client of that API.
 //! - [`logring`]: recent log lines and the last error, for heartbeats and diagnostics.
 //!
 //! The pure parts (messages, roles, the policy-section diff, renewal timing, the
 //! audit export check) are in `gateway_core::fleet`; the registry is
-//! `gateway_store::fleet`.
+//! the `gateway_store::registry::Registry` trait.
 
-pub mod client;
 pub mod edge;
+pub mod enroll;
 pub mod hub;
 pub mod logring;
-pub mod ops;
+pub mod ops_api;
+pub mod ops_client;
+pub mod pushed_config;
 
 use gateway_core::fleet::{self, DecodeError};
 use serde::Serialize;

@@ -104,7 +104,7 @@ pub(super) fn start(
         let l = bindings.tcp(ops).map_err(bind_err(ops))?;
         ops_addr = l.local_addr().ok();
         let tls = tls::ops_server(&h.settings.cert.path, &h.settings.key.path)?;
-        tasks.servers.push(tokio::spawn(fleet::ops::serve(
+        tasks.servers.push(tokio::spawn(fleet::ops_api::serve(
             fleet.clone(),
             l,
             tls,

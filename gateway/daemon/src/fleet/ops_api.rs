@@ -453,7 +453,7 @@ async fn config_push(
         )
             .into_response())
     };
-    let config = match super::edge::check_text(&body, &format!("{id}.toml")) {
+    let config = match super::pushed_config::check_text(&body, &format!("{id}.toml")) {
         Ok(c) => c,
         Err(errors) => {
             return refuse(

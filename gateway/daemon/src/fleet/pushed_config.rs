@@ -1,0 +1,244 @@
+//! A config pushed by the hub, on the edge: kept in `STATE_DIR/managed/`
+//! (`config.toml` in force, `last-good.toml`, `state.json`), checked like a
+//! local file, applied in try mode and confirmed once a hub tunnel comes back,
+//! or reverted to the last good one ([`Applier`]). On start the daemon prefers
+//! it to the `--config` file (the bootstrap), as long as it checks and keeps
+//! the node id and state directory.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use gateway_core::config::{Config, Role};
+use gateway_core::fleet::{ConfigOutcome, Message};
+use serde::{Deserialize, Serialize};
+use tracing::{error, info, warn};
+
+use super::edge::EdgeFleet;
+use crate::tunnel::pki::{self, PkiError};
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct ManagedState {
+    version: u64,
+    last_good: u64,
+    /// Set while a just-applied version waits for a hub connection.
+    trying: bool,
+}
+
+fn managed_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("managed")
+}
+
+/// The managed config on disk, if any: (version, text, trying).
+pub fn load_managed(state_dir: &Path) -> Option<(u64, String, bool)> {
+    let dir = managed_dir(state_dir);
+    let state: ManagedState =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("state.json")).ok()?).ok()?;
+    let text = std::fs::read_to_string(dir.join("config.toml")).ok()?;
+    Some((state.version, text, state.trying))
+}
+
+fn last_good(state_dir: &Path) -> Option<(u64, String)> {
+    let dir = managed_dir(state_dir);
+    let state: ManagedState =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("state.json")).ok()?).ok()?;
+    let text = std::fs::read_to_string(dir.join("last-good.toml")).ok()?;
+    Some((state.last_good, text))
+}
+
+fn save_managed(
+    state_dir: &Path,
+    (version, text): (u64, &str),
+    (good_version, good_text): (u64, &str),
+    trying: bool,
+) -> Result<(), PkiError> {
+    let dir = managed_dir(state_dir);
+    std::fs::create_dir_all(&dir).map_err(|source| PkiError::Io {
+        path: dir.clone(),
+        source,
+    })?;
+    pki::write_replace(&dir.join("last-good.toml"), good_text, 0o600)?;
+    pki::write_replace(&dir.join("config.toml"), text, 0o600)?;
+    let state = ManagedState {
+        version,
+        last_good: good_version,
+        trying,
+    };
+    pki::write_replace(
+        &dir.join("state.json"),
+        &serde_json::to_string(&state).unwrap_or_default(),
+        0o600,
+    )
+}
+
+/// Checks a config text the way `gatewayd check` does; the errors rendered
+/// with their line and column under `name`.
+pub fn check_text(text: &str, name: &str) -> Result<Config, Vec<String>> {
+    let checked = gateway_core::check::load(text, crate::node::clock::today_local());
+    match checked.config {
+        Some(c) => Ok(c),
+        None => Err(checked
+            .diagnostics
+            .iter()
+            .filter(|d| d.is_error())
+            .map(|d| d.render(name))
+            .collect()),
+    }
+}
+
+/// The main loop's half of config pushes: apply, watch the try window, revert.
+pub struct Applier {
+    /// Until when a just-applied version may wait for a hub; the version.
+    trying: Option<(Instant, u64)>,
+    window: Duration,
+}
+
+impl Applier {
+    /// An applier; `resume_trying` when the node started in a try window.
+    pub fn new(window: Duration, resume_trying: Option<u64>) -> Self {
+        Applier {
+            trying: resume_trying.map(|v| (Instant::now() + window, v)),
+            window,
+        }
+    }
+
+    /// When the try window ends, if one is open.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.trying.map(|t| t.0)
+    }
+
+    /// Applies an offered config with `reload`; returns the result to send.
+    pub fn apply(
+        &mut self,
+        fleet: &EdgeFleet,
+        current: &Config,
+        version: u64,
+        text: &str,
+        reload: impl FnOnce(Config) -> Result<(), String>,
+    ) -> Message {
+        let (applied, applied_text) = fleet.applied();
+        let refuse = |errors: Vec<String>| {
+            warn!(
+                version,
+                ?errors,
+                "Pushed config refused; the config in force stays"
+            );
+            Message::ConfigResult {
+                offered: version,
+                applied,
+                outcome: ConfigOutcome::Refused { errors },
+            }
+        };
+        if version <= applied {
+            return refuse(vec![format!(
+                "version {version} is not newer than version {applied} in force"
+            )]);
+        }
+        let config = match check_text(text, &format!("pushed config v{version}")) {
+            Ok(c) => c,
+            Err(errors) => return refuse(errors),
+        };
+        if config.node.id != current.node.id {
+            return refuse(vec![format!(
+                "node.id is {} but this box is {}",
+                config.node.id, current.node.id
+            )]);
+        }
+        if config.node.state_dir != current.node.state_dir {
+            return refuse(vec![
+                "node.state_dir cannot change by a push (the managed config lives there)".into(),
+            ]);
+        }
+        let window = match &config.role {
+            Role::Edge(e) => Some(e.uplink.config_try),
+            Role::Hub(_) => None,
+        };
+        if let Err(e) = save_managed(
+            &current.node.state_dir,
+            (version, text),
+            (applied, &applied_text),
+            true,
+        ) {
+            return refuse(vec![format!("cannot store it: {e}")]);
+        }
+        if let Err(e) = reload(config) {
+            // Put the files back as they were.
+            let _ = save_managed(
+                &current.node.state_dir,
+                (applied, &applied_text),
+                (applied, &applied_text),
+                false,
+            );
+            return refuse(vec![e]);
+        }
+        fleet.set_applied(version, text.to_owned());
+        // The new config's own try window applies to it.
+        if let Some(w) = window {
+            self.window = w;
+        }
+        self.trying = Some((Instant::now() + self.window, version));
+        info!(
+            version,
+            try_s = self.window.as_secs(),
+            "Pushed config applied; it is kept once a hub is reachable with it"
+        );
+        Message::ConfigResult {
+            offered: version,
+            applied: version,
+            outcome: ConfigOutcome::Applied,
+        }
+    }
+
+    /// A hub is reachable: the version being tried is good.
+    pub fn confirm(&mut self, fleet: &EdgeFleet, state_dir: &Path) {
+        if let Some((_, v)) = self.trying.take() {
+            let (version, text) = fleet.applied();
+            if version == v {
+                let _ = save_managed(state_dir, (version, &text), (version, &text), false);
+                info!(
+                    version,
+                    "Pushed config confirmed: a hub is reachable with it"
+                );
+            }
+        }
+    }
+
+    /// The try window ended without a hub: go back to the last good config.
+    pub fn revert(
+        &mut self,
+        fleet: &EdgeFleet,
+        state_dir: &Path,
+        reload: impl FnOnce(Config) -> Result<(), String>,
+    ) {
+        let Some((_, tried)) = self.trying.take() else {
+            return;
+        };
+        let Some((good, text)) = last_good(state_dir) else {
+            error!(tried, "No last good config to revert to");
+            return;
+        };
+        let reason = format!(
+            "no hub was reachable within {} s of applying version {tried}",
+            self.window.as_secs()
+        );
+        error!(
+            tried,
+            back_to = good,
+            "{reason}: reverting to the last good config"
+        );
+        let outcome = check_text(&text, "last good config")
+            .map_err(|e| e.join("; "))
+            .and_then(reload);
+        match outcome {
+            Ok(()) => {
+                let _ = save_managed(state_dir, (good, &text), (good, &text), false);
+                fleet.set_applied(good, text);
+                fleet.report_later(Message::ConfigResult {
+                    offered: tried,
+                    applied: good,
+                    outcome: ConfigOutcome::Reverted { tried, reason },
+                });
+            }
+            Err(e) => error!(%e, "Reverting failed; the tried config stays in force"),
+        }
+    }
+}
