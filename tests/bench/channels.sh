@@ -20,8 +20,11 @@ CAP=${CAP:-40Mbit} CAP_MB=${CAP_MB:-100}
 for tool in wrk curl python3; do
     command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install -y wrk curl" >&2; exit 1; }
 done
-cargo build --release -q -p gateway-daemon --bin gatewayd
-G=$PWD/target/release/gatewayd
+# GATEWAYD=PATH measures that binary instead (another commit's, side by side).
+if [ -z "${GATEWAYD:-}" ]; then
+    cargo build --release -q -p gateway-daemon --bin gatewayd
+fi
+G=${GATEWAYD:-$PWD/target/release/gatewayd}
 W=$(mktemp -d -p "${BENCH_DIR:-/var/tmp}")
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }

@@ -20,8 +20,11 @@ T=${1:-5}
 for tool in iperf3 socat python3 openssl rathole; do
     command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install -y iperf3 socat; cargo install rathole" >&2; exit 1; }
 done
-cargo build --release -q -p gateway-daemon --bin gatewayd
-G=$ROOT/target/release/gatewayd
+# GATEWAYD=PATH measures that binary instead (another commit's, side by side).
+if [ -z "${GATEWAYD:-}" ]; then
+    cargo build --release -q -p gateway-daemon --bin gatewayd
+fi
+G=${GATEWAYD:-$ROOT/target/release/gatewayd}
 W=$(mktemp -d)
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }

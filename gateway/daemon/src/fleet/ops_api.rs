@@ -42,18 +42,27 @@ use super::hub::Fleet;
 use crate::node::clock::now_ms;
 
 /// An error answer: status and message (JSON `{"error": ...}`).
-pub struct ApiError(StatusCode, String);
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: String) -> Self {
+        ApiError { status, message }
+    }
+}
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, axum::Json(json!({ "error": self.1 }))).into_response()
+        (self.status, axum::Json(json!({ "error": self.message }))).into_response()
     }
 }
 
 type Answer = Result<Response, ApiError>;
 
 fn internal(e: impl std::fmt::Display) -> ApiError {
-    ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
 }
 
 fn role_for(action: Action) -> &'static str {
@@ -80,7 +89,7 @@ async fn account(
     what: &str,
     object: &str,
 ) -> Result<(String, AdminRole), ApiError> {
-    let unauthorized = |m: &str| ApiError(StatusCode::UNAUTHORIZED, m.to_owned());
+    let unauthorized = |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, m.to_owned());
     let bearer = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
@@ -130,7 +139,7 @@ async fn authorize(
             "",
             message.clone(),
         );
-        return Err(ApiError(StatusCode::FORBIDDEN, message));
+        return Err(ApiError::new(StatusCode::FORBIDDEN, message));
     }
     Ok((name, role))
 }
@@ -264,7 +273,7 @@ async fn token_create(
     )
     .await?;
     if let Err(e) = gateway_core::units::check_name("device", &req.device) {
-        return Err(ApiError(
+        return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             format!("device: {}; {}", e.message, e.hint),
         ));
@@ -283,7 +292,7 @@ async fn token_create(
             now_ms: now_ms(),
         })
         .await
-        .map_err(|e| ApiError(StatusCode::CONFLICT, e.to_string()))?;
+        .map_err(|e| ApiError::new(StatusCode::CONFLICT, e.to_string()))?;
     info!(device = %req.device, by, expires_s, "Enrollment token created");
     audit_ok(
         &fleet,
@@ -374,7 +383,7 @@ async fn device_show(
         .map_err(internal)?;
     match row {
         Some(row) => Ok(axum::Json(device_view(&fleet, &row)).into_response()),
-        None => Err(ApiError(
+        None => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             format!("no device {id} on this hub"),
         )),
@@ -557,7 +566,7 @@ async fn command(
         "reconnect" => CommandKind::Reconnect,
         "diagnostics" => CommandKind::Diagnostics,
         other => {
-            return Err(ApiError(
+            return Err(ApiError::new(
                 StatusCode::NOT_FOUND,
                 format!("no command {other:?}; there are reconnect and diagnostics"),
             ));
@@ -575,7 +584,7 @@ async fn command(
             let output: Value = serde_json::from_str(&output).unwrap_or(Value::String(output));
             Ok(axum::Json(json!({ "device": id, "ok": ok, "output": output })).into_response())
         }
-        Err(e) => Err(ApiError(StatusCode::GATEWAY_TIMEOUT, e.to_string())),
+        Err(e) => Err(ApiError::new(StatusCode::GATEWAY_TIMEOUT, e.to_string())),
     }
 }
 
@@ -621,7 +630,7 @@ async fn config_show(
             text,
         )
             .into_response()),
-        None => Err(ApiError(
+        None => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             format!(
                 "no such config of {id} ({}); give a pushed version number, or applied",
@@ -649,7 +658,7 @@ async fn audit_export(
             // Dates are China Standard Time, like assessment dates.
             Ok(d) => d.days_since_epoch() * 86_400_000 - 8 * 3_600_000,
             Err(e) => {
-                return Err(ApiError(
+                return Err(ApiError::new(
                     StatusCode::BAD_REQUEST,
                     format!("since: {e}; {}", e.hint),
                 ));
@@ -662,7 +671,7 @@ async fn audit_export(
         .await
         .map_err(internal)?;
     let Some(export) = found else {
-        return Err(ApiError(
+        return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             format!("no audit collected from {id}"),
         ));
