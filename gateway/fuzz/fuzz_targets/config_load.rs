@@ -3,7 +3,6 @@
 #![no_main]
 
 use gateway_core::check;
-use gateway_core::config;
 use gateway_core::units::Date;
 use libfuzzer_sys::fuzz_target;
 
