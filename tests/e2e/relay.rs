@@ -86,13 +86,18 @@ async fn publish_and_access_echo_reach_the_legacy_server() {
             .any(|l| l.contains("relay.close") && l.contains("bytes_up=17 bytes_down=17")),
         "{lines:#?}"
     );
+    // The hub's audit writer commits on its own schedule: wait for it.
+    wait_for(
+        "the hub's audit of the transit",
+        Duration::from_secs(5),
+        || {
+            audit_lines(hub.state.path())
+                .iter()
+                .any(|l| l.starts_with("relay.open") && l.contains("[R0.allow-transit]"))
+        },
+    )
+    .await;
     let hub_lines = audit_lines(hub.state.path());
-    assert!(
-        hub_lines
-            .iter()
-            .any(|l| l.starts_with("relay.open") && l.contains("[R0.allow-transit]")),
-        "{hub_lines:#?}"
-    );
     assert!(
         hub_lines
             .iter()

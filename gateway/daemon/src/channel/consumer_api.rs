@@ -1,6 +1,7 @@
 //! The hub's API on `[hub].api`: consumers read channel records from the sink
-//! with a cursor and acknowledge them. Plain HTTP; keep it on a trusted address
-//! until the fleet work adds TLS and roles.
+//! with a cursor and acknowledge them. Plain HTTP without authentication:
+//! keep it on a trusted address (consumers as authenticated identities with
+//! their own cursors are issue 14).
 //!
 //! - `GET /v1/channels`: every (device, channel) stream in the sink.
 //! - `GET /v1/channels/{device}/{name}/records?after=CURSOR&limit=N`: records
@@ -23,7 +24,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
-use super::sink::SinkHandle;
+use super::hub_sink::SinkHandle;
 
 /// Most records one read returns.
 pub const MAX_LIMIT: usize = 10_000;

@@ -5,8 +5,8 @@
 //!
 //! - in at the edge: [`ingest`] (HTTP) and [`spool`] (directories), both
 //!   checked at the boundary by [`check`], committed by [`buffer`];
-//! - out of the edge: [`sync`], one stream per channel, batches and acks;
-//! - in at the hub: [`sink`] commits each batch and acknowledges it, and
+//! - out of the edge: [`edge_sync`], one stream per channel, batches and acks;
+//! - in at the hub: [`hub_sink`] commits each batch and acknowledges it, and
 //!   forwards records meant for another department;
 //! - out of the hub: [`consumer_api`] (consumers read with a cursor) or
 //!   [`delivery`] (the destination edge writes them to its spool).
@@ -15,7 +15,7 @@ pub mod buffer;
 pub mod check;
 pub mod consumer_api;
 pub mod delivery;
+pub mod edge_sync;
+pub mod hub_sink;
 pub mod ingest;
-pub mod sink;
 pub mod spool;
-pub mod sync;

@@ -16,7 +16,7 @@ use tracing::info;
 use super::{StartError, Tasks, bind_err, bind_fronts};
 use crate::channel::buffer::BufferHandle;
 use crate::channel::delivery::{self, InboxHandle};
-use crate::channel::{ingest, spool, sync};
+use crate::channel::{edge_sync, ingest, spool};
 use crate::fleet::edge::{self as managed, EdgeFleet, Request};
 use crate::node::sockets::Bindings;
 use crate::node::{self, Ctx};
@@ -101,7 +101,7 @@ pub(super) fn start(
             writer.clone(),
             state_dir.to_owned(),
         ));
-        tokio::spawn(sync::supervise(ctx.clone(), hubs.clone(), writer));
+        tokio::spawn(edge_sync::supervise(ctx.clone(), hubs.clone(), writer));
     }
     tokio::spawn(node::watch_assessments(ctx.clone()));
     // Each lane has its own UDP socket and endpoint driver.

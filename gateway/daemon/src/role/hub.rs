@@ -16,7 +16,7 @@ use tracing::info;
 
 use super::{StartError, Tasks, bind_err, bind_fronts};
 use crate::channel::consumer_api;
-use crate::channel::sink::{self, SinkHandle};
+use crate::channel::hub_sink::{self, SinkHandle};
 use crate::fleet;
 use crate::fleet::hub::Fleet;
 use crate::node::Ctx;
@@ -68,10 +68,12 @@ pub(super) fn start(
         let front = Front::publish(&p, &devices, &flows);
         tokio::spawn(front::front(ctx.clone(), front, socket));
     }
-    let sink = SinkHandle::new(Arc::new(Blocking::new(match &h.settings.sink {
-        Some(file) => SqliteSink::open_file(file)?,
-        None => SqliteSink::open(state_dir)?,
-    })));
+    let sink = match &h.settings.sink {
+        Some(file) => SqliteSink::open_file(file),
+        None => SqliteSink::open(state_dir),
+    }
+    .map_err(|e| StartError::Sink(e.into()))?;
+    let sink = SinkHandle::new(Arc::new(Blocking::new(sink)));
     let api = bindings
         .tcp(h.settings.api)
         .map_err(bind_err(h.settings.api))?;
@@ -80,7 +82,11 @@ pub(super) fn start(
         sink.clone(),
         tasks.admin_stop.clone(),
     )));
-    tokio::spawn(sink::maintain(sink.clone(), ctx.clone(), devices.clone()));
+    tokio::spawn(hub_sink::maintain(
+        sink.clone(),
+        ctx.clone(),
+        devices.clone(),
+    ));
     let signer = Signer::load(&h.settings.ca_cert.path, &h.settings.ca_key.path)
         .map_err(|e| StartError::Fleet(format!("the CA that signs devices: {e}")))?;
     let registry = h
@@ -215,7 +221,8 @@ impl tunnel::accept::Handler for Wiring {
                 deliver_to,
             } => {
                 let sink = self.sink.clone();
-                sink::serve_sync(ctx, sink, devices, from, (channel, deliver_to), send, recv).await;
+                hub_sink::serve_sync(ctx, sink, devices, from, (channel, deliver_to), send, recv)
+                    .await;
             }
             other => {
                 refuse_unexpected(&mut send, &other).await;

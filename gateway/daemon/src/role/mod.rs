@@ -55,7 +55,7 @@ pub enum StartError {
     Buffer(String),
     /// The hub's sink could not be opened.
     #[error("sink: {0}")]
-    Sink(#[from] gateway_store::sqlite::SinkError),
+    Sink(gateway_store::error::StoreError),
     /// The hub's fleet registry could not be opened.
     #[error("central management: {0}")]
     Registry(#[from] gateway_store::registry::RegistryError),
