@@ -797,39 +797,320 @@ fn hub_admin_of(config: &Path) -> String {
     admin.split('"').nth(1).expect("listen").to_owned()
 }
 
-#[test]
-fn enrollment_connections_without_a_certificate_are_bounded() {
-    let hub = Hub::start("1h");
-    let rt = tokio::runtime::Builder::new_current_thread()
+/// Waits up to 15 s for a hub audit record containing `needle`.
+fn wait_audit_line(hub: &Hub, needle: &str) {
+    poll_blocking(needle, Duration::from_secs(15), || {
+        let audit = audit_lines(&hub.dir.path().join("state"));
+        if audit.iter().any(|l| l.contains(needle)) {
+            Ok(())
+        } else {
+            Err(audit.join("\n"))
+        }
+    });
+}
+
+/// Size of the hub's audit database and its write-ahead log.
+fn audit_bytes(hub: &Hub) -> u64 {
+    let state = hub.dir.path().join("state");
+    ["audit.sqlite", "audit.sqlite-wal"]
+        .iter()
+        .map(|f| std::fs::metadata(state.join(f)).map_or(0, |m| m.len()))
+        .sum()
+}
+
+/// `n` requests to the operators' API, each with `credential` as its bearer,
+/// on keep-alive TLS connections (a new one when the hub closes one); the
+/// statuses.
+async fn ops_requests(hub: &Hub, credential: &str, n: usize) -> Vec<u16> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    let tls = gateway_daemon::tunnel::tls::ops_client(&hub.pki.ca().join("ca.pem")).expect("tls");
+    let connect = || async {
+        let tcp = tokio::net::TcpStream::connect(hub.ops)
+            .await
+            .expect("connect");
+        let name = rustls_pki_types::ServerName::try_from("127.0.0.1").expect("name");
+        let stream = tokio_rustls::TlsConnector::from(tls.clone())
+            .connect(name, tcp)
+            .await
+            .expect("handshake");
+        tokio::io::BufReader::new(stream)
+    };
+    let request = format!(
+        "GET /v1/whoami HTTP/1.1\r\nhost: hub\r\nauthorization: Bearer {credential}\r\n\r\n"
+    );
+    let mut statuses = Vec::with_capacity(n);
+    let mut stream = connect().await;
+    let mut connections = 1;
+    while statuses.len() < n {
+        let mut line = String::new();
+        let answered = async {
+            stream.get_mut().write_all(request.as_bytes()).await.ok()?;
+            if stream.read_line(&mut line).await.ok()? == 0 {
+                return None;
+            }
+            let status = line.split(' ').nth(1).and_then(|s| s.parse().ok())?;
+            let mut length = 0;
+            loop {
+                line.clear();
+                if stream.read_line(&mut line).await.ok()? == 0 {
+                    return None;
+                }
+                if line == "\r\n" {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = v.trim().parse().ok()?;
+                }
+            }
+            let mut body = vec![0u8; length];
+            stream.read_exact(&mut body).await.ok()?;
+            Some(status)
+        }
+        .await;
+        match answered {
+            Some(status) => statuses.push(status),
+            None => {
+                connections += 1;
+                assert!(connections < n + 10, "the hub keeps closing connections");
+                stream = connect().await;
+            }
+        }
+    }
+    println!("{n} requests on {connections} connections");
+    statuses
+}
+
+/// One enrollment attempt over a certificate-less QUIC connection from
+/// `endpoint`: the hub's answer, or why there was none.
+async fn enroll_attempt(
+    endpoint: &quinn::Endpoint,
+    client: &quinn::ClientConfig,
+    hub: SocketAddr,
+    req: &gateway_core::fleet::EnrollRequest,
+) -> Result<gateway_core::fleet::EnrollAnswer, String> {
+    let conn = endpoint
+        .connect_with(client.clone(), hub, "127.0.0.1")
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    gateway_daemon::fleet::write_msg(&mut send, req)
+        .await
+        .map_err(|e| e.to_string())?;
+    let answer = gateway_daemon::fleet::read_msg(&mut recv)
+        .await
+        .map_err(|e| e.to_string());
+    conn.close(quinn::VarInt::from_u32(0), b"done");
+    answer
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()
-        .expect("runtime");
+        .expect("runtime")
+}
+
+/// Unauthenticated traffic writes the audit at most once per source, kind and
+/// 10 s, under the peer's address, with what it claimed escaped and capped:
+/// 10,000 bad credentials and 10,000 bad enrollments from one address grow the
+/// audit database by less than 1 MB, and a real operator is still answered.
+#[test]
+fn unauthenticated_floods_are_summarised_under_the_peer_address() {
+    let hub = Hub::start("1h");
+    let before = audit_bytes(&hub);
+    let flood_started = std::time::Instant::now();
+    let rt = runtime();
     rt.block_on(async {
+        // A credential naming another account, with a control character in
+        // it (HTTP itself refuses a line break in a header).
+        let forged = "gwa1.sue\tadmin.revoke forged.0000000000000000000000000000000000000000000000000000000000000000";
+        let statuses = ops_requests(&hub, forged, 5_000).await;
+        let unknown = "gwa1.demo-security.00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+        let more = ops_requests(&hub, unknown, 5_000).await;
+        assert!(statuses.iter().chain(&more).all(|s| *s == 401), "{:?}", &statuses[..3]);
+
         let client = gateway_daemon::tunnel::tls::enroll_client(&hub.pki.ca().join("ca.pem"))
             .expect("client");
+        let endpoint = std::sync::Arc::new(
+            quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint"),
+        );
+        // One oversized request (a 1.5 MB device name) and 10,000 bad tokens,
+        // four at a time (the most one address may have in progress).
+        let huge = gateway_core::fleet::EnrollRequest {
+            device: "d".repeat(1_500_000),
+            token: "t".repeat(64),
+            csr_pem: String::new(),
+        };
+        let refused = enroll_attempt(&endpoint, &client, hub.quic, &huge).await;
+        assert!(refused.is_err(), "an oversized request has no answer: {refused:?}");
+        let mut tasks = tokio::task::JoinSet::new();
+        for worker in 0..4 {
+            let (endpoint, client, quic) = (endpoint.clone(), client.clone(), hub.quic);
+            tasks.spawn(async move {
+                let mut refusals = 0;
+                for i in 0..2_500 {
+                    let req = gateway_core::fleet::EnrollRequest {
+                        device: format!("dept-{worker}-{i}\nrelay.open forged"),
+                        token: "gwt1.nobody.00".into(),
+                        csr_pem: String::new(),
+                    };
+                    // A connection may find the address's four in progress
+                    // (the hub counts one until it sees it closed): try again.
+                    for _ in 0..20 {
+                        if let Ok(gateway_core::fleet::EnrollAnswer::Refused { .. }) =
+                            enroll_attempt(&endpoint, &client, quic, &req).await
+                        {
+                            refusals += 1;
+                            break;
+                        }
+                    }
+                }
+                refusals
+            });
+        }
+        let refusals: usize = tasks.join_all().await.into_iter().sum();
+        assert_eq!(refusals, 10_000, "every bad enrollment gets its refusal");
+    });
+    // A real operator is answered at once.
+    let started = std::time::Instant::now();
+    let (code, out, err) = hub.ctl("sam", &["whoami"]);
+    println!(
+        "a good operator answered in {:?} (gatewayctl process included)",
+        started.elapsed()
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    // The summaries are written once the 10 s window ends.
+    wait_audit_line(&hub, "more refused since the last record");
+    let grown = audit_bytes(&hub).saturating_sub(before);
+    println!("audit grew by {grown} bytes for 20,001 refusals");
+    assert!(grown < 1_000_000, "the audit grew by {grown} bytes");
+    let lines = audit_lines(&hub.dir.path().join("state"));
+    let auth: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.starts_with("admin.auth"))
+        .collect();
+    // At most one record per kind and 10 s window (two kinds of enrollment
+    // refusal), whatever the attacker's pace.
+    let windows = flood_started.elapsed().as_secs() / 10 + 2;
+    assert!(
+        !auth.is_empty() && auth.len() as u64 <= windows,
+        "{auth:#?}"
+    );
+    assert!(
+        auth.iter()
+            .all(|l| l.starts_with("admin.auth 127.0.0.1 operators-api deny")),
+        "the peer's address is the subject, never a claimed account: {auth:#?}"
+    );
+    let enrolls: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.starts_with("device.enroll"))
+        .collect();
+    assert!(
+        !enrolls.is_empty() && enrolls.len() as u64 <= 2 * windows,
+        "{} records in {windows} windows: {enrolls:#?}",
+        enrolls.len()
+    );
+    assert!(
+        enrolls
+            .iter()
+            .all(|l| l.starts_with("device.enroll 127.0.0.1 enrollment deny"))
+    );
+    assert!(
+        lines.iter().all(|l| l.len() < 1_000),
+        "every record's detail is capped"
+    );
+    // `audit show` prints what a peer sent escaped: no forged line.
+    let out = common::gatewayd(&[
+        "audit",
+        "show",
+        "--state-dir",
+        hub.dir.path().join("state").to_str().expect("path"),
+    ]);
+    let (text, _) = common::text(&out);
+    assert!(
+        text.contains("\\nrelay.open forged") || text.contains("\\nadmin.revoke"),
+        "{text}"
+    );
+    assert!(
+        !text
+            .lines()
+            .any(|l| l.starts_with("relay.open forged") || l.starts_with("admin.revoke forged")),
+        "{text}"
+    );
+}
+
+/// A certificate-less connection takes an enrollment slot only once its
+/// request arrives, must send it within 2 s, and one address may have at most
+/// 4 in progress: 40 silent and 40 slow connections from one address do not
+/// keep a real box from enrolling.
+#[test]
+fn enrollment_cannot_be_starved_by_silent_or_slow_connections() {
+    let hub = Hub::start("1h");
+    let rt = runtime();
+    let (closed, config, token) = rt.block_on(async {
+        let client = gateway_daemon::tunnel::tls::enroll_client(&hub.pki.ca().join("ca.pem"))
+            .expect("client");
+        // The attacker's address is not the real box's.
         let endpoint =
-            quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
-        // One more silent enrollment connection than there are slots: exactly
-        // one is closed at once, saying why; the others stay open until their
-        // own timeout (10 s), longer than this test waits.
-        let mut waiting = tokio::task::JoinSet::new();
-        for _ in 0..=gateway_daemon::fleet::hub::MAX_ENROLLING {
+            quinn::Endpoint::client("127.0.0.5:0".parse().expect("addr")).expect("endpoint");
+        let mut held = tokio::task::JoinSet::new();
+        for i in 0..80 {
             let c = endpoint
                 .connect_with(client.clone(), hub.quic, "127.0.0.1")
                 .expect("connect")
                 .await
                 .expect("handshake");
-            waiting.spawn(async move {
-                tokio::time::timeout(Duration::from_secs(5), c.closed())
+            held.spawn(async move {
+                if i % 2 == 1 {
+                    // Slow: a stream and a few bytes of a request, never the rest.
+                    if let Ok((mut send, _recv)) = c.open_bi().await {
+                        let _ = send.write_all(&[0, 0, 4, 0, b'{']).await;
+                        let _ = tokio::time::timeout(Duration::from_secs(6), c.closed()).await;
+                        return c.close_reason().map(|r| r.to_string());
+                    }
+                }
+                tokio::time::timeout(Duration::from_secs(6), c.closed())
                     .await
                     .ok()
-                    .map(|why| why.to_string())
+                    .map(|r| r.to_string())
             });
         }
-        let closed: Vec<String> = waiting.join_all().await.into_iter().flatten().collect();
-        assert_eq!(closed.len(), 1, "{closed:?}");
-        assert!(closed[0].contains("too many enrollments"), "{closed:?}");
+        let (config, _state) = edge_config(&hub, "edge-a", echo_server("127.0.1.1"), "");
+        (held, config, hub.token("edge-a"))
     });
+    // The real box enrolls while the 80 connections are held open or refused.
+    let (code, out) = enroll(&config, &token);
+    assert_eq!(code, 0, "{out}");
+    let closed: Vec<String> = rt
+        .block_on(closed.join_all())
+        .into_iter()
+        .flatten()
+        .collect();
+    assert_eq!(
+        closed.len(),
+        80,
+        "every connection is closed within 6 s: {closed:?}"
+    );
+    let busy = closed
+        .iter()
+        .filter(|c| c.contains("from your address"))
+        .count();
+    let timed_out = closed
+        .iter()
+        .filter(|c| c.contains("expected an enrollment request"))
+        .count();
+    assert!(busy >= 70, "{closed:?}");
+    assert_eq!(busy + timed_out, 80, "{closed:?}");
+    // One record at once, the other 79 refusals summarised in one more.
+    wait_audit_line(&hub, "79 more refused since the last record");
+    let lines = audit_lines(&hub.dir.path().join("state"));
+    let refused: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.starts_with("device.enroll 127.0.0.5 enrollment deny"))
+        .collect();
+    assert_eq!(refused.len(), 2, "{lines:#?}");
 }
 
 /// docs/operate.md, "Rotate the CA", step by step with real processes: the

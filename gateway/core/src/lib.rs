@@ -13,6 +13,8 @@
 //! - [`fleet`]: central management: control messages, operator roles, which
 //!   config sections are policy, renewal timing, the audit export check.
 //! - [`summary`]: what a checked configuration will bridge, for `gatewayd check`.
+//! - [`refusals`]: refusals of unauthenticated peers summarised for the audit,
+//!   and peer-supplied strings made safe to record.
 //!
 //! Time always comes in as a parameter ([`units::Date`], Unix milliseconds).
 #![forbid(unsafe_code)]
@@ -27,6 +29,7 @@ pub mod firewall;
 pub mod fleet;
 pub mod policy;
 pub mod rate;
+pub mod refusals;
 pub mod rule;
 pub mod sniff;
 pub mod summary;

@@ -230,7 +230,11 @@ async fn take(
         fail(file, failed, "the file holds no record");
         return;
     }
-    let subject = format!("spool:{}", file.display());
+    // The file name is the producer's: escaped and capped before it is audited.
+    let subject = format!(
+        "spool:{}",
+        gateway_core::refusals::peer_text(&file.display().to_string())
+    );
     if let Err(r) = check_records(ctx, &subject, name, format, &items, batch) {
         fail(file, failed, &format!("[{}] {}", r.rule, r.reason));
         return;

@@ -160,23 +160,27 @@ pub fn run(cmd: &AuditCommand) -> u8 {
                     serde_json::to_string_pretty(&records).unwrap_or_default()
                 ),
                 OutputFormat::Text => {
+                    // Fields may hold what a peer sent: a control character
+                    // (a newline above all) is printed escaped, so no field
+                    // can print a line that looks like another record.
+                    let safe = gateway_core::refusals::escape_controls;
                     for r in &records {
                         let e = &r.event;
                         let rule = if e.rule.is_empty() {
                             String::new()
                         } else {
-                            format!(" [{}]", e.rule)
+                            format!(" [{}]", safe(&e.rule))
                         };
                         println!(
                             "{:>6} {} {} {} {} -> {} {}{rule} {}",
                             r.seq,
                             format_time(e.time_ms),
-                            e.device,
-                            e.event,
-                            e.subject,
-                            e.object,
-                            e.outcome,
-                            e.detail
+                            safe(&e.device),
+                            safe(&e.event),
+                            safe(&e.subject),
+                            safe(&e.object),
+                            safe(&e.outcome),
+                            safe(&e.detail)
                         );
                     }
                     if records.is_empty() {

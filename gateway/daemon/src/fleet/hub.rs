@@ -14,9 +14,9 @@ use gateway_store::registry::{AppliedReport, ConfigPush, Enrollment, Registry, R
 use tokio::sync::{mpsc, oneshot};
 use tracing::{Instrument, error, info, info_span, warn};
 
-use super::{read_msg, write_msg};
-use crate::node::Ctx;
+use super::{read_msg, read_msg_max, write_msg};
 use crate::node::clock::now_ms;
+use crate::node::{Ctx, PeerAttempt};
 use crate::tunnel::devices::Devices;
 use crate::tunnel::pki::Signer;
 
@@ -39,11 +39,55 @@ pub struct Fleet {
     pending: Mutex<HashMap<u64, oneshot::Sender<CommandAnswer>>>,
     next_command: AtomicU64,
     enrolling: Arc<tokio::sync::Semaphore>,
+    enrolling_from: Arc<Mutex<HashMap<std::net::IpAddr, usize>>>,
 }
 
-/// Enrollment connections served at once; more are closed at once (they come
-/// without a certificate, so they are bounded before anything is read).
+/// Enrollment requests redeemed at once; more are closed at once.
 pub const MAX_ENROLLING: usize = 32;
+/// Enrollment connections in progress at once from one address.
+pub const MAX_ENROLLING_PER_SOURCE: usize = 4;
+/// How long a certificate-less connection has to send its enrollment request.
+pub const ENROLL_REQUEST_WAIT: Duration = Duration::from_secs(2);
+/// Largest enrollment request read (a device id, a token and a CSR need far less).
+pub const MAX_ENROLL_REQUEST: usize = 16 * 1024;
+
+/// One enrollment connection in progress from an address; counted in the map
+/// until dropped.
+struct SourceSlot {
+    map: Arc<Mutex<HashMap<std::net::IpAddr, usize>>>,
+    ip: std::net::IpAddr,
+}
+
+impl SourceSlot {
+    /// A slot for `ip`, unless it has [`MAX_ENROLLING_PER_SOURCE`] already.
+    fn take(
+        map: &Arc<Mutex<HashMap<std::net::IpAddr, usize>>>,
+        ip: std::net::IpAddr,
+    ) -> Option<Self> {
+        let mut m = lock(map);
+        let n = m.entry(ip).or_insert(0);
+        if *n >= MAX_ENROLLING_PER_SOURCE {
+            return None;
+        }
+        *n += 1;
+        Some(SourceSlot {
+            map: map.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut m = lock(&self.map);
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
+}
 
 /// Why an operator's request failed.
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +128,7 @@ impl Fleet {
             pending: Mutex::new(HashMap::new()),
             next_command: AtomicU64::new(1),
             enrolling: Arc::new(tokio::sync::Semaphore::new(MAX_ENROLLING)),
+            enrolling_from: Arc::default(),
         })
     }
 
@@ -202,9 +247,51 @@ impl Fleet {
     }
 
     /// Serves an enrollment connection (ALPN `gw-enroll/1`, no client
-    /// certificate): one request, one answer.
+    /// certificate): one request, one answer. Such a connection proves nothing,
+    /// so it gets little: at most [`MAX_ENROLLING_PER_SOURCE`] at once from one
+    /// address, [`ENROLL_REQUEST_WAIT`] to send its request, which may be at most
+    /// [`MAX_ENROLL_REQUEST`] bytes; it takes one of the [`MAX_ENROLLING`]
+    /// slots only once its request has arrived. Refusals are audited under the
+    /// peer's address, summarised.
     pub async fn enroll(self: Arc<Self>, conn: quinn::Connection) {
         let remote = conn.remote_address();
+        let Some(_from) = SourceSlot::take(&self.enrolling_from, remote.ip()) else {
+            self.ctx.refuse_peer(
+                remote.ip(),
+                PeerAttempt::EnrollmentConnection,
+                &format!(
+                    "more than {MAX_ENROLLING_PER_SOURCE} enrollments at once from this address"
+                ),
+                "",
+            );
+            conn.close(
+                quinn::VarInt::from_u32(1),
+                b"too many enrollments at once from your address; retry",
+            );
+            return;
+        };
+        let request = tokio::time::timeout(ENROLL_REQUEST_WAIT, async {
+            let (send, mut recv) = conn.accept_bi().await.ok()?;
+            let req: EnrollRequest = read_msg_max(&mut recv, MAX_ENROLL_REQUEST).await.ok()?;
+            Some((send, req))
+        })
+        .await;
+        let Ok(Some((mut send, req))) = request else {
+            self.ctx.refuse_peer(
+                remote.ip(),
+                PeerAttempt::EnrollmentConnection,
+                &format!(
+                    "no enrollment request (at most {MAX_ENROLL_REQUEST} bytes) within {} s",
+                    ENROLL_REQUEST_WAIT.as_secs()
+                ),
+                "",
+            );
+            conn.close(
+                quinn::VarInt::from_u32(1),
+                b"expected an enrollment request",
+            );
+            return;
+        };
         let Ok(_permit) = self.enrolling.clone().try_acquire_owned() else {
             warn!(%remote, limit = MAX_ENROLLING, "Enrollment refused: too many at once");
             conn.close(
@@ -212,27 +299,6 @@ impl Fleet {
                 b"too many enrollments at once; retry",
             );
             return;
-        };
-        let Ok(Ok((mut send, mut recv))) =
-            tokio::time::timeout(crate::tunnel::frame::HANDSHAKE_TIMEOUT, conn.accept_bi()).await
-        else {
-            return;
-        };
-        let req: EnrollRequest = match tokio::time::timeout(
-            crate::tunnel::frame::HANDSHAKE_TIMEOUT,
-            read_msg(&mut recv),
-        )
-        .await
-        {
-            Ok(Ok(r)) => r,
-            _ => {
-                info!(%remote, "Enrollment connection sent no request");
-                conn.close(
-                    quinn::VarInt::from_u32(1),
-                    b"expected an enrollment request",
-                );
-                return;
-            }
         };
         let answer = self.clone().redeem(req, remote).await;
         let _ = write_msg(&mut send, &answer).await;
@@ -247,16 +313,12 @@ impl Fleet {
     ) -> EnrollAnswer {
         let device = req.device.clone();
         let refuse = |reason: String| {
-            warn!(%device, %remote, %reason, "Enrollment refused");
-            self.ctx.audit.record(
-                &remote.to_string(),
-                &device,
-                "device.enroll",
-                "deny",
-                "",
-                reason.clone(),
-            );
-            EnrollAnswer::Refused { reason }
+            let claimed = format!("device {device}");
+            self.ctx
+                .refuse_peer(remote.ip(), PeerAttempt::Enrollment, &reason, &claimed);
+            EnrollAnswer::Refused {
+                reason: gateway_core::refusals::peer_text(&reason),
+            }
         };
         let Some(token) = Secret::parse(fleet::TOKEN_KIND, &req.token) else {
             return refuse(

@@ -49,9 +49,24 @@ pub enum MessageError {
 pub async fn read_msg<T: DeserializeOwned, R: AsyncRead + Unpin>(
     r: &mut R,
 ) -> Result<T, MessageError> {
+    read_msg_max(r, fleet::MAX_MESSAGE).await
+}
+
+/// Reads one length-prefixed JSON message of at most `max` bytes: a larger
+/// one is refused from its prefix, before a byte of it is read.
+///
+/// # Errors
+/// When the stream ends or the message is malformed or too large.
+pub async fn read_msg_max<T: DeserializeOwned, R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: usize,
+) -> Result<T, MessageError> {
     let mut prefix = [0u8; 4];
     r.read_exact(&mut prefix).await?;
     let n = fleet::body_len(prefix)?;
+    if n > max {
+        return Err(MessageError::Decode(DecodeError::TooLarge(n)));
+    }
     let mut body = vec![0u8; n];
     r.read_exact(&mut body).await?;
     Ok(fleet::decode(&body)?)

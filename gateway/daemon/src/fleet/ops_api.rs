@@ -39,6 +39,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::hub::Fleet;
+use crate::node::PeerAttempt;
 use crate::node::clock::now_ms;
 
 /// An error answer: status and message (JSON `{"error": ...}`).
@@ -82,48 +83,84 @@ fn role_name(r: AdminRole) -> &'static str {
     }
 }
 
-/// The account a request's credential belongs to; unknown ones are audited.
-async fn account(
-    fleet: &Fleet,
-    headers: &HeaderMap,
-    what: &str,
-    object: &str,
-) -> Result<(String, AdminRole), ApiError> {
-    let unauthorized = |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, m.to_owned());
-    let bearer = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or_else(|| {
-            unauthorized("no credential: send Authorization: Bearer gwa1.ACCOUNT.SECRET")
-        })?;
-    let secret = Secret::parse(fleet::CREDENTIAL_KIND, bearer)
-        .ok_or_else(|| unauthorized("malformed credential"))?;
-    let digest = secret.digest();
-    let found = fleet.registry().account(digest).await.map_err(internal)?;
-    found.ok_or_else(|| {
-        warn!(account = %secret.owner, "Operator API: unknown credential");
-        fleet.ctx().audit.record(
-            &secret.owner,
-            object,
-            &format!("admin.{what}"),
-            "deny",
-            "",
-            "unknown credential".into(),
+/// Who sent a request: its headers (the credential) and the peer's address,
+/// which is what the audit names when the credential is not valid.
+pub struct Caller {
+    headers: HeaderMap,
+    peer: SocketAddr,
+}
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Caller {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, Self::Rejection> {
+        let peer = parts
+            .extensions
+            .get::<axum::extract::ConnectInfo<Peer>>()
+            .map_or_else(|| ([0, 0, 0, 0], 0).into(), |c| c.0.0);
+        Ok(Caller {
+            headers: parts.headers.clone(),
+            peer,
+        })
+    }
+}
+
+/// The address of a connection, for [`Caller`].
+#[derive(Clone, Copy)]
+struct Peer(SocketAddr);
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>> for Peer {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, TlsListener>) -> Self {
+        Peer(*stream.remote_addr())
+    }
+}
+
+/// The account a request's credential belongs to. A missing, malformed or
+/// unknown credential is refused as an unauthenticated peer: audited under its
+/// address (summarised), what it claimed only in the detail.
+async fn account(fleet: &Fleet, caller: &Caller) -> Result<(String, AdminRole), ApiError> {
+    let refuse = |reason: &str, claimed: &str| {
+        fleet.ctx().refuse_peer(
+            caller.peer.ip(),
+            PeerAttempt::OperatorCredential,
+            reason,
+            claimed,
         );
-        unauthorized("unknown credential")
-    })
+        ApiError::new(StatusCode::UNAUTHORIZED, reason.to_owned())
+    };
+    let Some(header) = caller.headers.get("authorization") else {
+        return Err(refuse(
+            "no credential: send Authorization: Bearer gwa1.ACCOUNT.SECRET",
+            "",
+        ));
+    };
+    let header = String::from_utf8_lossy(header.as_bytes());
+    let Some(bearer) = header.strip_prefix("Bearer ") else {
+        return Err(refuse("the credential is not a Bearer one", &header));
+    };
+    let Some(secret) = Secret::parse(fleet::CREDENTIAL_KIND, bearer) else {
+        return Err(refuse("malformed credential", bearer));
+    };
+    let found = fleet
+        .registry()
+        .account(secret.digest())
+        .await
+        .map_err(internal)?;
+    found.ok_or_else(|| refuse("unknown credential", &format!("account {}", secret.owner)))
 }
 
 /// Who is asking, checked for `action`; refusals are audited.
 async fn authorize(
     fleet: &Fleet,
-    headers: &HeaderMap,
+    caller: &Caller,
     action: Action,
     what: &str,
     object: &str,
 ) -> Result<(String, AdminRole), ApiError> {
-    let (name, role) = account(fleet, headers, what, object).await?;
+    let (name, role) = account(fleet, caller).await?;
     if !fleet::allowed(role, action) {
         let message = format!(
             "account {name} ({}) may not {what}: that is the {}'s",
@@ -173,6 +210,7 @@ pub async fn serve(
         .route("/v1/config", get(config_status))
         .with_state(fleet);
     let listener = TlsListener::spawn(listener, tokio_rustls::TlsAcceptor::from(tls), stop.clone());
+    let app = app.into_make_service_with_connect_info::<Peer>();
     if let Err(error) = axum::serve(listener, app)
         .with_graceful_shutdown(stop.cancelled_owned())
         .await
@@ -248,8 +286,8 @@ impl axum::serve::Listener for TlsListener {
     }
 }
 
-async fn whoami(State(fleet): State<Arc<Fleet>>, headers: HeaderMap) -> Answer {
-    let (name, role) = account(&fleet, &headers, "whoami", "account").await?;
+async fn whoami(State(fleet): State<Arc<Fleet>>, caller: Caller) -> Answer {
+    let (name, role) = account(&fleet, &caller).await?;
     Ok(axum::Json(json!({ "account": name, "role": role.as_str() })).into_response())
 }
 
@@ -261,12 +299,12 @@ struct TokenReq {
 
 async fn token_create(
     State(fleet): State<Arc<Fleet>>,
-    headers: HeaderMap,
+    caller: Caller,
     axum::Json(req): axum::Json<TokenReq>,
 ) -> Answer {
     let (by, _) = authorize(
         &fleet,
-        &headers,
+        &caller,
         Action::TokenCreate,
         "create enrollment tokens",
         &req.device,
@@ -356,10 +394,10 @@ fn device_view(fleet: &Fleet, row: &gateway_store::registry::DeviceRow) -> Value
     })
 }
 
-async fn devices_list(State(fleet): State<Arc<Fleet>>, headers: HeaderMap) -> Answer {
+async fn devices_list(State(fleet): State<Arc<Fleet>>, caller: Caller) -> Answer {
     authorize(
         &fleet,
-        &headers,
+        &caller,
         Action::DevicesRead,
         "list devices",
         "devices",
@@ -372,10 +410,10 @@ async fn devices_list(State(fleet): State<Arc<Fleet>>, headers: HeaderMap) -> An
 
 async fn device_show(
     State(fleet): State<Arc<Fleet>>,
-    headers: HeaderMap,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Answer {
-    authorize(&fleet, &headers, Action::DevicesRead, "show devices", &id).await?;
+    authorize(&fleet, &caller, Action::DevicesRead, "show devices", &id).await?;
     let row = fleet
         .registry()
         .device(id.clone())
@@ -390,10 +428,10 @@ async fn device_show(
     }
 }
 
-async fn config_status(State(fleet): State<Arc<Fleet>>, headers: HeaderMap) -> Answer {
+async fn config_status(State(fleet): State<Arc<Fleet>>, caller: Caller) -> Answer {
     authorize(
         &fleet,
-        &headers,
+        &caller,
         Action::DevicesRead,
         "read config status",
         "config",
@@ -420,35 +458,24 @@ async fn config_status(State(fleet): State<Arc<Fleet>>, headers: HeaderMap) -> A
     Ok(axum::Json(Value::Array(out)).into_response())
 }
 
-async fn revoke(
-    State(fleet): State<Arc<Fleet>>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> Answer {
-    let (by, _) = authorize(&fleet, &headers, Action::Revoke, "revoke devices", &id).await?;
+async fn revoke(State(fleet): State<Arc<Fleet>>, caller: Caller, Path(id): Path<String>) -> Answer {
+    let (by, _) = authorize(&fleet, &caller, Action::Revoke, "revoke devices", &id).await?;
     let fresh = fleet.revoke(&id, &by).await.map_err(internal)?;
     Ok(axum::Json(json!({ "device": id, "revoked": true, "already": !fresh })).into_response())
 }
 
 async fn config_push(
     State(fleet): State<Arc<Fleet>>,
-    headers: HeaderMap,
+    caller: Caller,
     Path(id): Path<String>,
     body: String,
 ) -> Answer {
     // Any account that may push something gets this far; the change decides.
-    let (by, role) = account(&fleet, &headers, "push config", &id).await?;
+    let (by, role) = account(&fleet, &caller).await?;
     if !fleet::allowed(role, Action::ConfigPushOther)
         && !fleet::allowed(role, Action::ConfigPushPolicy)
     {
-        authorize(
-            &fleet,
-            &headers,
-            Action::ConfigPushOther,
-            "push config",
-            &id,
-        )
-        .await?;
+        authorize(&fleet, &caller, Action::ConfigPushOther, "push config", &id).await?;
     }
     let refuse = |status: StatusCode, message: String, errors: Vec<String>| {
         fleet
@@ -551,17 +578,10 @@ async fn config_push(
 
 async fn command(
     State(fleet): State<Arc<Fleet>>,
-    headers: HeaderMap,
+    caller: Caller,
     Path((id, kind)): Path<(String, String)>,
 ) -> Answer {
-    let (by, _) = authorize(
-        &fleet,
-        &headers,
-        Action::Command,
-        "run remote commands",
-        &id,
-    )
-    .await?;
+    let (by, _) = authorize(&fleet, &caller, Action::Command, "run remote commands", &id).await?;
     let kind = match kind.as_str() {
         "reconnect" => CommandKind::Reconnect,
         "diagnostics" => CommandKind::Diagnostics,
@@ -595,11 +615,11 @@ struct Which {
 
 async fn config_show(
     State(fleet): State<Arc<Fleet>>,
-    headers: HeaderMap,
+    caller: Caller,
     Path(id): Path<String>,
     Query(q): Query<Which>,
 ) -> Answer {
-    authorize(&fleet, &headers, Action::DevicesRead, "read config", &id).await?;
+    authorize(&fleet, &caller, Action::DevicesRead, "read config", &id).await?;
     let reg = fleet.registry();
     let found = match q.version.as_deref() {
         Some("applied") => reg
@@ -647,11 +667,11 @@ struct Since {
 
 async fn audit_export(
     State(fleet): State<Arc<Fleet>>,
-    headers: HeaderMap,
+    caller: Caller,
     Path(id): Path<String>,
     Query(q): Query<Since>,
 ) -> Answer {
-    let (by, _) = authorize(&fleet, &headers, Action::AuditRead, "read audit", &id).await?;
+    let (by, _) = authorize(&fleet, &caller, Action::AuditRead, "read audit", &id).await?;
     let since_ms = match q.since.as_deref() {
         None => 0,
         Some(s) => match s.parse::<gateway_core::units::Date>() {

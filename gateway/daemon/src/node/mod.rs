@@ -16,16 +16,18 @@ pub mod limit;
 pub mod sockets;
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use gateway_core::config::ZoneKind;
 use gateway_core::policy::{Policy, RuleId, assessment_valid};
+use gateway_core::refusals::{Summary, Verdict, peer_text};
 use gateway_core::units::Date;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, info};
+use tracing::{debug, error, info, warn};
 
 use crate::admin::metrics::Metrics;
 use audit::AuditSink;
@@ -56,6 +58,51 @@ pub struct Ctx {
     limiters: Mutex<HashMap<String, Arc<[Limiter; 2]>>>,
     expired: Mutex<Vec<String>>,
     clock_offset_days: AtomicI64,
+    refusals: Mutex<Summary>,
+}
+
+/// What an unauthenticated peer tried and was refused: audited with the
+/// peer's address as subject, summarised per (address, attempt).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerAttempt {
+    /// An operators' API request without a valid credential.
+    OperatorCredential,
+    /// An enrollment request refused (bad token, wrong device, malformed).
+    Enrollment,
+    /// A certificate-less connection that sent no enrollment request in time,
+    /// or found its address's enrollments all in progress.
+    EnrollmentConnection,
+}
+
+impl PeerAttempt {
+    const ALL: [PeerAttempt; 3] = [
+        PeerAttempt::OperatorCredential,
+        PeerAttempt::Enrollment,
+        PeerAttempt::EnrollmentConnection,
+    ];
+
+    /// The summary key, and the metrics label.
+    fn kind(self) -> &'static str {
+        match self {
+            PeerAttempt::OperatorCredential => "operator-credential",
+            PeerAttempt::Enrollment => "enrollment",
+            PeerAttempt::EnrollmentConnection => "enrollment-connection",
+        }
+    }
+
+    fn event(self) -> &'static str {
+        match self {
+            PeerAttempt::OperatorCredential => "admin.auth",
+            PeerAttempt::Enrollment | PeerAttempt::EnrollmentConnection => "device.enroll",
+        }
+    }
+
+    fn object(self) -> &'static str {
+        match self {
+            PeerAttempt::OperatorCredential => "operators-api",
+            PeerAttempt::Enrollment | PeerAttempt::EnrollmentConnection => "enrollment",
+        }
+    }
 }
 
 impl Ctx {
@@ -74,6 +121,7 @@ impl Ctx {
             limiters: Mutex::new(HashMap::new()),
             expired: Mutex::new(Vec::new()),
             clock_offset_days: AtomicI64::new(0),
+            refusals: Mutex::new(Summary::default()),
         })
     }
 
@@ -208,6 +256,57 @@ impl Ctx {
             .refused(object, if why.is_empty() { "refused" } else { why });
     }
 
+    /// An unauthenticated peer at `peer` refused: the first of each (address,
+    /// attempt) in a window is logged and audited at once, with the address as
+    /// subject and what the peer claimed (`claimed`, capped and escaped) in the
+    /// detail; the rest are counted and summarised by [`watch_refusals`].
+    pub fn refuse_peer(&self, peer: IpAddr, attempt: PeerAttempt, reason: &str, claimed: &str) {
+        self.metrics.refused(attempt.object(), attempt.kind());
+        let verdict = lock(&self.refusals).handle_refusal(clock::now_ms(), peer, attempt.kind());
+        let Verdict::Record(source) = verdict else {
+            debug!(%peer, kind = attempt.kind(), %reason, "Refused (summarised)");
+            return;
+        };
+        let reason = peer_text(reason);
+        info!(%peer, kind = attempt.kind(), %reason, "Refused an unauthenticated peer");
+        let detail = if claimed.is_empty() {
+            reason
+        } else {
+            format!("{reason}; claimed: {}", peer_text(claimed))
+        };
+        self.audit.record(
+            &source.to_string(),
+            attempt.object(),
+            attempt.event(),
+            "deny",
+            "",
+            detail,
+        );
+    }
+
+    /// Audits the summaries of unauthenticated refusals whose window ended.
+    pub fn flush_refusals(&self) {
+        let due = lock(&self.refusals).poll_due(clock::now_ms());
+        for d in due {
+            let Some(attempt) = PeerAttempt::ALL.into_iter().find(|a| a.kind() == d.kind) else {
+                continue;
+            };
+            warn!(peer = %d.source, kind = d.kind, count = d.count, "Unauthenticated peer refused again (summarised)");
+            self.audit.record(
+                &d.source.to_string(),
+                attempt.object(),
+                attempt.event(),
+                "deny",
+                "",
+                format!(
+                    "{} more refused since the last record (summarised, at most one record per {} s)",
+                    d.count,
+                    gateway_core::refusals::WINDOW_MS / 1000
+                ),
+            );
+        }
+    }
+
     /// A relay (or UDP flow) opened: audited with the rule that allowed it and
     /// counted. Returns when it started, for its close.
     pub fn relay_opened(
@@ -272,4 +371,12 @@ pub async fn watch_assessments(ctx: Arc<Ctx>) {
             () = ctx.draining.cancelled() => return,
         }
     }
+}
+
+/// Writes the summaries of unauthenticated refusals every second until draining.
+pub async fn watch_refusals(ctx: Arc<Ctx>) {
+    while ctx.pause(Duration::from_secs(1)).await {
+        ctx.flush_refusals();
+    }
+    ctx.flush_refusals();
 }

@@ -237,6 +237,7 @@ pub async fn start(config: Config, mut bindings: Bindings) -> Result<Running, St
             )
         }
     };
+    tokio::spawn(crate::node::watch_refusals(ctx.clone()));
     tasks.servers.push(tokio::spawn(admin::serve(
         admin_listener,
         ctx.metrics.clone(),
