@@ -1041,6 +1041,41 @@ fn unauthenticated_floods_are_summarised_under_the_peer_address() {
     );
 }
 
+/// An enrollment token lives at most `[hub].max_token_lifetime` (7 days by
+/// default): longer, or 2^64-1 seconds, is refused naming the field.
+#[test]
+fn token_lifetimes_are_bounded() {
+    let hub = Hub::start("1h");
+    let (code, out, err) = hub.ctl(
+        "sam",
+        &["token", "create", "--device", "edge-z", "--expires", "7d"],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = hub.ctl(
+        "sam",
+        &["token", "create", "--device", "edge-z", "--expires", "8d"],
+    );
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        err.contains("expires_s") && err.contains("max_token_lifetime"),
+        "{err}"
+    );
+    // Straight to the API, past gatewayctl's own parsing.
+    let client = gateway_daemon::fleet::ops_client::OpsClient::new(
+        &hub.ops.to_string(),
+        &hub.pki.ca().join("ca.pem"),
+        &hub.dir.path().join("sam.cred"),
+    )
+    .expect("client");
+    let body = br#"{"device": "edge-z", "expires_s": 18446744073709551615}"#;
+    let (status, answer) = runtime()
+        .block_on(client.request("POST", "/v1/tokens", Some(("application/json", body))))
+        .expect("request");
+    let answer = String::from_utf8_lossy(&answer);
+    assert_eq!(status, 400, "{answer}");
+    assert!(answer.contains("expires_s"), "{answer}");
+}
+
 /// A certificate-less connection takes an enrollment slot only once its
 /// request arrives, must send it within 2 s, and one address may have at most
 /// 4 in progress: 40 silent and 40 slow connections from one address do not

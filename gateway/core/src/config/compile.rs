@@ -1236,6 +1236,11 @@ impl Compiler<'_> {
         let cert = self.file(&h.cert, "hub.cert");
         let key = self.file(&h.key, "hub.key");
         let cert_lifetime = self.duration_or(h.cert_lifetime.as_ref(), "hub.cert_lifetime", 86_400);
+        let max_token_lifetime = self.duration_or(
+            h.max_token_lifetime.as_ref(),
+            "hub.max_token_lifetime",
+            7 * 86_400,
+        );
         let ops = match &h.ops {
             None => Some(None),
             Some(s) => self.socket(s, "hub.ops").map(Some),
@@ -1286,6 +1291,7 @@ impl Compiler<'_> {
                 cert: cert?,
                 key: key?,
                 cert_lifetime: cert_lifetime?,
+                max_token_lifetime: max_token_lifetime?,
                 ops: ops?,
                 registry: h
                     .registry

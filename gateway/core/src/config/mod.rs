@@ -481,6 +481,8 @@ pub struct HubSettings {
     pub key: FilePath,
     /// Lifetime of issued device certificates.
     pub cert_lifetime: Duration,
+    /// The longest an enrollment token may be valid (operators ask for less).
+    pub max_token_lifetime: Duration,
     /// The sink file, when several hubs share one (default
     /// `STATE_DIR/sink.sqlite`).
     pub sink: Option<std::path::PathBuf>,

@@ -316,8 +316,22 @@ async fn token_create(
             format!("device: {}; {}", e.message, e.hint),
         ));
     }
+    let max_s = fleet
+        .ctx()
+        .policy()
+        .config()
+        .hub()
+        .map_or(7 * 86_400, |h| h.settings.max_token_lifetime.as_secs());
+    let expires_s = req.expires_s.unwrap_or(86_400.min(max_s));
+    if expires_s == 0 || expires_s > max_s {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "expires_s: {expires_s} is outside 1..={max_s} (a token lives at most [hub].max_token_lifetime, {max_s} s)"
+            ),
+        ));
+    }
     let secret = crate::fleet::new_secret(fleet::TOKEN_KIND, req.device.clone());
-    let expires_s = req.expires_s.unwrap_or(86_400);
     let expires_ms =
         now_ms() + i64::try_from(expires_s.saturating_mul(1000)).unwrap_or(i64::MAX / 2);
     fleet
