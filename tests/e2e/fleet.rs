@@ -1076,6 +1076,44 @@ fn token_lifetimes_are_bounded() {
     assert!(answer.contains("expires_s"), "{answer}");
 }
 
+/// The mode bits of `path`.
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o7777
+}
+
+/// Started with umask 022 (this test's), the hub and an enrolled box still
+/// keep their state directories 0700 and databases and keys 0600; a state
+/// directory opened to others is a warning of `gatewayd check`.
+#[test]
+fn state_files_are_private_whatever_the_umask() {
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
+    let hub = Hub::start("1h");
+    let state = hub.dir.path().join("state");
+    let (config, edge_state) = edge_config(&hub, "edge-a", echo_server("127.0.1.1"), "");
+    let (code, out) = enroll(&config, &hub.token("edge-a"));
+    assert_eq!(code, 0, "{out}");
+    wait_audit_line(&hub, "device.enroll");
+    assert_eq!(mode(&state), 0o700);
+    assert_eq!(mode(&edge_state), 0o700);
+    for f in ["audit.sqlite", "sink.sqlite", "fleet.sqlite"] {
+        assert_eq!(mode(&state.join(f)), 0o600, "{f}");
+    }
+    assert_eq!(mode(&edge_state.join("device.key")), 0o600);
+    std::fs::set_permissions(&state, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    let out = common::gatewayd(&["check", "--config", hub.config.to_str().expect("path")]);
+    let (o, e) = common::text(&out);
+    assert!(
+        format!("{o}{e}").contains("is open to other users (mode 0755)"),
+        "{o}{e}"
+    );
+}
+
 /// A certificate-less connection takes an enrollment slot only once its
 /// request arrives, must send it within 2 s, and one address may have at most
 /// 4 in progress: 40 silent and 40 slow connections from one address do not

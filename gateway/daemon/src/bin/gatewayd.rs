@@ -46,6 +46,9 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // State, keys and databases are the daemon user's alone, whatever the
+    // umask it was started with (the unit sets UMask=0077 too).
+    gateway_daemon::os::private_files();
     let args = Cli::parse();
     let code = match &args.command {
         Command::Demo(a) => cli::demo::run(a),

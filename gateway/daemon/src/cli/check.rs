@@ -70,6 +70,23 @@ pub fn check_file(path: &Path, today: Date) -> std::io::Result<Checked> {
                 );
             }
         }
+        if let Some(mode) = crate::os::open_to_others(&cfg.node.state_dir) {
+            // The key's line, for the location (the checked config keeps none).
+            let line = src
+                .lines()
+                .position(|l| l.trim_start().starts_with("state_dir"))
+                .map_or(1, |i| u32::try_from(i + 1).unwrap_or(1));
+            checked.diagnostics.push(
+                Diagnostic::warning(
+                    gateway_core::diag::Location { line, column: 1 },
+                    format!(
+                        "node.state_dir: {} is open to other users (mode {mode:04o})",
+                        cfg.node.state_dir.display()
+                    ),
+                )
+                .hint("chmod 700 it: the audit chain, databases, keys and spool files live there"),
+            );
+        }
         diag::sort(&mut checked.diagnostics);
     }
     Ok(checked)

@@ -185,10 +185,18 @@ impl Running {
 /// When TLS material, the audit database or a listener cannot be set up; then
 /// nothing is left running.
 pub async fn start(config: Config, mut bindings: Bindings) -> Result<Running, StartError> {
-    std::fs::create_dir_all(&config.node.state_dir).map_err(|source| StartError::StateDir {
+    crate::os::private_files();
+    crate::os::private_dir(&config.node.state_dir).map_err(|source| StartError::StateDir {
         path: config.node.state_dir.display().to_string(),
         source,
     })?;
+    if let Some(mode) = crate::os::open_to_others(&config.node.state_dir) {
+        warn!(
+            state_dir = %config.node.state_dir.display(),
+            mode = format!("{mode:04o}"),
+            "The state directory is open to other users; chmod 700 it (databases, keys and spool files live there)"
+        );
+    }
     let (audit, writer) = AuditSink::start(&config.node.state_dir, &config.node.id)?;
     let admin_listener = bindings
         .tcp(config.admin.listen)
