@@ -537,9 +537,20 @@ fn config_push_try_mode_status_commands_and_audit() {
         "{s}"
     );
 
-    // A config that cannot reach any hub is reverted by try mode and reported.
+    // A config that cannot reach any hub is reverted by try mode and reported
+    // (the uplink's hubs are policy: the security administrator pushes it).
+    // First the system administrator takes back the refused change (v4, the
+    // text in force), then the uplink moves alone (v5).
+    let (code, _, err) = hub.push("sam", &policy2);
+    assert_eq!(code, 0, "{err}");
+    hub.wait_config("version 4 applied", |s| s["applied"] == 4);
     let broken = policy2.replace(&hub.quic.to_string(), &free_udp().to_string());
     let (code, _, err) = hub.push("sam", &broken);
+    assert_ne!(
+        code, 0,
+        "the system administrator may not move the uplink: {err}"
+    );
+    let (code, _, err) = hub.push("sue", &broken);
     assert_eq!(code, 0, "{err}");
     edge.wait_next_log("reverting to the last good config");
     let s = hub.wait_config("the revert reported", |s| {
@@ -547,19 +558,19 @@ fn config_push_try_mode_status_commands_and_audit() {
     });
     assert_eq!(
         (s["desired"].as_u64(), s["applied"].as_u64()),
-        (Some(4), Some(2)),
+        (Some(5), Some(4)),
         "{s}"
     );
     // The reverted version is not offered again.
     let (code, text, _) = hub.ctl("sam", &["config", "status"]);
     assert_eq!(code, 0);
-    assert!(text.contains("reverted v4"), "{text}");
+    assert!(text.contains("reverted v5"), "{text}");
 
     // Remote commands.
     let (code, out, err) = hub.ctl("sam", &["command", "edge-a", "diagnostics"]);
     assert_eq!(code, 0, "{err}");
     let diag: Value = serde_json::from_str(&out).expect("json");
-    assert_eq!(diag["config_version"], 2, "{diag}");
+    assert_eq!(diag["config_version"], 4, "{diag}");
     assert_eq!(diag["config_valid"], true);
     assert!(
         diag["metrics"]

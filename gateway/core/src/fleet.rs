@@ -336,10 +336,17 @@ impl Secret {
 /// Keys that are boundary policy: who may cross and what may cross. A push that
 /// changes any of them needs the security administrator; one that changes
 /// anything else needs the system administrator.
+///
+/// Where a connection goes is policy too: a service's `target` and `protocol`,
+/// an access's `listen`, the uplink's `hubs` (the system administrator alone
+/// could otherwise redirect a published service or the whole box).
 const POLICY_TABLES: &[&str] = &["zone"];
 const POLICY_KEYS: &[(&str, &[&str])] = &[
-    ("service", &["allow", "app_protocol", "zone"]),
-    ("access", &["zone", "service"]),
+    (
+        "service",
+        &["allow", "app_protocol", "zone", "target", "protocol"],
+    ),
+    ("access", &["zone", "service", "listen", "protocol"]),
     (
         "channel",
         &[
@@ -351,8 +358,20 @@ const POLICY_KEYS: &[(&str, &[&str])] = &[
             "one_way",
         ],
     ),
-    ("publish", &["zone", "service"]),
+    ("publish", &["zone", "service", "listen", "protocol"]),
 ];
+/// Keys of single tables that are policy.
+const POLICY_TABLE_KEYS: &[(&str, &[&str])] = &[("uplink", &["hubs"])];
+
+/// Every policy key as `TABLE.KEY` (`zone.*` for the whole table), in the
+/// order docs/operate.md lists them.
+pub fn policy_keys() -> Vec<String> {
+    let mut keys: Vec<String> = POLICY_TABLES.iter().map(|t| format!("{t}.*")).collect();
+    for (table, ks) in POLICY_KEYS.iter().chain(POLICY_TABLE_KEYS) {
+        keys.extend(ks.iter().map(|k| format!("{table}.{k}")));
+    }
+    keys
+}
 
 /// Which parts of a config a change touches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
@@ -371,6 +390,18 @@ fn split(text: &str) -> Option<(toml::Table, toml::Table)> {
         if let Some(v) = rest.remove(*t) {
             policy.insert((*t).to_owned(), v);
         }
+    }
+    for (table, keys) in POLICY_TABLE_KEYS {
+        let Some(toml::Value::Table(t)) = rest.get_mut(*table) else {
+            continue;
+        };
+        let mut p = toml::Table::new();
+        for k in *keys {
+            if let Some(v) = t.remove(*k) {
+                p.insert((*k).to_owned(), v);
+            }
+        }
+        policy.insert((*table).to_owned(), toml::Value::Table(p));
     }
     for (table, keys) in POLICY_KEYS {
         let Some(toml::Value::Array(items)) = rest.get_mut(*table) else {
@@ -697,12 +728,22 @@ listen = "127.0.0.1:9600"
                 other: true
             }
         );
+        // Where a service's connections go is policy (issue 14).
         let target = BASE.replace("10.0.0.1:80", "10.0.0.2:80");
         assert_eq!(
             classify_change(BASE, &target),
             Change {
-                policy: false,
-                other: true
+                policy: true,
+                other: false
+            }
+        );
+        let hubs = BASE.replace("[admin]", "[uplink]\nhubs = [\"h2:7443\"]\n\n[admin]");
+        let hubs2 = hubs.replace("h2:7443", "evil:7443");
+        assert_eq!(
+            classify_change(&hubs, &hubs2),
+            Change {
+                policy: true,
+                other: false
             }
         );
         let allow = BASE.replace("[\"extranet\"]", "[\"extranet\", \"e9\"]");

@@ -552,7 +552,7 @@ async fn config_push(
         (
             change.policy,
             Action::ConfigPushPolicy,
-            "its policy sections (zones, allow lists, content rules)",
+            "its policy sections (zones, allow lists, content rules, where services, accesses and the uplink connect)",
         ),
         (
             change.other,
