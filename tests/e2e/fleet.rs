@@ -1087,6 +1087,48 @@ fn token_lifetimes_are_bounded() {
     assert!(answer.contains("expires_s"), "{answer}");
 }
 
+/// Operators' API input that is wrong gets a 400 naming the field: a JSON
+/// body of the wrong shape, a device id that is not one; without a valid
+/// credential it is a 401 first.
+#[test]
+fn operators_api_inputs_are_validated_naming_the_field() {
+    let hub = Hub::start("1h");
+    let rt = runtime();
+    let client = |cred: &str| {
+        gateway_daemon::fleet::ops_client::OpsClient::new(
+            &hub.ops.to_string(),
+            &hub.pki.ca().join("ca.pem"),
+            &hub.dir.path().join(cred),
+        )
+        .expect("client")
+    };
+    let sam = client("sam.cred");
+    let ask = |c: &gateway_daemon::fleet::ops_client::OpsClient,
+               method: &str,
+               path: &str,
+               body: &[u8]| {
+        let body = (!body.is_empty()).then_some(("application/json", body));
+        let (status, answer) = rt.block_on(c.request(method, path, body)).expect("request");
+        (status, String::from_utf8_lossy(&answer).into_owned())
+    };
+    for (body, field) in [
+        (&br#"{"device": 5}"#[..], "device"),
+        (br#"{"device": "edge-z", "expires_s": "soon"}"#, "expires_s"),
+        (br#"{"expires_s": 60}"#, "device"),
+        (b"not json", "body"),
+    ] {
+        let (status, answer) = ask(&sam, "POST", "/v1/tokens", body);
+        assert_eq!(status, 400, "{answer}");
+        assert!(answer.contains(field), "{field}: {answer}");
+    }
+    let (status, answer) = ask(&sam, "GET", "/v1/devices/No%20Such..Device", b"");
+    assert_eq!(status, 400, "{answer}");
+    assert!(answer.contains("device"), "{answer}");
+    std::fs::write(hub.dir.path().join("nobody.cred"), "gwa1.nobody.00\n").expect("cred");
+    let (status, answer) = ask(&client("nobody.cred"), "POST", "/v1/tokens", b"not json");
+    assert_eq!(status, 401, "{answer}");
+}
+
 /// The mode bits of `path`.
 fn mode(path: &Path) -> u32 {
     use std::os::unix::fs::PermissionsExt as _;

@@ -62,6 +62,26 @@ impl IntoResponse for ApiError {
 
 type Answer = Result<Response, ApiError>;
 
+/// A JSON body, or a 400 naming the field that is wrong.
+fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path == "." { "body".to_owned() } else { path };
+        ApiError::new(StatusCode::BAD_REQUEST, format!("{field}: {}", e.inner()))
+    })
+}
+
+/// A device id from the path, or a 400 saying what a device id looks like.
+fn checked_id(id: &str) -> Result<(), ApiError> {
+    gateway_core::units::check_name("device", id).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("device: {}; {}", e.message, e.hint),
+        )
+    })
+}
+
 fn internal(e: impl std::fmt::Display) -> ApiError {
     ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
 }
@@ -300,16 +320,23 @@ struct TokenReq {
 async fn token_create(
     State(fleet): State<Arc<Fleet>>,
     caller: Caller,
-    axum::Json(req): axum::Json<TokenReq>,
+    body: axum::body::Bytes,
 ) -> Answer {
+    // Parsed before the credential is checked (for the audit's object), but
+    // answered only after it.
+    let parsed: Result<TokenReq, ApiError> = parse_json(&body);
+    let object = parsed.as_ref().map_or("token".to_owned(), |r| {
+        gateway_core::refusals::peer_text(&r.device)
+    });
     let (by, _) = authorize(
         &fleet,
         &caller,
         Action::TokenCreate,
         "create enrollment tokens",
-        &req.device,
+        &object,
     )
     .await?;
+    let req = parsed?;
     if let Err(e) = gateway_core::units::check_name("device", &req.device) {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -428,6 +455,7 @@ async fn device_show(
     Path(id): Path<String>,
 ) -> Answer {
     authorize(&fleet, &caller, Action::DevicesRead, "show devices", &id).await?;
+    checked_id(&id)?;
     let row = fleet
         .registry()
         .device(id.clone())
@@ -474,6 +502,7 @@ async fn config_status(State(fleet): State<Arc<Fleet>>, caller: Caller) -> Answe
 
 async fn revoke(State(fleet): State<Arc<Fleet>>, caller: Caller, Path(id): Path<String>) -> Answer {
     let (by, _) = authorize(&fleet, &caller, Action::Revoke, "revoke devices", &id).await?;
+    checked_id(&id)?;
     let fresh = fleet.revoke(&id, &by).await.map_err(internal)?;
     Ok(axum::Json(json!({ "device": id, "revoked": true, "already": !fresh })).into_response())
 }
@@ -490,6 +519,7 @@ async fn config_push(
         && !fleet::allowed(role, Action::ConfigPushPolicy)
     {
         authorize(&fleet, &caller, Action::ConfigPushOther, "push config", &id).await?;
+        checked_id(&id)?;
     }
     let refuse = |status: StatusCode, message: String, errors: Vec<String>| {
         fleet
@@ -596,6 +626,7 @@ async fn command(
     Path((id, kind)): Path<(String, String)>,
 ) -> Answer {
     let (by, _) = authorize(&fleet, &caller, Action::Command, "run remote commands", &id).await?;
+    checked_id(&id)?;
     let kind = match kind.as_str() {
         "reconnect" => CommandKind::Reconnect,
         "diagnostics" => CommandKind::Diagnostics,
@@ -634,6 +665,7 @@ async fn config_show(
     Query(q): Query<Which>,
 ) -> Answer {
     authorize(&fleet, &caller, Action::DevicesRead, "read config", &id).await?;
+    checked_id(&id)?;
     let reg = fleet.registry();
     let found = match q.version.as_deref() {
         Some("applied") => reg
@@ -686,6 +718,7 @@ async fn audit_export(
     Query(q): Query<Since>,
 ) -> Answer {
     let (by, _) = authorize(&fleet, &caller, Action::AuditRead, "read audit", &id).await?;
+    checked_id(&id)?;
     let since_ms = match q.since.as_deref() {
         None => 0,
         Some(s) => match s.parse::<gateway_core::units::Date>() {
