@@ -1129,6 +1129,38 @@ fn operators_api_inputs_are_validated_naming_the_field() {
     assert_eq!(status, 401, "{answer}");
 }
 
+/// A token for a device that is enrolled, with a valid certificate, is
+/// refused to the system administrator, naming the device's state;
+/// re-enrolling it takes --replace, which only the security administrator has.
+#[test]
+fn an_enrolled_device_is_re_enrolled_only_with_replace_by_security() {
+    let hub = Hub::start("1h");
+    let (config, _state) = edge_config(&hub, "edge-a", echo_server("127.0.1.1"), "");
+    let (code, out) = enroll(&config, &hub.token("edge-a"));
+    assert_eq!(code, 0, "{out}");
+    let (code, out, err) = hub.ctl("sam", &["token", "create", "--device", "edge-a"]);
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        err.contains("is enrolled") && err.contains("--replace"),
+        "{err}"
+    );
+    let (code, _, err) = hub.ctl(
+        "sam",
+        &["token", "create", "--device", "edge-a", "--replace"],
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("security administrator"), "{err}");
+    let (code, out, err) = hub.ctl(
+        "sue",
+        &["token", "create", "--device", "edge-a", "--replace"],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.trim().starts_with("gwt1.edge-a."), "{out}");
+    // A device not enrolled still takes the system administrator's token.
+    let (code, _, err) = hub.ctl("sam", &["token", "create", "--device", "edge-b"]);
+    assert_eq!(code, 0, "{err}");
+}
+
 /// The mode bits of `path`.
 fn mode(path: &Path) -> u32 {
     use std::os::unix::fs::PermissionsExt as _;

@@ -253,8 +253,11 @@ impl AdminRole {
 /// What an operator asks the hub to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
-    /// Create an enrollment token.
+    /// Create an enrollment token for a device not enrolled (or revoked).
     TokenCreate,
+    /// Create a token that re-enrolls a device already enrolled: a new
+    /// identity for a department is policy.
+    TokenReplace,
     /// List or show devices, config status.
     DevicesRead,
     /// Run a remote command on a device.
@@ -278,7 +281,10 @@ pub fn allowed(role: AdminRole, action: Action) -> bool {
             action,
             A::TokenCreate | A::DevicesRead | A::Command | A::ConfigPushOther
         ),
-        AdminRole::Security => matches!(action, A::DevicesRead | A::ConfigPushPolicy | A::Revoke),
+        AdminRole::Security => matches!(
+            action,
+            A::DevicesRead | A::ConfigPushPolicy | A::Revoke | A::TokenReplace
+        ),
         AdminRole::Audit => matches!(action, A::AuditRead),
     }
 }
@@ -656,6 +662,7 @@ mod tests {
         use Action as A;
         let all = [
             A::TokenCreate,
+            A::TokenReplace,
             A::DevicesRead,
             A::Command,
             A::ConfigPushOther,
@@ -678,6 +685,7 @@ mod tests {
         assert!(!allowed(AdminRole::System, A::Revoke));
         assert!(!allowed(AdminRole::System, A::ConfigPushPolicy));
         assert!(!allowed(AdminRole::Security, A::TokenCreate));
+        assert!(!allowed(AdminRole::System, A::TokenReplace));
         assert!(!allowed(AdminRole::Audit, A::DevicesRead));
     }
 

@@ -84,6 +84,10 @@ enum TokenCommand {
         /// How long the token may be used.
         #[arg(long, default_value = "24h")]
         expires: String,
+        /// Re-enroll a device that is enrolled (security administrator): its
+        /// new certificate replaces the old one.
+        #[arg(long)]
+        replace: bool,
     },
 }
 
@@ -264,13 +268,18 @@ async fn go(client: &OpsClient, command: Command) -> Result<(), u8> {
                 v["role"].as_str().unwrap_or("?")
             );
         }
-        Command::Token(TokenCommand::Create { device, expires }) => {
+        Command::Token(TokenCommand::Create {
+            device,
+            expires,
+            replace,
+        }) => {
             let d = gateway_core::units::parse_duration(&expires).map_err(|e| {
                 eprintln!("error: --expires: {e}; {}", e.hint);
                 USAGE
             })?;
             let body =
-                serde_json::json!({ "device": device, "expires_s": d.as_secs() }).to_string();
+                serde_json::json!({ "device": device, "expires_s": d.as_secs(), "replace": replace })
+                    .to_string();
             let (_, b) = call(
                 client,
                 "POST",

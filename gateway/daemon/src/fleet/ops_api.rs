@@ -89,7 +89,9 @@ fn internal(e: impl std::fmt::Display) -> ApiError {
 fn role_for(action: Action) -> &'static str {
     match action {
         Action::TokenCreate | Action::Command | Action::ConfigPushOther => "system administrator",
-        Action::ConfigPushPolicy | Action::Revoke => "security administrator",
+        Action::ConfigPushPolicy | Action::Revoke | Action::TokenReplace => {
+            "security administrator"
+        }
         Action::AuditRead => "audit administrator",
         Action::DevicesRead => "system or security administrator",
     }
@@ -315,6 +317,9 @@ async fn whoami(State(fleet): State<Arc<Fleet>>, caller: Caller) -> Answer {
 struct TokenReq {
     device: String,
     expires_s: Option<u64>,
+    /// Re-enroll a device that is enrolled (the security administrator's).
+    #[serde(default)]
+    replace: bool,
 }
 
 async fn token_create(
@@ -328,14 +333,13 @@ async fn token_create(
     let object = parsed.as_ref().map_or("token".to_owned(), |r| {
         gateway_core::refusals::peer_text(&r.device)
     });
-    let (by, _) = authorize(
-        &fleet,
-        &caller,
-        Action::TokenCreate,
-        "create enrollment tokens",
-        &object,
-    )
-    .await?;
+    let replace = parsed.as_ref().is_ok_and(|r| r.replace);
+    let (action, what) = if replace {
+        (Action::TokenReplace, "re-enroll a device that is enrolled")
+    } else {
+        (Action::TokenCreate, "create enrollment tokens")
+    };
+    let (by, _) = authorize(&fleet, &caller, action, what, &object).await?;
     let req = parsed?;
     if let Err(e) = gateway_core::units::check_name("device", &req.device) {
         return Err(ApiError::new(
@@ -358,6 +362,33 @@ async fn token_create(
             ),
         ));
     }
+    // A token for a device that is enrolled would make a second identity for
+    // a department: that takes --replace, the security administrator's.
+    if !req.replace {
+        let row = fleet
+            .registry()
+            .device(req.device.clone())
+            .await
+            .map_err(internal)?;
+        if let Some(row) = row.filter(|r| {
+            // An expired certificate cannot connect: enrolling again is the
+            // way back for a box that was off too long.
+            r.revoked_ms.is_none() && r.not_after_ms.is_some_and(|t| t > now_ms())
+        }) {
+            let online = fleet.connected(&req.device);
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!(
+                    "device {} is enrolled ({}, certificate valid until {} ms): a token would make a second identity for it; \
+                     to re-enroll it, the security administrator runs gatewayctl token create --device {} --replace, or revokes it first",
+                    req.device,
+                    if online { "online" } else { "offline" },
+                    row.not_after_ms.unwrap_or_default(),
+                    req.device
+                ),
+            ));
+        }
+    }
     let secret = crate::fleet::new_secret(fleet::TOKEN_KIND, req.device.clone());
     let expires_ms =
         now_ms() + i64::try_from(expires_s.saturating_mul(1000)).unwrap_or(i64::MAX / 2);
@@ -378,7 +409,7 @@ async fn token_create(
         &by,
         "token.create",
         &req.device,
-        format!("expires_s={expires_s}"),
+        format!("expires_s={expires_s} replace={}", req.replace),
     );
     Ok((
         StatusCode::CREATED,
