@@ -1136,8 +1136,24 @@ fn operators_api_inputs_are_validated_naming_the_field() {
 fn an_enrolled_device_is_re_enrolled_only_with_replace_by_security() {
     let hub = Hub::start("1h");
     let (config, _state) = edge_config(&hub, "edge-a", echo_server("127.0.1.1"), "");
-    let (code, out) = enroll(&config, &hub.token("edge-a"));
+    // Two tokens made before the device enrolled: the second cannot make a
+    // second identity once the first is used.
+    let (first, second) = (hub.token("edge-a"), hub.token("edge-a"));
+    let (code, out) = enroll(&config, &first);
     assert_eq!(code, 0, "{out}");
+    let impostor = hub.dir.path().join("impostor");
+    std::fs::create_dir_all(&impostor).expect("dir");
+    let text = std::fs::read_to_string(&config).expect("config");
+    let state = hub.dir.path().join("edge-a").join("state");
+    let other = impostor.join("edge.toml");
+    let moved = text.replace(
+        &state.display().to_string(),
+        &impostor.join("state").display().to_string(),
+    );
+    std::fs::write(&other, moved).expect("write");
+    let (code, out) = enroll(&other, &second);
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("--replace"), "{out}");
     let (code, out, err) = hub.ctl("sam", &["token", "create", "--device", "edge-a"]);
     assert_ne!(code, 0, "{out}");
     assert!(
@@ -1156,6 +1172,11 @@ fn an_enrolled_device_is_re_enrolled_only_with_replace_by_security() {
     );
     assert_eq!(code, 0, "{err}");
     assert!(out.trim().starts_with("gwt1.edge-a."), "{out}");
+    let (code, replaced) = enroll(&other, out.trim());
+    assert_eq!(
+        code, 0,
+        "the replacing token enrolls the new box: {replaced}"
+    );
     // A device not enrolled still takes the system administrator's token.
     let (code, _, err) = hub.ctl("sam", &["token", "create", "--device", "edge-b"]);
     assert_eq!(code, 0, "{err}");

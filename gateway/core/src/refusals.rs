@@ -150,6 +150,15 @@ impl Summary {
     }
 }
 
+/// Whether `c` is printed escaped: control characters, and the format and
+/// separator characters that reorder or break text on a screen (bidirectional
+/// overrides and isolates, zero-width characters, line and paragraph
+/// separators, the byte-order mark).
+fn hidden(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{200B}'..='\u{200F}' | '\u{2028}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}')
+}
+
 /// A string a peer supplied (a claimed name, a token, a file name), made safe
 /// for an audit record: control characters escaped (a newline cannot start a
 /// forged line), and at most [`MAX_PEER_TEXT`] bytes kept, with how many
@@ -157,7 +166,7 @@ impl Summary {
 pub fn peer_text(s: &str) -> String {
     let mut out = String::new();
     for c in s.chars() {
-        let piece: String = if c.is_control() {
+        let piece: String = if hidden(c) {
             c.escape_default().collect()
         } else {
             c.to_string()
@@ -173,12 +182,12 @@ pub fn peer_text(s: &str) -> String {
 
 /// Control characters of `s` escaped (for text output of audit records).
 pub fn escape_controls(s: &str) -> String {
-    if !s.chars().any(char::is_control) {
+    if !s.chars().any(hidden) {
         return s.to_owned();
     }
     s.chars()
         .map(|c| {
-            if c.is_control() {
+            if hidden(c) {
                 c.escape_default().collect()
             } else {
                 c.to_string()
@@ -282,5 +291,10 @@ mod tests {
         let t = peer_text(&"部".repeat(200));
         assert!(t.starts_with("部部"));
         assert_eq!(escape_controls("a\tb\u{1b}[31m"), "a\\tb\\u{1b}[31m");
+        // Text that reorders or breaks lines on screen is shown escaped too.
+        assert_eq!(
+            peer_text("bob\u{2028}forged\u{202e}live"),
+            "bob\\u{2028}forged\\u{202e}live"
+        );
     }
 }

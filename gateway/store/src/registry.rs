@@ -187,6 +187,8 @@ pub struct NewToken {
     pub by: String,
     /// When, Unix ms.
     pub now_ms: i64,
+    /// It may re-enroll a device that is enrolled with a valid certificate.
+    pub replaces: bool,
 }
 
 /// A device redeeming its enrollment token.

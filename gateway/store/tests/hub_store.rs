@@ -136,6 +136,7 @@ async fn registry_suite(a: &dyn Registry, b: &dyn Registry) {
         expires_ms: 1_000,
         by: "alice".into(),
         now_ms: 0,
+        replaces: false,
     })
     .await
     .expect("token");

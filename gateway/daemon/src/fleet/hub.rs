@@ -255,7 +255,7 @@ impl Fleet {
     /// peer's address, summarised.
     pub async fn enroll(self: Arc<Self>, conn: quinn::Connection) {
         let remote = conn.remote_address();
-        let Some(_from) = SourceSlot::take(&self.enrolling_from, remote.ip()) else {
+        let Some(from_slot) = SourceSlot::take(&self.enrolling_from, remote.ip()) else {
             self.ctx.refuse_peer(
                 remote.ip(),
                 PeerAttempt::EnrollmentConnection,
@@ -303,6 +303,9 @@ impl Fleet {
         let answer = self.clone().redeem(req, remote).await;
         let _ = write_msg(&mut send, &answer).await;
         let _ = send.finish();
+        // Answered: no longer in progress for its address, while the
+        // connection is left to close.
+        drop(from_slot);
         let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
     }
 

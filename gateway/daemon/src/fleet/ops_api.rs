@@ -182,6 +182,9 @@ async fn authorize(
     what: &str,
     object: &str,
 ) -> Result<(String, AdminRole), ApiError> {
+    // The object comes from the request (a path's device id): escaped and
+    // capped before it is audited.
+    let object = &gateway_core::refusals::peer_text(object);
     let (name, role) = account(fleet, caller).await?;
     if !fleet::allowed(role, action) {
         let message = format!(
@@ -400,6 +403,7 @@ async fn token_create(
             expires_ms,
             by: by.clone(),
             now_ms: now_ms(),
+            replaces: req.replace,
         })
         .await
         .map_err(|e| ApiError::new(StatusCode::CONFLICT, e.to_string()))?;

@@ -157,7 +157,15 @@ impl Registry for Blocking<SqliteRegistry> {
     }
 
     fn create_token(&self, t: NewToken) -> RegistryFuture<'_, ()> {
-        self.run(move |r| r.create_token(&t.device, &t.digest, t.expires_ms, &t.by, t.now_ms))
+        self.run(move |r| {
+            r.create_token_for(
+                &t.device,
+                &t.digest,
+                t.expires_ms,
+                (&t.by, t.now_ms),
+                t.replaces,
+            )
+        })
     }
 
     fn enroll(&self, e: Enrollment, sign: SignCertificate) -> RegistryFuture<'_, String> {

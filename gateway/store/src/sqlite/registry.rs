@@ -41,7 +41,8 @@ CREATE TABLE IF NOT EXISTS token (
     expires_ms INTEGER NOT NULL,
     used_ms    INTEGER,
     created_by TEXT NOT NULL,
-    created_ms INTEGER NOT NULL
+    created_ms INTEGER NOT NULL,
+    replaces   INTEGER NOT NULL DEFAULT 0
 ) STRICT;
 CREATE TABLE IF NOT EXISTS device (
     id           TEXT PRIMARY KEY,
@@ -116,6 +117,15 @@ impl SqliteRegistry {
         db.pragma_update(None, "journal_mode", "WAL")?;
         db.pragma_update(None, "synchronous", "FULL")?;
         db.execute_batch(SCHEMA)?;
+        // Registries made before tokens could re-enroll a device.
+        let has_replaces: bool = db.query_row(
+            "SELECT EXISTS (SELECT 1 FROM pragma_table_info('token') WHERE name = 'replaces')",
+            [],
+            |r| r.get(0),
+        )?;
+        if !has_replaces {
+            db.execute_batch("ALTER TABLE token ADD COLUMN replaces INTEGER NOT NULL DEFAULT 0")?;
+        }
         Ok(SqliteRegistry { db })
     }
 
@@ -189,12 +199,28 @@ impl SqliteRegistry {
         by: &str,
         now_ms: i64,
     ) -> Result<(), RegistryError> {
+        self.create_token_for(device, digest, expires_ms, (by, now_ms), false)
+    }
+
+    /// [`SqliteRegistry::create_token`]; with `replaces`, the token may
+    /// re-enroll a device that is enrolled with a valid certificate.
+    ///
+    /// # Errors
+    /// [`RegistryError::Revoked`] for a revoked device.
+    pub fn create_token_for(
+        &mut self,
+        device: &str,
+        digest: &str,
+        expires_ms: i64,
+        (by, now_ms): (&str, i64),
+        replaces: bool,
+    ) -> Result<(), RegistryError> {
         if self.is_revoked(device)? {
             return Err(RegistryError::Revoked(device.to_owned()));
         }
         self.db.execute(
-            "INSERT INTO token (digest, device, expires_ms, created_by, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![digest, device, expires_ms, by, now_ms],
+            "INSERT INTO token (digest, device, expires_ms, created_by, created_ms, replaces) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![digest, device, expires_ms, by, now_ms, replaces],
         )?;
         Ok(())
     }
@@ -216,14 +242,14 @@ impl SqliteRegistry {
         let tx = self
             .db
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let row: Option<(String, i64, Option<i64>)> = tx
+        let row: Option<(String, i64, Option<i64>, bool)> = tx
             .query_row(
-                "SELECT device, expires_ms, used_ms FROM token WHERE digest = ?1",
+                "SELECT device, expires_ms, used_ms, replaces FROM token WHERE digest = ?1",
                 [digest],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
             )
             .optional()?;
-        let Some((for_device, expires, used)) = row else {
+        let Some((for_device, expires, used, replaces)) = row else {
             return Err(RegistryError::Token("unknown enrollment token"));
         };
         if used.is_some() {
@@ -248,6 +274,18 @@ impl SqliteRegistry {
         )?;
         if revoked {
             return Err(RegistryError::Revoked(device.to_owned()));
+        }
+        // A second identity for an enrolled department takes a token made to
+        // replace it, whenever the plain token was made.
+        let enrolled: bool = tx.query_row(
+            "SELECT EXISTS (SELECT 1 FROM device WHERE id = ?1 AND not_after_ms > ?2)",
+            params![device, now_ms],
+            |r| r.get(0),
+        )?;
+        if enrolled && !replaces {
+            return Err(RegistryError::Token(
+                "this device is enrolled with a valid certificate; re-enrolling it takes a token made with --replace by the security administrator",
+            ));
         }
         let (out, not_after) = sign()?;
         tx.execute(
@@ -776,8 +814,9 @@ mod tests {
         assert!(
             matches!(r.enroll("t2", "e1", 2_000, sign), Err(RegistryError::Token(m)) if m.contains("expired"))
         );
-        // A failed signature uses nothing up.
-        r.create_token("e1", "t3", 1_000, "alice", 0)
+        // A failed signature uses nothing up (e1 is enrolled now: the token
+        // is one that may replace it).
+        r.create_token_for("e1", "t3", 1_000, ("alice", 0), true)
             .expect("token");
         assert!(
             r.enroll::<()>("t3", "e1", 10, || Err(RegistryError::Token("x")))
