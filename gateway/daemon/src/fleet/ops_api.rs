@@ -333,16 +333,15 @@ async fn token_create(
     // Parsed before the credential is checked (for the audit's object), but
     // answered only after it.
     let parsed: Result<TokenReq, ApiError> = parse_json(&body);
-    let object = parsed.as_ref().map_or("token".to_owned(), |r| {
-        gateway_core::refusals::peer_text(&r.device)
-    });
+    // authorize() escapes and caps it before it is audited.
+    let object = parsed.as_ref().map_or("token", |r| r.device.as_str());
     let replace = parsed.as_ref().is_ok_and(|r| r.replace);
     let (action, what) = if replace {
         (Action::TokenReplace, "re-enroll a device that is enrolled")
     } else {
         (Action::TokenCreate, "create enrollment tokens")
     };
-    let (by, _) = authorize(&fleet, &caller, action, what, &object).await?;
+    let (by, _) = authorize(&fleet, &caller, action, what, object).await?;
     let req = parsed?;
     if let Err(e) = gateway_core::units::check_name("device", &req.device) {
         return Err(ApiError::new(

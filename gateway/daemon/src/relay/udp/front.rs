@@ -192,6 +192,9 @@ pub async fn front(ctx: Arc<Ctx>, front: Front, socket: Arc<UdpSocket>) {
 /// How long a refused client's datagrams are dropped before it is decided again.
 pub const REFUSED_HOLD: Duration = Duration::from_secs(10);
 
+/// Refused clients a front holds off at once.
+const MAX_HELD: usize = 4096;
+
 /// Clients of a front refused lately, until when.
 #[derive(Default)]
 struct Refused {
@@ -205,10 +208,21 @@ impl Refused {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Holds `client` off for [`REFUSED_HOLD`]. The table is capped at
+    /// [`MAX_HELD`]: when full, ended holds are forgotten, then the hold that
+    /// ends first (spoofed source addresses cannot grow it without bound).
     fn hold(&self, client: SocketAddr) {
         let now = Instant::now();
         let mut m = self.lock();
-        m.retain(|_, until| *until > now);
+        if m.len() >= MAX_HELD && !m.contains_key(&client) {
+            m.retain(|_, until| *until > now);
+            if m.len() >= MAX_HELD {
+                let first = m.iter().min_by_key(|(_, until)| **until).map(|(a, _)| *a);
+                if let Some(first) = first {
+                    m.remove(&first);
+                }
+            }
+        }
         m.insert(client, now + REFUSED_HOLD);
     }
 
@@ -321,4 +335,27 @@ async fn client_flow(
         started,
         how,
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_hold_off_table_is_capped_and_forgets_the_oldest_hold() {
+        let r = Refused::default();
+        let addr = |i: usize| SocketAddr::from((std::net::Ipv6Addr::from(i as u128), 9));
+        for i in 0..MAX_HELD + 10 {
+            r.hold(addr(i));
+        }
+        assert_eq!(r.lock().len(), MAX_HELD);
+        assert!(r.holds(addr(MAX_HELD + 9)), "the newest is held");
+        // The ten that went are the oldest holds.
+        let gone = (0..20).filter(|&i| !r.holds(addr(i))).count();
+        assert_eq!(gone, 10);
+        assert!(!r.holds(addr(0)));
+        // Holding one already held does not evict another.
+        r.hold(addr(MAX_HELD + 9));
+        assert_eq!(r.lock().len(), MAX_HELD);
+    }
 }
