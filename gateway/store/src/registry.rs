@@ -42,6 +42,9 @@ pub enum RegistryError {
     /// The device is revoked.
     #[error("device {0} is revoked")]
     Revoked(String),
+    /// A consumer of that name exists (or existed: names are not reused).
+    #[error("consumer {0:?} exists; choose another name (a revoked consumer's name is not reused)")]
+    ConsumerExists(String),
     /// The caller's own step (signing a certificate) failed.
     #[error("{0}")]
     Refused(String),
@@ -159,6 +162,50 @@ pub trait Registry: Send + Sync {
     /// Removes collected records older than `before_ms`, keeping each
     /// device's newest; returns how many.
     fn prune_audit(&self, before_ms: i64) -> RegistryFuture<'_, usize>;
+    /// Records a new consumer; [`RegistryError::ConsumerExists`] when the
+    /// name was ever taken.
+    fn add_consumer(&self, consumer: NewConsumer) -> RegistryFuture<'_, ()>;
+    /// One consumer.
+    fn consumer(&self, name: String) -> RegistryFuture<'_, Option<ConsumerRow>>;
+    /// Every consumer, by name.
+    fn consumers(&self) -> RegistryFuture<'_, Vec<ConsumerRow>>;
+    /// Revokes a consumer: `None` when unknown, else whether it was not
+    /// revoked before.
+    fn revoke_consumer(&self, name: String, by: String, now_ms: i64)
+    -> RegistryFuture<'_, Option<bool>>;
+}
+
+/// An application that reads the sink, identified by a certificate the hub
+/// issued (a consumer, not a device or an operator).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumerRow {
+    /// Its name.
+    pub name: String,
+    /// The serial (hex) of the one certificate that identifies it.
+    pub serial: String,
+    /// That certificate's expiry, Unix ms.
+    pub not_after_ms: i64,
+    /// The operator who made it.
+    pub created_by: String,
+    /// When.
+    pub created_ms: i64,
+    /// Revoked at.
+    pub revoked_ms: Option<i64>,
+}
+
+/// A consumer to record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewConsumer {
+    /// Its name.
+    pub name: String,
+    /// Its certificate's serial (hex).
+    pub serial: String,
+    /// Its certificate's expiry, Unix ms.
+    pub not_after_ms: i64,
+    /// The operator who made it.
+    pub by: String,
+    /// When, Unix ms.
+    pub now_ms: i64,
 }
 
 /// An operator account to add.

@@ -12,8 +12,13 @@
 //!   survives a power cut.
 //! - Several hubs may share one engine: `high` is read and raised inside the
 //!   writing transaction, so de-duplication holds across them.
-//! - Consumers read in sequence order after a cursor and acknowledge with it;
-//!   acknowledged records are removed, `high` stays.
+//! - A consumer reads a stream only with a grant, which is its cursor. Each
+//!   consumer's acknowledgement moves only its own cursor, never back and never
+//!   beyond `high`; a record is removed once every consumer granted its stream
+//!   has acknowledged it (a stream nobody is granted keeps its records), or
+//!   by retention ([`Sink::expire`], counted as `expired_unread`). `high` stays.
+//! - A stream delivered to another edge is removed as that edge confirms it
+//!   ([`Sink::consume`]).
 
 //!
 //! Cancel safety: a dropped [`Sink::commit`] may still have committed. That is
@@ -80,6 +85,53 @@ pub struct Stream {
     pub bytes: u64,
     /// Duplicates received and not stored, ever.
     pub duplicates: u64,
+    /// Records removed by retention before every consumer had them, ever.
+    pub expired_unread: u64,
+}
+
+/// A consumer's grant of a stream, with its cursor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// The consumer.
+    pub consumer: String,
+    /// The stream it may read.
+    pub stream: StreamKey,
+    /// It acknowledged every record up to here.
+    pub acked: u64,
+}
+
+/// What a consumer's acknowledgement did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Acked {
+    /// Its cursor is at `cursor`; `removed` records left the sink.
+    Moved {
+        /// The consumer's cursor now.
+        cursor: u64,
+        /// Records every consumer of the stream now has, removed.
+        removed: u64,
+    },
+    /// Refused: nothing up to there exists; the stream's `high`.
+    Beyond {
+        /// The highest sequence number committed.
+        high: u64,
+    },
+    /// Refused: the consumer is not granted the stream.
+    NotGranted,
+}
+
+/// Records of one stream removed by retention.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expired {
+    /// The stream.
+    pub stream: StreamKey,
+    /// How many.
+    pub records: u64,
+    /// Their body bytes.
+    pub bytes: u64,
+    /// The lowest sequence number removed.
+    pub first: u64,
+    /// The highest.
+    pub last: u64,
 }
 
 /// One stream's batch to commit.
@@ -127,8 +179,8 @@ pub trait Sink: Send + Sync {
     fn commit(&self, batches: Vec<SinkBatch>) -> StoreFuture<'_, Vec<Committed>>;
     /// Up to `limit` records of `stream` after `after`, in sequence order.
     fn read(&self, stream: StreamKey, after: u64, limit: usize) -> StoreFuture<'_, Vec<Stored>>;
-    /// A consumer (or the destination edge) took every record of `stream` up
-    /// to `upto`: they are removed. Returns how many.
+    /// The destination edge took every record of `stream` up to `upto`: they
+    /// are removed. Returns how many.
     fn consume(&self, stream: StreamKey, upto: u64) -> StoreFuture<'_, u64>;
     /// The destination refused record `seq` of `stream`, for `reason`.
     fn failed(&self, stream: StreamKey, seq: u64, reason: String) -> StoreFuture<'_, ()>;
@@ -141,6 +193,21 @@ pub trait Sink: Send + Sync {
     ) -> StoreFuture<'_, Vec<(u64, String)>>;
     /// Every stream's state, by device and channel.
     fn streams(&self) -> StoreFuture<'_, Vec<Stream>>;
+    /// Grants `consumer` the stream, its cursor at 0; whether it is new.
+    fn grant(&self, stream: StreamKey, consumer: String, now_ms: i64) -> StoreFuture<'_, bool>;
+    /// Withdraws a grant and its cursor; `None` when there was none, else how
+    /// many records that freed.
+    fn revoke_grant(&self, stream: StreamKey, consumer: String) -> StoreFuture<'_, Option<u64>>;
+    /// Withdraws every grant of `consumer`; returns how many.
+    fn drop_consumer(&self, consumer: String) -> StoreFuture<'_, u64>;
+    /// The grants of `consumer`, or of everyone.
+    fn grants(&self, consumer: Option<String>) -> StoreFuture<'_, Vec<Grant>>;
+    /// `consumer`'s cursor on `stream`; `None` without a grant.
+    fn cursor(&self, stream: StreamKey, consumer: String) -> StoreFuture<'_, Option<u64>>;
+    /// `consumer` has every record of `stream` up to `upto` (see [`Acked`]).
+    fn ack(&self, stream: StreamKey, consumer: String, upto: u64) -> StoreFuture<'_, Acked>;
+    /// Removes records committed before `before_ms` (retention).
+    fn expire(&self, before_ms: i64) -> StoreFuture<'_, Vec<Expired>>;
     /// Upkeep between bursts (the embedded engine returns consumed records'
     /// pages to the file system); an engine that needs none does nothing.
     fn maintain(&self) -> StoreFuture<'_, ()>;

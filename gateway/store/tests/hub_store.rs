@@ -8,9 +8,9 @@ use gateway_core::fleet::AdminRole;
 use gateway_core::wire::SyncRecord;
 use gateway_store::error::StoreError;
 use gateway_store::registry::{
-    Enrollment, NewAccount, NewToken, Registry, RegistryError, SignCertificate,
+    Enrollment, NewAccount, NewConsumer, NewToken, Registry, RegistryError, SignCertificate,
 };
-use gateway_store::sink::{Sink, SinkBatch, StreamKey};
+use gateway_store::sink::{Acked, Sink, SinkBatch, StreamKey};
 use gateway_store::sqlite::{Blocking, SqliteRegistry, SqliteSink};
 
 fn batch(device: &str, channel: &str, seqs: &[u64]) -> SinkBatch {
@@ -102,6 +102,92 @@ async fn sink_suite(a: &dyn Sink, b: &dyn Sink) {
     a.maintain().await.expect("maintain");
 }
 
+/// Consumers' own cursors across two hubs: each granted consumer reads every
+/// record, a record goes once all have acknowledged it, acknowledgements past
+/// `high` are refused, a stream nobody is granted keeps its records until
+/// retention, and retention counts what expired unread.
+async fn consumers_suite(a: &dyn Sink, b: &dyn Sink) {
+    let k = || StreamKey::new("d", "c");
+    a.commit(vec![batch("d", "c", &[1, 2, 3, 4])])
+        .await
+        .expect("commit");
+    assert!(a.grant(k(), "x".into(), 5).await.expect("grant"));
+    assert!(!b.grant(k(), "x".into(), 6).await.expect("grant again"));
+    assert!(b.grant(k(), "y".into(), 6).await.expect("grant y"));
+    assert_eq!(a.cursor(k(), "x".into()).await.expect("cursor"), Some(0));
+    assert_eq!(a.cursor(k(), "z".into()).await.expect("cursor"), None);
+    // Beyond what exists: refused with the high-water mark, nothing moves.
+    assert_eq!(
+        a.ack(k(), "x".into(), 999_999).await.expect("ack"),
+        Acked::Beyond { high: 4 }
+    );
+    assert_eq!(
+        a.ack(k(), "z".into(), 1).await.expect("ack"),
+        Acked::NotGranted
+    );
+    // x takes everything: y has not, so nothing goes.
+    assert_eq!(
+        a.ack(k(), "x".into(), 4).await.expect("ack"),
+        Acked::Moved {
+            cursor: 4,
+            removed: 0
+        }
+    );
+    assert_eq!(seqs(b, "d", "c", 0).await, [1, 2, 3, 4]);
+    // A cursor never moves back.
+    assert_eq!(
+        a.ack(k(), "x".into(), 1).await.expect("ack"),
+        Acked::Moved {
+            cursor: 4,
+            removed: 0
+        }
+    );
+    // y takes two: those two go.
+    assert_eq!(
+        b.ack(k(), "y".into(), 2).await.expect("ack"),
+        Acked::Moved {
+            cursor: 2,
+            removed: 2
+        }
+    );
+    assert_eq!(seqs(a, "d", "c", 0).await, [3, 4]);
+    // Withdrawing y's grant frees what x alone had.
+    assert_eq!(
+        a.revoke_grant(k(), "y".into()).await.expect("revoke"),
+        Some(2)
+    );
+    assert_eq!(a.revoke_grant(k(), "y".into()).await.expect("again"), None);
+    assert!(seqs(a, "d", "c", 0).await.is_empty());
+    let grants = b.grants(None).await.expect("grants");
+    assert_eq!(grants.len(), 1);
+    assert_eq!((grants[0].consumer.as_str(), grants[0].acked), ("x", 4));
+    // A stream nobody is granted keeps its records, until retention.
+    let mut late = batch("e", "c", &[1, 2]);
+    late.now_ms = 100;
+    a.commit(vec![late]).await.expect("commit e");
+    let mut later = batch("e", "c", &[3]);
+    later.now_ms = 200;
+    a.commit(vec![later]).await.expect("commit e");
+    assert_eq!(seqs(a, "e", "c", 0).await, [1, 2, 3]);
+    let expired = b.expire(150).await.expect("expire");
+    assert_eq!(expired.len(), 1, "{expired:?}");
+    assert_eq!(
+        (expired[0].stream.device.as_str(), expired[0].records),
+        ("e", 2)
+    );
+    assert_eq!((expired[0].first, expired[0].last), (1, 2));
+    assert_eq!(seqs(a, "e", "c", 0).await, [3]);
+    let streams = a.streams().await.expect("streams");
+    let e = streams.iter().find(|s| s.device == "e").expect("stream e");
+    assert_eq!((e.records, e.expired_unread, e.high), (1, 2, 3));
+    // A revoked consumer's grants all go.
+    a.grant(StreamKey::new("e", "c"), "x".into(), 7)
+        .await
+        .expect("grant");
+    assert_eq!(b.drop_consumer("x".into()).await.expect("drop"), 2);
+    assert!(a.grants(Some("x".into())).await.expect("grants").is_empty());
+}
+
 fn enrollment(digest: &str, device: &str, now_ms: i64) -> Enrollment {
     Enrollment {
         digest: digest.into(),
@@ -190,6 +276,54 @@ fn two_hubs<T: Send + 'static>(
 async fn the_sqlite_sink_keeps_the_sink_contract() {
     let (_dir, a, b) = two_hubs(|d| SqliteSink::open(d).expect("open"));
     sink_suite(&a, &b).await;
+}
+
+#[tokio::test]
+async fn the_sqlite_sink_keeps_each_consumers_cursor() {
+    let (_dir, a, b) = two_hubs(|d| SqliteSink::open(d).expect("open"));
+    consumers_suite(&a, &b).await;
+}
+
+#[tokio::test]
+async fn the_sqlite_registry_keeps_consumers_names_and_serials() {
+    let (_dir, a, b) = two_hubs(|d| SqliteRegistry::open(d).expect("open"));
+    let new = |name: &str, serial: &str| NewConsumer {
+        name: name.into(),
+        serial: serial.into(),
+        not_after_ms: 10,
+        by: "ops".into(),
+        now_ms: 1,
+    };
+    a.add_consumer(new("reports", "01")).await.expect("add");
+    match b.add_consumer(new("reports", "02")).await {
+        Err(RegistryError::ConsumerExists(n)) => assert_eq!(n, "reports"),
+        other => panic!("a second consumer of one name: {other:?}"),
+    }
+    let row = b.consumer("reports".into()).await.expect("get").expect("row");
+    assert_eq!((row.serial.as_str(), row.revoked_ms), ("01", None));
+    assert_eq!(
+        a.revoke_consumer("reports".into(), "sec".into(), 5)
+            .await
+            .expect("revoke"),
+        Some(true)
+    );
+    assert_eq!(
+        a.revoke_consumer("reports".into(), "sec".into(), 6)
+            .await
+            .expect("revoke"),
+        Some(false)
+    );
+    assert_eq!(
+        a.revoke_consumer("nobody".into(), "sec".into(), 6)
+            .await
+            .expect("revoke"),
+        None
+    );
+    // A revoked name is not reused: its old certificate must stay refused.
+    assert!(b.add_consumer(new("reports", "03")).await.is_err());
+    let all = a.consumers().await.expect("list");
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].revoked_ms, Some(5));
 }
 
 #[tokio::test]

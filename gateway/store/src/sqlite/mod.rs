@@ -22,10 +22,11 @@ pub use sink::{SinkError, SqliteSink};
 
 use crate::error::{StoreError, StoreFuture};
 use crate::registry::{
-    AppliedReport, AuditExport, ConfigPush, DeviceRow, Enrollment, NewAccount, NewToken, Registry,
+    AppliedReport, AuditExport, ConfigPush, ConsumerRow, DeviceRow, Enrollment, NewAccount,
+    NewConsumer, NewToken, Registry,
     RegistryError, RegistryFuture, SignCertificate,
 };
-use crate::sink::{Committed, Sink, SinkBatch, Stored, Stream, StreamKey};
+use crate::sink::{Acked, Committed, Expired, Grant, Sink, SinkBatch, Stored, Stream, StreamKey};
 
 /// What a SQLite failure means to the caller.
 pub fn classify(e: &rusqlite::Error) -> StoreError {
@@ -140,6 +141,34 @@ impl Sink for Blocking<SqliteSink> {
 
     fn maintain(&self) -> StoreFuture<'_, ()> {
         self.run(|s| Ok(s.compact()?))
+    }
+
+    fn grant(&self, k: StreamKey, consumer: String, now_ms: i64) -> StoreFuture<'_, bool> {
+        self.run(move |s| Ok(s.grant(&k.device, &k.channel, &consumer, now_ms)?))
+    }
+
+    fn revoke_grant(&self, k: StreamKey, consumer: String) -> StoreFuture<'_, Option<u64>> {
+        self.run(move |s| Ok(s.revoke_grant(&k.device, &k.channel, &consumer)?))
+    }
+
+    fn drop_consumer(&self, consumer: String) -> StoreFuture<'_, u64> {
+        self.run(move |s| Ok(s.drop_consumer(&consumer)?))
+    }
+
+    fn grants(&self, consumer: Option<String>) -> StoreFuture<'_, Vec<Grant>> {
+        self.run(move |s| Ok(s.grants(consumer.as_deref())?))
+    }
+
+    fn cursor(&self, k: StreamKey, consumer: String) -> StoreFuture<'_, Option<u64>> {
+        self.run(move |s| Ok(s.cursor(&k.device, &k.channel, &consumer)?))
+    }
+
+    fn ack(&self, k: StreamKey, consumer: String, upto: u64) -> StoreFuture<'_, Acked> {
+        self.run(move |s| Ok(s.ack(&k.device, &k.channel, &consumer, upto)?))
+    }
+
+    fn expire(&self, before_ms: i64) -> StoreFuture<'_, Vec<Expired>> {
+        self.run(move |s| Ok(s.expire(before_ms)?))
     }
 }
 
@@ -256,5 +285,26 @@ impl Registry for Blocking<SqliteRegistry> {
 
     fn prune_audit(&self, before_ms: i64) -> RegistryFuture<'_, usize> {
         self.run(move |r| r.prune_audit(before_ms))
+    }
+
+    fn add_consumer(&self, c: NewConsumer) -> RegistryFuture<'_, ()> {
+        self.run(move |r| r.add_consumer(&c))
+    }
+
+    fn consumer(&self, name: String) -> RegistryFuture<'_, Option<ConsumerRow>> {
+        self.run(move |r| r.consumer(&name))
+    }
+
+    fn consumers(&self) -> RegistryFuture<'_, Vec<ConsumerRow>> {
+        self.run(|r| r.consumers())
+    }
+
+    fn revoke_consumer(
+        &self,
+        name: String,
+        by: String,
+        now_ms: i64,
+    ) -> RegistryFuture<'_, Option<bool>> {
+        self.run(move |r| r.revoke_consumer(&name, &by, now_ms))
     }
 }

@@ -23,7 +23,7 @@ use gateway_core::audit::{self, Hash, Record, Verifier};
 use gateway_core::fleet::AdminRole;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
-use crate::registry::{DeviceRow, RegistryError};
+use crate::registry::{ConsumerRow, DeviceRow, NewConsumer, RegistryError};
 
 /// File name inside the hub's state directory.
 pub const FILE_NAME: &str = "fleet.sqlite";
@@ -48,6 +48,16 @@ CREATE TABLE IF NOT EXISTS device (
     id           TEXT PRIMARY KEY,
     enrolled_ms  INTEGER NOT NULL,
     not_after_ms INTEGER,
+    revoked_ms   INTEGER,
+    revoked_by   TEXT
+) STRICT;
+-- Applications reading the sink, by the certificate the hub issued them.
+CREATE TABLE IF NOT EXISTS consumer (
+    name         TEXT PRIMARY KEY,
+    serial       TEXT NOT NULL,
+    not_after_ms INTEGER NOT NULL,
+    created_by   TEXT NOT NULL,
+    created_ms   INTEGER NOT NULL,
     revoked_ms   INTEGER,
     revoked_by   TEXT
 ) STRICT;
@@ -361,6 +371,72 @@ impl SqliteRegistry {
             params![device, now_ms],
         )?;
         Ok(true)
+    }
+
+    /// Records a consumer and the serial of the certificate made for it.
+    ///
+    /// # Errors
+    /// [`RegistryError::ConsumerExists`] when the name is taken (revoked or not).
+    pub fn add_consumer(&mut self, c: &NewConsumer) -> Result<(), RegistryError> {
+        let n = self.db.execute(
+            "INSERT OR IGNORE INTO consumer (name, serial, not_after_ms, created_by, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![c.name, c.serial, c.not_after_ms, c.by, c.now_ms],
+        )?;
+        if n == 0 {
+            return Err(RegistryError::ConsumerExists(c.name.clone()));
+        }
+        Ok(())
+    }
+
+    /// One consumer.
+    ///
+    /// # Errors
+    /// SQLite.
+    pub fn consumer(&self, name: &str) -> Result<Option<ConsumerRow>, RegistryError> {
+        Ok(self
+            .db
+            .query_row(
+                "SELECT name, serial, not_after_ms, created_by, created_ms, revoked_ms FROM consumer WHERE name = ?1",
+                [name],
+                consumer_row,
+            )
+            .optional()?)
+    }
+
+    /// Every consumer, by name.
+    ///
+    /// # Errors
+    /// SQLite.
+    pub fn consumers(&self) -> Result<Vec<ConsumerRow>, RegistryError> {
+        let mut st = self.db.prepare(
+            "SELECT name, serial, not_after_ms, created_by, created_ms, revoked_ms FROM consumer ORDER BY name",
+        )?;
+        let rows = st.query_map([], consumer_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Revokes consumer `name`: `None` when there is none, else whether it was
+    /// not revoked before.
+    ///
+    /// # Errors
+    /// SQLite.
+    pub fn revoke_consumer(
+        &mut self,
+        name: &str,
+        by: &str,
+        now_ms: i64,
+    ) -> Result<Option<bool>, RegistryError> {
+        let Some(row) = self.consumer(name)? else {
+            return Ok(None);
+        };
+        if row.revoked_ms.is_some() {
+            return Ok(Some(false));
+        }
+        self.db.execute(
+            "UPDATE consumer SET revoked_ms = ?2, revoked_by = ?3 WHERE name = ?1",
+            params![name, now_ms, by],
+        )?;
+        Ok(Some(true))
     }
 
     /// Stores a heartbeat.
@@ -780,6 +856,17 @@ fn unreachable_row(id: &str) -> DeviceRow {
         applied: None,
         audit: None,
     }
+}
+
+fn consumer_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ConsumerRow> {
+    Ok(ConsumerRow {
+        name: r.get(0)?,
+        serial: r.get(1)?,
+        not_after_ms: r.get(2)?,
+        created_by: r.get(3)?,
+        created_ms: r.get(4)?,
+        revoked_ms: r.get(5)?,
+    })
 }
 
 #[cfg(test)]

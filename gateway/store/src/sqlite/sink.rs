@@ -10,12 +10,13 @@ use std::time::Duration;
 use gateway_core::wire::SyncRecord;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
-use crate::sink::{Committed, SinkBatch, Stored, Stream};
+use crate::sink::{Acked, Committed, Expired, Grant, SinkBatch, Stored, Stream, StreamKey};
 
 /// File name of the sink inside the state directory.
 pub const FILE_NAME: &str = "sink.sqlite";
 
-const SCHEMA_VERSION: i64 = 1;
+/// 2: consumers' cursors (grants) and `stream.expired_unread`.
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS stream (
@@ -27,8 +28,20 @@ CREATE TABLE IF NOT EXISTS stream (
     records    INTEGER NOT NULL,
     bytes      INTEGER NOT NULL,
     duplicates INTEGER NOT NULL,
+    expired_unread INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (device, channel)
 ) STRICT;
+-- A consumer granted a stream, and how far it acknowledged: the grant is the
+-- cursor, so granting, acknowledging and removing change in one transaction.
+CREATE TABLE IF NOT EXISTS cursor (
+    device     TEXT NOT NULL,
+    channel    TEXT NOT NULL,
+    consumer   TEXT NOT NULL,
+    acked      INTEGER NOT NULL,
+    granted_ms INTEGER NOT NULL,
+    PRIMARY KEY (device, channel, consumer)
+) STRICT;
+CREATE INDEX IF NOT EXISTS cursor_by_consumer ON cursor (consumer);
 -- Records the destination edge refused, kept for the source's receipts.
 CREATE TABLE IF NOT EXISTS failure (
     device  TEXT NOT NULL,
@@ -48,6 +61,7 @@ CREATE TABLE IF NOT EXISTS record (
     body        BLOB NOT NULL,
     UNIQUE (device, channel, seq)
 ) STRICT;
+CREATE INDEX IF NOT EXISTS record_by_received ON record (received_ms);
 ";
 
 /// A sink operation failed; nothing was changed.
@@ -99,6 +113,17 @@ impl SqliteSink {
             return Err(SinkError::NewerSchema(version));
         }
         conn.execute_batch(SCHEMA)?;
+        // Sinks made before retention counted what expired unread.
+        let has_expired: bool = conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM pragma_table_info('stream') WHERE name = 'expired_unread')",
+            [],
+            |r| r.get(0),
+        )?;
+        if !has_expired {
+            conn.execute_batch(
+                "ALTER TABLE stream ADD COLUMN expired_unread INTEGER NOT NULL DEFAULT 0",
+            )?;
+        }
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         Ok(Self { conn })
     }
@@ -288,7 +313,7 @@ impl SqliteSink {
     /// When SQLite fails.
     pub fn streams(&self) -> Result<Vec<Stream>, SinkError> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT device, channel, deliver_to, high, consumed, records, bytes, duplicates FROM stream ORDER BY device, channel",
+            "SELECT device, channel, deliver_to, high, consumed, records, bytes, duplicates, expired_unread FROM stream ORDER BY device, channel",
         )?;
         let rows = stmt.query_map([], |r| {
             Ok(Stream {
@@ -300,10 +325,242 @@ impl SqliteSink {
                 records: u64_of(r.get(5)?),
                 bytes: u64_of(r.get(6)?),
                 duplicates: u64_of(r.get(7)?),
+                expired_unread: u64_of(r.get(8)?),
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
+
+    /// Grants `consumer` the stream (device, channel): a cursor at 0, so it
+    /// reads every record still in the sink. Whether the grant is new.
+    ///
+    /// # Errors
+    /// When SQLite fails.
+    pub fn grant(
+        &mut self,
+        device: &str,
+        channel: &str,
+        consumer: &str,
+        now_ms: i64,
+    ) -> Result<bool, SinkError> {
+        let n = self.conn.execute(
+            "INSERT OR IGNORE INTO cursor (device, channel, consumer, acked, granted_ms) VALUES (?1, ?2, ?3, 0, ?4)",
+            params![device, channel, consumer, now_ms],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Withdraws `consumer`'s grant of (device, channel), with its cursor; the
+    /// records every remaining consumer has acknowledged go. `None` when there
+    /// was no grant, else how many records went.
+    ///
+    /// # Errors
+    /// When SQLite fails.
+    pub fn revoke_grant(
+        &mut self,
+        device: &str,
+        channel: &str,
+        consumer: &str,
+    ) -> Result<Option<u64>, SinkError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let n = tx.execute(
+            "DELETE FROM cursor WHERE device = ?1 AND channel = ?2 AND consumer = ?3",
+            params![device, channel, consumer],
+        )?;
+        if n == 0 {
+            return Ok(None);
+        }
+        let removed = free_acked(&tx, device, channel)?;
+        tx.commit()?;
+        Ok(Some(removed))
+    }
+
+    /// Withdraws every grant of `consumer` (it was revoked); returns how many
+    /// grants there were.
+    ///
+    /// # Errors
+    /// When SQLite fails.
+    pub fn drop_consumer(&mut self, consumer: &str) -> Result<u64, SinkError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let streams: Vec<(String, String)> = {
+            let mut st = tx.prepare("SELECT device, channel FROM cursor WHERE consumer = ?1")?;
+            let rows = st.query_map([consumer], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        tx.execute("DELETE FROM cursor WHERE consumer = ?1", [consumer])?;
+        for (device, channel) in &streams {
+            free_acked(&tx, device, channel)?;
+        }
+        tx.commit()?;
+        Ok(streams.len() as u64)
+    }
+
+    /// The grants, of one consumer or of all, by consumer, device, channel.
+    ///
+    /// # Errors
+    /// When SQLite fails.
+    pub fn grants(&self, consumer: Option<&str>) -> Result<Vec<Grant>, SinkError> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT consumer, device, channel, acked FROM cursor WHERE ?1 IS NULL OR consumer = ?1 ORDER BY consumer, device, channel",
+        )?;
+        let rows = st.query_map([consumer], |r| {
+            Ok(Grant {
+                consumer: r.get(0)?,
+                stream: StreamKey {
+                    device: r.get(1)?,
+                    channel: r.get(2)?,
+                },
+                acked: u64_of(r.get(3)?),
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// `consumer`'s cursor on (device, channel); `None` without a grant.
+    ///
+    /// # Errors
+    /// When SQLite fails.
+    pub fn cursor(
+        &self,
+        device: &str,
+        channel: &str,
+        consumer: &str,
+    ) -> Result<Option<u64>, SinkError> {
+        let acked: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT acked FROM cursor WHERE device = ?1 AND channel = ?2 AND consumer = ?3",
+                params![device, channel, consumer],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(acked.map(u64_of))
+    }
+
+    /// `consumer` has every record of (device, channel) up to `upto`: its
+    /// cursor moves there (never back), and the records every consumer granted
+    /// the stream has acknowledged go. Refused beyond the stream's `high`.
+    ///
+    /// # Errors
+    /// When SQLite fails.
+    pub fn ack(
+        &mut self,
+        device: &str,
+        channel: &str,
+        consumer: &str,
+        upto: u64,
+    ) -> Result<Acked, SinkError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let acked: Option<i64> = tx
+            .query_row(
+                "SELECT acked FROM cursor WHERE device = ?1 AND channel = ?2 AND consumer = ?3",
+                params![device, channel, consumer],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let Some(acked) = acked.map(u64_of) else {
+            return Ok(Acked::NotGranted);
+        };
+        let high: Option<i64> = tx
+            .query_row(
+                "SELECT high FROM stream WHERE device = ?1 AND channel = ?2",
+                params![device, channel],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let high = high.map_or(0, u64_of);
+        if upto > high {
+            return Ok(Acked::Beyond { high });
+        }
+        let cursor = acked.max(upto);
+        tx.execute(
+            "UPDATE cursor SET acked = ?4 WHERE device = ?1 AND channel = ?2 AND consumer = ?3",
+            params![device, channel, consumer, i64_of(cursor)],
+        )?;
+        let removed = free_acked(&tx, device, channel)?;
+        tx.commit()?;
+        Ok(Acked::Moved { cursor, removed })
+    }
+
+    /// Removes records committed before `before_ms` that are still waiting
+    /// (retention): counted per stream in `expired_unread`. One [`Expired`]
+    /// per stream that lost records.
+    ///
+    /// # Errors
+    /// When SQLite fails; nothing is removed then.
+    pub fn expire(&mut self, before_ms: i64) -> Result<Vec<Expired>, SinkError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let expired: Vec<Expired> = {
+            let mut st = tx.prepare(
+                "SELECT device, channel, COUNT(*), SUM(length(body)), MIN(seq), MAX(seq) FROM record WHERE received_ms < ?1 GROUP BY device, channel ORDER BY device, channel",
+            )?;
+            let rows = st.query_map([before_ms], |r| {
+                Ok(Expired {
+                    stream: StreamKey {
+                        device: r.get(0)?,
+                        channel: r.get(1)?,
+                    },
+                    records: u64_of(r.get(2)?),
+                    bytes: u64_of(r.get::<_, Option<i64>>(3)?.unwrap_or(0)),
+                    first: u64_of(r.get(4)?),
+                    last: u64_of(r.get(5)?),
+                })
+            })?;
+            rows.collect::<Result<_, _>>()?
+        };
+        tx.execute("DELETE FROM record WHERE received_ms < ?1", [before_ms])?;
+        for e in &expired {
+            tx.execute(
+                "UPDATE stream SET records = max(0, records - ?3), bytes = max(0, bytes - ?4), expired_unread = expired_unread + ?3 WHERE device = ?1 AND channel = ?2",
+                params![
+                    e.stream.device,
+                    e.stream.channel,
+                    i64_of(e.records),
+                    i64_of(e.bytes)
+                ],
+            )?;
+        }
+        tx.commit()?;
+        Ok(expired)
+    }
+}
+
+/// Inside a writing transaction: removes the records of (device, channel) that
+/// every consumer granted it has acknowledged. A stream nobody is granted keeps
+/// its records (until retention). Returns how many went.
+fn free_acked(tx: &rusqlite::Transaction<'_>, device: &str, channel: &str) -> Result<u64, SinkError> {
+    let low: Option<i64> = tx.query_row(
+        "SELECT MIN(acked) FROM cursor WHERE device = ?1 AND channel = ?2",
+        params![device, channel],
+        |r| r.get(0),
+    )?;
+    let Some(low) = low else {
+        return Ok(0);
+    };
+    let (n, bytes): (i64, Option<i64>) = tx.query_row(
+        "SELECT COUNT(*), SUM(length(body)) FROM record WHERE device = ?1 AND channel = ?2 AND seq <= ?3",
+        params![device, channel, low],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    if n > 0 {
+        tx.execute(
+            "DELETE FROM record WHERE device = ?1 AND channel = ?2 AND seq <= ?3",
+            params![device, channel, low],
+        )?;
+    }
+    tx.execute(
+        "UPDATE stream SET consumed = max(consumed, ?3), records = max(0, records - ?4), bytes = max(0, bytes - ?5) WHERE device = ?1 AND channel = ?2",
+        params![device, channel, low, n, bytes.unwrap_or(0)],
+    )?;
+    Ok(u64_of(n))
 }
 
 /// One batch inside a writing transaction: the records above `high` stored,
@@ -317,7 +574,7 @@ fn commit_in(tx: &rusqlite::Transaction<'_>, batch: &SinkBatch) -> Result<Commit
         now_ms,
     } = batch;
     tx.execute(
-        "INSERT OR IGNORE INTO stream VALUES (?1, ?2, ?3, 0, 0, 0, 0, 0)",
+        "INSERT OR IGNORE INTO stream (device, channel, deliver_to, high, consumed, records, bytes, duplicates) VALUES (?1, ?2, ?3, 0, 0, 0, 0, 0)",
         params![device, channel, deliver_to],
     )?;
     let high: i64 = tx.query_row(
@@ -433,5 +690,76 @@ mod tests {
         assert_eq!((c.upto, c.stored, c.duplicates), (3, 1, 2));
         assert_eq!(a.high("d", "c").expect("high"), 3);
         assert_eq!(seqs(&a.read("d", "c", 0, 100).expect("read")), [1, 2, 3]);
+    }
+
+    /// One step against the sink and the model.
+    #[derive(Debug, Clone)]
+    enum Op {
+        Commit(u64),
+        Grant(usize),
+        Revoke(usize),
+        Ack(usize, u64),
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            (1u64..4).prop_map(Op::Commit),
+            (0usize..3).prop_map(Op::Grant),
+            (0usize..3).prop_map(Op::Revoke),
+            ((0usize..3), (0u64..14)).prop_map(|(c, u)| Op::Ack(c, u)),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Against a model: records stay while some granted consumer has not
+        /// acknowledged them (all of them with no grant), acknowledgements
+        /// past `high` are refused, cursors never move back.
+        #[test]
+        fn cursors_and_removal_follow_the_model(ops in proptest::collection::vec(op(), 1..40)) {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let mut s = SqliteSink::open(dir.path()).expect("open");
+            let names = ["a", "b", "c"];
+            let (mut high, mut cursors) = (0u64, std::collections::BTreeMap::<usize, u64>::new());
+            let mut removed_upto = 0u64;
+            for op in ops {
+                match op {
+                    Op::Commit(n) => {
+                        let seqs: Vec<u64> = (high + 1..=high + n).collect();
+                        s.commit("d", "c", "hub", &recs(&seqs), 0).expect("commit");
+                        high += n;
+                    }
+                    Op::Grant(c) => {
+                        let new = s.grant("d", "c", names[c], 0).expect("grant");
+                        proptest::prop_assert_eq!(new, !cursors.contains_key(&c));
+                        cursors.entry(c).or_insert(0);
+                    }
+                    Op::Revoke(c) => {
+                        let got = s.revoke_grant("d", "c", names[c]).expect("revoke");
+                        proptest::prop_assert_eq!(got.is_some(), cursors.remove(&c).is_some());
+                    }
+                    Op::Ack(c, upto) => {
+                        let got = s.ack("d", "c", names[c], upto).expect("ack");
+                        let want = match cursors.get_mut(&c) {
+                            None => Acked::NotGranted,
+                            Some(_) if upto > high => Acked::Beyond { high },
+                            Some(cur) => {
+                                *cur = (*cur).max(upto);
+                                let cursor = *cur;
+                                let low = cursors.values().copied().min().unwrap_or(0);
+                                let removed = low.saturating_sub(removed_upto);
+                                Acked::Moved { cursor, removed }
+                            }
+                        };
+                        proptest::prop_assert_eq!(got, want);
+                    }
+                }
+                if let Some(low) = cursors.values().copied().min() {
+                    removed_upto = removed_upto.max(low);
+                }
+                let kept: Vec<u64> = (removed_upto + 1..=high).collect();
+                proptest::prop_assert_eq!(seqs(&s.read("d", "c", 0, 1000).expect("read")), kept);
+            }
+        }
     }
 }
