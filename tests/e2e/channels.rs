@@ -55,16 +55,16 @@ async fn post_range(ingest: SocketAddr, from: u64, to: u64) {
 
 /// Every record the hub's sink holds for edge-b/readings, read with the cursor
 /// API in pages of 100: (seq, n from the body).
-async fn sink_records(api: SocketAddr) -> Vec<(u64, u64)> {
+async fn sink_records(reader: &Reader) -> Vec<(u64, u64)> {
     let mut out = Vec::new();
     let mut after = 0;
     loop {
-        let (status, body) = http_get(
-            api,
-            "GET",
-            &format!("/v1/channels/edge-b/readings/records?after={after}&limit=100"),
-        )
-        .await;
+        let (status, body) = reader
+            .get(
+                "GET",
+                &format!("/v1/channels/edge-b/readings/records?after={after}&limit=100"),
+            )
+            .await;
         assert_eq!(status, 200, "{body}");
         let v: serde_json::Value = serde_json::from_str(&body).expect("json");
         let records = v["records"].as_array().expect("records");
@@ -82,9 +82,9 @@ async fn sink_records(api: SocketAddr) -> Vec<(u64, u64)> {
 }
 
 /// Waits until the sink's high-water mark for edge-b/readings reaches `n`.
-async fn wait_sink_high(api: SocketAddr, n: u64, limit: Duration) {
+async fn wait_sink_high(reader: &Reader, n: u64, limit: Duration) {
     poll(&format!("{n} records in the sink"), limit, || async {
-        let high = sink_high(api, "readings").await;
+        let high = sink_high(reader, "readings").await;
         if high >= n {
             Ok(())
         } else {
@@ -95,8 +95,8 @@ async fn wait_sink_high(api: SocketAddr, n: u64, limit: Duration) {
 }
 
 /// The sink's high-water mark for edge-b's `channel` (0 before any record).
-async fn sink_high(api: SocketAddr, channel: &str) -> u64 {
-    let (_, body) = http_get(api, "GET", "/v1/channels").await;
+async fn sink_high(reader: &Reader, channel: &str) -> u64 {
+    let (_, body) = reader.get("GET", "/v1/channels").await;
     let v: serde_json::Value = serde_json::from_str(&body).expect("json");
     v["channels"]
         .as_array()
@@ -161,6 +161,7 @@ async fn records_posted_while_the_hub_is_down_arrive_once_in_order() {
     let pki = Pki::new();
     let hub = start_hub(&pki, HubSpec::new("hub-01", 2, &[])).await;
     let (quic, api, state) = (hub.quic, hub.api, hub.state.clone());
+    let reader = Reader::new(&pki, &hub, "reader", &["edge-b/readings"]);
     let edge = start_edge(&pki, edge_spec(vec![quic])).await;
     let ingest = edge.ingest.expect("ingest");
     wait_for("the tunnel", Duration::from_secs(10), || {
@@ -168,7 +169,7 @@ async fn records_posted_while_the_hub_is_down_arrive_once_in_order() {
     })
     .await;
     post_range(ingest, 1, 40).await;
-    wait_sink_high(api, 40, Duration::from_secs(10)).await;
+    wait_sink_high(&reader, 40, Duration::from_secs(10)).await;
 
     // The hub goes away; producers keep writing into the edge's buffer.
     hub.running.drain(Duration::from_millis(100)).await;
@@ -197,8 +198,8 @@ async fn records_posted_while_the_hub_is_down_arrive_once_in_order() {
         ..HubSpec::new("hub-01", 2, &[])
     };
     let hub = start_hub(&pki, restart(state.clone())).await;
-    wait_sink_high(api, 300, Duration::from_secs(15)).await;
-    assert_eq!(sink_records(api).await, exactly(1, 300));
+    wait_sink_high(&reader, 300, Duration::from_secs(15)).await;
+    assert_eq!(sink_records(&reader).await, exactly(1, 300));
     wait_for(
         "the edge to delete what was acknowledged",
         Duration::from_secs(10),
@@ -230,10 +231,12 @@ async fn records_posted_while_the_hub_is_down_arrive_once_in_order() {
     .await;
 
     // A consumer takes 1..=200; the sink keeps the rest and remembers the rest.
-    let (status, body) = http_get(api, "POST", "/v1/channels/edge-b/readings/ack?cursor=200").await;
+    let (status, body) = reader
+        .get("POST", "/v1/channels/edge-b/readings/ack?cursor=200")
+        .await;
     assert_eq!(status, 200, "{body}");
-    assert!(body.contains("\"consumed\":200"), "{body}");
-    assert_eq!(sink_records(api).await, exactly(201, 300));
+    assert!(body.contains("\"removed\":200"), "{body}");
+    assert_eq!(sink_records(&reader).await, exactly(201, 300));
 
     // Another restart while records flow: nothing lost, nothing twice.
     let producer = tokio::spawn(post_range(ingest, 301, 500));
@@ -241,8 +244,8 @@ async fn records_posted_while_the_hub_is_down_arrive_once_in_order() {
     drop(hub.running);
     let hub = start_hub(&pki, restart(state.clone())).await;
     producer.await.expect("producer");
-    wait_sink_high(api, 500, Duration::from_secs(15)).await;
-    assert_eq!(sink_records(api).await, exactly(201, 500));
+    wait_sink_high(&reader, 500, Duration::from_secs(15)).await;
+    assert_eq!(sink_records(&reader).await, exactly(201, 500));
     drop(hub);
 }
 
@@ -323,6 +326,7 @@ async fn lossy_link(hub: SocketAddr) -> LossyLink {
 async fn an_outage_and_then_ten_percent_loss_lose_and_duplicate_nothing() {
     let pki = Pki::new();
     let hub = start_hub(&pki, HubSpec::new("hub-01", 2, &[])).await;
+    let reader = Reader::new(&pki, &hub, "reader", &["edge-b/readings"]);
     let link = lossy_link(hub.quic).await;
     let edge = start_edge(&pki, edge_spec(vec![link.addr])).await;
     let ingest = edge.ingest.expect("ingest");
@@ -344,8 +348,8 @@ async fn an_outage_and_then_ten_percent_loss_lose_and_duplicate_nothing() {
     // Then a bad link: one datagram in ten lost, each way.
     link.drop_percent.store(10, Ordering::SeqCst);
     post_range(ingest, 301, 600).await;
-    wait_sink_high(hub.api, 600, Duration::from_secs(60)).await;
-    assert_eq!(sink_records(hub.api).await, exactly(1, 600));
+    wait_sink_high(&reader, 600, Duration::from_secs(60)).await;
+    assert_eq!(sink_records(&reader).await, exactly(1, 600));
     assert!(link.dropped.load(Ordering::Relaxed) > 0);
     println!(
         "{} datagrams dropped by the relay",
@@ -357,6 +361,7 @@ async fn an_outage_and_then_ten_percent_loss_lose_and_duplicate_nothing() {
 async fn spool_files_are_committed_once_and_moved_or_refused_with_a_reason() {
     let pki = Pki::new();
     let hub = start_hub(&pki, HubSpec::new("hub-01", 2, &[])).await;
+    let reader = Reader::new(&pki, &hub, "reader", &["edge-b/readings"]);
     let edge = start_edge(&pki, edge_spec(vec![hub.quic])).await;
     let spool = edge.state.path().join("spool/readings");
     let (inbox, done, failed) = (spool.join("in"), spool.join("done"), spool.join("failed"));
@@ -394,8 +399,8 @@ async fn spool_files_are_committed_once_and_moved_or_refused_with_a_reason() {
         inbox.join(".still-writing.json").exists(),
         "a hidden file is left alone"
     );
-    wait_sink_high(hub.api, 4, Duration::from_secs(10)).await;
-    assert_eq!(sink_records(hub.api).await, exactly(1, 4));
+    wait_sink_high(&reader, 4, Duration::from_secs(10)).await;
+    assert_eq!(sink_records(&reader).await, exactly(1, 4));
 
     // The crash window: a committed file found in in/ again (same name, size
     // and time, as after a crash before the move) is moved on, not committed.
@@ -407,8 +412,8 @@ async fn spool_files_are_committed_once_and_moved_or_refused_with_a_reason() {
     )
     .await;
     put("e.json", "{\"n\":5}");
-    wait_sink_high(hub.api, 5, Duration::from_secs(10)).await;
-    assert_eq!(sink_records(hub.api).await, exactly(1, 5));
+    wait_sink_high(&reader, 5, Duration::from_secs(10)).await;
+    assert_eq!(sink_records(&reader).await, exactly(1, 5));
     let lines = audit_lines(edge.state.path());
     assert!(
         lines.iter().any(|l| l.starts_with("channel.refuse")
@@ -437,7 +442,7 @@ async fn spool_files_are_committed_once_and_moved_or_refused_with_a_reason() {
     .await;
     // A new file moved on proves the first scan (which forgets first) ran.
     put("f.json", "{\"n\":6}");
-    wait_sink_high(hub.api, 6, Duration::from_secs(10)).await;
+    wait_sink_high(&reader, 6, Duration::from_secs(10)).await;
     std::fs::rename(done.join("b.ndjson"), inbox.join("b.ndjson")).expect("b back");
     let tmp = spool.join(".a.json.tmp");
     std::fs::write(&tmp, "{\"n\":1}").expect("write");
@@ -447,7 +452,7 @@ async fn spool_files_are_committed_once_and_moved_or_refused_with_a_reason() {
         .and_then(|f| f.set_modified(a_time))
         .expect("mtime");
     std::fs::rename(&tmp, inbox.join("a.json")).expect("a again");
-    wait_sink_high(hub.api, 7, Duration::from_secs(10)).await;
+    wait_sink_high(&reader, 7, Duration::from_secs(10)).await;
     wait_for("b.ndjson moved on again", Duration::from_secs(10), || {
         done.join("b.ndjson").exists() && !inbox.join("b.ndjson").exists()
     })
@@ -455,7 +460,7 @@ async fn spool_files_are_committed_once_and_moved_or_refused_with_a_reason() {
     // b's records once (2-4), a's record again as a new one (7, body n=1).
     let mut want = exactly(1, 6);
     want.push((7, 1));
-    assert_eq!(sink_records(hub.api).await, want);
+    assert_eq!(sink_records(&reader).await, want);
 }
 
 /// Files in a directory, sorted by name.
@@ -627,6 +632,17 @@ async fn with_two_hubs_sharing_a_sink_a_channel_syncs_through_whichever_is_up() 
     };
     let hub_a = start_hub(&pki, spec("hub-01")).await;
     let hub_b = start_hub(&pki, spec("hub-02")).await;
+    let grant = |hub: &HubNode, name| {
+        Reader::for_hub(
+            &pki,
+            hub.state.path(),
+            Some(&sink),
+            hub.api,
+            name,
+            &["edge-b/readings"],
+        )
+    };
+    let (reader_a, reader_b) = (grant(&hub_a, "reader-a"), grant(&hub_b, "reader-b"));
     let edge = start_edge(&pki, edge_spec(vec![hub_a.quic, hub_b.quic])).await;
     let ingest = edge.ingest.expect("ingest");
     wait_for("the tunnels", Duration::from_secs(10), || {
@@ -634,21 +650,22 @@ async fn with_two_hubs_sharing_a_sink_a_channel_syncs_through_whichever_is_up() 
     })
     .await;
     post_range(ingest, 1, 100).await;
-    wait_sink_high(hub_a.api, 100, Duration::from_secs(10)).await;
+    wait_sink_high(&reader_a, 100, Duration::from_secs(10)).await;
     // The first hub goes away while producers write: the channel continues
     // through the second, and what the first had committed is not stored again.
     let producer = tokio::spawn(post_range(ingest, 101, 400));
     hub_a.running.drain(Duration::from_millis(100)).await;
     drop(hub_a);
     producer.await.expect("producer");
-    wait_sink_high(hub_b.api, 400, Duration::from_secs(15)).await;
-    assert_eq!(sink_records(hub_b.api).await, exactly(1, 400));
+    wait_sink_high(&reader_b, 400, Duration::from_secs(15)).await;
+    assert_eq!(sink_records(&reader_b).await, exactly(1, 400));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_less_urgent_channel_is_not_starved_by_a_more_urgent_backlog() {
     let pki = Pki::new();
     let hub = start_hub(&pki, HubSpec::new("hub-01", 2, &[])).await;
+    let reader = Reader::new(&pki, &hub, "reader", &["edge-b/bulk", "edge-b/urgent"]);
     let link = lossy_link(hub.quic).await;
     let channels = "\n[[channel]]\nname = \"urgent\"\nzone = \"lab\"\npriority = 0\nformats = [\"json\"]\nmax_record_bytes = \"8KiB\"\n\n[[channel]]\nname = \"bulk\"\nzone = \"lab\"\npriority = 9\nformats = [\"json\"]\nmax_record_bytes = \"8KiB\"\n";
     let edge = start_edge(
@@ -696,7 +713,7 @@ async fn a_less_urgent_channel_is_not_starved_by_a_more_urgent_backlog() {
         "the bulk record at the hub",
         Duration::from_secs(60),
         || async {
-            if sink_high(hub.api, "bulk").await >= 1 {
+            if sink_high(&reader, "bulk").await >= 1 {
                 Ok(())
             } else {
                 Err("not yet".into())
@@ -704,7 +721,7 @@ async fn a_less_urgent_channel_is_not_starved_by_a_more_urgent_backlog() {
         },
     )
     .await;
-    let urgent = sink_high(hub.api, "urgent").await;
+    let urgent = sink_high(&reader, "urgent").await;
     println!("bulk arrived with {urgent} of 6000 urgent records synced");
     assert!(urgent > 0, "urgent records go first");
     assert!(
@@ -742,9 +759,10 @@ async fn a_corrupt_record_is_quarantined_audited_and_skipped_not_a_crash_loop() 
         },
     )
     .await;
-    wait_sink_high(api, 20, Duration::from_secs(15)).await;
+    let reader = Reader::new(&pki, &hub, "reader", &["edge-b/readings"]);
+    wait_sink_high(&reader, 20, Duration::from_secs(15)).await;
     let want: Vec<(u64, u64)> = (1..=20).filter(|n| *n != 7).map(|n| (n, n)).collect();
-    assert_eq!(sink_records(api).await, want);
+    assert_eq!(sink_records(&reader).await, want);
     let (_, b) = http_get(
         ingest,
         "GET",

@@ -153,7 +153,7 @@ struct Setup {
     hub_path: PathBuf,
     edge_path: PathBuf,
     ingest: SocketAddr,
-    api: SocketAddr,
+    reader: Reader,
     _hub_state: tempfile::TempDir,
     _edge_state: tempfile::TempDir,
 }
@@ -176,6 +176,14 @@ fn setup() -> Setup {
         hub_state.path(),
     );
     let hub_path = hub_state.path().join("hub.toml");
+    let reader = Reader::for_hub(
+        &pki,
+        hub_state.path(),
+        None,
+        api,
+        "reader",
+        &["edge-b/readings"],
+    );
     std::fs::write(&hub_path, hub_text).expect("write");
     let ingest = free_tcp("127.0.2.1");
     let mut edge_text = edge_toml(
@@ -195,7 +203,7 @@ fn setup() -> Setup {
         hub_path,
         edge_path,
         ingest,
-        api,
+        reader,
         _hub_state: hub_state,
         _edge_state: edge_state,
     }
@@ -216,19 +224,19 @@ fn next(seed: &mut u64) -> u64 {
 }
 
 /// The sink's high-water mark for edge-b/readings, if the API answers.
-fn sink_high(api: SocketAddr) -> Option<u64> {
-    let (status, body) = request(api, "GET", "/v1/channels", b"")?;
+fn sink_high(reader: &Reader) -> Option<u64> {
+    let (status, body) = reader.request("GET", "/v1/channels")?;
     assert_eq!(status, 200, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).expect("json");
     Some(v["channels"][0]["high"].as_u64().unwrap_or(0))
 }
 
 /// Waits until the sink's high-water mark for edge-b/readings exceeds `high`.
-fn wait_sink_above(api: SocketAddr, high: u64) -> u64 {
+fn wait_sink_above(reader: &Reader, high: u64) -> u64 {
     poll_blocking(
         &format!("a sync above {high}"),
         Duration::from_secs(30),
-        || match sink_high(api) {
+        || match sink_high(reader) {
             Some(now) if now > high => Ok(now),
             other => Err(format!("{other:?}")),
         },
@@ -237,16 +245,14 @@ fn wait_sink_above(api: SocketAddr, high: u64) -> u64 {
 
 /// Reads the whole sink through the hub API and checks it against what the
 /// producers were told.
-fn check_sink(api: SocketAddr, accepted: &BTreeMap<u64, String>) {
+fn check_sink(reader: &Reader, accepted: &BTreeMap<u64, String>) {
     let last = *accepted.keys().next_back().expect("some records");
     let mut sink: BTreeMap<u64, String> = BTreeMap::new();
     let mut after = 0;
     poll_blocking("the whole sink", Duration::from_secs(60), || {
-        let got = request(
-            api,
+        let got = reader.request(
             "GET",
             &format!("/v1/channels/edge-b/readings/records?after={after}&limit=1000"),
-            b"",
         );
         let records = match got {
             Some((200, body)) => {
@@ -304,7 +310,7 @@ fn records_survive_an_edge_killed_twenty_times() {
     producers.edge_started();
     producers.wait_more(10);
     let accepted = producers.finish();
-    check_sink(s.api, &accepted);
+    check_sink(&s.reader, &accepted);
     edge.signal(Signal::SIGTERM);
     hub.signal(Signal::SIGTERM);
     let _ = (edge.wait_exit(), hub.wait_exit());
@@ -328,7 +334,7 @@ fn records_survive_a_hub_killed_twenty_times() {
             edge.wait_next_log("Tunnel down reason=reset by peer");
         }
         // Kill it only once the edge synced through this very process.
-        let high = wait_sink_above(s.api, sink_high(s.api).expect("api up"));
+        let high = wait_sink_above(&s.reader, sink_high(&s.reader).expect("api up"));
         println!(
             "round {round}: synced to {high} {} ms after the hub started",
             t0.elapsed().as_millis()
@@ -340,7 +346,7 @@ fn records_survive_a_hub_killed_twenty_times() {
     hub.wait_log("Hub started");
     producers.wait_more(10);
     let accepted = producers.finish();
-    check_sink(s.api, &accepted);
+    check_sink(&s.reader, &accepted);
     edge.signal(Signal::SIGTERM);
     hub.signal(Signal::SIGTERM);
     let _ = (edge.wait_exit(), hub.wait_exit());

@@ -47,6 +47,9 @@ fn the_demo_runs_the_whole_story_and_cleans_up() {
         "dept-b received",
         "\"status\":\"delivered\"",
         "[R0.default-deny]",
+        "with its certificate -> 200",
+        "\"pensioners\":48210",
+        "not granted -> 403",
     ] {
         assert!(text.contains(want), "{want:?} missing from:\n{text}");
     }

@@ -93,6 +93,8 @@ pub struct HubSpec<'a> {
     pub api: Option<SocketAddr>,
     /// `[hub].sink`: a sink file shared with other hubs.
     pub sink: Option<PathBuf>,
+    /// More `[hub]` settings, TOML lines.
+    pub hub_extra: &'a str,
 }
 
 impl<'a> HubSpec<'a> {
@@ -107,6 +109,7 @@ impl<'a> HubSpec<'a> {
             state: None,
             api: None,
             sink: None,
+            hub_extra: "",
         }
     }
 }
@@ -142,6 +145,9 @@ pub fn hub_toml(
         key = key.display(),
         level = spec.level,
     );
+    if !spec.hub_extra.is_empty() {
+        s = s.replacen("[hub]\n", &format!("[hub]\n{}\n", spec.hub_extra), 1);
+    }
     if let Some(sink) = &spec.sink {
         s = s.replacen(
             "\n\n[[zone]]",
@@ -564,4 +570,175 @@ pub async fn hub_and_edge(
     })
     .await;
     (hub, edge)
+}
+
+/// A consumer of a hub's sink, as an application holds one: a certificate the
+/// hub's CA issued it (`NAME.consumer`), recorded in the hub's registry and
+/// granted streams in its sink, as `gatewayctl consumer create` and `grant`
+/// do (here straight into the hub's files, which the hub shares).
+#[derive(Clone)]
+pub struct Reader {
+    pub api: SocketAddr,
+    pub name: String,
+    tls: Arc<rustls::ClientConfig>,
+}
+
+impl Reader {
+    /// Consumer `name` of the in-process hub `hub`, granted `streams`
+    /// (DEVICE/CHANNEL).
+    pub fn new(pki: &Pki, hub: &HubNode, name: &str, streams: &[&str]) -> Reader {
+        Reader::for_hub(pki, hub.state.path(), None, hub.api, name, streams)
+    }
+
+    /// Consumer `name` of the hub with state directory `state` (and sink file
+    /// `sink`, when shared) serving its API on `api`.
+    pub fn for_hub(
+        pki: &Pki,
+        state: &Path,
+        sink: Option<&Path>,
+        api: SocketAddr,
+        name: &str,
+        streams: &[&str],
+    ) -> Reader {
+        let out = pki.dir.path().join("consumers");
+        Reader::for_dirs(&pki.ca(), &out, (state, sink), api, name, streams)
+    }
+
+    /// As [`Reader::for_hub`], with the CA in `ca` (`ca.pem`, `ca.key`) and
+    /// the consumer's key and certificate written to `out`.
+    pub fn for_dirs(
+        ca: &Path,
+        out: &Path,
+        (state, sink): (&Path, Option<&Path>),
+        api: SocketAddr,
+        name: &str,
+        streams: &[&str],
+    ) -> Reader {
+        use gateway_daemon::tunnel::pki as p;
+        use gateway_store::sqlite::{SqliteRegistry, SqliteSink};
+        let (cert, key) = (
+            out.join(format!("{name}.pem")),
+            out.join(format!("{name}.key")),
+        );
+        if !cert.exists() {
+            std::fs::create_dir_all(&out).expect("consumers dir");
+            let signer = p::Signer::load(&ca.join("ca.pem"), &ca.join("ca.key")).expect("ca");
+            let (key_pem, csr) = p::new_consumer_request(name).expect("csr");
+            let now = gateway_daemon::node::clock::now_ms();
+            let (pem, not_after_ms, serial) =
+                signer.sign_consumer(&csr, name, now, 30).expect("sign");
+            SqliteRegistry::open(state)
+                .expect("registry")
+                .add_consumer(&gateway_store::registry::NewConsumer {
+                    name: name.into(),
+                    serial,
+                    not_after_ms,
+                    by: "test".into(),
+                    now_ms: now,
+                })
+                .expect("add consumer");
+            p::write_new(&key, &key_pem, 0o600).expect("key");
+            p::write_new(&cert, &pem, 0o600).expect("cert");
+        }
+        let mut s = match sink {
+            Some(f) => SqliteSink::open_file(f),
+            None => SqliteSink::open(state),
+        }
+        .expect("sink");
+        for stream in streams {
+            let (d, c) = stream.split_once('/').expect("DEVICE/CHANNEL");
+            s.grant(d, c, name, 0).expect("grant");
+        }
+        Reader::with_files(&ca.join("ca.pem"), api, name, Some((&cert, &key)))
+    }
+
+    /// A client of `api` trusting `ca_pem`, presenting `identity` (cert,
+    /// key), or none.
+    pub fn with_files(
+        ca_pem: &Path,
+        api: SocketAddr,
+        name: &str,
+        identity: Option<(&Path, &Path)>,
+    ) -> Reader {
+        use rustls_pki_types::pem::PemObject as _;
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls_pki_types::CertificateDer::pem_file_iter(ca_pem).expect("ca") {
+            roots.add(c.expect("ca cert")).expect("root");
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("tls13")
+            .with_root_certificates(roots);
+        let tls = match identity {
+            Some((cert, key)) => {
+                let chain = rustls_pki_types::CertificateDer::pem_file_iter(cert)
+                    .expect("cert")
+                    .collect::<Result<Vec<_>, _>>()
+                    .expect("cert");
+                let key = rustls_pki_types::PrivateKeyDer::from_pem_file(key).expect("key");
+                builder.with_client_auth_cert(chain, key).expect("identity")
+            }
+            None => builder.with_no_client_auth(),
+        };
+        Reader {
+            api,
+            name: name.into(),
+            tls: Arc::new(tls),
+        }
+    }
+
+    /// One HTTPS request (blocking); `None` when the API does not answer.
+    pub fn request(&self, method: &str, path: &str) -> Option<(u16, String)> {
+        use std::io::{Read as _, Write as _};
+        let tcp = std::net::TcpStream::connect_timeout(&self.api, Duration::from_secs(2)).ok()?;
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+        let server = rustls_pki_types::ServerName::IpAddress(self.api.ip().into());
+        let conn = rustls::ClientConnection::new(self.tls.clone(), server).ok()?;
+        let mut s = rustls::StreamOwned::new(conn, tcp);
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+        s.write_all(head.as_bytes()).ok()?;
+        let mut out = Vec::new();
+        // A close without close_notify after a whole answer is still an answer.
+        if s.read_to_end(&mut out).is_err() && out.is_empty() {
+            return None;
+        }
+        let text = String::from_utf8_lossy(&out).into_owned();
+        let status = text.split(' ').nth(1)?.parse().ok()?;
+        let (head, body) = text.split_once("\r\n\r\n")?;
+        let body = if head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+        {
+            unchunk(body)
+        } else {
+            body.to_owned()
+        };
+        Some((status, body))
+    }
+
+    /// [`Reader::request`] from async code; panics when the API does not answer.
+    pub async fn get(&self, method: &str, path: &str) -> (u16, String) {
+        let (me, method, path) = (self.clone(), method.to_owned(), path.to_owned());
+        tokio::task::spawn_blocking(move || me.request(&method, &path))
+            .await
+            .expect("request thread")
+            .unwrap_or_else(|| panic!("the hub API at {} does not answer", self.api))
+    }
+}
+
+/// The body of a chunked HTTP/1.1 answer.
+fn unchunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = rest[n..].trim_start_matches("\r\n");
+    }
+    out
 }

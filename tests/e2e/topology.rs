@@ -17,6 +17,8 @@
 //!
 //! Needs root and `ip` (iproute2); elsewhere each test prints why it is skipped.
 
+#[allow(dead_code)]
+mod net;
 mod process;
 
 use std::fs::File;
@@ -512,21 +514,29 @@ listen = "10.0.0.1:8480"
         .count();
     edge1.wait_log_n("Tunnel up", 2 * lanes);
     post(151, 200);
+    // A consumer with its certificate, granted gw-01's stream, reads it from
+    // the provincial side.
+    let reader = net::Reader::for_dirs(
+        &d.join("ca"),
+        &d.join("consumers"),
+        (&d.join("hub-01"), None),
+        "172.16.0.1:9443".parse().expect("addr"),
+        "reader",
+        &["gw-01/readings"],
+    );
+    let hub_api = |path: String| {
+        let reader = reader.clone();
+        in_ns(&lab, "prov", move || reader.request("GET", &path))
+    };
     until("all 200 records at the hub", || {
-        http_from(&lab, "prov", "172.16.0.1:9443", "GET", "/v1/channels", "")
-            .is_some_and(|(_, b)| b.contains("\"high\":200"))
+        hub_api("/v1/channels".into()).is_some_and(|(_, b)| b.contains("\"high\":200"))
     });
     let mut seqs = Vec::new();
     let mut after = 0;
     loop {
-        let (_, b) = http_from(
-            &lab,
-            "prov",
-            "172.16.0.1:9443",
-            "GET",
-            &format!("/v1/channels/gw-01/readings/records?after={after}&limit=1000"),
-            "",
-        )
+        let (_, b) = hub_api(format!(
+            "/v1/channels/gw-01/readings/records?after={after}&limit=1000"
+        ))
         .expect("consumer API");
         let v: serde_json::Value = serde_json::from_str(&b).expect("json");
         let list = v["records"].as_array().expect("records").clone();

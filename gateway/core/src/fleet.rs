@@ -270,6 +270,13 @@ pub enum Action {
     Revoke,
     /// Read or export audit records.
     AuditRead,
+    /// Create a consumer (an application reading the sink) and its certificate.
+    ConsumerCreate,
+    /// Grant or withdraw a consumer's reading of a department's stream: who
+    /// may read a department's data is policy.
+    ConsumerGrant,
+    /// Revoke a consumer.
+    ConsumerRevoke,
 }
 
 /// Whether `role` may do `action`. Nothing is shared between the system and
@@ -279,11 +286,16 @@ pub fn allowed(role: AdminRole, action: Action) -> bool {
     match role {
         AdminRole::System => matches!(
             action,
-            A::TokenCreate | A::DevicesRead | A::Command | A::ConfigPushOther
+            A::TokenCreate | A::DevicesRead | A::Command | A::ConfigPushOther | A::ConsumerCreate
         ),
         AdminRole::Security => matches!(
             action,
-            A::DevicesRead | A::ConfigPushPolicy | A::Revoke | A::TokenReplace
+            A::DevicesRead
+                | A::ConfigPushPolicy
+                | A::Revoke
+                | A::TokenReplace
+                | A::ConsumerGrant
+                | A::ConsumerRevoke
         ),
         AdminRole::Audit => matches!(action, A::AuditRead),
     }
@@ -669,6 +681,9 @@ mod tests {
             A::ConfigPushPolicy,
             A::Revoke,
             A::AuditRead,
+            A::ConsumerCreate,
+            A::ConsumerGrant,
+            A::ConsumerRevoke,
         ];
         let may = |r| all.iter().filter(|a| allowed(r, **a)).count();
         assert_eq!(may(AdminRole::Audit), 1);
@@ -687,6 +702,9 @@ mod tests {
         assert!(!allowed(AdminRole::Security, A::TokenCreate));
         assert!(!allowed(AdminRole::System, A::TokenReplace));
         assert!(!allowed(AdminRole::Audit, A::DevicesRead));
+        // Who may read a department's data is policy.
+        assert!(!allowed(AdminRole::System, A::ConsumerGrant));
+        assert!(allowed(AdminRole::Security, A::ConsumerGrant));
     }
 
     #[test]

@@ -171,8 +171,12 @@ pub trait Registry: Send + Sync {
     fn consumers(&self) -> RegistryFuture<'_, Vec<ConsumerRow>>;
     /// Revokes a consumer: `None` when unknown, else whether it was not
     /// revoked before.
-    fn revoke_consumer(&self, name: String, by: String, now_ms: i64)
-    -> RegistryFuture<'_, Option<bool>>;
+    fn revoke_consumer(
+        &self,
+        name: String,
+        by: String,
+        now_ms: i64,
+    ) -> RegistryFuture<'_, Option<bool>>;
 }
 
 /// An application that reads the sink, identified by a certificate the hub

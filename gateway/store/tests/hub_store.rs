@@ -299,7 +299,11 @@ async fn the_sqlite_registry_keeps_consumers_names_and_serials() {
         Err(RegistryError::ConsumerExists(n)) => assert_eq!(n, "reports"),
         other => panic!("a second consumer of one name: {other:?}"),
     }
-    let row = b.consumer("reports".into()).await.expect("get").expect("row");
+    let row = b
+        .consumer("reports".into())
+        .await
+        .expect("get")
+        .expect("row");
     assert_eq!((row.serial.as_str(), row.revoked_ms), ("01", None));
     assert_eq!(
         a.revoke_consumer("reports".into(), "sec".into(), 5)

@@ -1241,6 +1241,8 @@ impl Compiler<'_> {
             "hub.max_token_lifetime",
             7 * 86_400,
         );
+        let sink_retention =
+            self.duration_or(h.sink_retention.as_ref(), "hub.sink_retention", 30 * 86_400);
         let ops = match &h.ops {
             None => Some(None),
             Some(s) => self.socket(s, "hub.ops").map(Some),
@@ -1292,6 +1294,7 @@ impl Compiler<'_> {
                 key: key?,
                 cert_lifetime: cert_lifetime?,
                 max_token_lifetime: max_token_lifetime?,
+                sink_retention: sink_retention?,
                 ops: ops?,
                 registry: h
                     .registry

@@ -483,6 +483,9 @@ pub struct HubSettings {
     pub cert_lifetime: Duration,
     /// The longest an enrollment token may be valid (operators ask for less).
     pub max_token_lifetime: Duration,
+    /// How long a record waits in the sink for its consumers before it is
+    /// dropped (counted as `expired_unread`).
+    pub sink_retention: Duration,
     /// The sink file, when several hubs share one (default
     /// `STATE_DIR/sink.sqlite`).
     pub sink: Option<std::path::PathBuf>,

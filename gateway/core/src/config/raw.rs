@@ -133,6 +133,7 @@ pub struct RawHub {
     pub key: S,
     pub cert_lifetime: Option<S>,
     pub max_token_lifetime: Option<S>,
+    pub sink_retention: Option<S>,
     pub sink: Option<S>,
     pub ops: Option<S>,
     pub registry: Option<S>,

@@ -85,6 +85,8 @@ pub struct SinkCounters {
     pub stored: u64,
     /// Duplicates received and ignored.
     pub duplicates: u64,
+    /// Records dropped by retention before every consumer had them.
+    pub expired_unread: u64,
 }
 
 /// All counters of a node.
@@ -262,6 +264,14 @@ impl Metrics {
             .or_default();
         c.stored += stored;
         c.duplicates += duplicates;
+    }
+
+    /// Retention dropped `records` of (device, channel) unread.
+    pub fn sink_expired(&self, device: &str, channel: &str, records: u64) {
+        lock(&self.sink)
+            .entry((device.to_owned(), channel.to_owned()))
+            .or_default()
+            .expired_unread += records;
     }
 
     /// Edge: the device certificate's expiry.
@@ -558,6 +568,11 @@ impl Metrics {
                 o,
                 "gateway_sink_records_total{{device=\"{d}\",channel=\"{ch}\",result=\"duplicate\"}} {}",
                 c.duplicates
+            );
+            let _ = writeln!(
+                o,
+                "gateway_sink_records_total{{device=\"{d}\",channel=\"{ch}\",result=\"expired_unread\"}} {}",
+                c.expired_unread
             );
         }
     }

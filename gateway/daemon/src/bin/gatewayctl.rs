@@ -72,6 +72,59 @@ enum Command {
     /// Collected audit (audit administrator); `verify` works offline.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Consumers: applications that read departments' records from the hub
+    /// with their own certificate.
+    #[command(subcommand)]
+    Consumer(ConsumerCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ConsumerCommand {
+    /// Make a consumer and its certificate (system administrator): sign its
+    /// own key's request (--csr), or make key and certificate for it (--out).
+    Create {
+        /// The consumer's name (lowercase letters, digits, '-', '_').
+        name: String,
+        /// Its certificate request (PEM); the certificate goes to stdout.
+        #[arg(
+            long,
+            value_name = "FILE",
+            conflicts_with = "out",
+            required_unless_present = "out"
+        )]
+        csr: Option<PathBuf>,
+        /// Write NAME.key and NAME.pem (mode 0600) into this directory.
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+        /// How long the certificate is valid, days (at most 825).
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
+    /// Let a consumer read a department's stream (security administrator).
+    Grant {
+        /// The consumer.
+        name: String,
+        /// The stream: DEVICE/CHANNEL.
+        stream: String,
+    },
+    /// Withdraw a grant (security administrator).
+    RevokeGrant {
+        /// The consumer.
+        name: String,
+        /// The stream: DEVICE/CHANNEL.
+        stream: String,
+    },
+    /// Revoke a consumer: its connections close and its grants go (security
+    /// administrator).
+    Revoke {
+        /// The consumer.
+        name: String,
+    },
+    /// Every consumer with its grants and cursors.
+    List {
+        #[arg(long, value_enum, default_value = "text")]
+        format: Format,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -409,6 +462,7 @@ async fn go(client: &OpsClient, command: Command) -> Result<(), u8> {
                 }
             }
         }
+        Command::Consumer(c) => consumer(client, c).await?,
         Command::Run { device, kind } => {
             let (_, b) = call(
                 client,
@@ -490,6 +544,197 @@ fn until(ms: &Value) -> String {
         }
         None => "-".into(),
     }
+}
+
+/// Largest certificate request read from a file.
+const MAX_CSR_FILE: u64 = 16 * 1024;
+
+async fn consumer(client: &OpsClient, command: ConsumerCommand) -> Result<(), u8> {
+    use gateway_daemon::tunnel::pki;
+    let post = |path: String, body: Value| async move {
+        let body = body.to_string();
+        call(
+            client,
+            "POST",
+            &path,
+            Some(("application/json", body.as_bytes())),
+        )
+        .await
+        .map(|(_, b)| json(&b))
+    };
+    match command {
+        ConsumerCommand::Create {
+            name,
+            csr,
+            out,
+            days,
+        } => {
+            let (key, csr_pem) = match (&csr, &out) {
+                (Some(file), _) => {
+                    let text = read_bounded(file, MAX_CSR_FILE).map_err(|e| {
+                        eprintln!("error: --csr {}: {e}", file.display());
+                        USAGE
+                    })?;
+                    (None, text)
+                }
+                (None, Some(_)) => {
+                    let (key, csr) = pki::new_consumer_request(&name).map_err(|e| {
+                        eprintln!("error: {e}");
+                        USAGE
+                    })?;
+                    (Some(key), csr)
+                }
+                (None, None) => {
+                    eprintln!("error: give --csr FILE or --out DIR");
+                    return Err(USAGE);
+                }
+            };
+            // Refuse before asking the hub if the files cannot be written.
+            let files = out.as_ref().map(|dir| {
+                (
+                    dir.join(format!("{name}.key")),
+                    dir.join(format!("{name}.pem")),
+                )
+            });
+            if let (Some(dir), Some((k, c))) = (&out, &files) {
+                if let Err(e) = private_dir(dir) {
+                    eprintln!("error: --out {}: {e}", dir.display());
+                    return Err(USAGE);
+                }
+                for f in [k, c] {
+                    if f.exists() {
+                        eprintln!(
+                            "error: {} exists; remove it or choose another --out",
+                            f.display()
+                        );
+                        return Err(USAGE);
+                    }
+                }
+            }
+            let v = post(
+                "/v1/consumers".into(),
+                serde_json::json!({ "name": name, "csr": csr_pem, "days": days }),
+            )
+            .await?;
+            let cert = v["certificate"].as_str().unwrap_or_default();
+            match (key, files) {
+                (Some(key), Some((k, c))) => {
+                    for (path, text) in [(&k, key.as_str()), (&c, cert)] {
+                        pki::write_new(path, text, 0o600).map_err(|e| {
+                            eprintln!("error: {e}");
+                            REFUSED
+                        })?;
+                    }
+                    println!("{}\n{}", k.display(), c.display());
+                }
+                _ => print!("{cert}"),
+            }
+            eprintln!(
+                "consumer {name} created (certificate serial {}, valid {days} days); it reads nothing until the security administrator runs: gatewayctl consumer grant {name} DEVICE/CHANNEL",
+                v["serial"].as_str().unwrap_or("?")
+            );
+        }
+        ConsumerCommand::Grant { name, stream } => {
+            let v = post(
+                format!("/v1/consumers/{name}/grants"),
+                serde_json::json!({ "stream": stream }),
+            )
+            .await?;
+            if v["already"].as_bool() == Some(true) {
+                println!("{name} was already granted {stream}");
+            } else {
+                println!("{name} may read {stream} from its first record still in the sink");
+            }
+        }
+        ConsumerCommand::RevokeGrant { name, stream } => {
+            let v = post(
+                format!("/v1/consumers/{name}/grants/revoke"),
+                serde_json::json!({ "stream": stream }),
+            )
+            .await?;
+            println!(
+                "{name} may no longer read {stream} ({} records every other consumer had left the sink)",
+                v["removed"]
+            );
+        }
+        ConsumerCommand::Revoke { name } => {
+            let v = post(format!("/v1/consumers/{name}/revoke"), Value::Null).await?;
+            if v["already"].as_bool() == Some(true) {
+                println!("{name} was already revoked");
+            } else {
+                println!(
+                    "{name} revoked: its connections are closed, its {} grants withdrawn, and its certificate refused from now on",
+                    v["grants"]
+                );
+            }
+        }
+        ConsumerCommand::List { format } => {
+            let (_, b) = call(client, "GET", "/v1/consumers", None).await?;
+            let v = json(&b);
+            match format {
+                Format::Json => {
+                    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default())
+                }
+                Format::Text => {
+                    println!(
+                        "{:<24} {:<8} {:>12}  GRANTS (cursor)",
+                        "CONSUMER", "STATE", "CERT"
+                    );
+                    for c in v["consumers"].as_array().into_iter().flatten() {
+                        let grants: Vec<String> = c["grants"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .map(|g| {
+                                format!("{} ({})", g["stream"].as_str().unwrap_or("?"), g["cursor"])
+                            })
+                            .collect();
+                        println!(
+                            "{:<24} {:<8} {:>12}  {}",
+                            c["name"].as_str().unwrap_or("?"),
+                            if c["revoked_ms"].is_null() {
+                                "active"
+                            } else {
+                                "revoked"
+                            },
+                            until(&c["not_after_ms"]),
+                            if grants.is_empty() {
+                                "-".into()
+                            } else {
+                                grants.join(", ")
+                            },
+                        );
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Reads at most `max` bytes of a regular file, not following a link.
+fn read_bounded(path: &std::path::Path, max: u64) -> std::io::Result<String> {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+        .open(path)?;
+    let mut text = String::new();
+    f.take(max + 1).read_to_string(&mut text)?;
+    if text.len() as u64 > max {
+        return Err(std::io::Error::other(format!("longer than {max} bytes")));
+    }
+    Ok(text)
+}
+
+/// Creates `dir` (mode 0700) if it does not exist.
+fn private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
 }
 
 fn devices_table(v: &Value) -> String {

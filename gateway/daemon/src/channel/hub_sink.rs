@@ -432,3 +432,47 @@ pub async fn maintain(sink: SinkHandle, ctx: Arc<Ctx>, devices: Arc<Devices>) {
         }
     }
 }
+
+/// How often retention looks for expired records: a quarter of the retention,
+/// between 1 s and a minute.
+fn expiry_period(retention: Duration) -> Duration {
+    (retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(60))
+}
+
+/// Drops records older than `retention` that not every consumer took
+/// (`[hub].sink_retention`): counted per stream (`expired_unread`, in the
+/// stream's status and the metrics) and audited, one record per stream and
+/// sweep.
+pub async fn expire_loop(sink: SinkHandle, ctx: Arc<Ctx>, retention: Duration) {
+    let retention_ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX / 2);
+    loop {
+        match sink.store().expire(now_ms() - retention_ms).await {
+            Ok(expired) => {
+                for e in expired {
+                    let (device, channel) = (&e.stream.device, &e.stream.channel);
+                    warn!(%device, %channel, records = e.records, "Retention dropped records no consumer had taken");
+                    ctx.metrics.sink_expired(device, channel, e.records);
+                    ctx.audit.record(
+                        &ctx.id,
+                        &format!("{device}/{channel}"),
+                        "sink.expire",
+                        "drop",
+                        "sink-retention",
+                        format!(
+                            "seq {}-{}, {} records, {} bytes older than {} s, unread",
+                            e.first,
+                            e.last,
+                            e.records,
+                            e.bytes,
+                            retention.as_secs()
+                        ),
+                    );
+                }
+            }
+            Err(error) => warn!(%error, "Sink retention failed; trying again"),
+        }
+        if !ctx.pause(expiry_period(retention)).await {
+            return;
+        }
+    }
+}

@@ -8,12 +8,14 @@
 //! - out of the edge: [`edge_sync`], one stream per channel, batches and acks;
 //! - in at the hub: [`hub_sink`] commits each batch and acknowledges it, and
 //!   forwards records meant for another department;
-//! - out of the hub: [`consumer_api`] (consumers read with a cursor) or
+//! - out of the hub: [`consumer_api`] (each of the [`consumers`] granted a
+//!   stream reads it with its own cursor, over HTTPS with its certificate) or
 //!   [`delivery`] (the destination edge writes them to its spool).
 
 pub mod buffer;
 pub mod check;
 pub mod consumer_api;
+pub mod consumers;
 pub mod delivery;
 pub mod edge_sync;
 pub mod hub_sink;

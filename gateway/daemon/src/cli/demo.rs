@@ -4,8 +4,9 @@
 //! department edges on loopback (each department's "legacy network" is its own
 //! 127.0.N.0/24), a sample legacy HTTP application behind department A, publishes
 //! it through the hub, lets department B reach it through an access, sends
-//! records from A's channel to B's spool directory, shows a crossing the policy
-//! refuses and why, and prints what to try next. Ctrl-C drains everything and
+//! records from A's channel to B's spool directory, lets a central consumer
+//! read A's statistics from the hub with its own certificate, shows a crossing
+//! the policy refuses and why, and prints what to try next. Ctrl-C drains everything and
 //! removes the directory (unless `--keep`).
 
 use std::net::SocketAddr;
@@ -152,6 +153,102 @@ fn operators(dir: &Path) -> Result<std::path::PathBuf, String> {
             .map_err(|e| e.to_string())?;
     }
     Ok(out)
+}
+
+/// Step 6: the system administrator makes consumer `stats-office` (its key
+/// made here, only its certificate request sent), the security administrator
+/// grants it dept-a's `stats`, dept-a sends a record, and the consumer reads it
+/// with its certificate; a stream it was not granted is refused. Returns its
+/// certificate and key files.
+async fn consumer_reads(
+    dir: &Path,
+    (ops, api): (SocketAddr, SocketAddr),
+    creds: &Path,
+    a_ingest: SocketAddr,
+) -> Result<(PathBuf, PathBuf), String> {
+    use crate::fleet::ops_client::OpsClient;
+    let ca = dir.join("ca/ca.pem");
+    let out = dir.join("consumers");
+    std::fs::create_dir_all(&out).map_err(|e| e.to_string())?;
+    let (cert, key) = (out.join("stats-office.pem"), out.join("stats-office.key"));
+    let as_role = |role: &str| {
+        OpsClient::new(&ops.to_string(), &ca, &creds.join(format!("{role}.cred")))
+            .map_err(|e| e.to_string())
+    };
+    let ask = |client: OpsClient, path: String, body: serde_json::Value| async move {
+        let body = body.to_string();
+        let (status, answer) = client
+            .request("POST", &path, Some(("application/json", body.as_bytes())))
+            .await
+            .map_err(|e| e.to_string())?;
+        let v: serde_json::Value = serde_json::from_slice(&answer).unwrap_or_default();
+        if status >= 300 {
+            return Err(format!("{path}: {status} {v}"));
+        }
+        Ok(v)
+    };
+    let (key_pem, csr) =
+        crate::tunnel::pki::new_consumer_request("stats-office").map_err(|e| e.to_string())?;
+    let made = ask(
+        as_role("system")?,
+        "/v1/consumers".into(),
+        serde_json::json!({ "name": "stats-office", "csr": csr, "days": 30 }),
+    )
+    .await?;
+    crate::tunnel::pki::write_new(&key, &key_pem, 0o600).map_err(|e| e.to_string())?;
+    crate::tunnel::pki::write_new(
+        &cert,
+        made["certificate"].as_str().unwrap_or_default(),
+        0o600,
+    )
+    .map_err(|e| e.to_string())?;
+    println!(
+        "   the system administrator made consumer stats-office: {} (gatewayctl consumer create stats-office --out DIR)",
+        cert.display()
+    );
+    ask(
+        as_role("security")?,
+        "/v1/consumers/stats-office/grants".into(),
+        serde_json::json!({ "stream": "dept-a/stats" }),
+    )
+    .await?;
+    println!(
+        "   the security administrator granted it dept-a/stats (gatewayctl consumer grant stats-office dept-a/stats)"
+    );
+    let (status, _) = http(
+        ("127.0.1.20", a_ingest),
+        "POST",
+        "/v1/channels/stats/records",
+        Some((
+            "application/json",
+            r#"{"month":"2026-11","pensioners":48210}"#,
+        )),
+    )
+    .await?;
+    println!("   dept-a POSTs a record to channel stats -> {status}");
+    let reader =
+        OpsClient::consumer(&api.to_string(), &ca, &cert, &key).map_err(|e| e.to_string())?;
+    let read = poll("the record at the hub", || async {
+        let (status, body) = reader
+            .request("GET", "/v1/channels/dept-a/stats/records", None)
+            .await
+            .ok()?;
+        let body = String::from_utf8_lossy(&body).into_owned();
+        (status == 200 && body.contains("pensioners")).then_some(body)
+    })
+    .await?;
+    println!(
+        "   GET https://{api}/v1/channels/dept-a/stats/records with its certificate -> 200\n      {read}"
+    );
+    let (status, body) = reader
+        .request("GET", "/v1/channels/dept-b/inbox/records", None)
+        .await
+        .map_err(|e| e.to_string())?;
+    println!(
+        "   GET .../dept-b/inbox/records, not granted -> {status}\n      {}",
+        String::from_utf8_lossy(&body)
+    );
+    Ok((cert, key))
 }
 
 fn step(n: u32, text: &str) {
@@ -381,6 +478,13 @@ formats = ["json"]
 max_record_bytes = "64KiB"
 deliver_to = "dept-b/inbox"
 
+# Monthly statistics for the province: kept at the hub for its consumers.
+[[channel]]
+name = "stats"
+zone = "legacy"
+formats = ["json"]
+max_record_bytes = "64KiB"
+
 [[ingest]]
 zone = "legacy"
 listen = "{a_ingest}"
@@ -449,7 +553,7 @@ max_record_bytes = "64KiB"
     })
     .await?;
     println!(
-        "   hub-01  QUIC {quic}, consumer API http://{api}, metrics http://{hub_admin}/metrics"
+        "   hub-01  QUIC {quic}, consumers' API https://{api}, metrics http://{hub_admin}/metrics"
     );
     println!("   dept-a  legacy network 127.0.1.0/24, metrics http://{a_admin}/metrics");
     println!("   dept-b  legacy network 127.0.2.0/24, metrics http://{b_admin}/metrics");
@@ -522,7 +626,13 @@ max_record_bytes = "64KiB"
     .await?;
     println!("   receipts at dept-a: {receipts}");
 
-    step(6, "A crossing the boundary policy refuses");
+    step(
+        6,
+        "A provincial statistics system reads dept-a's channel \"stats\" from the hub, with its own certificate",
+    );
+    let consumer = consumer_reads(dir, (ops, api), &creds, a_ingest).await?;
+
+    step(7, "A crossing the boundary policy refuses");
     println!("   dept-a's records-db allows only the provincial extranet, not dept-b's gateway;");
     println!("   a client on dept-b's legacy network tries it through {b_db}:");
     let refused = http(("127.0.2.10", b_db), "GET", "/", None).await;
@@ -552,7 +662,7 @@ max_record_bytes = "64KiB"
     println!("   dept-a's audit says: {why}");
 
     step(
-        7,
+        8,
         "Try it yourself (Ctrl-C stops everything and removes the directory)",
     );
     let g = std::env::current_exe()
@@ -572,6 +682,17 @@ max_record_bytes = "64KiB"
     );
     println!("   ls {}", out.display());
     println!("   curl --interface 127.0.1.20 http://{a_ingest}/v1/channels/reports/receipts");
+    let (cert, key) = (&consumer.0, &consumer.1);
+    let curl = format!(
+        "curl --cacert {d}/ca/ca.pem --cert {} --key {}",
+        cert.display(),
+        key.display()
+    );
+    println!(
+        "   {curl} https://{api}/v1/channels/dept-a/stats/records   # stats-office reads what it was granted"
+    );
+    println!("   {curl} https://{api}/v1/channels/dept-b/inbox/records   # not granted: 403");
+    println!("   curl --cacert {d}/ca/ca.pem https://{api}/v1/channels   # no certificate: 401");
     println!("   curl -s http://{a_admin}/metrics | grep gateway_");
     println!("   {g} audit show --state-dir {d}/dept-a");
     println!("   {g} audit verify --state-dir {d}/hub-01");

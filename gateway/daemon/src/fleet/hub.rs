@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{Instrument, error, info, info_span, warn};
 
 use super::{read_msg, read_msg_max, write_msg};
+use crate::channel::consumers::Consumers;
 use crate::node::clock::now_ms;
 use crate::node::{Ctx, PeerAttempt};
 use crate::tunnel::devices::Devices;
@@ -30,6 +31,7 @@ pub type CommandAnswer = (bool, String);
 /// The hub's fleet state.
 pub struct Fleet {
     reg: Arc<dyn Registry>,
+    consumers: Arc<Consumers>,
     signer: Signer,
     export_key: Option<(ring::signature::EcdsaKeyPair, String)>,
     lifetime: Duration,
@@ -109,6 +111,7 @@ impl Fleet {
         ctx: Arc<Ctx>,
         devices: Arc<Devices>,
         registry: Arc<dyn Registry>,
+        consumers: Arc<Consumers>,
         signer: Signer,
         lifetime: Duration,
         hub_identity: (&std::path::Path, &std::path::Path),
@@ -119,6 +122,7 @@ impl Fleet {
         }
         Arc::new(Fleet {
             reg: registry,
+            consumers,
             signer,
             export_key,
             lifetime,
@@ -135,6 +139,16 @@ impl Fleet {
     /// The registry.
     pub fn registry(&self) -> &dyn Registry {
         &*self.reg
+    }
+
+    /// The consumers of the sink.
+    pub fn consumers(&self) -> &Consumers {
+        &self.consumers
+    }
+
+    /// The CA's signer.
+    pub fn signer(&self) -> &Signer {
+        &self.signer
     }
 
     /// The hub's audit, for operators' actions.

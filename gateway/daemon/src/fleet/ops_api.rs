@@ -17,10 +17,13 @@
 //! | `POST /v1/devices/{id}/revoke` | revoke (security) |
 //! | `POST /v1/devices/{id}/commands/{reconnect,diagnostics}` | command (system) |
 //! | `GET /v1/devices/{id}/audit?since=YYYY-MM-DD` | audit read (audit) |
+//! | `POST /v1/consumers` `{"name", "csr", "days"}` | consumer create (system) |
+//! | `GET /v1/consumers` | devices read (system, security) |
+//! | `POST /v1/consumers/{name}/grants` `{"stream"}`, `.../grants/revoke` | consumer grant (security) |
+//! | `POST /v1/consumers/{name}/revoke` | consumer revoke (security) |
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Path, Query, State};
@@ -34,13 +37,14 @@ use gateway_core::fleet::{
 use gateway_store::registry::NewToken;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::hub::Fleet;
 use crate::node::PeerAttempt;
 use crate::node::clock::now_ms;
+use crate::node::https::TlsListener;
 
 /// An error answer: status and message (JSON `{"error": ...}`).
 pub struct ApiError {
@@ -88,10 +92,15 @@ fn internal(e: impl std::fmt::Display) -> ApiError {
 
 fn role_for(action: Action) -> &'static str {
     match action {
-        Action::TokenCreate | Action::Command | Action::ConfigPushOther => "system administrator",
-        Action::ConfigPushPolicy | Action::Revoke | Action::TokenReplace => {
-            "security administrator"
-        }
+        Action::TokenCreate
+        | Action::Command
+        | Action::ConfigPushOther
+        | Action::ConsumerCreate => "system administrator",
+        Action::ConfigPushPolicy
+        | Action::Revoke
+        | Action::TokenReplace
+        | Action::ConsumerGrant
+        | Action::ConsumerRevoke => "security administrator",
         Action::AuditRead => "audit administrator",
         Action::DevicesRead => "system or security administrator",
     }
@@ -233,81 +242,27 @@ pub async fn serve(
         .route("/v1/devices/{id}/commands/{kind}", post(command))
         .route("/v1/devices/{id}/audit", get(audit_export))
         .route("/v1/config", get(config_status))
+        .route("/v1/consumers", post(consumer_create).get(consumer_list))
+        .route("/v1/consumers/{name}/grants", post(consumer_grant))
+        .route(
+            "/v1/consumers/{name}/grants/revoke",
+            post(consumer_revoke_grant),
+        )
+        .route("/v1/consumers/{name}/revoke", post(consumer_revoke))
         .with_state(fleet);
-    let listener = TlsListener::spawn(listener, tokio_rustls::TlsAcceptor::from(tls), stop.clone());
+    let listener = TlsListener::spawn(
+        listener,
+        tokio_rustls::TlsAcceptor::from(tls),
+        stop.clone(),
+        "Operator API",
+        None,
+    );
     let app = app.into_make_service_with_connect_info::<Peer>();
     if let Err(error) = axum::serve(listener, app)
         .with_graceful_shutdown(stop.cancelled_owned())
         .await
     {
         tracing::error!(%error, "Operator API failed");
-    }
-}
-
-/// Completed TLS connections, handed to axum. Handshakes run in their own
-/// tasks (5 s limit each), so a slow or silent client never holds up the others.
-struct TlsListener {
-    ready: tokio::sync::mpsc::Receiver<(tokio_rustls::server::TlsStream<TcpStream>, SocketAddr)>,
-    local: SocketAddr,
-}
-
-impl TlsListener {
-    fn spawn(
-        tcp: TcpListener,
-        acceptor: tokio_rustls::TlsAcceptor,
-        stop: CancellationToken,
-    ) -> Self {
-        let (tx, ready) = tokio::sync::mpsc::channel(64);
-        let local = tcp
-            .local_addr()
-            .unwrap_or_else(|_| ([0, 0, 0, 0], 0).into());
-        tokio::spawn(async move {
-            loop {
-                let accepted = tokio::select! {
-                    a = tcp.accept() => a,
-                    () = stop.cancelled() => return,
-                };
-                let (stream, addr) = match accepted {
-                    Ok(a) => a,
-                    Err(error) => {
-                        crate::node::sockets::accept_failed(&error).await;
-                        continue;
-                    }
-                };
-                let (acceptor, tx) = (acceptor.clone(), tx.clone());
-                tokio::spawn(async move {
-                    match tokio::time::timeout(Duration::from_secs(5), acceptor.accept(stream))
-                        .await
-                    {
-                        Ok(Ok(tls)) => {
-                            let _ = tx.send((tls, addr)).await;
-                        }
-                        Ok(Err(error)) => {
-                            info!(%addr, %error, "Operator API: TLS handshake failed")
-                        }
-                        Err(_) => info!(%addr, "Operator API: TLS handshake timed out"),
-                    }
-                });
-            }
-        });
-        TlsListener { ready, local }
-    }
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = tokio_rustls::server::TlsStream<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.ready.recv().await {
-            Some(c) => c,
-            // The acceptor stopped (shutdown): wait for axum to notice.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(self.local)
     }
 }
 
@@ -806,4 +761,296 @@ async fn audit_export(
         format!("records={} since_ms={since_ms}", records.len()),
     );
     Ok(([("content-type", "application/x-ndjson")], out).into_response())
+}
+
+/// Longest certificate request accepted (a real one is under 1 KiB).
+const MAX_CSR: usize = 16 * 1024;
+/// Longest a consumer certificate may be valid, days.
+const MAX_CONSUMER_DAYS: u32 = 825;
+
+/// A consumer name from the path or body, or a 400 saying what one looks like.
+fn checked_consumer(name: &str) -> Result<(), ApiError> {
+    gateway_core::units::check_name("consumer", name).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("name: {}; {}", e.message, e.hint),
+        )
+    })
+}
+
+#[derive(Deserialize)]
+struct ConsumerReq {
+    name: String,
+    csr: String,
+    days: Option<u32>,
+}
+
+async fn consumer_create(
+    State(fleet): State<Arc<Fleet>>,
+    caller: Caller,
+    body: axum::body::Bytes,
+) -> Answer {
+    let parsed: Result<ConsumerReq, ApiError> = parse_json(&body);
+    let object = parsed.as_ref().map_or("consumer", |r| r.name.as_str());
+    let (by, _) = authorize(
+        &fleet,
+        &caller,
+        Action::ConsumerCreate,
+        "create consumers",
+        object,
+    )
+    .await?;
+    let req = parsed?;
+    checked_consumer(&req.name)?;
+    if req.csr.len() > MAX_CSR {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("csr: longer than {MAX_CSR} bytes; a certificate request is about 1 KiB"),
+        ));
+    }
+    let days = req.days.unwrap_or(365);
+    if !(1..=MAX_CONSUMER_DAYS).contains(&days) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("days: {days} is outside 1..={MAX_CONSUMER_DAYS}"),
+        ));
+    }
+    let (cert, not_after_ms, serial) = fleet
+        .signer()
+        .sign_consumer(&req.csr, &req.name, now_ms(), days)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("csr: {e}")))?;
+    let added = fleet
+        .registry()
+        .add_consumer(gateway_store::registry::NewConsumer {
+            name: req.name.clone(),
+            serial: serial.clone(),
+            not_after_ms,
+            by: by.clone(),
+            now_ms: now_ms(),
+        })
+        .await;
+    match added {
+        Ok(()) => {}
+        Err(e @ gateway_store::registry::RegistryError::ConsumerExists(_)) => {
+            return Err(ApiError::new(StatusCode::CONFLICT, e.to_string()));
+        }
+        Err(e) => return Err(internal(e)),
+    }
+    audit_ok(
+        &fleet,
+        &by,
+        "consumer.create",
+        &req.name,
+        format!("certificate serial {serial}, valid {days} days"),
+    );
+    info!(consumer = %req.name, by, %serial, "Consumer created");
+    Ok(axum::Json(json!({
+        "name": req.name, "certificate": cert, "serial": serial, "not_after_ms": not_after_ms,
+    }))
+    .into_response())
+}
+
+async fn consumer_list(State(fleet): State<Arc<Fleet>>, caller: Caller) -> Answer {
+    authorize(
+        &fleet,
+        &caller,
+        Action::DevicesRead,
+        "list consumers",
+        "consumers",
+    )
+    .await?;
+    let rows = fleet.registry().consumers().await.map_err(internal)?;
+    let grants = fleet
+        .consumers()
+        .sink()
+        .store()
+        .grants(None)
+        .await
+        .map_err(internal)?;
+    let list: Vec<Value> = rows
+        .iter()
+        .map(|c| {
+            let mine: Vec<Value> = grants
+                .iter()
+                .filter(|g| g.consumer == c.name)
+                .map(|g| {
+                    json!({
+                        "stream": format!("{}/{}", g.stream.device, g.stream.channel),
+                        "cursor": g.acked,
+                    })
+                })
+                .collect();
+            json!({
+                "name": c.name, "serial": c.serial, "not_after_ms": c.not_after_ms,
+                "created_by": c.created_by, "created_ms": c.created_ms,
+                "revoked_ms": c.revoked_ms, "grants": mine,
+            })
+        })
+        .collect();
+    Ok(axum::Json(json!({ "consumers": list })).into_response())
+}
+
+#[derive(Deserialize)]
+struct GrantReq {
+    stream: String,
+}
+
+/// The `DEVICE/CHANNEL` of a grant request, checked.
+fn checked_stream(stream: &str) -> Result<gateway_store::sink::StreamKey, ApiError> {
+    let bad = |m: String| ApiError::new(StatusCode::BAD_REQUEST, format!("stream: {m}"));
+    let Some((device, channel)) = stream.split_once('/') else {
+        return Err(bad(format!(
+            "{:?} is not DEVICE/CHANNEL",
+            gateway_core::refusals::peer_text(stream)
+        )));
+    };
+    crate::channel::consumer_api::stream_of(device, channel)
+        .map_err(|(field, m)| bad(format!("{field}: {m}")))
+}
+
+/// A consumer that exists and is not revoked, or the 404 / 409.
+async fn live_consumer(fleet: &Fleet, name: &str) -> Result<(), ApiError> {
+    checked_consumer(name)?;
+    match fleet
+        .registry()
+        .consumer(name.to_owned())
+        .await
+        .map_err(internal)?
+    {
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no consumer {name}; gatewayctl consumer list shows them"),
+        )),
+        Some(c) if c.revoked_ms.is_some() => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("consumer {name} is revoked"),
+        )),
+        Some(_) => Ok(()),
+    }
+}
+
+async fn consumer_grant(
+    State(fleet): State<Arc<Fleet>>,
+    caller: Caller,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> Answer {
+    let (by, _) = authorize(
+        &fleet,
+        &caller,
+        Action::ConsumerGrant,
+        "grant consumers a department's data",
+        &name,
+    )
+    .await?;
+    let req: GrantReq = parse_json(&body)?;
+    let stream = checked_stream(&req.stream)?;
+    live_consumer(&fleet, &name).await?;
+    let new = fleet
+        .consumers()
+        .sink()
+        .store()
+        .grant(stream.clone(), name.clone(), now_ms())
+        .await
+        .map_err(internal)?;
+    let what = format!("{}/{}", stream.device, stream.channel);
+    audit_ok(
+        &fleet,
+        &by,
+        "consumer.grant",
+        &name,
+        format!("may read {what}{}", if new { "" } else { " (already)" }),
+    );
+    Ok(axum::Json(json!({ "consumer": name, "stream": what, "already": !new })).into_response())
+}
+
+async fn consumer_revoke_grant(
+    State(fleet): State<Arc<Fleet>>,
+    caller: Caller,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> Answer {
+    let (by, _) = authorize(
+        &fleet,
+        &caller,
+        Action::ConsumerGrant,
+        "withdraw consumers' grants",
+        &name,
+    )
+    .await?;
+    let req: GrantReq = parse_json(&body)?;
+    let stream = checked_stream(&req.stream)?;
+    checked_consumer(&name)?;
+    let what = format!("{}/{}", stream.device, stream.channel);
+    let freed = fleet
+        .consumers()
+        .sink()
+        .store()
+        .revoke_grant(stream, name.clone())
+        .await
+        .map_err(internal)?;
+    let Some(freed) = freed else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("consumer {name} is not granted {what}"),
+        ));
+    };
+    audit_ok(
+        &fleet,
+        &by,
+        "consumer.revoke-grant",
+        &name,
+        format!(
+            "may no longer read {what}; {freed} records every other consumer had left the sink"
+        ),
+    );
+    Ok(axum::Json(json!({ "consumer": name, "stream": what, "removed": freed })).into_response())
+}
+
+async fn consumer_revoke(
+    State(fleet): State<Arc<Fleet>>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Answer {
+    let (by, _) = authorize(
+        &fleet,
+        &caller,
+        Action::ConsumerRevoke,
+        "revoke consumers",
+        &name,
+    )
+    .await?;
+    checked_consumer(&name)?;
+    let revoked = fleet
+        .registry()
+        .revoke_consumer(name.clone(), by.clone(), now_ms())
+        .await
+        .map_err(internal)?;
+    let Some(fresh) = revoked else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no consumer {name}"),
+        ));
+    };
+    // Refused from the next request on (the registry says so); its open
+    // connections close now, and its grants go.
+    fleet.consumers().close(&name);
+    let grants = fleet
+        .consumers()
+        .sink()
+        .store()
+        .drop_consumer(name.clone())
+        .await
+        .map_err(internal)?;
+    audit_ok(
+        &fleet,
+        &by,
+        "consumer.revoke",
+        &name,
+        format!("{grants} grants withdrawn, connections closed"),
+    );
+    Ok(axum::Json(
+        json!({ "consumer": name, "revoked": true, "already": !fresh, "grants": grants }),
+    )
+    .into_response())
 }

@@ -1,5 +1,7 @@
 //! `gatewayctl`'s client of the operators' API: HTTPS (rustls, the hub pinned
 //! by its CA), one request per connection, the credential in a bearer header.
+//! The same client reads the consumers' API with a consumer's certificate
+//! instead ([`OpsClient::consumer`]).
 
 use std::path::Path;
 use std::time::Duration;
@@ -26,7 +28,8 @@ pub struct OpsClient {
     hub: String,
     name: ServerName<'static>,
     tls: tokio_rustls::TlsConnector,
-    credential: String,
+    /// The operator's credential; none for a consumer (its certificate is).
+    credential: Option<String>,
 }
 
 impl OpsClient {
@@ -36,12 +39,7 @@ impl OpsClient {
     /// # Errors
     /// When a file cannot be read or the hub address is malformed.
     pub fn new(hub: &str, ca: &Path, credentials: &Path) -> Result<Self, ClientError> {
-        let host = hub
-            .rsplit_once(':')
-            .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']'))
-            .ok_or_else(|| ClientError::Setup(format!("--hub {hub:?}: expected HOST:PORT")))?;
-        let name = ServerName::try_from(host.to_owned())
-            .map_err(|e| ClientError::Setup(format!("--hub {hub:?}: {e}")))?;
+        let name = server_name(hub)?;
         let tls = crate::tunnel::tls::ops_client(ca)
             .map_err(|e| ClientError::Setup(format!("--ca: {e}")))?;
         let credential = std::fs::read_to_string(credentials)
@@ -54,7 +52,24 @@ impl OpsClient {
             hub: hub.to_owned(),
             name,
             tls: tokio_rustls::TlsConnector::from(tls),
-            credential,
+            credential: Some(credential),
+        })
+    }
+
+    /// A client of the consumers' API at `hub`, trusting `ca`, presenting the
+    /// consumer certificate `cert` with its key.
+    ///
+    /// # Errors
+    /// When a file cannot be read or the hub address is malformed.
+    pub fn consumer(hub: &str, ca: &Path, cert: &Path, key: &Path) -> Result<Self, ClientError> {
+        let name = server_name(hub)?;
+        let tls = crate::tunnel::tls::consumer_client(ca, cert, key)
+            .map_err(|e| ClientError::Setup(e.to_string()))?;
+        Ok(OpsClient {
+            hub: hub.to_owned(),
+            name,
+            tls: tokio_rustls::TlsConnector::from(tls),
+            credential: None,
         })
     }
 
@@ -79,10 +94,14 @@ impl OpsClient {
                 .await
                 .map_err(err)?;
             let (ctype, bytes) = body.unwrap_or(("application/json", b""));
+            let auth = self
+                .credential
+                .as_ref()
+                .map(|c| format!("Authorization: Bearer {c}\r\n"))
+                .unwrap_or_default();
             let head = format!(
-                "{method} {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                "{method} {path} HTTP/1.1\r\nHost: {}\r\n{auth}Content-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
                 self.hub,
-                self.credential,
                 bytes.len()
             );
             tls.write_all(head.as_bytes()).await.map_err(err)?;
@@ -102,6 +121,16 @@ impl OpsClient {
             .await
             .map_err(|_| ClientError::Connect(self.hub.clone(), "no answer within 60 s".into()))?
     }
+}
+
+/// The TLS name of `HOST:PORT`.
+fn server_name(hub: &str) -> Result<ServerName<'static>, ClientError> {
+    let host = hub
+        .rsplit_once(':')
+        .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']'))
+        .ok_or_else(|| ClientError::Setup(format!("--hub {hub:?}: expected HOST:PORT")))?;
+    ServerName::try_from(host.to_owned())
+        .map_err(|e| ClientError::Setup(format!("--hub {hub:?}: {e}")))
 }
 
 fn parse(raw: &[u8]) -> Result<(u16, Vec<u8>), ClientError> {

@@ -12,6 +12,7 @@
 
 pub mod audit;
 pub mod clock;
+pub mod https;
 pub mod limit;
 pub mod sockets;
 
@@ -72,13 +73,16 @@ pub enum PeerAttempt {
     /// A certificate-less connection that sent no enrollment request in time,
     /// or found its address's enrollments all in progress.
     EnrollmentConnection,
+    /// A consumer API request without a valid consumer certificate.
+    ConsumerCertificate,
 }
 
 impl PeerAttempt {
-    const ALL: [PeerAttempt; 3] = [
+    const ALL: [PeerAttempt; 4] = [
         PeerAttempt::OperatorCredential,
         PeerAttempt::Enrollment,
         PeerAttempt::EnrollmentConnection,
+        PeerAttempt::ConsumerCertificate,
     ];
 
     /// The summary key, and the metrics label.
@@ -87,6 +91,7 @@ impl PeerAttempt {
             PeerAttempt::OperatorCredential => "operator-credential",
             PeerAttempt::Enrollment => "enrollment",
             PeerAttempt::EnrollmentConnection => "enrollment-connection",
+            PeerAttempt::ConsumerCertificate => "consumer-certificate",
         }
     }
 
@@ -94,6 +99,7 @@ impl PeerAttempt {
         match self {
             PeerAttempt::OperatorCredential => "admin.auth",
             PeerAttempt::Enrollment | PeerAttempt::EnrollmentConnection => "device.enroll",
+            PeerAttempt::ConsumerCertificate => "consumer.auth",
         }
     }
 
@@ -101,6 +107,7 @@ impl PeerAttempt {
         match self {
             PeerAttempt::OperatorCredential => "operators-api",
             PeerAttempt::Enrollment | PeerAttempt::EnrollmentConnection => "enrollment",
+            PeerAttempt::ConsumerCertificate => "consumers-api",
         }
     }
 }

@@ -16,6 +16,7 @@ use tracing::info;
 
 use super::{StartError, Tasks, bind_err, bind_fronts};
 use crate::channel::consumer_api;
+use crate::channel::consumers::Consumers;
 use crate::channel::hub_sink::{self, SinkHandle};
 use crate::fleet;
 use crate::fleet::hub::Fleet;
@@ -74,14 +75,6 @@ pub(super) fn start(
     }
     .map_err(|e| StartError::Sink(e.into()))?;
     let sink = SinkHandle::new(Arc::new(Blocking::new(sink)));
-    let api = bindings
-        .tcp(h.settings.api)
-        .map_err(bind_err(h.settings.api))?;
-    tasks.servers.push(tokio::spawn(consumer_api::serve(
-        api,
-        sink.clone(),
-        tasks.admin_stop.clone(),
-    )));
     tokio::spawn(hub_sink::maintain(
         sink.clone(),
         ctx.clone(),
@@ -95,10 +88,32 @@ pub(super) fn start(
         .clone()
         .unwrap_or_else(|| state_dir.join(registry::FILE_NAME));
     let registry = Arc::new(Blocking::new(SqliteRegistry::open_file(&registry)?));
+    let consumers = Consumers::new(registry.clone(), sink.clone());
+    let api = bindings
+        .tcp(h.settings.api)
+        .map_err(bind_err(h.settings.api))?;
+    let api_tls = tls::consumer_server(
+        &h.settings.ca_cert.path,
+        &h.settings.cert.path,
+        &h.settings.key.path,
+    )?;
+    tasks.servers.push(tokio::spawn(consumer_api::serve(
+        ctx.clone(),
+        consumers.clone(),
+        api,
+        api_tls,
+        tasks.admin_stop.clone(),
+    )));
+    tokio::spawn(hub_sink::expire_loop(
+        sink.clone(),
+        ctx.clone(),
+        h.settings.sink_retention,
+    ));
     let fleet = Fleet::new(
         ctx.clone(),
         devices.clone(),
         registry,
+        consumers,
         signer,
         h.settings.cert_lifetime,
         (&h.settings.cert.path, &h.settings.key.path),

@@ -54,7 +54,10 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
 }
 
 /// Writes `contents` to a new file with `mode`, refusing to overwrite.
-fn write_new(path: &Path, contents: &str, mode: u32) -> Result<(), PkiError> {
+///
+/// # Errors
+/// When the file exists or cannot be written.
+pub fn write_new(path: &Path, contents: &str, mode: u32) -> Result<(), PkiError> {
     if path.exists() {
         return Err(PkiError::Exists(path.to_owned()));
     }
@@ -245,6 +248,101 @@ impl Signer {
         let cert = csr.signed_by(&self.issuer)?;
         Ok((cert.pem(), not_after_ms.div_euclid(1000) * 1000))
     }
+}
+
+/// The DNS name a consumer's certificate carries: `NAME.consumer`. A node id
+/// has no dot, so no consumer certificate names a device or a hub, and no
+/// device certificate names a consumer.
+pub fn consumer_dns_name(name: &str) -> String {
+    format!("{name}{CONSUMER_SUFFIX}")
+}
+
+/// What follows a consumer's name in its certificate's DNS name.
+pub const CONSUMER_SUFFIX: &str = ".consumer";
+
+impl Signer {
+    /// Signs `csr_pem` for consumer `name`, valid `days` from `now_ms`. Only
+    /// the CSR's public key is taken: the names (`NAME.consumer`), usage
+    /// (client authentication only) and validity are the hub's. Returns the
+    /// certificate (PEM), its expiry (Unix ms) and its serial (hex).
+    ///
+    /// # Errors
+    /// When the CSR does not parse or its signature does not verify.
+    pub fn sign_consumer(
+        &self,
+        csr_pem: &str,
+        name: &str,
+        now_ms: i64,
+        days: u32,
+    ) -> Result<(String, i64, String), PkiError> {
+        gateway_core::units::check_name("consumer", name)
+            .map_err(|e| PkiError::BadName(format!("name: {}; {}", e.message, e.hint)))?;
+        let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)?;
+        let at = |ms: i64| {
+            time::OffsetDateTime::from_unix_timestamp(ms.div_euclid(1000))
+                .map_err(|e| PkiError::BadName(format!("certificate time: {e}")))
+        };
+        let not_after_ms = now_ms + i64::from(days) * 86_400_000;
+        let serial: [u8; 16] = rand::random();
+        let mut p = CertificateParams::new(Vec::<String>::new())?;
+        p.distinguished_name.push(DnType::CommonName, name);
+        p.distinguished_name
+            .push(DnType::OrganizationalUnitName, "consumer");
+        p.subject_alt_names
+            .push(SanType::DnsName(consumer_dns_name(name).try_into()?));
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        p.not_before = at(now_ms - 300_000)?;
+        p.not_after = at(not_after_ms)?;
+        // The serial is positive DER: a leading zero bit, so it reads back as given.
+        let mut serial = serial;
+        serial[0] &= 0x7f;
+        p.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
+        csr.params = p;
+        let cert = csr.signed_by(&self.issuer)?;
+        Ok((
+            cert.pem(),
+            not_after_ms.div_euclid(1000) * 1000,
+            serial_hex(&serial),
+        ))
+    }
+}
+
+/// Lowercase hex of a serial's bytes, leading zero bytes dropped (as x509
+/// readers print it).
+pub fn serial_hex(bytes: &[u8]) -> String {
+    let start = bytes.iter().position(|b| *b != 0).unwrap_or(bytes.len());
+    let hex: String = bytes[start..].iter().map(|b| format!("{b:02x}")).collect();
+    if hex.is_empty() { "00".into() } else { hex }
+}
+
+/// The consumer a verified client certificate names, and the certificate's
+/// serial (hex): `None` when it is not a consumer's.
+pub fn consumer_of(cert: &rustls_pki_types::CertificateDer<'_>) -> Option<(String, String)> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert).ok()?;
+    let san = parsed.subject_alternative_name().ok()??;
+    let name = san.value.general_names.iter().find_map(|n| match n {
+        x509_parser::extensions::GeneralName::DNSName(d) => d.strip_suffix(CONSUMER_SUFFIX),
+        _ => None,
+    })?;
+    gateway_core::units::check_name("consumer", name).ok()?;
+    Some((name.to_owned(), serial_hex(parsed.raw_serial())))
+}
+
+/// A new key and a certificate request for consumer `name`: (key PEM, CSR PEM).
+///
+/// # Errors
+/// When `name` is not a valid name.
+pub fn new_consumer_request(name: &str) -> Result<(String, String), PkiError> {
+    gateway_core::units::check_name("consumer", name)
+        .map_err(|e| PkiError::BadName(format!("name: {}; {}", e.message, e.hint)))?;
+    let key = KeyPair::generate()?;
+    let mut p = CertificateParams::new(Vec::<String>::new())?;
+    p.distinguished_name.push(DnType::CommonName, name);
+    p.subject_alt_names
+        .push(SanType::DnsName(consumer_dns_name(name).try_into()?));
+    let csr = p.serialize_request(&key)?;
+    Ok((key.serialize_pem(), csr.pem()?))
 }
 
 /// A new key for device `id` and a certificate request for it: (key PEM, CSR PEM).

@@ -189,6 +189,29 @@ pub fn ops_server(cert: &Path, key_path: &Path) -> Result<Arc<rustls::ServerConf
     Ok(Arc::new(tls))
 }
 
+/// The consumers' HTTPS API: the hub's certificate, TLS 1.3, and a client
+/// certificate from `ca` when one is presented. A request without one is
+/// answered 401 by the API (not refused in the handshake, so the client learns
+/// why); whether a certificate is a consumer's is the API's check.
+///
+/// # Errors
+/// When the files cannot be read.
+pub fn consumer_server(
+    ca: &Path,
+    cert: &Path,
+    key_path: &Path,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots(ca)?, provider())
+        .allow_unauthenticated()
+        .build()?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs(cert)?, key(key_path)?)?;
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(tls))
+}
+
 /// `gatewayctl`'s TLS client: trusts only `ca`.
 ///
 /// # Errors
@@ -198,6 +221,24 @@ pub fn ops_client(ca: &Path) -> Result<Arc<rustls::ClientConfig>, TlsError> {
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(roots(ca)?)
         .with_no_client_auth();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(tls))
+}
+
+/// A consumer's TLS client of the consumers' API: trusts only `ca`, presents
+/// `cert`.
+///
+/// # Errors
+/// When the files cannot be read.
+pub fn consumer_client(
+    ca: &Path,
+    cert: &Path,
+    key_path: &Path,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots(ca)?)
+        .with_client_auth_cert(certs(cert)?, key(key_path)?)?;
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(tls))
 }
@@ -217,7 +258,11 @@ pub fn peer_id(conn: &quinn::Connection) -> Option<String> {
     let chain = identity.downcast::<Vec<CertificateDer<'static>>>().ok()?;
     let leaf = chain.first()?;
     let cert = webpki::EndEntityCert::try_from(leaf).ok()?;
-    cert.valid_dns_names().next().map(str::to_owned)
+    // A node id is a name without dots: a consumer's certificate
+    // (`NAME.consumer`) names no node.
+    let id = cert.valid_dns_names().next()?;
+    gateway_core::units::check_name("node", id).ok()?;
+    Some(id.to_owned())
 }
 
 /// File in the state directory holding the hub's stateless-reset key.

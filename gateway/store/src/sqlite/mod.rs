@@ -23,8 +23,7 @@ pub use sink::{SinkError, SqliteSink};
 use crate::error::{StoreError, StoreFuture};
 use crate::registry::{
     AppliedReport, AuditExport, ConfigPush, ConsumerRow, DeviceRow, Enrollment, NewAccount,
-    NewConsumer, NewToken, Registry,
-    RegistryError, RegistryFuture, SignCertificate,
+    NewConsumer, NewToken, Registry, RegistryError, RegistryFuture, SignCertificate,
 };
 use crate::sink::{Acked, Committed, Expired, Grant, Sink, SinkBatch, Stored, Stream, StreamKey};
 

@@ -536,7 +536,11 @@ impl SqliteSink {
 /// Inside a writing transaction: removes the records of (device, channel) that
 /// every consumer granted it has acknowledged. A stream nobody is granted keeps
 /// its records (until retention). Returns how many went.
-fn free_acked(tx: &rusqlite::Transaction<'_>, device: &str, channel: &str) -> Result<u64, SinkError> {
+fn free_acked(
+    tx: &rusqlite::Transaction<'_>,
+    device: &str,
+    channel: &str,
+) -> Result<u64, SinkError> {
     let low: Option<i64> = tx.query_row(
         "SELECT MIN(acked) FROM cursor WHERE device = ?1 AND channel = ?2",
         params![device, channel],
