@@ -32,6 +32,8 @@ struct Hub {
     config: PathBuf,
     quic: SocketAddr,
     ops: SocketAddr,
+    /// The consumers' API.
+    api: SocketAddr,
     publish: SocketAddr,
     dir: tempfile::TempDir,
     pki: std::sync::Arc<Pki>,
@@ -53,13 +55,14 @@ impl Hub {
         pki.issue(id);
         let dir = tempfile::tempdir().expect("dir");
         let (quic, ops, publish) = (free_udp(), free_tcp("127.0.0.1"), free_tcp("127.0.0.1"));
+        let api = free_tcp("127.0.0.1");
         let spec = HubSpec::new(id, 2, &["edge-a/echo"]);
         let text = hub_toml(
             &pki,
             &spec,
             quic,
             &[publish],
-            (free_tcp("127.0.0.1"), free_tcp("127.0.0.1")),
+            (free_tcp("127.0.0.1"), api),
             &dir.path().join("state"),
         )
         .replacen(
@@ -104,6 +107,7 @@ impl Hub {
             config,
             quic,
             ops,
+            api,
             publish,
             dir,
             pki,
@@ -1401,4 +1405,130 @@ fn the_ca_rotates_as_the_operators_guide_says() {
     edge.wait_next_log("Tunnel up");
     relay(&hub, "the old CA is gone");
     edge.signal(Signal::SIGKILL);
+}
+
+/// A consumer as central ops make one: the system administrator creates it
+/// (key made by gatewayctl, or the application's own request signed), the
+/// security administrator grants it a stream; the roles do not cross; a
+/// revoked consumer's open connection closes within 5 s and its certificate
+/// is refused from then on.
+#[test]
+fn consumers_are_made_granted_and_revoked_by_the_right_roles() {
+    let hub = Hub::start("24h");
+    let out = hub.dir.path().join("central");
+    let (code, stdout, err) = hub.ctl(
+        "sam",
+        &[
+            "consumer",
+            "create",
+            "stats",
+            "--out",
+            out.to_str().expect("path"),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let (key, cert) = (out.join("stats.key"), out.join("stats.pem"));
+    assert!(
+        stdout.contains("stats.key") && stdout.contains("stats.pem"),
+        "{stdout}"
+    );
+    for f in [&key, &cert] {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(f).expect("file").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{}", f.display());
+    }
+    // The application's own key: only its request leaves it.
+    let (app_key, csr) = gateway_daemon::tunnel::pki::new_consumer_request("archive").expect("csr");
+    let csr_file = hub.dir.path().join("archive.csr");
+    std::fs::write(&csr_file, csr).expect("csr file");
+    let (code, pem, err) = hub.ctl(
+        "sam",
+        &[
+            "consumer",
+            "create",
+            "archive",
+            "--csr",
+            csr_file.to_str().expect("path"),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"), "{pem}");
+    let (code, _, err) = hub.ctl(
+        "sam",
+        &[
+            "consumer",
+            "create",
+            "stats",
+            "--csr",
+            csr_file.to_str().expect("path"),
+        ],
+    );
+    assert_eq!(code, 1, "a second consumer of one name: {err}");
+    assert!(err.contains("exists"), "{err}");
+
+    // Who reads a department's data is policy: the security administrator's.
+    let (code, _, err) = hub.ctl("sam", &["consumer", "grant", "stats", "edge-a/reports"]);
+    assert_eq!(code, 77, "{err}");
+    assert!(err.contains("security administrator"), "{err}");
+    let (code, _, err) = hub.ctl("sue", &["consumer", "create", "x", "--out", "/tmp/none"]);
+    assert_eq!(code, 77, "{err}");
+    let (code, _, err) = hub.ctl("sue", &["consumer", "grant", "stats", "edge-a/reports"]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = hub.ctl("sue", &["consumer", "grant", "stats", "edge-a"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("DEVICE/CHANNEL"), "{err}");
+    let (code, table, err) = hub.ctl("sam", &["consumer", "list"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        table.contains("stats") && table.contains("edge-a/reports (0)"),
+        "{table}"
+    );
+    assert!(table.contains("archive"), "{table}");
+
+    // The consumer reads what it was granted, over HTTPS with its certificate.
+    let ca = hub.pki.ca().join("ca.pem");
+    let stats = Reader::with_files(&ca, hub.api, "stats", Some((&cert, &key)));
+    let (status, body) = stats.request("GET", "/v1/channels").expect("answer");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"channel\":\"reports\""), "{body}");
+    let archive_key = hub.dir.path().join("archive.key");
+    std::fs::write(&archive_key, app_key).expect("key");
+    let archive_pem = hub.dir.path().join("archive.pem");
+    std::fs::write(&archive_pem, &pem).expect("pem");
+    let archive = Reader::with_files(&ca, hub.api, "archive", Some((&archive_pem, &archive_key)));
+    let (status, body) = archive.request("GET", "/v1/channels").expect("answer");
+    assert_eq!((status, body.as_str()), (200, "{\"channels\":[]}"));
+
+    // An open connection of the consumer, between two requests.
+    let mut open = stats.keep_alive().expect("connect");
+    assert_eq!(open.get("/v1/channels").map(|r| r.0), Some(200));
+    assert!(
+        !open.wait_closed(Duration::from_millis(500)),
+        "the connection closes by itself"
+    );
+    let (code, said, err) = hub.ctl("sue", &["consumer", "revoke", "stats"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(said.contains("revoked"), "{said}");
+    let closed = open.wait_closed(Duration::from_secs(5));
+    assert!(
+        closed,
+        "the revoked consumer's connection is still open after 5 s"
+    );
+    let (status, body) = stats.request("GET", "/v1/channels").expect("answer");
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("revoked"), "{body}");
+    let (_, table, _) = hub.ctl("sam", &["consumer", "list"]);
+    assert!(table.contains("revoked"), "{table}");
+    let audit = audit_lines(&hub.dir.path().join("state"));
+    for want in [
+        "admin.consumer.create sam stats ok",
+        "admin.consumer.grant sue stats ok [] may read edge-a/reports",
+        "admin.consumer.revoke sue stats ok",
+        "admin.grant consumers a department's data sam stats deny",
+    ] {
+        assert!(
+            audit.iter().any(|l| l.starts_with(want)),
+            "{want:?} not in {audit:#?}"
+        );
+    }
 }

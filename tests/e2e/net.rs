@@ -719,6 +719,17 @@ impl Reader {
         Some((status, body))
     }
 
+    /// A connection kept open between requests (blocking).
+    pub fn keep_alive(&self) -> Option<Open> {
+        let tcp = std::net::TcpStream::connect_timeout(&self.api, Duration::from_secs(2)).ok()?;
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+        let server = rustls_pki_types::ServerName::IpAddress(self.api.ip().into());
+        let conn = rustls::ClientConnection::new(self.tls.clone(), server).ok()?;
+        Some(Open {
+            s: rustls::StreamOwned::new(conn, tcp),
+        })
+    }
+
     /// [`Reader::request`] from async code; panics when the API does not answer.
     pub async fn get(&self, method: &str, path: &str) -> (u16, String) {
         let (me, method, path) = (self.clone(), method.to_owned(), path.to_owned());
@@ -726,6 +737,63 @@ impl Reader {
             .await
             .expect("request thread")
             .unwrap_or_else(|| panic!("the hub API at {} does not answer", self.api))
+    }
+}
+
+/// An HTTPS connection to a hub API kept open between requests.
+pub struct Open {
+    s: rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>,
+}
+
+impl Open {
+    /// One GET on the open connection; the answer must carry Content-Length.
+    pub fn get(&mut self, path: &str) -> Option<(u16, String)> {
+        use std::io::{Read as _, Write as _};
+        let head = format!("GET {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n");
+        self.s.write_all(head.as_bytes()).ok()?;
+        let mut buf = Vec::new();
+        let mut byte = [0u8; 1];
+        while !buf.ends_with(b"\r\n\r\n") {
+            if self.s.read(&mut byte).ok()? == 0 {
+                return None;
+            }
+            buf.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&buf).to_ascii_lowercase();
+        let status = head.split(' ').nth(1)?.parse().ok()?;
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))?
+            .trim()
+            .parse()
+            .ok()?;
+        let mut body = vec![0u8; len];
+        self.s.read_exact(&mut body).ok()?;
+        Some((status, String::from_utf8_lossy(&body).into_owned()))
+    }
+
+    /// Whether the hub closes the connection within `limit` (nothing read
+    /// from it but its end).
+    pub fn wait_closed(&mut self, limit: Duration) -> bool {
+        use std::io::Read as _;
+        self.s.sock.set_read_timeout(Some(limit)).ok();
+        let started = std::time::Instant::now();
+        let mut buf = [0u8; 256];
+        loop {
+            match self.s.read(&mut buf) {
+                Ok(0) => return true,
+                Ok(_) => continue,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return false;
+                }
+                Err(_) => return started.elapsed() <= limit,
+            }
+        }
     }
 }
 
