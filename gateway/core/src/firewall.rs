@@ -43,7 +43,10 @@ fn opens(cfg: &Config) -> Vec<Open> {
                 udp: true,
                 what: "QUIC tunnels from edges".into(),
             });
-            v.push(tcp(h.settings.api, "hub API".into()));
+            v.push(tcp(
+                h.settings.api,
+                "consumers' API (HTTPS, consumer certificates)".into(),
+            ));
             if let Some(ops) = h.settings.ops {
                 v.push(tcp(ops, "operators' API (gatewayctl)".into()));
             }

@@ -120,24 +120,26 @@ fn hub_table(dir: &Path, format: OutputFormat) -> Result<String, String> {
                     "device": s.device, "channel": s.channel, "deliver_to": s.deliver_to,
                     "high": s.high, "consumed": s.consumed, "records": s.records,
                     "bytes": s.bytes, "duplicates": s.duplicates,
+                    "expired_unread": s.expired_unread,
                 })
             })
             .collect();
         return Ok(format!("{}\n", json!({ "role": "hub", "channels": list })));
     }
     let mut out = format!(
-        "{:<32} {:>10} {:>10} {:>10} {:>10} {:>10}\n",
-        "DEVICE/CHANNEL", "COMMITTED", "CONSUMED", "WAITING", "BYTES", "DUPLICATES"
+        "{:<32} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}\n",
+        "DEVICE/CHANNEL", "COMMITTED", "CONSUMED", "WAITING", "BYTES", "DUPLICATES", "EXPIRED"
     );
     for s in &streams {
         out += &format!(
-            "{:<32} {:>10} {:>10} {:>10} {:>10} {:>10}\n",
+            "{:<32} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}\n",
             format!("{}/{}", s.device, s.channel),
             s.high,
             s.consumed,
             s.records,
             ByteSize(s.bytes).to_string(),
-            s.duplicates
+            s.duplicates,
+            s.expired_unread
         );
     }
     if streams.is_empty() {

@@ -716,6 +716,7 @@ max_record_bytes = "64KiB"
         creds.join("system.cred").display()
     );
     println!("   {ctl} devices list");
+    println!("   {ctl} consumer list                       # stats-office, its grant and cursor");
     println!("   {ctl} command dept-a diagnostics");
     println!(
         "   GATEWAYCTL_CREDENTIALS={} {ctl} audit export --device dept-a --out /tmp/dept-a-audit.jsonl",
