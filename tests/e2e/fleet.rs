@@ -1532,3 +1532,79 @@ fn consumers_are_made_granted_and_revoked_by_the_right_roles() {
         );
     }
 }
+
+/// One live certificate per device: re-enrolling edge-a with --replace
+/// closes the old box's tunnel and relays within 5 s and refuses its
+/// certificate from then on; the old box trying while the new one is
+/// connected raises the duplicate-identity alarm and metric.
+#[test]
+fn a_replaced_certificate_is_refused_and_its_connections_closed() {
+    let hub = Hub::start("1h");
+    let echo = echo_server("127.0.1.1");
+    let (config, _state) = edge_config(&hub, "edge-a", echo, "");
+    let (code, out) = enroll(&config, &hub.token("edge-a"));
+    assert_eq!(code, 0, "{out}");
+    let mut old = Proc::start(&config);
+    old.wait_log("Tunnel up");
+    let mut client = TcpStream::connect(hub.publish).expect("publish");
+    round_trip(&mut client, b"through the first box");
+
+    // A second box for the same department, its own admin port and state.
+    let text = std::fs::read_to_string(&config).expect("config");
+    let state = hub.dir.path().join("edge-a").join("state");
+    let new_dir = hub.dir.path().join("edge-a-new");
+    std::fs::create_dir_all(&new_dir).expect("dir");
+    let admin = text
+        .lines()
+        .skip_while(|l| *l != "[admin]")
+        .find_map(|l| l.strip_prefix("listen = \""))
+        .and_then(|l| l.strip_suffix('"'))
+        .expect("admin listen")
+        .to_owned();
+    let moved = text
+        .replace(
+            &state.display().to_string(),
+            &new_dir.join("state").display().to_string(),
+        )
+        .replace(&admin, &free_tcp("127.0.0.1").to_string());
+    let new_config = new_dir.join("edge.toml");
+    std::fs::write(&new_config, moved).expect("write");
+    let (code, token, err) = hub.ctl(
+        "sue",
+        &["token", "create", "--device", "edge-a", "--replace"],
+    );
+    assert_eq!(code, 0, "{err}");
+    let (code, out) = enroll(&new_config, token.trim());
+    assert_eq!(code, 0, "{out}");
+
+    // The old certificate's tunnel and its relays are cut at once.
+    assert_cut_within_5s(&mut client, "a relay through the replaced box");
+    old.wait_log("no longer the device's");
+    wait_audit(&hub, "device.replace");
+    wait_audit_line(&hub, "tunnel.refuse");
+
+    // The new box connects and serves; the old one, still trying, is refused
+    // and raises the alarm.
+    let mut new = Proc::start(&new_config);
+    new.wait_log("Tunnel up");
+    let mut client = TcpStream::connect(hub.publish).expect("publish");
+    round_trip(&mut client, b"through the new box");
+    wait_audit_line(&hub, "device.duplicate_identity");
+    let mut c = TcpStream::connect(hub_admin(&hub)).expect("admin");
+    c.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+        .expect("request");
+    let mut metrics = String::new();
+    c.read_to_string(&mut metrics).expect("metrics");
+    assert!(
+        metrics.contains("gateway_device_duplicate_identity{device=\"edge-a\"}"),
+        "{metrics}"
+    );
+    let audit = audit_lines(&hub.dir.path().join("state"));
+    let refused: Vec<&String> = audit
+        .iter()
+        .filter(|l| l.starts_with("tunnel.refuse 127.0.0.1 tunnel deny"))
+        .collect();
+    assert!(!refused.is_empty(), "{audit:#?}");
+    assert!(refused[0].contains("superseded"), "{refused:?}");
+    drop((old, new));
+}

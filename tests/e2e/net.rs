@@ -621,7 +621,7 @@ impl Reader {
             out.join(format!("{name}.key")),
         );
         if !cert.exists() {
-            std::fs::create_dir_all(&out).expect("consumers dir");
+            std::fs::create_dir_all(out).expect("consumers dir");
             let signer = p::Signer::load(&ca.join("ca.pem"), &ca.join("ca.key")).expect("ca");
             let (key_pem, csr) = p::new_consumer_request(name).expect("csr");
             let now = gateway_daemon::node::clock::now_ms();

@@ -17,7 +17,6 @@
 //!
 //! Needs root and `ip` (iproute2); elsewhere each test prints why it is skipped.
 
-#[allow(dead_code)]
 mod net;
 mod process;
 

@@ -20,6 +20,10 @@ pub const MAX_MESSAGE: usize = 4 << 20;
 /// QUIC close code for a revoked device.
 pub const CLOSE_REVOKED: u32 = 0x52;
 
+/// QUIC close code for a certificate that is no longer the device's (it was
+/// re-enrolled, or renewed and handed over).
+pub const CLOSE_SUPERSEDED: u32 = 0x53;
+
 /// A heartbeat: what an edge reports about itself.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Status {

@@ -82,8 +82,33 @@ impl RegistryError {
 pub type RegistryFuture<'a, T> = StoreFuture<'a, T, RegistryError>;
 
 /// Signs the certificate of a device being enrolled, inside the enrollment's
-/// transaction: returns the certificate (PEM) and its expiry (Unix ms).
-pub type SignCertificate = Box<dyn FnOnce() -> Result<(String, i64), RegistryError> + Send>;
+/// transaction: returns the certificate (PEM), its expiry (Unix ms) and its
+/// serial (hex).
+pub type SignCertificate = Box<dyn FnOnce() -> Result<(String, i64, String), RegistryError> + Send>;
+
+/// Whether a device may open a tunnel with the certificate it presents: one
+/// live certificate per device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    /// Its latest certificate.
+    Current,
+    /// The certificate it renewed from, during the handover.
+    Handover {
+        /// The serial of its latest certificate.
+        current: String,
+    },
+    /// The first certificate seen for a device the hub did not enroll (made
+    /// offline): it is the device's from now on.
+    FirstSeen,
+    /// Refused: a certificate older than its latest (replaced by re-enrollment,
+    /// or renewed and handed over).
+    Superseded {
+        /// The serial of its latest certificate.
+        current: String,
+    },
+    /// Refused: the device is revoked.
+    Revoked,
+}
 
 /// A device's collected audit for export: the anchor (the record before the
 /// first one returned), the head, and the records between.
@@ -122,6 +147,15 @@ pub trait Registry: Send + Sync {
     fn enroll(&self, enrollment: Enrollment, sign: SignCertificate) -> RegistryFuture<'_, String>;
     /// Records the expiry of `device`'s newest certificate.
     fn set_cert(&self, device: String, not_after_ms: i64) -> RegistryFuture<'_, ()>;
+    /// A renewed certificate (serial, expiry) is `device`'s one; the one it
+    /// connects with stays valid for new connections until it first connects
+    /// with the new one, or `handover_ms` at most.
+    fn renewed(&self, renewal: Renewal) -> RegistryFuture<'_, ()>;
+    /// Whether `device` may open a tunnel with the certificate `serial`.
+    fn admit(&self, device: String, serial: String, now_ms: i64) -> RegistryFuture<'_, Admission>;
+    /// For each of `ids` the registry knows a certificate of: the serials its
+    /// live connections may present (current, and the one renewed from).
+    fn live_serials(&self, ids: Vec<String>) -> RegistryFuture<'_, Vec<(String, Vec<String>)>>;
     /// Whether `device` is revoked.
     fn is_revoked(&self, device: String) -> RegistryFuture<'_, bool>;
     /// Which of `ids` are revoked.
@@ -210,6 +244,21 @@ pub struct NewConsumer {
     pub by: String,
     /// When, Unix ms.
     pub now_ms: i64,
+}
+
+/// A device's renewed certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Renewal {
+    /// The device.
+    pub device: String,
+    /// The new certificate's serial (hex).
+    pub serial: String,
+    /// Its expiry, Unix ms.
+    pub not_after_ms: i64,
+    /// When, Unix ms.
+    pub now_ms: i64,
+    /// How long the old certificate stays valid for new connections at most.
+    pub handover_ms: i64,
 }
 
 /// An operator account to add.

@@ -8,7 +8,8 @@ use gateway_core::fleet::AdminRole;
 use gateway_core::wire::SyncRecord;
 use gateway_store::error::StoreError;
 use gateway_store::registry::{
-    Enrollment, NewAccount, NewConsumer, NewToken, Registry, RegistryError, SignCertificate,
+    Admission, Enrollment, NewAccount, NewConsumer, NewToken, Registry, RegistryError, Renewal,
+    SignCertificate,
 };
 use gateway_store::sink::{Acked, Sink, SinkBatch, StreamKey};
 use gateway_store::sqlite::{Blocking, SqliteRegistry, SqliteSink};
@@ -226,7 +227,7 @@ async fn registry_suite(a: &dyn Registry, b: &dyn Registry) {
     })
     .await
     .expect("token");
-    let sign = || -> SignCertificate { Box::new(|| Ok(("CERT".to_owned(), 99))) };
+    let sign = || -> SignCertificate { Box::new(|| Ok(("CERT".to_owned(), 99, "0a".to_owned()))) };
     // A signing failure commits nothing: the token still works after.
     let failed = b
         .enroll(
@@ -328,6 +329,128 @@ async fn the_sqlite_registry_keeps_consumers_names_and_serials() {
     let all = a.consumers().await.expect("list");
     assert_eq!(all.len(), 1);
     assert_eq!(all[0].revoked_ms, Some(5));
+}
+
+/// One live certificate per device, across two hubs: the latest issued is
+/// the one; renewal hands over until the new one is first used (or the
+/// handover ends); re-enrollment hands over nothing; a device the hub did not
+/// enroll keeps the first certificate seen.
+async fn certificates_suite(a: &dyn Registry, b: &dyn Registry) {
+    a.create_token(NewToken {
+        device: "e1".into(),
+        digest: "t1".into(),
+        expires_ms: 1_000_000,
+        by: "sam".into(),
+        now_ms: 1,
+        replaces: false,
+    })
+    .await
+    .expect("token");
+    let signed = |serial: &'static str| -> SignCertificate {
+        Box::new(move || Ok(("CERT".to_owned(), 10_000_000, serial.to_owned())))
+    };
+    a.enroll(enrollment("t1", "e1", 10), signed("0a"))
+        .await
+        .expect("enroll");
+    fn at<'a>(
+        r: &'a dyn Registry,
+        serial: &str,
+        now: i64,
+    ) -> gateway_store::registry::RegistryFuture<'a, Admission> {
+        r.admit("e1".into(), serial.into(), now)
+    }
+    assert_eq!(at(b, "0a", 20).await.expect("admit"), Admission::Current);
+    assert_eq!(
+        at(b, "ff", 20).await.expect("admit"),
+        Admission::Superseded {
+            current: "0a".into()
+        }
+    );
+    let renew = |serial: &str, now_ms: i64| Renewal {
+        device: "e1".into(),
+        serial: serial.into(),
+        not_after_ms: 10_000_000,
+        now_ms,
+        handover_ms: 100,
+    };
+    // Renewed: the old one still opens tunnels until the new one is used.
+    a.renewed(renew("0c", 1_000)).await.expect("renew");
+    assert_eq!(
+        at(b, "0a", 1_050).await.expect("admit"),
+        Admission::Handover {
+            current: "0c".into()
+        }
+    );
+    assert_eq!(at(a, "0c", 1_060).await.expect("admit"), Admission::Current);
+    assert!(matches!(
+        at(b, "0a", 1_070).await.expect("admit"),
+        Admission::Superseded { .. }
+    ));
+    // A renewal whose answer was lost: the box still holds 0c, and 0c stays
+    // the one handed over from when it renews again.
+    a.renewed(renew("0d", 2_000)).await.expect("renew");
+    a.renewed(renew("0e", 2_010)).await.expect("renew again");
+    assert!(matches!(
+        at(b, "0c", 2_020).await.expect("admit"),
+        Admission::Handover { .. }
+    ));
+    assert!(matches!(
+        at(b, "0d", 2_020).await.expect("admit"),
+        Admission::Superseded { .. }
+    ));
+    // ... and not past the handover.
+    assert!(matches!(
+        at(b, "0c", 2_200).await.expect("admit"),
+        Admission::Superseded { .. }
+    ));
+    assert_eq!(
+        b.live_serials(vec!["e1".into(), "e9".into()])
+            .await
+            .expect("live"),
+        [("e1".to_owned(), vec!["0e".to_owned(), "0c".to_owned()])]
+    );
+    // Re-enrollment: the new certificate is the only one, at once.
+    a.create_token(NewToken {
+        device: "e1".into(),
+        digest: "t2".into(),
+        expires_ms: 1_000_000,
+        by: "sue".into(),
+        now_ms: 3_000,
+        replaces: true,
+    })
+    .await
+    .expect("token");
+    a.enroll(enrollment("t2", "e1", 3_000), signed("0f"))
+        .await
+        .expect("re-enroll");
+    for old in ["0e", "0c"] {
+        assert!(matches!(
+            at(b, old, 3_001).await.expect("admit"),
+            Admission::Superseded { .. }
+        ));
+    }
+    assert_eq!(
+        b.live_serials(vec!["e1".into()]).await.expect("live"),
+        [("e1".to_owned(), vec!["0f".to_owned()])]
+    );
+    // A device with an offline certificate: the first seen is the one.
+    let off = |serial: &str| b.admit("off-1".into(), serial.into(), 5);
+    assert_eq!(off("aa").await.expect("admit"), Admission::FirstSeen);
+    assert!(matches!(
+        off("bb").await.expect("admit"),
+        Admission::Superseded { .. }
+    ));
+    assert_eq!(off("aa").await.expect("admit"), Admission::Current);
+    a.revoke("off-1".into(), "sue".into(), 6)
+        .await
+        .expect("revoke");
+    assert_eq!(off("aa").await.expect("admit"), Admission::Revoked);
+}
+
+#[tokio::test]
+async fn the_sqlite_registry_keeps_one_live_certificate_per_device() {
+    let (_dir, a, b) = two_hubs(|d| SqliteRegistry::open(d).expect("open"));
+    certificates_suite(&a, &b).await;
 }
 
 #[tokio::test]

@@ -98,6 +98,8 @@ pub struct Metrics {
     channels: Mutex<BTreeMap<String, ChannelCounters>>,
     sink: Mutex<BTreeMap<(String, String), SinkCounters>>,
     fleet: Mutex<FleetGauges>,
+    /// Hub: times two certificates of one device were seen at once.
+    duplicates: Mutex<BTreeMap<String, u64>>,
 }
 
 /// Central management gauges.
@@ -264,6 +266,11 @@ impl Metrics {
             .or_default();
         c.stored += stored;
         c.duplicates += duplicates;
+    }
+
+    /// Hub: two certificates of `device` at once.
+    pub fn duplicate_identity(&self, device: &str) {
+        *lock(&self.duplicates).entry(device.to_owned()).or_default() += 1;
     }
 
     /// Retention dropped `records` of (device, channel) unread.
@@ -552,6 +559,13 @@ impl Metrics {
                     "gateway_channel_dropped_total{{channel=\"{ch}\",reason=\"{reason}\"}} {n}"
                 );
             }
+        }
+        let _ = writeln!(
+            o,
+            "# HELP gateway_device_duplicate_identity Times a device presented two different certificates at once (one refused or replaced).\n# TYPE gateway_device_duplicate_identity counter"
+        );
+        for (d, n) in lock(&self.duplicates).iter() {
+            let _ = writeln!(o, "gateway_device_duplicate_identity{{device=\"{d}\"}} {n}");
         }
         let sink = lock(&self.sink).clone();
         let _ = writeln!(

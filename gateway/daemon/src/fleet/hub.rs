@@ -10,7 +10,9 @@ use std::time::Duration;
 use gateway_core::fleet::{
     self, CommandKind, ConfigOutcome, EnrollAnswer, EnrollRequest, Message, Secret,
 };
-use gateway_store::registry::{AppliedReport, ConfigPush, Enrollment, Registry, RegistryError};
+use gateway_store::registry::{
+    Admission, AppliedReport, ConfigPush, Enrollment, Registry, RegistryError, Renewal,
+};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{Instrument, error, info, info_span, warn};
 
@@ -18,7 +20,9 @@ use super::{read_msg, read_msg_max, write_msg};
 use crate::channel::consumers::Consumers;
 use crate::node::clock::now_ms;
 use crate::node::{Ctx, PeerAttempt};
+use crate::tunnel::accept::Refusal;
 use crate::tunnel::devices::Devices;
+use crate::tunnel::pki;
 use crate::tunnel::pki::Signer;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -42,7 +46,14 @@ pub struct Fleet {
     next_command: AtomicU64,
     enrolling: Arc<tokio::sync::Semaphore>,
     enrolling_from: Arc<Mutex<HashMap<std::net::IpAddr, usize>>>,
+    /// When each device's last duplicate-identity alarm was recorded, and how
+    /// many were counted since.
+    duplicates: Mutex<HashMap<String, (i64, u64)>>,
 }
+
+/// At most one duplicate-identity record per device in this long (the metric
+/// counts every one): a replaced box retrying must not flood the audit.
+const DUPLICATE_ALARM_EVERY_MS: i64 = 60_000;
 
 /// Enrollment requests redeemed at once; more are closed at once.
 pub const MAX_ENROLLING: usize = 32;
@@ -133,6 +144,7 @@ impl Fleet {
             next_command: AtomicU64::new(1),
             enrolling: Arc::new(tokio::sync::Semaphore::new(MAX_ENROLLING)),
             enrolling_from: Arc::default(),
+            duplicates: Mutex::default(),
         })
     }
 
@@ -176,6 +188,103 @@ impl Fleet {
             .is_revoked(device.to_owned())
             .await
             .unwrap_or(false)
+    }
+
+    /// Whether `device` may open a tunnel with the certificate `serial`: one
+    /// live certificate per device. A refused older certificate is audited
+    /// under the peer's address (summarised); two certificates of one device
+    /// at once raise an alarm. When the registry cannot answer, the tunnel is
+    /// let in (as before a registry existed) and the error logged.
+    ///
+    /// # Errors
+    /// The refusal.
+    pub async fn admit(
+        &self,
+        device: &str,
+        serial: &str,
+        remote: std::net::SocketAddr,
+    ) -> Result<(), Refusal> {
+        let answer = self
+            .reg
+            .admit(device.to_owned(), serial.to_owned(), now_ms())
+            .await;
+        let live = self.devices.serials(device);
+        match answer {
+            Ok(Admission::Revoked) => Err(Refusal::Revoked),
+            Ok(Admission::Superseded { current }) => {
+                let reason =
+                    format!("certificate {serial} of device {device} is superseded by {current}");
+                warn!(%device, %remote, %serial, %current, "Refusing tunnel: a superseded certificate");
+                if !live.is_empty() {
+                    self.duplicate(device, serial, &live, remote, "refused");
+                }
+                self.ctx
+                    .refuse_peer(remote.ip(), PeerAttempt::SupersededCertificate, &reason, "");
+                Err(Refusal::Superseded)
+            }
+            Ok(admitted) => {
+                let others: Vec<&String> = live.iter().filter(|s| *s != serial).collect();
+                if !others.is_empty() {
+                    // Both halves of a renewal's handover are one identity.
+                    let allowed = match admitted {
+                        Admission::Handover { current } => vec![current],
+                        _ => self
+                            .reg
+                            .live_serials(vec![device.to_owned()])
+                            .await
+                            .ok()
+                            .and_then(|v| v.into_iter().next())
+                            .map(|(_, s)| s)
+                            .unwrap_or_default(),
+                    };
+                    if others.iter().any(|s| !allowed.contains(s)) {
+                        self.duplicate(device, serial, &live, remote, "admitted");
+                    }
+                }
+                Ok(())
+            }
+            Err(error) => {
+                error!(%device, %error, "Cannot check the device's certificate in the registry; letting the tunnel in");
+                Ok(())
+            }
+        }
+    }
+
+    /// Two certificates of one device at once: an alarm record and a metric.
+    fn duplicate(
+        &self,
+        device: &str,
+        serial: &str,
+        live: &[String],
+        remote: std::net::SocketAddr,
+        outcome: &str,
+    ) {
+        self.ctx.metrics.duplicate_identity(device);
+        let now = now_ms();
+        let since = {
+            let mut m = lock(&self.duplicates);
+            let e = m.entry(device.to_owned()).or_insert((i64::MIN, 0));
+            e.1 += 1;
+            if now.saturating_sub(e.0) < DUPLICATE_ALARM_EVERY_MS {
+                return;
+            }
+            let n = e.1;
+            *e = (now, 0);
+            n
+        };
+        let detail = format!(
+            "certificate {serial} from {remote} ({outcome}) while connected with {}; {since} time(s) since the last record",
+            live.join(", ")
+        );
+        error!(%device, %detail, "Duplicate identity: two certificates of one device at once");
+        self.ctx.audit.record(
+            device,
+            "tunnel",
+            "device.duplicate_identity",
+            "alarm",
+            "",
+            detail,
+        );
     }
 
     /// Whether `device` has a control session here now.
@@ -368,15 +477,37 @@ impl Fleet {
             .await;
         match result {
             Ok(cert_pem) => {
-                info!(%device, %remote, "Device enrolled");
+                let serial = pki::serial_of_pem(&cert_pem).unwrap_or_default();
+                info!(%device, %remote, %serial, "Device enrolled");
                 self.ctx.audit.record(
                     &remote.to_string(),
                     &device,
                     "device.enroll",
                     "ok",
                     "",
-                    format!("lifetime_s={}", self.lifetime.as_secs()),
+                    format!("serial={serial} lifetime_s={}", self.lifetime.as_secs()),
                 );
+                // The new certificate is the device's one: connections with an
+                // older one close now (hubs sharing the registry close theirs
+                // within a second, in the sweep).
+                let closed = self.devices.close_except(
+                    &device,
+                    std::slice::from_ref(&serial),
+                    fleet::CLOSE_SUPERSEDED,
+                    b"re-enrolled: this certificate is no longer the device's",
+                );
+                if closed > 0 {
+                    lock(&self.sessions).remove(&device);
+                    warn!(%device, closed, "Re-enrolled: the old certificate's connections are closed");
+                    self.ctx.audit.record(
+                        &remote.to_string(),
+                        &device,
+                        "device.replace",
+                        "ok",
+                        "",
+                        format!("serial={serial} connections_closed={closed}"),
+                    );
+                }
                 EnrollAnswer::Issued { cert_pem }
             }
             Err(e) => refuse(e.to_string()),
@@ -548,9 +679,24 @@ impl Fleet {
                         .signer
                         .sign_csr(&csr_pem, device, now_ms(), self.lifetime)
                     {
-                        Ok((cert_pem, not_after)) => {
-                            let _ = self.reg.set_cert(d, not_after).await;
-                            Message::Renewed { cert_pem }
+                        Ok((cert_pem, not_after, serial)) => {
+                            // Recorded before the box has it: it may connect
+                            // with it at once.
+                            let handover = i64::try_from(self.lifetime.as_millis() / 3)
+                                .unwrap_or(i64::MAX / 4);
+                            let renewal = Renewal {
+                                device: d,
+                                serial,
+                                not_after_ms: not_after,
+                                now_ms: now_ms(),
+                                handover_ms: handover,
+                            };
+                            match self.reg.renewed(renewal).await {
+                                Ok(()) => Message::Renewed { cert_pem },
+                                Err(e) => Message::RenewRefused {
+                                    reason: format!("the hub cannot record the certificate: {e}"),
+                                },
+                            }
                         }
                         Err(e) => Message::RenewRefused {
                             reason: e.to_string(),
@@ -595,16 +741,45 @@ impl Fleet {
         }
     }
 
+    /// Closes live connections whose certificate is no longer their device's
+    /// (re-enrolled at another hub sharing the registry).
+    async fn close_superseded(&self, ids: &[String]) {
+        let Ok(live) = self.reg.live_serials(ids.to_vec()).await else {
+            return;
+        };
+        for (device, allowed) in live {
+            let closed = self.devices.close_except(
+                &device,
+                &allowed,
+                fleet::CLOSE_SUPERSEDED,
+                b"re-enrolled: this certificate is no longer the device's",
+            );
+            if closed > 0 {
+                warn!(%device, closed, "Re-enrolled (seen in the registry): the old certificate's connections are closed");
+                self.ctx.audit.record(
+                    "registry",
+                    &device,
+                    "device.replace",
+                    "ok",
+                    "",
+                    format!("connections_closed={closed}"),
+                );
+            }
+        }
+    }
+
     /// Closes, every second, the connections of devices revoked in the
-    /// registry: hubs sharing one registry cut a device revoked at any of them
-    /// within about a second.
+    /// registry, and those whose certificate was replaced: hubs sharing one
+    /// registry cut a device revoked or re-enrolled at any of them within
+    /// about a second.
     pub async fn revocation_sweep(self: Arc<Self>) {
         while self.ctx.pause(Duration::from_secs(1)).await {
             let ids = self.devices.ids();
             if ids.is_empty() {
                 continue;
             }
-            let Ok(revoked) = self.reg.revoked_among(ids).await else {
+            self.close_superseded(&ids).await;
+            let Ok(revoked) = self.reg.revoked_among(ids.clone()).await else {
                 continue;
             };
             for device in revoked {

@@ -75,14 +75,18 @@ pub enum PeerAttempt {
     EnrollmentConnection,
     /// A consumer API request without a valid consumer certificate.
     ConsumerCertificate,
+    /// A tunnel presenting a device certificate that is no longer the
+    /// device's (re-enrolled, or renewed and handed over).
+    SupersededCertificate,
 }
 
 impl PeerAttempt {
-    const ALL: [PeerAttempt; 4] = [
+    const ALL: [PeerAttempt; 5] = [
         PeerAttempt::OperatorCredential,
         PeerAttempt::Enrollment,
         PeerAttempt::EnrollmentConnection,
         PeerAttempt::ConsumerCertificate,
+        PeerAttempt::SupersededCertificate,
     ];
 
     /// The summary key, and the metrics label.
@@ -92,6 +96,7 @@ impl PeerAttempt {
             PeerAttempt::Enrollment => "enrollment",
             PeerAttempt::EnrollmentConnection => "enrollment-connection",
             PeerAttempt::ConsumerCertificate => "consumer-certificate",
+            PeerAttempt::SupersededCertificate => "superseded-certificate",
         }
     }
 
@@ -100,6 +105,7 @@ impl PeerAttempt {
             PeerAttempt::OperatorCredential => "admin.auth",
             PeerAttempt::Enrollment | PeerAttempt::EnrollmentConnection => "device.enroll",
             PeerAttempt::ConsumerCertificate => "consumer.auth",
+            PeerAttempt::SupersededCertificate => "tunnel.refuse",
         }
     }
 
@@ -108,6 +114,7 @@ impl PeerAttempt {
             PeerAttempt::OperatorCredential => "operators-api",
             PeerAttempt::Enrollment | PeerAttempt::EnrollmentConnection => "enrollment",
             PeerAttempt::ConsumerCertificate => "consumers-api",
+            PeerAttempt::SupersededCertificate => "tunnel",
         }
     }
 }

@@ -176,8 +176,13 @@ impl tunnel::accept::Handler for Wiring {
         self.fleet.clone().enroll(conn).await;
     }
 
-    async fn is_revoked(&self, device: &str) -> bool {
-        self.fleet.is_revoked(device).await
+    async fn admit(
+        &self,
+        device: &str,
+        serial: &str,
+        remote: std::net::SocketAddr,
+    ) -> Result<(), tunnel::accept::Refusal> {
+        self.fleet.admit(device, serial, remote).await
     }
 
     fn up(

@@ -31,8 +31,14 @@ pub type Control = BiStream;
 pub trait Handler: Send + Sync + 'static {
     /// Serves an enrollment connection (ALPN `gw-enroll/1`, no client certificate).
     fn enroll(&self, conn: quinn::Connection) -> impl Future<Output = ()> + Send;
-    /// Whether `device` is refused before its hello (revoked).
-    fn is_revoked(&self, device: &str) -> impl Future<Output = bool> + Send;
+    /// Whether `device` may open a tunnel with the certificate `serial`
+    /// (one live certificate per device), asked before its hello.
+    fn admit(
+        &self,
+        device: &str,
+        serial: &str,
+        remote: std::net::SocketAddr,
+    ) -> impl Future<Output = Result<(), Refusal>> + Send;
     /// The device's tunnel is up (hello answered): starts what serves it. The
     /// returned task (its management session on `control`) is aborted when the
     /// tunnel goes down.
@@ -46,6 +52,16 @@ pub trait Handler: Send + Sync + 'static {
         first: Frame,
         stream: BiStream,
     ) -> impl Future<Output = ()> + Send;
+}
+
+/// Why a device's tunnel is refused before its hello.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// The device is revoked.
+    Revoked,
+    /// The certificate is not the device's latest (re-enrolled, or renewed
+    /// and handed over).
+    Superseded,
 }
 
 /// Accepts edges until draining starts.
@@ -91,14 +107,26 @@ async fn serve_edge<H: Handler>(
         );
         return;
     };
-    if handler.is_revoked(&device).await {
-        warn!(%device, %remote, "Refusing tunnel: the device is revoked");
-        audit_refusal(&ctx, &device, format!("revoked device; peer={remote}"));
-        conn.close(
-            quinn::VarInt::from_u32(fleet::CLOSE_REVOKED),
-            b"this device is revoked",
-        );
-        return;
+    let serial = tls::peer_serial(&conn).unwrap_or_default();
+    match handler.admit(&device, &serial, remote).await {
+        Ok(()) => {}
+        Err(Refusal::Revoked) => {
+            warn!(%device, %remote, "Refusing tunnel: the device is revoked");
+            audit_refusal(&ctx, &device, format!("revoked device; peer={remote}"));
+            conn.close(
+                quinn::VarInt::from_u32(fleet::CLOSE_REVOKED),
+                b"this device is revoked",
+            );
+            return;
+        }
+        Err(Refusal::Superseded) => {
+            // Audited (summarised per address) by the handler.
+            conn.close(
+                quinn::VarInt::from_u32(fleet::CLOSE_SUPERSEDED),
+                b"this certificate is no longer the device's: it was re-enrolled or renewed",
+            );
+            return;
+        }
     }
     let span = info_span!("tunnel", %device, peer = %remote);
     async move {
@@ -160,7 +188,7 @@ async fn serve_edge<H: Handler>(
             return;
         }
         // Usable for relays before anyone is told it is connected.
-        let doubtful = devices.add(&device, conn.clone());
+        let doubtful = devices.add(&device, conn.clone(), &serial);
         settle_doubts(&devices, &device, doubtful);
         info!("Edge connected");
         ctx.audit.record(

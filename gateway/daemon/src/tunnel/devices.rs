@@ -30,6 +30,8 @@ pub struct Devices {
 struct Lane {
     conn: quinn::Connection,
     doubt: bool,
+    /// The serial of the certificate it presented.
+    serial: String,
 }
 
 impl Devices {
@@ -41,7 +43,12 @@ impl Devices {
     /// (relays avoid them) and returned, to be pinged: a device that connects
     /// again may have been restarted, and the old process's connections look
     /// alive to QUIC until their idle timeout.
-    pub(super) fn add(&self, id: &str, c: quinn::Connection) -> Vec<quinn::Connection> {
+    pub(super) fn add(
+        &self,
+        id: &str,
+        c: quinn::Connection,
+        serial: &str,
+    ) -> Vec<quinn::Connection> {
         let mut m = self.lock();
         let lanes = m.entry(id.to_owned()).or_default();
         let others = lanes
@@ -54,6 +61,7 @@ impl Devices {
         lanes.push(Lane {
             conn: c,
             doubt: false,
+            serial: serial.to_owned(),
         });
         others
     }
@@ -80,6 +88,37 @@ impl Devices {
     /// The ids of the devices connected now.
     pub fn ids(&self) -> Vec<String> {
         self.lock().keys().cloned().collect()
+    }
+
+    /// The certificate serials `id`'s live connections presented.
+    pub fn serials(&self, id: &str) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .lock()
+            .get(id)
+            .map(|lanes| lanes.iter().map(|l| l.serial.clone()).collect())
+            .unwrap_or_default();
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    /// Closes `id`'s connections whose certificate is not one of `keep`;
+    /// returns how many.
+    pub fn close_except(&self, id: &str, keep: &[String], code: u32, reason: &[u8]) -> usize {
+        let mut m = self.lock();
+        let Some(lanes) = m.get_mut(id) else {
+            return 0;
+        };
+        let (gone, kept): (Vec<Lane>, Vec<Lane>) =
+            lanes.drain(..).partition(|l| !keep.contains(&l.serial));
+        *lanes = kept;
+        if lanes.is_empty() {
+            m.remove(id);
+        }
+        for l in &gone {
+            l.conn.close(quinn::VarInt::from_u32(code), reason);
+        }
+        gone.len()
     }
 
     /// Closes every connection of `id` with `code`; returns how many.

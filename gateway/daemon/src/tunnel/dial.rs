@@ -131,6 +131,8 @@ pub async fn keep_tunnel<H: Handler>(ctx: Arc<Ctx>, spec: TunnelSpec, handler: A
                         .unwrap_or_else(|| "draining".into());
                     if revoked(&conn) {
                         error!("The hub revoked this device: it is refused from now on; ask central operations");
+                    } else if let Some(why) = refusal(&conn) {
+                        error!("Tunnel closed by the hub: {why}");
                     } else {
                         warn!(%reason, "Tunnel down");
                     }
@@ -199,10 +201,8 @@ async fn connect(
         .map_err(|e| ConnectError::Quic(e.to_string()))?
         .await
         .map_err(|e| ConnectError::Quic(e.to_string()))?;
-    let (mut send, mut recv) = conn
-        .open_bi()
-        .await
-        .map_err(|e| ConnectError::Quic(e.to_string()))?;
+    let refused = |e: String| refusal(&conn).map_or(ConnectError::Quic(e), ConnectError::Refused);
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| refused(e.to_string()))?;
     write_frame(
         &mut send,
         &Frame::Hello {
@@ -210,7 +210,7 @@ async fn connect(
         },
     )
     .await
-    .map_err(|e| ConnectError::Quic(e.to_string()))?;
+    .map_err(|e| refused(e.to_string()))?;
     match read_frame(&mut recv).await {
         Ok(Frame::Welcome {
             version,
@@ -223,7 +223,22 @@ async fn connect(
         Ok(other) => Err(ConnectError::Refused(format!(
             "unexpected answer {other:?}"
         ))),
-        Err(e) => Err(ConnectError::Quic(e.to_string())),
+        Err(e) => Err(refused(e.to_string())),
+    }
+}
+
+/// What the hub's close of a connection before its welcome means, when it
+/// is a refusal of this device.
+fn refusal(conn: &quinn::Connection) -> Option<String> {
+    let Some(quinn::ConnectionError::ApplicationClosed(c)) = conn.close_reason() else {
+        return None;
+    };
+    if c.error_code == quinn::VarInt::from_u32(gateway_core::fleet::CLOSE_REVOKED) {
+        Some("this device is revoked; ask central operations".into())
+    } else if c.error_code == quinn::VarInt::from_u32(gateway_core::fleet::CLOSE_SUPERSEDED) {
+        Some("this box's certificate is no longer the device's (the device was re-enrolled elsewhere, or renewed): enroll this box again with gatewayd enroll, or ask central operations".into())
+    } else {
+        None
     }
 }
 

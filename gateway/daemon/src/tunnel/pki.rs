@@ -203,7 +203,8 @@ impl Signer {
     /// Signs `csr_pem` for device `id`, valid `lifetime` from `now_ms` (started
     /// up to five minutes early, at most a quarter of the lifetime, for clocks
     /// that lag). Only the CSR's public key is taken: names, usages and validity
-    /// are the hub's. Returns the certificate (PEM) and its expiry (Unix ms).
+    /// are the hub's. Returns the certificate (PEM), its expiry (Unix ms) and
+    /// its serial (hex, as [`serial_of_pem`] reads it).
     ///
     /// # Errors
     /// When the CSR does not parse, its signature does not verify, or it does
@@ -214,7 +215,7 @@ impl Signer {
         id: &str,
         now_ms: i64,
         lifetime: std::time::Duration,
-    ) -> Result<(String, i64), PkiError> {
+    ) -> Result<(String, i64, String), PkiError> {
         let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)?;
         let names_id = csr
             .params
@@ -243,10 +244,17 @@ impl Signer {
         ];
         p.not_before = at(now_ms - early_ms)?;
         p.not_after = at(not_after_ms)?;
-        p.serial_number = Some(rcgen::SerialNumber::from_slice(&rand::random::<[u8; 16]>()));
+        // Positive, so it reads back as written.
+        let mut serial: [u8; 16] = rand::random();
+        serial[0] &= 0x7f;
+        p.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
         csr.params = p;
         let cert = csr.signed_by(&self.issuer)?;
-        Ok((cert.pem(), not_after_ms.div_euclid(1000) * 1000))
+        Ok((
+            cert.pem(),
+            not_after_ms.div_euclid(1000) * 1000,
+            serial_hex(&serial),
+        ))
     }
 }
 
@@ -306,6 +314,19 @@ impl Signer {
             serial_hex(&serial),
         ))
     }
+}
+
+/// The serial (hex) of a certificate in PEM.
+pub fn serial_of_pem(cert_pem: &str) -> Option<String> {
+    use rustls_pki_types::pem::PemObject as _;
+    let der = rustls_pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes()).ok()?;
+    serial_of(&der)
+}
+
+/// The serial (hex) of a certificate.
+pub fn serial_of(cert: &rustls_pki_types::CertificateDer<'_>) -> Option<String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert).ok()?;
+    Some(serial_hex(parsed.raw_serial()))
 }
 
 /// Lowercase hex of a serial's bytes, leading zero bytes dropped (as x509

@@ -265,6 +265,13 @@ pub fn peer_id(conn: &quinn::Connection) -> Option<String> {
     Some(id.to_owned())
 }
 
+/// The serial (hex) of a connection's verified peer certificate.
+pub fn peer_serial(conn: &quinn::Connection) -> Option<String> {
+    let identity = conn.peer_identity()?;
+    let chain = identity.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    pki::serial_of(chain.first()?)
+}
+
 /// File in the state directory holding the hub's stateless-reset key.
 pub const RESET_KEY_FILE: &str = "quic-reset.key";
 

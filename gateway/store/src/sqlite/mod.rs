@@ -22,8 +22,9 @@ pub use sink::{SinkError, SqliteSink};
 
 use crate::error::{StoreError, StoreFuture};
 use crate::registry::{
-    AppliedReport, AuditExport, ConfigPush, ConsumerRow, DeviceRow, Enrollment, NewAccount,
-    NewConsumer, NewToken, Registry, RegistryError, RegistryFuture, SignCertificate,
+    Admission, AppliedReport, AuditExport, ConfigPush, ConsumerRow, DeviceRow, Enrollment,
+    NewAccount, NewConsumer, NewToken, Registry, RegistryError, RegistryFuture, Renewal,
+    SignCertificate,
 };
 use crate::sink::{Acked, Committed, Expired, Grant, Sink, SinkBatch, Stored, Stream, StreamKey};
 
@@ -202,6 +203,25 @@ impl Registry for Blocking<SqliteRegistry> {
 
     fn set_cert(&self, device: String, not_after_ms: i64) -> RegistryFuture<'_, ()> {
         self.run(move |r| r.set_cert(&device, not_after_ms))
+    }
+
+    fn renewed(&self, n: Renewal) -> RegistryFuture<'_, ()> {
+        self.run(move |r| {
+            r.renewed(
+                &n.device,
+                &n.serial,
+                n.not_after_ms,
+                (n.now_ms, n.handover_ms),
+            )
+        })
+    }
+
+    fn admit(&self, device: String, serial: String, now_ms: i64) -> RegistryFuture<'_, Admission> {
+        self.run(move |r| r.admit(&device, &serial, now_ms))
+    }
+
+    fn live_serials(&self, ids: Vec<String>) -> RegistryFuture<'_, Vec<(String, Vec<String>)>> {
+        self.run(move |r| r.live_serials(&ids))
     }
 
     fn is_revoked(&self, device: String) -> RegistryFuture<'_, bool> {

@@ -23,7 +23,7 @@ use gateway_core::audit::{self, Hash, Record, Verifier};
 use gateway_core::fleet::AdminRole;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
-use crate::registry::{ConsumerRow, DeviceRow, NewConsumer, RegistryError};
+use crate::registry::{Admission, ConsumerRow, DeviceRow, NewConsumer, RegistryError};
 
 /// File name inside the hub's state directory.
 pub const FILE_NAME: &str = "fleet.sqlite";
@@ -49,7 +49,11 @@ CREATE TABLE IF NOT EXISTS device (
     enrolled_ms  INTEGER NOT NULL,
     not_after_ms INTEGER,
     revoked_ms   INTEGER,
-    revoked_by   TEXT
+    revoked_by   TEXT,
+    serial       TEXT,
+    serial_seen  INTEGER NOT NULL DEFAULT 0,
+    prev_serial  TEXT,
+    prev_until_ms INTEGER
 ) STRICT;
 -- Applications reading the sink, by the certificate the hub issued them.
 CREATE TABLE IF NOT EXISTS consumer (
@@ -135,6 +139,22 @@ impl SqliteRegistry {
         )?;
         if !has_replaces {
             db.execute_batch("ALTER TABLE token ADD COLUMN replaces INTEGER NOT NULL DEFAULT 0")?;
+        }
+        // Registries made before one live certificate per device.
+        for (column, decl) in [
+            ("serial", "TEXT"),
+            ("serial_seen", "INTEGER NOT NULL DEFAULT 0"),
+            ("prev_serial", "TEXT"),
+            ("prev_until_ms", "INTEGER"),
+        ] {
+            let has: bool = db.query_row(
+                "SELECT EXISTS (SELECT 1 FROM pragma_table_info('device') WHERE name = ?1)",
+                [column],
+                |r| r.get(0),
+            )?;
+            if !has {
+                db.execute_batch(&format!("ALTER TABLE device ADD COLUMN {column} {decl}"))?;
+            }
         }
         Ok(SqliteRegistry { db })
     }
@@ -247,7 +267,7 @@ impl SqliteRegistry {
         digest: &str,
         device: &str,
         now_ms: i64,
-        sign: impl FnOnce() -> Result<(T, i64), RegistryError>,
+        sign: impl FnOnce() -> Result<(T, i64, String), RegistryError>,
     ) -> Result<T, RegistryError> {
         let tx = self
             .db
@@ -297,15 +317,18 @@ impl SqliteRegistry {
                 "this device is enrolled with a valid certificate; re-enrolling it takes a token made with --replace by the security administrator",
             ));
         }
-        let (out, not_after) = sign()?;
+        let (out, not_after, serial) = sign()?;
         tx.execute(
             "UPDATE token SET used_ms = ?2 WHERE digest = ?1",
             params![digest, now_ms],
         )?;
+        // The new certificate is the device's one: any older one is refused
+        // from now on, without a handover.
         tx.execute(
-            "INSERT INTO device (id, enrolled_ms, not_after_ms) VALUES (?1, ?2, ?3)
-             ON CONFLICT (id) DO UPDATE SET enrolled_ms = ?2, not_after_ms = ?3",
-            params![device, now_ms, not_after],
+            "INSERT INTO device (id, enrolled_ms, not_after_ms, serial, serial_seen) VALUES (?1, ?2, ?3, ?4, 0)
+             ON CONFLICT (id) DO UPDATE SET enrolled_ms = ?2, not_after_ms = ?3, serial = ?4,
+                 serial_seen = 0, prev_serial = NULL, prev_until_ms = NULL",
+            params![device, now_ms, not_after, serial],
         )?;
         tx.commit()?;
         Ok(out)
@@ -322,6 +345,128 @@ impl SqliteRegistry {
             params![device, not_after_ms],
         )?;
         Ok(())
+    }
+
+    /// A renewed certificate of `device` (serial, expiry) is its one from now
+    /// on. The certificate it connects with stays valid for new connections
+    /// until it first connects with the new one, or `handover_ms` at most.
+    ///
+    /// # Errors
+    /// SQLite.
+    pub fn renewed(
+        &mut self,
+        device: &str,
+        serial: &str,
+        not_after_ms: i64,
+        (now_ms, handover_ms): (i64, i64),
+    ) -> Result<(), RegistryError> {
+        let tx = self
+            .db
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let row: Option<(Option<String>, bool, Option<String>)> = tx
+            .query_row(
+                "SELECT serial, serial_seen, prev_serial FROM device WHERE id = ?1",
+                [device],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        // The one in use: the current one if the device has connected with
+        // it, else the one handed over from (a renewal whose answer was lost
+        // must not strand the certificate the box still holds).
+        let in_use = match row {
+            Some((current, true, _)) | Some((current, false, None)) => current,
+            Some((_, false, prev)) => prev,
+            None => None,
+        };
+        tx.execute(
+            "INSERT INTO device (id, enrolled_ms, not_after_ms, serial, serial_seen, prev_serial, prev_until_ms)
+                 VALUES (?1, 0, ?2, ?3, 0, ?4, ?5)
+             ON CONFLICT (id) DO UPDATE SET not_after_ms = ?2, serial = ?3, serial_seen = 0,
+                 prev_serial = ?4, prev_until_ms = ?5",
+            params![device, not_after_ms, serial, in_use, now_ms + handover_ms],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Whether `device` may open a tunnel presenting the certificate `serial`
+    /// (see [`Admission`]); records what the answer implies (a first-seen
+    /// certificate becomes the device's, the new one's first use ends the
+    /// handover).
+    ///
+    /// # Errors
+    /// SQLite.
+    pub fn admit(
+        &mut self,
+        device: &str,
+        serial: &str,
+        now_ms: i64,
+    ) -> Result<Admission, RegistryError> {
+        let tx = self
+            .db
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let row: Option<CertRow> = tx
+            .query_row(
+                "SELECT revoked_ms, serial, serial_seen, prev_serial, prev_until_ms FROM device WHERE id = ?1",
+                [device],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+            )
+            .optional()?;
+        let answer = match row {
+            Some((Some(_), ..)) => Admission::Revoked,
+            None | Some((None, None, ..)) => {
+                // A certificate made offline (gatewayd pki issue), or a
+                // registry from before serials: the first one seen is the one.
+                tx.execute(
+                    "INSERT INTO device (id, enrolled_ms, serial, serial_seen) VALUES (?1, 0, ?2, 1)
+                     ON CONFLICT (id) DO UPDATE SET serial = ?2, serial_seen = 1",
+                    params![device, serial],
+                )?;
+                Admission::FirstSeen
+            }
+            Some((None, Some(current), seen, ..)) if current == serial => {
+                if !seen {
+                    tx.execute(
+                        "UPDATE device SET serial_seen = 1, prev_until_ms = min(coalesce(prev_until_ms, ?2), ?2) WHERE id = ?1",
+                        params![device, now_ms],
+                    )?;
+                }
+                Admission::Current
+            }
+            Some((None, Some(current), _, Some(prev), Some(until)))
+                if prev == serial && now_ms < until =>
+            {
+                Admission::Handover { current }
+            }
+            Some((None, Some(current), ..)) => Admission::Superseded { current },
+        };
+        tx.commit()?;
+        Ok(answer)
+    }
+
+    /// The certificates each of `ids` may keep live connections with: its
+    /// current serial and the one it renewed from (live connections made
+    /// before the renewal go on until they close).
+    ///
+    /// # Errors
+    /// SQLite.
+    pub fn live_serials(
+        &self,
+        ids: &[String],
+    ) -> Result<Vec<(String, Vec<String>)>, RegistryError> {
+        let mut st = self
+            .db
+            .prepare_cached("SELECT serial, prev_serial FROM device WHERE id = ?1")?;
+        let mut out = Vec::new();
+        for id in ids {
+            let row: Option<(Option<String>, Option<String>)> = st
+                .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
+            if let Some((Some(current), prev)) = row {
+                out.push((id.clone(), std::iter::once(current).chain(prev).collect()));
+            }
+        }
+        Ok(out)
     }
 
     /// Whether `device` is revoked.
@@ -858,6 +1003,16 @@ fn unreachable_row(id: &str) -> DeviceRow {
     }
 }
 
+/// A device's certificate state: revoked at, serial, seen, previous serial,
+/// handover end.
+type CertRow = (
+    Option<i64>,
+    Option<String>,
+    bool,
+    Option<String>,
+    Option<i64>,
+);
+
 fn consumer_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ConsumerRow> {
     Ok(ConsumerRow {
         name: r.get(0)?,
@@ -885,7 +1040,7 @@ mod tests {
         let (_d, mut r) = reg();
         r.create_token("e1", "t1", 1_000, "alice", 0)
             .expect("token");
-        let sign = || Ok(("cert", 99));
+        let sign = || Ok(("cert", 99, "01".to_owned()));
         assert!(
             matches!(r.enroll("t1", "e2", 10, sign), Err(RegistryError::Token(m)) if m.contains("another device"))
         );
