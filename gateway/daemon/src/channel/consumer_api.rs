@@ -67,7 +67,7 @@ pub async fn serve(
         let consumers = consumers.clone();
         Arc::new(move |tls: &rustls::ServerConnection| consumers.admit(tls))
     };
-    let listener = TlsListener::spawn(
+    let (listener, accepting) = TlsListener::spawn(
         listener,
         tokio_rustls::TlsAcceptor::from(tls),
         stop.clone(),
@@ -86,6 +86,7 @@ pub async fn serve(
     {
         error!(%error, "Hub API listener failed");
     }
+    let _ = accepting.await;
 }
 
 /// A connection's address and verified client certificate.

@@ -250,7 +250,7 @@ pub async fn serve(
         )
         .route("/v1/consumers/{name}/revoke", post(consumer_revoke))
         .with_state(fleet);
-    let listener = TlsListener::spawn(
+    let (listener, accepting) = TlsListener::spawn(
         listener,
         tokio_rustls::TlsAcceptor::from(tls),
         stop.clone(),
@@ -264,6 +264,7 @@ pub async fn serve(
     {
         tracing::error!(%error, "Operator API failed");
     }
+    let _ = accepting.await;
 }
 
 async fn whoami(State(fleet): State<Arc<Fleet>>, caller: Caller) -> Answer {

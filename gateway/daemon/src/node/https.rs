@@ -88,6 +88,11 @@ pub struct TlsListener {
     local: SocketAddr,
 }
 
+/// The accepting task of a [`TlsListener`]: it owns the socket, which is
+/// closed once this task ends. Await it after the server stops, so a drained
+/// node has released its port.
+pub type Acceptor = tokio::task::JoinHandle<()>;
+
 impl TlsListener {
     /// Accepts on `tcp` until `stop`; `what` names the listener in the log.
     /// `admit` gives each connection its closing token (none: never closed
@@ -98,12 +103,12 @@ impl TlsListener {
         stop: CancellationToken,
         what: &'static str,
         admit: Option<Admit>,
-    ) -> Self {
+    ) -> (Self, Acceptor) {
         let (tx, ready) = tokio::sync::mpsc::channel(64);
         let local = tcp
             .local_addr()
             .unwrap_or_else(|_| ([0, 0, 0, 0], 0).into());
-        tokio::spawn(async move {
+        let accepting = tokio::spawn(async move {
             loop {
                 let accepted = tokio::select! {
                     a = tcp.accept() => a,
@@ -135,7 +140,7 @@ impl TlsListener {
                 });
             }
         });
-        TlsListener { ready, local }
+        (TlsListener { ready, local }, accepting)
     }
 }
 
