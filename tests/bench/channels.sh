@@ -120,8 +120,8 @@ RUST_LOG=warn $G run --config "$W/edge.toml" 2>"$W/edge.log" & EDGE=$!; PIDS+=($
 start_hub
 for _ in $(seq 100); do curl -sf 127.0.0.1:$EADMIN/readyz >/dev/null 2>&1 && break; sleep 0.1; done
 
-high() { # [channel]
-    curl -sf 127.0.0.1:$API/v1/channels | python3 -c 'import json,sys; c=[x for x in json.load(sys.stdin)["channels"] if x["channel"]==sys.argv[1]]; print(c[0]["high"] if c else 0)' "${1:-readings}" 2>/dev/null || echo 0
+high() { # [channel]: the sink's high-water mark, read from its file (the API takes consumer certificates)
+    $G channels --state-dir "$W/hub" --format json 2>/dev/null | python3 -c 'import json,sys; c=[x for x in json.load(sys.stdin)["channels"] if x["channel"]==sys.argv[1]]; print(c[0]["high"] if c else 0)' "${1:-readings}" 2>/dev/null || echo 0
 }
 committed() { # [channel]
     $G channels --state-dir "$W/edge" --format json | python3 -c 'import json,sys; c=[x for x in json.load(sys.stdin)["channels"] if x["channel"]==sys.argv[1]]; print(c[0]["committed"] if c else 0)' "${1:-readings}"

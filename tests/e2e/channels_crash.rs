@@ -35,7 +35,13 @@ fn rounds() -> usize {
 /// One blocking HTTP/1.0 request; `None` when the daemon is not there or died
 /// before answering.
 fn request(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).ok()?;
+    if let Some(src) = net::source_for(addr) {
+        sock.bind(&SocketAddr::new(src, 0).into()).ok()?;
+    }
+    sock.connect_timeout(&addr.into(), Duration::from_secs(2))
+        .ok()?;
+    let mut s: TcpStream = sock.into();
     s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
     let head = format!(
         "{method} {path} HTTP/1.0\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",

@@ -416,3 +416,98 @@ async fn raw_bytes_are_taken_only_where_declared() {
     assert_eq!(s, 403, "{b}");
     assert!(b.contains("R5.channel-content"), "{b}");
 }
+
+/// Only producers inside the listener's zone are served; every accepted
+/// request is audited with the producer's address, the sequence numbers and
+/// the body's SHA-256; oversized, undeclared and slow bodies are refused and
+/// audited; the media type is matched whatever its case.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_serves_only_its_zone_and_audits_every_request() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let pki = Pki::new();
+    let edge = edge_with_ingest(&pki).await;
+    let at = edge.ingest.expect("ingest listener");
+    let path = "/v1/channels/readings/records";
+    // From the zone (127.0.2.200): accepted, and audited with its digest.
+    let body = "{\"meter\": 1}\n{\"meter\": 2}\n";
+    let (s, b) = http_post(
+        at,
+        path,
+        Some("Application/X-NDJSON; charset=utf-8"),
+        body.as_bytes(),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    assert!(
+        b.contains("\"seq\":1") && b.contains("\"last\":2"),
+        "a batch of two: {b}"
+    );
+    let digest: String = ring::digest::digest(&ring::digest::SHA256, body.as_bytes())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    // From anywhere else (the extranet side, another department, no zone):
+    // refused with R5.address, audited under the address, summarised.
+    let post_from = |src: &'static str| async move {
+        let s = tokio::net::TcpSocket::new_v4().expect("socket");
+        s.bind(format!("{src}:0").parse().expect("addr"))
+            .expect("bind");
+        let mut c = s.connect(at).await.expect("connect");
+        let req = format!(
+            "POST {path} HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{{}}"
+        );
+        c.write_all(req.as_bytes()).await.expect("write");
+        let mut out = String::new();
+        c.read_to_string(&mut out).await.expect("read");
+        out
+    };
+    for src in ["127.0.0.1", "127.0.1.10", "127.9.9.9"] {
+        for _ in 0..20 {
+            let out = post_from(src).await;
+            assert!(
+                out.starts_with("HTTP/1.0 403") || out.starts_with("HTTP/1.1 403"),
+                "{src}: {out}"
+            );
+            assert!(out.contains("R5.address"), "{out}");
+        }
+    }
+    // A body larger than any record may be: 413; no Content-Type: 415.
+    let huge = vec![b'x'; 3 << 20];
+    let (s, _) = http_post(at, path, Some("application/json"), &huge).await;
+    assert_eq!(s, 413);
+    let (s, _) = http_post(at, path, Some("image/png"), b"{}").await;
+    assert_eq!(s, 415);
+    wait_for(
+        "the audit records",
+        std::time::Duration::from_secs(5),
+        || {
+            let audit = audit_lines(edge.state.path());
+            audit
+                .iter()
+                .any(|l| l.contains("channel.accept 127.0.2.200 readings ok [] seq 1-2, 2 records"))
+                && audit
+                    .iter()
+                    .any(|l| l.contains("channel.refuse 127.9.9.9 ingest deny [R5.address]"))
+                && audit
+                    .iter()
+                    .any(|l| l.contains("channel.refuse 127.0.2.200 readings deny [] body longer"))
+                && audit.iter().any(|l| {
+                    l.contains(
+                        "channel.refuse 127.0.2.200 readings deny [] declare the record's format",
+                    )
+                })
+        },
+    )
+    .await;
+    let audit = audit_lines(edge.state.path());
+    assert!(
+        audit
+            .iter()
+            .any(|l| l.contains(&format!("sha256={digest}"))),
+        "{audit:#?}"
+    );
+    // Sixty refused requests from three addresses: a few summarised records.
+    let refused = audit.iter().filter(|l| l.contains("[R5.address]")).count();
+    assert!((3..=6).contains(&refused), "{refused} records: {audit:#?}");
+}

@@ -404,7 +404,7 @@ async fn http_request(
     content_type: Option<&str>,
     body: &[u8],
 ) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).await.expect("connect");
+    let mut s = connect_from_zone(addr).await;
     let ct = content_type
         .map(|c| format!("Content-Type: {c}\r\n"))
         .unwrap_or_default();
@@ -427,6 +427,30 @@ async fn http_request(
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default();
     (status, body)
+}
+
+/// Where a test client connects from to reach `addr`: a listener on a test
+/// edge's legacy network (127.0.N.x, N > 0) is reached from 127.0.N.200,
+/// inside that zone, as a producer on that network would; anything else from
+/// the kernel's choice.
+pub fn source_for(addr: SocketAddr) -> Option<std::net::IpAddr> {
+    match addr.ip() {
+        std::net::IpAddr::V4(v4) if v4.octets()[0] == 127 && v4.octets()[2] != 0 => {
+            let o = v4.octets();
+            Some(std::net::Ipv4Addr::new(127, o[1], o[2], 200).into())
+        }
+        _ => None,
+    }
+}
+
+/// A TCP connection to `addr` from [`source_for`] it.
+pub async fn connect_from_zone(addr: SocketAddr) -> TcpStream {
+    let Some(src) = source_for(addr) else {
+        return TcpStream::connect(addr).await.expect("connect");
+    };
+    let s = tokio::net::TcpSocket::new_v4().expect("socket");
+    s.bind(SocketAddr::new(src, 0)).expect("bind the source");
+    s.connect(addr).await.expect("connect")
 }
 
 /// A minimal HTTP/1.0 request without a body; returns the status code and the body.

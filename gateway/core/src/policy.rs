@@ -528,6 +528,13 @@ pub enum Crossing<'a> {
         /// The legacy client's address.
         client: IpAddr,
     },
+    /// A producer connects to an ingest listener of this edge in `zone`.
+    IngestOpen {
+        /// The listener's zone.
+        zone: &'a str,
+        /// The producer's address.
+        client: IpAddr,
+    },
     /// A producer hands a record to a channel.
     ChannelRecord {
         /// The channel's name.
@@ -699,6 +706,25 @@ impl Policy {
                         a.device, a.service, from.name
                     ),
                     level,
+                ))
+            }
+            Crossing::IngestOpen { zone, client } => {
+                let z = cfg
+                    .zone(zone)
+                    .ok_or_else(|| deny_default(format!("zone {zone:?} is not declared")))?;
+                if !z.contains(client) {
+                    return Err(no_level(refuse(
+                        RuleId::Address,
+                        format!(
+                            "producer {client} is not in zone {:?}, the zone of this ingest listener",
+                            z.name
+                        ),
+                    )));
+                }
+                Ok(Decision::allow(
+                    RuleId::AllowChannel,
+                    format!("producer {client} in zone {:?}", z.name),
+                    z.level,
                 ))
             }
             Crossing::ChannelRecord {

@@ -286,6 +286,7 @@ fn forbidden(cfg: &Config, c: &Crossing<'_>, date: Date) -> bool {
                 || expired(from)
                 || expired(to)
         }
+        Crossing::IngestOpen { zone, client } => zone_of(client).is_none_or(|z| z.name != zone),
         Crossing::ChannelRecord {
             channel,
             format,
@@ -372,6 +373,14 @@ fn accepted_configs_never_allow_a_forbidden_crossing() {
             for ip in &ips {
                 crossings.push(Crossing::AccessOpen {
                     listen: a.listen,
+                    client: *ip,
+                });
+            }
+        }
+        for z in &cfg.zones {
+            for ip in &ips {
+                crossings.push(Crossing::IngestOpen {
+                    zone: &z.name,
                     client: *ip,
                 });
             }

@@ -522,6 +522,36 @@ fn run_time_decisions() {
             RuleId::Address,
         ),
         (
+            "ingest from its zone",
+            Crossing::IngestOpen {
+                zone: "ssn",
+                client: ip("10.20.7.7"),
+            },
+            today,
+            Verdict::Allow,
+            RuleId::AllowChannel,
+        ),
+        (
+            "ingest from another zone",
+            Crossing::IngestOpen {
+                zone: "ssn",
+                client: ip("10.30.7.7"),
+            },
+            today,
+            Verdict::Deny,
+            RuleId::Address,
+        ),
+        (
+            "ingest from the provincial side",
+            Crossing::IngestOpen {
+                zone: "ssn",
+                client: ip("59.72.1.1"),
+            },
+            today,
+            Verdict::Deny,
+            RuleId::Address,
+        ),
+        (
             "access on an unknown listener",
             Crossing::AccessOpen {
                 listen: "10.20.0.1:1".parse().expect("addr"),

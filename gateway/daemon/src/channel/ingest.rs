@@ -5,14 +5,22 @@
 //!
 //! Records are committed by the buffer thread ([`super::buffer`]), which groups
 //! concurrent producers into one transaction.
+//!
+//! Only producers inside the listener's zone are served (R5.address; others get
+//! 403, audited under their address and summarised). Every accepted request is
+//! a crossing: audited as `channel.accept` with the producer's address, the
+//! sequence numbers, count, bytes and the SHA-256 of the body. A body larger
+//! than the largest record limit allows (413), an undeclared format (415), or
+//! a body sent slower than [`MIN_BODY_RATE`] after [`BODY_GRACE`] is refused
+//! and audited too.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::body::{Body, Bytes};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -24,15 +32,24 @@ use tracing::{error, info};
 
 use super::buffer::BufferHandle;
 use super::check::{buffer_when_full, check_records, split_records};
-use crate::node::Ctx;
+use crate::node::{Ctx, PeerAttempt};
+use gateway_core::policy::Crossing;
 
 /// How long `when_full = "block"` holds a producer before answering 503.
 pub const BLOCK_TIMEOUT: Duration = Duration::from_secs(5);
+/// A body may take this long whatever its size ...
+pub const BODY_GRACE: Duration = Duration::from_secs(10);
+/// ... and must arrive at least this fast (bytes per second) after that.
+pub const MIN_BODY_RATE: u64 = 1024;
+
 #[derive(Clone)]
 struct IngestState {
     ctx: Arc<Ctx>,
     zone: String,
     writer: BufferHandle,
+    /// Largest body read: the largest record limit of the node's channels,
+    /// plus room for an NDJSON batch's framing.
+    limit: usize,
 }
 
 /// Serves one `[[ingest]]` listener until draining.
@@ -52,15 +69,21 @@ pub async fn serve(ctx: Arc<Ctx>, zone: String, listener: TcpListener, writer: B
         })
         .unwrap_or(0);
     let draining = ctx.draining.clone();
+    // Room above the largest record limit, so an oversized record still
+    // reaches the policy and gets an explained, audited refusal.
+    let limit = usize::try_from(limit.saturating_add(1 << 20)).unwrap_or(usize::MAX);
     let app = Router::new()
         .route("/v1/channels/{name}/records", post(post_record))
         .route("/v1/channels/{name}/receipts", get(receipts))
-        // Room above the largest record limit, so an oversized record still
-        // reaches the policy and gets an explained, audited refusal.
-        .layer(DefaultBodyLimit::max(
-            usize::try_from(limit.saturating_add(1 << 20)).unwrap_or(usize::MAX),
-        ))
-        .with_state(IngestState { ctx, zone, writer });
+        // Bodies are read by post_record, capped and timed (and refusals audited).
+        .layer(DefaultBodyLimit::disable())
+        .with_state(IngestState {
+            ctx,
+            zone,
+            writer,
+            limit,
+        })
+        .into_make_service_with_connect_info::<SocketAddr>();
     if let Err(error) = axum::serve(listener, app)
         .with_graceful_shutdown(draining.cancelled_owned())
         .await
@@ -78,10 +101,14 @@ fn answer(status: StatusCode, body: serde_json::Value) -> Response {
         .into_response()
 }
 
-fn format_of(headers: &HeaderMap) -> Option<Format> {
+/// The media type of a request, lowercase, without parameters.
+fn media_type(headers: &HeaderMap) -> Option<String> {
     let ct = headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
-    let mime = ct.split(';').next()?.trim().to_ascii_lowercase();
-    match mime.as_str() {
+    Some(ct.split(';').next()?.trim().to_ascii_lowercase())
+}
+
+fn format_of(headers: &HeaderMap) -> Option<Format> {
+    match media_type(headers)?.as_str() {
         "application/json" | "application/x-ndjson" => Some(Format::Json),
         "application/xml" | "text/xml" => Some(Format::Xml),
         "text/csv" => Some(Format::Csv),
@@ -91,12 +118,117 @@ fn format_of(headers: &HeaderMap) -> Option<Format> {
     }
 }
 
+/// Why a body was not read.
+#[derive(Debug, PartialEq, Eq)]
+enum BodyError {
+    /// Longer than the limit.
+    TooLarge(usize),
+    /// Slower than [`MIN_BODY_RATE`] after [`BODY_GRACE`].
+    TooSlow(u64),
+    /// The connection failed.
+    Failed(String),
+}
+
+/// Reads `body` frame by frame: at most `limit` bytes, and after
+/// [`BODY_GRACE`] at least [`MIN_BODY_RATE`] bytes per second on average.
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, BodyError> {
+    use http_body_util::BodyExt as _;
+    let started = tokio::time::Instant::now();
+    let mut body = body;
+    let mut out = Vec::new();
+    loop {
+        // The latest moment the next byte may come and keep the average rate.
+        let due = started
+            + BODY_GRACE
+            + Duration::from_millis((out.len() as u64 + 1) * 1000 / MIN_BODY_RATE);
+        let frame = match tokio::time::timeout_at(due, body.frame()).await {
+            Err(_) => return Err(BodyError::TooSlow(out.len() as u64)),
+            Ok(None) => return Ok(out.into()),
+            Ok(Some(Err(e))) => return Err(BodyError::Failed(e.to_string())),
+            Ok(Some(Ok(f))) => f,
+        };
+        if let Ok(data) = frame.into_data() {
+            if out.len() + data.len() > limit {
+                return Err(BodyError::TooLarge(limit));
+            }
+            out.extend_from_slice(&data);
+        }
+    }
+}
+
+fn sha256_hex(body: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, body)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The 403 for a producer outside the listener's zone (audited under its
+/// address, summarised); `None` for one inside.
+fn outside_zone(st: &IngestState, peer: SocketAddr) -> Option<Response> {
+    let allowed = st.ctx.policy().decide(
+        &Crossing::IngestOpen {
+            zone: &st.zone,
+            client: peer.ip(),
+        },
+        st.ctx.today(),
+    );
+    if allowed.is_allowed() {
+        return None;
+    }
+    st.ctx
+        .refuse_peer(peer.ip(), PeerAttempt::IngestAddress, &allowed.reason, "");
+    Some(answer(
+        StatusCode::FORBIDDEN,
+        json!({ "error": allowed.reason, "rule": allowed.rule.as_str() }),
+    ))
+}
+
 async fn post_record(
     State(st): State<IngestState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(name): Path<String>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
+    if let Some(refused) = outside_zone(&st, peer) {
+        return refused;
+    }
+    let subject = peer.ip().to_string();
+    let body = match read_body(body, st.limit).await {
+        Ok(b) => b,
+        Err(e) => {
+            let (status, why, reason) = match e {
+                BodyError::TooLarge(limit) => (
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "size",
+                    format!(
+                        "body longer than {limit} bytes, more than any record of this node may be"
+                    ),
+                ),
+                BodyError::TooSlow(got) => (
+                    StatusCode::REQUEST_TIMEOUT,
+                    "slow",
+                    format!(
+                        "body too slow: {got} bytes, under {MIN_BODY_RATE} bytes/s after {} s",
+                        BODY_GRACE.as_secs()
+                    ),
+                ),
+                BodyError::Failed(e) => {
+                    return answer(StatusCode::BAD_REQUEST, json!({ "error": e }));
+                }
+            };
+            st.ctx.refuse(
+                "channel.refuse",
+                &subject,
+                &gateway_core::refusals::peer_text(&name),
+                why,
+                &reason,
+            );
+            return answer(status, json!({ "error": reason }));
+        }
+    };
     let policy = st.ctx.policy();
     let Some(channel) = policy
         .config()
@@ -114,18 +246,29 @@ async fn post_record(
         );
     };
     let Some(format) = format_of(&headers) else {
+        let reason = "declare the record's format with Content-Type: application/json, application/x-ndjson, application/xml, text/csv, text/plain or application/octet-stream";
+        st.ctx.refuse(
+            "channel.refuse",
+            &subject,
+            &name,
+            "format",
+            &format!(
+                "{reason} (sent {})",
+                gateway_core::refusals::peer_text(
+                    headers
+                        .get(header::CONTENT_TYPE)
+                        .map_or("nothing", |v| v.to_str().unwrap_or("(not text)"))
+                )
+            ),
+        );
         return answer(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            json!({ "error": "declare the record's format with Content-Type: application/json, application/xml, text/csv or text/plain" }),
+            json!({ "error": reason }),
         );
     };
-    let subject = format!("ingest:{}", st.zone);
     // A batch: `application/x-ndjson`, one JSON record per non-empty line,
     // accepted or refused as a whole.
-    let batch = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim_start().starts_with("application/x-ndjson"));
+    let batch = media_type(&headers).as_deref() == Some("application/x-ndjson");
     let items = split_records(&body, batch);
     if items.is_empty() {
         return answer(
@@ -167,6 +310,21 @@ async fn post_record(
                         format!("quota: dropped records {from}..={to}"),
                     );
                 }
+                st.ctx.audit.record(
+                    &subject,
+                    &name,
+                    "channel.accept",
+                    "ok",
+                    "",
+                    format!(
+                        "seq {}-{}, {} records, {} bytes, sha256={}",
+                        a.first,
+                        a.last,
+                        items.len(),
+                        body.len(),
+                        sha256_hex(&body)
+                    ),
+                );
                 return answer(
                     StatusCode::OK,
                     json!({ "channel": name, "seq": a.first, "last": a.last, "dropped": a.dropped.map(|(f, t)| [f, t]) }),
@@ -211,9 +369,13 @@ struct ReceiptsQuery {
 /// record after `after`, in sequence order.
 async fn receipts(
     State(st): State<IngestState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(name): Path<String>,
     Query(q): Query<ReceiptsQuery>,
 ) -> Response {
+    if let Some(refused) = outside_zone(&st, peer) {
+        return refused;
+    }
     let known = st.ctx.policy().config().edge().is_some_and(|e| {
         e.channels
             .iter()

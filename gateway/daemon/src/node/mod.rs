@@ -78,10 +78,13 @@ pub enum PeerAttempt {
     /// A tunnel presenting a device certificate that is no longer the
     /// device's (re-enrolled, or renewed and handed over).
     SupersededCertificate,
+    /// A producer outside its ingest listener's zone.
+    IngestAddress,
 }
 
 impl PeerAttempt {
-    const ALL: [PeerAttempt; 5] = [
+    const ALL: [PeerAttempt; 6] = [
+        PeerAttempt::IngestAddress,
         PeerAttempt::OperatorCredential,
         PeerAttempt::Enrollment,
         PeerAttempt::EnrollmentConnection,
@@ -97,6 +100,7 @@ impl PeerAttempt {
             PeerAttempt::EnrollmentConnection => "enrollment-connection",
             PeerAttempt::ConsumerCertificate => "consumer-certificate",
             PeerAttempt::SupersededCertificate => "superseded-certificate",
+            PeerAttempt::IngestAddress => "ingest-address",
         }
     }
 
@@ -106,6 +110,7 @@ impl PeerAttempt {
             PeerAttempt::Enrollment | PeerAttempt::EnrollmentConnection => "device.enroll",
             PeerAttempt::ConsumerCertificate => "consumer.auth",
             PeerAttempt::SupersededCertificate => "tunnel.refuse",
+            PeerAttempt::IngestAddress => "channel.refuse",
         }
     }
 
@@ -115,6 +120,15 @@ impl PeerAttempt {
             PeerAttempt::Enrollment | PeerAttempt::EnrollmentConnection => "enrollment",
             PeerAttempt::ConsumerCertificate => "consumers-api",
             PeerAttempt::SupersededCertificate => "tunnel",
+            PeerAttempt::IngestAddress => "ingest",
+        }
+    }
+
+    /// The boundary rule the refusal is by, if one.
+    fn rule(self) -> &'static str {
+        match self {
+            PeerAttempt::IngestAddress => "R5.address",
+            _ => "",
         }
     }
 }
@@ -293,7 +307,7 @@ impl Ctx {
             attempt.object(),
             attempt.event(),
             "deny",
-            "",
+            attempt.rule(),
             detail,
         );
     }
@@ -311,7 +325,7 @@ impl Ctx {
                 attempt.object(),
                 attempt.event(),
                 "deny",
-                "",
+                attempt.rule(),
                 format!(
                     "{} more refused since the last record (summarised, at most one record per {} s)",
                     d.count,
