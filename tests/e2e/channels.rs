@@ -783,3 +783,148 @@ async fn a_corrupt_record_is_quarantined_audited_and_skipped_not_a_crash_loop() 
     .await;
     drop(hub);
 }
+
+/// The spool reads only what producers put there: symlinks swapped in while
+/// the edge scans (2,000 swaps), FIFOs, hard links, huge files and names with
+/// control characters go to failed/ with a reason, audited, and nothing from
+/// outside the spool reaches the sink; a FIFO stalls nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_spool_takes_only_regular_files_of_its_own() {
+    let pki = Pki::new();
+    let hub = start_hub(&pki, HubSpec::new("hub-01", 2, &[])).await;
+    let reader = Reader::new(&pki, &hub, "reader", &["edge-b/readings"]);
+    let edge = start_edge(&pki, edge_spec(vec![hub.quic])).await;
+    let spool = edge.state.path().join("spool/readings");
+    let (inbox, failed) = (spool.join("in"), spool.join("failed"));
+    wait_for("the spool directories", Duration::from_secs(5), || {
+        inbox.is_dir()
+    })
+    .await;
+    let victim = tempfile::tempdir().expect("victim");
+    let secret = victim.path().join("secret.json");
+    std::fs::write(&secret, "{\"n\":999999}").expect("secret");
+    let fifo = inbox.join("pipe.json");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("fifo");
+    std::fs::hard_link(&secret, inbox.join("hard.json")).expect("hard link");
+    let huge = std::fs::File::create(inbox.join("huge.json")).expect("huge");
+    huge.set_len(200 << 20).expect("200 MB, sparse");
+    std::fs::write(inbox.join("bad\nname.json"), "{\"n\":1}").expect("control name");
+    // A producer whose files are swapped for a link to the secret as the edge
+    // scans: a regular file renamed in, then a symlink renamed over it.
+    let swaps = {
+        let (inbox, spool, secret) = (inbox.clone(), spool.clone(), secret.clone());
+        tokio::task::spawn_blocking(move || {
+            for n in 0..2000u64 {
+                let (tmp, link) = (spool.join(".tmp"), spool.join(".link"));
+                std::fs::write(&tmp, format!("{{\"n\":{n}}}")).expect("write");
+                let name = inbox.join(format!("r-{n:05}.json"));
+                std::fs::rename(&tmp, &name).expect("rename in");
+                // The attacker's timing: sometimes the scan sees the file first.
+                std::thread::sleep(Duration::from_micros(n % 7 * 150));
+                let _ = std::fs::remove_file(&link);
+                std::os::unix::fs::symlink(&secret, &link).expect("symlink");
+                // Gone already (taken) or still there: either way, swap.
+                let _ = std::fs::rename(&link, &name);
+            }
+        })
+    };
+    swaps.await.expect("swaps");
+    wait_for("in/ to empty", Duration::from_secs(60), || {
+        std::fs::read_dir(&inbox).map(|d| d.count()).unwrap_or(1) == 0
+    })
+    .await;
+    // Nothing from outside the spool reached the sink.
+    let (_, body) = reader.get("GET", "/v1/channels").await;
+    let high =
+        serde_json::from_str::<serde_json::Value>(&body).expect("json")["channels"][0]["high"]
+            .as_u64()
+            .unwrap_or(0);
+    let records = sink_records(&reader).await;
+    assert_eq!(
+        records.len() as u64,
+        high,
+        "every committed record is in the sink"
+    );
+    assert!(
+        records.iter().all(|(_, n)| *n != 999_999),
+        "the secret outside the spool was delivered"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&secret).expect("secret"),
+        "{\"n\":999999}"
+    );
+    for (name, why) in [
+        ("pipe.json", "FIFO"),
+        ("hard.json", "hard links"),
+        ("huge.json", "larger than"),
+        ("bad\nname.json", "control characters"),
+    ] {
+        let reason = std::fs::read_to_string(failed.join(format!("{name}.reason")))
+            .unwrap_or_else(|e| panic!("{name}.reason: {e}"));
+        assert!(reason.contains(why), "{name}: {reason}");
+    }
+    let audit = audit_lines(edge.state.path());
+    let refused = audit
+        .iter()
+        .filter(|l| l.starts_with("channel.refuse spool:"))
+        .count();
+    let swapped = std::fs::read_dir(&failed)
+        .expect("failed/")
+        .filter_map(Result::ok)
+        .filter(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            n.starts_with("r-") && !n.ends_with(".reason")
+        })
+        .count();
+    assert!(
+        refused >= 4 + swapped,
+        "{refused} refusals for {swapped} swapped links"
+    );
+    assert!(
+        audit.iter().any(|l| l.contains("bad\\nname.json")),
+        "the control character is escaped in the audit"
+    );
+    println!("{swapped} of 2000 swaps were caught as symlinks; {high} records committed");
+}
+
+/// A spool directory replaced by a symlink is refused for that channel (with
+/// an audit record); the files it points to stay where they are, and the
+/// node runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spool_directory_that_is_a_symlink_is_refused() {
+    let pki = Pki::new();
+    let hub = start_hub(&pki, HubSpec::new("hub-01", 2, &[])).await;
+    let state = Arc::new(tempfile::tempdir().expect("state"));
+    let victim = tempfile::tempdir().expect("victim");
+    std::fs::write(victim.path().join("config.json"), "{\"n\":1}").expect("victim file");
+    std::fs::create_dir_all(state.path().join("spool/readings")).expect("spool");
+    std::os::unix::fs::symlink(victim.path(), state.path().join("spool/readings/in"))
+        .expect("symlink in/");
+    let edge = start_edge(
+        &pki,
+        EdgeSpec {
+            state: Some(state.clone()),
+            ..edge_spec(vec![hub.quic])
+        },
+    )
+    .await;
+    wait_for("the refusal in the audit", Duration::from_secs(10), || {
+        audit_lines(edge.state.path()).iter().any(|l| {
+            l.starts_with("channel.spool edge-b readings deny") && l.contains("symbolic link")
+        })
+    })
+    .await;
+    assert!(
+        victim.path().join("config.json").exists(),
+        "a file outside the spool was taken"
+    );
+    // Ingest still works.
+    let (s, b) = http_post(
+        edge.ingest.expect("ingest"),
+        "/v1/channels/readings/records",
+        Some("application/json"),
+        b"{\"n\":1}",
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+}

@@ -12,6 +12,7 @@
 //! Exactly once: see `gateway_store::inbox` (staged files, a durable mark per
 //! source, recovery of pending renames at the start of every stream).
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -21,8 +22,8 @@ use gateway_store::inbox::Inbox;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::check::check_records;
-use super::spool::write_whole;
 use crate::node::Ctx;
+use crate::os::dir::SafeDir;
 use crate::tunnel::frame::{read_batch, refuse, write_frame};
 
 /// The inbox, shared by delivery streams and used from blocking threads, and
@@ -84,36 +85,52 @@ fn format_of(name: &str) -> Option<Format> {
     }
 }
 
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::File::open(dir)?.sync_all()
+/// A channel's delivery directories, opened once through their descriptors
+/// (`crate::os::dir`): `out/` is the destination application's, so nothing
+/// there is followed; a symlink planted under a coming name is replaced,
+/// never written through.
+pub struct Opened {
+    staging: SafeDir,
+    out: SafeDir,
+    failed: SafeDir,
+}
+
+/// Opens `state_dir/spool/CHANNEL/{.staging, out, failed}` component by
+/// component, each a real directory owned by the daemon's user.
+fn open_dirs(state_dir: &Path, channel: &str) -> Result<Opened, String> {
+    let open = || -> Result<Opened, crate::os::dir::DirError> {
+        let base = SafeDir::open(state_dir)?
+            .open_child("spool")?
+            .open_child(channel)?;
+        Ok(Opened {
+            staging: base.open_child(".staging")?,
+            out: base.open_child("out")?,
+            failed: base.open_child("failed")?,
+        })
+    };
+    open().map_err(|e| e.to_string())
+}
+
+fn os(name: &str) -> &OsStr {
+    OsStr::new(name)
 }
 
 /// Finishes what a crash interrupted: pending files are renamed into `out/`,
 /// staged files that were never committed are removed.
-fn recover(
-    inbox: &mut Inbox,
-    channel: &str,
-    [staging, out, _]: &[PathBuf; 3],
-) -> Result<(), String> {
-    for d in [staging, out] {
-        std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
-    }
+fn recover(inbox: &mut Inbox, channel: &str, d: &Opened) -> Result<(), String> {
     let pending = inbox.pending(channel).map_err(|e| e.to_string())?;
     for name in &pending {
-        let from = staging.join(name);
-        if from.exists() {
-            std::fs::rename(&from, out.join(name))
-                .map_err(|e| format!("{}: {e}", from.display()))?;
+        match d.staging.rename_over(os(name), &d.out, os(name)) {
+            Ok(()) | Err(nix::errno::Errno::ENOENT) => {}
+            Err(e) => return Err(format!("{}/{name}: {e}", d.staging.path().display())),
         }
     }
-    sync_dir(out).map_err(|e| e.to_string())?;
+    d.out.sync().map_err(|e| e.to_string())?;
     inbox
         .published(channel, &pending)
         .map_err(|e| e.to_string())?;
-    if let Ok(entries) = std::fs::read_dir(staging) {
-        for e in entries.filter_map(Result::ok) {
-            let _ = std::fs::remove_file(e.path());
-        }
+    for (name, _, _) in d.staging.entries().unwrap_or_default() {
+        let _ = d.staging.remove(&name);
     }
     Ok(())
 }
@@ -124,40 +141,46 @@ fn publish(
     inbox: &mut Inbox,
     source: &str,
     channel: &str,
-    dirs: &[PathBuf; 3],
+    d: &Opened,
     accepted: Vec<(SyncRecord, String)>,
     refused: Vec<(SyncRecord, String, String)>,
     upto: u64,
 ) -> Result<u64, String> {
-    let [staging, out, failed] = dirs;
-    let io = |p: &Path| {
-        let p = p.display().to_string();
+    let io = |dir: &SafeDir| {
+        let p = dir.path().display().to_string();
         move |e: std::io::Error| format!("{p}: {e}")
     };
     for (r, name, reason) in &refused {
-        std::fs::create_dir_all(failed).map_err(io(failed))?;
-        write_whole(&failed.join(name), &r.body).map_err(io(failed))?;
-        write_whole(
-            &failed.join(format!("{name}.reason")),
-            format!("{reason}\n").as_bytes(),
-        )
-        .map_err(io(failed))?;
+        d.failed
+            .write_replace(os(name), &r.body)
+            .map_err(io(&d.failed))?;
+        d.failed
+            .write_replace(
+                os(&format!("{name}.reason")),
+                format!("{reason}\n").as_bytes(),
+            )
+            .map_err(io(&d.failed))?;
     }
     let mut names = Vec::with_capacity(accepted.len());
     for (r, name) in &accepted {
-        let path = staging.join(name);
-        let mut f = std::fs::File::create(&path).map_err(io(&path))?;
-        std::io::Write::write_all(&mut f, &r.body).map_err(io(&path))?;
-        f.sync_all().map_err(io(&path))?;
+        // A leftover of a crash under this name is replaced.
+        let _ = d.staging.remove(os(name));
+        d.staging
+            .write_new(os(name), &r.body)
+            .map_err(io(&d.staging))?;
         names.push(name.clone());
     }
     inbox
         .commit(source, channel, upto, &names)
         .map_err(|e| e.to_string())?;
     for name in &names {
-        std::fs::rename(staging.join(name), out.join(name)).map_err(io(out))?;
+        d.staging
+            .rename_over(os(name), &d.out, os(name))
+            .map_err(|e| format!("{}: {e}", d.out.path().display()))?;
     }
-    sync_dir(out).map_err(io(out))?;
+    d.out
+        .sync()
+        .map_err(|e| format!("{}: {e}", d.out.path().display()))?;
     inbox
         .published(channel, &names)
         .map_err(|e| e.to_string())?;
@@ -186,12 +209,13 @@ pub async fn serve(
             refuse(&mut send, RefuseCode::NoRoute, "", message).await;
             return;
         };
-        let dirs = dirs(&inbox.state_dir, &channel);
-        let (ch, d, src) = (channel.clone(), dirs.clone(), from.clone());
-        let high = match inbox
+        let (ch, state, src) = (channel.clone(), inbox.state_dir.clone(), from.clone());
+        let opened = match inbox
             .with(move |i| {
+                let d = open_dirs(&state, &ch)?;
                 recover(i, &ch, &d)?;
-                i.high(&src).map_err(|e| e.to_string())
+                let high = i.high(&src).map_err(|e| e.to_string())?;
+                Ok((Arc::new(d), high))
             })
             .await
         {
@@ -202,6 +226,7 @@ pub async fn serve(
                 return;
             }
         };
+        let (dirs, high) = opened;
         if write_frame(&mut send, &Frame::SyncReady { acked: high })
             .await
             .is_err()

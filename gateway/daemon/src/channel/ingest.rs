@@ -156,7 +156,8 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, BodyError> {
     }
 }
 
-fn sha256_hex(body: &[u8]) -> String {
+/// The SHA-256 of a request body or spool file, hex.
+pub fn sha256_hex(body: &[u8]) -> String {
     ring::digest::digest(&ring::digest::SHA256, body)
         .as_ref()
         .iter()

@@ -1,8 +1,11 @@
 //! What the daemon asks of the operating system: the service manager's
 //! readiness and watchdog protocol ([`notify`]), dropping root ([`privilege`]),
-//! exit codes systemd and scripts can tell apart ([`exit`]), and files that
-//! only the daemon's user can read, whatever the umask it was started with.
+//! exit codes systemd and scripts can tell apart ([`exit`]), files that
+//! only the daemon's user can read, whatever the umask it was started with,
+//! and directories producers write into, used only through their descriptor
+//! ([`dir`]).
 
+pub mod dir;
 pub mod exit;
 pub mod notify;
 pub mod privilege;
