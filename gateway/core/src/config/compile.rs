@@ -340,8 +340,40 @@ impl Compiler<'_> {
         };
         self.unique_listeners(&admin, role.as_ref());
 
+        let positive = |c: &mut Self, v: Option<&Spanned<i64>>, key: &str, default: u32| match v {
+            None => Some(default),
+            Some(m) => {
+                let n = u32::try_from(*m.get_ref()).ok().filter(|n| *n > 0);
+                if n.is_none() {
+                    c.error(
+                        &m.span(),
+                        format!("{key}: {} is not a positive number", m.get_ref()),
+                        format!("write a whole number above zero, or remove the key for the default ({default})"),
+                    );
+                }
+                n
+            }
+        };
+        let max_http = positive(
+            self,
+            raw.node
+                .as_ref()
+                .and_then(|n| n.max_http_connections.as_ref()),
+            "node.max_http_connections",
+            1024,
+        );
+        let max_http_source = positive(
+            self,
+            raw.node
+                .as_ref()
+                .and_then(|n| n.max_http_connections_per_source.as_ref()),
+            "node.max_http_connections_per_source",
+            64,
+        );
         Some(Config {
             node: Node {
+                max_http_connections: max_http?,
+                max_http_connections_per_source: max_http_source?,
                 id: id?,
                 state_dir: state_dir?,
                 user: raw

@@ -91,6 +91,11 @@ pub struct Node {
     pub state_dir: PathBuf,
     /// The user to drop to after binding, when started as root.
     pub user: Option<String>,
+    /// Connections open at once on each HTTP listener (ingest, admin, the
+    /// hub's APIs).
+    pub max_http_connections: u32,
+    /// Connections open at once from one address on each HTTP listener.
+    pub max_http_connections_per_source: u32,
 }
 
 /// The role's own sections.

@@ -21,6 +21,8 @@ pub struct RawNode {
     pub role: S,
     pub state_dir: S,
     pub user: Option<S>,
+    pub max_http_connections: Option<Spanned<i64>>,
+    pub max_http_connections_per_source: Option<Spanned<i64>>,
 }
 
 /// `[[zone]]`

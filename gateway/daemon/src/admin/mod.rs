@@ -10,8 +10,6 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 use metrics::Metrics;
 
@@ -30,27 +28,17 @@ struct AdminState {
     readiness: Readiness,
 }
 
-/// Serves the admin endpoints until `stop`.
-pub async fn serve(
-    listener: TcpListener,
-    metrics: Arc<Metrics>,
-    readiness: Readiness,
-    stop: CancellationToken,
-) {
-    let app = Router::new()
+/// The admin endpoints (served by the role on `[admin].listen`, with the
+/// node's HTTP limits).
+pub fn router(metrics: Arc<Metrics>, readiness: Readiness) -> Router {
+    Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route(
             "/metrics",
             get(|State(s): State<AdminState>| async move { s.metrics.render() }),
         )
-        .with_state(AdminState { metrics, readiness });
-    if let Err(error) = axum::serve(listener, app)
-        .with_graceful_shutdown(stop.cancelled_owned())
-        .await
-    {
-        tracing::error!(%error, "Admin listener failed");
-    }
+        .with_state(AdminState { metrics, readiness })
 }
 
 async fn readyz(State(s): State<AdminState>) -> (StatusCode, &'static str) {

@@ -32,10 +32,10 @@ use gateway_store::sink::{Acked, StreamKey};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::info;
 
 use super::consumers::Consumers;
-use crate::node::https::{Conn, TlsListener};
+use crate::node::http;
 use crate::node::{Ctx, PeerAttempt};
 
 /// Most records one read returns.
@@ -63,30 +63,26 @@ pub async fn serve(
     stop: CancellationToken,
 ) {
     info!(listen = ?listener.local_addr().ok(), "Hub API (consumers) listening");
-    let admit = {
+    let admit: http::Admit = {
         let consumers = consumers.clone();
         Arc::new(move |tls: &rustls::ServerConnection| consumers.admit(tls))
     };
-    let (listener, accepting) = TlsListener::spawn(
-        listener,
-        tokio_rustls::TlsAcceptor::from(tls),
-        stop.clone(),
-        "Hub API",
-        Some(admit),
-    );
     let app = Router::new()
         .route("/v1/channels", get(streams))
         .route("/v1/channels/{device}/{name}/records", get(records))
         .route("/v1/channels/{device}/{name}/ack", post(ack))
-        .with_state(Api { ctx, consumers })
-        .into_make_service_with_connect_info::<Peer>();
-    if let Err(error) = axum::serve(listener, app)
-        .with_graceful_shutdown(stop.cancelled_owned())
-        .await
-    {
-        error!(%error, "Hub API listener failed");
-    }
-    let _ = accepting.await;
+        .with_state(Api {
+            ctx: ctx.clone(),
+            consumers,
+        });
+    let listener = http::Listener {
+        tcp: listener,
+        security: http::Security::Tls(tokio_rustls::TlsAcceptor::from(tls), Some(admit)),
+        what: "Hub API",
+        limits: ctx.http_limits(),
+    };
+    let info = |addr, cert| Peer { addr, cert };
+    http::serve(Some(ctx), listener, app, info, stop).await;
 }
 
 /// A connection's address and verified client certificate.
@@ -94,16 +90,6 @@ pub async fn serve(
 struct Peer {
     addr: SocketAddr,
     cert: Option<rustls_pki_types::CertificateDer<'static>>,
-}
-
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>> for Peer {
-    fn connect_info(stream: axum::serve::IncomingStream<'_, TlsListener>) -> Self {
-        let conn: &Conn = stream.io();
-        Peer {
-            addr: *stream.remote_addr(),
-            cert: conn.peer_certificate(),
-        }
-    }
 }
 
 /// An error answer: `{"error": ..., more}`.

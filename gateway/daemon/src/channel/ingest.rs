@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -28,19 +28,16 @@ use gateway_core::config::{Format, WhenFull as CfgWhenFull};
 use gateway_store::buffer::NewRecord;
 use serde_json::json;
 use tokio::net::TcpListener;
-use tracing::{error, info};
+use tracing::info;
 
 use super::buffer::BufferHandle;
 use super::check::{buffer_when_full, check_records, split_records};
+use crate::node::http::{self, BODY_GRACE, BodyError, MIN_BODY_RATE, read_body};
 use crate::node::{Ctx, PeerAttempt};
 use gateway_core::policy::Crossing;
 
 /// How long `when_full = "block"` holds a producer before answering 503.
 pub const BLOCK_TIMEOUT: Duration = Duration::from_secs(5);
-/// A body may take this long whatever its size ...
-pub const BODY_GRACE: Duration = Duration::from_secs(10);
-/// ... and must arrive at least this fast (bytes per second) after that.
-pub const MIN_BODY_RATE: u64 = 1024;
 
 #[derive(Clone)]
 struct IngestState {
@@ -78,18 +75,21 @@ pub async fn serve(ctx: Arc<Ctx>, zone: String, listener: TcpListener, writer: B
         // Bodies are read by post_record, capped and timed (and refusals audited).
         .layer(DefaultBodyLimit::disable())
         .with_state(IngestState {
-            ctx,
+            ctx: ctx.clone(),
             zone,
             writer,
             limit,
-        })
-        .into_make_service_with_connect_info::<SocketAddr>();
-    if let Err(error) = axum::serve(listener, app)
-        .with_graceful_shutdown(draining.cancelled_owned())
-        .await
-    {
-        error!(%error, "Ingest listener failed");
-    }
+        });
+    let listener = http::Listener {
+        tcp: listener,
+        security: http::Security::Plain,
+        what: "Ingest",
+        limits: http::Limits {
+            max_body: None,
+            ..ctx.http_limits()
+        },
+    };
+    http::serve(Some(ctx), listener, app, |addr, _| addr, draining).await;
 }
 
 fn answer(status: StatusCode, body: serde_json::Value) -> Response {
@@ -115,44 +115,6 @@ fn format_of(headers: &HeaderMap) -> Option<Format> {
         "text/plain" => Some(Format::Text),
         "application/octet-stream" => Some(Format::Raw),
         _ => None,
-    }
-}
-
-/// Why a body was not read.
-#[derive(Debug, PartialEq, Eq)]
-enum BodyError {
-    /// Longer than the limit.
-    TooLarge(usize),
-    /// Slower than [`MIN_BODY_RATE`] after [`BODY_GRACE`].
-    TooSlow(u64),
-    /// The connection failed.
-    Failed(String),
-}
-
-/// Reads `body` frame by frame: at most `limit` bytes, and after
-/// [`BODY_GRACE`] at least [`MIN_BODY_RATE`] bytes per second on average.
-async fn read_body(body: Body, limit: usize) -> Result<Bytes, BodyError> {
-    use http_body_util::BodyExt as _;
-    let started = tokio::time::Instant::now();
-    let mut body = body;
-    let mut out = Vec::new();
-    loop {
-        // The latest moment the next byte may come and keep the average rate.
-        let due = started
-            + BODY_GRACE
-            + Duration::from_millis((out.len() as u64 + 1) * 1000 / MIN_BODY_RATE);
-        let frame = match tokio::time::timeout_at(due, body.frame()).await {
-            Err(_) => return Err(BodyError::TooSlow(out.len() as u64)),
-            Ok(None) => return Ok(out.into()),
-            Ok(Some(Err(e))) => return Err(BodyError::Failed(e.to_string())),
-            Ok(Some(Ok(f))) => f,
-        };
-        if let Ok(data) = frame.into_data() {
-            if out.len() + data.len() > limit {
-                return Err(BodyError::TooLarge(limit));
-            }
-            out.extend_from_slice(&data);
-        }
     }
 }
 

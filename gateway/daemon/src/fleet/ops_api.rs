@@ -44,7 +44,7 @@ use tracing::{info, warn};
 use super::hub::Fleet;
 use crate::node::PeerAttempt;
 use crate::node::clock::now_ms;
-use crate::node::https::TlsListener;
+use crate::node::http;
 
 /// An error answer: status and message (JSON `{"error": ...}`).
 pub struct ApiError {
@@ -143,12 +143,6 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Caller {
 #[derive(Clone, Copy)]
 struct Peer(SocketAddr);
 
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>> for Peer {
-    fn connect_info(stream: axum::serve::IncomingStream<'_, TlsListener>) -> Self {
-        Peer(*stream.remote_addr())
-    }
-}
-
 /// The account a request's credential belongs to. A missing, malformed or
 /// unknown credential is refused as an unauthenticated peer: audited under its
 /// address (summarised), what it claimed only in the detail.
@@ -229,6 +223,7 @@ pub async fn serve(
     tls: Arc<rustls::ServerConfig>,
     stop: CancellationToken,
 ) {
+    let ctx = fleet.ctx().clone();
     let app = Router::new()
         .route("/v1/whoami", get(whoami))
         .route("/v1/tokens", post(token_create))
@@ -250,21 +245,13 @@ pub async fn serve(
         )
         .route("/v1/consumers/{name}/revoke", post(consumer_revoke))
         .with_state(fleet);
-    let (listener, accepting) = TlsListener::spawn(
-        listener,
-        tokio_rustls::TlsAcceptor::from(tls),
-        stop.clone(),
-        "Operator API",
-        None,
-    );
-    let app = app.into_make_service_with_connect_info::<Peer>();
-    if let Err(error) = axum::serve(listener, app)
-        .with_graceful_shutdown(stop.cancelled_owned())
-        .await
-    {
-        tracing::error!(%error, "Operator API failed");
-    }
-    let _ = accepting.await;
+    let listener = http::Listener {
+        tcp: listener,
+        security: http::Security::Tls(tokio_rustls::TlsAcceptor::from(tls), None),
+        what: "Operator API",
+        limits: ctx.http_limits(),
+    };
+    http::serve(Some(ctx), listener, app, |addr, _| Peer(addr), stop).await;
 }
 
 async fn whoami(State(fleet): State<Arc<Fleet>>, caller: Caller) -> Answer {

@@ -12,7 +12,7 @@
 
 pub mod audit;
 pub mod clock;
-pub mod https;
+pub mod http;
 pub mod limit;
 pub mod sockets;
 
@@ -80,10 +80,13 @@ pub enum PeerAttempt {
     SupersededCertificate,
     /// A producer outside its ingest listener's zone.
     IngestAddress,
+    /// A connection over an HTTP listener's cap (in all, or from one address).
+    ConnectionCap,
 }
 
 impl PeerAttempt {
-    const ALL: [PeerAttempt; 6] = [
+    const ALL: [PeerAttempt; 7] = [
+        PeerAttempt::ConnectionCap,
         PeerAttempt::IngestAddress,
         PeerAttempt::OperatorCredential,
         PeerAttempt::Enrollment,
@@ -101,6 +104,7 @@ impl PeerAttempt {
             PeerAttempt::ConsumerCertificate => "consumer-certificate",
             PeerAttempt::SupersededCertificate => "superseded-certificate",
             PeerAttempt::IngestAddress => "ingest-address",
+            PeerAttempt::ConnectionCap => "connection-cap",
         }
     }
 
@@ -111,6 +115,7 @@ impl PeerAttempt {
             PeerAttempt::ConsumerCertificate => "consumer.auth",
             PeerAttempt::SupersededCertificate => "tunnel.refuse",
             PeerAttempt::IngestAddress => "channel.refuse",
+            PeerAttempt::ConnectionCap => "listener.refuse",
         }
     }
 
@@ -121,6 +126,7 @@ impl PeerAttempt {
             PeerAttempt::ConsumerCertificate => "consumers-api",
             PeerAttempt::SupersededCertificate => "tunnel",
             PeerAttempt::IngestAddress => "ingest",
+            PeerAttempt::ConnectionCap => "listener",
         }
     }
 
@@ -151,6 +157,18 @@ impl Ctx {
             clock_offset_days: AtomicI64::new(0),
             refusals: Mutex::new(Summary::default()),
         })
+    }
+
+    /// The limits of this node's HTTP listeners (`[node].max_http_connections`
+    /// and `max_http_connections_per_source`; timeouts fixed).
+    pub fn http_limits(&self) -> http::Limits {
+        let policy = self.policy();
+        let node = &policy.config().node;
+        http::Limits {
+            max_connections: node.max_http_connections as usize,
+            per_source: node.max_http_connections_per_source as usize,
+            ..http::Limits::default()
+        }
     }
 
     /// The policy in force.

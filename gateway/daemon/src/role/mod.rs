@@ -246,10 +246,17 @@ pub async fn start(config: Config, mut bindings: Bindings) -> Result<Running, St
         }
     };
     tokio::spawn(crate::node::watch_refusals(ctx.clone()));
-    tasks.servers.push(tokio::spawn(admin::serve(
+    let admin_listener = crate::node::http::Listener {
+        tcp: admin_listener,
+        security: crate::node::http::Security::Plain,
+        what: "Admin",
+        limits: ctx.http_limits(),
+    };
+    tasks.servers.push(tokio::spawn(crate::node::http::serve(
+        Some(ctx.clone()),
         admin_listener,
-        ctx.metrics.clone(),
-        readiness,
+        admin::router(ctx.metrics.clone(), readiness),
+        |addr, _| addr,
         tasks.admin_stop.clone(),
     )));
     ctx.audit
