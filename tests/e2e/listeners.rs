@@ -13,8 +13,8 @@ use net::*;
 
 /// Connects from where a client of `addr` would (the zone for ingest).
 fn connect(addr: SocketAddr) -> TcpStream {
-    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
-        .expect("socket");
+    let sock =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
     if let Some(src) = source_for(addr) {
         sock.bind(&SocketAddr::new(src, 0).into()).expect("bind");
     }
@@ -29,7 +29,10 @@ fn slowloris(addr: SocketAddr) -> Duration {
         .expect("timeout");
     let started = Instant::now();
     let mut buf = [0u8; 512];
-    for b in b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ".iter().cycle() {
+    for b in b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: "
+        .iter()
+        .cycle()
+    {
         if s.write_all(&[*b]).is_err() {
             break;
         }
@@ -78,7 +81,11 @@ async fn slow_and_silent_clients_are_cut_and_one_address_gets_64_connections() {
     let mut probes = Vec::new();
     for (what, addr) in targets {
         for _ in 0..5 {
-            probes.push((what, "slowloris", std::thread::spawn(move || slowloris(addr))));
+            probes.push((
+                what,
+                "slowloris",
+                std::thread::spawn(move || slowloris(addr)),
+            ));
             probes.push((what, "silent", std::thread::spawn(move || silent(addr))));
         }
     }
@@ -100,18 +107,24 @@ async fn slow_and_silent_clients_are_cut_and_one_address_gets_64_connections() {
     let mut refused = 0;
     for _ in 0..10 {
         let mut s = connect(admin);
-        s.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+        s.set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
         let mut buf = [0u8; 8];
         if matches!(s.read(&mut buf), Ok(0) | Err(_)) {
             refused += 1;
         }
     }
     assert!(refused >= 9, "{refused} of 10 over the cap were closed");
-    wait_for("the cap refusal in the audit", Duration::from_secs(5), || {
-        audit_lines(edge.state.path())
-            .iter()
-            .any(|l| l.starts_with("listener.refuse 127.0.0.1 listener deny") && l.contains("64 connections"))
-    })
+    wait_for(
+        "the cap refusal in the audit",
+        Duration::from_secs(5),
+        || {
+            audit_lines(edge.state.path()).iter().any(|l| {
+                l.starts_with("listener.refuse 127.0.0.1 listener deny")
+                    && l.contains("64 connections")
+            })
+        },
+    )
     .await;
     let records = audit_lines(edge.state.path())
         .iter()

@@ -1,7 +1,9 @@
 //! The nftables baseline of a box, derived from its configuration
 //! (`gatewayd nftables --config FILE`): nothing is forwarded between
 //! interfaces (the gateway relays, it never routes), and only the configured
-//! listeners accept connections, each on its own address. Pure: text out.
+//! listeners accept connections, each on its own address, and a listener that
+//! serves one zone (an access, an ingest, a publish) only from that zone's
+//! networks. Pure: text out.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -13,6 +15,8 @@ struct Open {
     addr: SocketAddr,
     udp: bool,
     what: String,
+    /// The zone whose networks alone may reach it (none: any source).
+    zone: Option<String>,
 }
 
 fn opens(cfg: &Config) -> Vec<Open> {
@@ -20,6 +24,13 @@ fn opens(cfg: &Config) -> Vec<Open> {
         addr,
         udp: false,
         what,
+        zone: None,
+    };
+    let zoned = |addr: SocketAddr, udp: bool, what: String, zone: &str| Open {
+        addr,
+        udp,
+        what,
+        zone: Some(zone.to_owned()),
     };
     let mut v = vec![tcp(
         cfg.admin.listen,
@@ -28,13 +39,20 @@ fn opens(cfg: &Config) -> Vec<Open> {
     match &cfg.role {
         Role::Edge(e) => {
             for a in &e.accesses {
-                v.push(tcp(
+                v.push(zoned(
                     a.listen,
+                    false,
                     format!("access to {}/{} for zone {}", a.device, a.service, a.zone),
+                    &a.zone,
                 ));
             }
             for i in &e.ingests {
-                v.push(tcp(i.listen, format!("channel ingest for zone {}", i.zone)));
+                v.push(zoned(
+                    i.listen,
+                    false,
+                    format!("channel ingest for zone {}", i.zone),
+                    &i.zone,
+                ));
             }
         }
         Role::Hub(h) => {
@@ -42,6 +60,7 @@ fn opens(cfg: &Config) -> Vec<Open> {
                 addr: h.settings.listen,
                 udp: true,
                 what: "QUIC tunnels from edges".into(),
+                zone: None,
             });
             v.push(tcp(
                 h.settings.api,
@@ -51,11 +70,12 @@ fn opens(cfg: &Config) -> Vec<Open> {
                 v.push(tcp(ops, "operators' API (gatewayctl)".into()));
             }
             for p in &h.publishes {
-                v.push(Open {
-                    addr: p.listen,
-                    udp: p.protocol == Protocol::Udp,
-                    what: format!("publish of {}/{} in zone {}", p.device, p.service, p.zone),
-                });
+                v.push(zoned(
+                    p.listen,
+                    p.protocol == Protocol::Udp,
+                    format!("publish of {}/{} in zone {}", p.device, p.service, p.zone),
+                    &p.zone,
+                ));
             }
         }
     }
@@ -80,9 +100,25 @@ pub fn nftables(cfg: &Config) -> String {
     for open in opens(cfg) {
         let fam = if open.addr.is_ipv4() { "ip" } else { "ip6" };
         let proto = if open.udp { "udp" } else { "tcp" };
+        let from = match open.zone.as_deref().and_then(|z| cfg.zone(z)) {
+            None => String::new(),
+            Some(z) => {
+                let nets: Vec<String> = z
+                    .networks
+                    .iter()
+                    .filter(|n| n.addr().is_ipv4() == open.addr.is_ipv4())
+                    .map(ToString::to_string)
+                    .collect();
+                if nets.is_empty() {
+                    // No network of this family: nothing may reach it.
+                    continue;
+                }
+                format!("{fam} saddr {{ {} }} ", nets.join(", "))
+            }
+        };
         let _ = writeln!(
             o,
-            "        {fam} daddr {} {proto} dport {} accept comment \"{}\"",
+            "        {from}{fam} daddr {} {proto} dport {} accept comment \"{}\"",
             open.addr.ip(),
             open.addr.port(),
             open.what.replace('"', "'")
@@ -123,9 +159,14 @@ mod tests {
             "{rules}"
         );
         for p in &h.publishes {
+            let zone = cfg.zone(&p.zone).expect("zone");
             assert!(
-                rules.contains(&format!("daddr {} ", p.listen.ip())),
-                "{rules}"
+                rules.contains(&format!(
+                    "ip saddr {{ {} }} ip daddr {} ",
+                    zone.networks[0],
+                    p.listen.ip()
+                )),
+                "a publish takes only its zone: {rules}"
             );
             assert!(
                 rules.contains(&format!("dport {} accept", p.listen.port())),
