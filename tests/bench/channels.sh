@@ -30,6 +30,8 @@ PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }
 trap cleanup EXIT
 QUIC=17543 API=17544 INGEST=18481 HADMIN=19702 EADMIN=19703
+# The producers (wrk, curl) connect from 127.0.0.1: it is in the legacy zone
+# "lab" (ingest serves only its zone); the provincial side is 127.0.0.128/25.
 
 echo "== 1. SQLite ceiling (same disk, same 1 KiB records)"
 python3 - "$W/ceiling.sqlite" <<'PY'
@@ -51,7 +53,7 @@ for per_tx in (1, 100):
 PY
 
 $G pki init --out "$W/ca" >/dev/null
-$G pki issue --ca "$W/ca" --id bench-hub --san 127.0.0.1 --out "$W/c" >/dev/null
+$G pki issue --ca "$W/ca" --id bench-hub --san 127.0.0.200 --out "$W/c" >/dev/null
 $G pki issue --ca "$W/ca" --id bench-edge --out "$W/c" >/dev/null
 cat > "$W/hub.toml" <<TOML
 [node]
@@ -59,8 +61,8 @@ id = "bench-hub"
 role = "hub"
 state_dir = "$W/hub"
 [hub]
-listen = "127.0.0.1:$QUIC"
-api = "127.0.0.1:$API"
+listen = "127.0.0.200:$QUIC"
+api = "127.0.0.200:$API"
 ca_cert = "$W/ca/ca.pem"
 ca_key = "$W/ca/ca.key"
 cert = "$W/c/bench-hub.pem"
@@ -69,7 +71,7 @@ key = "$W/c/bench-hub.key"
 name = "extranet"
 kind = "extranet"
 level = 3
-networks = ["127.0.0.0/24"]
+networks = ["127.0.0.128/25"]
 [admin]
 listen = "127.0.0.1:$HADMIN"
 TOML
@@ -83,15 +85,15 @@ name = "lab"
 kind = "legacy"
 classified = false
 level = 3
-networks = ["127.0.1.0/24"]
+networks = ["127.0.1.0/24", "127.0.0.0/25"]
 assessment = { id = "BENCH", valid_until = 2099-12-31 }
 [[zone]]
 name = "extranet"
 kind = "extranet"
 level = 3
-networks = ["127.0.0.0/24"]
+networks = ["127.0.0.128/25"]
 [uplink]
-hubs = ["127.0.0.1:$QUIC"]
+hubs = ["127.0.0.200:$QUIC"]
 ca = "$W/ca/ca.pem"
 cert = "$W/c/bench-edge.pem"
 key = "$W/c/bench-edge.key"

@@ -193,7 +193,9 @@ async fn a_thousand_concurrent_relays() {
     for i in 0..1000u32 {
         tasks.push(tokio::spawn(async move {
             let payload = pattern(1024, i as u8);
-            let back = round_trip(publish, "127.0.0.1", payload.clone()).await;
+            // Twenty provincial clients (one address may hold 64 at once).
+            let from = format!("127.0.0.{}", 100 + i % 20);
+            let back = round_trip(publish, &from, payload.clone()).await;
             (back.map(|b| b == payload), i)
         }));
     }
@@ -971,4 +973,132 @@ async fn a_reset_by_the_legacy_server_reaches_the_client_as_a_reset() {
             .any(|l| l.starts_with("relay.close") && l.contains("end=reset"))
     })
     .await;
+}
+
+/// One client address gets at most 64 TCP connections through a publish and
+/// 256 UDP flows; the ones over are refused, audited once per address and
+/// 10 s, never per connection or datagram; the others keep working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_gets_64_connections_and_256_udp_flows() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let pki = Pki::new();
+    let tcp_echo = echo("127.0.2.10").await;
+    let (hub, edge) = hub_and_edge(
+        &pki,
+        2,
+        ("echo", tcp_echo.addr, "\"extranet\"", None, None),
+        None,
+    )
+    .await;
+    let mut held = Vec::new();
+    for i in 0..64u32 {
+        let mut s = tokio::net::TcpStream::connect(hub.publish[0])
+            .await
+            .expect("connect");
+        let msg = i.to_be_bytes();
+        s.write_all(&msg).await.expect("write");
+        let mut back = [0u8; 4];
+        s.read_exact(&mut back).await.expect("echo");
+        assert_eq!(back, msg);
+        held.push(s);
+    }
+    let mut refused = 0;
+    for _ in 0..20 {
+        // Reset at once: the connect itself, or the first read, says so.
+        let Ok(mut s) = tokio::net::TcpStream::connect(hub.publish[0]).await else {
+            refused += 1;
+            continue;
+        };
+        let _ = s.write_all(b"over").await;
+        let mut back = [0u8; 4];
+        let got = tokio::time::timeout(Duration::from_secs(5), s.read(&mut back)).await;
+        if matches!(got, Ok(Ok(0)) | Ok(Err(_))) {
+            refused += 1;
+        }
+    }
+    assert_eq!(
+        refused, 20,
+        "the connections over 64 from one address are refused"
+    );
+    // The 64 still echo.
+    for s in held.iter_mut().take(3) {
+        s.write_all(b"ping").await.expect("write");
+        let mut back = [0u8; 4];
+        s.read_exact(&mut back).await.expect("still echoes");
+    }
+    wait_for(
+        "the cap refusal in the hub's audit",
+        Duration::from_secs(5),
+        || {
+            audit_lines(hub.state.path()).iter().any(|l| {
+                l.starts_with("listener.refuse 127.0.0.1 listener deny")
+                    && l.contains("64 connections")
+            })
+        },
+    )
+    .await;
+    let records = audit_lines(hub.state.path())
+        .iter()
+        .filter(|l| l.starts_with("listener.refuse"))
+        .count();
+    assert!(records <= 2, "{records} records for 20 refusals");
+    drop((held, edge));
+
+    // UDP: 300 source ports of one address through a UDP publish.
+    let pki = Pki::new();
+    let (echo_addr, seen) = udp_echo("127.0.2.10").await;
+    let (hub, edge) = hub_and_edge(
+        &pki,
+        2,
+        ("udp-echo", echo_addr, "\"extranet\"", None, None),
+        None,
+    )
+    .await;
+    let mut sockets = Vec::new();
+    for _ in 0..300 {
+        let s = tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        s.send_to(b"hi", hub.publish[0]).await.expect("send");
+        sockets.push(s);
+    }
+    poll(
+        "256 flows at the legacy server",
+        Duration::from_secs(10),
+        || async {
+            // Loopback may drop a datagram of a burst, as UDP may.
+            let n = seen.load(Ordering::SeqCst);
+            if n >= 250 {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{n} datagrams; hub: {:#?}",
+                    audit_lines(hub.state.path())
+                        .into_iter()
+                        .filter(|l| !l.starts_with("relay.open"))
+                        .collect::<Vec<_>>()
+                ))
+            }
+        },
+    )
+    .await;
+    let opens = || {
+        audit_lines(edge.state.path())
+            .iter()
+            .filter(|l| l.starts_with("relay.open"))
+            .count()
+    };
+    wait_for("the flows opened", Duration::from_secs(5), || {
+        opens() >= 256
+    })
+    .await;
+    assert_eq!(opens(), 256, "one address keeps 256 flows");
+    let refusals = audit_lines(hub.state.path())
+        .iter()
+        .filter(|l| l.starts_with("listener.refuse") && l.contains("UDP flows"))
+        .count();
+    assert!(
+        (1..=2).contains(&refusals),
+        "{refusals} records for 44 refused flows"
+    );
 }

@@ -961,7 +961,14 @@ impl Compiler<'_> {
                 },
             };
             let idle_timeout = match &s.idle_timeout {
-                None => Some(std::time::Duration::from_secs(60)),
+                // UDP flows: a minute; TCP relays: an hour.
+                None => Some(std::time::Duration::from_secs(
+                    if protocol == Some(Protocol::Tcp) {
+                        3600
+                    } else {
+                        60
+                    },
+                )),
                 Some(t) => match units::parse_duration(t.get_ref()) {
                     Ok(d) => Some(d),
                     Err(e) => {

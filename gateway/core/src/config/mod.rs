@@ -304,15 +304,20 @@ pub struct Service {
     pub app_protocol: Option<AppProtocol>,
     /// Who may reach it; anything else is denied.
     pub allow: Vec<Peer>,
-    /// Most relayed connections at once; over it new ones are refused.
+    /// Most relayed connections at once; over it new ones are refused
+    /// (unset: [`DEFAULT_MAX_CONNECTIONS`]).
     pub max_connections: Option<std::num::NonZeroU32>,
     /// Cap on the bytes per second of all its relays together, each direction.
     pub bandwidth: Option<u64>,
-    /// UDP: a flow without a datagram either way for this long is closed.
+    /// A UDP flow without a datagram either way, or a TCP relay without a
+    /// byte either way, for this long is closed (defaults: 60 s UDP, 1 h TCP).
     pub idle_timeout: Duration,
     /// Where it is declared.
     pub loc: Location,
 }
+
+/// Relayed connections of a service at once when it sets no `max_connections`.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 1024;
 
 /// `[[access]]`: a listener on the legacy side reaching another department's service.
 #[derive(Debug, Clone)]

@@ -11,10 +11,9 @@
 //!   floor ([`read_body`]);
 //! - connections that can be closed from outside (a revoked consumer's).
 
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -26,6 +25,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tracing::{debug, info};
 
+use super::limit::Slots;
 use super::{Ctx, PeerAttempt};
 
 /// The largest request body of the APIs (a config push, a certificate request).
@@ -173,57 +173,6 @@ impl AsyncWrite for Conn {
     }
 }
 
-/// Connections open per listener and per source; a slot is given back when
-/// dropped.
-#[derive(Default)]
-struct Counts {
-    total: usize,
-    by_source: HashMap<IpAddr, usize>,
-}
-
-struct Slot {
-    counts: Arc<Mutex<Counts>>,
-    ip: IpAddr,
-}
-
-impl Slot {
-    fn take(counts: &Arc<Mutex<Counts>>, ip: IpAddr, limits: &Limits) -> Result<Self, String> {
-        let mut c = counts.lock().unwrap_or_else(|e| e.into_inner());
-        if c.total >= limits.max_connections {
-            return Err(format!(
-                "{} connections open, the most this listener takes",
-                limits.max_connections
-            ));
-        }
-        let mine = c.by_source.get(&ip).copied().unwrap_or(0);
-        if mine >= limits.per_source {
-            return Err(format!(
-                "{} connections open from this address, the most one address may have",
-                limits.per_source
-            ));
-        }
-        c.total += 1;
-        *c.by_source.entry(ip).or_insert(0) += 1;
-        Ok(Slot {
-            counts: counts.clone(),
-            ip,
-        })
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        c.total = c.total.saturating_sub(1);
-        if let Some(n) = c.by_source.get_mut(&self.ip) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                c.by_source.remove(&self.ip);
-            }
-        }
-    }
-}
-
 /// One HTTP listener to serve.
 pub struct Listener {
     /// The bound socket.
@@ -269,7 +218,7 @@ pub async fn serve<T, F>(
         )),
         None => router,
     };
-    let counts: Arc<Mutex<Counts>> = Arc::default();
+    let slots = Slots::new(limits.max_connections, limits.per_source);
     let tracker = tokio_util::task::TaskTracker::new();
     loop {
         let accepted = tokio::select! {
@@ -283,7 +232,7 @@ pub async fn serve<T, F>(
                 continue;
             }
         };
-        let slot = match Slot::take(&counts, addr.ip(), &limits) {
+        let slot = match slots.take(addr.ip()) {
             Ok(s) => s,
             Err(reason) => {
                 drop(stream);

@@ -4,7 +4,15 @@
 use std::future::Future;
 use std::time::Duration;
 
+use crate::node::PeerAttempt;
+use crate::node::limit::Slots;
 use crate::node::sockets::accept_failed;
+
+/// Connections a publish or access listener keeps open at once from one
+/// client address.
+pub const PER_SOURCE: usize = 64;
+/// ... and in all (each service has its own `max_connections` too).
+pub const MAX_OPEN: usize = 16_384;
 
 /// Resets a TCP connection (RST instead of FIN) as it is dropped.
 #[allow(deprecated)] // a zero linger never blocks: the kernel sends RST at close
@@ -17,6 +25,9 @@ pub fn reset_tcp(tcp: &tokio::net::TcpStream) {
 /// the policy in force (so a reload takes effect at once) and returns the name
 /// for logs and the relay to run, or `None` after refusing the connection itself.
 /// Relays are spawned on the node's tracker, so draining waits for them.
+/// At most [`PER_SOURCE`] connections from one client address (and
+/// [`MAX_OPEN`] in all) are open at once; one over is reset and audited under
+/// its address, summarised.
 pub async fn accept_loop<F, R>(
     ctx: std::sync::Arc<crate::node::Ctx>,
     what: &'static str,
@@ -30,6 +41,7 @@ pub async fn accept_loop<F, R>(
 {
     use tracing::Instrument as _;
     tracing::info!(%listen, "{what} listening");
+    let slots = Slots::new(MAX_OPEN, PER_SOURCE);
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -38,9 +50,28 @@ pub async fn accept_loop<F, R>(
         };
         match accepted {
             Ok((tcp, peer)) => {
+                let slot = match slots.take(peer.ip()) {
+                    Ok(s) => s,
+                    Err(reason) => {
+                        reset_tcp(&tcp);
+                        ctx.refuse_peer(
+                            peer.ip(),
+                            PeerAttempt::ConnectionCap,
+                            &format!("{what} {listen}: {reason}"),
+                            "",
+                        );
+                        continue;
+                    }
+                };
                 if let Some((object, relay)) = open(tcp, peer) {
                     let span = tracing::info_span!("relay", service = %object, %peer);
-                    ctx.tracker.spawn(relay.instrument(span));
+                    ctx.tracker.spawn(
+                        async move {
+                            let _slot = slot;
+                            relay.await;
+                        }
+                        .instrument(span),
+                    );
                 }
             }
             Err(error) => accept_failed(&error).await,

@@ -117,14 +117,15 @@ pub async fn serve(
             let _ = send.finish();
             return;
         }
-        if let Some(max) = svc.max_connections {
-            if ctx.metrics.active(&service) >= i64::from(max.get()) {
-                let reason = format!("service {service:?} is at its max_connections ({max})");
-                ctx.refuse("relay.refuse", &subject, &service, "max-connections", &reason);
-                let _ = write_frame(&mut send, &refuse(RefuseCode::Limit, "", reason)).await;
-                let _ = send.finish();
-                return;
-            }
+        let max = svc
+            .max_connections
+            .map_or(gateway_core::config::DEFAULT_MAX_CONNECTIONS, |m| m.get());
+        if ctx.metrics.active(&service) >= i64::from(max) {
+            let reason = format!("service {service:?} is at its max_connections ({max})");
+            ctx.refuse("relay.refuse", &subject, &service, "max-connections", &reason);
+            let _ = write_frame(&mut send, &refuse(RefuseCode::Limit, "", reason)).await;
+            let _ = send.finish();
+            return;
         }
         if let Some(flow) = udp_flow {
             edge_flow(
@@ -195,6 +196,10 @@ pub async fn serve(
                 s = splice_limited(&mut qr, &mut send, &mut tr, &mut tw, &live, limits.as_deref()) => Some(s),
                 () = stop.cancelled() => None,
                 () = zone_stop.cancelled() => None,
+                () = idle(&live, svc.idle_timeout) => {
+                    tracing::info!(idle_s = svc.idle_timeout.as_secs(), "Relay idle; closed");
+                    None
+                }
             }
         };
         if done.is_none_or(|s| s.reset) {
@@ -207,4 +212,21 @@ pub async fn serve(
     }
     .instrument(span)
     .await;
+}
+
+/// Resolves once no byte has crossed either way (`live`) for `limit`.
+async fn idle(live: &[AtomicU64; 2], limit: std::time::Duration) {
+    use std::sync::atomic::Ordering;
+    let total = || live[0].load(Ordering::Relaxed) + live[1].load(Ordering::Relaxed);
+    let step = (limit / 4).max(std::time::Duration::from_millis(100));
+    let (mut seen, mut since) = (total(), tokio::time::Instant::now());
+    loop {
+        tokio::time::sleep(step).await;
+        let now = total();
+        if now != seen {
+            (seen, since) = (now, tokio::time::Instant::now());
+        } else if since.elapsed() >= limit {
+            return;
+        }
+    }
 }

@@ -132,12 +132,23 @@ impl Front {
     }
 }
 
+/// Flows one UDP front keeps at once.
+pub const MAX_FLOWS: usize = 4096;
+/// Flows one UDP front keeps at once for one client address (each source
+/// port is a flow).
+pub const FLOWS_PER_SOURCE: usize = 256;
+/// Datagrams queued for one flow; more are dropped, as UDP may.
+const FLOW_QUEUE: usize = 32;
+
 /// Serves one UDP front socket until draining (it lives as long as the
 /// process: a reload cannot change it): each new client address is decided by
-/// the policy and gets its own flow.
+/// the policy and gets its own flow, up to [`MAX_FLOWS`] in all and
+/// [`FLOWS_PER_SOURCE`] per address; a new one over a cap is refused and held
+/// off like a policy refusal (one record per address per 10 s).
 pub async fn front(ctx: Arc<Ctx>, front: Front, socket: Arc<UdpSocket>) {
     info!(listen = %front.listen, service = %front.object, "UDP listening");
     let mut clients: HashMap<SocketAddr, mpsc::Sender<Vec<u8>>> = HashMap::new();
+    let mut per_ip: HashMap<std::net::IpAddr, usize> = HashMap::new();
     let refused = Arc::new(Refused::default());
     let mut buf = vec![0u8; 65_536];
     loop {
@@ -175,8 +186,39 @@ pub async fn front(ctx: Arc<Ctx>, front: Front, socket: Arc<UdpSocket>) {
             refused.hold(client);
             continue;
         }
-        clients.retain(|_, tx| !tx.is_closed());
-        let (tx, rx) = mpsc::channel(256);
+        clients.retain(|addr, tx| {
+            let open = !tx.is_closed();
+            if !open {
+                if let Some(n) = per_ip.get_mut(&addr.ip()) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        per_ip.remove(&addr.ip());
+                    }
+                }
+            }
+            open
+        });
+        let mine = per_ip.get(&client.ip()).copied().unwrap_or(0);
+        if clients.len() >= MAX_FLOWS || mine >= FLOWS_PER_SOURCE {
+            let reason = if mine >= FLOWS_PER_SOURCE {
+                format!(
+                    "{FLOWS_PER_SOURCE} UDP flows open from {}, the most one address may have",
+                    client.ip()
+                )
+            } else {
+                format!("{MAX_FLOWS} UDP flows open, the most this listener keeps")
+            };
+            ctx.refuse_peer(
+                client.ip(),
+                crate::node::PeerAttempt::ConnectionCap,
+                &reason,
+                "",
+            );
+            refused.hold(client);
+            continue;
+        }
+        *per_ip.entry(client.ip()).or_insert(0) += 1;
+        let (tx, rx) = mpsc::channel(FLOW_QUEUE);
         let _ = tx.try_send(buf[..n].to_vec());
         clients.insert(client, tx);
         let (ctx, front, socket, refused) =
