@@ -511,3 +511,74 @@ async fn ingest_serves_only_its_zone_and_audits_every_request() {
     let refused = audit.iter().filter(|l| l.contains("[R5.address]")).count();
     assert!((3..=6).contains(&refused), "{refused} records: {audit:#?}");
 }
+
+/// Denied keywords are caught in what a record says, not how it is spelled,
+/// and formats are parsed for real (duplicate keys, deep nesting, XML with a
+/// DTD, CSV with control bytes or ragged lines are refused, naming where).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_checks_read_what_the_data_says() {
+    const CHECKED: &str = r#"
+[[channel]]
+name = "docs"
+zone = "lab"
+formats = ["json", "xml", "csv", "text"]
+max_record_bytes = "64KiB"
+deny_keywords = ["secret", "机密"]
+"#;
+    let pki = Pki::new();
+    let edge = edge_with_channels(&pki, CHECKED).await;
+    let at = edge.ingest.expect("ingest");
+    let path = "/v1/channels/docs/records";
+    let post = |ct: &'static str, body: String| async move {
+        http_post(at, path, Some(ct), body.as_bytes()).await
+    };
+    for (ct, body) in [
+        ("application/json", r#"{"a": "\u0073ecret"}"#.to_owned()),
+        ("application/json", r#"{"\u673a\u5bc6": 1}"#.to_owned()),
+        ("application/json", "[\"ｓｅｃｒｅｔ\"]".to_owned()),
+        ("application/json", "[\"se\u{200B}cret\"]".to_owned()),
+        ("application/json", "[\"机 密\"]".to_owned()),
+        ("application/xml", "<a>&#115;ecret</a>".to_owned()),
+        ("text/csv", "a,b\n1,SECRET\n".to_owned()),
+        ("text/plain", "sec\u{00AD}ret".to_owned()),
+    ] {
+        let (s, b) = post(ct, body.clone()).await;
+        assert_eq!(s, 403, "{ct} {body:?}: {b}");
+        assert!(b.contains("denied keyword"), "{b}");
+    }
+    for (ct, body, why) in [
+        (
+            "application/json",
+            r#"{"a": 1, "a": 2}"#.to_owned(),
+            "duplicate key",
+        ),
+        (
+            "application/json",
+            r#"["\ud800"]"#.to_owned(),
+            "not valid JSON",
+        ),
+        (
+            "application/json",
+            format!("{}{}", "[".repeat(10_000), "]".repeat(10_000)),
+            "deeper than 64",
+        ),
+        (
+            "application/xml",
+            "<not really xml at all ))) {{".to_owned(),
+            "line 1",
+        ),
+        (
+            "application/xml",
+            "<!DOCTYPE a [<!ENTITY x SYSTEM \"file:///etc/passwd\">]><a>&x;</a>".to_owned(),
+            "not well-formed",
+        ),
+        ("text/csv", "a,b\n1\u{1},2\n".to_owned(), "line 2, column 2"),
+        ("text/csv", "a,b\n1,2,3\n".to_owned(), "3 fields"),
+    ] {
+        let (s, b) = post(ct, body.clone()).await;
+        assert_eq!(s, 422, "{ct}: {b}");
+        assert!(b.contains(why), "{why:?} not in {b}");
+    }
+    let (s, b) = post("application/json", r#"{"report": "public"}"#.to_owned()).await;
+    assert_eq!(s, 200, "{b}");
+}

@@ -23,6 +23,7 @@ pub mod audit;
 pub mod backoff;
 pub mod check;
 pub mod config;
+pub mod content;
 pub mod diag;
 pub mod expiry;
 pub mod firewall;

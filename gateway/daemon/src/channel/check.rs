@@ -1,31 +1,15 @@
 //! The boundary checks of a channel record, wherever it comes from (HTTP
 //! ingest, a spool file, a delivery from another department): the policy's
 //! channel rules (R5.channel-content: formats, sizes), then that the record
-//! really is its declared format, then the channel's denied keywords.
+//! really is its declared format (parsed by `gateway_core::content`), then
+//! the channel's denied keywords in what the record says.
 
 use gateway_core::config::{Format, WhenFull as CfgWhenFull};
+use gateway_core::content;
 use gateway_core::policy::Crossing;
 use gateway_store::buffer::WhenFull;
 
 use crate::node::Ctx;
-
-/// Whether `body` really is what it declares (the content half of R5.channel-content).
-fn content_ok(format: Format, body: &[u8]) -> Result<(), String> {
-    if format == Format::Raw {
-        return Ok(());
-    }
-    let text = std::str::from_utf8(body)
-        .map_err(|_| format!("a {} record must be UTF-8", format.as_str()))?;
-    match format {
-        Format::Json => serde_json::from_str::<serde::de::IgnoredAny>(text)
-            .map(|_| ())
-            .map_err(|e| format!("not valid JSON: {e}")),
-        Format::Xml if !text.trim_start().starts_with('<') => {
-            Err("not XML: it does not start with '<'".into())
-        }
-        Format::Xml | Format::Csv | Format::Text | Format::Raw => Ok(()),
-    }
-}
 
 /// A record refused at the boundary.
 #[derive(Debug)]
@@ -53,6 +37,7 @@ pub fn check_records(
     batch: bool,
 ) -> Result<(), Refused> {
     let policy = ctx.policy();
+    let keywords = channel_keywords(&policy, channel);
     for (i, item) in items.iter().enumerate() {
         let at = if batch {
             format!("record {} of the batch: ", i + 1)
@@ -68,18 +53,16 @@ pub fn check_records(
             ctx.today(),
         );
         let refusal = if decision.is_allowed() {
-            content_ok(format, item)
-                .err()
-                .map(|reason| ("R5.channel-content".to_owned(), reason, false))
-                .or_else(|| {
-                    denied_keyword(&policy, channel, item).map(|k| {
-                        (
-                            "R5.channel-content".to_owned(),
-                            format!("contains the denied keyword {k:?}"),
-                            true,
-                        )
-                    })
-                })
+            match content::check(format, item, !keywords.is_empty()) {
+                Err(m) => Some(("R5.channel-content".to_owned(), m.to_string(), false)),
+                Ok(pieces) => keywords.find(&pieces).map(|k| {
+                    (
+                        "R5.channel-content".to_owned(),
+                        format!("contains the denied keyword {k:?}"),
+                        true,
+                    )
+                }),
+            }
         } else {
             Some((decision.rule.as_str().to_owned(), decision.reason, true))
         };
@@ -97,27 +80,15 @@ pub fn check_records(
     Ok(())
 }
 
-/// The first of the channel's `deny_keywords` the record contains
-/// (case-insensitive).
-fn denied_keyword<'p>(
-    policy: &'p gateway_core::policy::Policy,
-    channel: &str,
-    item: &[u8],
-) -> Option<&'p str> {
-    let c = policy
+/// The channel's `deny_keywords`, normalised for matching
+/// (`gateway_core::content`).
+fn channel_keywords(policy: &gateway_core::policy::Policy, channel: &str) -> content::Keywords {
+    policy
         .config()
-        .edge()?
-        .channels
-        .iter()
-        .find(|c| c.name == channel)?;
-    if c.deny_keywords.is_empty() {
-        return None;
-    }
-    let text = String::from_utf8_lossy(item).to_lowercase();
-    c.deny_keywords
-        .iter()
-        .find(|k| text.contains(k.as_str()))
-        .map(String::as_str)
+        .edge()
+        .and_then(|e| e.channels.iter().find(|c| c.name == channel))
+        .map(|c| content::Keywords::new(&c.deny_keywords))
+        .unwrap_or_default()
 }
 
 /// The records of a body: itself, or for a batch (NDJSON) each non-empty line.
