@@ -314,6 +314,45 @@ async fn level_3_checks_the_application_protocol() {
         },
     )
     .await;
+    // The whole connection is followed: a valid request then an SSH banner
+    // on the same connection, and binary after a method, never reach the
+    // server past what was valid.
+    let before = echo_b.bytes.load(Ordering::SeqCst);
+    let mut smuggle = http.clone();
+    smuggle.extend(b"SSH-2.0-OpenSSH_9.2\r\n\x00\x01raw bytes");
+    let _ = round_trip(hub.publish[0], "127.0.0.1", smuggle).await;
+    let mut binary = b"GET ".to_vec();
+    binary.extend([0xffu8; 256]);
+    let _ = round_trip(hub.publish[0], "127.0.0.1", binary).await;
+    let mut both =
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
+            .to_vec();
+    both.extend(b"0\r\n\r\n");
+    let _ = round_trip(hub.publish[0], "127.0.0.1", both).await;
+    wait_for(
+        "the cut relays in the audit",
+        Duration::from_secs(5),
+        || {
+            audit_lines(edge.state.path())
+                .iter()
+                .filter(|l| l.starts_with("relay.refuse") && l.contains("[R5.app-protocol]"))
+                .count()
+                >= 4
+        },
+    )
+    .await;
+    let reached = echo_b.bytes.load(Ordering::SeqCst) - before;
+    assert!(
+        reached <= http.len() as u64,
+        "{reached} bytes reached the server: at most the valid request may"
+    );
+    let audit = audit_lines(edge.state.path());
+    assert!(
+        audit
+            .iter()
+            .any(|l| l.contains("at byte 27: not an HTTP request line")),
+        "the offset of the smuggled banner: {audit:#?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

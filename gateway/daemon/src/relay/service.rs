@@ -92,7 +92,13 @@ pub async fn serve(
             ctx.today(),
         );
         if !decision.is_allowed() {
-            ctx.refuse("relay.refuse", &subject, &service, decision.rule.as_str(), &decision.reason);
+            ctx.refuse(
+                "relay.refuse",
+                &subject,
+                &service,
+                decision.rule.as_str(),
+                &decision.reason,
+            );
             let _ = write_frame(
                 &mut send,
                 &refuse(RefuseCode::Policy, decision.rule.as_str(), decision.reason),
@@ -109,7 +115,11 @@ pub async fn serve(
         else {
             return;
         };
-        let wanted = if udp_flow.is_some() { Protocol::Udp } else { Protocol::Tcp };
+        let wanted = if udp_flow.is_some() {
+            Protocol::Udp
+        } else {
+            Protocol::Tcp
+        };
         if svc.protocol != wanted {
             let reason = format!("service {service:?} is {:?}, not {wanted:?}", svc.protocol);
             ctx.refuse("relay.refuse", &subject, &service, "", &reason);
@@ -122,7 +132,13 @@ pub async fn serve(
             .map_or(gateway_core::config::DEFAULT_MAX_CONNECTIONS, |m| m.get());
         if ctx.metrics.active(&service) >= i64::from(max) {
             let reason = format!("service {service:?} is at its max_connections ({max})");
-            ctx.refuse("relay.refuse", &subject, &service, "max-connections", &reason);
+            ctx.refuse(
+                "relay.refuse",
+                &subject,
+                &service,
+                "max-connections",
+                &reason,
+            );
             let _ = write_frame(&mut send, &refuse(RefuseCode::Limit, "", reason)).await;
             let _ = send.finish();
             return;
@@ -143,16 +159,24 @@ pub async fn serve(
             .await;
             return;
         }
-        let connected = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(svc.target)).await {
-            Ok(Ok(t)) => Ok(t),
-            Ok(Err(error)) => Err(format!("cannot connect to {}: {error}", svc.target)),
-            Err(_) => Err(format!("connecting to {} timed out", svc.target)),
-        };
+        let connected =
+            match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(svc.target)).await {
+                Ok(Ok(t)) => Ok(t),
+                Ok(Err(error)) => Err(format!("cannot connect to {}: {error}", svc.target)),
+                Err(_) => Err(format!("connecting to {} timed out", svc.target)),
+            };
         let mut target = match connected {
             Ok(t) => t,
             Err(reason) => {
                 warn!(%reason, "Target unreachable");
-                ctx.audit.record(&subject, &service, "relay.error", "error", "", reason.clone());
+                ctx.audit.record(
+                    &subject,
+                    &service,
+                    "relay.error",
+                    "error",
+                    "",
+                    reason.clone(),
+                );
                 let _ = write_frame(&mut send, &refuse(RefuseCode::Unreachable, "", reason)).await;
                 let _ = send.finish();
                 return;
@@ -162,21 +186,57 @@ pub async fn serve(
         if write_frame(&mut send, &Frame::Opened).await.is_err() {
             return;
         }
-        // Rule R5.app-protocol: at boundary level 3 and up, check the first bytes.
+        // Rule R5.app-protocol: at boundary level 3 and up, check the first
+        // bytes, then follow the whole client stream.
         let mut first = Vec::new();
+        let mut inspector = None;
         if let (Some(app), Some(level)) = (svc.app_protocol, decision.level) {
             if level.get() >= 3 {
                 match sniff_stream(&mut recv, app, &mut first).await {
                     Sniff::Match => {}
                     verdict => {
                         let reason = format!("first bytes are not {app:?} ({verdict:?})");
-                        ctx.refuse("relay.refuse", &subject, &service, "R5.app-protocol", &reason);
-                        let _ = send.reset(quinn::VarInt::from_u32(u32::from(RefuseCode::Policy.number())));
-                        let _ = recv.stop(quinn::VarInt::from_u32(u32::from(RefuseCode::Policy.number())));
+                        ctx.refuse(
+                            "relay.refuse",
+                            &subject,
+                            &service,
+                            "R5.app-protocol",
+                            &reason,
+                        );
+                        let _ = send.reset(quinn::VarInt::from_u32(u32::from(
+                            RefuseCode::Policy.number(),
+                        )));
+                        let _ = recv.stop(quinn::VarInt::from_u32(u32::from(
+                            RefuseCode::Policy.number(),
+                        )));
                         reset_tcp(&target);
                         return;
                     }
                 }
+                let mut i = gateway_core::sniff::Inspector::new(app);
+                // The first bytes pass only once their request head is whole.
+                match i.feed(&first) {
+                    Ok(released) => first = released,
+                    Err(v) => {
+                        let reason = format!("not {app:?} at byte {}: {}", v.offset, v.reason);
+                        ctx.refuse(
+                            "relay.refuse",
+                            &subject,
+                            &service,
+                            "R5.app-protocol",
+                            &reason,
+                        );
+                        let _ = send.reset(quinn::VarInt::from_u32(u32::from(
+                            RefuseCode::Policy.number(),
+                        )));
+                        let _ = recv.stop(quinn::VarInt::from_u32(u32::from(
+                            RefuseCode::Policy.number(),
+                        )));
+                        reset_tcp(&target);
+                        return;
+                    }
+                }
+                inspector = Some(i);
             }
         }
         if !first.is_empty() && target.write_all(&first).await.is_err() {
@@ -188,12 +248,44 @@ pub async fn serve(
         let stop = ctx.service_token(&service);
         let zone_stop = ctx.zone_token(&svc.zone);
         let limits = ctx.limiter(&service, svc.bandwidth);
+        let mut violation: Option<
+            std::sync::Arc<std::sync::Mutex<Option<gateway_core::sniff::Violation>>>,
+        > = None;
         let done = {
             let (tr, mut tw) = target.split();
             let mut tr = BufSource::new(tr);
-            let mut qr = BufSource::new(&mut recv);
+            let qr = BufSource::new(&mut recv);
+            let spliced = async {
+                match inspector {
+                    None => {
+                        let mut qr = qr;
+                        splice_limited(
+                            &mut qr,
+                            &mut send,
+                            &mut tr,
+                            &mut tw,
+                            &live,
+                            limits.as_deref(),
+                        )
+                        .await
+                    }
+                    Some(i) => {
+                        let mut qr = super::app_protocol::Inspected::new(qr, i);
+                        violation = Some(qr.violation.clone());
+                        splice_limited(
+                            &mut qr,
+                            &mut send,
+                            &mut tr,
+                            &mut tw,
+                            &live,
+                            limits.as_deref(),
+                        )
+                        .await
+                    }
+                }
+            };
             tokio::select! {
-                s = splice_limited(&mut qr, &mut send, &mut tr, &mut tw, &live, limits.as_deref()) => Some(s),
+                s = spliced => Some(s),
                 () = stop.cancelled() => None,
                 () = zone_stop.cancelled() => None,
                 () = idle(&live, svc.idle_timeout) => {
@@ -208,7 +300,28 @@ pub async fn serve(
                 let _ = send.reset(quinn::VarInt::from_u32(RESET_CODE));
             }
         }
-        ctx.relay_closed(&subject, &service, Spliced::moved(&live), started, Spliced::end(done), "");
+        let broke = violation.and_then(|v| v.lock().ok().and_then(|mut v| v.take()));
+        if let Some(v) = broke {
+            let app = svc
+                .app_protocol
+                .map_or_else(|| "?".to_owned(), |a| format!("{a:?}"));
+            let reason = format!("not {app} at byte {}: {} (relay cut)", v.offset, v.reason);
+            ctx.refuse(
+                "relay.refuse",
+                &subject,
+                &service,
+                "R5.app-protocol",
+                &reason,
+            );
+        }
+        ctx.relay_closed(
+            &subject,
+            &service,
+            Spliced::moved(&live),
+            started,
+            Spliced::end(done),
+            "",
+        );
     }
     .instrument(span)
     .await;
