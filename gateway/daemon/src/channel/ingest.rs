@@ -9,7 +9,10 @@
 //! Only producers inside the listener's zone are served (R5.address; others get
 //! 403, audited under their address and summarised). Every accepted request is
 //! a crossing: audited as `channel.accept` with the producer's address, the
-//! sequence numbers, count, bytes and the SHA-256 of the body. A body larger
+//! sequence numbers, count, bytes and the SHA-256 of the body. The audit
+//! writes are batched: one record per (producer, channel) for up to
+//! [`ACCEPT_BATCH`] requests or [`ACCEPT_EVERY`], each request's sequence
+//! numbers, bytes and digest in its detail. A body larger
 //! than the largest record limit allows (413), an undeclared format (415), or
 //! a body sent slower than [`MIN_BODY_RATE`] after [`BODY_GRACE`] is refused
 //! and audited too.
@@ -39,8 +42,83 @@ use gateway_core::policy::Crossing;
 /// How long `when_full = "block"` holds a producer before answering 503.
 pub const BLOCK_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Requests of one producer and channel audited in one record at most ...
+pub const ACCEPT_BATCH: usize = 32;
+/// ... and the longest a request waits for its record.
+pub const ACCEPT_EVERY: Duration = Duration::from_millis(100);
+
+/// Accepted requests waiting for their audit record, per (producer, channel).
+#[derive(Default)]
+struct Accepts {
+    pending: std::collections::HashMap<(std::net::IpAddr, String), Vec<String>>,
+}
+
+impl Accepts {
+    fn flush(ctx: &Ctx, key: &(std::net::IpAddr, String), lines: Vec<String>) {
+        ctx.audit.record(
+            &key.0.to_string(),
+            &key.1,
+            "channel.accept",
+            "ok",
+            "",
+            format!("{} request(s): {}", lines.len(), lines.join("; ")),
+        );
+    }
+}
+
+/// The audit of accepted requests, batched ([`ACCEPT_BATCH`], [`ACCEPT_EVERY`]).
+#[derive(Clone)]
+struct AcceptLog {
+    ctx: Arc<Ctx>,
+    inner: Arc<std::sync::Mutex<Accepts>>,
+}
+
+impl AcceptLog {
+    fn add(&self, producer: std::net::IpAddr, channel: &str, line: String) {
+        let full = {
+            let mut a = self
+                .inner
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let key = (producer, channel.to_owned());
+            let v = a.pending.entry(key.clone()).or_default();
+            v.push(line);
+            (v.len() >= ACCEPT_BATCH)
+                .then(|| (key.clone(), a.pending.remove(&key).unwrap_or_default()))
+        };
+        if let Some((key, lines)) = full {
+            Accepts::flush(&self.ctx, &key, lines);
+        }
+    }
+
+    fn flush_all(&self) {
+        let all = std::mem::take(
+            &mut self
+                .inner
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .pending,
+        );
+        for (key, lines) in all {
+            Accepts::flush(&self.ctx, &key, lines);
+        }
+    }
+
+    /// Flushes every [`ACCEPT_EVERY`] until `stop`, and once more then.
+    async fn run(self, stop: tokio_util::sync::CancellationToken) {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(ACCEPT_EVERY) => self.flush_all(),
+                () = stop.cancelled() => break,
+            }
+        }
+        self.flush_all();
+    }
+}
+
 #[derive(Clone)]
 struct IngestState {
+    accepts: AcceptLog,
     ctx: Arc<Ctx>,
     zone: String,
     writer: BufferHandle,
@@ -69,12 +147,18 @@ pub async fn serve(ctx: Arc<Ctx>, zone: String, listener: TcpListener, writer: B
     // Room above the largest record limit, so an oversized record still
     // reaches the policy and gets an explained, audited refusal.
     let limit = usize::try_from(limit.saturating_add(1 << 20)).unwrap_or(usize::MAX);
+    let accepts = AcceptLog {
+        ctx: ctx.clone(),
+        inner: Arc::default(),
+    };
+    let flushing = tokio::spawn(accepts.clone().run(draining.clone()));
     let app = Router::new()
         .route("/v1/channels/{name}/records", post(post_record))
         .route("/v1/channels/{name}/receipts", get(receipts))
         // Bodies are read by post_record, capped and timed (and refusals audited).
         .layer(DefaultBodyLimit::disable())
         .with_state(IngestState {
+            accepts: accepts.clone(),
             ctx: ctx.clone(),
             zone,
             writer,
@@ -90,6 +174,7 @@ pub async fn serve(ctx: Arc<Ctx>, zone: String, listener: TcpListener, writer: B
         },
     };
     http::serve(Some(ctx), listener, app, |addr, _| addr, draining).await;
+    let _ = flushing.await;
 }
 
 fn answer(status: StatusCode, body: serde_json::Value) -> Response {
@@ -273,12 +358,9 @@ async fn post_record(
                         format!("quota: dropped records {from}..={to}"),
                     );
                 }
-                st.ctx.audit.record(
-                    &subject,
+                st.accepts.add(
+                    peer.ip(),
                     &name,
-                    "channel.accept",
-                    "ok",
-                    "",
                     format!(
                         "seq {}-{}, {} records, {} bytes, sha256={}",
                         a.first,
