@@ -13,10 +13,14 @@ use super::clock::now_ms;
 
 /// Largest batch written in one transaction.
 const BATCH: usize = 1024;
-/// How long the writer gathers events after the first of a batch: under load
-/// a commit (a disk sync) per this long at most, not one per event, so the
-/// audit does not take the disk from the records it describes.
+/// How long the writer gathers events after the first of a batch, while they
+/// keep coming: under load a commit (a disk sync) per this long at most, not
+/// one per event, so the audit does not take the disk from the records it
+/// describes ...
 const LINGER: std::time::Duration = std::time::Duration::from_millis(20);
+/// ... as long as the next event comes within this (a lone event is written
+/// at once).
+const GAP: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// A handle for writing audit events; cheap to clone.
 #[derive(Clone)]
@@ -50,7 +54,9 @@ impl AuditSink {
                     let mut batch = vec![first];
                     let until = std::time::Instant::now() + LINGER;
                     while batch.len() < BATCH {
-                        let left = until.saturating_duration_since(std::time::Instant::now());
+                        let left = until
+                            .saturating_duration_since(std::time::Instant::now())
+                            .min(GAP);
                         match rx.recv_timeout(left) {
                             Ok(e) => batch.push(e),
                             Err(_) => break,
