@@ -98,7 +98,7 @@ for _ in $(seq 100); do
     sleep 0.1
 done
 rss() { awk '/VmRSS/{print int($2/1024)}' "/proc/$1/status"; }
-opens() { $G audit show --state-dir "$W/edge" 2>/dev/null | grep -c 'relay.open' || true; }
+opens() { $G audit show --state-dir "$W/edge" --limit 10000000 2>/dev/null | grep -c 'relay.open' || true; }
 wave() { # one datagram from each of PORTS source ports of ADDRS addresses
     python3 - "$PUB" "$PORTS" "$ADDRS" <<'PY'
 import socket, sys

@@ -341,6 +341,24 @@ listen = "127.0.0.1:9600"
     path
 }
 
+/// A minimal well-formed TLS ClientHello record (one suite, one extension).
+fn client_hello() -> Vec<u8> {
+    let mut body = vec![0x03, 0x03];
+    body.extend([7u8; 32]);
+    body.push(0);
+    body.extend([0x00, 0x02, 0x13, 0x01]);
+    body.extend([0x01, 0x00]);
+    let ext = [0x00, 0x2b, 0x00, 0x03, 0x02, 0x03, 0x04];
+    body.extend((ext.len() as u16).to_be_bytes());
+    body.extend(ext);
+    let mut hs = vec![0x01, 0, 0, body.len() as u8];
+    hs.extend(body);
+    let mut rec = vec![0x16, 0x03, 0x01];
+    rec.extend((hs.len() as u16).to_be_bytes());
+    rec.extend(hs);
+    rec
+}
+
 #[test]
 fn real_namespaces_bridge_only_what_is_published() {
     if let Some(why) = skip_reason() {
@@ -437,15 +455,15 @@ listen = "10.0.0.1:8480"
 
     // 1. Published: the provincial client reaches each department's app, and
     //    the two identical address plans do not collide (services are named).
-    //    app_protocol = "tls" at level 3: a TLS ClientHello's first bytes.
-    const HELLO: &[u8] = b"\x16\x03\x01\x00\x05hello";
+    //    app_protocol = "tls" at level 3: a whole, well-formed ClientHello.
+    let hello: &'static [u8] = Box::leak(client_hello().into_boxed_slice());
     assert_eq!(
-        echo_from(&lab, "prov", "172.16.0.1:18001", HELLO).expect("via gw-01"),
-        HELLO
+        echo_from(&lab, "prov", "172.16.0.1:18001", hello).expect("via gw-01"),
+        hello
     );
     assert_eq!(
-        echo_from(&lab, "prov", "172.16.0.1:18002", HELLO).expect("via gw-02"),
-        HELLO
+        echo_from(&lab, "prov", "172.16.0.1:18002", hello).expect("via gw-02"),
+        hello
     );
     assert_eq!(legacy_conns.load(Ordering::SeqCst), 1);
     assert_eq!(legacy2_conns.load(Ordering::SeqCst), 1);
@@ -461,7 +479,7 @@ listen = "10.0.0.1:8480"
     });
 
     // 2. Not routed: straight at the legacy address, via the gateway, nothing.
-    let direct = echo_from(&lab, "prov", "10.0.0.10:7000", HELLO);
+    let direct = echo_from(&lab, "prov", "10.0.0.10:7000", hello);
     assert!(direct.is_err(), "a packet crossed the gateway: {direct:?}");
     assert_eq!(
         legacy_conns.load(Ordering::SeqCst),
@@ -470,7 +488,7 @@ listen = "10.0.0.1:8480"
     );
 
     // 3. Denied by policy: records-db admits only gw-02, not provincial clients.
-    let denied = echo_from(&lab, "prov", "172.16.0.1:18003", HELLO);
+    let denied = echo_from(&lab, "prov", "172.16.0.1:18003", hello);
     assert!(denied.is_err(), "{denied:?}");
     until("the refusal in gw-01's audit", || {
         let out = Command::new(env!("CARGO_BIN_EXE_gatewayd"))
@@ -553,7 +571,7 @@ listen = "10.0.0.1:8480"
         "every record once, in order"
     );
     until("the relay back after the link returned", || {
-        echo_from(&lab, "prov", "172.16.0.1:18001", HELLO).is_ok()
+        echo_from(&lab, "prov", "172.16.0.1:18001", hello).is_ok()
     });
     drop((edge1, edge2, hub));
 }

@@ -197,13 +197,20 @@ pub async fn edge_flow(
     );
     let stop = ctx.service_token(&service);
     let mut tick = tokio::time::interval((idle / 4).max(Duration::from_millis(50)));
-    let mut buf = vec![0u8; 65_536];
+    // No bigger than a tunnel datagram can be: a datagram that fills it is
+    // too large to relay and is dropped (counted), never sent truncated. A
+    // 64 KiB buffer per flow is what kept an edge's memory after a flood.
+    let mut buf = vec![0u8; usize::from(crate::tunnel::tls::MTU_UPPER_BOUND) + 1];
     let mut end = [0u8; 1];
     let how = loop {
         tokio::select! {
             r = socket.recv(&mut buf) => if let Ok(n) = r {
-                down.fetch_add(n as u64, Ordering::Relaxed);
                 last.store(now_ms(), Ordering::Relaxed);
+                if n == buf.len() {
+                    dropped.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                down.fetch_add(n as u64, Ordering::Relaxed);
                 send_dgram(&conn, flow, &buf[..n], &dropped);
             },
             _ = tick.tick() => {
