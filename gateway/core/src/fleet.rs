@@ -366,7 +366,15 @@ const POLICY_TABLES: &[&str] = &["zone"];
 const POLICY_KEYS: &[(&str, &[&str])] = &[
     (
         "service",
-        &["allow", "app_protocol", "zone", "target", "protocol"],
+        &[
+            "allow",
+            "app_protocol",
+            "allow_upgrade",
+            "sni",
+            "zone",
+            "target",
+            "protocol",
+        ],
     ),
     ("access", &["zone", "service", "listen", "protocol"]),
     (

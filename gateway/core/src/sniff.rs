@@ -105,6 +105,11 @@ pub struct Inspector {
     state: State,
     /// Requests checked so far.
     pub requests: u64,
+    /// `http`: an `Upgrade` request passes, and the rest of the connection
+    /// is the upgraded protocol's.
+    allow_upgrade: bool,
+    /// `tls`: the server names a ClientHello may ask for (empty: any).
+    sni: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,7 +135,15 @@ enum State {
 impl Inspector {
     /// An inspector of a client's stream for `proto`.
     pub fn new(proto: AppProtocol) -> Self {
+        Self::for_service(proto, false, Vec::new())
+    }
+
+    /// An inspector for a service's `app_protocol`, `allow_upgrade` and
+    /// `sni` (lowercase names).
+    pub fn for_service(proto: AppProtocol, allow_upgrade: bool, sni: Vec<String>) -> Self {
         Inspector {
+            allow_upgrade,
+            sni,
             buf: Vec::new(),
             offset: 0,
             state: match proto {
@@ -322,7 +335,7 @@ impl Inspector {
         if method == "CONNECT" {
             return Err(self.violation(0, "CONNECT (a tunnel) is refused"));
         }
-        let (mut length, mut chunked, mut te) = (None::<u64>, false, false);
+        let (mut length, mut chunked, mut te, mut upgrade) = (None::<u64>, false, false, false);
         for h in req.headers.iter() {
             let value = std::str::from_utf8(h.value).unwrap_or("").trim();
             if h.name.eq_ignore_ascii_case("content-length") {
@@ -349,20 +362,26 @@ impl Inspector {
                     ));
                 }
             } else if h.name.eq_ignore_ascii_case("upgrade") {
-                return Err(self.violation(
-                    0,
-                    format!(
-                        "Upgrade to {:?} is refused",
-                        crate::refusals::peer_text(value)
-                    ),
-                ));
+                if !self.allow_upgrade {
+                    return Err(self.violation(
+                        0,
+                        format!(
+                            "Upgrade to {:?} is refused (the service sets no allow_upgrade)",
+                            crate::refusals::peer_text(value)
+                        ),
+                    ));
+                }
+                upgrade = true;
             }
         }
         if te && length.is_some() {
             return Err(self.violation(0, "both Transfer-Encoding and Content-Length"));
         }
         self.requests += 1;
-        self.state = if chunked {
+        self.state = if upgrade {
+            // The upgraded protocol's bytes are not HTTP.
+            State::Through
+        } else if chunked {
             State::ChunkSize
         } else {
             match length {
@@ -442,17 +461,60 @@ impl Inspector {
                 return Err(bad(at, "extension lengths do not add up"));
             }
             let mut e = at;
+            let mut names: Vec<String> = Vec::new();
             while e < body.len() {
+                let kind = pair(e).ok_or_else(|| bad(e, "an extension"))?;
                 let l = pair(e + 2).ok_or_else(|| bad(e, "an extension"))?;
-                e += 4 + l;
-                if e > body.len() {
+                if e + 4 + l > body.len() {
                     return Err(bad(e, "an extension past the end"));
                 }
+                if kind == 0 {
+                    names = server_names(&body[e + 4..e + 4 + l])
+                        .ok_or_else(|| bad(e, "server_name"))?;
+                }
+                e += 4 + l;
             }
+            if !self.sni.is_empty() && !names.iter().any(|n| self.sni.contains(n)) {
+                let asked = if names.is_empty() {
+                    "no server name".to_owned()
+                } else {
+                    crate::refusals::peer_text(&names.join(", "))
+                };
+                return Err(Violation {
+                    offset: self.offset,
+                    reason: format!(
+                        "the ClientHello asks for {asked}, not a name this service allows (sni)"
+                    ),
+                });
+            }
+        } else if !self.sni.is_empty() {
+            return Err(bad(
+                at,
+                "no extensions, so no server name (the service sets sni)",
+            ));
         }
         self.state = State::Through;
         Ok(Some(5 + rec))
     }
+}
+
+/// The host names of a `server_name` extension's data (lowercase).
+fn server_names(d: &[u8]) -> Option<Vec<String>> {
+    let list = (usize::from(*d.first()?) << 8) | usize::from(*d.get(1)?);
+    if list + 2 != d.len() {
+        return None;
+    }
+    let (mut at, mut out) = (2usize, Vec::new());
+    while at < d.len() {
+        let kind = *d.get(at)?;
+        let l = (usize::from(*d.get(at + 1)?) << 8) | usize::from(*d.get(at + 2)?);
+        let name = d.get(at + 3..at + 3 + l)?;
+        if kind == 0 {
+            out.push(String::from_utf8_lossy(name).to_ascii_lowercase());
+        }
+        at += 3 + l;
+    }
+    Some(out)
 }
 
 #[cfg(test)]
@@ -575,6 +637,61 @@ mod tests {
         rec.extend((hs.len() as u16).to_be_bytes());
         rec.extend(hs);
         rec
+    }
+
+    /// A ClientHello asking for `name`.
+    fn hello_for(name: &str) -> Vec<u8> {
+        let mut body = vec![0x03, 0x03];
+        body.extend([7u8; 32]);
+        body.push(0);
+        body.extend([0x00, 0x02, 0x13, 0x01]);
+        body.extend([0x01, 0x00]);
+        let n = name.as_bytes();
+        let entry_len = 3 + n.len();
+        let mut sni = vec![0x00, 0x00];
+        sni.extend(((2 + entry_len) as u16).to_be_bytes());
+        sni.extend((entry_len as u16).to_be_bytes());
+        sni.push(0);
+        sni.extend((n.len() as u16).to_be_bytes());
+        sni.extend(n);
+        body.extend((sni.len() as u16).to_be_bytes());
+        body.extend(sni);
+        let mut hs = vec![0x01, 0, 0, body.len() as u8];
+        hs.extend(body);
+        let mut rec = vec![0x16, 0x03, 0x01];
+        rec.extend((hs.len() as u16).to_be_bytes());
+        rec.extend(hs);
+        rec
+    }
+
+    #[test]
+    fn sni_and_upgrade_follow_the_service() {
+        let only = |names: &[&str]| {
+            Inspector::for_service(
+                AppProtocol::Tls,
+                false,
+                names.iter().map(|n| (*n).to_owned()).collect(),
+            )
+        };
+        let ok = hello_for("Pension.JL.gov.cn");
+        assert_eq!(only(&["pension.jl.gov.cn"]).feed(&ok).expect("allowed"), ok);
+        let e = only(&["records.jl.gov.cn"])
+            .feed(&ok)
+            .expect_err("another name");
+        assert!(e.reason.contains("pension.jl.gov.cn"), "{e:?}");
+        let e = only(&["records.jl.gov.cn"])
+            .feed(&client_hello())
+            .expect_err("none");
+        assert!(e.reason.contains("no server name"), "{e:?}");
+        assert!(Inspector::new(AppProtocol::Tls).feed(&ok).is_ok());
+        let ws = b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n\x81\x05hello";
+        assert!(Inspector::new(AppProtocol::Http).feed(ws).is_err());
+        let mut i = Inspector::for_service(AppProtocol::Http, true, Vec::new());
+        assert_eq!(i.feed(ws).expect("upgrade allowed"), ws.to_vec());
+        assert_eq!(
+            i.feed(b"\x00\xffraw").expect("upgraded"),
+            b"\x00\xffraw".to_vec()
+        );
     }
 
     #[test]

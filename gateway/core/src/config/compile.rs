@@ -902,6 +902,44 @@ impl Compiler<'_> {
                     "set protocol = \"tcp\", or remove app_protocol",
                 );
             }
+            if let (Some(u), Some(a)) = (&s.allow_upgrade, app_protocol) {
+                if *u.get_ref() && a != Some(AppProtocol::Http) {
+                    self.error(
+                        &u.span(),
+                        "service.allow_upgrade applies to app_protocol = \"http\" only",
+                        "remove allow_upgrade, or set app_protocol = \"http\"",
+                    );
+                }
+            }
+            let mut sni = Vec::new();
+            if let (Some(list), Some(a)) = (&s.sni, app_protocol) {
+                if a != Some(AppProtocol::Tls) {
+                    self.error(
+                        &list.span(),
+                        "service.sni applies to app_protocol = \"tls\" only",
+                        "remove sni, or set app_protocol = \"tls\"",
+                    );
+                }
+                for n in list.get_ref() {
+                    let name = n.get_ref().to_ascii_lowercase();
+                    let ok = !name.is_empty()
+                        && name.len() <= 253
+                        && name.split('.').all(|l| {
+                            !l.is_empty()
+                                && l.len() <= 63
+                                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                        });
+                    if ok {
+                        sni.push(name);
+                    } else {
+                        self.error(
+                            &n.span(),
+                            format!("service.sni: {:?} is not a DNS name", n.get_ref()),
+                            "write host names like \"pension.jl.gov.cn\"",
+                        );
+                    }
+                }
+            }
             let mut allow = Vec::new();
             if s.allow.get_ref().is_empty() {
                 self.warning(
@@ -1007,6 +1045,8 @@ impl Compiler<'_> {
                     max_connections,
                     bandwidth,
                     idle_timeout,
+                    allow_upgrade: s.allow_upgrade.as_ref().is_some_and(|u| *u.get_ref()),
+                    sni,
                     loc,
                 });
             }

@@ -312,6 +312,12 @@ pub struct Service {
     /// A UDP flow without a datagram either way, or a TCP relay without a
     /// byte either way, for this long is closed (defaults: 60 s UDP, 1 h TCP).
     pub idle_timeout: Duration,
+    /// `http` at level 3: an `Upgrade` request (WebSocket) may pass, and the
+    /// rest of its connection is not followed as HTTP.
+    pub allow_upgrade: bool,
+    /// `tls` at level 3: the server names a ClientHello may ask for (none:
+    /// any).
+    pub sni: Vec<String>,
     /// Where it is declared.
     pub loc: Location,
 }

@@ -70,6 +70,8 @@ pub struct RawService {
     pub max_connections: Option<Spanned<i64>>,
     pub bandwidth: Option<S>,
     pub idle_timeout: Option<S>,
+    pub allow_upgrade: Option<Spanned<bool>>,
+    pub sni: Option<Spanned<Vec<S>>>,
 }
 
 /// `[[access]]`

@@ -213,7 +213,11 @@ pub async fn serve(
                         return;
                     }
                 }
-                let mut i = gateway_core::sniff::Inspector::new(app);
+                let mut i = gateway_core::sniff::Inspector::for_service(
+                    app,
+                    svc.allow_upgrade,
+                    svc.sni.clone(),
+                );
                 // The first bytes pass only once their request head is whole.
                 match i.feed(&first) {
                     Ok(released) => first = released,
