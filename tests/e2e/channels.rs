@@ -819,8 +819,6 @@ async fn the_spool_takes_only_regular_files_of_its_own() {
                 std::fs::write(&tmp, format!("{{\"n\":{n}}}")).expect("write");
                 let name = inbox.join(format!("r-{n:05}.json"));
                 std::fs::rename(&tmp, &name).expect("rename in");
-                // The attacker's timing: sometimes the scan sees the file first.
-                std::thread::sleep(Duration::from_micros(n % 7 * 150));
                 let _ = std::fs::remove_file(&link);
                 std::os::unix::fs::symlink(&secret, &link).expect("symlink");
                 // Gone already (taken) or still there: either way, swap.

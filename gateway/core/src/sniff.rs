@@ -110,6 +110,10 @@ pub struct Inspector {
     allow_upgrade: bool,
     /// `tls`: the server names a ClientHello may ask for (empty: any).
     sni: Vec<String>,
+    /// `http`: bytes of the current head already checked ...
+    scanned: usize,
+    /// ... and whether its request line has ended.
+    in_headers: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,6 +146,8 @@ impl Inspector {
     /// `sni` (lowercase names).
     pub fn for_service(proto: AppProtocol, allow_upgrade: bool, sni: Vec<String>) -> Self {
         Inspector {
+            scanned: 0,
+            in_headers: false,
             allow_upgrade,
             sni,
             buf: Vec::new(),
@@ -291,32 +297,44 @@ impl Inspector {
         }
         // The request line is visible ASCII, the headers have no control
         // bytes but tab, CR and LF: refused at once, whatever comes after.
-        let line_end = self
-            .buf
-            .iter()
-            .position(|b| *b == b'\n')
-            .unwrap_or(self.buf.len());
-        if let Some(i) = self.buf[..line_end]
-            .iter()
-            .position(|b| !(0x20..0x7f).contains(b) && *b != b'\r')
-        {
-            return Err(
-                self.violation(i, format!("byte 0x{:02x} in the request line", self.buf[i]))
-            );
+        // Each byte is looked at once, however the head is cut into pieces.
+        let from = self.scanned;
+        let upto = self.buf.len().min(MAX_HEAD + 1);
+        let mut newline = false;
+        for i in from..upto {
+            let b = self.buf[i];
+            if !self.in_headers {
+                if b == b'\n' {
+                    self.in_headers = true;
+                    newline = true;
+                } else if !(0x20..0x7f).contains(&b) && b != b'\r' {
+                    return Err(self.violation(i, format!("byte 0x{b:02x} in the request line")));
+                }
+            } else {
+                if (b < 0x20 && !matches!(b, b'\t' | b'\r' | b'\n')) || b == 0x7f {
+                    return Err(
+                        self.violation(i, format!("control byte 0x{b:02x} in the request head"))
+                    );
+                }
+                if b == b'\n' {
+                    newline = true;
+                    if (i >= 3 && &self.buf[i - 3..=i] == b"\r\n\r\n")
+                        || (i >= 1 && &self.buf[i - 1..=i] == b"\n\n")
+                    {
+                        // The head ends here; what follows is the body's.
+                        self.scanned = i + 1;
+                        break;
+                    }
+                }
+            }
+            self.scanned = i + 1;
         }
-        let head_end = self
-            .buf
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .map_or(self.buf.len(), |e| e + 4);
-        if let Some(i) = self.buf[..head_end]
-            .iter()
-            .position(|b| (*b < 0x20 && !matches!(b, b'\t' | b'\r' | b'\n')) || *b == 0x7f)
-        {
-            return Err(self.violation(
-                i,
-                format!("control byte 0x{:02x} in the request head", self.buf[i]),
-            ));
+        if !newline {
+            // A head completes, or a line fails, only at a newline.
+            if self.buf.len() > MAX_HEAD {
+                return Err(self.violation(0, "a request head longer than 16 KiB"));
+            }
+            return Ok(None);
         }
         // Parsed as far as it goes: bytes that cannot start a valid head are
         // refused at once, a valid prefix waits for the rest.
@@ -378,6 +396,7 @@ impl Inspector {
             return Err(self.violation(0, "both Transfer-Encoding and Content-Length"));
         }
         self.requests += 1;
+        (self.scanned, self.in_headers) = (0, false);
         self.state = if upgrade {
             // The upgraded protocol's bytes are not HTTP.
             State::Through
@@ -575,6 +594,9 @@ mod tests {
             feed_all(AppProtocol::Http, &bytes).expect("ok"),
             two.to_vec()
         );
+        // A head ended by bare LFs, with a binary body in the same piece.
+        let lf = b"POST / HTTP/1.1\nHost: x\nContent-Length: 2\n\n\x00\x01";
+        assert_eq!(feed_all(AppProtocol::Http, &[lf]).expect("ok"), lf.to_vec());
         // A head is held until it is whole.
         let mut i = Inspector::new(AppProtocol::Http);
         assert!(i.feed(b"GET / HTTP/1.1\r\nHo").expect("ok").is_empty());

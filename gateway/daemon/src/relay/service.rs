@@ -192,37 +192,22 @@ pub async fn serve(
         let mut inspector = None;
         if let (Some(app), Some(level)) = (svc.app_protocol, decision.level) {
             if level.get() >= 3 {
-                match sniff_stream(&mut recv, app, &mut first).await {
-                    Sniff::Match => {}
-                    verdict => {
-                        let reason = format!("first bytes are not {app:?} ({verdict:?})");
-                        ctx.refuse(
-                            "relay.refuse",
-                            &subject,
-                            &service,
-                            "R5.app-protocol",
-                            &reason,
-                        );
-                        let _ = send.reset(quinn::VarInt::from_u32(u32::from(
-                            RefuseCode::Policy.number(),
-                        )));
-                        let _ = recv.stop(quinn::VarInt::from_u32(u32::from(
-                            RefuseCode::Policy.number(),
-                        )));
-                        reset_tcp(&target);
-                        return;
-                    }
-                }
+                // The first bytes must start like the protocol, and pass only
+                // once their request head (or ClientHello) is whole.
                 let mut i = gateway_core::sniff::Inspector::for_service(
                     app,
                     svc.allow_upgrade,
                     svc.sni.clone(),
                 );
-                // The first bytes pass only once their request head is whole.
-                match i.feed(&first) {
+                let checked = match sniff_stream(&mut recv, app, &mut first).await {
+                    Sniff::Match => i
+                        .feed(&first)
+                        .map_err(|v| format!("not {app:?} at byte {}: {}", v.offset, v.reason)),
+                    verdict => Err(format!("first bytes are not {app:?} ({verdict:?})")),
+                };
+                match checked {
                     Ok(released) => first = released,
-                    Err(v) => {
-                        let reason = format!("not {app:?} at byte {}: {}", v.offset, v.reason);
+                    Err(reason) => {
                         ctx.refuse(
                             "relay.refuse",
                             &subject,
@@ -230,12 +215,9 @@ pub async fn serve(
                             "R5.app-protocol",
                             &reason,
                         );
-                        let _ = send.reset(quinn::VarInt::from_u32(u32::from(
-                            RefuseCode::Policy.number(),
-                        )));
-                        let _ = recv.stop(quinn::VarInt::from_u32(u32::from(
-                            RefuseCode::Policy.number(),
-                        )));
+                        let code = quinn::VarInt::from_u32(u32::from(RefuseCode::Policy.number()));
+                        let _ = send.reset(code);
+                        let _ = recv.stop(code);
                         reset_tcp(&target);
                         return;
                     }
