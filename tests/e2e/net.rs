@@ -252,6 +252,8 @@ pub struct EdgeSpec<'a> {
     pub bandwidth: Option<&'a str>,
     /// TOML appended as is (channels).
     pub extra: &'a str,
+    /// TOML keys added to every service table (`http_allow = [...]`).
+    pub service_keys: &'a str,
     /// Bind an `[[ingest]]` listener in the legacy zone.
     pub ingest: bool,
     /// Reuse this state directory (a restart).
@@ -271,6 +273,7 @@ impl<'a> EdgeSpec<'a> {
             cert: None,
             bandwidth: None,
             extra: "",
+            service_keys: "",
             ingest: false,
             state: None,
         }
@@ -318,6 +321,7 @@ pub fn edge_toml(
         if let Some(a) = app {
             s += &format!("app_protocol = \"{a}\"\n");
         }
+        s += spec.service_keys;
         // A service named "udp-..." is UDP, with flows expiring after 1 s idle.
         if name.starts_with("udp-") {
             s += "protocol = \"udp\"\nidle_timeout = \"1s\"\n";
@@ -498,6 +502,106 @@ pub async fn echo(ip: &str) -> Echo {
         }
     });
     Echo { addr, bytes, conns }
+}
+
+/// A legacy web server (hyper, HTTP/1.1 with keep-alive): answers every
+/// request `200` with "METHOD PATH" as its body, and records the requests it
+/// saw and the bytes that reached it.
+pub struct WebServer {
+    pub addr: SocketAddr,
+    pub bytes: Arc<AtomicU64>,
+    pub seen: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl WebServer {
+    /// The requests seen so far, as "METHOD PATH".
+    pub fn seen(&self) -> Vec<String> {
+        self.seen.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+}
+
+/// A TCP stream that counts the bytes read from it.
+struct Counted {
+    inner: TcpStream,
+    bytes: Arc<AtomicU64>,
+}
+
+impl tokio::io::AsyncRead for Counted {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        self.bytes.fetch_add(n as u64, Ordering::SeqCst);
+        r
+    }
+}
+
+impl tokio::io::AsyncWrite for Counted {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Starts a [`WebServer`] on `ip`, port 0.
+pub async fn web_server(ip: &str) -> WebServer {
+    let std = sockets::listen_tcp(format!("{ip}:0").parse().expect("addr")).expect("bind web");
+    std.set_nonblocking(true).expect("nonblocking");
+    let l = TcpListener::from_std(std).expect("web listener");
+    let addr = l.local_addr().expect("addr");
+    let bytes = Arc::new(AtomicU64::new(0));
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (b, s) = (bytes.clone(), seen.clone());
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let io = hyper_util::rt::TokioIo::new(Counted {
+                inner: tcp,
+                bytes: b.clone(),
+            });
+            let s = s.clone();
+            let service =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let line = format!("{} {}", req.method(), req.uri());
+                    if let Ok(mut seen) = s.lock() {
+                        seen.push(line.clone());
+                    }
+                    async move {
+                        // Read the body whole before answering.
+                        let _ = http_body_util::BodyExt::collect(req.into_body()).await;
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                            http_body_util::Full::new(bytes::Bytes::from(line)),
+                        ))
+                    }
+                });
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .half_close(true)
+                    .serve_connection(io, service)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    });
+    WebServer { addr, bytes, seen }
 }
 
 /// Sends `payload` on a new connection to `to` (from `from_ip`), closes for

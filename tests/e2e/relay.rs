@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use net::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const MIB: usize = 1 << 20;
 
@@ -277,7 +278,7 @@ async fn a_denied_crossing_is_refused_and_audited() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn level_3_checks_the_application_protocol() {
     let pki = Pki::new();
-    let echo_b = echo("127.0.2.10").await;
+    let echo_b = web_server("127.0.2.10").await;
     let (hub, edge) = hub_and_edge(
         &pki,
         3,
@@ -286,11 +287,13 @@ async fn level_3_checks_the_application_protocol() {
     )
     .await;
     let http = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
-    assert_eq!(
-        round_trip(hub.publish[0], "127.0.0.1", http.clone())
-            .await
-            .expect("http passes"),
-        http
+    let answer = round_trip(hub.publish[0], "127.0.0.1", http.clone())
+        .await
+        .expect("http passes");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 200 OK") && answer.ends_with("GET /"),
+        "{answer}"
     );
     let ssh = round_trip(
         hub.publish[0],
@@ -353,6 +356,132 @@ async fn level_3_checks_the_application_protocol() {
             .any(|l| l.contains("at byte 27: not an HTTP request line")),
         "the offset of the smuggled banner: {audit:#?}"
     );
+}
+
+/// Opens a connection to `to` from `from_ip`, sends `payload` (keeping the
+/// write side open) and reads until the relay closes it.
+async fn exchange(to: std::net::SocketAddr, from_ip: &str, payload: &[u8]) -> String {
+    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+    sock.bind(format!("{from_ip}:0").parse().expect("addr"))
+        .expect("bind");
+    let mut s = sock.connect(to).await.expect("connect");
+    s.write_all(payload).await.expect("send");
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got))
+        .await
+        .expect("the relay answers and closes");
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn level_3_follows_responses_and_answers_what_http_allow_refuses() {
+    let pki = Pki::new();
+    let web = web_server("127.0.2.10").await;
+    // A server that answers anything with an SSH banner.
+    let rogue = tokio::net::TcpListener::bind("127.0.2.11:0")
+        .await
+        .expect("bind");
+    let rogue_addr = rogue.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = rogue.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                let _ = s.write_all(b"SSH-2.0-OpenSSH_9.2\r\n\x00\x01").await;
+                let _ = s.read(&mut buf).await;
+            });
+        }
+    });
+    let hub = start_hub(
+        &pki,
+        HubSpec::new("hub-01", 3, &["edge-b/web", "edge-b/rogue"]),
+    )
+    .await;
+    let edge = start_edge(
+        &pki,
+        EdgeSpec {
+            services: vec![
+                ("web", web.addr, "\"extranet\"", Some("http"), None),
+                ("rogue", rogue_addr, "\"extranet\"", Some("http"), None),
+            ],
+            service_keys: "http_allow = [{ methods = [\"GET\", \"HEAD\"], paths = [\"/reports/\"] }, { methods = [\"POST\"], paths = [\"/forms/submit\"] }]\n",
+            ..EdgeSpec::new("edge-b", 2, 3, vec![hub.quic])
+        },
+    )
+    .await;
+    wait_for("the edge's tunnel", Duration::from_secs(10), || {
+        edge.running.ready()
+    })
+    .await;
+    let (web_pub, rogue_pub) = (hub.publish[0], hub.publish[1]);
+    // Allowed requests pass, pipelined on one connection.
+    let got = exchange(
+        web_pub,
+        "127.0.0.1",
+        b"GET /reports/q3?x=1 HTTP/1.1\r\nHost: x\r\n\r\nPOST /forms/submit HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi",
+    )
+    .await;
+    assert_eq!(got.matches("HTTP/1.1 200 OK").count(), 2, "{got}");
+    // A refused request in the middle: the one before it is answered by the
+    // server, the gateway answers it 403 and nothing after it passes.
+    let got = exchange(
+        web_pub,
+        "127.0.0.1",
+        b"GET /reports/a HTTP/1.1\r\nHost: x\r\n\r\nGET /reports/%2e%2e/admin HTTP/1.1\r\nHost: x\r\n\r\nGET /reports/b HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await;
+    let (ok, refused) = got.split_once("HTTP/1.1 403 Forbidden").expect("a 403");
+    assert!(
+        ok.starts_with("HTTP/1.1 200 OK") && ok.ends_with("GET /reports/a"),
+        "{got}"
+    );
+    assert!(refused.contains("GET /admin"), "{got}");
+    // Refused as the first request: the server sees nothing of it.
+    let got = exchange(
+        web_pub,
+        "127.0.0.1",
+        b"DELETE /reports/1 HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await;
+    assert!(got.starts_with("HTTP/1.1 403 Forbidden"), "{got}");
+    let seen = web.seen();
+    assert_eq!(
+        seen,
+        [
+            "GET /reports/q3?x=1",
+            "POST /forms/submit",
+            "GET /reports/a"
+        ],
+        "only allowed requests reach the server"
+    );
+    // A server answering with something that is not HTTP: the relay is cut
+    // before its bytes reach the client.
+    let got = exchange(
+        rogue_pub,
+        "127.0.0.1",
+        b"GET /reports/x HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await;
+    assert!(!got.contains("SSH"), "{got:?}");
+    wait_for("the refusals in the audit", Duration::from_secs(5), || {
+        let audit = audit_lines(edge.state.path());
+        let allow = audit
+            .iter()
+            .filter(|l| l.starts_with("relay.refuse") && l.contains("[R5.http-allow]"))
+            .count();
+        allow == 2
+            && audit
+                .iter()
+                .any(|l| l.contains("GET /admin") && l.contains("[R5.http-allow]"))
+            && audit
+                .iter()
+                .any(|l| l.contains("DELETE /reports/1") && l.contains("[R5.http-allow]"))
+            && audit.iter().any(|l| {
+                l.contains("[R5.app-protocol]")
+                    && l.contains("the server's responses at byte 0: not an HTTP response line")
+            })
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

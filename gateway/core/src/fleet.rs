@@ -371,6 +371,7 @@ const POLICY_KEYS: &[(&str, &[&str])] = &[
             "app_protocol",
             "allow_upgrade",
             "sni",
+            "http_allow",
             "zone",
             "target",
             "protocol",

@@ -8,7 +8,8 @@
 //!   faces: [`policy::check_config`] at config time and [`policy::Policy::decide`]
 //!   at run time; [`rule`]: the rules' stable ids.
 //! - [`audit`]: the canonical encoding and hash chaining of audit records.
-//! - [`wire`]: the tunnel's frames; [`sniff`]: application-protocol checks;
+//! - [`wire`]: the tunnel's frames; [`sniff`]: application-protocol checks,
+//!   [`urlpath`]: URL paths as a server reads them (for `http_allow`);
 //!   [`backoff`]: reconnect delays.
 //! - [`fleet`]: central management: control messages, operator roles, which
 //!   config sections are policy, renewal timing, the audit export check.
@@ -35,4 +36,5 @@ pub mod rule;
 pub mod sniff;
 pub mod summary;
 pub mod units;
+pub mod urlpath;
 pub mod wire;

@@ -55,6 +55,7 @@ rules! {
     LevelDown = "R4.level-down": "No interactive relay from a higher-level zone to a lower one; data flows down only through a one-way, content-checked channel.",
     Address = "R5.address": "A client's address must lie in the networks of the zone it comes from.",
     AppProtocol = "R5.app-protocol": "At boundary level 3 and up a service declares its application protocol.",
+    HttpAllow = "R5.http-allow": "A service's http_allow lists the methods and paths its clients may request; the gateway answers any other request 403 and it never reaches the server.",
     ChannelContent = "R5.channel-content": "At boundary level 3 and up a channel declares formats and a record size limit, and every record is checked against them.",
     Retention = "R6.retention": "Audit records are kept at least 180 days.",
 }

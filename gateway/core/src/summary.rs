@@ -89,6 +89,8 @@ pub struct ServiceSummary {
     pub app_protocol: Option<AppProtocol>,
     /// Who may reach it.
     pub allow: Vec<Peer>,
+    /// The HTTP requests its clients may make (empty: any).
+    pub http_allow: Vec<crate::config::HttpAllow>,
 }
 
 /// An access.
@@ -204,6 +206,7 @@ impl Summary {
                         target: v.target.to_string(),
                         app_protocol: v.app_protocol,
                         allow: v.allow.clone(),
+                        http_allow: v.http_allow.clone(),
                     })
                     .collect();
                 s.accesses = e
@@ -342,6 +345,28 @@ impl Summary {
                     s.zone,
                     allow.join(", ")
                 );
+                if !s.http_allow.is_empty() {
+                    let rules: Vec<String> = s
+                        .http_allow
+                        .iter()
+                        .map(|r| {
+                            let any = |v: &[String]| {
+                                if v.is_empty() {
+                                    "any".to_owned()
+                                } else {
+                                    v.join(",")
+                                }
+                            };
+                            format!("{} {}", any(&r.methods), any(&r.paths))
+                        })
+                        .collect();
+                    let _ = writeln!(
+                        o,
+                        "  {:<20} only these requests (else 403): {}",
+                        "",
+                        rules.join("; ")
+                    );
+                }
             }
         }
         if !self.accesses.is_empty() {

@@ -350,6 +350,7 @@ fn every_refusing_rule_is_covered_by_a_case() {
         RuleId::AllowPublish,
         RuleId::AllowTransit,
         RuleId::AssessmentExpiring, // a warning: see assessment_expiry_warns
+        RuleId::HttpAllow,          // run time only: see the sniff tests and tests/relay.rs
     ];
     for rule in RuleId::ALL {
         assert!(

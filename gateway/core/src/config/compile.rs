@@ -70,6 +70,94 @@ impl Compiler<'_> {
         self.idx.locate_span(span)
     }
 
+    /// A service's `http_allow`: method names as HTTP spells them, path
+    /// prefixes already in the form the relay matches (`/reports/`, not
+    /// `/reports/../x` or `%2e`), for `app_protocol = "http"` only.
+    fn http_allow(
+        &mut self,
+        raw: Option<&Spanned<Vec<Spanned<RawHttpAllow>>>>,
+        app_protocol: Option<Option<AppProtocol>>,
+    ) -> Vec<HttpAllow> {
+        let Some(list) = raw else {
+            return Vec::new();
+        };
+        if app_protocol.is_some_and(|a| a != Some(AppProtocol::Http)) {
+            self.error(
+                &list.span(),
+                "service.http_allow applies to app_protocol = \"http\" only",
+                "remove http_allow, or set app_protocol = \"http\"",
+            );
+        }
+        if list.get_ref().is_empty() {
+            self.error(
+                &list.span(),
+                "service.http_allow is empty, so no request could pass",
+                "list what may be requested, like [{ methods = [\"GET\"], paths = [\"/reports/\"] }], or remove http_allow",
+            );
+        }
+        let mut out = Vec::new();
+        for entry in list.get_ref() {
+            let e = entry.get_ref();
+            if e.methods.is_none() && e.paths.is_none() {
+                self.error(
+                    &entry.span(),
+                    "service.http_allow: an entry with neither methods nor paths allows every request",
+                    "give methods = [...], paths = [...], or both",
+                );
+                continue;
+            }
+            let mut rule = HttpAllow {
+                methods: Vec::new(),
+                paths: Vec::new(),
+            };
+            for m in e.methods.iter().flat_map(|l| l.get_ref()) {
+                let name = m.get_ref();
+                if name.is_empty()
+                    || name.len() > 32
+                    || !name.bytes().all(|b| b.is_ascii_uppercase() || b == b'-')
+                {
+                    self.error(
+                        &m.span(),
+                        format!("service.http_allow: {name:?} is not an HTTP method"),
+                        "write methods in capitals, as HTTP sends them: \"GET\", \"POST\"",
+                    );
+                } else if name == "CONNECT" {
+                    self.error(
+                        &m.span(),
+                        "service.http_allow: CONNECT opens a tunnel and is always refused",
+                        "remove CONNECT",
+                    );
+                } else {
+                    rule.methods.push(name.clone());
+                }
+            }
+            for p in e.paths.iter().flat_map(|l| l.get_ref()) {
+                let path = p.get_ref();
+                let normal = crate::urlpath::normalise_path(path);
+                match normal {
+                    Ok(n) if path.starts_with('/') && n == *path => rule.paths.push(n),
+                    Ok(n) if path.starts_with('/') => self.error(
+                        &p.span(),
+                        format!("service.http_allow: the path {path:?} reads as {n:?}"),
+                        format!("write it as {n:?}"),
+                    ),
+                    Ok(_) => self.error(
+                        &p.span(),
+                        format!("service.http_allow: the path {path:?} does not start with /"),
+                        "write a path prefix like \"/reports/\"",
+                    ),
+                    Err(why) => self.error(
+                        &p.span(),
+                        format!("service.http_allow: the path {path:?} has {why}"),
+                        "write the path as the server names it, without escapes",
+                    ),
+                }
+            }
+            out.push(rule);
+        }
+        out
+    }
+
     fn error(&mut self, span: &Range<usize>, message: impl Into<String>, hint: impl Into<String>) {
         let d = Diagnostic::error(self.at(span), message).hint(hint);
         self.diags.push(d);
@@ -940,6 +1028,7 @@ impl Compiler<'_> {
                     }
                 }
             }
+            let http_allow = self.http_allow(s.http_allow.as_ref(), app_protocol);
             let mut allow = Vec::new();
             if s.allow.get_ref().is_empty() {
                 self.warning(
@@ -1047,6 +1136,7 @@ impl Compiler<'_> {
                     idle_timeout,
                     allow_upgrade: s.allow_upgrade.as_ref().is_some_and(|u| *u.get_ref()),
                     sni,
+                    http_allow,
                     loc,
                 });
             }

@@ -318,8 +318,22 @@ pub struct Service {
     /// `tls` at level 3: the server names a ClientHello may ask for (none:
     /// any).
     pub sni: Vec<String>,
+    /// `http`: the requests its clients may make (none: any); another request
+    /// is answered 403 by the gateway (rule R5.http-allow).
+    pub http_allow: Vec<HttpAllow>,
     /// Where it is declared.
     pub loc: Location,
+}
+
+/// One entry of a service's `http_allow`: a request passes when its method is
+/// one of `methods` and its path is one of `paths` or below it (an empty list
+/// matches anything).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct HttpAllow {
+    /// Method names, as sent (`GET`, `POST`).
+    pub methods: Vec<String>,
+    /// Path prefixes, normalised, each starting with `/`.
+    pub paths: Vec<String>,
 }
 
 /// Relayed connections of a service at once when it sets no `max_connections`.

@@ -72,6 +72,15 @@ pub struct RawService {
     pub idle_timeout: Option<S>,
     pub allow_upgrade: Option<Spanned<bool>>,
     pub sni: Option<Spanned<Vec<S>>>,
+    pub http_allow: Option<Spanned<Vec<Spanned<RawHttpAllow>>>>,
+}
+
+/// An entry of `[[service]] http_allow`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHttpAllow {
+    pub methods: Option<Spanned<Vec<S>>>,
+    pub paths: Option<Spanned<Vec<S>>>,
 }
 
 /// `[[access]]`

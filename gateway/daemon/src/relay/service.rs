@@ -17,9 +17,9 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tracing::{Instrument, info_span, warn};
 
-use super::app_protocol::sniff_stream;
+use super::app_protocol::{Requests, Responses, sniff_stream};
 use super::listen::reset_tcp;
-use super::splice::{BufSource, RESET_CODE, Spliced, splice_limited};
+use super::splice::{BufSource, Either, RESET_CODE, Spliced, splice_limited};
 use super::udp::flows::{Flows, edge_flow};
 use crate::node::Ctx;
 use crate::tunnel::frame::write_frame;
@@ -187,43 +187,62 @@ pub async fn serve(
             return;
         }
         // Rule R5.app-protocol: at boundary level 3 and up, check the first
-        // bytes, then follow the whole client stream.
+        // bytes, then follow the whole stream both ways; a service with
+        // `http_allow` is followed at any level (rule R5.http-allow).
         let mut first = Vec::new();
         let mut inspector = None;
-        if let (Some(app), Some(level)) = (svc.app_protocol, decision.level) {
-            if level.get() >= 3 {
-                // The first bytes must start like the protocol, and pass only
-                // once their request head (or ClientHello) is whole.
-                let mut i = gateway_core::sniff::Inspector::for_service(
-                    app,
-                    svc.allow_upgrade,
-                    svc.sni.clone(),
-                );
-                let checked = match sniff_stream(&mut recv, app, &mut first).await {
-                    Sniff::Match => i
-                        .feed(&first)
-                        .map_err(|v| format!("not {app:?} at byte {}: {}", v.offset, v.reason)),
-                    verdict => Err(format!("first bytes are not {app:?} ({verdict:?})")),
-                };
-                match checked {
-                    Ok(released) => first = released,
-                    Err(reason) => {
-                        ctx.refuse(
-                            "relay.refuse",
-                            &subject,
-                            &service,
-                            "R5.app-protocol",
-                            &reason,
-                        );
-                        let code = quinn::VarInt::from_u32(u32::from(RefuseCode::Policy.number()));
-                        let _ = send.reset(code);
-                        let _ = recv.stop(code);
-                        reset_tcp(&target);
-                        return;
+        let exchange = std::sync::Arc::new(super::app_protocol::Exchange::default());
+        let level3 = decision.level.is_some_and(|l| l.get() >= 3);
+        if let Some(app) = svc
+            .app_protocol
+            .filter(|_| level3 || !svc.http_allow.is_empty())
+        {
+            // The first bytes must start like the protocol, and pass only
+            // once their request head (or ClientHello) is whole.
+            let mut i = gateway_core::sniff::Inspector::requests(
+                app,
+                std::sync::Arc::new(gateway_core::sniff::Rules {
+                    allow_upgrade: svc.allow_upgrade,
+                    sni: svc.sni.clone(),
+                    http_allow: svc.http_allow.clone(),
+                }),
+            );
+            let checked = match sniff_stream(&mut recv, app, &mut first).await {
+                Sniff::Match => i
+                    .feed(&first)
+                    .map_err(|v| format!("not {app:?} at byte {}: {}", v.offset, v.reason)),
+                verdict => Err(format!("first bytes are not {app:?} ({verdict:?})")),
+            };
+            exchange.after_requests(&mut i);
+            match checked {
+                Ok(released) if released.is_empty() && i.forbidden().is_some() => {
+                    // The first request is refused: the gateway answers it and
+                    // the server sees nothing.
+                    if let Some(f) = i.forbidden() {
+                        refuse_request(&ctx, &subject, &service, f);
+                        let _ = send.write_all(&f.response()).await;
                     }
+                    let _ = send.finish();
+                    let _ = recv.stop(quinn::VarInt::from_u32(0));
+                    return;
                 }
-                inspector = Some(i);
+                Ok(released) => first = released,
+                Err(reason) => {
+                    ctx.refuse(
+                        "relay.refuse",
+                        &subject,
+                        &service,
+                        "R5.app-protocol",
+                        &reason,
+                    );
+                    let code = quinn::VarInt::from_u32(u32::from(RefuseCode::Policy.number()));
+                    let _ = send.reset(code);
+                    let _ = recv.stop(code);
+                    reset_tcp(&target);
+                    return;
+                }
             }
+            inspector = Some((app, i));
         }
         if !first.is_empty() && target.write_all(&first).await.is_err() {
             let _ = send.reset(quinn::VarInt::from_u32(RESET_CODE));
@@ -234,42 +253,30 @@ pub async fn serve(
         let stop = ctx.service_token(&service);
         let zone_stop = ctx.zone_token(&svc.zone);
         let limits = ctx.limiter(&service, svc.bandwidth);
-        let mut violation: Option<
-            std::sync::Arc<std::sync::Mutex<Option<gateway_core::sniff::Violation>>>,
-        > = None;
         let done = {
             let (tr, mut tw) = target.split();
-            let mut tr = BufSource::new(tr);
+            let tr = BufSource::new(tr);
             let qr = BufSource::new(&mut recv);
-            let spliced = async {
-                match inspector {
-                    None => {
-                        let mut qr = qr;
-                        splice_limited(
-                            &mut qr,
-                            &mut send,
-                            &mut tr,
-                            &mut tw,
-                            &live,
-                            limits.as_deref(),
-                        )
-                        .await
-                    }
-                    Some(i) => {
-                        let mut qr = super::app_protocol::Inspected::new(qr, i);
-                        violation = Some(qr.violation.clone());
-                        splice_limited(
-                            &mut qr,
-                            &mut send,
-                            &mut tr,
-                            &mut tw,
-                            &live,
-                            limits.as_deref(),
-                        )
-                        .await
-                    }
-                }
+            // Followed both ways when inspected (responses for `http` only).
+            let (mut qr, mut tr) = match inspector {
+                None => (Either::A(qr), Either::A(tr)),
+                Some((app, i)) => (
+                    Either::B(Requests::new(qr, i, app, exchange.clone())),
+                    if app == gateway_core::config::AppProtocol::Http {
+                        Either::B(Responses::new(tr, exchange.clone()))
+                    } else {
+                        Either::A(tr)
+                    },
+                ),
             };
+            let spliced = splice_limited(
+                &mut qr,
+                &mut send,
+                &mut tr,
+                &mut tw,
+                &live,
+                limits.as_deref(),
+            );
             tokio::select! {
                 s = spliced => Some(s),
                 () = stop.cancelled() => None,
@@ -286,19 +293,17 @@ pub async fn serve(
                 let _ = send.reset(quinn::VarInt::from_u32(RESET_CODE));
             }
         }
-        let broke = violation.and_then(|v| v.lock().ok().and_then(|mut v| v.take()));
-        if let Some(v) = broke {
-            let app = svc
-                .app_protocol
-                .map_or_else(|| "?".to_owned(), |a| format!("{a:?}"));
-            let reason = format!("not {app} at byte {}: {} (relay cut)", v.offset, v.reason);
+        if let Some(reason) = exchange.broke() {
             ctx.refuse(
                 "relay.refuse",
                 &subject,
                 &service,
                 "R5.app-protocol",
-                &reason,
+                &format!("{reason} (relay cut)"),
             );
+        }
+        if let Some(f) = exchange.forbidden() {
+            refuse_request(&ctx, &subject, &service, &f);
         }
         ctx.relay_closed(
             &subject,
@@ -311,6 +316,18 @@ pub async fn serve(
     }
     .instrument(span)
     .await;
+}
+
+/// Audits a request `http_allow` refused (rule R5.http-allow): its method
+/// and path, answered 403.
+fn refuse_request(ctx: &Ctx, subject: &str, service: &str, f: &gateway_core::sniff::Forbidden) {
+    ctx.refuse(
+        "relay.refuse",
+        subject,
+        service,
+        "R5.http-allow",
+        &format!("{} {}: {} (answered 403)", f.method, f.path, f.reason),
+    );
 }
 
 /// Resolves once no byte has crossed either way (`live`) for `limit`.

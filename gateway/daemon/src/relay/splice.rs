@@ -59,6 +59,23 @@ impl<R: AsyncRead + Unpin + Send> Source for BufSource<R> {
     }
 }
 
+/// One of two sources, chosen per relay (a followed stream or a plain one).
+pub enum Either<A, B> {
+    /// The first kind.
+    A(A),
+    /// The second kind.
+    B(B),
+}
+
+impl<A: Source, B: Source> Source for Either<A, B> {
+    async fn next(&mut self) -> std::io::Result<Option<Bytes>> {
+        match self {
+            Either::A(a) => a.next().await,
+            Either::B(b) => b.next().await,
+        }
+    }
+}
+
 /// The writing half of a relayed byte stream.
 pub trait Sink: Send {
     /// Writes a chunk.

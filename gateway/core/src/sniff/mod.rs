@@ -1,18 +1,29 @@
 //! Application-protocol checks of a relayed connection (rule R5.app-protocol):
 //! [`sniff`] tells from the first bytes whether this can be HTTP/1.x or a TLS
-//! handshake; [`Inspector`] then follows the client's whole stream:
+//! handshake; an [`Inspector`] then follows a whole stream:
 //!
-//! - `http`: every request on the connection (keep-alive and pipelined) must
-//!   have a valid request line and headers (httparse) before any of its bytes
-//!   are released; its body is delimited by `Content-Length` or chunked
-//!   encoding as HTTP/1.1 says, and the next request is checked again. Both
-//!   lengths, an unknown `Transfer-Encoding`, `Upgrade` and `CONNECT` are
-//!   refused (request smuggling, tunnels).
-//! - `tls`: the first record must be a whole, well-formed ClientHello
-//!   (content type 22, handshake type 1, every length consistent) before a byte
-//!   is released; the rest is encrypted and passes.
+//! - `http` ([`http`]): every request on the connection (keep-alive and
+//!   pipelined) must have a valid request line and headers (httparse) before
+//!   any of its bytes are released; its body is delimited by `Content-Length`
+//!   or chunked encoding as HTTP/1.1 says, and the next request is checked
+//!   again. Both lengths, an unknown `Transfer-Encoding`, `Upgrade` and
+//!   `CONNECT` are refused (request smuggling, tunnels). The legacy server's
+//!   responses are followed the same way by a second inspector, told by the
+//!   first what each request asked ([`Asked`]). A service's `http_allow`
+//!   ([`allow`], rule R5.http-allow) lists the methods and paths a client may
+//!   request: another request is held back ([`Inspector::forbidden`]) and
+//!   answered 403 by the gateway.
+//! - `tls` ([`tls`]): the first record must be a whole, well-formed
+//!   ClientHello (content type 22, handshake type 1, every length consistent)
+//!   before a byte is released; the rest is encrypted and passes.
 //!
 //! A violation names its byte offset in the stream.
+
+mod allow;
+mod http;
+mod tls;
+
+pub use allow::Forbidden;
 
 use crate::config::AppProtocol;
 
@@ -89,13 +100,44 @@ const MAX_RECORD: usize = (1 << 14) + 2048;
 /// A stream that is not its declared protocol: where and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Violation {
-    /// Byte offset in the client's stream.
+    /// Byte offset in the stream.
     pub offset: u64,
     /// What is wrong.
     pub reason: String,
 }
 
-/// Follows a client's stream and releases the bytes that were checked.
+/// What a service allows beyond its protocol's bare rules.
+#[derive(Debug, Clone, Default)]
+pub struct Rules {
+    /// `http`: an `Upgrade` request passes, and the rest of the connection
+    /// is the upgraded protocol's.
+    pub allow_upgrade: bool,
+    /// `tls`: the server names a ClientHello may ask for (lowercase; empty:
+    /// any).
+    pub sni: Vec<String>,
+    /// `http`: the requests a client may make (empty: any).
+    pub http_allow: Vec<crate::config::HttpAllow>,
+}
+
+/// What a checked request asked, so that its response can be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Asked {
+    /// A `HEAD` request: its response has no body.
+    pub head: bool,
+    /// An allowed `Upgrade` request: a `101` answer turns the connection over.
+    pub upgrade: bool,
+}
+
+/// Which way an HTTP stream goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    /// The client's requests.
+    Request,
+    /// The legacy server's responses.
+    Response,
+}
+
+/// Follows a stream and releases the bytes that were checked.
 #[derive(Debug)]
 pub struct Inspector {
     /// Bytes received, not yet released.
@@ -103,22 +145,27 @@ pub struct Inspector {
     /// Offset of `buf[0]` in the stream.
     offset: u64,
     state: State,
-    /// Requests checked so far.
+    side: Side,
+    /// Requests (or responses) checked so far.
     pub requests: u64,
-    /// `http`: an `Upgrade` request passes, and the rest of the connection
-    /// is the upgraded protocol's.
-    allow_upgrade: bool,
-    /// `tls`: the server names a ClientHello may ask for (empty: any).
-    sni: Vec<String>,
+    rules: std::sync::Arc<Rules>,
+    /// Requests: checked heads not yet handed to the response side.
+    /// Responses: requests still to be answered, oldest first.
+    asked: std::collections::VecDeque<Asked>,
+    /// The request `http_allow` refused; nothing after it is released.
+    forbidden: Option<Forbidden>,
     /// `http`: bytes of the current head already checked ...
     scanned: usize,
-    /// ... and whether its request line has ended.
+    /// ... and whether its first line has ended.
     in_headers: bool,
 }
 
+/// Most requests a connection may have waiting for their responses.
+pub const MAX_PIPELINED: usize = 1024;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
-    /// HTTP: waiting for a whole request head.
+    /// HTTP: waiting for a whole request (or response) head.
     Head,
     /// HTTP: `n` more body bytes.
     Fixed(u64),
@@ -130,26 +177,32 @@ enum State {
     ChunkEnd,
     /// HTTP: trailer lines, to the empty one.
     Trailer,
+    /// HTTP: a request `http_allow` refuses; nothing more passes.
+    Forbidden,
     /// TLS: waiting for the whole first record.
     Hello,
-    /// Checked; everything passes.
+    /// Checked; everything passes (a TLS stream after its ClientHello, an
+    /// upgraded connection, a response body delimited by the close).
     Through,
 }
 
 impl Inspector {
-    /// An inspector of a client's stream for `proto`.
+    /// An inspector of a client's stream for `proto`, with no rules beyond
+    /// the protocol's.
     pub fn new(proto: AppProtocol) -> Self {
-        Self::for_service(proto, false, Vec::new())
+        Self::requests(proto, std::sync::Arc::default())
     }
 
-    /// An inspector for a service's `app_protocol`, `allow_upgrade` and
-    /// `sni` (lowercase names).
-    pub fn for_service(proto: AppProtocol, allow_upgrade: bool, sni: Vec<String>) -> Self {
+    /// An inspector of a client's stream for a service's `app_protocol` and
+    /// its `rules`.
+    pub fn requests(proto: AppProtocol, rules: std::sync::Arc<Rules>) -> Self {
         Inspector {
             scanned: 0,
             in_headers: false,
-            allow_upgrade,
-            sni,
+            rules,
+            side: Side::Request,
+            asked: std::collections::VecDeque::new(),
+            forbidden: None,
             buf: Vec::new(),
             offset: 0,
             state: match proto {
@@ -158,6 +211,47 @@ impl Inspector {
             },
             requests: 0,
         }
+    }
+
+    /// An inspector of an HTTP server's responses; [`Inspector::expect`]
+    /// tells it each request the client's inspector let through.
+    pub fn responses() -> Self {
+        Inspector {
+            side: Side::Response,
+            ..Self::requests(AppProtocol::Http, std::sync::Arc::default())
+        }
+    }
+
+    /// Requests: the heads checked since the last call, for the response
+    /// side.
+    pub fn take_asked(&mut self) -> std::collections::VecDeque<Asked> {
+        std::mem::take(&mut self.asked)
+    }
+
+    /// Responses: one more request to be answered.
+    ///
+    /// # Errors
+    /// More than [`MAX_PIPELINED`] requests wait for their responses.
+    pub fn expect(&mut self, asked: Asked) -> Result<(), Violation> {
+        if self.asked.len() >= MAX_PIPELINED {
+            return Err(self.violation(
+                0,
+                format!("more than {MAX_PIPELINED} requests wait for their responses"),
+            ));
+        }
+        self.asked.push_back(asked);
+        Ok(())
+    }
+
+    /// Responses: every request let through has been answered whole.
+    pub fn answered(&self) -> bool {
+        self.asked.is_empty() && self.state == State::Head && self.buf.is_empty()
+    }
+
+    /// Requests: the request `http_allow` refused, if one was. The bytes
+    /// before it were released; nothing from it on ever is.
+    pub fn forbidden(&self) -> Option<&Forbidden> {
+        self.forbidden.as_ref()
     }
 
     fn violation(&self, at: usize, reason: impl Into<String>) -> Violation {
@@ -173,8 +267,10 @@ impl Inspector {
     /// # Errors
     /// The first [`Violation`]; nothing after it may be relayed.
     pub fn feed(&mut self, data: &[u8]) -> Result<Vec<u8>, Violation> {
-        if self.state == State::Through {
-            return Ok(data.to_vec());
+        match self.state {
+            State::Through => return Ok(data.to_vec()),
+            State::Forbidden => return Ok(Vec::new()),
+            _ => {}
         }
         self.buf.extend_from_slice(data);
         let mut out = Vec::new();
@@ -237,6 +333,10 @@ impl Inspector {
                     Some(n) => n,
                     None => break,
                 },
+                State::Forbidden => {
+                    self.buf.clear();
+                    break;
+                }
             };
             if released == 0 {
                 break;
@@ -249,6 +349,9 @@ impl Inspector {
         }
         if self.state == State::Through && !self.buf.is_empty() {
             out.append(&mut self.buf);
+        }
+        if self.state == State::Forbidden {
+            self.buf = Vec::new();
         }
         Ok(out)
     }
@@ -284,256 +387,6 @@ impl Inspector {
         };
         Ok(Some(n))
     }
-
-    /// A whole request head at the start of `buf`, checked: its length.
-    fn head(&mut self) -> Result<Option<usize>, Violation> {
-        // Not even the start of a method: refuse without waiting for more.
-        if sniff(
-            AppProtocol::Http,
-            &self.buf[..self.buf.len().min(MAX_SNIFF)],
-        ) == Sniff::Mismatch
-        {
-            return Err(self.violation(0, "not an HTTP request line"));
-        }
-        // The request line is visible ASCII, the headers have no control
-        // bytes but tab, CR and LF: refused at once, whatever comes after.
-        // Each byte is looked at once, however the head is cut into pieces.
-        let from = self.scanned;
-        let upto = self.buf.len().min(MAX_HEAD + 1);
-        let mut newline = false;
-        for i in from..upto {
-            let b = self.buf[i];
-            if !self.in_headers {
-                if b == b'\n' {
-                    self.in_headers = true;
-                    newline = true;
-                } else if !(0x20..0x7f).contains(&b) && b != b'\r' {
-                    return Err(self.violation(i, format!("byte 0x{b:02x} in the request line")));
-                }
-            } else {
-                if (b < 0x20 && !matches!(b, b'\t' | b'\r' | b'\n')) || b == 0x7f {
-                    return Err(
-                        self.violation(i, format!("control byte 0x{b:02x} in the request head"))
-                    );
-                }
-                if b == b'\n' {
-                    newline = true;
-                    if (i >= 3 && &self.buf[i - 3..=i] == b"\r\n\r\n")
-                        || (i >= 1 && &self.buf[i - 1..=i] == b"\n\n")
-                    {
-                        // The head ends here; what follows is the body's.
-                        self.scanned = i + 1;
-                        break;
-                    }
-                }
-            }
-            self.scanned = i + 1;
-        }
-        if !newline {
-            // A head completes, or a line fails, only at a newline.
-            if self.buf.len() > MAX_HEAD {
-                return Err(self.violation(0, "a request head longer than 16 KiB"));
-            }
-            return Ok(None);
-        }
-        // Parsed as far as it goes: bytes that cannot start a valid head are
-        // refused at once, a valid prefix waits for the rest.
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut req = httparse::Request::new(&mut headers);
-        let window = &self.buf[..self.buf.len().min(MAX_HEAD + 1)];
-        let len = match req.parse(window) {
-            Ok(httparse::Status::Complete(n)) => n,
-            Ok(httparse::Status::Partial) if self.buf.len() > MAX_HEAD => {
-                return Err(self.violation(0, "a request head longer than 16 KiB"));
-            }
-            Ok(httparse::Status::Partial) => return Ok(None),
-            Err(e) => return Err(self.violation(0, format!("not a valid HTTP request: {e}"))),
-        };
-        let method = req.method.unwrap_or("");
-        if method == "CONNECT" {
-            return Err(self.violation(0, "CONNECT (a tunnel) is refused"));
-        }
-        let (mut length, mut chunked, mut te, mut upgrade) = (None::<u64>, false, false, false);
-        for h in req.headers.iter() {
-            let value = std::str::from_utf8(h.value).unwrap_or("").trim();
-            if h.name.eq_ignore_ascii_case("content-length") {
-                let n: u64 = value.parse().map_err(|_| {
-                    self.violation(
-                        0,
-                        format!("bad Content-Length {:?}", crate::refusals::peer_text(value)),
-                    )
-                })?;
-                if length.is_some_and(|l| l != n) {
-                    return Err(self.violation(0, "two different Content-Length headers"));
-                }
-                length = Some(n);
-            } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-                te = true;
-                chunked = value.eq_ignore_ascii_case("chunked");
-                if !chunked {
-                    return Err(self.violation(
-                        0,
-                        format!(
-                            "Transfer-Encoding {:?} is not chunked",
-                            crate::refusals::peer_text(value)
-                        ),
-                    ));
-                }
-            } else if h.name.eq_ignore_ascii_case("upgrade") {
-                if !self.allow_upgrade {
-                    return Err(self.violation(
-                        0,
-                        format!(
-                            "Upgrade to {:?} is refused (the service sets no allow_upgrade)",
-                            crate::refusals::peer_text(value)
-                        ),
-                    ));
-                }
-                upgrade = true;
-            }
-        }
-        if te && length.is_some() {
-            return Err(self.violation(0, "both Transfer-Encoding and Content-Length"));
-        }
-        self.requests += 1;
-        (self.scanned, self.in_headers) = (0, false);
-        self.state = if upgrade {
-            // The upgraded protocol's bytes are not HTTP.
-            State::Through
-        } else if chunked {
-            State::ChunkSize
-        } else {
-            match length {
-                Some(n) if n > 0 => State::Fixed(n),
-                _ => State::Head,
-            }
-        };
-        Ok(Some(len))
-    }
-
-    /// The first TLS record, whole and a well-formed ClientHello: its length.
-    fn hello(&mut self) -> Result<Option<usize>, Violation> {
-        let b = &self.buf;
-        if b.len() < 5 {
-            if sniff(AppProtocol::Tls, b) == Sniff::Mismatch {
-                return Err(self.violation(0, "not a TLS handshake record"));
-            }
-            return Ok(None);
-        }
-        if b[0] != 0x16 || b[1] != 0x03 || b[2] > 0x04 {
-            return Err(self.violation(0, "not a TLS handshake record"));
-        }
-        let rec = usize::from(u16::from_be_bytes([b[3], b[4]]));
-        if !(4..=MAX_RECORD).contains(&rec) {
-            return Err(self.violation(3, format!("a TLS record of {rec} bytes")));
-        }
-        if b.len() < 5 + rec {
-            return Ok(None);
-        }
-        let h = &b[5..5 + rec];
-        if h[0] != 0x01 {
-            return Err(self.violation(5, "the first handshake message is not a ClientHello"));
-        }
-        let len = (usize::from(h[1]) << 16) | (usize::from(h[2]) << 8) | usize::from(h[3]);
-        if len + 4 > rec {
-            return Err(self.violation(
-                6,
-                "a ClientHello longer than its record (fragmented hellos are not accepted)",
-            ));
-        }
-        let body = &h[4..4 + len];
-        // legacy_version (2), random (32), session id, cipher suites,
-        // compression methods, extensions: each length inside the body.
-        let mut at = 34usize;
-        let bad = |at: usize, what: &str| Violation {
-            offset: self.offset + 9 + at as u64,
-            reason: format!("a malformed ClientHello: {what}"),
-        };
-        let byte = |at: usize| body.get(at).copied().map(usize::from);
-        let pair =
-            |at: usize| Some((usize::from(*body.get(at)?) << 8) | usize::from(*body.get(at + 1)?));
-        if body.len() < 34 || body[0] != 0x03 {
-            return Err(bad(0, "legacy version"));
-        }
-        let sid = byte(at).ok_or_else(|| bad(at, "session id"))?;
-        if sid > 32 {
-            return Err(bad(at, "session id longer than 32 bytes"));
-        }
-        at += 1 + sid;
-        let suites = pair(at).ok_or_else(|| bad(at, "cipher suites"))?;
-        if suites < 2 || suites % 2 != 0 {
-            return Err(bad(at, "cipher suites"));
-        }
-        at += 2 + suites;
-        let comp = byte(at).ok_or_else(|| bad(at, "compression methods"))?;
-        if comp < 1 {
-            return Err(bad(at, "compression methods"));
-        }
-        at += 1 + comp;
-        if at > body.len() {
-            return Err(bad(at, "lengths past its end"));
-        }
-        if at < body.len() {
-            let ext = pair(at).ok_or_else(|| bad(at, "extensions"))?;
-            at += 2;
-            if at + ext != body.len() {
-                return Err(bad(at, "extension lengths do not add up"));
-            }
-            let mut e = at;
-            let mut names: Vec<String> = Vec::new();
-            while e < body.len() {
-                let kind = pair(e).ok_or_else(|| bad(e, "an extension"))?;
-                let l = pair(e + 2).ok_or_else(|| bad(e, "an extension"))?;
-                if e + 4 + l > body.len() {
-                    return Err(bad(e, "an extension past the end"));
-                }
-                if kind == 0 {
-                    names = server_names(&body[e + 4..e + 4 + l])
-                        .ok_or_else(|| bad(e, "server_name"))?;
-                }
-                e += 4 + l;
-            }
-            if !self.sni.is_empty() && !names.iter().any(|n| self.sni.contains(n)) {
-                let asked = if names.is_empty() {
-                    "no server name".to_owned()
-                } else {
-                    crate::refusals::peer_text(&names.join(", "))
-                };
-                return Err(Violation {
-                    offset: self.offset,
-                    reason: format!(
-                        "the ClientHello asks for {asked}, not a name this service allows (sni)"
-                    ),
-                });
-            }
-        } else if !self.sni.is_empty() {
-            return Err(bad(
-                at,
-                "no extensions, so no server name (the service sets sni)",
-            ));
-        }
-        self.state = State::Through;
-        Ok(Some(5 + rec))
-    }
-}
-
-/// The host names of a `server_name` extension's data (lowercase).
-fn server_names(d: &[u8]) -> Option<Vec<String>> {
-    let list = (usize::from(*d.first()?) << 8) | usize::from(*d.get(1)?);
-    if list + 2 != d.len() {
-        return None;
-    }
-    let (mut at, mut out) = (2usize, Vec::new());
-    while at < d.len() {
-        let kind = *d.get(at)?;
-        let l = (usize::from(*d.get(at + 1)?) << 8) | usize::from(*d.get(at + 2)?);
-        let name = d.get(at + 3..at + 3 + l)?;
-        if kind == 0 {
-            out.push(String::from_utf8_lossy(name).to_ascii_lowercase());
-        }
-        at += 3 + l;
-    }
-    Some(out)
 }
 
 #[cfg(test)]
@@ -689,10 +542,12 @@ mod tests {
     #[test]
     fn sni_and_upgrade_follow_the_service() {
         let only = |names: &[&str]| {
-            Inspector::for_service(
+            Inspector::requests(
                 AppProtocol::Tls,
-                false,
-                names.iter().map(|n| (*n).to_owned()).collect(),
+                std::sync::Arc::new(Rules {
+                    sni: names.iter().map(|n| (*n).to_owned()).collect(),
+                    ..Rules::default()
+                }),
             )
         };
         let ok = hello_for("Pension.JL.gov.cn");
@@ -708,7 +563,13 @@ mod tests {
         assert!(Inspector::new(AppProtocol::Tls).feed(&ok).is_ok());
         let ws = b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n\x81\x05hello";
         assert!(Inspector::new(AppProtocol::Http).feed(ws).is_err());
-        let mut i = Inspector::for_service(AppProtocol::Http, true, Vec::new());
+        let mut i = Inspector::requests(
+            AppProtocol::Http,
+            std::sync::Arc::new(Rules {
+                allow_upgrade: true,
+                ..Rules::default()
+            }),
+        );
         assert_eq!(i.feed(ws).expect("upgrade allowed"), ws.to_vec());
         assert_eq!(
             i.feed(b"\x00\xffraw").expect("upgraded"),
@@ -739,17 +600,35 @@ mod tests {
         fn released_bytes_are_a_prefix_of_the_stream(
             data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400),
             cut in 0usize..400,
-            tls in proptest::prelude::any::<bool>(),
+            kind in 0u8..3,
         ) {
-            let proto = if tls { AppProtocol::Tls } else { AppProtocol::Http };
+            let inspector = || match kind {
+                0 => Inspector::new(AppProtocol::Http),
+                1 => Inspector::new(AppProtocol::Tls),
+                _ => {
+                    let mut i = Inspector::responses();
+                    for head in [false, true, false] {
+                        let _ = i.expect(Asked { head, upgrade: false });
+                    }
+                    i
+                }
+            };
             let cut = cut.min(data.len());
-            let mut i = Inspector::new(proto);
+            let mut i = inspector();
             let mut out = Vec::new();
+            let mut failed = false;
             for part in [&data[..cut], &data[cut..]] {
                 match i.feed(part) {
                     Ok(b) => out.extend(b),
-                    Err(_) => break,
+                    Err(_) => {
+                        failed = true;
+                        break;
+                    }
                 }
+            }
+            // However the stream is cut, the same bytes pass.
+            if let (false, Ok(whole)) = (failed, inspector().feed(&data)) {
+                proptest::prop_assert_eq!(&whole, &out);
             }
             proptest::prop_assert!(data.starts_with(&out));
         }
