@@ -11,7 +11,7 @@ use serde_json::Value;
 fn every_bad_config_fails_at_the_expected_places() {
     let dir = root().join("tests/configs/bad");
     let files = tomls(&dir);
-    assert_eq!(files.len(), 20, "bad configs found: {files:?}");
+    assert_eq!(files.len(), 22, "bad configs found: {files:?}");
     for f in files {
         let src = std::fs::read_to_string(&f).expect("read");
         let expects: Vec<(u64, u64, String)> = src
@@ -105,6 +105,30 @@ fn valid_config_prints_what_will_be_bridged() {
         "10.20.0.1:15432 in social-security-net -> jl-gat-0007/population-db",
     ] {
         assert!(stdout.contains(needle), "missing {needle:?} in:\n{stdout}");
+    }
+}
+
+#[test]
+fn a_level_3_ingest_without_producer_auth_is_warned_about() {
+    let shipped =
+        std::fs::read_to_string(root().join("config/edge-extranet-l3.toml")).expect("read");
+    let open = shipped.replace(
+        "auth = \"token\"\ntokens = \"/etc/gatewayd/producers.tokens\"\n",
+        "",
+    );
+    assert_ne!(open, shipped, "the shipped config authenticates producers");
+    let dir = tempfile::tempdir().expect("dir");
+    for (config, warned) in [(&shipped, false), (&open, true)] {
+        let f = dir.path().join("edge.toml");
+        std::fs::write(&f, config).expect("write");
+        let out = gatewayd(&["check", "--config", f.to_str().expect("path")]);
+        let (_, stderr) = text(&out);
+        assert_eq!(code(&out), 0, "{stderr}");
+        assert_eq!(
+            stderr.contains("producers are not authenticated"),
+            warned,
+            "{stderr}"
+        );
     }
 }
 

@@ -583,3 +583,244 @@ deny_keywords = ["secret", "机密"]
     let (s, b) = post("application/json", r#"{"report": "public"}"#.to_owned()).await;
     assert_eq!(s, 200, "{b}");
 }
+
+/// `auth = "token"`: a producer proves itself with the token `gatewayd
+/// producer add` gave it; its name is in the answer, the receipts and the
+/// audit; no token, a wrong one, a removed one get 401 (audited under the
+/// address, summarised); an unsafe tokens file refuses everyone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_auth_names_each_producer() {
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().expect("dir");
+    let tokens = dir.path().join("producers.tokens");
+    let gatewayd = env!("CARGO_BIN_EXE_gatewayd");
+    for name in ["pension-app", "hr-app"] {
+        let out = std::process::Command::new(gatewayd)
+            .args(["producer", "add", name, "--tokens"])
+            .arg(&tokens)
+            .arg("--out")
+            .arg(dir.path().join(format!("{name}.token")))
+            .output()
+            .expect("gatewayd producer add");
+        assert!(out.status.success(), "{out:?}");
+    }
+    let token = |name: &str| {
+        std::fs::read_to_string(dir.path().join(format!("{name}.token")))
+            .expect("token")
+            .trim()
+            .to_owned()
+    };
+    let hub: std::net::SocketAddr = "127.0.0.1:9".parse().expect("addr");
+    let edge = start_edge(
+        &pki,
+        EdgeSpec {
+            extra: CHANNEL,
+            ingest: true,
+            ingest_keys: format!("auth = \"token\"\ntokens = \"{}\"\n", tokens.display()),
+            ..EdgeSpec::new("edge-b", 2, 2, vec![hub])
+        },
+    )
+    .await;
+    let at = edge.ingest.expect("ingest");
+    let path = "/v1/channels/readings/records";
+    let bearer = |t: String| format!("Authorization: Bearer {t}\r\n");
+    let (s, b) = http_post_with(at, path, Some("application/json"), "", b"{}").await;
+    assert_eq!(s, 401, "no token: {b}");
+    let (s, b) = http_post_with(
+        at,
+        path,
+        Some("application/json"),
+        &bearer(format!("gwp1.pension-app.{}", "0".repeat(64))),
+        b"{}",
+    )
+    .await;
+    assert_eq!(s, 401, "a forged token: {b}");
+    let (s, b) = http_post_with(
+        at,
+        path,
+        Some("application/json"),
+        &bearer(token("pension-app")),
+        b"{\"a\": 1}",
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    assert!(b.contains("\"producer\":\"pension-app\""), "{b}");
+    let (s, _) = http_post_with(
+        at,
+        path,
+        Some("application/json"),
+        &bearer(token("hr-app")),
+        b"{\"a\": 2}",
+    )
+    .await;
+    assert_eq!(s, 200);
+    // The receipts name each record's producer (and need a token too).
+    let s = connect_from_zone(at).await;
+    let (code, b) = http_exchange(
+        s,
+        "GET",
+        "/v1/channels/readings/receipts",
+        None,
+        &bearer(token("hr-app")),
+        b"",
+    )
+    .await;
+    assert_eq!(code, 200, "{b}");
+    let v: serde_json::Value = serde_json::from_str(&b).expect("json");
+    let names: Vec<&str> = v["receipts"]
+        .as_array()
+        .expect("receipts")
+        .iter()
+        .map(|r| r["producer"].as_str().unwrap_or("?"))
+        .collect();
+    assert_eq!(names, ["pension-app", "hr-app"]);
+    let (code, _) = http_get(at, "GET", "/v1/channels/readings/receipts").await;
+    assert_eq!(code, 401);
+    // Removed: its token stops working once the daemon sees the file change.
+    let out = std::process::Command::new(gatewayd)
+        .args(["producer", "remove", "hr-app", "--tokens"])
+        .arg(&tokens)
+        .output()
+        .expect("gatewayd producer remove");
+    assert!(out.status.success(), "{out:?}");
+    poll(
+        "hr-app's token refused",
+        std::time::Duration::from_secs(5),
+        || {
+            let h = bearer(token("hr-app"));
+            async move {
+                let (s, b) = http_post_with(at, path, Some("application/json"), &h, b"{}").await;
+                if s == 401 {
+                    Ok(())
+                } else {
+                    Err(format!("{s} {b}"))
+                }
+            }
+        },
+    )
+    .await;
+    // A tokens file others may write: every producer refused, 503.
+    std::fs::set_permissions(&tokens, std::os::unix::fs::PermissionsExt::from_mode(0o666))
+        .expect("chmod");
+    poll(
+        "the unsafe file refused",
+        std::time::Duration::from_secs(5),
+        || {
+            let h = bearer(token("pension-app"));
+            async move {
+                let (s, b) = http_post_with(at, path, Some("application/json"), &h, b"{}").await;
+                if s == 503 {
+                    Ok(())
+                } else {
+                    Err(format!("{s} {b}"))
+                }
+            }
+        },
+    )
+    .await;
+    wait_for("the audit", std::time::Duration::from_secs(5), || {
+        let audit = audit_lines(edge.state.path());
+        audit.iter().any(|l| {
+            l.starts_with(
+                "channel.accept pension-app@127.0.2.200 readings ok [] 1 request(s): seq 1-1",
+            )
+        }) && audit
+            .iter()
+            .any(|l| l.starts_with("channel.accept hr-app@127.0.2.200 readings ok"))
+            && audit.iter().any(|l| {
+                l.starts_with("channel.refuse 127.0.2.200 ingest deny []")
+                    && l.contains("no producer token")
+            })
+    })
+    .await;
+}
+
+/// `auth = "mtls"`: HTTPS, producers named by their client certificates from
+/// the configured CA; without one 401, with one from another CA no
+/// handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mtls_auth_names_producers_by_certificate() {
+    let pki = Pki::new();
+    let certs = pki.dir.path().join("ingest");
+    // The listener's own certificate, for its address, and a producer's.
+    gateway_daemon::tunnel::pki::issue(
+        &pki.ca(),
+        "edge-b-ingest",
+        &["127.0.2.1".to_owned()],
+        30,
+        &certs,
+    )
+    .expect("issue");
+    gateway_daemon::tunnel::pki::issue(&pki.ca(), "pension-app", &[], 30, &certs).expect("issue");
+    let other = Pki::new();
+    let (stranger, stranger_key) = other.issue("pension-app");
+    let hub: std::net::SocketAddr = "127.0.0.1:9".parse().expect("addr");
+    let edge = start_edge(
+        &pki,
+        EdgeSpec {
+            extra: CHANNEL,
+            ingest: true,
+            ingest_keys: format!(
+                "auth = \"mtls\"\nclient_ca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+                pki.ca().join("ca.pem").display(),
+                certs.join("edge-b-ingest.pem").display(),
+                certs.join("edge-b-ingest.key").display(),
+            ),
+            ..EdgeSpec::new("edge-b", 2, 2, vec![hub])
+        },
+    )
+    .await;
+    let at = edge.ingest.expect("ingest");
+    assert_eq!(
+        at.ip().to_string(),
+        "127.0.2.1",
+        "the certificate's address"
+    );
+    let path = "/v1/channels/readings/records";
+    let client = |identity: Option<(&std::path::Path, &std::path::Path)>| {
+        Reader::with_files(&pki.ca().join("ca.pem"), at, "x", identity).tls()
+    };
+    let producer = client(Some((
+        &certs.join("pension-app.pem"),
+        &certs.join("pension-app.key"),
+    )));
+    let (s, b) = https_request(at, producer, "POST", path, Some("application/json"), b"{}")
+        .await
+        .expect("handshake");
+    assert_eq!(s, 200, "{b}");
+    assert!(b.contains("\"producer\":\"pension-app\""), "{b}");
+    let (s, b) = https_request(
+        at,
+        client(None),
+        "POST",
+        path,
+        Some("application/json"),
+        b"{}",
+    )
+    .await
+    .expect("handshake without a certificate");
+    assert_eq!(s, 401, "{b}");
+    let foreign = client(Some((&stranger, &stranger_key)));
+    assert!(
+        https_request(at, foreign, "POST", path, Some("application/json"), b"{}")
+            .await
+            .is_none_or(|(s, _)| s != 200),
+        "another CA's certificate is not a producer's"
+    );
+    // Plain HTTP to an HTTPS listener gets nowhere.
+    let s = connect_from_zone(at).await;
+    let mut s = s;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let _ = s
+        .write_all(b"POST /v1/channels/readings/records HTTP/1.0\r\nContent-Length: 2\r\n\r\n{}")
+        .await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    assert!(!String::from_utf8_lossy(&out).contains("200 OK"));
+    wait_for("the audit", std::time::Duration::from_secs(5), || {
+        audit_lines(edge.state.path())
+            .iter()
+            .any(|l| l.starts_with("channel.accept pension-app@127.0.2.200 readings ok"))
+    })
+    .await;
+}

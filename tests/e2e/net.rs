@@ -256,6 +256,8 @@ pub struct EdgeSpec<'a> {
     pub service_keys: &'a str,
     /// Bind an `[[ingest]]` listener in the legacy zone.
     pub ingest: bool,
+    /// TOML keys added to the `[[ingest]]` table (`auth = ...`).
+    pub ingest_keys: String,
     /// Reuse this state directory (a restart).
     pub state: Option<Arc<tempfile::TempDir>>,
 }
@@ -275,6 +277,7 @@ impl<'a> EdgeSpec<'a> {
             extra: "",
             service_keys: "",
             ingest: false,
+            ingest_keys: String::new(),
             state: None,
         }
     }
@@ -376,7 +379,10 @@ pub async fn start_edge(pki: &Pki, spec: EdgeSpec<'_>) -> EdgeNode {
     if spec.ingest {
         let (addr, l) = bind_tcp(&format!("127.0.{}.1", spec.net));
         bindings.tcp.insert(addr, l);
-        text += &format!("\n[[ingest]]\nzone = \"lab\"\nlisten = \"{addr}\"\n");
+        text += &format!(
+            "\n[[ingest]]\nzone = \"lab\"\nlisten = \"{addr}\"\n{}",
+            spec.ingest_keys
+        );
         ingest = Some(addr);
     }
     text += spec.extra;
@@ -408,32 +414,95 @@ async fn http_request(
     content_type: Option<&str>,
     body: &[u8],
 ) -> (u16, String) {
-    let mut s = connect_from_zone(addr).await;
+    let s = connect_from_zone(addr).await;
+    http_exchange(s, method, path, content_type, "", body).await
+}
+
+/// A POST from inside the zone with extra header lines (`"Authorization: ...\r\n"`).
+pub async fn http_post_with(
+    addr: SocketAddr,
+    path: &str,
+    content_type: Option<&str>,
+    headers: &str,
+    body: &[u8],
+) -> (u16, String) {
+    let s = connect_from_zone(addr).await;
+    http_exchange(s, "POST", path, content_type, headers, body).await
+}
+
+/// The same over HTTPS with `tls` (the server named by its address); `None`
+/// when the handshake fails.
+pub async fn https_request(
+    addr: SocketAddr,
+    tls: Arc<rustls::ClientConfig>,
+    method: &str,
+    path: &str,
+    content_type: Option<&str>,
+    body: &[u8],
+) -> Option<(u16, String)> {
+    let s = connect_from_zone(addr).await;
+    let server = rustls_pki_types::ServerName::IpAddress(addr.ip().into());
+    let tls = tokio_rustls::TlsConnector::from(tls)
+        .connect(server, s)
+        .await
+        .ok()?;
+    try_http_exchange(tls, method, path, content_type, "", body)
+        .await
+        .ok()
+}
+
+/// One HTTP/1.0 request on `s`; returns the status code and the body.
+pub async fn http_exchange<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    s: S,
+    method: &str,
+    path: &str,
+    content_type: Option<&str>,
+    headers: &str,
+    body: &[u8],
+) -> (u16, String) {
+    try_http_exchange(s, method, path, content_type, headers, body)
+        .await
+        .expect("an answer")
+}
+
+/// [`http_exchange`], or why no answer came (a TLS alert, a close).
+pub async fn try_http_exchange<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    mut s: S,
+    method: &str,
+    path: &str,
+    content_type: Option<&str>,
+    headers: &str,
+    body: &[u8],
+) -> Result<(u16, String), String> {
     let ct = content_type
         .map(|c| format!("Content-Type: {c}\r\n"))
         .unwrap_or_default();
     let head = format!(
-        "{method} {path} HTTP/1.0\r\nHost: x\r\n{ct}Content-Length: {}\r\n\r\n",
+        "{method} {path} HTTP/1.0\r\nHost: x\r\n{ct}{headers}Content-Length: {}\r\n\r\n",
         body.len()
     );
-    s.write_all(head.as_bytes()).await.expect("write");
+    s.write_all(head.as_bytes())
+        .await
+        .map_err(|e| format!("write: {e}"))?;
     // A server may answer (413) and close before the whole body is sent.
     let _ = s.write_all(body).await;
     let mut out = Vec::new();
     if let Err(e) = s.read_to_end(&mut out).await {
-        assert!(!out.is_empty(), "read: {e}");
+        if out.is_empty() {
+            return Err(format!("read: {e}"));
+        }
     }
     let text = String::from_utf8_lossy(&out).into_owned();
     let status = text
         .split(' ')
         .nth(1)
         .and_then(|c| c.parse().ok())
-        .expect("status");
+        .ok_or_else(|| format!("no status in {text:?}"))?;
     let body = text
         .split_once("\r\n\r\n")
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default();
-    (status, body)
+    Ok((status, body))
 }
 
 /// Where a test client connects from to reach `addr`: a listener on a test
@@ -817,6 +886,11 @@ impl Reader {
             name: name.into(),
             tls: Arc::new(tls),
         }
+    }
+
+    /// Its TLS client configuration.
+    pub fn tls(&self) -> Arc<rustls::ClientConfig> {
+        self.tls.clone()
     }
 
     /// One HTTPS request (blocking); `None` when the API does not answer.

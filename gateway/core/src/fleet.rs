@@ -389,6 +389,7 @@ const POLICY_KEYS: &[(&str, &[&str])] = &[
             "one_way",
         ],
     ),
+    ("ingest", &["zone", "listen", "auth", "tokens", "client_ca"]),
     ("publish", &["zone", "service", "listen", "protocol"]),
 ];
 /// Keys of single tables that are policy.

@@ -13,6 +13,7 @@
 //!   [`backoff`]: reconnect delays.
 //! - [`fleet`]: central management: control messages, operator roles, which
 //!   config sections are policy, renewal timing, the audit export check.
+//! - [`producers`]: producers' tokens for an ingest with `auth = "token"`.
 //! - [`summary`]: what a checked configuration will bridge, for `gatewayd check`.
 //! - [`refusals`]: refusals of unauthenticated peers summarised for the audit,
 //!   and peer-supplied strings made safe to record.
@@ -30,6 +31,7 @@ pub mod expiry;
 pub mod firewall;
 pub mod fleet;
 pub mod policy;
+pub mod producers;
 pub mod rate;
 pub mod refusals;
 pub mod rule;

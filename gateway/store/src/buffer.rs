@@ -41,7 +41,7 @@ pub fn accounted(len: usize) -> u64 {
     len + len / 8 + RECORD_OVERHEAD
 }
 
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS channel (
@@ -84,6 +84,15 @@ CREATE TABLE IF NOT EXISTS record (
     body     BLOB NOT NULL,
     crc      INTEGER NOT NULL,
     UNIQUE (channel, seq)
+) STRICT;
+-- Who handed in which records, as ranges (authenticated producers only;
+-- consecutive requests of one producer share a row): for receipts.
+CREATE TABLE IF NOT EXISTS producer_range (
+    channel  TEXT NOT NULL,
+    first    INTEGER NOT NULL,
+    last     INTEGER NOT NULL,
+    producer TEXT NOT NULL,
+    PRIMARY KEY (channel, first)
 ) STRICT;
 CREATE TABLE IF NOT EXISTS quarantine (
     channel  TEXT NOT NULL,
@@ -174,6 +183,8 @@ pub struct Receipt {
     pub seq: u64,
     /// What became of it.
     pub status: Status,
+    /// The authenticated producer that handed it in, if one did.
+    pub producer: Option<String>,
 }
 
 /// What a full channel does with new records.
@@ -199,7 +210,13 @@ pub struct Batch<'a> {
     /// The spool file the records came from, remembered in the same
     /// transaction (see [`Buffer::spooled`]).
     pub source: Option<&'a str>,
+    /// The authenticated producer that handed them in, kept for receipts.
+    pub producer: Option<&'a str>,
 }
+
+/// Producer ranges kept per channel; older ones are forgotten (their
+/// receipts then name no producer).
+pub const MAX_PRODUCER_RANGES: u64 = 100_000;
 
 /// The result of an append.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -362,12 +379,53 @@ impl Buffer {
                             params![b.channel, source, i64_of(a.first), i64_of(a.last)],
                         )?;
                     }
+                    if let Some(producer) = b.producer {
+                        Self::produced(&tx, b.channel, producer, a.first, a.last)?;
+                    }
                     out.push(Ok(a));
                 }
             }
         }
         tx.commit()?;
         Ok(out)
+    }
+
+    /// Records `first..=last` of `channel` came from `producer`: extends
+    /// the channel's last range when it is the same producer's and adjoins,
+    /// else adds one (forgetting the oldest past [`MAX_PRODUCER_RANGES`]).
+    fn produced(
+        tx: &rusqlite::Transaction<'_>,
+        channel: &str,
+        producer: &str,
+        first: u64,
+        last: u64,
+    ) -> Result<(), rusqlite::Error> {
+        let latest: Option<(i64, i64, String)> = tx
+            .query_row(
+                "SELECT first, last, producer FROM producer_range WHERE channel = ?1 ORDER BY first DESC LIMIT 1",
+                [channel],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        match latest {
+            Some((f, l, p)) if p == producer && u64_of(l) + 1 == first => {
+                tx.execute(
+                    "UPDATE producer_range SET last = ?3 WHERE channel = ?1 AND first = ?2",
+                    params![channel, f, i64_of(last)],
+                )?;
+            }
+            _ => {
+                tx.execute(
+                    "INSERT OR REPLACE INTO producer_range VALUES (?1, ?2, ?3, ?4)",
+                    params![channel, i64_of(first), i64_of(last), producer],
+                )?;
+                tx.execute(
+                    "DELETE FROM producer_range WHERE channel = ?1 AND first < (SELECT first FROM producer_range WHERE channel = ?1 ORDER BY first DESC LIMIT 1 OFFSET ?2)",
+                    params![channel, i64_of(MAX_PRODUCER_RANGES - 1)],
+                )?;
+            }
+        }
+        Ok(())
     }
 
     fn append_in(
@@ -657,6 +715,18 @@ impl Buffer {
         };
         let corrupt = seqs_in("quarantine")?;
         let waiting = seqs_in("record")?;
+        let mut producers: Vec<(u64, u64, String)> = Vec::new();
+        {
+            let mut stmt = self.conn.prepare_cached(
+                "SELECT first, last, producer FROM producer_range WHERE channel = ?1 AND last >= ?2 AND first <= ?3 ORDER BY first",
+            )?;
+            let rows = stmt.query_map(params![channel, lo, hi], |r| {
+                Ok((u64_of(r.get(0)?), u64_of(r.get(1)?), r.get(2)?))
+            })?;
+            for p in rows {
+                producers.push(p?);
+            }
+        }
         Ok((after + 1..end)
             .map(|seq| {
                 let status = if corrupt.contains(&seq) {
@@ -679,7 +749,15 @@ impl Buffer {
                 } else {
                     Status::Accepted
                 };
-                Receipt { seq, status }
+                let producer = producers
+                    .iter()
+                    .find(|(f, l, _)| (*f..=*l).contains(&seq))
+                    .map(|(_, _, p)| p.clone());
+                Receipt {
+                    seq,
+                    status,
+                    producer,
+                }
             })
             .collect())
     }
@@ -942,6 +1020,7 @@ mod tests {
                 quota: 1_000,
                 when_full: WhenFull::Reject,
                 source: None,
+                producer: None,
             },
             Batch {
                 channel: "a",
@@ -949,6 +1028,7 @@ mod tests {
                 quota: 1_000,
                 when_full: WhenFull::Reject,
                 source: None,
+                producer: None,
             },
             Batch {
                 channel: "b",
@@ -956,6 +1036,7 @@ mod tests {
                 quota: 1_000,
                 when_full: WhenFull::Reject,
                 source: None,
+                producer: None,
             },
         ];
         let r = b.append_group(&batches, 1).expect("group");
@@ -983,6 +1064,55 @@ mod tests {
     }
 
     #[test]
+    fn receipts_name_the_producer_of_each_record() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut b = Buffer::open(dir.path()).expect("open");
+        let two = [rec(10), rec(10)];
+        for producer in [
+            Some("pension-app"),
+            Some("pension-app"),
+            Some("hr-app"),
+            None,
+        ] {
+            let batch = [Batch {
+                channel: "c",
+                records: &two,
+                quota: 1_000_000,
+                when_full: WhenFull::Reject,
+                source: None,
+                producer,
+            }];
+            assert!(b.append_group(&batch, 1).expect("group")[0].is_ok());
+        }
+        let names: Vec<Option<String>> = b
+            .receipts("c", 0, 100)
+            .expect("receipts")
+            .into_iter()
+            .map(|r| r.producer)
+            .collect();
+        let p = |n: &str| Some(n.to_owned());
+        assert_eq!(
+            names,
+            [
+                p("pension-app"),
+                p("pension-app"),
+                p("pension-app"),
+                p("pension-app"),
+                p("hr-app"),
+                p("hr-app"),
+                None,
+                None
+            ]
+        );
+        // Adjoining requests of one producer share a row.
+        let rows: i64 = b
+            .conn
+            .query_row("SELECT COUNT(*) FROM producer_range", [], |r| r.get(0))
+            .expect("count");
+        assert_eq!(rows, 2);
+    }
+
+    #[test]
     fn spool_identities_are_kept_only_while_the_file_waits() {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut b = Buffer::open(dir.path()).expect("open");
@@ -994,6 +1124,7 @@ mod tests {
                 quota: 1_000_000,
                 when_full: WhenFull::Reject,
                 source: Some(source),
+                producer: None,
             }];
             assert!(b.append_group(&batch, 1).expect("group")[0].is_ok());
         }

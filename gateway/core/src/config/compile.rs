@@ -70,6 +70,89 @@ impl Compiler<'_> {
         self.idx.locate_span(span)
     }
 
+    /// An `[[ingest]]`'s `auth` and the files it names; only the keys its
+    /// kind uses may be set.
+    fn ingest_auth(&mut self, i: &RawIngest, level: Option<Level>) -> Option<IngestAuth> {
+        #[derive(Clone, Copy, PartialEq)]
+        enum Kind {
+            None,
+            Token,
+            Mtls,
+        }
+        let kind = match &i.auth {
+            None => Kind::None,
+            Some(a) => self.choice(
+                a,
+                "ingest.auth",
+                &[
+                    ("none", Kind::None),
+                    ("token", Kind::Token),
+                    ("mtls", Kind::Mtls),
+                ],
+            )?,
+        };
+        let keys: [(&Option<S>, &'static str, Kind); 4] = [
+            (&i.tokens, "ingest.tokens", Kind::Token),
+            (&i.client_ca, "ingest.client_ca", Kind::Mtls),
+            (&i.cert, "ingest.cert", Kind::Mtls),
+            (&i.key, "ingest.key", Kind::Mtls),
+        ];
+        let mut ok = true;
+        for (value, key, needs) in keys {
+            match (value, kind == needs) {
+                (Some(v), false) => {
+                    ok = false;
+                    let word = if needs == Kind::Token {
+                        "token"
+                    } else {
+                        "mtls"
+                    };
+                    self.error(
+                        &v.span(),
+                        format!("{key} is used only with auth = \"{word}\""),
+                        format!("set auth = \"{word}\", or remove {key}"),
+                    );
+                }
+                (None, true) => {
+                    ok = false;
+                    let span = i.auth.as_ref().map_or(i.listen.span(), Spanned::span);
+                    self.error(
+                        &span,
+                        format!("ingest.auth = \"{}\" needs {key}", if needs == Kind::Token { "token" } else { "mtls" }),
+                        match needs {
+                            Kind::Token => "add tokens = \"/etc/gatewayd/producers.tokens\" (gatewayd producer add writes it)",
+                            _ => "add client_ca (the CA of producers' certificates), cert and key (the listener's own)",
+                        },
+                    );
+                }
+                _ => {}
+            }
+        }
+        if kind == Kind::None && level.is_some_and(|l| l.get() >= 3) {
+            let span = i.auth.as_ref().map_or(i.listen.span(), Spanned::span);
+            self.warning(
+                &span,
+                "ingest: a level-3 zone's producers are not authenticated (auth = \"none\"): any client in the zone can write to its channels",
+                "set auth = \"token\" or \"mtls\" so each record names its producer",
+            );
+        }
+        if !ok {
+            return None;
+        }
+        let file = |c: &mut Self, v: &Option<S>, key| v.as_ref().and_then(|v| c.file(v, key));
+        Some(match kind {
+            Kind::None => IngestAuth::None,
+            Kind::Token => IngestAuth::Token {
+                tokens: file(self, &i.tokens, "ingest.tokens")?,
+            },
+            Kind::Mtls => IngestAuth::Mtls {
+                client_ca: file(self, &i.client_ca, "ingest.client_ca")?,
+                cert: file(self, &i.cert, "ingest.cert")?,
+                key: file(self, &i.key, "ingest.key")?,
+            },
+        })
+    }
+
     /// A service's `http_allow`: method names as HTTP spells them, path
     /// prefixes already in the form the relay matches (`/reports/`, not
     /// `/reports/../x` or `%2e`), for `app_protocol = "http"` only.
@@ -1177,11 +1260,13 @@ impl Compiler<'_> {
             let zone = self.zone_ref(zones, &i.zone, "ingest.zone", true);
             let listen = self.socket(&i.listen, "ingest.listen");
             self.inside(zone, listen, &i.listen, "ingest.listen");
-            if let (Some(z), Some(listen)) = (zone, listen) {
+            let auth = self.ingest_auth(&i, zone.map(|z| z.level));
+            if let (Some(z), Some(listen), Some(auth)) = (zone, listen, auth) {
                 let loc = self.at(&i.listen.span());
                 ingests.push(Ingest {
                     zone: z.name.clone(),
                     listen,
+                    auth,
                     loc,
                 });
             }

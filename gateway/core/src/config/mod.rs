@@ -71,7 +71,21 @@ impl Config {
     /// Files that must exist when the daemon runs, with where they are named.
     pub fn runtime_paths(&self) -> Vec<&FilePath> {
         match &self.role {
-            Role::Edge(e) => vec![&e.uplink.ca, &e.uplink.cert, &e.uplink.key],
+            Role::Edge(e) => {
+                let mut v = vec![&e.uplink.ca, &e.uplink.cert, &e.uplink.key];
+                for i in &e.ingests {
+                    match &i.auth {
+                        IngestAuth::None => {}
+                        IngestAuth::Token { tokens } => v.push(tokens),
+                        IngestAuth::Mtls {
+                            client_ca,
+                            cert,
+                            key,
+                        } => v.extend([client_ca, cert, key]),
+                    }
+                }
+                v
+            }
             Role::Hub(h) => vec![
                 &h.settings.ca_cert,
                 &h.settings.ca_key,
@@ -474,8 +488,44 @@ pub struct Ingest {
     pub zone: String,
     /// HTTP listener inside the zone's networks.
     pub listen: SocketAddr,
+    /// How producers prove who they are.
+    pub auth: IngestAuth,
     /// Where it is declared.
     pub loc: Location,
+}
+
+/// `[[ingest]] auth`: how an ingest listener knows its producers.
+#[derive(Debug, Clone)]
+pub enum IngestAuth {
+    /// `"none"`: any client in the zone (the default).
+    None,
+    /// `"token"`: `Authorization: Bearer TOKEN`, checked against the SHA-256
+    /// digests in `tokens` (one producer name per token).
+    Token {
+        /// The producers' token digests (`gatewayd producer add` writes it).
+        tokens: FilePath,
+    },
+    /// `"mtls"`: HTTPS, with a client certificate from `client_ca`; the
+    /// producer's name is the certificate's first DNS name (or its CN).
+    Mtls {
+        /// The CA that issues producers' certificates.
+        client_ca: FilePath,
+        /// The listener's own certificate ...
+        cert: FilePath,
+        /// ... and its key.
+        key: FilePath,
+    },
+}
+
+impl IngestAuth {
+    /// The config word.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            IngestAuth::None => "none",
+            IngestAuth::Token { .. } => "token",
+            IngestAuth::Mtls { .. } => "mtls",
+        }
+    }
 }
 
 /// `[audit]`

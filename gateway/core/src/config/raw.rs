@@ -118,6 +118,11 @@ pub struct RawChannel {
 pub struct RawIngest {
     pub zone: S,
     pub listen: S,
+    pub auth: Option<S>,
+    pub tokens: Option<S>,
+    pub client_ca: Option<S>,
+    pub cert: Option<S>,
+    pub key: Option<S>,
 }
 
 /// `[audit]`

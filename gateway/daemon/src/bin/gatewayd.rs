@@ -31,6 +31,10 @@ enum Command {
     /// Operator accounts of a hub (one role each): the bootstrap for gatewayctl.
     #[command(subcommand)]
     Accounts(cli::accounts::AccountsCommand),
+    /// Producers of an ingest with auth = "token": give one a token, take it
+    /// away, list them (the tokens file keeps only digests).
+    #[command(subcommand)]
+    Producer(cli::producer::ProducerCommand),
     /// Create a private CA and issue device and hub certificates (offline).
     #[command(subcommand)]
     Pki(cli::pki::PkiCommand),
@@ -57,6 +61,7 @@ fn main() -> ExitCode {
         Command::Enroll(a) => cli::enroll::run(a),
         Command::Accounts(a) => cli::accounts::run(a),
         Command::Pki(a) => cli::pki::run(a),
+        Command::Producer(a) => cli::producer::run(a),
         Command::Audit(a) => cli::audit::run(a),
         Command::Channels(a) => cli::channels::run(a),
         Command::Nftables(a) => cli::nftables::run(a),

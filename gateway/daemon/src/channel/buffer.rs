@@ -30,6 +30,7 @@ struct AppendJob {
     quota: u64,
     when_full: WhenFull,
     source: Option<String>,
+    producer: Option<String>,
     reply: Reply<Appended>,
 }
 
@@ -157,7 +158,24 @@ impl BufferHandle {
         quota: u64,
         when_full: WhenFull,
     ) -> Result<Appended, String> {
-        self.append_from(channel, records, quota, when_full, None)
+        self.append_by(channel, records, quota, when_full, None)
+            .await
+    }
+
+    /// As [`BufferHandle::append`], remembering the authenticated producer
+    /// for the receipts.
+    ///
+    /// # Errors
+    /// As [`BufferHandle::append`].
+    pub async fn append_by(
+        &self,
+        channel: &str,
+        records: Vec<NewRecord>,
+        quota: u64,
+        when_full: WhenFull,
+        producer: Option<String>,
+    ) -> Result<Appended, String> {
+        self.submit(channel, records, quota, when_full, None, producer)
             .await
     }
 
@@ -174,6 +192,20 @@ impl BufferHandle {
         when_full: WhenFull,
         source: Option<String>,
     ) -> Result<Appended, String> {
+        self.submit(channel, records, quota, when_full, source, None)
+            .await
+    }
+
+    /// Hands an append to the buffer thread and waits for its answer.
+    async fn submit(
+        &self,
+        channel: &str,
+        records: Vec<NewRecord>,
+        quota: u64,
+        when_full: WhenFull,
+        source: Option<String>,
+        producer: Option<String>,
+    ) -> Result<Appended, String> {
         let channel = channel.to_owned();
         self.ask(|reply| {
             Job::Append(AppendJob {
@@ -182,6 +214,7 @@ impl BufferHandle {
                 quota,
                 when_full,
                 source,
+                producer,
                 reply,
             })
         })
@@ -449,6 +482,7 @@ fn commit(buffer: &mut Buffer, jobs: Vec<AppendJob>, signals: &Signals) {
             quota: j.quota,
             when_full: j.when_full,
             source: j.source.as_deref(),
+            producer: j.producer.as_deref(),
         })
         .collect();
     let results = buffer.append_group(&batches, now_ms());

@@ -8,8 +8,10 @@
 //!
 //! Only producers inside the listener's zone are served (R5.address; others get
 //! 403, audited under their address and summarised). Every accepted request is
-//! a crossing: audited as `channel.accept` with the producer's address, the
-//! sequence numbers, count, bytes and the SHA-256 of the body. The audit
+//! a crossing: audited as `channel.accept` with the producer (`NAME@ADDRESS`
+//! when the listener's `auth` names producers, by token or client
+//! certificate: [`super::producers`]; else its address), the sequence
+//! numbers, count, bytes and the SHA-256 of the body. The audit
 //! writes are batched: one record per (producer, channel) for up to
 //! [`ACCEPT_BATCH`] requests or [`ACCEPT_EVERY`], each request's sequence
 //! numbers, bytes and digest in its detail. A body larger
@@ -27,7 +29,7 @@ use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use gateway_core::config::{Format, WhenFull as CfgWhenFull};
+use gateway_core::config::{Format, Ingest, IngestAuth, WhenFull as CfgWhenFull};
 use gateway_store::buffer::NewRecord;
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -35,6 +37,7 @@ use tracing::info;
 
 use super::buffer::BufferHandle;
 use super::check::{buffer_when_full, check_records, split_records};
+use super::producers::{Producers, Unknown};
 use crate::node::http::{self, BODY_GRACE, BodyError, MIN_BODY_RATE, read_body};
 use crate::node::{Ctx, PeerAttempt};
 use gateway_core::policy::Crossing;
@@ -50,13 +53,13 @@ pub const ACCEPT_EVERY: Duration = Duration::from_millis(100);
 /// Accepted requests waiting for their audit record, per (producer, channel).
 #[derive(Default)]
 struct Accepts {
-    pending: std::collections::HashMap<(std::net::IpAddr, String), Vec<String>>,
+    pending: std::collections::HashMap<(String, String), Vec<String>>,
 }
 
 impl Accepts {
-    fn flush(ctx: &Ctx, key: &(std::net::IpAddr, String), lines: Vec<String>) {
+    fn flush(ctx: &Ctx, key: &(String, String), lines: Vec<String>) {
         ctx.audit.record(
-            &key.0.to_string(),
+            &key.0,
             &key.1,
             "channel.accept",
             "ok",
@@ -74,13 +77,13 @@ struct AcceptLog {
 }
 
 impl AcceptLog {
-    fn add(&self, producer: std::net::IpAddr, channel: &str, line: String) {
+    fn add(&self, producer: &str, channel: &str, line: String) {
         let full = {
             let mut a = self
                 .inner
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let key = (producer, channel.to_owned());
+            let key = (producer.to_owned(), channel.to_owned());
             let v = a.pending.entry(key.clone()).or_default();
             v.push(line);
             (v.len() >= ACCEPT_BATCH)
@@ -121,16 +124,50 @@ struct IngestState {
     accepts: AcceptLog,
     ctx: Arc<Ctx>,
     zone: String,
+    producers: Arc<Producers>,
     writer: BufferHandle,
     /// Largest body read: the largest record limit of the node's channels,
     /// plus room for an NDJSON batch's framing.
     limit: usize,
 }
 
+/// A producer's connection: its address, and the client certificate it
+/// presented (`auth = "mtls"`).
+#[derive(Clone)]
+struct Peer {
+    addr: SocketAddr,
+    cert: Option<rustls_pki_types::CertificateDer<'static>>,
+}
+
 /// Serves one `[[ingest]]` listener until draining.
-pub async fn serve(ctx: Arc<Ctx>, zone: String, listener: TcpListener, writer: BufferHandle) {
+pub async fn serve(ctx: Arc<Ctx>, ingest: Ingest, listener: TcpListener, writer: BufferHandle) {
     let addr: Option<SocketAddr> = listener.local_addr().ok();
-    info!(listen = ?addr, %zone, "Ingest listening");
+    let zone = ingest.zone.clone();
+    info!(listen = ?addr, %zone, auth = ingest.auth.as_str(), "Ingest listening");
+    let security = match &ingest.auth {
+        IngestAuth::Mtls {
+            client_ca,
+            cert,
+            key,
+        } => match crate::tunnel::tls::client_cert_server(&client_ca.path, &cert.path, &key.path) {
+            Ok(tls) => http::Security::Tls(tokio_rustls::TlsAcceptor::from(tls), None),
+            Err(e) => {
+                let reason = format!(
+                    "ingest on {} not served: its TLS files ({}, {}, {}) cannot be used: {e}",
+                    ingest.listen,
+                    client_ca.path.display(),
+                    cert.path.display(),
+                    key.path.display()
+                );
+                tracing::error!(%reason, "Ingest refused");
+                ctx.audit
+                    .record("node", "ingest", "ingest.error", "error", "", reason);
+                return;
+            }
+        },
+        IngestAuth::None | IngestAuth::Token { .. } => http::Security::Plain,
+    };
+    let producers = Arc::new(Producers::new(&ingest.auth));
     let limit = ctx
         .policy()
         .config()
@@ -161,19 +198,27 @@ pub async fn serve(ctx: Arc<Ctx>, zone: String, listener: TcpListener, writer: B
             accepts: accepts.clone(),
             ctx: ctx.clone(),
             zone,
+            producers,
             writer,
             limit,
         });
     let listener = http::Listener {
         tcp: listener,
-        security: http::Security::Plain,
+        security,
         what: "Ingest",
         limits: http::Limits {
             max_body: None,
             ..ctx.http_limits()
         },
     };
-    http::serve(Some(ctx), listener, app, |addr, _| addr, draining).await;
+    http::serve(
+        Some(ctx),
+        listener,
+        app,
+        |addr, cert| Peer { addr, cert },
+        draining,
+    )
+    .await;
     let _ = flushing.await;
 }
 
@@ -233,17 +278,64 @@ fn outside_zone(st: &IngestState, peer: SocketAddr) -> Option<Response> {
     ))
 }
 
+/// The producer of a request from inside the zone (`None` when the listener
+/// takes anyone), or the answer refusing it: 401 without a valid credential
+/// (audited under its address, summarised), 503 when the tokens file cannot
+/// be used.
+fn producer(
+    st: &IngestState,
+    peer: &Peer,
+    headers: &HeaderMap,
+) -> Result<Option<String>, Box<Response>> {
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    match st.producers.identify(authorization, peer.cert.as_ref()) {
+        Ok(p) => Ok(p),
+        Err(Unknown::Credential(why)) => {
+            st.ctx
+                .refuse_peer(peer.addr.ip(), PeerAttempt::ProducerCredential, why, "");
+            let mut r = answer(StatusCode::UNAUTHORIZED, json!({ "error": why }));
+            if matches!(*st.producers, Producers::Tokens(_)) {
+                r.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    axum::http::HeaderValue::from_static("Bearer"),
+                );
+            }
+            Err(Box::new(r))
+        }
+        // Why is in the daemon's log, not for the producer.
+        Err(Unknown::Unusable(_)) => Err(Box::new(answer(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({ "error": "this listener cannot check producer tokens now", "hint": "the box's operator must fix its tokens file (see the daemon's log)" }),
+        ))),
+    }
+}
+
+/// Who a request is from, for its audit records: `NAME@ADDRESS` for an
+/// authenticated producer, else the address.
+fn subject_of(producer: Option<&str>, peer: &Peer) -> String {
+    match producer {
+        Some(p) => format!("{p}@{}", peer.addr.ip()),
+        None => peer.addr.ip().to_string(),
+    }
+}
+
 async fn post_record(
     State(st): State<IngestState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
     Path(name): Path<String>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    if let Some(refused) = outside_zone(&st, peer) {
+    if let Some(refused) = outside_zone(&st, peer.addr) {
         return refused;
     }
-    let subject = peer.ip().to_string();
+    let producer = match producer(&st, &peer, &headers) {
+        Ok(p) => p,
+        Err(refused) => return *refused,
+    };
+    let subject = subject_of(producer.as_deref(), &peer);
     let body = match read_body(body, st.limit).await {
         Ok(b) => b,
         Err(e) => {
@@ -344,7 +436,13 @@ async fn post_record(
     loop {
         match st
             .writer
-            .append(&name, records.clone(), channel.max_bytes.0, when_full)
+            .append_by(
+                &name,
+                records.clone(),
+                channel.max_bytes.0,
+                when_full,
+                producer.clone(),
+            )
             .await
         {
             Ok(a) => {
@@ -359,7 +457,7 @@ async fn post_record(
                     );
                 }
                 st.accepts.add(
-                    peer.ip(),
+                    &subject,
                     &name,
                     format!(
                         "seq {}-{}, {} records, {} bytes, sha256={}",
@@ -370,10 +468,11 @@ async fn post_record(
                         sha256_hex(&body)
                     ),
                 );
-                return answer(
-                    StatusCode::OK,
-                    json!({ "channel": name, "seq": a.first, "last": a.last, "dropped": a.dropped.map(|(f, t)| [f, t]) }),
-                );
+                let mut ok = json!({ "channel": name, "seq": a.first, "last": a.last, "dropped": a.dropped.map(|(f, t)| [f, t]) });
+                if let Some(p) = &producer {
+                    ok["producer"] = p.as_str().into();
+                }
+                return answer(StatusCode::OK, ok);
             }
             Err(reason) if reason.contains("is full") => {
                 if channel.when_full == CfgWhenFull::Block && tokio::time::Instant::now() < deadline
@@ -414,12 +513,16 @@ struct ReceiptsQuery {
 /// record after `after`, in sequence order.
 async fn receipts(
     State(st): State<IngestState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
     Path(name): Path<String>,
     Query(q): Query<ReceiptsQuery>,
+    headers: HeaderMap,
 ) -> Response {
-    if let Some(refused) = outside_zone(&st, peer) {
+    if let Some(refused) = outside_zone(&st, peer.addr) {
         return refused;
+    }
+    if let Err(refused) = producer(&st, &peer, &headers) {
+        return *refused;
     }
     let known = st.ctx.policy().config().edge().is_some_and(|e| {
         e.channels
@@ -442,6 +545,9 @@ async fn receipts(
                     let mut v = json!({ "seq": r.seq, "status": r.status.name() });
                     if let Some(reason) = r.status.reason() {
                         v["reason"] = reason.into();
+                    }
+                    if let Some(p) = &r.producer {
+                        v["producer"] = p.as_str().into();
                     }
                     v
                 })

@@ -4,7 +4,8 @@
 //! paths"). A record's way, module by module:
 //!
 //! - in at the edge: [`ingest`] (HTTP) and [`spool`] (directories), both
-//!   checked at the boundary by [`check`], committed by [`buffer`];
+//!   checked at the boundary by [`check`], committed by [`buffer`]; an
+//!   ingest with `auth` knows its [`producers`] by token or certificate;
 //! - out of the edge: [`edge_sync`], one stream per channel, batches and acks;
 //! - in at the hub: [`hub_sink`] commits each batch and acknowledges it, and
 //!   forwards records meant for another department;
@@ -20,4 +21,5 @@ pub mod delivery;
 pub mod edge_sync;
 pub mod hub_sink;
 pub mod ingest;
+pub mod producers;
 pub mod spool;

@@ -8,6 +8,7 @@ pub mod demo;
 pub mod enroll;
 pub mod nftables;
 pub mod pki;
+pub mod producer;
 pub mod run;
 
 use gateway_core::units::Date;

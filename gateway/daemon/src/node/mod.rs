@@ -80,14 +80,17 @@ pub enum PeerAttempt {
     SupersededCertificate,
     /// A producer outside its ingest listener's zone.
     IngestAddress,
+    /// A producer without a valid token or certificate (`auth` set).
+    ProducerCredential,
     /// A connection over an HTTP listener's cap (in all, or from one address).
     ConnectionCap,
 }
 
 impl PeerAttempt {
-    const ALL: [PeerAttempt; 7] = [
+    const ALL: [PeerAttempt; 8] = [
         PeerAttempt::ConnectionCap,
         PeerAttempt::IngestAddress,
+        PeerAttempt::ProducerCredential,
         PeerAttempt::OperatorCredential,
         PeerAttempt::Enrollment,
         PeerAttempt::EnrollmentConnection,
@@ -104,6 +107,7 @@ impl PeerAttempt {
             PeerAttempt::ConsumerCertificate => "consumer-certificate",
             PeerAttempt::SupersededCertificate => "superseded-certificate",
             PeerAttempt::IngestAddress => "ingest-address",
+            PeerAttempt::ProducerCredential => "producer-credential",
             PeerAttempt::ConnectionCap => "connection-cap",
         }
     }
@@ -114,7 +118,7 @@ impl PeerAttempt {
             PeerAttempt::Enrollment | PeerAttempt::EnrollmentConnection => "device.enroll",
             PeerAttempt::ConsumerCertificate => "consumer.auth",
             PeerAttempt::SupersededCertificate => "tunnel.refuse",
-            PeerAttempt::IngestAddress => "channel.refuse",
+            PeerAttempt::IngestAddress | PeerAttempt::ProducerCredential => "channel.refuse",
             PeerAttempt::ConnectionCap => "listener.refuse",
         }
     }
@@ -125,7 +129,7 @@ impl PeerAttempt {
             PeerAttempt::Enrollment | PeerAttempt::EnrollmentConnection => "enrollment",
             PeerAttempt::ConsumerCertificate => "consumers-api",
             PeerAttempt::SupersededCertificate => "tunnel",
-            PeerAttempt::IngestAddress => "ingest",
+            PeerAttempt::IngestAddress | PeerAttempt::ProducerCredential => "ingest",
             PeerAttempt::ConnectionCap => "listener",
         }
     }

@@ -82,7 +82,7 @@ pub(super) fn start(
     let mut ingest_bound = Vec::new();
     for i in &e.ingests {
         ingest_bound.push((
-            i.zone.clone(),
+            i.clone(),
             bindings.tcp(i.listen).map_err(bind_err(i.listen))?,
         ));
     }
@@ -90,8 +90,8 @@ pub(super) fn start(
     if !e.channels.is_empty() || !ingest_bound.is_empty() {
         let writer =
             BufferHandle::start(state_dir).map_err(|e| StartError::Buffer(e.to_string()))?;
-        for (zone, l) in ingest_bound {
-            tokio::spawn(ingest::serve(ctx.clone(), zone, l, writer.clone()));
+        for (ingest, l) in ingest_bound {
+            tokio::spawn(ingest::serve(ctx.clone(), ingest, l, writer.clone()));
         }
         let opened = gateway_store::inbox::Inbox::open(state_dir)
             .map_err(|e| StartError::Buffer(format!("inbox: {e}")))?;

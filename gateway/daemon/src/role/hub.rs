@@ -92,7 +92,7 @@ pub(super) fn start(
     let api = bindings
         .tcp(h.settings.api)
         .map_err(bind_err(h.settings.api))?;
-    let api_tls = tls::consumer_server(
+    let api_tls = tls::client_cert_server(
         &h.settings.ca_cert.path,
         &h.settings.cert.path,
         &h.settings.key.path,

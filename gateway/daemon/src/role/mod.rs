@@ -357,10 +357,18 @@ impl Running {
             return Err(ReloadError::NeedsRestart("node.state_dir"));
         }
         if let (Role::Edge(b), Role::Edge(a)) = (&before.role, &config.role) {
-            let listens = |e: &gateway_core::config::Edge| -> Vec<(String, SocketAddr)> {
+            // Where they listen and how they know producers (a tokens
+            // file's contents are re-read without a restart).
+            let listens = |e: &gateway_core::config::Edge| -> Vec<(String, SocketAddr, String)> {
                 e.ingests
                     .iter()
-                    .map(|i| (i.zone.clone(), i.listen))
+                    .map(|i| {
+                        (
+                            i.zone.clone(),
+                            i.listen,
+                            format!("{:?}", auth_files(&i.auth)),
+                        )
+                    })
                     .collect()
             };
             if listens(b) != listens(a) {
@@ -550,4 +558,23 @@ fn uplink_differs(a: &gateway_core::config::Uplink, b: &gateway_core::config::Up
         || a.ca.path != b.ca.path
         || a.cert.path != b.cert.path
         || a.key.path != b.key.path
+}
+
+/// The files an ingest's `auth` names, to tell whether it changed.
+fn auth_files(auth: &gateway_core::config::IngestAuth) -> (&'static str, Vec<&std::path::Path>) {
+    use gateway_core::config::IngestAuth;
+    let files = match auth {
+        IngestAuth::None => vec![],
+        IngestAuth::Token { tokens } => vec![tokens.path.as_path()],
+        IngestAuth::Mtls {
+            client_ca,
+            cert,
+            key,
+        } => vec![
+            client_ca.path.as_path(),
+            cert.path.as_path(),
+            key.path.as_path(),
+        ],
+    };
+    (auth.as_str(), files)
 }

@@ -189,14 +189,15 @@ pub fn ops_server(cert: &Path, key_path: &Path) -> Result<Arc<rustls::ServerConf
     Ok(Arc::new(tls))
 }
 
-/// The consumers' HTTPS API: the hub's certificate, TLS 1.3, and a client
+/// An HTTPS listener that knows its clients by certificate (the consumers'
+/// API, an ingest with `auth = "mtls"`): `cert`, TLS 1.3, and a client
 /// certificate from `ca` when one is presented. A request without one is
-/// answered 401 by the API (not refused in the handshake, so the client learns
-/// why); whether a certificate is a consumer's is the API's check.
+/// answered 401 by the listener (not refused in the handshake, so the client
+/// learns why); whose certificate it is, is the listener's check.
 ///
 /// # Errors
 /// When the files cannot be read.
-pub fn consumer_server(
+pub fn client_cert_server(
     ca: &Path,
     cert: &Path,
     key_path: &Path,
