@@ -197,7 +197,7 @@ fn at_moves_the_assessment_check() {
     assert_eq!(code(&expired), 64);
     let (_, stderr) = text(&expired);
     assert!(stderr.contains("error[R3.assessment-expired]"), "{stderr}");
-    assert!(stderr.contains("edge-extranet-l3.toml:17:51"), "{stderr}");
+    assert!(stderr.contains("edge-extranet-l3.toml:18:51"), "{stderr}");
 }
 
 #[test]

@@ -3,7 +3,8 @@
 //! interfaces (the gateway relays, it never routes), and only the configured
 //! listeners accept connections, each on its own address, and a listener that
 //! serves one zone (an access, an ingest, a publish) only from that zone's
-//! networks. Pure: text out.
+//! networks, arriving on that zone's `interfaces` when it names them. Pure:
+//! text out.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -113,7 +114,14 @@ pub fn nftables(cfg: &Config) -> String {
                     // No network of this family: nothing may reach it.
                     continue;
                 }
-                format!("{fam} saddr {{ {} }} ", nets.join(", "))
+                let on = if z.interfaces.is_empty() {
+                    String::new()
+                } else {
+                    let names: Vec<String> =
+                        z.interfaces.iter().map(|i| format!("\"{i}\"")).collect();
+                    format!("iifname {{ {} }} ", names.join(", "))
+                };
+                format!("{on}{fam} saddr {{ {} }} ", nets.join(", "))
             }
         };
         let _ = writeln!(

@@ -70,6 +70,34 @@ impl Compiler<'_> {
         self.idx.locate_span(span)
     }
 
+    /// Warns about a level-3 (or 4) zone that has listeners on this box but
+    /// names no `interfaces`: the nftables baseline can then tell its packets
+    /// only by source address, which a neighbour on another port can forge.
+    fn unbound_zones(&mut self, zones: &[Zone], role: Option<&Role>) {
+        let listened: Vec<&str> = match role {
+            Some(Role::Edge(e)) => e
+                .accesses
+                .iter()
+                .map(|a| a.zone.as_str())
+                .chain(e.ingests.iter().map(|i| i.zone.as_str()))
+                .collect(),
+            Some(Role::Hub(h)) => h.publishes.iter().map(|p| p.zone.as_str()).collect(),
+            None => Vec::new(),
+        };
+        for z in zones {
+            if z.level.get() >= 3 && z.interfaces.is_empty() && listened.contains(&z.name.as_str())
+            {
+                self.diags.push(
+                    Diagnostic::warning(
+                        z.loc,
+                        format!("zone {:?} has listeners on this box but names no interfaces: the firewall can tell its packets only by their source address, which a neighbour on another port can forge", z.name),
+                    )
+                    .hint("add interfaces = [\"eth1\"] (the ports this zone is cabled to, as `ip link` names them)"),
+                );
+            }
+        }
+    }
+
     /// An `[[ingest]]`'s `auth` and the files it names; only the keys its
     /// kind uses may be set.
     fn ingest_auth(&mut self, i: &RawIngest, level: Option<Level>) -> Option<IngestAuth> {
@@ -510,6 +538,7 @@ impl Compiler<'_> {
             None => None,
         };
         self.unique_listeners(&admin, role.as_ref());
+        self.unbound_zones(&zones, role.as_ref());
 
         let positive = |c: &mut Self, v: Option<&Spanned<i64>>, key: &str, default: u32| match v {
             None => Some(default),
@@ -742,6 +771,32 @@ impl Compiler<'_> {
                     None => net_ok = false,
                 }
             }
+            let mut interfaces = Vec::new();
+            for i in z.interfaces.iter().flat_map(|l| l.get_ref()) {
+                let name = i.get_ref();
+                // Linux: at most 15 bytes, no '/', ':' or white space (and
+                // quotes would break the ruleset).
+                let ok = !name.is_empty()
+                    && name.len() <= 15
+                    && name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+                if !ok {
+                    self.error(
+                        &i.span(),
+                        format!("zone.interfaces: {name:?} is not a network interface name"),
+                        "write the interface as `ip link` shows it, like \"eth1\" or \"enp3s0\" (1 to 15 letters, digits, '-', '_', '.')",
+                    );
+                } else if interfaces.contains(name) {
+                    self.error(
+                        &i.span(),
+                        format!("zone.interfaces: {name:?} is listed twice"),
+                        "list each interface once",
+                    );
+                } else {
+                    interfaces.push(name.clone());
+                }
+            }
             let assessment_span = z.assessment.as_ref().map(Spanned::span);
             let assessment = z.assessment.map(|a| {
                 let a = a.into_inner();
@@ -779,6 +834,7 @@ impl Compiler<'_> {
                     classified,
                     level,
                     networks,
+                    interfaces,
                     assessment,
                     loc,
                 },

@@ -220,6 +220,10 @@ pub struct Zone {
     pub level: Level,
     /// Its address ranges; never empty, never overlapping another zone's.
     pub networks: Vec<Cidr>,
+    /// The box's network interfaces this zone is reached on (none: not
+    /// said): the nftables baseline takes its listeners' packets only from
+    /// these, so a neighbour on another port cannot pose as the zone.
+    pub interfaces: Vec<String>,
     /// The assessment (测评) that allows bridging a legacy zone.
     pub assessment: Option<Assessment>,
     /// Where the zone is declared.

@@ -34,6 +34,7 @@ pub struct RawZone {
     pub classified: Option<Spanned<bool>>,
     pub level: Spanned<i64>,
     pub networks: Spanned<Vec<S>>,
+    pub interfaces: Option<Spanned<Vec<S>>>,
     pub assessment: Option<Spanned<RawAssessment>>,
 }
 
