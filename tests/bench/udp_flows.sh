@@ -3,9 +3,10 @@
 # of datagrams from many source ports of a few client addresses open flows
 # (at most 256 per address, 4,096 per listener). Prints the RSS of the hub and
 # the edge before, right after each wave, and after the flows expired (1 s
-# idle), and how many flows each wave opened (relay.open records at the edge).
+# idle; sampled 4 and 12 s after the wave), and how many flows each wave opened
+# (relay.open records at the edge).
 #
-# Needs: python3. Usage: tests/bench/udp_flows.sh [PORTS_PER_ADDRESS] [ADDRESSES]
+# Needs: python3. Usage: [WAVES=N] tests/bench/udp_flows.sh [PORTS_PER_ADDRESS] [ADDRESSES]
 #   (defaults 2000 and 10: 20,000 source ports per wave, two waves)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -97,7 +98,7 @@ for _ in $(seq 100); do
     python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$EADMIN/readyz', timeout=1)" 2>/dev/null && break
     sleep 0.1
 done
-rss() { awk '/VmRSS/{print int($2/1024)}' "/proc/$1/status"; }
+rss() { awk '/VmRSS/{printf "%.1f", $2/1024}' "/proc/$1/status"; }
 opens() { $G audit show --state-dir "$W/edge" --limit 10000000 2>/dev/null | grep -c 'relay.open' || true; }
 wave() { # one datagram from each of PORTS source ports of ADDRS addresses
     python3 - "$PUB" "$PORTS" "$ADDRS" <<'PY'
@@ -115,10 +116,12 @@ PY
 echo "| moment | hub RSS, MB | edge RSS, MB | flows opened at the edge (total) |"
 echo "|---|---|---|---|"
 echo "| before | $(rss $HUB) | $(rss $EDGE) | $(opens) |"
-for w in 1 2; do
+for w in $(seq "${WAVES:-2}"); do
     wave
     echo "| right after wave $w ($((PORTS * ADDRS)) source ports) | $(rss $HUB) | $(rss $EDGE) | $(opens) |"
     sleep 4
     echo "| 4 s later (flows expired) | $(rss $HUB) | $(rss $EDGE) | $(opens) |"
+    sleep 8
+    echo "| 12 s later | $(rss $HUB) | $(rss $EDGE) | $(opens) |"
 done
 echo "machine: $(nproc) cores, $(uname -r), $(date +%F)"

@@ -75,7 +75,9 @@ fn server_config(cert_out: &str) -> Result<quinn::ServerConfig, Error> {
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    server.transport_config(Arc::new(gateway_daemon::tunnel::tls::transport()));
+    server.transport_config(Arc::new(gateway_daemon::tunnel::tls::transport(
+        gateway_daemon::tunnel::tls::MAX_STREAMS,
+    )));
     Ok(server)
 }
 
@@ -91,7 +93,9 @@ fn client_config(cert: &str) -> Result<quinn::ClientConfig, Error> {
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
     let mut client = quinn::ClientConfig::new(Arc::new(crypto));
-    client.transport_config(Arc::new(gateway_daemon::tunnel::tls::transport()));
+    client.transport_config(Arc::new(gateway_daemon::tunnel::tls::transport(
+        gateway_daemon::tunnel::tls::MAX_STREAMS,
+    )));
     Ok(client)
 }
 

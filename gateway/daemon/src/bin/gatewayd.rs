@@ -5,6 +5,12 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use gateway_daemon::cli;
 
+/// jemalloc, which gives memory freed after a flood back to the kernel (its
+/// decay settings are built in: .cargo/config.toml); glibc's malloc kept it.
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Gateway appliance daemon: bridges a department's legacy network to the
 /// provincial e-government network under the boundary rules of GB/T 22239-2019.
 #[derive(Debug, Parser)]

@@ -87,8 +87,16 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// The tunnel's transport settings.
-pub fn transport() -> TransportConfig {
+/// Relayed connections an edge's tunnels carry at once, over all its lanes.
+pub const MAX_STREAMS: u32 = 8_192;
+
+/// The tunnel's transport settings; `streams`: how many relays the peer may
+/// open at once on one connection.
+///
+/// quinn keeps a slot for each stream a peer may open, and a slot once used
+/// keeps its buffers for reuse until the connection closes (about 300 bytes
+/// each): the limit bounds that memory too.
+pub fn transport(streams: u32) -> TransportConfig {
     let mut t = TransportConfig::default();
     t.keep_alive_interval(Some(KEEP_ALIVE));
     t.max_idle_timeout(Some(
@@ -97,7 +105,7 @@ pub fn transport() -> TransportConfig {
             .unwrap_or(VarInt::from_u32(8_000).into()),
     ));
     // One stream per relayed connection: allow many at once.
-    t.max_concurrent_bidi_streams(VarInt::from_u32(16_384));
+    t.max_concurrent_bidi_streams(VarInt::from_u32(streams));
     t.max_concurrent_uni_streams(VarInt::from_u32(0));
     // Windows sized for 10 Gbit/s at 10 ms round trip; larger ones only let a
     // fast sender buffer more in memory.
@@ -136,7 +144,7 @@ pub fn server(ca: &Path, cert: &Path, key_path: &Path) -> Result<quinn::ServerCo
     ];
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    server.transport_config(Arc::new(transport()));
+    server.transport_config(Arc::new(transport(MAX_STREAMS)));
     Ok(server)
 }
 
@@ -152,7 +160,9 @@ pub fn client(ca: &Path, cert: &Path, key_path: &Path) -> Result<quinn::ClientCo
     tls.alpn_protocols = vec![gateway_core::wire::ALPN.to_vec()];
     let crypto = QuicClientConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut client = quinn::ClientConfig::new(Arc::new(crypto));
-    client.transport_config(Arc::new(transport()));
+    // An edge's lanes share its relays: each takes its part of them.
+    let lanes = u32::try_from(super::hubs::lanes()).unwrap_or(1).max(1);
+    client.transport_config(Arc::new(transport(MAX_STREAMS / lanes)));
     Ok(client)
 }
 

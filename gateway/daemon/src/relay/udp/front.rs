@@ -151,6 +151,10 @@ pub async fn front(ctx: Arc<Ctx>, front: Front, socket: Arc<UdpSocket>) {
     let mut per_ip: HashMap<std::net::IpAddr, usize> = HashMap::new();
     let refused = Arc::new(Refused::default());
     let mut buf = vec![0u8; 65_536];
+    // Ended flows are forgotten every second (and before a cap is applied),
+    // so that their queues are freed once a flood has passed.
+    let mut sweep = tokio::time::interval(Duration::from_secs(1));
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let (n, client) = tokio::select! {
             r = socket.recv_from(&mut buf) => match r {
@@ -160,6 +164,11 @@ pub async fn front(ctx: Arc<Ctx>, front: Front, socket: Arc<UdpSocket>) {
                     continue;
                 }
             },
+            _ = sweep.tick() => {
+                forget_ended(&mut clients, &mut per_ip);
+                refused.forget_ended();
+                continue;
+            }
             () = ctx.draining.cancelled() => break,
         };
         if let Some(tx) = clients.get(&client).filter(|tx| !tx.is_closed()) {
@@ -186,18 +195,9 @@ pub async fn front(ctx: Arc<Ctx>, front: Front, socket: Arc<UdpSocket>) {
             refused.hold(client);
             continue;
         }
-        clients.retain(|addr, tx| {
-            let open = !tx.is_closed();
-            if !open {
-                if let Some(n) = per_ip.get_mut(&addr.ip()) {
-                    *n = n.saturating_sub(1);
-                    if *n == 0 {
-                        per_ip.remove(&addr.ip());
-                    }
-                }
-            }
-            open
-        });
+        if clients.len() >= MAX_FLOWS || per_ip.get(&client.ip()) >= Some(&FLOWS_PER_SOURCE) {
+            forget_ended(&mut clients, &mut per_ip);
+        }
         let mine = per_ip.get(&client.ip()).copied().unwrap_or(0);
         if clients.len() >= MAX_FLOWS || mine >= FLOWS_PER_SOURCE {
             let reason = if mine >= FLOWS_PER_SOURCE {
@@ -217,10 +217,12 @@ pub async fn front(ctx: Arc<Ctx>, front: Front, socket: Arc<UdpSocket>) {
             refused.hold(client);
             continue;
         }
-        *per_ip.entry(client.ip()).or_insert(0) += 1;
         let (tx, rx) = mpsc::channel(FLOW_QUEUE);
         let _ = tx.try_send(buf[..n].to_vec());
-        clients.insert(client, tx);
+        // An ended flow of the same client gives its place to the new one.
+        if clients.insert(client, tx).is_none() {
+            *per_ip.entry(client.ip()).or_insert(0) += 1;
+        }
         let (ctx, front, socket, refused) =
             (ctx.clone(), front.clone(), socket.clone(), refused.clone());
         let allowed = (decision.rule.as_str().to_owned(), decision.reason);
@@ -229,6 +231,32 @@ pub async fn front(ctx: Arc<Ctx>, front: Front, socket: Arc<UdpSocket>) {
         });
     }
     info!(listen = %front.listen, "UDP stopped");
+}
+
+/// Forgets the flows that ended (their queues with them) and gives back the
+/// tables' room once a flood has passed.
+fn forget_ended(
+    clients: &mut HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>,
+    per_ip: &mut HashMap<std::net::IpAddr, usize>,
+) {
+    clients.retain(|addr, tx| {
+        let open = !tx.is_closed();
+        if !open {
+            if let Some(n) = per_ip.get_mut(&addr.ip()) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    per_ip.remove(&addr.ip());
+                }
+            }
+        }
+        open
+    });
+    if clients.capacity() > 4 * clients.len() + 64 {
+        clients.shrink_to_fit();
+    }
+    if per_ip.capacity() > 4 * per_ip.len() + 64 {
+        per_ip.shrink_to_fit();
+    }
 }
 
 /// How long a refused client's datagrams are dropped before it is decided again.
@@ -266,6 +294,16 @@ impl Refused {
             }
         }
         m.insert(client, now + REFUSED_HOLD);
+    }
+
+    /// Forgets the holds that ended, and the table's room after a flood.
+    fn forget_ended(&self) {
+        let now = Instant::now();
+        let mut m = self.lock();
+        m.retain(|_, until| *until > now);
+        if m.capacity() > 4 * m.len() + 64 {
+            m.shrink_to_fit();
+        }
     }
 
     fn holds(&self, client: SocketAddr) -> bool {
