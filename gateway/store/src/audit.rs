@@ -241,10 +241,8 @@ impl AuditLog {
                 out.push(r);
             }
         }
-        tx.execute(
-            "UPDATE audit_meta SET head_seq = ?1, head_hash = ?2 WHERE id = 1",
-            params![seq_i64(seq), &prev[..]],
-        )?;
+        tx.prepare_cached("UPDATE audit_meta SET head_seq = ?1, head_hash = ?2 WHERE id = 1")?
+            .execute(params![seq_i64(seq), &prev[..]])?;
         tx.commit()?;
         Ok(out)
     }

@@ -250,11 +250,14 @@ fn format_of(headers: &HeaderMap) -> Option<Format> {
 
 /// The SHA-256 of a request body or spool file, hex.
 pub fn sha256_hex(body: &[u8]) -> String {
-    ring::digest::digest(&ring::digest::SHA256, body)
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let d = ring::digest::digest(&ring::digest::SHA256, body);
+    let mut out = String::with_capacity(64);
+    for b in d.as_ref() {
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 15)]));
+    }
+    out
 }
 
 /// The 403 for a producer outside the listener's zone (audited under its

@@ -18,8 +18,8 @@ const BATCH: usize = 1024;
 /// one per event, so the audit does not take the disk from the records it
 /// describes ...
 const LINGER: std::time::Duration = std::time::Duration::from_millis(20);
-/// ... as long as the next event comes within this (a lone event is written
-/// at once).
+/// ... as long as the next event comes within this, or the last commit was
+/// less than [`LINGER`] ago (a lone event is written at once).
 const GAP: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// A handle for writing audit events; cheap to clone.
@@ -50,14 +50,23 @@ impl AuditSink {
         let handle = std::thread::Builder::new()
             .name("audit-writer".into())
             .spawn(move || {
+                // When the last commit was less than LINGER ago, events are
+                // coming steadily: gather them to LINGER after it (a commit per
+                // LINGER at most, however they are spaced); after a quiet
+                // while, a lone event is written at once.
+                let mut last_commit = std::time::Instant::now() - LINGER;
                 while let Ok(first) = rx.recv() {
                     let mut batch = vec![first];
-                    let until = std::time::Instant::now() + LINGER;
+                    let busy = last_commit.elapsed() < LINGER;
+                    let until = if busy {
+                        last_commit + LINGER
+                    } else {
+                        std::time::Instant::now() + LINGER
+                    };
                     while batch.len() < BATCH {
-                        let left = until
-                            .saturating_duration_since(std::time::Instant::now())
-                            .min(GAP);
-                        match rx.recv_timeout(left) {
+                        let left = until.saturating_duration_since(std::time::Instant::now());
+                        let wait = if busy { left } else { left.min(GAP) };
+                        match rx.recv_timeout(wait) {
                             Ok(e) => batch.push(e),
                             Err(_) => break,
                         }
@@ -66,6 +75,7 @@ impl AuditSink {
                     if let Err(error) = log.append(batch) {
                         tracing::error!(%error, lost = n, "Audit write failed");
                     }
+                    last_commit = std::time::Instant::now();
                 }
             })
             .map_err(|e| OpenError::Missing(format!("cannot start the audit writer: {e}")))?;
