@@ -2,8 +2,10 @@
 # UDP flow memory (issue 15): a hub publishes an edge's UDP echo service; waves
 # of datagrams from many source ports of a few client addresses open flows
 # (at most 256 per address, 4,096 per listener). Prints the RSS of the hub and
-# the edge before, right after each wave, and after the flows expired (1 s
-# idle; sampled 4 and 12 s after the wave), and how many flows each wave opened
+# the edge (and its anonymous part: the rest is the binary's and libraries'
+# pages, which grow as code first runs) at start, after a warm-up of ten flows
+# (expired), right after each wave, and after the flows expired (1 s idle;
+# sampled 4 and 12 s after the wave), and how many flows each wave opened
 # (relay.open records at the edge).
 #
 # Needs: python3. Usage: [WAVES=N] tests/bench/udp_flows.sh [PORTS_PER_ADDRESS] [ADDRESSES]
@@ -98,10 +100,10 @@ for _ in $(seq 100); do
     python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$EADMIN/readyz', timeout=1)" 2>/dev/null && break
     sleep 0.1
 done
-rss() { awk '/VmRSS/{printf "%.1f", $2/1024}' "/proc/$1/status"; }
+rss() { awk '/VmRSS/{t=$2} /RssAnon/{a=$2} END{printf "%.1f (%.1f)", t/1024, a/1024}' "/proc/$1/status"; }
 opens() { $G audit show --state-dir "$W/edge" --limit 10000000 2>/dev/null | grep -c 'relay.open' || true; }
-wave() { # one datagram from each of PORTS source ports of ADDRS addresses
-    python3 - "$PUB" "$PORTS" "$ADDRS" <<'PY'
+wave() { # one datagram from each of $1 source ports of $2 addresses
+    python3 - "$PUB" "$1" "$2" <<'PY'
 import socket, sys
 port, n, addrs = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 socks = []
@@ -113,11 +115,14 @@ for a in range(addrs):
         s.close()
 PY
 }
-echo "| moment | hub RSS, MB | edge RSS, MB | flows opened at the edge (total) |"
+echo "| moment | hub RSS (anonymous), MB | edge RSS (anonymous), MB | flows opened at the edge (total) |"
 echo "|---|---|---|---|"
-echo "| before | $(rss $HUB) | $(rss $EDGE) | $(opens) |"
+echo "| started | $(rss $HUB) | $(rss $EDGE) | $(opens) |"
+wave 10 1
+sleep 4
+echo "| after 10 flows (expired) | $(rss $HUB) | $(rss $EDGE) | $(opens) |"
 for w in $(seq "${WAVES:-2}"); do
-    wave
+    wave "$PORTS" "$ADDRS"
     echo "| right after wave $w ($((PORTS * ADDRS)) source ports) | $(rss $HUB) | $(rss $EDGE) | $(opens) |"
     sleep 4
     echo "| 4 s later (flows expired) | $(rss $HUB) | $(rss $EDGE) | $(opens) |"

@@ -121,6 +121,35 @@ pub enum Frame {
     },
     /// The relay is open: relayed bytes follow.
     Opened,
+    /// First frame of a stream that carries the UDP flows its opener opens on
+    /// this connection (answered [`Frame::Opened`]): then [`Frame::OpenUdp`] and
+    /// [`Frame::FlowEnd`] one way, [`Frame::FlowOpened`], [`Frame::FlowRefused`]
+    /// and [`Frame::FlowEnd`] the other, any number of flows interleaved. One
+    /// stream for every flow, not a stream each: a peer keeps state for each
+    /// stream it lets the other open.
+    UdpFlows,
+    /// On a [`Frame::UdpFlows`] stream: the flow is open; its datagrams follow.
+    FlowOpened {
+        /// The flow id its opener chose.
+        flow: u32,
+    },
+    /// On a [`Frame::UdpFlows`] stream: the flow is refused.
+    FlowRefused {
+        /// The flow id its opener chose.
+        flow: u32,
+        /// As in [`Frame::Refuse`].
+        code: RefuseCode,
+        /// As in [`Frame::Refuse`].
+        rule: String,
+        /// As in [`Frame::Refuse`].
+        message: String,
+    },
+    /// On a [`Frame::UdpFlows`] stream, either way: the flow is gone (expired,
+    /// cut, or its client went away); the other side forgets it.
+    FlowEnd {
+        /// The flow id its opener chose.
+        flow: u32,
+    },
     /// Hub to edge, on a stream of its own: are you there? Answered with a
     /// `Ping` (an edge older than this frame ends the stream unanswered,
     /// which proves it alive just as well).
@@ -203,6 +232,10 @@ mod tag {
     pub const OPENED: u8 = 0x11;
     pub const OPEN_UDP: u8 = 0x12;
     pub const PING: u8 = 0x13;
+    pub const UDP_FLOWS: u8 = 0x14;
+    pub const FLOW_OPENED: u8 = 0x15;
+    pub const FLOW_REFUSED: u8 = 0x16;
+    pub const FLOW_END: u8 = 0x17;
     pub const SYNC_OPEN: u8 = 0x20;
     pub const SYNC_READY: u8 = 0x21;
     pub const SYNC_ACK: u8 = 0x22;
@@ -250,6 +283,27 @@ impl Frame {
             }
             Frame::Opened => out.push(tag::OPENED),
             Frame::Ping => out.push(tag::PING),
+            Frame::UdpFlows => out.push(tag::UDP_FLOWS),
+            Frame::FlowOpened { flow } => {
+                out.push(tag::FLOW_OPENED);
+                out.extend_from_slice(&flow.to_be_bytes());
+            }
+            Frame::FlowRefused {
+                flow,
+                code,
+                rule,
+                message,
+            } => {
+                out.push(tag::FLOW_REFUSED);
+                out.extend_from_slice(&flow.to_be_bytes());
+                out.extend_from_slice(&code.number().to_be_bytes());
+                put_str(out, rule);
+                put_str(out, message);
+            }
+            Frame::FlowEnd { flow } => {
+                out.push(tag::FLOW_END);
+                out.extend_from_slice(&flow.to_be_bytes());
+            }
             Frame::SyncOpen {
                 channel,
                 deliver_to,
@@ -357,6 +411,15 @@ impl Frame {
             },
             tag::OPENED => Frame::Opened,
             tag::PING => Frame::Ping,
+            tag::UDP_FLOWS => Frame::UdpFlows,
+            tag::FLOW_OPENED => Frame::FlowOpened { flow: r.u32()? },
+            tag::FLOW_REFUSED => Frame::FlowRefused {
+                flow: r.u32()?,
+                code: RefuseCode::from_u16(r.u16()?),
+                rule: r.str()?,
+                message: r.str()?,
+            },
+            tag::FLOW_END => Frame::FlowEnd { flow: r.u32()? },
             tag::SYNC_OPEN => Frame::SyncOpen {
                 channel: r.str()?,
                 deliver_to: r.str()?,
@@ -648,6 +711,21 @@ mod tests {
             ),
             Just(Frame::Opened),
             Just(Frame::Ping),
+            Just(Frame::UdpFlows),
+            any::<u32>().prop_map(|flow| Frame::FlowOpened { flow }),
+            (
+                any::<u32>(),
+                any::<u16>().prop_map(RefuseCode::from_u16),
+                ".{0,20}",
+                ".{0,100}"
+            )
+                .prop_map(|(flow, code, rule, message)| Frame::FlowRefused {
+                    flow,
+                    code,
+                    rule,
+                    message
+                }),
+            any::<u32>().prop_map(|flow| Frame::FlowEnd { flow }),
             (".{0,30}", ".{0,40}").prop_map(|(channel, deliver_to)| Frame::SyncOpen {
                 channel,
                 deliver_to

@@ -376,8 +376,15 @@ impl Buffer {
                 Err(e) => return Err(e),
                 Ok(a) => {
                     if let Some(source) = b.source {
-                        tx.prepare_cached("INSERT OR REPLACE INTO spool_file VALUES (?1, ?2, ?3, ?4)")?
-                            .execute(params![b.channel, source, i64_of(a.first), i64_of(a.last)])?;
+                        tx.prepare_cached(
+                            "INSERT OR REPLACE INTO spool_file VALUES (?1, ?2, ?3, ?4)",
+                        )?
+                        .execute(params![
+                            b.channel,
+                            source,
+                            i64_of(a.first),
+                            i64_of(a.last)
+                        ])?;
                     }
                     if let Some(producer) = b.producer {
                         Self::produced(&tx, b.channel, producer, a.first, a.last)?;

@@ -23,3 +23,28 @@ pub mod service;
 pub mod splice;
 pub mod transit;
 pub mod udp;
+
+/// A refusal to send the peer: code, rule, message.
+pub type Refusal = (gateway_core::wire::RefuseCode, String, String);
+
+/// A crossing the policy denied: audited (`relay.refuse`), and the refusal
+/// to send the peer.
+pub(crate) fn denied(
+    ctx: &crate::node::Ctx,
+    (subject, object): (&str, &str),
+    decision: gateway_core::policy::Decision,
+) -> Refusal {
+    ctx.refuse(
+        "relay.refuse",
+        subject,
+        object,
+        decision.rule.as_str(),
+        &decision.reason,
+    );
+    let rule = decision.rule.as_str().to_owned();
+    (
+        gateway_core::wire::RefuseCode::Policy,
+        rule,
+        decision.reason,
+    )
+}

@@ -21,8 +21,9 @@ use super::app_protocol::{Requests, Responses, sniff_stream};
 use super::listen::reset_tcp;
 use super::splice::{BufSource, Either, RESET_CODE, Spliced, splice_limited};
 use super::udp::flows::{Flows, edge_flow};
+use super::udp::link::{FlowRequest, FlowSignal};
 use crate::node::Ctx;
-use crate::tunnel::frame::write_frame;
+use crate::tunnel::frame::{refuse, write_frame};
 
 /// Time allowed to connect to a legacy target.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -35,16 +36,116 @@ pub struct OpenRequest {
     pub origin: Origin,
     /// The client's address, as the hub saw it.
     pub client: SocketAddr,
-    /// The flow id, for a UDP flow.
-    pub udp_flow: Option<u32>,
 }
 
-/// A hub (`hub`, named for logs) asks to open one of this edge's services.
-pub async fn serve(
+/// A relay the edge's policy let in, and the service it opens.
+struct Admitted {
+    decision: gateway_core::policy::Decision,
+    svc: gateway_core::config::Service,
+}
+
+/// Who asks, for the policy and the audit; a local origin is refused (a hub
+/// cannot claim one).
+fn asker<'a>(
+    origin: &'a Origin,
+    client: SocketAddr,
+    hub: &str,
+) -> Option<(PolicyOrigin<'a>, String)> {
+    match origin {
+        Origin::Provincial => Some((
+            PolicyOrigin::Provincial {
+                client: client.ip(),
+            },
+            format!("{client} via {hub}"),
+        )),
+        Origin::Device(d) => Some((PolicyOrigin::Device(d), format!("{d}:{client} via {hub}"))),
+        Origin::Local => None,
+    }
+}
+
+/// The edge decides again: the policy, the service's protocol and its
+/// `max_connections`. A refusal is audited and returned for the hub.
+fn admit(
+    ctx: &Ctx,
+    (service, subject): (&str, &str),
+    origin: PolicyOrigin<'_>,
+    wanted: Protocol,
+) -> Result<Admitted, super::Refusal> {
+    let policy = ctx.policy();
+    let decision = policy.decide(&Crossing::ServiceOpen { service, origin }, ctx.today());
+    if !decision.is_allowed() {
+        return Err(super::denied(ctx, (subject, service), decision));
+    }
+    let Some(svc) = policy
+        .config()
+        .edge()
+        .and_then(|e| e.services.iter().find(|s| s.name == service))
+        .cloned()
+    else {
+        return Err((
+            RefuseCode::NoRoute,
+            String::new(),
+            format!("no service {service:?}"),
+        ));
+    };
+    if svc.protocol != wanted {
+        let reason = format!("service {service:?} is {:?}, not {wanted:?}", svc.protocol);
+        ctx.refuse("relay.refuse", subject, service, "", &reason);
+        return Err((RefuseCode::Protocol, String::new(), reason));
+    }
+    let max = svc
+        .max_connections
+        .map_or(gateway_core::config::DEFAULT_MAX_CONNECTIONS, |m| m.get());
+    if ctx.metrics.active(service) >= i64::from(max) {
+        let reason = format!("service {service:?} is at its max_connections ({max})");
+        ctx.refuse("relay.refuse", subject, service, "max-connections", &reason);
+        return Err((RefuseCode::Limit, String::new(), reason));
+    }
+    Ok(Admitted { decision, svc })
+}
+
+/// A hub (`hub`, named for logs) asks to open a UDP flow to one of this
+/// edge's services, on its flow signalling stream.
+pub async fn serve_flow(
     ctx: Arc<Ctx>,
     flows: Arc<Flows>,
     hub: &str,
     conn: quinn::Connection,
+    request: FlowRequest,
+    signal: FlowSignal,
+) {
+    let FlowRequest {
+        service,
+        origin,
+        client,
+        flow,
+    } = request;
+    let Some((porigin, subject)) = asker(&origin, client, hub) else {
+        let message = "a hub cannot open a local origin".to_owned();
+        return signal.refuse(RefuseCode::Protocol, "", message);
+    };
+    match admit(&ctx, (&service, &subject), porigin, Protocol::Udp) {
+        Ok(Admitted { svc, .. }) => {
+            let (target, idle) = (svc.target, svc.idle_timeout);
+            edge_flow(
+                ctx,
+                flows,
+                (conn, flow, signal),
+                (service, subject),
+                target,
+                idle,
+            )
+            .await;
+        }
+        Err((code, rule, message)) => signal.refuse(code, &rule, message),
+    }
+}
+
+/// A hub (`hub`, named for logs) asks to open a TCP relay to one of this
+/// edge's services.
+pub async fn serve(
+    ctx: Arc<Ctx>,
+    hub: &str,
     open: OpenRequest,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
@@ -53,112 +154,20 @@ pub async fn serve(
         service,
         origin,
         client,
-        udp_flow,
     } = open;
-    let refuse = |code, rule: &str, message: String| Frame::Refuse {
-        code,
-        rule: rule.to_owned(),
-        message,
-    };
-    let (porigin, subject) = match &origin {
-        Origin::Provincial => (
-            PolicyOrigin::Provincial {
-                client: client.ip(),
-            },
-            format!("{client} via {hub}"),
-        ),
-        Origin::Device(d) => (PolicyOrigin::Device(d), format!("{d}:{client} via {hub}")),
-        Origin::Local => {
-            let _ = write_frame(
-                &mut send,
-                &refuse(
-                    RefuseCode::Protocol,
-                    "",
-                    "a hub cannot open a local origin".into(),
-                ),
-            )
-            .await;
-            return;
-        }
+    let Some((porigin, subject)) = asker(&origin, client, hub) else {
+        let message = "a hub cannot open a local origin".to_owned();
+        return refuse(&mut send, RefuseCode::Protocol, "", message).await;
     };
     let span = info_span!("relay", %service, peer = %subject);
     async move {
-        let policy = ctx.policy();
-        let decision = policy.decide(
-            &Crossing::ServiceOpen {
-                service: &service,
-                origin: porigin,
-            },
-            ctx.today(),
-        );
-        if !decision.is_allowed() {
-            ctx.refuse(
-                "relay.refuse",
-                &subject,
-                &service,
-                decision.rule.as_str(),
-                &decision.reason,
-            );
-            let _ = write_frame(
-                &mut send,
-                &refuse(RefuseCode::Policy, decision.rule.as_str(), decision.reason),
-            )
-            .await;
-            let _ = send.finish();
-            return;
-        }
-        let Some(svc) = policy
-            .config()
-            .edge()
-            .and_then(|e| e.services.iter().find(|s| s.name == service))
-            .cloned()
-        else {
-            return;
-        };
-        let wanted = if udp_flow.is_some() {
-            Protocol::Udp
-        } else {
-            Protocol::Tcp
-        };
-        if svc.protocol != wanted {
-            let reason = format!("service {service:?} is {:?}, not {wanted:?}", svc.protocol);
-            ctx.refuse("relay.refuse", &subject, &service, "", &reason);
-            let _ = write_frame(&mut send, &refuse(RefuseCode::Protocol, "", reason)).await;
-            let _ = send.finish();
-            return;
-        }
-        let max = svc
-            .max_connections
-            .map_or(gateway_core::config::DEFAULT_MAX_CONNECTIONS, |m| m.get());
-        if ctx.metrics.active(&service) >= i64::from(max) {
-            let reason = format!("service {service:?} is at its max_connections ({max})");
-            ctx.refuse(
-                "relay.refuse",
-                &subject,
-                &service,
-                "max-connections",
-                &reason,
-            );
-            let _ = write_frame(&mut send, &refuse(RefuseCode::Limit, "", reason)).await;
-            let _ = send.finish();
-            return;
-        }
-        if let Some(flow) = udp_flow {
-            edge_flow(
-                ctx.clone(),
-                flows,
-                conn,
-                flow,
-                service.clone(),
-                subject,
-                svc.target,
-                svc.idle_timeout,
-                send,
-                recv,
-            )
-            .await;
-            return;
-        }
+        let Admitted { decision, svc } =
+            match admit(&ctx, (&service, &subject), porigin, Protocol::Tcp) {
+                Ok(a) => a,
+                Err((code, rule, message)) => {
+                    return refuse(&mut send, code, &rule, message).await;
+                }
+            };
         let connected =
             match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(svc.target)).await {
                 Ok(Ok(t)) => Ok(t),
@@ -177,9 +186,7 @@ pub async fn serve(
                     "",
                     reason.clone(),
                 );
-                let _ = write_frame(&mut send, &refuse(RefuseCode::Unreachable, "", reason)).await;
-                let _ = send.finish();
-                return;
+                return refuse(&mut send, RefuseCode::Unreachable, "", reason).await;
             }
         };
         let _ = target.set_nodelay(true);

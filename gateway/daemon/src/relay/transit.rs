@@ -16,43 +16,38 @@ use crate::tunnel::devices::Devices;
 use crate::tunnel::frame::{read_frame, refuse, write_frame};
 
 /// The transit policy for edge `from` asking for `service` (`DEVICE/SERVICE`):
-/// the decision when allowed, else `None` after refusing on `send` (audited).
-pub async fn allow_transit(
+/// the decision when allowed, else the refusal (audited).
+pub fn decide_transit(
+    ctx: &Ctx,
+    from: &str,
+    service: &str,
+    subject: &str,
+) -> Result<gateway_core::policy::Decision, super::Refusal> {
+    let Some((device, _)) = service.split_once('/') else {
+        return Err((
+            RefuseCode::NoRoute,
+            String::new(),
+            format!("{service:?} is not DEVICE/SERVICE"),
+        ));
+    };
+    let decision = ctx
+        .policy()
+        .decide(&Crossing::Transit { from, to: device }, ctx.today());
+    if decision.is_allowed() {
+        return Ok(decision);
+    }
+    Err(super::denied(ctx, (subject, service), decision))
+}
+
+/// [`decide_transit`], refusing on `send` when it refuses.
+async fn allow_transit(
     ctx: &Ctx,
     from: &str,
     service: &str,
     subject: &str,
     send: &mut quinn::SendStream,
 ) -> Option<gateway_core::policy::Decision> {
-    let refusal = match service.split_once('/') {
-        None => Err((
-            RefuseCode::NoRoute,
-            String::new(),
-            format!("{service:?} is not DEVICE/SERVICE"),
-        )),
-        Some((device, _)) => {
-            let decision = ctx
-                .policy()
-                .decide(&Crossing::Transit { from, to: device }, ctx.today());
-            if decision.is_allowed() {
-                Ok(decision)
-            } else {
-                ctx.refuse(
-                    "relay.refuse",
-                    subject,
-                    service,
-                    decision.rule.as_str(),
-                    &decision.reason,
-                );
-                Err((
-                    RefuseCode::Policy,
-                    decision.rule.as_str().to_owned(),
-                    decision.reason,
-                ))
-            }
-        }
-    };
-    match refusal {
+    match decide_transit(ctx, from, service, subject) {
         Ok(d) => Some(d),
         Err((code, rule, message)) => {
             refuse(send, code, &rule, message).await;
@@ -66,7 +61,7 @@ pub async fn allow_transit(
 /// tunnel, the stream and the answer. `None` when
 /// the device is not there, after refusing on the source's `send` (audited as
 /// `subject` asking for `service`).
-pub async fn ask_device(
+async fn ask_device(
     ctx: &Ctx,
     devices: &Devices,
     device: &str,
@@ -112,7 +107,7 @@ pub async fn ask_device(
 
 /// Transit, last step: passes the device's answer to the source; a refusal is
 /// audited and ends the source's stream. Whether the relay is open.
-pub async fn answer_source(
+async fn answer_source(
     ctx: &Ctx,
     answer: &Frame,
     (subject, service): (&str, &str),

@@ -233,25 +233,30 @@ impl tunnel::dial::Handler for Wiring {
                 service,
                 origin,
                 client,
-                udp_flow: None,
             },
-            Frame::OpenUdp {
-                service,
-                origin,
-                client,
-                flow,
-            } => OpenRequest {
-                service,
-                origin,
-                client,
-                udp_flow: Some(flow),
-            },
+            Frame::UdpFlows => {
+                let (flows, hub, at) = (self.flows.clone(), hub.to_owned(), conn.clone());
+                // The stream lives as long as the connection; it holds up no drain
+                // (its flows are tracked and cut).
+                tokio::spawn(relay::udp::link::serve(
+                    send,
+                    recv,
+                    move |request, signal| {
+                        let (ctx, flows, hub, conn) =
+                            (ctx.clone(), flows.clone(), hub.clone(), at.clone());
+                        ctx.tracker.clone().spawn(async move {
+                            relay::service::serve_flow(ctx, flows, &hub, conn, request, signal)
+                                .await;
+                        });
+                    },
+                ));
+                return;
+            }
             other => {
                 refuse_unexpected(&mut send, &other).await;
                 return;
             }
         };
-        let flows = self.flows.clone();
-        relay::service::serve(ctx, flows, hub, conn, open, send, recv).await;
+        relay::service::serve(ctx, hub, open, send, recv).await;
     }
 }

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use gateway_core::config;
-use gateway_core::wire::{Frame, Origin};
+use gateway_core::wire::{Frame, Origin, RefuseCode};
 use gateway_store::sqlite::{Blocking, SqliteRegistry, SqliteSink, registry};
 use tracing::info;
 
@@ -211,30 +211,35 @@ impl tunnel::accept::Handler for Wiring {
                 origin: Origin::Local,
                 client,
             } => relay::transit::transit(ctx, devices, from, service, client, send, recv).await,
-            Frame::OpenUdp {
-                service,
-                origin: Origin::Local,
-                client,
-                flow,
-            } => {
-                let subject = format!("{from}:{client}");
-                let allowed =
-                    relay::transit::allow_transit(&ctx, &from, &service, &subject, &mut send).await;
-                if let Some(decision) = allowed {
-                    let rule = decision.rule.as_str().to_owned();
-                    relay::udp::transit::transit(
-                        ctx,
-                        devices,
-                        self.flows.clone(),
-                        from,
-                        (service, client, flow),
-                        conn,
-                        rule,
-                        send,
-                        recv,
-                    )
-                    .await;
-                }
+            Frame::UdpFlows => {
+                let flows = self.flows.clone();
+                // The stream lives as long as the connection; it holds up no drain
+                // (its flows are tracked and cut).
+                tokio::spawn(relay::udp::link::serve(
+                    send,
+                    recv,
+                    move |request, signal| {
+                        let relay::udp::link::FlowRequest {
+                            service,
+                            origin,
+                            client,
+                            flow,
+                        } = request;
+                        if origin != Origin::Local {
+                            let message = "an edge opens UDP flows only for its own access".into();
+                            return signal.refuse(RefuseCode::Protocol, "", message);
+                        }
+                        let args = (ctx.clone(), devices.clone(), flows.clone());
+                        let (from, conn) = (from.clone(), conn.clone());
+                        ctx.tracker.clone().spawn(relay::udp::transit::transit(
+                            args,
+                            from,
+                            (service, client, flow),
+                            conn,
+                            signal,
+                        ));
+                    },
+                ));
             }
             Frame::SyncOpen {
                 channel,

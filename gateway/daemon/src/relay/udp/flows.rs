@@ -1,7 +1,7 @@
 //! The flow table: every UDP flow of this node by (connection, flow id), where
-//! its datagrams from the tunnel go; and the edge's side of a flow, which owns
-//! its expiry: a socket connected to the target, closed after `idle_timeout`
-//! without a datagram either way.
+//! its datagrams from the tunnel go; flow ids; and the edge's side of a flow,
+//! which owns its expiry: a socket connected to the target, closed after
+//! `idle_timeout` without a datagram either way.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -10,13 +10,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use gateway_core::wire::{Frame, decode_datagram, encode_datagram};
+use gateway_core::wire::{RefuseCode, decode_datagram, encode_datagram};
 use tokio::net::UdpSocket;
 use tracing::debug;
 
+use super::link::FlowSignal;
 use crate::node::Ctx;
 use crate::node::clock::now_ms;
-use crate::tunnel::frame::write_frame;
 
 /// Where a flow's datagrams from the tunnel go.
 #[derive(Clone)]
@@ -49,10 +49,13 @@ pub struct Flow {
     pub from_tunnel: Arc<AtomicU64>,
 }
 
-/// Flows by (connection, flow id).
+/// Flows by (connection, flow id), and the streams that signal the flows this
+/// node opens.
 #[derive(Default)]
 pub struct Flows {
     by_id: Mutex<HashMap<(usize, u32), Flow>>,
+    /// Where this node opens flows, one signalling stream per connection.
+    pub openers: super::link::Openers,
 }
 
 impl Flows {
@@ -65,9 +68,11 @@ impl Flows {
     pub fn insert(&self, conn: usize, flow: u32, f: Flow) {
         self.lock().insert((conn, flow), f);
     }
-    /// Forgets a flow.
+    /// Forgets a flow (and the table's room once a flood has passed).
     pub fn remove(&self, conn: usize, flow: u32) {
-        self.lock().remove(&(conn, flow));
+        let mut m = self.lock();
+        m.remove(&(conn, flow));
+        shrink(&mut m);
     }
 }
 
@@ -122,27 +127,43 @@ pub(super) fn send_dgram(conn: &quinn::Connection, flow: u32, payload: &[u8], dr
     }
 }
 
+/// Gives back a table's room once most of it is empty.
+pub(super) fn shrink<K: std::hash::Hash + Eq, V>(m: &mut HashMap<K, V>) {
+    if m.capacity() > 4 * m.len() + 64 {
+        m.shrink_to_fit();
+    }
+}
+
 static NEXT_FLOW: AtomicU32 = AtomicU32::new(1);
 
-/// A fresh flow id (unique in this process).
-pub(super) fn next_flow() -> u32 {
-    NEXT_FLOW.fetch_add(1, Ordering::Relaxed)
+/// Who opens a flow: both ends of a connection open flows, and a datagram
+/// names its flow by id alone, so the two never choose the same id.
+#[derive(Clone, Copy)]
+pub enum Opener {
+    /// An edge (ids below 2^31).
+    Edge,
+    /// A hub (ids with the top bit set).
+    Hub,
+}
+
+/// A fresh flow id (unique in this process, and in its opener's half).
+pub(super) fn next_flow(by: Opener) -> u32 {
+    let n = NEXT_FLOW.fetch_add(1, Ordering::Relaxed) & 0x7fff_ffff;
+    match by {
+        Opener::Edge => n,
+        Opener::Hub => n | 0x8000_0000,
+    }
 }
 
 /// Edge side of a flow, after the policy allowed it: a socket connected to the
 /// target, datagrams both ways, expiry after `idle`.
-#[allow(clippy::too_many_arguments)]
 pub async fn edge_flow(
     ctx: Arc<Ctx>,
     flows: Arc<Flows>,
-    conn: quinn::Connection,
-    flow: u32,
-    service: String,
-    subject: String,
+    (conn, flow, signal): (quinn::Connection, u32, FlowSignal),
+    (service, subject): (String, String),
     target: SocketAddr,
     idle: Duration,
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
 ) {
     let bind: SocketAddr = if target.is_ipv4() {
         ([0, 0, 0, 0], 0).into()
@@ -153,15 +174,7 @@ pub async fn edge_flow(
         Ok(s) if s.connect(target).await.is_ok() => Arc::new(s),
         _ => {
             let reason = format!("cannot reach {target}");
-            let _ = write_frame(
-                &mut send,
-                &Frame::Refuse {
-                    code: gateway_core::wire::RefuseCode::Unreachable,
-                    rule: String::new(),
-                    message: reason.clone(),
-                },
-            )
-            .await;
+            signal.refuse(RefuseCode::Unreachable, "", reason.clone());
             ctx.audit
                 .record(&subject, &service, "relay.error", "error", "", reason);
             return;
@@ -185,10 +198,7 @@ pub async fn edge_flow(
             from_tunnel: from_tunnel.clone(),
         },
     );
-    if write_frame(&mut send, &Frame::Opened).await.is_err() {
-        flows.remove(conn.stable_id(), flow);
-        return;
-    }
+    signal.opened();
     let started = ctx.relay_opened(
         &subject,
         &service,
@@ -197,7 +207,6 @@ pub async fn edge_flow(
     );
     let stop = ctx.service_token(&service);
     let mut tick = tokio::time::interval((idle / 4).max(Duration::from_millis(50)));
-    let mut end = [0u8; 1];
     let how = loop {
         tokio::select! {
             r = socket.readable() => if r.is_ok() {
@@ -209,12 +218,12 @@ pub async fn edge_flow(
                     break "idle";
                 }
             }
-            _ = recv.read(&mut end) => break "closed",
+            () = signal.ended() => break "closed",
             () = stop.cancelled() => break "cut",
         }
     };
     flows.remove(conn.stable_id(), flow);
-    let _ = send.finish();
+    drop(signal);
     let bytes = (from_tunnel.as_ref(), &down);
     flow_closed(
         &ctx,

@@ -18,11 +18,10 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::flows::{Flow, Flows, Target, flow_closed, next_flow, send_dgram};
+use super::flows::{Flow, Flows, Opener, Target, flow_closed, next_flow, send_dgram};
 use crate::node::Ctx;
 use crate::node::clock::now_ms;
 use crate::tunnel::devices::Devices;
-use crate::tunnel::frame::{read_frame, write_frame};
 use crate::tunnel::hubs::Hubs;
 
 /// A UDP front: what it serves and where its flows go.
@@ -121,6 +120,13 @@ impl Front {
             origin,
             client,
             flow,
+        }
+    }
+
+    fn opener(&self) -> Opener {
+        match self.route {
+            Route::Publish { .. } => Opener::Hub,
+            Route::Access { .. } => Opener::Edge,
         }
     }
 
@@ -333,28 +339,24 @@ async fn client_flow(
             return;
         }
     };
-    let flow = next_flow();
-    let Ok((mut send, mut recv)) = conn.open_bi().await else {
-        return;
-    };
-    if write_frame(&mut send, &front.open(client, flow))
+    let flow = next_flow(front.opener());
+    let signal = match front
+        .flows
+        .openers
+        .open(&conn, front.open(client, flow), flow)
         .await
-        .is_err()
     {
-        return;
-    }
-    match read_frame(&mut recv).await {
-        Ok(Frame::Opened) => {}
-        Ok(Frame::Refuse { rule, message, .. }) => {
+        Ok(s) => s,
+        Err(Frame::Refuse { rule, message, .. }) => {
             ctx.refuse("relay.refuse", &subject, &object, &rule, &message);
             refused.hold(client);
             return;
         }
-        other => {
+        Err(other) => {
             warn!(?other, "No answer to a UDP flow");
             return;
         }
-    }
+    };
     let (last, from_tunnel, up, dropped) = (
         Arc::new(AtomicI64::new(now_ms())),
         Arc::new(AtomicU64::new(0)),
@@ -387,7 +389,6 @@ async fn client_flow(
         }
     };
     tokio::pin!(zone_ended);
-    let mut end = [0u8; 1];
     let how = loop {
         tokio::select! {
             p = rx.recv() => match p {
@@ -398,14 +399,14 @@ async fn client_flow(
                 }
                 None => break "closed",
             },
-            // The far side ends the stream when the flow expires.
-            _ = recv.read(&mut end) => break "expired",
+            // The far side ends the flow when it expires.
+            () = signal.ended() => break "expired",
             () = &mut zone_ended => break "cut",
             () = ctx.kill.cancelled() => break "cut",
         }
     };
     front.flows.remove(conn.stable_id(), flow);
-    let _ = send.finish();
+    drop(signal);
     let bytes = (&up, from_tunnel.as_ref());
     flow_closed(
         &ctx,

@@ -5,46 +5,58 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64};
 
-use gateway_core::wire::{Frame, Origin};
+use gateway_core::wire::{Frame, Origin, RefuseCode};
 
-use super::flows::{Flow, Flows, Target, flow_closed, next_flow};
+use super::flows::{Flow, Flows, Opener, Target, flow_closed, next_flow};
+use super::link::FlowSignal;
 use crate::node::Ctx;
 use crate::node::clock::now_ms;
-use crate::relay::transit::{answer_source, ask_device};
+use crate::relay::transit::decide_transit;
 use crate::tunnel::devices::Devices;
 
 /// A hub joins edge `from`'s UDP flow `flow_from` (opened on `conn_from` for
-/// `DEVICE/SERVICE`) to a new flow on that device's tunnel, after the transit
-/// policy allowed it; datagrams pass from one tunnel to the other without
-/// touching a socket, and either side ending its stream ends both.
-#[allow(clippy::too_many_arguments)]
+/// `DEVICE/SERVICE`) to a new flow on that device's tunnel, if the transit
+/// policy allows it; datagrams pass from one tunnel to the other without
+/// touching a socket, and either side ending its flow ends both.
 pub async fn transit(
-    ctx: Arc<Ctx>,
-    devices: Arc<Devices>,
-    flows: Arc<Flows>,
+    (ctx, devices, flows): (Arc<Ctx>, Arc<Devices>, Arc<Flows>),
     from: String,
     (service, client, flow_from): (String, SocketAddr, u32),
     conn_from: quinn::Connection,
-    rule: String,
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
+    signal: FlowSignal,
 ) {
     let subject = format!("{from}:{client}");
+    let who = (subject.as_str(), service.as_str());
+    let decision = match decide_transit(&ctx, &from, &service, &subject) {
+        Ok(d) => d,
+        Err((code, rule, message)) => return signal.refuse(code, &rule, message),
+    };
     let Some((device, svc)) = service.split_once('/') else {
         return;
     };
-    let flow_to = next_flow();
+    let Some(conn_to) = devices.get(device) else {
+        let message = format!("device {device} is not connected to hub {}", ctx.id);
+        ctx.refuse("relay.refuse", who.0, who.1, "no-route", &message);
+        return signal.refuse(RefuseCode::NoRoute, "", message);
+    };
+    let flow_to = next_flow(Opener::Hub);
     let open = Frame::OpenUdp {
         service: svc.to_owned(),
         origin: Origin::Device(from.clone()),
         client,
         flow: flow_to,
     };
-    let who = (subject.as_str(), service.as_str());
-    let Some((conn_to, mut tsend, mut trecv, answer)) =
-        ask_device(&ctx, &devices, device, &open, who, &mut send).await
-    else {
-        return;
+    let far = match flows.openers.open(&conn_to, open, flow_to).await {
+        Ok(f) => f,
+        Err(Frame::Refuse {
+            code,
+            rule,
+            message,
+        }) => {
+            ctx.refuse("relay.refuse", who.0, who.1, &rule, &message);
+            return signal.refuse(code, &rule, message);
+        }
+        Err(_) => return,
     };
     // Both ends' flows exist before the source hears it may send.
     let (last, dropped) = (
@@ -56,42 +68,36 @@ pub async fn transit(
         (&conn_from, flow_from, &conn_to, flow_to, &forward),
         (&conn_to, flow_to, &conn_from, flow_from, &backward),
     ];
-    if matches!(answer, Frame::Opened) {
-        for (at, flow, to, to_flow, count) in joined {
-            flows.insert(
-                at.stable_id(),
-                flow,
-                Flow {
-                    to: Target::Tunnel {
-                        conn: to.clone(),
-                        flow: to_flow,
-                        dropped: dropped.clone(),
-                    },
-                    last: last.clone(),
-                    from_tunnel: count.clone(),
+    for (at, flow, to, to_flow, count) in joined {
+        flows.insert(
+            at.stable_id(),
+            flow,
+            Flow {
+                to: Target::Tunnel {
+                    conn: to.clone(),
+                    flow: to_flow,
+                    dropped: dropped.clone(),
                 },
-            );
-        }
+                last: last.clone(),
+                from_tunnel: count.clone(),
+            },
+        );
     }
-    if !answer_source(&ctx, &answer, who, &mut send).await {
-        return;
-    }
+    signal.opened();
     let started = ctx.relay_opened(
         &subject,
         &service,
-        &rule,
+        decision.rule.as_str(),
         format!("udp flow {flow_from} -> {device} flow {flow_to}"),
     );
-    let (mut end, mut tend) = ([0u8; 1], [0u8; 1]);
     let how = tokio::select! {
-        _ = recv.read(&mut end) => "closed",
-        _ = trecv.read(&mut tend) => "expired",
+        () = signal.ended() => "closed",
+        () = far.ended() => "expired",
         () = ctx.kill.cancelled() => "cut",
     };
     flows.remove(conn_from.stable_id(), flow_from);
     flows.remove(conn_to.stable_id(), flow_to);
-    let _ = send.finish();
-    let _ = tsend.finish();
+    drop((signal, far));
     let bytes = (forward.as_ref(), backward.as_ref());
     flow_closed(
         &ctx,
