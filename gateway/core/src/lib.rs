@@ -15,6 +15,8 @@
 //!   config sections are policy, renewal timing, the audit export check.
 //! - [`producers`]: producers' tokens for an ingest with `auth = "token"`.
 //! - [`summary`]: what a checked configuration will bridge, for `gatewayd check`.
+//! - [`detect`]: intrusion detection: per-source leaky buckets into
+//!   detections, bans with escalation, alarms de-duplicated.
 //! - [`refusals`]: refusals of unauthenticated peers summarised for the audit,
 //!   and peer-supplied strings made safe to record.
 //!
@@ -26,6 +28,7 @@ pub mod backoff;
 pub mod check;
 pub mod config;
 pub mod content;
+pub mod detect;
 pub mod diag;
 pub mod expiry;
 pub mod firewall;
