@@ -683,41 +683,27 @@ async fn token_auth_names_each_producer() {
         .output()
         .expect("gatewayd producer remove");
     assert!(out.status.success(), "{out:?}");
-    poll(
-        "hr-app's token refused",
-        std::time::Duration::from_secs(5),
-        || {
-            let h = bearer(token("hr-app"));
+    // The tokens file is re-read when it changes: wait for `producer` to
+    // get `status`.
+    let answered = |what: &'static str, producer: &'static str, status: u16| {
+        let h = bearer(token(producer));
+        poll(what, std::time::Duration::from_secs(5), move || {
+            let h = h.clone();
             async move {
                 let (s, b) = http_post_with(at, path, Some("application/json"), &h, b"{}").await;
-                if s == 401 {
+                if s == status {
                     Ok(())
                 } else {
                     Err(format!("{s} {b}"))
                 }
             }
-        },
-    )
-    .await;
+        })
+    };
+    answered("hr-app's token refused", "hr-app", 401).await;
     // A tokens file others may write: every producer refused, 503.
     std::fs::set_permissions(&tokens, std::os::unix::fs::PermissionsExt::from_mode(0o666))
         .expect("chmod");
-    poll(
-        "the unsafe file refused",
-        std::time::Duration::from_secs(5),
-        || {
-            let h = bearer(token("pension-app"));
-            async move {
-                let (s, b) = http_post_with(at, path, Some("application/json"), &h, b"{}").await;
-                if s == 503 {
-                    Ok(())
-                } else {
-                    Err(format!("{s} {b}"))
-                }
-            }
-        },
-    )
-    .await;
+    answered("the unsafe file refused", "pension-app", 503).await;
     wait_for("the audit", std::time::Duration::from_secs(5), || {
         let audit = audit_lines(edge.state.path());
         audit.iter().any(|l| {

@@ -17,6 +17,7 @@
 //! - [`summary`]: what a checked configuration will bridge, for `gatewayd check`.
 //! - [`detect`]: intrusion detection: per-source leaky buckets into
 //!   detections, bans with escalation, alarms de-duplicated.
+//! - [`table`]: capped tables keyed by what peers send.
 //! - [`refusals`]: refusals of unauthenticated peers summarised for the audit,
 //!   and peer-supplied strings made safe to record.
 //!
@@ -40,6 +41,7 @@ pub mod refusals;
 pub mod rule;
 pub mod sniff;
 pub mod summary;
+pub mod table;
 pub mod units;
 pub mod urlpath;
 pub mod wire;

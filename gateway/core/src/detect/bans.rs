@@ -8,7 +8,7 @@ use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 
 /// Sources banned (or remembered for escalation) at once. When full, entries
-/// whose ban ended go first, then the ban that ends soonest.
+/// whose ban ended go first, then the eighth of the bans that end soonest.
 pub const MAX_BANS: usize = 65_536;
 
 /// How bans grow for a source that keeps coming back.
@@ -141,9 +141,7 @@ impl Bans {
         self.by_source.retain(|_, e| {
             e.until_ms > now_ms || e.history.back().is_some_and(|t| now_ms - t < window)
         });
-        if self.by_source.capacity() > 4 * self.by_source.len() + 64 {
-            self.by_source.shrink_to_fit();
-        }
+        crate::table::shrink(&mut self.by_source);
     }
 
     /// Sources in the table.
@@ -159,14 +157,7 @@ impl Bans {
     fn make_room(&mut self, now_ms: i64) {
         self.by_source.retain(|_, e| e.until_ms > now_ms);
         if self.by_source.len() >= MAX_BANS {
-            let first = self
-                .by_source
-                .iter()
-                .min_by_key(|(_, e)| e.until_ms)
-                .map(|(s, _)| *s);
-            if let Some(s) = first {
-                self.by_source.remove(&s);
-            }
+            crate::table::evict_oldest(&mut self.by_source, |e| e.until_ms);
         }
     }
 }
@@ -213,14 +204,24 @@ mod tests {
     }
 
     #[test]
-    fn a_full_table_gives_up_the_ban_that_ends_first() {
+    fn a_full_table_gives_up_the_eighth_of_bans_that_end_first() {
         let mut b = Bans::new(Escalation::default());
+        let addr = |i: u32| IpAddr::from((i + 1).to_be_bytes());
         for i in 0..MAX_BANS as u32 {
-            b.ban(IpAddr::from((i + 1).to_be_bytes()), 0, H + i64::from(i));
+            b.ban(addr(i), 0, H + i64::from(i));
         }
         b.ban(ip(200), 0, 2 * H);
-        assert_eq!(b.len(), MAX_BANS);
-        assert_eq!(b.banned_until(IpAddr::from(1u32.to_be_bytes()), 0), None);
+        let eighth = MAX_BANS / 8;
+        assert_eq!(b.len(), MAX_BANS - eighth + 1);
+        let kept = |i: u32| b.banned_until(addr(i), 0).is_some();
+        assert!(
+            (0..eighth as u32).all(|i| !kept(i)),
+            "the soonest ending went"
+        );
+        assert!(
+            (eighth as u32..MAX_BANS as u32).all(kept),
+            "the others stay"
+        );
         assert!(b.banned_until(ip(200), 0).is_some());
     }
 

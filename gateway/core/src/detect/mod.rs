@@ -18,6 +18,7 @@ pub mod bucket;
 use std::collections::HashMap;
 use std::net::IpAddr;
 
+use crate::table::{evict_oldest, shrink};
 use bucket::{Distinct, Leaky, Shape};
 
 /// Which side an event came from.
@@ -423,12 +424,8 @@ impl Detector {
         });
         self.flows
             .retain(|_, (b, _)| !b.is_empty_at(l.datagrams, now_ms));
-        if self.sources.capacity() > 4 * self.sources.len() + 64 {
-            self.sources.shrink_to_fit();
-        }
-        if self.flows.capacity() > 4 * self.flows.len() + 64 {
-            self.flows.shrink_to_fit();
-        }
+        shrink(&mut self.sources);
+        shrink(&mut self.flows);
     }
 
     /// Sources with buckets.
@@ -439,14 +436,7 @@ impl Detector {
     fn make_room(&mut self, now_ms: i64) {
         self.forget_idle(now_ms);
         if self.sources.len() >= MAX_SOURCES {
-            let oldest = self
-                .sources
-                .iter()
-                .min_by_key(|(_, b)| b.last_ms)
-                .map(|(s, _)| *s);
-            if let Some(s) = oldest {
-                self.sources.remove(&s);
-            }
+            evict_oldest(&mut self.sources, |b| b.last_ms);
         }
     }
 
@@ -454,14 +444,7 @@ impl Detector {
         let l = self.limits.datagrams;
         self.flows.retain(|_, (b, _)| !b.is_empty_at(l, now_ms));
         if self.flows.len() >= MAX_FLOWS {
-            let oldest = self
-                .flows
-                .iter()
-                .min_by_key(|(_, (_, t))| *t)
-                .map(|(k, _)| *k);
-            if let Some(k) = oldest {
-                self.flows.remove(&k);
-            }
+            evict_oldest(&mut self.flows, |(_, t)| *t);
         }
     }
 }
@@ -469,9 +452,14 @@ impl Detector {
 /// How long after an alarm the same (source, attack) is only counted.
 pub const ALARM_WINDOW_MS: i64 = 60_000;
 
+/// The source of an alarm that stands for every source past the table's cap
+/// (`::`, never a peer's address).
+pub const OVERFLOW: IpAddr = IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED);
+
 /// Alarms de-duplicated: the first of each (source, attack) in a window is
 /// raised at once, the rest counted and raised as one when the window ends
-/// ([`Alarms::poll_due`]). Capped like the detectors.
+/// ([`Alarms::poll_due`]). Capped like the detectors: past the cap, new
+/// sources are counted under [`OVERFLOW`].
 #[derive(Debug, Default)]
 pub struct Alarms {
     open: HashMap<(IpAddr, Attack), (i64, u32, Option<Detection>)>,
@@ -490,12 +478,15 @@ impl Alarms {
                 None
             }
             _ => {
-                if self.open.len() >= MAX_SOURCES {
-                    // Full: what is over is dropped; raise this one anyway.
+                if !self.open.contains_key(&key) && self.open.len() >= MAX_SOURCES {
                     self.open
                         .retain(|_, (since, _, _)| now - *since < ALARM_WINDOW_MS);
-                    if self.open.len() >= MAX_SOURCES {
-                        return Some(d);
+                    if self.open.len() >= MAX_SOURCES && key.0 != OVERFLOW {
+                        // Every slot busy: the sources past the cap share one
+                        // per attack, so many addresses cannot flood the alarms.
+                        let mut d = d;
+                        d.event.source = OVERFLOW;
+                        return self.raise(d);
                     }
                 }
                 self.open.insert(key, (now, 0, None));

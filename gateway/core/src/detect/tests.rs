@@ -210,3 +210,35 @@ fn alarms_are_raised_once_per_source_and_attack_a_minute_with_a_count() {
         "a new window"
     );
 }
+
+#[test]
+fn past_the_cap_new_sources_share_one_alarm_per_attack() {
+    let mut alarms = Alarms::default();
+    let detection = |i: u32, at: i64| Detection {
+        attack: Attack::Scan,
+        event: event(
+            (0x0a00_0000 + i).to_be_bytes(),
+            at,
+            Signal::Refused { target: 1 },
+        ),
+        count: 15,
+        window_ms: 75_000,
+        ban_ms: None,
+    };
+    let raised = (0..MAX_SOURCES as u32)
+        .filter(|i| alarms.raise(detection(*i, 0)).is_some())
+        .count();
+    assert_eq!(raised, MAX_SOURCES);
+    let past: Vec<_> = (0..1_000u32)
+        .filter_map(|i| alarms.raise(detection(MAX_SOURCES as u32 + i, 10)))
+        .collect();
+    assert_eq!(past.len(), 1, "a thousand more sources: one alarm");
+    assert_eq!(past[0].event.source, OVERFLOW);
+    let due: Vec<_> = alarms
+        .poll_due(ALARM_WINDOW_MS + 10)
+        .into_iter()
+        .filter(|d| d.event.source == OVERFLOW)
+        .collect();
+    assert_eq!(due.len(), 1);
+    assert_eq!(due[0].count, 999, "the rest counted");
+}

@@ -281,36 +281,18 @@ impl Inspector {
                     Some(n) => n,
                     None => break,
                 },
-                State::Fixed(n) => {
-                    let take = usize::try_from(n).unwrap_or(usize::MAX).min(self.buf.len());
-                    if take == 0 && n > 0 {
-                        break;
-                    }
-                    let left = n - take as u64;
-                    self.state = if left == 0 {
-                        State::Head
-                    } else {
-                        State::Fixed(left)
-                    };
-                    take
-                }
+                State::Fixed(n) => match self.body(n, State::Head, State::Fixed) {
+                    Some(take) => take,
+                    None => break,
+                },
                 State::ChunkSize => match self.chunk_size()? {
                     Some(n) => n,
                     None => break,
                 },
-                State::ChunkData(n) => {
-                    let take = usize::try_from(n).unwrap_or(usize::MAX).min(self.buf.len());
-                    if take == 0 {
-                        break;
-                    }
-                    let left = n - take as u64;
-                    self.state = if left == 0 {
-                        State::ChunkEnd
-                    } else {
-                        State::ChunkData(left)
-                    };
-                    take
-                }
+                State::ChunkData(n) => match self.body(n, State::ChunkEnd, State::ChunkData) {
+                    Some(take) => take,
+                    None => break,
+                },
                 State::ChunkEnd => {
                     if self.buf.len() < 2 {
                         break;
@@ -363,6 +345,19 @@ impl Inspector {
             None if self.buf.len() > MAX_LINE => Err(self.violation(0, "a line longer than 1 KiB")),
             None => Ok(None),
         }
+    }
+
+    /// Passes up to `n` body bytes that are buffered: how many; the state
+    /// after is `then` once all `n` have passed, else `more` of the rest.
+    /// `None` while none are buffered.
+    fn body(&mut self, n: u64, then: State, more: fn(u64) -> State) -> Option<usize> {
+        let take = usize::try_from(n).unwrap_or(usize::MAX).min(self.buf.len());
+        if take == 0 && n > 0 {
+            return None;
+        }
+        let left = n - take as u64;
+        self.state = if left == 0 { then } else { more(left) };
+        Some(take)
     }
 
     fn chunk_size(&mut self) -> Result<Option<usize>, Violation> {

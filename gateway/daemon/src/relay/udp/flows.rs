@@ -72,7 +72,7 @@ impl Flows {
     pub fn remove(&self, conn: usize, flow: u32) {
         let mut m = self.lock();
         m.remove(&(conn, flow));
-        shrink(&mut m);
+        gateway_core::table::shrink(&mut m);
     }
 }
 
@@ -124,13 +124,6 @@ pub(super) fn send_dgram(conn: &quinn::Connection, flow: u32, payload: &[u8], dr
     {
         // Too large for the path, or the peer's buffer is full: UDP semantics.
         dropped.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-/// Gives back a table's room once most of it is empty.
-pub(super) fn shrink<K: std::hash::Hash + Eq, V>(m: &mut HashMap<K, V>) {
-    if m.capacity() > 4 * m.len() + 64 {
-        m.shrink_to_fit();
     }
 }
 

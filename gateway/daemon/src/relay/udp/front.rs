@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use gateway_core::config::{Access, Publish};
 use gateway_core::policy::Crossing;
+use gateway_core::table::{evict_oldest, shrink};
 use gateway_core::wire::{Frame, Origin};
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
@@ -257,12 +258,8 @@ fn forget_ended(
         }
         open
     });
-    if clients.capacity() > 4 * clients.len() + 64 {
-        clients.shrink_to_fit();
-    }
-    if per_ip.capacity() > 4 * per_ip.len() + 64 {
-        per_ip.shrink_to_fit();
-    }
+    shrink(clients);
+    shrink(per_ip);
 }
 
 /// How long a refused client's datagrams are dropped before it is decided again.
@@ -285,18 +282,19 @@ impl Refused {
     }
 
     /// Holds `client` off for [`REFUSED_HOLD`]. The table is capped at
-    /// [`MAX_HELD`]: when full, ended holds are forgotten, then the hold that
-    /// ends first (spoofed source addresses cannot grow it without bound).
+    /// [`MAX_HELD`]: when full, ended holds are forgotten, then the eighth of
+    /// holds that end first (spoofed source addresses cannot grow it without
+    /// bound, nor cost a pass over it each).
     fn hold(&self, client: SocketAddr) {
-        let now = Instant::now();
+        self.hold_at(client, Instant::now());
+    }
+
+    fn hold_at(&self, client: SocketAddr, now: Instant) {
         let mut m = self.lock();
         if m.len() >= MAX_HELD && !m.contains_key(&client) {
             m.retain(|_, until| *until > now);
             if m.len() >= MAX_HELD {
-                let first = m.iter().min_by_key(|(_, until)| **until).map(|(a, _)| *a);
-                if let Some(first) = first {
-                    m.remove(&first);
-                }
+                evict_oldest(&mut m, |until| *until);
             }
         }
         m.insert(client, now + REFUSED_HOLD);
@@ -307,9 +305,7 @@ impl Refused {
         let now = Instant::now();
         let mut m = self.lock();
         m.retain(|_, until| *until > now);
-        if m.capacity() > 4 * m.len() + 64 {
-            m.shrink_to_fit();
-        }
+        shrink(&mut m);
     }
 
     fn holds(&self, client: SocketAddr) -> bool {
@@ -423,20 +419,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_hold_off_table_is_capped_and_forgets_the_oldest_hold() {
+    fn the_hold_off_table_is_capped_and_forgets_the_oldest_holds() {
         let r = Refused::default();
         let addr = |i: usize| SocketAddr::from((std::net::Ipv6Addr::from(i as u128), 9));
+        let start = Instant::now();
         for i in 0..MAX_HELD + 10 {
-            r.hold(addr(i));
+            r.hold_at(addr(i), start + Duration::from_micros(i as u64));
         }
-        assert_eq!(r.lock().len(), MAX_HELD);
+        // Full at MAX_HELD: the eighth held longest went, then ten came.
+        let eighth = MAX_HELD / 8;
+        assert_eq!(r.lock().len(), MAX_HELD - eighth + 10);
         assert!(r.holds(addr(MAX_HELD + 9)), "the newest is held");
-        // The ten that went are the oldest holds.
-        let gone = (0..20).filter(|&i| !r.holds(addr(i))).count();
-        assert_eq!(gone, 10);
-        assert!(!r.holds(addr(0)));
+        assert!((0..eighth).all(|i| !r.holds(addr(i))), "the oldest went");
+        assert!((eighth..MAX_HELD + 10).all(|i| r.holds(addr(i))));
         // Holding one already held does not evict another.
-        r.hold(addr(MAX_HELD + 9));
-        assert_eq!(r.lock().len(), MAX_HELD);
+        r.hold_at(addr(MAX_HELD + 9), start + Duration::from_millis(100));
+        assert_eq!(r.lock().len(), MAX_HELD - eighth + 10);
     }
 }

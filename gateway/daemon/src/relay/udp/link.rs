@@ -76,7 +76,7 @@ impl Line {
         let slot = {
             let mut m = self.lock();
             let slot = m.remove(&flow);
-            super::flows::shrink(&mut m);
+            gateway_core::table::shrink(&mut m);
             slot
         };
         if let Some(slot) = slot {
@@ -181,7 +181,7 @@ impl Drop for FlowSignal {
         let mine = {
             let mut m = self.line.lock();
             let mine = m.remove(&self.flow).is_some();
-            super::flows::shrink(&mut m);
+            gateway_core::table::shrink(&mut m);
             mine
         };
         if mine && !self.quiet.load(Ordering::Relaxed) && !self.line.gone.is_cancelled() {
