@@ -56,7 +56,11 @@ impl Hub {
         let dir = tempfile::tempdir().expect("dir");
         let (quic, ops, publish) = (free_udp(), free_tcp("127.0.0.1"), free_tcp("127.0.0.1"));
         let api = free_tcp("127.0.0.1");
-        let spec = HubSpec::new(id, 2, &["edge-a/echo"]);
+        // Several tests flood the hub from loopback on purpose.
+        let spec = HubSpec {
+            extra: LOOPBACK_NEVER_BANNED,
+            ..HubSpec::new(id, 2, &["edge-a/echo"])
+        };
         let text = hub_toml(
             &pki,
             &spec,

@@ -95,6 +95,8 @@ pub struct HubSpec<'a> {
     pub sink: Option<PathBuf>,
     /// More `[hub]` settings, TOML lines.
     pub hub_extra: &'a str,
+    /// Appended to the config (top-level sections such as `[detect]`).
+    pub extra: &'a str,
 }
 
 impl<'a> HubSpec<'a> {
@@ -110,8 +112,22 @@ impl<'a> HubSpec<'a> {
             api: None,
             sink: None,
             hub_extra: "",
+            extra: "",
         }
     }
+}
+
+/// A `[detect]` section for tests that are not about detection
+/// (tests/e2e/detect.rs is) but act as an attacker would from loopback:
+/// alarmed about, never banned.
+pub const LOOPBACK_NEVER_BANNED: &str = "\n[detect]\nnever_ban = [\"127.0.0.0/8\"]\n";
+
+/// Waits for an edge's tunnel to be up.
+pub async fn ready(edge: &EdgeNode) {
+    wait_for("the edge's tunnel", Duration::from_secs(10), || {
+        edge.running.ready()
+    })
+    .await;
 }
 
 pub struct HubNode {
@@ -165,7 +181,7 @@ pub fn hub_toml(
             "\n[[publish]]\nservice = \"{svc}\"\nzone = \"extranet\"\nlisten = \"{addr}\"\nprotocol = \"{proto}\"\n"
         );
     }
-    s
+    s + spec.extra
 }
 
 pub fn load(text: &str) -> config::Config {

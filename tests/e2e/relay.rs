@@ -18,13 +18,6 @@ fn pattern(n: usize, seed: u8) -> Vec<u8> {
         .collect()
 }
 
-async fn ready(edge: &EdgeNode) {
-    wait_for("the edge's tunnel", Duration::from_secs(10), || {
-        edge.running.ready()
-    })
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_and_access_echo_reach_the_legacy_server() {
     let pki = Pki::new();

@@ -361,8 +361,10 @@ impl Secret {
 ///
 /// Where a connection goes is policy too: a service's `target` and `protocol`,
 /// an access's `listen`, the uplink's `hubs` (the system administrator alone
-/// could otherwise redirect a published service or the whole box).
-const POLICY_TABLES: &[&str] = &["zone"];
+/// could otherwise redirect a published service or the whole box). So is
+/// `[detect]`: turning detection off or exempting a source is a boundary
+/// decision.
+const POLICY_TABLES: &[&str] = &["zone", "detect"];
 const POLICY_KEYS: &[(&str, &[&str])] = &[
     (
         "service",

@@ -107,6 +107,21 @@ impl Date {
     }
 }
 
+/// `ms` (Unix milliseconds) as RFC 3339 with milliseconds in China Standard
+/// Time: `2026-12-01T17:50:01.123+08:00`.
+pub fn rfc3339_cst(ms: i64) -> String {
+    let local = ms.saturating_add(8 * 3_600_000);
+    let date = Date::from_unix_ms(local);
+    let of_day = local.rem_euclid(86_400_000);
+    format!(
+        "{date}T{:02}:{:02}:{:02}.{:03}+08:00",
+        of_day / 3_600_000,
+        of_day / 60_000 % 60,
+        of_day / 1_000 % 60,
+        of_day % 1_000
+    )
+}
+
 fn days_in_month(year: i32, month: u8) -> u8 {
     match month {
         1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,

@@ -8,7 +8,9 @@
 //!   wire the capabilities together) and [`cli`] (the commands).
 //! - capabilities: [`relay`] (TCP and UDP relays), [`channel`] (ingest,
 //!   buffer, sync, sink, delivery, the consumers' API), [`fleet`] (enrollment,
-//!   config, heartbeats, commands, audit collection, the operators' API).
+//!   config, heartbeats, commands, audit collection, the operators' API),
+//!   [`detect`] (intrusion alarms audited, bans kept on disk; the detectors
+//!   themselves are the node's guard, which every listener reports to).
 //! - [`tunnel`]: QUIC and TLS between edges and hubs, and stream framing.
 //! - node services: [`node`] (shared context, audit writer, clock, sockets,
 //!   bandwidth caps), [`admin`] (metrics, health, readiness), [`os`]
@@ -18,6 +20,7 @@
 pub mod admin;
 pub mod channel;
 pub mod cli;
+pub mod detect;
 pub mod fleet;
 pub mod node;
 pub mod os;

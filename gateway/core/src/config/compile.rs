@@ -21,7 +21,7 @@ use crate::diag::{Diagnostic, LineIndex, Location};
 use crate::units::{self, ByteSize, Cidr, Date, HostPort, ValueError};
 
 const SECTIONS: &str =
-    "node, zone, uplink, service, access, channel, ingest, audit, admin, hub, publish";
+    "node, zone, uplink, service, access, channel, ingest, audit, admin, detect, hub, publish";
 
 /// Compiles TOML text into a [`Config`] (when there is no error) and the
 /// diagnostics found. Boundary rules are not applied here; see [`super::load`].
@@ -54,6 +54,7 @@ struct RawDoc {
     ingests: Vec<(RawIngest, Range<usize>)>,
     audit: Option<(RawAudit, Range<usize>)>,
     admin: Option<RawAdmin>,
+    detect: Option<RawDetect>,
     hub: Option<(RawHub, Range<usize>)>,
     publishes: Vec<(RawPublish, Range<usize>)>,
     /// Sections present but malformed: their absence must not be reported again.
@@ -346,6 +347,7 @@ impl Compiler<'_> {
                 "audit" => raw.audit = self.one(value, "audit", &mut raw.broken),
                 "admin" => raw.admin = self.one(value, "admin", &mut raw.broken).map(|(t, _)| t),
                 "hub" => raw.hub = self.one(value, "hub", &mut raw.broken),
+                "detect" => raw.detect = self.one(value, "detect", &mut raw.broken).map(|(t, _)| t),
                 "zone" => {
                     raw.zones = self
                         .many(value, "zone")
@@ -482,6 +484,7 @@ impl Compiler<'_> {
         let mismatch_span = role_span.clone().unwrap_or(start.clone());
         let zones = self.zones(raw.zones);
         let audit = self.audit(raw.audit);
+        let detect = raw.detect.take().map(|d| self.detect(d));
         let admin = self.admin(raw.admin);
 
         let role = match role {
@@ -540,20 +543,7 @@ impl Compiler<'_> {
         self.unique_listeners(&admin, role.as_ref());
         self.unbound_zones(&zones, role.as_ref());
 
-        let positive = |c: &mut Self, v: Option<&Spanned<i64>>, key: &str, default: u32| match v {
-            None => Some(default),
-            Some(m) => {
-                let n = u32::try_from(*m.get_ref()).ok().filter(|n| *n > 0);
-                if n.is_none() {
-                    c.error(
-                        &m.span(),
-                        format!("{key}: {} is not a positive number", m.get_ref()),
-                        format!("write a whole number above zero, or remove the key for the default ({default})"),
-                    );
-                }
-                n
-            }
-        };
+        let positive = Self::positive;
         let max_http = positive(
             self,
             raw.node
@@ -586,6 +576,7 @@ impl Compiler<'_> {
             role: role?,
             audit,
             admin,
+            detect: detect.unwrap_or_else(|| Some(Detect::default()))?,
         })
     }
 
@@ -915,6 +906,143 @@ impl Compiler<'_> {
                 }
             }
         }
+    }
+
+    /// An optional positive whole number (`default` when absent).
+    fn positive(&mut self, v: Option<&Spanned<i64>>, key: &str, default: u32) -> Option<u32> {
+        let Some(m) = v else {
+            return Some(default);
+        };
+        let n = u32::try_from(*m.get_ref()).ok().filter(|n| *n > 0);
+        if n.is_none() {
+            self.error(
+                &m.span(),
+                format!("{key}: {} is not a positive number", m.get_ref()),
+                format!(
+                    "write a whole number above zero, or remove the key for the default ({default})"
+                ),
+            );
+        }
+        n
+    }
+
+    /// `[detect]`: every key optional, each default documented in docs/config.md.
+    fn detect(&mut self, d: RawDetect) -> Option<Detect> {
+        use crate::detect::bucket::Shape;
+        let t0 = crate::detect::Thresholds::default();
+        let e0 = crate::detect::bans::Escalation::default();
+        let shape = |c: &mut Self, v: &Option<S>, key: &str, default: Shape| match v {
+            None => Some(default),
+            Some(s) => match parse_shape(s.get_ref()) {
+                Ok(shape) => Some(shape),
+                Err(e) => {
+                    c.value_error(&s.span(), key, e);
+                    None
+                }
+            },
+        };
+        let count = |c: &mut Self, v: &Option<Spanned<i64>>, key: &str, default: u32| {
+            c.positive(v.as_ref(), key, default)
+        };
+        let ms = |c: &mut Self, v: &Option<S>, key: &str, default_ms: i64| {
+            let d = c.duration_or(
+                v.as_ref(),
+                key,
+                u64::try_from(default_ms / 1000).unwrap_or(1),
+            )?;
+            Some(i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        };
+        let refusals = shape(self, &d.refusals, "detect.refusals", t0.refusals);
+        let scan = shape(self, &d.scan, "detect.scan", t0.scan);
+        let handshakes = shape(
+            self,
+            &d.handshake_failures,
+            "detect.handshake_failures",
+            t0.handshakes,
+        );
+        let protocol = shape(
+            self,
+            &d.protocol_violations,
+            "detect.protocol_violations",
+            t0.protocol,
+        );
+        let empty = shape(
+            self,
+            &d.empty_connections,
+            "detect.empty_connections",
+            t0.empty,
+        );
+        let content = shape(
+            self,
+            &d.content_refusals,
+            "detect.content_refusals",
+            t0.content,
+        );
+        let connections = count(
+            self,
+            &d.connections_per_second,
+            "detect.connections_per_second",
+            t0.connections.capacity,
+        );
+        let datagrams = count(
+            self,
+            &d.datagrams_per_second,
+            "detect.datagrams_per_second",
+            t0.datagrams.capacity,
+        );
+        let in_progress = count(
+            self,
+            &d.handshakes_in_progress,
+            "detect.handshakes_in_progress",
+            t0.handshakes_in_progress,
+        );
+        let ban_ms = ms(self, &d.ban, "detect.ban", t0.ban_ms);
+        let scan_ban_ms = ms(self, &d.scan_ban, "detect.scan_ban", t0.scan_ban_ms);
+        let repeat_ms = ms(self, &d.repeat_ban, "detect.repeat_ban", e0.repeat_ms);
+        let mut never_ban = Vec::new();
+        for n in d.never_ban.iter().flat_map(|v| v.get_ref()) {
+            let text = n.get_ref();
+            if let Ok(ip) = text.parse::<IpAddr>() {
+                let prefix = if ip.is_ipv4() { 32 } else { 128 };
+                let c = format!("{ip}/{prefix}").parse::<Cidr>();
+                never_ban.extend(c.ok().map(NeverBan::Network));
+            } else if text.contains('/') {
+                never_ban.extend(
+                    self.parsed::<Cidr>(n, "detect.never_ban")
+                        .map(NeverBan::Network),
+                );
+            } else {
+                match units::check_name("device", text) {
+                    Ok(()) => never_ban.push(NeverBan::Device(text.clone())),
+                    Err(_) => self.error(
+                        &n.span(),
+                        format!("detect.never_ban: {text:?} is neither an address, a network nor a device id"),
+                        "write an address (\"10.0.0.1\"), a network (\"10.0.0.0/24\") or a device id (\"hub-1\")",
+                    ),
+                }
+            }
+        }
+        Some(Detect {
+            enabled: d.enabled.is_none_or(|e| *e.get_ref()),
+            thresholds: crate::detect::Thresholds {
+                refusals: refusals?,
+                scan: scan?,
+                handshakes: handshakes?,
+                protocol: protocol?,
+                empty: empty?,
+                connections: Shape::per(connections?, 1_000),
+                datagrams: Shape::per(datagrams?, 1_000),
+                handshakes_in_progress: in_progress?,
+                content: content?,
+                ban_ms: ban_ms?,
+                scan_ban_ms: scan_ban_ms?,
+            },
+            escalation: crate::detect::bans::Escalation {
+                repeat_ms: repeat_ms?,
+                ..e0
+            },
+            never_ban,
+        })
     }
 
     fn admin(&mut self, raw: Option<RawAdmin>) -> Admin {
@@ -1667,6 +1795,29 @@ fn nets(z: &Zone) -> String {
 }
 
 /// The candidate within edit distance 2 of `word`, if any.
+/// A detector's bucket written `COUNT/DURATION`: it trips at COUNT events,
+/// and a full bucket empties in DURATION (one forgotten every DURATION / COUNT).
+fn parse_shape(s: &str) -> Result<crate::detect::bucket::Shape, ValueError> {
+    let hint =
+        "write COUNT/DURATION, for example \"10/60s\" (trips at 10, one forgotten every 6 s)";
+    let bad = |m: String| ValueError {
+        message: m,
+        hint: hint.to_owned(),
+    };
+    let Some((n, d)) = s.split_once('/') else {
+        return Err(bad(format!("{s:?} is not COUNT/DURATION")));
+    };
+    let n = n
+        .trim()
+        .parse::<u32>()
+        .ok()
+        .filter(|n| *n > 0)
+        .ok_or_else(|| bad(format!("{:?} in {s:?} is not a count above zero", n.trim())))?;
+    let d = units::parse_duration(d.trim()).map_err(|e| bad(e.message))?;
+    let ms = i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+    Ok(crate::detect::bucket::Shape::per(n, ms))
+}
+
 fn closest<'c>(word: &str, candidates: impl Iterator<Item = &'c str>) -> Option<&'c str> {
     candidates
         .map(|c| (levenshtein(word, c), c))

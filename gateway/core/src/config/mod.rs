@@ -34,6 +34,8 @@ pub struct Config {
     pub audit: Audit,
     /// `[admin]`
     pub admin: Admin,
+    /// `[detect]`
+    pub detect: Detect,
 }
 
 impl Config {
@@ -539,6 +541,49 @@ pub struct Audit {
     pub retention_days: u32,
     /// Where `retention_days` is written (or `[audit]`, or the file start).
     pub loc: Location,
+}
+
+/// `[detect]`: intrusion detection and bans (GB/T 22239-2019 8.1.3.3).
+#[derive(Debug, Clone)]
+pub struct Detect {
+    /// Whether listeners' events are watched (on by default).
+    pub enabled: bool,
+    /// The detectors' thresholds and ban lengths.
+    pub thresholds: crate::detect::Thresholds,
+    /// How bans grow for a source that comes back.
+    pub escalation: crate::detect::bans::Escalation,
+    /// Sources alarmed about but never banned.
+    pub never_ban: Vec<NeverBan>,
+}
+
+impl Default for Detect {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            thresholds: crate::detect::Thresholds::default(),
+            escalation: crate::detect::bans::Escalation::default(),
+            never_ban: Vec::new(),
+        }
+    }
+}
+
+impl Detect {
+    /// Whether a source (its address, its certificate's device id) is in `never_ban`.
+    pub fn exempt(&self, ip: IpAddr, device: Option<&str>) -> bool {
+        self.never_ban.iter().any(|n| match n {
+            NeverBan::Network(c) => c.contains(ip),
+            NeverBan::Device(d) => device == Some(d.as_str()),
+        })
+    }
+}
+
+/// An entry of `[detect] never_ban`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NeverBan {
+    /// An address (as a /32 or /128) or a network.
+    Network(Cidr),
+    /// A device id, as its certificate names it (a hub, a partner gateway).
+    Device(String),
 }
 
 /// `[admin]`

@@ -133,6 +133,26 @@ pub struct RawAudit {
     pub retention_days: Option<Spanned<i64>>,
 }
 
+/// `[detect]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDetect {
+    pub enabled: Option<Spanned<bool>>,
+    pub refusals: Option<S>,
+    pub scan: Option<S>,
+    pub handshake_failures: Option<S>,
+    pub protocol_violations: Option<S>,
+    pub empty_connections: Option<S>,
+    pub connections_per_second: Option<Spanned<i64>>,
+    pub datagrams_per_second: Option<Spanned<i64>>,
+    pub handshakes_in_progress: Option<Spanned<i64>>,
+    pub content_refusals: Option<S>,
+    pub ban: Option<S>,
+    pub scan_ban: Option<S>,
+    pub repeat_ban: Option<S>,
+    pub never_ban: Option<Spanned<Vec<S>>>,
+}
+
 /// `[admin]`
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -2,7 +2,8 @@
 //! time it comes back (fail2ban's `bantime.increment` in a simple form): a
 //! source banned [`Escalation::repeat`] times within
 //! [`Escalation::repeat_window_ms`] is banned for [`Escalation::repeat_ms`].
-//! Pure: time comes in as Unix milliseconds; the table is capped.
+//! Pure: time comes in as Unix milliseconds; the table is capped. Sources are
+//! keyed by [`super::source_key`] (an IPv6 address bans its /64).
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
@@ -61,6 +62,7 @@ impl Bans {
     /// is the `repeat`th within the window; a running longer ban is kept.
     /// Returns until when it is banned.
     pub fn ban(&mut self, source: IpAddr, now_ms: i64, base_ms: i64) -> i64 {
+        let source = super::source_key(source);
         if !self.by_source.contains_key(&source) && self.by_source.len() >= MAX_BANS {
             self.make_room(now_ms);
         }
@@ -93,14 +95,14 @@ impl Bans {
     /// Until when `source` is banned, if it is at `now_ms`.
     pub fn banned_until(&self, source: IpAddr, now_ms: i64) -> Option<i64> {
         self.by_source
-            .get(&source)
+            .get(&super::source_key(source))
             .map(|e| e.until_ms)
             .filter(|u| *u > now_ms)
     }
 
     /// Lifts `source`'s ban (its history stays, for escalation). Whether it was banned.
     pub fn lift(&mut self, source: IpAddr, now_ms: i64) -> bool {
-        match self.by_source.get_mut(&source) {
+        match self.by_source.get_mut(&super::source_key(source)) {
             Some(e) if e.until_ms > now_ms => {
                 e.until_ms = now_ms;
                 true
@@ -128,6 +130,7 @@ impl Bans {
 
     /// Puts back a saved entry (capped like a new ban).
     pub fn restore(&mut self, source: IpAddr, entry: Entry, now_ms: i64) {
+        let source = super::source_key(source);
         if !self.by_source.contains_key(&source) && self.by_source.len() >= MAX_BANS {
             self.make_room(now_ms);
         }

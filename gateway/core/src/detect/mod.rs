@@ -11,6 +11,9 @@
 //! from an address that could be spoofed (a UDP datagram) raises alarms but
 //! never bans, so nobody can get a hub or a partner gateway banned by forging
 //! its address. Sources in `never_ban` are alarmed about and never banned.
+//!
+//! An IPv6 source counts as its /64 ([`source_key`]): one host holds a whole
+//! /64 and could otherwise dodge every bucket and ban by changing address.
 
 pub mod bans;
 pub mod bucket;
@@ -20,6 +23,18 @@ use std::net::IpAddr;
 
 use crate::table::{evict_oldest, shrink};
 use bucket::{Distinct, Leaky, Shape};
+
+/// The key a source is counted and banned under: an IPv4 address (an
+/// IPv4-mapped IPv6 address as its IPv4 one), or an IPv6 address's /64.
+pub fn source_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+        },
+    }
+}
 
 /// Which side an event came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -219,7 +234,7 @@ pub struct Thresholds {
     pub protocol: Shape,
     /// Empty connections: 5 in 60 s.
     pub empty: Shape,
-    /// New connections per source: 100 a second.
+    /// New connections per source: 1,000 a second.
     pub connections: Shape,
     /// Datagrams per flow: 20,000 a second.
     pub datagrams: Shape,
@@ -241,7 +256,7 @@ impl Default for Thresholds {
             handshakes: Shape::per(5, 5 * 10_000),
             protocol: Shape::per(5, 60_000),
             empty: Shape::per(5, 60_000),
-            connections: Shape::per(100, 1_000),
+            connections: Shape::per(1_000, 1_000),
             datagrams: Shape::per(20_000, 1_000),
             handshakes_in_progress: 32,
             content: Shape::per(10, 60_000),
@@ -321,6 +336,16 @@ impl Detector {
         }
     }
 
+    /// New thresholds and exemptions (a reload); the buckets are kept.
+    pub fn reconfigure(
+        &mut self,
+        limits: Thresholds,
+        never_ban: impl Fn(IpAddr, Option<&str>) -> bool + Send + Sync + 'static,
+    ) {
+        self.limits = limits;
+        self.never_ban = Box::new(never_ban);
+    }
+
     /// Takes one event; a detection when a detector tripped.
     pub fn observe(&mut self, e: Event) -> Option<Detection> {
         let l = self.limits.clone();
@@ -335,7 +360,7 @@ impl Detector {
                 (Attack::HandshakeFlood, *in_progress, 0)
             }
             Signal::Datagram { flow } => {
-                let key = (e.source, *flow);
+                let key = (source_key(e.source), *flow);
                 if !self.flows.contains_key(&key) && self.flows.len() >= MAX_FLOWS {
                     self.make_room_for_flow(now);
                 }
@@ -349,10 +374,11 @@ impl Detector {
                 (Attack::DatagramFlood, n, l.datagrams.window_ms)
             }
             signal => {
-                if !self.sources.contains_key(&e.source) && self.sources.len() >= MAX_SOURCES {
+                let source = source_key(e.source);
+                if !self.sources.contains_key(&source) && self.sources.len() >= MAX_SOURCES {
                     self.make_room(now);
                 }
-                let b = self.sources.entry(e.source).or_default();
+                let b = self.sources.entry(source).or_default();
                 b.last_ms = now;
                 let (bucket, shape, attack) = match signal {
                     Signal::Refused { target } => {
@@ -449,6 +475,95 @@ impl Detector {
     }
 }
 
+/// What an alarm says (8.1.3.3 d: source, attack type, target, time), as
+/// audited (the record's detail is this in JSON), shipped to the hub and
+/// forwarded to the SOC.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Alarm {
+    /// Unique: the node, the time and a random part.
+    pub id: String,
+    /// The node that raised it.
+    pub node: String,
+    /// The detector's rule id (`D2.scan`).
+    pub rule: String,
+    /// `low`, `medium`, `high` or `critical`.
+    pub severity: String,
+    /// The attack type (`scan`).
+    pub attack: String,
+    /// `inbound` (from the provincial side) or `outbound` (from the legacy side).
+    pub direction: String,
+    /// The source address.
+    pub source: String,
+    /// Its port.
+    pub port: u16,
+    /// The device id its certificate names, if any.
+    pub device: Option<String>,
+    /// The listener, service or channel.
+    pub target: String,
+    /// RFC 3339 with milliseconds and offset (China Standard Time).
+    pub time: String,
+    /// Unix ms.
+    pub at_ms: i64,
+    /// What was done: `ban`, or `alarm` with why not banned.
+    pub action: String,
+    /// Until when the source is banned (RFC 3339), if it is.
+    pub banned_until: Option<String>,
+    /// Detections this alarm stands for.
+    pub count: u32,
+    /// Their window, ms.
+    pub window_ms: i64,
+    /// What the scanner called it, for malware.
+    pub signature: Option<String>,
+}
+
+/// Why a detection did not ban, as the alarm's action says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Banned until (Unix ms).
+    Banned(i64),
+    /// The source is in `never_ban`, or its address is unproven.
+    AlarmOnly,
+    /// `[detect] enabled = false`: watched, not acted on.
+    DetectionOff,
+}
+
+impl Alarm {
+    /// The alarm for detection `d`, raised by `node` under `id`.
+    pub fn new(node: &str, id: String, d: &Detection, action: Action) -> Self {
+        let e = &d.event;
+        let (action, until) = match action {
+            Action::Banned(until) => ("ban".to_owned(), Some(crate::units::rfc3339_cst(until))),
+            Action::AlarmOnly if !e.verified => {
+                ("alarm (address unproven, not banned)".into(), None)
+            }
+            Action::AlarmOnly => ("alarm (never_ban, not banned)".into(), None),
+            Action::DetectionOff => ("alarm (detection off, not banned)".into(), None),
+        };
+        Self {
+            id,
+            node: node.to_owned(),
+            rule: d.attack.rule().to_owned(),
+            severity: d.attack.severity().as_str().to_owned(),
+            attack: d.attack.as_str().to_owned(),
+            direction: e.direction.as_str().to_owned(),
+            source: e.source.to_string(),
+            port: e.port,
+            device: e.device.clone(),
+            target: e.target.clone(),
+            time: crate::units::rfc3339_cst(e.at_ms),
+            at_ms: e.at_ms,
+            action,
+            banned_until: until,
+            count: d.count,
+            window_ms: d.window_ms,
+            signature: match &e.signal {
+                Signal::Malware { signature } => Some(signature.clone()),
+                _ => None,
+            },
+        }
+    }
+}
+
 /// How long after an alarm the same (source, attack) is only counted.
 pub const ALARM_WINDOW_MS: i64 = 60_000;
 
@@ -469,7 +584,7 @@ impl Alarms {
     /// The detection to raise now, or `None` when one of its kind was
     /// raised for this source within the window (it is counted).
     pub fn raise(&mut self, d: Detection) -> Option<Detection> {
-        let key = (d.event.source, d.attack);
+        let key = (source_key(d.event.source), d.attack);
         let now = d.event.at_ms;
         match self.open.get_mut(&key) {
             Some((since, count, last)) if now - *since < ALARM_WINDOW_MS => {

@@ -157,15 +157,15 @@ fn five_empty_connections_and_a_connection_flood_trip() {
         .collect::<Vec<_>>();
     assert_eq!(empty.len(), 1);
     assert_eq!(empty[0].attack.severity(), Severity::Low);
-    let flood = (0..300)
-        .filter_map(|i| d.observe(event([192, 0, 2, 9], i * 5, Signal::Connection)))
+    let flood = (0..3_000)
+        .filter_map(|i| d.observe(event([192, 0, 2, 9], i / 2, Signal::Connection)))
         .collect::<Vec<_>>();
-    assert_eq!(flood.len(), 1, "200 a second for a second and a half");
-    let calm = (0..1_000).all(|i| {
-        d.observe(event([192, 0, 2, 10], i * 20, Signal::Connection))
+    assert_eq!(flood.len(), 1, "2,000 a second for a second and a half");
+    let calm = (0..2_000).all(|i| {
+        d.observe(event([192, 0, 2, 10], i * 2, Signal::Connection))
             .is_none()
     });
-    assert!(calm, "50 a second is not a flood");
+    assert!(calm, "500 a second is not a flood");
 }
 
 #[test]
@@ -241,4 +241,81 @@ fn past_the_cap_new_sources_share_one_alarm_per_attack() {
         .collect();
     assert_eq!(due.len(), 1);
     assert_eq!(due[0].count, 999, "the rest counted");
+}
+
+#[test]
+fn an_ipv6_host_changing_address_within_its_64_is_one_source() {
+    let mut d = hub_exempt();
+    let mut hit = None;
+    for i in 0..15u16 {
+        let ip: IpAddr = format!("2001:db8:1:2::{:x}", 0x100 + i)
+            .parse()
+            .expect("an address");
+        let mut e = event(
+            [0, 0, 0, 0],
+            i64::from(i) * 10,
+            Signal::Refused {
+                target: u64::from(i),
+            },
+        );
+        e.source = ip;
+        hit = hit.or(d.observe(e));
+    }
+    let hit = hit.expect("fifteen ports from one /64 are a scan");
+    assert_eq!(hit.attack, Attack::Scan);
+    assert_eq!(
+        hit.event.source,
+        "2001:db8:1:2::10e".parse::<IpAddr>().expect("an address"),
+        "the alarm names the address seen"
+    );
+    let mut bans = bans::Bans::default();
+    bans.ban(hit.event.source, 0, 1_000);
+    assert!(
+        bans.banned_until("2001:db8:1:2:ffff::1".parse().expect("an address"), 1)
+            .is_some()
+    );
+    assert!(
+        bans.banned_until("2001:db8:1:3::1".parse().expect("an address"), 1)
+            .is_none()
+    );
+    bans.ban("::ffff:192.0.2.7".parse().expect("an address"), 0, 1_000);
+    assert!(
+        bans.banned_until("192.0.2.7".parse().expect("an address"), 1)
+            .is_some(),
+        "an IPv4-mapped address is its IPv4 one"
+    );
+}
+
+#[test]
+fn an_alarm_carries_the_four_fields_and_the_time_in_rfc3339_with_milliseconds() {
+    let mut d = hub_exempt();
+    let mut e = event(
+        [192, 0, 2, 9],
+        1_764_611_401_123,
+        Signal::ForeignCertificate,
+    );
+    e.device = Some("jl-gat-0009".into());
+    let hit = d.observe(e).expect("a foreign CA alarms at once");
+    let a = Alarm::new("hub-1", "x".into(), &hit, Action::Banned(1_764_612_001_123));
+    assert_eq!((a.source.as_str(), a.port), ("192.0.2.9", 40_000));
+    assert_eq!(
+        (a.rule.as_str(), a.attack.as_str()),
+        ("D3.foreign-ca", "foreign-certificate")
+    );
+    assert_eq!(a.target, "publish 127.0.0.1:8443");
+    assert_eq!(a.time, "2025-12-02T01:50:01.123+08:00");
+    assert_eq!(
+        a.banned_until.as_deref(),
+        Some("2025-12-02T02:00:01.123+08:00")
+    );
+    assert_eq!(a.device.as_deref(), Some("jl-gat-0009"));
+    assert_eq!(a.direction, "inbound");
+    assert_eq!(
+        crate::units::rfc3339_cst(0),
+        "1970-01-01T08:00:00.000+08:00"
+    );
+    assert_eq!(
+        crate::units::rfc3339_cst(-1),
+        "1970-01-01T07:59:59.999+08:00"
+    );
 }

@@ -100,6 +100,20 @@ pub struct Metrics {
     fleet: Mutex<FleetGauges>,
     /// Hub: times two certificates of one device were seen at once.
     duplicates: Mutex<BTreeMap<String, u64>>,
+    detect: Mutex<DetectCounters>,
+}
+
+/// Intrusion detection's counters.
+#[derive(Debug, Default, Clone)]
+pub struct DetectCounters {
+    /// Alarms raised, by (attack type, severity).
+    pub alarms: BTreeMap<(String, String), u64>,
+    /// Sources banned now.
+    pub bans_active: u64,
+    /// Connections, datagrams and QUIC Initials dropped because their source is banned.
+    pub banned_dropped: u64,
+    /// Alarms lost because the alarm queue was full.
+    pub alarms_lost: u64,
 }
 
 /// Central management gauges.
@@ -306,6 +320,34 @@ impl Metrics {
         lock(&self.fleet).audit_broken.insert(device.to_owned());
     }
 
+    /// An alarm raised.
+    pub fn alarm(&self, attack: &str, severity: &str) {
+        *lock(&self.detect)
+            .alarms
+            .entry((attack.to_owned(), severity.to_owned()))
+            .or_default() += 1;
+    }
+
+    /// Sources banned now.
+    pub fn bans_active(&self, n: u64) {
+        lock(&self.detect).bans_active = n;
+    }
+
+    /// Something from a banned source dropped.
+    pub fn banned_dropped(&self) {
+        lock(&self.detect).banned_dropped += 1;
+    }
+
+    /// An alarm lost (queue full).
+    pub fn alarm_lost(&self) {
+        lock(&self.detect).alarms_lost += 1;
+    }
+
+    /// Intrusion detection's counters.
+    pub fn detect(&self) -> DetectCounters {
+        lock(&self.detect).clone()
+    }
+
     /// The central management gauges.
     pub fn fleet(&self) -> FleetGauges {
         lock(&self.fleet).clone()
@@ -374,6 +416,7 @@ impl Metrics {
                 "gateway_refusals_total{{object=\"{obj}\",rule=\"{rule}\"}} {n}"
             );
         }
+        self.render_detect(&mut o);
         let peers = lock(&self.peers).clone();
         let _ = writeln!(
             o,
@@ -453,6 +496,42 @@ impl Metrics {
         self.render_channels(&mut o);
         self.render_fleet(&mut o);
         o
+    }
+
+    fn render_detect(&self, o: &mut String) {
+        let d = self.detect();
+        let _ = writeln!(
+            o,
+            "# HELP gateway_alarms_total Intrusion alarms raised (8.1.3.3), by attack type and severity.\n# TYPE gateway_alarms_total counter"
+        );
+        for ((t, sev), n) in &d.alarms {
+            let _ = writeln!(
+                o,
+                "gateway_alarms_total{{type=\"{t}\",severity=\"{sev}\"}} {n}"
+            );
+        }
+        for (name, kind, help, v) in [
+            (
+                "gateway_bans_active",
+                "gauge",
+                "Sources banned now.",
+                d.bans_active,
+            ),
+            (
+                "gateway_banned_dropped_total",
+                "counter",
+                "Connections, datagrams and QUIC Initials from banned sources dropped.",
+                d.banned_dropped,
+            ),
+            (
+                "gateway_alarms_lost_total",
+                "counter",
+                "Alarms lost because the alarm queue was full.",
+                d.alarms_lost,
+            ),
+        ] {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+        }
     }
 
     fn render_fleet(&self, o: &mut String) {

@@ -19,6 +19,8 @@
 //! a body sent slower than [`MIN_BODY_RATE`] after [`BODY_GRACE`] is refused
 //! and audited too.
 
+use crate::node::guard::Report;
+use gateway_core::detect::{Direction, Signal};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -369,6 +371,8 @@ async fn post_record(
                 why,
                 &reason,
             );
+            let who = Report::tcp(peer.addr, Direction::Outbound, "ingest");
+            st.ctx.report(&who, Signal::ContentRefused);
             return answer(status, json!({ "error": reason }));
         }
     };
@@ -420,6 +424,9 @@ async fn post_record(
         );
     }
     if let Err(r) = check_records(&st.ctx, &subject, &name, format, &items, batch) {
+        let target = format!("ingest channel {name}");
+        let who = Report::tcp(peer.addr, Direction::Outbound, &target);
+        st.ctx.report(&who, Signal::ContentRefused);
         let status = if r.by_policy {
             StatusCode::FORBIDDEN
         } else {

@@ -25,8 +25,36 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tracing::{debug, info};
 
+use gateway_core::detect::{Direction, Signal};
+
+use super::guard::Report;
 use super::limit::Slots;
 use super::{Ctx, PeerAttempt};
+
+/// What a failed TLS handshake tells the detectors: a certificate from a CA
+/// this node does not trust is an alarm at once, anything else a failure.
+pub fn handshake_signal(error: &std::io::Error) -> Signal {
+    let unknown_ca = error
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+        .is_some_and(foreign_ca);
+    if unknown_ca {
+        Signal::ForeignCertificate
+    } else {
+        Signal::HandshakeFailed
+    }
+}
+
+/// Whether a TLS error says the peer's certificate came from a foreign CA
+/// (unknown issuer), or claims this node's CA without its signature (a forgery).
+pub fn foreign_ca(e: &rustls::Error) -> bool {
+    matches!(
+        e,
+        rustls::Error::InvalidCertificate(
+            rustls::CertificateError::UnknownIssuer | rustls::CertificateError::BadSignature
+        )
+    )
+}
 
 /// The largest request body of the APIs (a config push, a certificate request).
 pub const MAX_BODY: usize = 1 << 20;
@@ -220,6 +248,17 @@ pub async fn serve<T, F>(
     };
     let slots = Slots::new(limits.max_connections, limits.per_source);
     let tracker = tokio_util::task::TaskTracker::new();
+    // Ingest is the legacy side's; every other HTTP listener the provincial side's.
+    let direction = if what == "Ingest" {
+        Direction::Outbound
+    } else {
+        Direction::Inbound
+    };
+    let target: Arc<str> = Arc::from(format!(
+        "{} {}",
+        what.to_lowercase(),
+        tcp.local_addr().map(|a| a.to_string()).unwrap_or_default()
+    ));
     loop {
         let accepted = tokio::select! {
             a = tcp.accept() => a,
@@ -232,6 +271,13 @@ pub async fn serve<T, F>(
                 continue;
             }
         };
+        if let Some(ctx) = &ctx {
+            if ctx.banned(addr.ip()) {
+                drop(stream);
+                continue;
+            }
+            ctx.report(&Report::tcp(addr, direction, &target), Signal::Connection);
+        }
         let slot = match slots.take(addr.ip()) {
             Ok(s) => s,
             Err(reason) => {
@@ -249,6 +295,7 @@ pub async fn serve<T, F>(
         };
         let (security, info, router, stop) =
             (security.clone(), info.clone(), router.clone(), stop.clone());
+        let (ctx, target) = (ctx.clone(), target.clone());
         tracker.spawn(async move {
             let _slot = slot;
             let (io, cert, token) = match &*security {
@@ -268,10 +315,22 @@ pub async fn serve<T, F>(
                         }
                         Ok(Err(error)) => {
                             info!(%addr, %error, "{what}: TLS handshake failed");
+                            if let Some(ctx) = &ctx {
+                                ctx.report(
+                                    &Report::tcp(addr, direction, &target),
+                                    handshake_signal(&error),
+                                );
+                            }
                             return;
                         }
                         Err(_) => {
                             info!(%addr, "{what}: TLS handshake timed out");
+                            if let Some(ctx) = &ctx {
+                                ctx.report(
+                                    &Report::tcp(addr, direction, &target),
+                                    Signal::HandshakeFailed,
+                                );
+                            }
                             return;
                         }
                     }

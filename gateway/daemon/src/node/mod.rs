@@ -12,6 +12,7 @@
 
 pub mod audit;
 pub mod clock;
+pub mod guard;
 pub mod http;
 pub mod limit;
 pub mod sockets;
@@ -48,6 +49,8 @@ pub struct Ctx {
     pub audit: AuditSink,
     /// Counters for `/metrics`.
     pub metrics: Arc<Metrics>,
+    /// Intrusion detection and bans.
+    pub guard: guard::Guard,
     /// Every relay task, for draining.
     pub tracker: TaskTracker,
     /// Cancelled when draining starts: listeners stop accepting.
@@ -134,6 +137,26 @@ impl PeerAttempt {
         }
     }
 
+    /// What the detectors make of it, and from which side it came.
+    fn signal(
+        self,
+    ) -> (
+        gateway_core::detect::Signal,
+        gateway_core::detect::Direction,
+    ) {
+        use gateway_core::detect::{Direction, Signal};
+        match self {
+            PeerAttempt::IngestAddress => (Signal::Refused { target: 1 }, Direction::Outbound),
+            PeerAttempt::ProducerCredential => (Signal::HandshakeFailed, Direction::Outbound),
+            PeerAttempt::ConnectionCap => (Signal::Connection, Direction::Inbound),
+            PeerAttempt::OperatorCredential
+            | PeerAttempt::Enrollment
+            | PeerAttempt::EnrollmentConnection
+            | PeerAttempt::ConsumerCertificate
+            | PeerAttempt::SupersededCertificate => (Signal::HandshakeFailed, Direction::Inbound),
+        }
+    }
+
     /// The boundary rule the refusal is by, if one.
     fn rule(self) -> &'static str {
         match self {
@@ -147,6 +170,7 @@ impl Ctx {
     /// A context for `policy`.
     pub fn new(id: String, policy: Policy, audit: AuditSink) -> Arc<Self> {
         Arc::new(Ctx {
+            guard: guard::Guard::new(&id, &policy.config().detect),
             id,
             policy: RwLock::new(Arc::new(policy)),
             audit,
@@ -205,6 +229,32 @@ impl Ctx {
             }
             keep
         });
+    }
+
+    /// Whether `ip` is banned: its connection, datagram or QUIC Initial is
+    /// dropped before any work (counted, not audited: a ban's alarm was).
+    pub fn banned(&self, ip: IpAddr) -> bool {
+        self.guard.banned(ip, &self.metrics)
+    }
+
+    /// What a listener saw, for the detectors.
+    pub fn report(&self, r: &guard::Report<'_>, signal: gateway_core::detect::Signal) {
+        self.guard.report(r, signal, &self.metrics);
+    }
+
+    /// A crossing refused by boundary rule `why` (anything else, such as
+    /// `no-route` or a cap, is not the client's doing and is not reported):
+    /// an application-protocol refusal is a protocol violation, the rest a
+    /// refusal of `target` (a port or service; distinct ones make a scan).
+    pub fn report_refusal(&self, r: &guard::Report<'_>, target: u64, why: &str) {
+        use gateway_core::detect::Signal;
+        let signal = match RuleId::parse(why) {
+            None => return,
+            Some(RuleId::AppProtocol | RuleId::HttpAllow) => Signal::ProtocolViolation,
+            Some(RuleId::ChannelContent) => Signal::ContentRefused,
+            Some(_) => Signal::Refused { target },
+        };
+        self.report(r, signal);
     }
 
     /// Sleeps for `d`; false if draining started meanwhile (stop retrying).
@@ -312,6 +362,15 @@ impl Ctx {
     /// detail; the rest are counted and summarised by [`watch_refusals`].
     pub fn refuse_peer(&self, peer: IpAddr, attempt: PeerAttempt, reason: &str, claimed: &str) {
         self.metrics.refused(attempt.object(), attempt.kind());
+        let (signal, direction) = attempt.signal();
+        let report = guard::Report {
+            peer: std::net::SocketAddr::new(peer, 0),
+            verified: true,
+            direction,
+            target: attempt.object(),
+            device: None,
+        };
+        self.report(&report, signal);
         let verdict = lock(&self.refusals).handle_refusal(clock::now_ms(), peer, attempt.kind());
         let Verdict::Record(source) = verdict else {
             debug!(%peer, kind = attempt.kind(), %reason, "Refused (summarised)");

@@ -16,8 +16,10 @@ use tokio_util::sync::CancellationToken;
 use super::listen::{accept_loop, reset_tcp};
 use super::splice::{BufSource, Spliced, splice};
 use crate::node::Ctx;
+use crate::node::guard::Report;
 use crate::tunnel::frame::{read_frame, write_frame};
 use crate::tunnel::hubs::Hubs;
+use gateway_core::detect::{Direction, Signal};
 
 fn access_at(ctx: &Ctx, listen: SocketAddr) -> Option<Access> {
     ctx.policy()
@@ -42,6 +44,7 @@ pub async fn access_listener(
     accept_loop(
         ctx,
         "Access",
+        gateway_core::detect::Direction::Outbound,
         listen,
         listener,
         stop.clone(),
@@ -76,6 +79,8 @@ async fn access_relay(
     stop: CancellationToken,
 ) {
     let subject = peer.to_string();
+    let target = format!("access {}", access.listen);
+    let who = Report::tcp(peer, Direction::Outbound, &target);
     let decision = ctx.policy().decide(
         &Crossing::AccessOpen {
             listen: access.listen,
@@ -85,6 +90,7 @@ async fn access_relay(
     );
     let deny = |rule: &str, reason: String, tcp: &TcpStream| {
         ctx.refuse("relay.refuse", &subject, &object, rule, &reason);
+        ctx.report_refusal(&who, u64::from(access.listen.port()), rule);
         reset_tcp(tcp);
     };
     if !decision.is_allowed() {
@@ -136,6 +142,10 @@ async fn access_relay(
     };
     if done.is_none_or(|s| s.reset) {
         reset_tcp(&tcp);
+    }
+    if done.is_some() && Spliced::moved(&live) == (0, 0) {
+        // The client went away without a byte either way (a connect scan).
+        ctx.report(&who, Signal::EmptyConnection);
     }
     ctx.relay_closed(
         &subject,

@@ -5,6 +5,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use crate::node::PeerAttempt;
+use crate::node::guard::Report;
 use crate::node::limit::Slots;
 use crate::node::sockets::accept_failed;
 
@@ -27,10 +28,12 @@ pub fn reset_tcp(tcp: &tokio::net::TcpStream) {
 /// Relays are spawned on the node's tracker, so draining waits for them.
 /// At most [`PER_SOURCE`] connections from one client address (and
 /// [`MAX_OPEN`] in all) are open at once; one over is reset and audited under
-/// its address, summarised.
+/// its address, summarised. A banned source is reset before anything else;
+/// every connection is reported to the detectors (floods).
 pub async fn accept_loop<F, R>(
     ctx: std::sync::Arc<crate::node::Ctx>,
     what: &'static str,
+    direction: gateway_core::detect::Direction,
     listen: std::net::SocketAddr,
     listener: tokio::net::TcpListener,
     stop: tokio_util::sync::CancellationToken,
@@ -42,6 +45,7 @@ pub async fn accept_loop<F, R>(
     use tracing::Instrument as _;
     tracing::info!(%listen, "{what} listening");
     let slots = Slots::new(MAX_OPEN, PER_SOURCE);
+    let target = format!("{} {listen}", what.to_lowercase());
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -50,6 +54,14 @@ pub async fn accept_loop<F, R>(
         };
         match accepted {
             Ok((tcp, peer)) => {
+                if ctx.banned(peer.ip()) {
+                    reset_tcp(&tcp);
+                    continue;
+                }
+                ctx.report(
+                    &Report::tcp(peer, direction, &target),
+                    gateway_core::detect::Signal::Connection,
+                );
                 let slot = match slots.take(peer.ip()) {
                     Ok(s) => s,
                     Err(reason) => {

@@ -16,8 +16,10 @@ use tracing::info;
 use super::listen::{accept_loop, reset_tcp};
 use super::splice::{BufSource, Spliced, splice};
 use crate::node::Ctx;
+use crate::node::guard::Report;
 use crate::tunnel::devices::Devices;
 use crate::tunnel::frame::{read_frame, write_frame};
+use gateway_core::detect::{Direction, Signal};
 
 /// The `[[publish]]` on `listen` in the policy in force.
 fn publish_at(ctx: &Ctx, listen: SocketAddr) -> Option<Publish> {
@@ -43,6 +45,7 @@ pub async fn publish_listener(
     accept_loop(
         ctx,
         "Publish",
+        gateway_core::detect::Direction::Inbound,
         listen,
         listener,
         stop.clone(),
@@ -77,6 +80,9 @@ async fn publish_relay(
     stop: CancellationToken,
 ) {
     let subject = peer.to_string();
+    let target = format!("publish {}", publish.listen);
+    let who = Report::tcp(peer, Direction::Inbound, &target);
+    let port = u64::from(publish.listen.port());
     let decision = ctx.policy().decide(
         &Crossing::PublishOpen {
             listen: publish.listen,
@@ -92,6 +98,7 @@ async fn publish_relay(
             decision.rule.as_str(),
             &decision.reason,
         );
+        ctx.report_refusal(&who, port, decision.rule.as_str());
         reset_tcp(&tcp);
         return;
     }
@@ -118,6 +125,7 @@ async fn publish_relay(
         Ok(Frame::Opened) => {}
         Ok(Frame::Refuse { rule, message, .. }) => {
             ctx.refuse("relay.refuse", &subject, &object, &rule, &message);
+            ctx.report_refusal(&who, port, &rule);
             reset_tcp(&tcp);
             return;
         }
@@ -142,6 +150,10 @@ async fn publish_relay(
     };
     if done.is_none_or(|s| s.reset) {
         reset_tcp(&tcp);
+    }
+    if done.is_some() && Spliced::moved(&live) == (0, 0) {
+        // The client went away without a byte either way (a connect scan).
+        ctx.report(&who, Signal::EmptyConnection);
     }
     ctx.relay_closed(
         &subject,

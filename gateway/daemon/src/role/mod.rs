@@ -210,6 +210,7 @@ pub async fn start(config: Config, mut bindings: Bindings) -> Result<Running, St
     let retention_days = config.audit.retention_days;
     let (fleet_tx, fleet_rx) = tokio::sync::mpsc::channel(4);
     let ctx = Ctx::new(id.clone(), Policy::new(config), audit);
+    crate::detect::restore(&ctx, &state_dir);
     let mut tasks = Tasks {
         listeners: HashMap::new(),
         servers: Vec::new(),
@@ -246,6 +247,7 @@ pub async fn start(config: Config, mut bindings: Bindings) -> Result<Running, St
         }
     };
     tokio::spawn(crate::node::watch_refusals(ctx.clone()));
+    tokio::spawn(crate::detect::run(ctx.clone(), state_dir.clone()));
     let admin_listener = crate::node::http::Listener {
         tcp: admin_listener,
         security: crate::node::http::Security::Plain,

@@ -18,6 +18,8 @@ use super::frame::{HANDSHAKE_TIMEOUT, read_frame, write_frame};
 use super::tls;
 use crate::admin::metrics::PATH_SAMPLE;
 use crate::node::Ctx;
+use crate::node::guard::Report;
+use gateway_core::detect::{Direction, Signal};
 
 /// A bidirectional stream of a tunnel: its sending and receiving halves.
 pub type BiStream = (quinn::SendStream, quinn::RecvStream);
@@ -64,29 +66,128 @@ pub enum Refusal {
     Superseded,
 }
 
-/// Accepts edges until draining starts.
+/// Sources whose handshakes in progress are counted at once (past it, a new
+/// source is not counted until one finishes).
+const MAX_HANDSHAKING: usize = 16_384;
+
+/// Handshakes in progress per source address.
+#[derive(Default)]
+struct Handshaking(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, u32>>);
+
+impl Handshaking {
+    fn start(&self, ip: std::net::IpAddr) -> u32 {
+        let mut m = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !m.contains_key(&ip) && m.len() >= MAX_HANDSHAKING {
+            return 0;
+        }
+        let n = m.entry(ip).or_default();
+        *n += 1;
+        *n
+    }
+
+    fn end(&self, ip: std::net::IpAddr) {
+        let mut m = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = m.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&ip);
+            }
+        }
+    }
+}
+
+/// What a failed QUIC handshake tells the detectors, and whether the peer's
+/// address is proven: a TLS alert means the peer sent its certificate in a
+/// Handshake packet, which it could only do having received ours (RFC 9000
+/// 8.1); a timeout proves nothing. A certificate from a CA this hub does not
+/// know (alert unknown_ca) or one that claims this hub's CA but was not signed
+/// by it (decrypt_error: a forgery) is foreign.
+fn handshake_failure(error: &quinn::ConnectionError) -> (Signal, bool) {
+    const UNKNOWN_CA: u8 = 48;
+    const DECRYPT_ERROR: u8 = 51;
+    match error {
+        quinn::ConnectionError::TransportError(t)
+            if t.code == quinn::TransportErrorCode::crypto(UNKNOWN_CA)
+                || t.code == quinn::TransportErrorCode::crypto(DECRYPT_ERROR) =>
+        {
+            (Signal::ForeignCertificate, true)
+        }
+        quinn::ConnectionError::TransportError(t)
+            if (0x100..0x200).contains(&u64::from(t.code)) =>
+        {
+            (Signal::HandshakeFailed, true)
+        }
+        _ => (Signal::HandshakeFailed, false),
+    }
+}
+
+/// Accepts edges until draining starts. A banned source's Initial is dropped
+/// before any handshake work; handshakes in progress and failures are reported
+/// to the detectors.
 pub async fn accept_edges<H: Handler>(
     ctx: Arc<Ctx>,
     devices: Arc<Devices>,
     endpoint: quinn::Endpoint,
     handler: Arc<H>,
 ) {
+    let handshaking = Arc::new(Handshaking::default());
+    let target: Arc<str> = Arc::from(format!(
+        "quic {}",
+        endpoint
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default()
+    ));
     loop {
         let incoming = tokio::select! {
             i = endpoint.accept() => i,
             () = ctx.draining.cancelled() => return,
         };
         let Some(incoming) = incoming else { return };
+        let remote = incoming.remote_address();
+        if ctx.banned(remote.ip()) {
+            incoming.ignore();
+            continue;
+        }
+        let report = |verified| Report {
+            peer: remote,
+            verified,
+            direction: Direction::Inbound,
+            target: &target,
+            device: None,
+        };
+        let validated = incoming.remote_address_validated();
+        let in_progress = handshaking.start(remote.ip());
+        ctx.report(&report(validated), Signal::Handshakes { in_progress });
         // Spawn before awaiting the handshake: a slow peer never stalls the loop.
         let (ctx, devices, handler) = (ctx.clone(), devices.clone(), handler.clone());
-        let remote = incoming.remote_address();
+        let (handshaking, target) = (handshaking.clone(), target.clone());
         tokio::spawn(async move {
-            match incoming.await {
+            let done = incoming.await;
+            handshaking.end(remote.ip());
+            match done {
                 Ok(conn) if tls::alpn(&conn).as_deref() == Some(fleet::ENROLL_ALPN) => {
                     handler.enroll(conn).await;
                 }
                 Ok(conn) => serve_edge(ctx, devices, conn, handler).await,
-                Err(error) => info!(%remote, %error, "Tunnel handshake failed"),
+                Err(error) => {
+                    info!(%remote, %error, "Tunnel handshake failed");
+                    let (signal, verified) = handshake_failure(&error);
+                    let report = Report {
+                        peer: remote,
+                        verified: verified || validated,
+                        direction: Direction::Inbound,
+                        target: &target,
+                        device: None,
+                    };
+                    ctx.report(&report, signal);
+                }
             }
         });
     }

@@ -22,8 +22,10 @@ use tracing::{debug, info, warn};
 use super::flows::{Flow, Flows, Opener, Target, flow_closed, next_flow, send_dgram};
 use crate::node::Ctx;
 use crate::node::clock::now_ms;
+use crate::node::guard::Report;
 use crate::tunnel::devices::Devices;
 use crate::tunnel::hubs::Hubs;
+use gateway_core::detect::{Direction, Signal};
 
 /// A UDP front: what it serves and where its flows go.
 #[derive(Clone)]
@@ -36,6 +38,8 @@ pub struct Front {
     pub route: Route,
     /// The node's flow table.
     pub flows: Arc<Flows>,
+    /// The listener, as alarms name it.
+    pub target: Arc<str>,
 }
 
 /// Where a front's flows go.
@@ -65,6 +69,7 @@ impl Front {
         Self {
             object: format!("{}/{}", p.device, p.service),
             listen: p.listen,
+            target: Arc::from(format!("publish {} udp", p.listen)),
             route: Route::Publish {
                 devices: devices.clone(),
                 device: p.device.clone(),
@@ -79,6 +84,7 @@ impl Front {
         Self {
             object: format!("{}/{}", a.device, a.service),
             listen: a.listen,
+            target: Arc::from(format!("access {} udp", a.listen)),
             route: Route::Access {
                 hubs: hubs.clone(),
                 zone: a.zone.clone(),
@@ -131,6 +137,22 @@ impl Front {
         }
     }
 
+    /// What the detectors hear about `client` (a datagram's source address
+    /// can be forged: never proven, so never banned on its own).
+    fn report(&self, client: SocketAddr) -> Report<'_> {
+        let direction = match self.route {
+            Route::Publish { .. } => Direction::Inbound,
+            Route::Access { .. } => Direction::Outbound,
+        };
+        Report {
+            peer: client,
+            verified: false,
+            direction,
+            target: &self.target,
+            device: None,
+        }
+    }
+
     fn zone_stop(&self, ctx: &Ctx) -> Option<CancellationToken> {
         match &self.route {
             Route::Publish { .. } => None,
@@ -178,7 +200,16 @@ pub async fn front(ctx: Arc<Ctx>, front: Front, socket: Arc<UdpSocket>) {
             }
             () = ctx.draining.cancelled() => break,
         };
+        if ctx.banned(client.ip()) {
+            continue;
+        }
         if let Some(tx) = clients.get(&client).filter(|tx| !tx.is_closed()) {
+            ctx.report(
+                &front.report(client),
+                Signal::Datagram {
+                    flow: u32::from(client.port()),
+                },
+            );
             // A full queue drops the datagram, as UDP may.
             let _ = tx.try_send(buf[..n].to_vec());
             continue;
@@ -199,9 +230,12 @@ pub async fn front(ctx: Arc<Ctx>, front: Front, socket: Arc<UdpSocket>) {
                 decision.rule.as_str(),
                 &decision.reason,
             );
+            let port = u64::from(front.listen.port());
+            ctx.report_refusal(&front.report(client), port, decision.rule.as_str());
             refused.hold(client);
             continue;
         }
+        ctx.report(&front.report(client), Signal::Connection);
         if clients.len() >= MAX_FLOWS || per_ip.get(&client.ip()) >= Some(&FLOWS_PER_SOURCE) {
             forget_ended(&mut clients, &mut per_ip);
         }
@@ -345,6 +379,8 @@ async fn client_flow(
         Ok(s) => s,
         Err(Frame::Refuse { rule, message, .. }) => {
             ctx.refuse("relay.refuse", &subject, &object, &rule, &message);
+            let port = u64::from(front.listen.port());
+            ctx.report_refusal(&front.report(client), port, &rule);
             refused.hold(client);
             return;
         }

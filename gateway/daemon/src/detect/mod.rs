@@ -1,0 +1,98 @@
+//! Intrusion detection's shell (GB/T 22239-2019 8.1.3.3): the listeners report
+//! to the node's guard (`node::guard`), which bans at once; this audits each
+//! alarm (8.1.3.5), counts it, logs it, and keeps the ban table on disk so
+//! bans survive a restart.
+//!
+//! - [`bans_file`]: the saved ban table (`STATE_DIR/bans.json`).
+
+pub mod bans_file;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use gateway_core::detect::Alarm;
+use tracing::{error, warn};
+
+use crate::node::Ctx;
+
+/// How often de-duplicated alarms are flushed and the ban table saved.
+const TICK: Duration = Duration::from_secs(1);
+
+/// Puts back the bans saved in `state_dir` (before any listener starts).
+pub fn restore(ctx: &Ctx, state_dir: &Path) {
+    match bans_file::load(state_dir) {
+        Ok(saved) => {
+            let n = saved.len();
+            ctx.guard.restore(saved);
+            let active = ctx.guard.tick(&ctx.metrics);
+            if n > 0 {
+                warn!(
+                    sources = n,
+                    active, "Bans restored from the state directory"
+                );
+            }
+        }
+        Err(e) => error!(
+            error = %e,
+            "The saved bans cannot be read; starting without them (the file is left as it is)"
+        ),
+    }
+}
+
+/// Audits and counts alarms, and saves the ban table, until draining.
+pub async fn run(ctx: Arc<Ctx>, state_dir: std::path::PathBuf) {
+    let Some(mut alarms) = ctx.guard.alarms() else {
+        return;
+    };
+    let mut tick = tokio::time::interval(TICK);
+    loop {
+        tokio::select! {
+            Some(a) = alarms.recv() => raise(&ctx, &a),
+            _ = tick.tick() => {
+                ctx.guard.tick(&ctx.metrics);
+                save(&ctx, &state_dir);
+            }
+            () = ctx.draining.cancelled() => break,
+        }
+    }
+    while let Ok(a) = alarms.try_recv() {
+        raise(&ctx, &a);
+    }
+    save(&ctx, &state_dir);
+}
+
+fn save(ctx: &Ctx, state_dir: &Path) {
+    if let Some(table) = ctx.guard.take_changed()
+        && let Err(e) = bans_file::save(state_dir, &table)
+    {
+        error!(error = %e, "Cannot save the ban table; bans in force stay, but would not survive a restart");
+    }
+}
+
+/// One alarm: audited (the record's detail is the alarm in JSON), counted, logged.
+fn raise(ctx: &Ctx, a: &Alarm) {
+    ctx.metrics.alarm(&a.attack, &a.severity);
+    warn!(
+        id = %a.id,
+        rule = %a.rule,
+        severity = %a.severity,
+        attack = %a.attack,
+        direction = %a.direction,
+        source = %a.source,
+        port = a.port,
+        target = %a.target,
+        action = %a.action,
+        count = a.count,
+        "Intrusion alarm"
+    );
+    let detail = serde_json::to_string(a).unwrap_or_default();
+    ctx.audit.record(
+        &a.source,
+        &a.target,
+        "detect.alarm",
+        "alarm",
+        &a.rule,
+        detail,
+    );
+}

@@ -1,0 +1,318 @@
+//! Intrusion detection end to end (GB/T 22239-2019 8.1.3.3), with real hubs
+//! and edges in-process on loopback: a port scan, certificates from a foreign
+//! CA on the QUIC port, empty connections and spoofable UDP refusals, each
+//! looked for where an assessor looks (the audit chain, with the alarm's
+//! fields), and the bans: dropped before any work, kept over a restart,
+//! lifted, never against a `never_ban` source or an unproven address.
+
+mod net;
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use net::*;
+
+/// A TCP connection from `from` to `to`, then closed; whether the server
+/// accepted and reset it (policy refusal or ban both reset).
+fn knock(from: &str, to: SocketAddr) {
+    let sock =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    let src: IpAddr = from.parse().expect("ip");
+    sock.bind(&SocketAddr::new(src, 0).into()).expect("bind");
+    let _ = sock.connect_timeout(&to.into(), Duration::from_secs(2));
+    let s: std::net::TcpStream = sock.into();
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut buf = [0u8; 1];
+    let _ = std::io::Read::read(&mut &s, &mut buf);
+}
+
+/// The alarms in a node's audit chain: (source, rule, the alarm's JSON).
+fn alarms(state: &std::path::Path) -> Vec<(String, String, serde_json::Value)> {
+    let log = gateway_store::audit::AuditLog::open_existing(state).expect("audit db");
+    log.verify().expect("audit chain intact");
+    log.records(0, usize::MAX)
+        .expect("records")
+        .into_iter()
+        .filter(|r| r.event.event == "detect.alarm")
+        .map(|r| {
+            let json = serde_json::from_str(&r.event.detail).expect("an alarm's detail is JSON");
+            (r.event.subject, r.event.rule, json)
+        })
+        .collect()
+}
+
+fn refusals_from(state: &std::path::Path, ip: &str) -> usize {
+    audit_lines(state)
+        .iter()
+        .filter(|l| l.starts_with(&format!("relay.refuse {ip}:")))
+        .count()
+}
+
+fn is_rfc3339_ms_cst(t: &str) -> bool {
+    // 2026-12-01T17:50:01.123+08:00
+    t.len() == 29
+        && t.as_bytes()[10] == b'T'
+        && t.as_bytes()[19] == b'.'
+        && t.ends_with("+08:00")
+        && t[..4].parse::<u32>().is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scan_over_thirty_ports_is_alarmed_and_banned_and_the_ban_survives_a_restart() {
+    let pki = Pki::new();
+    let names: Vec<String> = (0..30).map(|i| format!("edge-a/s{i}")).collect();
+    let publishes: Vec<&str> = names.iter().map(String::as_str).collect();
+    let extra = "\n[detect]\nnever_ban = [\"127.0.8.1\"]\n";
+    let hub = start_hub(
+        &pki,
+        HubSpec {
+            extra,
+            ..HubSpec::new("hub-01", 2, &publishes)
+        },
+    )
+    .await;
+    // From outside the extranet's 127.0.0.0/24: every publish refuses it (R5.address).
+    for port in &hub.publish {
+        knock("127.0.9.1", *port);
+    }
+    wait_for("the scan alarm", Duration::from_secs(10), || {
+        alarms(hub.state.path())
+            .iter()
+            .any(|(s, rule, _)| s == "127.0.9.1" && rule == "D2.scan")
+    })
+    .await;
+    let all = alarms(hub.state.path());
+    let (_, _, a) = all
+        .iter()
+        .find(|(s, rule, _)| s == "127.0.9.1" && rule == "D2.scan")
+        .expect("alarm");
+    println!("the alarm: {a}");
+    assert_eq!(a["attack"], "scan");
+    assert_eq!(a["severity"], "high");
+    assert_eq!(a["direction"], "inbound");
+    assert_eq!(a["source"], "127.0.9.1");
+    assert!(a["port"].as_u64().is_some_and(|p| p > 0), "the source port");
+    assert!(
+        a["target"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("publish 127.0.0.1:")),
+        "the target listener: {a}"
+    );
+    assert!(is_rfc3339_ms_cst(a["time"].as_str().unwrap_or("")), "{a}");
+    assert_eq!(a["action"], "ban");
+    assert!(a["banned_until"].as_str().is_some_and(is_rfc3339_ms_cst));
+    assert_eq!(a["count"], 15);
+    assert_eq!(a["window_ms"], 75_000);
+    // Refused until the fifteenth distinct port, then dropped unheard.
+    assert_eq!(refusals_from(hub.state.path(), "127.0.9.1"), 15);
+    let ctx = hub.running.ctx().clone();
+    assert_eq!(ctx.metrics.detect().banned_dropped, 15);
+    assert_eq!(
+        ctx.metrics
+            .detect()
+            .alarms
+            .get(&("scan".into(), "high".into())),
+        Some(&1)
+    );
+
+    // A never_ban source scanning the same ports is alarmed about, never banned.
+    for port in &hub.publish {
+        knock("127.0.8.1", *port);
+    }
+    wait_for(
+        "every refusal of the never_ban source",
+        Duration::from_secs(10),
+        || refusals_from(hub.state.path(), "127.0.8.1") == 30,
+    )
+    .await;
+    wait_for(
+        "the never_ban source's alarm",
+        Duration::from_secs(10),
+        || {
+            alarms(hub.state.path()).iter().any(|(s, rule, a)| {
+                s == "127.0.8.1"
+                    && rule == "D2.scan"
+                    && a["action"] == "alarm (never_ban, not banned)"
+            })
+        },
+    )
+    .await;
+    let banned: Vec<IpAddr> = ctx.guard.active_bans().iter().map(|(ip, _)| *ip).collect();
+    assert_eq!(
+        banned,
+        vec!["127.0.9.1".parse::<IpAddr>().expect("an address")]
+    );
+    let metrics = http_get(hub.running.admin_addr, "GET", "/metrics").await.1;
+    assert!(
+        metrics.contains("gateway_alarms_total{type=\"scan\",severity=\"high\"} 2"),
+        "{metrics}"
+    );
+    wait_for("the bans gauge", Duration::from_secs(5), || {
+        ctx.metrics.detect().bans_active == 1
+    })
+    .await;
+
+    // Restarted on the same state: the ban holds before anything is asked.
+    let (state, quic, publish) = (hub.state.clone(), hub.quic, hub.publish.clone());
+    hub.running.drain(Duration::from_millis(100)).await;
+    drop(hub);
+    let hub = start_hub(
+        &pki,
+        HubSpec {
+            extra,
+            state: Some(state),
+            quic: Some(quic),
+            publish_addrs: publish,
+            ..HubSpec::new("hub-01", 2, &publishes)
+        },
+    )
+    .await;
+    let ctx = hub.running.ctx().clone();
+    knock("127.0.9.1", hub.publish[0]);
+    wait_for(
+        "the restored ban dropping a connection",
+        Duration::from_secs(5),
+        || ctx.metrics.detect().banned_dropped == 1,
+    )
+    .await;
+    assert_eq!(
+        refusals_from(hub.state.path(), "127.0.9.1"),
+        15,
+        "dropped, not decided"
+    );
+
+    // Lifted: decided (and refused by the policy) again.
+    assert!(ctx.guard.lift("127.0.9.1".parse().expect("an address")));
+    knock("127.0.9.1", hub.publish[0]);
+    wait_for("a decision after the lift", Duration::from_secs(5), || {
+        refusals_from(hub.state.path(), "127.0.9.1") == 16
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_certificate_on_the_quic_port_alarms_at_once_and_its_source_is_dropped_before_the_handshake()
+ {
+    let pki = Pki::new();
+    let rogue = Pki::new();
+    let (cert, key) = rogue.issue("edge-r");
+    let hub = start_hub(&pki, HubSpec::new("hub-01", 2, &[])).await;
+    let ctx = hub.running.ctx().clone();
+    // The rogue trusts the real CA for the hub and presents its own CA's certificate.
+    let client = gateway_daemon::tunnel::tls::client(&pki.ca().join("ca.pem"), &cert, &key)
+        .expect("client config");
+    let endpoint =
+        quinn::Endpoint::client("127.0.7.1:0".parse().expect("an address")).expect("endpoint");
+    let attempt = || async {
+        let connecting = endpoint
+            .connect_with(client.clone(), hub.quic, "127.0.0.1")
+            .expect("connect");
+        if let Ok(Ok(conn)) = tokio::time::timeout(Duration::from_secs(2), connecting).await {
+            // The client's side may finish first; the hub's verdict follows.
+            let _ = tokio::time::timeout(Duration::from_secs(2), conn.accept_uni()).await;
+        }
+    };
+    attempt().await;
+    wait_for("the foreign CA alarm", Duration::from_secs(10), || {
+        alarms(hub.state.path())
+            .iter()
+            .any(|(s, rule, _)| s == "127.0.7.1" && rule == "D3.foreign-ca")
+    })
+    .await;
+    let all = alarms(hub.state.path());
+    let (_, _, a) = all
+        .iter()
+        .find(|(_, r, _)| r == "D3.foreign-ca")
+        .expect("alarm");
+    assert_eq!(a["action"], "ban");
+    assert_eq!(a["severity"], "high");
+    assert!(
+        a["target"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("quic 127.0.0.1:"))
+    );
+    assert!(
+        a["device"].is_null(),
+        "a claimed identity is never believed"
+    );
+    // The next Initials from that address get no answer at all.
+    for _ in 0..3 {
+        attempt().await;
+    }
+    assert!(
+        ctx.metrics.detect().banned_dropped >= 3,
+        "{:?}",
+        ctx.metrics.detect()
+    );
+    // A real edge from another address still comes up.
+    let edge = start_edge(&pki, EdgeSpec::new("edge-b", 2, 2, vec![hub.quic])).await;
+    ready(&edge).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_connections_to_a_published_service_are_alarmed_and_banned() {
+    let pki = Pki::new();
+    let echo_b = echo("127.0.2.10").await;
+    let hub = start_hub(&pki, HubSpec::new("hub-01", 2, &["edge-b/echo"])).await;
+    let edge = start_edge(
+        &pki,
+        EdgeSpec {
+            services: vec![("echo", echo_b.addr, "\"extranet\"", None, None)],
+            ..EdgeSpec::new("edge-b", 2, 2, vec![hub.quic])
+        },
+    )
+    .await;
+    ready(&edge).await;
+    // Allowed (127.0.0.0/24 is the extranet), connected, closed without a byte.
+    for _ in 0..5 {
+        let s = std::net::TcpStream::connect(hub.publish[0]).expect("connect");
+        drop(s);
+        wait_for("the relay's close", Duration::from_secs(5), || {
+            hub.running.ctx().metrics.relays_open() == 0
+        })
+        .await;
+    }
+    wait_for(
+        "the empty-connections alarm",
+        Duration::from_secs(10),
+        || {
+            alarms(hub.state.path())
+                .iter()
+                .any(|(s, rule, _)| s == "127.0.0.1" && rule == "D4.empty")
+        },
+    )
+    .await;
+    let all = alarms(hub.state.path());
+    let (_, _, a) = all.iter().find(|(_, r, _)| r == "D4.empty").expect("alarm");
+    assert_eq!(
+        (a["severity"].as_str(), a["action"].as_str()),
+        (Some("low"), Some("ban"))
+    );
+    assert_eq!(a["count"], 5);
+    // The edge's tunnel from the same address is up and stays so: bans stop
+    // new connections only.
+    assert!(edge.running.ready());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_of_spoofable_udp_datagrams_alarm_but_never_ban() {
+    let pki = Pki::new();
+    let names: Vec<String> = (0..20).map(|i| format!("udp:edge-a/u{i}")).collect();
+    let publishes: Vec<&str> = names.iter().map(String::as_str).collect();
+    let hub = start_hub(&pki, HubSpec::new("hub-01", 2, &publishes)).await;
+    // Anyone can write a hub's or a partner's address into a datagram.
+    let spoofed = std::net::UdpSocket::bind("127.0.6.1:0").expect("udp");
+    for port in &hub.publish {
+        spoofed.send_to(b"probe", port).expect("send");
+    }
+    wait_for("the scan alarm", Duration::from_secs(10), || {
+        alarms(hub.state.path())
+            .iter()
+            .any(|(s, rule, _)| s == "127.0.6.1" && rule == "D2.scan")
+    })
+    .await;
+    let all = alarms(hub.state.path());
+    let (_, _, a) = all.iter().find(|(_, r, _)| r == "D2.scan").expect("alarm");
+    assert_eq!(a["action"], "alarm (address unproven, not banned)");
+    assert!(hub.running.ctx().guard.active_bans().is_empty());
+}
