@@ -314,5 +314,24 @@ async fn refusals_of_spoofable_udp_datagrams_alarm_but_never_ban() {
     let all = alarms(hub.state.path());
     let (_, _, a) = all.iter().find(|(_, r, _)| r == "D2.scan").expect("alarm");
     assert_eq!(a["action"], "alarm (address unproven, not banned)");
+    // A flood of flows from one forged address the policy allows (standing
+    // in for a partner's), past its per-address cap and the connection-flood
+    // threshold within a second: alarmed, never banned.
+    let started = std::time::Instant::now();
+    for i in 0..2_000 {
+        let s = std::net::UdpSocket::bind("127.0.0.77:0").expect("udp");
+        s.send_to(b"flood", hub.publish[0]).expect("send");
+        if i % 50 == 0 {
+            // Within the socket's receive buffer.
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    println!("2,000 flows sent in {:?}", started.elapsed());
+    wait_for("the flood's alarm", Duration::from_secs(10), || {
+        alarms(hub.state.path())
+            .iter()
+            .any(|(s, rule, _)| s == "127.0.0.77" && rule == "D5.connection-flood")
+    })
+    .await;
     assert!(hub.running.ctx().guard.active_bans().is_empty());
 }

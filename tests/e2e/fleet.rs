@@ -1609,3 +1609,153 @@ fn a_replaced_certificate_is_refused_and_its_connections_closed() {
     assert!(refused[0].contains("superseded"), "{refused:?}");
     drop((old, new));
 }
+
+/// A request from `from` to the ingest at `to`; its status, or `None` when
+/// the connection was dropped unanswered (a ban).
+fn post_from(from: &str, to: SocketAddr) -> Option<u16> {
+    let sock =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    let src: std::net::IpAddr = from.parse().expect("ip");
+    sock.bind(&SocketAddr::new(src, 0).into()).expect("bind");
+    sock.connect_timeout(&to.into(), Duration::from_secs(2))
+        .ok()?;
+    let mut s: TcpStream = sock.into();
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let body = "{\"a\":1}";
+    let req = format!(
+        "POST /v1/channels/readings/records HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).ok()?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).ok()?;
+    answer.split(' ').nth(1)?.parse().ok()
+}
+
+/// An edge bans a neighbour posting from outside its zone; the alarm reaches
+/// the hub in its audit chain within seconds, where any administrator lists
+/// it, only the security administrator acknowledges it and lifts the ban on
+/// the box, and each of those acts is audited.
+#[test]
+fn an_edges_alarm_reaches_the_hub_and_the_security_administrator_lifts_its_ban() {
+    let hub = Hub::start("1h");
+    let echo = echo_server("127.0.1.1");
+    let (config, state) = edge_config(&hub, "edge-a", echo, "");
+    let ingest = free_tcp("127.0.1.1");
+    let mut text = std::fs::read_to_string(&config).expect("config");
+    text += &format!(
+        "\n[[channel]]\nname = \"readings\"\nzone = \"lab\"\nformats = [\"json\"]\nmax_record_bytes = \"4KiB\"\n\n[[ingest]]\nzone = \"lab\"\nlisten = \"{ingest}\"\n"
+    );
+    std::fs::write(&config, text).expect("write");
+    let (code, out) = enroll(&config, &hub.token("edge-a"));
+    assert_eq!(code, 0, "{out}");
+    let mut edge = Proc::start(&config);
+    edge.wait_log("Tunnel up");
+
+    // Ten refusals of the same listener after the first trip D1.refusals.
+    let statuses: Vec<Option<u16>> = (0..11).map(|_| post_from("127.0.9.9", ingest)).collect();
+    assert!(statuses.iter().all(|s| *s == Some(403)), "{statuses:?}");
+    let raised = std::time::Instant::now();
+    assert_eq!(
+        post_from("127.0.9.9", ingest),
+        None,
+        "banned: dropped unanswered"
+    );
+    let alarm = poll_blocking(
+        "the edge's alarm at the hub",
+        Duration::from_secs(15),
+        || {
+            let (code, out, err) = hub.ctl(
+                "ada",
+                &[
+                    "alarms", "list", "--device", "edge-a", "--since", "1h", "--format", "json",
+                ],
+            );
+            if code != 0 {
+                return Err(err);
+            }
+            let v: Value = serde_json::from_str(&out).map_err(|e| e.to_string())?;
+            v["alarms"]
+                .as_array()
+                .and_then(|a| a.iter().find(|a| a["rule"] == "D1.refusals").cloned())
+                .ok_or(out)
+        },
+    );
+    println!(
+        "the alarm was listed at the hub {:?} after it was raised: {alarm}",
+        raised.elapsed()
+    );
+    assert_eq!(alarm["source"], "127.0.9.9");
+    assert_eq!(alarm["direction"], "outbound");
+    assert_eq!(alarm["device"], "edge-a");
+    assert_eq!(alarm["action"], "ban");
+    let id = alarm["id"].as_str().expect("id").to_owned();
+    let (code, out, _) = hub.ctl("ada", &["alarms", "list"]);
+    assert_eq!(code, 0);
+    assert!(out.contains(&id) && out.contains("D1.refusals"), "{out}");
+
+    // Acknowledged by the security administrator only, once.
+    let (code, _, err) = hub.ctl("sam", &["alarms", "ack", &id]);
+    assert_eq!(code, 77, "the system administrator may not: {err}");
+    assert!(err.contains("security administrator"), "{err}");
+    let (code, out, err) = hub.ctl("sue", &["alarms", "ack", &id]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("acknowledged"), "{out}");
+    let (_, out, _) = hub.ctl("sue", &["alarms", "ack", &id]);
+    assert!(out.contains("already"), "{out}");
+    let (_, out, _) = hub.ctl(
+        "ada",
+        &["alarms", "list", "--unacked", "--device", "edge-a"],
+    );
+    assert!(!out.contains(&id), "{out}");
+
+    // The ban is lifted on the box by the security administrator.
+    let (code, _, err) = hub.ctl(
+        "sam",
+        &["alarms", "lift", "127.0.9.9", "--device", "edge-a"],
+    );
+    assert_eq!(code, 77, "{err}");
+    let (code, out, err) = hub.ctl(
+        "sue",
+        &["alarms", "lift", "127.0.9.9", "--device", "edge-a"],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("lifted on edge-a"), "{out}");
+    assert_eq!(post_from("127.0.9.9", ingest), Some(403), "decided again");
+    wait_audit(&hub, "admin.alarm.ack");
+    wait_audit(&hub, "admin.ban.lift");
+    poll_blocking(
+        "the lift in the edge's audit",
+        Duration::from_secs(5),
+        || {
+            let lines = audit_lines(&state);
+            if lines
+                .iter()
+                .any(|l| l.starts_with("ban.lift hub 127.0.9.9 ok"))
+            {
+                Ok(())
+            } else {
+                Err(lines.join("\n"))
+            }
+        },
+    );
+    edge.signal(Signal::SIGKILL);
+
+    // The hub's own alarms are listed beside its devices': bad credentials
+    // on the operators' API (loopback is never banned by this test hub).
+    let forged = "gwa1.sue.0000000000000000000000000000000000000000000000000000000000000000";
+    runtime().block_on(ops_requests(&hub, forged, 6));
+    let own = poll_blocking("the hub's own alarm", Duration::from_secs(10), || {
+        let (_, out, err) = hub.ctl(
+            "ada",
+            &["alarms", "list", "--device", "hub-01", "--format", "json"],
+        );
+        let v: Value = serde_json::from_str(&out).map_err(|e| format!("{e}: {err}"))?;
+        v["alarms"]
+            .as_array()
+            .and_then(|a| a.iter().find(|a| a["rule"] == "D3.handshake").cloned())
+            .ok_or(out)
+    });
+    assert_eq!(own["action"], "alarm (never_ban, not banned)");
+    assert_eq!(own["target"], "operators-api");
+}

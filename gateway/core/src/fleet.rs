@@ -115,6 +115,14 @@ pub enum Message {
         /// What to do.
         kind: CommandKind,
     },
+    /// Hub to edge: lift the ban of an address (the security administrator's);
+    /// answered with a `CommandResult` of the same id.
+    LiftBan {
+        /// Matches the result to the request.
+        id: u64,
+        /// The banned address (or any address of a banned IPv6 /64).
+        address: String,
+    },
     /// Edge to hub.
     CommandResult {
         /// The command's id.
@@ -281,16 +289,28 @@ pub enum Action {
     ConsumerGrant,
     /// Revoke a consumer.
     ConsumerRevoke,
+    /// List intrusion alarms and bans.
+    AlarmsRead,
+    /// Acknowledge an alarm.
+    AlarmAck,
+    /// Lift a ban: who may reach the boundary again is policy.
+    BanLift,
 }
 
 /// Whether `role` may do `action`. Nothing is shared between the system and
-/// security roles' write actions, and the audit role only reads audit.
+/// security roles' write actions, and the audit role only reads (audit and
+/// alarms).
 pub fn allowed(role: AdminRole, action: Action) -> bool {
     use Action as A;
     match role {
         AdminRole::System => matches!(
             action,
-            A::TokenCreate | A::DevicesRead | A::Command | A::ConfigPushOther | A::ConsumerCreate
+            A::TokenCreate
+                | A::DevicesRead
+                | A::Command
+                | A::ConfigPushOther
+                | A::ConsumerCreate
+                | A::AlarmsRead
         ),
         AdminRole::Security => matches!(
             action,
@@ -300,8 +320,11 @@ pub fn allowed(role: AdminRole, action: Action) -> bool {
                 | A::TokenReplace
                 | A::ConsumerGrant
                 | A::ConsumerRevoke
+                | A::AlarmsRead
+                | A::AlarmAck
+                | A::BanLift
         ),
-        AdminRole::Audit => matches!(action, A::AuditRead),
+        AdminRole::Audit => matches!(action, A::AuditRead | A::AlarmsRead),
     }
 }
 

@@ -20,6 +20,7 @@
 //! a write must read again before they assume either outcome.
 
 use gateway_core::audit::Record;
+use gateway_core::detect::Alarm;
 use gateway_core::fleet::AdminRole;
 
 use crate::error::{StoreError, StoreFuture};
@@ -211,6 +212,39 @@ pub trait Registry: Send + Sync {
         by: String,
         now_ms: i64,
     ) -> RegistryFuture<'_, Option<bool>>;
+    /// Keeps intrusion alarms raised by `device` (a hub's own, or taken from
+    /// a device's collected and verified audit chain); an alarm already held
+    /// (same id) is skipped. Returns how many were new.
+    fn add_alarms(&self, device: String, alarms: Vec<Alarm>) -> RegistryFuture<'_, usize>;
+    /// Alarms, newest first.
+    fn alarms(&self, query: AlarmQuery) -> RegistryFuture<'_, Vec<AlarmRow>>;
+    /// Acknowledges alarm `id`: `None` when unknown, else whether it was not
+    /// acknowledged before.
+    fn ack_alarm(&self, id: String, by: String, now_ms: i64) -> RegistryFuture<'_, Option<bool>>;
+}
+
+/// Which alarms to list.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AlarmQuery {
+    /// Only this device's.
+    pub device: Option<String>,
+    /// Only those raised at or after (Unix ms).
+    pub since_ms: Option<i64>,
+    /// Only those not acknowledged.
+    pub unacked: bool,
+    /// At most this many.
+    pub limit: usize,
+}
+
+/// An alarm the hub holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AlarmRow {
+    /// The device that raised it (as its certificate and chain prove).
+    pub device: String,
+    /// The alarm.
+    pub alarm: Alarm,
+    /// Who acknowledged it, and when (Unix ms).
+    pub acked: Option<(String, i64)>,
 }
 
 /// An application that reads the sink, identified by a certificate the hub

@@ -474,3 +474,108 @@ async fn a_read_only_sink_refuses_writes_rather_than_asking_for_a_retry() {
     // Reading still works.
     assert_eq!(s.high(StreamKey::new("d", "c")).await.expect("high"), 0);
 }
+
+fn alarm(id: &str, at_ms: i64) -> gateway_core::detect::Alarm {
+    gateway_core::detect::Alarm {
+        id: id.into(),
+        node: "e1".into(),
+        rule: "D2.scan".into(),
+        severity: "high".into(),
+        attack: "scan".into(),
+        direction: "inbound".into(),
+        source: "192.0.2.1".into(),
+        port: 40_000,
+        device: None,
+        target: "publish 10.0.0.1:443".into(),
+        time: gateway_core::units::rfc3339_cst(at_ms),
+        at_ms,
+        action: "ban".into(),
+        banned_until: None,
+        count: 15,
+        window_ms: 75_000,
+        signature: None,
+    }
+}
+
+/// Alarms from several devices, seen by either hub: each kept once, newest
+/// first, filtered by device, time and acknowledgement; acknowledged once;
+/// pruned with the collected audit.
+async fn alarms_suite(a: &dyn Registry, b: &dyn Registry) {
+    use gateway_store::registry::AlarmQuery;
+    let all = |limit| AlarmQuery {
+        limit,
+        ..AlarmQuery::default()
+    };
+    assert_eq!(
+        a.add_alarms("e1".into(), vec![alarm("x1", 10), alarm("x2", 20)])
+            .await
+            .expect("add"),
+        2
+    );
+    // The other hub collects the same records again, and one more.
+    assert_eq!(
+        b.add_alarms("e1".into(), vec![alarm("x2", 20), alarm("x3", 30)])
+            .await
+            .expect("add"),
+        1
+    );
+    b.add_alarms("e2".into(), vec![alarm("y1", 25)])
+        .await
+        .expect("add");
+    let ids = |rows: Vec<gateway_store::registry::AlarmRow>| -> Vec<String> {
+        rows.into_iter().map(|r| r.alarm.id).collect()
+    };
+    assert_eq!(
+        ids(a.alarms(all(10)).await.expect("list")),
+        ["x3", "y1", "x2", "x1"]
+    );
+    assert_eq!(ids(a.alarms(all(2)).await.expect("list")), ["x3", "y1"]);
+    let e2 = AlarmQuery {
+        device: Some("e2".into()),
+        ..all(10)
+    };
+    assert_eq!(ids(b.alarms(e2).await.expect("list")), ["y1"]);
+    let since = AlarmQuery {
+        since_ms: Some(20),
+        ..all(10)
+    };
+    assert_eq!(
+        ids(a.alarms(since).await.expect("list")),
+        ["x3", "y1", "x2"]
+    );
+    assert_eq!(
+        a.ack_alarm("x3".into(), "wang".into(), 40)
+            .await
+            .expect("ack"),
+        Some(true)
+    );
+    assert_eq!(
+        b.ack_alarm("x3".into(), "li".into(), 41)
+            .await
+            .expect("ack"),
+        Some(false),
+        "acknowledged once"
+    );
+    assert_eq!(
+        b.ack_alarm("nope".into(), "li".into(), 41)
+            .await
+            .expect("ack"),
+        None
+    );
+    let open = AlarmQuery {
+        unacked: true,
+        ..all(10)
+    };
+    assert_eq!(ids(b.alarms(open).await.expect("list")), ["y1", "x2", "x1"]);
+    let rows = a.alarms(all(1)).await.expect("list");
+    assert_eq!(rows[0].acked, Some(("wang".into(), 40)));
+    assert_eq!(rows[0].device, "e1");
+    a.prune_audit(21).await.expect("prune");
+    assert_eq!(ids(b.alarms(all(10)).await.expect("list")), ["x3", "y1"]);
+}
+
+#[tokio::test]
+async fn the_sqlite_registry_keeps_alarms_once_each() {
+    let (_dir, a, b) = two_hubs(|d| SqliteRegistry::open(d).expect("open"));
+    alarms_suite(&a, &b).await;
+}

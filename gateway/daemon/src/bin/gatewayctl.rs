@@ -76,6 +76,48 @@ enum Command {
     /// with their own certificate.
     #[command(subcommand)]
     Consumer(ConsumerCommand),
+    /// Intrusion alarms of the hub and its devices, and bans.
+    #[command(subcommand)]
+    Alarms(AlarmsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum AlarmsCommand {
+    /// Alarms, newest first (any administrator).
+    List {
+        /// Only this device's (the hub's id for its own).
+        #[arg(long)]
+        device: Option<String>,
+        /// Only those raised within this long, e.g. 24h.
+        #[arg(long)]
+        since: Option<String>,
+        /// Only those not acknowledged.
+        #[arg(long)]
+        unacked: bool,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[arg(long, value_enum, default_value = "text")]
+        format: Format,
+    },
+    /// Acknowledge an alarm (security administrator; audited).
+    Ack {
+        /// The alarm's id, as `alarms list` prints it.
+        id: String,
+    },
+    /// Lift a ban (security administrator; audited).
+    Lift {
+        /// The banned address.
+        address: String,
+        /// The device that banned it (default: the hub).
+        #[arg(long)]
+        device: Option<String>,
+    },
+    /// The hub's own bans in force.
+    Bans {
+        #[arg(long, value_enum, default_value = "text")]
+        format: Format,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -463,6 +505,7 @@ async fn go(client: &OpsClient, command: Command) -> Result<(), u8> {
             }
         }
         Command::Consumer(c) => consumer(client, c).await?,
+        Command::Alarms(a) => alarms(client, a).await?,
         Command::Run { device, kind } => {
             let (_, b) = call(
                 client,
@@ -854,4 +897,122 @@ fn verify(file: &std::path::Path, ca: Option<&std::path::Path>) -> u8 {
             BAD_DATA
         }
     }
+}
+
+async fn alarms(client: &OpsClient, command: AlarmsCommand) -> Result<(), u8> {
+    match command {
+        AlarmsCommand::List {
+            device,
+            since,
+            unacked,
+            limit,
+            format,
+        } => {
+            let mut path = format!("/v1/alarms?limit={limit}&unacked={unacked}");
+            if let Some(d) = device {
+                gateway_core::units::check_name("device", &d).map_err(|e| {
+                    eprintln!("error: --device: {}; {}", e.message, e.hint);
+                    USAGE
+                })?;
+                path += &format!("&device={d}");
+            }
+            if let Some(s) = since {
+                let d = gateway_core::units::parse_duration(&s).map_err(|e| {
+                    eprintln!("error: --since: {e}; {}", e.hint);
+                    USAGE
+                })?;
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |t| t.as_millis());
+                let since_ms = now.saturating_sub(d.as_millis());
+                path += &format!("&since_ms={since_ms}");
+            }
+            let (_, b) = call(client, "GET", &path, None).await?;
+            let v = json(&b);
+            match format {
+                Format::Json => {
+                    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default())
+                }
+                Format::Text => print!("{}", alarms_table(&v)),
+            }
+        }
+        AlarmsCommand::Ack { id } => {
+            let (_, b) = call(client, "POST", &format!("/v1/alarms/{id}/ack"), None).await?;
+            if json(&b)["already"].as_bool() == Some(true) {
+                println!("alarm {id} was already acknowledged");
+            } else {
+                println!("alarm {id} acknowledged");
+            }
+        }
+        AlarmsCommand::Lift { address, device } => {
+            let body = serde_json::json!({ "address": address, "device": device }).to_string();
+            let (_, b) = call(
+                client,
+                "POST",
+                "/v1/bans/lift",
+                Some(("application/json", body.as_bytes())),
+            )
+            .await?;
+            let v = json(&b);
+            let on = v["device"].as_str().unwrap_or("?");
+            if v["lifted"].as_bool() == Some(true) {
+                println!("ban of {address} lifted on {on}");
+            } else {
+                println!("{address} was not banned on {on}");
+            }
+        }
+        AlarmsCommand::Bans { format } => {
+            let (_, b) = call(client, "GET", "/v1/bans", None).await?;
+            let v = json(&b);
+            match format {
+                Format::Json => {
+                    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default())
+                }
+                Format::Text => {
+                    let bans = v["bans"].as_array().cloned().unwrap_or_default();
+                    if bans.is_empty() {
+                        println!("no ban in force on {}", v["node"].as_str().unwrap_or("?"));
+                    }
+                    for b in bans {
+                        println!(
+                            "{}  until {}",
+                            b["source"].as_str().unwrap_or("?"),
+                            b["until"].as_str().unwrap_or("?")
+                        );
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Alarms as a table: time, device, severity, rule, source, target, action, count, id.
+fn alarms_table(v: &Value) -> String {
+    let alarms = v["alarms"].as_array().cloned().unwrap_or_default();
+    if alarms.is_empty() {
+        return "no alarm\n".into();
+    }
+    let mut out = String::from(
+        "TIME                           DEVICE         SEVERITY  RULE                 SOURCE                  TARGET                         ACTION  COUNT  ACK       ID\n",
+    );
+    for a in alarms {
+        let s = |k: &str| a[k].as_str().unwrap_or("-").to_owned();
+        let source = format!("{}:{}", s("source"), a["port"].as_u64().unwrap_or(0));
+        let action = if s("action") == "ban" { "ban" } else { "alarm" };
+        out += &format!(
+            "{:<30} {:<14} {:<9} {:<20} {:<23} {:<30} {:<7} {:<6} {:<9} {}\n",
+            s("time"),
+            s("device"),
+            s("severity"),
+            s("rule"),
+            source,
+            s("target"),
+            action,
+            a["count"].as_u64().unwrap_or(0),
+            a["acked_by"].as_str().unwrap_or("-"),
+            s("id"),
+        );
+    }
+    out
 }

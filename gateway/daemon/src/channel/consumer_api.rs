@@ -118,7 +118,8 @@ async fn consumer(api: &Api, peer: &Peer) -> Result<String, Response> {
         Ok(Err(not)) => {
             let reason = not.reason();
             api.ctx.refuse_peer(
-                peer.addr.ip(),
+                peer.addr,
+                true,
                 PeerAttempt::ConsumerCertificate,
                 &reason,
                 not.claimed(),

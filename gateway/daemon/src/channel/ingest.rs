@@ -276,7 +276,7 @@ fn outside_zone(st: &IngestState, peer: SocketAddr) -> Option<Response> {
         return None;
     }
     st.ctx
-        .refuse_peer(peer.ip(), PeerAttempt::IngestAddress, &allowed.reason, "");
+        .refuse_peer(peer, true, PeerAttempt::IngestAddress, &allowed.reason, "");
     Some(answer(
         StatusCode::FORBIDDEN,
         json!({ "error": allowed.reason, "rule": allowed.rule.as_str() }),
@@ -299,7 +299,7 @@ fn producer(
         Ok(p) => Ok(p),
         Err(Unknown::Credential(why)) => {
             st.ctx
-                .refuse_peer(peer.addr.ip(), PeerAttempt::ProducerCredential, why, "");
+                .refuse_peer(peer.addr, true, PeerAttempt::ProducerCredential, why, "");
             let mut r = answer(StatusCode::UNAUTHORIZED, json!({ "error": why }));
             if matches!(*st.producers, Producers::Tokens(_)) {
                 r.headers_mut().insert(

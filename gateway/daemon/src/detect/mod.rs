@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gateway_core::detect::Alarm;
+use tokio::sync::mpsc;
 use tracing::{error, warn};
 
 use crate::node::Ctx;
@@ -40,15 +41,24 @@ pub fn restore(ctx: &Ctx, state_dir: &Path) {
     }
 }
 
-/// Audits and counts alarms, and saves the ban table, until draining.
-pub async fn run(ctx: Arc<Ctx>, state_dir: std::path::PathBuf) {
+/// Audits and counts alarms, hands each to `taps` (a hub's registry; the
+/// SOC forwarders), and saves the ban table, until draining. A tap that is
+/// full misses the alarm (it is in the audit chain all the same).
+pub async fn run(ctx: Arc<Ctx>, state_dir: std::path::PathBuf, taps: Vec<mpsc::Sender<Alarm>>) {
     let Some(mut alarms) = ctx.guard.alarms() else {
         return;
     };
     let mut tick = tokio::time::interval(TICK);
     loop {
         tokio::select! {
-            Some(a) = alarms.recv() => raise(&ctx, &a),
+            Some(a) = alarms.recv() => {
+                raise(&ctx, &a);
+                for t in &taps {
+                    if t.try_send(a.clone()).is_err() {
+                        ctx.metrics.alarm_lost();
+                    }
+                }
+            }
             _ = tick.tick() => {
                 ctx.guard.tick(&ctx.metrics);
                 save(&ctx, &state_dir);
@@ -58,6 +68,9 @@ pub async fn run(ctx: Arc<Ctx>, state_dir: std::path::PathBuf) {
     }
     while let Ok(a) = alarms.try_recv() {
         raise(&ctx, &a);
+        for t in &taps {
+            let _ = t.try_send(a.clone());
+        }
     }
     save(&ctx, &state_dir);
 }

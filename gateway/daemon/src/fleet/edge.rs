@@ -303,6 +303,20 @@ pub async fn session(
                         let _ = fleet.requests.send(Request::Reconnect).await;
                         break;
                     }
+                    Message::LiftBan { id, address } => {
+                        let (ok, output) = match address.parse::<std::net::IpAddr>() {
+                            Ok(ip) => {
+                                let lifted = ctx.guard.lift(ip);
+                                info!(%ip, lifted, "Remote command: lift a ban");
+                                ctx.audit.record("hub", &ip.to_string(), "ban.lift", "ok", "", format!("lifted={lifted}"));
+                                (lifted, if lifted { "lifted" } else { "not banned" }.to_owned())
+                            }
+                            Err(_) => (false, "not an IP address".to_owned()),
+                        };
+                        if write_msg(&mut send, &Message::CommandResult { id, ok, output }).await.is_err() {
+                            break;
+                        }
+                    }
                     Message::Command { id, kind } => {
                         let (ok, output) = command(&fleet, &ctx, kind);
                         if write_msg(&mut send, &Message::CommandResult { id, ok, output }).await.is_err() {

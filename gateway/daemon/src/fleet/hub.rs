@@ -24,6 +24,7 @@ use crate::tunnel::accept::Refusal;
 use crate::tunnel::devices::Devices;
 use crate::tunnel::pki;
 use crate::tunnel::pki::Signer;
+use gateway_core::detect::Alarm;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -218,8 +219,13 @@ impl Fleet {
                 if !live.is_empty() {
                     self.duplicate(device, serial, &live, remote, "refused");
                 }
-                self.ctx
-                    .refuse_peer(remote.ip(), PeerAttempt::SupersededCertificate, &reason, "");
+                self.ctx.refuse_peer(
+                    remote,
+                    true,
+                    PeerAttempt::SupersededCertificate,
+                    &reason,
+                    "",
+                );
                 Err(Refusal::Superseded)
             }
             Ok(admitted) => {
@@ -347,10 +353,20 @@ impl Fleet {
         device: &str,
         kind: CommandKind,
     ) -> Result<CommandAnswer, OpsError> {
+        self.ask(device, |id| Message::Command { id, kind }).await
+    }
+
+    /// Sends `device` the request `make` builds with a fresh id and waits (20 s
+    /// at most) for the `CommandResult` of that id.
+    async fn ask(
+        &self,
+        device: &str,
+        make: impl FnOnce(u64) -> Message,
+    ) -> Result<CommandAnswer, OpsError> {
         let id = self.next_command.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         lock(&self.pending).insert(id, tx);
-        if !self.send(device, Message::Command { id, kind }) {
+        if !self.send(device, make(id)) {
             lock(&self.pending).remove(&id);
             return Err(OpsError::Offline(device.to_owned()));
         }
@@ -359,6 +375,32 @@ impl Fleet {
             _ => {
                 lock(&self.pending).remove(&id);
                 Err(OpsError::Timeout(device.to_owned(), 20))
+            }
+        }
+    }
+
+    /// Lifts the ban of `address` on `device` (the edge answers like a command).
+    ///
+    /// # Errors
+    /// [`OpsError`] when the device is offline or does not answer.
+    pub async fn lift_ban(&self, device: &str, address: String) -> Result<CommandAnswer, OpsError> {
+        self.ask(device, |id| Message::LiftBan { id, address })
+            .await
+    }
+
+    /// Keeps this hub's own alarms in the registry, beside those its devices
+    /// ship in their audit chains.
+    pub async fn keep_own_alarms(self: Arc<Self>, mut rx: mpsc::Receiver<Alarm>) {
+        while let Some(a) = rx.recv().await {
+            let mut batch = vec![a];
+            while batch.len() < 256 {
+                match rx.try_recv() {
+                    Ok(a) => batch.push(a),
+                    Err(_) => break,
+                }
+            }
+            if let Err(e) = self.reg.add_alarms(self.ctx.id.clone(), batch).await {
+                error!(%e, "Cannot keep this hub's alarms in the registry (they are in its audit chain)");
             }
         }
     }
@@ -380,7 +422,8 @@ impl Fleet {
         let remote = conn.remote_address();
         let Some(from_slot) = SourceSlot::take(&self.enrolling_from, remote.ip()) else {
             self.ctx.refuse_peer(
-                remote.ip(),
+                remote,
+                true,
                 PeerAttempt::EnrollmentConnection,
                 &format!(
                     "more than {MAX_ENROLLING_PER_SOURCE} enrollments at once from this address"
@@ -401,7 +444,8 @@ impl Fleet {
         .await;
         let Ok(Some((mut send, req))) = request else {
             self.ctx.refuse_peer(
-                remote.ip(),
+                remote,
+                true,
                 PeerAttempt::EnrollmentConnection,
                 &format!(
                     "no enrollment request (at most {MAX_ENROLL_REQUEST} bytes) within {} s",
@@ -441,7 +485,7 @@ impl Fleet {
         let refuse = |reason: String| {
             let claimed = format!("device {device}");
             self.ctx
-                .refuse_peer(remote.ip(), PeerAttempt::Enrollment, &reason, &claimed);
+                .refuse_peer(remote, true, PeerAttempt::Enrollment, &reason, &claimed);
             EnrollAnswer::Refused {
                 reason: gateway_core::refusals::peer_text(&reason),
             }
@@ -722,8 +766,15 @@ impl Fleet {
 
     async fn collect(&self, device: &str, records: Vec<gateway_core::audit::Record>) {
         let n = records.len();
+        let alarms = alarms_in(device, &records);
         match self.reg.append_audit(device.to_owned(), records).await {
-            Ok(Ok(_)) => {}
+            Ok(Ok(_)) if alarms.is_empty() => {}
+            Ok(Ok(_)) => {
+                // Kept only once the chain they came in verified.
+                if let Err(e) = self.reg.add_alarms(device.to_owned(), alarms).await {
+                    error!(%device, %e, "Cannot keep the device's alarms");
+                }
+            }
             Ok(Err(problem)) => {
                 // The registry and the metric say so before the log does.
                 self.ctx.metrics.audit_alarm(device);
@@ -834,4 +885,22 @@ fn export_key(
     )
     .ok()?;
     Some((pair, std::fs::read_to_string(cert).ok()?))
+}
+
+/// The alarms among a device's collected records: `detect.alarm` records of
+/// that device whose alarm names it as the node and carries its id prefix
+/// (so one device cannot shadow another's alarm ids).
+fn alarms_in(device: &str, records: &[gateway_core::audit::Record]) -> Vec<Alarm> {
+    records
+        .iter()
+        .filter(|r| r.event.event == "detect.alarm" && r.event.device == device)
+        .filter_map(|r| serde_json::from_str::<Alarm>(&r.event.detail).ok())
+        .filter(|a| {
+            let ok = a.node == device && a.id.starts_with(&format!("{device}-"));
+            if !ok {
+                warn!(%device, id = %a.id, node = %a.node, "An alarm naming another node was not kept");
+            }
+            ok
+        })
+        .collect()
 }

@@ -102,6 +102,8 @@ fn role_for(action: Action) -> &'static str {
         | Action::ConsumerGrant
         | Action::ConsumerRevoke => "security administrator",
         Action::AuditRead => "audit administrator",
+        Action::AlarmAck | Action::BanLift => "security administrator",
+        Action::AlarmsRead => "system, security or audit administrator",
         Action::DevicesRead => "system or security administrator",
     }
 }
@@ -149,7 +151,8 @@ struct Peer(SocketAddr);
 async fn account(fleet: &Fleet, caller: &Caller) -> Result<(String, AdminRole), ApiError> {
     let refuse = |reason: &str, claimed: &str| {
         fleet.ctx().refuse_peer(
-            caller.peer.ip(),
+            caller.peer,
+            true,
             PeerAttempt::OperatorCredential,
             reason,
             claimed,
@@ -244,6 +247,10 @@ pub async fn serve(
             post(consumer_revoke_grant),
         )
         .route("/v1/consumers/{name}/revoke", post(consumer_revoke))
+        .route("/v1/alarms", get(alarms_list))
+        .route("/v1/alarms/{id}/ack", post(alarm_ack))
+        .route("/v1/bans", get(bans_list))
+        .route("/v1/bans/lift", post(ban_lift))
         .with_state(fleet);
     let listener = http::Listener {
         tcp: listener,
@@ -1039,6 +1046,155 @@ async fn consumer_revoke(
     );
     Ok(axum::Json(
         json!({ "consumer": name, "revoked": true, "already": !fresh, "grants": grants }),
+    )
+    .into_response())
+}
+
+/// The most alarms one listing returns.
+const MAX_ALARMS_LISTED: usize = 10_000;
+
+#[derive(Deserialize)]
+struct AlarmsQuery {
+    device: Option<String>,
+    since_ms: Option<i64>,
+    #[serde(default)]
+    unacked: bool,
+    limit: Option<usize>,
+}
+
+fn alarm_json(row: &gateway_store::registry::AlarmRow) -> Value {
+    let mut v = serde_json::to_value(&row.alarm).unwrap_or(Value::Null);
+    v["device"] = Value::String(row.device.clone());
+    v["acked_by"] = row
+        .acked
+        .as_ref()
+        .map_or(Value::Null, |(by, _)| Value::String(by.clone()));
+    v["acked_ms"] = row.acked.as_ref().map_or(Value::Null, |(_, at)| json!(at));
+    v
+}
+
+async fn alarms_list(
+    State(fleet): State<Arc<Fleet>>,
+    caller: Caller,
+    Query(q): Query<AlarmsQuery>,
+) -> Answer {
+    authorize(&fleet, &caller, Action::AlarmsRead, "read alarms", "alarms").await?;
+    if let Some(d) = &q.device {
+        checked_id(d)?;
+    }
+    let query = gateway_store::registry::AlarmQuery {
+        device: q.device,
+        since_ms: q.since_ms,
+        unacked: q.unacked,
+        limit: q.limit.unwrap_or(1_000).min(MAX_ALARMS_LISTED),
+    };
+    let rows = fleet.registry().alarms(query).await.map_err(internal)?;
+    let alarms: Vec<Value> = rows.iter().map(alarm_json).collect();
+    Ok(axum::Json(json!({ "alarms": alarms })).into_response())
+}
+
+async fn alarm_ack(
+    State(fleet): State<Arc<Fleet>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Answer {
+    let (by, _) = authorize(&fleet, &caller, Action::AlarmAck, "acknowledge alarms", &id).await?;
+    if id.len() > 200
+        || !id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "an alarm id is letters, digits, - and _ (as `gatewayctl alarms list` prints it)"
+                .into(),
+        ));
+    }
+    match fleet
+        .registry()
+        .ack_alarm(id.clone(), by.clone(), now_ms())
+        .await
+        .map_err(internal)?
+    {
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no alarm {id}"),
+        )),
+        Some(fresh) => {
+            if fresh {
+                audit_ok(&fleet, &by, "alarm.ack", &id, String::new());
+            }
+            Ok(
+                axum::Json(json!({ "alarm": id, "acked": true, "already": !fresh }))
+                    .into_response(),
+            )
+        }
+    }
+}
+
+async fn bans_list(State(fleet): State<Arc<Fleet>>, caller: Caller) -> Answer {
+    authorize(&fleet, &caller, Action::AlarmsRead, "read alarms", "bans").await?;
+    let bans: Vec<Value> = fleet
+        .ctx()
+        .guard
+        .active_bans()
+        .into_iter()
+        .map(|(ip, until)| {
+            json!({
+                "source": ip.to_string(),
+                "until_ms": until,
+                "until": gateway_core::units::rfc3339_cst(until),
+            })
+        })
+        .collect();
+    Ok(axum::Json(json!({ "node": fleet.ctx().id, "bans": bans })).into_response())
+}
+
+#[derive(Deserialize)]
+struct LiftRequest {
+    address: String,
+    device: Option<String>,
+}
+
+async fn ban_lift(
+    State(fleet): State<Arc<Fleet>>,
+    caller: Caller,
+    axum::Json(r): axum::Json<LiftRequest>,
+) -> Answer {
+    let (by, _) = authorize(&fleet, &caller, Action::BanLift, "lift bans", &r.address).await?;
+    let Ok(ip) = r.address.parse::<std::net::IpAddr>() else {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "{:?} is not an IP address",
+                gateway_core::refusals::peer_text(&r.address)
+            ),
+        ));
+    };
+    let here = fleet.ctx().id.clone();
+    let device = r.device.unwrap_or_else(|| here.clone());
+    checked_id(&device)?;
+    let (lifted, output) = if device == here {
+        let lifted = fleet.ctx().guard.lift(ip);
+        (
+            lifted,
+            if lifted { "lifted" } else { "not banned" }.to_owned(),
+        )
+    } else {
+        fleet
+            .lift_ban(&device, ip.to_string())
+            .await
+            .map_err(|e| ApiError::new(StatusCode::GATEWAY_TIMEOUT, e.to_string()))?
+    };
+    audit_ok(
+        &fleet,
+        &by,
+        "ban.lift",
+        &ip.to_string(),
+        format!("device={device} lifted={lifted}"),
+    );
+    Ok(axum::Json(
+        json!({ "device": device, "address": ip.to_string(), "lifted": lifted, "output": output }),
     )
     .into_response())
 }

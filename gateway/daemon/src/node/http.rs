@@ -284,7 +284,8 @@ pub async fn serve<T, F>(
                 drop(stream);
                 if let Some(ctx) = &ctx {
                     ctx.refuse_peer(
-                        addr.ip(),
+                        addr,
+                        true,
                         PeerAttempt::ConnectionCap,
                         &format!("{what}: {reason}"),
                         "",

@@ -356,16 +356,25 @@ impl Ctx {
             .refused(object, if why.is_empty() { "refused" } else { why });
     }
 
-    /// An unauthenticated peer at `peer` refused: the first of each (address,
+    /// An unauthenticated peer at `addr` refused (`proven`: its address is,
+    /// a TCP or QUIC peer; a UDP datagram's is not): the first of each (address,
     /// attempt) in a window is logged and audited at once, with the address as
     /// subject and what the peer claimed (`claimed`, capped and escaped) in the
     /// detail; the rest are counted and summarised by [`watch_refusals`].
-    pub fn refuse_peer(&self, peer: IpAddr, attempt: PeerAttempt, reason: &str, claimed: &str) {
+    pub fn refuse_peer(
+        &self,
+        addr: std::net::SocketAddr,
+        proven: bool,
+        attempt: PeerAttempt,
+        reason: &str,
+        claimed: &str,
+    ) {
+        let peer = addr.ip();
         self.metrics.refused(attempt.object(), attempt.kind());
         let (signal, direction) = attempt.signal();
         let report = guard::Report {
-            peer: std::net::SocketAddr::new(peer, 0),
-            verified: true,
+            peer: addr,
+            verified: proven,
             direction,
             target: attempt.object(),
             device: None,

@@ -67,7 +67,8 @@ pub async fn accept_loop<F, R>(
                     Err(reason) => {
                         reset_tcp(&tcp);
                         ctx.refuse_peer(
-                            peer.ip(),
+                            peer,
+                            true,
                             PeerAttempt::ConnectionCap,
                             &format!("{what} {listen}: {reason}"),
                             "",

@@ -42,6 +42,8 @@ pub(super) struct Started {
     pub quic_addr: Option<SocketAddr>,
     /// The operators' API address, with `[hub].ops`.
     pub ops_addr: Option<SocketAddr>,
+    /// Where this hub's own alarms go into the registry.
+    pub alarms: tokio::sync::mpsc::Sender<gateway_core::detect::Alarm>,
 }
 
 /// Binds and starts everything of hub `h`.
@@ -119,6 +121,8 @@ pub(super) fn start(
         (&h.settings.cert.path, &h.settings.key.path),
     );
     tokio::spawn(fleet.clone().prune_loop(retention_days));
+    let (alarms, own_alarms) = tokio::sync::mpsc::channel(1024);
+    tokio::spawn(fleet.clone().keep_own_alarms(own_alarms));
     tokio::spawn(fleet.clone().revocation_sweep());
     let mut ops_addr = None;
     if let Some(ops) = h.settings.ops {
@@ -159,6 +163,7 @@ pub(super) fn start(
         devices,
         quic_addr,
         ops_addr,
+        alarms,
     })
 }
 

@@ -216,6 +216,7 @@ pub async fn start(config: Config, mut bindings: Bindings) -> Result<Running, St
         servers: Vec::new(),
         admin_stop: CancellationToken::new(),
     };
+    let mut taps = Vec::new();
     let (endpoints, state, quic_addr, ops_addr, readiness) = match &role {
         Role::Hub(h) => {
             let started = hub::start(
@@ -226,6 +227,7 @@ pub async fn start(config: Config, mut bindings: Bindings) -> Result<Running, St
                 retention_days,
                 &mut tasks,
             )?;
+            taps.push(started.alarms);
             (
                 started.endpoints,
                 RoleState::Hub(started.devices),
@@ -247,7 +249,7 @@ pub async fn start(config: Config, mut bindings: Bindings) -> Result<Running, St
         }
     };
     tokio::spawn(crate::node::watch_refusals(ctx.clone()));
-    tokio::spawn(crate::detect::run(ctx.clone(), state_dir.clone()));
+    tokio::spawn(crate::detect::run(ctx.clone(), state_dir.clone(), taps));
     let admin_listener = crate::node::http::Listener {
         tcp: admin_listener,
         security: crate::node::http::Security::Plain,

@@ -21,10 +21,12 @@ pub use registry::SqliteRegistry;
 pub use sink::{SinkError, SqliteSink};
 
 use crate::error::{StoreError, StoreFuture};
+use gateway_core::detect::Alarm;
+
 use crate::registry::{
-    Admission, AppliedReport, AuditExport, ConfigPush, ConsumerRow, DeviceRow, Enrollment,
-    NewAccount, NewConsumer, NewToken, Registry, RegistryError, RegistryFuture, Renewal,
-    SignCertificate,
+    Admission, AlarmQuery, AlarmRow, AppliedReport, AuditExport, ConfigPush, ConsumerRow,
+    DeviceRow, Enrollment, NewAccount, NewConsumer, NewToken, Registry, RegistryError,
+    RegistryFuture, Renewal, SignCertificate,
 };
 use crate::sink::{Acked, Committed, Expired, Grant, Sink, SinkBatch, Stored, Stream, StreamKey};
 
@@ -325,5 +327,17 @@ impl Registry for Blocking<SqliteRegistry> {
         now_ms: i64,
     ) -> RegistryFuture<'_, Option<bool>> {
         self.run(move |r| r.revoke_consumer(&name, &by, now_ms))
+    }
+
+    fn add_alarms(&self, device: String, alarms: Vec<Alarm>) -> RegistryFuture<'_, usize> {
+        self.run(move |r| r.add_alarms(&device, &alarms))
+    }
+
+    fn alarms(&self, query: AlarmQuery) -> RegistryFuture<'_, Vec<AlarmRow>> {
+        self.run(move |r| r.alarms(&query))
+    }
+
+    fn ack_alarm(&self, id: String, by: String, now_ms: i64) -> RegistryFuture<'_, Option<bool>> {
+        self.run(move |r| r.ack_alarm(&id, &by, now_ms))
     }
 }

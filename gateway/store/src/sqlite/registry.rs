@@ -23,7 +23,11 @@ use gateway_core::audit::{self, Hash, Record, Verifier};
 use gateway_core::fleet::AdminRole;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
-use crate::registry::{Admission, ConsumerRow, DeviceRow, NewConsumer, RegistryError};
+use gateway_core::detect::Alarm;
+
+use crate::registry::{
+    Admission, AlarmQuery, AlarmRow, ConsumerRow, DeviceRow, NewConsumer, RegistryError,
+};
 
 /// File name inside the hub's state directory.
 pub const FILE_NAME: &str = "fleet.sqlite";
@@ -92,6 +96,15 @@ CREATE TABLE IF NOT EXISTS edge_audit (
     json    TEXT NOT NULL,
     PRIMARY KEY (device, seq)
 ) STRICT;
+CREATE TABLE IF NOT EXISTS alarm (
+    id        TEXT PRIMARY KEY,
+    device    TEXT NOT NULL,
+    time_ms   INTEGER NOT NULL,
+    json      TEXT NOT NULL,
+    acked_by  TEXT,
+    acked_ms  INTEGER
+) STRICT;
+CREATE INDEX IF NOT EXISTS alarm_time ON alarm (time_ms);
 CREATE TABLE IF NOT EXISTS edge_audit_head (
     device      TEXT PRIMARY KEY,
     anchor_seq  INTEGER NOT NULL,
@@ -985,11 +998,104 @@ impl SqliteRegistry {
     /// # Errors
     /// SQLite.
     pub fn prune_audit(&mut self, before_ms: i64) -> Result<usize, RegistryError> {
+        self.db
+            .execute("DELETE FROM alarm WHERE time_ms < ?1", [before_ms])?;
         Ok(self.db.execute(
             "DELETE FROM edge_audit WHERE time_ms < ?1
              AND seq < (SELECT head_seq FROM edge_audit_head h WHERE h.device = edge_audit.device)",
             [before_ms],
         )?)
+    }
+
+    /// Keeps `alarms` of `device`, skipping ids already held; how many were new.
+    ///
+    /// # Errors
+    /// SQLite.
+    pub fn add_alarms(&mut self, device: &str, alarms: &[Alarm]) -> Result<usize, RegistryError> {
+        let tx = self.db.transaction()?;
+        let mut added = 0;
+        {
+            let mut st = tx.prepare_cached(
+                "INSERT OR IGNORE INTO alarm (id, device, time_ms, json) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for a in alarms {
+                let json = serde_json::to_string(a).unwrap_or_default();
+                added += st.execute(params![a.id, device, a.at_ms, json])?;
+            }
+        }
+        tx.commit()?;
+        Ok(added)
+    }
+
+    /// Alarms matching `q`, newest first.
+    ///
+    /// # Errors
+    /// SQLite.
+    pub fn alarms(&self, q: &AlarmQuery) -> Result<Vec<AlarmRow>, RegistryError> {
+        let mut st = self.db.prepare_cached(
+            "SELECT device, json, acked_by, acked_ms FROM alarm
+             WHERE (?1 IS NULL OR device = ?1) AND time_ms >= ?2 AND (?3 = 0 OR acked_by IS NULL)
+             ORDER BY time_ms DESC, id LIMIT ?4",
+        )?;
+        let limit = i64::try_from(q.limit).unwrap_or(i64::MAX);
+        let rows = st.query_map(
+            params![
+                q.device,
+                q.since_ms.unwrap_or(i64::MIN),
+                i64::from(q.unacked),
+                limit
+            ],
+            |r| {
+                let json: String = r.get(1)?;
+                let by: Option<String> = r.get(2)?;
+                let at: Option<i64> = r.get(3)?;
+                Ok((r.get::<_, String>(0)?, json, by.zip(at)))
+            },
+        )?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (device, json, acked) = row?;
+            // Stored by this registry from a verified record; one that does
+            // not read back is skipped rather than failing the listing.
+            if let Ok(alarm) = serde_json::from_str(&json) {
+                out.push(AlarmRow {
+                    device,
+                    alarm,
+                    acked,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Acknowledges alarm `id`: `None` when unknown, else whether it was not
+    /// acknowledged before.
+    ///
+    /// # Errors
+    /// SQLite.
+    pub fn ack_alarm(
+        &mut self,
+        id: &str,
+        by: &str,
+        now_ms: i64,
+    ) -> Result<Option<bool>, RegistryError> {
+        let acked: Option<Option<String>> = self
+            .db
+            .query_row("SELECT acked_by FROM alarm WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        match acked {
+            None => Ok(None),
+            Some(Some(_)) => Ok(Some(false)),
+            Some(None) => {
+                self.db.execute(
+                    "UPDATE alarm SET acked_by = ?2, acked_ms = ?3 WHERE id = ?1",
+                    params![id, by, now_ms],
+                )?;
+                Ok(Some(true))
+            }
+        }
     }
 }
 

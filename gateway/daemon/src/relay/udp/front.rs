@@ -250,7 +250,8 @@ pub async fn front(ctx: Arc<Ctx>, front: Front, socket: Arc<UdpSocket>) {
                 format!("{MAX_FLOWS} UDP flows open, the most this listener keeps")
             };
             ctx.refuse_peer(
-                client.ip(),
+                client,
+                false,
                 crate::node::PeerAttempt::ConnectionCap,
                 &reason,
                 "",
