@@ -7,24 +7,10 @@
 
 mod net;
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::time::Duration;
 
 use net::*;
-
-/// A TCP connection from `from` to `to`, then closed; whether the server
-/// accepted and reset it (policy refusal or ban both reset).
-fn knock(from: &str, to: SocketAddr) {
-    let sock =
-        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
-    let src: IpAddr = from.parse().expect("ip");
-    sock.bind(&SocketAddr::new(src, 0).into()).expect("bind");
-    let _ = sock.connect_timeout(&to.into(), Duration::from_secs(2));
-    let s: std::net::TcpStream = sock.into();
-    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    let mut buf = [0u8; 1];
-    let _ = std::io::Read::read(&mut &s, &mut buf);
-}
 
 /// The alarms in a node's audit chain: (source, rule, the alarm's JSON).
 fn alarms(state: &std::path::Path) -> Vec<(String, String, serde_json::Value)> {

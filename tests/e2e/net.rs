@@ -122,6 +122,20 @@ impl<'a> HubSpec<'a> {
 /// alarmed about, never banned.
 pub const LOOPBACK_NEVER_BANNED: &str = "\n[detect]\nnever_ban = [\"127.0.0.0/8\"]\n";
 
+/// A TCP connection from `from` to `to`, then closed once the server has
+/// answered or reset it (a policy refusal and a ban both reset).
+pub fn knock(from: &str, to: SocketAddr) {
+    let sock =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    let src: std::net::IpAddr = from.parse().expect("ip");
+    sock.bind(&SocketAddr::new(src, 0).into()).expect("bind");
+    let _ = sock.connect_timeout(&to.into(), Duration::from_secs(2));
+    let s: std::net::TcpStream = sock.into();
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut buf = [0u8; 1];
+    let _ = std::io::Read::read(&mut &s, &mut buf);
+}
+
 /// Waits for an edge's tunnel to be up.
 pub async fn ready(edge: &EdgeNode) {
     wait_for("the edge's tunnel", Duration::from_secs(10), || {

@@ -387,7 +387,7 @@ impl Secret {
 /// could otherwise redirect a published service or the whole box). So is
 /// `[detect]`: turning detection off or exempting a source is a boundary
 /// decision.
-const POLICY_TABLES: &[&str] = &["zone", "detect"];
+const POLICY_TABLES: &[&str] = &["zone", "detect", "alarms"];
 const POLICY_KEYS: &[(&str, &[&str])] = &[
     (
         "service",

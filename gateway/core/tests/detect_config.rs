@@ -133,3 +133,53 @@ colour = "red"
         "{text:?}"
     );
 }
+
+#[test]
+fn alarm_targets_need_their_ca_and_tls() {
+    let (config, diags) = compile(&hub(r#"
+[alarms]
+syslog = "soc.example.gov:6514"
+syslog_ca = "/etc/gatewayd/soc-ca.pem"
+webhook = "https://soc.example.gov/api/alarms?src=gw"
+webhook_ca = "/etc/gatewayd/soc-ca.pem"
+webhook_token_file = "/etc/gatewayd/soc.token"
+min_severity = "medium"
+down_after = "2m"
+"#));
+    let a = config.unwrap_or_else(|| panic!("{diags:?}")).alarms;
+    let w = a.webhook.expect("webhook");
+    assert_eq!(
+        (w.address.host.as_str(), w.address.port.get()),
+        ("soc.example.gov", 443)
+    );
+    assert_eq!(w.path, "/api/alarms?src=gw");
+    assert_eq!(a.syslog.expect("syslog").address.port.get(), 6514);
+    assert_eq!(a.min_severity, gateway_core::detect::Severity::Medium);
+    assert_eq!(a.down_after, std::time::Duration::from_secs(120));
+
+    let (config, diags) = compile(&hub(r#"
+[alarms]
+syslog = "soc.example.gov:6514"
+webhook = "http://soc.example.gov/alarms"
+webhook_ca = "/etc/gatewayd/soc-ca.pem"
+syslog_cert = "/etc/gatewayd/gw.pem"
+min_severity = "severe"
+"#));
+    assert!(config.is_none());
+    let text: Vec<String> = diags
+        .iter()
+        .map(|d| format!("{} {}", d.location.line, d.message))
+        .collect();
+    for (line, says) in [
+        (15, "alarms.syslog: the collector's CA is missing"),
+        (16, "not an https:// URL"),
+        (18, "alarms.syslog_cert and alarms.syslog_key go together"),
+        (19, "alarms.min_severity: unknown severity"),
+    ] {
+        assert!(
+            text.iter()
+                .any(|t| t.starts_with(&format!("{line} ")) && t.contains(says)),
+            "{says} at line {line}: {text:?}"
+        );
+    }
+}

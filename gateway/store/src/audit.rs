@@ -345,6 +345,44 @@ impl AuditLog {
         }
         Ok(out)
     }
+
+    /// Up to `limit` records of kind `event` after sequence number `after`,
+    /// in order, and the last sequence number looked at (`after` when the
+    /// chain has nothing newer): a reader follows one kind of event through
+    /// the chain without reading every record into memory.
+    ///
+    /// # Errors
+    /// When the database cannot be read.
+    pub fn events_after(
+        &self,
+        event: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<(Vec<Record>, u64), VerifyError> {
+        // The head first: a record committed meanwhile is after it, never skipped.
+        let head: i64 =
+            self.conn
+                .query_row("SELECT COALESCE(MAX(seq), 0) FROM audit", [], |r| r.get(0))?;
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT seq, time_ms, device, subject, object, event, outcome, rule, detail, prev_hash, hash
+             FROM audit WHERE seq > ?1 AND seq <= ?2 AND event = ?3 ORDER BY seq LIMIT ?4",
+        )?;
+        let mut rows = stmt.query(params![
+            seq_i64(after),
+            head,
+            event,
+            i64::try_from(limit).unwrap_or(i64::MAX)
+        ])?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next()? {
+            out.push(read_record(row)?);
+        }
+        let seen = match out.last() {
+            Some(r) if out.len() >= limit => r.seq,
+            _ => u64::try_from(head).unwrap_or(0).max(after),
+        };
+        Ok((out, seen))
+    }
 }
 
 fn seq_i64(seq: u64) -> i64 {

@@ -20,8 +20,7 @@ use super::*;
 use crate::diag::{Diagnostic, LineIndex, Location};
 use crate::units::{self, ByteSize, Cidr, Date, HostPort, ValueError};
 
-const SECTIONS: &str =
-    "node, zone, uplink, service, access, channel, ingest, audit, admin, detect, hub, publish";
+const SECTIONS: &str = "node, zone, uplink, service, access, channel, ingest, audit, admin, detect, alarms, hub, publish";
 
 /// Compiles TOML text into a [`Config`] (when there is no error) and the
 /// diagnostics found. Boundary rules are not applied here; see [`super::load`].
@@ -55,6 +54,7 @@ struct RawDoc {
     audit: Option<(RawAudit, Range<usize>)>,
     admin: Option<RawAdmin>,
     detect: Option<RawDetect>,
+    alarms: Option<RawAlarms>,
     hub: Option<(RawHub, Range<usize>)>,
     publishes: Vec<(RawPublish, Range<usize>)>,
     /// Sections present but malformed: their absence must not be reported again.
@@ -348,6 +348,7 @@ impl Compiler<'_> {
                 "admin" => raw.admin = self.one(value, "admin", &mut raw.broken).map(|(t, _)| t),
                 "hub" => raw.hub = self.one(value, "hub", &mut raw.broken),
                 "detect" => raw.detect = self.one(value, "detect", &mut raw.broken).map(|(t, _)| t),
+                "alarms" => raw.alarms = self.one(value, "alarms", &mut raw.broken).map(|(t, _)| t),
                 "zone" => {
                     raw.zones = self
                         .many(value, "zone")
@@ -485,6 +486,7 @@ impl Compiler<'_> {
         let zones = self.zones(raw.zones);
         let audit = self.audit(raw.audit);
         let detect = raw.detect.take().map(|d| self.detect(d));
+        let alarms = raw.alarms.take().map(|a| self.alarms(a));
         let admin = self.admin(raw.admin);
 
         let role = match role {
@@ -577,6 +579,7 @@ impl Compiler<'_> {
             audit,
             admin,
             detect: detect.unwrap_or_else(|| Some(Detect::default()))?,
+            alarms: alarms.unwrap_or_else(|| Some(AlarmForwarding::default()))?,
         })
     }
 
@@ -924,6 +927,139 @@ impl Compiler<'_> {
             );
         }
         n
+    }
+
+    /// `[alarms]`: each target with its CA; a key without its target, or a
+    /// target without its CA, is an error.
+    fn alarms(&mut self, a: RawAlarms) -> Option<AlarmForwarding> {
+        let mut ok = true;
+        let min_severity = match &a.min_severity {
+            None => crate::detect::Severity::Low,
+            Some(s) => match crate::detect::Severity::parse(s.get_ref()) {
+                Some(v) => v,
+                None => {
+                    self.error(
+                        &s.span(),
+                        format!("alarms.min_severity: unknown severity {:?}", s.get_ref()),
+                        "write one of \"low\", \"medium\", \"high\", \"critical\"",
+                    );
+                    ok = false;
+                    crate::detect::Severity::Low
+                }
+            },
+        };
+        let needs = |c: &mut Self, v: &Option<S>, key: &str, target: &str| {
+            if let Some(s) = v {
+                c.error(
+                    &s.span(),
+                    format!("alarms.{key} is set but alarms.{target} is not"),
+                    format!("add alarms.{target}, or remove alarms.{key}"),
+                );
+                false
+            } else {
+                true
+            }
+        };
+        let syslog = match &a.syslog {
+            None => {
+                ok &= needs(self, &a.syslog_ca, "syslog_ca", "syslog")
+                    & needs(self, &a.syslog_cert, "syslog_cert", "syslog")
+                    & needs(self, &a.syslog_key, "syslog_key", "syslog");
+                None
+            }
+            Some(addr) => {
+                let address = self.parsed::<HostPort>(addr, "alarms.syslog");
+                let ca = match &a.syslog_ca {
+                    Some(p) => self.file(p, "alarms.syslog_ca"),
+                    None => {
+                        self.error(
+                            &addr.span(),
+                            "alarms.syslog: the collector's CA is missing",
+                            "add alarms.syslog_ca, the CA file that signed the collector's certificate (alarms go over TLS only)",
+                        );
+                        None
+                    }
+                };
+                let client = match (&a.syslog_cert, &a.syslog_key) {
+                    (None, None) => Some(None),
+                    (Some(c), Some(k)) => {
+                        let c = self.file(c, "alarms.syslog_cert");
+                        let k = self.file(k, "alarms.syslog_key");
+                        c.zip(k).map(Some)
+                    }
+                    (Some(s), None) | (None, Some(s)) => {
+                        self.error(
+                            &s.span(),
+                            "alarms.syslog_cert and alarms.syslog_key go together",
+                            "give both (a client certificate for the collector) or neither",
+                        );
+                        None
+                    }
+                };
+                match (address, ca, client) {
+                    (Some(address), Some(ca), Some(client)) => Some(SyslogTarget {
+                        address,
+                        ca,
+                        client,
+                    }),
+                    _ => {
+                        ok = false;
+                        None
+                    }
+                }
+            }
+        };
+        let webhook = match &a.webhook {
+            None => {
+                ok &= needs(self, &a.webhook_ca, "webhook_ca", "webhook")
+                    & needs(self, &a.webhook_token_file, "webhook_token_file", "webhook");
+                None
+            }
+            Some(url) => {
+                let target = match parse_https_url(url.get_ref()) {
+                    Ok(t) => Some(t),
+                    Err(e) => {
+                        self.value_error(&url.span(), "alarms.webhook", e);
+                        None
+                    }
+                };
+                let ca = match &a.webhook_ca {
+                    Some(p) => self.file(p, "alarms.webhook_ca"),
+                    None => {
+                        self.error(
+                            &url.span(),
+                            "alarms.webhook: the server's CA is missing",
+                            "add alarms.webhook_ca, the CA file that signed the webhook server's certificate",
+                        );
+                        None
+                    }
+                };
+                let token = match &a.webhook_token_file {
+                    None => Some(None),
+                    Some(p) => self.file(p, "alarms.webhook_token_file").map(Some),
+                };
+                match (target, ca, token) {
+                    (Some((address, path)), Some(ca), Some(token_file)) => Some(WebhookTarget {
+                        address,
+                        path,
+                        ca,
+                        token_file,
+                    }),
+                    _ => {
+                        ok = false;
+                        None
+                    }
+                }
+            }
+        };
+        let down_after = self.duration_or(a.down_after.as_ref(), "alarms.down_after", 60);
+        ok &= down_after.is_some();
+        ok.then_some(AlarmForwarding {
+            min_severity,
+            down_after: down_after.unwrap_or_default(),
+            syslog,
+            webhook,
+        })
     }
 
     /// `[detect]`: every key optional, each default documented in docs/config.md.
@@ -1795,6 +1931,38 @@ fn nets(z: &Zone) -> String {
 }
 
 /// The candidate within edit distance 2 of `word`, if any.
+/// An `https://HOST[:PORT]/PATH` URL: the address (port 443 by default) and
+/// the path.
+fn parse_https_url(s: &str) -> Result<(HostPort, String), ValueError> {
+    let bad = |m: String| ValueError {
+        message: m,
+        hint: "write an https URL, for example \"https://soc.example.gov:8443/alarms\"".into(),
+    };
+    let rest = s.strip_prefix("https://").ok_or_else(|| {
+        bad(format!(
+            "{s:?} is not an https:// URL (alarms leave the box over TLS only)"
+        ))
+    })?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    if authority.contains('@') || path.chars().any(|c| c.is_control() || c == ' ') {
+        return Err(bad(format!(
+            "{s:?}: no user info, spaces or control characters"
+        )));
+    }
+    let with_port = if authority.ends_with(']') || !authority.contains(':') {
+        format!("{authority}:443")
+    } else {
+        authority.to_owned()
+    };
+    let address = with_port
+        .parse::<HostPort>()
+        .map_err(|e| bad(format!("{s:?}: {}", e.message)))?;
+    Ok((address, path.to_owned()))
+}
+
 /// A detector's bucket written `COUNT/DURATION`: it trips at COUNT events,
 /// and a full bucket empties in DURATION (one forgotten every DURATION / COUNT).
 fn parse_shape(s: &str) -> Result<crate::detect::bucket::Shape, ValueError> {

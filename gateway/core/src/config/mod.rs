@@ -36,6 +36,8 @@ pub struct Config {
     pub admin: Admin,
     /// `[detect]`
     pub detect: Detect,
+    /// `[alarms]`
+    pub alarms: AlarmForwarding,
 }
 
 impl Config {
@@ -72,7 +74,7 @@ impl Config {
 
     /// Files that must exist when the daemon runs, with where they are named.
     pub fn runtime_paths(&self) -> Vec<&FilePath> {
-        match &self.role {
+        let mut paths = match &self.role {
             Role::Edge(e) => {
                 let mut v = vec![&e.uplink.ca, &e.uplink.cert, &e.uplink.key];
                 for i in &e.ingests {
@@ -94,7 +96,19 @@ impl Config {
                 &h.settings.cert,
                 &h.settings.key,
             ],
+        };
+        let a = &self.alarms;
+        if let Some(t) = &a.syslog {
+            paths.push(&t.ca);
+            if let Some((c, k)) = &t.client {
+                paths.extend([c, k]);
+            }
         }
+        if let Some(t) = &a.webhook {
+            paths.push(&t.ca);
+            paths.extend(&t.token_file);
+        }
+        paths
     }
 }
 
@@ -575,6 +589,54 @@ impl Detect {
             NeverBan::Device(d) => device == Some(d.as_str()),
         })
     }
+}
+
+/// `[alarms]`: where alarms go besides the audit chain (and the hub).
+#[derive(Debug, Clone)]
+pub struct AlarmForwarding {
+    /// Alarms below this are not forwarded (they are audited all the same).
+    pub min_severity: crate::detect::Severity,
+    /// How long a target may be unreachable before it raises its own alarm.
+    pub down_after: Duration,
+    /// Syslog over TLS (RFC 5425).
+    pub syslog: Option<SyslogTarget>,
+    /// An HTTPS webhook taking each alarm as JSON.
+    pub webhook: Option<WebhookTarget>,
+}
+
+impl Default for AlarmForwarding {
+    fn default() -> Self {
+        Self {
+            min_severity: crate::detect::Severity::Low,
+            down_after: Duration::from_secs(60),
+            syslog: None,
+            webhook: None,
+        }
+    }
+}
+
+/// `[alarms] syslog`.
+#[derive(Debug, Clone)]
+pub struct SyslogTarget {
+    /// The collector, `HOST:PORT` (6514 by convention).
+    pub address: HostPort,
+    /// The CA that signed its certificate.
+    pub ca: FilePath,
+    /// This node's client certificate and key, when the collector asks for one.
+    pub client: Option<(FilePath, FilePath)>,
+}
+
+/// `[alarms] webhook`.
+#[derive(Debug, Clone)]
+pub struct WebhookTarget {
+    /// The host and port of the URL.
+    pub address: HostPort,
+    /// Its path (and query), from `/`.
+    pub path: String,
+    /// The CA that signed the server's certificate.
+    pub ca: FilePath,
+    /// A file holding a bearer token, when the webhook wants one.
+    pub token_file: Option<FilePath>,
 }
 
 /// An entry of `[detect] never_ban`.

@@ -153,6 +153,21 @@ pub struct RawDetect {
     pub never_ban: Option<Spanned<Vec<S>>>,
 }
 
+/// `[alarms]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAlarms {
+    pub min_severity: Option<S>,
+    pub down_after: Option<S>,
+    pub syslog: Option<S>,
+    pub syslog_ca: Option<S>,
+    pub syslog_cert: Option<S>,
+    pub syslog_key: Option<S>,
+    pub webhook: Option<S>,
+    pub webhook_ca: Option<S>,
+    pub webhook_token_file: Option<S>,
+}
+
 /// `[admin]`
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -5,6 +5,7 @@
 //!
 //! - [`bucket`]: leaky buckets (counting, and counting distinct targets).
 //! - [`bans`]: the ban table, with escalation for sources that come back.
+//! - [`syslog`]: an alarm as an RFC 5424 message for the SOC.
 //!
 //! A source's address is trusted only when the event says it was verified
 //! (a TCP connection, a QUIC connection past address validation): an event
@@ -17,6 +18,7 @@
 
 pub mod bans;
 pub mod bucket;
+pub mod syslog;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -143,9 +145,10 @@ pub enum Attack {
 
 /// How serious an alarm is; `High` and above are the standard's serious
 /// intrusions (8.1.3.3 d), forwarded at once.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
 pub enum Severity {
     /// Worth a look.
+    #[default]
     Low,
     /// Hostile, not yet serious.
     Medium,
@@ -156,6 +159,14 @@ pub enum Severity {
 }
 
 impl Severity {
+    /// Every severity, lowest first.
+    pub const ALL: [Severity; 4] = [Self::Low, Self::Medium, Self::High, Self::Critical];
+
+    /// Parses a severity as written in alarms.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|v| v.as_str() == s)
+    }
+
     /// As written in alarms.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -514,6 +525,41 @@ pub struct Alarm {
     pub window_ms: i64,
     /// What the scanner called it, for malware.
     pub signature: Option<String>,
+}
+
+impl Alarm {
+    /// The alarm a node raises about itself when an alarm forwarding target
+    /// (`target`, at `host:port`) has been unreachable since `since_ms`.
+    pub fn forwarding_down(
+        node: &str,
+        id: String,
+        (target, host, port): (&str, &str, u16),
+        since_ms: i64,
+        now_ms: i64,
+    ) -> Self {
+        Self {
+            id,
+            node: node.to_owned(),
+            rule: "D7.forwarding".into(),
+            severity: Severity::High.as_str().into(),
+            attack: "alarm-channel-down".into(),
+            direction: Direction::Outbound.as_str().into(),
+            source: host.to_owned(),
+            port,
+            device: None,
+            target: target.to_owned(),
+            time: crate::units::rfc3339_cst(now_ms),
+            at_ms: now_ms,
+            action: format!(
+                "alarm (unreachable since {}; alarms wait in the audit chain)",
+                crate::units::rfc3339_cst(since_ms)
+            ),
+            banned_until: None,
+            count: 1,
+            window_ms: now_ms - since_ms,
+            signature: None,
+        }
+    }
 }
 
 /// Why a detection did not ban, as the alarm's action says.

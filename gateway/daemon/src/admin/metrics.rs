@@ -114,7 +114,22 @@ pub struct DetectCounters {
     pub banned_dropped: u64,
     /// Alarms lost because the alarm queue was full.
     pub alarms_lost: u64,
+    /// Per forwarding target: alarms forwarded, failed attempts, and since
+    /// when (Unix ms) it is unreachable.
+    pub forwarding: BTreeMap<String, Forwarding>,
 }
+
+/// One forwarding target's figures: alarms forwarded, failed attempts, and
+/// since when (Unix ms) it is unreachable.
+pub type Forwarding = (u64, u64, Option<i64>);
+
+/// One per-target series: name, type, help, value.
+type ForwardSeries = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&Forwarding) -> u64,
+);
 
 /// Central management gauges.
 #[derive(Debug, Default, Clone)]
@@ -343,6 +358,31 @@ impl Metrics {
         lock(&self.detect).alarms_lost += 1;
     }
 
+    /// Alarms forwarded to `target`.
+    pub fn forwarded(&self, target: &str, n: u64) {
+        let mut d = lock(&self.detect);
+        let e = d.forwarding.entry(target.to_owned()).or_default();
+        e.0 += n;
+        e.2 = None;
+    }
+
+    /// An attempt to forward to `target` failed; it is down since `since_ms`.
+    pub fn forward_failed(&self, target: &str, since_ms: i64) {
+        let mut d = lock(&self.detect);
+        let e = d.forwarding.entry(target.to_owned()).or_default();
+        e.1 += 1;
+        e.2 = Some(since_ms);
+    }
+
+    /// Forwarding targets unreachable now, with since when (Unix ms).
+    pub fn forwarding_down(&self) -> Vec<(String, i64)> {
+        lock(&self.detect)
+            .forwarding
+            .iter()
+            .filter_map(|(t, (_, _, down))| down.map(|d| (t.clone(), d)))
+            .collect()
+    }
+
     /// Intrusion detection's counters.
     pub fn detect(&self) -> DetectCounters {
         lock(&self.detect).clone()
@@ -509,6 +549,32 @@ impl Metrics {
                 o,
                 "gateway_alarms_total{{type=\"{t}\",severity=\"{sev}\"}} {n}"
             );
+        }
+        let series: [ForwardSeries; 3] = [
+            (
+                "gateway_alarms_forwarded_total",
+                "counter",
+                "Alarms forwarded to a SOC target.",
+                |f| f.0,
+            ),
+            (
+                "gateway_alarm_forward_failures_total",
+                "counter",
+                "Failed attempts to forward alarms to a SOC target.",
+                |f| f.1,
+            ),
+            (
+                "gateway_alarm_forward_up",
+                "gauge",
+                "Whether a SOC target took the last alarms (1) or is unreachable (0).",
+                |f| u64::from(f.2.is_none()),
+            ),
+        ];
+        for (name, kind, help, value) in series {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (t, f) in &d.forwarding {
+                let _ = writeln!(o, "{name}{{target=\"{t}\"}} {}", value(f));
+            }
         }
         for (name, kind, help, v) in [
             (

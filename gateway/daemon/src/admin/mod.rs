@@ -41,15 +41,23 @@ pub fn router(metrics: Arc<Metrics>, readiness: Readiness) -> Router {
         .with_state(AdminState { metrics, readiness })
 }
 
-async fn readyz(State(s): State<AdminState>) -> (StatusCode, &'static str) {
-    match s.readiness {
-        Readiness::Hub => (StatusCode::OK, "ready\n"),
-        Readiness::Edge if s.metrics.any_peer_up() => {
-            (StatusCode::OK, "ready: a hub tunnel is up\n")
-        }
+/// Ready or not; ready but degraded while an alarm forwarding target is
+/// unreachable (relays and channels work; the SOC does not hear of attacks).
+async fn readyz(State(s): State<AdminState>) -> (StatusCode, String) {
+    let (status, text) = match s.readiness {
+        Readiness::Hub => (StatusCode::OK, "ready"),
+        Readiness::Edge if s.metrics.any_peer_up() => (StatusCode::OK, "ready: a hub tunnel is up"),
         Readiness::Edge => (
             StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: no hub tunnel is up\n",
+            "not ready: no hub tunnel is up",
         ),
+    };
+    let mut text = text.to_owned();
+    for (target, since) in s.metrics.forwarding_down() {
+        text += &format!(
+            "\ndegraded: alarm forwarding to {target} is down since {}",
+            gateway_core::units::rfc3339_cst(since)
+        );
     }
+    (status, text + "\n")
 }

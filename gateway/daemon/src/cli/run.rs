@@ -176,7 +176,8 @@ async fn serve(args: &RunArgs, config: gateway_core::config::Config) -> u8 {
                 | StartError::Buffer(_)
                 | StartError::Sink(_)
                 | StartError::Registry(_)
-                | StartError::Fleet(_) => exit::OS_ERR,
+                | StartError::Fleet(_)
+                | StartError::Alarms(_) => exit::OS_ERR,
             };
         }
     };

@@ -4,8 +4,11 @@
 //! bans survive a restart.
 //!
 //! - [`bans_file`]: the saved ban table (`STATE_DIR/bans.json`).
+//! - [`forward`]: alarms to the SOC (syslog over TLS, a webhook), following
+//!   the audit chain.
 
 pub mod bans_file;
+pub mod forward;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -41,10 +44,16 @@ pub fn restore(ctx: &Ctx, state_dir: &Path) {
     }
 }
 
-/// Audits and counts alarms, hands each to `taps` (a hub's registry; the
-/// SOC forwarders), and saves the ban table, until draining. A tap that is
-/// full misses the alarm (it is in the audit chain all the same).
-pub async fn run(ctx: Arc<Ctx>, state_dir: std::path::PathBuf, taps: Vec<mpsc::Sender<Alarm>>) {
+/// Audits and counts alarms, hands each to `taps` (a hub's registry), wakes
+/// the SOC forwarders (`wake`: they read the alarm back from the audit
+/// chain), and saves the ban table, until draining. A tap that is full
+/// misses the alarm (it is in the audit chain all the same).
+pub async fn run(
+    ctx: Arc<Ctx>,
+    state_dir: std::path::PathBuf,
+    taps: Vec<mpsc::Sender<Alarm>>,
+    wake: Vec<Arc<tokio::sync::Notify>>,
+) {
     let Some(mut alarms) = ctx.guard.alarms() else {
         return;
     };
@@ -53,6 +62,9 @@ pub async fn run(ctx: Arc<Ctx>, state_dir: std::path::PathBuf, taps: Vec<mpsc::S
         tokio::select! {
             Some(a) = alarms.recv() => {
                 raise(&ctx, &a);
+                for w in &wake {
+                    w.notify_one();
+                }
                 for t in &taps {
                     if t.try_send(a.clone()).is_err() {
                         ctx.metrics.alarm_lost();

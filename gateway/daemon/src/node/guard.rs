@@ -171,6 +171,13 @@ impl Guard {
         );
     }
 
+    /// Raises an alarm the node made itself (not a detector's: a forwarding
+    /// target down), queued like the others.
+    pub fn raise(&self, make: impl FnOnce(&str, String) -> Alarm, metrics: &Metrics) {
+        let a = make(&self.node, self.alarm_id(now_ms()));
+        self.queue(a, metrics);
+    }
+
     fn alarm_id(&self, now: i64) -> String {
         format!("{}-{now:x}-{:08x}", self.node, rand::random::<u32>())
     }

@@ -62,6 +62,9 @@ pub enum StartError {
     /// The hub's CA could not be loaded.
     #[error("central management: {0}")]
     Fleet(String),
+    /// An alarm forwarding target's TLS material or token cannot be read.
+    #[error("{0}")]
+    Alarms(String),
     /// The state directory could not be created.
     #[error("state_dir {path}: {source}")]
     StateDir {
@@ -197,6 +200,9 @@ pub async fn start(config: Config, mut bindings: Bindings) -> Result<Running, St
             "The state directory is open to other users; chmod 700 it (databases, keys and spool files live there)"
         );
     }
+    let alarm_config = config.alarms.clone();
+    let forwarders =
+        crate::detect::forward::forwarders(&alarm_config).map_err(StartError::Alarms)?;
     let (audit, writer) = AuditSink::start(&config.node.state_dir, &config.node.id)?;
     let admin_listener = bindings
         .tcp(config.admin.listen)
@@ -249,7 +255,24 @@ pub async fn start(config: Config, mut bindings: Bindings) -> Result<Running, St
         }
     };
     tokio::spawn(crate::node::watch_refusals(ctx.clone()));
-    tokio::spawn(crate::detect::run(ctx.clone(), state_dir.clone(), taps));
+    let mut wake = Vec::new();
+    for f in forwarders {
+        let w = Arc::new(tokio::sync::Notify::new());
+        wake.push(w.clone());
+        tokio::spawn(crate::detect::forward::run(
+            ctx.clone(),
+            state_dir.clone(),
+            f,
+            (alarm_config.min_severity, alarm_config.down_after),
+            w,
+        ));
+    }
+    tokio::spawn(crate::detect::run(
+        ctx.clone(),
+        state_dir.clone(),
+        taps,
+        wake,
+    ));
     let admin_listener = crate::node::http::Listener {
         tcp: admin_listener,
         security: crate::node::http::Security::Plain,

@@ -236,6 +236,28 @@ pub fn ops_client(ca: &Path) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     Ok(Arc::new(tls))
 }
 
+/// A TLS client of the SOC's alarm collectors (syslog over TLS, a webhook):
+/// trusts only `ca`, presents `client` (certificate, key) when given, speaks
+/// TLS 1.2 or 1.3 (collectors are often older than this box), offers `alpn`.
+///
+/// # Errors
+/// When the files cannot be read.
+pub fn soc_client(
+    ca: &Path,
+    client: Option<(&Path, &Path)>,
+    alpn: &[&[u8]],
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_root_certificates(roots(ca)?);
+    let mut tls = match client {
+        Some((cert, key_path)) => builder.with_client_auth_cert(certs(cert)?, key(key_path)?)?,
+        None => builder.with_no_client_auth(),
+    };
+    tls.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(tls))
+}
+
 /// A consumer's TLS client of the consumers' API: trusts only `ca`, presents
 /// `cert`.
 ///
