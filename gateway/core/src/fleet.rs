@@ -387,7 +387,7 @@ impl Secret {
 /// could otherwise redirect a published service or the whole box). So is
 /// `[detect]`: turning detection off or exempting a source is a boundary
 /// decision.
-const POLICY_TABLES: &[&str] = &["zone", "detect", "alarms"];
+const POLICY_TABLES: &[&str] = &["zone", "detect", "alarms", "scan"];
 const POLICY_KEYS: &[(&str, &[&str])] = &[
     (
         "service",
@@ -412,6 +412,7 @@ const POLICY_KEYS: &[(&str, &[&str])] = &[
             "max_record_bytes",
             "deliver_to",
             "one_way",
+            "scan",
         ],
     ),
     ("ingest", &["zone", "listen", "auth", "tokens", "client_ca"]),

@@ -20,7 +20,7 @@ use super::*;
 use crate::diag::{Diagnostic, LineIndex, Location};
 use crate::units::{self, ByteSize, Cidr, Date, HostPort, ValueError};
 
-const SECTIONS: &str = "node, zone, uplink, service, access, channel, ingest, audit, admin, detect, alarms, hub, publish";
+const SECTIONS: &str = "node, zone, uplink, service, access, channel, ingest, audit, admin, detect, alarms, scan, hub, publish";
 
 /// Compiles TOML text into a [`Config`] (when there is no error) and the
 /// diagnostics found. Boundary rules are not applied here; see [`super::load`].
@@ -55,6 +55,7 @@ struct RawDoc {
     admin: Option<RawAdmin>,
     detect: Option<RawDetect>,
     alarms: Option<RawAlarms>,
+    scan: Option<RawScan>,
     hub: Option<(RawHub, Range<usize>)>,
     publishes: Vec<(RawPublish, Range<usize>)>,
     /// Sections present but malformed: their absence must not be reported again.
@@ -349,6 +350,7 @@ impl Compiler<'_> {
                 "hub" => raw.hub = self.one(value, "hub", &mut raw.broken),
                 "detect" => raw.detect = self.one(value, "detect", &mut raw.broken).map(|(t, _)| t),
                 "alarms" => raw.alarms = self.one(value, "alarms", &mut raw.broken).map(|(t, _)| t),
+                "scan" => raw.scan = self.one(value, "scan", &mut raw.broken).map(|(t, _)| t),
                 "zone" => {
                     raw.zones = self
                         .many(value, "zone")
@@ -487,6 +489,10 @@ impl Compiler<'_> {
         let audit = self.audit(raw.audit);
         let detect = raw.detect.take().map(|d| self.detect(d));
         let alarms = raw.alarms.take().map(|a| self.alarms(a));
+        let scan = match raw.scan.take() {
+            None => Some(None),
+            Some(s) => self.scan(s).map(Some),
+        };
         let admin = self.admin(raw.admin);
 
         let role = match role {
@@ -580,6 +586,7 @@ impl Compiler<'_> {
             admin,
             detect: detect.unwrap_or_else(|| Some(Detect::default()))?,
             alarms: alarms.unwrap_or_else(|| Some(AlarmForwarding::default()))?,
+            scan: scan?,
         })
     }
 
@@ -927,6 +934,47 @@ impl Compiler<'_> {
             );
         }
         n
+    }
+
+    /// `[scan]`: clamd's socket (an absolute path, or HOST:PORT) and limits.
+    fn scan(&mut self, s: RawScan) -> Option<ScanSettings> {
+        let text = s.clamd.get_ref();
+        let clamd = if text.starts_with('/') {
+            Some(ClamdAddress::Unix(PathBuf::from(text)))
+        } else if text.contains(':') {
+            self.parsed::<HostPort>(&s.clamd, "scan.clamd")
+                .map(ClamdAddress::Tcp)
+        } else {
+            self.error(
+                &s.clamd.span(),
+                format!("scan.clamd: {text:?} is neither a socket path nor HOST:PORT"),
+                "write clamd's LocalSocket (\"/run/clamav/clamd.ctl\") or its TCPAddr and TCPSocket (\"127.0.0.1:3310\")",
+            );
+            None
+        };
+        let timeout = self.duration_or(s.timeout.as_ref(), "scan.timeout", 30);
+        let max_db_age = self.duration_or(s.max_db_age.as_ref(), "scan.max_db_age", 7 * 86_400);
+        let database_dir = match &s.database_dir {
+            None => Some(None),
+            Some(d) if d.get_ref().starts_with('/') => Some(Some(PathBuf::from(d.get_ref()))),
+            Some(d) => {
+                self.error(
+                    &d.span(),
+                    format!(
+                        "scan.database_dir: {:?} is not an absolute path",
+                        d.get_ref()
+                    ),
+                    "write clamd's DatabaseDirectory, for example \"/var/lib/clamav\"",
+                );
+                None
+            }
+        };
+        Some(ScanSettings {
+            clamd: clamd?,
+            timeout: timeout?,
+            max_db_age: max_db_age?,
+            database_dir: database_dir?,
+        })
     }
 
     /// `[alarms]`: each target with its CA; a key without its target, or a
@@ -1704,6 +1752,7 @@ impl Compiler<'_> {
         };
         let one_way = c.one_way.is_some_and(|o| *o.get_ref());
         let ttl_pauses_offline = c.ttl_pauses_offline.is_some_and(|o| *o.get_ref());
+        let scan = c.scan.as_ref().map(|s| *s.get_ref());
         let mut deny_keywords = Vec::new();
         if let Some(ks) = &c.deny_keywords {
             for k in ks.get_ref() {
@@ -1766,6 +1815,7 @@ impl Compiler<'_> {
                 deny_keywords,
                 bandwidth,
                 ttl_pauses_offline,
+                scan,
                 loc,
             }),
             _ => None,

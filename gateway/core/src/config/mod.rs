@@ -38,6 +38,8 @@ pub struct Config {
     pub detect: Detect,
     /// `[alarms]`
     pub alarms: AlarmForwarding,
+    /// `[scan]`
+    pub scan: Option<ScanSettings>,
 }
 
 impl Config {
@@ -497,6 +499,9 @@ pub struct Channel {
     pub bandwidth: Option<u64>,
     /// TTL does not run while no hub is reachable.
     pub ttl_pauses_offline: bool,
+    /// `scan`: records scanned for malicious code; `None` means as the
+    /// zone's level says (3 and up scan, when `[scan]` is set).
+    pub scan: Option<bool>,
     /// Where it is declared.
     pub loc: Location,
 }
@@ -588,6 +593,50 @@ impl Detect {
             NeverBan::Network(c) => c.contains(ip),
             NeverBan::Device(d) => device == Some(d.as_str()),
         })
+    }
+}
+
+/// `[scan]`: the malware scanner records and spool files go through
+/// (GB/T 22239-2019 8.1.3.4).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScanSettings {
+    /// Where clamd listens.
+    pub clamd: ClamdAddress,
+    /// The longest a scan may take (then the record is refused).
+    pub timeout: Duration,
+    /// A signature database older than this is warned about.
+    pub max_db_age: Duration,
+    /// Where the signature database lives, to tell its age by its files.
+    pub database_dir: Option<PathBuf>,
+}
+
+/// clamd's socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClamdAddress {
+    /// A Unix socket (`LocalSocket`).
+    Unix(PathBuf),
+    /// A TCP socket (`TCPSocket`, `TCPAddr`).
+    Tcp(HostPort),
+}
+
+impl std::fmt::Display for ClamdAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Unix(p) => write!(f, "{}", p.display()),
+            Self::Tcp(h) => write!(f, "{}:{}", h.host, h.port),
+        }
+    }
+}
+
+impl Config {
+    /// Whether records of `channel` are scanned: `scan = true`, or not set
+    /// and the channel's zone is level 3 or up; and only with `[scan]`.
+    pub fn scans(&self, channel: &Channel) -> bool {
+        self.scan.is_some()
+            && channel.scan.unwrap_or_else(|| {
+                self.zone(&channel.zone)
+                    .is_some_and(|z| z.level >= Level(3))
+            })
     }
 }
 

@@ -111,6 +111,7 @@ pub struct RawChannel {
     pub deny_keywords: Option<Spanned<Vec<S>>>,
     pub bandwidth: Option<S>,
     pub ttl_pauses_offline: Option<Spanned<bool>>,
+    pub scan: Option<Spanned<bool>>,
 }
 
 /// `[[ingest]]`
@@ -151,6 +152,16 @@ pub struct RawDetect {
     pub scan_ban: Option<S>,
     pub repeat_ban: Option<S>,
     pub never_ban: Option<Spanned<Vec<S>>>,
+}
+
+/// `[scan]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawScan {
+    pub clamd: S,
+    pub timeout: Option<S>,
+    pub max_db_age: Option<S>,
+    pub database_dir: Option<S>,
 }
 
 /// `[alarms]`

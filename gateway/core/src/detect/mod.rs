@@ -6,6 +6,7 @@
 //! - [`bucket`]: leaky buckets (counting, and counting distinct targets).
 //! - [`bans`]: the ban table, with escalation for sources that come back.
 //! - [`syslog`]: an alarm as an RFC 5424 message for the SOC.
+//! - [`clamd`]: ClamAV's answers (verdicts, versions), read without trusting them.
 //!
 //! A source's address is trusted only when the event says it was verified
 //! (a TCP connection, a QUIC connection past address validation): an event
@@ -18,6 +19,7 @@
 
 pub mod bans;
 pub mod bucket;
+pub mod clamd;
 pub mod syslog;
 
 use std::collections::HashMap;
@@ -557,6 +559,43 @@ impl Alarm {
             banned_until: None,
             count: 1,
             window_ms: now_ms - since_ms,
+            signature: None,
+        }
+    }
+}
+
+impl Alarm {
+    /// The alarm a node raises when its malware scanner (`scanner`) does not
+    /// answer and records are refused for it.
+    pub fn scanner_down(node: &str, id: String, scanner: &str, reason: &str, now_ms: i64) -> Self {
+        Self {
+            id,
+            node: node.to_owned(),
+            rule: "D6.scanner".into(),
+            severity: Severity::High.as_str().into(),
+            attack: "scanner-unavailable".into(),
+            direction: Direction::Outbound.as_str().into(),
+            source: "0.0.0.0".into(),
+            port: 0,
+            device: None,
+            target: scanner
+                .chars()
+                .filter(|c| !c.is_control())
+                .take(200)
+                .collect(),
+            time: crate::units::rfc3339_cst(now_ms),
+            at_ms: now_ms,
+            action: format!(
+                "alarm (records refused until it answers: {})",
+                reason
+                    .chars()
+                    .filter(|c| !c.is_control())
+                    .take(200)
+                    .collect::<String>()
+            ),
+            banned_until: None,
+            count: 1,
+            window_ms: 0,
             signature: None,
         }
     }

@@ -117,6 +117,10 @@ pub struct DetectCounters {
     /// Per forwarding target: alarms forwarded, failed attempts, and since
     /// when (Unix ms) it is unreachable.
     pub forwarding: BTreeMap<String, Forwarding>,
+    /// Records scanned, by verdict (clean, found, refused, unavailable).
+    pub scans: BTreeMap<String, u64>,
+    /// The signature database's age, ms (`None`: unknown or no scanner).
+    pub scan_db_age_ms: Option<i64>,
 }
 
 /// One forwarding target's figures: alarms forwarded, failed attempts, and
@@ -383,6 +387,19 @@ impl Metrics {
             .collect()
     }
 
+    /// A record scanned with this verdict.
+    pub fn scanned(&self, verdict: &str) {
+        *lock(&self.detect)
+            .scans
+            .entry(verdict.to_owned())
+            .or_default() += 1;
+    }
+
+    /// The signature database's age.
+    pub fn scan_db_age(&self, ms: Option<i64>) {
+        lock(&self.detect).scan_db_age_ms = ms;
+    }
+
     /// Intrusion detection's counters.
     pub fn detect(&self) -> DetectCounters {
         lock(&self.detect).clone()
@@ -548,6 +565,20 @@ impl Metrics {
             let _ = writeln!(
                 o,
                 "gateway_alarms_total{{type=\"{t}\",severity=\"{sev}\"}} {n}"
+            );
+        }
+        let _ = writeln!(
+            o,
+            "# HELP gateway_scans_total Records and spool files scanned for malicious code, by verdict.\n# TYPE gateway_scans_total counter"
+        );
+        for (v, n) in &d.scans {
+            let _ = writeln!(o, "gateway_scans_total{{verdict=\"{v}\"}} {n}");
+        }
+        if let Some(age) = d.scan_db_age_ms {
+            let _ = writeln!(
+                o,
+                "# HELP gateway_scan_db_age_seconds Age of the malware signature database.\n# TYPE gateway_scan_db_age_seconds gauge\ngateway_scan_db_age_seconds {}",
+                age / 1000
             );
         }
         let series: [ForwardSeries; 3] = [

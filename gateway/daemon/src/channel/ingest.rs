@@ -38,8 +38,9 @@ use tokio::net::TcpListener;
 use tracing::info;
 
 use super::buffer::BufferHandle;
-use super::check::{buffer_when_full, check_records, split_records};
+use super::check::{buffer_when_full, check_records, scan_records, split_records};
 use super::producers::{Producers, Unknown};
+use crate::detect::scan::{Scanner, Verdict};
 use crate::node::http::{self, BODY_GRACE, BodyError, MIN_BODY_RATE, read_body};
 use crate::node::{Ctx, PeerAttempt};
 use gateway_core::policy::Crossing;
@@ -123,6 +124,7 @@ impl AcceptLog {
 
 #[derive(Clone)]
 struct IngestState {
+    scanner: Option<Arc<dyn Scanner>>,
     accepts: AcceptLog,
     ctx: Arc<Ctx>,
     zone: String,
@@ -142,7 +144,13 @@ struct Peer {
 }
 
 /// Serves one `[[ingest]]` listener until draining.
-pub async fn serve(ctx: Arc<Ctx>, ingest: Ingest, listener: TcpListener, writer: BufferHandle) {
+pub async fn serve(
+    ctx: Arc<Ctx>,
+    ingest: Ingest,
+    listener: TcpListener,
+    writer: BufferHandle,
+    scanner: Option<Arc<dyn Scanner>>,
+) {
     let addr: Option<SocketAddr> = listener.local_addr().ok();
     let zone = ingest.zone.clone();
     info!(listen = ?addr, %zone, auth = ingest.auth.as_str(), "Ingest listening");
@@ -197,6 +205,7 @@ pub async fn serve(ctx: Arc<Ctx>, ingest: Ingest, listener: TcpListener, writer:
         // Bodies are read by post_record, capped and timed (and refusals audited).
         .layer(DefaultBodyLimit::disable())
         .with_state(IngestState {
+            scanner,
             accepts: accepts.clone(),
             ctx: ctx.clone(),
             zone,
@@ -434,6 +443,42 @@ async fn post_record(
         };
         return answer(status, json!({ "error": r.reason, "rule": r.rule }));
     }
+    let target = format!("ingest channel {name}");
+    let who = Report::tcp(peer.addr, Direction::Outbound, &target);
+    let scanned = match scan_records(
+        &st.ctx,
+        st.scanner.as_deref(),
+        (&subject, &name),
+        &items,
+        &who,
+    )
+    .await
+    {
+        Ok(v) => v,
+        Err(r) => {
+            let (status, rule, hint) = match r.verdict {
+                Verdict::Found(_) => (
+                    StatusCode::FORBIDDEN,
+                    "D6.malware",
+                    "the record holds malicious code; it was not accepted and an alarm was raised",
+                ),
+                Verdict::Refused(_) => (
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "",
+                    "the scanner will not take a record this large",
+                ),
+                _ => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "",
+                    "the malware scanner did not answer: retry later",
+                ),
+            };
+            return answer(
+                status,
+                json!({ "error": r.reason, "rule": rule, "hint": hint }),
+            );
+        }
+    };
     let when_full = buffer_when_full(channel.when_full);
     let records: Vec<NewRecord> = items
         .iter()
@@ -466,11 +511,15 @@ async fn post_record(
                         format!("quota: dropped records {from}..={to}"),
                     );
                 }
+                let scan = scanned
+                    .as_ref()
+                    .map(|v| format!(", scanned clean by {v}"))
+                    .unwrap_or_default();
                 st.accepts.add(
                     &subject,
                     &name,
                     format!(
-                        "seq {}-{}, {} records, {} bytes, sha256={}",
+                        "seq {}-{}, {} records, {} bytes, sha256={}{scan}",
                         a.first,
                         a.last,
                         items.len(),

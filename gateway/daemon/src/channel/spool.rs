@@ -37,9 +37,12 @@ use gateway_store::buffer::NewRecord;
 use tracing::{error, info, warn};
 
 use super::buffer::BufferHandle;
-use super::check::{buffer_when_full, check_records, split_records};
+use super::check::{buffer_when_full, check_records, scan_records, split_records};
+use crate::detect::scan::{Scanner, Verdict};
 use crate::node::Ctx;
+use crate::node::guard::Report;
 use crate::os::dir::{DirError, Kind, ReadRefusal, SafeDir};
+use gateway_core::detect::Direction;
 
 /// How often `in/` directories are scanned.
 pub const SCAN_EVERY: Duration = Duration::from_millis(200);
@@ -77,7 +80,12 @@ fn open_dirs(state_dir: &Path, channel: &str) -> Result<Opened, DirError> {
 }
 
 /// Scans every channel's `in/` until draining.
-pub async fn run(ctx: Arc<Ctx>, buffer: BufferHandle, state_dir: PathBuf) {
+pub async fn run(
+    ctx: Arc<Ctx>,
+    buffer: BufferHandle,
+    state_dir: PathBuf,
+    scanner: Option<Arc<dyn Scanner>>,
+) {
     let mut tick = tokio::time::interval(SCAN_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Each channel's directories, opened at start and again after a reload;
@@ -157,7 +165,15 @@ pub async fn run(ctx: Arc<Ctx>, buffer: BufferHandle, state_dir: PathBuf) {
                 if ctx.draining.is_cancelled() {
                     return;
                 }
-                take(&ctx, &buffer, c, &dirs, &file, &mut told).await;
+                take(
+                    &ctx,
+                    (&buffer, scanner.as_deref()),
+                    c,
+                    &dirs,
+                    &file,
+                    &mut told,
+                )
+                .await;
             }
         }
     }
@@ -289,9 +305,26 @@ fn refuse(
     }
 }
 
+/// Moves a refused file to `failed/` with its `.reason` beside it.
+fn to_failed(dirs: &Opened, name: &str, file: &OsStr, reason: &str) {
+    match dirs.inbox.move_to(file, &dirs.failed) {
+        Ok(to) => {
+            let mut why = to;
+            why.push(".reason");
+            let _ = dirs
+                .failed
+                .write_new(&why, format!("{reason}\n").as_bytes());
+            warn!(channel = %name, file = %file.to_string_lossy(), %reason, "Spool file refused");
+        }
+        Err(error) => {
+            warn!(file = %file.to_string_lossy(), %error, "Cannot move a refused spool file")
+        }
+    }
+}
+
 async fn take(
     ctx: &Ctx,
-    buffer: &BufferHandle,
+    (buffer, scanner): (&BufferHandle, Option<&dyn Scanner>),
     channel: &Channel,
     dirs: &Arc<Opened>,
     file: &OsStr,
@@ -382,22 +415,32 @@ async fn take(
     let subject = subject_of(dirs, file);
     if let Err(r) = check_records(ctx, &subject, name, format, &items, batch) {
         // check_records audited the refusal.
-        let reason = format!("[{}] {}", r.rule, r.reason);
-        match dirs.inbox.move_to(file, &dirs.failed) {
-            Ok(to) => {
-                let mut why = to;
-                why.push(".reason");
-                let _ = dirs
-                    .failed
-                    .write_new(&why, format!("{reason}\n").as_bytes());
-                warn!(channel = %name, file = %file.to_string_lossy(), %reason, "Spool file refused");
-            }
-            Err(error) => {
-                warn!(file = %file.to_string_lossy(), %error, "Cannot move a refused spool file")
-            }
-        }
+        to_failed(dirs, name, file, &format!("[{}] {}", r.rule, r.reason));
         return;
     }
+    // A spool file has no address behind it: alarmed about, never banned.
+    let target = format!("spool channel {name}");
+    let who = Report::no_address(Direction::Outbound, &target);
+    let scanned = match scan_records(ctx, scanner, (&subject, name), &items, &who).await {
+        Ok(v) => v,
+        Err(r) if matches!(r.verdict, Verdict::Unavailable(_)) => {
+            // Not the file's fault: it waits in in/ for the scanner.
+            if told.insert(file.to_owned()) {
+                warn!(channel = %name, file = %file.to_string_lossy(), reason = %r.reason, "Spool file waits in in/ until the malware scanner answers");
+            }
+            return;
+        }
+        Err(r) => {
+            // scan_records audited the refusal.
+            let rule = if matches!(r.verdict, Verdict::Found(_)) {
+                "[D6.malware] "
+            } else {
+                ""
+            };
+            to_failed(dirs, name, file, &format!("{rule}{}", r.reason));
+            return;
+        }
+    };
     let records: Vec<NewRecord> = items
         .iter()
         .map(|b| NewRecord {
@@ -434,11 +477,15 @@ async fn take(
                 "ok",
                 "",
                 format!(
-                    "seq {}-{}, {count} records, {} bytes, sha256={}",
+                    "seq {}-{}, {count} records, {} bytes, sha256={}{}",
                     a.first,
                     a.last,
                     body.len(),
-                    super::ingest::sha256_hex(&body)
+                    super::ingest::sha256_hex(&body),
+                    scanned
+                        .as_ref()
+                        .map(|v| format!(", scanned clean by {v}"))
+                        .unwrap_or_default()
                 ),
             );
             told.remove(file);

@@ -6,9 +6,11 @@
 //! - [`bans_file`]: the saved ban table (`STATE_DIR/bans.json`).
 //! - [`forward`]: alarms to the SOC (syslog over TLS, a webhook), following
 //!   the audit chain.
+//! - [`scan`]: malware scanning of what crosses a channel (clamd).
 
 pub mod bans_file;
 pub mod forward;
+pub mod scan;
 
 use std::path::Path;
 use std::sync::Arc;

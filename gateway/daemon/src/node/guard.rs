@@ -68,6 +68,18 @@ pub struct Report<'a> {
 }
 
 impl Report<'_> {
+    /// No address at all (a spool file, a record another department sent
+    /// through the hub): alarmed about, never banned.
+    pub fn no_address(direction: Direction, target: &str) -> Report<'_> {
+        Report {
+            peer: SocketAddr::from(([0, 0, 0, 0], 0)),
+            verified: false,
+            direction,
+            target,
+            device: None,
+        }
+    }
+
     /// A proven TCP peer.
     pub fn tcp(peer: SocketAddr, direction: Direction, target: &str) -> Report<'_> {
         Report {

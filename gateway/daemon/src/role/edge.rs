@@ -17,6 +17,7 @@ use super::{StartError, Tasks, bind_err, bind_fronts};
 use crate::channel::buffer::BufferHandle;
 use crate::channel::delivery::{self, InboxHandle};
 use crate::channel::{edge_sync, ingest, spool};
+use crate::detect::scan::{Clamd, Scanner};
 use crate::fleet::edge::{self as managed, EdgeFleet, Request};
 use crate::node::sockets::Bindings;
 use crate::node::{self, Ctx};
@@ -86,20 +87,41 @@ pub(super) fn start(
             bindings.tcp(i.listen).map_err(bind_err(i.listen))?,
         ));
     }
+    // The malware scanner (`[scan]`): a change needs a restart.
+    let scanner: Option<Arc<dyn Scanner>> = ctx.policy().config().scan.as_ref().map(|s| {
+        let clamd = Arc::new(Clamd::new(s));
+        tokio::spawn(
+            clamd
+                .clone()
+                .watch(ctx.metrics.clone(), ctx.draining.clone()),
+        );
+        clamd as Arc<dyn Scanner>
+    });
     let mut inbox = None;
     if !e.channels.is_empty() || !ingest_bound.is_empty() {
         let writer =
             BufferHandle::start(state_dir).map_err(|e| StartError::Buffer(e.to_string()))?;
         for (ingest, l) in ingest_bound {
-            tokio::spawn(ingest::serve(ctx.clone(), ingest, l, writer.clone()));
+            tokio::spawn(ingest::serve(
+                ctx.clone(),
+                ingest,
+                l,
+                writer.clone(),
+                scanner.clone(),
+            ));
         }
         let opened = gateway_store::inbox::Inbox::open(state_dir)
             .map_err(|e| StartError::Buffer(format!("inbox: {e}")))?;
-        inbox = Some(InboxHandle::new(opened, state_dir.to_owned()));
+        inbox = Some(InboxHandle::new(
+            opened,
+            state_dir.to_owned(),
+            scanner.clone(),
+        ));
         tokio::spawn(spool::run(
             ctx.clone(),
             writer.clone(),
             state_dir.to_owned(),
+            scanner.clone(),
         ));
         tokio::spawn(edge_sync::supervise(ctx.clone(), hubs.clone(), writer));
     }

@@ -320,6 +320,30 @@ pub enum ReloadError {
     },
 }
 
+/// What an `[alarms]` section configures, without where it is written.
+fn forwarding(a: &gateway_core::config::AlarmForwarding) -> String {
+    let syslog = a.syslog.as_ref().map(|s| {
+        (
+            format!("{}:{}", s.address.host, s.address.port),
+            s.ca.path.clone(),
+            s.client
+                .as_ref()
+                .map(|(c, k)| (c.path.clone(), k.path.clone())),
+        )
+    });
+    let webhook = a.webhook.as_ref().map(|w| {
+        (
+            format!("{}:{}{}", w.address.host, w.address.port, w.path),
+            w.ca.path.clone(),
+            w.token_file.as_ref().map(|t| t.path.clone()),
+        )
+    });
+    format!(
+        "{:?} {:?} {syslog:?} {webhook:?}",
+        a.min_severity, a.down_after
+    )
+}
+
 /// The UDP publishes or accesses of a role: (listen, device, service, zone).
 fn udp_fronts(role: &Role) -> Vec<(SocketAddr, &str, &str, &str)> {
     let all: Vec<_> = match role {
@@ -382,6 +406,13 @@ impl Running {
         }
         if before.node.state_dir != config.node.state_dir {
             return Err(ReloadError::NeedsRestart("node.state_dir"));
+        }
+        // The scanner and the alarm forwarders are made once at start.
+        if before.scan != config.scan {
+            return Err(ReloadError::NeedsRestart("[scan]"));
+        }
+        if forwarding(&before.alarms) != forwarding(&config.alarms) {
+            return Err(ReloadError::NeedsRestart("[alarms]"));
         }
         if let (Role::Edge(b), Role::Edge(a)) = (&before.role, &config.role) {
             // Where they listen and how they know producers (a tokens
