@@ -340,6 +340,7 @@ pub fn check_config(config: &Config, today: Date) -> Vec<Diagnostic> {
     }
 
     let mut bridged: Vec<&Zone> = Vec::new();
+    let mut detect_warned = false;
     for d in declared(config) {
         match bridge(config, d.from, d.to, d.flow) {
             Err(r) if r.rule == RuleId::IntranetIsolation => {} // reported once above
@@ -364,6 +365,13 @@ pub fn check_config(config: &Config, today: Date) -> Vec<Diagnostic> {
             Ok(level) => {
                 if level.get() >= 3 {
                     out.extend(level3_controls(config, &d, level));
+                    if !config.detect.enabled && !detect_warned {
+                        detect_warned = true;
+                        out.push(
+                            Diagnostic::warning(config.detect.loc, format!("intrusion detection is off ([detect] enabled = false), but this node has a level-{} crossing (GB/T 22239-2019 8.1.3.3)", level.get()))
+                                .hint("remove enabled = false; tune the thresholds or never_ban instead (docs/config.md)"),
+                        );
+                    }
                 }
             }
         }
@@ -425,6 +433,20 @@ fn level3_controls(config: &Config, d: &Declared<'_>, level: Level) -> Vec<Diagn
         }
         Purpose::Channel(name) => {
             if let Some(c) = edge.channels.iter().find(|c| c.name == *name) {
+                if !config.scans(c) {
+                    let (why, hint) = if config.scan.is_none() {
+                        (
+                            "no [scan] section names a scanner",
+                            "add [scan] with clamd = \"/run/clamav/clamd.ctl\" (docs/config.md)",
+                        )
+                    } else {
+                        ("it sets scan = false", "remove scan = false")
+                    };
+                    out.push(
+                        Diagnostic::warning(c.loc, format!("channel {:?} crosses a level-{} boundary but its records are not scanned for malicious code: {why} (GB/T 22239-2019 8.1.3.4 a)", c.name, level.get()))
+                            .hint(hint),
+                    );
+                }
                 let mut missing = Vec::new();
                 if c.formats.is_empty() {
                     missing.push("formats");
@@ -858,28 +880,79 @@ fn describe(peer: &Peer) -> String {
     }
 }
 
-/// The controls a boundary level imposes (DESIGN.md rule 5), in words for `check`.
-pub fn controls(level: Level) -> Vec<&'static str> {
-    let mut c = vec!["every crossing audited (hash-chained)"];
+/// The controls a crossing gets, in words for `check`: those its boundary
+/// level imposes (DESIGN.md rule 5) that this configuration enforces, each
+/// derived from what is set (a level-3 control the configuration lacks is
+/// warned about by [`check_config`], naming the clause).
+pub fn controls(config: &Config, d: &Declared<'_>, level: Level) -> Vec<String> {
+    let mut c = vec!["every crossing audited (hash-chained)".to_owned()];
     if level.get() >= 2 {
         c.extend([
-            "default deny",
-            "address, port, protocol and session-state control",
+            "default deny".to_owned(),
+            "address, port, protocol and session-state control".to_owned(),
         ]);
     }
+    let edge = config.edge();
+    let service = |name: &str| {
+        let name = name.split("<-").next().unwrap_or(name);
+        edge.and_then(|e| e.services.iter().find(|s| s.name == name))
+    };
+    let channel = |name: &str| edge.and_then(|e| e.channels.iter().find(|c| c.name == name));
     if level.get() >= 3 {
-        c.extend([
-            "application protocol declared and checked",
-            "channel formats and size limits",
-            "mutual certificate authentication",
-            "attack logging with alarm",
-            "remote users' audit kept apart",
-        ]);
+        match &d.purpose {
+            Purpose::Service(n) | Purpose::ServiceFromDevice(n) => {
+                if let Some(s) = service(n) {
+                    if let Some(p) = s.app_protocol {
+                        let p = match p {
+                            crate::config::AppProtocol::Http => "http",
+                            crate::config::AppProtocol::Tls => "tls",
+                        };
+                        c.push(format!(
+                            "application protocol {p} checked on the whole connection"
+                        ));
+                    }
+                    if !s.http_allow.is_empty() {
+                        c.push("HTTP methods and paths allowed by http_allow".into());
+                    }
+                }
+            }
+            Purpose::Channel(n) => {
+                if let Some(ch) = channel(n) {
+                    if !ch.formats.is_empty() && ch.max_record_bytes.is_some() {
+                        c.push("channel formats parsed and size limited".into());
+                    }
+                    if !ch.deny_keywords.is_empty() {
+                        c.push("denied keywords checked in what records say".into());
+                    }
+                    if config.scans(ch) {
+                        c.push("malware scanning (8.1.3.4)".into());
+                    }
+                    let authed = edge.is_some_and(|e| {
+                        e.ingests
+                            .iter()
+                            .filter(|i| i.zone == ch.zone)
+                            .all(|i| !matches!(i.auth, crate::config::IngestAuth::None))
+                    });
+                    if authed {
+                        c.push("producers authenticated".into());
+                    }
+                }
+            }
+            Purpose::Access(_) | Purpose::Publish(_) => {}
+        }
+        c.push("mutual certificate authentication between gateways".into());
+        if config.detect.enabled {
+            c.push("intrusion detection with alarms and bans (8.1.3.3)".into());
+        }
+        if config.alarms.syslog.is_some() || config.alarms.webhook.is_some() {
+            c.push("alarms forwarded to the SOC".into());
+        }
+        c.push("remote users' audit kept apart".into());
     }
     if level.get() >= 4 {
         c.extend([
-            "exchange only by protocol conversion",
-            "mutual crypto authentication before any data",
+            "exchange only by protocol conversion".to_owned(),
+            "mutual crypto authentication before any data".to_owned(),
         ]);
     }
     c

@@ -70,8 +70,9 @@ pub struct CrossingSummary {
     pub flow: Flow,
     /// What declares it.
     pub purpose: Purpose,
-    /// The controls that level imposes.
-    pub controls: Vec<&'static str>,
+    /// The controls it gets: those its level imposes that the configuration
+    /// enforces.
+    pub controls: Vec<String>,
 }
 
 /// A published service.
@@ -171,13 +172,14 @@ impl Summary {
                     }
                     _ => d.to.name.clone(),
                 };
+                let controls = policy::controls(config, &d, level);
                 CrossingSummary {
                     from: d.from.name.clone(),
                     to,
                     level: level.get(),
                     flow: d.flow,
                     purpose: d.purpose,
-                    controls: policy::controls(level),
+                    controls,
                 }
             })
             .collect();

@@ -183,3 +183,103 @@ min_severity = "severe"
         );
     }
 }
+
+/// An edge with a level-3 legacy zone, a channel from it and `rest`.
+fn level3_edge(rest: &str) -> String {
+    format!(
+        r#"[node]
+id = "jl-gat-0001"
+role = "edge"
+state_dir = "/var/lib/gatewayd"
+
+[uplink]
+hubs = ["hub1.example.gov:7443"]
+ca = "/etc/gatewayd/ca.pem"
+cert = "/var/lib/gatewayd/device.pem"
+key = "/var/lib/gatewayd/device.key"
+
+[[zone]]
+name = "lab"
+kind = "legacy"
+classified = false
+level = 3
+networks = ["10.1.0.0/16"]
+assessment = {{ id = "A-1", valid_until = 2099-03-31 }}
+
+[[zone]]
+name = "extranet"
+kind = "extranet"
+level = 3
+networks = ["10.2.0.0/16"]
+
+[[channel]]
+name = "docs"
+zone = "lab"
+formats = ["json"]
+max_record_bytes = "1MiB"
+{rest}"#
+    )
+}
+
+fn warnings_and_controls(src: &str) -> (Vec<String>, Vec<String>) {
+    let today = gateway_core::units::Date::new(2026, 12, 1).expect("date");
+    let checked = gateway_core::check::load(src, today);
+    let warnings = checked
+        .diagnostics
+        .iter()
+        .filter(|d| !d.is_error())
+        .map(|d| d.message.clone())
+        .collect();
+    let config = checked
+        .config
+        .unwrap_or_else(|| panic!("{:?}", checked.diagnostics));
+    let s = gateway_core::summary::Summary::new(&config, today);
+    let controls = s
+        .crossings
+        .iter()
+        .find(|c| c.level == 3)
+        .map(|c| c.controls.clone())
+        .expect("a level-3 crossing");
+    (warnings, controls)
+}
+
+#[test]
+fn check_lists_the_controls_the_config_enforces_and_warns_of_missing_ones_by_clause() {
+    let (warnings, controls) = warnings_and_controls(&level3_edge(""));
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("not scanned for malicious code") && w.contains("8.1.3.4 a")),
+        "{warnings:?}"
+    );
+    assert!(
+        !controls.iter().any(|c| c.contains("malware")),
+        "{controls:?}"
+    );
+    assert!(
+        controls.iter().any(|c| c.contains("intrusion detection")),
+        "{controls:?}"
+    );
+
+    let (warnings, controls) = warnings_and_controls(&level3_edge(
+        "\n[scan]\nclamd = \"/run/clamav/clamd.ctl\"\n\n[detect]\nenabled = false\n",
+    ));
+    assert!(
+        !warnings.iter().any(|w| w.contains("8.1.3.4")),
+        "{warnings:?}"
+    );
+    assert!(
+        controls.iter().any(|c| c.contains("malware scanning")),
+        "{controls:?}"
+    );
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("intrusion detection is off") && w.contains("8.1.3.3")),
+        "{warnings:?}"
+    );
+    assert!(
+        !controls.iter().any(|c| c.contains("intrusion detection")),
+        "{controls:?}"
+    );
+}

@@ -53,7 +53,7 @@ struct RawDoc {
     ingests: Vec<(RawIngest, Range<usize>)>,
     audit: Option<(RawAudit, Range<usize>)>,
     admin: Option<RawAdmin>,
-    detect: Option<RawDetect>,
+    detect: Option<(RawDetect, Range<usize>)>,
     alarms: Option<RawAlarms>,
     scan: Option<RawScan>,
     hub: Option<(RawHub, Range<usize>)>,
@@ -348,7 +348,7 @@ impl Compiler<'_> {
                 "audit" => raw.audit = self.one(value, "audit", &mut raw.broken),
                 "admin" => raw.admin = self.one(value, "admin", &mut raw.broken).map(|(t, _)| t),
                 "hub" => raw.hub = self.one(value, "hub", &mut raw.broken),
-                "detect" => raw.detect = self.one(value, "detect", &mut raw.broken).map(|(t, _)| t),
+                "detect" => raw.detect = self.one(value, "detect", &mut raw.broken),
                 "alarms" => raw.alarms = self.one(value, "alarms", &mut raw.broken).map(|(t, _)| t),
                 "scan" => raw.scan = self.one(value, "scan", &mut raw.broken).map(|(t, _)| t),
                 "zone" => {
@@ -1111,7 +1111,8 @@ impl Compiler<'_> {
     }
 
     /// `[detect]`: every key optional, each default documented in docs/config.md.
-    fn detect(&mut self, d: RawDetect) -> Option<Detect> {
+    fn detect(&mut self, (d, span): (RawDetect, Range<usize>)) -> Option<Detect> {
+        let loc = self.at(&span);
         use crate::detect::bucket::Shape;
         let t0 = crate::detect::Thresholds::default();
         let e0 = crate::detect::bans::Escalation::default();
@@ -1226,6 +1227,7 @@ impl Compiler<'_> {
                 ..e0
             },
             never_ban,
+            loc,
         })
     }
 

@@ -573,6 +573,8 @@ pub struct Detect {
     pub escalation: crate::detect::bans::Escalation,
     /// Sources alarmed about but never banned.
     pub never_ban: Vec<NeverBan>,
+    /// Where `[detect]` is written (or the file's start).
+    pub loc: Location,
 }
 
 impl Default for Detect {
@@ -582,6 +584,7 @@ impl Default for Detect {
             thresholds: crate::detect::Thresholds::default(),
             escalation: crate::detect::bans::Escalation::default(),
             never_ban: Vec::new(),
+            loc: Location { line: 1, column: 1 },
         }
     }
 }
