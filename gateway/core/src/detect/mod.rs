@@ -5,6 +5,8 @@
 //!
 //! - [`bucket`]: leaky buckets (counting, and counting distinct targets).
 //! - [`bans`]: the ban table, with escalation for sources that come back.
+//! - [`baseline`]: hourly volumes per channel and service against their
+//!   last 14 days (basic behaviour analysis).
 //! - [`syslog`]: an alarm as an RFC 5424 message for the SOC.
 //! - [`clamd`]: ClamAV's answers (verdicts, versions), read without trusting them.
 //!
@@ -18,6 +20,7 @@
 //! /64 and could otherwise dodge every bucket and ban by changing address.
 
 pub mod bans;
+pub mod baseline;
 pub mod bucket;
 pub mod clamd;
 pub mod syslog;
@@ -596,6 +599,61 @@ impl Alarm {
             banned_until: None,
             count: 1,
             window_ms: 0,
+            signature: None,
+        }
+    }
+}
+
+impl Alarm {
+    /// The low-severity alarm for a behaviour anomaly (8.1.3.3 c).
+    pub fn behaviour(node: &str, id: String, a: &baseline::Anomaly, now_ms: i64) -> Self {
+        const FIGURES: [&str; 3] = ["connections or records", "bytes", "refusals"];
+        let (rule, attack, key, count, action) = match a {
+            baseline::Anomaly::Volume {
+                key,
+                figure,
+                value,
+                p95,
+                ..
+            } => (
+                "D8.volume",
+                "unusual-volume",
+                key,
+                *value,
+                format!(
+                    "alarm ({} in an hour: {value}, above {} times the 95th percentile of its active hours, {p95})",
+                    FIGURES[(*figure).min(2)],
+                    baseline::FACTOR
+                ),
+            ),
+            baseline::Anomaly::UnusualHour { key, values, .. } => (
+                "D8.hour",
+                "unusual-hour",
+                key,
+                values[0],
+                format!(
+                    "alarm (active at an hour of the day that was quiet on each of the last 14 days: {} {}, {} bytes)",
+                    values[0], FIGURES[0], values[1]
+                ),
+            ),
+        };
+        Self {
+            id,
+            node: node.to_owned(),
+            rule: rule.into(),
+            severity: Severity::Low.as_str().into(),
+            attack: attack.into(),
+            direction: Direction::Outbound.as_str().into(),
+            source: "0.0.0.0".into(),
+            port: 0,
+            device: None,
+            target: key.clone(),
+            time: crate::units::rfc3339_cst(now_ms),
+            at_ms: now_ms,
+            action,
+            banned_until: None,
+            count: u32::try_from(count).unwrap_or(u32::MAX),
+            window_ms: 3_600_000,
             signature: None,
         }
     }

@@ -387,6 +387,36 @@ impl Metrics {
             .collect()
     }
 
+    /// Running totals per service (`service NAME`: connections, bytes, refusals)
+    /// and per channel (`channel NAME`: records committed, bytes sent,
+    /// refusals), for the behaviour baseline.
+    pub fn volumes(&self) -> Vec<(String, [u64; 3])> {
+        let refused = |object: &str| -> u64 {
+            lock(&self.refusals)
+                .iter()
+                .filter(|((o, _), _)| o == object)
+                .map(|(_, n)| *n)
+                .sum()
+        };
+        let mut out: Vec<(String, [u64; 3])> = lock(&self.services)
+            .iter()
+            .map(|(s, c)| (s.clone(), [c.opened, c.bytes_up + c.bytes_down]))
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|(s, [a, b])| (format!("service {s}"), [a, b, refused(&s)]))
+            .collect();
+        let channels: Vec<(String, [u64; 2])> = lock(&self.channels)
+            .iter()
+            .map(|(n, c)| (n.clone(), [c.next_seq.saturating_sub(1), c.sent_bytes]))
+            .collect();
+        out.extend(
+            channels
+                .into_iter()
+                .map(|(n, [a, b])| (format!("channel {n}"), [a, b, refused(&n)])),
+        );
+        out
+    }
+
     /// A record scanned with this verdict.
     pub fn scanned(&self, verdict: &str) {
         *lock(&self.detect)

@@ -4,11 +4,13 @@
 //! bans survive a restart.
 //!
 //! - [`bans_file`]: the saved ban table (`STATE_DIR/bans.json`).
+//! - [`behaviour`]: the behaviour baseline, sampled from the node's counters.
 //! - [`forward`]: alarms to the SOC (syslog over TLS, a webhook), following
 //!   the audit chain.
 //! - [`scan`]: malware scanning of what crosses a channel (clamd).
 
 pub mod bans_file;
+pub mod behaviour;
 pub mod forward;
 pub mod scan;
 
@@ -21,9 +23,12 @@ use tokio::sync::mpsc;
 use tracing::{error, warn};
 
 use crate::node::Ctx;
+use crate::node::clock::now_ms;
 
 /// How often de-duplicated alarms are flushed and the ban table saved.
 const TICK: Duration = Duration::from_secs(1);
+/// How often the behaviour baseline samples the node's counters.
+const SAMPLE: Duration = Duration::from_secs(60);
 
 /// Puts back the bans saved in `state_dir` (before any listener starts).
 pub fn restore(ctx: &Ctx, state_dir: &Path) {
@@ -60,6 +65,9 @@ pub async fn run(
         return;
     };
     let mut tick = tokio::time::interval(TICK);
+    let mut sampler = behaviour::Sampler::load(&state_dir);
+    let mut sample = tokio::time::interval(SAMPLE);
+    let mut hour = gateway_core::detect::baseline::hour_of(now_ms());
     loop {
         tokio::select! {
             Some(a) = alarms.recv() => {
@@ -77,6 +85,19 @@ pub async fn run(
                 ctx.guard.tick(&ctx.metrics);
                 save(&ctx, &state_dir);
             }
+            _ = sample.tick() => {
+                let now = now_ms();
+                for a in sampler.step(&ctx.metrics, now) {
+                    ctx.guard.raise(|node, id| Alarm::behaviour(node, id, &a, now), &ctx.metrics);
+                }
+                let h = gateway_core::detect::baseline::hour_of(now);
+                if h != hour {
+                    hour = h;
+                    if let Err(e) = sampler.save(&state_dir) {
+                        warn!(error = %e, "Cannot save the behaviour baseline");
+                    }
+                }
+            }
             () = ctx.draining.cancelled() => break,
         }
     }
@@ -87,6 +108,9 @@ pub async fn run(
         }
     }
     save(&ctx, &state_dir);
+    if let Err(e) = sampler.save(&state_dir) {
+        warn!(error = %e, "Cannot save the behaviour baseline");
+    }
 }
 
 fn save(ctx: &Ctx, state_dir: &Path) {
