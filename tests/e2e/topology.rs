@@ -97,8 +97,14 @@ impl Lab {
     }
 
     fn build() -> Lab {
+        // Unique per lab: the tests of this file run at once.
+        static LABS: AtomicUsize = AtomicUsize::new(0);
         let lab = Lab {
-            prefix: format!("gw{}-", std::process::id() % 100_000),
+            prefix: format!(
+                "gw{}{}-",
+                std::process::id() % 100_000,
+                LABS.fetch_add(1, Ordering::SeqCst)
+            ),
         };
         for n in ["legacy", "legacy2", "gw", "gw2", "hub", "prov"] {
             ip(&["netns", "add", &lab.ns(n)]);
@@ -574,4 +580,82 @@ listen = "10.0.0.1:8480"
         echo_from(&lab, "prov", "172.16.0.1:18001", hello).is_ok()
     });
     drop((edge1, edge2, hub));
+}
+
+/// Connection attempts from `ns` to `ip` on each of `ports`; the box drops
+/// them, so each waits a little and gives up.
+fn scan_from(lab: &Lab, ns: &str, ip: &'static str, ports: std::ops::Range<u16>) {
+    in_ns(lab, ns, move || {
+        for port in ports {
+            let addr = SocketAddr::new(ip.parse().expect("ip"), port);
+            let _ = TcpStream::connect_timeout(&addr, Duration::from_millis(100));
+        }
+    });
+}
+
+/// An assessor's port scan of the box from each side, on ports nothing
+/// listens on: the nftables baseline drops the SYNs and hands them to
+/// gatewayd (NFLOG), which raises a scan alarm with the four fields for each
+/// source, marked unproven (a SYN's source can be forged): alarmed, not banned.
+#[test]
+fn a_port_scan_of_closed_ports_from_each_side_is_alarmed() {
+    if let Some(why) = skip_reason() {
+        println!("skipped: {why}");
+        return;
+    }
+    if Command::new("nft").arg("--version").output().is_err() {
+        println!("skipped: no nft (apt-get install -y nftables)");
+        return;
+    }
+    let lab = Lab::build();
+    let dir = tempfile::tempdir().expect("dir");
+    let d = dir.path();
+    gateway_daemon::tunnel::pki::init(&d.join("ca"), "topology CA").expect("ca");
+    gateway_daemon::tunnel::pki::issue(&d.join("ca"), "edge-s", &[], 2, &d.join("certs"))
+        .expect("cert");
+    let config = edge_config(d, "edge-s", "172.16.0.1:7443", "");
+    let rules = Command::new(env!("CARGO_BIN_EXE_gatewayd"))
+        .args(["nftables", "--config"])
+        .arg(&config)
+        .output()
+        .expect("gatewayd nftables");
+    assert!(rules.status.success());
+    let mut nft = Command::new("ip")
+        .args(["netns", "exec", &lab.ns("gw"), "nft", "-f", "-"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("nft");
+    nft.stdin
+        .take()
+        .expect("stdin")
+        .write_all(&rules.stdout)
+        .expect("rules");
+    assert!(nft.wait().expect("nft").success(), "the baseline applies");
+    let daemon = Daemon::start(&lab, "gw", &config);
+    daemon.wait_log("Watching the packets the nftables baseline drops");
+    scan_from(&lab, "prov", "172.16.0.2", 1..31);
+    scan_from(&lab, "legacy", "10.0.0.1", 1..31);
+    let state = d.join("edge-s");
+    let alarm = |source: &str| {
+        net::audit_lines(&state).into_iter().find(|l| {
+            l.starts_with(&format!("detect.alarm {source} dropped tcp/")) && l.contains("[D2.scan]")
+        })
+    };
+    until("both scans alarmed", || {
+        alarm("172.16.0.10").is_some() && alarm("10.0.0.10").is_some()
+    });
+    let inbound = alarm("172.16.0.10").expect("alarm");
+    println!("{inbound}");
+    let json: serde_json::Value =
+        serde_json::from_str(inbound.split_once("] ").expect("detail").1).expect("json");
+    assert_eq!(json["direction"], "inbound");
+    assert_eq!(json["attack"], "scan");
+    assert_eq!(json["action"], "alarm (address unproven, not banned)");
+    assert!(json["time"].as_str().is_some_and(|t| t.ends_with("+08:00")));
+    let outbound = alarm("10.0.0.10").expect("alarm");
+    assert!(
+        outbound.contains("\"direction\":\"outbound\""),
+        "{outbound}"
+    );
+    drop(daemon);
 }

@@ -132,6 +132,14 @@ pub fn nftables(cfg: &Config) -> String {
             open.what.replace('"', "'")
         );
     }
+    // New connections nothing accepts go to gatewayd's scan detection
+    // (NFLOG, detect::nflog), bounded; then a few to the kernel log.
+    let _ = writeln!(
+        o,
+        "        ct state new meta l4proto {{ tcp, udp }} limit rate 2000/second log group {} snaplen {} comment \"to gatewayd's scan detection\"",
+        crate::detect::nflog::GROUP,
+        crate::detect::nflog::COPY_RANGE
+    );
     let _ = writeln!(
         o,
         "        limit rate 5/second log prefix \"gatewayd-drop-in \"\n    }}\n    \

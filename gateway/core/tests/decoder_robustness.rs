@@ -111,3 +111,22 @@ proptest! {
         prop_assert_eq!(d.to_string().parse::<Date>(), Ok(d));
     }
 }
+
+proptest! {
+    /// The kernel's NFLOG messages and clamd's answers, as arbitrary bytes
+    /// (the fuzz target detect_input goes further): never a panic, nothing
+    /// unprintable out.
+    #[test]
+    fn detector_inputs_never_panic(data in prop::collection::vec(any::<u8>(), 0..600)) {
+        use gateway_core::detect::{clamd, nflog};
+        for d in nflog::parse(&data) {
+            prop_assert!(d.protocol == 6 || d.protocol == 17);
+        }
+        if let clamd::Reply::Found(name) = clamd::parse_reply(&data) {
+            prop_assert!(!name.chars().any(char::is_control));
+        }
+        if let Some(v) = clamd::parse_version(&data) {
+            prop_assert!(!v.text.chars().any(char::is_control));
+        }
+    }
+}

@@ -9,6 +9,7 @@
 //!   last 14 days (basic behaviour analysis).
 //! - [`syslog`]: an alarm as an RFC 5424 message for the SOC.
 //! - [`clamd`]: ClamAV's answers (verdicts, versions), read without trusting them.
+//! - [`nflog`]: packets the nftables baseline dropped, as the kernel logs them.
 //!
 //! A source's address is trusted only when the event says it was verified
 //! (a TCP connection, a QUIC connection past address validation): an event
@@ -23,6 +24,7 @@ pub mod bans;
 pub mod baseline;
 pub mod bucket;
 pub mod clamd;
+pub mod nflog;
 pub mod syslog;
 
 use std::collections::HashMap;

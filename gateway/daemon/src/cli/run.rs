@@ -87,6 +87,11 @@ pub fn run(args: &RunArgs) -> u8 {
             return code;
         }
     };
+    // Scan detection's NFLOG socket needs CAP_NET_ADMIN: bound here, on the
+    // only thread there is, and the capability given up before any other
+    // thread exists (capabilities are per thread).
+    let nflog = config.detect.enabled.then(crate::detect::nflog::open);
+    privilege::drop_net_admin();
     let mut builder = match args.threads {
         Some(1) => tokio::runtime::Builder::new_current_thread(),
         Some(n) => {
@@ -103,7 +108,7 @@ pub fn run(args: &RunArgs) -> u8 {
             return exit::SOFTWARE;
         }
     };
-    rt.block_on(serve(args, config))
+    rt.block_on(serve(args, config, nflog))
 }
 
 /// The config to run: the centrally managed one in the state directory when
@@ -142,7 +147,11 @@ fn choose_config(
     }
 }
 
-async fn serve(args: &RunArgs, config: gateway_core::config::Config) -> u8 {
+async fn serve(
+    args: &RunArgs,
+    config: gateway_core::config::Config,
+    nflog: Option<Result<std::os::fd::OwnedFd, String>>,
+) -> u8 {
     let (config, source, trying) = choose_config(&args.config, config);
     let try_window = match &config.role {
         gateway_core::config::Role::Edge(e) => e.uplink.config_try,
@@ -153,6 +162,7 @@ async fn serve(args: &RunArgs, config: gateway_core::config::Config) -> u8 {
     let role = config.role.clone();
     let bindings = Bindings {
         config_source: Some(source),
+        nflog,
         ..Bindings::default()
     };
     let running = match role::start(config, bindings).await {

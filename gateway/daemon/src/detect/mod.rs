@@ -8,10 +8,13 @@
 //! - [`forward`]: alarms to the SOC (syslog over TLS, a webhook), following
 //!   the audit chain.
 //! - [`scan`]: malware scanning of what crosses a channel (clamd).
+//! - [`nflog`]: scans of ports nothing listens on, from the packets the
+//!   nftables baseline drops.
 
 pub mod bans_file;
 pub mod behaviour;
 pub mod forward;
+pub mod nflog;
 pub mod scan;
 
 use std::path::Path;
@@ -29,6 +32,22 @@ use crate::node::clock::now_ms;
 const TICK: Duration = Duration::from_secs(1);
 /// How often the behaviour baseline samples the node's counters.
 const SAMPLE: Duration = Duration::from_secs(60);
+
+/// Starts reading the packets the nftables baseline drops on `opened` (the
+/// socket `gatewayd run` bound before giving up its privileges; none: it is
+/// opened now), when this node may (root or CAP_NET_ADMIN, nfnetlink_log,
+/// the group free); says once why not otherwise.
+pub fn watch_dropped(ctx: &Arc<Ctx>, opened: Option<Result<std::os::fd::OwnedFd, String>>) {
+    if !ctx.policy().config().detect.enabled {
+        return;
+    }
+    match opened.unwrap_or_else(nflog::open) {
+        Ok(fd) => nflog::spawn(ctx.clone(), fd),
+        Err(why) => {
+            tracing::info!(%why, "Scans of ports nothing listens on are not watched (needs root and the nftables baseline's NFLOG group)")
+        }
+    }
+}
 
 /// Puts back the bans saved in `state_dir` (before any listener starts).
 pub fn restore(ctx: &Ctx, state_dir: &Path) {

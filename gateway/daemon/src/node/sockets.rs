@@ -22,6 +22,9 @@ pub struct Bindings {
     /// The config in force as (managed version, text), for central management
     /// (`gatewayd run` fills it in; version 0 is the local file).
     pub config_source: Option<(u64, String)>,
+    /// Scan detection's NFLOG socket, opened before privileges were given
+    /// up (`gatewayd run`), or why it could not be; none: opened at start.
+    pub nflog: Option<Result<std::os::fd::OwnedFd, String>>,
 }
 
 /// Accept queue of every TCP listener: bursts of connections are queued, not reset

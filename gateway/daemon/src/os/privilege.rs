@@ -7,6 +7,21 @@ use std::path::Path;
 
 use nix::unistd::{Gid, Uid, User, chown, setgid, setgroups, setuid};
 
+/// Gives up CAP_NET_ADMIN for good, once the NFLOG socket is bound (the
+/// systemd unit grants it for that alone): from every set, so no later
+/// `exec` or compromise can use it. Nothing to do where it was not held.
+pub fn drop_net_admin() {
+    use caps::{CapSet, Capability};
+    for set in [
+        CapSet::Ambient,
+        CapSet::Inheritable,
+        CapSet::Effective,
+        CapSet::Permitted,
+    ] {
+        let _ = caps::drop(None, set, Capability::CAP_NET_ADMIN);
+    }
+}
+
 /// Whether this process runs as root.
 pub fn is_root() -> bool {
     Uid::effective().is_root()

@@ -217,6 +217,7 @@ pub async fn start(config: Config, mut bindings: Bindings) -> Result<Running, St
     let (fleet_tx, fleet_rx) = tokio::sync::mpsc::channel(4);
     let ctx = Ctx::new(id.clone(), Policy::new(config), audit);
     crate::detect::restore(&ctx, &state_dir);
+    crate::detect::watch_dropped(&ctx, bindings.nflog.take());
     let mut tasks = Tasks {
         listeners: HashMap::new(),
         servers: Vec::new(),
