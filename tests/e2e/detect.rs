@@ -142,6 +142,13 @@ async fn a_scan_over_thirty_ports_is_alarmed_and_banned_and_the_ban_survives_a_r
     let (state, quic, publish) = (hub.state.clone(), hub.quic, hub.publish.clone());
     hub.running.drain(Duration::from_millis(100)).await;
     drop(hub);
+    // The old listeners close as their tasks end.
+    wait_for("the old listeners closed", Duration::from_secs(10), || {
+        publish
+            .iter()
+            .all(|a| gateway_daemon::node::sockets::listen_tcp(*a).is_ok())
+    })
+    .await;
     let hub = start_hub(
         &pki,
         HubSpec {
@@ -318,6 +325,62 @@ async fn refusals_of_spoofable_udp_datagrams_alarm_but_never_ban() {
             .iter()
             .any(|(s, rule, _)| s == "127.0.0.77" && rule == "D5.connection-flood")
     })
+    .await;
+    assert!(hub.running.ctx().guard.active_bans().is_empty());
+
+    // Refused from 2,000 source ports of one forged address: the audit takes
+    // a burst and then a summary a second, not a record per port.
+    for i in 0..2_000 {
+        let s = std::net::UdpSocket::bind("127.0.6.3:0").expect("udp");
+        s.send_to(b"probe", hub.publish[1]).expect("send");
+        if i % 50 == 0 {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    wait_for(
+        "the summary of refusals over the budget",
+        Duration::from_secs(10),
+        || {
+            audit_lines(hub.state.path()).iter().any(|l| {
+                l.starts_with("relay.refuse udp-sources") && l.contains("not audited one by one")
+            })
+        },
+    )
+    .await;
+    let one_by_one = refusals_from(hub.state.path(), "127.0.6.3");
+    println!("2,000 forged refusals: {one_by_one} audited one by one");
+    assert!(one_by_one <= 150, "{one_by_one} records");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshakes_failing_on_the_first_packet_prove_no_address_and_never_ban() {
+    // A ClientHello the hub refuses at once (no ALPN it speaks) could come
+    // in one forged Initial: however many, alarmed, never banned.
+    let pki = Pki::new();
+    let hub = start_hub(&pki, HubSpec::new("hub-01", 2, &[])).await;
+    let tls =
+        gateway_daemon::tunnel::tls::soc_client(&pki.ca().join("ca.pem"), None, &[b"bogus/1"])
+            .expect("tls");
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("a QUIC TLS config");
+    let client = quinn::ClientConfig::new(std::sync::Arc::new(crypto));
+    let endpoint = quinn::Endpoint::client("127.0.5.5:0".parse().expect("addr")).expect("endpoint");
+    for _ in 0..8 {
+        let c = endpoint
+            .connect_with(client.clone(), hub.quic, "127.0.0.1")
+            .expect("connect");
+        let _ = tokio::time::timeout(Duration::from_secs(2), c).await;
+    }
+    wait_for(
+        "the handshake-failure alarm",
+        Duration::from_secs(10),
+        || {
+            alarms(hub.state.path()).iter().any(|(s, rule, a)| {
+                s == "127.0.5.5"
+                    && rule == "D3.handshake"
+                    && a["action"] == "alarm (address unproven, not banned)"
+            })
+        },
+    )
     .await;
     assert!(hub.running.ctx().guard.active_bans().is_empty());
 }

@@ -15,7 +15,9 @@
 //! (a TCP connection, a QUIC connection past address validation): an event
 //! from an address that could be spoofed (a UDP datagram) raises alarms but
 //! never bans, so nobody can get a hub or a partner gateway banned by forging
-//! its address. Sources in `never_ban` are alarmed about and never banned.
+//! its address. Proven and unproven events of a source are counted apart, so
+//! forged events cannot fill the bucket a few real ones then tip into a ban.
+//! Sources in `never_ban` are alarmed about and never banned.
 //!
 //! An IPv6 source counts as its /64 ([`source_key`]): one host holds a whole
 //! /64 and could otherwise dodge every bucket and ban by changing address.
@@ -325,7 +327,9 @@ pub type NeverBan = dyn Fn(IpAddr, Option<&str>) -> bool + Send + Sync;
 pub struct Detector {
     limits: Thresholds,
     never_ban: Box<NeverBan>,
-    sources: HashMap<IpAddr, Buckets>,
+    /// By source and whether its events were proven: a forged event never
+    /// fills the bucket a proven one would ban by.
+    sources: HashMap<(IpAddr, bool), Buckets>,
     flows: HashMap<(IpAddr, u32), (Leaky, i64)>,
 }
 
@@ -392,7 +396,7 @@ impl Detector {
                 (Attack::DatagramFlood, n, l.datagrams.window_ms)
             }
             signal => {
-                let source = source_key(e.source);
+                let source = (source_key(e.source), e.verified);
                 if !self.sources.contains_key(&source) && self.sources.len() >= MAX_SOURCES {
                     self.make_room(now);
                 }
@@ -722,14 +726,19 @@ pub const OVERFLOW: IpAddr = IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED);
 /// sources are counted under [`OVERFLOW`].
 #[derive(Debug, Default)]
 pub struct Alarms {
-    open: HashMap<(IpAddr, Attack), (i64, u32, Option<Detection>)>,
+    /// By source, attack, and whether it banned (a ban is never held back
+    /// behind an alarm-only one of the same kind).
+    open: HashMap<AlarmKey, (i64, u32, Option<Detection>)>,
 }
+
+/// What alarms are de-duplicated by: source (key), attack, whether it banned.
+type AlarmKey = (IpAddr, Attack, bool);
 
 impl Alarms {
     /// The detection to raise now, or `None` when one of its kind was
     /// raised for this source within the window (it is counted).
     pub fn raise(&mut self, d: Detection) -> Option<Detection> {
-        let key = (source_key(d.event.source), d.attack);
+        let key = (source_key(d.event.source), d.attack, d.ban_ms.is_some());
         let now = d.event.at_ms;
         match self.open.get_mut(&key) {
             Some((since, count, last)) if now - *since < ALARM_WINDOW_MS => {

@@ -319,3 +319,42 @@ fn an_alarm_carries_the_four_fields_and_the_time_in_rfc3339_with_milliseconds() 
         "1970-01-01T07:59:59.999+08:00"
     );
 }
+
+#[test]
+fn forged_events_do_not_help_a_few_real_ones_to_a_ban() {
+    let mut d = hub_exempt();
+    let mut bans = Vec::new();
+    // 1,800 forged flows a second from a partner's address for two
+    // seconds, and 200 real connections a second: a flood by the first
+    // count, never a ban.
+    for i in 0..4_000i64 {
+        let mut e = event([198, 51, 100, 60], i / 2, Signal::Connection);
+        e.verified = i % 10 == 0;
+        if let Some(x) = d.observe(e) {
+            bans.push(x);
+        }
+    }
+    assert!(bans.iter().all(|x| x.ban_ms.is_none()), "{bans:?}");
+    assert!(!bans.is_empty(), "the forged flood itself is alarmed");
+}
+
+#[test]
+fn a_ban_is_raised_at_once_after_an_alarm_only_of_the_same_kind() {
+    let mut alarms = Alarms::default();
+    let mut d = hub_exempt();
+    let mut first = None;
+    let mut e = event([198, 51, 100, 61], 0, Signal::ForeignCertificate);
+    e.verified = false;
+    first = first.or(d.observe(e));
+    let first = first.expect("alarm");
+    assert!(first.ban_ms.is_none());
+    assert!(alarms.raise(first).is_some());
+    let banned = d
+        .observe(event([198, 51, 100, 61], 10, Signal::ForeignCertificate))
+        .expect("alarm");
+    assert!(banned.ban_ms.is_some());
+    assert!(
+        alarms.raise(banned).is_some(),
+        "the ban's alarm is not held back"
+    );
+}

@@ -40,7 +40,16 @@ pub struct Guard {
     dirty: AtomicBool,
     tx: mpsc::Sender<Alarm>,
     rx: Mutex<Option<mpsc::Receiver<Alarm>>>,
+    /// Addresses devices proved themselves from lately (a tunnel came up):
+    /// events from there carry the device id, so `never_ban` by device id
+    /// covers a partner gateway wherever it connects from.
+    learned: Mutex<std::collections::HashMap<IpAddr, (String, i64)>>,
 }
+
+/// How long an address stays a device's after its tunnel came up.
+const LEARNED_MS: i64 = 24 * 3_600_000;
+/// Addresses learned at once.
+const MAX_LEARNED: usize = 4096;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -108,7 +117,28 @@ impl Guard {
             dirty: AtomicBool::new(false),
             tx,
             rx: Mutex::new(Some(rx)),
+            learned: Mutex::new(std::collections::HashMap::new()),
         }
+    }
+
+    /// `device` proved itself from `ip` (its tunnel is up).
+    pub fn learn(&self, ip: IpAddr, device: &str) {
+        let now = now_ms();
+        let mut l = lock(&self.learned);
+        if !l.contains_key(&ip) && l.len() >= MAX_LEARNED {
+            l.retain(|_, (_, until)| *until > now);
+            if l.len() >= MAX_LEARNED {
+                gateway_core::table::evict_oldest(&mut l, |(_, until)| *until);
+            }
+        }
+        l.insert(ip, (device.to_owned(), now + LEARNED_MS));
+    }
+
+    fn device_at(&self, ip: IpAddr, now: i64) -> Option<String> {
+        lock(&self.learned)
+            .get(&ip)
+            .filter(|(_, until)| *until > now)
+            .map(|(d, _)| d.clone())
     }
 
     /// A new `[detect]` (a reload): thresholds and exemptions change, the
@@ -143,11 +173,15 @@ impl Guard {
     /// (unless exempt or unproven) and queues its alarm.
     pub fn report(&self, r: &Report<'_>, signal: Signal, metrics: &Metrics) {
         let now = now_ms();
+        let device = r
+            .device
+            .map(str::to_owned)
+            .or_else(|| self.device_at(r.peer.ip(), now));
         let event = Event {
             at_ms: now,
             source: r.peer.ip(),
             port: r.peer.port(),
-            device: r.device.map(str::to_owned),
+            device,
             verified: r.verified,
             direction: r.direction,
             target: r.target.to_owned(),
@@ -292,5 +326,50 @@ impl Guard {
         }
         self.any_ban
             .store(!bans.active(now).is_empty(), Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gateway_core::config::NeverBan;
+
+    fn report(ip: [u8; 4]) -> Report<'static> {
+        Report {
+            peer: SocketAddr::from((ip, 40_000)),
+            verified: true,
+            direction: Direction::Inbound,
+            target: "quic 10.0.0.1:7443",
+            device: None,
+        }
+    }
+
+    #[test]
+    fn a_device_in_never_ban_covers_the_address_it_proved_itself_from() {
+        let config = Detect {
+            never_ban: vec![NeverBan::Device("partner-gw".into())],
+            ..Detect::default()
+        };
+        let guard = Guard::new("hub-1", &config);
+        let metrics = Metrics::default();
+        let mut alarms = guard.alarms().expect("receiver");
+        guard.learn(IpAddr::from([198, 51, 100, 7]), "partner-gw");
+        for ip in [[198, 51, 100, 7], [198, 51, 100, 8]] {
+            for _ in 0..5 {
+                guard.report(&report(ip), Signal::HandshakeFailed, &metrics);
+            }
+        }
+        let (a, b) = (
+            alarms.try_recv().expect("alarm"),
+            alarms.try_recv().expect("alarm"),
+        );
+        assert_eq!(a.device.as_deref(), Some("partner-gw"));
+        assert_eq!(a.action, "alarm (never_ban, not banned)");
+        assert_eq!(
+            (b.source.as_str(), b.action.as_str()),
+            ("198.51.100.8", "ban")
+        );
+        assert!(!guard.banned(IpAddr::from([198, 51, 100, 7]), &metrics));
+        assert!(guard.banned(IpAddr::from([198, 51, 100, 8]), &metrics));
     }
 }

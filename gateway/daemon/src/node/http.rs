@@ -45,15 +45,23 @@ pub fn handshake_signal(error: &std::io::Error) -> Signal {
     }
 }
 
-/// Whether a TLS error says the peer's certificate came from a foreign CA
-/// (unknown issuer), or claims this node's CA without its signature (a forgery).
+/// Whether a TLS error says the peer's certificate is foreign: from a CA
+/// this node does not know, claiming its CA without its signature, or one no
+/// CA of ours could have issued (a CA certificate as a client's, a malformed
+/// one). Expired, not yet valid and revoked certificates are failures.
 pub fn foreign_ca(e: &rustls::Error) -> bool {
-    matches!(
-        e,
-        rustls::Error::InvalidCertificate(
-            rustls::CertificateError::UnknownIssuer | rustls::CertificateError::BadSignature
-        )
-    )
+    use rustls::CertificateError as C;
+    match e {
+        rustls::Error::InvalidCertificate(c) => !matches!(
+            c,
+            C::Expired
+                | C::ExpiredContext { .. }
+                | C::NotValidYet
+                | C::NotValidYetContext { .. }
+                | C::Revoked
+        ),
+        _ => false,
+    }
 }
 
 /// The largest request body of the APIs (a config push, a certificate request).

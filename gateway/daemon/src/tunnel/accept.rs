@@ -103,26 +103,26 @@ impl Handshaking {
 }
 
 /// What a failed QUIC handshake tells the detectors, and whether the peer's
-/// address is proven: a TLS alert means the peer sent its certificate in a
-/// Handshake packet, which it could only do having received ours (RFC 9000
-/// 8.1); a timeout proves nothing. A certificate from a CA this hub does not
-/// know (alert unknown_ca) or one that claims this hub's CA but was not signed
-/// by it (decrypt_error: a forgery) is foreign.
+/// address is proven. Only an alert about the client's certificate proves
+/// it: the certificate comes in a Handshake packet, which the peer could only
+/// send having received ours (RFC 9000 8.1). Any other alert (no shared ALPN,
+/// a malformed ClientHello) can come from the very first, forgeable Initial,
+/// and a timeout proves nothing. A certificate from a CA this hub does not
+/// know, one that claims this hub's CA without its signature, or one no CA
+/// could have issued is foreign; an expired or revoked one is a failure.
 fn handshake_failure(error: &quinn::ConnectionError) -> (Signal, bool) {
-    const UNKNOWN_CA: u8 = 48;
-    const DECRYPT_ERROR: u8 = 51;
-    match error {
-        quinn::ConnectionError::TransportError(t)
-            if t.code == quinn::TransportErrorCode::crypto(UNKNOWN_CA)
-                || t.code == quinn::TransportErrorCode::crypto(DECRYPT_ERROR) =>
-        {
-            (Signal::ForeignCertificate, true)
-        }
-        quinn::ConnectionError::TransportError(t)
-            if (0x100..0x200).contains(&u64::from(t.code)) =>
-        {
-            (Signal::HandshakeFailed, true)
-        }
+    // TLS alerts (RFC 8446 6.2) about the peer's certificate.
+    const FOREIGN: [u8; 5] = [42, 43, 46, 48, 51]; // bad, unsupported, unknown, unknown_ca, decrypt_error
+    const FAILED: [u8; 3] = [44, 45, 116]; // revoked, expired, certificate_required
+    let quinn::ConnectionError::TransportError(t) = error else {
+        return (Signal::HandshakeFailed, false);
+    };
+    let alert = u64::from(t.code)
+        .checked_sub(0x100)
+        .and_then(|a| u8::try_from(a).ok());
+    match alert {
+        Some(a) if FOREIGN.contains(&a) => (Signal::ForeignCertificate, true),
+        Some(a) if FAILED.contains(&a) => (Signal::HandshakeFailed, true),
         _ => (Signal::HandshakeFailed, false),
     }
 }
@@ -210,7 +210,7 @@ async fn serve_edge<H: Handler>(
     };
     let serial = tls::peer_serial(&conn).unwrap_or_default();
     match handler.admit(&device, &serial, remote).await {
-        Ok(()) => {}
+        Ok(()) => ctx.guard.learn(remote.ip(), &device),
         Err(Refusal::Revoked) => {
             warn!(%device, %remote, "Refusing tunnel: the device is revoked");
             audit_refusal(&ctx, &device, format!("revoked device; peer={remote}"));

@@ -196,6 +196,18 @@ pub async fn front(ctx: Arc<Ctx>, front: Front, socket: Arc<UdpSocket>) {
             _ = sweep.tick() => {
                 forget_ended(&mut clients, &mut per_ip);
                 refused.forget_ended();
+                let n = refused.take_suppressed();
+                if n > 0 {
+                    warn!(listen = %front.listen, refused = n, "UDP refusals over the audit budget (summarised)");
+                    ctx.audit.record(
+                        "udp-sources",
+                        &front.object,
+                        "relay.refuse",
+                        "deny",
+                        "",
+                        format!("{n} more datagram flows refused in the last second, not audited one by one (a datagram's source can be forged; at most {AUDIT_PER_SECOND} records a second)"),
+                    );
+                }
                 continue;
             }
             () = ctx.draining.cancelled() => break,
@@ -223,13 +235,17 @@ pub async fn front(ctx: Arc<Ctx>, front: Front, socket: Arc<UdpSocket>) {
             .policy()
             .decide(&front.crossing(client.ip()), ctx.today());
         if !decision.is_allowed() {
-            ctx.refuse(
-                "relay.refuse",
-                &client.to_string(),
-                &front.object,
-                decision.rule.as_str(),
-                &decision.reason,
-            );
+            if refused.may_audit() {
+                ctx.refuse(
+                    "relay.refuse",
+                    &client.to_string(),
+                    &front.object,
+                    decision.rule.as_str(),
+                    &decision.reason,
+                );
+            } else {
+                ctx.metrics.refused(&front.object, decision.rule.as_str());
+            }
             let port = u64::from(front.listen.port());
             ctx.report_refusal(&front.report(client), port, decision.rule.as_str());
             refused.hold(client);
@@ -303,10 +319,35 @@ pub const REFUSED_HOLD: Duration = Duration::from_secs(10);
 /// Refused clients a front holds off at once.
 const MAX_HELD: usize = 4096;
 
+/// Refusal records a front writes at most in a burst, and then per second:
+/// a datagram's source can be forged, so beyond this the refusals are
+/// counted into one summary record per second, not audited one by one.
+const AUDIT_BURST: f64 = 100.0;
+/// See [`AUDIT_BURST`].
+const AUDIT_PER_SECOND: f64 = 10.0;
+
+/// The front's budget of refusal records.
+struct Budget {
+    tokens: f64,
+    at: Instant,
+    suppressed: u64,
+}
+
+impl Default for Budget {
+    fn default() -> Self {
+        Self {
+            tokens: AUDIT_BURST,
+            at: Instant::now(),
+            suppressed: 0,
+        }
+    }
+}
+
 /// Clients of a front refused lately, until when.
 #[derive(Default)]
 struct Refused {
     until: Mutex<HashMap<SocketAddr, Instant>>,
+    budget: Mutex<Budget>,
 }
 
 impl Refused {
@@ -343,6 +384,37 @@ impl Refused {
         shrink(&mut m);
     }
 
+    /// Whether a refusal may be audited now; if not it is counted for the
+    /// next summary.
+    fn may_audit(&self) -> bool {
+        let mut b = self
+            .budget
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = Instant::now();
+        b.tokens =
+            (b.tokens + now.duration_since(b.at).as_secs_f64() * AUDIT_PER_SECOND).min(AUDIT_BURST);
+        b.at = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            true
+        } else {
+            b.suppressed += 1;
+            false
+        }
+    }
+
+    /// Refusals counted but not audited since the last call.
+    fn take_suppressed(&self) -> u64 {
+        std::mem::take(
+            &mut self
+                .budget
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .suppressed,
+        )
+    }
+
     fn holds(&self, client: SocketAddr) -> bool {
         self.lock()
             .get(&client)
@@ -365,7 +437,11 @@ async fn client_flow(
     let conn = match front.conn() {
         Ok(c) => c,
         Err(why) => {
-            ctx.refuse("relay.refuse", &subject, &object, "no-route", &why);
+            if refused.may_audit() {
+                ctx.refuse("relay.refuse", &subject, &object, "no-route", &why);
+            } else {
+                ctx.metrics.refused(&object, "no-route");
+            }
             refused.hold(client);
             return;
         }
