@@ -267,3 +267,42 @@ fn gatewayctl_says_what_it_needs() {
     );
     assert!(String::from_utf8_lossy(&cmd.stderr).contains("cannot reach the hub"));
 }
+
+#[test]
+fn an_old_signature_database_is_warned_about() {
+    let dir = tempfile::tempdir().expect("dir");
+    let db = dir.path().join("clamav");
+    std::fs::create_dir(&db).expect("db dir");
+    let sig = db.join("daily.cld");
+    std::fs::write(&sig, b"signatures").expect("db file");
+    let shipped =
+        std::fs::read_to_string(root().join("config/edge-extranet-l3.toml")).expect("read");
+    let config = shipped.replace(
+        "database_dir = \"/var/lib/clamav\"",
+        &format!("database_dir = \"{}\"\nmax_db_age = \"7d\"", db.display()),
+    );
+    assert_ne!(
+        config, shipped,
+        "the shipped level-3 config names a database_dir"
+    );
+    let f = dir.path().join("edge.toml");
+    std::fs::write(&f, &config).expect("write");
+    let check = || {
+        let out = gatewayd(&["check", "--config", f.to_str().expect("path")]);
+        assert_eq!(code(&out), 0, "{out:?}");
+        text(&out).1
+    };
+    assert!(!check().contains("signature database"), "fresh");
+    let ten_days_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(10 * 86_400);
+    std::fs::File::options()
+        .write(true)
+        .open(&sig)
+        .expect("open")
+        .set_modified(ten_days_ago)
+        .expect("age it");
+    let stderr = check();
+    assert!(
+        stderr.contains("10 days old, older than scan.max_db_age") && stderr.contains("8.1.3.4"),
+        "{stderr}"
+    );
+}

@@ -87,9 +87,43 @@ pub fn check_file(path: &Path, today: Date) -> std::io::Result<Checked> {
                 .hint("chmod 700 it: the audit chain, databases, keys and spool files live there"),
             );
         }
+        if let Some(scan) = &cfg.scan
+            && let Some(dir) = &scan.database_dir
+            && let Some(age) = newest_file_age(dir)
+            && age > scan.max_db_age
+        {
+            let line = src
+                .lines()
+                .position(|l| l.trim_start().starts_with("database_dir"))
+                .map_or(1, |i| u32::try_from(i + 1).unwrap_or(1));
+            checked.diagnostics.push(
+                Diagnostic::warning(
+                    gateway_core::diag::Location { line, column: 1 },
+                    format!(
+                        "scan.database_dir: the malware signature database in {} is {} days old, older than scan.max_db_age (GB/T 22239-2019 8.1.3.4 a: keep it updated)",
+                        dir.display(),
+                        age.as_secs() / 86_400
+                    ),
+                )
+                .hint("update it (freshclam, or the offline update procedure), or raise max_db_age"),
+            );
+        }
         diag::sort(&mut checked.diagnostics);
     }
     Ok(checked)
+}
+
+/// How long ago the newest regular file in `dir` was modified.
+fn newest_file_age(dir: &Path) -> Option<std::time::Duration> {
+    let newest = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let m = e.metadata().ok()?;
+            m.is_file().then_some(m.modified().ok()?)
+        })
+        .max()?;
+    newest.elapsed().ok()
 }
 
 /// Runs `gatewayd check`; returns the exit code.
