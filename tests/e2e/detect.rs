@@ -384,3 +384,75 @@ async fn handshakes_failing_on_the_first_packet_prove_no_address_and_never_ban()
     .await;
     assert!(hub.running.ctx().guard.active_bans().is_empty());
 }
+
+/// The store of a client that counts the session tickets it is given.
+#[derive(Debug, Default)]
+struct CountingStore(std::sync::atomic::AtomicUsize);
+
+impl rustls::client::ClientSessionStore for CountingStore {
+    fn set_kx_hint(&self, _: rustls_pki_types::ServerName<'static>, _: rustls::NamedGroup) {}
+    fn kx_hint(&self, _: &rustls_pki_types::ServerName<'_>) -> Option<rustls::NamedGroup> {
+        None
+    }
+    fn set_tls12_session(
+        &self,
+        _: rustls_pki_types::ServerName<'static>,
+        _: rustls::client::Tls12ClientSessionValue,
+    ) {
+    }
+    fn tls12_session(
+        &self,
+        _: &rustls_pki_types::ServerName<'_>,
+    ) -> Option<rustls::client::Tls12ClientSessionValue> {
+        None
+    }
+    fn remove_tls12_session(&self, _: &rustls_pki_types::ServerName<'static>) {}
+    fn insert_tls13_ticket(
+        &self,
+        _: rustls_pki_types::ServerName<'static>,
+        _: rustls::client::Tls13ClientSessionValue,
+    ) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+    fn take_tls13_ticket(
+        &self,
+        _: &rustls_pki_types::ServerName<'static>,
+    ) -> Option<rustls::client::Tls13ClientSessionValue> {
+        None
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hub_gives_no_session_tickets_a_forged_initial_could_replay() {
+    // A ticket offered with a wrong binder fails the handshake on the first,
+    // forgeable Initial with decrypt_error, which otherwise proves a peer's
+    // certificate was checked: with no tickets there is nothing to offer.
+    let pki = Pki::new();
+    let hub = start_hub(&pki, HubSpec::new("hub-01", 2, &[])).await;
+    let store = std::sync::Arc::new(CountingStore::default());
+    let tls = gateway_daemon::tunnel::tls::soc_client(
+        &pki.ca().join("ca.pem"),
+        None,
+        &[gateway_core::fleet::ENROLL_ALPN],
+    )
+    .expect("tls");
+    let mut tls = (*tls).clone();
+    tls.resumption = rustls::client::Resumption::store(store.clone());
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(std::sync::Arc::new(tls))
+        .expect("a QUIC TLS config");
+    let client = quinn::ClientConfig::new(std::sync::Arc::new(crypto));
+    let endpoint = quinn::Endpoint::client("127.0.5.9:0".parse().expect("addr")).expect("endpoint");
+    let conn = endpoint
+        .connect_with(client, hub.quic, "127.0.0.1")
+        .expect("connect")
+        .await
+        .expect("an enrollment connection completes its handshake");
+    // Tickets would come right after the handshake; an answer to a request
+    // comes after them.
+    let _ = tokio::time::timeout(Duration::from_secs(3), conn.closed()).await;
+    assert_eq!(
+        store.0.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "no session ticket"
+    );
+}

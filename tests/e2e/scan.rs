@@ -309,3 +309,97 @@ async fn clamd_scans_what_crosses_and_the_boundary_fails_closed_without_it() {
         assert!(metrics.contains(series), "{series} in\n{metrics}");
     }
 }
+
+/// Another department's records are scanned again where they arrive: the
+/// sending edge does not scan, the destination does; malware is refused into
+/// failed/ (with the signature), alarmed there, and the receipt says failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_edge_scans_what_another_department_delivers() {
+    if let Some(why) = clamd_missing() {
+        println!("skipped: {why}");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("dir");
+    let clamd = Clamd::start(dir.path());
+    let pki = Pki::new();
+    let hub = start_hub(&pki, HubSpec::new("hub-01", 2, &[])).await;
+    let source = "\n[[channel]]\nname = \"reports\"\nzone = \"lab\"\nformats = [\"text\"]\nmax_record_bytes = \"64KiB\"\ndeliver_to = \"edge-c/inbox\"\nscan = false\n";
+    let dest: &'static str = Box::leak(
+        format!(
+            "\n[[channel]]\nname = \"inbox\"\nzone = \"lab\"\nformats = [\"text\"]\nmax_record_bytes = \"64KiB\"\nscan = true\n\n[scan]\nclamd = \"{}\"\n",
+            clamd.socket().display()
+        )
+        .into_boxed_str(),
+    );
+    let edge_c = start_edge(
+        &pki,
+        EdgeSpec {
+            extra: dest,
+            ..EdgeSpec::new("edge-c", 3, 2, vec![hub.quic])
+        },
+    )
+    .await;
+    let edge_a = start_edge(
+        &pki,
+        EdgeSpec {
+            extra: source,
+            ingest: true,
+            ..EdgeSpec::new("edge-a", 2, 2, vec![hub.quic])
+        },
+    )
+    .await;
+    let ingest = edge_a.ingest.expect("ingest");
+    for body in [b"a clean report\n".to_vec(), eicar()] {
+        let (s, b) = http_post(
+            ingest,
+            "/v1/channels/reports/records",
+            Some("text/plain"),
+            &body,
+        )
+        .await;
+        assert_eq!(s, 200, "the source does not scan: {b}");
+    }
+    let spool = edge_c.state.path().join("spool/inbox");
+    let reason = spool.join("failed/edge-a.reports.00000000000000000002.txt.reason");
+    wait_for(
+        "the malware in edge-c's failed/",
+        Duration::from_secs(15),
+        || reason.exists(),
+    )
+    .await;
+    let why = std::fs::read_to_string(&reason).expect("reason");
+    assert!(
+        why.contains("[D6.malware]") && why.contains("Gw.Test.EICAR"),
+        "{why}"
+    );
+    assert!(
+        spool
+            .join("out/edge-a.reports.00000000000000000001.txt")
+            .exists()
+    );
+    wait_for("the alarm at edge-c", Duration::from_secs(5), || {
+        audit_lines(edge_c.state.path()).iter().any(|l| {
+            l.starts_with("detect.alarm 0.0.0.0 delivery channel inbox")
+                && l.contains("[D6.malware]")
+        })
+    })
+    .await;
+    poll(
+        "the receipts at edge-a",
+        Duration::from_secs(15),
+        || async {
+            let (_, b) = http_get(
+                ingest,
+                "GET",
+                "/v1/channels/reports/receipts?after=0&limit=10",
+            )
+            .await;
+            if b.contains("delivered") && b.contains("failed") && b.contains("D6.malware") {
+                Ok(())
+            } else {
+                Err(b)
+            }
+        },
+    )
+    .await;
+}

@@ -286,7 +286,12 @@ pub async fn serve(
                             let _ = send.reset(quinn::VarInt::from_u32(0));
                             return;
                         }
-                        Err(x) => verdict = Err(x.reason),
+                        Err(x) => {
+                            verdict = Err(match x.verdict {
+                                Verdict::Found(_) => format!("[D6.malware] {}", x.reason),
+                                _ => x.reason,
+                            });
+                        }
                     }
                 }
                 match verdict {

@@ -123,6 +123,19 @@ pub fn transport(streams: u32) -> TransportConfig {
     t
 }
 
+/// No session resumption: no tickets are sent and none is kept. A resumption
+/// attempt is checked on the very first (forgeable) Initial, so with it an
+/// off-path attacker holding a ticket could make the hub fail a handshake
+/// "about the peer's key" (decrypt_error) from any address it writes into
+/// the packet; the detectors take such failures as proof of the address.
+/// Edges reconnect rarely; a full handshake costs them a millisecond.
+fn no_resumption(tls: &mut rustls::ServerConfig) {
+    tls.send_tls13_tickets = 0;
+    // The builder's ticketer never produces stateless tickets; without a
+    // store, stateful ones cannot be resumed either.
+    tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+}
+
 /// The hub's QUIC server configuration: accepts only client certificates from `ca`.
 ///
 /// # Errors
@@ -142,6 +155,7 @@ pub fn server(ca: &Path, cert: &Path, key_path: &Path) -> Result<quinn::ServerCo
         gateway_core::wire::ALPN.to_vec(),
         gateway_core::fleet::ENROLL_ALPN.to_vec(),
     ];
+    no_resumption(&mut tls);
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     server.transport_config(Arc::new(transport(MAX_STREAMS)));
