@@ -632,7 +632,20 @@ fn a_port_scan_of_closed_ports_from_each_side_is_alarmed() {
         .expect("rules");
     assert!(nft.wait().expect("nft").success(), "the baseline applies");
     let daemon = Daemon::start(&lab, "gw", &config);
-    daemon.wait_log("Watching the packets the nftables baseline drops");
+    let watching = poll_blocking("the NFLOG reader's start", Duration::from_secs(20), || {
+        let text = std::fs::read_to_string(&daemon.log).unwrap_or_default();
+        if text.contains("Watching the packets the nftables baseline drops") {
+            Ok(true)
+        } else if text.contains("are not watched") {
+            Ok(false)
+        } else {
+            Err(text)
+        }
+    });
+    if !watching {
+        println!("skipped: this kernel gives no NFLOG (nfnetlink_log) to the daemon");
+        return;
+    }
     scan_from(&lab, "prov", "172.16.0.2", 1..31);
     scan_from(&lab, "legacy", "10.0.0.1", 1..31);
     let state = d.join("edge-s");
