@@ -130,3 +130,17 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    /// Any datagram against the RTP and MPEG-TS checks: never a panic, and a
+    /// violation points inside the datagram (or at its end).
+    #[test]
+    fn datagram_checks_never_panic(data in prop::collection::vec(any::<u8>(), 0..1400), pt in any::<u8>(), pid in 0u16..8192) {
+        use gateway_core::sniff::datagram::{Datagram, check};
+        for proto in [Datagram::Rtp(&[]), Datagram::Rtp(&[pt & 0x7f]), Datagram::Mpegts(&[]), Datagram::Mpegts(&[pid])] {
+            if let Err(v) = check(&proto, &data) {
+                prop_assert!(v.offset <= data.len());
+            }
+        }
+    }
+}

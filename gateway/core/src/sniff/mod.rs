@@ -17,9 +17,11 @@
 //!   ClientHello (content type 22, handshake type 1, every length consistent)
 //!   before a byte is released; the rest is encrypted and passes.
 //!
-//! A violation names its byte offset in the stream.
+//! A violation names its byte offset in the stream. UDP services' datagrams
+//! (`rtp`, `mpegts`) are checked one by one by [`datagram`].
 
 mod allow;
+pub mod datagram;
 mod http;
 mod tls;
 
