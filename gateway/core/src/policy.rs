@@ -426,7 +426,11 @@ fn level3_controls(config: &Config, d: &Declared<'_>, level: Level) -> Vec<Diagn
                     out.push(
                         Diagnostic::error(s.loc, format!("service {:?} crosses a level-{} boundary but declares no app_protocol", s.name, level.get()))
                             .rule(RuleId::AppProtocol)
-                            .hint("add app_protocol = \"http\" or \"tls\"; it is checked on the first bytes of every connection"),
+                            .hint(if s.protocol == crate::config::Protocol::Udp {
+                                "add app_protocol = \"rtp\" or \"mpegts\"; every datagram is checked"
+                            } else {
+                                "add app_protocol = \"http\" or \"tls\"; the whole connection is checked"
+                            }),
                     );
                 }
             }
@@ -903,13 +907,17 @@ pub fn controls(config: &Config, d: &Declared<'_>, level: Level) -> Vec<String> 
             Purpose::Service(n) | Purpose::ServiceFromDevice(n) => {
                 if let Some(s) = service(n) {
                     if let Some(p) = s.app_protocol {
-                        let p = match p {
-                            crate::config::AppProtocol::Http => "http",
-                            crate::config::AppProtocol::Tls => "tls",
-                        };
-                        c.push(format!(
-                            "application protocol {p} checked on the whole connection"
-                        ));
+                        c.push(if p.is_datagram() {
+                            format!(
+                                "application protocol {} checked on every datagram",
+                                p.as_str()
+                            )
+                        } else {
+                            format!(
+                                "application protocol {} checked on the whole connection",
+                                p.as_str()
+                            )
+                        });
                     }
                     if !s.http_allow.is_empty() {
                         c.push("HTTP methods and paths allowed by http_allow".into());

@@ -331,10 +331,7 @@ impl Summary {
                         Peer::Device(d) => format!("device {d}"),
                     })
                     .collect();
-                let app = s.app_protocol.map_or("any", |a| match a {
-                    AppProtocol::Http => "http",
-                    AppProtocol::Tls => "tls",
-                });
+                let app = s.app_protocol.map_or("any", AppProtocol::as_str);
                 let proto = match s.protocol {
                     Protocol::Tcp => "tcp",
                     Protocol::Udp => "udp",

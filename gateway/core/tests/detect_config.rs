@@ -1,5 +1,7 @@
 //! `[detect]`: defaults when absent, each key read, and each mistake located.
 
+mod common;
+
 use gateway_core::config::{NeverBan, compile::compile};
 use gateway_core::detect::Thresholds;
 use gateway_core::detect::bucket::Shape;
@@ -184,43 +186,6 @@ min_severity = "severe"
     }
 }
 
-/// An edge with a level-3 legacy zone, a channel from it and `rest`.
-fn level3_edge(rest: &str) -> String {
-    format!(
-        r#"[node]
-id = "jl-gat-0001"
-role = "edge"
-state_dir = "/var/lib/gatewayd"
-
-[uplink]
-hubs = ["hub1.example.gov:7443"]
-ca = "/etc/gatewayd/ca.pem"
-cert = "/var/lib/gatewayd/device.pem"
-key = "/var/lib/gatewayd/device.key"
-
-[[zone]]
-name = "lab"
-kind = "legacy"
-classified = false
-level = 3
-networks = ["10.1.0.0/16"]
-assessment = {{ id = "A-1", valid_until = 2099-03-31 }}
-
-[[zone]]
-name = "extranet"
-kind = "extranet"
-level = 3
-networks = ["10.2.0.0/16"]
-
-[[channel]]
-name = "docs"
-zone = "lab"
-formats = ["json"]
-max_record_bytes = "1MiB"
-{rest}"#
-    )
-}
-
 fn warnings_and_controls(src: &str) -> (Vec<String>, Vec<String>) {
     let today = gateway_core::units::Date::new(2026, 12, 1).expect("date");
     let checked = gateway_core::check::load(src, today);
@@ -245,7 +210,7 @@ fn warnings_and_controls(src: &str) -> (Vec<String>, Vec<String>) {
 
 #[test]
 fn check_lists_the_controls_the_config_enforces_and_warns_of_missing_ones_by_clause() {
-    let (warnings, controls) = warnings_and_controls(&level3_edge(""));
+    let (warnings, controls) = warnings_and_controls(&common::level3_edge(""));
     assert!(
         warnings
             .iter()
@@ -261,7 +226,7 @@ fn check_lists_the_controls_the_config_enforces_and_warns_of_missing_ones_by_cla
         "{controls:?}"
     );
 
-    let (warnings, controls) = warnings_and_controls(&level3_edge(
+    let (warnings, controls) = warnings_and_controls(&common::level3_edge(
         "\n[scan]\nclamd = \"/run/clamav/clamd.ctl\"\n\n[detect]\nenabled = false\n",
     ));
     assert!(

@@ -1427,22 +1427,117 @@ impl Compiler<'_> {
                     .choice(
                         a,
                         "service.app_protocol",
-                        &[("http", AppProtocol::Http), ("tls", AppProtocol::Tls)],
+                        &[
+                            ("http", AppProtocol::Http),
+                            ("tls", AppProtocol::Tls),
+                            ("rtp", AppProtocol::Rtp),
+                            ("mpegts", AppProtocol::Mpegts),
+                        ],
                     )
                     .map(Some),
             };
-            if let (
-                Some(Some(AppProtocol::Http | AppProtocol::Tls)),
-                Some(Protocol::Udp),
-                Some(a),
-            ) = (app_protocol, protocol, &s.app_protocol)
+            let mut app_protocol = app_protocol;
+            match (app_protocol, protocol, &s.app_protocol) {
+                (
+                    Some(Some(AppProtocol::Http | AppProtocol::Tls)),
+                    Some(Protocol::Udp),
+                    Some(a),
+                ) => {
+                    self.error(
+                        &a.span(),
+                        "service.app_protocol: http and tls run over TCP, but this service is udp",
+                        "set protocol = \"tcp\", or remove app_protocol",
+                    );
+                    app_protocol = None;
+                }
+                (
+                    Some(Some(p @ (AppProtocol::Rtp | AppProtocol::Mpegts))),
+                    Some(Protocol::Tcp),
+                    Some(a),
+                ) => {
+                    self.error(
+                        &a.span(),
+                        format!(
+                            "service.app_protocol: {} runs over UDP, but this service is tcp",
+                            p.as_str()
+                        ),
+                        "set protocol = \"udp\"",
+                    );
+                    app_protocol = None;
+                }
+                _ => {}
+            }
+            let declared = app_protocol.flatten();
+            let numbers = |c: &mut Self,
+                           v: &Option<Spanned<Vec<Spanned<i64>>>>,
+                           key: &str,
+                           max: i64,
+                           needs: AppProtocol|
+             -> Option<Vec<i64>> {
+                let Some(list) = v else {
+                    return Some(Vec::new());
+                };
+                if declared != Some(needs) {
+                    c.error(
+                        &list.span(),
+                        format!(
+                            "service.{key} applies to app_protocol = \"{}\" only",
+                            needs.as_str()
+                        ),
+                        format!("remove {key}, or set app_protocol = \"{}\"", needs.as_str()),
+                    );
+                    return None;
+                }
+                let mut out = Vec::new();
+                for n in list.get_ref() {
+                    if (0..=max).contains(n.get_ref()) {
+                        out.push(*n.get_ref());
+                    } else {
+                        c.error(
+                            &n.span(),
+                            format!("service.{key}: {} is not from 0 to {max}", n.get_ref()),
+                            format!("write numbers from 0 to {max}"),
+                        );
+                        return None;
+                    }
+                }
+                Some(out)
+            };
+            let rtp_payload_types = numbers(
+                self,
+                &s.rtp_payload_types,
+                "rtp_payload_types",
+                127,
+                AppProtocol::Rtp,
+            )
+            .map(|v| {
+                v.into_iter()
+                    .filter_map(|n| u8::try_from(n).ok())
+                    .collect::<Vec<u8>>()
+            });
+            let mpegts_pids = numbers(
+                self,
+                &s.mpegts_pids,
+                "mpegts_pids",
+                8191,
+                AppProtocol::Mpegts,
+            )
+            .map(|v| {
+                v.into_iter()
+                    .filter_map(|n| u16::try_from(n).ok())
+                    .collect::<Vec<u16>>()
+            });
+            if let Some(m) = &s.max_violations
+                && !declared.is_some_and(AppProtocol::is_datagram)
             {
                 self.error(
-                    &a.span(),
-                    "service.app_protocol: http and tls run over TCP, but this service is udp",
-                    "set protocol = \"tcp\", or remove app_protocol",
+                    &m.span(),
+                    "service.max_violations applies to app_protocol = \"rtp\" or \"mpegts\" only",
+                    "remove max_violations, or set app_protocol",
                 );
             }
+            let max_violations =
+                self.positive(s.max_violations.as_ref(), "service.max_violations", 100);
             if let (Some(u), Some(a)) = (&s.allow_upgrade, app_protocol) {
                 if *u.get_ref() && a != Some(AppProtocol::Http) {
                     self.error(
@@ -1566,6 +1661,7 @@ impl Compiler<'_> {
                 Some(max_connections),
                 Some(bandwidth),
                 Some(idle_timeout),
+                Some((rtp_payload_types, mpegts_pids, max_violations)),
             ) = (
                 name,
                 zone,
@@ -1575,6 +1671,10 @@ impl Compiler<'_> {
                 max_connections,
                 bandwidth,
                 idle_timeout,
+                rtp_payload_types
+                    .zip(mpegts_pids)
+                    .zip(max_violations)
+                    .map(|((a, b), c)| (a, b, c)),
             ) {
                 let loc = self.at(&s.name.span());
                 services.push(Service {
@@ -1590,6 +1690,9 @@ impl Compiler<'_> {
                     allow_upgrade: s.allow_upgrade.as_ref().is_some_and(|u| *u.get_ref()),
                     sni,
                     http_allow,
+                    rtp_payload_types,
+                    mpegts_pids,
+                    max_violations,
                     loc,
                 });
             }

@@ -313,6 +313,27 @@ pub enum AppProtocol {
     Http,
     /// A TLS handshake.
     Tls,
+    /// RTP (and RTCP) datagrams (UDP).
+    Rtp,
+    /// MPEG transport stream datagrams (UDP).
+    Mpegts,
+}
+
+impl AppProtocol {
+    /// As written in the config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Http => "http",
+            Self::Tls => "tls",
+            Self::Rtp => "rtp",
+            Self::Mpegts => "mpegts",
+        }
+    }
+
+    /// Whether it is checked datagram by datagram (a UDP service's).
+    pub fn is_datagram(self) -> bool {
+        matches!(self, Self::Rtp | Self::Mpegts)
+    }
 }
 
 /// Who may reach a service.
@@ -357,6 +378,13 @@ pub struct Service {
     /// `http`: the requests its clients may make (none: any); another request
     /// is answered 403 by the gateway (rule R5.http-allow).
     pub http_allow: Vec<HttpAllow>,
+    /// `rtp`: the payload types allowed (none: any).
+    pub rtp_payload_types: Vec<u8>,
+    /// `mpegts`: the PIDs allowed (none: any).
+    pub mpegts_pids: Vec<u16>,
+    /// `rtp`, `mpegts`: refused datagrams a flow may have in a minute before
+    /// it is closed.
+    pub max_violations: u32,
     /// Where it is declared.
     pub loc: Location,
 }

@@ -74,6 +74,9 @@ pub struct RawService {
     pub allow_upgrade: Option<Spanned<bool>>,
     pub sni: Option<Spanned<Vec<S>>>,
     pub http_allow: Option<Spanned<Vec<Spanned<RawHttpAllow>>>>,
+    pub rtp_payload_types: Option<Spanned<Vec<Spanned<i64>>>>,
+    pub mpegts_pids: Option<Spanned<Vec<Spanned<i64>>>>,
+    pub max_violations: Option<Spanned<i64>>,
 }
 
 /// An entry of `[[service]] http_allow`.

@@ -87,6 +87,9 @@ pub fn sniff(proto: AppProtocol, first: &[u8]) -> Sniff {
             [0x16, 0x03, minor, ..] if *minor <= 4 => Sniff::Match,
             _ => Sniff::Mismatch,
         },
+        // Datagram protocols are checked one datagram at a time
+        // ([`datagram`]); a stream is never one (the config says so).
+        AppProtocol::Rtp | AppProtocol::Mpegts => Sniff::Mismatch,
     }
 }
 
@@ -210,6 +213,8 @@ impl Inspector {
             state: match proto {
                 AppProtocol::Http => State::Head,
                 AppProtocol::Tls => State::Hello,
+                // Not a stream protocol: nothing passes.
+                AppProtocol::Rtp | AppProtocol::Mpegts => State::Forbidden,
             },
             requests: 0,
         }

@@ -121,6 +121,8 @@ pub struct DetectCounters {
     pub scans: BTreeMap<String, u64>,
     /// The signature database's age, ms (`None`: unknown or no scanner).
     pub scan_db_age_ms: Option<i64>,
+    /// UDP datagrams refused by their service's protocol check.
+    pub udp_violations: BTreeMap<String, u64>,
 }
 
 /// One forwarding target's figures: alarms forwarded, failed attempts, and
@@ -417,6 +419,14 @@ impl Metrics {
         out
     }
 
+    /// A datagram of `service` refused by its protocol check.
+    pub fn udp_violation(&self, service: &str) {
+        *lock(&self.detect)
+            .udp_violations
+            .entry(service.to_owned())
+            .or_default() += 1;
+    }
+
     /// A record scanned with this verdict.
     pub fn scanned(&self, verdict: &str) {
         *lock(&self.detect)
@@ -603,6 +613,16 @@ impl Metrics {
         );
         for (v, n) in &d.scans {
             let _ = writeln!(o, "gateway_scans_total{{verdict=\"{v}\"}} {n}");
+        }
+        let _ = writeln!(
+            o,
+            "# HELP gateway_udp_protocol_violations_total UDP datagrams refused by their service's rtp or mpegts check.\n# TYPE gateway_udp_protocol_violations_total counter"
+        );
+        for (s, n) in &d.udp_violations {
+            let _ = writeln!(
+                o,
+                "gateway_udp_protocol_violations_total{{service=\"{s}\"}} {n}"
+            );
         }
         if let Some(age) = d.scan_db_age_ms {
             let _ = writeln!(

@@ -126,14 +126,14 @@ pub async fn serve_flow(
     };
     match admit(&ctx, (&service, &subject), porigin, Protocol::Udp) {
         Ok(Admitted { svc, .. }) => {
-            let (target, idle) = (svc.target, svc.idle_timeout);
+            let check = crate::relay::udp::protocol::FlowCheck::of(&ctx, &svc, &subject, flow);
             edge_flow(
                 ctx,
                 flows,
                 (conn, flow, signal),
                 (service, subject),
-                target,
-                idle,
+                (svc.target, svc.idle_timeout),
+                check,
             )
             .await;
         }

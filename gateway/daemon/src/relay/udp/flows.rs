@@ -47,6 +47,8 @@ pub struct Flow {
     pub last: Arc<AtomicI64>,
     /// Bytes that came in from the tunnel.
     pub from_tunnel: Arc<AtomicU64>,
+    /// The level-3 check of each datagram (an `rtp` or `mpegts` service).
+    pub check: Option<Arc<super::protocol::FlowCheck>>,
 }
 
 /// Flows by (connection, flow id), and the streams that signal the flows this
@@ -90,13 +92,16 @@ pub async fn read_datagrams(flows: Arc<Flows>, conn: quinn::Connection) {
                 f.last.store(now_ms(), Ordering::Relaxed);
                 f.from_tunnel
                     .fetch_add(payload.len() as u64, Ordering::Relaxed);
-                f.to.clone()
+                (f.to.clone(), f.check.clone())
             })
         };
         // Unknown flows (just expired) are dropped: UDP may lose datagrams.
-        let Some(target) = target else {
+        let Some((target, check)) = target else {
             continue;
         };
+        if check.is_some_and(|c| !c.pass(payload, true)) {
+            continue;
+        }
         // Neither send waits: a full socket or tunnel drops, as UDP may.
         match &target {
             Target::Socket {
@@ -155,8 +160,8 @@ pub async fn edge_flow(
     flows: Arc<Flows>,
     (conn, flow, signal): (quinn::Connection, u32, FlowSignal),
     (service, subject): (String, String),
-    target: SocketAddr,
-    idle: Duration,
+    (target, idle): (SocketAddr, Duration),
+    check: Option<Arc<super::protocol::FlowCheck>>,
 ) {
     let bind: SocketAddr = if target.is_ipv4() {
         ([0, 0, 0, 0], 0).into()
@@ -189,6 +194,7 @@ pub async fn edge_flow(
             },
             last: last.clone(),
             from_tunnel: from_tunnel.clone(),
+            check: check.clone(),
         },
     );
     signal.opened();
@@ -203,8 +209,9 @@ pub async fn edge_flow(
     let how = loop {
         tokio::select! {
             r = socket.readable() => if r.is_ok() {
-                relay_ready(&socket, &conn, flow, &last, (&down, &dropped));
+                relay_ready(&socket, (&conn, flow, check.as_deref()), &last, (&down, &dropped));
             },
+            () = wait_closed(check.as_deref()) => break "protocol",
             _ = tick.tick() => {
                 let quiet = now_ms() - last.load(Ordering::Relaxed);
                 if quiet >= i64::try_from(idle.as_millis()).unwrap_or(i64::MAX) {
@@ -228,6 +235,14 @@ pub async fn edge_flow(
     );
 }
 
+/// Until the flow's check closes it (never without a check).
+async fn wait_closed(check: Option<&super::protocol::FlowCheck>) {
+    match check {
+        Some(c) => c.closed.notified().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Most datagrams relayed per wake-up of one flow (then others get a turn).
 const DRAIN: usize = 64;
 
@@ -238,8 +253,7 @@ const DRAIN: usize = 64;
 /// (counted), never sent truncated.
 fn relay_ready(
     socket: &UdpSocket,
-    conn: &quinn::Connection,
-    flow: u32,
+    (conn, flow, check): (&quinn::Connection, u32, Option<&super::protocol::FlowCheck>),
     last: &AtomicI64,
     (down, dropped): (&AtomicU64, &AtomicU64),
 ) {
@@ -255,6 +269,9 @@ fn relay_ready(
             continue;
         }
         down.fetch_add(n as u64, Ordering::Relaxed);
+        if check.is_some_and(|c| !c.pass(&buf[..n], false)) {
+            continue;
+        }
         send_dgram(conn, flow, &buf[..n], dropped);
     }
 }

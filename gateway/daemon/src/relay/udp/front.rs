@@ -482,6 +482,8 @@ async fn client_flow(
             },
             last: last.clone(),
             from_tunnel: from_tunnel.clone(),
+            // Checked by the edge that serves the service.
+            check: None,
         },
     );
     let started = ctx.relay_opened(

@@ -16,8 +16,10 @@
 //!   (a socket to the target, idle expiry).
 //! - [`front`]: sockets that take clients' datagrams (publish, access).
 //! - [`transit`]: a hub joining two edges' flows.
+//! - [`protocol`]: the level-3 check of an `rtp` or `mpegts` service's datagrams.
 
 pub mod flows;
 pub mod front;
 pub mod link;
+pub mod protocol;
 pub mod transit;

@@ -80,6 +80,8 @@ pub async fn transit(
                 },
                 last: last.clone(),
                 from_tunnel: count.clone(),
+                // Checked by the edge that serves the service.
+                check: None,
             },
         );
     }

@@ -1,0 +1,156 @@
+//! Level-3 video over UDP (issue 17): a UDP publish of an `mpegts` or `rtp`
+//! service relays well-formed datagrams both ways and drops the rest,
+//! counting them, auditing the first (and one per 10 s), and closing a flow
+//! past `max_violations` a minute. Real hub and edge in-process on loopback.
+
+mod net;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use net::*;
+
+fn ts(pid: u16, packets: usize) -> Vec<u8> {
+    let mut d = Vec::new();
+    for i in 0..packets {
+        let mut p = vec![0xff; 188];
+        p[0] = 0x47;
+        p[1] = ((pid >> 8) as u8) & 0x1f;
+        p[2] = pid as u8;
+        p[3] = 0x10 | (i as u8 & 0x0f);
+        d.extend(p);
+    }
+    d
+}
+
+fn rtp(pt: u8, seq: u16) -> Vec<u8> {
+    let mut d = vec![0x80, pt];
+    d.extend_from_slice(&seq.to_be_bytes());
+    d.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 7]);
+    d.extend(std::iter::repeat_n(0x5a, 1000));
+    d
+}
+
+/// A hub publishing edge-b's UDP service `name` (app_protocol `app`, extra
+/// service keys `keys`) at level 3; returns the publish address.
+async fn level3(
+    pki: &Pki,
+    name: &'static str,
+    app: &'static str,
+    keys: &'static str,
+) -> (HubNode, EdgeNode, SocketAddr) {
+    let (echo, _) = udp_echo("127.0.2.10").await;
+    let publish: &'static str = Box::leak(format!("udp:edge-b/{name}").into_boxed_str());
+    let publishes: &'static [&'static str] = Box::leak(Box::new([publish]));
+    let hub = start_hub(pki, HubSpec::new("hub-01", 3, publishes)).await;
+    let edge = start_edge(
+        pki,
+        EdgeSpec {
+            services: vec![(name, echo, "\"extranet\"", Some(app), None)],
+            service_keys: keys,
+            ..EdgeSpec::new("edge-b", 2, 3, vec![hub.quic])
+        },
+    )
+    .await;
+    ready(&edge).await;
+    let at = hub.publish[0];
+    (hub, edge, at)
+}
+
+/// Sends each datagram and counts the echoes that come back within 300 ms.
+async fn echoed(client: &tokio::net::UdpSocket, to: SocketAddr, datagrams: &[Vec<u8>]) -> usize {
+    let mut n = 0;
+    let mut buf = vec![0u8; 4096];
+    for d in datagrams {
+        client.send_to(d, to).await.expect("send");
+        if let Ok(Ok((len, _))) =
+            tokio::time::timeout(Duration::from_millis(300), client.recv_from(&mut buf)).await
+        {
+            assert_eq!(&buf[..len], &d[..], "echoed whole");
+            n += 1;
+        }
+    }
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mpegts_publish_relays_transport_streams_and_refuses_the_rest() {
+    let pki = Pki::new();
+    let (_hub, edge, at) = level3(&pki, "udp-video", "mpegts", "max_violations = 20\n").await;
+    let client = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("client");
+    let good: Vec<Vec<u8>> = (0..10).map(|_| ts(256, 7)).collect();
+    assert_eq!(
+        echoed(&client, at, &good).await,
+        10,
+        "seven TS packets a datagram, both ways"
+    );
+    let bad = vec![
+        b"GET / HTTP/1.1\r\n\r\n".to_vec(),
+        ts(256, 7)[..1000].to_vec(),
+    ];
+    assert_eq!(
+        echoed(&client, at, &bad).await,
+        0,
+        "not transport streams: dropped"
+    );
+    let state = edge.state.path().to_owned();
+    wait_for("the first violation audited", Duration::from_secs(5), || {
+        audit_lines(&state).iter().any(|l| {
+            l.starts_with("relay.violation 127.0.0.1:")
+                && l.contains("[R5.app-protocol]")
+                && l.contains("is not mpegts: not a whole number of 188-byte transport stream packets at byte 0")
+        })
+    })
+    .await;
+    let records = audit_lines(&state)
+        .iter()
+        .filter(|l| l.starts_with("relay.violation"))
+        .count();
+    assert_eq!(records, 1, "one record per flow per 10 s");
+    // Past max_violations in a minute, the flow is closed.
+    let junk: Vec<Vec<u8>> = (0..25).map(|i| vec![i; 100]).collect();
+    echoed(&client, at, &junk).await;
+    wait_for("the flow closed", Duration::from_secs(5), || {
+        audit_lines(&state)
+            .iter()
+            .any(|l| l.contains("closed: more than 20 datagrams refused in a minute"))
+            && audit_lines(&state)
+                .iter()
+                .any(|l| l.starts_with("relay.close") && l.contains("end=protocol"))
+    })
+    .await;
+    let metrics = http_get(edge.running.admin_addr, "GET", "/metrics").await.1;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("gateway_udp_protocol_violations_total{service=\"udp-video\"}")),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_rtp_publish_takes_its_payload_types_and_rtcp() {
+    let pki = Pki::new();
+    let (_hub, edge, at) = level3(&pki, "udp-camera", "rtp", "rtp_payload_types = [96]\n").await;
+    let client = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("client");
+    let mut ok: Vec<Vec<u8>> = (0..10).map(|i| rtp(96, i)).collect();
+    // An RTCP receiver report on the same flow (RFC 5761).
+    ok.push(vec![0x80, 201, 0, 1, 0, 0, 0, 7]);
+    assert_eq!(echoed(&client, at, &ok).await, 11);
+    assert_eq!(
+        echoed(&client, at, &[rtp(8, 1), vec![0x40; 20]]).await,
+        0,
+        "PCMA and version 1 refused"
+    );
+    wait_for("the violation audited", Duration::from_secs(5), || {
+        audit_lines(edge.state.path()).iter().any(|l| {
+            l.starts_with("relay.violation")
+                && l.contains("payload type not in rtp_payload_types at byte 1")
+        })
+    })
+    .await;
+}
