@@ -154,3 +154,131 @@ async fn an_rtp_publish_takes_its_payload_types_and_rtcp() {
     })
     .await;
 }
+
+fn ffmpeg_missing() -> Option<&'static str> {
+    (std::process::Command::new("ffmpeg")
+        .arg("-version")
+        .output()
+        .is_err()
+        || std::process::Command::new("ffprobe")
+            .arg("-version")
+            .output()
+            .is_err())
+    .then_some("ffmpeg is not installed (apt-get install -y --no-install-recommends ffmpeg)")
+}
+
+/// Frames of the first video stream in `file`, and what decoding it said.
+fn frames_and_errors(file: &std::path::Path) -> (u64, String) {
+    let probe = std::process::Command::new("ffprobe")
+        .args(["-v", "error", "-count_frames", "-select_streams", "v:0"])
+        .args(["-show_entries", "stream=nb_read_frames", "-of", "csv=p=0"])
+        .arg(file)
+        .output()
+        .expect("ffprobe");
+    // One line per stream entry (csv prints the stream's, then the program's).
+    let frames = String::from_utf8_lossy(&probe.stdout)
+        .lines()
+        .find_map(|l| l.trim().parse().ok())
+        .unwrap_or(0);
+    let decode = std::process::Command::new("ffmpeg")
+        .args(["-v", "error", "-i"])
+        .arg(file)
+        .args(["-f", "null", "-"])
+        .output()
+        .expect("ffmpeg decode");
+    (frames, String::from_utf8_lossy(&decode.stderr).into_owned())
+}
+
+/// A 6 Mbit/s H.264 stream in MPEG-TS from ffmpeg to ffmpeg through a
+/// level-3 `mpegts` publish: every frame arrives and decodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ffmpeg_video_crosses_an_mpegts_publish_whole() {
+    if let Some(why) = ffmpeg_missing() {
+        println!("skipped: {why}");
+        return;
+    }
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().expect("dir");
+    // The receiver in the legacy zone, the edge's target.
+    let target: SocketAddr = {
+        let s = std::net::UdpSocket::bind("127.0.2.10:0").expect("port");
+        s.local_addr().expect("addr")
+    };
+    let publish: &'static [&'static str] = &["udp:edge-b/udp-video"];
+    let hub = start_hub(&pki, HubSpec::new("hub-01", 3, publish)).await;
+    let edge = start_edge(
+        &pki,
+        EdgeSpec {
+            services: vec![("udp-video", target, "\"extranet\"", Some("mpegts"), None)],
+            ..EdgeSpec::new("edge-b", 2, 3, vec![hub.quic])
+        },
+    )
+    .await;
+    ready(&edge).await;
+    let out = dir.path().join("received.ts");
+    let mut receiver = std::process::Command::new("ffmpeg")
+        .args(["-v", "error", "-y", "-i"])
+        .arg(format!(
+            "udp://{target}?timeout=4000000&fifo_size=1000000&overrun_nonfatal=1"
+        ))
+        .args(["-c", "copy", "-f", "mpegts"])
+        .arg(&out)
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("receiver");
+    // The receiver holds its socket before the first datagram.
+    wait_for("the receiver's socket", Duration::from_secs(10), || {
+        std::net::UdpSocket::bind(target).is_err()
+    })
+    .await;
+    let sent = dir.path().join("sent.ts");
+    let sender = std::process::Command::new("ffmpeg")
+        .args([
+            "-v",
+            "error",
+            "-re",
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc=size=1280x720:rate=30",
+            "-t",
+            "5",
+        ])
+        .args([
+            "-c:v",
+            "libx264",
+            "-preset",
+            "ultrafast",
+            "-b:v",
+            "6M",
+            "-pix_fmt",
+            "yuv420p",
+            "-g",
+            "30",
+        ])
+        .args(["-f", "tee", "-map", "0:v"])
+        .arg(format!(
+            "[f=mpegts]{}|[f=mpegts]udp://{}?pkt_size=1316",
+            sent.display(),
+            hub.publish[0]
+        ))
+        .output()
+        .expect("sender");
+    assert!(
+        sender.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sender.stderr)
+    );
+    let _ = receiver.wait();
+    let (sent_frames, _) = frames_and_errors(&sent);
+    let (got_frames, errors) = frames_and_errors(&out);
+    println!("frames sent {sent_frames}, received {got_frames}; decode errors: {errors:?}");
+    assert_eq!(sent_frames, 150);
+    assert_eq!(got_frames, sent_frames, "every frame crossed");
+    assert!(errors.trim().is_empty(), "decoded without error: {errors}");
+    let metrics = http_get(edge.running.admin_addr, "GET", "/metrics").await.1;
+    assert!(
+        !metrics.contains("gateway_udp_protocol_violations_total{service=\"udp-video\"}"),
+        "no datagram refused"
+    );
+}
