@@ -282,3 +282,112 @@ async fn ffmpeg_video_crosses_an_mpegts_publish_whole() {
         "no datagram refused"
     );
 }
+
+/// The same stream as H.264 over RTP (payload type 96) through a level-3
+/// `rtp` publish limited to that payload type: every frame arrives and
+/// decodes; the receiver is told the stream by an SDP file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ffmpeg_video_crosses_an_rtp_publish_whole() {
+    if let Some(why) = ffmpeg_missing() {
+        println!("skipped: {why}");
+        return;
+    }
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().expect("dir");
+    // An even port for RTP (the receiver takes the next one for RTCP).
+    let target: SocketAddr = (0..100)
+        .find_map(|_| {
+            let s = std::net::UdpSocket::bind("127.0.2.10:0").ok()?;
+            let port = s.local_addr().ok()?.port();
+            (port % 2 == 0 && port < 65_000).then(|| SocketAddr::from(([127, 0, 2, 10], port)))
+        })
+        .expect("an even port");
+    let publish: &'static [&'static str] = &["udp:edge-b/udp-camera"];
+    let hub = start_hub(&pki, HubSpec::new("hub-01", 3, publish)).await;
+    let edge = start_edge(
+        &pki,
+        EdgeSpec {
+            services: vec![("udp-camera", target, "\"extranet\"", Some("rtp"), None)],
+            service_keys: "rtp_payload_types = [96]\n",
+            ..EdgeSpec::new("edge-b", 2, 3, vec![hub.quic])
+        },
+    )
+    .await;
+    ready(&edge).await;
+    let sdp = dir.path().join("camera.sdp");
+    std::fs::write(
+        &sdp,
+        format!(
+            "v=0\no=- 0 0 IN IP4 127.0.2.10\ns=camera\nc=IN IP4 127.0.2.10\nt=0 0\nm=video {} RTP/AVP 96\nb=AS:6000\na=rtpmap:96 H264/90000\na=fmtp:96 packetization-mode=1\n",
+            target.port()
+        ),
+    )
+    .expect("sdp");
+    let out = dir.path().join("received.ts");
+    let mut receiver = std::process::Command::new("ffmpeg")
+        .args([
+            "-v",
+            "error",
+            "-y",
+            "-protocol_whitelist",
+            "file,udp,rtp",
+            "-rw_timeout",
+            "4000000",
+        ])
+        .arg("-i")
+        .arg(&sdp)
+        .args(["-c", "copy", "-f", "mpegts"])
+        .arg(&out)
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("receiver");
+    wait_for("the receiver's socket", Duration::from_secs(10), || {
+        std::net::UdpSocket::bind(target).is_err()
+    })
+    .await;
+    let sent = dir.path().join("sent.ts");
+    let sender = std::process::Command::new("ffmpeg")
+        .args([
+            "-v",
+            "error",
+            "-re",
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc=size=1280x720:rate=30",
+            "-t",
+            "5",
+        ])
+        .args([
+            "-c:v",
+            "libx264",
+            "-preset",
+            "ultrafast",
+            "-b:v",
+            "6M",
+            "-pix_fmt",
+            "yuv420p",
+            "-g",
+            "30",
+        ])
+        .args(["-f", "tee", "-map", "0:v"])
+        .arg(format!(
+            "[f=mpegts]{}|[f=rtp]rtp://{}?pkt_size=1200",
+            sent.display(),
+            hub.publish[0]
+        ))
+        .output()
+        .expect("sender");
+    assert!(
+        sender.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sender.stderr)
+    );
+    let _ = receiver.wait();
+    let (sent_frames, _) = frames_and_errors(&sent);
+    let (got_frames, errors) = frames_and_errors(&out);
+    println!("RTP: frames sent {sent_frames}, received {got_frames}; decode errors: {errors:?}");
+    assert_eq!(sent_frames, 150);
+    assert_eq!(got_frames, sent_frames, "every frame crossed");
+    assert!(errors.trim().is_empty(), "decoded without error: {errors}");
+}
