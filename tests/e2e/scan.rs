@@ -372,11 +372,13 @@ async fn a_destination_edge_scans_what_another_department_delivers() {
         why.contains("[D6.malware]") && why.contains("Gw.Test.EICAR"),
         "{why}"
     );
-    assert!(
-        spool
-            .join("out/edge-a.reports.00000000000000000001.txt")
-            .exists()
-    );
+    let clean = spool.join("out/edge-a.reports.00000000000000000001.txt");
+    wait_for(
+        "the clean record in edge-c's out/",
+        Duration::from_secs(15),
+        || clean.exists(),
+    )
+    .await;
     wait_for("the alarm at edge-c", Duration::from_secs(5), || {
         audit_lines(edge_c.state.path()).iter().any(|l| {
             l.starts_with("detect.alarm 0.0.0.0 delivery channel inbox")
