@@ -144,3 +144,18 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    /// Any bytes as a PostgreSQL client's first packet and its messages:
+    /// never a panic; a packet read never claims more bytes than were given.
+    #[test]
+    fn postgres_framing_never_panics(data in prop::collection::vec(any::<u8>(), 0..600)) {
+        use gateway_core::sniff::postgres::{Read, message, startup};
+        if let Ok(Read::Got(_, n)) = startup(&data) {
+            prop_assert!(n <= data.len());
+        }
+        if let Ok(Read::Got(m, n)) = message(&data, 1 << 20, 0) {
+            prop_assert!(n <= data.len() && m.body.len() + 5 == n);
+        }
+    }
+}

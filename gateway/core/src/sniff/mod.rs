@@ -18,11 +18,13 @@
 //!   before a byte is released; the rest is encrypted and passes.
 //!
 //! A violation names its byte offset in the stream. UDP services' datagrams
-//! (`rtp`, `mpegts`) are checked one by one by [`datagram`].
+//! (`rtp`, `mpegts`) are checked one by one by [`datagram`]; [`postgres`]
+//! frames the PostgreSQL protocol (the checking proxy is to come).
 
 mod allow;
 pub mod datagram;
 mod http;
+pub mod postgres;
 mod tls;
 
 pub use allow::Forbidden;

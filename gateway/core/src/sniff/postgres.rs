@@ -1,0 +1,286 @@
+//! The PostgreSQL frontend/backend protocol (v3), framed and read without
+//! trusting either side, for `app_protocol = "postgres"`: the startup packet
+//! (protocol version, user, database; an SSLRequest, a GSSENCRequest or a
+//! CancelRequest), then typed messages each with a length that must be
+//! consistent and at most `pg_max_message`. Pure: bytes in, frames out; the
+//! relay decides what to do with them.
+
+/// The protocol version a startup message must ask for (3.0).
+pub const PROTOCOL_3: u32 = 196_608;
+/// The code of an SSLRequest in place of a version.
+pub const SSL_REQUEST: u32 = 80_877_103;
+/// The code of a GSSENCRequest.
+pub const GSSENC_REQUEST: u32 = 80_877_104;
+/// The code of a CancelRequest.
+pub const CANCEL_REQUEST: u32 = 80_877_102;
+/// The largest startup packet read (the server's own limit is 10,000).
+pub const MAX_STARTUP: usize = 10_000;
+
+/// What a client's first packet is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Startup {
+    /// A startup message: its parameters (user, database, options...).
+    Start {
+        /// `user`.
+        user: String,
+        /// `database` (the user's name when not given, as the server does).
+        database: String,
+        /// Every parameter, in order.
+        params: Vec<(String, String)>,
+    },
+    /// Asks for TLS.
+    Ssl,
+    /// Asks for GSSAPI encryption.
+    Gssenc,
+    /// Cancels a query of another connection.
+    Cancel,
+}
+
+/// Why bytes are not the protocol.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation {
+    /// Byte offset in the stream.
+    pub offset: u64,
+    /// What is wrong.
+    pub reason: String,
+}
+
+/// A whole packet, or not yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Read<T> {
+    /// A packet and how many bytes it took.
+    Got(T, usize),
+    /// More bytes are needed.
+    NeedMore,
+}
+
+fn be32(b: &[u8]) -> u32 {
+    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
+}
+
+/// Reads the client's first packet from `buf` (bytes at stream offset 0).
+///
+/// # Errors
+/// When it cannot be a startup packet.
+pub fn startup(buf: &[u8]) -> Result<Read<Startup>, Violation> {
+    let bad = |offset: u64, reason: &str| Violation {
+        offset,
+        reason: reason.to_owned(),
+    };
+    if buf.len() < 8 {
+        return Ok(Read::NeedMore);
+    }
+    let len = be32(buf) as usize;
+    if !(8..=MAX_STARTUP).contains(&len) {
+        return Err(bad(0, "the startup packet's length is out of range"));
+    }
+    let code = be32(&buf[4..]);
+    match code {
+        SSL_REQUEST | GSSENC_REQUEST if len != 8 => {
+            return Err(bad(0, "an SSLRequest or GSSENCRequest is 8 bytes"));
+        }
+        SSL_REQUEST => return Ok(Read::Got(Startup::Ssl, 8)),
+        GSSENC_REQUEST => return Ok(Read::Got(Startup::Gssenc, 8)),
+        CANCEL_REQUEST if len != 16 => return Err(bad(0, "a CancelRequest is 16 bytes")),
+        CANCEL_REQUEST => {
+            return if buf.len() < 16 {
+                Ok(Read::NeedMore)
+            } else {
+                Ok(Read::Got(Startup::Cancel, 16))
+            };
+        }
+        PROTOCOL_3 => {}
+        _ => return Err(bad(4, "not protocol version 3.0")),
+    }
+    if buf.len() < len {
+        return Ok(Read::NeedMore);
+    }
+    // Name, value pairs of NUL-terminated strings, then a final NUL.
+    let body = &buf[8..len];
+    let cstr = |from: usize| -> Option<(&[u8], usize)> {
+        let end = body[from..].iter().position(|b| *b == 0)?;
+        Some((&body[from..from + end], from + end + 1))
+    };
+    let mut params = Vec::new();
+    let mut pos = 0;
+    loop {
+        let Some((name, next)) = cstr(pos) else {
+            return Err(bad(
+                8 + pos as u64,
+                "the startup parameters do not end with a NUL",
+            ));
+        };
+        if name.is_empty() {
+            if next != body.len() {
+                return Err(bad(
+                    8 + pos as u64,
+                    "bytes after the startup parameters' end",
+                ));
+            }
+            break;
+        }
+        let Some((value, after)) = cstr(next) else {
+            return Err(bad(8 + next as u64, "a startup parameter without a value"));
+        };
+        let (Ok(n), Ok(v)) = (std::str::from_utf8(name), std::str::from_utf8(value)) else {
+            return Err(bad(8 + pos as u64, "a startup parameter that is not UTF-8"));
+        };
+        params.push((n.to_owned(), v.to_owned()));
+        pos = after;
+    }
+    let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    let Some(user) = get("user").filter(|u| !u.is_empty()) else {
+        return Err(bad(8, "the startup message names no user"));
+    };
+    let database = get("database")
+        .filter(|d| !d.is_empty())
+        .unwrap_or_else(|| user.clone());
+    Ok(Read::Got(
+        Startup::Start {
+            user,
+            database,
+            params,
+        },
+        len,
+    ))
+}
+
+/// A typed message: its type byte and its body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message<'a> {
+    /// `Q` (query), `P` (parse), `X` (terminate)...
+    pub kind: u8,
+    /// The body, after the length.
+    pub body: &'a [u8],
+}
+
+/// Reads one typed message from `buf`, at most `max` bytes long.
+///
+/// # Errors
+/// When its length is less than 4 or over `max`.
+pub fn message(buf: &[u8], max: usize, offset: u64) -> Result<Read<Message<'_>>, Violation> {
+    if buf.len() < 5 {
+        return Ok(Read::NeedMore);
+    }
+    let len = be32(&buf[1..]) as usize;
+    if len < 4 {
+        return Err(Violation {
+            offset: offset + 1,
+            reason: "a message length under 4".into(),
+        });
+    }
+    if len > max {
+        return Err(Violation {
+            offset: offset + 1,
+            reason: format!("a {len}-byte message, more than pg_max_message ({max})"),
+        });
+    }
+    if buf.len() < 1 + len {
+        return Ok(Read::NeedMore);
+    }
+    Ok(Read::Got(
+        Message {
+            kind: buf[0],
+            body: &buf[5..1 + len],
+        },
+        1 + len,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn startup_packet(params: &[(&str, &str)]) -> Vec<u8> {
+        let mut body = PROTOCOL_3.to_be_bytes().to_vec();
+        for (k, v) in params {
+            body.extend_from_slice(k.as_bytes());
+            body.push(0);
+            body.extend_from_slice(v.as_bytes());
+            body.push(0);
+        }
+        body.push(0);
+        let mut out = (u32::try_from(body.len() + 4).unwrap_or(0))
+            .to_be_bytes()
+            .to_vec();
+        out.extend(body);
+        out
+    }
+
+    #[test]
+    fn a_startup_message_gives_user_and_database() {
+        let p = startup_packet(&[
+            ("user", "reports"),
+            ("database", "population"),
+            ("application_name", "psql"),
+        ]);
+        let Ok(Read::Got(
+            Startup::Start {
+                user,
+                database,
+                params,
+            },
+            n,
+        )) = startup(&p)
+        else {
+            panic!("{:?}", startup(&p));
+        };
+        assert_eq!(
+            (user.as_str(), database.as_str(), n, params.len()),
+            ("reports", "population", p.len(), 3)
+        );
+        let p = startup_packet(&[("user", "reports")]);
+        assert!(
+            matches!(startup(&p), Ok(Read::Got(Startup::Start { database, .. }, _)) if database == "reports")
+        );
+        assert_eq!(startup(&p[..10]), Ok(Read::NeedMore));
+    }
+
+    #[test]
+    fn ssl_gssenc_and_cancel_requests_are_told_apart() {
+        let ssl = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+        assert_eq!(startup(&ssl), Ok(Read::Got(Startup::Ssl, 8)));
+        let gss = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x30];
+        assert_eq!(startup(&gss), Ok(Read::Got(Startup::Gssenc, 8)));
+        let mut cancel = vec![0, 0, 0, 16, 0x04, 0xd2, 0x16, 0x2e];
+        cancel.extend([0; 8]);
+        assert_eq!(startup(&cancel), Ok(Read::Got(Startup::Cancel, 16)));
+    }
+
+    #[test]
+    fn garbage_and_oversized_startups_are_refused() {
+        assert!(startup(b"GET / HTTP/1.1\r\n").is_err());
+        assert!(
+            startup(&[0, 0, 0xff, 0xff, 0, 3, 0, 0]).is_err(),
+            "too long"
+        );
+        assert!(startup(&[0, 0, 0, 8, 0, 2, 0, 0]).is_err(), "protocol 2");
+        let mut no_user = startup_packet(&[("database", "x")]);
+        assert_eq!(
+            startup(&no_user).expect_err("no user").reason,
+            "the startup message names no user"
+        );
+        let n = no_user.len();
+        no_user[n - 1] = b'x';
+        assert!(startup(&no_user).is_err(), "no final NUL");
+    }
+
+    #[test]
+    fn messages_are_framed_and_capped() {
+        let mut q = vec![b'Q', 0, 0, 0, 14];
+        q.extend_from_slice(b"SELECT 1;\0");
+        let Ok(Read::Got(m, n)) = message(&q, 1 << 20, 0) else {
+            panic!("a query");
+        };
+        assert_eq!((m.kind, m.body, n), (b'Q', &b"SELECT 1;\0"[..], 15));
+        assert_eq!(message(&q[..6], 1 << 20, 0), Ok(Read::NeedMore));
+        assert!(message(&[b'Q', 0, 0, 0, 3], 1 << 20, 0).is_err());
+        let big = [b'Q', 0, 0x20, 0, 0];
+        assert!(
+            message(&big, 1 << 20, 100)
+                .expect_err("too big")
+                .reason
+                .contains("pg_max_message")
+        );
+    }
+}
