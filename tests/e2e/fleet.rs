@@ -1703,6 +1703,9 @@ fn an_edges_alarm_reaches_the_hub_and_the_security_administrator_lifts_its_ban()
     assert!(out.contains("acknowledged"), "{out}");
     let (_, out, _) = hub.ctl("sue", &["alarms", "ack", &id]);
     assert!(out.contains("already"), "{out}");
+    let (code, _, err) = hub.ctl("sue", &["alarms", "ack", "x HTTP/1.1\r\nX-Forged: 1"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("is not an alarm id"), "{err}");
     let (_, out, _) = hub.ctl(
         "ada",
         &["alarms", "list", "--unacked", "--device", "edge-a"],

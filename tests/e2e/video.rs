@@ -189,27 +189,27 @@ fn frames_and_errors(file: &std::path::Path) -> (u64, String) {
     (frames, String::from_utf8_lossy(&decode.stderr).into_owned())
 }
 
-/// A 6 Mbit/s H.264 stream in MPEG-TS from ffmpeg to ffmpeg through a
-/// level-3 `mpegts` publish: every frame arrives and decodes.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ffmpeg_video_crosses_an_mpegts_publish_whole() {
-    if let Some(why) = ffmpeg_missing() {
-        println!("skipped: {why}");
-        return;
-    }
+/// A level-3 publish of edge-b's UDP service `name` (`app`, with `keys`)
+/// whose target is `target`; an ffmpeg receiver there reading `input` (its
+/// arguments before `-i`, and what follows it); a 5 s, 6 Mbit/s H.264 stream
+/// from ffmpeg to the publish as `output` (`{}` the publish address). The
+/// frames sent, the frames received, what decoding them said, and the edge.
+async fn video_through(
+    (name, app, keys): (&'static str, &'static str, &'static str),
+    target: SocketAddr,
+    input: (&[&str], String),
+    output: &str,
+) -> (u64, u64, String, EdgeNode) {
     let pki = Pki::new();
     let dir = tempfile::tempdir().expect("dir");
-    // The receiver in the legacy zone, the edge's target.
-    let target: SocketAddr = {
-        let s = std::net::UdpSocket::bind("127.0.2.10:0").expect("port");
-        s.local_addr().expect("addr")
-    };
-    let publish: &'static [&'static str] = &["udp:edge-b/udp-video"];
-    let hub = start_hub(&pki, HubSpec::new("hub-01", 3, publish)).await;
+    let publish: &'static str = Box::leak(format!("udp:edge-b/{name}").into_boxed_str());
+    let publishes: &'static [&'static str] = Box::leak(Box::new([publish]));
+    let hub = start_hub(&pki, HubSpec::new("hub-01", 3, publishes)).await;
     let edge = start_edge(
         &pki,
         EdgeSpec {
-            services: vec![("udp-video", target, "\"extranet\"", Some("mpegts"), None)],
+            services: vec![(name, target, "\"extranet\"", Some(app), None)],
+            service_keys: keys,
             ..EdgeSpec::new("edge-b", 2, 3, vec![hub.quic])
         },
     )
@@ -217,10 +217,10 @@ async fn ffmpeg_video_crosses_an_mpegts_publish_whole() {
     ready(&edge).await;
     let out = dir.path().join("received.ts");
     let mut receiver = std::process::Command::new("ffmpeg")
-        .args(["-v", "error", "-y", "-i"])
-        .arg(format!(
-            "udp://{target}?timeout=4000000&fifo_size=1000000&overrun_nonfatal=1"
-        ))
+        .args(["-v", "error", "-y"])
+        .args(input.0)
+        .arg("-i")
+        .arg(&input.1)
         .args(["-c", "copy", "-f", "mpegts"])
         .arg(&out)
         .stdin(std::process::Stdio::null())
@@ -241,26 +241,24 @@ async fn ffmpeg_video_crosses_an_mpegts_publish_whole() {
             "lavfi",
             "-i",
             "testsrc=size=1280x720:rate=30",
-            "-t",
-            "5",
         ])
         .args([
+            "-t",
+            "5",
             "-c:v",
             "libx264",
             "-preset",
             "ultrafast",
             "-b:v",
             "6M",
-            "-pix_fmt",
-            "yuv420p",
-            "-g",
-            "30",
         ])
-        .args(["-f", "tee", "-map", "0:v"])
+        .args([
+            "-pix_fmt", "yuv420p", "-g", "30", "-f", "tee", "-map", "0:v",
+        ])
         .arg(format!(
-            "[f=mpegts]{}|[f=mpegts]udp://{}?pkt_size=1316",
+            "[f=mpegts]{}|{}",
             sent.display(),
-            hub.publish[0]
+            output.replace("{}", &hub.publish[0].to_string())
         ))
         .output()
         .expect("sender");
@@ -272,9 +270,31 @@ async fn ffmpeg_video_crosses_an_mpegts_publish_whole() {
     let _ = receiver.wait();
     let (sent_frames, _) = frames_and_errors(&sent);
     let (got_frames, errors) = frames_and_errors(&out);
-    println!("frames sent {sent_frames}, received {got_frames}; decode errors: {errors:?}");
-    assert_eq!(sent_frames, 150);
-    assert_eq!(got_frames, sent_frames, "every frame crossed");
+    println!("{app}: frames sent {sent_frames}, received {got_frames}; decode errors: {errors:?}");
+    (sent_frames, got_frames, errors, edge)
+}
+
+/// A 6 Mbit/s H.264 stream in MPEG-TS from ffmpeg to ffmpeg through a
+/// level-3 `mpegts` publish: every frame arrives and decodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ffmpeg_video_crosses_an_mpegts_publish_whole() {
+    if let Some(why) = ffmpeg_missing() {
+        println!("skipped: {why}");
+        return;
+    }
+    let target = std::net::UdpSocket::bind("127.0.2.10:0")
+        .and_then(|s| s.local_addr())
+        .expect("a port");
+    let input = format!("udp://{target}?timeout=4000000&fifo_size=1000000&overrun_nonfatal=1");
+    let (sent, got, errors, edge) = video_through(
+        ("udp-video", "mpegts", ""),
+        target,
+        (&[], input),
+        "[f=mpegts]udp://{}?pkt_size=1316",
+    )
+    .await;
+    assert_eq!(sent, 150);
+    assert_eq!(got, sent, "every frame crossed");
     assert!(errors.trim().is_empty(), "decoded without error: {errors}");
     let metrics = http_get(edge.running.admin_addr, "GET", "/metrics").await.1;
     assert!(
@@ -292,8 +312,6 @@ async fn ffmpeg_video_crosses_an_rtp_publish_whole() {
         println!("skipped: {why}");
         return;
     }
-    let pki = Pki::new();
-    let dir = tempfile::tempdir().expect("dir");
     // An even port for RTP (the receiver takes the next one for RTCP).
     let target: SocketAddr = (0..100)
         .find_map(|_| {
@@ -302,18 +320,7 @@ async fn ffmpeg_video_crosses_an_rtp_publish_whole() {
             (port % 2 == 0 && port < 65_000).then(|| SocketAddr::from(([127, 0, 2, 10], port)))
         })
         .expect("an even port");
-    let publish: &'static [&'static str] = &["udp:edge-b/udp-camera"];
-    let hub = start_hub(&pki, HubSpec::new("hub-01", 3, publish)).await;
-    let edge = start_edge(
-        &pki,
-        EdgeSpec {
-            services: vec![("udp-camera", target, "\"extranet\"", Some("rtp"), None)],
-            service_keys: "rtp_payload_types = [96]\n",
-            ..EdgeSpec::new("edge-b", 2, 3, vec![hub.quic])
-        },
-    )
-    .await;
-    ready(&edge).await;
+    let dir = tempfile::tempdir().expect("dir");
     let sdp = dir.path().join("camera.sdp");
     std::fs::write(
         &sdp,
@@ -323,71 +330,22 @@ async fn ffmpeg_video_crosses_an_rtp_publish_whole() {
         ),
     )
     .expect("sdp");
-    let out = dir.path().join("received.ts");
-    let mut receiver = std::process::Command::new("ffmpeg")
-        .args([
-            "-v",
-            "error",
-            "-y",
-            "-protocol_whitelist",
-            "file,udp,rtp",
-            "-rw_timeout",
-            "4000000",
-        ])
-        .arg("-i")
-        .arg(&sdp)
-        .args(["-c", "copy", "-f", "mpegts"])
-        .arg(&out)
-        .stdin(std::process::Stdio::null())
-        .spawn()
-        .expect("receiver");
-    wait_for("the receiver's socket", Duration::from_secs(10), || {
-        std::net::UdpSocket::bind(target).is_err()
-    })
+    let (sent, got, errors, _edge) = video_through(
+        ("udp-camera", "rtp", "rtp_payload_types = [96]\n"),
+        target,
+        (
+            &[
+                "-protocol_whitelist",
+                "file,udp,rtp",
+                "-rw_timeout",
+                "4000000",
+            ],
+            sdp.display().to_string(),
+        ),
+        "[f=rtp]rtp://{}?pkt_size=1200",
+    )
     .await;
-    let sent = dir.path().join("sent.ts");
-    let sender = std::process::Command::new("ffmpeg")
-        .args([
-            "-v",
-            "error",
-            "-re",
-            "-f",
-            "lavfi",
-            "-i",
-            "testsrc=size=1280x720:rate=30",
-            "-t",
-            "5",
-        ])
-        .args([
-            "-c:v",
-            "libx264",
-            "-preset",
-            "ultrafast",
-            "-b:v",
-            "6M",
-            "-pix_fmt",
-            "yuv420p",
-            "-g",
-            "30",
-        ])
-        .args(["-f", "tee", "-map", "0:v"])
-        .arg(format!(
-            "[f=mpegts]{}|[f=rtp]rtp://{}?pkt_size=1200",
-            sent.display(),
-            hub.publish[0]
-        ))
-        .output()
-        .expect("sender");
-    assert!(
-        sender.status.success(),
-        "{}",
-        String::from_utf8_lossy(&sender.stderr)
-    );
-    let _ = receiver.wait();
-    let (sent_frames, _) = frames_and_errors(&sent);
-    let (got_frames, errors) = frames_and_errors(&out);
-    println!("RTP: frames sent {sent_frames}, received {got_frames}; decode errors: {errors:?}");
-    assert_eq!(sent_frames, 150);
-    assert_eq!(got_frames, sent_frames, "every frame crossed");
+    assert_eq!(sent, 150);
+    assert_eq!(got, sent, "every frame crossed");
     assert!(errors.trim().is_empty(), "decoded without error: {errors}");
 }

@@ -123,6 +123,14 @@ impl Bans {
         v
     }
 
+    /// How many sources are banned at `now_ms`.
+    pub fn active_count(&self, now_ms: i64) -> usize {
+        self.by_source
+            .values()
+            .filter(|e| e.until_ms > now_ms)
+            .count()
+    }
+
     /// Every entry, for saving (bans survive a restart).
     pub fn entries(&self) -> impl Iterator<Item = (&IpAddr, &Entry)> {
         self.by_source.iter()

@@ -194,6 +194,22 @@ impl Baseline {
         out
     }
 
+    /// Holds a loaded history to the caps a running one keeps (a file is
+    /// not trusted to have been written by this code).
+    pub fn capped(mut self) -> Self {
+        if self.series.len() > MAX_SERIES {
+            let keep: Vec<String> = self.series.keys().take(MAX_SERIES).cloned().collect();
+            self.series.retain(|k, _| keep.contains(k));
+        }
+        for s in self.series.values_mut() {
+            while s.hours.len() > HISTORY_HOURS + 1 {
+                s.hours.pop_front();
+                s.first_hour += 1;
+            }
+        }
+        self
+    }
+
     /// Forgets series not in `keys` (a channel or service removed).
     pub fn retain(&mut self, keys: &[String]) {
         self.series.retain(|k, _| keys.contains(k));
@@ -307,6 +323,23 @@ mod tests {
         // A long silence keeps at most the history window.
         b.add("service web", 100 * 24 * H, [1, 1, 1]);
         assert_eq!(b.series["service web"].hours.len(), HISTORY_HOURS + 1);
+        // A loaded history is held to the same caps.
+        let mut loaded = b.clone();
+        loaded.series.insert(
+            "service s-extra".into(),
+            Series {
+                first_hour: 0,
+                hours: std::iter::repeat_n([1, 1, 1], 5 * HISTORY_HOURS).collect(),
+            },
+        );
+        let loaded = loaded.capped();
+        assert_eq!(loaded.series.len(), MAX_SERIES);
+        assert!(
+            loaded
+                .series
+                .values()
+                .all(|s| s.hours.len() <= HISTORY_HOURS + 1)
+        );
     }
 
     #[test]

@@ -665,6 +665,16 @@ impl Alarm {
     }
 }
 
+/// Whether `id` can be an alarm's id (a node id, hex and `-`): what the
+/// operators' API and `gatewayctl` accept before it goes into a path.
+pub fn valid_alarm_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 200
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
 /// Why a detection did not ban, as the alarm's action says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {

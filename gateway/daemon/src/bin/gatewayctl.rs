@@ -937,6 +937,13 @@ async fn alarms(client: &OpsClient, command: AlarmsCommand) -> Result<(), u8> {
             }
         }
         AlarmsCommand::Ack { id } => {
+            // It goes into the request line: letters, digits, - and _ only.
+            if !gateway_core::detect::valid_alarm_id(&id) {
+                eprintln!(
+                    "error: {id:?} is not an alarm id (as `gatewayctl alarms list` prints it)"
+                );
+                return Err(USAGE);
+            }
             let (_, b) = call(client, "POST", &format!("/v1/alarms/{id}/ack"), None).await?;
             if json(&b)["already"].as_bool() == Some(true) {
                 println!("alarm {id} was already acknowledged");

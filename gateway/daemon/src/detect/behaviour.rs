@@ -32,7 +32,7 @@ impl Sampler {
         let baseline = SafeDir::open(state_dir)
             .ok()
             .and_then(|d| match d.read_entry(OsStr::new(NAME), MAX_BYTES) {
-                Ok(f) => serde_json::from_slice(&f.bytes).ok(),
+                Ok(f) => serde_json::from_slice::<Baseline>(&f.bytes).ok().map(Baseline::capped),
                 Err(ReadRefusal::Gone) => None,
                 Err(e) => {
                     tracing::warn!(error = %e, "The behaviour baseline was not read; it starts again");

@@ -1099,11 +1099,7 @@ async fn alarm_ack(
     Path(id): Path<String>,
 ) -> Answer {
     let (by, _) = authorize(&fleet, &caller, Action::AlarmAck, "acknowledge alarms", &id).await?;
-    if id.len() > 200
-        || !id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-    {
+    if !gateway_core::detect::valid_alarm_id(&id) {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "an alarm id is letters, digits, - and _ (as `gatewayctl alarms list` prints it)"

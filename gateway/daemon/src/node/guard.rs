@@ -268,7 +268,7 @@ impl Guard {
         if bans.len() != before {
             self.dirty.store(true, Ordering::Release);
         }
-        let active = bans.active(now).len();
+        let active = bans.active_count(now);
         self.any_ban.store(active > 0, Ordering::Release);
         metrics.bans_active(active as u64);
         active
@@ -325,7 +325,7 @@ impl Guard {
             bans.restore(ip, e, now);
         }
         self.any_ban
-            .store(!bans.active(now).is_empty(), Ordering::Release);
+            .store(bans.active_count(now) > 0, Ordering::Release);
     }
 }
 
