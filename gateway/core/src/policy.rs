@@ -429,7 +429,7 @@ fn level3_controls(config: &Config, d: &Declared<'_>, level: Level) -> Vec<Diagn
                             .hint(if s.protocol == crate::config::Protocol::Udp {
                                 "add app_protocol = \"rtp\" or \"mpegts\"; every datagram is checked"
                             } else {
-                                "add app_protocol = \"http\" or \"tls\"; the whole connection is checked"
+                                "add app_protocol = \"http\", \"tls\" or \"postgres\"; the whole connection is checked"
                             }),
                     );
                 }
@@ -922,6 +922,18 @@ pub fn controls(config: &Config, d: &Declared<'_>, level: Level) -> Vec<String> 
                     if !s.http_allow.is_empty() {
                         c.push("HTTP methods and paths allowed by http_allow".into());
                     }
+                    if p_is(s, crate::config::AppProtocol::Postgres) {
+                        c.push(
+                            "every SQL statement audited (text, SHA-256, rows, duration)".into(),
+                        );
+                        let pg = &s.postgres;
+                        if !pg.users.is_empty() || !pg.databases.is_empty() {
+                            c.push("logins limited by pg_users and pg_databases".into());
+                        }
+                        if pg.read_only {
+                            c.push("read-only: only single read statements pass, as a SQL parser reads them".into());
+                        }
+                    }
                 }
             }
             Purpose::Channel(n) => {
@@ -964,4 +976,9 @@ pub fn controls(config: &Config, d: &Declared<'_>, level: Level) -> Vec<String> 
         ]);
     }
     c
+}
+
+/// Whether service `s` declares `app`.
+fn p_is(s: &crate::config::Service, app: crate::config::AppProtocol) -> bool {
+    s.app_protocol == Some(app)
 }

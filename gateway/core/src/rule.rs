@@ -56,6 +56,8 @@ rules! {
     Address = "R5.address": "A client's address must lie in the networks of the zone it comes from.",
     AppProtocol = "R5.app-protocol": "At boundary level 3 and up a service declares its application protocol.",
     HttpAllow = "R5.http-allow": "A service's http_allow lists the methods and paths its clients may request; the gateway answers any other request 403 and it never reaches the server.",
+    PgLogin = "R5.pg-login": "A postgres service's pg_users and pg_databases list who may log in to what; another login is refused before the server sees it.",
+    PgReadOnly = "R5.pg-read-only": "Through a pg_read_only service only single read statements pass, as a SQL parser reads them; the gateway answers anything else with SQLSTATE 42501.",
     ChannelContent = "R5.channel-content": "At boundary level 3 and up a channel declares formats and a record size limit, and every record is checked against them.",
     Retention = "R6.retention": "Audit records are kept at least 180 days.",
 }

@@ -92,6 +92,8 @@ pub struct ServiceSummary {
     pub allow: Vec<Peer>,
     /// The HTTP requests its clients may make (empty: any).
     pub http_allow: Vec<crate::config::HttpAllow>,
+    /// `postgres`: its pg_* rules, in words (empty: none or not postgres).
+    pub postgres: Vec<String>,
 }
 
 /// An access.
@@ -209,6 +211,7 @@ impl Summary {
                         app_protocol: v.app_protocol,
                         allow: v.allow.clone(),
                         http_allow: v.http_allow.clone(),
+                        postgres: pg_rules(v),
                     })
                     .collect();
                 s.accesses = e
@@ -366,6 +369,9 @@ impl Summary {
                         rules.join("; ")
                     );
                 }
+                if !s.postgres.is_empty() {
+                    let _ = writeln!(o, "  {:<20} {}", "", s.postgres.join("; "));
+                }
             }
         }
         if !self.accesses.is_empty() {
@@ -413,4 +419,33 @@ impl Summary {
         }
         o
     }
+}
+
+/// A `postgres` service's rules, in words, for the summary.
+fn pg_rules(s: &crate::config::Service) -> Vec<String> {
+    if s.app_protocol != Some(AppProtocol::Postgres) {
+        return Vec::new();
+    }
+    let p = &s.postgres;
+    let list = |v: &[String]| {
+        if v.is_empty() {
+            "any".to_owned()
+        } else {
+            v.join(",")
+        }
+    };
+    let mut out = vec![
+        format!("users {}", list(&p.users)),
+        format!("databases {}", list(&p.databases)),
+        format!("messages up to {} bytes", p.max_message),
+    ];
+    if p.read_only {
+        out.push("read-only".into());
+    }
+    out.push(if p.tls.is_some() {
+        "TLS ended at the gateway".into()
+    } else {
+        "SSLRequest declined".into()
+    });
+    out
 }

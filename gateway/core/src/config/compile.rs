@@ -20,6 +20,8 @@ use super::*;
 use crate::diag::{Diagnostic, LineIndex, Location};
 use crate::units::{self, ByteSize, Cidr, Date, HostPort, ValueError};
 
+mod postgres;
+
 const SECTIONS: &str = "node, zone, uplink, service, access, channel, ingest, audit, admin, detect, alarms, scan, hub, publish";
 
 /// Compiles TOML text into a [`Config`] (when there is no error) and the
@@ -1432,6 +1434,7 @@ impl Compiler<'_> {
                             ("tls", AppProtocol::Tls),
                             ("rtp", AppProtocol::Rtp),
                             ("mpegts", AppProtocol::Mpegts),
+                            ("postgres", AppProtocol::Postgres),
                         ],
                     )
                     .map(Some),
@@ -1439,13 +1442,13 @@ impl Compiler<'_> {
             let mut app_protocol = app_protocol;
             match (app_protocol, protocol, &s.app_protocol) {
                 (
-                    Some(Some(AppProtocol::Http | AppProtocol::Tls)),
+                    Some(Some(AppProtocol::Http | AppProtocol::Tls | AppProtocol::Postgres)),
                     Some(Protocol::Udp),
                     Some(a),
                 ) => {
                     self.error(
                         &a.span(),
-                        "service.app_protocol: http and tls run over TCP, but this service is udp",
+                        "service.app_protocol: http, tls and postgres run over TCP, but this service is udp",
                         "set protocol = \"tcp\", or remove app_protocol",
                     );
                     app_protocol = None;
@@ -1577,6 +1580,7 @@ impl Compiler<'_> {
                 }
             }
             let http_allow = self.http_allow(s.http_allow.as_ref(), app_protocol);
+            let pg = self.postgres(&s, declared);
             let mut allow = Vec::new();
             if s.allow.get_ref().is_empty() {
                 self.warning(
@@ -1662,6 +1666,7 @@ impl Compiler<'_> {
                 Some(bandwidth),
                 Some(idle_timeout),
                 Some((rtp_payload_types, mpegts_pids, max_violations)),
+                Some(postgres),
             ) = (
                 name,
                 zone,
@@ -1675,6 +1680,7 @@ impl Compiler<'_> {
                     .zip(mpegts_pids)
                     .zip(max_violations)
                     .map(|((a, b), c)| (a, b, c)),
+                pg,
             ) {
                 let loc = self.at(&s.name.span());
                 services.push(Service {
@@ -1693,6 +1699,7 @@ impl Compiler<'_> {
                     rtp_payload_types,
                     mpegts_pids,
                     max_violations,
+                    postgres,
                     loc,
                 });
             }

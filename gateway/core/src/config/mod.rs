@@ -99,6 +99,13 @@ impl Config {
                 &h.settings.key,
             ],
         };
+        if let Role::Edge(e) = &self.role {
+            for s in &e.services {
+                if let Some(t) = &s.postgres.tls {
+                    paths.extend([&t.cert, &t.key]);
+                }
+            }
+        }
         let a = &self.alarms;
         if let Some(t) = &a.syslog {
             paths.push(&t.ca);
@@ -317,6 +324,8 @@ pub enum AppProtocol {
     Rtp,
     /// MPEG transport stream datagrams (UDP).
     Mpegts,
+    /// The PostgreSQL frontend/backend protocol v3 (TCP), followed both ways.
+    Postgres,
 }
 
 impl AppProtocol {
@@ -327,6 +336,7 @@ impl AppProtocol {
             Self::Tls => "tls",
             Self::Rtp => "rtp",
             Self::Mpegts => "mpegts",
+            Self::Postgres => "postgres",
         }
     }
 
@@ -385,8 +395,50 @@ pub struct Service {
     /// `rtp`, `mpegts`: refused datagrams a flow may have in a minute before
     /// it is closed.
     pub max_violations: u32,
+    /// `postgres`: who may log in, what may run, how TLS is met.
+    pub postgres: PgRules,
     /// Where it is declared.
     pub loc: Location,
+}
+
+/// The `pg_*` keys of an `app_protocol = "postgres"` service.
+#[derive(Debug, Clone)]
+pub struct PgRules {
+    /// `pg_users`: users who may log in (none: any).
+    pub users: Vec<String>,
+    /// `pg_databases`: databases they may log in to (none: any).
+    pub databases: Vec<String>,
+    /// `pg_max_message`: the largest message either way, in bytes.
+    pub max_message: usize,
+    /// `pg_read_only`: only single read statements pass.
+    pub read_only: bool,
+    /// `pg_tls = "terminate"`: the gateway's certificate and key; `None`
+    /// (`"decline"`): an SSLRequest is answered "not supported".
+    pub tls: Option<PgTls>,
+}
+
+/// A default `pg_max_message`: 1 MiB.
+pub const DEFAULT_PG_MAX_MESSAGE: usize = 1 << 20;
+
+impl Default for PgRules {
+    fn default() -> Self {
+        PgRules {
+            users: Vec::new(),
+            databases: Vec::new(),
+            max_message: DEFAULT_PG_MAX_MESSAGE,
+            read_only: false,
+            tls: None,
+        }
+    }
+}
+
+/// Where TLS to a `postgres` service's clients ends.
+#[derive(Debug, Clone)]
+pub struct PgTls {
+    /// `pg_cert`: the certificate chain shown to clients (PEM).
+    pub cert: FilePath,
+    /// `pg_key`: its private key (PEM).
+    pub key: FilePath,
 }
 
 /// One entry of a service's `http_allow`: a request passes when its method is

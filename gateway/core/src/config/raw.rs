@@ -77,6 +77,13 @@ pub struct RawService {
     pub rtp_payload_types: Option<Spanned<Vec<Spanned<i64>>>>,
     pub mpegts_pids: Option<Spanned<Vec<Spanned<i64>>>>,
     pub max_violations: Option<Spanned<i64>>,
+    pub pg_users: Option<Spanned<Vec<S>>>,
+    pub pg_databases: Option<Spanned<Vec<S>>>,
+    pub pg_max_message: Option<S>,
+    pub pg_read_only: Option<Spanned<bool>>,
+    pub pg_tls: Option<S>,
+    pub pg_cert: Option<S>,
+    pub pg_key: Option<S>,
 }
 
 /// An entry of `[[service]] http_allow`.

@@ -19,7 +19,9 @@
 //!
 //! A violation names its byte offset in the stream. UDP services' datagrams
 //! (`rtp`, `mpegts`) are checked one by one by [`datagram`]; [`postgres`]
-//! frames the PostgreSQL protocol (the checking proxy is to come).
+//! frames the PostgreSQL protocol and follows a
+//! connection both ways ([`postgres::session`]), refusing writes through a
+//! read-only service ([`postgres::read_only`]).
 
 mod allow;
 pub mod datagram;
@@ -92,6 +94,12 @@ pub fn sniff(proto: AppProtocol, first: &[u8]) -> Sniff {
         // Datagram protocols are checked one datagram at a time
         // ([`datagram`]); a stream is never one (the config says so).
         AppProtocol::Rtp | AppProtocol::Mpegts => Sniff::Mismatch,
+        // A startup packet, an SSLRequest, a GSSENCRequest or a CancelRequest.
+        AppProtocol::Postgres => match postgres::startup(first) {
+            Ok(postgres::Read::NeedMore) if first.len() < MAX_SNIFF => Sniff::NeedMore,
+            Ok(_) => Sniff::Match,
+            Err(_) => Sniff::Mismatch,
+        },
     }
 }
 
@@ -216,7 +224,8 @@ impl Inspector {
                 AppProtocol::Http => State::Head,
                 AppProtocol::Tls => State::Hello,
                 // Not a stream protocol: nothing passes.
-                AppProtocol::Rtp | AppProtocol::Mpegts => State::Forbidden,
+                // Followed by [`postgres::session`], not here.
+                AppProtocol::Rtp | AppProtocol::Mpegts | AppProtocol::Postgres => State::Forbidden,
             },
             requests: 0,
         }

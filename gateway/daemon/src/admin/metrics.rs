@@ -123,6 +123,8 @@ pub struct DetectCounters {
     pub scan_db_age_ms: Option<i64>,
     /// UDP datagrams refused by their service's protocol check.
     pub udp_violations: BTreeMap<String, u64>,
+    /// PostgreSQL statements answered, by (service, outcome).
+    pub pg_statements: BTreeMap<(String, &'static str), u64>,
 }
 
 /// One forwarding target's figures: alarms forwarded, failed attempts, and
@@ -427,6 +429,13 @@ impl Metrics {
             .or_default() += 1;
     }
 
+    /// A statement of `postgres` service `service` answered with `outcome`.
+    pub fn pg_statement(&self, service: &str, outcome: &'static str) {
+        let mut d = lock(&self.detect);
+        let key = (service.to_owned(), outcome);
+        *d.pg_statements.entry(key).or_default() += 1;
+    }
+
     /// A record scanned with this verdict.
     pub fn scanned(&self, verdict: &str) {
         *lock(&self.detect)
@@ -622,6 +631,16 @@ impl Metrics {
             let _ = writeln!(
                 o,
                 "gateway_udp_protocol_violations_total{{service=\"{s}\"}} {n}"
+            );
+        }
+        let _ = writeln!(
+            o,
+            "# HELP gateway_pg_statements_total PostgreSQL statements relayed and answered, by service and outcome (ok, error, skipped, suspended).\n# TYPE gateway_pg_statements_total counter"
+        );
+        for ((s, outcome), n) in &d.pg_statements {
+            let _ = writeln!(
+                o,
+                "gateway_pg_statements_total{{service=\"{s}\",outcome=\"{outcome}\"}} {n}"
             );
         }
         if let Some(age) = d.scan_db_age_ms {

@@ -10,6 +10,7 @@
 //! - [`service`]: an edge opening one of its services for a hub.
 //! - [`transit`]: a hub carrying one edge to another's service.
 //! - [`app_protocol`]: the level-3 check of a relay's first bytes.
+//! - [`postgres`]: a `postgres` service's relay, a checking proxy.
 //! - [`udp`]: UDP flows as QUIC datagrams: fronts, the flow table, idle expiry.
 //!
 //! Relays reach their tunnels through [`crate::tunnel`]; a bandwidth cap is
@@ -18,6 +19,7 @@
 pub mod access;
 pub mod app_protocol;
 pub mod listen;
+pub mod postgres;
 pub mod publish;
 pub mod service;
 pub mod splice;

@@ -200,6 +200,16 @@ pub async fn serve(
         let mut inspector = None;
         let exchange = std::sync::Arc::new(super::app_protocol::Exchange::default());
         let level3 = decision.level.is_some_and(|l| l.get() >= 3);
+        if super::postgres::followed(&svc, level3) {
+            let rule = decision.rule.as_str();
+            let who = super::postgres::Who {
+                subject: &subject,
+                service: &service,
+                rule,
+                reason: decision.reason,
+            };
+            return super::postgres::relay(&ctx, &svc, who, (send, recv), target).await;
+        }
         if let Some(app) = svc
             .app_protocol
             .filter(|_| level3 || !svc.http_allow.is_empty())
@@ -257,9 +267,6 @@ pub async fn serve(
         }
         let started = ctx.relay_opened(&subject, &service, decision.rule.as_str(), decision.reason);
         let live = [AtomicU64::new(first.len() as u64), AtomicU64::new(0)];
-        let stop = ctx.service_token(&service);
-        let zone_stop = ctx.zone_token(&svc.zone);
-        let limits = ctx.limiter(&service, svc.bandwidth);
         let done = {
             let (tr, mut tw) = target.split();
             let tr = BufSource::new(tr);
@@ -276,23 +283,7 @@ pub async fn serve(
                     },
                 ),
             };
-            let spliced = splice_limited(
-                &mut qr,
-                &mut send,
-                &mut tr,
-                &mut tw,
-                &live,
-                limits.as_deref(),
-            );
-            tokio::select! {
-                s = spliced => Some(s),
-                () = stop.cancelled() => None,
-                () = zone_stop.cancelled() => None,
-                () = idle(&live, svc.idle_timeout) => {
-                    tracing::info!(idle_s = svc.idle_timeout.as_secs(), "Relay idle; closed");
-                    None
-                }
-            }
+            spliced(&ctx, &svc, (&mut qr, &mut send), (&mut tr, &mut tw), &live).await
         };
         if done.is_none_or(|s| s.reset) {
             reset_tcp(&target);
@@ -323,6 +314,38 @@ pub async fn serve(
     }
     .instrument(span)
     .await;
+}
+
+/// Splices an opened relay of `svc`: client side `(qr, qw)`, server side
+/// `(tr, tw)`, each direction held to the service's bandwidth, until it
+/// ends (`Some`), or is cut (`None`) by a reload, its zone's expiry, or
+/// `idle_timeout` without a byte either way.
+pub(super) async fn spliced<R1, W1, R2, W2>(
+    ctx: &Ctx,
+    svc: &gateway_core::config::Service,
+    (qr, qw): (&mut R1, &mut W1),
+    (tr, tw): (&mut R2, &mut W2),
+    live: &[AtomicU64; 2],
+) -> Option<Spliced>
+where
+    R1: super::splice::Source,
+    W1: super::splice::Sink,
+    R2: super::splice::Source,
+    W2: super::splice::Sink,
+{
+    let stop = ctx.service_token(&svc.name);
+    let zone_stop = ctx.zone_token(&svc.zone);
+    let limits = ctx.limiter(&svc.name, svc.bandwidth);
+    let spliced = splice_limited(qr, qw, tr, tw, live, limits.as_deref());
+    tokio::select! {
+        s = spliced => Some(s),
+        () = stop.cancelled() => None,
+        () = zone_stop.cancelled() => None,
+        () = idle(live, svc.idle_timeout) => {
+            tracing::info!(idle_s = svc.idle_timeout.as_secs(), "Relay idle; closed");
+            None
+        }
+    }
 }
 
 /// Audits a request `http_allow` refused (rule R5.http-allow): its method

@@ -213,6 +213,21 @@ pub fn ops_server(cert: &Path, key_path: &Path) -> Result<Arc<rustls::ServerConf
     Ok(Arc::new(tls))
 }
 
+/// TLS ended at the gateway for a `postgres` service's clients
+/// (`pg_tls = "terminate"`): `cert`, TLS 1.2 or 1.3 (libpq offers both), no
+/// client certificate (the login is the server's).
+///
+/// # Errors
+/// When the files cannot be read or do not match.
+pub fn pg_server(cert: &Path, key_path: &Path) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_no_client_auth()
+        .with_single_cert(certs(cert)?, key(key_path)?)?;
+    no_resumption(&mut tls);
+    Ok(Arc::new(tls))
+}
+
 /// An HTTPS listener that knows its clients by certificate (the consumers'
 /// API, an ingest with `auth = "mtls"`): `cert`, TLS 1.3, and a client
 /// certificate from `ca` when one is presented. A request without one is

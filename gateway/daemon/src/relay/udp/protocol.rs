@@ -38,7 +38,7 @@ impl FlowCheck {
         let what = match svc.app_protocol? {
             AppProtocol::Rtp => Owned::Rtp(svc.rtp_payload_types.clone()),
             AppProtocol::Mpegts => Owned::Mpegts(svc.mpegts_pids.clone()),
-            AppProtocol::Http | AppProtocol::Tls => return None,
+            AppProtocol::Http | AppProtocol::Tls | AppProtocol::Postgres => return None,
         };
         Some(Arc::new(Self {
             ctx: ctx.clone(),

@@ -5,6 +5,12 @@
 //! consistent and at most `pg_max_message`. Pure: bytes in, frames out; the
 //! relay decides what to do with them.
 
+pub mod read_only;
+pub mod session;
+
+/// The rule a login refusal names (pg_users, pg_databases, replication).
+pub const LOGIN_RULE: &str = "R5.pg-login";
+
 /// The protocol version a startup message must ask for (3.0).
 pub const PROTOCOL_3: u32 = 196_608;
 /// The code of an SSLRequest in place of a version.
@@ -145,6 +151,73 @@ pub fn startup(buf: &[u8]) -> Result<Read<Startup>, Violation> {
     ))
 }
 
+/// Who may log in through a service, and how.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Login {
+    /// Users allowed (none: any).
+    pub users: Vec<String>,
+    /// Databases allowed (none: any).
+    pub databases: Vec<String>,
+    /// `pg_read_only`: no replication connection, and the server session
+    /// starts with `default_transaction_read_only = on`.
+    pub read_only: bool,
+}
+
+/// Checks a startup message against `login`; the startup message to send
+/// the server.
+///
+/// # Errors
+/// Why the login is refused (for the client's FATAL error and the audit).
+pub fn login(
+    user: &str,
+    database: &str,
+    params: &[(String, String)],
+    login: &Login,
+) -> Result<Vec<u8>, String> {
+    if !login.users.is_empty() && !login.users.iter().any(|u| u == user) {
+        return Err(format!("user {user:?} is not in this service's pg_users"));
+    }
+    if !login.databases.is_empty() && !login.databases.iter().any(|d| d == database) {
+        return Err(format!(
+            "database {database:?} is not in this service's pg_databases"
+        ));
+    }
+    let mut out: Vec<(&str, &str)> = Vec::new();
+    for (k, v) in params {
+        if login.read_only && k == "replication" {
+            return Err("a replication connection through a read-only service".into());
+        }
+        if login.read_only && k == "default_transaction_read_only" {
+            continue;
+        }
+        out.push((k, v));
+    }
+    if login.read_only {
+        // Startup parameters other than user, database and options are
+        // settings, applied after `options`: this one last of all.
+        out.push(("default_transaction_read_only", "on"));
+    }
+    Ok(startup_message(&out))
+}
+
+/// A startup message (protocol 3.0) with `params`.
+pub fn startup_message(params: &[(&str, &str)]) -> Vec<u8> {
+    let mut body = PROTOCOL_3.to_be_bytes().to_vec();
+    for (k, v) in params {
+        body.extend_from_slice(k.as_bytes());
+        body.push(0);
+        body.extend_from_slice(v.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut out = u32::try_from(body.len() + 4)
+        .unwrap_or(u32::MAX)
+        .to_be_bytes()
+        .to_vec();
+    out.extend(body);
+    out
+}
+
 /// A typed message: its type byte and its body.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message<'a> {
@@ -192,19 +265,39 @@ mod tests {
     use super::*;
 
     fn startup_packet(params: &[(&str, &str)]) -> Vec<u8> {
-        let mut body = PROTOCOL_3.to_be_bytes().to_vec();
-        for (k, v) in params {
-            body.extend_from_slice(k.as_bytes());
-            body.push(0);
-            body.extend_from_slice(v.as_bytes());
-            body.push(0);
-        }
-        body.push(0);
-        let mut out = (u32::try_from(body.len() + 4).unwrap_or(0))
-            .to_be_bytes()
-            .to_vec();
-        out.extend(body);
-        out
+        startup_message(params)
+    }
+
+    #[test]
+    fn a_login_is_checked_and_made_read_only() {
+        let params = vec![
+            ("user".to_owned(), "reports".to_owned()),
+            ("database".to_owned(), "population".to_owned()),
+            ("default_transaction_read_only".to_owned(), "off".to_owned()),
+        ];
+        let open = Login::default();
+        let sent = login("reports", "population", &params, &open).expect("anyone");
+        assert_eq!(startup(&sent).map(|r| matches!(r, Read::Got(..))), Ok(true));
+        let strict = Login {
+            users: vec!["reports".into()],
+            databases: vec!["population".into()],
+            read_only: true,
+        };
+        let sent = login("reports", "population", &params, &strict).expect("listed");
+        let Ok(Read::Got(Startup::Start { params: p, .. }, _)) = startup(&sent) else {
+            panic!("a startup message");
+        };
+        let ro: Vec<_> = p
+            .iter()
+            .filter(|(k, _)| k == "default_transaction_read_only")
+            .collect();
+        assert_eq!(ro.len(), 1);
+        assert_eq!(ro[0].1, "on", "the client's own setting is replaced");
+        assert!(login("admin", "population", &params, &strict).is_err());
+        assert!(login("reports", "postgres", &params, &strict).is_err());
+        let mut repl = params.clone();
+        repl.push(("replication".into(), "database".into()));
+        assert!(login("reports", "population", &repl, &strict).is_err());
     }
 
     #[test]
