@@ -82,7 +82,7 @@ pub fn from_hex(s: &str) -> Option<Hash> {
 
 /// Lowercase hex of a hash.
 pub fn to_hex(h: &Hash) -> String {
-    h.iter().map(|b| format!("{b:02x}")).collect()
+    crate::hex::encode(h)
 }
 
 /// The canonical encoding of a record's content.

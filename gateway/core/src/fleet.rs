@@ -371,7 +371,7 @@ impl Secret {
     /// never stored.
     pub fn digest(&self) -> String {
         let d = ring::digest::digest(&ring::digest::SHA256, self.to_text().as_bytes());
-        d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+        crate::hex::encode(d.as_ref())
     }
 }
 

@@ -17,7 +17,7 @@
 //! - [`summary`]: what a checked configuration will bridge, for `gatewayd check`.
 //! - [`detect`]: intrusion detection: per-source leaky buckets into
 //!   detections, bans with escalation, alarms de-duplicated.
-//! - [`table`]: capped tables keyed by what peers send.
+//! - [`table`]: capped tables keyed by what peers send; [`hex`]: hashes as text.
 //! - [`refusals`]: refusals of unauthenticated peers summarised for the audit,
 //!   and peer-supplied strings made safe to record.
 //!
@@ -34,6 +34,7 @@ pub mod diag;
 pub mod expiry;
 pub mod firewall;
 pub mod fleet;
+pub mod hex;
 pub mod policy;
 pub mod producers;
 pub mod rate;

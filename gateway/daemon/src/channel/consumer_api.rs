@@ -355,7 +355,7 @@ async fn records(
 }
 
 fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    gateway_core::hex::encode(b)
 }
 
 async fn ack(

@@ -179,7 +179,7 @@ impl Fleet {
         let rng = ring::rand::SystemRandom::new();
         if let Ok(sig) = key.sign(&rng, &msg) {
             header.hub_cert_pem = Some(cert_pem.clone());
-            header.signature = Some(sig.as_ref().iter().map(|b| format!("{b:02x}")).collect());
+            header.signature = Some(gateway_core::hex::encode(sig.as_ref()));
         }
     }
 

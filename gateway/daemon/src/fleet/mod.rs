@@ -88,10 +88,7 @@ pub fn new_secret(kind: &'static str, owner: String) -> fleet::Secret {
     fleet::Secret {
         kind,
         owner,
-        secret: rand::random::<[u8; 32]>()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect(),
+        secret: gateway_core::hex::encode(&rand::random::<[u8; 32]>()),
     }
 }
 

@@ -19,7 +19,7 @@ const BATCH: usize = 1024;
 /// describes ...
 const LINGER: std::time::Duration = std::time::Duration::from_millis(20);
 /// ... as long as the next event comes within this, or the last commit was
-/// less than [`LINGER`] ago (a lone event is written at once).
+/// less than [`LINGER`] ago (a lone event is written within this).
 const GAP: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// A handle for writing audit events; cheap to clone.
@@ -51,9 +51,11 @@ impl AuditSink {
             .name("audit-writer".into())
             .spawn(move || {
                 // When the last commit was less than LINGER ago, events are
-                // coming steadily: gather them to LINGER after it (a commit per
-                // LINGER at most, however they are spaced); after a quiet
-                // while, a lone event is written at once.
+                // coming steadily: sleep to LINGER after it and take what came
+                // (a commit per LINGER at most, however they are spaced, and
+                // no wake-up per event: a sleeping writer is not woken by a
+                // send); after a quiet while, a lone event is written within
+                // GAP.
                 let mut last_commit = std::time::Instant::now() - LINGER;
                 while let Ok(first) = rx.recv() {
                     let mut batch = vec![first];
@@ -61,16 +63,10 @@ impl AuditSink {
                     let until = if busy {
                         last_commit + LINGER
                     } else {
-                        std::time::Instant::now() + LINGER
+                        std::time::Instant::now() + GAP
                     };
-                    while batch.len() < BATCH {
-                        let left = until.saturating_duration_since(std::time::Instant::now());
-                        let wait = if busy { left } else { left.min(GAP) };
-                        match rx.recv_timeout(wait) {
-                            Ok(e) => batch.push(e),
-                            Err(_) => break,
-                        }
-                    }
+                    std::thread::sleep(until.saturating_duration_since(std::time::Instant::now()));
+                    batch.extend(rx.try_iter().take(BATCH - 1));
                     let n = batch.len();
                     if let Err(error) = log.append(batch) {
                         tracing::error!(%error, lost = n, "Audit write failed");

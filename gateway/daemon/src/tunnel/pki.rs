@@ -333,7 +333,7 @@ pub fn serial_of(cert: &rustls_pki_types::CertificateDer<'_>) -> Option<String> 
 /// readers print it).
 pub fn serial_hex(bytes: &[u8]) -> String {
     let start = bytes.iter().position(|b| *b != 0).unwrap_or(bytes.len());
-    let hex: String = bytes[start..].iter().map(|b| format!("{b:02x}")).collect();
+    let hex = gateway_core::hex::encode(&bytes[start..]);
     if hex.is_empty() { "00".into() } else { hex }
 }
 

@@ -49,7 +49,7 @@ pub struct Text {
 impl Text {
     fn of(raw: &[u8]) -> Arc<Text> {
         let digest = ring::digest::digest(&ring::digest::SHA256, raw);
-        let sha256 = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        let sha256 = crate::hex::encode(digest.as_ref());
         let lossy = String::from_utf8_lossy(&raw[..raw.len().min(TEXT_KEPT)]);
         let mut head = lossy.into_owned();
         let whole = raw.len() <= TEXT_KEPT;
