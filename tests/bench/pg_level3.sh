@@ -111,7 +111,9 @@ never_ban = ["127.0.0.0/8"]
 listen = "127.0.0.1:$((base + 4))"
 TOML
     RUST_LOG=warn $G run --config "$W/$name/hub.toml" 2>"$W/$name/hub.log" & PIDS+=($!)
+    echo $! > "$W/$name/hub.pid"
     RUST_LOG=warn $G run --config "$W/$name/edge.toml" 2>"$W/$name/edge.log" & PIDS+=($!)
+    echo $! > "$W/$name/edge.pid"
     for _ in $(seq 100); do
         curl -sf "http://127.0.0.1:$((base + 4))/readyz" >/dev/null 2>&1 && break
         sleep 0.1
@@ -139,11 +141,21 @@ for r in $(seq "$ROUNDS"); do
     done
     printf '%-6s %12s %12s %12s\n' "$r" "${TPS[level2]}" "${TPS[level3]}" "${TPS[read_only]}"
 done
-python3 - "${ALL[level2]}" "${ALL[level3]}" "${ALL[read_only]}" <<'PY'
+cpu() { awk '{print $14 + $15}' "/proc/$(cat "$W/$1/$2.pid")/stat"; }
+python3 - "${ALL[level2]}" "${ALL[level3]}" "${ALL[read_only]}" "$D" "$(getconf CLK_TCK)" \
+    "$(cpu level2 hub) $(cpu level2 edge)" "$(cpu level3 hub) $(cpu level3 edge)" \
+    "$(cpu read_only hub) $(cpu read_only edge)" <<'PY'
 import statistics, sys
-m = [statistics.median(float(x) for x in a.split()) for a in sys.argv[1:4]]
+runs = [[float(x) for x in a.split()] for a in sys.argv[1:4]]
+d, tick = float(sys.argv[4]), float(sys.argv[5])
+m = [statistics.median(r) for r in runs]
 print(f"median {m[0]:12.0f} {m[1]:12.0f} {m[2]:12.0f}")
 print(f"level3/level2 {m[1]/m[0]:.2f}   read_only/level2 {m[2]/m[0]:.2f}")
+# CPU of each pair over the whole run, per transaction (one statement each).
+for name, r, ticks in zip(("level2", "level3", "read_only"), runs, sys.argv[6:9]):
+    hub, edge = (float(t) / tick for t in ticks.split())
+    n = sum(r) * d
+    print(f"{name:<10} gateway CPU per statement: hub {1e6*hub/n:5.1f} us, edge {1e6*edge/n:5.1f} us")
 PY
 n=$(curl -s 127.0.0.1:17824/metrics | sed -n 's/^gateway_pg_statements_total{service="db",outcome="ok"} //p')
 echo "statements audited through read_only: ${n:-0}"

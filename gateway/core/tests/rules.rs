@@ -351,6 +351,8 @@ fn every_refusing_rule_is_covered_by_a_case() {
         RuleId::AllowTransit,
         RuleId::AssessmentExpiring, // a warning: see assessment_expiry_warns
         RuleId::HttpAllow,          // run time only: see the sniff tests and tests/relay.rs
+        RuleId::PgLogin,            // run time only: tests/e2e/postgres.rs
+        RuleId::PgReadOnly,         // run time only: the read_only tests and tests/e2e/postgres.rs
     ];
     for rule in RuleId::ALL {
         assert!(

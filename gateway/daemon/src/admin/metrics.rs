@@ -124,7 +124,7 @@ pub struct DetectCounters {
     /// UDP datagrams refused by their service's protocol check.
     pub udp_violations: BTreeMap<String, u64>,
     /// PostgreSQL statements answered, by (service, outcome).
-    pub pg_statements: BTreeMap<(String, &'static str), u64>,
+    pub pg_statements: BTreeMap<String, BTreeMap<&'static str, u64>>,
 }
 
 /// One forwarding target's figures: alarms forwarded, failed attempts, and
@@ -432,8 +432,14 @@ impl Metrics {
     /// A statement of `postgres` service `service` answered with `outcome`.
     pub fn pg_statement(&self, service: &str, outcome: &'static str) {
         let mut d = lock(&self.detect);
-        let key = (service.to_owned(), outcome);
-        *d.pg_statements.entry(key).or_default() += 1;
+        // Looked up first: no allocation per statement once the service is known.
+        match d.pg_statements.get_mut(service) {
+            Some(by) => *by.entry(outcome).or_default() += 1,
+            None => {
+                d.pg_statements
+                    .insert(service.to_owned(), BTreeMap::from([(outcome, 1)]));
+            }
+        }
     }
 
     /// A record scanned with this verdict.
@@ -637,11 +643,13 @@ impl Metrics {
             o,
             "# HELP gateway_pg_statements_total PostgreSQL statements relayed and answered, by service and outcome (ok, error, skipped, suspended).\n# TYPE gateway_pg_statements_total counter"
         );
-        for ((s, outcome), n) in &d.pg_statements {
-            let _ = writeln!(
-                o,
-                "gateway_pg_statements_total{{service=\"{s}\",outcome=\"{outcome}\"}} {n}"
-            );
+        for (s, by) in &d.pg_statements {
+            for (outcome, n) in by {
+                let _ = writeln!(
+                    o,
+                    "gateway_pg_statements_total{{service=\"{s}\",outcome=\"{outcome}\"}} {n}"
+                );
+            }
         }
         if let Some(age) = d.scan_db_age_ms {
             let _ = writeln!(

@@ -913,16 +913,19 @@ impl SqliteRegistry {
             tx.commit()?;
             return Ok(Err(p));
         }
-        for e in &entries {
-            tx.execute(
+        {
+            // One statement prepared for the batch, not one per record.
+            let mut insert = tx.prepare_cached(
                 "INSERT INTO edge_audit (device, seq, time_ms, json) VALUES (?1, ?2, ?3, ?4)",
-                params![
+            )?;
+            for e in &entries {
+                insert.execute(params![
                     device,
                     e.seq as i64,
                     e.event.time_ms,
                     serde_json::to_string(e).unwrap_or_default()
-                ],
-            )?;
+                ])?;
+            }
         }
         tx.execute(
             "INSERT INTO edge_audit_head (device, anchor_seq, anchor_hash, head_seq, head_hash)
