@@ -212,13 +212,14 @@ pub async fn session(
             _ = ship.tick(), if cursor.is_some() => {
                 let from = cursor.unwrap_or(1);
                 let (dir, audit) = (fleet.state_dir.clone(), audit.clone());
-                let records = tokio::task::spawn_blocking(move || {
+                // The newest records from memory; older ones from the file.
+                let records = if let Some(r) = ctx.audit.recent(from, 500) { r } else { tokio::task::spawn_blocking(move || {
                     let mut a = lock(&audit);
                     if a.is_none() {
                         *a = gateway_store::audit::AuditLog::open_existing(&dir).ok();
                     }
                     a.as_ref().and_then(|a| a.records(from, 500).ok()).unwrap_or_default()
-                }).await.unwrap_or_default();
+                }).await.unwrap_or_default() };
                 if let Some(last) = records.last() {
                     let next = last.seq + 1;
                     if write_msg(&mut send, &Message::AuditBatch { records }).await.is_err() {

@@ -22,11 +22,18 @@ const LINGER: std::time::Duration = std::time::Duration::from_millis(20);
 /// less than [`LINGER`] ago (a lone event is written within this).
 const GAP: std::time::Duration = std::time::Duration::from_millis(2);
 
+/// Records kept in memory after they are written, for the hub's shipper.
+const RECENT: usize = 8192;
+
 /// A handle for writing audit events; cheap to clone.
 #[derive(Clone)]
 pub struct AuditSink {
     tx: mpsc::Sender<Event>,
     device: Arc<str>,
+    /// The newest records written (at most [`RECENT`]), in order: the
+    /// shipper reads them here instead of back from the file. This writer is
+    /// the chain's only appender, so a record here is the one in the file.
+    recent: Arc<std::sync::Mutex<std::collections::VecDeque<gateway_core::audit::Record>>>,
 }
 
 /// The writer thread; join it after every [`AuditSink`] is dropped to flush.
@@ -47,6 +54,8 @@ impl AuditSink {
     pub fn start(state_dir: &Path, device: &str) -> Result<(AuditSink, AuditWriter), OpenError> {
         let mut log = AuditLog::open(state_dir)?;
         let (tx, rx) = mpsc::channel::<Event>();
+        let recent = Arc::new(std::sync::Mutex::new(std::collections::VecDeque::new()));
+        let kept = recent.clone();
         let handle = std::thread::Builder::new()
             .name("audit-writer".into())
             .spawn(move || {
@@ -68,8 +77,16 @@ impl AuditSink {
                     std::thread::sleep(until.saturating_duration_since(std::time::Instant::now()));
                     batch.extend(rx.try_iter().take(BATCH - 1));
                     let n = batch.len();
-                    if let Err(error) = log.append(batch) {
-                        tracing::error!(%error, lost = n, "Audit write failed");
+                    match log.append(batch) {
+                        Ok(written) => {
+                            let mut k = kept
+                                .lock()
+                                .unwrap_or_else(std::sync::PoisonError::into_inner);
+                            k.extend(written);
+                            let over = k.len().saturating_sub(RECENT);
+                            k.drain(..over);
+                        }
+                        Err(error) => tracing::error!(%error, lost = n, "Audit write failed"),
                     }
                     last_commit = std::time::Instant::now();
                 }
@@ -79,9 +96,29 @@ impl AuditSink {
             AuditSink {
                 tx,
                 device: device.into(),
+                recent,
             },
             AuditWriter(handle),
         ))
+    }
+
+    /// Up to `limit` records from sequence number `from`, when memory still
+    /// holds `from` (or it is past the newest written: then none); `None`
+    /// when only the file has them.
+    pub fn recent(&self, from: u64, limit: usize) -> Option<Vec<gateway_core::audit::Record>> {
+        let k = self
+            .recent
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (first, last) = (k.front()?.seq, k.back()?.seq);
+        if from < first {
+            return None;
+        }
+        let skip = usize::try_from(from - first).unwrap_or(usize::MAX);
+        if from > last {
+            return Some(Vec::new());
+        }
+        Some(k.iter().skip(skip).take(limit).cloned().collect())
     }
 
     /// Records an event now.
@@ -107,5 +144,30 @@ impl AuditSink {
         if self.tx.send(e).is_err() {
             tracing::error!("Audit writer is gone; event lost");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_newest_records_are_read_from_memory_as_the_file_has_them() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (sink, _writer) = AuditSink::start(dir.path(), "edge-a").expect("start");
+        assert_eq!(sink.recent(1, 10), None, "nothing written yet: the file decides");
+        for i in 0..5 {
+            sink.record("s", "o", "e", "ok", "", format!("n={i}"));
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while sink.recent(1, 10).is_none_or(|r| r.len() < 5) {
+            assert!(std::time::Instant::now() < deadline, "written within 10 s");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let file = AuditLog::open_existing(dir.path()).expect("open");
+        let on_disk = file.records(1, 10).expect("records");
+        assert_eq!(sink.recent(1, 10), Some(on_disk.clone()));
+        assert_eq!(sink.recent(3, 2), Some(on_disk[2..4].to_vec()));
+        assert_eq!(sink.recent(6, 10), Some(Vec::new()), "past the newest: none yet");
     }
 }
