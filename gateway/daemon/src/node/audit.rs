@@ -155,7 +155,11 @@ mod tests {
     fn the_newest_records_are_read_from_memory_as_the_file_has_them() {
         let dir = tempfile::tempdir().expect("dir");
         let (sink, _writer) = AuditSink::start(dir.path(), "edge-a").expect("start");
-        assert_eq!(sink.recent(1, 10), None, "nothing written yet: the file decides");
+        assert_eq!(
+            sink.recent(1, 10),
+            None,
+            "nothing written yet: the file decides"
+        );
         for i in 0..5 {
             sink.record("s", "o", "e", "ok", "", format!("n={i}"));
         }
@@ -168,6 +172,10 @@ mod tests {
         let on_disk = file.records(1, 10).expect("records");
         assert_eq!(sink.recent(1, 10), Some(on_disk.clone()));
         assert_eq!(sink.recent(3, 2), Some(on_disk[2..4].to_vec()));
-        assert_eq!(sink.recent(6, 10), Some(Vec::new()), "past the newest: none yet");
+        assert_eq!(
+            sink.recent(6, 10),
+            Some(Vec::new()),
+            "past the newest: none yet"
+        );
     }
 }
