@@ -203,6 +203,16 @@ async fn psql(
     ssl: &str,
     sql: &str,
 ) -> (bool, String, String) {
+    psql_with(at, (user, db, ssl), &[], sql).await
+}
+
+/// [`psql`] with environment variables (`PGOPTIONS`, `PGCLIENTENCODING`).
+async fn psql_with(
+    at: SocketAddr,
+    (user, db, ssl): (&str, &str, &str),
+    env: &[(&str, &str)],
+    sql: &str,
+) -> (bool, String, String) {
     let password = if user == "admin" {
         "admin-pw"
     } else {
@@ -219,6 +229,7 @@ async fn psql(
             .arg(conn)
             .args(["-X", "-At", "-v", "ON_ERROR_STOP=1", "-c", sql])
             .env("PGPASSWORD", password)
+            .envs(env.iter().copied())
             .output(),
     )
     .await
@@ -388,6 +399,29 @@ async fn a_read_only_service_refuses_writes_with_a_readable_error() {
             err.contains("ERROR:  gateway: refused by R5.pg-read-only")
                 && err.contains("read-only"),
             "{sql}: {err}"
+        );
+    }
+    // A client cannot make the server lex a statement otherwise than the
+    // parser did: with backslash escapes in strings (PostgreSQL would read a
+    // SELECT and then a DELETE here), or a client encoding whose characters
+    // can swallow a backslash (GBK).
+    for (env, sql, want) in [
+        (
+            ("PGOPTIONS", "-c standard_conforming_strings=off"),
+            "SELECT 'a\\' , ' ; DELETE FROM people; --'",
+            "a\\| ; DELETE FROM people; --",
+        ),
+        (
+            ("PGCLIENTENCODING", "GBK"),
+            "SELECT E'中\\' ; DELETE FROM people; --'",
+            "中' ; DELETE FROM people; --",
+        ),
+    ] {
+        let (ok, out, err) = psql_with(at, ("reports", "population", "disable"), &[env], sql).await;
+        assert!(ok, "{sql}: {err}");
+        assert_eq!(
+            out, want,
+            "{sql}: one SELECT of a string, as the parser read it"
         );
     }
     // What the parser cannot see, the server refuses: the session is read-only.

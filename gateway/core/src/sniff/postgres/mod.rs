@@ -159,9 +159,20 @@ pub struct Login {
     /// Databases allowed (none: any).
     pub databases: Vec<String>,
     /// `pg_read_only`: no replication connection, and the server session
-    /// starts with `default_transaction_read_only = on`.
+    /// starts with [`READ_ONLY_SETTINGS`].
     pub read_only: bool,
 }
+
+/// The settings a read-only service's server sessions start with, whatever
+/// the client asked: writes refused by the server itself, and the statement
+/// text lexed as the gateway's parser lexes it (backslashes literal in
+/// strings; UTF-8, so no client encoding such as GBK or BIG5 can hide a
+/// backslash inside a character the parser saw as two).
+pub const READ_ONLY_SETTINGS: &[(&str, &str)] = &[
+    ("default_transaction_read_only", "on"),
+    ("standard_conforming_strings", "on"),
+    ("client_encoding", "UTF8"),
+];
 
 /// Checks a startup message against `login`; the startup message to send
 /// the server.
@@ -187,15 +198,20 @@ pub fn login(
         if login.read_only && k == "replication" {
             return Err("a replication connection through a read-only service".into());
         }
-        if login.read_only && k == "default_transaction_read_only" {
+        // Setting names are case-insensitive to the server.
+        if login.read_only
+            && READ_ONLY_SETTINGS
+                .iter()
+                .any(|(name, _)| k.eq_ignore_ascii_case(name))
+        {
             continue;
         }
         out.push((k, v));
     }
     if login.read_only {
         // Startup parameters other than user, database and options are
-        // settings, applied after `options`: this one last of all.
-        out.push(("default_transaction_read_only", "on"));
+        // settings, applied after `options`: these last of all.
+        out.extend(READ_ONLY_SETTINGS.iter().copied());
     }
     Ok(startup_message(&out))
 }
@@ -273,7 +289,9 @@ mod tests {
         let params = vec![
             ("user".to_owned(), "reports".to_owned()),
             ("database".to_owned(), "population".to_owned()),
-            ("default_transaction_read_only".to_owned(), "off".to_owned()),
+            ("Default_Transaction_Read_Only".to_owned(), "off".to_owned()),
+            ("client_encoding".to_owned(), "GBK".to_owned()),
+            ("standard_conforming_strings".to_owned(), "off".to_owned()),
         ];
         let open = Login::default();
         let sent = login("reports", "population", &params, &open).expect("anyone");
@@ -287,12 +305,14 @@ mod tests {
         let Ok(Read::Got(Startup::Start { params: p, .. }, _)) = startup(&sent) else {
             panic!("a startup message");
         };
-        let ro: Vec<_> = p
-            .iter()
-            .filter(|(k, _)| k == "default_transaction_read_only")
-            .collect();
-        assert_eq!(ro.len(), 1);
-        assert_eq!(ro[0].1, "on", "the client's own setting is replaced");
+        for (name, value) in READ_ONLY_SETTINGS {
+            let set: Vec<_> = p
+                .iter()
+                .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+                .collect();
+            assert_eq!(set.len(), 1, "{name}: {p:?}");
+            assert_eq!(set[0].1, *value, "the client's own {name} is replaced");
+        }
         assert!(login("admin", "population", &params, &strict).is_err());
         assert!(login("reports", "postgres", &params, &strict).is_err());
         let mut repl = params.clone();

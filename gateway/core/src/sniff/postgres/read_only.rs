@@ -70,6 +70,16 @@ pub struct Refused(pub String);
 /// # Errors
 /// What makes it something else.
 pub fn check(sql: &str) -> Result<(), Refused> {
+    // The server ends a `--` comment at a carriage return, the parser only
+    // at a line feed: a lone CR could hide a statement from the parser.
+    let mut bytes = sql.bytes().peekable();
+    while let Some(b) = bytes.next() {
+        if b == b'\r' && bytes.peek() != Some(&b'\n') {
+            return Err(Refused(
+                "a carriage return without a line feed: the server and the parser would read the text differently".into(),
+            ));
+        }
+    }
     let parsed = Parser::new(&PostgreSqlDialect {})
         .with_recursion_limit(DEPTH)
         .try_with_sql(sql)
@@ -234,9 +244,12 @@ mod tests {
             "EXPLAIN SELECT * FROM people",
             "EXPLAIN (VERBOSE) SELECT 1",
             "SELECT now(), lower(name) FROM people;",
+            "SELECT 1 -- a comment\r\nFROM people",
             "",
             "  ;  ",
             "SELECT 'DELETE FROM people' AS not_a_statement",
+            // Block comments nest, in PostgreSQL as in the parser.
+            "SELECT 1 /* /* */ ; DELETE FROM people; -- */",
         ] {
             assert_eq!(check(sql), Ok(()), "{sql}");
         }
@@ -294,6 +307,13 @@ mod tests {
             ("PREPARE p AS DELETE FROM people", "is not a read"),
             ("EXECUTE p", "is not a read"),
             ("LISTEN x", "is not a read"),
+            // Where a parser and the server could read text differently, the
+            // gateway must fail closed: each of these is two statements to
+            // PostgreSQL (standard_conforming_strings is on since 9.1).
+            ("SELECT 'a\\' ; DELETE FROM people; --'", ""),
+            ("SELECT 1 -- x\r; DELETE FROM people", "carriage return"),
+            ("SELECT $$a$$; DELETE FROM people", ""),
+            ("SELECT E'a\\'' ; DELETE FROM people; --'", ""),
         ] {
             let r = check(sql).expect_err(sql);
             assert!(r.0.contains(why), "{sql}: {r:?}");
