@@ -312,6 +312,13 @@ mod tests {
             // PostgreSQL (standard_conforming_strings is on since 9.1).
             ("SELECT 'a\\' ; DELETE FROM people; --'", ""),
             ("SELECT 1 -- x\r; DELETE FROM people", "carriage return"),
+            ("SELECT a$x$; DELETE FROM people; --$x$", ""),
+            ("SELECT 1 AS a$x$; DELETE FROM people; --$x$", ""),
+            (
+                "SELECT people.a$x$; DELETE FROM people; --$x$ FROM people",
+                "",
+            ),
+            ("SELECT 1 x$; DELETE FROM people; --$", ""),
             ("SELECT $$a$$; DELETE FROM people", ""),
             ("SELECT E'a\\'' ; DELETE FROM people; --'", ""),
         ] {
