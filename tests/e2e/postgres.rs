@@ -391,6 +391,9 @@ async fn a_read_only_service_refuses_writes_with_a_readable_error() {
         "WITH d AS (DELETE FROM people RETURNING *) SELECT * FROM d",
         "SET default_transaction_read_only = off",
         "SELECT set_config('default_transaction_read_only', 'off', false)",
+        "SELECT U&\"set\\005Fconfig\"('default_transaction_read_only', 'off', false)",
+        "SELECT * FROM ts_stat('SELECT to_tsvector(set_config(''default_transaction_read_only'', ''off'', false))')",
+        "EXPLAIN (ANALYSE) SELECT touch()",
         "BEGIN",
     ] {
         let (ok, _, err) = psql(at, "reports", "population", "disable", sql).await;
@@ -451,7 +454,7 @@ async fn a_read_only_service_refuses_writes_with_a_readable_error() {
         "0"
     );
     wait_for("the refusals audited", Duration::from_secs(5), || {
-        lines(&edge, "pg.refuse").len() >= 12
+        lines(&edge, "pg.refuse").len() >= 15
     })
     .await;
     let refused = lines(&edge, "pg.refuse");

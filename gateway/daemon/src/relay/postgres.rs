@@ -377,7 +377,7 @@ impl Shared<'_> {
                 "deny",
                 "",
                 format!(
-                    "user={user:?} database={database:?}: the server refused the login ({code}: {message})"
+                    "user={user:?} database={database:?}: the server refused the login (sqlstate={code:?} error={message:?})"
                 ),
             ),
             Event::Refused { text, reason } => self.ctx.refuse(

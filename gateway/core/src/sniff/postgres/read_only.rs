@@ -16,11 +16,38 @@ use std::ops::ControlFlow;
 use sqlparser::ast::{Expr, Query, SetExpr, Statement, TableFactor, Visit, Visitor};
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
+use sqlparser::tokenizer::{Token, Tokenizer};
 
 /// Nesting the parser follows at most (deeper is refused, not overflowed).
 const DEPTH: usize = 50;
+/// Operators, names and keywords a statement may have at most. The parser
+/// builds a chain of operators (`1+1+1...`, `a AND b AND ...`, `x::int::int`)
+/// as a tree as deep as it is long, without counting it against [`DEPTH`],
+/// and walking or dropping that tree recurses: a 64 KiB chain would overflow
+/// a 2 MiB thread stack and abort the daemon. A chain of this many takes
+/// under 128 KiB (tested on 512 KiB); literals, commas and placeholders are
+/// not counted, so long `IN (...)` and `VALUES` lists pass.
+pub const MAX_WEIGHT: usize = 2000;
 
-/// Built-in functions (by name, or a name prefix ending in `_`) that change
+/// Whether a token counts against [`MAX_WEIGHT`].
+fn weighs(t: &Token) -> bool {
+    !matches!(
+        t,
+        Token::Whitespace(_)
+            | Token::Comma
+            | Token::SemiColon
+            | Token::Number(..)
+            | Token::Placeholder(_)
+            | Token::SingleQuotedString(_)
+            | Token::DollarQuotedString(_)
+            | Token::EscapedStringLiteral(_)
+            | Token::UnicodeStringLiteral(_)
+            | Token::NationalStringLiteral(_)
+            | Token::HexStringLiteral(_)
+    )
+}
+
+/// Built-in functions (by name, or a name prefix ending in `*`) that change
 /// state or reach outside the database: sequences, settings, locks, other
 /// sessions, the server's files and logs, large objects, replication,
 /// notifications, queries run from a string, other databases.
@@ -28,37 +55,51 @@ pub const SIDE_EFFECTS: &[&str] = &[
     "nextval",
     "setval",
     "set_config",
-    "pg_advisory_",
-    "pg_try_advisory_",
+    "setseed",
+    "pg_advisory_*",
+    "pg_try_advisory_*",
     "pg_terminate_backend",
     "pg_cancel_backend",
     "pg_reload_conf",
     "pg_rotate_logfile",
+    "pg_log_backend_memory_contexts",
     "pg_switch_wal",
-    "pg_create_",
+    "pg_create_*",
     "pg_drop_replication_slot",
-    "pg_replication_origin_",
+    "pg_replication_origin_*",
     "pg_replication_slot_advance",
-    "pg_copy_",
-    "pg_logical_",
+    "pg_copy_*",
+    "pg_logical_*",
     "pg_promote",
-    "pg_wal_replay_",
-    "pg_backup_",
+    "pg_wal_replay_*",
+    "pg_backup_*",
     "pg_start_backup",
     "pg_stop_backup",
-    "pg_stat_reset",
+    "pg_stat_reset*",
+    "pg_stat_file",
     "pg_notify",
-    "pg_read_file",
-    "pg_read_binary_file",
-    "pg_ls_",
-    "pg_file_",
+    "pg_read_*",
+    "pg_ls_*",
+    "pg_file_*",
+    "pg_logdir_ls",
     "pg_import_system_collations",
-    "lo_",
+    "pg_nextoid",
+    "pg_export_snapshot",
+    "txid_current*",
+    "pg_current_xact_id*",
+    "pg_sleep*",
+    "gin_clean_pending_list",
+    "brin_summarize_*",
+    "brin_desummarize_range",
+    "lo_*",
     "lowrite",
-    "dblink",
-    "query_to_xml",
-    "query_to_xml_and_xmlschema",
-    "cursor_to_xml",
+    "loread",
+    "dblink*",
+    // Functions that run SQL given as text: the text is not classified.
+    "query_to_xml*",
+    "cursor_to_xml*",
+    "ts_stat",
+    "ts_rewrite",
 ];
 
 /// Why a statement is refused.
@@ -72,6 +113,17 @@ pub struct Refused(pub String);
 pub fn check(sql: &str) -> Result<(), Refused> {
     // The server ends a `--` comment at a carriage return, the parser only
     // at a line feed: a lone CR could hide a statement from the parser.
+    // `U&"..."` names a function by escapes the server decodes and the
+    // parser does not: `U&"set\005Fconfig"` is set_config.
+    if sql
+        .as_bytes()
+        .windows(3)
+        .any(|w| w[0].eq_ignore_ascii_case(&b'u') && w[1] == b'&' && w[2] == b'"')
+    {
+        return Err(Refused(
+            "a U&\"...\" identifier (Unicode escapes) cannot be classified".into(),
+        ));
+    }
     let mut bytes = sql.bytes().peekable();
     while let Some(b) = bytes.next() {
         if b == b'\r' && bytes.peek() != Some(&b'\n') {
@@ -80,10 +132,21 @@ pub fn check(sql: &str) -> Result<(), Refused> {
             ));
         }
     }
-    let parsed = Parser::new(&PostgreSqlDialect {})
+    let dialect = PostgreSqlDialect {};
+    let tokens = match Tokenizer::new(&dialect, sql).tokenize_with_location() {
+        Ok(t) => t,
+        Err(e) => return Err(Refused(format!("the statement cannot be classified ({e})"))),
+    };
+    let weight = tokens.iter().filter(|t| weighs(&t.token)).count();
+    if weight > MAX_WEIGHT {
+        return Err(Refused(format!(
+            "more than {MAX_WEIGHT} operators, names and keywords: too complex to classify"
+        )));
+    }
+    let parsed = Parser::new(&dialect)
         .with_recursion_limit(DEPTH)
-        .try_with_sql(sql)
-        .and_then(|mut p| p.parse_statements());
+        .with_tokens_with_locations(tokens)
+        .parse_statements();
     let statements = match parsed {
         Ok(s) => s,
         Err(e) => return Err(Refused(format!("the statement cannot be classified ({e})"))),
@@ -107,10 +170,10 @@ pub fn check(sql: &str) -> Result<(), Refused> {
             ..
         } => {
             let analyzes = *analyze
-                || options
-                    .iter()
-                    .flatten()
-                    .any(|o| o.name.value.eq_ignore_ascii_case("analyze"));
+                || options.iter().flatten().any(|o| {
+                    let n = &o.name.value;
+                    n.eq_ignore_ascii_case("analyze") || n.eq_ignore_ascii_case("analyse")
+                });
             if analyzes {
                 return Err(Refused("EXPLAIN ANALYZE runs the statement".into()));
             }
@@ -152,12 +215,9 @@ fn side_effect(name: &sqlparser::ast::ObjectName) -> Option<String> {
     let last = name.0.last()?.as_ident()?.value.to_ascii_lowercase();
     SIDE_EFFECTS
         .iter()
-        .any(|f| {
-            if f.ends_with('_') {
-                last.starts_with(f)
-            } else {
-                last == *f
-            }
+        .any(|f| match f.strip_suffix('*') {
+            Some(prefix) => last.starts_with(prefix),
+            None => last == *f,
         })
         .then_some(last)
 }
@@ -282,6 +342,30 @@ mod tests {
             ("SELECT * INTO copy FROM people", "SELECT ... INTO"),
             ("EXPLAIN ANALYZE SELECT 1", "EXPLAIN ANALYZE"),
             ("EXPLAIN (ANALYZE) SELECT 1", "EXPLAIN ANALYZE"),
+            ("EXPLAIN (ANALYSE) SELECT 1", "EXPLAIN ANALYZE"),
+            ("SELECT U&\"set\\005Fconfig\"('a', 'b', false)", "U&"),
+            ("SELECT u&\"\\006Eextval\"('s')", "U&"),
+            (
+                "SELECT * FROM ts_stat('select to_tsvector(nextval(''s'')::text)')",
+                "ts_stat()",
+            ),
+            (
+                "SELECT ts_rewrite('a'::tsquery, 'select 1')",
+                "ts_rewrite()",
+            ),
+            (
+                "SELECT query_to_xmlschema('select 1', true, true, '')",
+                "query_to_xmlschema()",
+            ),
+            ("SELECT dblink_exec('x', 'DELETE FROM t')", "dblink_exec()"),
+            (
+                "SELECT pg_stat_reset_shared('bgwriter')",
+                "pg_stat_reset_shared()",
+            ),
+            (
+                "SELECT gin_clean_pending_list('i')",
+                "gin_clean_pending_list()",
+            ),
             ("EXPLAIN DELETE FROM people", "not a query"),
             ("SELECT nextval('s')", "nextval() changes state"),
             (
@@ -339,5 +423,56 @@ mod tests {
             proptest::prop_assert!(check(&both).is_err());
             proptest::prop_assert!(check(w).is_err());
         }
+    }
+
+    /// The longest chains allowed are classified on a quarter of a worker
+    /// thread's stack; longer ones are refused before they are built, at
+    /// any length, quickly.
+    #[test]
+    fn operator_chains_cannot_overflow_the_stack() {
+        let n = MAX_WEIGHT - 10;
+        let shapes = |n: usize| {
+            vec![
+                format!("SELECT 1{}", "+1".repeat(n)),
+                format!("SELECT 1 WHERE true{}", " AND true".repeat(n / 2)),
+                format!("SELECT 1{}", "::int".repeat(n / 2)),
+                format!("SELECT 'a'{}", "||'a'".repeat(n)),
+                format!("SELECT 1 WHERE NOT{}", " NOT".repeat(n)),
+                format!("SELECT {}1{}", "(".repeat(n / 2), ")".repeat(n / 2)),
+                format!("SELECT a{}", "[1]".repeat(n / 3)),
+            ]
+        };
+        for sql in shapes(n) {
+            let head: String = sql.chars().take(30).collect();
+            let done = std::thread::Builder::new()
+                // A quarter of a worker's 2 MiB in a release build (the daemon's);
+                // a debug build's frames are many times larger.
+                .stack_size(if cfg!(debug_assertions) {
+                    64 << 20
+                } else {
+                    512 << 10
+                })
+                .spawn(move || {
+                    let _ = check(&sql);
+                })
+                .expect("thread")
+                .join();
+            assert!(done.is_ok(), "{head}...");
+        }
+        for sql in shapes(400_000) {
+            let t = std::time::Instant::now();
+            let r = check(&sql).expect_err("too long a chain");
+            assert!(
+                r.0.contains("too complex") || r.0.contains("cannot be classified"),
+                "{r:?}"
+            );
+            assert!(t.elapsed() < std::time::Duration::from_secs(5), "quickly");
+        }
+        let list = format!("SELECT 1 WHERE 1 IN (1{})", ",1".repeat(100_000));
+        assert_eq!(
+            check(&list),
+            Ok(()),
+            "a long list of literals is not a chain"
+        );
     }
 }

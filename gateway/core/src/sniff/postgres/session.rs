@@ -125,9 +125,10 @@ enum Owed {
     Query(Open),
     /// A FunctionCall: ends at ReadyForQuery.
     Call(Open),
-    /// An Execute: ends at CommandComplete, EmptyQueryResponse,
-    /// PortalSuspended or ErrorResponse (or is skipped).
-    Execute(Open),
+    /// An Execute of a portal: ends at CommandComplete, EmptyQueryResponse,
+    /// PortalSuspended or ErrorResponse (or is skipped). Its text is the
+    /// portal's when the server answers.
+    Execute(Vec<u8>, Open),
     /// A Sync: ends at ReadyForQuery; `refusal` (the gateway's
     /// ErrorResponse) goes to the client just before it.
     Sync { refusal: Option<Vec<u8>> },
@@ -173,6 +174,19 @@ impl Open {
             outcome,
         })
     }
+}
+
+/// A change to the prepared statements and portals the client asked for:
+/// made when the server confirms it (ParseComplete, BindComplete,
+/// CloseComplete), in the server's order, so what the audit names is what
+/// the server runs; dropped when the server refuses it or skips it after an
+/// error. `Sync` marks the end of a batch (every ReadyForQuery ends one).
+#[derive(Debug)]
+enum Op {
+    Parse(Vec<u8>, Arc<Text>),
+    Bind(Vec<u8>, Vec<u8>),
+    Close(u8, Vec<u8>),
+    Sync,
 }
 
 /// One direction's framing: a header, then a body either kept whole (a
@@ -412,8 +426,11 @@ pub struct Session {
     client: Framer,
     server: Framer,
     owed: VecDeque<Owed>,
+    /// Prepared statements and portals as the server confirmed them.
     statements: HashMap<Vec<u8>, Arc<Text>>,
     portals: HashMap<Vec<u8>, Arc<Text>>,
+    /// Changes asked for and not yet confirmed, in order.
+    ops: VecDeque<Op>,
     /// After a refused Parse: the gateway's ErrorResponse, sent at the next
     /// Sync; messages until then are dropped.
     skipping: Option<Vec<u8>>,
@@ -431,6 +448,7 @@ impl Session {
             owed: VecDeque::from([Owed::Login]),
             statements: HashMap::new(),
             portals: HashMap::new(),
+            ops: VecDeque::new(),
             skipping: None,
             logged_in: false,
             events: Vec::new(),
@@ -449,7 +467,22 @@ impl Session {
                 reason: format!("more than {MAX_OPEN} statements awaiting answers"),
             });
         }
+        // Whatever the server ends with a ReadyForQuery ends a batch.
+        if matches!(o, Owed::Query(_) | Owed::Call(_) | Owed::Sync { .. }) {
+            self.op(Op::Sync, offset)?;
+        }
         self.owed.push_back(o);
+        Ok(())
+    }
+
+    fn op(&mut self, o: Op, offset: u64) -> Result<(), Violation> {
+        if self.ops.len() >= MAX_OPEN {
+            return Err(Violation {
+                offset,
+                reason: format!("more than {MAX_OPEN} messages awaiting the server's answer"),
+            });
+        }
+        self.ops.push_back(o);
         Ok(())
     }
 
@@ -552,7 +585,7 @@ impl Session {
                         &format!("more than {MAX_OPEN} prepared statements"),
                     ));
                 }
-                self.statements.insert(name.to_vec(), text);
+                self.op(Op::Parse(name.to_vec(), text), at)?;
             }
             b'B' => {
                 let Some((portal, rest)) = cstr(body) else {
@@ -561,31 +594,18 @@ impl Session {
                 let Some((statement, _)) = cstr(rest) else {
                     return Err(Self::bad(at, "a Bind without a statement name"));
                 };
-                let text = self.statements.get(statement).cloned().unwrap_or_else(|| {
-                    Text::of(
-                        format!(
-                            "(prepared statement {:?}, not seen)",
-                            String::from_utf8_lossy(statement)
-                        )
-                        .as_bytes(),
-                    )
-                });
                 if self.portals.len() >= MAX_OPEN && !self.portals.contains_key(portal) {
                     return Err(Self::bad(at, &format!("more than {MAX_OPEN} portals")));
                 }
-                self.portals.insert(portal.to_vec(), text);
+                self.op(Op::Bind(portal.to_vec(), statement.to_vec()), at)?;
             }
             b'E' => {
                 let Some((portal, _)) = cstr(body) else {
                     return Err(Self::bad(at, "an Execute without a portal name"));
                 };
-                let text = self.portals.get(portal).cloned().unwrap_or_else(|| {
-                    Text::of(
-                        format!("(portal {:?}, not seen)", String::from_utf8_lossy(portal))
-                            .as_bytes(),
-                    )
-                });
-                self.owe(Owed::Execute(Open::new(text, now)), at)?;
+                // Named when the server answers, from the portals it confirmed.
+                let open = Open::new(Text::of(b""), now);
+                self.owe(Owed::Execute(portal.to_vec(), open), at)?;
             }
             b'F' => {
                 let oid = body
@@ -605,8 +625,7 @@ impl Session {
                     && let Some((name, _)) = cstr(rest)
                 {
                     match what {
-                        b'S' => drop(self.statements.remove(name)),
-                        b'P' => drop(self.portals.remove(name)),
+                        b'S' | b'P' => self.op(Op::Close(*what, name.to_vec()), at)?,
                         _ => {
                             return Err(Self::bad(
                                 at,
@@ -667,7 +686,7 @@ impl Session {
     pub fn server(&mut self, mut input: &[u8], now: u64) -> Result<Vec<u8>, Violation> {
         let mut out = Vec::with_capacity(input.len() + 64);
         let max = self.rules.max_message;
-        let keep = |k: u8| matches!(k, b'Z' | b'C' | b'E' | b'I' | b's');
+        let keep = |k: u8| matches!(k, b'Z' | b'C' | b'E' | b'I' | b's' | b'1' | b'2' | b'3');
         while let Some(piece) = self.server.next(&mut input, max, keep, backend)? {
             let at = self.server.offset;
             match piece {
@@ -695,9 +714,63 @@ impl Session {
     /// The statement the server is answering now, if one is open.
     fn front_open(&mut self) -> Option<&mut Open> {
         match self.owed.front_mut()? {
-            Owed::Query(o) | Owed::Call(o) | Owed::Execute(o) => Some(o),
+            Owed::Query(o) | Owed::Call(o) | Owed::Execute(_, o) => Some(o),
             Owed::Login | Owed::Sync { .. } => None,
         }
+    }
+
+    /// Ends the Execute of `portal`, named by the portal as the server has it.
+    fn executed(&mut self, portal: &[u8], mut o: Open, now: u64, outcome: Option<Outcome>) {
+        o.text = self.portals.get(portal).cloned().unwrap_or_else(|| {
+            Text::of(
+                format!("(portal {:?}, not bound)", String::from_utf8_lossy(portal)).as_bytes(),
+            )
+        });
+        let e = o.end("execute", now, outcome);
+        self.events.push(e);
+    }
+
+    /// The server confirmed the oldest change asked for (`kind`: `1`, `2`
+    /// or `3`).
+    fn confirmed(&mut self, kind: u8, at: u64) -> Result<(), Violation> {
+        match (kind, self.ops.pop_front()) {
+            (b'1', Some(Op::Parse(name, text))) => {
+                self.statements.insert(name, text);
+            }
+            (b'2', Some(Op::Bind(portal, statement))) => {
+                let text = self.statements.get(&statement).cloned().unwrap_or_else(|| {
+                    Text::of(
+                        format!(
+                            "(prepared statement {:?}, not seen)",
+                            String::from_utf8_lossy(&statement)
+                        )
+                        .as_bytes(),
+                    )
+                });
+                self.portals.insert(portal, text);
+            }
+            (b'3', Some(Op::Close(what, name))) => {
+                if what == b'S' {
+                    self.statements.remove(&name);
+                } else {
+                    self.portals.remove(&name);
+                }
+            }
+            _ => {
+                return Err(Self::bad(
+                    at,
+                    &format!(
+                        "a {} nothing asked for",
+                        match kind {
+                            b'1' => "ParseComplete",
+                            b'2' => "BindComplete",
+                            _ => "CloseComplete",
+                        }
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// One whole server message the session reads.
@@ -710,6 +783,7 @@ impl Session {
         out: &mut Vec<u8>,
     ) -> Result<(), Violation> {
         match kind {
+            b'1' | b'2' | b'3' => self.confirmed(kind, at)?,
             b'C' | b'I' => {
                 if let Some(o) = self.front_open() {
                     o.commands += 1;
@@ -717,30 +791,34 @@ impl Session {
                         o.rows += tag_rows(body);
                     }
                 }
-                if matches!(self.owed.front(), Some(Owed::Execute(_)))
-                    && let Some(Owed::Execute(o)) = self.owed.pop_front()
+                if matches!(self.owed.front(), Some(Owed::Execute(..)))
+                    && let Some(Owed::Execute(p, o)) = self.owed.pop_front()
                 {
-                    self.events.push(o.end("execute", now, None));
+                    self.executed(&p, o, now, None);
                 }
             }
             b's' => {
-                if matches!(self.owed.front(), Some(Owed::Execute(_)))
-                    && let Some(Owed::Execute(o)) = self.owed.pop_front()
+                if matches!(self.owed.front(), Some(Owed::Execute(..)))
+                    && let Some(Owed::Execute(p, o)) = self.owed.pop_front()
                 {
-                    self.events
-                        .push(o.end("execute", now, Some(Outcome::Suspended)));
+                    self.executed(&p, o, now, Some(Outcome::Suspended));
                 }
             }
             b'E' => {
                 let (code, message) = error_fields(body);
+                // The change that failed, and those the server skips after
+                // it to the batch's end, never happen.
+                while self.ops.front().is_some_and(|o| !matches!(o, Op::Sync)) {
+                    self.ops.pop_front();
+                }
                 match self.owed.front_mut() {
                     Some(Owed::Login) => {
                         self.events.push(Event::LoginFailed(code, message));
                     }
-                    Some(Owed::Execute(_)) => {
-                        if let Some(Owed::Execute(mut o)) = self.owed.pop_front() {
+                    Some(Owed::Execute(..)) => {
+                        if let Some(Owed::Execute(p, mut o)) = self.owed.pop_front() {
                             o.error = Some((code, message));
-                            self.events.push(o.end("execute", now, None));
+                            self.executed(&p, o, now, None);
                         }
                     }
                     Some(Owed::Query(o) | Owed::Call(o)) => {
@@ -750,14 +828,19 @@ impl Session {
                 }
             }
             b'Z' => {
+                // The batch ends: changes of it still unconfirmed never happen.
+                while let Some(o) = self.ops.pop_front() {
+                    if matches!(o, Op::Sync) {
+                        break;
+                    }
+                }
                 // Everything up to the first item a ReadyForQuery ends: the
                 // Executes before it were skipped after an error.
                 loop {
                     match self.owed.pop_front() {
                         None => return Err(Self::bad(at, "a ReadyForQuery nothing asked for")),
-                        Some(Owed::Execute(o)) => {
-                            self.events
-                                .push(o.end("execute", now, Some(Outcome::Skipped)));
+                        Some(Owed::Execute(p, o)) => {
+                            self.executed(&p, o, now, Some(Outcome::Skipped));
                         }
                         Some(Owed::Login) => {
                             self.logged_in = true;
@@ -996,6 +1079,33 @@ mod tests {
         assert_eq!(s.client(&ok, 2).expect("read"), ok);
     }
 
+    /// A Parse the server refuses (the name exists) changes nothing: the
+    /// audit names what the server runs, not what the client last sent.
+    #[test]
+    fn the_audit_names_the_statement_the_server_has() {
+        let mut s = logged_in(false);
+        let sync = msg(b'S', &[]);
+        s.client(&[parse("a", "SELECT first()"), sync.clone()].concat(), 0)
+            .expect("first");
+        s.server(&[msg(b'1', &[]), z()].concat(), 1)
+            .expect("parsed");
+        s.client(&[parse("a", "SELECT 'harmless'"), sync.clone()].concat(), 2)
+            .expect("second");
+        let exists = error_response("ERROR", "42P05", "prepared statement \"a\" already exists");
+        s.server(&[exists, z()].concat(), 3)
+            .expect("refused by the server");
+        s.client(&[bind("", "a"), execute(""), sync].concat(), 4)
+            .expect("run");
+        s.server(&[msg(b'2', &[]), c("SELECT 1"), z()].concat(), 5)
+            .expect("ran");
+        let st = statements(&s.take_events());
+        assert_eq!(
+            st,
+            vec![("execute", "SELECT first()".into(), 1, Outcome::Ok)],
+            "the first text, which the server ran"
+        );
+    }
+
     #[test]
     fn violations_cut() {
         let mut s = Session::new(Rules {
@@ -1058,7 +1168,7 @@ mod tests {
                 msg(b'd', &[7; 50]),
             ]
             .concat();
-            let back = [c("SELECT 1"), z(), z(), msg(b'2', &[]), msg(b'D', &[1; 60]), c("SELECT 1"), z()].concat();
+            let back = [c("SELECT 1"), z(), z(), msg(b'1', &[]), msg(b'2', &[]), msg(b'D', &[1; 60]), c("SELECT 1"), z()].concat();
             let whole = {
                 let mut s = logged_in(read_only);
                 let a = s.client(&ask, 0).expect("client");
