@@ -785,6 +785,16 @@ impl Session {
         match kind {
             b'1' | b'2' | b'3' => self.confirmed(kind, at)?,
             b'C' | b'I' => {
+                // A tripwire: the parser let one statement through, so the
+                // server answering a second means they read it differently.
+                if self.rules.read_only
+                    && matches!(self.owed.front(), Some(Owed::Query(o)) if o.commands >= 1)
+                {
+                    return Err(Self::bad(
+                        at,
+                        "the server ran a second statement of a query the parser read as one",
+                    ));
+                }
                 if let Some(o) = self.front_open() {
                     o.commands += 1;
                     if kind == b'C' {
@@ -1104,6 +1114,15 @@ mod tests {
             vec![("execute", "SELECT first()".into(), 1, Outcome::Ok)],
             "the first text, which the server ran"
         );
+    }
+
+    #[test]
+    fn a_read_only_query_answered_twice_cuts() {
+        let mut s = logged_in(true);
+        s.client(&q("SELECT 1"), 0).expect("a read");
+        let twice = [c("SELECT 1"), c("DELETE 3")].concat();
+        let v = s.server(&twice, 1).expect_err("the tripwire");
+        assert!(v.reason.contains("second statement"), "{v:?}");
     }
 
     #[test]
