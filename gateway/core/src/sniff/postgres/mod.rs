@@ -163,6 +163,21 @@ pub struct Login {
     pub read_only: bool,
 }
 
+/// The startup parameters a read-only service lets through (names compared
+/// case-insensitively); a login with any other (`options`, a setting) is
+/// refused, so a client cannot start its session with settings of its own.
+pub const READ_ONLY_PARAMETERS: &[&str] = &[
+    "user",
+    "database",
+    "application_name",
+    "client_encoding",
+    "datestyle",
+    "timezone",
+    "intervalstyle",
+    "extra_float_digits",
+    "search_path",
+];
+
 /// The settings a read-only service's server sessions start with, whatever
 /// the client asked: writes refused by the server itself, and the statement
 /// text lexed as the gateway's parser lexes it (backslashes literal in
@@ -197,6 +212,15 @@ pub fn login(
     for (k, v) in params {
         if login.read_only && k == "replication" {
             return Err("a replication connection through a read-only service".into());
+        }
+        if login.read_only
+            && !READ_ONLY_PARAMETERS
+                .iter()
+                .any(|name| k.eq_ignore_ascii_case(name))
+        {
+            return Err(format!(
+                "startup parameter {k:?} is not allowed through a read-only service"
+            ));
         }
         // Setting names are case-insensitive to the server.
         if login.read_only
@@ -289,9 +313,7 @@ mod tests {
         let params = vec![
             ("user".to_owned(), "reports".to_owned()),
             ("database".to_owned(), "population".to_owned()),
-            ("Default_Transaction_Read_Only".to_owned(), "off".to_owned()),
-            ("client_encoding".to_owned(), "GBK".to_owned()),
-            ("standard_conforming_strings".to_owned(), "off".to_owned()),
+            ("Client_Encoding".to_owned(), "GBK".to_owned()),
         ];
         let open = Login::default();
         let sent = login("reports", "population", &params, &open).expect("anyone");
@@ -318,6 +340,21 @@ mod tests {
         let mut repl = params.clone();
         repl.push(("replication".into(), "database".into()));
         assert!(login("reports", "population", &repl, &strict).is_err());
+        for (k, v) in [
+            ("options", "-c standard_conforming_strings=off"),
+            ("standard_conforming_strings", "off"),
+            ("default_transaction_read_only", "off"),
+            ("session_preload_libraries", "auto_explain"),
+        ] {
+            let mut p = params.clone();
+            p.push((k.into(), v.into()));
+            let e = login("reports", "population", &p, &strict).expect_err(k);
+            assert!(e.contains("not allowed through a read-only service"), "{e}");
+            assert!(
+                login("reports", "population", &p, &open).is_ok(),
+                "{k}: only read-only"
+            );
+        }
     }
 
     #[test]

@@ -13,7 +13,9 @@
 
 use std::ops::ControlFlow;
 
-use sqlparser::ast::{Expr, Query, SetExpr, Statement, TableFactor, Visit, Visitor};
+use sqlparser::ast::{
+    AccessExpr, Expr, Ident, Query, SetExpr, Statement, TableFactor, Visit, Visitor,
+};
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 use sqlparser::tokenizer::{Token, Tokenizer};
@@ -61,7 +63,7 @@ pub const SIDE_EFFECTS: &[&str] = &[
     "pg_terminate_backend",
     "pg_cancel_backend",
     "pg_reload_conf",
-    "pg_rotate_logfile",
+    "pg_rotate_logfile*",
     "pg_log_backend_memory_contexts",
     "pg_switch_wal",
     "pg_create_*",
@@ -212,7 +214,12 @@ struct Reads {
 }
 
 fn side_effect(name: &sqlparser::ast::ObjectName) -> Option<String> {
-    let last = name.0.last()?.as_ident()?.value.to_ascii_lowercase();
+    blocked(name.0.last()?.as_ident()?)
+}
+
+/// Whether `name` is one of [`SIDE_EFFECTS`], in any case.
+fn blocked(name: &Ident) -> Option<String> {
+    let last = name.value.to_ascii_lowercase();
     SIDE_EFFECTS
         .iter()
         .any(|f| match f.strip_suffix('*') {
@@ -263,12 +270,26 @@ impl Visitor for Reads {
     }
 
     fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<Refused> {
-        if let Expr::Function(f) = e
-            && let Some(name) = side_effect(&f.name)
-        {
-            return ControlFlow::Break(Refused(format!("{name}() changes state")));
+        // A call, and the attribute notation PostgreSQL also reads as one:
+        // `(x).f` and `t.f` are `f(x)` and `f(t)` when no field is named f.
+        let name = match e {
+            Expr::Function(f) => side_effect(&f.name),
+            Expr::CompoundIdentifier(parts) if parts.len() > 1 => parts.last().and_then(blocked),
+            Expr::CompoundFieldAccess { access_chain, .. } => {
+                access_chain.iter().find_map(|a| match a {
+                    AccessExpr::Dot(Expr::Identifier(i)) => blocked(i),
+                    AccessExpr::Dot(Expr::CompoundIdentifier(parts)) => {
+                        parts.iter().find_map(blocked)
+                    }
+                    _ => None,
+                })
+            }
+            _ => None,
+        };
+        match name {
+            Some(name) => ControlFlow::Break(Refused(format!("{name}() changes state"))),
+            None => ControlFlow::Continue(()),
         }
-        ControlFlow::Continue(())
     }
 
     fn pre_visit_table_factor(&mut self, t: &TableFactor) -> ControlFlow<Refused> {
@@ -367,6 +388,15 @@ mod tests {
                 "gin_clean_pending_list()",
             ),
             ("EXPLAIN DELETE FROM people", "not a query"),
+            ("SELECT ('s'::regclass).nextval", "nextval()"),
+            ("SELECT ('select 1'::text).ts_stat", "ts_stat()"),
+            ("SELECT (1::int8).pg_advisory_lock", "pg_advisory_lock()"),
+            ("SELECT ((1)).Pg_Advisory_Lock", "pg_advisory_lock()"),
+            (
+                "SELECT t.nextval FROM (SELECT 's'::regclass) AS t",
+                "nextval()",
+            ),
+            ("SELECT pg_rotate_logfile_old()", "pg_rotate_logfile_old()"),
             ("SELECT nextval('s')", "nextval() changes state"),
             (
                 "SELECT pg_catalog.set_config('a', 'b', false)",
