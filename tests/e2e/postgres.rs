@@ -48,7 +48,6 @@ fn server_cmd(bin: &str) -> std::process::Command {
 /// A PostgreSQL 15 cluster in a temporary directory, on DB_HOST.
 struct Postgres {
     dir: tempfile::TempDir,
-    child: std::process::Child,
     port: u16,
 }
 
@@ -96,33 +95,27 @@ impl Postgres {
             .and_then(|l| l.local_addr())
             .expect("a free port")
             .port();
-        let log = std::fs::File::create(dir.path().join("server.log")).expect("log");
-        let child = server_cmd("postgres")
+        // pg_ctl waits until the server accepts connections (-w, at most
+        // 30 s) and says why when it does not.
+        let options = format!(
+            "-k {} -c listen_addresses={DB_HOST} -p {port} -c fsync=off -c max_connections=40",
+            sock.display()
+        );
+        let started = server_cmd("pg_ctl")
+            .arg("start")
             .arg("-D")
             .arg(&data)
-            .arg("-k")
-            .arg(&sock)
-            .args(["-c", &format!("listen_addresses={DB_HOST}")])
-            .args(["-p", &port.to_string()])
-            .args(["-c", "fsync=off", "-c", "max_connections=40"])
+            .args(["-w", "-t", "30", "-o", &options, "-l"])
+            .arg(sock.join("server.log"))
             .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("postgres");
-        let pg = Postgres { dir, child, port };
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while !pg
-            .direct("postgres", "postgres", "SELECT 1")
-            .status
-            .success()
-        {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "PostgreSQL did not start: {}",
-                std::fs::read_to_string(pg.dir.path().join("server.log")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+            .status()
+            .expect("pg_ctl");
+        assert!(
+            started.success(),
+            "PostgreSQL did not start: {}",
+            std::fs::read_to_string(sock.join("server.log")).unwrap_or_default()
+        );
+        let pg = Postgres { dir, port };
         pg.sql(
             "postgres",
             "CREATE ROLE reports LOGIN PASSWORD 'reports-pw'; CREATE ROLE admin LOGIN PASSWORD 'admin-pw'; \
@@ -171,27 +164,15 @@ impl Postgres {
 
 impl Drop for Postgres {
     fn drop(&mut self) {
-        // SIGINT to the postmaster: a fast shutdown of the whole cluster.
-        use nix::sys::signal::{Signal, kill};
-        use nix::unistd::Pid;
-        let pid_file = self.dir.path().join("data/postmaster.pid");
-        let postmaster = std::fs::read_to_string(pid_file)
-            .ok()
-            .and_then(|t| t.lines().next().and_then(|l| l.trim().parse::<i32>().ok()));
-        let child = Pid::from_raw(i32::try_from(self.child.id()).unwrap_or(0));
-        let _ = kill(
-            Pid::from_raw(postmaster.unwrap_or(child.as_raw())),
-            Signal::SIGINT,
-        );
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while matches!(self.child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        if let Some(p) = postmaster {
-            let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        // An immediate shutdown of the whole cluster; pg_ctl waits for it
+        // (at most 10 s).
+        let _ = server_cmd("pg_ctl")
+            .arg("stop")
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .args(["-m", "immediate", "-w", "-t", "10"])
+            .stdout(Stdio::null())
+            .status();
     }
 }
 

@@ -110,15 +110,7 @@ impl AuditSink {
             .recent
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let (first, last) = (k.front()?.seq, k.back()?.seq);
-        if from < first {
-            return None;
-        }
-        let skip = usize::try_from(from - first).unwrap_or(usize::MAX);
-        if from > last {
-            return Some(Vec::new());
-        }
-        Some(k.iter().skip(skip).take(limit).cloned().collect())
+        slice(&k, from, limit)
     }
 
     /// Records an event now.
@@ -147,6 +139,24 @@ impl AuditSink {
     }
 }
 
+/// The records of `kept` (consecutive, oldest first) from sequence number
+/// `from`, at most `limit`: `None` when `from` is older than the first kept.
+fn slice(
+    kept: &std::collections::VecDeque<gateway_core::audit::Record>,
+    from: u64,
+    limit: usize,
+) -> Option<Vec<gateway_core::audit::Record>> {
+    let (first, last) = (kept.front()?.seq, kept.back()?.seq);
+    if from < first {
+        return None;
+    }
+    if from > last {
+        return Some(Vec::new());
+    }
+    let skip = usize::try_from(from - first).unwrap_or(usize::MAX);
+    Some(kept.iter().skip(skip).take(limit).cloned().collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -154,7 +164,7 @@ mod tests {
     #[test]
     fn the_newest_records_are_read_from_memory_as_the_file_has_them() {
         let dir = tempfile::tempdir().expect("dir");
-        let (sink, _writer) = AuditSink::start(dir.path(), "edge-a").expect("start");
+        let (sink, writer) = AuditSink::start(dir.path(), "edge-a").expect("start");
         assert_eq!(
             sink.recent(1, 10),
             None,
@@ -163,19 +173,21 @@ mod tests {
         for i in 0..5 {
             sink.record("s", "o", "e", "ok", "", format!("n={i}"));
         }
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while sink.recent(1, 10).is_none_or(|r| r.len() < 5) {
-            assert!(std::time::Instant::now() < deadline, "written within 10 s");
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
+        // Every sink gone, the writer writes what is queued and ends.
+        let kept = sink.recent.clone();
+        drop(sink);
+        writer.flush_and_stop();
+        let kept = kept.lock().expect("kept");
         let file = AuditLog::open_existing(dir.path()).expect("open");
         let on_disk = file.records(1, 10).expect("records");
-        assert_eq!(sink.recent(1, 10), Some(on_disk.clone()));
-        assert_eq!(sink.recent(3, 2), Some(on_disk[2..4].to_vec()));
+        assert_eq!(on_disk.len(), 5);
+        assert_eq!(slice(&kept, 1, 10), Some(on_disk.clone()));
+        assert_eq!(slice(&kept, 3, 2), Some(on_disk[2..4].to_vec()));
         assert_eq!(
-            sink.recent(6, 10),
+            slice(&kept, 6, 10),
             Some(Vec::new()),
             "past the newest: none yet"
         );
+        assert_eq!(slice(&kept, 0, 10), None, "older than memory: the file");
     }
 }
