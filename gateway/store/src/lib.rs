@@ -12,6 +12,7 @@
 //! - [`sink`]: [`sink::Sink`], where the hub commits synced channel records,
 //!   exactly once, and consumers read them.
 //! - [`sqlite`]: the embedded engine of both (the default).
+//! - [`postgres`]: the networked engine of both, for hubs in several places.
 //! - [`error`]: what a failure means: retry later, or refused.
 //!
 //! SQLite databases are opened in WAL mode with `synchronous = FULL`: a record
@@ -22,6 +23,7 @@ pub mod audit;
 pub mod buffer;
 pub mod error;
 pub mod inbox;
+pub mod postgres;
 pub mod registry;
 pub mod sink;
 pub mod sqlite;

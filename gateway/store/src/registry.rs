@@ -19,7 +19,9 @@
 //! done": an engine finishes an operation it started. Callers that give up on
 //! a write must read again before they assume either outcome.
 
-use gateway_core::audit::Record;
+use std::sync::Arc;
+
+use gateway_core::audit::{Hash, Record, Verifier};
 use gateway_core::detect::Alarm;
 use gateway_core::fleet::AdminRole;
 
@@ -70,6 +72,59 @@ pub struct DeviceRow {
     pub applied: Option<(u64, String, i64)>,
     /// Collected audit: head sequence number, and why the chain is broken.
     pub audit: Option<(u64, Option<String>)>,
+}
+
+/// What a registry knows of a device besides its certificate.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceState {
+    /// The last heartbeat (Unix ms, JSON).
+    pub status: Option<(i64, String)>,
+    /// The newest pushed version.
+    pub desired: Option<u64>,
+    /// What it reported: version, last result (JSON), when.
+    pub applied: Option<(u64, String, i64)>,
+    /// Collected audit: head, and why the chain is broken.
+    pub audit: Option<(u64, Option<String>)>,
+}
+
+impl DeviceRow {
+    /// A device known only by id (every field empty).
+    pub fn unknown(id: &str) -> DeviceRow {
+        DeviceRow {
+            id: id.to_owned(),
+            enrolled_ms: 0,
+            not_after_ms: None,
+            revoked_ms: None,
+            status: None,
+            desired: None,
+            applied: None,
+            audit: None,
+        }
+    }
+
+    /// The row of `id` from its certificate's (enrolled, expiry, revoked) and
+    /// the rest; `None` when the registry knows nothing of it but collected
+    /// audit.
+    pub fn assemble(
+        id: &str,
+        cert: Option<(i64, Option<i64>, Option<i64>)>,
+        s: DeviceState,
+    ) -> Option<DeviceRow> {
+        if cert.is_none() && s.status.is_none() && s.desired.is_none() && s.applied.is_none() {
+            return None;
+        }
+        let (enrolled_ms, not_after_ms, revoked_ms) = cert.unwrap_or((0, None, None));
+        Some(DeviceRow {
+            id: id.to_owned(),
+            enrolled_ms,
+            not_after_ms,
+            revoked_ms,
+            status: s.status,
+            desired: s.desired,
+            applied: s.applied,
+            audit: s.audit,
+        })
+    }
 }
 
 impl RegistryError {
@@ -221,6 +276,89 @@ pub trait Registry: Send + Sync {
     /// Acknowledges alarm `id`: `None` when unknown, else whether it was not
     /// acknowledged before.
     fn ack_alarm(&self, id: String, by: String, now_ms: i64) -> RegistryFuture<'_, Option<bool>>;
+    /// Up to `limit` changes after `after`, in order.
+    fn changes(&self, after: u64, limit: usize) -> RegistryFuture<'_, Vec<Change>>;
+    /// The newest change's id (0 when none): where a starting hub begins.
+    fn change_head(&self) -> RegistryFuture<'_, u64>;
+    /// Notified when the engine learns of a change (PostgreSQL's `NOTIFY`);
+    /// `None` when the engine cannot tell and its changes are polled.
+    fn wake(&self) -> Option<Arc<tokio::sync::Notify>>;
+}
+
+/// What changed in the registry that hubs other than the one that made the
+/// change must act on (a device's connections may be at any of them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeKind {
+    /// The device was revoked: cut its connections.
+    Revoked,
+    /// The device redeemed a token (re-enrolled): its older certificate's
+    /// connections are cut.
+    Enrolled,
+    /// The device renewed its certificate.
+    Renewed,
+    /// A config version was pushed for the device: offer it.
+    Config,
+    /// A consumer was revoked.
+    ConsumerRevoked,
+}
+
+impl ChangeKind {
+    /// Its name in the change log.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChangeKind::Revoked => "revoked",
+            ChangeKind::Enrolled => "enrolled",
+            ChangeKind::Renewed => "renewed",
+            ChangeKind::Config => "config",
+            ChangeKind::ConsumerRevoked => "consumer.revoked",
+        }
+    }
+
+    /// The kind a change log row names, if this version knows it.
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            ChangeKind::Revoked,
+            ChangeKind::Enrolled,
+            ChangeKind::Renewed,
+            ChangeKind::Config,
+            ChangeKind::ConsumerRevoked,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == s)
+    }
+}
+
+/// One row of the change log: written in the same transaction as the change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// Its position in the log (grows; rows commit in this order).
+    pub id: u64,
+    /// What changed.
+    pub kind: ChangeKind,
+    /// The device (or consumer) it changed.
+    pub subject: String,
+}
+
+/// Checks that `entries` (after the ones already held) continue `device`'s
+/// chain from the record `anchor`: returns the new head, or the break.
+pub fn continue_chain(
+    device: &str,
+    anchor: (u64, Hash),
+    entries: &[&Record],
+) -> Result<(u64, Hash), String> {
+    let mut v = Verifier::new(anchor.0, anchor.1);
+    let mut last = anchor;
+    for e in entries {
+        if e.event.device != device {
+            return Err(format!(
+                "record {} names device {}, not {device}",
+                e.seq, e.event.device
+            ));
+        }
+        v.push(e).map_err(|b| b.to_string())?;
+        last = (e.seq, e.hash);
+    }
+    Ok(last)
 }
 
 /// Which alarms to list.

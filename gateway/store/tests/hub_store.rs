@@ -1,15 +1,19 @@
 //! The hub's storage traits, as the daemon calls them. Every check takes a
-//! `&dyn Sink` or `&dyn Registry`, so each engine runs the same suite: today
-//! the embedded SQLite one (two handles on one file stand for two hubs).
+//! `&dyn Sink` or `&dyn Registry`, so each engine runs the same suite: the
+//! embedded SQLite one (two handles on one file stand for two hubs) and
+//! PostgreSQL (two engines on one database of a throwaway cluster; skipped,
+//! saying why, where `postgresql-15` is not installed).
 
 use std::sync::Arc;
 
 use gateway_core::fleet::AdminRole;
 use gateway_core::wire::SyncRecord;
 use gateway_store::error::StoreError;
+use std::time::Duration;
+
 use gateway_store::registry::{
-    Admission, Enrollment, NewAccount, NewConsumer, NewToken, Registry, RegistryError, Renewal,
-    SignCertificate,
+    Admission, ConfigPush, Enrollment, NewAccount, NewConsumer, NewToken, Registry, RegistryError,
+    Renewal, SignCertificate,
 };
 use gateway_store::sink::{Acked, Sink, SinkBatch, StreamKey};
 use gateway_store::sqlite::{Blocking, SqliteRegistry, SqliteSink};
@@ -288,6 +292,10 @@ async fn the_sqlite_sink_keeps_each_consumers_cursor() {
 #[tokio::test]
 async fn the_sqlite_registry_keeps_consumers_names_and_serials() {
     let (_dir, a, b) = two_hubs(|d| SqliteRegistry::open(d).expect("open"));
+    consumer_names_suite(&a, &b).await;
+}
+
+async fn consumer_names_suite(a: &dyn Registry, b: &dyn Registry) {
     let new = |name: &str, serial: &str| NewConsumer {
         name: name.into(),
         serial: serial.into(),
@@ -578,4 +586,189 @@ async fn alarms_suite(a: &dyn Registry, b: &dyn Registry) {
 async fn the_sqlite_registry_keeps_alarms_once_each() {
     let (_dir, a, b) = two_hubs(|d| SqliteRegistry::open(d).expect("open"));
     alarms_suite(&a, &b).await;
+}
+
+/// Hubs sharing the registry learn of each other's changes from the log.
+async fn changes_suite(a: &dyn Registry, b: &dyn Registry) {
+    use gateway_store::registry::ChangeKind;
+    let from = b.change_head().await.expect("head");
+    a.revoke("e1".into(), "ops".into(), 5)
+        .await
+        .expect("revoke");
+    a.push_config(ConfigPush {
+        device: "e2".into(),
+        text: "x".into(),
+        by: "ops".into(),
+        now_ms: 6,
+    })
+    .await
+    .expect("push");
+    // A second revocation of a revoked device changes nothing.
+    a.revoke("e1".into(), "ops".into(), 7).await.expect("again");
+    let seen = b.changes(from, 100).await.expect("changes");
+    let kinds: Vec<_> = seen.iter().map(|c| (c.kind, c.subject.as_str())).collect();
+    assert_eq!(
+        kinds,
+        [(ChangeKind::Revoked, "e1"), (ChangeKind::Config, "e2")]
+    );
+    assert!(seen.windows(2).all(|w| w[0].id < w[1].id));
+    assert_eq!(b.change_head().await.expect("head"), seen[1].id);
+    assert_eq!(b.changes(seen[1].id, 100).await.expect("none"), []);
+    assert_eq!(b.changes(from, 1).await.expect("one").len(), 1);
+}
+
+#[tokio::test]
+async fn the_sqlite_registry_logs_changes_for_other_hubs() {
+    let (_dir, a, b) = two_hubs(|d| SqliteRegistry::open(d).expect("open"));
+    changes_suite(&a, &b).await;
+    assert!(b.wake().is_none(), "SQLite is polled");
+}
+
+mod postgres {
+    //! The same suites on PostgreSQL 15.
+
+    use super::*;
+    use gateway_store::postgres::cluster::{self, Cluster};
+    use gateway_store::postgres::{Pg, PgRegistry, PgSink};
+
+    /// Two hubs on one database of a throwaway cluster, or `None` (skipped,
+    /// saying why).
+    async fn two() -> Option<(Cluster, Pg, Pg)> {
+        if let Some(why) = cluster::missing() {
+            eprintln!("skipped: {why}");
+            return None;
+        }
+        // Durable: a stopped server must keep what it committed.
+        let c = Cluster::start(true).expect("cluster");
+        let (a, b) = on(&c, "hub").await;
+        Some((c, a, b))
+    }
+
+    /// Two hubs on a new database `db` of `c`.
+    async fn on(c: &Cluster, db: &str) -> (Pg, Pg) {
+        c.create_database(db).expect("database");
+        let a = Pg::open(&c.store(db, 4)).await.expect("open a");
+        let b = Pg::open(&c.store(db, 4)).await.expect("open b");
+        (a, b)
+    }
+
+    #[tokio::test]
+    async fn the_postgres_sink_keeps_the_sink_contract() {
+        let Some((_c, a, b)) = two().await else {
+            return;
+        };
+        sink_suite(&PgSink::new(a), &PgSink::new(b)).await;
+    }
+
+    #[tokio::test]
+    async fn the_postgres_sink_keeps_each_consumers_cursor() {
+        let Some((_c, a, b)) = two().await else {
+            return;
+        };
+        consumers_suite(&PgSink::new(a), &PgSink::new(b)).await;
+    }
+
+    #[tokio::test]
+    async fn the_postgres_registry_keeps_the_registry_contract() {
+        let Some((c, a, b)) = two().await else {
+            return;
+        };
+        registry_suite(&PgRegistry::new(a), &PgRegistry::new(b)).await;
+        let (a, b) = on(&c, "names").await;
+        consumer_names_suite(&PgRegistry::new(a), &PgRegistry::new(b)).await;
+        let (a, b) = on(&c, "certs").await;
+        certificates_suite(&PgRegistry::new(a), &PgRegistry::new(b)).await;
+        let (a, b) = on(&c, "alarms").await;
+        alarms_suite(&PgRegistry::new(a), &PgRegistry::new(b)).await;
+    }
+
+    #[tokio::test]
+    async fn the_postgres_registry_logs_changes_and_wakes_the_other_hubs() {
+        let Some((_c, a, b)) = two().await else {
+            return;
+        };
+        let wake = PgRegistry::new(b.clone()).wake().expect("a waker");
+        let (a, b) = (PgRegistry::new(a), PgRegistry::new(b));
+        // The listener connected (it wakes once when it does).
+        tokio::time::timeout(Duration::from_secs(20), wake.notified())
+            .await
+            .expect("the listener is up");
+        let from = b.change_head().await.expect("head");
+        a.revoke("e9".into(), "ops".into(), 1)
+            .await
+            .expect("revoke");
+        tokio::time::timeout(Duration::from_secs(5), wake.notified())
+            .await
+            .expect("woken by NOTIFY within 5 s");
+        let seen = b.changes(from, 10).await.expect("changes");
+        assert_eq!(seen.len(), 1);
+        changes_suite(&a, &b).await;
+    }
+
+    #[tokio::test]
+    async fn hubs_starting_at_once_migrate_once() {
+        if let Some(why) = cluster::missing() {
+            eprintln!("skipped: {why}");
+            return;
+        }
+        let c = Cluster::start(false).expect("cluster");
+        c.create_database("hub").expect("database");
+        let store = c.store("hub", 2);
+        let opened = futures_util::future::join_all((0..4).map(|_| Pg::open(&store))).await;
+        assert!(opened.iter().all(Result::is_ok), "{opened:?}");
+        let rows = c
+            .sql("hub", "SELECT count(*) FROM schema_migration")
+            .expect("sql");
+        assert_eq!(
+            rows,
+            gateway_store::postgres::schema::MIGRATIONS
+                .len()
+                .to_string()
+        );
+        // A schema newer than this gatewayd is refused, not touched.
+        c.sql(
+            "hub",
+            "INSERT INTO schema_migration (version, description) VALUES (999, 'future')",
+        )
+        .expect("sql");
+        match Pg::open(&store).await {
+            Err(e) => assert!(e.to_string().contains("newer"), "{e}"),
+            Ok(_) => panic!("a newer schema was accepted"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stopped_server_is_unavailable_and_nothing_is_half_committed() {
+        let Some((c, a, _b)) = two().await else {
+            return;
+        };
+        let s = PgSink::new(a);
+        s.commit(vec![batch("d", "c", &[1, 2])])
+            .await
+            .expect("commit");
+        c.stop_immediate();
+        match s.commit(vec![batch("d", "c", &[3, 4])]).await {
+            Err(e) => assert!(e.retry_later(), "{e}"),
+            Ok(c) => panic!("committed with the server down: {c:?}"),
+        }
+        c.start_again().expect("restart");
+        // The pool's broken connections are replaced; the resend is stored
+        // once, after what was committed before the crash.
+        let mut done = None;
+        for _ in 0..50 {
+            match s.commit(vec![batch("d", "c", &[1, 2, 3, 4])]).await {
+                Ok(c) => {
+                    done = Some(c);
+                    break;
+                }
+                Err(e) => {
+                    assert!(e.retry_later(), "{e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        let c = done.expect("committed after the restart");
+        assert_eq!((c[0].upto, c[0].stored, c[0].duplicates), (4, 2, 2));
+        assert_eq!(seqs(&s, "d", "c", 0).await, [1, 2, 3, 4]);
+    }
 }

@@ -20,6 +20,7 @@ use super::*;
 use crate::diag::{Diagnostic, LineIndex, Location};
 use crate::units::{self, ByteSize, Cidr, Date, HostPort, ValueError};
 
+mod hub_store;
 mod postgres;
 
 const SECTIONS: &str = "node, zone, uplink, service, access, channel, ingest, audit, admin, detect, alarms, scan, hub, publish";
@@ -1983,6 +1984,7 @@ impl Compiler<'_> {
             None => Some(None),
             Some(s) => self.socket(s, "hub.ops").map(Some),
         };
+        let postgres = self.hub_store(&h);
         let mut publishes = Vec::new();
         let mut seen: HashMap<(String, String), Range<usize>> = HashMap::new();
         for (p, _) in raw_publishes {
@@ -2040,6 +2042,7 @@ impl Compiler<'_> {
                     .sink
                     .as_ref()
                     .map(|s| std::path::PathBuf::from(s.get_ref())),
+                postgres: postgres?,
             },
             publishes,
         })

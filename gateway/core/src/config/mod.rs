@@ -92,12 +92,23 @@ impl Config {
                 }
                 v
             }
-            Role::Hub(h) => vec![
-                &h.settings.ca_cert,
-                &h.settings.ca_key,
-                &h.settings.cert,
-                &h.settings.key,
-            ],
+            Role::Hub(h) => {
+                let mut v = vec![
+                    &h.settings.ca_cert,
+                    &h.settings.ca_key,
+                    &h.settings.cert,
+                    &h.settings.key,
+                ];
+                if let Some(pg) = &h.settings.postgres {
+                    if let PgTlsMode::VerifyFull { ca } = &pg.tls {
+                        v.push(ca);
+                    }
+                    if let PgPassword::File(f) = &pg.password {
+                        v.push(f);
+                    }
+                }
+                v
+            }
         };
         if let Role::Edge(e) = &self.role {
             for s in &e.services {
@@ -817,6 +828,100 @@ pub struct HubSettings {
     /// The fleet registry file, when several hubs share one (default
     /// `STATE_DIR/fleet.sqlite`).
     pub registry: Option<std::path::PathBuf>,
+    /// `store = "postgres"`: the registry and the sink live in PostgreSQL
+    /// (`[hub.postgres]`); `None` is the embedded SQLite files.
+    pub postgres: Option<Box<PgStore>>,
+}
+
+/// `[hub.postgres]`: where hubs sharing one PostgreSQL keep their state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PgStore {
+    /// The servers, tried in order; with several, the hub takes the one that
+    /// accepts writes (`target_session_attrs=read-write`), so it follows a
+    /// failover.
+    pub hosts: Vec<PgHost>,
+    /// The database.
+    pub dbname: String,
+    /// The role the hub logs in as.
+    pub user: String,
+    /// TLS to the server.
+    pub tls: PgTlsMode,
+    /// Where the password comes from (never the config itself).
+    pub password: PgPassword,
+    /// Connections of this hub's pool (one more is its listener).
+    pub pool: u32,
+    /// How long one connection attempt may take.
+    pub connect_timeout: Duration,
+    /// `application_name`, shown in `pg_stat_activity`.
+    pub application_name: String,
+}
+
+/// A PostgreSQL server address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PgHost {
+    /// A host name or address, and port.
+    Tcp {
+        /// Name (checked against the certificate) or address.
+        host: String,
+        /// Port.
+        port: u16,
+    },
+    /// The directory of a Unix socket, and the port in its file name.
+    Unix {
+        /// Directory (`/run/postgresql`).
+        dir: PathBuf,
+        /// Port (`.s.PGSQL.5432`).
+        port: u16,
+    },
+}
+
+impl PgHost {
+    /// Whether the connection stays on this machine (a Unix socket, or a
+    /// loopback address): the only place TLS may be off.
+    pub fn is_local(&self) -> bool {
+        match self {
+            PgHost::Unix { .. } => true,
+            PgHost::Tcp { host, .. } => {
+                host == "localhost"
+                    || host
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|a| a.is_loopback())
+            }
+        }
+    }
+}
+
+/// `sslmode`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PgTlsMode {
+    /// `verify-full` (the default): TLS, the server's certificate checked
+    /// against `ca` and its name against the host.
+    VerifyFull {
+        /// The CA certificate(s) the server's certificate chains to.
+        ca: FilePath,
+    },
+    /// `disable`: only to a Unix socket or a loopback address.
+    Disable,
+}
+
+impl PartialEq for FilePath {
+    fn eq(&self, other: &Self) -> bool {
+        self.path == other.path && self.key == other.key
+    }
+}
+
+impl Eq for FilePath {}
+
+/// Where the hub reads its PostgreSQL password.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PgPassword {
+    /// None: the server trusts the socket's peer, or a client certificate.
+    None,
+    /// A file holding it (its first line), readable by the daemon only.
+    File(FilePath),
+    /// An environment variable (systemd's `LoadCredential=` or
+    /// `EnvironmentFile=`).
+    Env(String),
 }
 
 /// `[[publish]]`: a hub listener for an edge's service.

@@ -212,6 +212,21 @@ pub struct RawHub {
     pub sink: Option<S>,
     pub ops: Option<S>,
     pub registry: Option<S>,
+    pub store: Option<S>,
+    pub postgres: Option<Spanned<RawPgStore>>,
+}
+
+/// `[hub.postgres]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPgStore {
+    pub connect: S,
+    pub ca: Option<S>,
+    pub password_file: Option<S>,
+    pub password_env: Option<S>,
+    /// Refused with a hint (never in the config), not as an unknown key.
+    pub password: Option<S>,
+    pub pool: Option<Spanned<i64>>,
 }
 
 /// `[[publish]]`

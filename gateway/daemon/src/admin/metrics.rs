@@ -101,7 +101,13 @@ pub struct Metrics {
     /// Hub: times two certificates of one device were seen at once.
     duplicates: Mutex<BTreeMap<String, u64>>,
     detect: Mutex<DetectCounters>,
+    /// Hub: its networked store's engine, and since when (Unix ms) and why it
+    /// does not answer.
+    store: Mutex<Option<(&'static str, Option<Down>)>>,
 }
+
+/// Since when (Unix ms) and why something does not answer.
+type Down = (i64, String);
 
 /// Intrusion detection's counters.
 #[derive(Debug, Default, Clone)]
@@ -382,6 +388,22 @@ impl Metrics {
         e.2 = Some(since_ms);
     }
 
+    /// Whether the hub's networked store (`engine`) answers: `down` says why
+    /// not.
+    pub fn set_store(&self, engine: &'static str, down: Option<String>) {
+        let mut s = lock(&self.store);
+        let since = s.as_ref().and_then(|(_, d)| d.as_ref().map(|d| d.0));
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        *s = Some((engine, down.map(|why| (since.unwrap_or(now), why))));
+    }
+
+    /// Since when (Unix ms) and why the hub's networked store does not answer.
+    pub fn store_down(&self) -> Option<(i64, String)> {
+        lock(&self.store).as_ref().and_then(|(_, d)| d.clone())
+    }
+
     /// Forwarding targets unreachable now, with since when (Unix ms).
     pub fn forwarding_down(&self) -> Vec<(String, i64)> {
         lock(&self.detect)
@@ -487,6 +509,13 @@ impl Metrics {
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut o = String::new();
+        if let Some((engine, down)) = lock(&self.store).clone() {
+            let _ = writeln!(
+                o,
+                "# HELP gateway_store_up Whether the hub's store answers.\n# TYPE gateway_store_up gauge\ngateway_store_up{{engine=\"{engine}\"}} {}",
+                u8::from(down.is_none())
+            );
+        }
         let services = lock(&self.services).clone();
         let _ = writeln!(
             o,

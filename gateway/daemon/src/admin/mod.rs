@@ -53,6 +53,12 @@ async fn readyz(State(s): State<AdminState>) -> (StatusCode, String) {
         ),
     };
     let mut text = text.to_owned();
+    if let Some((since, why)) = s.metrics.store_down() {
+        text += &format!(
+            "\ndegraded: the hub's store (PostgreSQL) does not answer since {}: {why}; relays continue, channel batches wait in the edges' buffers",
+            gateway_core::units::rfc3339_cst(since)
+        );
+    }
     for (target, since) in s.metrics.forwarding_down() {
         text += &format!(
             "\ndegraded: alarm forwarding to {target} is down since {}",

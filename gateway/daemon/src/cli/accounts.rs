@@ -7,8 +7,10 @@ use std::io::Write as _;
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::PathBuf;
 
+use std::sync::Arc;
+
 use gateway_core::fleet::{self, AdminRole};
-use gateway_store::sqlite::SqliteRegistry;
+use gateway_store::registry::{NewAccount, Registry};
 
 use crate::os::exit;
 
@@ -46,8 +48,9 @@ pub struct ListArgs {
     pub config: PathBuf,
 }
 
-/// The hub's embedded registry file, opened directly (offline, like `gatewayd pki`).
-fn registry(config: &std::path::Path) -> Result<SqliteRegistry, (u8, String)> {
+/// The hub's registry, opened directly (offline, like `gatewayd pki`): its
+/// SQLite file, or its PostgreSQL database.
+async fn registry(config: &std::path::Path) -> Result<Arc<dyn Registry>, (u8, String)> {
     let checked = super::check::check_file(config, super::today()).map_err(|e| {
         (
             exit::NO_INPUT,
@@ -66,29 +69,44 @@ fn registry(config: &std::path::Path) -> Result<SqliteRegistry, (u8, String)> {
             "operator accounts live on a hub; this config is an edge's".into(),
         ));
     };
-    std::fs::create_dir_all(&c.node.state_dir)
-        .map_err(|e| (exit::OS_ERR, format!("{}: {e}", c.node.state_dir.display())))?;
-    let file = h.settings.registry.clone().unwrap_or_else(|| {
-        c.node
-            .state_dir
-            .join(gateway_store::sqlite::registry::FILE_NAME)
-    });
-    SqliteRegistry::open_file(&file).map_err(|e| (exit::OS_ERR, format!("{}: {e}", file.display())))
+    if h.settings.postgres.is_none() {
+        std::fs::create_dir_all(&c.node.state_dir)
+            .map_err(|e| (exit::OS_ERR, format!("{}: {e}", c.node.state_dir.display())))?;
+    }
+    crate::role::open_registry(h, &c.node.state_dir)
+        .await
+        .map_err(|e| (exit::OS_ERR, e.to_string()))
 }
 
 /// Runs the subcommand; returns the exit code.
 pub fn run(cmd: &AccountsCommand) -> u8 {
-    let result = match cmd {
-        AccountsCommand::Add(a) => add(a),
-        AccountsCommand::List(a) => registry(&a.config).and_then(|r| {
-            let rows = r.accounts().map_err(|e| (exit::OS_ERR, e.to_string()))?;
-            println!("{:<24} ROLE", "ACCOUNT");
-            for (name, role) in rows {
-                println!("{name:<24} {role}");
-            }
-            Ok(())
-        }),
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return exit::OS_ERR;
+        }
     };
+    let result = rt.block_on(async {
+        match cmd {
+            AccountsCommand::Add(a) => add(a).await,
+            AccountsCommand::List(a) => {
+                let r = registry(&a.config).await?;
+                let rows = r
+                    .accounts()
+                    .await
+                    .map_err(|e| (exit::OS_ERR, e.to_string()))?;
+                println!("{:<24} ROLE", "ACCOUNT");
+                for (name, role) in rows {
+                    println!("{name:<24} {role}");
+                }
+                Ok(())
+            }
+        }
+    });
     match result {
         Ok(()) => exit::OK,
         Err((code, message)) => {
@@ -98,12 +116,12 @@ pub fn run(cmd: &AccountsCommand) -> u8 {
     }
 }
 
-fn add(a: &AddArgs) -> Result<(), (u8, String)> {
+async fn add(a: &AddArgs) -> Result<(), (u8, String)> {
     gateway_core::units::check_name("account", &a.name)
         .map_err(|e| (exit::USAGE, format!("--name: {}; {}", e.message, e.hint)))?;
     let role = AdminRole::parse(&a.role)
         .ok_or((exit::USAGE, "--role: system, security or audit".into()))?;
-    let mut reg = registry(&a.config)?;
+    let reg = registry(&a.config).await?;
     let secret = crate::fleet::new_secret(fleet::CREDENTIAL_KIND, a.name.clone());
     // The file first: an account whose credential could not be written is useless.
     let mut f = std::fs::OpenOptions::new()
@@ -118,7 +136,13 @@ fn add(a: &AddArgs) -> Result<(), (u8, String)> {
             )
         })?;
     let now = crate::node::clock::now_ms();
-    if let Err(e) = reg.add_account(&a.name, role, &secret.digest(), now) {
+    let account = NewAccount {
+        name: a.name.clone(),
+        role,
+        digest: secret.digest(),
+        now_ms: now,
+    };
+    if let Err(e) = reg.add_account(account).await {
         drop(f);
         let _ = std::fs::remove_file(&a.out);
         return Err((exit::FAILED, e.to_string()));

@@ -179,6 +179,12 @@ async fn serve(
             }
             return match e {
                 StartError::Tls(TlsError::Key(PkiError::KeyPermissions { .. })) => exit::NO_PERM,
+                StartError::Store(gateway_store::postgres::OpenError::Store(e))
+                    if e.retry_later() =>
+                {
+                    exit::UNAVAILABLE
+                }
+                StartError::Store(_) => exit::CONFIG,
                 StartError::Tls(_)
                 | StartError::Bind { .. }
                 | StartError::StateDir { .. }

@@ -11,7 +11,8 @@ use gateway_core::fleet::{
     self, CommandKind, ConfigOutcome, EnrollAnswer, EnrollRequest, Message, Secret,
 };
 use gateway_store::registry::{
-    Admission, AppliedReport, ConfigPush, Enrollment, Registry, RegistryError, Renewal,
+    Admission, AppliedReport, Change, ChangeKind, ConfigPush, Enrollment, Registry, RegistryError,
+    Renewal,
 };
 use tokio::sync::{mpsc, oneshot};
 use tracing::{Instrument, error, info, info_span, warn};
@@ -50,6 +51,9 @@ pub struct Fleet {
     /// When each device's last duplicate-identity alarm was recorded, and how
     /// many were counted since.
     duplicates: Mutex<HashMap<String, (i64, u64)>>,
+    /// The config version this hub last offered each device, so a push seen
+    /// again in the change log is not offered twice.
+    offered: Mutex<HashMap<String, u64>>,
 }
 
 /// At most one duplicate-identity record per device in this long (the metric
@@ -146,6 +150,7 @@ impl Fleet {
             enrolling: Arc::new(tokio::sync::Semaphore::new(MAX_ENROLLING)),
             enrolling_from: Arc::default(),
             duplicates: Mutex::default(),
+            offered: Mutex::default(),
         })
     }
 
@@ -340,7 +345,7 @@ impl Fleet {
             })
             .await?;
         info!(%device, version, by, "Config version stored; offering it");
-        self.send(device, Message::ConfigOffer { version, text });
+        self.offer(device, version, text);
         Ok(version)
     }
 
@@ -654,6 +659,7 @@ impl Fleet {
                 .await;
                 if let Ok(Some((version, text))) = offer {
                     info!(version, "Offering the desired config");
+                    lock(&self.offered).insert(device.to_owned(), version);
                     let _ = tx.send(Message::ConfigOffer { version, text });
                 }
             }
@@ -819,38 +825,136 @@ impl Fleet {
         }
     }
 
-    /// Closes, every second, the connections of devices revoked in the
-    /// registry, and those whose certificate was replaced: hubs sharing one
-    /// registry cut a device revoked or re-enrolled at any of them within
-    /// about a second.
-    pub async fn revocation_sweep(self: Arc<Self>) {
-        while self.ctx.pause(Duration::from_secs(1)).await {
-            let ids = self.devices.ids();
-            if ids.is_empty() {
-                continue;
-            }
-            self.close_superseded(&ids).await;
-            let Ok(revoked) = self.reg.revoked_among(ids.clone()).await else {
-                continue;
-            };
-            for device in revoked {
-                let closed = self.devices.close_all(
-                    &device,
-                    fleet::CLOSE_REVOKED,
-                    b"revoked by central operations",
-                );
-                lock(&self.sessions).remove(&device);
-                if closed > 0 {
-                    warn!(%device, closed, "Device revoked (seen in the registry): connections closed");
-                    self.ctx.audit.record(
-                        "registry",
-                        &device,
-                        "device.revoke",
-                        "ok",
-                        "",
-                        format!("connections_closed={closed}"),
-                    );
+    /// Offers `device` config `version` if it has a control session here and
+    /// this hub did not offer it that version already.
+    fn offer(&self, device: &str, version: u64, text: String) {
+        let mut offered = lock(&self.offered);
+        if offered.get(device) == Some(&version) {
+            return;
+        }
+        if self.send(device, Message::ConfigOffer { version, text }) {
+            offered.insert(device.to_owned(), version);
+        }
+    }
+
+    /// Cuts the connections here of a device revoked in the registry.
+    fn cut_revoked(&self, device: &str) {
+        let closed = self.devices.close_all(
+            device,
+            fleet::CLOSE_REVOKED,
+            b"revoked by central operations",
+        );
+        lock(&self.sessions).remove(device);
+        if closed > 0 {
+            warn!(%device, closed, "Device revoked (seen in the registry): connections closed");
+            self.ctx.audit.record(
+                "registry",
+                device,
+                "device.revoke",
+                "ok",
+                "",
+                format!("connections_closed={closed}"),
+            );
+        }
+    }
+
+    /// Acts on one change another hub (or this one) made in the registry.
+    async fn act(&self, change: Change) {
+        let device = change.subject;
+        match change.kind {
+            ChangeKind::Revoked => self.cut_revoked(&device),
+            ChangeKind::Enrolled | ChangeKind::Renewed => {
+                if self.devices.ids().contains(&device) {
+                    self.close_superseded(&[device]).await;
                 }
+            }
+            ChangeKind::Config => {
+                if !self.connected(&device) {
+                    return;
+                }
+                match self.reg.desired(device.clone()).await {
+                    Ok(Some((version, text))) => {
+                        info!(%device, version, "Config pushed (seen in the registry); offering it");
+                        self.offer(&device, version, text);
+                    }
+                    Ok(None) => {}
+                    Err(e) => warn!(%device, %e, "Cannot read the pushed config"),
+                }
+            }
+            ChangeKind::ConsumerRevoked => self.consumers.close(&device),
+        }
+    }
+
+    /// Every connection here of a revoked device, or of a certificate no
+    /// longer its device's, is cut (the fallback for changes this hub could
+    /// not read when they were made).
+    async fn sweep(&self) {
+        let ids = self.devices.ids();
+        if ids.is_empty() {
+            return;
+        }
+        self.close_superseded(&ids).await;
+        if let Ok(revoked) = self.reg.revoked_among(ids).await {
+            for device in revoked {
+                self.cut_revoked(&device);
+            }
+        }
+    }
+
+    /// Follows the registry's change log until draining: hubs sharing one
+    /// registry act on a revocation, a re-enrollment or a push made at any of
+    /// them. Woken by the engine where it can tell (PostgreSQL's `NOTIFY`:
+    /// milliseconds), else every second; every 30 s the connected devices
+    /// are swept as well.
+    pub async fn follow_changes(self: Arc<Self>) {
+        let wake = self.reg.wake();
+        let poll = if wake.is_some() {
+            Duration::from_secs(5)
+        } else {
+            Duration::from_secs(1)
+        };
+        let mut from = loop {
+            match self.reg.change_head().await {
+                Ok(head) => break head,
+                Err(e) => warn!(%e, "Cannot read the registry's change log; retrying"),
+            }
+            if !self.ctx.pause(Duration::from_secs(2)).await {
+                return;
+            }
+        };
+        let mut swept = tokio::time::Instant::now();
+        loop {
+            let go = match &wake {
+                Some(w) => tokio::select! {
+                    () = w.notified() => true,
+                    go = self.ctx.pause(poll) => go,
+                },
+                None => self.ctx.pause(poll).await,
+            };
+            if !go {
+                return;
+            }
+            loop {
+                match self.reg.changes(from, 1000).await {
+                    Ok(changes) => {
+                        let full = changes.len() == 1000;
+                        for c in changes {
+                            from = c.id;
+                            self.act(c).await;
+                        }
+                        if !full {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        warn!(%e, "Cannot read the registry's change log");
+                        break;
+                    }
+                }
+            }
+            if swept.elapsed() >= Duration::from_secs(30) {
+                self.sweep().await;
+                swept = tokio::time::Instant::now();
             }
         }
     }

@@ -34,14 +34,14 @@ use gateway_core::config::Role;
 use gateway_core::fleet::{
     self, Action, AdminRole, CommandKind, EXPORT_FORMAT, ExportHeader, Secret,
 };
-use gateway_store::registry::NewToken;
+use gateway_store::registry::{NewToken, RegistryError};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::hub::Fleet;
+use super::hub::{Fleet, OpsError};
 use crate::node::PeerAttempt;
 use crate::node::clock::now_ms;
 use crate::node::http;
@@ -86,7 +86,26 @@ fn checked_id(id: &str) -> Result<(), ApiError> {
     })
 }
 
-fn internal(e: impl std::fmt::Display) -> ApiError {
+/// A failure of the hub: 503 when its store is unavailable (PostgreSQL down
+/// or failing over: try again), else 500.
+fn internal<E: std::fmt::Display + 'static>(e: E) -> ApiError {
+    let any = &e as &dyn std::any::Any;
+    let retry = any
+        .downcast_ref::<RegistryError>()
+        .or_else(|| match any.downcast_ref::<OpsError>() {
+            Some(OpsError::Fleet(r)) => Some(r),
+            _ => None,
+        })
+        .is_some_and(RegistryError::retry_later)
+        || any
+            .downcast_ref::<gateway_store::error::StoreError>()
+            .is_some_and(gateway_store::error::StoreError::retry_later);
+    if retry {
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the hub's store is unavailable, nothing was changed; try again: {e}"),
+        );
+    }
     ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
 }
 

@@ -11,6 +11,9 @@ pub const USAGE: u8 = 2;
 pub const CONFIG: u8 = 64;
 /// EX_NOINPUT: an input file is missing or unreadable.
 pub const NO_INPUT: u8 = 66;
+/// EX_UNAVAILABLE: a service the node needs cannot be reached now (the hub's
+/// PostgreSQL); systemd starts it again.
+pub const UNAVAILABLE: u8 = 69;
 /// EX_OSERR: a listener, socket or TLS setup failed.
 pub const OS_ERR: u8 = 71;
 /// EX_NOPERM: a private key is readable by group or others.

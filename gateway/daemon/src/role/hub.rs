@@ -11,6 +11,9 @@ use std::sync::Arc;
 
 use gateway_core::config;
 use gateway_core::wire::{Frame, Origin, RefuseCode};
+use gateway_store::postgres::{Pg, PgRegistry, PgSink};
+use gateway_store::registry::Registry;
+use gateway_store::sink::Sink;
 use gateway_store::sqlite::{Blocking, SqliteRegistry, SqliteSink, registry};
 use tracing::info;
 
@@ -46,13 +49,72 @@ pub(super) struct Started {
     pub alarms: tokio::sync::mpsc::Sender<gateway_core::detect::Alarm>,
 }
 
+/// Where the hub keeps its state: the registry and the sink.
+pub(super) struct Stores {
+    registry: Arc<dyn Registry>,
+    sink: Arc<dyn Sink>,
+    /// The shared database, when the state lives in PostgreSQL.
+    pg: Option<Pg>,
+}
+
+/// Opens the engines `[hub] store` names: SQLite files in the state
+/// directory (or `[hub] registry` / `sink`), or PostgreSQL (migrated under a
+/// lock, so hubs starting at once migrate once).
+pub(super) async fn open_stores(h: &config::Hub, state_dir: &Path) -> Result<Stores, StartError> {
+    if let Some(s) = &h.settings.postgres {
+        let pg = Pg::open(s).await.map_err(StartError::Store)?;
+        info!(database = %s.dbname, hosts = s.hosts.len(), pool = s.pool, "Hub state in PostgreSQL");
+        return Ok(Stores {
+            registry: Arc::new(PgRegistry::new(pg.clone())),
+            sink: Arc::new(PgSink::new(pg.clone())),
+            pg: Some(pg),
+        });
+    }
+    let sink = match &h.settings.sink {
+        Some(file) => SqliteSink::open_file(file),
+        None => SqliteSink::open(state_dir),
+    }
+    .map_err(|e| StartError::Sink(e.into()))?;
+    let registry = h
+        .settings
+        .registry
+        .clone()
+        .unwrap_or_else(|| state_dir.join(registry::FILE_NAME));
+    let registry = Blocking::new(SqliteRegistry::open_file(&registry)?);
+    Ok(Stores {
+        registry: Arc::new(registry),
+        sink: Arc::new(Blocking::new(sink)),
+        pg: None,
+    })
+}
+
+/// The registry alone, for the offline commands (`gatewayd accounts`).
+///
+/// # Errors
+/// When the engine cannot be opened.
+pub async fn open_registry(
+    h: &config::Hub,
+    state_dir: &Path,
+) -> Result<Arc<dyn Registry>, StartError> {
+    if let Some(s) = &h.settings.postgres {
+        let pg = Pg::open(s).await.map_err(StartError::Store)?;
+        return Ok(Arc::new(PgRegistry::new(pg)));
+    }
+    let file = h
+        .settings
+        .registry
+        .clone()
+        .unwrap_or_else(|| state_dir.join(registry::FILE_NAME));
+    Ok(Arc::new(Blocking::new(SqliteRegistry::open_file(&file)?)))
+}
+
 /// Binds and starts everything of hub `h`.
 pub(super) fn start(
     ctx: &Arc<Ctx>,
     h: &config::Hub,
+    stores: Stores,
     bindings: &mut Bindings,
-    state_dir: &Path,
-    retention_days: u32,
+    (state_dir, retention_days): (&Path, u32),
     tasks: &mut Tasks,
 ) -> Result<Started, StartError> {
     let server = tls::server(
@@ -71,12 +133,11 @@ pub(super) fn start(
         let front = Front::publish(&p, &devices, &flows);
         tokio::spawn(front::front(ctx.clone(), front, socket));
     }
-    let sink = match &h.settings.sink {
-        Some(file) => SqliteSink::open_file(file),
-        None => SqliteSink::open(state_dir),
+    let Stores { registry, sink, pg } = stores;
+    if let Some(pg) = pg {
+        tokio::spawn(watch_store(ctx.clone(), pg));
     }
-    .map_err(|e| StartError::Sink(e.into()))?;
-    let sink = SinkHandle::new(Arc::new(Blocking::new(sink)));
+    let sink = SinkHandle::new(sink);
     tokio::spawn(hub_sink::maintain(
         sink.clone(),
         ctx.clone(),
@@ -84,12 +145,6 @@ pub(super) fn start(
     ));
     let signer = Signer::load(&h.settings.ca_cert.path, &h.settings.ca_key.path)
         .map_err(|e| StartError::Fleet(format!("the CA that signs devices: {e}")))?;
-    let registry = h
-        .settings
-        .registry
-        .clone()
-        .unwrap_or_else(|| state_dir.join(registry::FILE_NAME));
-    let registry = Arc::new(Blocking::new(SqliteRegistry::open_file(&registry)?));
     let consumers = Consumers::new(registry.clone(), sink.clone());
     let api = bindings
         .tcp(h.settings.api)
@@ -123,7 +178,7 @@ pub(super) fn start(
     tokio::spawn(fleet.clone().prune_loop(retention_days));
     let (alarms, own_alarms) = tokio::sync::mpsc::channel(1024);
     tokio::spawn(fleet.clone().keep_own_alarms(own_alarms));
-    tokio::spawn(fleet.clone().revocation_sweep());
+    tokio::spawn(fleet.clone().follow_changes());
     let mut ops_addr = None;
     if let Some(ops) = h.settings.ops {
         let l = bindings.tcp(ops).map_err(bind_err(ops))?;
@@ -165,6 +220,30 @@ pub(super) fn start(
         ops_addr,
         alarms,
     })
+}
+
+/// Asks the hub's PostgreSQL every 2 s whether it answers, for `/readyz` and
+/// `gateway_store_up`; says in the log when it goes away and comes back.
+async fn watch_store(ctx: Arc<Ctx>, pg: Pg) {
+    loop {
+        let answered = tokio::time::timeout(std::time::Duration::from_secs(5), pg.ping()).await;
+        let down = match answered {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(_) => Some("no answer within 5 s".to_owned()),
+        };
+        match (&down, ctx.metrics.store_down()) {
+            (Some(why), None) => {
+                tracing::error!(%why, "The hub's PostgreSQL is unavailable: channel batches are not acknowledged (edges keep them), operators' writes answer 503; relays continue")
+            }
+            (None, Some(_)) => info!("The hub's PostgreSQL answers again"),
+            _ => {}
+        }
+        ctx.metrics.set_store("postgres", down);
+        if !ctx.pause(std::time::Duration::from_secs(2)).await {
+            return;
+        }
+    }
 }
 
 /// What runs on an edge's tunnel at this hub.

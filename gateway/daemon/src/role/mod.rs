@@ -32,6 +32,7 @@ use crate::relay::publish::publish_listener;
 use crate::tunnel::devices::Devices;
 use crate::tunnel::endpoint::EndpointError;
 use crate::tunnel::tls::{self, TlsError};
+pub use hub::open_registry;
 
 /// Starting failed.
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +57,9 @@ pub enum StartError {
     /// The hub's sink could not be opened.
     #[error("sink: {0}")]
     Sink(gateway_store::error::StoreError),
+    /// The hub's PostgreSQL could not be reached, set up or migrated.
+    #[error("hub store: {0}")]
+    Store(gateway_store::postgres::OpenError),
     /// The hub's fleet registry could not be opened.
     #[error("central management: {0}")]
     Registry(#[from] gateway_store::registry::RegistryError),
@@ -226,12 +230,13 @@ pub async fn start(config: Config, mut bindings: Bindings) -> Result<Running, St
     let mut taps = Vec::new();
     let (endpoints, state, quic_addr, ops_addr, readiness) = match &role {
         Role::Hub(h) => {
+            let stores = hub::open_stores(h, &state_dir).await?;
             let started = hub::start(
                 &ctx,
                 h,
+                stores,
                 &mut bindings,
-                &state_dir,
-                retention_days,
+                (&state_dir, retention_days),
                 &mut tasks,
             )?;
             taps.push(started.alarms);

@@ -24,7 +24,7 @@ use crate::error::{StoreError, StoreFuture};
 use gateway_core::detect::Alarm;
 
 use crate::registry::{
-    Admission, AlarmQuery, AlarmRow, AppliedReport, AuditExport, ConfigPush, ConsumerRow,
+    Admission, AlarmQuery, AlarmRow, AppliedReport, AuditExport, Change, ConfigPush, ConsumerRow,
     DeviceRow, Enrollment, NewAccount, NewConsumer, NewToken, Registry, RegistryError,
     RegistryFuture, Renewal, SignCertificate,
 };
@@ -339,5 +339,17 @@ impl Registry for Blocking<SqliteRegistry> {
 
     fn ack_alarm(&self, id: String, by: String, now_ms: i64) -> RegistryFuture<'_, Option<bool>> {
         self.run(move |r| r.ack_alarm(&id, &by, now_ms))
+    }
+
+    fn changes(&self, after: u64, limit: usize) -> RegistryFuture<'_, Vec<Change>> {
+        self.run(move |r| r.changes(after, limit))
+    }
+
+    fn change_head(&self) -> RegistryFuture<'_, u64> {
+        self.run(|r| r.change_head())
+    }
+
+    fn wake(&self) -> Option<Arc<tokio::sync::Notify>> {
+        None
     }
 }

@@ -19,14 +19,15 @@
 use std::path::Path;
 use std::time::Duration;
 
-use gateway_core::audit::{self, Hash, Record, Verifier};
+use gateway_core::audit::{self, Hash, Record};
 use gateway_core::fleet::AdminRole;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use gateway_core::detect::Alarm;
 
 use crate::registry::{
-    Admission, AlarmQuery, AlarmRow, ConsumerRow, DeviceRow, NewConsumer, RegistryError,
+    Admission, AlarmQuery, AlarmRow, Change, ChangeKind, ConsumerRow, DeviceRow, DeviceState,
+    NewConsumer, RegistryError, continue_chain,
 };
 
 /// File name inside the hub's state directory.
@@ -105,6 +106,14 @@ CREATE TABLE IF NOT EXISTS alarm (
     acked_ms  INTEGER
 ) STRICT;
 CREATE INDEX IF NOT EXISTS alarm_time ON alarm (time_ms);
+-- What other hubs sharing this file must act on, written in the transaction
+-- of the change (BEGIN IMMEDIATE: rows commit in id order).
+CREATE TABLE IF NOT EXISTS change_log (
+    id      INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind    TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    at_ms   INTEGER NOT NULL
+) STRICT;
 CREATE TABLE IF NOT EXISTS edge_audit_head (
     device      TEXT PRIMARY KEY,
     anchor_seq  INTEGER NOT NULL,
@@ -346,6 +355,7 @@ impl SqliteRegistry {
                  serial_seen = 0, prev_serial = NULL, prev_until_ms = NULL",
             params![device, now_ms, not_after, serial],
         )?;
+        log_change(&tx, ChangeKind::Enrolled, device, now_ms)?;
         tx.commit()?;
         Ok(out)
     }
@@ -401,6 +411,7 @@ impl SqliteRegistry {
                  prev_serial = ?4, prev_until_ms = ?5",
             params![device, not_after_ms, serial, in_use, now_ms + handover_ms],
         )?;
+        log_change(&tx, ChangeKind::Renewed, device, now_ms)?;
         tx.commit()?;
         Ok(())
     }
@@ -519,18 +530,28 @@ impl SqliteRegistry {
     /// # Errors
     /// SQLite.
     pub fn revoke(&mut self, device: &str, by: &str, now_ms: i64) -> Result<bool, RegistryError> {
-        if self.is_revoked(device)? {
+        let tx = self
+            .db
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let revoked: bool = tx.query_row(
+            "SELECT EXISTS (SELECT 1 FROM device WHERE id = ?1 AND revoked_ms IS NOT NULL)",
+            [device],
+            |r| r.get(0),
+        )?;
+        if revoked {
             return Ok(false);
         }
-        self.db.execute(
+        tx.execute(
             "INSERT INTO device (id, enrolled_ms, revoked_ms, revoked_by) VALUES (?1, 0, ?2, ?3)
              ON CONFLICT (id) DO UPDATE SET revoked_ms = ?2, revoked_by = ?3",
             params![device, now_ms, by],
         )?;
-        self.db.execute(
+        tx.execute(
             "UPDATE token SET used_ms = ?2 WHERE device = ?1 AND used_ms IS NULL",
             params![device, now_ms],
         )?;
+        log_change(&tx, ChangeKind::Revoked, device, now_ms)?;
+        tx.commit()?;
         Ok(true)
     }
 
@@ -593,10 +614,15 @@ impl SqliteRegistry {
         if row.revoked_ms.is_some() {
             return Ok(Some(false));
         }
-        self.db.execute(
+        let tx = self
+            .db
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute(
             "UPDATE consumer SET revoked_ms = ?2, revoked_by = ?3 WHERE name = ?1",
             params![name, now_ms, by],
         )?;
+        log_change(&tx, ChangeKind::ConsumerRevoked, name, now_ms)?;
+        tx.commit()?;
         Ok(Some(true))
     }
 
@@ -650,6 +676,7 @@ impl SqliteRegistry {
             "INSERT INTO config (device, version, text, pushed_by, pushed_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![device, version, text, by, now_ms],
         )?;
+        log_change(&tx, ChangeKind::Config, device, now_ms)?;
         tx.commit()?;
         Ok(u64::try_from(version).unwrap_or(0))
     }
@@ -751,7 +778,7 @@ impl SqliteRegistry {
         ids.iter()
             .map(|id| {
                 self.device(id)
-                    .map(|d| d.unwrap_or_else(|| unreachable_row(id)))
+                    .map(|d| d.unwrap_or_else(|| DeviceRow::unknown(id)))
             })
             .collect()
     }
@@ -794,20 +821,16 @@ impl SqliteRegistry {
                 |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)),
             )
             .optional()?;
-        if dev.is_none() && status.is_none() && desired.is_none() && applied.is_none() {
-            return Ok(None);
-        }
-        let (enrolled_ms, not_after_ms, revoked_ms) = dev.unwrap_or((0, None, None));
-        Ok(Some(DeviceRow {
-            id: id.to_owned(),
-            enrolled_ms,
-            not_after_ms,
-            revoked_ms,
-            status,
-            desired,
-            applied,
-            audit,
-        }))
+        Ok(DeviceRow::assemble(
+            id,
+            dev,
+            DeviceState {
+                status,
+                desired,
+                applied,
+                audit,
+            },
+        ))
     }
 
     /// The next audit record wanted from `device`.
@@ -883,36 +906,20 @@ impl SqliteRegistry {
             Some((seq, hash, _)) => (*seq as u64, audit::from_hex(hash).unwrap_or(audit::GENESIS)),
             None => (first.seq.saturating_sub(1), first.prev_hash),
         };
-        let mut v = Verifier::new(anchor_seq, anchor_hash);
-        let mut problem = None;
-        let mut last = (anchor_seq, anchor_hash);
-        for e in &entries {
-            let checked = if e.event.device == device {
-                v.push(e).map_err(|b| b.to_string())
-            } else {
-                Err(format!(
-                    "record {} names device {}, not {device}",
-                    e.seq, e.event.device
-                ))
-            };
-            match checked {
-                Ok(()) => last = (e.seq, e.hash),
-                Err(p) => {
-                    problem = Some(p);
-                    break;
-                }
-            }
-        }
-        if let Some(p) = problem {
-            tx.execute(
+        let checked = continue_chain(device, (anchor_seq, anchor_hash), &entries);
+        let last = match checked {
+            Ok(last) => last,
+            Err(p) => {
+                tx.execute(
                 "INSERT INTO edge_audit_head (device, anchor_seq, anchor_hash, head_seq, head_hash, broken)
                  VALUES (?1, ?2, ?3, ?2, ?3, ?4)
                  ON CONFLICT (device) DO UPDATE SET broken = ?4",
                 params![device, anchor_seq as i64, hex(&anchor_hash), p],
             )?;
-            tx.commit()?;
-            return Ok(Err(p));
-        }
+                tx.commit()?;
+                return Ok(Err(p));
+            }
+        };
         {
             // One statement prepared for the batch, not one per record.
             let mut insert = tx.prepare_cached(
@@ -1102,17 +1109,60 @@ impl SqliteRegistry {
     }
 }
 
-fn unreachable_row(id: &str) -> DeviceRow {
-    DeviceRow {
-        id: id.to_owned(),
-        enrolled_ms: 0,
-        not_after_ms: None,
-        revoked_ms: None,
-        status: None,
-        desired: None,
-        applied: None,
-        audit: None,
+impl SqliteRegistry {
+    /// Up to `limit` changes after `after`, in order (rows of a kind this
+    /// version does not know are skipped).
+    ///
+    /// # Errors
+    /// SQLite.
+    pub fn changes(&self, after: u64, limit: usize) -> Result<Vec<Change>, RegistryError> {
+        let mut st = self.db.prepare_cached(
+            "SELECT id, kind, subject FROM change_log WHERE id > ?1 ORDER BY id LIMIT ?2",
+        )?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = st.query_map(params![after as i64, limit], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get(2)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, kind, subject) = row?;
+            if let Some(kind) = ChangeKind::parse(&kind) {
+                out.push(Change {
+                    id: id as u64,
+                    kind,
+                    subject,
+                });
+            }
+        }
+        Ok(out)
     }
+
+    /// The newest change's id, 0 when none.
+    ///
+    /// # Errors
+    /// SQLite.
+    pub fn change_head(&self) -> Result<u64, RegistryError> {
+        let id: i64 =
+            self.db
+                .query_row("SELECT COALESCE(MAX(id), 0) FROM change_log", [], |r| {
+                    r.get(0)
+                })?;
+        Ok(id as u64)
+    }
+}
+
+/// Records a change in the transaction that makes it.
+fn log_change(
+    db: &Connection,
+    kind: ChangeKind,
+    subject: &str,
+    now_ms: i64,
+) -> rusqlite::Result<()> {
+    db.execute(
+        "INSERT INTO change_log (kind, subject, at_ms) VALUES (?1, ?2, ?3)",
+        params![kind.as_str(), subject, now_ms],
+    )?;
+    Ok(())
 }
 
 /// A device's certificate state: revoked at, serial, seen, previous serial,
