@@ -21,10 +21,23 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use gateway_store::postgres::cluster::{self, Cluster};
 use net::*;
 use nix::sys::signal::Signal;
 use process::*;
 use serde_json::Value;
+
+/// Where a test hub keeps its state.
+#[derive(Clone, Copy)]
+enum Shared<'a> {
+    /// Its own SQLite files.
+    No,
+    /// A registry file shared with other hubs.
+    Sqlite(&'a Path),
+    /// A database of a PostgreSQL cluster shared with other hubs; `true` for
+    /// the first hub (it makes the accounts).
+    Postgres(&'a Cluster, bool),
+}
 
 /// A hub process with its operators' API and three accounts.
 struct Hub {
@@ -41,17 +54,17 @@ struct Hub {
 
 impl Hub {
     fn start(lifetime: &str) -> Hub {
-        Hub::start_on(std::sync::Arc::new(Pki::new()), "hub-01", lifetime, None)
+        Hub::start_on(
+            std::sync::Arc::new(Pki::new()),
+            "hub-01",
+            lifetime,
+            Shared::No,
+        )
     }
 
-    /// A hub `id` of the CA in `pki`; with `registry`, sharing that registry
-    /// file (the accounts are made only when it does not exist yet).
-    fn start_on(
-        pki: std::sync::Arc<Pki>,
-        id: &str,
-        lifetime: &str,
-        registry: Option<&Path>,
-    ) -> Hub {
+    /// A hub `id` of the CA in `pki`, keeping its state as `shared` says (the
+    /// accounts are made only by the first hub of a shared store).
+    fn start_on(pki: std::sync::Arc<Pki>, id: &str, lifetime: &str, shared: Shared<'_>) -> Hub {
         pki.issue(id);
         let dir = tempfile::tempdir().expect("dir");
         let (quic, ops, publish) = (free_udp(), free_tcp("127.0.0.1"), free_tcp("127.0.0.1"));
@@ -73,14 +86,22 @@ impl Hub {
             "[hub]\n",
             &format!(
                 "[hub]\nops = \"{ops}\"\ncert_lifetime = \"{lifetime}\"\n{}",
-                registry.map_or(String::new(), |r| format!(
-                    "registry = \"{}\"\n",
-                    r.display()
-                ))
+                match shared {
+                    Shared::Sqlite(r) => format!("registry = \"{}\"\n", r.display()),
+                    Shared::Postgres(..) | Shared::No => String::new(),
+                }
             ),
             1,
         );
-        let fresh = registry.is_none_or(|r| !r.exists());
+        let text = match shared {
+            Shared::Postgres(c, _) => on_postgres(&text, c, "hubs"),
+            _ => text,
+        };
+        let fresh = match shared {
+            Shared::No => true,
+            Shared::Sqlite(r) => !r.exists(),
+            Shared::Postgres(_, first) => first,
+        };
         let config = dir.path().join("hub.toml");
         std::fs::write(&config, text).expect("write");
         let accounts: &[(&str, &str)] = if fresh {
@@ -690,8 +711,8 @@ fn hubs_sharing_a_registry_cut_a_device_revoked_at_either() {
     let pki = std::sync::Arc::new(Pki::new());
     let shared = tempfile::tempdir().expect("dir");
     let registry = shared.path().join("fleet.sqlite");
-    let hub1 = Hub::start_on(pki.clone(), "hub-01", "1h", Some(&registry));
-    let mut hub2 = Hub::start_on(pki, "hub-02", "1h", Some(&registry));
+    let hub1 = Hub::start_on(pki.clone(), "hub-01", "1h", Shared::Sqlite(&registry));
+    let mut hub2 = Hub::start_on(pki, "hub-02", "1h", Shared::Sqlite(&registry));
     let echo = echo_server("127.0.1.1");
     let (config, _state) = edge_config(&hub1, "edge-a", echo, "");
     let text = std::fs::read_to_string(&config).expect("config").replace(
@@ -724,6 +745,74 @@ fn hubs_sharing_a_registry_cut_a_device_revoked_at_either() {
     assert_eq!(code, 0, "{err}");
     assert_cut_within_5s(&mut client, "the relay through hub-02");
     wait_audit(&hub2, "device.revoke");
+}
+
+/// Three hub processes on one PostgreSQL database: an edge enrolled with a
+/// token made at the first hub and connected only to the second; a config
+/// pushed at the first reaches it, the third sees what it applied; a
+/// revocation at the third cuts its relay through the second within 5 s.
+#[test]
+fn three_hubs_on_one_postgres_share_tokens_pushes_and_revocations() {
+    if let Some(why) = cluster::missing() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let pg = Cluster::start(false).expect("PostgreSQL");
+    pg.create_database("hubs").expect("database");
+    let pki = std::sync::Arc::new(Pki::new());
+    let a = Hub::start_on(pki.clone(), "hub-01", "1h", Shared::Postgres(&pg, true));
+    let mut b = Hub::start_on(pki.clone(), "hub-02", "1h", Shared::Postgres(&pg, false));
+    let c = Hub::start_on(pki, "hub-03", "1h", Shared::Postgres(&pg, false));
+    // The accounts made for the first hub are the others' too.
+    for h in [&b, &c] {
+        for who in ["sam", "sue", "ada"] {
+            std::fs::copy(
+                a.dir.path().join(format!("{who}.cred")),
+                h.dir.path().join(format!("{who}.cred")),
+            )
+            .expect("credential");
+        }
+    }
+    let echo = echo_server("127.0.1.1");
+    let (config, state) = edge_config(&b, "edge-a", echo, "");
+    let (code, out) = enroll(&config, &a.token("edge-a"));
+    assert_eq!(code, 0, "enrolled at hub-02 with hub-01's token: {out}");
+    let mut edge = Proc::start(&config);
+    b.wait_log("Edge connected");
+    let mut client = TcpStream::connect(b.publish).expect("publish on hub-02");
+    round_trip(&mut client, b"ping");
+    // Pushed at hub-01, offered by hub-02, seen applied at hub-03.
+    let base = std::fs::read_to_string(&config).expect("config");
+    let good = base.replacen("heartbeat = \"1s\"", "heartbeat = \"2s\"", 1);
+    let (code, out, err) = a.push("sam", &good);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("version 1"), "{out}");
+    edge.wait_log("Pushed config applied");
+    c.wait_config("version 1 applied, seen at hub-03", |s| {
+        s["applied"] == 1 && s["result"]["outcome"] == "applied"
+    });
+    assert_eq!(
+        std::fs::read_to_string(state.join("managed/config.toml")).expect("managed"),
+        good
+    );
+    // Revoked at hub-03: hub-02 cuts the relay and refuses the box.
+    let (code, _, err) = c.ctl("sue", &["revoke", "edge-a"]);
+    assert_eq!(code, 0, "{err}");
+    assert_cut_within_5s(&mut client, "the relay through hub-02");
+    wait_audit(&b, "device.revoke");
+    // It all lives in the database, not in the hubs' state directories.
+    assert_eq!(
+        pg.sql(
+            "hubs",
+            "SELECT revoked_ms IS NOT NULL, (SELECT count(*) FROM config WHERE device = 'edge-a') FROM device WHERE id = 'edge-a'"
+        )
+        .expect("sql"),
+        "t|1"
+    );
+    for h in [&a, &b, &c] {
+        assert!(!h.dir.path().join("state/fleet.sqlite").exists());
+    }
+    drop(edge);
 }
 
 #[test]

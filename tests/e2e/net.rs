@@ -154,6 +154,21 @@ pub struct HubNode {
     pub config_text: String,
 }
 
+/// `[hub] store = "postgres"` and its section, for database `db` of
+/// `cluster` (over its Unix socket), added to a hub's config `text`.
+pub fn on_postgres(
+    text: &str,
+    cluster: &gateway_store::postgres::cluster::Cluster,
+    db: &str,
+) -> String {
+    let text = text.replacen("[hub]\n", "[hub]\nstore = \"postgres\"\n", 1);
+    format!(
+        "{text}\n[hub.postgres]\nconnect = \"host={} port={} dbname={db} user=postgres sslmode=disable\"\npool = 4\n",
+        cluster.socket_dir().display(),
+        cluster.port
+    )
+}
+
 pub fn hub_toml(
     pki: &Pki,
     spec: &HubSpec<'_>,
@@ -879,6 +894,74 @@ impl Reader {
             let (d, c) = stream.split_once('/').expect("DEVICE/CHANNEL");
             s.grant(d, c, name, 0).expect("grant");
         }
+        Reader::with_files(&ca.join("ca.pem"), api, name, Some((&cert, &key)))
+    }
+
+    /// Consumer `name` of hubs keeping their state in the PostgreSQL
+    /// database `store`, granted `streams`; the consumer is recorded and
+    /// granted through the store's traits (on a thread of its own, so callers
+    /// inside a runtime may call it).
+    pub fn for_postgres(
+        pki: &Pki,
+        store: &config::PgStore,
+        api: SocketAddr,
+        name: &str,
+        streams: &[&str],
+    ) -> Reader {
+        use gateway_daemon::tunnel::pki as p;
+        use gateway_store::registry::Registry as _;
+        use gateway_store::sink::{Sink as _, StreamKey};
+        let out = pki.dir.path().join("consumers");
+        let ca = pki.ca();
+        let (cert, key) = (
+            out.join(format!("{name}.pem")),
+            out.join(format!("{name}.key")),
+        );
+        let (store, owned_name) = (store.clone(), name.to_owned());
+        let streams: Vec<String> = streams.iter().map(|s| (*s).to_owned()).collect();
+        let (c2, k2, ca2) = (cert.clone(), key.clone(), ca.clone());
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                let pg = gateway_store::postgres::Pg::open(&store)
+                    .await
+                    .expect("PostgreSQL");
+                if !c2.exists() {
+                    std::fs::create_dir_all(&out).expect("consumers dir");
+                    let signer =
+                        p::Signer::load(&ca2.join("ca.pem"), &ca2.join("ca.key")).expect("ca");
+                    let (key_pem, csr) = p::new_consumer_request(&owned_name).expect("csr");
+                    let now = gateway_daemon::node::clock::now_ms();
+                    let (pem, not_after_ms, serial) = signer
+                        .sign_consumer(&csr, &owned_name, now, 30)
+                        .expect("sign");
+                    gateway_store::postgres::PgRegistry::new(pg.clone())
+                        .add_consumer(gateway_store::registry::NewConsumer {
+                            name: owned_name.clone(),
+                            serial,
+                            not_after_ms,
+                            by: "test".into(),
+                            now_ms: now,
+                        })
+                        .await
+                        .expect("add consumer");
+                    p::write_new(&k2, &key_pem, 0o600).expect("key");
+                    p::write_new(&c2, &pem, 0o600).expect("cert");
+                }
+                let sink = gateway_store::postgres::PgSink::new(pg);
+                for stream in &streams {
+                    let (d, c) = stream.split_once('/').expect("DEVICE/CHANNEL");
+                    sink.grant(StreamKey::new(d, c), owned_name.clone(), 0)
+                        .await
+                        .expect("grant");
+                }
+            });
+        })
+        .join()
+        .expect("consumer made");
         Reader::with_files(&ca.join("ca.pem"), api, name, Some((&cert, &key)))
     }
 
