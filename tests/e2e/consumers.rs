@@ -338,3 +338,72 @@ async fn certificate_less_requests_are_summarised_not_recorded_one_by_one() {
         "400 refusals in a few seconds: {grown:#?}"
     );
 }
+
+/// Two hubs on one PostgreSQL: records synced through the first are read
+/// through the second; a consumer's ack at one moves its cursor at the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_reads_and_acks_through_either_hub_on_one_postgres() {
+    use gateway_store::postgres::cluster::{self, Cluster};
+    if let Some(why) = cluster::missing() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let pg = Cluster::start(false).expect("PostgreSQL");
+    pg.create_database("hubs").expect("database");
+    let pki = Pki::new();
+    let on = |id| HubSpec {
+        postgres: Some((&pg, "hubs")),
+        extra: LOOPBACK_NEVER_BANNED,
+        ..HubSpec::new(id, 2, &[])
+    };
+    let a = start_hub(&pki, on("hub-01")).await;
+    let b = start_hub(&pki, on("hub-02")).await;
+    let edge = start_edge(
+        &pki,
+        EdgeSpec {
+            extra: CHANNELS,
+            ingest: true,
+            ..EdgeSpec::new("edge-b", 2, 2, vec![a.quic])
+        },
+    )
+    .await;
+    ready(&edge).await;
+    let store = *load(&a.config_text)
+        .hub()
+        .expect("hub")
+        .settings
+        .postgres
+        .clone()
+        .expect("postgres");
+    let xa = Reader::for_postgres(&pki, &store, a.api, "central-x", &["edge-b/readings"]);
+    let dir = pki.dir.path().join("consumers");
+    let xb = Reader::with_files(
+        &pki.ca().join("ca.pem"),
+        b.api,
+        "central-x",
+        Some((&dir.join("central-x.pem"), &dir.join("central-x.key"))),
+    );
+    post(edge.ingest.expect("ingest"), "readings", 1, 10).await;
+    // Synced through hub-01, seen through hub-02.
+    wait_high(&xb, "edge-b/readings", 10).await;
+    let (status, body) = xa
+        .get("POST", "/v1/channels/edge-b/readings/ack?cursor=6")
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (_, body) = xb.get("GET", "/v1/channels/edge-b/readings/records").await;
+    assert_eq!(
+        seqs(&body),
+        [7, 8, 9, 10],
+        "hub-02 reads after the ack at hub-01"
+    );
+    let (status, body) = xb
+        .get("POST", "/v1/channels/edge-b/readings/ack?cursor=10")
+        .await;
+    assert_eq!(
+        (status, json(&body)["removed"].clone()),
+        (200, 4.into()),
+        "{body}"
+    );
+    let (_, body) = xa.get("GET", "/v1/channels/edge-b/readings/records").await;
+    assert!(seqs(&body).is_empty(), "{body}");
+}

@@ -815,6 +815,110 @@ fn three_hubs_on_one_postgres_share_tokens_pushes_and_revocations() {
     drop(edge);
 }
 
+/// A single hub's SQLite state moved into PostgreSQL with `gatewayd hub
+/// migrate-store`: the hub on PostgreSQL knows the accounts, the device, its
+/// pushed config and its audit chain (exported and verified against the CA);
+/// a second migration into the same database is refused.
+#[test]
+fn a_single_hub_moves_to_postgres_with_migrate_store() {
+    if let Some(why) = cluster::missing() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let mut old = Hub::start("1h");
+    let echo = echo_server("127.0.1.1");
+    let (config, _state) = edge_config(&old, "edge-a", echo, "");
+    let (code, out) = enroll(&config, &old.token("edge-a"));
+    assert_eq!(code, 0, "{out}");
+    let mut edge = Proc::start(&config);
+    edge.wait_log("Tunnel up");
+    let base = std::fs::read_to_string(&config).expect("config");
+    let (code, _, err) = old.push(
+        "sam",
+        &base.replacen("heartbeat = \"1s\"", "heartbeat = \"2s\"", 1),
+    );
+    assert_eq!(code, 0, "{err}");
+    let head = poll_blocking("audit collected", Duration::from_secs(10), || {
+        let d = old.device("edge-a");
+        d["audit_head"]
+            .as_u64()
+            .filter(|h| *h >= 2)
+            .ok_or(d.to_string())
+    });
+    edge.signal(Signal::SIGTERM);
+    let _ = edge.wait_exit();
+    old.kill();
+
+    let pg = Cluster::start(false).expect("PostgreSQL");
+    pg.create_database("hubs").expect("database");
+    let text = on_postgres(
+        &std::fs::read_to_string(&old.config).expect("config"),
+        &pg,
+        "hubs",
+    )
+    .replace(
+        &old.dir.path().join("state").display().to_string(),
+        &old.dir.path().join("state-pg").display().to_string(),
+    );
+    let pg_config = old.dir.path().join("hub-pg.toml");
+    std::fs::write(&pg_config, text).expect("write");
+    let from = old.dir.path().join("state");
+    let migrate = |c: &Path| {
+        let out = common::gatewayd(&[
+            "hub",
+            "migrate-store",
+            "--config",
+            c.to_str().expect("path"),
+            "--from-sqlite",
+            from.to_str().expect("path"),
+        ]);
+        let (o, e) = common::text(&out);
+        (common::code(&out), o, e)
+    };
+    let (code, out, err) = migrate(&pg_config);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("audit chains: 1 verified"), "{out}");
+    assert!(
+        out.contains("account ") && out.contains("edge_audit "),
+        "{out}"
+    );
+    let (code, _, err) = migrate(&pg_config);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("not empty"), "{err}");
+    // An SQLite hub's config is not a target.
+    let (code, _, err) = migrate(&old.config);
+    assert_eq!(code, 2, "{err}");
+
+    // The hub on PostgreSQL: same accounts, same device, same chain.
+    old.config = pg_config;
+    old.run();
+    let d = old.device("edge-a");
+    assert_eq!(d["audit_head"].as_u64(), Some(head), "{d}");
+    assert!(d["audit_broken"].is_null(), "{d}");
+    let s = old.config_status("edge-a");
+    assert_eq!(s["desired"], 1, "{s}");
+    let export = old.dir.path().join("moved.jsonl");
+    let (code, _, err) = old.ctl(
+        "ada",
+        &[
+            "audit",
+            "export",
+            "--device",
+            "edge-a",
+            "--out",
+            export.to_str().expect("p"),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let out = Command::new(env!("CARGO_BIN_EXE_gatewayctl"))
+        .args(["audit", "verify", export.to_str().expect("p"), "--ca"])
+        .arg(old.pki.ca().join("ca.pem"))
+        .output()
+        .expect("verify");
+    let (o, e) = common::text(&out);
+    assert_eq!(out.status.code(), Some(0), "{o}{e}");
+}
+
 #[test]
 fn an_edited_edge_audit_record_raises_the_alarm_at_the_hub() {
     let mut hub = Hub::start("1h");

@@ -93,6 +93,8 @@ pub struct HubSpec<'a> {
     pub api: Option<SocketAddr>,
     /// `[hub].sink`: a sink file shared with other hubs.
     pub sink: Option<PathBuf>,
+    /// `[hub] store = "postgres"`: this database of this cluster.
+    pub postgres: Option<(&'a gateway_store::postgres::cluster::Cluster, &'a str)>,
     /// More `[hub]` settings, TOML lines.
     pub hub_extra: &'a str,
     /// Appended to the config (top-level sections such as `[detect]`).
@@ -111,6 +113,7 @@ impl<'a> HubSpec<'a> {
             state: None,
             api: None,
             sink: None,
+            postgres: None,
             hub_extra: "",
             extra: "",
         }
@@ -199,6 +202,9 @@ pub fn hub_toml(
             &format!("\nsink = \"{}\"\n\n[[zone]]", sink.display()),
             1,
         );
+    }
+    if let Some((cluster, db)) = spec.postgres {
+        s = on_postgres(&s, cluster, db);
     }
     // A publish written "udp:DEVICE/SERVICE" is a UDP publish.
     for (svc, addr) in spec.publishes.iter().zip(publish) {

@@ -588,6 +588,32 @@ async fn the_sqlite_registry_keeps_alarms_once_each() {
     alarms_suite(&a, &b).await;
 }
 
+/// A chain of `n` records of `device`.
+fn audit_chain(device: &str, n: u64) -> Vec<gateway_core::audit::Record> {
+    use gateway_core::audit::{Event, GENESIS, Record};
+    let mut prev = GENESIS;
+    (1..=n)
+        .map(|i| {
+            let r = Record::chain(
+                i,
+                Event {
+                    time_ms: i as i64 * 1000,
+                    device: device.into(),
+                    subject: "s".into(),
+                    object: "o".into(),
+                    event: "relay.open".into(),
+                    outcome: "allow".into(),
+                    rule: String::new(),
+                    detail: String::new(),
+                },
+                prev,
+            );
+            prev = r.hash;
+            r
+        })
+        .collect()
+}
+
 /// Hubs sharing the registry learn of each other's changes from the log.
 async fn changes_suite(a: &dyn Registry, b: &dyn Registry) {
     use gateway_store::registry::ChangeKind;
@@ -703,6 +729,122 @@ mod postgres {
         let seen = b.changes(from, 10).await.expect("changes");
         assert_eq!(seen.len(), 1);
         changes_suite(&a, &b).await;
+    }
+
+    /// A populated single hub (SQLite) copied into PostgreSQL reads back the
+    /// same through the traits; a second import into it is refused.
+    #[tokio::test]
+    async fn a_sqlite_hub_is_imported_whole_and_verified() {
+        let Some((c, pg, _)) = two().await else {
+            return;
+        };
+        let dir = tempfile::tempdir().expect("dir");
+        let sink = Blocking::new(SqliteSink::open(dir.path()).expect("sink"));
+        let reg = Blocking::new(SqliteRegistry::open(dir.path()).expect("registry"));
+        sink.commit(vec![batch("d", "c", &[1, 2, 3]), batch("e", "c", &[1])])
+            .await
+            .expect("commit");
+        sink.grant(StreamKey::new("d", "c"), "reports".into(), 1)
+            .await
+            .expect("grant");
+        sink.ack(StreamKey::new("d", "c"), "reports".into(), 1)
+            .await
+            .expect("ack");
+        sink.failed(StreamKey::new("e", "c"), 1, "refused".into())
+            .await
+            .expect("failed");
+        reg.add_account(NewAccount {
+            name: "sam".into(),
+            role: AdminRole::System,
+            digest: "d1".into(),
+            now_ms: 1,
+        })
+        .await
+        .expect("account");
+        reg.push_config(ConfigPush {
+            device: "e1".into(),
+            text: "x".into(),
+            by: "sam".into(),
+            now_ms: 2,
+        })
+        .await
+        .expect("push");
+        reg.revoke("e2".into(), "sam".into(), 3)
+            .await
+            .expect("revoke");
+        let chain = audit_chain("e1", 5);
+        assert_eq!(
+            reg.append_audit("e1".into(), chain.clone())
+                .await
+                .expect("sql"),
+            Ok(5)
+        );
+        let mut forged = audit_chain("e3", 3);
+        forged[1].event.detail = "edited".into();
+        assert!(
+            reg.append_audit("e3".into(), forged)
+                .await
+                .expect("sql")
+                .is_err()
+        );
+        drop((sink, reg));
+        let (fleet, sinkf) = (
+            dir.path().join(gateway_store::sqlite::registry::FILE_NAME),
+            dir.path().join(gateway_store::sqlite::sink::FILE_NAME),
+        );
+        let done = gateway_store::postgres::import::from_sqlite(&pg, &fleet, &sinkf, |_, _| {})
+            .await
+            .expect("import");
+        assert_eq!(done.chains, (1, 1), "e1 verified, e3 marked broken");
+        let rows: std::collections::HashMap<_, _> = done.tables.iter().cloned().collect();
+        assert_eq!(
+            (rows["record"], rows["edge_audit"], rows["account"]),
+            (2 + 1, 5, 1)
+        );
+        let (r, s) = (PgRegistry::new(pg.clone()), PgSink::new(pg.clone()));
+        assert_eq!(
+            seqs(&s, "d", "c", 0).await,
+            [2, 3],
+            "record 1 was acked by the only consumer"
+        );
+        assert_eq!(s.high(StreamKey::new("d", "c")).await.expect("high"), 3);
+        assert_eq!(
+            s.cursor(StreamKey::new("d", "c"), "reports".into())
+                .await
+                .expect("cursor"),
+            Some(1)
+        );
+        assert_eq!(
+            s.failures(StreamKey::new("e", "c"), 0, 9)
+                .await
+                .expect("failures"),
+            [(1, "refused".to_owned())]
+        );
+        assert!(r.is_revoked("e2".into()).await.expect("revoked"));
+        assert_eq!(
+            r.desired("e1".into()).await.expect("desired"),
+            Some((1, "x".into()))
+        );
+        assert_eq!(r.audit_next("e1".into()).await.expect("next"), 6);
+        let export = r
+            .audit_export("e1".into(), 0)
+            .await
+            .expect("export")
+            .expect("some");
+        assert_eq!((export.continuous, export.records), (true, chain));
+        assert_eq!(
+            r.account("d1".into()).await.expect("account"),
+            Some(("sam".into(), AdminRole::System))
+        );
+        // The database is taken now: a second import is refused, and leaves it.
+        match gateway_store::postgres::import::from_sqlite(&pg, &fleet, &sinkf, |_, _| {}).await {
+            Err(e) => assert!(e.to_string().contains("not empty"), "{e}"),
+            Ok(_) => panic!("imported twice"),
+        }
+        assert_eq!(
+            c.sql("hub", "SELECT count(*) FROM record").expect("sql"),
+            "3"
+        );
     }
 
     #[tokio::test]

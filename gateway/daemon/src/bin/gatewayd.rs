@@ -37,6 +37,9 @@ enum Command {
     /// Operator accounts of a hub (one role each): the bootstrap for gatewayctl.
     #[command(subcommand)]
     Accounts(cli::accounts::AccountsCommand),
+    /// A hub's store: move a single hub's SQLite state into PostgreSQL.
+    #[command(subcommand)]
+    Hub(cli::hub::HubCommand),
     /// Producers of an ingest with auth = "token": give one a token, take it
     /// away, list them (the tokens file keeps only digests).
     #[command(subcommand)]
@@ -66,6 +69,7 @@ fn main() -> ExitCode {
         Command::Run(a) => cli::run::run(a),
         Command::Enroll(a) => cli::enroll::run(a),
         Command::Accounts(a) => cli::accounts::run(a),
+        Command::Hub(a) => cli::hub::run(a),
         Command::Pki(a) => cli::pki::run(a),
         Command::Producer(a) => cli::producer::run(a),
         Command::Audit(a) => cli::audit::run(a),

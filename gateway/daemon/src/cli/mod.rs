@@ -6,6 +6,7 @@ pub mod channels;
 pub mod check;
 pub mod demo;
 pub mod enroll;
+pub mod hub;
 pub mod nftables;
 pub mod pki;
 pub mod producer;
