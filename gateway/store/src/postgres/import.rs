@@ -31,7 +31,7 @@ enum Kind {
 
 /// The tables copied, from which file, with their columns. The change log is
 /// not copied: hubs on PostgreSQL start from its head.
-const TABLES: &[(File, &str, &[(&str, Kind)])] = &[
+const TABLES: &[Table] = &[
     (
         File::Registry,
         "account",
@@ -198,6 +198,9 @@ const TABLES: &[(File, &str, &[(&str, Kind)])] = &[
         ],
     ),
 ];
+
+/// A table copied: its file, its name, its columns.
+type Table = (File, &'static str, &'static [(&'static str, Kind)]);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum File {
