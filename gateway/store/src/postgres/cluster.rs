@@ -184,6 +184,41 @@ impl Cluster {
         self.pg_ctl_start(&options)
     }
 
+    /// Turns TLS on with the server certificate and key given (PEM) and
+    /// replaces `pg_hba.conf` with `hba`; restarts the server.
+    ///
+    /// # Errors
+    /// What failed, with the server's log.
+    pub fn enable_tls(&self, cert_pem: &str, key_pem: &str, hba: &str) -> Result<(), String> {
+        use std::os::unix::fs::PermissionsExt;
+        for (name, text) in [
+            ("server.crt", cert_pem),
+            ("server.key", key_pem),
+            ("pg_hba.conf", hba),
+        ] {
+            let path = self.data().join(name);
+            std::fs::write(&path, text).map_err(|e| e.to_string())?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| e.to_string())?;
+            if is_root() {
+                let ok = Command::new("chown")
+                    .arg("postgres:postgres")
+                    .arg(&path)
+                    .status()
+                    .map_err(|e| e.to_string())?;
+                if !ok.success() {
+                    return Err(format!("chown {name}"));
+                }
+            }
+        }
+        let mut conf =
+            std::fs::read_to_string(self.data().join("postgresql.conf")).unwrap_or_default();
+        conf.push_str("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\npassword_encryption = 'scram-sha-256'\n");
+        std::fs::write(self.data().join("postgresql.conf"), conf).map_err(|e| e.to_string())?;
+        self.stop_immediate();
+        self.start_again()
+    }
+
     /// Runs `sql` in database `db` as the superuser; its output.
     ///
     /// # Errors

@@ -49,7 +49,17 @@ pub fn classify(e: &tokio_postgres::Error) -> StoreError {
     use tokio_postgres::error::SqlState as S;
     let text = match e.as_db_error() {
         Some(db) => format!("{}: {} ({})", db.severity(), db.message(), db.code().code()),
-        None => e.to_string(),
+        None => {
+            // The driver's message, and what caused it (a TLS handshake's
+            // reason, an I/O error).
+            let mut text = e.to_string();
+            let mut cause = std::error::Error::source(e);
+            while let Some(c) = cause {
+                text += &format!(": {c}");
+                cause = c.source();
+            }
+            text
+        }
     };
     let Some(code) = e.code() else {
         // No SQLSTATE: the connection failed or closed.
