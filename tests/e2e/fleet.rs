@@ -815,6 +815,126 @@ fn three_hubs_on_one_postgres_share_tokens_pushes_and_revocations() {
     drop(edge);
 }
 
+/// One GET on the hub's admin listener; the body.
+fn admin_get(hub: &Hub, path: &str) -> String {
+    let mut c = TcpStream::connect(hub_admin(hub)).expect("admin");
+    c.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+        .expect("request");
+    let mut text = String::new();
+    c.read_to_string(&mut text).expect("answer");
+    text
+}
+
+/// PostgreSQL stopped under a running hub: relays go on (the open one and new
+/// ones), operators' writes answer 503 and change nothing, an enrollment is
+/// told to try again without using its token up, `/readyz` and
+/// `gateway_store_up` say the store is down; a hub that starts meanwhile exits
+/// with 69; a revoked box is still refused. Once PostgreSQL is back all of it
+/// works again, the token included.
+#[test]
+fn a_hub_on_postgres_rides_out_its_database_going_away() {
+    if let Some(why) = cluster::missing() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let pg = Cluster::start(true).expect("PostgreSQL");
+    pg.create_database("hubs").expect("database");
+    let mut hub = Hub::start_on(
+        std::sync::Arc::new(Pki::new()),
+        "hub-01",
+        "1h",
+        Shared::Postgres(&pg, true),
+    );
+    let echo = echo_server("127.0.1.1");
+    let (config, _) = edge_config(&hub, "edge-a", echo, "");
+    let (code, out) = enroll(&config, &hub.token("edge-a"));
+    assert_eq!(code, 0, "{out}");
+    let (config_z, _) = edge_config(&hub, "edge-z", echo_server("127.0.1.1"), "");
+    let (code, out) = enroll(&config_z, &hub.token("edge-z"));
+    assert_eq!(code, 0, "{out}");
+    let (code, _, err) = hub.ctl("sue", &["revoke", "edge-z"]);
+    assert_eq!(code, 0, "{err}");
+    let (config_b, _) = edge_config(&hub, "edge-b", echo_server("127.0.1.1"), "");
+    let token_b = hub.token("edge-b");
+    let mut edge = Proc::start(&config);
+    edge.wait_log("Tunnel up");
+    let mut open = TcpStream::connect(hub.publish).expect("publish");
+    round_trip(&mut open, b"before");
+
+    pg.stop_immediate();
+    poll_blocking("the store reported down", Duration::from_secs(15), || {
+        let m = admin_get(&hub, "/metrics");
+        if m.contains("gateway_store_up{engine=\"postgres\"} 0") {
+            Ok(())
+        } else {
+            Err(m)
+        }
+    });
+    let ready = admin_get(&hub, "/readyz");
+    assert!(
+        ready.contains("degraded: the hub's store (PostgreSQL) does not answer"),
+        "{ready}"
+    );
+    // Relays: the open one, and a new one.
+    round_trip(&mut open, b"during");
+    let mut fresh = TcpStream::connect(hub.publish).expect("publish");
+    round_trip(&mut fresh, b"new during");
+    // An operator's write: 503, the reason, nothing changed.
+    let (code, _, err) = hub.ctl("sue", &["revoke", "edge-a"]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("503") && err.contains("store is unavailable"),
+        "{err}"
+    );
+    // An enrollment: told to try again.
+    let (code, out) = enroll(&config_b, &token_b);
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("try again"), "{out}");
+    // The revoked box: still refused (this hub knows it is revoked).
+    let mut z = Proc::start(&config_z);
+    z.wait_log("revoked");
+    z.signal(Signal::SIGTERM);
+    let _ = z.wait_exit();
+    // A hub starting now cannot reach its store: 69, and it says so.
+    let (mut second, _) = (
+        std::process::Command::new(env!("CARGO_BIN_EXE_gatewayd"))
+            .args(["run", "--config"])
+            .arg(&hub.config)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("second hub"),
+        (),
+    );
+    let status = second.wait().expect("exit");
+    let mut err = String::new();
+    second
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut err)
+        .expect("stderr");
+    assert_eq!(status.code(), Some(69), "{err}");
+    assert!(err.contains("PostgreSQL"), "{err}");
+
+    pg.start_again().expect("PostgreSQL back");
+    poll_blocking("the store back", Duration::from_secs(30), || {
+        let r = admin_get(&hub, "/readyz");
+        if r.contains("degraded") {
+            Err(r)
+        } else {
+            Ok(())
+        }
+    });
+    round_trip(&mut open, b"after");
+    let (code, out) = enroll(&config_b, &token_b);
+    assert_eq!(code, 0, "the token was not used up: {out}");
+    let (code, _, err) = hub.ctl("sue", &["revoke", "edge-a"]);
+    assert_eq!(code, 0, "{err}");
+    assert_cut_within_5s(&mut open, "the relay of the box revoked after the outage");
+    hub.wait_log("Device revoked");
+    drop(edge);
+}
+
 /// A single hub's SQLite state moved into PostgreSQL with `gatewayd hub
 /// migrate-store`: the hub on PostgreSQL knows the accounts, the device, its
 /// pushed config and its audit chain (exported and verified against the CA);

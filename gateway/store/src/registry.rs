@@ -216,6 +216,8 @@ pub trait Registry: Send + Sync {
     fn is_revoked(&self, device: String) -> RegistryFuture<'_, bool>;
     /// Which of `ids` are revoked.
     fn revoked_among(&self, ids: Vec<String>) -> RegistryFuture<'_, Vec<String>>;
+    /// Every revoked device.
+    fn revoked(&self) -> RegistryFuture<'_, Vec<String>>;
     /// Revokes `device` (by operator `by`); whether it was not revoked before.
     fn revoke(&self, device: String, by: String, now_ms: i64) -> RegistryFuture<'_, bool>;
     /// Stores `device`'s latest heartbeat (JSON).

@@ -105,6 +105,33 @@ async fn sink_suite(a: &dyn Sink, b: &dyn Sink) {
             .is_empty()
     );
     a.maintain().await.expect("maintain");
+    // A batch larger than one insert statement holds, and one resent from its
+    // middle by the other hub.
+    let big: Vec<u64> = (1..=250).collect();
+    let c = a
+        .commit(vec![batch("big", "c", &big[..180])])
+        .await
+        .expect("commit");
+    assert_eq!((c[0].upto, c[0].stored), (180, 180));
+    let c = b
+        .commit(vec![batch("big", "c", &big[120..])])
+        .await
+        .expect("commit");
+    assert_eq!((c[0].upto, c[0].stored, c[0].duplicates), (250, 70, 60));
+    let got = b
+        .read(StreamKey::new("big", "c"), 0, 1000)
+        .await
+        .expect("read");
+    assert_eq!(got.len(), 250);
+    assert!(
+        got.iter()
+            .zip(1u64..)
+            .all(|(r, i)| r.seq == i && r.body == format!("{{\"n\":{i}}}").into_bytes())
+    );
+    let s = b.streams().await.expect("streams");
+    let big = s.iter().find(|s| s.device == "big").expect("stream");
+    let bytes: u64 = got.iter().map(|r| r.body.len() as u64).sum();
+    assert_eq!((big.records, big.bytes, big.duplicates), (250, bytes, 60));
 }
 
 /// Consumers' own cursors across two hubs: each granted consumer reads every

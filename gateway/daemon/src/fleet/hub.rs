@@ -54,6 +54,9 @@ pub struct Fleet {
     /// The config version this hub last offered each device, so a push seen
     /// again in the change log is not offered twice.
     offered: Mutex<HashMap<String, u64>>,
+    /// Devices this hub knows are revoked (read at start, then from the
+    /// change log): refused even while the registry does not answer.
+    revoked: Mutex<std::collections::HashSet<String>>,
 }
 
 /// At most one duplicate-identity record per device in this long (the metric
@@ -151,6 +154,7 @@ impl Fleet {
             enrolling_from: Arc::default(),
             duplicates: Mutex::default(),
             offered: Mutex::default(),
+            revoked: Mutex::default(),
         })
     }
 
@@ -254,6 +258,10 @@ impl Fleet {
                 }
                 Ok(())
             }
+            Err(_) if lock(&self.revoked).contains(device) => {
+                warn!(%device, %remote, "Refusing tunnel: the device is revoked (known here; the registry does not answer)");
+                Err(Refusal::Revoked)
+            }
             Err(error) => {
                 error!(%device, %error, "Cannot check the device's certificate in the registry; letting the tunnel in");
                 Ok(())
@@ -312,6 +320,7 @@ impl Fleet {
             .reg
             .revoke(device.to_owned(), by.to_owned(), now_ms())
             .await?;
+        lock(&self.revoked).insert(device.to_owned());
         let closed = self.devices.close_all(
             device,
             fleet::CLOSE_REVOKED,
@@ -558,6 +567,13 @@ impl Fleet {
                     );
                 }
                 EnrollAnswer::Issued { cert_pem }
+            }
+            // The box did nothing wrong: not counted against its address.
+            Err(e) if e.retry_later() => {
+                warn!(%device, %remote, %e, "Enrollment not done: the hub's store is unavailable");
+                EnrollAnswer::Refused {
+                    reason: "the hub cannot reach its store now; the token was not used, try again in a minute".into(),
+                }
             }
             Err(e) => refuse(e.to_string()),
         }
@@ -839,6 +855,7 @@ impl Fleet {
 
     /// Cuts the connections here of a device revoked in the registry.
     fn cut_revoked(&self, device: &str) {
+        lock(&self.revoked).insert(device.to_owned());
         let closed = self.devices.close_all(
             device,
             fleet::CLOSE_REVOKED,
@@ -914,8 +931,17 @@ impl Fleet {
             Duration::from_secs(1)
         };
         let mut from = loop {
-            match self.reg.change_head().await {
-                Ok(head) => break head,
+            // The head first, then the revoked: a revocation between the two
+            // is read again from the log (acting on it twice is harmless).
+            let known = match self.reg.change_head().await {
+                Ok(head) => self.reg.revoked().await.map(|r| (head, r)),
+                Err(e) => Err(e),
+            };
+            match known {
+                Ok((head, revoked)) => {
+                    lock(&self.revoked).extend(revoked);
+                    break head;
+                }
                 Err(e) => warn!(%e, "Cannot read the registry's change log; retrying"),
             }
             if !self.ctx.pause(Duration::from_secs(2)).await {

@@ -204,6 +204,12 @@ pub async fn start(config: Config, mut bindings: Bindings) -> Result<Running, St
             "The state directory is open to other users; chmod 700 it (databases, keys and spool files live there)"
         );
     }
+    // A hub's store before any socket: a hub that cannot reach its database
+    // says so and holds no port.
+    let mut stores = match &config.role {
+        Role::Hub(h) => Some(hub::open_stores(h, &config.node.state_dir).await?),
+        Role::Edge(_) => None,
+    };
     let alarm_config = config.alarms.clone();
     let forwarders =
         crate::detect::forward::forwarders(&alarm_config).map_err(StartError::Alarms)?;
@@ -230,7 +236,7 @@ pub async fn start(config: Config, mut bindings: Bindings) -> Result<Running, St
     let mut taps = Vec::new();
     let (endpoints, state, quic_addr, ops_addr, readiness) = match &role {
         Role::Hub(h) => {
-            let stores = hub::open_stores(h, &state_dir).await?;
+            let stores = stores.take().ok_or(StartError::Fleet("the hub's store".into()))?;
             let started = hub::start(
                 &ctx,
                 h,

@@ -208,6 +208,11 @@ enum File {
     Sink,
 }
 
+/// Records are keyed by their stream's number in PostgreSQL (copied before
+/// them); a record of no stream inserts nothing, and the count says so.
+const RECORD_INSERT: &str = "INSERT INTO record (stream, seq, time_ms, received_ms, format, body)
+     SELECT id, $3, $4, $5, $6, $7 FROM stream WHERE device = $1 AND channel = $2";
+
 /// Rows copied per pipelined round trip.
 const CHUNK: usize = 500;
 
@@ -317,13 +322,16 @@ pub async fn from_sqlite(
         };
         let names: Vec<&str> = columns.iter().map(|c| c.0).collect();
         let marks: Vec<String> = (1..=columns.len()).map(|i| format!("${i}")).collect();
-        let insert = tx
-            .prepare(&format!(
+        let insert = if *table == "record" {
+            tx.prepare(RECORD_INSERT).await?
+        } else {
+            tx.prepare(&format!(
                 "INSERT INTO {table} ({}) VALUES ({})",
                 names.join(", "),
                 marks.join(", ")
             ))
-            .await?;
+            .await?
+        };
         // A table an older SQLite registry never had is empty here.
         let exists: bool = src
             .query_row(

@@ -820,6 +820,19 @@ impl Registry for PgRegistry {
         Box::pin(self.revoked_among(ids))
     }
 
+    fn revoked(&self) -> RegistryFuture<'_, Vec<String>> {
+        Box::pin(async move {
+            let c = self.pg.client().await?;
+            let rows = c
+                .query(
+                    "SELECT id FROM device WHERE revoked_ms IS NOT NULL ORDER BY id",
+                    &[],
+                )
+                .await?;
+            Ok(rows.iter().map(|r| r.get(0)).collect())
+        })
+    }
+
     fn revoke(&self, device: String, by: String, now_ms: i64) -> RegistryFuture<'_, bool> {
         Box::pin(self.revoke(device, by, now_ms))
     }

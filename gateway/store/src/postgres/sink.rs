@@ -43,43 +43,90 @@ fn i64_of(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
-/// The upsert of a stream's row: the one statement a dialect without
-/// `ON CONFLICT` replaces (with `MERGE`, or an insert that ignores the
-/// duplicate-key error).
-const MAKE_STREAM: &str =
+/// The upsert of a stream's row, which also locks it and returns its `high`
+/// (`ON CONFLICT DO UPDATE` reads the newest committed row, under READ
+/// COMMITTED too): the statement a dialect without `ON CONFLICT` replaces
+/// (with `MERGE`, or an insert ignoring the duplicate key and a `SELECT ...
+/// FOR UPDATE`).
+const LOCK_STREAM: &str =
     "INSERT INTO stream (device, channel, deliver_to, high, consumed, records, bytes, duplicates)
-     VALUES ($1, $2, $3, 0, 0, 0, 0, 0) ON CONFLICT (device, channel) DO NOTHING";
+     VALUES ($1, $2, $3, 0, 0, 0, 0, 0)
+     ON CONFLICT (device, channel) DO UPDATE SET deliver_to = EXCLUDED.deliver_to
+     RETURNING id, high";
+
+/// Records inserted by one statement at most.
+const INSERT_ROWS: usize = 100;
+
+/// The insert of `n` records of one stream: `$1` its number, `$2`
+/// received, then (seq, time, format, body) per record.
+fn insert_rows(n: usize) -> String {
+    let mut q = String::from(
+        "INSERT INTO record (stream, seq, time_ms, received_ms, format, body) VALUES ",
+    );
+    for i in 0..n {
+        let p = 3 + 4 * i;
+        if i > 0 {
+            q.push_str(", ");
+        }
+        q.push_str(&format!(
+            "($1, ${p}, ${}, $2, ${}, ${})",
+            p + 1,
+            p + 2,
+            p + 3
+        ));
+    }
+    q.push_str(" ON CONFLICT (stream, seq) DO NOTHING");
+    q
+}
 
 async fn commit_in(tx: &deadpool_postgres::Transaction<'_>, b: &SinkBatch) -> R<Committed> {
-    let make = tx.prepare_cached(MAKE_STREAM).await?;
-    tx.execute(&make, &[&b.device, &b.channel, &b.deliver_to])
+    // Made if missing, and locked either way: a second hub committing this
+    // stream waits here, then reads the first one's `high`.
+    let lock = tx.prepare_cached(LOCK_STREAM).await?;
+    let row = tx
+        .query_one(&lock, &[&b.device, &b.channel, &b.deliver_to])
         .await?;
-    let lock = tx
-        .prepare_cached("SELECT high FROM stream WHERE device = $1 AND channel = $2 FOR UPDATE")
-        .await?;
-    let high = u64_of(tx.query_one(&lock, &[&b.device, &b.channel]).await?.get(0));
-    let insert = tx
-        .prepare_cached(
-            "INSERT INTO record (device, channel, seq, time_ms, received_ms, format, body)
-             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (device, channel, seq) DO NOTHING",
-        )
-        .await?;
+    let (stream, high): (i64, i64) = (row.get(0), row.get(1));
+    let high = u64_of(high);
     let fresh: Vec<_> = b.records.iter().filter(|r| r.seq > high).collect();
     let seqs: Vec<i64> = fresh.iter().map(|r| i64_of(r.seq)).collect();
-    let inserted = try_join_all(fresh.iter().zip(&seqs).map(|(r, seq)| {
-        let params: [&(dyn ToSql + Sync); 7] = [
-            &b.device, &b.channel, seq, &r.time_ms, &b.now_ms, &r.format, &r.body,
-        ];
-        tx.execute_raw(&insert, params)
-    }))
+    // Rows of up to INSERT_ROWS per statement (one statement prepared per
+    // size), the statements pipelined.
+    let mut statements = Vec::new();
+    for chunk in fresh.chunks(INSERT_ROWS) {
+        statements.push(tx.prepare_cached(&insert_rows(chunk.len())).await?);
+    }
+    let inserted = try_join_all(
+        fresh
+            .chunks(INSERT_ROWS)
+            .zip(seqs.chunks(INSERT_ROWS))
+            .zip(&statements)
+            .map(|((rows, seqs), st)| {
+                let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(2 + 4 * rows.len());
+                params.extend([&stream as &(dyn ToSql + Sync), &b.now_ms]);
+                for (r, seq) in rows.iter().zip(seqs) {
+                    params.extend([seq as &(dyn ToSql + Sync), &r.time_ms, &r.format, &r.body]);
+                }
+                tx.execute_raw(st, params)
+            }),
+    )
     .await?;
     let stored: u64 = inserted.iter().sum();
-    let bytes: u64 = fresh
-        .iter()
-        .zip(&inserted)
-        .filter(|(_, n)| **n == 1)
-        .map(|(r, _)| r.body.len() as u64)
-        .sum();
+    let bytes: u64 = if stored == fresh.len() as u64 {
+        fresh.iter().map(|r| r.body.len() as u64).sum()
+    } else {
+        // Some were there already (cannot happen while `high` is kept in
+        // this transaction; counted from the table if it does).
+        let first = seqs.first().copied().unwrap_or(0);
+        let row = tx
+            .query_one(
+                "SELECT COALESCE(sum(octet_length(body)), 0)::BIGINT FROM record
+                 WHERE stream = $1 AND seq >= $2 AND received_ms = $3",
+                &[&stream, &first, &b.now_ms],
+            )
+            .await?;
+        u64_of(row.get(0))
+    };
     let upto = fresh.iter().map(|r| r.seq).max().unwrap_or(high).max(high);
     let duplicates = b.records.len() as u64 - stored;
     let raise = tx
@@ -129,7 +176,7 @@ async fn remove_upto(c: &impl GenericClient, device: &str, channel: &str, upto: 
     let gone = c
         .query_one(
             "WITH gone AS (
-                 DELETE FROM record WHERE device = $1 AND channel = $2 AND seq <= $3
+                 DELETE FROM record WHERE stream = (SELECT id FROM stream WHERE device = $1 AND channel = $2) AND seq <= $3
                  RETURNING octet_length(body) AS n
              ) SELECT COUNT(*), COALESCE(SUM(n), 0)::BIGINT FROM gone",
             &[&device, &channel, &upto],
@@ -163,7 +210,8 @@ impl PgSink {
         let st = c
             .prepare_cached(
                 "SELECT seq, time_ms, received_ms, format, body FROM record
-                 WHERE device = $1 AND channel = $2 AND seq > $3 ORDER BY seq LIMIT $4",
+                 WHERE stream = (SELECT id FROM stream WHERE device = $1 AND channel = $2)
+                   AND seq > $3 ORDER BY seq LIMIT $4",
             )
             .await?;
         let rows = c
@@ -315,9 +363,10 @@ impl PgSink {
             .query(
                 "WITH gone AS (
                      DELETE FROM record WHERE received_ms < $1
-                     RETURNING device, channel, seq, octet_length(body) AS n
-                 ) SELECT device, channel, COUNT(*), COALESCE(SUM(n), 0)::BIGINT, MIN(seq), MAX(seq)
-                   FROM gone GROUP BY device, channel ORDER BY device, channel",
+                     RETURNING stream, seq, octet_length(body) AS n
+                 ) SELECT s.device, s.channel, COUNT(*), COALESCE(SUM(n), 0)::BIGINT, MIN(seq), MAX(seq)
+                   FROM gone JOIN stream s ON s.id = gone.stream
+                   GROUP BY s.device, s.channel ORDER BY s.device, s.channel",
                 &[&before_ms],
             )
             .await?;

@@ -234,6 +234,10 @@ impl Registry for Blocking<SqliteRegistry> {
         self.run(move |r| r.revoked_among(&ids))
     }
 
+    fn revoked(&self) -> RegistryFuture<'_, Vec<String>> {
+        self.run(|r| r.revoked())
+    }
+
     fn revoke(&self, device: String, by: String, now_ms: i64) -> RegistryFuture<'_, bool> {
         self.run(move |r| r.revoke(&device, &by, now_ms))
     }

@@ -525,6 +525,18 @@ impl SqliteRegistry {
         Ok(out)
     }
 
+    /// Every revoked device.
+    ///
+    /// # Errors
+    /// SQLite.
+    pub fn revoked(&self) -> Result<Vec<String>, RegistryError> {
+        let mut st = self
+            .db
+            .prepare("SELECT id FROM device WHERE revoked_ms IS NOT NULL ORDER BY id")?;
+        let rows = st.query_map([], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// Revokes `device` (known or not); false when it already was.
     ///
     /// # Errors
