@@ -185,9 +185,15 @@ fn setup_on(pg: Option<&Cluster>) -> Setup {
         tempfile::tempdir().expect("state"),
     );
     let (quic, api) = (free_udp(), free_tcp("127.0.0.1"));
-    let mut hub_text = hub_toml(
+    if let Some(c) = pg {
+        c.create_database("hubs").expect("database");
+    }
+    let hub_text = hub_toml(
         &pki,
-        &HubSpec::new("hub-01", 2, &[]),
+        &HubSpec {
+            postgres: pg.map(|c| (c, "hubs")),
+            ..HubSpec::new("hub-01", 2, &[])
+        },
         quic,
         &[],
         (free_tcp("127.0.0.1"), api),
@@ -208,21 +214,18 @@ fn setup_on(pg: Option<&Cluster>) -> Setup {
             None,
         ),
         Some(c) => {
-            c.create_database("hubs").expect("database");
-            hub_text = on_postgres(&hub_text, c, "hubs");
             let (quic2, api2) = (free_udp(), free_tcp("127.0.0.1"));
             quics.push(quic2);
-            let text = on_postgres(
-                &hub_toml(
-                    &pki,
-                    &HubSpec::new("hub-02", 2, &[]),
-                    quic2,
-                    &[],
-                    (free_tcp("127.0.0.1"), api2),
-                    &hub_state.path().join("2"),
-                ),
-                c,
-                "hubs",
+            let text = hub_toml(
+                &pki,
+                &HubSpec {
+                    postgres: Some((c, "hubs")),
+                    ..HubSpec::new("hub-02", 2, &[])
+                },
+                quic2,
+                &[],
+                (free_tcp("127.0.0.1"), api2),
+                &hub_state.path().join("2"),
             );
             let path = hub_state.path().join("hub2.toml");
             std::fs::write(&path, text).expect("write");

@@ -208,10 +208,8 @@ async fn each_consumer_reads_only_its_grants_with_its_own_cursor() {
 
     // A grant withdrawn while the consumer reads: refused from the next request,
     // and what x alone had taken leaves the sink.
-    let mut sink = gateway_store::sqlite::SqliteSink::open(hub.state.path()).expect("sink");
     assert_eq!(
-        sink.revoke_grant("edge-b", "readings", "central-y")
-            .expect("revoke"),
+        revoke_grant(hub.state.path(), "edge-b", "readings", "central-y"),
         Some(6)
     );
     let (status, _) = y.get("GET", "/v1/channels/edge-b/readings/records").await;

@@ -69,9 +69,23 @@ impl Hub {
         let dir = tempfile::tempdir().expect("dir");
         let (quic, ops, publish) = (free_udp(), free_tcp("127.0.0.1"), free_tcp("127.0.0.1"));
         let api = free_tcp("127.0.0.1");
+        let state = dir.path().join("state");
+        // With every hub on PostgreSQL, hubs that would share a registry
+        // file share a database (one per state directory otherwise).
+        let pg_shared = match shared {
+            Shared::Sqlite(r) if pg_mode() => Some(pg_for(r)),
+            Shared::No if pg_mode() => Some(pg_for(&state)),
+            _ => None,
+        };
+        let postgres = match (shared, &pg_shared) {
+            (Shared::Postgres(c, _), _) => Some((c, "hubs")),
+            (_, Some((c, db, _))) => Some((*c, db.as_str())),
+            _ => None,
+        };
         // Several tests flood the hub from loopback on purpose.
         let spec = HubSpec {
             extra: LOOPBACK_NEVER_BANNED,
+            postgres,
             ..HubSpec::new(id, 2, &["edge-a/echo"])
         };
         let text = hub_toml(
@@ -80,27 +94,24 @@ impl Hub {
             quic,
             &[publish],
             (free_tcp("127.0.0.1"), api),
-            &dir.path().join("state"),
+            &state,
         )
         .replacen(
             "[hub]\n",
             &format!(
                 "[hub]\nops = \"{ops}\"\ncert_lifetime = \"{lifetime}\"\n{}",
                 match shared {
-                    Shared::Sqlite(r) => format!("registry = \"{}\"\n", r.display()),
-                    Shared::Postgres(..) | Shared::No => String::new(),
+                    Shared::Sqlite(r) if !pg_mode() => format!("registry = \"{}\"\n", r.display()),
+                    _ => String::new(),
                 }
             ),
             1,
         );
-        let text = match shared {
-            Shared::Postgres(c, _) => on_postgres(&text, c, "hubs"),
-            _ => text,
-        };
-        let fresh = match shared {
-            Shared::No => true,
-            Shared::Sqlite(r) => !r.exists(),
-            Shared::Postgres(_, first) => first,
+        let fresh = match (shared, &pg_shared) {
+            (Shared::Postgres(_, first), _) => first,
+            (_, Some((_, _, fresh))) => *fresh,
+            (Shared::Sqlite(r), None) => !r.exists(),
+            _ => true,
         };
         let config = dir.path().join("hub.toml");
         std::fs::write(&config, text).expect("write");
@@ -945,6 +956,10 @@ fn a_single_hub_moves_to_postgres_with_migrate_store() {
         eprintln!("skipped: {why}");
         return;
     }
+    if pg_mode() {
+        eprintln!("skipped: with GW_HUB_STORE=postgres there is no SQLite hub to move");
+        return;
+    }
     let mut old = Hub::start("1h");
     let echo = echo_server("127.0.1.1");
     let (config, _state) = edge_config(&old, "edge-a", echo, "");
@@ -1527,7 +1542,13 @@ fn state_files_are_private_whatever_the_umask() {
     wait_audit_line(&hub, "device.enroll");
     assert_eq!(mode(&state), 0o700);
     assert_eq!(mode(&edge_state), 0o700);
-    for f in ["audit.sqlite", "sink.sqlite", "fleet.sqlite"] {
+    // On PostgreSQL the registry and the sink are not files of the hub.
+    let files: &[&str] = if pg_mode() {
+        &["audit.sqlite"]
+    } else {
+        &["audit.sqlite", "sink.sqlite", "fleet.sqlite"]
+    };
+    for f in files {
         assert_eq!(mode(&state.join(f)), 0o600, "{f}");
     }
     assert_eq!(mode(&edge_state.join("device.key")), 0o600);

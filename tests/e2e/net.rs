@@ -157,6 +157,64 @@ pub struct HubNode {
     pub config_text: String,
 }
 
+/// Withdraws `consumer`'s grant of `device`/`channel` at the hub whose state
+/// is in `state` (or its PostgreSQL database, in [`pg_mode`]), as an operator
+/// would; how many records that freed.
+pub fn revoke_grant(state: &Path, device: &str, channel: &str, consumer: &str) -> Option<u64> {
+    if !pg_mode() {
+        let mut sink = gateway_store::sqlite::SqliteSink::open(state).expect("sink");
+        return sink
+            .revoke_grant(device, channel, consumer)
+            .expect("revoke");
+    }
+    use gateway_store::sink::{Sink as _, StreamKey};
+    let (cluster, db, _) = pg_for(state);
+    let store = cluster.store(&db, 1);
+    let (d, c, who) = (device.to_owned(), channel.to_owned(), consumer.to_owned());
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let pg = gateway_store::postgres::Pg::open(&store)
+                .await
+                .expect("PostgreSQL");
+            gateway_store::postgres::PgSink::new(pg)
+                .revoke_grant(StreamKey::new(&d, &c), who)
+                .await
+                .expect("revoke")
+        })
+    })
+    .join()
+    .expect("revoked")
+}
+
+/// Whether every hub of these tests keeps its state in PostgreSQL
+/// (`GW_HUB_STORE=postgres`: the hub suites run again on the networked
+/// engine, one throwaway cluster per test process, a database per hub or per
+/// shared file).
+pub fn pg_mode() -> bool {
+    std::env::var("GW_HUB_STORE").is_ok_and(|v| v == "postgres")
+}
+
+/// In [`pg_mode`], the shared cluster and the database standing for `key`
+/// (a state directory or a shared file), and whether it was made now.
+pub fn pg_for(
+    key: &Path,
+) -> (
+    &'static gateway_store::postgres::cluster::Cluster,
+    String,
+    bool,
+) {
+    let c = gateway_store::postgres::cluster::shared()
+        .expect("GW_HUB_STORE=postgres needs postgresql-15");
+    let (db, fresh) = c
+        .database_for(&key.display().to_string())
+        .expect("database");
+    (c, db, fresh)
+}
+
 /// `[hub] store = "postgres"` and its section, for database `db` of
 /// `cluster` (over its Unix socket), added to a hub's config `text`.
 pub fn on_postgres(
@@ -196,7 +254,11 @@ pub fn hub_toml(
     if !spec.hub_extra.is_empty() {
         s = s.replacen("[hub]\n", &format!("[hub]\n{}\n", spec.hub_extra), 1);
     }
-    if let Some(sink) = &spec.sink {
+    if pg_mode() && spec.postgres.is_none() {
+        // Hubs that would share a sink file share a database.
+        let (cluster, db, _) = pg_for(spec.sink.as_deref().unwrap_or(state));
+        s = on_postgres(&s, cluster, &db);
+    } else if let Some(sink) = &spec.sink {
         s = s.replacen(
             "\n\n[[zone]]",
             &format!("\nsink = \"{}\"\n\n[[zone]]", sink.display()),
@@ -867,6 +929,10 @@ impl Reader {
     ) -> Reader {
         use gateway_daemon::tunnel::pki as p;
         use gateway_store::sqlite::{SqliteRegistry, SqliteSink};
+        if pg_mode() {
+            let (cluster, db, _) = pg_for(sink.unwrap_or(state));
+            return Reader::for_postgres_dirs(ca, out, &cluster.store(&db, 2), api, name, streams);
+        }
         let (cert, key) = (
             out.join(format!("{name}.pem")),
             out.join(format!("{name}.key")),
@@ -914,11 +980,24 @@ impl Reader {
         name: &str,
         streams: &[&str],
     ) -> Reader {
+        let out = pki.dir.path().join("consumers");
+        Reader::for_postgres_dirs(&pki.ca(), &out, store, api, name, streams)
+    }
+
+    /// As [`Reader::for_postgres`], with the CA in `ca` and the consumer's
+    /// files written to `out`.
+    pub fn for_postgres_dirs(
+        ca: &Path,
+        out: &Path,
+        store: &config::PgStore,
+        api: SocketAddr,
+        name: &str,
+        streams: &[&str],
+    ) -> Reader {
         use gateway_daemon::tunnel::pki as p;
         use gateway_store::registry::Registry as _;
         use gateway_store::sink::{Sink as _, StreamKey};
-        let out = pki.dir.path().join("consumers");
-        let ca = pki.ca();
+        let (out, ca) = (out.to_owned(), ca.to_owned());
         let (cert, key) = (
             out.join(format!("{name}.pem")),
             out.join(format!("{name}.key")),

@@ -236,7 +236,9 @@ pub async fn start(config: Config, mut bindings: Bindings) -> Result<Running, St
     let mut taps = Vec::new();
     let (endpoints, state, quic_addr, ops_addr, readiness) = match &role {
         Role::Hub(h) => {
-            let stores = stores.take().ok_or(StartError::Fleet("the hub's store".into()))?;
+            let stores = stores
+                .take()
+                .ok_or(StartError::Fleet("the hub's store".into()))?;
             let started = hub::start(
                 &ctx,
                 h,

@@ -265,6 +265,73 @@ impl Cluster {
     }
 }
 
+/// One cluster for the whole test process, started on first use (tests that
+/// run every hub on PostgreSQL: `GW_HUB_STORE=postgres`). A static is never
+/// dropped, so a watchdog process stops and removes it once this process has
+/// ended, however it ended.
+///
+/// # Errors
+/// Why the cluster could not be made (the first failure, every time).
+pub fn shared() -> Result<&'static Cluster, String> {
+    static SHARED: std::sync::OnceLock<Result<Cluster, String>> = std::sync::OnceLock::new();
+    SHARED
+        .get_or_init(|| {
+            if let Some(why) = missing() {
+                return Err(why);
+            }
+            let c = Cluster::start(false)?;
+            let stop = format!(
+                "{} {}/pg_ctl stop -D {} -m immediate -w -t 30",
+                if is_root() { "runuser -u postgres --" } else { "" },
+                BIN,
+                c.data().display()
+            );
+            let script = format!(
+                "while kill -0 {pid} 2>/dev/null; do sleep 1; done; {stop} >/dev/null 2>&1; rm -rf {dir}",
+                pid = std::process::id(),
+                dir = c.dir.display()
+            );
+            Command::new("setsid")
+                .args(["sh", "-c", &script])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .map_err(|e| format!("the cluster's watchdog: {e}"))?;
+            Ok(c)
+        })
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+impl Cluster {
+    /// The database of `key` (a hub's state directory, or a file hubs
+    /// share): its name, and whether it was made now.
+    ///
+    /// # Errors
+    /// psql's error output.
+    pub fn database_for(&self, key: &str) -> Result<(String, bool), String> {
+        static MAKING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _one = MAKING
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // FNV-1a: a stable name from the key.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in key.as_bytes() {
+            h = (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
+        }
+        let name = format!("t{h:016x}");
+        let exists = self.sql(
+            "postgres",
+            &format!("SELECT count(*) FROM pg_database WHERE datname = '{name}'"),
+        )? == "1";
+        if !exists {
+            self.create_database(&name)?;
+        }
+        Ok((name, !exists))
+    }
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
         self.stop_immediate();
