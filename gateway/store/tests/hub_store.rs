@@ -924,7 +924,7 @@ mod postgres {
         // The pool's broken connections are replaced; the resend is stored
         // once, after what was committed before the crash.
         let mut done = None;
-        for _ in 0..50 {
+        for _ in 0..150 {
             match s.commit(vec![batch("d", "c", &[1, 2, 3, 4])]).await {
                 Ok(c) => {
                     done = Some(c);

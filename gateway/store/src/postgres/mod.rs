@@ -134,7 +134,22 @@ pub struct Pg {
     tls: tokio_postgres_rustls::MakeRustlsConnect,
     /// Woken when another hub (or this one) recorded a change.
     pub wake: Arc<tokio::sync::Notify>,
+    /// After a failed connection attempt: no new attempt before this, and
+    /// the next wait (doubling from 250 ms to 10 s).
+    backoff: Arc<std::sync::Mutex<Backoff>>,
 }
+
+/// When the database may be tried again.
+#[derive(Debug, Default)]
+struct Backoff {
+    until: Option<tokio::time::Instant>,
+    next: Duration,
+}
+
+/// The first wait after a failed connection attempt.
+const BACKOFF_FIRST: Duration = Duration::from_millis(250);
+/// The longest.
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
 impl std::fmt::Debug for Pg {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -286,6 +301,7 @@ impl Pg {
             config,
             tls,
             wake: Arc::new(tokio::sync::Notify::new()),
+            backoff: Arc::default(),
         };
         let mut client = pg.client().await?;
         schema::migrate(&mut client).await?;
@@ -298,17 +314,63 @@ impl Pg {
         Ok(pg)
     }
 
-    /// A connection of the pool.
+    /// A connection of the pool. After a connection attempt failed, callers
+    /// are answered at once until the backoff has passed (250 ms, doubling to
+    /// 10 s), so edges resending batches and operators retrying do not turn
+    /// into a connection storm against a database that is down.
     ///
     /// # Errors
-    /// [`StoreError::Unavailable`] when none can be had within 10 s.
+    /// [`StoreError::Unavailable`] when none can be had within 10 s, or while
+    /// backing off.
     pub async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
-        Ok(self.pool.get().await?)
+        let until = self
+            .backoff
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .until;
+        if let Some(t) = until.filter(|t| *t > tokio::time::Instant::now()) {
+            let left = t - tokio::time::Instant::now();
+            return Err(StoreError::Unavailable(format!(
+                "the database did not answer; the next attempt in {} ms",
+                left.as_millis()
+            )));
+        }
+        self.get().await
     }
 
-    /// Whether the database answers now (for `/readyz`).
+    /// A connection, trying now; a failure starts or lengthens the backoff,
+    /// a success ends it.
+    async fn get(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        let got = self.pool.get().await;
+        let mut b = self
+            .backoff
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match got {
+            Ok(c) => {
+                *b = Backoff::default();
+                Ok(c)
+            }
+            Err(e) => {
+                let e: StoreError = e.into();
+                if e.retry_later() {
+                    let wait = if b.next.is_zero() {
+                        BACKOFF_FIRST
+                    } else {
+                        b.next
+                    };
+                    b.until = Some(tokio::time::Instant::now() + wait);
+                    b.next = (wait * 2).min(BACKOFF_MAX);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Whether the database answers now (for `/readyz`); tries even while
+    /// backing off, and ends the backoff when it answers.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        let c = self.client().await?;
+        let c = self.get().await?;
         c.simple_query("SELECT 1").await?;
         Ok(())
     }
