@@ -185,6 +185,9 @@ fn setup_on(pg: Option<&Cluster>) -> Setup {
         tempfile::tempdir().expect("state"),
     );
     let (quic, api) = (free_udp(), free_tcp("127.0.0.1"));
+    for d in ["1", "2"] {
+        std::fs::create_dir_all(hub_state.path().join(d)).expect("state dir");
+    }
     if let Some(c) = pg {
         c.create_database("hubs").expect("database");
     }

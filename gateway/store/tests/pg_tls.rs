@@ -116,6 +116,15 @@ async fn verify_full_checks_the_servers_certificate_and_name() {
         Err(e) => assert!(e.to_string().contains("chmod 600"), "{e}"),
         Ok(_) => panic!("a world-readable password file was used"),
     }
+    // A link to the password file is not followed.
+    std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let link = dir.path().join("pg.link");
+    std::os::unix::fs::symlink(&pw, &link).expect("link");
+    let linked = PgPassword::File(file(&link, "hub.postgres.password_file"));
+    match Pg::open(&store(&c, "localhost", &ca_file, linked)).await {
+        Err(e) => assert!(e.to_string().contains("symbolic link"), "{e}"),
+        Ok(_) => panic!("a password file was read through a link"),
+    }
     // No password at all: the server refuses, and says why.
     match Pg::open(&store(&c, "localhost", &ca_file, PgPassword::None)).await {
         Err(e) => assert!(e.to_string().contains("password"), "{e}"),

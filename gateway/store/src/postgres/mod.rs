@@ -159,6 +159,11 @@ impl std::fmt::Debug for Pg {
     }
 }
 
+/// `O_NOFOLLOW` and the `ELOOP` it fails with on a link (Linux; this crate
+/// forbids `unsafe` and has no libc binding).
+const O_NOFOLLOW: i32 = 0o400_000;
+const ELOOP: i32 = 40;
+
 /// Reads the password `how` names: the first line of a file that only its
 /// owner may read, or an environment variable.
 ///
@@ -175,11 +180,31 @@ pub fn read_password(how: &PgPassword) -> Result<Option<String>, OpenError> {
             ))),
         },
         PgPassword::File(f) => {
-            use std::os::unix::fs::MetadataExt;
+            use std::io::Read as _;
+            use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
             let path = &f.path;
-            let meta = std::fs::metadata(path).map_err(|e| {
+            let fail = |e: std::io::Error| {
                 OpenError::Password(format!("password_file {}: {e}", path.display()))
-            })?;
+            };
+            // Not through a link, and judged by the file actually opened.
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(O_NOFOLLOW)
+                .open(path)
+                .map_err(|e| match e.raw_os_error() {
+                    Some(ELOOP) => OpenError::Password(format!(
+                        "password_file {}: is a symbolic link; name the file itself",
+                        path.display()
+                    )),
+                    _ => fail(e),
+                })?;
+            let meta = file.metadata().map_err(fail)?;
+            if !meta.is_file() {
+                return Err(OpenError::Password(format!(
+                    "password_file {}: not a regular file",
+                    path.display()
+                )));
+            }
             if meta.mode() & 0o077 != 0 {
                 return Err(OpenError::Password(format!(
                     "password_file {}: readable by group or others (mode {:o}); chmod 600 it",
@@ -193,9 +218,8 @@ pub fn read_password(how: &PgPassword) -> Result<Option<String>, OpenError> {
                     path.display()
                 )));
             }
-            let text = std::fs::read_to_string(path).map_err(|e| {
-                OpenError::Password(format!("password_file {}: {e}", path.display()))
-            })?;
+            let mut text = String::new();
+            file.take(4097).read_to_string(&mut text).map_err(fail)?;
             let line = text.lines().next().unwrap_or_default().to_owned();
             if line.is_empty() {
                 return Err(OpenError::Password(format!(
