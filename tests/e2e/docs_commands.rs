@@ -73,7 +73,9 @@ fn every_documented_command_and_flag_exists() {
         // The subcommand path: the leading words that are not flags or values.
         let path: Vec<&str> = words
             .iter()
-            .take_while(|w| !w.starts_with('-') && w.chars().all(|c| c.is_ascii_lowercase()))
+            .take_while(|w| {
+                !w.starts_with('-') && w.chars().all(|c| c.is_ascii_lowercase() || c == '-')
+            })
             .take(2)
             .copied()
             .collect();

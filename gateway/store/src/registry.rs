@@ -252,7 +252,8 @@ pub trait Registry: Send + Sync {
         since_ms: i64,
     ) -> RegistryFuture<'_, Option<AuditExport>>;
     /// Removes collected records older than `before_ms`, keeping each
-    /// device's newest; returns how many.
+    /// device's newest, and alarms and change log rows older than it;
+    /// returns how many records.
     fn prune_audit(&self, before_ms: i64) -> RegistryFuture<'_, usize>;
     /// Records a new consumer; [`RegistryError::ConsumerExists`] when the
     /// name was ever taken.

@@ -668,6 +668,10 @@ async fn changes_suite(a: &dyn Registry, b: &dyn Registry) {
     assert_eq!(b.change_head().await.expect("head"), seen[1].id);
     assert_eq!(b.changes(seen[1].id, 100).await.expect("none"), []);
     assert_eq!(b.changes(from, 1).await.expect("one").len(), 1);
+    // Pruned with the collected audit's retention.
+    a.prune_audit(6).await.expect("prune");
+    let left = b.changes(from, 100).await.expect("changes");
+    assert_eq!(left.len(), 1, "the push at 6 stays: {left:?}");
 }
 
 #[tokio::test]

@@ -642,6 +642,10 @@ impl PgRegistry {
         let c = self.pg.client().await?;
         c.execute("DELETE FROM alarm WHERE time_ms < $1", &[&before_ms])
             .await?;
+        // Hubs read the change log within seconds; what is older than the
+        // retention is nobody's news (the sweeps cover a hub away that long).
+        c.execute("DELETE FROM change_log WHERE at_ms < $1", &[&before_ms])
+            .await?;
         let n = c
             .execute(
                 "DELETE FROM edge_audit WHERE time_ms < $1

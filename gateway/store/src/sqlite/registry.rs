@@ -1022,6 +1022,10 @@ impl SqliteRegistry {
     pub fn prune_audit(&mut self, before_ms: i64) -> Result<usize, RegistryError> {
         self.db
             .execute("DELETE FROM alarm WHERE time_ms < ?1", [before_ms])?;
+        // Hubs read the change log within seconds; what is older than the
+        // retention is nobody's news (the sweeps cover a hub away that long).
+        self.db
+            .execute("DELETE FROM change_log WHERE at_ms < ?1", [before_ms])?;
         Ok(self.db.execute(
             "DELETE FROM edge_audit WHERE time_ms < ?1
              AND seq < (SELECT head_seq FROM edge_audit_head h WHERE h.device = edge_audit.device)",
