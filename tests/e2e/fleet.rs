@@ -826,6 +826,103 @@ fn three_hubs_on_one_postgres_share_tokens_pushes_and_revocations() {
     drop(edge);
 }
 
+/// Labels set at token creation and by `devices label`; selectors filtered
+/// and paged at the hub; JSON and CSV; mistakes and roles refused.
+#[test]
+fn labels_and_selectors_pick_devices_at_the_hub() {
+    let hub = Hub::start("1h");
+    let ids = |args: &[&str]| -> Vec<String> {
+        let mut all = vec!["devices", "list", "--format", "json"];
+        all.extend_from_slice(args);
+        let (code, out, err) = hub.ctl("sam", &all);
+        assert_eq!(code, 0, "{args:?}: {err}");
+        let v: Value = serde_json::from_str(&out).expect("json");
+        v.as_array()
+            .expect("array")
+            .iter()
+            .map(|d| d["id"].as_str().expect("id").to_owned())
+            .collect()
+    };
+    let (code, token, err) = hub.ctl(
+        "sam",
+        &[
+            "token",
+            "create",
+            "--device",
+            "edge-a",
+            "--label",
+            "city=changchun",
+            "--label",
+            "ring=canary",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let (config, _) = edge_config(&hub, "edge-a", echo_server("127.0.1.1"), "");
+    let (code, out) = enroll(&config, token.trim());
+    assert_eq!(code, 0, "{out}");
+    // Four more devices the registry knows (revoked ones are listed too).
+    for d in ["dev-1", "dev-2", "dev-3", "dev-4"] {
+        let (code, _, err) = hub.ctl("sue", &["revoke", d]);
+        assert_eq!(code, 0, "{err}");
+    }
+    for (d, labels) in [
+        ("dev-1", vec!["city=jilin"]),
+        ("dev-2", vec!["city=changchun", "ring=main"]),
+        ("dev-2", vec!["ring-"]),
+    ] {
+        let mut args = vec!["devices", "label", d];
+        args.extend(labels);
+        let (code, out, err) = hub.ctl("sam", &args);
+        assert_eq!(code, 0, "{err}");
+        assert!(out.starts_with(d), "{out}");
+    }
+    assert_eq!(ids(&["--selector", "city=changchun"]), ["dev-2", "edge-a"]);
+    assert_eq!(
+        ids(&["--selector", "city=changchun, ring=canary"]),
+        ["edge-a"]
+    );
+    assert_eq!(
+        ids(&["--selector", "city in (jilin,changchun),ring!=canary"]),
+        ["dev-1", "dev-2"]
+    );
+    assert_eq!(ids(&["--selector", "!city"]), ["dev-3", "dev-4"]);
+    assert_eq!(ids(&["--selector", "cert-expires<2h"]), ["edge-a"]);
+    assert_eq!(ids(&["--selector", "state=never-seen"]), ["edge-a"]);
+    // Paged at the hub, one device per request: all of them still.
+    assert_eq!(
+        ids(&["--selector", "state=revoked", "--page-size", "1"]),
+        ["dev-1", "dev-2", "dev-3", "dev-4"]
+    );
+    let (code, csv, err) = hub.ctl(
+        "sam",
+        &["devices", "list", "--selector", "ring", "--format", "csv"],
+    );
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines.len(), 2, "{csv}");
+    assert!(lines[0].starts_with("id,state,labels,"), "{csv}");
+    assert!(
+        lines[1].starts_with("edge-a,never-seen,city=changchun;ring=canary,"),
+        "{csv}"
+    );
+    // Mistakes, located; labels are the system administrator's.
+    let (code, _, err) = hub.ctl(
+        "sam",
+        &["devices", "list", "--selector", "city=changchun ring=x"],
+    );
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("selector") && err.contains("at byte 15"),
+        "{err}"
+    );
+    let (code, _, err) = hub.ctl("sam", &["devices", "label", "dev-1", "State=x"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("labels[0]"), "{err}");
+    let (code, _, err) = hub.ctl("ada", &["devices", "label", "dev-1", "x=y"]);
+    assert_eq!(code, 77, "{err}");
+    wait_audit_line(&hub, "device.label");
+}
+
 /// One GET on the hub's admin listener; the body.
 fn admin_get(hub: &Hub, path: &str) -> String {
     let mut c = TcpStream::connect(hub_admin(hub)).expect("admin");

@@ -295,6 +295,8 @@ pub enum Action {
     AlarmAck,
     /// Lift a ban: who may reach the boundary again is policy.
     BanLift,
+    /// Set or remove devices' labels.
+    DevicesLabel,
 }
 
 /// Whether `role` may do `action`. Nothing is shared between the system and
@@ -307,6 +309,7 @@ pub fn allowed(role: AdminRole, action: Action) -> bool {
             action,
             A::TokenCreate
                 | A::DevicesRead
+                | A::DevicesLabel
                 | A::Command
                 | A::ConfigPushOther
                 | A::ConsumerCreate

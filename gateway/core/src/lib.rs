@@ -14,6 +14,7 @@
 //! - [`fleet`]: central management: control messages, operator roles, which
 //!   config sections are policy, renewal timing, the audit export check.
 //! - [`producers`]: producers' tokens for an ingest with `auth = "token"`.
+//! - [`selector`]: device labels and the selectors that pick devices by them.
 //! - [`summary`]: what a checked configuration will bridge, for `gatewayd check`.
 //! - [`detect`]: intrusion detection: per-source leaky buckets into
 //!   detections, bans with escalation, alarms de-duplicated.
@@ -40,6 +41,7 @@ pub mod producers;
 pub mod rate;
 pub mod refusals;
 pub mod rule;
+pub mod selector;
 pub mod sniff;
 pub mod summary;
 pub mod table;

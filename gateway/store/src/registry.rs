@@ -218,6 +218,12 @@ pub trait Registry: Send + Sync {
     fn revoked_among(&self, ids: Vec<String>) -> RegistryFuture<'_, Vec<String>>;
     /// Every revoked device.
     fn revoked(&self) -> RegistryFuture<'_, Vec<String>>;
+    /// Sets and removes labels of `device` (known or not, so a token's
+    /// device arrives labelled) in one transaction; its labels after. More
+    /// than [`gateway_core::selector::MAX_LABELS`] is [`RegistryError::Refused`].
+    fn set_labels(&self, change: LabelChange) -> RegistryFuture<'_, Vec<(String, String)>>;
+    /// Every label: (device, key, value), by device and key.
+    fn labels(&self) -> RegistryFuture<'_, Vec<(String, String, String)>>;
     /// Revokes `device` (by operator `by`); whether it was not revoked before.
     fn revoke(&self, device: String, by: String, now_ms: i64) -> RegistryFuture<'_, bool>;
     /// Stores `device`'s latest heartbeat (JSON).
@@ -362,6 +368,46 @@ pub fn continue_chain(
         last = (e.seq, e.hash);
     }
     Ok(last)
+}
+
+/// Labels to set and remove on one device.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LabelChange {
+    /// The device.
+    pub device: String,
+    /// (key, value) to set.
+    pub set: Vec<(String, String)>,
+    /// Keys to remove.
+    pub remove: Vec<String>,
+}
+
+/// Refused when `labels` would be more than a device may carry.
+fn too_many(n: usize) -> Result<(), RegistryError> {
+    let max = gateway_core::selector::MAX_LABELS;
+    if n > max {
+        return Err(RegistryError::Refused(format!(
+            "a device carries at most {max} labels; remove some first"
+        )));
+    }
+    Ok(())
+}
+
+/// Applies `change` to the labels `now` holds; the result, or why not.
+///
+/// # Errors
+/// More labels than a device may carry.
+pub fn apply_labels(
+    mut now: std::collections::BTreeMap<String, String>,
+    change: &LabelChange,
+) -> Result<Vec<(String, String)>, RegistryError> {
+    for k in &change.remove {
+        now.remove(k);
+    }
+    for (k, v) in &change.set {
+        now.insert(k.clone(), v.clone());
+    }
+    too_many(now.len())?;
+    Ok(now.into_iter().collect())
 }
 
 /// Which alarms to list.

@@ -641,6 +641,60 @@ fn audit_chain(device: &str, n: u64) -> Vec<gateway_core::audit::Record> {
         .collect()
 }
 
+/// Labels set at one hub are read at the other; removal, replacement, the cap.
+async fn labels_suite(a: &dyn Registry, b: &dyn Registry) {
+    use gateway_store::registry::LabelChange;
+    let set = |d: &str, set: &[(&str, &str)], remove: &[&str]| LabelChange {
+        device: d.into(),
+        set: set
+            .iter()
+            .map(|(k, v)| ((*k).into(), (*v).into()))
+            .collect(),
+        remove: remove.iter().map(|k| (*k).into()).collect(),
+    };
+    let now = a
+        .set_labels(set("e1", &[("city", "changchun"), ("ring", "canary")], &[]))
+        .await
+        .expect("label");
+    assert_eq!(now.len(), 2);
+    b.set_labels(set("e2", &[("city", "jilin")], &[]))
+        .await
+        .expect("label");
+    let now = b
+        .set_labels(set("e1", &[("ring", "main")], &["city"]))
+        .await
+        .expect("relabel");
+    assert_eq!(now, [("ring".to_owned(), "main".to_owned())]);
+    assert_eq!(
+        a.labels().await.expect("labels"),
+        [
+            ("e1".to_owned(), "ring".to_owned(), "main".to_owned()),
+            ("e2".to_owned(), "city".to_owned(), "jilin".to_owned()),
+        ]
+    );
+    let many: Vec<(String, String)> = (0..40).map(|i| (format!("k{i}"), "v".into())).collect();
+    let too_many = LabelChange {
+        device: "e3".into(),
+        set: many,
+        remove: vec![],
+    };
+    match a.set_labels(too_many).await {
+        Err(RegistryError::Refused(m)) => assert!(m.contains("at most"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        a.labels().await.expect("labels").len(),
+        2,
+        "nothing of e3 stored"
+    );
+}
+
+#[tokio::test]
+async fn the_sqlite_registry_keeps_labels() {
+    let (_dir, a, b) = two_hubs(|d| SqliteRegistry::open(d).expect("open"));
+    labels_suite(&a, &b).await;
+}
+
 /// Hubs sharing the registry learn of each other's changes from the log.
 async fn changes_suite(a: &dyn Registry, b: &dyn Registry) {
     use gateway_store::registry::ChangeKind;
@@ -737,6 +791,8 @@ mod postgres {
         certificates_suite(&PgRegistry::new(a), &PgRegistry::new(b)).await;
         let (a, b) = on(&c, "alarms").await;
         alarms_suite(&PgRegistry::new(a), &PgRegistry::new(b)).await;
+        let (a, b) = on(&c, "labels").await;
+        labels_suite(&PgRegistry::new(a), &PgRegistry::new(b)).await;
     }
 
     #[tokio::test]

@@ -183,6 +183,9 @@ enum TokenCommand {
         /// new certificate replaces the old one.
         #[arg(long)]
         replace: bool,
+        /// A label the box arrives with, KEY=VALUE (repeat for more).
+        #[arg(long = "label", value_name = "KEY=VALUE")]
+        labels: Vec<String>,
     },
 }
 
@@ -192,12 +195,37 @@ enum Format {
     Json,
 }
 
+/// How a device listing is printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ListFormat {
+    Text,
+    Json,
+    Csv,
+}
+
 #[derive(Debug, Subcommand)]
 enum DevicesCommand {
-    /// Every device the hub knows, with its state.
+    /// The devices the hub knows, with their state: all, or those a
+    /// selector picks (filtered and paged at the hub).
     List {
+        /// Which devices: `city=changchun,ring in (canary,early),!retired`,
+        /// `state=offline`, `config=drift`, `cert-expires<72h` (all must hold).
+        #[arg(long, short = 'l', default_value = "")]
+        selector: String,
         #[arg(long, value_enum, default_value = "text")]
-        format: Format,
+        format: ListFormat,
+        /// Devices per request to the hub (1-5000).
+        #[arg(long, default_value_t = 500)]
+        page_size: usize,
+    },
+    /// Set labels of a device (KEY=VALUE) or remove them (KEY-) (system
+    /// administrator).
+    Label {
+        /// The device id.
+        device: String,
+        /// KEY=VALUE to set, KEY- to remove.
+        #[arg(required = true, value_name = "KEY=VALUE|KEY-")]
+        labels: Vec<String>,
     },
     /// One device in full.
     Show {
@@ -367,13 +395,14 @@ async fn go(client: &OpsClient, command: Command) -> Result<(), u8> {
             device,
             expires,
             replace,
+            labels,
         }) => {
             let d = gateway_core::units::parse_duration(&expires).map_err(|e| {
                 eprintln!("error: --expires: {e}; {}", e.hint);
                 USAGE
             })?;
             let body =
-                serde_json::json!({ "device": device, "expires_s": d.as_secs(), "replace": replace })
+                serde_json::json!({ "device": device, "expires_s": d.as_secs(), "replace": replace, "labels": labels })
                     .to_string();
             let (_, b) = call(
                 client,
@@ -388,15 +417,63 @@ async fn go(client: &OpsClient, command: Command) -> Result<(), u8> {
                 "single-use enrollment token for {device}, valid {expires}; on the box: gatewayd enroll --config FILE --token-file FILE"
             );
         }
-        Command::Devices(DevicesCommand::List { format }) => {
-            let (_, b) = call(client, "GET", "/v1/devices", None).await?;
-            let v = json(&b);
+        Command::Devices(DevicesCommand::List {
+            selector,
+            format,
+            page_size,
+        }) => {
+            // Page by page, as the hub filters and pages them.
+            let mut all = Vec::new();
+            let mut after: Option<String> = None;
+            loop {
+                let mut path = format!(
+                    "/v1/devices?selector={}&limit={page_size}",
+                    query_escape(&selector)
+                );
+                if let Some(a) = &after {
+                    path += &format!("&after={}", query_escape(a));
+                }
+                let (_, b) = call(client, "GET", &path, None).await?;
+                let v = json(&b);
+                all.extend(v["devices"].as_array().cloned().unwrap_or_default());
+                match v["next"].as_str() {
+                    Some(n) => after = Some(n.to_owned()),
+                    None => break,
+                }
+            }
+            let v = serde_json::Value::Array(all);
             match format {
-                Format::Json => {
+                ListFormat::Json => {
                     println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default())
                 }
-                Format::Text => print!("{}", devices_table(&v)),
+                ListFormat::Text => print!("{}", devices_table(&v)),
+                ListFormat::Csv => print!("{}", devices_csv(&v)),
             }
+        }
+        Command::Devices(DevicesCommand::Label { device, labels }) => {
+            let body = serde_json::json!({ "labels": labels }).to_string();
+            let (_, b) = call(
+                client,
+                "POST",
+                &format!("/v1/devices/{device}/labels"),
+                Some(("application/json", body.as_bytes())),
+            )
+            .await?;
+            let v = json(&b);
+            let now: Vec<String> = v["labels"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+                .collect();
+            println!(
+                "{device}: {}",
+                if now.is_empty() {
+                    "no labels".to_owned()
+                } else {
+                    now.join(",")
+                }
+            );
         }
         Command::Devices(DevicesCommand::Show { device, format }) => {
             let (_, b) = call(client, "GET", &format!("/v1/devices/{device}"), None).await?;
@@ -778,6 +855,55 @@ fn private_dir(dir: &std::path::Path) -> std::io::Result<()> {
         .recursive(true)
         .mode(0o700)
         .create(dir)
+}
+
+/// A query-string value, percent-encoded but for unreserved characters.
+fn query_escape(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// One line per device: id, state, labels, config applied and desired,
+/// certificate expiry, last heartbeat (Unix ms); quoted where needed.
+fn devices_csv(v: &Value) -> String {
+    let field = |s: String| {
+        if s.contains([',', '"', '\n']) {
+            format!("\"{}\"", s.replace('"', "\"\""))
+        } else {
+            s
+        }
+    };
+    let mut o = String::from(
+        "id,state,labels,config_applied,config_desired,cert_not_after_ms,last_heartbeat_ms\n",
+    );
+    for d in v.as_array().into_iter().flatten() {
+        let labels: Vec<String> = d["labels"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+            .collect();
+        let n = |x: &Value| x.as_i64().map_or(String::new(), |n| n.to_string());
+        o += &[
+            field(d["id"].as_str().unwrap_or_default().to_owned()),
+            field(d["state"].as_str().unwrap_or_default().to_owned()),
+            field(labels.join(";")),
+            n(&d["config_applied"]),
+            n(&d["config_desired"]),
+            n(&d["cert_not_after_ms"]),
+            n(&d["last_heartbeat_ms"]),
+        ]
+        .join(",");
+        o.push('\n');
+    }
+    o
 }
 
 fn devices_table(v: &Value) -> String {

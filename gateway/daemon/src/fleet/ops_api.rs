@@ -34,7 +34,7 @@ use gateway_core::config::Role;
 use gateway_core::fleet::{
     self, Action, AdminRole, CommandKind, EXPORT_FORMAT, ExportHeader, Secret,
 };
-use gateway_store::registry::{NewToken, RegistryError};
+use gateway_store::registry::{LabelChange, NewToken, RegistryError};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -112,6 +112,7 @@ fn internal<E: std::fmt::Display + 'static>(e: E) -> ApiError {
 fn role_for(action: Action) -> &'static str {
     match action {
         Action::TokenCreate
+        | Action::DevicesLabel
         | Action::Command
         | Action::ConfigPushOther
         | Action::ConsumerCreate => "system administrator",
@@ -252,6 +253,7 @@ pub async fn serve(
         .route("/v1/devices", get(devices_list))
         .route("/v1/devices/{id}", get(device_show))
         .route("/v1/devices/{id}/revoke", post(revoke))
+        .route("/v1/devices/{id}/labels", post(device_label))
         .route(
             "/v1/devices/{id}/config",
             post(config_push).get(config_show),
@@ -292,6 +294,78 @@ struct TokenReq {
     /// Re-enroll a device that is enrolled (the security administrator's).
     #[serde(default)]
     replace: bool,
+    /// Labels the device arrives with (KEY=VALUE).
+    #[serde(default)]
+    labels: Vec<String>,
+}
+
+/// `POST /v1/devices/{id}/labels`: KEY=VALUE to set, KEY- to remove.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LabelReq {
+    labels: Vec<String>,
+}
+
+/// The label change `items` (KEY=VALUE, KEY-) make to `device`, or a 400
+/// naming the first bad one.
+fn label_change(device: &str, items: &[String]) -> Result<LabelChange, ApiError> {
+    let mut change = LabelChange {
+        device: device.to_owned(),
+        ..LabelChange::default()
+    };
+    if items.len() > gateway_core::selector::MAX_LABELS {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "labels: at most {} at once",
+                gateway_core::selector::MAX_LABELS
+            ),
+        ));
+    }
+    for (i, item) in items.iter().enumerate() {
+        match gateway_core::selector::parse_assignment(item) {
+            Ok((k, Some(v))) => change.set.push((k, v)),
+            Ok((k, None)) => change.remove.push(k),
+            Err(e) => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("labels[{i}]: {e}"),
+                ));
+            }
+        }
+    }
+    Ok(change)
+}
+
+async fn device_label(
+    State(fleet): State<Arc<Fleet>>,
+    caller: Caller,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Answer {
+    let (by, _) = authorize(&fleet, &caller, Action::DevicesLabel, "label devices", &id).await?;
+    checked_id(&id)?;
+    let req: LabelReq = parse_json(&body)?;
+    let change = label_change(&id, &req.labels)?;
+    let now = fleet
+        .registry()
+        .set_labels(change)
+        .await
+        .map_err(labels_err)?;
+    let text: Vec<String> = now.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    audit_ok(&fleet, &by, "device.label", &id, text.join(","));
+    let labels: serde_json::Map<String, Value> = now
+        .into_iter()
+        .map(|(k, v)| (k, Value::String(v)))
+        .collect();
+    Ok(axum::Json(json!({ "device": id, "labels": labels })).into_response())
+}
+
+fn labels_err(e: RegistryError) -> ApiError {
+    match e {
+        RegistryError::Refused(m) => ApiError::new(StatusCode::BAD_REQUEST, format!("labels: {m}")),
+        other => internal(other),
+    }
 }
 
 async fn token_create(
@@ -360,6 +434,7 @@ async fn token_create(
             ));
         }
     }
+    let labels = label_change(&req.device, &req.labels)?;
     let secret = crate::fleet::new_secret(fleet::TOKEN_KIND, req.device.clone());
     let expires_ms =
         now_ms() + i64::try_from(expires_s.saturating_mul(1000)).unwrap_or(i64::MAX / 2);
@@ -375,13 +450,24 @@ async fn token_create(
         })
         .await
         .map_err(|e| ApiError::new(StatusCode::CONFLICT, e.to_string()))?;
+    if !labels.set.is_empty() || !labels.remove.is_empty() {
+        fleet
+            .registry()
+            .set_labels(labels)
+            .await
+            .map_err(labels_err)?;
+    }
     info!(device = %req.device, by, expires_s, "Enrollment token created");
     audit_ok(
         &fleet,
         &by,
         "token.create",
         &req.device,
-        format!("expires_s={expires_s} replace={}", req.replace),
+        format!(
+            "expires_s={expires_s} replace={} labels={}",
+            req.replace,
+            req.labels.join(",")
+        ),
     );
     Ok((
         StatusCode::CREATED,
@@ -412,7 +498,7 @@ fn device_view(fleet: &Fleet, row: &gateway_store::registry::DeviceRow) -> Value
     } else if online {
         "online"
     } else if row.status.is_none() {
-        "never seen"
+        "never-seen"
     } else {
         "offline"
     };
@@ -438,7 +524,27 @@ fn device_view(fleet: &Fleet, row: &gateway_store::registry::DeviceRow) -> Value
     })
 }
 
-async fn devices_list(State(fleet): State<Arc<Fleet>>, caller: Caller) -> Answer {
+/// `GET /v1/devices?selector=S&after=ID&limit=N`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DevicesQuery {
+    #[serde(default)]
+    selector: String,
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+/// Devices per page when the caller does not say; and at most.
+const DEVICES_PAGE: usize = 500;
+const DEVICES_PAGE_MAX: usize = 5000;
+
+/// The devices a selector picks, filtered and paged here at the hub (by id):
+/// `{"devices": [...], "next": ID or null, "selector": S}`.
+async fn devices_list(
+    State(fleet): State<Arc<Fleet>>,
+    caller: Caller,
+    Query(q): Query<DevicesQuery>,
+) -> Answer {
     authorize(
         &fleet,
         &caller,
@@ -447,9 +553,55 @@ async fn devices_list(State(fleet): State<Arc<Fleet>>, caller: Caller) -> Answer
         "devices",
     )
     .await?;
+    let selector = gateway_core::selector::Selector::parse(&q.selector)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("selector: {e}")))?;
+    let limit = q.limit.unwrap_or(DEVICES_PAGE);
+    if limit == 0 || limit > DEVICES_PAGE_MAX {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("limit: {limit} is outside 1..={DEVICES_PAGE_MAX}"),
+        ));
+    }
     let rows = fleet.registry().devices().await.map_err(internal)?;
-    let out = rows.iter().map(|r| device_view(&fleet, r)).collect();
-    Ok(axum::Json(Value::Array(out)).into_response())
+    let mut labels: std::collections::HashMap<String, std::collections::BTreeMap<String, String>> =
+        std::collections::HashMap::new();
+    for (d, k, v) in fleet.registry().labels().await.map_err(internal)? {
+        labels.entry(d).or_default().insert(k, v);
+    }
+    let none = std::collections::BTreeMap::new();
+    let now = now_ms();
+    let mut out = Vec::new();
+    let mut next = None;
+    for r in rows
+        .iter()
+        .filter(|r| q.after.as_ref().is_none_or(|a| r.id.as_str() > a.as_str()))
+    {
+        let mut view = device_view(&fleet, r);
+        let l = labels.get(&r.id).unwrap_or(&none);
+        let facts = gateway_core::selector::Facts {
+            labels: l,
+            state: view["state"].as_str().unwrap_or("never-seen"),
+            drift: r
+                .desired
+                .is_some_and(|d| r.applied.as_ref().is_none_or(|a| a.0 < d)),
+            cert_left_ms: r.not_after_ms.map(|t| t - now),
+        };
+        if !selector.matches(&facts) {
+            continue;
+        }
+        if out.len() == limit {
+            next = out.last().map(|v: &Value| v["id"].clone());
+            break;
+        }
+        view["labels"] = json!(l);
+        out.push(view);
+    }
+    Ok(axum::Json(json!({
+        "devices": out,
+        "next": next,
+        "selector": selector.to_string(),
+    }))
+    .into_response())
 }
 
 async fn device_show(

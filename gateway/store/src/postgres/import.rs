@@ -138,6 +138,15 @@ const TABLES: &[Table] = &[
     ),
     (
         File::Registry,
+        "device_label",
+        &[
+            ("device", Kind::Text),
+            ("key", Kind::Text),
+            ("value", Kind::Text),
+        ],
+    ),
+    (
+        File::Registry,
         "alarm",
         &[
             ("id", Kind::Text),

@@ -19,8 +19,9 @@ use tokio_postgres::types::ToSql;
 use super::{Pg, changes};
 use crate::registry::{
     Admission, AlarmQuery, AlarmRow, AppliedReport, AuditExport, Change, ChangeKind, ConfigPush,
-    ConsumerRow, DeviceRow, DeviceState, Enrollment, NewAccount, NewConsumer, NewToken, Registry,
-    RegistryError, RegistryFuture, Renewal, SignCertificate, continue_chain,
+    ConsumerRow, DeviceRow, DeviceState, Enrollment, LabelChange, NewAccount, NewConsumer,
+    NewToken, Registry, RegistryError, RegistryFuture, Renewal, SignCertificate, apply_labels,
+    continue_chain,
 };
 
 /// The registry of hubs sharing one PostgreSQL database.
@@ -822,6 +823,56 @@ impl Registry for PgRegistry {
 
     fn revoked_among(&self, ids: Vec<String>) -> RegistryFuture<'_, Vec<String>> {
         Box::pin(self.revoked_among(ids))
+    }
+
+    fn set_labels(&self, c: LabelChange) -> RegistryFuture<'_, Vec<(String, String)>> {
+        Box::pin(async move {
+            let mut client = self.pg.client().await?;
+            let tx = client.transaction().await?;
+            // Two operators labelling one device queue on its rows.
+            tx.execute(
+                "SELECT 1 FROM device_label WHERE device = $1 FOR UPDATE",
+                &[&c.device],
+            )
+            .await?;
+            let now = tx
+                .query(
+                    "SELECT key, value FROM device_label WHERE device = $1",
+                    &[&c.device],
+                )
+                .await?
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect();
+            let after = apply_labels(now, &c)?;
+            tx.execute("DELETE FROM device_label WHERE device = $1", &[&c.device])
+                .await?;
+            for (k, v) in &after {
+                tx.execute(
+                    "INSERT INTO device_label (device, key, value) VALUES ($1, $2, $3)",
+                    &[&c.device, k, v],
+                )
+                .await?;
+            }
+            tx.commit().await?;
+            Ok(after)
+        })
+    }
+
+    fn labels(&self) -> RegistryFuture<'_, Vec<(String, String, String)>> {
+        Box::pin(async move {
+            let c = self.pg.client().await?;
+            let rows = c
+                .query(
+                    "SELECT device, key, value FROM device_label ORDER BY device, key",
+                    &[],
+                )
+                .await?;
+            Ok(rows
+                .iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2)))
+                .collect())
+        })
     }
 
     fn revoked(&self) -> RegistryFuture<'_, Vec<String>> {

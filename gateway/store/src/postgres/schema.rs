@@ -19,7 +19,18 @@ use crate::error::StoreError;
 const LOCK_KEY: i64 = 0x67_77_68_75_62;
 
 /// The migrations, in order: (version, what it does, SQL).
-pub const MIGRATIONS: &[(i64, &str, &str)] = &[(1, "the hub's state", V1)];
+pub const MIGRATIONS: &[(i64, &str, &str)] =
+    &[(1, "the hub's state", V1), (2, "devices' labels", V2)];
+
+const V2: &str = "
+CREATE TABLE device_label (
+    device TEXT NOT NULL,
+    key    TEXT NOT NULL,
+    value  TEXT NOT NULL,
+    PRIMARY KEY (device, key)
+);
+CREATE INDEX device_label_by_key ON device_label (key, value);
+";
 
 /// The schema version this gatewayd writes.
 pub fn latest() -> i64 {

@@ -25,7 +25,7 @@ use gateway_core::detect::Alarm;
 
 use crate::registry::{
     Admission, AlarmQuery, AlarmRow, AppliedReport, AuditExport, Change, ConfigPush, ConsumerRow,
-    DeviceRow, Enrollment, NewAccount, NewConsumer, NewToken, Registry, RegistryError,
+    DeviceRow, Enrollment, LabelChange, NewAccount, NewConsumer, NewToken, Registry, RegistryError,
     RegistryFuture, Renewal, SignCertificate,
 };
 use crate::sink::{Acked, Committed, Expired, Grant, Sink, SinkBatch, Stored, Stream, StreamKey};
@@ -236,6 +236,14 @@ impl Registry for Blocking<SqliteRegistry> {
 
     fn revoked(&self) -> RegistryFuture<'_, Vec<String>> {
         self.run(|r| r.revoked())
+    }
+
+    fn set_labels(&self, c: LabelChange) -> RegistryFuture<'_, Vec<(String, String)>> {
+        self.run(move |r| r.set_labels(&c))
+    }
+
+    fn labels(&self) -> RegistryFuture<'_, Vec<(String, String, String)>> {
+        self.run(|r| r.labels())
     }
 
     fn revoke(&self, device: String, by: String, now_ms: i64) -> RegistryFuture<'_, bool> {

@@ -27,7 +27,7 @@ use gateway_core::detect::Alarm;
 
 use crate::registry::{
     Admission, AlarmQuery, AlarmRow, Change, ChangeKind, ConsumerRow, DeviceRow, DeviceState,
-    NewConsumer, RegistryError, continue_chain,
+    LabelChange, NewConsumer, RegistryError, apply_labels, continue_chain,
 };
 
 /// File name inside the hub's state directory.
@@ -106,6 +106,13 @@ CREATE TABLE IF NOT EXISTS alarm (
     acked_ms  INTEGER
 ) STRICT;
 CREATE INDEX IF NOT EXISTS alarm_time ON alarm (time_ms);
+-- Operators' labels of devices (city=changchun, ring=canary).
+CREATE TABLE IF NOT EXISTS device_label (
+    device TEXT NOT NULL,
+    key    TEXT NOT NULL,
+    value  TEXT NOT NULL,
+    PRIMARY KEY (device, key)
+) STRICT;
 -- What other hubs sharing this file must act on, written in the transaction
 -- of the change (BEGIN IMMEDIATE: rows commit in id order).
 CREATE TABLE IF NOT EXISTS change_log (
@@ -1126,6 +1133,43 @@ impl SqliteRegistry {
 }
 
 impl SqliteRegistry {
+    /// Sets and removes labels of a device; its labels after.
+    ///
+    /// # Errors
+    /// SQLite; more labels than a device may carry.
+    pub fn set_labels(&mut self, c: &LabelChange) -> Result<Vec<(String, String)>, RegistryError> {
+        let tx = self
+            .db
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let now: std::collections::BTreeMap<String, String> = {
+            let mut st = tx.prepare("SELECT key, value FROM device_label WHERE device = ?1")?;
+            let rows = st.query_map([&c.device], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        let after = apply_labels(now, c)?;
+        tx.execute("DELETE FROM device_label WHERE device = ?1", [&c.device])?;
+        for (k, v) in &after {
+            tx.execute(
+                "INSERT INTO device_label (device, key, value) VALUES (?1, ?2, ?3)",
+                params![c.device, k, v],
+            )?;
+        }
+        tx.commit()?;
+        Ok(after)
+    }
+
+    /// Every label: (device, key, value).
+    ///
+    /// # Errors
+    /// SQLite.
+    pub fn labels(&self) -> Result<Vec<(String, String, String)>, RegistryError> {
+        let mut st = self
+            .db
+            .prepare("SELECT device, key, value FROM device_label ORDER BY device, key")?;
+        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// Up to `limit` changes after `after`, in order (rows of a kind this
     /// version does not know are skipped).
     ///
