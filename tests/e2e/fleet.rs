@@ -792,7 +792,9 @@ fn three_hubs_on_one_postgres_share_tokens_pushes_and_revocations() {
     b.wait_log("Edge connected");
     let mut client = TcpStream::connect(b.publish).expect("publish on hub-02");
     round_trip(&mut client, b"ping");
-    // Pushed at hub-01, offered by hub-02, seen applied at hub-03.
+    // Pushed at hub-01, offered by hub-02, seen applied at hub-03 (once the
+    // box has reported its config through hub-02).
+    a.wait_config("the box's config reported", |s| !s["applied"].is_null());
     let base = std::fs::read_to_string(&config).expect("config");
     let good = base.replacen("heartbeat = \"1s\"", "heartbeat = \"2s\"", 1);
     let (code, out, err) = a.push("sam", &good);
@@ -1064,6 +1066,8 @@ fn a_single_hub_moves_to_postgres_with_migrate_store() {
     assert_eq!(code, 0, "{out}");
     let mut edge = Proc::start(&config);
     edge.wait_log("Tunnel up");
+    // A push needs the config the box reported when its session began.
+    old.wait_config("the box's config reported", |s| !s["applied"].is_null());
     let base = std::fs::read_to_string(&config).expect("config");
     let (code, _, err) = old.push(
         "sam",

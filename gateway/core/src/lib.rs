@@ -14,7 +14,8 @@
 //! - [`fleet`]: central management: control messages, operator roles, which
 //!   config sections are policy, renewal timing, the audit export check.
 //! - [`producers`]: producers' tokens for an ingest with `auth = "token"`.
-//! - [`selector`]: device labels and the selectors that pick devices by them.
+//! - [`selector`]: device labels and the selectors that pick devices by them;
+//!   [`template`]: config templates rendered strictly for one device.
 //! - [`summary`]: what a checked configuration will bridge, for `gatewayd check`.
 //! - [`detect`]: intrusion detection: per-source leaky buckets into
 //!   detections, bans with escalation, alarms de-duplicated.
@@ -45,6 +46,7 @@ pub mod selector;
 pub mod sniff;
 pub mod summary;
 pub mod table;
+pub mod template;
 pub mod units;
 pub mod urlpath;
 pub mod wire;
