@@ -133,16 +133,17 @@ async fn listening(
     wake: &Weak<Notify>,
 ) -> Result<(), StoreError> {
     let (client, mut conn) = config.connect(tls.clone()).await?;
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
-    let driver = tokio::spawn(async move {
+    // The connection's driver wakes the hub itself on each notification: a
+    // flood of NOTIFY costs a flag, never a queue.
+    let waker = wake.clone();
+    let mut driver = tokio::spawn(async move {
         while let Some(m) = messages.next().await {
             match m {
-                Ok(AsyncMessage::Notification(_)) => {
-                    if tx.send(()).is_err() {
-                        return Ok(());
-                    }
-                }
+                Ok(AsyncMessage::Notification(_)) => match waker.upgrade() {
+                    Some(w) => w.notify_one(),
+                    None => return Ok(()),
+                },
                 Ok(_) => {}
                 Err(e) => return Err(e),
             }
@@ -152,39 +153,51 @@ async fn listening(
     client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
     tracing::debug!("Listening for other hubs' changes (PostgreSQL NOTIFY)");
     // What changed before this connection listened is read from the log.
-    let wake_up = || wake.upgrade().map(|w| w.notify_one()).is_some();
-    if !wake_up() {
-        driver.abort();
-        return Ok(());
+    match wake.upgrade() {
+        Some(w) => w.notify_one(),
+        None => {
+            driver.abort();
+            return Ok(());
+        }
     }
     loop {
-        match tokio::time::timeout(Duration::from_secs(30), rx.recv()).await {
-            Ok(Some(())) => {
-                if !wake_up() {
-                    driver.abort();
-                    return Ok(());
-                }
+        tokio::select! {
+            ended = &mut driver => {
+                return match ended {
+                    Ok(Ok(())) if wake.strong_count() == 0 => Ok(()),
+                    Ok(Ok(())) => Err(StoreError::Unavailable(
+                        "the listening connection closed".into(),
+                    )),
+                    Ok(Err(e)) => Err(e.into()),
+                    Err(e) => Err(StoreError::Unavailable(format!("listener: {e}"))),
+                };
             }
-            Ok(None) => break,
-            Err(_) => {
+            () = tokio::time::sleep(Duration::from_secs(30)) => {
                 if wake.strong_count() == 0 {
                     driver.abort();
                     return Ok(());
                 }
-                // Quiet for 30 s: the server must still answer (a dead link
-                // shows here, not at the next change).
-                if let Err(e) = client.simple_query("SELECT 1").await {
-                    driver.abort();
-                    return Err(e.into());
+                // Every 30 s the server must answer (a dead link shows here,
+                // not at the next change); at most 10 s for it.
+                let answered = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    client.simple_query("SELECT 1"),
+                )
+                .await;
+                match answered {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => {
+                        driver.abort();
+                        return Err(e.into());
+                    }
+                    Err(_) => {
+                        driver.abort();
+                        return Err(StoreError::Unavailable(
+                            "the listening connection did not answer within 10 s".into(),
+                        ));
+                    }
                 }
             }
         }
-    }
-    match driver.await {
-        Ok(Ok(())) => Err(StoreError::Unavailable(
-            "the listening connection closed".into(),
-        )),
-        Ok(Err(e)) => Err(e.into()),
-        Err(e) => Err(StoreError::Unavailable(format!("listener: {e}"))),
     }
 }
