@@ -297,6 +297,8 @@ pub enum Action {
     BanLift,
     /// Set or remove devices' labels.
     DevicesLabel,
+    /// Set or remove devices' template variables.
+    DevicesVars,
 }
 
 /// Whether `role` may do `action`. Nothing is shared between the system and
@@ -310,6 +312,7 @@ pub fn allowed(role: AdminRole, action: Action) -> bool {
             A::TokenCreate
                 | A::DevicesRead
                 | A::DevicesLabel
+                | A::DevicesVars
                 | A::Command
                 | A::ConfigPushOther
                 | A::ConsumerCreate

@@ -41,6 +41,7 @@ pub mod policy;
 pub mod producers;
 pub mod rate;
 pub mod refusals;
+pub mod rollout;
 pub mod rule;
 pub mod selector;
 pub mod sniff;

@@ -269,6 +269,83 @@ pub fn render(
     }
 }
 
+/// The variable every template may use without a device setting it: the
+/// device's id.
+pub const DEVICE_VARIABLE: &str = "device";
+
+/// Renders `template` for one device: its variables that the template uses,
+/// and [`DEVICE_VARIABLE`] for its id (a device's variables may serve several
+/// templates, so those this one does not use are not errors here; a
+/// placeholder without a value is).
+///
+/// # Errors
+/// As [`render`].
+pub fn render_for_device(
+    template: &str,
+    device: &str,
+    vars: &BTreeMap<String, String>,
+) -> Result<String, Vec<TemplateError>> {
+    let used = variables(template)?;
+    let mut mine: BTreeMap<String, String> = used
+        .iter()
+        .filter_map(|n| vars.get(n).map(|v| (n.clone(), v.clone())))
+        .collect();
+    if used.iter().any(|n| n == DEVICE_VARIABLE) {
+        mine.insert(DEVICE_VARIABLE.to_owned(), device.to_owned());
+    }
+    render(template, &mine)
+}
+
+/// Checks one variable a device is given: its name and its value's length.
+///
+/// # Errors
+/// What is wrong, and how to fix it.
+pub fn check_variable(name: &str, value: &str) -> Result<(), String> {
+    if !valid_name(name) || name.len() > 64 {
+        return Err(format!(
+            "variable {name:?}: a name is lower-case letters, digits and _, not starting with a digit, at most 64 characters"
+        ));
+    }
+    if name == DEVICE_VARIABLE {
+        return Err(format!(
+            "variable {DEVICE_VARIABLE}: set by the hub (the device's id), not by operators"
+        ));
+    }
+    if value.len() > MAX_VALUE {
+        return Err(format!("variable {name}: longer than {MAX_VALUE} bytes"));
+    }
+    Ok(())
+}
+
+/// The template with every placeholder standing for itself, as TOML that
+/// parses wherever the template's own would: inside a string the placeholder
+/// stays as text, outside one it becomes the string `"{{ name }}"`. Two
+/// versions of a template are compared this way (which sections a change
+/// touches) before any device's values are known.
+pub fn symbolic(template: &str) -> String {
+    let mut out = String::with_capacity(template.len());
+    for line in template.split_inclusive('\n') {
+        let mut last = 0;
+        for p in placeholders(line) {
+            let Ok((start, end, name)) = p else {
+                continue;
+            };
+            out.push_str(&line[last..start]);
+            last = end;
+            match context(line, start) {
+                Context::Bare => {
+                    out.push_str("\"{{ ");
+                    out.push_str(name);
+                    out.push_str(" }}\"");
+                }
+                _ => out.push_str(&line[start..end]),
+            }
+        }
+        out.push_str(&line[last..]);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -317,6 +394,31 @@ mod tests {
         assert!(render("id = '{{ id }}'\n", &vars(&[("id", "a'b")])).is_err());
         assert!(render("level = {{ l }}\n", &vars(&[("l", "3\n[admin]")])).is_err());
         assert!(render("level = {{ l }}\n", &vars(&[("l", "\"x\"")])).is_err());
+    }
+
+    #[test]
+    fn a_device_gets_its_id_and_only_the_variables_the_template_uses() {
+        let t = "[node]\nid = \"{{ device }}\"\nx = \"{{ a }}\"\n";
+        let got =
+            render_for_device(t, "jl-7", &vars(&[("a", "1"), ("other", "2")])).expect("render");
+        assert_eq!(got, "[node]\nid = \"jl-7\"\nx = \"1\"\n");
+        let e = render_for_device(t, "jl-7", &vars(&[])).expect_err("a has no value");
+        assert_eq!(e[0].variable.as_deref(), Some("a"));
+        assert_eq!(e[0].line, 3);
+        assert!(check_variable("device", "x").is_err());
+        assert!(check_variable("Bad", "x").is_err());
+        assert!(check_variable("ok_1", &"x".repeat(MAX_VALUE + 1)).is_err());
+        assert!(check_variable("ok_1", "10.0.0.1").is_ok());
+    }
+
+    #[test]
+    fn the_symbolic_form_parses_where_the_template_would() {
+        let t = "[node]\nid = \"{{ id }}\"\n[[zone]]\nlevel = {{ level }}\nnetworks = ['{{ net }}', {{ n2 }}]\n";
+        let s = symbolic(t);
+        let v: toml::Table = toml::from_str(&s).expect("TOML");
+        assert_eq!(v["node"]["id"].as_str(), Some("{{ id }}"));
+        assert_eq!(v["zone"][0]["level"].as_str(), Some("{{ level }}"));
+        assert_eq!(v["zone"][0]["networks"][1].as_str(), Some("{{ n2 }}"));
     }
 
     proptest::proptest! {

@@ -45,6 +45,16 @@ pub enum RegistryError {
     /// The device is revoked.
     #[error("device {0} is revoked")]
     Revoked(String),
+    /// A device is held by another active rollout.
+    #[error(
+        "device {device} is in rollout {rollout}, which is still active; a device is in at most one active rollout (finish, abort or roll that one back first)"
+    )]
+    InRollout {
+        /// The device.
+        device: String,
+        /// The rollout holding it.
+        rollout: String,
+    },
     /// A consumer of that name exists (or existed: names are not reused).
     #[error("consumer {0:?} exists; choose another name (a revoked consumer's name is not reused)")]
     ConsumerExists(String),
@@ -292,6 +302,166 @@ pub trait Registry: Send + Sync {
     /// Notified when the engine learns of a change (PostgreSQL's `NOTIFY`);
     /// `None` when the engine cannot tell and its changes are polled.
     fn wake(&self) -> Option<Arc<tokio::sync::Notify>>;
+
+    /// One page of devices in id order after `after`, with their labels:
+    /// one indexed query, whatever the fleet's size.
+    fn devices_page(&self, after: Option<String>, limit: usize) -> RegistryFuture<'_, DevicesPage>;
+    /// Stores a new version of a config template; returns its number.
+    fn put_template(&self, t: NewTemplate) -> RegistryFuture<'_, u64>;
+    /// A template's version (`None`: the newest).
+    fn template(
+        &self,
+        name: String,
+        version: Option<u64>,
+    ) -> RegistryFuture<'_, Option<TemplateRow>>;
+    /// The newest version of every template.
+    fn templates(&self) -> RegistryFuture<'_, Vec<TemplateRow>>;
+    /// Sets and removes a device's template variables; its variables after.
+    fn set_vars(&self, change: VarsChange) -> RegistryFuture<'_, Vec<(String, String)>>;
+    /// The variables of `devices` (all devices when empty): (device, name, value).
+    fn vars(&self, devices: Vec<String>) -> RegistryFuture<'_, Vec<(String, String, String)>>;
+    /// Stores a new rollout holding `devices`; [`RegistryError::InRollout`]
+    /// when one of them is held by another rollout.
+    fn create_rollout(&self, r: NewRollout) -> RegistryFuture<'_, ()>;
+    /// A rollout.
+    fn rollout(&self, id: String) -> RegistryFuture<'_, Option<RolloutRow>>;
+    /// Rollouts, newest first (`active`: only those holding devices).
+    fn rollouts(&self, active: bool) -> RegistryFuture<'_, Vec<RolloutRow>>;
+    /// Replaces a rollout's document if it is still at `rev`: false when
+    /// another hub or operator changed it first (read it again).
+    fn update_rollout(&self, u: RolloutUpdate) -> RegistryFuture<'_, bool>;
+}
+
+/// A page of [`Registry::devices_page`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DevicesPage {
+    /// The devices, in id order.
+    pub rows: Vec<DeviceRow>,
+    /// Their labels: (device, key, value).
+    pub labels: Vec<(String, String, String)>,
+}
+
+/// A template version to store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewTemplate {
+    /// Its name.
+    pub name: String,
+    /// Its text.
+    pub text: String,
+    /// The account pushing it.
+    pub by: String,
+    /// When (Unix ms).
+    pub now_ms: i64,
+}
+
+/// A stored template version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TemplateRow {
+    /// Its name.
+    pub name: String,
+    /// Its version (1, 2, ...).
+    pub version: u64,
+    /// Its text.
+    pub text: String,
+    /// Who pushed it.
+    pub by: String,
+    /// When (Unix ms).
+    pub at_ms: i64,
+}
+
+/// Variables to set and remove on one device.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VarsChange {
+    /// The device.
+    pub device: String,
+    /// (name, value) to set.
+    pub set: Vec<(String, String)>,
+    /// Names to remove.
+    pub remove: Vec<String>,
+    /// Remove every variable not set here first.
+    pub replace: bool,
+}
+
+/// Applies `change` to the variables `now` holds; the result, or why not.
+///
+/// # Errors
+/// A bad name or value, or more variables than a device may have.
+pub fn apply_vars(
+    mut now: std::collections::BTreeMap<String, String>,
+    change: &VarsChange,
+) -> Result<Vec<(String, String)>, RegistryError> {
+    if change.replace {
+        now.clear();
+    }
+    for k in &change.remove {
+        now.remove(k);
+    }
+    for (k, v) in &change.set {
+        gateway_core::template::check_variable(k, v).map_err(RegistryError::Refused)?;
+        now.insert(k.clone(), v.clone());
+    }
+    let max = gateway_core::template::MAX_VARIABLES;
+    if now.len() > max {
+        return Err(RegistryError::Refused(format!(
+            "a device has at most {max} variables; remove some first"
+        )));
+    }
+    Ok(now.into_iter().collect())
+}
+
+/// A rollout to store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewRollout {
+    /// Its id.
+    pub id: String,
+    /// Its document (JSON of `gateway_core::rollout::Rollout`).
+    pub json: String,
+    /// The devices it holds.
+    pub devices: Vec<String>,
+    /// When (Unix ms).
+    pub now_ms: i64,
+}
+
+/// A stored rollout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RolloutRow {
+    /// Its id.
+    pub id: String,
+    /// Its revision: grows at every update.
+    pub rev: u64,
+    /// Its document.
+    pub json: String,
+    /// Whether it holds its devices.
+    pub active: bool,
+}
+
+/// What an update does with a rollout's hold on its devices.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Members {
+    /// Nothing.
+    Keep,
+    /// Releases them (the rollout finished or was aborted).
+    Release,
+    /// Takes them again (a finished rollout rolled back);
+    /// [`RegistryError::InRollout`] when another rollout holds one.
+    Claim(Vec<String>),
+}
+
+/// A compare-and-swap of a rollout's document.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RolloutUpdate {
+    /// Its id.
+    pub id: String,
+    /// The revision read.
+    pub rev: u64,
+    /// The new document.
+    pub json: String,
+    /// Whether it holds its devices after.
+    pub active: bool,
+    /// What happens to the hold.
+    pub members: Members,
+    /// When (Unix ms).
+    pub now_ms: i64,
 }
 
 /// What changed in the registry that hubs other than the one that made the
@@ -309,6 +479,8 @@ pub enum ChangeKind {
     Config,
     /// A consumer was revoked.
     ConsumerRevoked,
+    /// A rollout was started or changed: its controller looks at it.
+    Rollout,
 }
 
 impl ChangeKind {
@@ -320,6 +492,7 @@ impl ChangeKind {
             ChangeKind::Renewed => "renewed",
             ChangeKind::Config => "config",
             ChangeKind::ConsumerRevoked => "consumer.revoked",
+            ChangeKind::Rollout => "rollout",
         }
     }
 
@@ -331,6 +504,7 @@ impl ChangeKind {
             ChangeKind::Renewed,
             ChangeKind::Config,
             ChangeKind::ConsumerRevoked,
+            ChangeKind::Rollout,
         ]
         .into_iter()
         .find(|k| k.as_str() == s)

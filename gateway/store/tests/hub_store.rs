@@ -735,6 +735,264 @@ async fn the_sqlite_registry_logs_changes_for_other_hubs() {
     assert!(b.wake().is_none(), "SQLite is polled");
 }
 
+/// Templates, variables, rollouts and pages of the device table, written at
+/// one hub and read at the other.
+async fn province_suite(a: &dyn Registry, b: &dyn Registry) {
+    use gateway_store::registry::{
+        AppliedReport, Members, NewRollout, NewTemplate, RolloutUpdate, VarsChange,
+    };
+    // Template versions grow per name.
+    let t = |name: &str, text: &str| NewTemplate {
+        name: name.into(),
+        text: text.into(),
+        by: "wang".into(),
+        now_ms: 1,
+    };
+    assert_eq!(a.put_template(t("county", "v1")).await.expect("put"), 1);
+    assert_eq!(b.put_template(t("county", "v2")).await.expect("put"), 2);
+    assert_eq!(a.put_template(t("city", "c1")).await.expect("put"), 1);
+    let newest = b
+        .template("county".into(), None)
+        .await
+        .expect("get")
+        .expect("some");
+    assert_eq!(
+        (newest.version, newest.text.as_str(), newest.by.as_str()),
+        (2, "v2", "wang")
+    );
+    let first = a
+        .template("county".into(), Some(1))
+        .await
+        .expect("get")
+        .expect("v1");
+    assert_eq!(first.text, "v1");
+    assert!(
+        a.template("county".into(), Some(3))
+            .await
+            .expect("get")
+            .is_none()
+    );
+    assert!(
+        a.template("nope".into(), None)
+            .await
+            .expect("get")
+            .is_none()
+    );
+    let all: Vec<(String, u64)> = b
+        .templates()
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|t| (t.name, t.version))
+        .collect();
+    assert_eq!(all, [("city".to_owned(), 1), ("county".to_owned(), 2)]);
+
+    // Variables: set, remove, replace, refused names.
+    let vars = |d: &str, set: &[(&str, &str)], remove: &[&str], replace: bool| VarsChange {
+        device: d.into(),
+        set: set
+            .iter()
+            .map(|(k, v)| ((*k).into(), (*v).into()))
+            .collect(),
+        remove: remove.iter().map(|k| (*k).into()).collect(),
+        replace,
+    };
+    a.set_vars(vars(
+        "e1",
+        &[("hub", "10.0.0.1:4433"), ("zone_net", "10.1.0.0/16")],
+        &[],
+        false,
+    ))
+    .await
+    .expect("vars");
+    let after = b
+        .set_vars(vars(
+            "e1",
+            &[("hub", "10.0.0.2:4433")],
+            &["zone_net"],
+            false,
+        ))
+        .await
+        .expect("vars");
+    assert_eq!(after, [("hub".to_owned(), "10.0.0.2:4433".to_owned())]);
+    b.set_vars(vars("e2", &[("a", "1"), ("b", "2")], &[], false))
+        .await
+        .expect("vars");
+    let replaced = a
+        .set_vars(vars("e2", &[("c", "3")], &[], true))
+        .await
+        .expect("replace");
+    assert_eq!(replaced, [("c".to_owned(), "3".to_owned())]);
+    for bad in [
+        vars("e3", &[("Bad", "1")], &[], false),
+        vars("e3", &[("device", "x")], &[], false),
+    ] {
+        assert!(matches!(
+            a.set_vars(bad).await,
+            Err(RegistryError::Refused(_))
+        ));
+    }
+    assert_eq!(a.vars(vec!["e1".into()]).await.expect("vars").len(), 1);
+    assert_eq!(
+        b.vars(vec![]).await.expect("vars").len(),
+        2,
+        "nothing of e3"
+    );
+
+    // A device is in at most one active rollout.
+    let new = |id: &str, devices: &[&str]| NewRollout {
+        id: id.into(),
+        json: format!("{{\"id\":\"{id}\"}}"),
+        devices: devices.iter().map(|d| (*d).into()).collect(),
+        now_ms: 10,
+    };
+    a.create_rollout(new("r-1", &["e1", "e2"]))
+        .await
+        .expect("create");
+    match b.create_rollout(new("r-2", &["e3", "e2"])).await {
+        Err(RegistryError::InRollout { device, rollout }) => {
+            assert_eq!((device.as_str(), rollout.as_str()), ("e2", "r-1"));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        b.rollout("r-2".into()).await.expect("get").is_none(),
+        "nothing of r-2 stored"
+    );
+    // Compare and swap: the second writer at the same revision loses.
+    let row = b.rollout("r-1".into()).await.expect("get").expect("r-1");
+    assert_eq!((row.rev, row.active), (1, true));
+    let upd = |rev: u64, json: &str, active: bool, members: Members| RolloutUpdate {
+        id: "r-1".into(),
+        rev,
+        json: json.into(),
+        active,
+        members,
+        now_ms: 11,
+    };
+    assert!(
+        a.update_rollout(upd(1, "{\"v\":2}", true, Members::Keep))
+            .await
+            .expect("cas")
+    );
+    assert!(
+        !b.update_rollout(upd(1, "{\"v\":3}", true, Members::Keep))
+            .await
+            .expect("cas")
+    );
+    let row = b.rollout("r-1".into()).await.expect("get").expect("r-1");
+    assert_eq!((row.rev, row.json.as_str()), (2, "{\"v\":2}"));
+    // Finished: the devices are free for another rollout.
+    assert!(
+        b.update_rollout(upd(2, "{}", false, Members::Release))
+            .await
+            .expect("done")
+    );
+    a.create_rollout(new("r-2", &["e2"]))
+        .await
+        .expect("e2 is free");
+    let active: Vec<String> = b
+        .rollouts(true)
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(active, ["r-2"]);
+    assert_eq!(b.rollouts(false).await.expect("list").len(), 2);
+    // Claiming them again (a rollback of the finished one) is refused for a
+    // device another rollout holds, and changes nothing then.
+    let claim = upd(
+        3,
+        "{\"rolling\":1}",
+        true,
+        Members::Claim(vec!["e1".into(), "e2".into()]),
+    );
+    assert!(matches!(
+        a.update_rollout(claim).await,
+        Err(RegistryError::InRollout { .. })
+    ));
+    let row = a.rollout("r-1".into()).await.expect("get").expect("r-1");
+    assert_eq!((row.rev, row.active), (3, false));
+
+    // The box's own file is kept as version 0 at its first push.
+    a.set_applied(AppliedReport {
+        device: "e7".into(),
+        version: 0,
+        text: Some("own".into()),
+        result: "{}".into(),
+        now_ms: 20,
+    })
+    .await
+    .expect("state");
+    let v = b
+        .push_config(ConfigPush {
+            device: "e7".into(),
+            text: "pushed".into(),
+            by: "wang".into(),
+            now_ms: 21,
+        })
+        .await
+        .expect("push");
+    assert_eq!(v, 1);
+    assert_eq!(
+        a.config_version("e7".into(), 0)
+            .await
+            .expect("v0")
+            .as_deref(),
+        Some("own")
+    );
+    assert_eq!(
+        a.desired("e7".into()).await.expect("desired").map(|d| d.0),
+        Some(1)
+    );
+
+    // Pages of the device table, in id order, with their labels.
+    for i in 0..25 {
+        b.heartbeat(format!("p{i:02}"), 30, "{}".into())
+            .await
+            .expect("beat");
+    }
+    a.set_labels(gateway_store::registry::LabelChange {
+        device: "p03".into(),
+        set: vec![("city".into(), "jilin".into())],
+        remove: vec![],
+    })
+    .await
+    .expect("label");
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let page = b.devices_page(after.clone(), 10).await.expect("page");
+        if page.rows.is_empty() {
+            break;
+        }
+        assert!(page.rows.len() <= 10);
+        if page.rows.iter().any(|r| r.id == "p03") {
+            assert_eq!(
+                page.labels,
+                [("p03".to_owned(), "city".to_owned(), "jilin".to_owned())]
+            );
+        }
+        after = page.rows.last().map(|r| r.id.clone());
+        seen.extend(page.rows);
+    }
+    let ids: Vec<&str> = seen.iter().map(|r| r.id.as_str()).collect();
+    let mut sorted = ids.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(ids, sorted, "in order, each once");
+    // The page and the one-by-one read agree on every device.
+    let whole = a.devices().await.expect("devices");
+    assert_eq!(seen, whole);
+}
+
+#[tokio::test]
+async fn the_sqlite_registry_keeps_templates_variables_and_rollouts() {
+    let (_dir, a, b) = two_hubs(|d| SqliteRegistry::open(d).expect("open"));
+    province_suite(&a, &b).await;
+}
+
 mod postgres {
     //! The same suites on PostgreSQL 15.
 
@@ -793,6 +1051,8 @@ mod postgres {
         alarms_suite(&PgRegistry::new(a), &PgRegistry::new(b)).await;
         let (a, b) = on(&c, "labels").await;
         labels_suite(&PgRegistry::new(a), &PgRegistry::new(b)).await;
+        let (a, b) = on(&c, "province").await;
+        province_suite(&PgRegistry::new(a), &PgRegistry::new(b)).await;
     }
 
     #[tokio::test]

@@ -113,6 +113,7 @@ fn role_for(action: Action) -> &'static str {
     match action {
         Action::TokenCreate
         | Action::DevicesLabel
+        | Action::DevicesVars
         | Action::Command
         | Action::ConfigPushOther
         | Action::ConsumerCreate => "system administrator",

@@ -147,6 +147,43 @@ const TABLES: &[Table] = &[
     ),
     (
         File::Registry,
+        "template",
+        &[
+            ("name", Kind::Text),
+            ("version", Kind::Int),
+            ("text", Kind::Text),
+            ("by_account", Kind::Text),
+            ("at_ms", Kind::Int),
+        ],
+    ),
+    (
+        File::Registry,
+        "device_var",
+        &[
+            ("device", Kind::Text),
+            ("name", Kind::Text),
+            ("value", Kind::Text),
+        ],
+    ),
+    (
+        File::Registry,
+        "rollout",
+        &[
+            ("id", Kind::Text),
+            ("rev", Kind::Int),
+            ("json", Kind::Text),
+            ("active", Kind::Bool),
+            ("created_ms", Kind::Int),
+            ("updated_ms", Kind::Int),
+        ],
+    ),
+    (
+        File::Registry,
+        "rollout_member",
+        &[("device", Kind::Text), ("rollout", Kind::Text)],
+    ),
+    (
+        File::Registry,
         "alarm",
         &[
             ("id", Kind::Text),

@@ -25,6 +25,7 @@ pub mod changes;
 pub mod cluster;
 pub mod import;
 pub mod registry;
+pub mod rollouts;
 pub mod schema;
 pub mod sink;
 

@@ -19,15 +19,16 @@ use tokio_postgres::types::ToSql;
 use super::{Pg, changes};
 use crate::registry::{
     Admission, AlarmQuery, AlarmRow, AppliedReport, AuditExport, Change, ChangeKind, ConfigPush,
-    ConsumerRow, DeviceRow, DeviceState, Enrollment, LabelChange, NewAccount, NewConsumer,
-    NewToken, Registry, RegistryError, RegistryFuture, Renewal, SignCertificate, apply_labels,
+    ConsumerRow, DeviceRow, DeviceState, DevicesPage, Enrollment, LabelChange, NewAccount,
+    NewConsumer, NewRollout, NewTemplate, NewToken, Registry, RegistryError, RegistryFuture,
+    Renewal, RolloutRow, RolloutUpdate, SignCertificate, TemplateRow, VarsChange, apply_labels,
     continue_chain,
 };
 
 /// The registry of hubs sharing one PostgreSQL database.
 #[derive(Clone, Debug)]
 pub struct PgRegistry {
-    pg: Pg,
+    pub(super) pg: Pg,
 }
 
 impl PgRegistry {
@@ -415,6 +416,17 @@ impl PgRegistry {
             .await?
             .get(0);
         let version = max.max(applied) + 1;
+        // The box's own file, before its first push, is kept as version 0:
+        // what a rollback offers it again.
+        if max == 0 && applied == 0 {
+            tx.execute(
+                "INSERT INTO config (device, version, text, pushed_by, pushed_ms)
+                 SELECT device, 0, text, 'the box''s own file', result_ms FROM config_state
+                 WHERE device = $1 AND applied = 0 ON CONFLICT DO NOTHING",
+                &[&p.device],
+            )
+            .await?;
+        }
         tx.execute(
             "INSERT INTO config (device, version, text, pushed_by, pushed_ms) VALUES ($1, $2, $3, $4, $5)",
             &[&p.device, &version, &p.text, &p.by, &p.now_ms],
@@ -1021,5 +1033,49 @@ impl Registry for PgRegistry {
 
     fn wake(&self) -> Option<Arc<tokio::sync::Notify>> {
         Some(self.pg.wake.clone())
+    }
+
+    fn devices_page(&self, after: Option<String>, limit: usize) -> RegistryFuture<'_, DevicesPage> {
+        Box::pin(self.devices_page(after, limit))
+    }
+
+    fn put_template(&self, t: NewTemplate) -> RegistryFuture<'_, u64> {
+        Box::pin(self.put_template(t))
+    }
+
+    fn template(
+        &self,
+        name: String,
+        version: Option<u64>,
+    ) -> RegistryFuture<'_, Option<TemplateRow>> {
+        Box::pin(self.template(name, version))
+    }
+
+    fn templates(&self) -> RegistryFuture<'_, Vec<TemplateRow>> {
+        Box::pin(self.templates())
+    }
+
+    fn set_vars(&self, c: VarsChange) -> RegistryFuture<'_, Vec<(String, String)>> {
+        Box::pin(self.set_vars(c))
+    }
+
+    fn vars(&self, devices: Vec<String>) -> RegistryFuture<'_, Vec<(String, String, String)>> {
+        Box::pin(self.vars(devices))
+    }
+
+    fn create_rollout(&self, n: NewRollout) -> RegistryFuture<'_, ()> {
+        Box::pin(self.create_rollout(n))
+    }
+
+    fn rollout(&self, id: String) -> RegistryFuture<'_, Option<RolloutRow>> {
+        Box::pin(self.rollout(id))
+    }
+
+    fn rollouts(&self, active: bool) -> RegistryFuture<'_, Vec<RolloutRow>> {
+        Box::pin(self.rollouts(active))
+    }
+
+    fn update_rollout(&self, u: RolloutUpdate) -> RegistryFuture<'_, bool> {
+        Box::pin(self.update_rollout(u))
     }
 }

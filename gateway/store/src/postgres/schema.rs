@@ -19,8 +19,15 @@ use crate::error::StoreError;
 const LOCK_KEY: i64 = 0x67_77_68_75_62;
 
 /// The migrations, in order: (version, what it does, SQL).
-pub const MIGRATIONS: &[(i64, &str, &str)] =
-    &[(1, "the hub's state", V1), (2, "devices' labels", V2)];
+pub const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "the hub's state", V1),
+    (2, "devices' labels", V2),
+    (
+        3,
+        "templates, variables and rollouts",
+        super::rollouts::SCHEMA,
+    ),
+];
 
 const V2: &str = "
 CREATE TABLE device_label (

@@ -10,6 +10,7 @@
 //! corrupt or newer database is [`StoreError::Refused`].
 
 pub mod registry;
+pub mod rollouts;
 pub mod sink;
 
 use std::sync::{Arc, Mutex, PoisonError};
@@ -25,8 +26,9 @@ use gateway_core::detect::Alarm;
 
 use crate::registry::{
     Admission, AlarmQuery, AlarmRow, AppliedReport, AuditExport, Change, ConfigPush, ConsumerRow,
-    DeviceRow, Enrollment, LabelChange, NewAccount, NewConsumer, NewToken, Registry, RegistryError,
-    RegistryFuture, Renewal, SignCertificate,
+    DeviceRow, DevicesPage, Enrollment, LabelChange, NewAccount, NewConsumer, NewRollout,
+    NewTemplate, NewToken, Registry, RegistryError, RegistryFuture, Renewal, RolloutRow,
+    RolloutUpdate, SignCertificate, TemplateRow, VarsChange,
 };
 use crate::sink::{Acked, Committed, Expired, Grant, Sink, SinkBatch, Stored, Stream, StreamKey};
 
@@ -363,5 +365,49 @@ impl Registry for Blocking<SqliteRegistry> {
 
     fn wake(&self) -> Option<Arc<tokio::sync::Notify>> {
         None
+    }
+
+    fn devices_page(&self, after: Option<String>, limit: usize) -> RegistryFuture<'_, DevicesPage> {
+        self.run(move |r| r.devices_page(after.as_deref(), limit))
+    }
+
+    fn put_template(&self, t: NewTemplate) -> RegistryFuture<'_, u64> {
+        self.run(move |r| r.put_template(&t))
+    }
+
+    fn template(
+        &self,
+        name: String,
+        version: Option<u64>,
+    ) -> RegistryFuture<'_, Option<TemplateRow>> {
+        self.run(move |r| r.template(&name, version))
+    }
+
+    fn templates(&self) -> RegistryFuture<'_, Vec<TemplateRow>> {
+        self.run(|r| r.templates())
+    }
+
+    fn set_vars(&self, c: VarsChange) -> RegistryFuture<'_, Vec<(String, String)>> {
+        self.run(move |r| r.set_vars(&c))
+    }
+
+    fn vars(&self, devices: Vec<String>) -> RegistryFuture<'_, Vec<(String, String, String)>> {
+        self.run(move |r| r.vars(&devices))
+    }
+
+    fn create_rollout(&self, n: NewRollout) -> RegistryFuture<'_, ()> {
+        self.run(move |r| r.create_rollout(&n))
+    }
+
+    fn rollout(&self, id: String) -> RegistryFuture<'_, Option<RolloutRow>> {
+        self.run(move |r| r.rollout(&id))
+    }
+
+    fn rollouts(&self, active: bool) -> RegistryFuture<'_, Vec<RolloutRow>> {
+        self.run(move |r| r.rollouts(active))
+    }
+
+    fn update_rollout(&self, u: RolloutUpdate) -> RegistryFuture<'_, bool> {
+        self.run(move |r| r.update_rollout(&u))
     }
 }

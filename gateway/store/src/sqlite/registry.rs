@@ -133,7 +133,7 @@ CREATE TABLE IF NOT EXISTS edge_audit_head (
 
 /// The registry in one SQLite file.
 pub struct SqliteRegistry {
-    db: Connection,
+    pub(super) db: Connection,
 }
 
 fn hex(h: &Hash) -> String {
@@ -163,6 +163,7 @@ impl SqliteRegistry {
         // page cache, not SQLite's 2 MiB that a burst of records fills.
         db.pragma_update(None, "cache_size", -512)?;
         db.execute_batch(SCHEMA)?;
+        db.execute_batch(super::rollouts::SCHEMA)?;
         // Registries made before tokens could re-enroll a device.
         let has_replaces: bool = db.query_row(
             "SELECT EXISTS (SELECT 1 FROM pragma_table_info('token') WHERE name = 'replaces')",
@@ -691,6 +692,16 @@ impl SqliteRegistry {
             |r| r.get(0),
         )?;
         let version = max.max(applied) + 1;
+        // The box's own file, before its first push, is kept as version 0:
+        // what a rollback offers it again.
+        if max == 0 && applied == 0 {
+            tx.execute(
+                "INSERT INTO config (device, version, text, pushed_by, pushed_ms)
+                 SELECT device, 0, text, 'the box''s own file', result_ms FROM config_state
+                 WHERE device = ?1 AND applied = 0 ON CONFLICT DO NOTHING",
+                [device],
+            )?;
+        }
         tx.execute(
             "INSERT INTO config (device, version, text, pushed_by, pushed_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![device, version, text, by, now_ms],
@@ -1212,7 +1223,7 @@ impl SqliteRegistry {
 }
 
 /// Records a change in the transaction that makes it.
-fn log_change(
+pub(super) fn log_change(
     db: &Connection,
     kind: ChangeKind,
     subject: &str,
