@@ -220,6 +220,14 @@ impl Hub {
         })
     }
 
+    /// Waits until `id`'s config status satisfies `ok`.
+    fn wait_config_of(&self, id: &str, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
+        poll_blocking(what, Duration::from_secs(30), || {
+            let s = self.config_status(id);
+            if ok(&s) { Ok(s) } else { Err(s.to_string()) }
+        })
+    }
+
     fn config_status(&self, id: &str) -> Value {
         let (code, out, err) = self.ctl("sue", &["config", "status", "--format", "json"]);
         assert_eq!(code, 0, "{err}");
@@ -817,7 +825,7 @@ fn three_hubs_on_one_postgres_share_tokens_pushes_and_revocations() {
     assert_eq!(
         pg.sql(
             "hubs",
-            "SELECT revoked_ms IS NOT NULL, (SELECT count(*) FROM config WHERE device = 'edge-a') FROM device WHERE id = 'edge-a'"
+            "SELECT revoked_ms IS NOT NULL, (SELECT count(*) FROM config WHERE device = 'edge-a' AND version > 0) FROM device WHERE id = 'edge-a'"
         )
         .expect("sql"),
         "t|1"
@@ -2196,4 +2204,280 @@ fn an_edges_alarm_reaches_the_hub_and_the_security_administrator_lifts_its_ban()
     });
     assert_eq!(own["action"], "alarm (never_ban, not banned)");
     assert_eq!(own["target"], "operators-api");
+}
+
+/// Central ops roll a template out over 20 real edges in three waves: one
+/// device's variables break its uplink (another CA), it reverts through try
+/// mode, is counted failed, and the rollout pauses by itself at
+/// `--max-failures 0` before the last wave; the status says why and which
+/// device; then `rollback` offers every pushed device its previous version.
+/// Along the way: a template change is classified as pushes are, a missing
+/// variable is refused naming the device, the line and the variable, and a
+/// device is in at most one active rollout.
+#[test]
+fn a_template_rolls_out_in_waves_pauses_on_a_failure_and_rolls_back() {
+    const N: usize = 20;
+    const BROKEN: &str = "edge-07";
+    let hub = Hub::start("1h");
+    let echo = echo_server("127.0.1.1");
+    let ids: Vec<String> = (0..N).map(|i| format!("edge-{i:02}")).collect();
+    let mut edges = Vec::new();
+    let mut texts = Vec::new();
+    for id in &ids {
+        let (config, _) = edge_config(&hub, id, echo, "config_try = \"3s\"\n");
+        let (code, out) = enroll(&config, &hub.token(id));
+        assert_eq!(code, 0, "{out}");
+        texts.push(std::fs::read_to_string(&config).expect("config"));
+        edges.push(Proc::start(&config));
+    }
+    for e in &mut edges {
+        e.wait_log("Tunnel up");
+    }
+    // The hub has every box's own file.
+    poll_blocking(
+        "every box's config at the hub",
+        Duration::from_secs(20),
+        || {
+            let n = ids
+                .iter()
+                .filter(|id| hub.config_status(id)["applied"] == 0)
+                .count();
+            if n == N {
+                Ok(())
+            } else {
+                Err(format!("{n} of {N}"))
+            }
+        },
+    );
+
+    // The template: edge-00's file with what differs per box as variables,
+    // and one change for all (the heartbeat, not policy).
+    let ca = hub.pki.ca().join("ca.pem");
+    let ca = ca.to_str().expect("path");
+    let admin0 = hub_admin_of(&hub.dir.path().join("edge-00/edge.toml"));
+    let template = texts[0]
+        .replace("edge-00", "{{ device }}")
+        .replace(&admin0, "{{ admin }}")
+        .replace(ca, "{{ ca }}")
+        .replace("heartbeat = \"1s\"", "heartbeat = \"2s\"");
+    assert!(template.contains("{{ admin }}") && template.contains("{{ ca }}"));
+    let other_ca = Pki::new();
+    let other_ca = other_ca.ca().join("ca.pem");
+    for (id, text) in ids.iter().zip(&texts) {
+        let admin = text
+            .lines()
+            .find_map(|l| l.strip_prefix("listen = \""))
+            .and_then(|l| l.strip_suffix('"'))
+            .expect("admin.listen");
+        let their_ca = if id == BROKEN {
+            other_ca.to_str().expect("path")
+        } else {
+            ca
+        };
+        let (code, out, err) = hub.ctl(
+            "sam",
+            &[
+                "devices",
+                "vars",
+                id,
+                &format!("admin={admin}"),
+                &format!("ca={their_ca}"),
+            ],
+        );
+        assert_eq!(code, 0, "{err}");
+        assert!(out.contains("admin = ") && out.contains("ca = "), "{out}");
+    }
+    let push_template = |account: &str, name: &str, text: &str| {
+        let file = tempfile::NamedTempFile::new_in(hub.dir.path()).expect("file");
+        std::fs::write(file.path(), text).expect("write");
+        hub.ctl(
+            account,
+            &[
+                "template",
+                "push",
+                name,
+                file.path().to_str().expect("path"),
+            ],
+        )
+    };
+    let (code, out, err) = push_template("sam", "county", &template);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("version 1 stored (variables: device, ca, admin)"),
+        "{out}"
+    );
+    // A later version is classified against the one before it.
+    let (code, _, err) = push_template(
+        "sam",
+        "county",
+        &template.replace("\"extranet\"]\n", "\"extranet\", \"edge-z\"]\n"),
+    );
+    assert_eq!(code, 77, "{err}");
+    assert!(
+        err.contains("may not change policy sections") && err.contains("of the template"),
+        "{err}"
+    );
+    let (code, _, err) = push_template(
+        "sue",
+        "county",
+        &template.replace("heartbeat = \"2s\"", "heartbeat = \"3s\""),
+    );
+    assert_eq!(code, 77, "{err}");
+    assert!(err.contains("non-policy sections"), "{err}");
+    // A variable no device has: refused naming the device, line and variable.
+    let line = template
+        .lines()
+        .position(|l| l.contains("{{ admin }}"))
+        .expect("line")
+        + 1;
+    let (code, _, err) = push_template(
+        "sam",
+        "typo",
+        &template.replace("{{ admin }}", "{{ admni }}"),
+    );
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = hub.ctl(
+        "sam",
+        &["rollout", "start", "--template", "typo", "--waves", "100%"],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(&format!("template typo v1 for edge-00:{line}:"))
+            && err.contains("variable admni has no value"),
+        "{err}"
+    );
+
+    // A dry run says what would change, and starts nothing.
+    let start = [
+        "rollout",
+        "start",
+        "--template",
+        "county",
+        "--waves",
+        "1,50%,100%",
+        "--max-failures",
+        "0",
+        "--soak",
+        "3s",
+    ];
+    let mut dry = start.to_vec();
+    dry.push("--dry-run");
+    let (code, _, err) = hub.ctl("sue", &dry);
+    assert_eq!(
+        code, 77,
+        "the heartbeat is the system administrator's: {err}"
+    );
+    let (code, out, err) = hub.ctl("sam", &dry);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("20 device(s) in 3 wave(s) of 1, 9, 10") && out.contains("0 policy, 20 other"),
+        "{out}"
+    );
+    let (code, id, err) = hub.ctl("sam", &start);
+    assert_eq!(code, 0, "{err}");
+    let id = id.trim().to_owned();
+
+    // Wave 1 (edge-00) applies; wave 2 holds the broken box: it reverts and
+    // the rollout pauses before wave 3.
+    let (code, status, err) = hub.ctl(
+        "sam",
+        &["rollout", "status", &id, "--wait", "--timeout", "3m"],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        status.starts_with(&format!("rollout {id}: paused")),
+        "{status}"
+    );
+    assert!(
+        status.contains(&format!("{BROKEN})")) && status.contains("more than --max-failures 0"),
+        "{status}"
+    );
+    assert!(
+        status.contains("wave 1/3 (1 device(s)): applied 1"),
+        "{status}"
+    );
+    assert!(
+        status.contains("wave 3/3 (10 device(s)): waiting 10"),
+        "{status}"
+    );
+    let (code, json_status, _) = hub.ctl("sam", &["rollout", "status", &id, "--format", "json"]);
+    assert_eq!(code, 0);
+    let v: Value = serde_json::from_str(&json_status).expect("json");
+    let wave2 = &v["waves"][1]["devices"];
+    let failed: Vec<&str> = ["reverted", "silent", "failed"]
+        .iter()
+        .flat_map(|s| wave2[*s].as_array().into_iter().flatten())
+        .filter_map(|d| d["device"].as_str())
+        .collect();
+    assert_eq!(failed, [BROKEN], "{v}");
+    // The broken box went back to its own file and says so.
+    hub.wait_config_of(BROKEN, "the revert reported", |s| {
+        s["result"]["outcome"] == "reverted"
+    });
+    // Wave 3 was never offered anything.
+    assert!(hub.config_status("edge-15")["desired"].is_null());
+    // The applied boxes run the template's rendering.
+    let applied = hub
+        .ctl("sue", &["config", "show", "edge-03", "--applied"])
+        .1;
+    assert!(
+        applied.contains("heartbeat = \"2s\"") && applied.contains("id = \"edge-03\""),
+        "{applied}"
+    );
+
+    // A device is in at most one active rollout.
+    let (code, _, err) = hub.ctl(
+        "sam",
+        &[
+            "rollout",
+            "start",
+            "--template",
+            "county",
+            "--selector",
+            "",
+            "--waves",
+            "100%",
+        ],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains(&format!("is in rollout {id}")), "{err}");
+    // Resuming and rolling back push as the rollout's role.
+    let (code, _, err) = hub.ctl("sue", &["rollout", "resume", &id]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("system administrator who started it"), "{err}");
+
+    // Rollback: every pushed box gets its own file again.
+    let (code, out, err) = hub.ctl("sam", &["rollout", "rollback", &id]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("rolling-back"), "{out}");
+    let (code, status, err) = hub.ctl(
+        "sam",
+        &["rollout", "status", &id, "--wait", "--timeout", "3m"],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        status.starts_with(&format!("rollout {id}: rolled-back")),
+        "{status}"
+    );
+    for (i, id) in ids.iter().enumerate().take(10) {
+        let applied = hub.ctl("sue", &["config", "show", id, "--applied"]).1;
+        assert_eq!(applied, texts[i], "{id} runs its own file again");
+    }
+    // Every step is audited with the account.
+    for event in [
+        "admin.rollout.start",
+        "rollout.wave",
+        "rollout.pause",
+        "admin.rollout.rollback",
+        "rollout.rolled-back",
+    ] {
+        wait_audit_line(&hub, event);
+    }
+    let audit = audit_lines(&hub.dir.path().join("state"));
+    assert!(
+        audit
+            .iter()
+            .any(|l| l.starts_with("admin.rollout.start sam r-")),
+        "{audit:?}"
+    );
 }

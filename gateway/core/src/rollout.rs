@@ -234,6 +234,16 @@ pub struct Member {
     /// The version a rollback pushed to it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollback: Option<u64>,
+    /// Why a rollback left it as it is (a newer push, no earlier version).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback_error: Option<String>,
+}
+
+impl Member {
+    /// A rollback has yet to offer it its previous version.
+    pub fn rollback_due(&self) -> bool {
+        self.pushed.is_some() && self.rollback.is_none() && self.rollback_error.is_none()
+    }
 }
 
 /// A rollout, as the registry stores it.
@@ -259,6 +269,9 @@ pub struct Rollout {
     pub soak_ms: u64,
     /// Who started it.
     pub by: String,
+    /// That account's role (`system`, `security`): what the rollout's pushes
+    /// may change.
+    pub by_role: String,
     /// When (Unix ms).
     pub created_ms: i64,
     /// Where it is.
@@ -407,8 +420,16 @@ pub fn status_of(
 
 /// The status of one member of `r`.
 pub fn member_status(r: &Rollout, m: &Member, obs: &Observed, now_ms: i64) -> DeviceStatus {
-    if let (Some(v), Some(at)) = (m.rollback, r.rollback_started_ms) {
-        return status_of(v, at, obs, r.soak_ms, now_ms);
+    if let Some(at) = r.rollback_started_ms {
+        if let Some(v) = m.rollback {
+            return status_of(v, at, obs, r.soak_ms, now_ms);
+        }
+        if let Some(e) = &m.rollback_error {
+            return DeviceStatus::Failed(format!("not rolled back: {e}"));
+        }
+        if m.rollback_due() {
+            return DeviceStatus::Pending;
+        }
     }
     let Some(&offered) = r.wave_started_ms.get(m.wave) else {
         return DeviceStatus::Waiting;
@@ -446,11 +467,11 @@ pub fn decide(r: &Rollout, statuses: &[DeviceStatus], now_ms: i64) -> Decision {
     match r.state {
         State::Running => {}
         State::RollingBack => {
-            let open = r
-                .devices
-                .iter()
-                .zip(statuses)
-                .any(|(m, s)| m.rollback.is_some() && s.is_open());
+            let open = r.pushing.is_some()
+                || r.devices
+                    .iter()
+                    .zip(statuses)
+                    .any(|(m, s)| m.rollback_due() || (m.rollback.is_some() && s.is_open()));
             return if open {
                 Decision::Wait
             } else {
@@ -528,6 +549,7 @@ pub fn members(devices: Vec<String>, ends: &[usize]) -> Vec<Member> {
             unchanged: false,
             error: None,
             rollback: None,
+            rollback_error: None,
         })
         .collect()
 }

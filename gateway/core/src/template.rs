@@ -317,6 +317,62 @@ pub fn check_variable(name: &str, value: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks that `template` is TOML once its placeholders stand for values
+/// ([`symbolic`]): the mistake with its line, if not.
+///
+/// # Errors
+/// The TOML error, located.
+pub fn check_toml(template: &str) -> Result<(), TemplateError> {
+    let s = symbolic(template);
+    match toml::from_str::<toml::Table>(&s) {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            let (line, column) = e.span().map_or((0, 0), |span| {
+                let before = &s[..span.start.min(s.len())];
+                let line = before.matches('\n').count() + 1;
+                let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+                (line, column)
+            });
+            Err(TemplateError {
+                line,
+                column,
+                variable: None,
+                message: format!("not TOML: {}", e.message()),
+            })
+        }
+    }
+}
+
+/// Reads a file of a device's variables: TOML `name = value` lines, each
+/// value a string, a number, a boolean or a date (kept as written).
+///
+/// # Errors
+/// The first mistake, located.
+pub fn parse_vars_file(text: &str) -> Result<Vec<(String, String)>, String> {
+    let table: toml::Table = toml::from_str(text).map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    for (k, v) in table {
+        let value = match v {
+            toml::Value::String(s) => s,
+            toml::Value::Integer(n) => n.to_string(),
+            toml::Value::Float(f) => f.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            toml::Value::Datetime(d) => d.to_string(),
+            _ => {
+                return Err(format!(
+                    "{k}: a variable's value is a string, a number, a boolean or a date"
+                ));
+            }
+        };
+        check_variable(&k, &value)?;
+        out.push((k, value));
+    }
+    if out.len() > MAX_VARIABLES {
+        return Err(format!("more than {MAX_VARIABLES} variables"));
+    }
+    Ok(out)
+}
+
 /// The template with every placeholder standing for itself, as TOML that
 /// parses wherever the template's own would: inside a string the placeholder
 /// stays as text, outside one it becomes the string `"{{ name }}"`. Two
@@ -409,6 +465,16 @@ mod tests {
         assert!(check_variable("Bad", "x").is_err());
         assert!(check_variable("ok_1", &"x".repeat(MAX_VALUE + 1)).is_err());
         assert!(check_variable("ok_1", "10.0.0.1").is_ok());
+        let file = parse_vars_file("hub = \"10.0.0.1:4433\"\nlevel = 3\n").expect("vars");
+        assert_eq!(
+            file,
+            [
+                ("hub".into(), "10.0.0.1:4433".into()),
+                ("level".into(), "3".into())
+            ]
+        );
+        assert!(parse_vars_file("x = [1]\n").is_err());
+        assert!(parse_vars_file("device = \"x\"\n").is_err());
     }
 
     #[test]
@@ -419,6 +485,9 @@ mod tests {
         assert_eq!(v["node"]["id"].as_str(), Some("{{ id }}"));
         assert_eq!(v["zone"][0]["level"].as_str(), Some("{{ level }}"));
         assert_eq!(v["zone"][0]["networks"][1].as_str(), Some("{{ n2 }}"));
+        assert!(check_toml(t).is_ok());
+        let e = check_toml("a = 1\nb = = {{ x }}\n").expect_err("bad");
+        assert_eq!(e.line, 2);
     }
 
     proptest::proptest! {

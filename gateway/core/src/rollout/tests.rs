@@ -70,6 +70,7 @@ fn rollout(n: usize, waves: &[usize], soak_ms: u64) -> Rollout {
         max_failures: 1,
         soak_ms,
         by: "wang".into(),
+        by_role: "system".into(),
         created_ms: 0,
         state: State::Running,
         reason: None,
@@ -237,6 +238,7 @@ fn a_rollback_finishes_when_every_device_answered() {
     r.wave_started_ms.push(0);
     r.state = State::RollingBack;
     r.rollback_started_ms = Some(100);
+    r.devices[0].pushed = Some(2);
     r.devices[0].rollback = Some(3);
     let obs = |d: &str| {
         if d == "d0" {
@@ -252,7 +254,8 @@ fn a_rollback_finishes_when_every_device_answered() {
         .collect();
     assert_eq!(s[0], DeviceStatus::Applied);
     assert_eq!(decide(&r, &s, 300), Decision::FinishRollback);
-    r.devices[1].rollback = Some(3);
+    // One still to be offered its previous version: not finished.
+    r.devices[1].pushed = Some(2);
     let s: Vec<DeviceStatus> = r
         .devices
         .iter()

@@ -57,6 +57,8 @@ pub struct Fleet {
     /// Devices this hub knows are revoked (read at start, then from the
     /// change log): refused even while the registry does not answer.
     revoked: Mutex<std::collections::HashSet<String>>,
+    /// Wakes the rollout controller (a rollout changed here or at another hub).
+    rollouts: Arc<tokio::sync::Notify>,
 }
 
 /// At most one duplicate-identity record per device in this long (the metric
@@ -155,7 +157,18 @@ impl Fleet {
             duplicates: Mutex::default(),
             offered: Mutex::default(),
             revoked: Mutex::default(),
+            rollouts: Arc::default(),
         })
+    }
+
+    /// Wakes the rollout controller.
+    pub fn wake_rollouts(&self) {
+        self.rollouts.notify_one();
+    }
+
+    /// What wakes the rollout controller.
+    pub fn rollouts_wake(&self) -> Arc<tokio::sync::Notify> {
+        self.rollouts.clone()
     }
 
     /// The registry.
@@ -899,6 +912,7 @@ impl Fleet {
                 }
             }
             ChangeKind::ConsumerRevoked => self.consumers.close(&device),
+            ChangeKind::Rollout => self.wake_rollouts(),
         }
     }
 

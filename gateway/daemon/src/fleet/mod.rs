@@ -13,6 +13,10 @@
 //!   role is checked there.
 //! - [`ops_client`]: `gatewayctl`'s client of that API.
 //! - [`logring`]: recent log lines and the last error, for heartbeats and diagnostics.
+//! - [`rollout`]: config templates rolled out in waves: the checks before a
+//!   rollout starts and the controller every hub runs.
+//! - [`rollout_api`]: the operators' routes of templates, variables and
+//!   rollouts.
 //!
 //! The pure parts (messages, roles, the policy-section diff, renewal timing, the
 //! audit export check) are in `gateway_core::fleet`; the registry is
@@ -25,6 +29,8 @@ pub mod logring;
 pub mod ops_api;
 pub mod ops_client;
 pub mod pushed_config;
+pub mod rollout;
+pub mod rollout_api;
 
 use gateway_core::fleet::{self, DecodeError};
 use serde::Serialize;

@@ -22,6 +22,7 @@
 //! | `POST /v1/consumers/{name}/grants` `{"stream"}`, `.../grants/revoke` | consumer grant (security) |
 //! | `POST /v1/consumers/{name}/revoke` | consumer revoke (security) |
 
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -53,7 +54,8 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, message: String) -> Self {
+    /// An answer of `status` saying `message`.
+    pub fn new(status: StatusCode, message: String) -> Self {
         ApiError { status, message }
     }
 }
@@ -64,10 +66,11 @@ impl IntoResponse for ApiError {
     }
 }
 
-type Answer = Result<Response, ApiError>;
+/// A route's answer.
+pub type Answer = Result<Response, ApiError>;
 
 /// A JSON body, or a 400 naming the field that is wrong.
-fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+pub(super) fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     let mut de = serde_json::Deserializer::from_slice(body);
     serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
@@ -77,7 +80,7 @@ fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError
 }
 
 /// A device id from the path, or a 400 saying what a device id looks like.
-fn checked_id(id: &str) -> Result<(), ApiError> {
+pub(super) fn checked_id(id: &str) -> Result<(), ApiError> {
     gateway_core::units::check_name("device", id).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -88,7 +91,7 @@ fn checked_id(id: &str) -> Result<(), ApiError> {
 
 /// A failure of the hub: 503 when its store is unavailable (PostgreSQL down
 /// or failing over: try again), else 500.
-fn internal<E: std::fmt::Display + 'static>(e: E) -> ApiError {
+pub(super) fn internal<E: std::fmt::Display + 'static>(e: E) -> ApiError {
     let any = &e as &dyn std::any::Any;
     let retry = any
         .downcast_ref::<RegistryError>()
@@ -109,7 +112,7 @@ fn internal<E: std::fmt::Display + 'static>(e: E) -> ApiError {
     ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
 }
 
-fn role_for(action: Action) -> &'static str {
+pub(super) fn role_for(action: Action) -> &'static str {
     match action {
         Action::TokenCreate
         | Action::DevicesLabel
@@ -129,7 +132,7 @@ fn role_for(action: Action) -> &'static str {
     }
 }
 
-fn role_name(r: AdminRole) -> &'static str {
+pub(super) fn role_name(r: AdminRole) -> &'static str {
     match r {
         AdminRole::System => "system administrator",
         AdminRole::Security => "security administrator",
@@ -169,7 +172,10 @@ struct Peer(SocketAddr);
 /// The account a request's credential belongs to. A missing, malformed or
 /// unknown credential is refused as an unauthenticated peer: audited under its
 /// address (summarised), what it claimed only in the detail.
-async fn account(fleet: &Fleet, caller: &Caller) -> Result<(String, AdminRole), ApiError> {
+pub(super) async fn account(
+    fleet: &Fleet,
+    caller: &Caller,
+) -> Result<(String, AdminRole), ApiError> {
     let refuse = |reason: &str, claimed: &str| {
         fleet.ctx().refuse_peer(
             caller.peer,
@@ -202,7 +208,7 @@ async fn account(fleet: &Fleet, caller: &Caller) -> Result<(String, AdminRole), 
 }
 
 /// Who is asking, checked for `action`; refusals are audited.
-async fn authorize(
+pub(super) async fn authorize(
     fleet: &Fleet,
     caller: &Caller,
     action: Action,
@@ -233,7 +239,7 @@ async fn authorize(
     Ok((name, role))
 }
 
-fn audit_ok(fleet: &Fleet, account: &str, what: &str, object: &str, detail: String) {
+pub(super) fn audit_ok(fleet: &Fleet, account: &str, what: &str, object: &str, detail: String) {
     fleet
         .ctx()
         .audit
@@ -273,6 +279,7 @@ pub async fn serve(
         .route("/v1/alarms/{id}/ack", post(alarm_ack))
         .route("/v1/bans", get(bans_list))
         .route("/v1/bans/lift", post(ban_lift))
+        .merge(super::rollout_api::routes())
         .with_state(fleet);
     let listener = http::Listener {
         tcp: listener,
@@ -479,6 +486,31 @@ async fn token_create(
         .into_response())
 }
 
+/// A device's state: `revoked`, `online`, `never-seen` or `offline`.
+fn state_of(fleet: &Fleet, row: &gateway_store::registry::DeviceRow) -> &'static str {
+    let interval = row
+        .status
+        .as_ref()
+        .and_then(|(_, j)| serde_json::from_str::<Value>(j).ok())
+        .and_then(|v| v["interval_s"].as_u64())
+        .unwrap_or(10);
+    let online = fleet::online(
+        fleet.connected(&row.id),
+        row.status.as_ref().map(|s| s.0),
+        interval,
+        now_ms(),
+    );
+    if row.revoked_ms.is_some() {
+        "revoked"
+    } else if online {
+        "online"
+    } else if row.status.is_none() {
+        "never-seen"
+    } else {
+        "offline"
+    }
+}
+
 /// What operators see of one device.
 fn device_view(fleet: &Fleet, row: &gateway_store::registry::DeviceRow) -> Value {
     let connected = fleet.connected(&row.id);
@@ -487,22 +519,7 @@ fn device_view(fleet: &Fleet, row: &gateway_store::registry::DeviceRow) -> Value
         .as_ref()
         .and_then(|(_, j)| serde_json::from_str(j).ok())
         .unwrap_or(Value::Null);
-    let interval = status["interval_s"].as_u64().unwrap_or(10);
-    let online = fleet::online(
-        connected,
-        row.status.as_ref().map(|s| s.0),
-        interval,
-        now_ms(),
-    );
-    let state = if row.revoked_ms.is_some() {
-        "revoked"
-    } else if online {
-        "online"
-    } else if row.status.is_none() {
-        "never-seen"
-    } else {
-        "offline"
-    };
+    let state = state_of(fleet, row);
     let result: Value = row
         .applied
         .as_ref()
@@ -523,6 +540,51 @@ fn device_view(fleet: &Fleet, row: &gateway_store::registry::DeviceRow) -> Value
         "audit_broken": row.audit.as_ref().and_then(|a| a.1.clone()),
         "status": status,
     })
+}
+
+/// Up to `limit` devices after `after` (by id) that `selector` picks, with
+/// their labels: read from the registry a page at a time, filtered here.
+pub(super) async fn select(
+    fleet: &Fleet,
+    selector: &gateway_core::selector::Selector,
+    mut after: Option<String>,
+    limit: usize,
+) -> Result<Vec<(gateway_store::registry::DeviceRow, BTreeMap<String, String>)>, ApiError> {
+    let mut out = Vec::new();
+    let now = now_ms();
+    loop {
+        let page = fleet
+            .registry()
+            .devices_page(after.take(), DEVICES_PAGE_MAX)
+            .await
+            .map_err(internal)?;
+        let full = page.rows.len() == DEVICES_PAGE_MAX;
+        after = page.rows.last().map(|r| r.id.clone());
+        let mut labels: HashMap<String, BTreeMap<String, String>> = HashMap::new();
+        for (d, k, v) in page.labels {
+            labels.entry(d).or_default().insert(k, v);
+        }
+        for r in page.rows {
+            let l = labels.remove(&r.id).unwrap_or_default();
+            let facts = gateway_core::selector::Facts {
+                labels: &l,
+                state: state_of(fleet, &r),
+                drift: r
+                    .desired
+                    .is_some_and(|d| r.applied.as_ref().is_none_or(|a| a.0 < d)),
+                cert_left_ms: r.not_after_ms.map(|t| t - now),
+            };
+            if selector.matches(&facts) {
+                out.push((r, l));
+                if out.len() == limit {
+                    return Ok(out);
+                }
+            }
+        }
+        if !full {
+            return Ok(out);
+        }
+    }
 }
 
 /// `GET /v1/devices?selector=S&after=ID&limit=N`.
@@ -563,38 +625,16 @@ async fn devices_list(
             format!("limit: {limit} is outside 1..={DEVICES_PAGE_MAX}"),
         ));
     }
-    let rows = fleet.registry().devices().await.map_err(internal)?;
-    let mut labels: std::collections::HashMap<String, std::collections::BTreeMap<String, String>> =
-        std::collections::HashMap::new();
-    for (d, k, v) in fleet.registry().labels().await.map_err(internal)? {
-        labels.entry(d).or_default().insert(k, v);
-    }
-    let none = std::collections::BTreeMap::new();
-    let now = now_ms();
+    let found = select(&fleet, &selector, q.after.clone(), limit + 1).await?;
     let mut out = Vec::new();
     let mut next = None;
-    for r in rows
-        .iter()
-        .filter(|r| q.after.as_ref().is_none_or(|a| r.id.as_str() > a.as_str()))
-    {
-        let mut view = device_view(&fleet, r);
-        let l = labels.get(&r.id).unwrap_or(&none);
-        let facts = gateway_core::selector::Facts {
-            labels: l,
-            state: view["state"].as_str().unwrap_or("never-seen"),
-            drift: r
-                .desired
-                .is_some_and(|d| r.applied.as_ref().is_none_or(|a| a.0 < d)),
-            cert_left_ms: r.not_after_ms.map(|t| t - now),
-        };
-        if !selector.matches(&facts) {
-            continue;
-        }
+    for (r, labels) in &found {
         if out.len() == limit {
             next = out.last().map(|v: &Value| v["id"].clone());
             break;
         }
-        view["labels"] = json!(l);
+        let mut view = device_view(&fleet, r);
+        view["labels"] = json!(labels);
         out.push(view);
     }
     Ok(axum::Json(json!({

@@ -179,6 +179,7 @@ pub(super) fn start(
     let (alarms, own_alarms) = tokio::sync::mpsc::channel(1024);
     tokio::spawn(fleet.clone().keep_own_alarms(own_alarms));
     tokio::spawn(fleet.clone().follow_changes());
+    tokio::spawn(crate::fleet::rollout::run(fleet.clone()));
     let mut ops_addr = None;
     if let Some(ops) = h.settings.ops {
         let l = bindings.tcp(ops).map_err(bind_err(ops))?;

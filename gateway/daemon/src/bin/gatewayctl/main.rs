@@ -11,6 +11,8 @@
 //! that does not verify, 69 the hub is unreachable, 77 not allowed (role or
 //! credential).
 
+mod province;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -79,6 +81,13 @@ enum Command {
     /// Intrusion alarms of the hub and its devices, and bans.
     #[command(subcommand)]
     Alarms(AlarmsCommand),
+    /// Config templates: one config with `{{ name }}` placeholders for many
+    /// devices, each with its variables (devices vars).
+    #[command(subcommand)]
+    Template(province::TemplateCommand),
+    /// Rollouts of a template in waves, paused by themselves on failures.
+    #[command(subcommand)]
+    Rollout(province::RolloutCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -226,6 +235,19 @@ enum DevicesCommand {
         /// KEY=VALUE to set, KEY- to remove.
         #[arg(required = true, value_name = "KEY=VALUE|KEY-")]
         labels: Vec<String>,
+    },
+    /// A device's template variables: print them, set NAME=VALUE, remove
+    /// NAME-, or replace them all with a FILE of `name = "value"` lines
+    /// (system administrator).
+    Vars {
+        /// The device id.
+        device: String,
+        /// FILE, NAME=VALUE or NAME-; none prints them.
+        #[arg(value_name = "FILE|NAME=VALUE|NAME-")]
+        items: Vec<String>,
+        /// Remove every variable not set here.
+        #[arg(long)]
+        replace: bool,
     },
     /// One device in full.
     Show {
@@ -475,6 +497,13 @@ async fn go(client: &OpsClient, command: Command) -> Result<(), u8> {
                 }
             );
         }
+        Command::Devices(DevicesCommand::Vars {
+            device,
+            items,
+            replace,
+        }) => province::vars(client, &device, &items, replace).await?,
+        Command::Template(c) => province::template(client, c).await?,
+        Command::Rollout(c) => province::rollout(client, c).await?,
         Command::Devices(DevicesCommand::Show { device, format }) => {
             let (_, b) = call(client, "GET", &format!("/v1/devices/{device}"), None).await?;
             let v = json(&b);
