@@ -393,7 +393,12 @@ pub fn status_of(
                     .to_owned(),
             );
         }
-        Some("refused") if result["offered"].as_u64() == Some(version) => {
+        // A refusal of the version it runs already (a second hub's offer of
+        // it) is not a failure.
+        Some("refused")
+            if result["offered"].as_u64() == Some(version)
+                && obs.applied.is_none_or(|a| a < version) =>
+        {
             let errors: Vec<&str> = result["errors"]
                 .as_array()
                 .map(|a| a.iter().filter_map(|e| e.as_str()).collect())

@@ -303,6 +303,9 @@ pub trait Registry: Send + Sync {
     /// `None` when the engine cannot tell and its changes are polled.
     fn wake(&self) -> Option<Arc<tokio::sync::Notify>>;
 
+    /// Stores many heartbeats (and the certificate expiries they report) in
+    /// one transaction: the hub writes them coalesced, once per interval.
+    fn heartbeats(&self, beats: Vec<Heartbeat>) -> RegistryFuture<'_, ()>;
     /// One page of devices in id order after `after`, with their labels:
     /// one indexed query, whatever the fleet's size.
     fn devices_page(&self, after: Option<String>, limit: usize) -> RegistryFuture<'_, DevicesPage>;
@@ -330,6 +333,19 @@ pub trait Registry: Send + Sync {
     /// Replaces a rollout's document if it is still at `rev`: false when
     /// another hub or operator changed it first (read it again).
     fn update_rollout(&self, u: RolloutUpdate) -> RegistryFuture<'_, bool>;
+}
+
+/// One device's last heartbeat, for [`Registry::heartbeats`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Heartbeat {
+    /// The device.
+    pub device: String,
+    /// When it came (Unix ms).
+    pub now_ms: i64,
+    /// Its status (JSON).
+    pub json: String,
+    /// The certificate expiry it reported, when it changed.
+    pub not_after_ms: Option<i64>,
 }
 
 /// A page of [`Registry::devices_page`].

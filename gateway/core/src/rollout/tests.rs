@@ -144,6 +144,18 @@ fn a_report_means_what_it_says() {
         status_of(3, offered, &old, soak, 2_000),
         DeviceStatus::Pending
     );
+    // Refused as "not newer" by a box that runs it (a second hub's offer).
+    let again = Observed {
+        applied: Some(3),
+        result: Some(r#"{"offered":3,"outcome":"refused","errors":["not newer"]}"#.into()),
+        heartbeat: Some((2_000, 3)),
+        result_ms: Some(1_500),
+        ..Observed::default()
+    };
+    assert_eq!(
+        status_of(3, offered, &again, soak, 2_500),
+        DeviceStatus::Applied
+    );
     let later = Observed {
         desired: Some(4),
         ..Observed::default()

@@ -120,6 +120,8 @@ pub struct DetectCounters {
     pub banned_dropped: u64,
     /// Alarms lost because the alarm queue was full.
     pub alarms_lost: u64,
+    /// QUIC handshakes refused because more came at once than the hub takes.
+    pub handshakes_deferred: u64,
     /// Per forwarding target: alarms forwarded, failed attempts, and since
     /// when (Unix ms) it is unreachable.
     pub forwarding: BTreeMap<String, Forwarding>,
@@ -365,6 +367,11 @@ impl Metrics {
     /// Something from a banned source dropped.
     pub fn banned_dropped(&self) {
         lock(&self.detect).banned_dropped += 1;
+    }
+
+    /// A handshake refused for load (the edge retries after its backoff).
+    pub fn handshake_deferred(&self) {
+        lock(&self.detect).handshakes_deferred += 1;
     }
 
     /// An alarm lost (queue full).
@@ -731,6 +738,12 @@ impl Metrics {
                 "counter",
                 "Alarms lost because the alarm queue was full.",
                 d.alarms_lost,
+            ),
+            (
+                "gateway_handshakes_deferred_total",
+                "counter",
+                "QUIC handshakes refused because more came at once than the hub takes (a reconnect storm); the edges retry after their backoff.",
+                d.handshakes_deferred,
             ),
         ] {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");

@@ -287,8 +287,14 @@ pub async fn session(
                             applied: fleet.applied().0,
                             outcome: ConfigOutcome::Refused { errors: vec!["this node cannot apply configs (not run by `gatewayd run`)".into()] },
                         });
+                        let applied = matches!(&result, Message::ConfigResult { outcome: ConfigOutcome::Applied, .. });
                         if write_msg(&mut send, &result).await.is_err() {
                             fleet.report_later(result);
+                            break;
+                        }
+                        // The hub hears at once that the box runs it (a
+                        // rollout's wave waits for that).
+                        if applied && write_msg(&mut send, &Message::Heartbeat(fleet.status(&ctx))).await.is_err() {
                             break;
                         }
                     }

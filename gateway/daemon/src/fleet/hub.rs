@@ -11,8 +11,8 @@ use gateway_core::fleet::{
     self, CommandKind, ConfigOutcome, EnrollAnswer, EnrollRequest, Message, Secret,
 };
 use gateway_store::registry::{
-    Admission, AppliedReport, Change, ChangeKind, ConfigPush, Enrollment, Registry, RegistryError,
-    Renewal,
+    Admission, AppliedReport, Change, ChangeKind, ConfigPush, Enrollment, Heartbeat, Registry,
+    RegistryError, Renewal,
 };
 use tokio::sync::{mpsc, oneshot};
 use tracing::{Instrument, error, info, info_span, warn};
@@ -59,7 +59,16 @@ pub struct Fleet {
     revoked: Mutex<std::collections::HashSet<String>>,
     /// Wakes the rollout controller (a rollout changed here or at another hub).
     rollouts: Arc<tokio::sync::Notify>,
+    /// Heartbeats not written yet, the newest per device: written together
+    /// once a second ([`Fleet::write_heartbeats`]).
+    beats: Mutex<HashMap<String, Heartbeat>>,
+    /// The certificate expiry each device last reported (written only when
+    /// it changes).
+    certs: Mutex<HashMap<String, i64>>,
 }
+
+/// How often buffered heartbeats are written.
+pub const HEARTBEAT_WRITES: Duration = Duration::from_secs(1);
 
 /// At most one duplicate-identity record per device in this long (the metric
 /// counts every one): a replaced box retrying must not flood the audit.
@@ -158,6 +167,8 @@ impl Fleet {
             offered: Mutex::default(),
             revoked: Mutex::default(),
             rollouts: Arc::default(),
+            beats: Mutex::default(),
+            certs: Mutex::default(),
         })
     }
 
@@ -643,14 +654,21 @@ impl Fleet {
         match m {
             Message::Heartbeat(status) => {
                 let json = serde_json::to_string(&status).unwrap_or_default();
-                let not_after = status.cert_not_after_ms;
-                let cert_known = match not_after {
-                    Some(t) => self.reg.set_cert(d.clone(), t).await,
-                    None => Ok(()),
-                };
-                if cert_known.is_ok() {
-                    let _ = self.reg.heartbeat(d, now_ms(), json).await;
-                }
+                // Coalesced: the newest per device, written within a second.
+                let changed = status
+                    .cert_not_after_ms
+                    .filter(|t| lock(&self.certs).insert(d.clone(), *t) != Some(*t));
+                let mut beats = lock(&self.beats);
+                let not_after_ms = changed.or_else(|| beats.get(&d).and_then(|b| b.not_after_ms));
+                beats.insert(
+                    d.clone(),
+                    Heartbeat {
+                        device: d,
+                        now_ms: now_ms(),
+                        json,
+                        not_after_ms,
+                    },
+                );
             }
             Message::ConfigState { version, text } => {
                 let offer = async {
@@ -995,6 +1013,33 @@ impl Fleet {
             if swept.elapsed() >= Duration::from_secs(30) {
                 self.sweep().await;
                 swept = tokio::time::Instant::now();
+            }
+        }
+    }
+
+    /// Writes the buffered heartbeats every [`HEARTBEAT_WRITES`] in one
+    /// transaction, until draining (then once more). A failed write keeps
+    /// them for the next round unless newer ones came.
+    pub async fn write_heartbeats(self: Arc<Self>) {
+        loop {
+            let go = self.ctx.pause(HEARTBEAT_WRITES).await;
+            let batch: Vec<Heartbeat> = lock(&self.beats).drain().map(|(_, b)| b).collect();
+            if !batch.is_empty() {
+                let n = batch.len();
+                if let Err(e) = self.reg.heartbeats(batch.clone()).await {
+                    warn!(%e, heartbeats = n, "Cannot write heartbeats; keeping them for the next round");
+                    let mut beats = lock(&self.beats);
+                    let mut certs = lock(&self.certs);
+                    for b in batch {
+                        if b.not_after_ms.is_some() {
+                            certs.remove(&b.device);
+                        }
+                        beats.entry(b.device.clone()).or_insert(b);
+                    }
+                }
+            }
+            if !go {
+                return;
             }
         }
     }

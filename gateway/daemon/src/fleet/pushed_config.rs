@@ -128,6 +128,15 @@ impl Applier {
                 outcome: ConfigOutcome::Refused { errors },
             }
         };
+        // The same offer again (a box connected to two hubs hears a push
+        // from each): it runs it already.
+        if version == applied && text == applied_text {
+            return Message::ConfigResult {
+                offered: version,
+                applied,
+                outcome: ConfigOutcome::Applied,
+            };
+        }
         if version <= applied {
             return refuse(vec![format!(
                 "version {version} is not newer than version {applied} in force"

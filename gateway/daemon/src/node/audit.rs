@@ -28,7 +28,10 @@ const RECENT: usize = 8192;
 /// A handle for writing audit events; cheap to clone.
 #[derive(Clone)]
 pub struct AuditSink {
-    tx: mpsc::Sender<Event>,
+    /// To the writer thread; `None` for a chain kept in memory only.
+    tx: Option<mpsc::Sender<Event>>,
+    /// The in-memory chain's head (sequence number, hash).
+    head: Option<Arc<std::sync::Mutex<(u64, gateway_core::audit::Hash)>>>,
     device: Arc<str>,
     /// The newest records written (at most [`RECENT`]), in order: the
     /// shipper reads them here instead of back from the file. This writer is
@@ -94,12 +97,29 @@ impl AuditSink {
             .map_err(|e| OpenError::Missing(format!("cannot start the audit writer: {e}")))?;
         Ok((
             AuditSink {
-                tx,
+                tx: Some(tx),
+                head: None,
                 device: device.into(),
                 recent,
             },
             AuditWriter(handle),
         ))
+    }
+
+    /// A chain kept in memory only (the newest [`RECENT`] records), written
+    /// by the caller's thread: for the fleet simulator, whose thousands of
+    /// edges are not worth a file and a thread each. Its records are chained
+    /// exactly as the file's.
+    pub fn in_memory(device: &str) -> AuditSink {
+        AuditSink {
+            tx: None,
+            head: Some(Arc::new(std::sync::Mutex::new((
+                0,
+                gateway_core::audit::GENESIS,
+            )))),
+            device: device.into(),
+            recent: Arc::default(),
+        }
     }
 
     /// Up to `limit` records from sequence number `from`, when memory still
@@ -133,7 +153,22 @@ impl AuditSink {
             rule: rule.to_owned(),
             detail,
         };
-        if self.tx.send(e).is_err() {
+        if let Some(head) = &self.head {
+            let mut h = head
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let r = gateway_core::audit::Record::chain(h.0 + 1, e, h.1);
+            *h = (r.seq, r.hash);
+            let mut k = self
+                .recent
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            k.push_back(r);
+            let over = k.len().saturating_sub(RECENT);
+            k.drain(..over);
+            return;
+        }
+        if self.tx.as_ref().is_none_or(|tx| tx.send(e).is_err()) {
             tracing::error!("Audit writer is gone; event lost");
         }
     }

@@ -180,6 +180,9 @@ pub(super) fn start(
     tokio::spawn(fleet.clone().keep_own_alarms(own_alarms));
     tokio::spawn(fleet.clone().follow_changes());
     tokio::spawn(crate::fleet::rollout::run(fleet.clone()));
+    tasks
+        .servers
+        .push(tokio::spawn(fleet.clone().write_heartbeats()));
     let mut ops_addr = None;
     if let Some(ops) = h.settings.ops {
         let l = bindings.tcp(ops).map_err(bind_err(ops))?;

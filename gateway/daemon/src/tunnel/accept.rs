@@ -127,9 +127,41 @@ fn handshake_failure(error: &quinn::ConnectionError) -> (Signal, bool) {
     }
 }
 
+/// Handshakes the hub starts per [`HANDSHAKE_SLICE`]; more are refused at
+/// once (a CONNECTION_REFUSED costs no cryptography) and the edge retries
+/// after its jittered backoff. 50 per 100 ms: 10,000 edges reconnect within
+/// about 20 s of a hub restart, and the handshakes' signatures take at most
+/// a core's share the hub can spare.
+pub const HANDSHAKES_PER_SLICE: u32 = 50;
+/// The window [`HANDSHAKES_PER_SLICE`] counts over.
+pub const HANDSHAKE_SLICE: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Counts handshakes started per slice of time; pure over the clock given.
+#[derive(Debug)]
+struct HandshakeRate {
+    since: std::time::Instant,
+    started: u32,
+}
+
+impl HandshakeRate {
+    /// Whether one more handshake may start at `now`.
+    fn admit(&mut self, now: std::time::Instant) -> bool {
+        if now.duration_since(self.since) >= HANDSHAKE_SLICE {
+            self.since = now;
+            self.started = 0;
+        }
+        if self.started >= HANDSHAKES_PER_SLICE {
+            return false;
+        }
+        self.started += 1;
+        true
+    }
+}
+
 /// Accepts edges until draining starts. A banned source's Initial is dropped
-/// before any handshake work; handshakes in progress and failures are reported
-/// to the detectors.
+/// before any handshake work; past [`HANDSHAKES_PER_SLICE`] handshakes are
+/// refused until the next slice; handshakes in progress and failures are
+/// reported to the detectors.
 pub async fn accept_edges<H: Handler>(
     ctx: Arc<Ctx>,
     devices: Arc<Devices>,
@@ -144,6 +176,10 @@ pub async fn accept_edges<H: Handler>(
             .map(|a| a.to_string())
             .unwrap_or_default()
     ));
+    let mut rate = HandshakeRate {
+        since: std::time::Instant::now(),
+        started: 0,
+    };
     loop {
         let incoming = tokio::select! {
             i = endpoint.accept() => i,
@@ -153,6 +189,11 @@ pub async fn accept_edges<H: Handler>(
         let remote = incoming.remote_address();
         if ctx.banned(remote.ip()) {
             incoming.ignore();
+            continue;
+        }
+        if !rate.admit(std::time::Instant::now()) {
+            ctx.metrics.handshake_deferred();
+            incoming.refuse();
             continue;
         }
         let report = |verified| Report {
@@ -305,6 +346,7 @@ async fn serve_edge<H: Handler>(
         ctx.metrics.peer(&device, true);
         let mut sample = tokio::time::interval(PATH_SAMPLE);
         let mut path = conn.stats().path;
+        let mut budget = super::streams::Budget::new(&conn, tls::MAX_STREAMS);
         loop {
             let stream = tokio::select! {
                 s = conn.accept_bi() => s,
@@ -316,7 +358,9 @@ async fn serve_edge<H: Handler>(
             };
             let Ok((send, mut recv)) = stream else { break };
             let (handler, device, conn) = (handler.clone(), device.clone(), conn.clone());
+            let open = budget.opened();
             ctx.tracker.spawn(async move {
+                let _open = open;
                 match read_frame(&mut recv).await {
                     Ok(first) => handler.stream(&device, conn, first, (send, recv)).await,
                     Err(error) => debug!(%error, "Bad stream from edge"),
@@ -342,4 +386,24 @@ async fn serve_edge<H: Handler>(
 fn audit_refusal(ctx: &Ctx, device: &str, detail: String) {
     ctx.audit
         .record(device, "tunnel", "tunnel.refuse", "deny", "", detail);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handshakes_are_started_at_a_bounded_rate() {
+        let t0 = std::time::Instant::now();
+        let mut r = HandshakeRate {
+            since: t0,
+            started: 0,
+        };
+        let first: usize = (0..200).filter(|_| r.admit(t0)).count();
+        assert_eq!(first, HANDSHAKES_PER_SLICE as usize);
+        let later = t0 + HANDSHAKE_SLICE;
+        assert!(r.admit(later), "a new slice admits again");
+        let n = 1 + (0..200).filter(|_| r.admit(later)).count();
+        assert_eq!(n, HANDSHAKES_PER_SLICE as usize);
+    }
 }

@@ -250,12 +250,17 @@ async fn serve_tunnel<H: Handler>(
 ) {
     let mut sample = tokio::time::interval(PATH_SAMPLE);
     let mut path = conn.stats().path;
+    let mut budget = super::streams::Budget::new(conn, super::tls::edge_lane_streams());
     loop {
         tokio::select! {
             s = conn.accept_bi() => match s {
                 Ok((send, recv)) => {
                     let (handler, hub, conn) = (handler.clone(), hub.to_owned(), conn.clone());
-                    ctx.tracker.spawn(async move { first_frame(&*handler, &hub, conn, send, recv).await });
+                    let open = budget.opened();
+                    ctx.tracker.spawn(async move {
+                        let _open = open;
+                        first_frame(&*handler, &hub, conn, send, recv).await
+                    });
                 }
                 Err(_) => return,
             },

@@ -99,6 +99,11 @@ impl Hubs {
         self.up.notified()
     }
 
+    /// Whether hub `i`'s tunnels (any lane) are up.
+    pub fn up(&self, i: usize) -> bool {
+        self.lock().iter().any(|s| s.hub == i && s.live().is_some())
+    }
+
     /// Whether any tunnel is up.
     pub fn any_up(&self) -> bool {
         self.any().is_some()

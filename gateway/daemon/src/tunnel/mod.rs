@@ -8,6 +8,7 @@
 //! - [`accept`]: the hub's side: accept, identify, hello.
 //! - [`hubs`]: an edge's live tunnels; [`devices`]: a hub's connected edges.
 //! - [`frame`]: frame and batch I/O on a stream, with timeouts.
+//! - [`streams`]: how many streams a peer may open, grown as it uses them.
 
 pub mod accept;
 pub mod devices;
@@ -16,4 +17,5 @@ pub mod endpoint;
 pub mod frame;
 pub mod hubs;
 pub mod pki;
+pub mod streams;
 pub mod tls;

@@ -158,7 +158,7 @@ pub fn server(ca: &Path, cert: &Path, key_path: &Path) -> Result<quinn::ServerCo
     no_resumption(&mut tls);
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    server.transport_config(Arc::new(transport(MAX_STREAMS)));
+    server.transport_config(Arc::new(transport(super::streams::INITIAL)));
     Ok(server)
 }
 
@@ -174,10 +174,15 @@ pub fn client(ca: &Path, cert: &Path, key_path: &Path) -> Result<quinn::ClientCo
     tls.alpn_protocols = vec![gateway_core::wire::ALPN.to_vec()];
     let crypto = QuicClientConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut client = quinn::ClientConfig::new(Arc::new(crypto));
-    // An edge's lanes share its relays: each takes its part of them.
-    let lanes = u32::try_from(super::hubs::lanes()).unwrap_or(1).max(1);
-    client.transport_config(Arc::new(transport(MAX_STREAMS / lanes)));
+    client.transport_config(Arc::new(transport(super::streams::INITIAL)));
     Ok(client)
+}
+
+/// The most streams a hub may open at once on one of an edge's tunnels: an
+/// edge's lanes share its relays, each takes its part of them.
+pub fn edge_lane_streams() -> u32 {
+    let lanes = u32::try_from(super::hubs::lanes()).unwrap_or(1).max(1);
+    MAX_STREAMS / lanes
 }
 
 /// The TLS client configuration the tunnels use; swapped when the device

@@ -19,10 +19,10 @@ use tokio_postgres::types::ToSql;
 use super::{Pg, changes};
 use crate::registry::{
     Admission, AlarmQuery, AlarmRow, AppliedReport, AuditExport, Change, ChangeKind, ConfigPush,
-    ConsumerRow, DeviceRow, DeviceState, DevicesPage, Enrollment, LabelChange, NewAccount,
-    NewConsumer, NewRollout, NewTemplate, NewToken, Registry, RegistryError, RegistryFuture,
-    Renewal, RolloutRow, RolloutUpdate, SignCertificate, TemplateRow, VarsChange, apply_labels,
-    continue_chain,
+    ConsumerRow, DeviceRow, DeviceState, DevicesPage, Enrollment, Heartbeat, LabelChange,
+    NewAccount, NewConsumer, NewRollout, NewTemplate, NewToken, Registry, RegistryError,
+    RegistryFuture, Renewal, RolloutRow, RolloutUpdate, SignCertificate, TemplateRow, VarsChange,
+    apply_labels, continue_chain,
 };
 
 /// The registry of hubs sharing one PostgreSQL database.
@@ -1037,6 +1037,10 @@ impl Registry for PgRegistry {
 
     fn devices_page(&self, after: Option<String>, limit: usize) -> RegistryFuture<'_, DevicesPage> {
         Box::pin(self.devices_page(after, limit))
+    }
+
+    fn heartbeats(&self, beats: Vec<Heartbeat>) -> RegistryFuture<'_, ()> {
+        Box::pin(self.heartbeats(beats))
     }
 
     fn put_template(&self, t: NewTemplate) -> RegistryFuture<'_, u64> {

@@ -12,7 +12,7 @@ use deadpool_postgres::GenericClient;
 use super::changes;
 use super::registry::PgRegistry;
 use crate::registry::{
-    ChangeKind, DeviceRow, DeviceState, DevicesPage, Members, NewRollout, NewTemplate,
+    ChangeKind, DeviceRow, DeviceState, DevicesPage, Heartbeat, Members, NewRollout, NewTemplate,
     RegistryError, RolloutRow, RolloutUpdate, TemplateRow, VarsChange, apply_vars,
 };
 
@@ -127,6 +127,52 @@ async fn claim(tx: &impl GenericClient, rollout: &str, devices: &[String]) -> R<
 }
 
 impl PgRegistry {
+    pub(super) async fn heartbeats(&self, beats: Vec<Heartbeat>) -> R<()> {
+        if beats.is_empty() {
+            return Ok(());
+        }
+        let mut c = self.pg.client().await?;
+        let tx = c.transaction().await?;
+        let certs: Vec<(&String, i64)> = beats
+            .iter()
+            .filter_map(|b| b.not_after_ms.map(|t| (&b.device, t)))
+            .collect();
+        if !certs.is_empty() {
+            let ids: Vec<&String> = certs.iter().map(|c| c.0).collect();
+            let times: Vec<i64> = certs.iter().map(|c| c.1).collect();
+            tx.execute(
+                "INSERT INTO device (id, enrolled_ms, not_after_ms)
+                 SELECT id, 0, t FROM unnest($1::text[], $2::bigint[]) AS u(id, t)
+                 ON CONFLICT (id) DO UPDATE SET not_after_ms = EXCLUDED.not_after_ms",
+                &[&ids, &times],
+            )
+            .await?;
+        }
+        // One row per device (the newest), in a fixed order: two hubs
+        // writing overlapping batches lock the rows in the same order.
+        let mut newest: BTreeMap<&str, &Heartbeat> = BTreeMap::new();
+        for b in &beats {
+            let keep = newest
+                .get(b.device.as_str())
+                .is_none_or(|o| o.now_ms <= b.now_ms);
+            if keep {
+                newest.insert(&b.device, b);
+            }
+        }
+        let ids: Vec<&str> = newest.keys().copied().collect();
+        let times: Vec<i64> = newest.values().map(|b| b.now_ms).collect();
+        let jsons: Vec<&str> = newest.values().map(|b| b.json.as_str()).collect();
+        tx.execute(
+            "INSERT INTO status (device, last_ms, json)
+             SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[])
+             ON CONFLICT (device) DO UPDATE SET last_ms = EXCLUDED.last_ms, json = EXCLUDED.json",
+            &[&ids, &times, &jsons],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     pub(super) async fn devices_page(&self, after: Option<String>, limit: usize) -> R<DevicesPage> {
         let c = self.pg.client().await?;
         let after = after.unwrap_or_default();

@@ -371,6 +371,10 @@ impl Registry for Blocking<SqliteRegistry> {
         self.run(move |r| r.devices_page(after.as_deref(), limit))
     }
 
+    fn heartbeats(&self, beats: Vec<crate::registry::Heartbeat>) -> RegistryFuture<'_, ()> {
+        self.run(move |r| r.heartbeats(&beats))
+    }
+
     fn put_template(&self, t: NewTemplate) -> RegistryFuture<'_, u64> {
         self.run(move |r| r.put_template(&t))
     }

@@ -9,7 +9,7 @@ use rusqlite::{OptionalExtension, TransactionBehavior, params};
 
 use super::registry::{SqliteRegistry, log_change};
 use crate::registry::{
-    ChangeKind, DeviceRow, DeviceState, DevicesPage, Members, NewRollout, NewTemplate,
+    ChangeKind, DeviceRow, DeviceState, DevicesPage, Heartbeat, Members, NewRollout, NewTemplate,
     RegistryError, RolloutRow, RolloutUpdate, TemplateRow, VarsChange, apply_vars,
 };
 
@@ -103,6 +103,34 @@ fn rollout_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RolloutRow> {
 }
 
 impl SqliteRegistry {
+    /// Many heartbeats in one transaction.
+    ///
+    /// # Errors
+    /// SQLite.
+    pub fn heartbeats(&mut self, beats: &[Heartbeat]) -> Result<(), RegistryError> {
+        let tx = self
+            .db
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        {
+            let mut status = tx.prepare_cached(
+                "INSERT INTO status (device, last_ms, json) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (device) DO UPDATE SET last_ms = ?2, json = ?3",
+            )?;
+            let mut cert = tx.prepare_cached(
+                "INSERT INTO device (id, enrolled_ms, not_after_ms) VALUES (?1, 0, ?2)
+                 ON CONFLICT (id) DO UPDATE SET not_after_ms = ?2",
+            )?;
+            for b in beats {
+                if let Some(t) = b.not_after_ms {
+                    cert.execute(params![b.device, t])?;
+                }
+                status.execute(params![b.device, b.now_ms, b.json])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     /// A page of devices after `after` (see the trait).
     ///
     /// # Errors
