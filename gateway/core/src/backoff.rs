@@ -8,6 +8,19 @@ pub const BASE: Duration = Duration::from_millis(100);
 /// Largest delay: a hub that comes back is reached again within this (plus the handshake).
 pub const CAP: Duration = Duration::from_secs(2);
 
+/// A hub that refused a handshake for load (a reconnect storm after its
+/// restart) is tried again between these two, uniformly: thousands of edges
+/// refused at once come back spread over eight seconds instead of all within
+/// [`CAP`].
+pub const BUSY_MIN: Duration = Duration::from_secs(2);
+/// See [`BUSY_MIN`].
+pub const BUSY_MAX: Duration = Duration::from_secs(10);
+
+/// The delay after a refusal for load; `jitter` in `[0, 1)`.
+pub fn busy_delay(jitter: f64) -> Duration {
+    BUSY_MIN + (BUSY_MAX - BUSY_MIN).mul_f64(jitter.clamp(0.0, 1.0))
+}
+
 /// Backoff state for one hub.
 #[derive(Debug, Clone, Default)]
 pub struct Backoff {
@@ -54,5 +67,12 @@ mod tests {
         b.reset();
         assert_eq!(b.failures(), 0);
         assert!(b.next_delay(0.0) <= BASE);
+    }
+
+    #[test]
+    fn a_busy_hub_is_retried_spread_over_its_window() {
+        assert_eq!(busy_delay(0.0), BUSY_MIN);
+        assert!(busy_delay(0.999) < BUSY_MAX);
+        assert!(busy_delay(0.5) > BUSY_MIN + Duration::from_secs(3));
     }
 }

@@ -222,6 +222,10 @@ pub struct Member {
     /// The version pushed to it by this rollout.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pushed: Option<u64>,
+    /// When it was offered that version (Unix ms): its report is due from
+    /// then (a large wave is offered over some seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offered_ms: Option<i64>,
     /// The version it had before (the one a rollback offers again).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous: Option<u64>,
@@ -427,7 +431,14 @@ pub fn status_of(
 pub fn member_status(r: &Rollout, m: &Member, obs: &Observed, now_ms: i64) -> DeviceStatus {
     if let Some(at) = r.rollback_started_ms {
         if let Some(v) = m.rollback {
-            return status_of(v, at, obs, r.soak_ms, now_ms);
+            // Its offer time is the rollback's push once made.
+            return status_of(
+                v,
+                m.offered_ms.unwrap_or(at).max(at),
+                obs,
+                r.soak_ms,
+                now_ms,
+            );
         }
         if let Some(e) = &m.rollback_error {
             return DeviceStatus::Failed(format!("not rolled back: {e}"));
@@ -446,7 +457,7 @@ pub fn member_status(r: &Rollout, m: &Member, obs: &Observed, now_ms: i64) -> De
         return DeviceStatus::Applied;
     }
     match m.pushed {
-        Some(v) => status_of(v, offered, obs, r.soak_ms, now_ms),
+        Some(v) => status_of(v, m.offered_ms.unwrap_or(offered), obs, r.soak_ms, now_ms),
         None => DeviceStatus::Pending,
     }
 }
@@ -550,6 +561,7 @@ pub fn members(devices: Vec<String>, ends: &[usize]) -> Vec<Member> {
             device,
             wave: ends.iter().position(|&e| i < e).unwrap_or(ends.len()),
             pushed: None,
+            offered_ms: None,
             previous: None,
             unchanged: false,
             error: None,

@@ -194,23 +194,28 @@ pub async fn update(
 /// What pushing one member did.
 #[derive(Debug, Clone)]
 enum Pushed {
-    Version(u64, Option<u64>),
+    /// Pushed: its version, the one before, when (Unix ms).
+    Version(u64, Option<u64>, i64),
     Unchanged,
     Error(String),
-    Rollback(u64),
+    Rollback(u64, i64),
     RollbackError(String),
 }
 
 fn merge(doc: &mut Rollout, done: &HashMap<String, Pushed>) {
     for m in &mut doc.devices {
         match done.get(&m.device) {
-            Some(Pushed::Version(v, prev)) => {
+            Some(Pushed::Version(v, prev, at)) => {
                 m.pushed = Some(*v);
                 m.previous = *prev;
+                m.offered_ms = Some(*at);
             }
             Some(Pushed::Unchanged) => m.unchanged = true,
             Some(Pushed::Error(e)) => m.error = Some(e.clone()),
-            Some(Pushed::Rollback(v)) => m.rollback = Some(*v),
+            Some(Pushed::Rollback(v, at)) => {
+                m.rollback = Some(*v);
+                m.offered_ms = Some(*at);
+            }
             Some(Pushed::RollbackError(e)) => {
                 m.rollback_error = Some(e.clone());
             }
@@ -223,7 +228,7 @@ fn merge(doc: &mut Rollout, done: &HashMap<String, Pushed>) {
 /// when it already has that text, or why not.
 async fn push_one(
     fleet: &Fleet,
-    doc: &Rollout,
+    doc: &Job,
     template: &str,
     device: &str,
     vars: &BTreeMap<String, String>,
@@ -270,11 +275,23 @@ async fn push_one(
     let version = fleet
         .push(device, text, &format!("{} (rollout {})", doc.by, doc.id))
         .await?;
-    Ok(Pushed::Version(version, Some(base_version)))
+    Ok(Pushed::Version(version, Some(base_version), now_ms()))
 }
 
+/// What a push needs of its rollout (shared by the pushes running at once).
+struct Job {
+    id: String,
+    template: String,
+    template_version: u64,
+    by: String,
+    by_role: String,
+}
+
+/// Pushes made at once (each a few statements of the registry).
+const CONCURRENT_PUSHES: usize = 16;
+
 /// Offers `device` the version it had before the rollout.
-async fn roll_back_one(fleet: &Fleet, doc: &Rollout, m: &Member) -> Result<Pushed, RegistryError> {
+async fn roll_back_one(fleet: &Fleet, doc: &Job, m: &Member) -> Result<Pushed, RegistryError> {
     let reg = fleet.registry();
     let Some(pushed) = m.pushed else {
         return Ok(Pushed::RollbackError("nothing was pushed".into()));
@@ -301,12 +318,12 @@ async fn roll_back_one(fleet: &Fleet, doc: &Rollout, m: &Member) -> Result<Pushe
             &format!("{} (rollback of {})", doc.by, doc.id),
         )
         .await?;
-    Ok(Pushed::Rollback(version))
+    Ok(Pushed::Rollback(version, now_ms()))
 }
 
 /// Pushes what is left of the current wave (or of the rollback) of rollout
 /// `id`, recording progress; the lease is this hub's until it ends.
-async fn push_work(fleet: &Fleet, id: &str) -> Result<(), RolloutError> {
+async fn push_work(fleet: &Arc<Fleet>, id: &str) -> Result<(), RolloutError> {
     let me = fleet.ctx().id.clone();
     let row = fleet
         .registry()
@@ -350,18 +367,42 @@ async fn push_work(fleet: &Fleet, id: &str) -> Result<(), RolloutError> {
             vars.entry(d).or_default().insert(k, v);
         }
     }
-    let none = BTreeMap::new();
+    let job = Arc::new(Job {
+        id: doc.id.clone(),
+        template: doc.template.clone(),
+        template_version: doc.template_version,
+        by: doc.by.clone(),
+        by_role: doc.by_role.clone(),
+    });
+    let template: Arc<str> = Arc::from(template);
     let mut done: HashMap<String, Pushed> = HashMap::new();
-    for (i, m) in todo.iter().enumerate() {
-        let outcome = if rolling_back {
-            roll_back_one(fleet, &doc, m).await?
-        } else {
-            let v = vars.get(&m.device).unwrap_or(&none);
-            push_one(fleet, &doc, &template, &m.device, v).await?
+    let mut running = tokio::task::JoinSet::new();
+    let mut next = todo.iter();
+    let mut recorded = 0;
+    loop {
+        while running.len() < CONCURRENT_PUSHES {
+            let Some(m) = next.next() else { break };
+            let (fleet, job, template, m) =
+                (fleet.clone(), job.clone(), template.clone(), m.clone());
+            let v = vars.remove(&m.device).unwrap_or_default();
+            running.spawn(async move {
+                let outcome = if rolling_back {
+                    roll_back_one(&fleet, &job, &m).await
+                } else {
+                    push_one(&fleet, &job, &template, &m.device, &v).await
+                };
+                (m.device, outcome)
+            });
+        }
+        let Some(joined) = running.join_next().await else {
+            break;
         };
-        done.insert(m.device.clone(), outcome);
-        let last = i + 1 == todo.len();
-        if (i + 1) % PROGRESS_EVERY == 0 || last {
+        let (device, outcome) =
+            joined.map_err(|e| RolloutError::Refused(format!("a push failed: {e}")))?;
+        done.insert(device, outcome?);
+        let last = running.is_empty() && next.len() == 0;
+        if done.len() - recorded >= PROGRESS_EVERY || last {
+            recorded = done.len();
             let me = me.clone();
             update(fleet, id, |d| {
                 merge(d, &done);
@@ -400,7 +441,7 @@ async fn push_work(fleet: &Fleet, id: &str) -> Result<(), RolloutError> {
 
 /// One look at rollout `row`: acts on what `decide` says.
 async fn step(
-    fleet: &Fleet,
+    fleet: &Arc<Fleet>,
     row: &RolloutRow,
     rows: &HashMap<String, DeviceRow>,
 ) -> Result<(), RolloutError> {

@@ -143,6 +143,17 @@ pub async fn keep_tunnel<H: Handler>(ctx: Arc<Ctx>, spec: TunnelSpec, handler: A
                         return;
                     }
                 }
+                Err(ConnectError::Busy) => {
+                    // Refused for load: come back later, spread out.
+                    ctx.metrics.connect_failed(&name);
+                    debug!("The hub is busy (refused the handshake); retrying later");
+                    let delay = gateway_core::backoff::busy_delay(rand::random::<f64>());
+                    tokio::select! {
+                        go = ctx.pause(delay) => if !go { return },
+                        () = stop.cancelled() => return,
+                    }
+                    continue;
+                }
                 Err(error) => {
                     ctx.metrics.connect_failed(&name);
                     if backoff.failures() < 3 || backoff.failures() % 30 == 0 {
@@ -180,6 +191,9 @@ pub enum ConnectError {
     /// QUIC or TLS failed.
     #[error("{0}")]
     Quic(String),
+    /// The hub refused the handshake for load.
+    #[error("the hub refused the handshake: it is busy")]
+    Busy,
     /// The hub refused the hello.
     #[error("hub refused: {0}")]
     Refused(String),
@@ -200,7 +214,14 @@ async fn connect(
         .connect_with(client.clone(), addr, &hub.host)
         .map_err(|e| ConnectError::Quic(e.to_string()))?
         .await
-        .map_err(|e| ConnectError::Quic(e.to_string()))?;
+        .map_err(|e| match e {
+            quinn::ConnectionError::ConnectionClosed(c)
+                if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED =>
+            {
+                ConnectError::Busy
+            }
+            e => ConnectError::Quic(e.to_string()),
+        })?;
     let refused = |e: String| refusal(&conn).map_or(ConnectError::Quic(e), ConnectError::Refused);
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| refused(e.to_string()))?;
     write_frame(

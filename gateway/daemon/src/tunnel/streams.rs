@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 /// Streams a peer may open at once on a new connection.
-pub const INITIAL: u32 = 128;
+pub const INITIAL: u32 = 32;
 
 /// The streams open on one connection, and its limit.
 pub struct Budget {
@@ -73,6 +73,8 @@ mod tests {
 
     #[test]
     fn the_limit_doubles_past_three_quarters_up_to_the_most() {
+        assert_eq!(next_limit(24, 32, 8192), 32);
+        assert_eq!(next_limit(25, 32, 8192), 64);
         assert_eq!(next_limit(96, 128, 8192), 128);
         assert_eq!(next_limit(97, 128, 8192), 256);
         assert_eq!(next_limit(7000, 8192, 8192), 8192);
