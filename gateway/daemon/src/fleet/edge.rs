@@ -481,8 +481,22 @@ mod tests {
         let mut a = Applier::new(Duration::from_secs(60), None);
         let never = |_: Config| -> Result<(), String> { panic!("must not reload") };
 
-        // Equal or older: refused.
+        // The version in force offered again (a second hub's offer): applied
+        // already, nothing reloaded.
         let r = a.apply(&b.fleet, &b.config, 0, &b.text, never);
+        assert!(matches!(outcome(&r), (ConfigOutcome::Applied, 0)), "{r:?}");
+        assert!(
+            a.deadline().is_none(),
+            "no try window for what runs already"
+        );
+        // Equal or older with another text: refused.
+        let r = a.apply(
+            &b.fleet,
+            &b.config,
+            0,
+            &format!("{}# changed\n", b.text),
+            never,
+        );
         assert!(
             matches!(outcome(&r), (ConfigOutcome::Refused { errors }, 0) if errors[0].contains("not newer"))
         );

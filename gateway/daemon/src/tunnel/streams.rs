@@ -79,6 +79,6 @@ mod tests {
         assert_eq!(next_limit(97, 128, 8192), 256);
         assert_eq!(next_limit(7000, 8192, 8192), 8192);
         assert_eq!(next_limit(6000, 4096, 8192), 8192);
-        assert_eq!(next_limit(200, 128, 100), 100, "never above the most");
+        assert_eq!(next_limit(90, 64, 100), 100, "never above the most");
     }
 }
