@@ -222,7 +222,7 @@ impl Hub {
 
     /// Waits until `id`'s config status satisfies `ok`.
     fn wait_config_of(&self, id: &str, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
-        poll_blocking(what, Duration::from_secs(30), || {
+        poll_blocking(what, Duration::from_secs(90), || {
             let s = self.config_status(id);
             if ok(&s) { Ok(s) } else { Err(s.to_string()) }
         })
