@@ -13,9 +13,22 @@ use nix::sys::signal::{Signal, kill};
 use nix::sys::wait::{Id, WaitPidFlag, waitid};
 use nix::unistd::Pid;
 
+/// A free TCP port on `ip`, never one this process handed out before: the
+/// kernel may give a port back as soon as its listener is closed, and two
+/// listeners of one config on the same port are refused.
 pub fn free_tcp(ip: &str) -> SocketAddr {
-    let l = std::net::TcpListener::bind((ip, 0)).expect("bind");
-    l.local_addr().expect("addr")
+    static GIVEN: std::sync::Mutex<Vec<SocketAddr>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let l = std::net::TcpListener::bind((ip, 0)).expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let mut given = GIVEN
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !given.contains(&addr) {
+            given.push(addr);
+            return addr;
+        }
+    }
 }
 
 pub fn free_udp() -> SocketAddr {
