@@ -45,6 +45,10 @@ pub struct Status {
     pub last_error: Option<String>,
     /// Seconds between heartbeats.
     pub interval_s: u64,
+    /// The config in force was pushed and has not reached a hub yet (its
+    /// try window is open): not proven good.
+    #[serde(default)]
+    pub config_trying: bool,
 }
 
 /// What an edge did with an offered config.

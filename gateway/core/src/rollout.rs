@@ -314,6 +314,9 @@ pub struct Observed {
     pub heartbeat: Option<(i64, u64)>,
     /// When the result was recorded (Unix ms).
     pub result_ms: Option<i64>,
+    /// The last heartbeat said its config is on trial (not yet proven to
+    /// reach a hub): not applied yet.
+    pub trying: bool,
 }
 
 /// A device's status in a rollout.
@@ -415,9 +418,10 @@ pub fn status_of(
         .saturating_add(i64::try_from(soak_ms.max(MIN_REPORT_MS)).unwrap_or(i64::MAX / 4));
     let running = obs.applied.is_some_and(|a| a >= version);
     // Heard from after it took the version: a heartbeat that says so.
-    let heard = obs
-        .heartbeat
-        .is_some_and(|(at, v)| v >= version && obs.result_ms.is_none_or(|r| at >= r));
+    let heard = !obs.trying
+        && obs
+            .heartbeat
+            .is_some_and(|(at, v)| v >= version && obs.result_ms.is_none_or(|r| at >= r));
     if running && heard {
         DeviceStatus::Applied
     } else if now_ms > deadline {

@@ -89,6 +89,7 @@ fn applied(v: u64, at: i64) -> Observed {
         result: Some(format!(r#"{{"offered":{v},"outcome":"applied"}}"#)),
         heartbeat: Some((at + 1, v)),
         result_ms: Some(at),
+        trying: false,
     }
 }
 
@@ -108,6 +109,14 @@ fn a_report_means_what_it_says() {
     assert_eq!(
         status_of(3, offered, &applied(3, 1500), soak, 2_000),
         DeviceStatus::Applied
+    );
+    // Applied, but its heartbeat says the config is still on trial (it may
+    // have come over the tunnel the new config is about to replace).
+    let mut trial = applied(3, 1500);
+    trial.trying = true;
+    assert_eq!(
+        status_of(3, offered, &trial, soak, 2_000),
+        DeviceStatus::Pending
     );
     // Applied, but not heard from since: not yet.
     let mut quiet = applied(3, 1500);

@@ -51,6 +51,8 @@ pub struct EdgeFleet {
     report: Mutex<Option<Message>>,
     requests: mpsc::Sender<Request>,
     validity: Mutex<Option<(i64, i64)>>,
+    /// A pushed config is in its try window.
+    trying: std::sync::atomic::AtomicBool,
 }
 
 impl EdgeFleet {
@@ -79,12 +81,19 @@ impl EdgeFleet {
             report: Mutex::new(None),
             requests,
             validity: Mutex::new(validity),
+            trying: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
     /// The config in force: (version, text).
     pub fn applied(&self) -> (u64, String) {
         lock(&self.applied).clone()
+    }
+
+    /// Whether a pushed config is on trial (heartbeats say so).
+    pub fn set_trying(&self, trying: bool) {
+        self.trying
+            .store(trying, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Records the config in force.
@@ -132,6 +141,7 @@ impl EdgeFleet {
             backlogs: ctx.metrics.backlogs(),
             last_error: super::logring::last_error(),
             interval_s: self.heartbeat.as_secs().max(1),
+            config_trying: self.trying.load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 

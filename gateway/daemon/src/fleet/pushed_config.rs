@@ -180,6 +180,7 @@ impl Applier {
             return refuse(vec![e]);
         }
         fleet.set_applied(version, text.to_owned());
+        fleet.set_trying(true);
         // The new config's own try window applies to it.
         if let Some(w) = window {
             self.window = w;
@@ -202,6 +203,7 @@ impl Applier {
         if let Some((_, v)) = self.trying.take() {
             let (version, text) = fleet.applied();
             if version == v {
+                fleet.set_trying(false);
                 let _ = save_managed(state_dir, (version, &text), (version, &text), false);
                 info!(
                     version,
@@ -221,6 +223,7 @@ impl Applier {
         let Some((_, tried)) = self.trying.take() else {
             return;
         };
+        fleet.set_trying(false);
         let Some((good, text)) = last_good(state_dir) else {
             error!(tried, "No last good config to revert to");
             return;

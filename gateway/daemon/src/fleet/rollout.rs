@@ -112,16 +112,23 @@ pub fn observed(row: Option<&DeviceRow>) -> Observed {
     let Some(row) = row else {
         return Observed::default();
     };
-    let heartbeat = row.status.as_ref().map(|(at, json)| {
-        let v: serde_json::Value = serde_json::from_str(json).unwrap_or_default();
-        (*at, v["config_version"].as_u64().unwrap_or(0))
-    });
+    let status: Option<(i64, serde_json::Value)> = row
+        .status
+        .as_ref()
+        .map(|(at, json)| (*at, serde_json::from_str(json).unwrap_or_default()));
+    let heartbeat = status
+        .as_ref()
+        .map(|(at, v)| (*at, v["config_version"].as_u64().unwrap_or(0)));
+    let trying = status
+        .as_ref()
+        .is_some_and(|(_, v)| v["config_trying"].as_bool() == Some(true));
     Observed {
         desired: row.desired,
         applied: row.applied.as_ref().map(|a| a.0),
         result: row.applied.as_ref().map(|a| a.1.clone()),
         heartbeat,
         result_ms: row.applied.as_ref().map(|a| a.2),
+        trying,
     }
 }
 
