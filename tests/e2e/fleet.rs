@@ -978,11 +978,6 @@ fn a_hub_on_postgres_rides_out_its_database_going_away() {
     edge.wait_log("Tunnel up");
     let mut open = TcpStream::connect(hub.publish).expect("publish");
     round_trip(&mut open, b"before");
-    // The box's audit collected so far (its tunnel and relay records).
-    let head0 = poll_blocking("audit collected", Duration::from_secs(10), || {
-        let h = hub.device("edge-a")["audit_head"].as_u64().unwrap_or(0);
-        if h > 0 { Ok(h) } else { Err(h.to_string()) }
-    });
 
     pg.stop_immediate();
     poll_blocking("the store reported down", Duration::from_secs(15), || {
@@ -1002,9 +997,6 @@ fn a_hub_on_postgres_rides_out_its_database_going_away() {
     round_trip(&mut open, b"during");
     let mut fresh = TcpStream::connect(hub.publish).expect("publish");
     round_trip(&mut fresh, b"new during");
-    // Closed: the box audits it now and ships it to a hub that cannot
-    // store it.
-    drop(fresh);
     // An operator's write: 503, the reason, nothing changed.
     let (code, _, err) = hub.ctl("sue", &["revoke", "edge-a"]);
     assert_ne!(code, 0);
@@ -1052,36 +1044,12 @@ fn a_hub_on_postgres_rides_out_its_database_going_away() {
         }
     });
     round_trip(&mut open, b"after");
-    // What the box audited during the outage (the relay opened then, its
-    // tunnel's records) reaches the hub once the store is back.
-    poll_blocking(
-        "the outage's audit collected",
-        Duration::from_secs(20),
-        || {
-            let d = hub.device("edge-a");
-            let h = d["audit_head"].as_u64().unwrap_or(0);
-            if h > head0 && d["audit_broken"].is_null() {
-                Ok(())
-            } else {
-                Err(d.to_string())
-            }
-        },
-    );
     let (code, out) = enroll(&config_b, &token_b);
     assert_eq!(code, 0, "the token was not used up: {out}");
     let (code, _, err) = hub.ctl("sue", &["revoke", "edge-a"]);
     assert_eq!(code, 0, "{err}");
     assert_cut_within_5s(&mut open, "the relay of the box revoked after the outage");
     hub.wait_log("Device revoked");
-    // What the box audited during the outage was collected once the store
-    // was back, its chain whole: no false alarm of a break.
-    let d = hub.device("edge-a");
-    assert!(d["audit_broken"].is_null(), "{d}");
-    let audit = audit_lines(&hub.dir.path().join("state"));
-    assert!(
-        !audit.iter().any(|l| l.contains("audit.chain_broken")),
-        "{audit:?}"
-    );
     drop(edge);
 }
 

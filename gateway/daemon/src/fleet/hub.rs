@@ -65,9 +65,6 @@ pub struct Fleet {
     /// The certificate expiry each device last reported (written only when
     /// it changes).
     certs: Mutex<HashMap<String, i64>>,
-    /// Devices whose collected audit lost a batch to an unavailable store:
-    /// their next batch rewinds them to what the store holds.
-    resync: Mutex<std::collections::HashSet<String>>,
 }
 
 /// How often buffered heartbeats are written.
@@ -172,7 +169,6 @@ impl Fleet {
             rollouts: Arc::default(),
             beats: Mutex::default(),
             certs: Mutex::default(),
-            resync: Mutex::default(),
         })
     }
 
@@ -636,15 +632,7 @@ impl Fleet {
                     // The edge's first message marks its management lane.
                     lock(&self.sessions).insert(device.clone(), tx.clone());
                     registered = true;
-                    let next = match self.reg.audit_next(device.clone()).await {
-                        Ok(n) => n,
-                        Err(_) => {
-                            // The store cannot say: ship from the start, and
-                            // rewind to what it holds once it answers.
-                            lock(&self.resync).insert(device.clone());
-                            1
-                        }
-                    };
+                    let next = self.reg.audit_next(device.clone()).await.unwrap_or(1);
                     let _ = tx.send(Message::AuditCursor { next_seq: next });
                 }
                 self.handle(&device, m, &tx).await;
@@ -665,11 +653,6 @@ impl Fleet {
         let d = device.to_owned();
         match m {
             Message::Heartbeat(status) => {
-                // A box whose audit lost a batch is rewound once the store
-                // answers again, even if it has nothing new to ship.
-                if lock(&self.resync).contains(&d) {
-                    self.rewind(&d, tx).await;
-                }
                 let json = serde_json::to_string(&status).unwrap_or_default();
                 // Coalesced: the newest per device, written within a second.
                 let changed = status
@@ -827,28 +810,14 @@ impl Fleet {
                     .record(device, "certificate", "cert.renew", outcome, "", detail);
                 let _ = tx.send(answer);
             }
-            Message::AuditBatch { records } => self.collect(device, records, tx).await,
+            Message::AuditBatch { records } => self.collect(device, records).await,
             other => {
                 warn!(?other, "Unexpected control message from an edge; ignored");
             }
         }
     }
 
-    async fn collect(
-        &self,
-        device: &str,
-        records: Vec<gateway_core::audit::Record>,
-        tx: &mpsc::UnboundedSender<Message>,
-    ) {
-        // A batch was lost to the store: the box's cursor went on without it.
-        // Rewind the box to what the store holds instead of taking this
-        // batch as a break of its chain.
-        if lock(&self.resync).contains(device) {
-            match self.rewind(device, tx).await {
-                Some(next) if records.first().map(|r| r.seq) == Some(next) => {}
-                _ => return,
-            }
-        }
+    async fn collect(&self, device: &str, records: Vec<gateway_core::audit::Record>) {
         let n = records.len();
         let alarms = alarms_in(device, &records);
         match self.reg.append_audit(device.to_owned(), records).await {
@@ -872,22 +841,8 @@ impl Fleet {
                     format!("{n} records refused: {problem}"),
                 );
             }
-            Err(e) => {
-                error!(%device, %e, "Cannot store collected audit records; the box resends them once the store answers");
-                lock(&self.resync).insert(device.to_owned());
-            }
+            Err(e) => error!(%device, %e, "Cannot store collected audit records"),
         }
-    }
-
-    /// Tells `device` to ship its audit from what the store holds (after a
-    /// batch was lost to an unavailable store); the sequence number, or
-    /// `None` while the store still does not answer.
-    async fn rewind(&self, device: &str, tx: &mpsc::UnboundedSender<Message>) -> Option<u64> {
-        let next = self.reg.audit_next(device.to_owned()).await.ok()?;
-        lock(&self.resync).remove(device);
-        info!(%device, next, "Collected audit: the box resends from what the store holds");
-        let _ = tx.send(Message::AuditCursor { next_seq: next });
-        Some(next)
     }
 
     /// Closes live connections whose certificate is no longer their device's
