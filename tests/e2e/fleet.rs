@@ -2347,7 +2347,9 @@ fn a_template_rolls_out_in_waves_pauses_on_a_failure_and_rolls_back() {
         "{err}"
     );
 
-    // A dry run says what would change, and starts nothing.
+    // A dry run says what would change, and starts nothing. The soak is
+    // longer than the boxes' try window (3 s), as docs/operate.md says it
+    // must be for a revert to count in its wave.
     let start = [
         "rollout",
         "start",
@@ -2358,7 +2360,7 @@ fn a_template_rolls_out_in_waves_pauses_on_a_failure_and_rolls_back() {
         "--max-failures",
         "0",
         "--soak",
-        "3s",
+        "15s",
     ];
     let mut dry = start.to_vec();
     dry.push("--dry-run");
