@@ -162,6 +162,11 @@ impl Hub {
         self.proc.as_mut().expect("running").wait_log(needle);
     }
 
+    /// The hub's log so far, for a failure message.
+    fn log_so_far(&mut self) -> String {
+        self.proc.as_mut().map(Proc::log_so_far).unwrap_or_default()
+    }
+
     fn kill(&mut self) {
         if let Some(mut p) = self.proc.take() {
             p.signal(Signal::SIGKILL);
@@ -492,7 +497,7 @@ fn enrollment_renewal_revocation_and_roles() {
 
 #[test]
 fn config_push_try_mode_status_commands_and_audit() {
-    let hub = Hub::start("1h");
+    let mut hub = Hub::start("1h");
     let echo = echo_server("127.0.1.1");
     let (config, state) = edge_config(&hub, "edge-a", echo, "config_try = \"3s\"\n");
     let (code, out) = enroll(&config, &hub.token("edge-a"));
@@ -601,9 +606,19 @@ fn config_push_try_mode_status_commands_and_audit() {
     let (code, _, err) = hub.push("sue", &broken);
     assert_eq!(code, 0, "{err}");
     edge.wait_next_log("reverting to the last good config");
-    let s = hub.wait_config("the revert reported", |s| {
-        s["result"]["outcome"] == "reverted"
-    });
+    let waited = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        hub.wait_config("the revert reported", |s| {
+            s["result"]["outcome"] == "reverted"
+        })
+    }));
+    let s = match waited {
+        Ok(s) => s,
+        Err(panic) => {
+            eprintln!("the box's log:\n{}", edge.log_so_far());
+            eprintln!("the hub's log:\n{}", hub.log_so_far());
+            std::panic::resume_unwind(panic);
+        }
+    };
     assert_eq!(
         (s["desired"].as_u64(), s["applied"].as_u64()),
         (Some(5), Some(4)),
@@ -978,6 +993,11 @@ fn a_hub_on_postgres_rides_out_its_database_going_away() {
     edge.wait_log("Tunnel up");
     let mut open = TcpStream::connect(hub.publish).expect("publish");
     round_trip(&mut open, b"before");
+    // The box's audit collected so far (its tunnel and relay records).
+    let head0 = poll_blocking("audit collected", Duration::from_secs(10), || {
+        let h = hub.device("edge-a")["audit_head"].as_u64().unwrap_or(0);
+        if h > 0 { Ok(h) } else { Err(h.to_string()) }
+    });
 
     pg.stop_immediate();
     poll_blocking("the store reported down", Duration::from_secs(15), || {
@@ -997,6 +1017,9 @@ fn a_hub_on_postgres_rides_out_its_database_going_away() {
     round_trip(&mut open, b"during");
     let mut fresh = TcpStream::connect(hub.publish).expect("publish");
     round_trip(&mut fresh, b"new during");
+    // Closed: the box audits it now and ships it to a hub that cannot
+    // store it.
+    drop(fresh);
     // An operator's write: 503, the reason, nothing changed.
     let (code, _, err) = hub.ctl("sue", &["revoke", "edge-a"]);
     assert_ne!(code, 0);
@@ -1044,12 +1067,36 @@ fn a_hub_on_postgres_rides_out_its_database_going_away() {
         }
     });
     round_trip(&mut open, b"after");
+    // What the box audited during the outage (the relay opened then, its
+    // tunnel's records) reaches the hub once the store is back.
+    poll_blocking(
+        "the outage's audit collected",
+        Duration::from_secs(20),
+        || {
+            let d = hub.device("edge-a");
+            let h = d["audit_head"].as_u64().unwrap_or(0);
+            if h > head0 && d["audit_broken"].is_null() {
+                Ok(())
+            } else {
+                Err(d.to_string())
+            }
+        },
+    );
     let (code, out) = enroll(&config_b, &token_b);
     assert_eq!(code, 0, "the token was not used up: {out}");
     let (code, _, err) = hub.ctl("sue", &["revoke", "edge-a"]);
     assert_eq!(code, 0, "{err}");
     assert_cut_within_5s(&mut open, "the relay of the box revoked after the outage");
     hub.wait_log("Device revoked");
+    // What the box audited during the outage was collected once the store
+    // was back, its chain whole: no false alarm of a break.
+    let d = hub.device("edge-a");
+    assert!(d["audit_broken"].is_null(), "{d}");
+    let audit = audit_lines(&hub.dir.path().join("state"));
+    assert!(
+        !audit.iter().any(|l| l.contains("audit.chain_broken")),
+        "{audit:?}"
+    );
     drop(edge);
 }
 
@@ -2218,7 +2265,7 @@ fn an_edges_alarm_reaches_the_hub_and_the_security_administrator_lifts_its_ban()
 fn a_template_rolls_out_in_waves_pauses_on_a_failure_and_rolls_back() {
     const N: usize = 20;
     const BROKEN: &str = "edge-07";
-    let hub = Hub::start("1h");
+    let mut hub = Hub::start("1h");
     let echo = echo_server("127.0.1.1");
     let ids: Vec<String> = (0..N).map(|i| format!("edge-{i:02}")).collect();
     let mut edges = Vec::new();
@@ -2413,9 +2460,17 @@ fn a_template_rolls_out_in_waves_pauses_on_a_failure_and_rolls_back() {
         .collect();
     assert_eq!(failed, [BROKEN], "{v}");
     // The broken box went back to its own file and says so.
-    hub.wait_config_of(BROKEN, "the revert reported", |s| {
-        s["result"]["outcome"] == "reverted"
-    });
+    let waited = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        hub.wait_config_of(BROKEN, "the revert reported", |s| {
+            s["result"]["outcome"] == "reverted"
+        })
+    }));
+    if let Err(panic) = waited {
+        let broken = ids.iter().position(|i| i == BROKEN).expect("broken");
+        eprintln!("{BROKEN}'s log:\n{}", edges[broken].log_so_far());
+        eprintln!("the hub's log:\n{}", hub.log_so_far());
+        std::panic::resume_unwind(panic);
+    }
     // Wave 3 was never offered anything.
     assert!(hub.config_status("edge-15")["desired"].is_null());
     // The applied boxes run the template's rendering.

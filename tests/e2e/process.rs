@@ -133,6 +133,12 @@ impl Proc {
         );
     }
 
+    /// Every log line so far (read or not), for a failure message.
+    pub fn log_so_far(&mut self) -> String {
+        self.seen.extend(self.lines.try_iter());
+        self.seen.join("\n")
+    }
+
     pub fn signal(&self, s: Signal) {
         kill(Pid::from_raw(self.child.id() as i32), s).expect("kill");
     }

@@ -13,6 +13,8 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod collect;
+
 /// A SHA-256 hash.
 pub type Hash = [u8; 32];
 

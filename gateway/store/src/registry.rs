@@ -254,13 +254,14 @@ pub trait Registry: Send + Sync {
     fn device(&self, id: String) -> RegistryFuture<'_, Option<DeviceRow>>;
     /// The next audit record wanted from `device`.
     fn audit_next(&self, device: String) -> RegistryFuture<'_, u64>;
-    /// Appends collected records of `device`: how many were stored, or the
-    /// break in the chain (then nothing is stored and the device is marked).
-    fn append_audit(
+    /// Appends collected records, a batch per device, in one transaction
+    /// (the hub's coalesced write): for each batch in order, how many were
+    /// stored, or the break in its chain (then nothing of that batch is
+    /// stored and its device is marked). A store error stores nothing.
+    fn append_audits(
         &self,
-        device: String,
-        records: Vec<Record>,
-    ) -> RegistryFuture<'_, Result<usize, String>>;
+        batches: Vec<(String, Vec<Record>)>,
+    ) -> RegistryFuture<'_, Vec<Result<usize, String>>>;
     /// Collected records of `device` from `since_ms` on, for export.
     fn audit_export(
         &self,

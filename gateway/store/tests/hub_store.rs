@@ -689,6 +689,74 @@ async fn labels_suite(a: &dyn Registry, b: &dyn Registry) {
     );
 }
 
+/// Coalesced audit writes: several devices' batches in one transaction, from
+/// two hubs collecting the same boxes. Overlaps of the same records are
+/// taken once; one device's break stores nothing of its batch and leaves the
+/// others' alone; a record that differs from the one collected is a break.
+async fn collected_audit_suite(a: &dyn Registry, b: &dyn Registry) {
+    let (c1, c2, c3) = (
+        audit_chain("e1", 8),
+        audit_chain("e2", 4),
+        audit_chain("e3", 4),
+    );
+    let mut gap = c3.clone();
+    gap.remove(1);
+    let done = a
+        .append_audits(vec![
+            ("e1".into(), c1[..5].to_vec()),
+            ("e2".into(), c2.clone()),
+            ("e3".into(), gap),
+        ])
+        .await
+        .expect("write");
+    assert_eq!(done[..2], [Ok(5), Ok(4)]);
+    assert!(
+        done[2]
+            .as_ref()
+            .is_err_and(|p| p.contains("record 2: missing")),
+        "{done:?}"
+    );
+    // The other hub got e1 from 3 (a box connected to both): the overlap is
+    // taken once; e3 stays marked broken.
+    let done = b
+        .append_audits(vec![
+            ("e3".into(), c3.clone()),
+            ("e1".into(), c1[2..].to_vec()),
+        ])
+        .await
+        .expect("write");
+    assert!(
+        done[0]
+            .as_ref()
+            .is_err_and(|p| p.contains("already marked broken")),
+        "{done:?}"
+    );
+    assert_eq!(done[1], Ok(3));
+    assert_eq!(a.audit_next("e1".into()).await.expect("next"), 9);
+    assert_eq!(b.audit_next("e2".into()).await.expect("next"), 5);
+    // Another record under a collected record's number is a break.
+    let mut edited = c2[2..].to_vec();
+    edited[0].hash[0] ^= 1;
+    let done = a
+        .append_audits(vec![("e2".into(), edited)])
+        .await
+        .expect("write");
+    assert!(
+        done[0].as_ref().is_err_and(|p| p.contains("differs")),
+        "{done:?}"
+    );
+    assert_eq!(
+        a.append_audits(vec![]).await.expect("nothing to write"),
+        Vec::<Result<usize, String>>::new()
+    );
+}
+
+#[tokio::test]
+async fn the_sqlite_registry_collects_audit_coalesced() {
+    let (_dir, a, b) = two_hubs(|d| SqliteRegistry::open(d).expect("open"));
+    collected_audit_suite(&a, &b).await;
+}
+
 #[tokio::test]
 async fn the_sqlite_registry_keeps_labels() {
     let (_dir, a, b) = two_hubs(|d| SqliteRegistry::open(d).expect("open"));
@@ -1053,6 +1121,8 @@ mod postgres {
         labels_suite(&PgRegistry::new(a), &PgRegistry::new(b)).await;
         let (a, b) = on(&c, "province").await;
         province_suite(&PgRegistry::new(a), &PgRegistry::new(b)).await;
+        let (a, b) = on(&c, "collect").await;
+        collected_audit_suite(&PgRegistry::new(a), &PgRegistry::new(b)).await;
     }
 
     #[tokio::test]
@@ -1120,20 +1190,14 @@ mod postgres {
             .await
             .expect("revoke");
         let chain = audit_chain("e1", 5);
-        assert_eq!(
-            reg.append_audit("e1".into(), chain.clone())
-                .await
-                .expect("sql"),
-            Ok(5)
-        );
         let mut forged = audit_chain("e3", 3);
         forged[1].event.detail = "edited".into();
-        assert!(
-            reg.append_audit("e3".into(), forged)
-                .await
-                .expect("sql")
-                .is_err()
-        );
+        let stored = reg
+            .append_audits(vec![("e1".into(), chain.clone()), ("e3".into(), forged)])
+            .await
+            .expect("sql");
+        assert_eq!(stored[0], Ok(5));
+        assert!(stored[1].is_err(), "{stored:?}");
         drop((sink, reg));
         let (fleet, sinkf) = (
             dir.path().join(gateway_store::sqlite::registry::FILE_NAME),

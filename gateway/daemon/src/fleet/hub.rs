@@ -15,7 +15,7 @@ use gateway_store::registry::{
     RegistryError, Renewal,
 };
 use tokio::sync::{mpsc, oneshot};
-use tracing::{Instrument, error, info, info_span, warn};
+use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use super::{read_msg, read_msg_max, write_msg};
 use crate::channel::consumers::Consumers;
@@ -25,6 +25,7 @@ use crate::tunnel::accept::Refusal;
 use crate::tunnel::devices::Devices;
 use crate::tunnel::pki;
 use crate::tunnel::pki::Signer;
+use gateway_core::audit::collect::Collected;
 use gateway_core::detect::Alarm;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -65,7 +66,17 @@ pub struct Fleet {
     /// The certificate expiry each device last reported (written only when
     /// it changes).
     certs: Mutex<HashMap<String, i64>>,
+    /// Collected audit records not stored yet: written together once a
+    /// second ([`Fleet::write_audit`]), kept while the store cannot take them.
+    collected: Mutex<Collected>,
+    /// Devices whose broken chain this hub has raised the alarm for.
+    broken: Mutex<std::collections::HashSet<String>>,
 }
+
+/// Collected audit records held for the store, per device and in all (about
+/// 300 bytes each): past them a box is told to send again later.
+const COLLECTED_PER_DEVICE: usize = 5_000;
+const COLLECTED_ALL: usize = 200_000;
 
 /// How often buffered heartbeats are written.
 pub const HEARTBEAT_WRITES: Duration = Duration::from_secs(1);
@@ -169,6 +180,8 @@ impl Fleet {
             rollouts: Arc::default(),
             beats: Mutex::default(),
             certs: Mutex::default(),
+            collected: Mutex::new(Collected::new(COLLECTED_PER_DEVICE, COLLECTED_ALL)),
+            broken: Mutex::default(),
         })
     }
 
@@ -623,6 +636,7 @@ impl Fleet {
                 }
             });
             let mut registered = false;
+            let mut cursor = None;
             loop {
                 let m: Message = match read_msg(&mut recv).await {
                     Ok(m) => m,
@@ -632,10 +646,14 @@ impl Fleet {
                     // The edge's first message marks its management lane.
                     lock(&self.sessions).insert(device.clone(), tx.clone());
                     registered = true;
-                    let next = self.reg.audit_next(device.clone()).await.unwrap_or(1);
-                    let _ = tx.send(Message::AuditCursor { next_seq: next });
+                    cursor = Some(tokio::spawn(
+                        self.clone().send_cursor(device.clone(), tx.clone()),
+                    ));
                 }
                 self.handle(&device, m, &tx).await;
+            }
+            if let Some(c) = cursor {
+                c.abort();
             }
             if registered {
                 let mut s = lock(&self.sessions);
@@ -810,25 +828,107 @@ impl Fleet {
                     .record(device, "certificate", "cert.renew", outcome, "", detail);
                 let _ = tx.send(answer);
             }
-            Message::AuditBatch { records } => self.collect(device, records).await,
+            Message::AuditBatch { records } => self.collect(device, records, tx),
             other => {
                 warn!(?other, "Unexpected control message from an edge; ignored");
             }
         }
     }
 
-    async fn collect(&self, device: &str, records: Vec<gateway_core::audit::Record>) {
-        let n = records.len();
-        let alarms = alarms_in(device, &records);
-        match self.reg.append_audit(device.to_owned(), records).await {
-            Ok(Ok(_)) if alarms.is_empty() => {}
-            Ok(Ok(_)) => {
-                // Kept only once the chain they came in verified.
-                if let Err(e) = self.reg.add_alarms(device.to_owned(), alarms).await {
-                    error!(%device, %e, "Cannot keep the device's alarms");
+    /// Tells a box from which record to ship its audit: after what the store
+    /// holds and what this hub holds for it. While the store does not answer,
+    /// the box waits (it ships nothing without a cursor).
+    async fn send_cursor(self: Arc<Self>, device: String, tx: mpsc::UnboundedSender<Message>) {
+        loop {
+            match self.reg.audit_next(device.clone()).await {
+                Ok(stored) => {
+                    let held = lock(&self.collected).next_after(&device);
+                    let next = held.map_or(stored, |h| h.max(stored));
+                    let _ = tx.send(Message::AuditCursor { next_seq: next });
+                    return;
+                }
+                Err(e) => {
+                    debug!(%device, %e, "Cannot read where the device's audit stands; asking again");
+                    if !self.ctx.pause(Duration::from_secs(2)).await || tx.is_closed() {
+                        return;
+                    }
                 }
             }
-            Ok(Err(problem)) => {
+        }
+    }
+
+    /// Queues a box's batch for the next write; past the queue's bounds the
+    /// box is told to send again from the first record not taken.
+    fn collect(
+        &self,
+        device: &str,
+        records: Vec<gateway_core::audit::Record>,
+        tx: &mpsc::UnboundedSender<Message>,
+    ) {
+        let added = lock(&self.collected).add(device, records);
+        if let Some(from) = added.refused_from {
+            debug!(%device, from, "Collected audit queue full; the device sends again later");
+            let _ = tx.send(Message::AuditCursor { next_seq: from });
+        }
+    }
+
+    /// Writes the collected audit every [`HEARTBEAT_WRITES`], every device's
+    /// batch in one transaction, until draining (then once more). A failed
+    /// write keeps the records for the next round.
+    pub async fn write_audit(self: Arc<Self>) {
+        loop {
+            let go = self.ctx.pause(HEARTBEAT_WRITES).await;
+            let batches = lock(&self.collected).take();
+            if !batches.is_empty() {
+                match self.reg.append_audits(batches.clone()).await {
+                    Ok(results) => {
+                        lock(&self.collected).written();
+                        for ((device, records), result) in batches.iter().zip(results) {
+                            self.stored(device, records, result).await;
+                        }
+                    }
+                    Err(e) => {
+                        let n: usize = batches.iter().map(|b| b.1.len()).sum();
+                        warn!(%e, records = n, devices = batches.len(), "Cannot store collected audit; keeping it for the next round");
+                        lock(&self.collected).put_back(batches);
+                    }
+                }
+            }
+            if !go {
+                return;
+            }
+        }
+    }
+
+    /// What the store said of one device's batch.
+    async fn stored(
+        &self,
+        device: &str,
+        records: &[gateway_core::audit::Record],
+        result: Result<usize, String>,
+    ) {
+        match result {
+            Ok(_) => {
+                // Kept only once the chain they came in verified.
+                let alarms = alarms_in(device, records);
+                if !alarms.is_empty() {
+                    if let Err(e) = self.reg.add_alarms(device.to_owned(), alarms).await {
+                        error!(%device, %e, "Cannot keep the device's alarms");
+                    }
+                }
+            }
+            Err(problem) => {
+                let first = {
+                    let mut b = lock(&self.broken);
+                    if b.len() >= COLLECTED_ALL {
+                        b.clear();
+                    }
+                    b.insert(device.to_owned())
+                };
+                if !first {
+                    debug!(%device, %problem, "Collected audit of a broken chain refused");
+                    return;
+                }
                 // The registry and the metric say so before the log does.
                 self.ctx.metrics.audit_alarm(device);
                 error!(%device, %problem, "ALARM: the device's audit chain does not continue; collection stopped for it");
@@ -838,10 +938,9 @@ impl Fleet {
                     "audit.chain_broken",
                     "error",
                     "R6.audit",
-                    format!("{n} records refused: {problem}"),
+                    format!("{} records refused: {problem}", records.len()),
                 );
             }
-            Err(e) => error!(%device, %e, "Cannot store collected audit records"),
         }
     }
 

@@ -183,6 +183,9 @@ pub(super) fn start(
     tasks
         .servers
         .push(tokio::spawn(fleet.clone().write_heartbeats()));
+    tasks
+        .servers
+        .push(tokio::spawn(fleet.clone().write_audit()));
     let mut ops_addr = None;
     if let Some(ops) = h.settings.ops {
         let l = bindings.tcp(ops).map_err(bind_err(ops))?;

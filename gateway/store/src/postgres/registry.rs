@@ -499,112 +499,23 @@ impl PgRegistry {
         .map_or(1, |r| u64_of(r.get(0)) + 1))
     }
 
-    async fn append_audit(&self, device: String, entries: Vec<Record>) -> R<Result<usize, String>> {
+    async fn append_audits(
+        &self,
+        mut batches: Vec<(String, Vec<Record>)>,
+    ) -> R<Vec<Result<usize, String>>> {
         let mut c = self.pg.client().await?;
         let tx = c.transaction().await?;
-        // Two hubs collecting one device queue on its head row.
-        tx.execute(
-            "INSERT INTO edge_audit_head (device, anchor_seq, anchor_hash, head_seq, head_hash)
-             VALUES ($1, -1, '', -1, '') ON CONFLICT (device) DO NOTHING",
-            &[&device],
-        )
-        .await?;
-        let head = tx
-            .query_one(
-                "SELECT head_seq, head_hash, broken FROM edge_audit_head WHERE device = $1 FOR UPDATE",
-                &[&device],
-            )
-            .await?;
-        let (head_seq, head_hash, broken): (i64, String, Option<String>) =
-            (head.get(0), head.get(1), head.get(2));
-        // -1: a head row made just now as the lock, nothing collected yet.
-        let head = (head_seq >= 0).then_some((u64_of(head_seq), head_hash));
-        if let Some(broken) = broken {
-            return Ok(Err(format!("chain already marked broken: {broken}")));
+        // Head rows locked in one order whatever the batch: two hubs writing
+        // overlapping devices never wait on each other in a cycle.
+        let mut order: Vec<usize> = (0..batches.len()).collect();
+        order.sort_by(|a, b| batches[*a].0.cmp(&batches[*b].0));
+        let mut results = vec![Ok(0); batches.len()];
+        for i in order {
+            let (device, entries) = std::mem::take(&mut batches[i]);
+            results[i] = append_one(&tx, device, entries).await?;
         }
-        let known = head.as_ref().map_or(0, |h| h.0);
-        let same = tx
-            .prepare_cached("SELECT json FROM edge_audit WHERE device = $1 AND seq = $2")
-            .await?;
-        for e in entries.iter().filter(|e| e.seq <= known) {
-            let stored = tx.query_opt(&same, &[&device, &i64_of(e.seq)]).await?;
-            let same = stored
-                .and_then(|r| serde_json::from_str::<Record>(r.get::<_, &str>(0)).ok())
-                .is_none_or(|s| s.hash == e.hash);
-            if !same {
-                let p = format!("record {} differs from the one collected before", e.seq);
-                tx.execute(
-                    "UPDATE edge_audit_head SET broken = $2 WHERE device = $1",
-                    &[&device, &p],
-                )
-                .await?;
-                tx.commit().await?;
-                return Ok(Err(p));
-            }
-        }
-        let entries: Vec<&Record> = entries.iter().filter(|e| e.seq > known).collect();
-        let Some(first) = entries.first() else {
-            return Ok(Ok(0));
-        };
-        let anchor = match &head {
-            Some((seq, hash)) => (*seq, audit::from_hex(hash).unwrap_or(audit::GENESIS)),
-            None => (first.seq.saturating_sub(1), first.prev_hash),
-        };
-        let anchor_hex = audit::to_hex(&anchor.1);
-        let last = match continue_chain(&device, anchor, &entries) {
-            Ok(last) => last,
-            Err(p) => {
-                tx.execute(
-                    "UPDATE edge_audit_head SET anchor_seq = CASE WHEN head_seq < 0 THEN $2 ELSE anchor_seq END,
-                         anchor_hash = CASE WHEN head_seq < 0 THEN $3 ELSE anchor_hash END,
-                         head_hash = CASE WHEN head_seq < 0 THEN $3 ELSE head_hash END,
-                         head_seq = CASE WHEN head_seq < 0 THEN $2 ELSE head_seq END,
-                         broken = $4
-                     WHERE device = $1",
-                    &[&device, &i64_of(anchor.0), &anchor_hex, &p],
-                )
-                .await?;
-                tx.commit().await?;
-                return Ok(Err(p));
-            }
-        };
-        let insert = tx
-            .prepare_cached(
-                "INSERT INTO edge_audit (device, seq, time_ms, json) VALUES ($1, $2, $3, $4)",
-            )
-            .await?;
-        // Sent together (pipelined), answered in order.
-        let rows: Vec<(i64, i64, String)> = entries
-            .iter()
-            .map(|e| {
-                (
-                    i64_of(e.seq),
-                    e.event.time_ms,
-                    serde_json::to_string(e).unwrap_or_default(),
-                )
-            })
-            .collect();
-        futures_util::future::try_join_all(rows.iter().map(|(seq, t, json)| {
-            let params: [&(dyn ToSql + Sync); 4] = [&device, seq, t, json];
-            tx.execute_raw(&insert, params)
-        }))
-        .await?;
-        tx.execute(
-            "UPDATE edge_audit_head SET anchor_seq = CASE WHEN head_seq < 0 THEN $2 ELSE anchor_seq END,
-                 anchor_hash = CASE WHEN head_seq < 0 THEN $3 ELSE anchor_hash END,
-                 head_seq = $4, head_hash = $5
-             WHERE device = $1",
-            &[
-                &device,
-                &i64_of(anchor.0),
-                &anchor_hex,
-                &i64_of(last.0),
-                &audit::to_hex(&last.1),
-            ],
-        )
-        .await?;
         tx.commit().await?;
-        Ok(Ok(entries.len()))
+        Ok(results)
     }
 
     async fn audit_export(&self, device: String, since_ms: i64) -> R<Option<AuditExport>> {
@@ -962,12 +873,11 @@ impl Registry for PgRegistry {
         Box::pin(self.audit_next(device))
     }
 
-    fn append_audit(
+    fn append_audits(
         &self,
-        device: String,
-        records: Vec<Record>,
-    ) -> RegistryFuture<'_, Result<usize, String>> {
-        Box::pin(self.append_audit(device, records))
+        batches: Vec<(String, Vec<Record>)>,
+    ) -> RegistryFuture<'_, Vec<Result<usize, String>>> {
+        Box::pin(self.append_audits(batches))
     }
 
     fn audit_export(
@@ -1082,4 +992,112 @@ impl Registry for PgRegistry {
     fn update_rollout(&self, u: RolloutUpdate) -> RegistryFuture<'_, bool> {
         Box::pin(self.update_rollout(u))
     }
+}
+
+/// Appends one device's batch inside `tx` (see `Registry::append_audits`).
+async fn append_one(
+    tx: &deadpool_postgres::Transaction<'_>,
+    device: String,
+    entries: Vec<Record>,
+) -> R<Result<usize, String>> {
+    // Two hubs collecting one device queue on its head row.
+    tx.execute(
+        "INSERT INTO edge_audit_head (device, anchor_seq, anchor_hash, head_seq, head_hash)
+         VALUES ($1, -1, '', -1, '') ON CONFLICT (device) DO NOTHING",
+        &[&device],
+    )
+    .await?;
+    let head = tx
+        .query_one(
+            "SELECT head_seq, head_hash, broken FROM edge_audit_head WHERE device = $1 FOR UPDATE",
+            &[&device],
+        )
+        .await?;
+    let (head_seq, head_hash, broken): (i64, String, Option<String>) =
+        (head.get(0), head.get(1), head.get(2));
+    // -1: a head row made just now as the lock, nothing collected yet.
+    let head = (head_seq >= 0).then_some((u64_of(head_seq), head_hash));
+    if let Some(broken) = broken {
+        return Ok(Err(format!("chain already marked broken: {broken}")));
+    }
+    let known = head.as_ref().map_or(0, |h| h.0);
+    let same = tx
+        .prepare_cached("SELECT json FROM edge_audit WHERE device = $1 AND seq = $2")
+        .await?;
+    for e in entries.iter().filter(|e| e.seq <= known) {
+        let stored = tx.query_opt(&same, &[&device, &i64_of(e.seq)]).await?;
+        let same = stored
+            .and_then(|r| serde_json::from_str::<Record>(r.get::<_, &str>(0)).ok())
+            .is_none_or(|s| s.hash == e.hash);
+        if !same {
+            let p = format!("record {} differs from the one collected before", e.seq);
+            tx.execute(
+                "UPDATE edge_audit_head SET broken = $2 WHERE device = $1",
+                &[&device, &p],
+            )
+            .await?;
+            return Ok(Err(p));
+        }
+    }
+    let entries: Vec<&Record> = entries.iter().filter(|e| e.seq > known).collect();
+    let Some(first) = entries.first() else {
+        return Ok(Ok(0));
+    };
+    let anchor = match &head {
+        Some((seq, hash)) => (*seq, audit::from_hex(hash).unwrap_or(audit::GENESIS)),
+        None => (first.seq.saturating_sub(1), first.prev_hash),
+    };
+    let anchor_hex = audit::to_hex(&anchor.1);
+    let last = match continue_chain(&device, anchor, &entries) {
+        Ok(last) => last,
+        Err(p) => {
+            tx.execute(
+                "UPDATE edge_audit_head SET anchor_seq = CASE WHEN head_seq < 0 THEN $2 ELSE anchor_seq END,
+                     anchor_hash = CASE WHEN head_seq < 0 THEN $3 ELSE anchor_hash END,
+                     head_hash = CASE WHEN head_seq < 0 THEN $3 ELSE head_hash END,
+                     head_seq = CASE WHEN head_seq < 0 THEN $2 ELSE head_seq END,
+                     broken = $4
+                 WHERE device = $1",
+                &[&device, &i64_of(anchor.0), &anchor_hex, &p],
+            )
+            .await?;
+            return Ok(Err(p));
+        }
+    };
+    let insert = tx
+        .prepare_cached(
+            "INSERT INTO edge_audit (device, seq, time_ms, json) VALUES ($1, $2, $3, $4)",
+        )
+        .await?;
+    // Sent together (pipelined), answered in order.
+    let rows: Vec<(i64, i64, String)> = entries
+        .iter()
+        .map(|e| {
+            (
+                i64_of(e.seq),
+                e.event.time_ms,
+                serde_json::to_string(e).unwrap_or_default(),
+            )
+        })
+        .collect();
+    futures_util::future::try_join_all(rows.iter().map(|(seq, t, json)| {
+        let params: [&(dyn ToSql + Sync); 4] = [&device, seq, t, json];
+        tx.execute_raw(&insert, params)
+    }))
+    .await?;
+    tx.execute(
+        "UPDATE edge_audit_head SET anchor_seq = CASE WHEN head_seq < 0 THEN $2 ELSE anchor_seq END,
+             anchor_hash = CASE WHEN head_seq < 0 THEN $3 ELSE anchor_hash END,
+             head_seq = $4, head_hash = $5
+         WHERE device = $1",
+        &[
+            &device,
+            &i64_of(anchor.0),
+            &anchor_hex,
+            &i64_of(last.0),
+            &audit::to_hex(&last.1),
+        ],
+    )
+    .await?;
+    Ok(Ok(entries.len()))
 }

@@ -290,12 +290,11 @@ impl Registry for Blocking<SqliteRegistry> {
         self.run(move |r| r.audit_next(&device))
     }
 
-    fn append_audit(
+    fn append_audits(
         &self,
-        device: String,
-        records: Vec<Record>,
-    ) -> RegistryFuture<'_, Result<usize, String>> {
-        self.run(move |r| r.append_audit(&device, &records))
+        batches: Vec<(String, Vec<Record>)>,
+    ) -> RegistryFuture<'_, Vec<Result<usize, String>>> {
+        self.run(move |r| r.append_audits(&batches))
     }
 
     fn audit_export(

@@ -891,95 +891,29 @@ impl SqliteRegistry {
         device: &str,
         entries: &[Record],
     ) -> Result<Result<usize, String>, RegistryError> {
+        let mut all = self.append_audits(&[(device.to_owned(), entries.to_vec())])?;
+        Ok(all.pop().unwrap_or(Ok(0)))
+    }
+
+    /// [`Self::append_audit`] for several devices in one transaction (the
+    /// hub's coalesced write): a result per batch, in order.
+    ///
+    /// # Errors
+    /// SQLite; then nothing is stored.
+    pub fn append_audits(
+        &mut self,
+        batches: &[(String, Vec<Record>)],
+    ) -> Result<Vec<Result<usize, String>>, RegistryError> {
         let tx = self
             .db
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let head: Option<(i64, String, Option<String>)> = tx
-            .query_row(
-                "SELECT head_seq, head_hash, broken FROM edge_audit_head WHERE device = ?1",
-                [device],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
-            .optional()?;
-        if let Some((_, _, Some(broken))) = &head {
-            return Ok(Err(format!("chain already marked broken: {broken}")));
+        let mut results = Vec::with_capacity(batches.len());
+        for (device, entries) in batches {
+            results.push(append_one(&tx, device, entries)?);
         }
-        // Records this registry holds already (another hub sharing it
-        // collected them) are skipped if they are the same records.
-        let known = head.as_ref().map_or(0, |h| h.0 as u64);
-        for e in entries.iter().filter(|e| e.seq <= known) {
-            let stored: Option<String> = tx
-                .query_row(
-                    "SELECT json FROM edge_audit WHERE device = ?1 AND seq = ?2",
-                    params![device, e.seq as i64],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            let same = stored
-                .and_then(|j| serde_json::from_str::<Record>(&j).ok())
-                .is_none_or(|s| s.hash == e.hash);
-            if !same {
-                let p = format!("record {} differs from the one collected before", e.seq);
-                tx.execute(
-                    "UPDATE edge_audit_head SET broken = ?2 WHERE device = ?1",
-                    params![device, p],
-                )?;
-                tx.commit()?;
-                return Ok(Err(p));
-            }
-        }
-        let entries: Vec<&Record> = entries.iter().filter(|e| e.seq > known).collect();
-        let Some(first) = entries.first() else {
-            return Ok(Ok(0));
-        };
-        let (anchor_seq, anchor_hash) = match &head {
-            Some((seq, hash, _)) => (*seq as u64, audit::from_hex(hash).unwrap_or(audit::GENESIS)),
-            None => (first.seq.saturating_sub(1), first.prev_hash),
-        };
-        let checked = continue_chain(device, (anchor_seq, anchor_hash), &entries);
-        let last = match checked {
-            Ok(last) => last,
-            Err(p) => {
-                tx.execute(
-                "INSERT INTO edge_audit_head (device, anchor_seq, anchor_hash, head_seq, head_hash, broken)
-                 VALUES (?1, ?2, ?3, ?2, ?3, ?4)
-                 ON CONFLICT (device) DO UPDATE SET broken = ?4",
-                params![device, anchor_seq as i64, hex(&anchor_hash), p],
-            )?;
-                tx.commit()?;
-                return Ok(Err(p));
-            }
-        };
-        {
-            // One statement prepared for the batch, not one per record.
-            let mut insert = tx.prepare_cached(
-                "INSERT INTO edge_audit (device, seq, time_ms, json) VALUES (?1, ?2, ?3, ?4)",
-            )?;
-            for e in &entries {
-                insert.execute(params![
-                    device,
-                    e.seq as i64,
-                    e.event.time_ms,
-                    serde_json::to_string(e).unwrap_or_default()
-                ])?;
-            }
-        }
-        tx.execute(
-            "INSERT INTO edge_audit_head (device, anchor_seq, anchor_hash, head_seq, head_hash)
-             VALUES (?1, ?2, ?3, ?4, ?5)
-             ON CONFLICT (device) DO UPDATE SET head_seq = ?4, head_hash = ?5",
-            params![
-                device,
-                anchor_seq as i64,
-                hex(&anchor_hash),
-                last.0 as i64,
-                hex(&last.1)
-            ],
-        )?;
         tx.commit()?;
-        Ok(Ok(entries.len()))
+        Ok(results)
     }
-
     /// Collected records of `device` from `since_ms` on, with the anchor (the
     /// record before the first one returned) and the head:
     /// `(anchor_seq, anchor_hash, head_seq, head_hash, continuous, records)`.
@@ -1255,6 +1189,95 @@ fn consumer_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ConsumerRow> {
         created_ms: r.get(4)?,
         revoked_ms: r.get(5)?,
     })
+}
+
+/// Appends one device's batch inside `tx` (see `Registry::append_audit`).
+fn append_one(
+    tx: &rusqlite::Transaction<'_>,
+    device: &str,
+    entries: &[Record],
+) -> Result<Result<usize, String>, RegistryError> {
+    let head: Option<(i64, String, Option<String>)> = tx
+        .query_row(
+            "SELECT head_seq, head_hash, broken FROM edge_audit_head WHERE device = ?1",
+            [device],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()?;
+    if let Some((_, _, Some(broken))) = &head {
+        return Ok(Err(format!("chain already marked broken: {broken}")));
+    }
+    // Records this registry holds already (another hub sharing it
+    // collected them) are skipped if they are the same records.
+    let known = head.as_ref().map_or(0, |h| h.0 as u64);
+    for e in entries.iter().filter(|e| e.seq <= known) {
+        let stored: Option<String> = tx
+            .query_row(
+                "SELECT json FROM edge_audit WHERE device = ?1 AND seq = ?2",
+                params![device, e.seq as i64],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let same = stored
+            .and_then(|j| serde_json::from_str::<Record>(&j).ok())
+            .is_none_or(|s| s.hash == e.hash);
+        if !same {
+            let p = format!("record {} differs from the one collected before", e.seq);
+            tx.execute(
+                "UPDATE edge_audit_head SET broken = ?2 WHERE device = ?1",
+                params![device, p],
+            )?;
+            return Ok(Err(p));
+        }
+    }
+    let entries: Vec<&Record> = entries.iter().filter(|e| e.seq > known).collect();
+    let Some(first) = entries.first() else {
+        return Ok(Ok(0));
+    };
+    let (anchor_seq, anchor_hash) = match &head {
+        Some((seq, hash, _)) => (*seq as u64, audit::from_hex(hash).unwrap_or(audit::GENESIS)),
+        None => (first.seq.saturating_sub(1), first.prev_hash),
+    };
+    let checked = continue_chain(device, (anchor_seq, anchor_hash), &entries);
+    let last = match checked {
+        Ok(last) => last,
+        Err(p) => {
+            tx.execute(
+            "INSERT INTO edge_audit_head (device, anchor_seq, anchor_hash, head_seq, head_hash, broken)
+             VALUES (?1, ?2, ?3, ?2, ?3, ?4)
+             ON CONFLICT (device) DO UPDATE SET broken = ?4",
+            params![device, anchor_seq as i64, hex(&anchor_hash), p],
+        )?;
+            return Ok(Err(p));
+        }
+    };
+    {
+        // One statement prepared for the batch, not one per record.
+        let mut insert = tx.prepare_cached(
+            "INSERT INTO edge_audit (device, seq, time_ms, json) VALUES (?1, ?2, ?3, ?4)",
+        )?;
+        for e in &entries {
+            insert.execute(params![
+                device,
+                e.seq as i64,
+                e.event.time_ms,
+                serde_json::to_string(e).unwrap_or_default()
+            ])?;
+        }
+    }
+    tx.execute(
+        "INSERT INTO edge_audit_head (device, anchor_seq, anchor_hash, head_seq, head_hash)
+         VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (device) DO UPDATE SET head_seq = ?4, head_hash = ?5",
+        params![
+            device,
+            anchor_seq as i64,
+            hex(&anchor_hash),
+            last.0 as i64,
+            hex(&last.1)
+        ],
+    )?;
+    Ok(Ok(entries.len()))
 }
 
 #[cfg(test)]
