@@ -21,6 +21,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 N=${1:-1000}
 STEADY=${STEADY:-120}
+CHANNEL_SHARE=${CHANNEL_SHARE:-0.1}
+RENEW_SHARE=${RENEW_SHARE:-0.05}
 CACHE=${FLEET_CACHE:-/var/tmp/gw-fleet-cache}
 PGBIN=/usr/lib/postgresql/15/bin
 for tool in curl python3 "$PGBIN/initdb"; do
@@ -122,7 +124,9 @@ WATCH=sim-00042
 echo "== fleet of $N simulated edges, two hubs on PostgreSQL ($(nproc) cores, $(date -u +%Y-%m-%d))"
 t0=$(now)
 "$SIM" --ca-dir "$CACHE/ca" --dir "$CACHE/edges" --hub 127.0.0.211:17601 --hub 127.0.0.212:17602 \
-    --edges "$N" --heartbeat 10s --every 250ms --watch $WATCH > "$W/sim.jsonl" 2>"$W/sim.log" &
+    --edges "$N" --heartbeat 10s --every 250ms --watch $WATCH \
+    --channel-share "$CHANNEL_SHARE" --channel-every 5s --renew-share "$RENEW_SHARE" --renew-life 6m \
+    > "$W/sim.jsonl" 2>"$W/sim.log" &
 SIMPID=$!; PIDS+=($SIMPID)
 wait_for "up_all == $N and edges == $N" 900
 t1=$(now)
@@ -130,9 +134,11 @@ printf 'connect: all %d edges up to both hubs %.1f s after the simulator started
 
 # Steady state.
 sleep 15
-c1a=$(ticks ${HUBPID[1]}); c2a=$(ticks ${HUBPID[2]}); ca=$(ticks $SIMPID); ts=$(now)
+c1a=$(ticks ${HUBPID[1]}); c2a=$(ticks ${HUBPID[2]}); ca=$(ticks $SIMPID); ts=$(now); ma=$(field records_made)
 sleep "$STEADY"
-c1b=$(ticks ${HUBPID[1]}); c2b=$(ticks ${HUBPID[2]}); cb=$(ticks $SIMPID); te=$(now)
+c1b=$(ticks ${HUBPID[1]}); c2b=$(ticks ${HUBPID[2]}); cb=$(ticks $SIMPID); te=$(now); mb=$(field records_made)
+printf 'channels: %s of the edges each add a record every 5 s: %d records in the steady state, %s waiting in the buffers at its end\n' \
+    "$CHANNEL_SHARE" "$((mb - ma))" "$(field records_waiting)"
 r1=$(rss_kib ${HUBPID[1]}); r2=$(rss_kib ${HUBPID[2]}); rs=$(rss_kib $SIMPID)
 python3 - "$N" "$ts" "$te" "$c1a" "$c1b" "$c2a" "$c2b" "$ca" "$cb" "$r1" "$r2" "$rs" <<'PY'
 import os, sys
@@ -188,6 +194,12 @@ cert = "{cache}/edges/{{{{ device }}}}/{{{{ device }}}}.pem"
 key = "{cache}/edges/{{{{ device }}}}/{{{{ device }}}}.key"
 heartbeat = "10s"
 config_try = "59s"
+
+[[channel]]
+name = "readings"
+zone = "lab"
+formats = ["json"]
+max_bytes = "16MiB"
 '''
 open(out, "w").write(t)
 PY
@@ -205,6 +217,12 @@ tv=$(now)
 ctl sue revoke $WATCH >/dev/null
 wait_for "watch_up == 0" 120; tw=$(now)
 printf 'revoke: %s cut from both hubs %.2f s after gatewayctl revoke (simulator sampled every 0.25 s)\n' "$WATCH" "$(echo "$tw - $tv" | bc)"
+
+# Renewals (a share started on certificates of 6 minutes) and the channels
+# after the restart and the rollout.
+printf 'renewals: %s of %s edges started on a 6-minute certificate renewed over their control session by now\n' \
+    "$(field renewed)" "$(python3 -c "import math,sys; n,s=int(sys.argv[1]),float(sys.argv[2]); print(sum(1 for i in range(n) if math.floor((i+1)*s) > math.floor(i*s)))" "$N" "$RENEW_SHARE")"
+printf 'channels: %s records made in all, %s waiting in the buffers\n' "$(field records_made)" "$(field records_waiting)"
 
 # Selector queries over the whole fleet.
 for sel in "state=online" "config=drift" "state=revoked"; do

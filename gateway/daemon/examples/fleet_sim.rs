@@ -5,7 +5,13 @@
 //! (`fleet::edge::session`: heartbeats with the status a box reports, audit
 //! shipping from an in-memory chain, config offers, certificate renewal) and
 //! the applier of pushed configs (`fleet::pushed_config::Applier`, try mode
-//! included). Only the relays are missing: a simulated box publishes nothing.
+//! included). A share of the boxes (`--channel-share`) also has a channel,
+//! `readings`, on the real durable buffer (a SQLite file in its directory)
+//! and channel sync, with a producer adding a record every
+//! `--channel-every`; a share (`--renew-share`) starts on a certificate
+//! issued for `--renew-life` only, so it renews over its control session
+//! while the simulation runs. Only the relays are missing: a simulated box
+//! publishes nothing.
 //!
 //! ```text
 //! cargo run --release --example fleet_sim -- --ca-dir CA --dir DIR \
@@ -14,15 +20,20 @@
 //!
 //! Every `--every` it prints one JSON line to stdout: the time, how many
 //! edges have a tunnel up to each hub and to all hubs, the applied config
-//! versions seen, and the watched edge's tunnels (`--watch ID`).
+//! versions seen, the watched edge's tunnels (`--watch ID`), the channel
+//! records made and waiting in the buffers (counted every 5 s), and how many
+//! boxes renewed their certificate.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use gateway_core::units::HostPort;
 use gateway_core::wire::Frame;
+use gateway_daemon::channel::buffer::BufferHandle;
+use gateway_daemon::channel::edge_sync;
 use gateway_daemon::fleet::edge::{self, EdgeFleet, Request};
 use gateway_daemon::fleet::pushed_config::Applier;
 use gateway_daemon::node::Ctx;
@@ -31,6 +42,7 @@ use gateway_daemon::tunnel::accept::{BiStream, Control};
 use gateway_daemon::tunnel::dial::{self, Handler, TunnelSpec};
 use gateway_daemon::tunnel::hubs::Hubs;
 use gateway_daemon::tunnel::{endpoint, frame, pki, tls};
+use gateway_store::buffer::{NewRecord, WhenFull};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -46,11 +58,21 @@ struct Args {
     watch: Option<String>,
     endpoints: usize,
     start_rate: usize,
+    channel_share: f64,
+    channel_every: Duration,
+    renew_share: f64,
+    renew_life: Duration,
+}
+
+/// Whether box `n` is among `share` of them, spread evenly.
+fn among(n: usize, share: f64) -> bool {
+    let s = share.clamp(0.0, 1.0);
+    ((n + 1) as f64 * s).floor() > (n as f64 * s).floor()
 }
 
 fn usage(why: &str) -> ! {
     eprintln!(
-        "error: {why}\nusage: fleet_sim --ca-dir DIR --dir DIR --hub HOST:PORT [--hub ...] --edges N [--prefix sim-] [--heartbeat 10s] [--every 1s] [--watch ID] [--endpoints 32] [--start-rate 500]"
+        "error: {why}\nusage: fleet_sim --ca-dir DIR --dir DIR --hub HOST:PORT [--hub ...] --edges N [--prefix sim-] [--heartbeat 10s] [--every 1s] [--watch ID] [--endpoints 32] [--start-rate 500] [--channel-share 0.1] [--channel-every 5s] [--renew-share 0.05] [--renew-life 6m]"
     );
     std::process::exit(2)
 }
@@ -67,6 +89,16 @@ fn args() -> Args {
         watch: None,
         endpoints: 32,
         start_rate: 500,
+        channel_share: 0.1,
+        channel_every: Duration::from_secs(5),
+        renew_share: 0.05,
+        renew_life: Duration::from_secs(360),
+    };
+    let share = |flag: &str, v: String| -> f64 {
+        match v.parse::<f64>() {
+            Ok(f) if (0.0..=1.0).contains(&f) => f,
+            _ => usage(&format!("{flag}: a share from 0 to 1, such as 0.1")),
+        }
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -100,6 +132,16 @@ fn args() -> Args {
                     .parse()
                     .unwrap_or_else(|_| usage("--start-rate: a number"))
             }
+            "--channel-share" => a.channel_share = share("--channel-share", value()),
+            "--channel-every" => {
+                a.channel_every = gateway_core::units::parse_duration(&value())
+                    .unwrap_or_else(|e| usage(&format!("--channel-every: {e}")))
+            }
+            "--renew-share" => a.renew_share = share("--renew-share", value()),
+            "--renew-life" => {
+                a.renew_life = gateway_core::units::parse_duration(&value())
+                    .unwrap_or_else(|e| usage(&format!("--renew-life: {e}")))
+            }
             other => usage(&format!("unknown flag {other}")),
         }
     }
@@ -114,10 +156,13 @@ fn args() -> Args {
 }
 
 /// A simulated box's config, as a real one would read.
+/// Every box declares the channel (so one template fits all); only the
+/// `--channel-share` run its buffer, sync and producer.
 fn config_text(a: &Args, id: &str, dir: &Path) -> String {
     let hubs: Vec<String> = a.hubs.iter().map(|h| format!("\"{h}\"")).collect();
+    let channel = "\n[[channel]]\nname = \"readings\"\nzone = \"lab\"\nformats = [\"json\"]\nmax_bytes = \"16MiB\"\n";
     format!(
-        "[node]\nid = \"{id}\"\nrole = \"edge\"\nstate_dir = \"{state}\"\n\n[[zone]]\nname = \"lab\"\nkind = \"legacy\"\nclassified = false\nlevel = 2\nnetworks = [\"10.99.0.0/16\"]\nassessment = {{ id = \"SIM-1\", valid_until = 2099-12-31 }}\n\n[[zone]]\nname = \"extranet\"\nkind = \"extranet\"\nlevel = 2\nnetworks = [\"127.0.0.0/24\"]\n\n[uplink]\nhubs = [{hubs}]\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\nheartbeat = \"{hb}\"\nconfig_try = \"60s\"\n",
+        "[node]\nid = \"{id}\"\nrole = \"edge\"\nstate_dir = \"{state}\"\n\n[[zone]]\nname = \"lab\"\nkind = \"legacy\"\nclassified = false\nlevel = 2\nnetworks = [\"10.99.0.0/16\"]\nassessment = {{ id = \"SIM-1\", valid_until = 2099-12-31 }}\n\n[[zone]]\nname = \"extranet\"\nkind = \"extranet\"\nlevel = 2\nnetworks = [\"127.0.0.0/24\"]\n\n[uplink]\nhubs = [{hubs}]\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\nheartbeat = \"{hb}\"\nconfig_try = \"60s\"\n{channel}",
         state = dir.display(),
         hubs = hubs.join(", "),
         ca = a.ca_dir.join("ca.pem").display(),
@@ -165,19 +210,37 @@ impl Handler for SimHandler {
 struct Sim {
     hubs: Arc<Hubs>,
     fleet: Arc<EdgeFleet>,
+    /// Its channel's buffer, for a box with one.
+    buffer: Option<BufferHandle>,
+    /// The certificate's end at start (a renewal moves it).
+    started_not_after: Option<i64>,
 }
 
-/// Starts box `id`: its certificate (made once), its tunnels, its applier.
+/// Channel records made by the simulated producers.
+static MADE: AtomicU64 = AtomicU64::new(0);
+
+/// Starts box `id`: its certificate (made once, or afresh with a short life
+/// for a box that is to renew), its tunnels, its applier, its channel.
 async fn start(a: &Args, id: &str, pool: &[quinn::Endpoint], n: usize) -> Result<Sim, String> {
     let dir = a.dir.join(id);
     let cert = dir.join(format!("{id}.pem"));
-    if !cert.exists() {
-        let (ca, id2, d2) = (a.ca_dir.clone(), id.to_owned(), dir.clone());
-        tokio::task::spawn_blocking(move || pki::issue(&ca, &id2, &[], 30, &d2))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
+    let renews = among(n, a.renew_share);
+    if renews || !cert.exists() {
+        let _ = std::fs::remove_file(&cert);
+        let _ = std::fs::remove_file(dir.join(format!("{id}.key")));
+        let (ca, id2, d2, life) = (a.ca_dir.clone(), id.to_owned(), dir.clone(), a.renew_life);
+        tokio::task::spawn_blocking(move || {
+            if renews {
+                pki::issue_for(&ca, &id2, life, &d2)
+            } else {
+                pki::issue(&ca, &id2, &[], 30, &d2)
+            }
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
     }
+    let channel = among(n, a.channel_share);
     let text = config_text(a, id, &dir);
     let checked = gateway_core::check::load(&text, gateway_daemon::node::clock::today_local());
     let config = checked.config.ok_or_else(|| {
@@ -203,6 +266,14 @@ async fn start(a: &Args, id: &str, pool: &[quinn::Endpoint], n: usize) -> Result
     let (req_tx, mut req_rx) = mpsc::channel::<Request>(4);
     let fleet = EdgeFleet::new(&config, client.clone(), (0, text), req_tx).ok_or("not an edge")?;
     let slots = Hubs::new(&hubs, 1);
+    let buffer = if channel {
+        let b = BufferHandle::start(&dir).map_err(|e| format!("{id}: buffer: {e}"))?;
+        tokio::spawn(edge_sync::supervise(ctx.clone(), slots.clone(), b.clone()));
+        tokio::spawn(produce(b.clone(), id.to_owned(), a.channel_every));
+        Some(b)
+    } else {
+        None
+    };
     for (i, hub) in hubs.iter().enumerate() {
         let spec = TunnelSpec {
             hubs: slots.clone(),
@@ -259,7 +330,39 @@ async fn start(a: &Args, id: &str, pool: &[quinn::Endpoint], n: usize) -> Result
             }
         }
     });
-    Ok(Sim { hubs: slots, fleet })
+    let started_not_after = fleet.validity().map(|v| v.1);
+    Ok(Sim {
+        hubs: slots,
+        fleet,
+        buffer,
+        started_not_after,
+    })
+}
+
+/// A legacy application writing a reading every `every` (the first at a
+/// random point of the interval, so producers do not beat together).
+async fn produce(buffer: BufferHandle, id: String, every: Duration) {
+    tokio::time::sleep(every.mul_f64(rand::random::<f64>())).await;
+    let mut tick = tokio::time::interval(every);
+    let mut n = 0u64;
+    loop {
+        tick.tick().await;
+        n += 1;
+        let body = format!("{{\"device\":\"{id}\",\"n\":{n},\"value\":{}}}", n % 97);
+        let record = NewRecord {
+            format: "json".into(),
+            body: body.into_bytes(),
+        };
+        match buffer
+            .append("readings", vec![record], 16 << 20, WhenFull::Reject)
+            .await
+        {
+            Ok(_) => {
+                MADE.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => eprintln!("{id}: a reading was refused: {e}"),
+        }
+    }
 }
 
 fn main() {
@@ -297,8 +400,23 @@ async fn run(a: Args) {
     );
     let hubs = a.hubs.len();
     let mut tick = tokio::time::interval(a.every);
+    let mut waiting = 0u64;
+    let mut counted = Instant::now() - Duration::from_secs(60);
     loop {
         tick.tick().await;
+        if counted.elapsed() >= Duration::from_secs(5) {
+            counted = Instant::now();
+            waiting = 0;
+            for (_, s) in &sims {
+                if let Some(b) = &s.buffer {
+                    waiting += b.backlog("readings").await.map_or(0, |b| b.records);
+                }
+            }
+        }
+        let renewed = sims
+            .iter()
+            .filter(|(_, s)| s.fleet.validity().map(|v| v.1) != s.started_not_after)
+            .count();
         let mut per_hub = vec![0usize; hubs];
         let mut all = 0usize;
         let mut versions: BTreeMap<u64, usize> = BTreeMap::new();
@@ -322,6 +440,9 @@ async fn run(a: Args) {
             "up_all": all,
             "versions": versions,
             "watch_up": watched,
+            "records_made": MADE.load(Ordering::Relaxed),
+            "records_waiting": waiting,
+            "renewed": renewed,
         });
         println!("{line}");
     }

@@ -248,6 +248,11 @@ pub trait Registry: Send + Sync {
     fn applied(&self, device: String) -> RegistryFuture<'_, Option<(u64, String)>>;
     /// Records what a device runs and its last result.
     fn set_applied(&self, report: AppliedReport) -> RegistryFuture<'_, ()>;
+    /// A device connected running `version` with `text`: records it (its
+    /// last result kept while it speaks of `version`, else `connected`) and
+    /// answers the result it had before and the newest pushed version, in
+    /// three statements (each box does this at every connection).
+    fn config_connected(&self, c: ConfigConnected) -> RegistryFuture<'_, ConfigSeen>;
     /// Every device the hub knows, by id.
     fn devices(&self) -> RegistryFuture<'_, Vec<DeviceRow>>;
     /// One device.
@@ -725,6 +730,37 @@ pub struct ConfigPush {
     pub by: String,
     /// When, Unix ms.
     pub now_ms: i64,
+}
+
+/// A device's config as it connected ([`Registry::config_connected`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigConnected {
+    /// The device.
+    pub device: String,
+    /// The version in force.
+    pub version: u64,
+    /// Its text.
+    pub text: String,
+    /// When, Unix ms.
+    pub now_ms: i64,
+}
+
+/// What the registry held of a device's config when it connected.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ConfigSeen {
+    /// The version it ran before and the result of the last offer (JSON).
+    pub before: Option<(u64, String)>,
+    /// The newest version pushed to it, and its text.
+    pub desired: Option<(u64, String)>,
+}
+
+/// The result kept when a device connects running `version`: the last one
+/// while it speaks of that version (a refusal or a revert), else
+/// `connected`.
+pub fn result_on_connect(before: Option<&(u64, String)>, version: u64) -> String {
+    before
+        .filter(|(v, _)| *v == version)
+        .map_or_else(|| "{\"outcome\":\"connected\"}".to_owned(), |b| b.1.clone())
 }
 
 /// What a device reported running, and the result of the last offer (JSON).

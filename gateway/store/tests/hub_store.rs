@@ -751,6 +751,70 @@ async fn collected_audit_suite(a: &dyn Registry, b: &dyn Registry) {
     );
 }
 
+/// A box connecting: what it runs is recorded, its last result kept while it
+/// speaks of that version, and the newest push answered, at either hub.
+async fn connected_suite(a: &dyn Registry, b: &dyn Registry) {
+    use gateway_store::registry::{AppliedReport, ConfigConnected};
+    let connected = |version: u64, text: &str, now_ms: i64| ConfigConnected {
+        device: "e9".into(),
+        version,
+        text: text.into(),
+        now_ms,
+    };
+    let seen = a
+        .config_connected(connected(0, "own", 1))
+        .await
+        .expect("first");
+    assert_eq!((seen.before, seen.desired), (None, None));
+    let v = b
+        .push_config(ConfigPush {
+            device: "e9".into(),
+            text: "pushed".into(),
+            by: "ops".into(),
+            now_ms: 2,
+        })
+        .await
+        .expect("push");
+    let reverted = format!("{{\"offered\":{v},\"outcome\":\"reverted\"}}");
+    a.set_applied(AppliedReport {
+        device: "e9".into(),
+        version: 0,
+        text: None,
+        result: reverted.clone(),
+        now_ms: 3,
+    })
+    .await
+    .expect("result");
+    let seen = b
+        .config_connected(connected(0, "own", 4))
+        .await
+        .expect("again");
+    assert_eq!(seen.before, Some((0, reverted.clone())));
+    assert_eq!(seen.desired, Some((v, "pushed".to_owned())));
+    let row = a.device("e9".into()).await.expect("row").expect("known");
+    assert_eq!(row.applied.map(|x| (x.0, x.1)), Some((0, reverted)), "kept");
+    // Running the pushed version now: the revert no longer speaks of it.
+    b.config_connected(connected(v, "pushed", 5))
+        .await
+        .expect("on v");
+    let row = a.device("e9".into()).await.expect("row").expect("known");
+    let applied = row.applied.expect("applied");
+    assert_eq!(
+        (applied.0, applied.1.as_str()),
+        (v, "{\"outcome\":\"connected\"}")
+    );
+    assert_eq!(
+        a.applied("e9".into()).await.expect("text"),
+        Some((v, "pushed".to_owned()))
+    );
+}
+
+#[tokio::test]
+async fn the_sqlite_registry_records_a_box_connecting() {
+    let (_dir, a, b) = two_hubs(|d| SqliteRegistry::open(d).expect("open"));
+    connected_suite(&a, &b).await;
+}
+
 #[tokio::test]
 async fn the_sqlite_registry_collects_audit_coalesced() {
     let (_dir, a, b) = two_hubs(|d| SqliteRegistry::open(d).expect("open"));
@@ -1123,6 +1187,8 @@ mod postgres {
         province_suite(&PgRegistry::new(a), &PgRegistry::new(b)).await;
         let (a, b) = on(&c, "collect").await;
         collected_audit_suite(&PgRegistry::new(a), &PgRegistry::new(b)).await;
+        let (a, b) = on(&c, "connect").await;
+        connected_suite(&PgRegistry::new(a), &PgRegistry::new(b)).await;
     }
 
     #[tokio::test]

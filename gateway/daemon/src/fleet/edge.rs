@@ -107,6 +107,11 @@ impl EdgeFleet {
         *lock(&self.report) = Some(m);
     }
 
+    /// Replaces the result kept for the next control session; the one before.
+    pub fn replace_report(&self, m: Option<Message>) -> Option<Message> {
+        std::mem::replace(&mut *lock(&self.report), m)
+    }
+
     /// The heartbeat interval of the config in force.
     fn heartbeat_now(&self, ctx: &Ctx) -> Duration {
         match &ctx.policy().config().role {
@@ -529,8 +534,14 @@ mod tests {
         assert_eq!(b.fleet.applied().0, 0);
         assert!(a.deadline().is_none());
 
-        // Applied, on trial, then confirmed.
-        let r = a.apply(&b.fleet, &b.config, 1, &v1, |_| Ok(()));
+        // Applied, on trial, then confirmed. A tunnel the reload opens starts
+        // its session at once: it must already report the new version, on
+        // trial (CI caught a session reporting the old one).
+        let r = a.apply(&b.fleet, &b.config, 1, &v1, |_| {
+            assert_eq!(b.fleet.applied().0, 1, "said before the reload");
+            assert!(b.fleet.trying.load(std::sync::atomic::Ordering::Relaxed));
+            Ok(())
+        });
         assert_eq!(outcome(&r), (&ConfigOutcome::Applied, 1));
         assert!(a.deadline().is_some());
         assert_eq!(load_managed(&state), Some((1, v1.clone(), true)));
@@ -545,15 +556,27 @@ mod tests {
         let mut reloaded = None;
         a.revert(&b.fleet, &state, |c| {
             reloaded = Some(c.admin.listen.port());
+            // A session starting now reports the revert, then version 1.
+            assert_eq!(b.fleet.applied().0, 1, "said before the reload");
+            assert!(lock(&b.fleet.report).is_some(), "the revert goes first");
             Ok(())
         });
         assert_eq!(reloaded, Some(9601));
         assert_eq!(b.fleet.applied(), (1, v1.clone()));
-        assert_eq!(load_managed(&state), Some((1, v1, false)));
+        assert_eq!(load_managed(&state), Some((1, v1.clone(), false)));
         let report = lock(&b.fleet.report).take().expect("report");
         assert!(matches!(
             outcome(&report),
             (ConfigOutcome::Reverted { tried: 2, .. }, 1)
         ));
+
+        // A revert whose reload fails leaves the tried version said, and no
+        // report of a revert that did not happen.
+        let v3 = v1.replace("9601", "9603");
+        let r = a.apply(&b.fleet, &b.config, 3, &v3, |_| Ok(()));
+        assert_eq!(outcome(&r), (&ConfigOutcome::Applied, 3));
+        a.revert(&b.fleet, &state, |_| Err("cannot bind".into()));
+        assert_eq!(b.fleet.applied(), (3, v3));
+        assert!(lock(&b.fleet.report).is_none());
     }
 }

@@ -11,8 +11,8 @@ use gateway_core::fleet::{
     self, CommandKind, ConfigOutcome, EnrollAnswer, EnrollRequest, Message, Secret,
 };
 use gateway_store::registry::{
-    Admission, AppliedReport, Change, ChangeKind, ConfigPush, Enrollment, Heartbeat, Registry,
-    RegistryError, Renewal,
+    Admission, AppliedReport, Change, ChangeKind, ConfigConnected, ConfigPush, Enrollment,
+    Heartbeat, Registry, RegistryError, Renewal,
 };
 use tokio::sync::{mpsc, oneshot};
 use tracing::{Instrument, debug, error, info, info_span, warn};
@@ -689,40 +689,29 @@ impl Fleet {
                 );
             }
             Message::ConfigState { version, text } => {
-                let offer = async {
-                    let known = self.reg.device(d.clone()).await?;
-                    // The last result stays while the version in force is
-                    // the one it speaks of (a refusal or a revert).
-                    let result = known
-                        .as_ref()
-                        .and_then(|k| k.applied.clone())
-                        .filter(|(v, _, _)| *v == version)
-                        .map_or_else(|| "{\"outcome\":\"connected\"}".to_owned(), |a| a.1);
-                    self.reg
-                        .set_applied(AppliedReport {
-                            device: d.clone(),
-                            version,
-                            text: Some(text),
-                            result,
-                            now_ms: now_ms(),
-                        })
-                        .await?;
-                    let desired = self.reg.desired(d).await?;
-                    // Offer what is newer, unless the edge already refused
-                    // or reverted exactly that version.
-                    let refused = known
-                        .and_then(|k| k.applied)
-                        .and_then(|(_, result, _)| {
+                let seen = self
+                    .reg
+                    .config_connected(ConfigConnected {
+                        device: d,
+                        version,
+                        text,
+                        now_ms: now_ms(),
+                    })
+                    .await;
+                // Offer what is newer, unless the edge already refused or
+                // reverted exactly that version.
+                let offer = seen.ok().and_then(|seen| {
+                    let refused = seen
+                        .before
+                        .and_then(|(_, result)| {
                             serde_json::from_str::<serde_json::Value>(&result).ok()
                         })
                         .filter(|v| v["outcome"] != "applied" && v["outcome"] != "connected")
                         .and_then(|v| v["offered"].as_u64());
-                    Ok::<_, RegistryError>(
-                        desired.filter(|(v, _)| *v > version && Some(*v) != refused),
-                    )
-                }
-                .await;
-                if let Ok(Some((version, text))) = offer {
+                    seen.desired
+                        .filter(|(v, _)| *v > version && Some(*v) != refused)
+                });
+                if let Some((version, text)) = offer {
                     info!(version, "Offering the desired config");
                     lock(&self.offered).insert(device.to_owned(), version);
                     let _ = tx.send(Message::ConfigOffer { version, text });

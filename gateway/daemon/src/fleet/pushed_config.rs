@@ -169,8 +169,14 @@ impl Applier {
         ) {
             return refuse(vec![format!("cannot store it: {e}")]);
         }
+        // What the box runs is said before the reload: an uplink change opens
+        // new tunnels at once, and their sessions report it at their start.
+        fleet.set_applied(version, text.to_owned());
+        fleet.set_trying(true);
         if let Err(e) = reload(config) {
-            // Put the files back as they were.
+            // Put the files and the state back as they were.
+            fleet.set_applied(applied, applied_text.clone());
+            fleet.set_trying(self.trying.is_some());
             let _ = save_managed(
                 &current.node.state_dir,
                 (applied, &applied_text),
@@ -179,8 +185,6 @@ impl Applier {
             );
             return refuse(vec![e]);
         }
-        fleet.set_applied(version, text.to_owned());
-        fleet.set_trying(true);
         // The new config's own try window applies to it.
         if let Some(w) = window {
             self.window = w;
@@ -237,20 +241,31 @@ impl Applier {
             back_to = good,
             "{reason}: reverting to the last good config"
         );
-        let outcome = check_text(&text, "last good config")
-            .map_err(|e| e.join("; "))
-            .and_then(reload);
-        match outcome {
+        let config = match check_text(&text, "last good config") {
+            Ok(c) => c,
+            Err(e) => {
+                error!(errors = %e.join("; "), "Reverting failed: the last good config does not check; the tried config stays in force");
+                return;
+            }
+        };
+        // Said before the reload: the tunnels it opens report at their start
+        // what the box runs, and the revert goes first.
+        let tried_state = fleet.applied();
+        fleet.set_applied(good, text.clone());
+        let before = fleet.replace_report(Some(Message::ConfigResult {
+            offered: tried,
+            applied: good,
+            outcome: ConfigOutcome::Reverted { tried, reason },
+        }));
+        match reload(config) {
             Ok(()) => {
                 let _ = save_managed(state_dir, (good, &text), (good, &text), false);
-                fleet.set_applied(good, text);
-                fleet.report_later(Message::ConfigResult {
-                    offered: tried,
-                    applied: good,
-                    outcome: ConfigOutcome::Reverted { tried, reason },
-                });
             }
-            Err(e) => error!(%e, "Reverting failed; the tried config stays in force"),
+            Err(e) => {
+                fleet.set_applied(tried_state.0, tried_state.1);
+                fleet.replace_report(before);
+                error!(%e, "Reverting failed; the tried config stays in force");
+            }
         }
     }
 }

@@ -10,6 +10,7 @@ use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
@@ -122,6 +123,37 @@ pub fn issue(
     days: u32,
     out: &Path,
 ) -> Result<Vec<PathBuf>, PkiError> {
+    let ((y0, m0, d0), (y1, m1, d1)) = (ymd(-1), ymd(i64::from(days)));
+    let valid = (
+        rcgen::date_time_ymd(y0, m0, d0),
+        rcgen::date_time_ymd(y1, m1, d1),
+    );
+    issue_valid(ca_dir, id, sans, valid, out)
+}
+
+/// [`issue`] for a certificate valid from a minute ago for `lifetime` from
+/// now: short-lived ones, for tests and the fleet simulator's renewals.
+///
+/// # Errors
+/// As [`issue`].
+pub fn issue_for(
+    ca_dir: &Path,
+    id: &str,
+    lifetime: Duration,
+    out: &Path,
+) -> Result<Vec<PathBuf>, PkiError> {
+    let now = time::OffsetDateTime::now_utc();
+    let valid = (now - time::Duration::MINUTE, now + lifetime);
+    issue_valid(ca_dir, id, &[], valid, out)
+}
+
+fn issue_valid(
+    ca_dir: &Path,
+    id: &str,
+    sans: &[String],
+    (not_before, not_after): (time::OffsetDateTime, time::OffsetDateTime),
+    out: &Path,
+) -> Result<Vec<PathBuf>, PkiError> {
     gateway_core::units::check_name("device", id)
         .map_err(|e| PkiError::BadName(format!("--id: {}; {}", e.message, e.hint)))?;
     let (ca_cert_path, ca_key_path) = (ca_dir.join("ca.pem"), ca_dir.join("ca.key"));
@@ -150,9 +182,8 @@ pub fn issue(
         ExtendedKeyUsagePurpose::ServerAuth,
         ExtendedKeyUsagePurpose::ClientAuth,
     ];
-    let ((y0, m0, d0), (y1, m1, d1)) = (ymd(-1), ymd(i64::from(days)));
-    p.not_before = rcgen::date_time_ymd(y0, m0, d0);
-    p.not_after = rcgen::date_time_ymd(y1, m1, d1);
+    p.not_before = not_before;
+    p.not_after = not_after;
     let key = KeyPair::generate()?;
     let cert = p.signed_by(&key, &issuer)?;
     std::fs::create_dir_all(out).map_err(io(out))?;

@@ -18,11 +18,11 @@ use tokio_postgres::types::ToSql;
 
 use super::{Pg, changes};
 use crate::registry::{
-    Admission, AlarmQuery, AlarmRow, AppliedReport, AuditExport, Change, ChangeKind, ConfigPush,
-    ConsumerRow, DeviceRow, DeviceState, DevicesPage, Enrollment, Heartbeat, LabelChange,
-    NewAccount, NewConsumer, NewRollout, NewTemplate, NewToken, Registry, RegistryError,
-    RegistryFuture, Renewal, RolloutRow, RolloutUpdate, SignCertificate, TemplateRow, VarsChange,
-    apply_labels, continue_chain,
+    Admission, AlarmQuery, AlarmRow, AppliedReport, AuditExport, Change, ChangeKind,
+    ConfigConnected, ConfigPush, ConfigSeen, ConsumerRow, DeviceRow, DeviceState, DevicesPage,
+    Enrollment, Heartbeat, LabelChange, NewAccount, NewConsumer, NewRollout, NewTemplate, NewToken,
+    Registry, RegistryError, RegistryFuture, Renewal, RolloutRow, RolloutUpdate, SignCertificate,
+    TemplateRow, VarsChange, apply_labels, continue_chain,
 };
 
 /// The registry of hubs sharing one PostgreSQL database.
@@ -851,6 +851,31 @@ impl Registry for PgRegistry {
             )
             .await?
             .map(|r| (u64_of(r.get(0)), r.get(1))))
+        })
+    }
+
+    fn config_connected(&self, c: ConfigConnected) -> RegistryFuture<'_, ConfigSeen> {
+        Box::pin(async move {
+            let client = self.pg.client().await?;
+            // One device's rows; a box has one management session per hub,
+            // and the last writer's row is what it reported last.
+            let before = client
+                .query_opt(
+                    "SELECT applied, result FROM config_state WHERE device = $1",
+                    &[&c.device],
+                )
+                .await?
+                .map(|r| (u64_of(r.get(0)), r.get::<_, String>(1)));
+            let result = crate::registry::result_on_connect(before.as_ref(), c.version);
+            client
+                .execute(
+                    "INSERT INTO config_state (device, applied, text, result, result_ms) VALUES ($1, $2, $3, $4, $5)
+                     ON CONFLICT (device) DO UPDATE SET applied = $2, text = $3, result = $4, result_ms = $5",
+                    &[&c.device, &i64_of(c.version), &c.text, &result, &c.now_ms],
+                )
+                .await?;
+            let desired = desired(&client, &c.device).await?;
+            Ok(ConfigSeen { before, desired })
         })
     }
 

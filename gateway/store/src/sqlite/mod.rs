@@ -25,10 +25,10 @@ use crate::error::{StoreError, StoreFuture};
 use gateway_core::detect::Alarm;
 
 use crate::registry::{
-    Admission, AlarmQuery, AlarmRow, AppliedReport, AuditExport, Change, ConfigPush, ConsumerRow,
-    DeviceRow, DevicesPage, Enrollment, LabelChange, NewAccount, NewConsumer, NewRollout,
-    NewTemplate, NewToken, Registry, RegistryError, RegistryFuture, Renewal, RolloutRow,
-    RolloutUpdate, SignCertificate, TemplateRow, VarsChange,
+    Admission, AlarmQuery, AlarmRow, AppliedReport, AuditExport, Change, ConfigConnected,
+    ConfigPush, ConfigSeen, ConsumerRow, DeviceRow, DevicesPage, Enrollment, LabelChange,
+    NewAccount, NewConsumer, NewRollout, NewTemplate, NewToken, Registry, RegistryError,
+    RegistryFuture, Renewal, RolloutRow, RolloutUpdate, SignCertificate, TemplateRow, VarsChange,
 };
 use crate::sink::{Acked, Committed, Expired, Grant, Sink, SinkBatch, Stored, Stream, StreamKey};
 
@@ -280,6 +280,10 @@ impl Registry for Blocking<SqliteRegistry> {
 
     fn devices(&self) -> RegistryFuture<'_, Vec<DeviceRow>> {
         self.run(|r| r.devices())
+    }
+
+    fn config_connected(&self, c: ConfigConnected) -> RegistryFuture<'_, ConfigSeen> {
+        self.run(move |r| r.config_connected(&c))
     }
 
     fn device(&self, id: String) -> RegistryFuture<'_, Option<DeviceRow>> {

@@ -760,6 +760,41 @@ impl SqliteRegistry {
             .optional()?)
     }
 
+    /// See `Registry::config_connected`.
+    ///
+    /// # Errors
+    /// SQLite.
+    pub fn config_connected(
+        &mut self,
+        c: &crate::registry::ConfigConnected,
+    ) -> Result<crate::registry::ConfigSeen, RegistryError> {
+        let tx = self
+            .db
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let before: Option<(u64, String)> = tx
+            .query_row(
+                "SELECT applied, result FROM config_state WHERE device = ?1",
+                [&c.device],
+                |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)),
+            )
+            .optional()?;
+        let result = crate::registry::result_on_connect(before.as_ref(), c.version);
+        tx.execute(
+            "INSERT INTO config_state (device, applied, text, result, result_ms) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (device) DO UPDATE SET applied = ?2, text = ?3, result = ?4, result_ms = ?5",
+            params![c.device, c.version as i64, c.text, result, c.now_ms],
+        )?;
+        let desired = tx
+            .query_row(
+                "SELECT version, text FROM config WHERE device = ?1 ORDER BY version DESC LIMIT 1",
+                [&c.device],
+                |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)),
+            )
+            .optional()?;
+        tx.commit()?;
+        Ok(crate::registry::ConfigSeen { before, desired })
+    }
+
     /// Records what `device` runs (`text` empty: keep the text known).
     ///
     /// # Errors
