@@ -9,8 +9,9 @@
 //! `readings`, on the real durable buffer (a SQLite file in its directory)
 //! and channel sync, with a producer adding a record every
 //! `--channel-every`; a share (`--renew-share`) starts on a certificate
-//! issued for `--renew-life` only, so it renews over its control session
-//! while the simulation runs. Only the relays are missing: a simulated box
+//! with `--renew-left` of its life left and two thirds of it past, so it
+//! renews over its control session as soon as it is connected (a fleet
+//! enrolled together renews together). Only the relays are missing: a simulated box
 //! publishes nothing.
 //!
 //! ```text
@@ -61,7 +62,7 @@ struct Args {
     channel_share: f64,
     channel_every: Duration,
     renew_share: f64,
-    renew_life: Duration,
+    renew_left: Duration,
 }
 
 /// Whether box `n` is among `share` of them, spread evenly.
@@ -72,7 +73,7 @@ fn among(n: usize, share: f64) -> bool {
 
 fn usage(why: &str) -> ! {
     eprintln!(
-        "error: {why}\nusage: fleet_sim --ca-dir DIR --dir DIR --hub HOST:PORT [--hub ...] --edges N [--prefix sim-] [--heartbeat 10s] [--every 1s] [--watch ID] [--endpoints 32] [--start-rate 500] [--channel-share 0.1] [--channel-every 5s] [--renew-share 0.05] [--renew-life 6m]"
+        "error: {why}\nusage: fleet_sim --ca-dir DIR --dir DIR --hub HOST:PORT [--hub ...] --edges N [--prefix sim-] [--heartbeat 10s] [--every 1s] [--watch ID] [--endpoints 32] [--start-rate 500] [--channel-share 0.1] [--channel-every 5s] [--renew-share 0.05] [--renew-left 5m]"
     );
     std::process::exit(2)
 }
@@ -92,7 +93,7 @@ fn args() -> Args {
         channel_share: 0.1,
         channel_every: Duration::from_secs(5),
         renew_share: 0.05,
-        renew_life: Duration::from_secs(360),
+        renew_left: Duration::from_secs(300),
     };
     let share = |flag: &str, v: String| -> f64 {
         match v.parse::<f64>() {
@@ -138,9 +139,9 @@ fn args() -> Args {
                     .unwrap_or_else(|e| usage(&format!("--channel-every: {e}")))
             }
             "--renew-share" => a.renew_share = share("--renew-share", value()),
-            "--renew-life" => {
-                a.renew_life = gateway_core::units::parse_duration(&value())
-                    .unwrap_or_else(|e| usage(&format!("--renew-life: {e}")))
+            "--renew-left" => {
+                a.renew_left = gateway_core::units::parse_duration(&value())
+                    .unwrap_or_else(|e| usage(&format!("--renew-left: {e}")))
             }
             other => usage(&format!("unknown flag {other}")),
         }
@@ -228,10 +229,11 @@ async fn start(a: &Args, id: &str, pool: &[quinn::Endpoint], n: usize) -> Result
     if renews || !cert.exists() {
         let _ = std::fs::remove_file(&cert);
         let _ = std::fs::remove_file(dir.join(format!("{id}.key")));
-        let (ca, id2, d2, life) = (a.ca_dir.clone(), id.to_owned(), dir.clone(), a.renew_life);
+        let (ca, id2, d2, left) = (a.ca_dir.clone(), id.to_owned(), dir.clone(), a.renew_left);
         tokio::task::spawn_blocking(move || {
             if renews {
-                pki::issue_for(&ca, &id2, life, &d2)
+                // Two thirds of its life (and the jitter's tenth) past.
+                pki::issue_for(&ca, &id2, (left * 3, left), &d2)
             } else {
                 pki::issue(&ca, &id2, &[], 30, &d2)
             }

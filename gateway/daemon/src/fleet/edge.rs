@@ -53,6 +53,37 @@ pub struct EdgeFleet {
     validity: Mutex<Option<(i64, i64)>>,
     /// A pushed config is in its try window.
     trying: std::sync::atomic::AtomicBool,
+    /// A renewal is in flight on one of the hubs' sessions: one at a time,
+    /// or two hubs each record a new certificate and the box may keep the
+    /// one the registry no longer knows (then every hub refuses it).
+    renewal: std::sync::atomic::AtomicBool,
+}
+
+/// A session's claim on the box's one renewal in flight; given back when
+/// dropped (answered, or the session ended or was aborted).
+struct RenewalClaim(Arc<EdgeFleet>);
+
+impl RenewalClaim {
+    fn take(fleet: &Arc<EdgeFleet>) -> Option<Self> {
+        fleet
+            .renewal
+            .compare_exchange(
+                false,
+                true,
+                std::sync::atomic::Ordering::AcqRel,
+                std::sync::atomic::Ordering::Acquire,
+            )
+            .ok()
+            .map(|_| RenewalClaim(fleet.clone()))
+    }
+}
+
+impl Drop for RenewalClaim {
+    fn drop(&mut self) {
+        self.0
+            .renewal
+            .store(false, std::sync::atomic::Ordering::Release);
+    }
 }
 
 impl EdgeFleet {
@@ -82,6 +113,7 @@ impl EdgeFleet {
             requests,
             validity: Mutex::new(validity),
             trying: std::sync::atomic::AtomicBool::new(false),
+            renewal: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -209,7 +241,7 @@ pub async fn session(
     let mut cursor: Option<u64> = None;
     let audit = Arc::new(Mutex::new(None::<gateway_store::audit::AuditLog>));
     let jitter = rand::random::<f64>();
-    let mut renewing: Option<String> = None;
+    let mut renewing: Option<(String, RenewalClaim)> = None;
     let mut renew_at = renew_deadline(&fleet, jitter);
     loop {
         tokio::select! {
@@ -247,6 +279,18 @@ pub async fn session(
                 }
             }
             () = sleep_until(renew_at), if renewing.is_none() && renew_at.is_some() => {
+                // The session with another hub may have renewed meanwhile:
+                // due again only by the certificate in force now.
+                let due = renew_deadline(&fleet, jitter);
+                if due.is_some_and(|d| d > Instant::now() + Duration::from_secs(1)) {
+                    renew_at = due;
+                    continue;
+                }
+                let Some(claim) = RenewalClaim::take(&fleet) else {
+                    // Another hub's session is renewing: look again later.
+                    renew_at = Some(Instant::now() + Duration::from_secs(20));
+                    continue;
+                };
                 let id = ctx.id.clone();
                 match tokio::task::spawn_blocking(move || pki::new_request(&id)).await {
                     Ok(Ok((key_pem, csr_pem))) => {
@@ -254,7 +298,7 @@ pub async fn session(
                         if write_msg(&mut send, &Message::Renew { csr_pem }).await.is_err() {
                             break;
                         }
-                        renewing = Some(key_pem);
+                        renewing = Some((key_pem, claim));
                     }
                     _ => {
                         error!("Cannot make a key for renewal");
@@ -267,7 +311,11 @@ pub async fn session(
                 match m {
                     Message::AuditCursor { next_seq } => cursor = Some(next_seq),
                     Message::Renewed { cert_pem } => {
-                        let key = renewing.take().unwrap_or_default();
+                        // The claim is given back once this is installed.
+                        let Some((key, _claim)) = renewing.take() else {
+                            warn!("A renewed certificate nobody asked for; ignored");
+                            continue;
+                        };
                         match fleet.install(&ctx, &key, &cert_pem) {
                             Ok((_, not_after)) => {
                                 ctx.metrics.renewal(true);

@@ -131,19 +131,20 @@ pub fn issue(
     issue_valid(ca_dir, id, sans, valid, out)
 }
 
-/// [`issue`] for a certificate valid from a minute ago for `lifetime` from
-/// now: short-lived ones, for tests and the fleet simulator's renewals.
+/// [`issue`] for a certificate valid from `since` ago until `left` from
+/// now: short-lived ones, or ones already due for renewal, for tests and the
+/// fleet simulator.
 ///
 /// # Errors
 /// As [`issue`].
 pub fn issue_for(
     ca_dir: &Path,
     id: &str,
-    lifetime: Duration,
+    (since, left): (Duration, Duration),
     out: &Path,
 ) -> Result<Vec<PathBuf>, PkiError> {
     let now = time::OffsetDateTime::now_utc();
-    let valid = (now - time::Duration::MINUTE, now + lifetime);
+    let valid = (now - since, now + left);
     issue_valid(ca_dir, id, &[], valid, out)
 }
 
