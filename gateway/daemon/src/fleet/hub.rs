@@ -77,6 +77,9 @@ pub struct Fleet {
 /// 300 bytes each): past them a box is told to send again later.
 const COLLECTED_PER_DEVICE: usize = 5_000;
 const COLLECTED_ALL: usize = 200_000;
+/// Boxes per collected-audit transaction, and such transactions at once.
+const AUDIT_WRITE_DEVICES: usize = 200;
+const AUDIT_WRITES_AT_ONCE: usize = 6;
 
 /// How often buffered heartbeats are written.
 pub const HEARTBEAT_WRITES: Duration = Duration::from_secs(1);
@@ -867,19 +870,57 @@ impl Fleet {
     pub async fn write_audit(self: Arc<Self>) {
         loop {
             let go = self.ctx.pause(HEARTBEAT_WRITES).await;
-            let batches = lock(&self.collected).take();
+            let mut batches = lock(&self.collected).take();
             if !batches.is_empty() {
-                match self.reg.append_audits(batches.clone()).await {
-                    Ok(results) => {
-                        lock(&self.collected).written();
-                        for ((device, records), result) in batches.iter().zip(results) {
-                            self.stored(device, records, result).await;
-                        }
+                // Transactions of a few hundred boxes, several at once: one
+                // of thousands holds their head rows for seconds, and the
+                // other hubs collecting the same boxes wait on it.
+                batches.sort_by(|a, b| a.0.cmp(&b.0));
+                let mut chunks = Vec::new();
+                let mut all = batches.into_iter();
+                loop {
+                    let chunk: Vec<_> = all.by_ref().take(AUDIT_WRITE_DEVICES).collect();
+                    if chunk.is_empty() {
+                        break;
                     }
-                    Err(e) => {
-                        let n: usize = batches.iter().map(|b| b.1.len()).sum();
-                        warn!(%e, records = n, devices = batches.len(), "Cannot store collected audit; keeping it for the next round");
-                        lock(&self.collected).put_back(batches);
+                    chunks.push(chunk);
+                }
+                let mut writes = tokio::task::JoinSet::new();
+                let mut done = Vec::new();
+                let mut failed = Vec::new();
+                let mut next = chunks.into_iter();
+                loop {
+                    while writes.len() < AUDIT_WRITES_AT_ONCE {
+                        let Some(chunk) = next.next() else { break };
+                        let reg = self.reg.clone();
+                        writes.spawn(async move {
+                            let result = reg.append_audits(chunk.clone()).await;
+                            (chunk, result)
+                        });
+                    }
+                    let Some(joined) = writes.join_next().await else {
+                        break;
+                    };
+                    match joined {
+                        Ok((chunk, Ok(results))) => done.push((chunk, results)),
+                        Ok((chunk, Err(e))) => {
+                            let n: usize = chunk.iter().map(|b| b.1.len()).sum();
+                            warn!(%e, records = n, devices = chunk.len(), "Cannot store collected audit; keeping it for the next round");
+                            failed.extend(chunk);
+                        }
+                        Err(e) => error!(%e, "A collected audit write failed"),
+                    }
+                }
+                {
+                    let mut collected = lock(&self.collected);
+                    collected.written();
+                    if !failed.is_empty() {
+                        collected.put_back(failed);
+                    }
+                }
+                for (chunk, results) in done {
+                    for ((device, records), result) in chunk.iter().zip(results) {
+                        self.stored(device, records, result).await;
                     }
                 }
             }
