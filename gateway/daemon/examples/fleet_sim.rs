@@ -344,8 +344,8 @@ async fn start(a: &Args, id: &str, pool: &[quinn::Endpoint], n: usize) -> Result
 /// A legacy application writing a reading every `every` (the first at a
 /// random point of the interval, so producers do not beat together).
 async fn produce(buffer: BufferHandle, id: String, every: Duration) {
-    tokio::time::sleep(every.mul_f64(rand::random::<f64>())).await;
-    let mut tick = tokio::time::interval(every);
+    let first = tokio::time::Instant::now() + every.mul_f64(rand::random::<f64>());
+    let mut tick = tokio::time::interval_at(first, every);
     let mut n = 0u64;
     loop {
         tick.tick().await;
