@@ -8,14 +8,14 @@
 //! hash (a box resending after a reconnect); any other record under a number
 //! it holds goes on, so the store sees it and calls the break.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
-use super::Record;
+use super::{Hash, Record};
 
 /// Records waiting for the store, per device.
 #[derive(Debug)]
 pub struct Collected {
-    pending: HashMap<String, Vec<Record>>,
+    pending: HashMap<String, Queue>,
     /// The newest record of each device's batch being written now.
     writing: HashMap<String, u64>,
     total: usize,
@@ -59,13 +59,13 @@ impl Collected {
     pub fn add(&mut self, device: &str, records: Vec<Record>) -> Added {
         let room_device = self
             .per_device
-            .saturating_sub(self.pending.get(device).map_or(0, Vec::len));
+            .saturating_sub(self.pending.get(device).map_or(0, |q| q.records.len()));
         let room = room_device.min(self.all.saturating_sub(self.total));
         let mut refused_from = None;
         let mut queued = 0;
         let q = self.pending.entry(device.to_owned()).or_default();
         for r in records {
-            if holds(q, &r) {
+            if q.holds(&r) {
                 continue;
             }
             if queued == room {
@@ -75,7 +75,7 @@ impl Collected {
             q.push(r);
             queued += 1;
         }
-        if q.is_empty() {
+        if q.records.is_empty() {
             self.pending.remove(device);
         }
         self.total += queued;
@@ -88,10 +88,7 @@ impl Collected {
     /// The record `device` should send next as far as this queue knows (what
     /// it holds or is writing), if it holds any.
     pub fn next_after(&self, device: &str) -> Option<u64> {
-        let queued = self
-            .pending
-            .get(device)
-            .and_then(|q| q.iter().map(|r| r.seq).max());
+        let queued = self.pending.get(device).and_then(|q| q.newest);
         let writing = self.writing.get(device).copied();
         queued.max(writing).map(|s| s + 1)
     }
@@ -100,11 +97,14 @@ impl Collected {
     /// being written until [`Collected::written`] or [`Collected::put_back`].
     pub fn take(&mut self) -> Vec<(String, Vec<Record>)> {
         self.total = 0;
-        let batches: Vec<(String, Vec<Record>)> = self.pending.drain().collect();
-        self.writing = batches
-            .iter()
-            .filter_map(|(d, q)| Some((d.clone(), q.iter().map(|r| r.seq).max()?)))
-            .collect();
+        let mut batches = Vec::with_capacity(self.pending.len());
+        self.writing.clear();
+        for (device, q) in self.pending.drain() {
+            if let Some(newest) = q.newest {
+                self.writing.insert(device.clone(), newest);
+            }
+            batches.push((device, q.records));
+        }
         batches
     }
 
@@ -117,30 +117,48 @@ impl Collected {
     /// (copies of the same records taken once).
     pub fn put_back(&mut self, batches: Vec<(String, Vec<Record>)>) {
         self.writing.clear();
-        for (device, mut q) in batches {
+        for (device, records) in batches {
+            let mut q = Queue::default();
+            for r in records {
+                q.push(r);
+            }
             if let Some(since) = self.pending.remove(&device) {
-                self.total -= since.len();
-                for r in since {
-                    if !holds(&q, &r) {
+                self.total -= since.records.len();
+                for r in since.records {
+                    if !q.holds(&r) {
                         q.push(r);
                     }
                 }
             }
-            self.total += q.len();
-            if !q.is_empty() {
+            self.total += q.records.len();
+            if !q.records.is_empty() {
                 self.pending.insert(device, q);
             }
         }
     }
 }
 
-/// Whether `q` holds `r` already: the same number with the same hash.
-fn holds(q: &[Record], r: &Record) -> bool {
-    // Batches arrive in order: look from the newest end.
-    q.iter()
-        .rev()
-        .take_while(|x| x.seq >= r.seq)
-        .any(|x| x.seq == r.seq && x.hash == r.hash)
+/// One device's records waiting, with an index of what it holds, so a check
+/// costs the same whatever order a (possibly hostile) box sends records in.
+#[derive(Debug, Default)]
+struct Queue {
+    records: Vec<Record>,
+    held: HashSet<(u64, Hash)>,
+    newest: Option<u64>,
+}
+
+impl Queue {
+    /// Whether this queue holds `r` already: the same number with the same
+    /// hash.
+    fn holds(&self, r: &Record) -> bool {
+        self.held.contains(&(r.seq, r.hash))
+    }
+
+    fn push(&mut self, r: Record) {
+        self.held.insert((r.seq, r.hash));
+        self.newest = self.newest.max(Some(r.seq));
+        self.records.push(r);
+    }
 }
 
 #[cfg(test)]
@@ -226,6 +244,20 @@ mod tests {
         assert_eq!(q.add("e1", c[..4].to_vec()).refused_from, None);
         q.take();
         assert_eq!(q.add("e1", c[4..].to_vec()).queued, 4);
+    }
+
+    #[test]
+    fn records_sent_newest_first_are_each_checked_once() {
+        // A box sending its numbers falling made the old backward scan
+        // quadratic; every record is still queued, none dropped.
+        let mut c = chain("e1", 5_000);
+        c.reverse();
+        let mut q = Collected::new(5_000, 5_000);
+        assert_eq!(q.add("e1", c.clone()).queued, 5_000);
+        assert_eq!(q.add("e1", c).queued, 0);
+        assert_eq!(q.next_after("e1"), Some(5_001));
+        let taken = q.take();
+        assert_eq!(seqs(&taken, "e1").first(), Some(&5_000));
     }
 
     proptest! {
