@@ -57,8 +57,10 @@ mkdir -p "$W/pg/data" "$W/pg/sock"
 [ "$(id -u)" = 0 ] && chown -R postgres:postgres "$W/pg"
 as_pg "$PGBIN/initdb" -D "$W/pg/data" -U postgres --auth-local=trust -E UTF8 --no-instructions >/dev/null
 as_pg "$PGBIN/pg_ctl" start -D "$W/pg/data" -w -t 60 -l "$W/pg/sock/log" \
-    -o "-k $W/pg/sock -p $PGPORT -c listen_addresses='' -c fsync=on -c synchronous_commit=on -c max_connections=100" >/dev/null
+    -o "-k $W/pg/sock -p $PGPORT -c listen_addresses='' -c fsync=on -c synchronous_commit=on -c max_connections=100 -c shared_preload_libraries=pg_stat_statements" >/dev/null
 "$PGBIN/psql" -h "$W/pg/sock" -p $PGPORT -U postgres -X -q -c "CREATE DATABASE hubs"
+pgq() { "$PGBIN/psql" -h "$W/pg/sock" -p $PGPORT -U postgres -X -q -d hubs -At "$@"; }
+pgq -c "CREATE EXTENSION pg_stat_statements"
 
 # One CA for the hubs and the cached edge certificates.
 if [ ! -f "$CACHE/ca/ca.key" ]; then
@@ -122,6 +124,10 @@ pg_ticks() { # the PostgreSQL server and its backends
     local pm; pm=$(head -n 1 "$W/pg/data/postmaster.pid")
     { echo "$pm"; ps -o pid= --ppid "$pm"; } | while read -r p; do awk '{print $14 + $15}' /proc/$p/stat 2>/dev/null; done | awk '{s += $1} END {print s + 0}'
 }
+udp_drops() { awk '/^Udp:/ && $2 ~ /^[0-9]+$/ {print $6}' /proc/net/snmp; }  # RcvbufErrors, host-wide
+sock_drops() { # PORT: datagrams the kernel dropped on that port's sockets (buffer full)
+    ss -uamnH "sport = :$1" | grep -o 'd[0-9]*)' | tr -d 'd)' | awk '{s += $1} END {print s + 0}'
+}
 rss_kib() { awk '/VmRSS/ {print $2}' /proc/$1/status; }
 last() { tail -n 1 "$W/sim.jsonl"; }
 field() { last | python3 -c "import json,sys; v=json.load(sys.stdin); print(eval(sys.argv[1], {}, v))" "$1"; }
@@ -138,7 +144,7 @@ WATCH=sim-00042
 
 echo "== fleet of $N simulated edges, two hubs on PostgreSQL ($(nproc) cores, $(date -u +%Y-%m-%d))"
 t0=$(now)
-"$SIM" --ca-dir "$CACHE/ca" --dir "$CACHE/edges" --hub 127.0.0.211:17601 --hub 127.0.0.212:17602 \
+RUST_LOG=${SIM_LOG:-warn} "$SIM" --ca-dir "$CACHE/ca" --dir "$CACHE/edges" --hub 127.0.0.211:17601 --hub 127.0.0.212:17602 \
     --edges "$N" --heartbeat 10s --every 250ms --watch $WATCH \
     --channel-share "$CHANNEL_SHARE" --channel-every 5s --renew-share "$RENEW_SHARE" --renew-left 5m \
     > "$W/sim.jsonl" 2>"$W/sim.log" &
@@ -149,11 +155,12 @@ printf 'connect: all %d edges up to both hubs %.1f s after the simulator started
 
 # Steady state.
 sleep 15
-c1a=$(ticks ${HUBPID[1]}); c2a=$(ticks ${HUBPID[2]}); ca=$(ticks $SIMPID); ts=$(now); ma=$(field records_made)
+c1a=$(ticks ${HUBPID[1]}); c2a=$(ticks ${HUBPID[2]}); ca=$(ticks $SIMPID); ts=$(now); ma=$(field records_made); sa=$(udp_drops)
 sleep "$STEADY"
-c1b=$(ticks ${HUBPID[1]}); c2b=$(ticks ${HUBPID[2]}); cb=$(ticks $SIMPID); te=$(now); mb=$(field records_made)
+c1b=$(ticks ${HUBPID[1]}); c2b=$(ticks ${HUBPID[2]}); cb=$(ticks $SIMPID); te=$(now); mb=$(field records_made); sb=$(udp_drops)
 printf 'channels: %s of the edges each add a record every 5 s: %d records in the steady state, %s waiting in the buffers at its end\n' \
     "$CHANNEL_SHARE" "$((mb - ma))" "$(field records_waiting)"
+echo "steady: UDP datagrams dropped for full receive buffers: $((sb - sa)) on the host"
 r1=$(rss_kib ${HUBPID[1]}); r2=$(rss_kib ${HUBPID[2]}); rs=$(rss_kib $SIMPID)
 python3 - "$N" "$ts" "$te" "$c1a" "$c1b" "$c2a" "$c2b" "$ca" "$cb" "$r1" "$r2" "$rs" <<'PY'
 import os, sys
@@ -168,7 +175,7 @@ PY
 # Hub 1 killed and restarted.
 kill -9 "${HUBPID[1]}"; wait "${HUBPID[1]}" 2>/dev/null || true
 wait_for "up[0] == 0" 60
-tr=$(now); c2a=$(ticks ${HUBPID[2]}); ca=$(ticks $SIMPID); pa=$(pg_ticks)
+tr=$(now); c2a=$(ticks ${HUBPID[2]}); ca=$(ticks $SIMPID); pa=$(pg_ticks); ua=$(udp_drops); pgq -c "SELECT pg_stat_statements_reset()" >/dev/null
 start_hub 1
 c1a=$(ticks ${HUBPID[1]})
 n99=$(( (N * 99 + 99) / 100 ))
@@ -185,6 +192,18 @@ parts = [("hub 1", cores(t[0], t[1])), ("hub 2", cores(t[2], t[3])), ("simulator
 print(f"restart CPU over those {d:.0f} s, in cores (of {os.cpu_count()}): " + ", ".join(f"{n} {c:.2f}" for n, c in parts) + f"; all {sum(c for _, c in parts):.2f}")
 PY
 grep -h "handshakes_deferred" <(curl -s 127.0.0.1:17631/metrics) | grep -v '^#' || true
+echo "PostgreSQL's statements meanwhile, by time spent (ms, calls, statement):"
+pgq -F ' ' -c "SELECT round(total_exec_time), calls, left(regexp_replace(query, '\s+', ' ', 'g'), 110)
+    FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT 8"
+echo "UDP datagrams dropped for full receive buffers meanwhile: $(( $(udp_drops) - ua )) on the host, $(sock_drops 17601) of them at hub 1's sockets"
+# Why the edges' attempts failed meanwhile (their first three failures each).
+echo "edges' connect failures logged since the start, by error:"
+grep 'Tunnel connect failed' "$W/sim.log" | sed -e 's/\x1b\[[0-9;]*m//g' -e 's/.*error=\(.*\) failures=.*/\1/' \
+    | sed -e 's/sim-[0-9]*/sim-N/g' | sort | uniq -c | sort -rn | head -n 8 || true
+echo "hub 1's warnings and errors since its restart, by message:"
+sed -e 's/\x1b\[[0-9;]*m//g' "$W/hub1.log" | awk -v t="$(date -u -d @"${tr%.*}" +%Y-%m-%dT%H:%M:%S)" '$1 >= t' \
+    | sed -E -e 's/^[^ ]+ +(WARN|ERROR) [^ ]*: [a-z_:]+: //' -e 's/sim-[0-9]+/sim-N/g' -e 's/ [a-z_]+=.*//' \
+    | sort | uniq -c | sort -rn | head -n 8 || true
 
 # A rollout to all N in four waves.
 # The template is the simulated box's own file with its id as a placeholder.

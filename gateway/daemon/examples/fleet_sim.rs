@@ -369,6 +369,14 @@ async fn produce(buffer: BufferHandle, id: String, every: Duration) {
 
 fn main() {
     let a = args();
+    // The edges' own log lines (why a connect failed, a session ended), to
+    // stderr, as RUST_LOG says; none unless it is set.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
