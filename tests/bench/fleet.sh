@@ -17,6 +17,10 @@
 #   revoke:   one edge revoked at hub 2: time until its tunnels are closed;
 #   renew:    how many of the short-lived certificates were renewed;
 #   query:    gatewayctl devices list --selector over the N devices.
+# After the restart it says why it took what it took: the edges' connect
+# failures by error, hub 1's log lines by message (HUB_LOG, default warn, is
+# the hubs' RUST_LOG; SIM_LOG the simulator's), UDP datagrams dropped, and
+# PostgreSQL's statements by time.
 # PostgreSQL runs from Debian's packages in a temporary directory (fsync on).
 # Certificates of the simulated edges are kept in FLEET_CACHE (default
 # /var/tmp/gw-fleet-cache) for the next run.
@@ -104,7 +108,7 @@ TOML
 }
 HUBPID=()
 start_hub() { # N
-    RUST_LOG=warn $G run --config "$W/hub$1.toml" 2>>"$W/hub$1.log" &
+    RUST_LOG=${HUB_LOG:-warn} $G run --config "$W/hub$1.toml" 2>>"$W/hub$1.log" &
     HUBPID[$1]=$!; PIDS+=($!)
     for _ in $(seq 400); do curl -sf 127.0.0.1:1763$1/readyz >/dev/null 2>&1 && return; sleep 0.05; done
     echo "hub $1 did not become ready" >&2; tail "$W/hub$1.log" >&2; exit 1
@@ -200,10 +204,12 @@ echo "UDP datagrams dropped for full receive buffers meanwhile: $(( $(udp_drops)
 echo "edges' connect failures logged since the start, by error:"
 grep 'Tunnel connect failed' "$W/sim.log" | sed -e 's/\x1b\[[0-9;]*m//g' -e 's/.*error=\(.*\) failures=.*/\1/' \
     | sed -e 's/sim-[0-9]*/sim-N/g' | sort | uniq -c | sort -rn | head -n 8 || true
-echo "hub 1's warnings and errors since its restart, by message:"
+echo "hub 1's log lines since its restart, by message:"
 sed -e 's/\x1b\[[0-9;]*m//g' "$W/hub1.log" | awk -v t="$(date -u -d @"${tr%.*}" +%Y-%m-%dT%H:%M:%S)" '$1 >= t' \
-    | sed -E -e 's/^[^ ]+ +(WARN|ERROR) [^ ]*: [a-z_:]+: //' -e 's/sim-[0-9]+/sim-N/g' -e 's/ [a-z_]+=.*//' \
+    | sed -E -e 's/^[^ ]+ +(INFO|WARN|ERROR) ([^ ]*: )?[a-z_:]+: //' -e 's/sim-[0-9]+/sim-N/g' -e 's/ [a-z_]+=.*//' \
     | sort | uniq -c | sort -rn | head -n 8 || true
+grep 'Tunnel handshake failed' "$W/hub1.log" | sed -e 's/\x1b\[[0-9;]*m//g' -e 's/.* error=//' | sort | uniq -c | sort -rn | head -n 4 \
+    | sed 's/^/  handshake failed: /' || true
 
 # A rollout to all N in four waves.
 # The template is the simulated box's own file with its id as a placeholder.
