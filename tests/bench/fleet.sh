@@ -204,11 +204,14 @@ echo "UDP datagrams dropped for full receive buffers meanwhile: $(( $(udp_drops)
 echo "edges' connect failures logged since the start, by error:"
 grep 'Tunnel connect failed' "$W/sim.log" | sed -e 's/\x1b\[[0-9;]*m//g' -e 's/.*error=\(.*\) failures=.*/\1/' \
     | sed -e 's/sim-[0-9]*/sim-N/g' | sort | uniq -c | sort -rn | head -n 8 || true
+# Hub 1's timestamped lines since its restart (continuation lines such as
+# hints carry no time and are left out).
+sed -e 's/\x1b\[[0-9;]*m//g' "$W/hub1.log" \
+    | awk -v t="$(date -u -d @"${tr%.*}" +%Y-%m-%dT%H:%M:%S)" '$1 ~ /^[0-9]/ && $1 >= t' > "$W/hub1.since"
 echo "hub 1's log lines since its restart, by message:"
-sed -e 's/\x1b\[[0-9;]*m//g' "$W/hub1.log" | awk -v t="$(date -u -d @"${tr%.*}" +%Y-%m-%dT%H:%M:%S)" '$1 >= t' \
-    | sed -E -e 's/^[^ ]+ +(INFO|WARN|ERROR) ([^ ]*: )?[a-z_:]+: //' -e 's/sim-[0-9]+/sim-N/g' -e 's/ [a-z_]+=.*//' \
-    | sort | uniq -c | sort -rn | head -n 8 || true
-grep 'Tunnel handshake failed' "$W/hub1.log" | sed -e 's/\x1b\[[0-9;]*m//g' -e 's/.* error=//' | sort | uniq -c | sort -rn | head -n 4 \
+sed -E -e 's/^[^ ]+ +(INFO|WARN|ERROR) //' -e 's/^([a-z_]+(\{[^}]*\})?:)+ //' -e 's/^[a-z_:]+: //' -e 's/ [a-z_]+=.*//' \
+    "$W/hub1.since" | sort | uniq -c | sort -rn | head -n 8 || true
+grep 'Tunnel handshake failed' "$W/hub1.since" | sed -e 's/.* error=//' | sort | uniq -c | sort -rn | head -n 4 \
     | sed 's/^/  handshake failed: /' || true
 
 # A rollout to all N in four waves.

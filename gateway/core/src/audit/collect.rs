@@ -1,6 +1,6 @@
 //! The hub's queue of collected audit records not yet stored: batches from
 //! many boxes' control sessions, written to the store together once a second
-//! (one transaction for all devices), kept for the next write when the store
+//! (in transactions of many devices each), kept for the next write when the store
 //! cannot take them, bounded per device and in all.
 //!
 //! The queue never judges a chain: the store does, against what it holds. It
