@@ -70,16 +70,25 @@ pub enum Refusal {
 /// source is not counted until one finishes).
 const MAX_HANDSHAKING: usize = 16_384;
 
-/// Handshakes in progress per source address.
+/// Handshakes the hub carries at once; past it a new one is refused as past
+/// [`HANDSHAKES_PER_SLICE`] is. On loopback a handshake takes milliseconds, so
+/// 500 a second keep a few dozen in progress; many more means the hub (or
+/// the host) is falling behind, and starting yet more would only make every
+/// one of them slower until they all time out and are retried.
+pub const MAX_IN_FLIGHT: usize = 256;
+
+/// Handshakes in progress per source address, and in all.
 #[derive(Default)]
-struct Handshaking(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, u32>>);
+struct Handshaking(std::sync::Mutex<(std::collections::HashMap<std::net::IpAddr, u32>, usize)>);
 
 impl Handshaking {
     fn start(&self, ip: std::net::IpAddr) -> u32 {
-        let mut m = self
+        let mut g = self
             .0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (m, total) = &mut *g;
+        *total += 1;
         if !m.contains_key(&ip) && m.len() >= MAX_HANDSHAKING {
             return 0;
         }
@@ -89,16 +98,26 @@ impl Handshaking {
     }
 
     fn end(&self, ip: std::net::IpAddr) {
-        let mut m = self
+        let mut g = self
             .0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (m, total) = &mut *g;
+        *total = total.saturating_sub(1);
         if let Some(n) = m.get_mut(&ip) {
             *n -= 1;
             if *n == 0 {
                 m.remove(&ip);
             }
         }
+    }
+
+    /// Handshakes in progress from every source.
+    fn in_flight(&self) -> usize {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .1
     }
 }
 
@@ -159,8 +178,9 @@ impl HandshakeRate {
 }
 
 /// Accepts edges until draining starts. A banned source's Initial is dropped
-/// before any handshake work; past [`HANDSHAKES_PER_SLICE`] handshakes are
-/// refused until the next slice; handshakes in progress and failures are
+/// before any handshake work; past [`HANDSHAKES_PER_SLICE`] handshakes (or
+/// [`MAX_IN_FLIGHT`] at once) are refused until the next slice (or until
+/// some finish); handshakes in progress and failures are
 /// reported to the detectors.
 pub async fn accept_edges<H: Handler>(
     ctx: Arc<Ctx>,
@@ -191,7 +211,7 @@ pub async fn accept_edges<H: Handler>(
             incoming.ignore();
             continue;
         }
-        if !rate.admit(std::time::Instant::now()) {
+        if handshaking.in_flight() >= MAX_IN_FLIGHT || !rate.admit(std::time::Instant::now()) {
             ctx.metrics.handshake_deferred();
             incoming.refuse();
             continue;
@@ -405,5 +425,21 @@ mod tests {
         assert!(r.admit(later), "a new slice admits again");
         let n = 1 + (0..200).filter(|_| r.admit(later)).count();
         assert_eq!(n, HANDSHAKES_PER_SLICE as usize);
+    }
+
+    #[test]
+    fn handshakes_in_flight_are_counted_over_every_source() {
+        let h = Handshaking::default();
+        let a: std::net::IpAddr = [192, 0, 2, 1].into();
+        let b: std::net::IpAddr = [192, 0, 2, 2].into();
+        assert_eq!((h.start(a), h.start(a), h.start(b)), (1, 2, 1));
+        assert_eq!(h.in_flight(), 3);
+        h.end(a);
+        h.end(b);
+        assert_eq!(h.in_flight(), 1);
+        h.end(a);
+        h.end(a); // a stray end never wraps the count
+        assert_eq!(h.in_flight(), 0);
+        assert_eq!(h.start(b), 1, "a source's count starts again from one");
     }
 }

@@ -14,7 +14,8 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use super::pki::{self, PkiError};
 
-/// Keep-alive on every tunnel: a silent peer is noticed within [`IDLE_TIMEOUT`].
+/// Keep-alive the edge sends on every tunnel (the hub only answers): a silent
+/// peer is noticed within [`IDLE_TIMEOUT`] on both ends.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(2);
 /// A tunnel with no packet for this long is dead (failure detection under 10 s).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(8);
@@ -158,7 +159,12 @@ pub fn server(ca: &Path, cert: &Path, key_path: &Path) -> Result<quinn::ServerCo
     no_resumption(&mut tls);
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    server.transport_config(Arc::new(transport(super::streams::INITIAL)));
+    // Only the edge sends keep-alives: its PING and the hub's ACK keep both
+    // idle timers running, and a hub with 10,000 edges sends half the packets
+    // (and spends half the cryptography) it would if both ends pinged.
+    let mut t = transport(super::streams::INITIAL);
+    t.keep_alive_interval(None);
+    server.transport_config(Arc::new(t));
     Ok(server)
 }
 
