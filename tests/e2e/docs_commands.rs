@@ -8,7 +8,8 @@ use std::process::Command;
 
 /// `gatewayd ...` and `gatewayctl ...` lines inside ``` blocks (README's `$G`
 /// is gatewayd too): (file, binary, command).
-fn documented_commands() -> Vec<(String, &'static str, String)> {
+/// README.md and every docs/*.md page.
+fn pages() -> Vec<std::path::PathBuf> {
     let root = common::root();
     let mut files = vec![root.join("README.md")];
     for e in std::fs::read_dir(root.join("docs"))
@@ -19,8 +20,12 @@ fn documented_commands() -> Vec<(String, &'static str, String)> {
             files.push(e.path());
         }
     }
+    files
+}
+
+fn documented_commands() -> Vec<(String, &'static str, String)> {
     let mut out = Vec::new();
-    for f in files {
+    for f in pages() {
         let text = std::fs::read_to_string(&f).expect("read");
         let mut in_code = false;
         for line in text.lines() {
@@ -99,4 +104,55 @@ fn every_documented_command_and_flag_exists() {
             );
         }
     }
+}
+
+/// deploy.md's exit-code table is the code's: every code, each meaning word
+/// for word, nothing more.
+#[test]
+fn exit_code_table_is_the_code_s() {
+    let text = std::fs::read_to_string(common::root().join("docs/deploy.md")).expect("deploy.md");
+    let documented: Vec<(u8, String)> = text
+        .lines()
+        .filter_map(|l| {
+            let cells: Vec<&str> = l.strip_prefix('|')?.split('|').map(str::trim).collect();
+            Some((cells.first()?.parse().ok()?, (*cells.get(1)?).to_owned()))
+        })
+        .collect();
+    let code: Vec<(u8, String)> = gateway_daemon::os::exit::TABLE
+        .iter()
+        .map(|(c, m)| (*c, (*m).to_owned()))
+        .collect();
+    assert_eq!(
+        documented, code,
+        "docs/deploy.md's exit-code table differs from gateway/daemon/src/os/exit.rs TABLE"
+    );
+}
+
+/// No page says that work which is done is still to come: the phrases in
+/// docs_refused_phrases.txt (next to this test) appear nowhere.
+#[test]
+fn no_page_promises_finished_work_for_later() {
+    let root = common::root();
+    let list = std::fs::read_to_string(root.join("tests/e2e/docs_refused_phrases.txt"))
+        .expect("docs_refused_phrases.txt");
+    let phrases: Vec<String> = list
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        .map(str::to_lowercase)
+        .collect();
+    let mut found = Vec::new();
+    for f in pages() {
+        let text = std::fs::read_to_string(&f).expect("read");
+        for (n, line) in text.lines().enumerate() {
+            let l = line.to_lowercase();
+            for p in phrases.iter().filter(|p| l.contains(p.as_str())) {
+                found.push(format!("{}:{}: {p:?}", f.display(), n + 1));
+            }
+        }
+    }
+    assert!(
+        found.is_empty(),
+        "stale sentences (tests/e2e/docs_refused_phrases.txt):\n{}",
+        found.join("\n")
+    );
 }

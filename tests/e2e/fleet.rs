@@ -208,7 +208,11 @@ impl Hub {
 
     /// Writes `text` to a file and pushes it to edge-a as `account`.
     fn push(&self, account: &str, text: &str) -> (i32, String, String) {
-        let file = tempfile::NamedTempFile::new_in(self.dir.path()).expect("file");
+        let file = tempfile::Builder::new()
+            .prefix("pushed-")
+            .suffix(".toml")
+            .tempfile_in(self.dir.path())
+            .expect("file");
         std::fs::write(file.path(), text).expect("write");
         self.ctl(
             account,
@@ -363,7 +367,7 @@ fn enrollment_renewal_revocation_and_roles() {
 
     // Before enrollment the box does not start, and says what to do.
     let (code, lines) = Proc::start(&config).wait_exit();
-    assert_eq!(code, 71, "{lines:#?}");
+    assert_eq!(code, 66, "{lines:#?}");
     assert!(
         lines.iter().any(|l| l.contains("gatewayd enroll --config")),
         "{lines:#?}"
@@ -464,7 +468,8 @@ fn enrollment_renewal_revocation_and_roles() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("revoked"), "{out}");
     assert_cut_within_5s(&mut client, "the relay");
-    edge.wait_next_log("revoked");
+    edge.wait_next_log("The hub revoked this device");
+    let revoked_at = edge.log_so_far().lines().count();
     assert_eq!(hub.device("edge-a")["state"], "revoked");
     let refused = TcpStream::connect(hub.publish).and_then(|mut c| {
         c.set_read_timeout(Some(Duration::from_secs(5)))?;
@@ -495,6 +500,16 @@ fn enrollment_renewal_revocation_and_roles() {
                 Err(audit.join("\n"))
             }
         },
+    );
+    // The revoked box says how to bring it back and does not retry: no
+    // connect attempt since (the old box retried within 100 ms, forever).
+    let log = edge.log_so_far();
+    let since: Vec<&str> = log.lines().skip(revoked_at).collect();
+    assert!(
+        log.contains("gatewayctl token create --device ID --replace")
+            && !since.iter().any(|l| l.contains("Tunnel connect failed")),
+        "{}",
+        since.join("\n")
     );
     edge.signal(Signal::SIGKILL);
 }
@@ -530,16 +545,32 @@ fn config_push_try_mode_status_commands_and_audit() {
     // A bad file is refused at the hub with its located error.
     let (code, _, err) = hub.push("sam", &base.replacen("level = 2", "level = 7", 1));
     assert_eq!(code, 1, "{err}");
+    // Located in the file the operator pushed, not one the hub made up.
     assert!(
-        err.contains("edge-a.toml:") && err.contains("protection level"),
+        err.contains("pushed-") && err.contains(".toml:") && err.contains("protection level"),
         "{err}"
     );
-    // A policy change is not the system administrator's.
+    assert!(!err.contains("edge-a.toml"), "{err}");
+    // A policy change is not the system administrator's, and the refusal
+    // names the key that made it policy.
     let allow_more = |t: &str| t.replace("\"extranet\"]\n", "\"extranet\", \"edge-z\"]\n");
     let policy = allow_more(&base);
     let (code, _, err) = hub.push("sam", &policy);
     assert_eq!(code, 77, "{err}");
-    assert!(err.contains("policy sections"), "{err}");
+    assert!(
+        err.contains("policy keys (service[")
+            && err.contains("].allow")
+            && err.contains("security administrator's"),
+        "{err}"
+    );
+    // The audit administrator is told whose each half is.
+    let (code, _, err) = hub.push("ada", &policy);
+    assert_eq!(code, 77, "{err}");
+    assert!(
+        err.contains("policy sections is the security administrator's")
+            && err.contains("others the system administrator's"),
+        "{err}"
+    );
     // A good one (a non-policy change) is applied.
     let good_text = base.replacen("heartbeat = \"1s\"", "heartbeat = \"2s\"", 1);
     let (code, out, err) = hub.push("sam", &good_text);
@@ -570,7 +601,7 @@ fn config_push_try_mode_status_commands_and_audit() {
     // not the security administrator's alone.
     let (code, _, err) = hub.push("sue", &policy);
     assert_eq!(code, 77, "{err}");
-    assert!(err.contains("non-policy sections"), "{err}");
+    assert!(err.contains("non-policy keys (uplink.heartbeat)"), "{err}");
     // Her policy change on top of version 1 is applied.
     let policy2 = allow_more(&good_text);
     let (code, _, err) = hub.push("sue", &policy2);
@@ -697,6 +728,26 @@ fn config_push_try_mode_status_commands_and_audit() {
         out.starts_with("intact") && out.contains("signed by hub hub-01"),
         "{out}"
     );
+    // Without the CA it says what it could not check, and exits 3 unless told
+    // an unsigned check will do.
+    let unsigned = |extra: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_gatewayctl"))
+            .args(["audit", "verify", export.to_str().expect("p")])
+            .args(extra)
+            .env_remove("GATEWAYCTL_CA")
+            .output()
+            .expect("verify");
+        (out.status.code().unwrap_or(-1), common::text(&out).0)
+    };
+    let (code, out) = unsigned(&[]);
+    assert_eq!(code, 3, "{out}");
+    assert!(
+        out.starts_with("UNSIGNED") && out.contains("cut off") && out.contains("--ca"),
+        "{out}"
+    );
+    let (code, out) = unsigned(&["--unsigned-ok"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.starts_with("intact as far as checked"), "{out}");
     // Re-hashing an edited record and the head keeps the chain consistent; the
     // hub's signature over the head does not follow.
     let text = std::fs::read_to_string(&export).expect("export");
@@ -1725,9 +1776,25 @@ fn an_enrolled_device_is_re_enrolled_only_with_replace_by_security() {
         code, 0,
         "the replacing token enrolls the new box: {replaced}"
     );
-    // A device not enrolled still takes the system administrator's token.
-    let (code, _, err) = hub.ctl("sam", &["token", "create", "--device", "edge-b"]);
+    // A device not enrolled still takes the system administrator's token,
+    // written owner-only with --out, and never over an existing file.
+    let file = hub.dir.path().join("edge-b.token");
+    let out = file.to_str().expect("utf-8");
+    let (code, _, err) = hub.ctl(
+        "sam",
+        &["token", "create", "--device", "edge-b", "--out", out],
+    );
     assert_eq!(code, 0, "{err}");
+    assert_eq!(mode(&file), 0o600);
+    let token = std::fs::read_to_string(&file).expect("token");
+    assert!(token.starts_with("gwt1.edge-b."), "{token}");
+    let (code, _, err) = hub.ctl(
+        "sam",
+        &["token", "create", "--device", "edge-b", "--out", out],
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("exists and is not overwritten"), "{err}");
+    assert_eq!(std::fs::read_to_string(&file).expect("token"), token);
 }
 
 /// The mode bits of `path`.

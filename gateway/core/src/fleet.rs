@@ -511,6 +511,76 @@ pub fn classify_change(old: &str, new: &str) -> Change {
     }
 }
 
+/// Whether `TABLE.KEY` (a key of a table or of an array of tables' entry)
+/// is policy, as [`classify_change`] decides.
+fn is_policy_key(table: &str, key: &str) -> bool {
+    POLICY_TABLES.contains(&table)
+        || POLICY_KEYS
+            .iter()
+            .chain(POLICY_TABLE_KEYS)
+            .any(|(t, ks)| *t == table && ks.contains(&key))
+}
+
+/// Every key of a config as a path (`uplink.heartbeat`, `service[pension].allow`,
+/// an entry named by its `name`, else its `listen`, else its position) with
+/// its value, and the table it belongs to.
+fn flatten(t: &toml::Table) -> std::collections::BTreeMap<String, (String, String, toml::Value)> {
+    type Flat = std::collections::BTreeMap<String, (String, String, toml::Value)>;
+    let mut out = Flat::new();
+    let table = |out: &mut Flat, name: &str, entry: &str, t: &toml::Table| {
+        for (k, v) in t {
+            out.insert(
+                format!("{name}{entry}.{k}"),
+                (name.to_owned(), k.clone(), v.clone()),
+            );
+        }
+    };
+    for (name, v) in t {
+        match v {
+            toml::Value::Table(t) => table(&mut out, name, "", t),
+            toml::Value::Array(items) if items.iter().all(toml::Value::is_table) => {
+                for (i, item) in items.iter().enumerate() {
+                    let Some(t) = item.as_table() else { continue };
+                    let id = t
+                        .get("name")
+                        .or_else(|| t.get("listen"))
+                        .and_then(toml::Value::as_str)
+                        .map_or_else(|| i.to_string(), str::to_owned);
+                    table(&mut out, name, &format!("[{id}]"), t);
+                }
+            }
+            other => {
+                out.insert(name.clone(), (name.clone(), String::new(), other.clone()));
+            }
+        }
+    }
+    out
+}
+
+/// The keys a change from `old` to `new` touches, split into (policy, other),
+/// each as paths like `service[pension].allow`, so a refusal can say what
+/// made a file policy. Text that does not parse: `(the whole file)` on both.
+pub fn changed_keys(old: &str, new: &str) -> (Vec<String>, Vec<String>) {
+    let (Ok(a), Ok(b)) = (old.parse::<toml::Table>(), new.parse::<toml::Table>()) else {
+        let whole = vec!["(the whole file)".to_owned()];
+        return (whole.clone(), whole);
+    };
+    let (a, b) = (flatten(&a), flatten(&b));
+    let (mut policy, mut other) = (Vec::new(), Vec::new());
+    for (path, (table, key, _)) in a.iter().chain(b.iter()) {
+        let same = a.get(path).map(|x| &x.2) == b.get(path).map(|x| &x.2);
+        let list = if is_policy_key(table, key) {
+            &mut policy
+        } else {
+            &mut other
+        };
+        if !same && !list.contains(path) {
+            list.push(path.clone());
+        }
+    }
+    (policy, other)
+}
+
 // ---------------------------------------------------------------------------
 // Certificates and liveness
 
@@ -718,6 +788,38 @@ mod tests {
     use super::*;
     use crate::audit::Event;
     use proptest::prelude::*;
+
+    #[test]
+    fn changed_keys_name_what_made_a_change_policy() {
+        let old = "[node]\nid = \"a\"\n[uplink]\nhubs = [\"h:1\"]\nheartbeat = \"10s\"\n\
+                   [[service]]\nname = \"pension\"\nallow = [\"x\"]\nbandwidth = \"1M\"\n\
+                   [[service]]\nname = \"tax\"\nallow = [\"y\"]\n";
+        let new = old
+            .replace("allow = [\"y\"]", "allow = [\"y\", \"z\"]")
+            .replace("10s", "5s");
+        assert_eq!(
+            changed_keys(old, &new),
+            (
+                vec!["service[tax].allow".to_owned()],
+                vec!["uplink.heartbeat".to_owned()]
+            )
+        );
+        let c = classify_change(old, &new);
+        assert!(c.policy && c.other);
+        let zone = format!("{old}[[zone]]\nname = \"legacy-a\"\nlevel = 2\n");
+        assert_eq!(
+            changed_keys(old, &zone).0,
+            vec![
+                "zone[legacy-a].level".to_owned(),
+                "zone[legacy-a].name".to_owned()
+            ]
+        );
+        assert_eq!(
+            changed_keys(old, "not toml ===").0,
+            vec!["(the whole file)".to_owned()]
+        );
+        assert_eq!(changed_keys(old, old), (vec![], vec![]));
+    }
 
     #[test]
     fn roles_are_separated() {

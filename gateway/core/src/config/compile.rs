@@ -23,6 +23,9 @@ use crate::units::{self, ByteSize, Cidr, Date, HostPort, ValueError};
 mod hub_store;
 mod postgres;
 
+/// Unknown keys reported in one table before the rest of it is given up.
+const MAX_UNKNOWN_KEYS: usize = 32;
+
 const SECTIONS: &str = "node, zone, uplink, service, access, channel, ingest, audit, admin, detect, alarms, scan, hub, publish";
 
 /// Compiles TOML text into a [`Config`] (when there is no error) and the
@@ -31,6 +34,7 @@ pub fn compile(src: &str) -> (Option<Config>, Vec<Diagnostic>) {
     let mut c = Compiler {
         idx: LineIndex::new(src),
         diags: Vec::new(),
+        declared_zones: HashSet::new(),
     };
     let (doc, errors) = DeTable::parse_recoverable(src);
     if !errors.is_empty() {
@@ -68,6 +72,9 @@ struct RawDoc {
 struct Compiler<'a> {
     idx: LineIndex<'a>,
     diags: Vec<Diagnostic>,
+    /// Names of every `[[zone]]` written, refused or not: a reference to a
+    /// refused one is not reported again (its own errors say why it is gone).
+    declared_zones: HashSet<String>,
 }
 
 impl Compiler<'_> {
@@ -355,6 +362,16 @@ impl Compiler<'_> {
                 "alarms" => raw.alarms = self.one(value, "alarms", &mut raw.broken).map(|(t, _)| t),
                 "scan" => raw.scan = self.one(value, "scan", &mut raw.broken).map(|(t, _)| t),
                 "zone" => {
+                    if let DeValue::Array(items) = value.get_ref() {
+                        let names = items.iter().filter_map(|i| match i.get_ref() {
+                            DeValue::Table(t) => match t.get("name").map(Spanned::get_ref) {
+                                Some(DeValue::String(n)) => Some(n.to_string()),
+                                _ => None,
+                            },
+                            _ => None,
+                        });
+                        self.declared_zones.extend(names);
+                    }
                     raw.zones = self
                         .many(value, "zone")
                         .into_iter()
@@ -384,14 +401,28 @@ impl Compiler<'_> {
         section: &str,
     ) -> Option<(T, Range<usize>)> {
         let span = value.span();
-        match T::deserialize(ValueDeserializer::from(value)) {
-            Ok(t) => Some((t, span)),
-            Err(e) => {
-                let hint = format!("see the keys of [{section}] in docs/config.md");
-                self.toml_error(&e, &hint);
-                None
-            }
+        let hint = format!("see the keys of [{section}] in docs/config.md");
+        let mut value = value;
+        // An unknown key is reported and the table read again without it, so
+        // a misspelt key does not hide the other mistakes of its table.
+        for _ in 0..MAX_UNKNOWN_KEYS {
+            let e = match T::deserialize(ValueDeserializer::from(value.clone())) {
+                Ok(t) => return Some((t, span)),
+                Err(e) => e,
+            };
+            self.toml_error(&e, &hint);
+            let unknown = e
+                .message()
+                .strip_prefix("unknown field `")
+                .and_then(|m| m.split('`').next())
+                .map(str::to_owned);
+            let (Some(key), DeValue::Table(table)) = (unknown, value.get_mut()) else {
+                return None;
+            };
+            // A key that is not at this level (inside an inline table): give up.
+            table.remove(key.as_str())?;
         }
+        None
     }
 
     fn one<T: DeserializeOwned>(
@@ -1252,6 +1283,10 @@ impl Compiler<'_> {
         must_be_legacy: bool,
     ) -> Option<&'z Zone> {
         let Some(z) = zones.iter().find(|z| z.name == *s.get_ref()) else {
+            if self.declared_zones.contains(s.get_ref()) {
+                // Declared and refused: its errors are reported where it is.
+                return None;
+            }
             let names: Vec<&str> = zones.iter().map(|z| z.name.as_str()).collect();
             let hint = match closest(s.get_ref(), names.iter().copied()) {
                 Some(n) => format!("did you mean {n:?}? Declared zones: {}", names.join(", ")),

@@ -179,6 +179,10 @@ async fn serve(
             }
             return match e {
                 StartError::Tls(TlsError::Key(PkiError::KeyPermissions { .. })) => exit::NO_PERM,
+                // Not enrolled yet, or a certificate or CA file not installed.
+                StartError::Tls(TlsError::Read { path, .. }) if !Path::new(&path).exists() => {
+                    exit::NO_INPUT
+                }
                 StartError::Store(gateway_store::postgres::OpenError::Store(e))
                     if e.retry_later() =>
                 {

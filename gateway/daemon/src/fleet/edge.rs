@@ -177,7 +177,7 @@ impl EdgeFleet {
             relays_open: ctx.metrics.relays_open(),
             backlogs: ctx.metrics.backlogs(),
             last_error: super::logring::last_error(),
-            interval_s: self.heartbeat.as_secs().max(1),
+            interval_s: self.heartbeat_now(ctx).as_secs().max(1),
             config_trying: self.trying.load(std::sync::atomic::Ordering::Relaxed),
         }
     }

@@ -15,7 +15,8 @@ pub const KEEP: usize = 200;
 #[derive(Default)]
 struct Ring {
     lines: VecDeque<String>,
-    last_error: Option<String>,
+    /// When (Unix ms) and what.
+    last_error: Option<(i64, String)>,
 }
 
 fn ring() -> &'static Mutex<Ring> {
@@ -34,9 +35,13 @@ pub fn recent() -> Vec<String> {
     lock().lines.iter().cloned().collect()
 }
 
-/// The last warning or error.
+/// The last warning or error, starting with when it was logged (RFC 3339,
+/// China Standard Time): a status shows how old it is, not only what it was.
 pub fn last_error() -> Option<String> {
-    lock().last_error.clone()
+    lock()
+        .last_error
+        .as_ref()
+        .map(|(ms, line)| format!("{} {line}", gateway_core::units::rfc3339_cst(*ms)))
 }
 
 /// The layer to add to the subscriber.
@@ -70,13 +75,13 @@ impl<S: Subscriber> tracing_subscriber::Layer<S> for RingLayer {
         let mut line = Line(format!("{level} {}:", event.metadata().target()));
         event.record(&mut line);
         let mut r = lock();
+        let stamp = crate::node::clock::now_ms();
         if level <= Level::WARN {
-            r.last_error = Some(line.0.clone());
+            r.last_error = Some((stamp, line.0.clone()));
         }
         if r.lines.len() == KEEP {
             r.lines.pop_front();
         }
-        let stamp = crate::node::clock::now_ms();
         r.lines
             .push_back(format!("{}.{:03} {}", stamp / 1000, stamp % 1000, line.0));
     }

@@ -709,10 +709,43 @@ async fn revoke(State(fleet): State<Arc<Fleet>>, caller: Caller, Path(id): Path<
     Ok(axum::Json(json!({ "device": id, "revoked": true, "already": !fresh })).into_response())
 }
 
+/// `?file=NAME`: the name of the file the operator pushed, for the errors.
+#[derive(Debug, Deserialize)]
+struct PushQuery {
+    file: Option<String>,
+}
+
+/// The file name a push's errors are located in: the operator's own (its
+/// last component, if it is a plain name of at most 128 characters), else
+/// `ID.toml`.
+fn push_file_name(file: Option<&str>, id: &str) -> String {
+    file.and_then(|f| f.rsplit('/').next())
+        .filter(|f| {
+            !f.is_empty()
+                && f.len() <= 128
+                && f.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
+        })
+        .map_or_else(|| format!("{id}.toml"), str::to_owned)
+}
+
+/// Up to eight of `keys`, for a message.
+fn some_keys(keys: &[String]) -> String {
+    let mut s = keys.iter().take(8).cloned().collect::<Vec<_>>().join(", ");
+    if keys.len() > 8 {
+        s += &format!(" and {} more", keys.len() - 8);
+    }
+    if s.is_empty() {
+        s = "the entries' order or number".into();
+    }
+    s
+}
+
 async fn config_push(
     State(fleet): State<Arc<Fleet>>,
     caller: Caller,
     Path(id): Path<String>,
+    Query(q): Query<PushQuery>,
     body: String,
 ) -> Answer {
     // Any account that may push something gets this far; the change decides.
@@ -720,8 +753,19 @@ async fn config_push(
     if !fleet::allowed(role, Action::ConfigPushOther)
         && !fleet::allowed(role, Action::ConfigPushPolicy)
     {
-        authorize(&fleet, &caller, Action::ConfigPushOther, "push config", &id).await?;
         checked_id(&id)?;
+        let message = format!(
+            "account {by} ({}) may not push config: a change of the policy sections is the {}'s, of the others the {}'s",
+            role_name(role),
+            role_for(Action::ConfigPushPolicy),
+            role_for(Action::ConfigPushOther),
+        );
+        warn!(%message, "Operator API: refused");
+        fleet
+            .ctx()
+            .audit
+            .record(&by, &id, "admin.config.push", "deny", "", message.clone());
+        return Err(ApiError::new(StatusCode::FORBIDDEN, message));
     }
     let refuse = |status: StatusCode, message: String, errors: Vec<String>| {
         fleet
@@ -735,16 +779,17 @@ async fn config_push(
         )
             .into_response())
     };
-    let config = match super::pushed_config::check_text(&body, &format!("{id}.toml")) {
-        Ok(c) => c,
-        Err(errors) => {
-            return refuse(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                format!("the config does not check ({} errors)", errors.len()),
-                errors,
-            );
-        }
-    };
+    let config =
+        match super::pushed_config::check_text(&body, &push_file_name(q.file.as_deref(), &id)) {
+            Ok(c) => c,
+            Err(errors) => {
+                return refuse(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    format!("the config does not check ({} errors)", errors.len()),
+                    errors,
+                );
+            }
+        };
     if config.node.id != id || !matches!(config.role, Role::Edge(_)) {
         return refuse(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -780,16 +825,20 @@ async fn config_push(
             vec![],
         );
     }
+    let (policy_keys, other_keys) = fleet::changed_keys(&base_text, &body);
     for (changed, action, part) in [
         (
             change.policy,
             Action::ConfigPushPolicy,
-            "its policy sections (zones, allow lists, content rules, where services, accesses and the uplink connect)",
+            format!(
+                "policy keys ({}; the table in docs/operate.md, \"Push config\")",
+                some_keys(&policy_keys)
+            ),
         ),
         (
             change.other,
             Action::ConfigPushOther,
-            "its non-policy sections",
+            format!("non-policy keys ({})", some_keys(&other_keys)),
         ),
     ] {
         if changed && !fleet::allowed(role, action) {

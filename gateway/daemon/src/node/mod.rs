@@ -87,10 +87,14 @@ pub enum PeerAttempt {
     ProducerCredential,
     /// A connection over an HTTP listener's cap (in all, or from one address).
     ConnectionCap,
+    /// A tunnel from a revoked device (its certificate is valid, the device
+    /// is not): a box that keeps retrying is summarised, not logged each time.
+    RevokedDevice,
 }
 
 impl PeerAttempt {
-    const ALL: [PeerAttempt; 8] = [
+    const ALL: [PeerAttempt; 9] = [
+        PeerAttempt::RevokedDevice,
         PeerAttempt::ConnectionCap,
         PeerAttempt::IngestAddress,
         PeerAttempt::ProducerCredential,
@@ -112,6 +116,7 @@ impl PeerAttempt {
             PeerAttempt::IngestAddress => "ingest-address",
             PeerAttempt::ProducerCredential => "producer-credential",
             PeerAttempt::ConnectionCap => "connection-cap",
+            PeerAttempt::RevokedDevice => "revoked-device",
         }
     }
 
@@ -120,7 +125,7 @@ impl PeerAttempt {
             PeerAttempt::OperatorCredential => "admin.auth",
             PeerAttempt::Enrollment | PeerAttempt::EnrollmentConnection => "device.enroll",
             PeerAttempt::ConsumerCertificate => "consumer.auth",
-            PeerAttempt::SupersededCertificate => "tunnel.refuse",
+            PeerAttempt::SupersededCertificate | PeerAttempt::RevokedDevice => "tunnel.refuse",
             PeerAttempt::IngestAddress | PeerAttempt::ProducerCredential => "channel.refuse",
             PeerAttempt::ConnectionCap => "listener.refuse",
         }
@@ -131,7 +136,7 @@ impl PeerAttempt {
             PeerAttempt::OperatorCredential => "operators-api",
             PeerAttempt::Enrollment | PeerAttempt::EnrollmentConnection => "enrollment",
             PeerAttempt::ConsumerCertificate => "consumers-api",
-            PeerAttempt::SupersededCertificate => "tunnel",
+            PeerAttempt::SupersededCertificate | PeerAttempt::RevokedDevice => "tunnel",
             PeerAttempt::IngestAddress | PeerAttempt::ProducerCredential => "ingest",
             PeerAttempt::ConnectionCap => "listener",
         }
@@ -153,7 +158,8 @@ impl PeerAttempt {
             | PeerAttempt::Enrollment
             | PeerAttempt::EnrollmentConnection
             | PeerAttempt::ConsumerCertificate
-            | PeerAttempt::SupersededCertificate => (Signal::HandshakeFailed, Direction::Inbound),
+            | PeerAttempt::SupersededCertificate
+            | PeerAttempt::RevokedDevice => (Signal::HandshakeFailed, Direction::Inbound),
         }
     }
 

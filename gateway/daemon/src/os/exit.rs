@@ -20,3 +20,35 @@ pub const OS_ERR: u8 = 71;
 pub const NO_PERM: u8 = 77;
 /// EX_SOFTWARE: an internal error.
 pub const SOFTWARE: u8 = 70;
+
+/// Every code a `gatewayd` command exits with, and what it means to the
+/// operator: docs/deploy.md's table is tested against this one.
+pub const TABLE: &[(u8, &str)] = &[
+    (OK, "success; `run`: a clean drain after SIGTERM"),
+    (
+        FAILED,
+        "a check found a problem (`audit verify`: the chain is broken)",
+    ),
+    (USAGE, "bad command line"),
+    (
+        CONFIG,
+        "the configuration is invalid: fix it (the unit does not restart)",
+    ),
+    (
+        NO_INPUT,
+        "a file is missing or unreadable (`run` before `enroll`: no device certificate yet)",
+    ),
+    (
+        UNAVAILABLE,
+        "a service the node needs cannot be reached now (the hub's PostgreSQL): the unit starts it again",
+    ),
+    (SOFTWARE, "an internal error: report it with the log"),
+    (
+        OS_ERR,
+        "a listener cannot bind, or a socket or TLS setup failed",
+    ),
+    (
+        NO_PERM,
+        "a private key is readable by group or others: `chmod 600` it (the unit does not restart)",
+    ),
+];

@@ -273,8 +273,15 @@ async fn serve_edge<H: Handler>(
     match handler.admit(&device, &serial, remote).await {
         Ok(()) => ctx.guard.learn(remote.ip(), &device),
         Err(Refusal::Revoked) => {
-            warn!(%device, %remote, "Refusing tunnel: the device is revoked");
-            audit_refusal(&ctx, &device, format!("revoked device; peer={remote}"));
+            // Summarised per address: a revoked box retrying is one record
+            // and one log line per window, not one per attempt.
+            ctx.refuse_peer(
+                remote,
+                true,
+                crate::node::PeerAttempt::RevokedDevice,
+                &format!("device {device} is revoked"),
+                "",
+            );
             conn.close(
                 quinn::VarInt::from_u32(fleet::CLOSE_REVOKED),
                 b"this device is revoked",

@@ -120,7 +120,14 @@ pub async fn keep_tunnel<H: Handler>(ctx: Arc<Ctx>, spec: TunnelSpec, handler: A
                         conn.close(quinn::VarInt::from_u32(0), b"reconnecting");
                         ctx.metrics.peer(&name, false);
                         info!("Tunnel closed to reconnect");
-                        ctx.audit.record(&name, "tunnel", "tunnel.down", "ok", "", "reconnect".into());
+                        ctx.audit.record(
+                            &name,
+                            "tunnel",
+                            "tunnel.down",
+                            "ok",
+                            "",
+                            "reconnect".into(),
+                        );
                         return;
                     }
                     hubs.set(index, None);
@@ -130,7 +137,16 @@ pub async fn keep_tunnel<H: Handler>(ctx: Arc<Ctx>, spec: TunnelSpec, handler: A
                         .map(|r| r.to_string())
                         .unwrap_or_else(|| "draining".into());
                     if revoked(&conn) {
-                        error!("The hub revoked this device: it is refused from now on; ask central operations");
+                        error!(
+                            retry_s = REVOKED_RETRY.as_secs(),
+                            "The hub revoked this device. {REVOKED_FIX}"
+                        );
+                        ctx.audit
+                            .record(&name, "tunnel", "tunnel.down", "ok", "", reason);
+                        if !revoked_pause(&ctx, &stop).await {
+                            return;
+                        }
+                        continue;
                     } else if let Some(why) = refusal(&conn) {
                         error!("Tunnel closed by the hub: {why}");
                     } else {
@@ -154,6 +170,17 @@ pub async fn keep_tunnel<H: Handler>(ctx: Arc<Ctx>, spec: TunnelSpec, handler: A
                     }
                     continue;
                 }
+                Err(ConnectError::Revoked) => {
+                    ctx.metrics.connect_failed(&name);
+                    error!(
+                        retry_s = REVOKED_RETRY.as_secs(),
+                        "The hub refused this device: it is revoked. {REVOKED_FIX}"
+                    );
+                    if !revoked_pause(&ctx, &stop).await {
+                        return;
+                    }
+                    continue;
+                }
                 Err(error) => {
                     ctx.metrics.connect_failed(&name);
                     if backoff.failures() < 3 || backoff.failures() % 30 == 0 {
@@ -172,6 +199,16 @@ pub async fn keep_tunnel<H: Handler>(ctx: Arc<Ctx>, spec: TunnelSpec, handler: A
     }
     .instrument(span)
     .await;
+}
+
+/// Waits [`REVOKED_RETRY`] (jittered by up to a tenth); false when the
+/// tunnel is to stop.
+async fn revoked_pause(ctx: &Ctx, stop: &CancellationToken) -> bool {
+    let delay = REVOKED_RETRY + REVOKED_RETRY.mul_f64(rand::random::<f64>() / 10.0);
+    tokio::select! {
+        go = ctx.pause(delay) => go,
+        () = stop.cancelled() => false,
+    }
 }
 
 fn revoked(conn: &quinn::Connection) -> bool {
@@ -197,7 +234,17 @@ pub enum ConnectError {
     /// The hub refused the hello.
     #[error("hub refused: {0}")]
     Refused(String),
+    /// The hub closed the connection because this device is revoked.
+    #[error("the hub refused this device: it is revoked")]
+    Revoked,
 }
+
+/// How long a revoked box waits before it asks a hub again: an operator who
+/// re-enrolls it restarts it anyway, and a box retrying every second fills
+/// the hub's log and audit for nothing.
+pub const REVOKED_RETRY: std::time::Duration = std::time::Duration::from_secs(600);
+
+const REVOKED_FIX: &str = "Its tunnels stay down; to bring the box back, the security administrator makes a token with `gatewayctl token create --device ID --replace` and the box is enrolled again with it (`gatewayd enroll`). Asking again in 10 minutes";
 
 async fn connect(
     hub: &HostPort,
@@ -222,7 +269,12 @@ async fn connect(
             }
             e => ConnectError::Quic(e.to_string()),
         })?;
-    let refused = |e: String| refusal(&conn).map_or(ConnectError::Quic(e), ConnectError::Refused);
+    let refused = |e: String| {
+        if revoked(&conn) {
+            return ConnectError::Revoked;
+        }
+        refusal(&conn).map_or(ConnectError::Quic(e), ConnectError::Refused)
+    };
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| refused(e.to_string()))?;
     write_frame(
         &mut send,

@@ -195,6 +195,10 @@ enum TokenCommand {
         /// A label the box arrives with, KEY=VALUE (repeat for more).
         #[arg(long = "label", value_name = "KEY=VALUE")]
         labels: Vec<String>,
+        /// Write the token to this file (mode 0600; an existing file is
+        /// never overwritten) instead of standard output.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
     },
 }
 
@@ -307,10 +311,16 @@ enum AuditCommand {
     Verify {
         /// The export file.
         file: PathBuf,
+        /// Without --ca, exit 0 for an export whose hashes and links hold
+        /// (otherwise 3: its end and a consistent re-hash were not checked).
+        #[arg(long)]
+        unsigned_ok: bool,
     },
 }
 
 const USAGE: u8 = 2;
+/// `audit verify` without the hub's signature: what could be checked holds.
+const UNSIGNED: u8 = 3;
 const REFUSED: u8 = 1;
 const BAD_DATA: u8 = 65;
 const UNREACHABLE: u8 = 69;
@@ -318,8 +328,8 @@ const NO_PERM: u8 = 77;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Command::Audit(AuditCommand::Verify { file }) = &cli.command {
-        return ExitCode::from(verify(file, cli.ca.as_deref()));
+    if let Command::Audit(AuditCommand::Verify { file, unsigned_ok }) = &cli.command {
+        return ExitCode::from(verify(file, cli.ca.as_deref(), *unsigned_ok));
     }
     let (Some(hub), Some(ca), Some(credentials)) = (&cli.hub, &cli.ca, &cli.credentials) else {
         eprintln!("error: gatewayctl needs the hub, its CA and a credential");
@@ -418,7 +428,15 @@ async fn go(client: &OpsClient, command: Command) -> Result<(), u8> {
             expires,
             replace,
             labels,
+            out,
         }) => {
+            if let Some(out) = out.as_ref().filter(|o| o.exists()) {
+                eprintln!(
+                    "error: --out {}: the file exists and is not overwritten: choose another name, or remove it first",
+                    out.display()
+                );
+                return Err(USAGE);
+            }
             let d = gateway_core::units::parse_duration(&expires).map_err(|e| {
                 eprintln!("error: --expires: {e}; {}", e.hint);
                 USAGE
@@ -434,10 +452,30 @@ async fn go(client: &OpsClient, command: Command) -> Result<(), u8> {
             )
             .await?;
             let v = json(&b);
-            println!("{}", v["token"].as_str().unwrap_or_default());
-            eprintln!(
-                "single-use enrollment token for {device}, valid {expires}; on the box: gatewayd enroll --config FILE --token-file FILE"
-            );
+            let token = v["token"].as_str().unwrap_or_default();
+            match &out {
+                Some(out) => {
+                    gateway_daemon::tunnel::pki::write_new(out, &format!("{token}\n"), 0o600)
+                        .map_err(|e| {
+                            eprintln!(
+                                "error: --out {}: {e}; the token was made on the hub but not written: make another (the hub lets one expire unused)",
+                                out.display()
+                            );
+                            NO_PERM
+                        })?;
+                    eprintln!(
+                        "single-use enrollment token for {device}, valid {expires}, written to {} (mode 0600); on the box: gatewayd enroll --config FILE --token-file {}",
+                        out.display(),
+                        out.display()
+                    );
+                }
+                None => {
+                    println!("{token}");
+                    eprintln!(
+                        "single-use enrollment token for {device}, valid {expires}; on the box: gatewayd enroll --config FILE --token-file FILE (use --out FILE to write it owner-only)"
+                    );
+                }
+            }
         }
         Command::Devices(DevicesCommand::List {
             selector,
@@ -536,10 +574,20 @@ async fn go(client: &OpsClient, command: Command) -> Result<(), u8> {
                 eprintln!("error: {}: {e}", file.display());
                 USAGE
             })?;
+            // The hub locates its errors in this name (a plain one only).
+            let name = file
+                .file_name()
+                .and_then(|n| n.to_str())
+                .filter(|n| {
+                    n.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
+                })
+                .map(|n| format!("?file={n}"))
+                .unwrap_or_default();
             let (_, b) = call(
                 client,
                 "POST",
-                &format!("/v1/devices/{device}/config"),
+                &format!("/v1/devices/{device}/config{name}"),
                 Some(("application/toml", &text)),
             )
             .await?;
@@ -942,6 +990,9 @@ fn devices_table(v: &Value) -> String {
     );
     for d in v.as_array().into_iter().flatten() {
         let s = &d["status"];
+        // Relays and backlogs are of the last heartbeat: shown only while
+        // the box is online (HEARTBEAT says how old the rest is).
+        let current = d["state"].as_str() == Some("online");
         let backlog: u64 = s["backlogs"]
             .as_array()
             .into_iter()
@@ -960,8 +1011,16 @@ fn devices_table(v: &Value) -> String {
             config,
             until(&d["cert_not_after_ms"]),
             ago(&d["last_heartbeat_ms"]),
-            opt(&s["relays_open"]),
-            backlog,
+            if current {
+                opt(&s["relays_open"])
+            } else {
+                "-".into()
+            },
+            if current {
+                backlog.to_string()
+            } else {
+                "-".into()
+            },
             s["last_error"].as_str().unwrap_or("-"),
         );
     }
@@ -1012,7 +1071,7 @@ fn device_text(d: &Value) -> String {
     o
 }
 
-fn verify(file: &std::path::Path, ca: Option<&std::path::Path>) -> u8 {
+fn verify(file: &std::path::Path, ca: Option<&std::path::Path>, unsigned_ok: bool) -> u8 {
     let text = match std::fs::read_to_string(file) {
         Ok(t) => t,
         Err(e) => {
@@ -1022,17 +1081,31 @@ fn verify(file: &std::path::Path, ca: Option<&std::path::Path>) -> u8 {
     };
     match gateway_core::fleet::verify_export(&text) {
         Ok(s) => {
-            let signature = match ca {
-                None => Ok("the hub's signature not checked (give --ca)".to_owned()),
-                Some(ca) => std::fs::read(ca)
-                    .map_err(|e| format!("{}: {e}", ca.display()))
-                    .and_then(|pem| {
-                        let header =
-                            gateway_core::fleet::export_header(&text).map_err(|e| e.to_string())?;
-                        gateway_daemon::fleet::verify_export_signature(&header, &pem)
-                    })
-                    .map(|hub| format!("signed by hub {hub}, whose certificate chains to the CA")),
+            let Some(ca) = ca else {
+                println!(
+                    "{}: {} records of {} (records {} to {}), every hash and link checked up to the head in the file; \
+                     NOT checked without the hub's signature (give --ca FILE or GATEWAYCTL_CA): that no newer records were cut off \
+                     the end, and that the file was not re-hashed consistently after an edit",
+                    if unsigned_ok {
+                        "intact as far as checked"
+                    } else {
+                        "UNSIGNED"
+                    },
+                    s.records,
+                    s.device,
+                    s.first_seq,
+                    s.last_seq
+                );
+                return if unsigned_ok { 0 } else { UNSIGNED };
             };
+            let signature = std::fs::read(ca)
+                .map_err(|e| format!("{}: {e}", ca.display()))
+                .and_then(|pem| {
+                    let header =
+                        gateway_core::fleet::export_header(&text).map_err(|e| e.to_string())?;
+                    gateway_daemon::fleet::verify_export_signature(&header, &pem)
+                })
+                .map(|hub| format!("signed by hub {hub}, whose certificate chains to the CA"));
             match signature {
                 Ok(how) => {
                     println!(
