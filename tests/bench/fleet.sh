@@ -263,6 +263,20 @@ ctl sam rollout status "$id" --wait --timeout 30m > "$W/rollout.txt" 2>"$W/rollo
 td=$(now)
 printf 'rollout: %s to all %d edges in 4 waves: %.1f s (%s)\n' "$id" "$N" "$(echo "$td - $tq" | bc)" "$(head -n 1 "$W/rollout.txt")"
 grep -E '^wave|^  (failed|reverted|silent)' "$W/rollout.txt" | head -n 20 || true
+# What hub 1 knows of the first silent ones, right after the rollout stopped.
+cat > "$W/silent.py" <<'PY'
+import json, sys, time
+d = json.load(sys.stdin); now = time.time() * 1000
+hb = d.get("last_heartbeat_ms"); s = d.get("status") or {}
+age = f"{(now - hb) / 1000:.0f} s ago" if hb else "never"
+result = json.dumps(d.get("config_result"))[:120]
+print(f"  silent {d['id']}: state {d['state']}, connected to hub 1 {d['connected']}, last heartbeat {age}, "
+      f"config applied {d.get('config_applied')} of {d.get('config_desired')}, heartbeat says config "
+      f"{s.get('config_version')} (trying {s.get('config_trying')}), result {result}")
+PY
+for d in $(grep -E '^  silent: ' "$W/rollout.txt" | head -n 5 | awk '{print $2}'); do
+    ctl sam devices show "$d" --format json | python3 "$W/silent.py" || true
+done
 
 # A revocation.
 tv=$(now)

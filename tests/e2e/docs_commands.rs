@@ -156,3 +156,30 @@ fn no_page_promises_finished_work_for_later() {
         found.join("\n")
     );
 }
+
+/// docs/audit.md's table of operator events is the hub's list, in order.
+#[test]
+fn admin_events_are_the_code_s() {
+    let text = std::fs::read_to_string(common::root().join("docs/audit.md")).expect("audit.md");
+    let table = text
+        .split("<!-- admin-events -->")
+        .nth(1)
+        .and_then(|t| t.split("<!-- /admin-events -->").next())
+        .expect("docs/audit.md has the admin-events table");
+    let documented: Vec<(String, String)> = table
+        .lines()
+        .filter_map(|l| {
+            let cells: Vec<&str> = l.strip_prefix("| `admin.")?.splitn(2, "` |").collect();
+            let what = cells.get(1)?.trim().strip_suffix('|')?.trim();
+            Some(((*cells.first()?).to_owned(), what.to_owned()))
+        })
+        .collect();
+    let code: Vec<(String, String)> = gateway_core::fleet::ADMIN_EVENTS
+        .iter()
+        .map(|(e, w)| ((*e).to_owned(), (*w).to_owned()))
+        .collect();
+    assert_eq!(
+        documented, code,
+        "docs/audit.md differs from gateway_core::fleet::ADMIN_EVENTS"
+    );
+}

@@ -362,6 +362,18 @@ fn not_after(cert: &Path) -> i64 {
 #[test]
 fn enrollment_renewal_revocation_and_roles() {
     let mut hub = Hub::start("6s");
+    // The hub's own certificate (30 days here): its expiry on /metrics, and
+    // a warning at start since it is under 30 days.
+    let (hub_cert, _) = hub.pki.issue("hub-01");
+    let metrics = admin_get(&hub, "/metrics");
+    assert!(
+        metrics.contains(&format!(
+            "gateway_cert_expiry_timestamp_seconds {}",
+            not_after(&hub_cert).div_euclid(1000)
+        )),
+        "{metrics}"
+    );
+    hub.wait_log("The hub's certificate expires in");
     let echo = echo_server("127.0.1.1");
     let (config, state) = edge_config(&hub, "edge-a", echo, "");
 
@@ -491,9 +503,9 @@ fn enrollment_renewal_revocation_and_roles() {
             let revoked = audit
                 .iter()
                 .any(|l| l.contains("sue") && l.contains("device.revoke"));
-            let refused = audit
-                .iter()
-                .any(|l| l.contains("sam") && l.contains("admin.revoke") && l.contains("deny"));
+            let refused = audit.iter().any(|l| {
+                l.contains("sam") && l.contains("admin.device.revoke") && l.contains("deny")
+            });
             if revoked && refused {
                 Ok(())
             } else {
@@ -512,6 +524,33 @@ fn enrollment_renewal_revocation_and_roles() {
         since.join("\n")
     );
     edge.signal(Signal::SIGKILL);
+    let _ = edge.wait_exit();
+    // The security administrator brings the revoked id back on a replacing
+    // token; the box enrolls again and its tunnel comes up.
+    let (code, _, err) = hub.ctl(
+        "sam",
+        &["token", "create", "--device", "edge-a", "--replace"],
+    );
+    assert_ne!(code, 0, "the system administrator may not: {err}");
+    let (code, token, err) = hub.ctl(
+        "sue",
+        &["token", "create", "--device", "edge-a", "--replace"],
+    );
+    assert_eq!(code, 0, "{err}");
+    let (code, out) = enroll(&config, token.trim());
+    assert_eq!(code, 0, "{out}");
+    let mut back = Proc::start(&config);
+    back.wait_log("Tunnel up");
+    assert_ne!(hub.device("edge-a")["state"], "revoked");
+    let audit = audit_lines(&hub.dir.path().join("state"));
+    assert!(
+        audit
+            .iter()
+            .any(|l| l.contains("sue") && l.contains("token.create") && l.contains("replace=true")),
+        "{}",
+        audit.join("\n")
+    );
+    back.signal(Signal::SIGKILL);
 }
 
 #[test]
@@ -2140,7 +2179,7 @@ fn consumers_are_made_granted_and_revoked_by_the_right_roles() {
         "admin.consumer.create sam stats ok",
         "admin.consumer.grant sue stats ok [] may read edge-a/reports",
         "admin.consumer.revoke sue stats ok",
-        "admin.grant consumers a department's data sam stats deny",
+        "admin.consumer.grant sam stats deny",
     ] {
         // The audit writer commits in batches: wait for the record.
         wait_audit_line(&hub, want);

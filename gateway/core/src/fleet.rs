@@ -305,6 +305,59 @@ pub enum Action {
     DevicesVars,
 }
 
+/// Every operator action's audit event, recorded as `admin.EVENT` whether it
+/// was allowed (`ok`) or refused (`deny`, with the refusal in the detail),
+/// and what it is. docs/audit.md's table is tested against this list, and
+/// the hub checks every event it records is here (in debug builds).
+pub const ADMIN_EVENTS: &[(&str, &str)] = &[
+    (
+        "token.create",
+        "an enrollment token made (`replace=true`: re-enrolls an enrolled or revoked device)",
+    ),
+    ("device.list", "devices listed (`devices list`)"),
+    ("device.show", "one device read (`devices show`)"),
+    ("device.label", "labels set or removed"),
+    ("device.vars", "template variables set"),
+    ("device.vars.show", "template variables read"),
+    ("device.revoke", "a device revoked"),
+    ("command", "a remote command (reconnect, diagnostics)"),
+    ("config.push", "a config pushed to a device"),
+    ("config.show", "a pushed or applied config read"),
+    ("config.status", "every device's config status read"),
+    ("template.push", "a template version stored"),
+    ("template.list", "templates listed"),
+    ("template.show", "a template read"),
+    ("rollout.start", "a rollout started"),
+    ("rollout.list", "rollouts listed"),
+    ("rollout.status", "a rollout's status read"),
+    ("rollout.pause", "a rollout paused"),
+    ("rollout.resume", "a rollout resumed"),
+    ("rollout.abort", "a rollout aborted"),
+    ("rollout.rollback", "a rollout rolled back"),
+    ("audit.export", "a device's collected audit exported"),
+    ("consumer.create", "a consumer and its certificate made"),
+    ("consumer.list", "consumers listed"),
+    (
+        "consumer.grant",
+        "a consumer may read a department's stream",
+    ),
+    ("consumer.revoke-grant", "a consumer's grant withdrawn"),
+    ("consumer.revoke", "a consumer revoked"),
+    ("alarm.list", "alarms read"),
+    ("alarm.ack", "an alarm acknowledged"),
+    ("ban.list", "bans read"),
+    ("ban.lift", "a ban lifted"),
+    (
+        "auth",
+        "a request without a valid credential (subject: its address, summarised)",
+    ),
+];
+
+/// Whether `event` (without `admin.`) is one of [`ADMIN_EVENTS`].
+pub fn is_admin_event(event: &str) -> bool {
+    ADMIN_EVENTS.iter().any(|(e, _)| *e == event)
+}
+
 /// Whether `role` may do `action`. Nothing is shared between the system and
 /// security roles' write actions, and the audit role only reads (audit and
 /// alarms).

@@ -43,7 +43,9 @@ pub enum RegistryError {
     #[error("{0}")]
     Token(&'static str),
     /// The device is revoked.
-    #[error("device {0} is revoked")]
+    #[error(
+        "device {0} is revoked; to bring it back, the security administrator makes a token with gatewayctl token create --device {0} --replace"
+    )]
     Revoked(String),
     /// A device is held by another active rollout.
     #[error(
@@ -61,6 +63,13 @@ pub enum RegistryError {
     /// The caller's own step (signing a certificate) failed.
     #[error("{0}")]
     Refused(String),
+}
+
+/// Whether a device revoked at `revoked_ms` (if it is) may enroll on a
+/// token that `replaces` and was made at `token_created_ms`: only on a
+/// replacing token made after the revocation (tokens made before it are void).
+pub fn may_come_back(revoked_ms: Option<i64>, replaces: bool, token_created_ms: i64) -> bool {
+    revoked_ms.is_none_or(|r| replaces && token_created_ms > r)
 }
 
 /// One device as the hub knows it.

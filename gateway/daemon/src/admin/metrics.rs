@@ -755,7 +755,7 @@ impl Metrics {
         if let Some(t) = f.cert_not_after_s {
             let _ = writeln!(
                 o,
-                "# HELP gateway_cert_expiry_timestamp_seconds When the device certificate expires.\n# TYPE gateway_cert_expiry_timestamp_seconds gauge\ngateway_cert_expiry_timestamp_seconds {t}"
+                "# HELP gateway_cert_expiry_timestamp_seconds When this node's own certificate expires (an edge's device certificate, a hub's server certificate).\n# TYPE gateway_cert_expiry_timestamp_seconds gauge\ngateway_cert_expiry_timestamp_seconds {t}"
             );
             let _ = writeln!(
                 o,

@@ -53,6 +53,10 @@ pub struct EdgeFleet {
     validity: Mutex<Option<(i64, i64)>>,
     /// A pushed config is in its try window.
     trying: std::sync::atomic::AtomicBool,
+    /// Woken when a try ends: the sessions send a heartbeat at once, so
+    /// the hub (and a rollout waiting on it) hears the version is kept
+    /// without waiting up to an interval.
+    try_ended: tokio::sync::Notify,
     /// A renewal is in flight on one of the hubs' sessions: one at a time,
     /// or two hubs each record a new certificate and the box may keep the
     /// one the registry no longer knows (then every hub refuses it).
@@ -113,6 +117,7 @@ impl EdgeFleet {
             requests,
             validity: Mutex::new(validity),
             trying: std::sync::atomic::AtomicBool::new(false),
+            try_ended: tokio::sync::Notify::new(),
             renewal: std::sync::atomic::AtomicBool::new(false),
         }))
     }
@@ -124,8 +129,12 @@ impl EdgeFleet {
 
     /// Whether a pushed config is on trial (heartbeats say so).
     pub fn set_trying(&self, trying: bool) {
-        self.trying
-            .store(trying, std::sync::atomic::Ordering::Relaxed);
+        let was = self
+            .trying
+            .swap(trying, std::sync::atomic::Ordering::Relaxed);
+        if was && !trying {
+            self.try_ended.notify_waiters();
+        }
     }
 
     /// Records the config in force.
@@ -255,6 +264,13 @@ pub async fn session(
                 if write_msg(&mut send, &Message::Heartbeat(fleet.status(&ctx))).await.is_err() {
                     break;
                 }
+            }
+            () = fleet.try_ended.notified() => {
+                // A pushed config was kept or reverted: say so now.
+                if write_msg(&mut send, &Message::Heartbeat(fleet.status(&ctx))).await.is_err() {
+                    break;
+                }
+                heartbeat.reset();
             }
             _ = ship.tick(), if cursor.is_some() => {
                 let from = cursor.unwrap_or(1);

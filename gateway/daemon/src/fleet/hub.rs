@@ -371,7 +371,7 @@ impl Fleet {
         self.ctx.audit.record(
             by,
             device,
-            "device.revoke",
+            "admin.device.revoke",
             "ok",
             "",
             format!("connections_closed={closed}"),
@@ -1041,6 +1041,8 @@ impl Fleet {
         match change.kind {
             ChangeKind::Revoked => self.cut_revoked(&device),
             ChangeKind::Enrolled | ChangeKind::Renewed => {
+                // A revoked device re-enrolled on a replacing token is back.
+                lock(&self.revoked).remove(&device);
                 if self.devices.ids().contains(&device) {
                     self.close_superseded(&[device]).await;
                 }

@@ -208,15 +208,22 @@ pub(super) async fn account(
 }
 
 /// Who is asking, checked for `action`; refusals are audited.
+/// `event`: the action's audit event without `admin.` (the one its allowed
+/// form records too, as [`audit_ok`]); `what`: the action in words.
 pub(super) async fn authorize(
     fleet: &Fleet,
     caller: &Caller,
     action: Action,
+    event: &str,
     what: &str,
     object: &str,
 ) -> Result<(String, AdminRole), ApiError> {
     // The object comes from the request (a path's device id): escaped and
     // capped before it is audited.
+    debug_assert!(
+        fleet::is_admin_event(event),
+        "undocumented event admin.{event}"
+    );
     let object = &gateway_core::refusals::peer_text(object);
     let (name, role) = account(fleet, caller).await?;
     if !fleet::allowed(role, action) {
@@ -229,7 +236,7 @@ pub(super) async fn authorize(
         fleet.ctx().audit.record(
             &name,
             object,
-            &format!("admin.{what}"),
+            &format!("admin.{event}"),
             "deny",
             "",
             message.clone(),
@@ -240,6 +247,10 @@ pub(super) async fn authorize(
 }
 
 pub(super) fn audit_ok(fleet: &Fleet, account: &str, what: &str, object: &str, detail: String) {
+    debug_assert!(
+        fleet::is_admin_event(what),
+        "undocumented event admin.{what}"
+    );
     fleet
         .ctx()
         .audit
@@ -351,7 +362,15 @@ async fn device_label(
     Path(id): Path<String>,
     body: axum::body::Bytes,
 ) -> Answer {
-    let (by, _) = authorize(&fleet, &caller, Action::DevicesLabel, "label devices", &id).await?;
+    let (by, _) = authorize(
+        &fleet,
+        &caller,
+        Action::DevicesLabel,
+        "device.label",
+        "label devices",
+        &id,
+    )
+    .await?;
     checked_id(&id)?;
     let req: LabelReq = parse_json(&body)?;
     let change = label_change(&id, &req.labels)?;
@@ -392,7 +411,7 @@ async fn token_create(
     } else {
         (Action::TokenCreate, "create enrollment tokens")
     };
-    let (by, _) = authorize(&fleet, &caller, action, what, object).await?;
+    let (by, _) = authorize(&fleet, &caller, action, "token.create", what, object).await?;
     let req = parsed?;
     if let Err(e) = gateway_core::units::check_name("device", &req.device) {
         return Err(ApiError::new(
@@ -618,6 +637,7 @@ async fn devices_list(
         &fleet,
         &caller,
         Action::DevicesRead,
+        "device.list",
         "list devices",
         "devices",
     )
@@ -656,7 +676,15 @@ async fn device_show(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Answer {
-    authorize(&fleet, &caller, Action::DevicesRead, "show devices", &id).await?;
+    authorize(
+        &fleet,
+        &caller,
+        Action::DevicesRead,
+        "device.show",
+        "show devices",
+        &id,
+    )
+    .await?;
     checked_id(&id)?;
     let row = fleet
         .registry()
@@ -677,6 +705,7 @@ async fn config_status(State(fleet): State<Arc<Fleet>>, caller: Caller) -> Answe
         &fleet,
         &caller,
         Action::DevicesRead,
+        "config.status",
         "read config status",
         "config",
     )
@@ -703,7 +732,15 @@ async fn config_status(State(fleet): State<Arc<Fleet>>, caller: Caller) -> Answe
 }
 
 async fn revoke(State(fleet): State<Arc<Fleet>>, caller: Caller, Path(id): Path<String>) -> Answer {
-    let (by, _) = authorize(&fleet, &caller, Action::Revoke, "revoke devices", &id).await?;
+    let (by, _) = authorize(
+        &fleet,
+        &caller,
+        Action::Revoke,
+        "device.revoke",
+        "revoke devices",
+        &id,
+    )
+    .await?;
     checked_id(&id)?;
     let fresh = fleet.revoke(&id, &by).await.map_err(internal)?;
     Ok(axum::Json(json!({ "device": id, "revoked": true, "already": !fresh })).into_response())
@@ -876,7 +913,15 @@ async fn command(
     caller: Caller,
     Path((id, kind)): Path<(String, String)>,
 ) -> Answer {
-    let (by, _) = authorize(&fleet, &caller, Action::Command, "run remote commands", &id).await?;
+    let (by, _) = authorize(
+        &fleet,
+        &caller,
+        Action::Command,
+        "command",
+        "run remote commands",
+        &id,
+    )
+    .await?;
     checked_id(&id)?;
     let kind = match kind.as_str() {
         "reconnect" => CommandKind::Reconnect,
@@ -915,7 +960,15 @@ async fn config_show(
     Path(id): Path<String>,
     Query(q): Query<Which>,
 ) -> Answer {
-    authorize(&fleet, &caller, Action::DevicesRead, "read config", &id).await?;
+    authorize(
+        &fleet,
+        &caller,
+        Action::DevicesRead,
+        "config.show",
+        "read config",
+        &id,
+    )
+    .await?;
     checked_id(&id)?;
     let reg = fleet.registry();
     let found = match q.version.as_deref() {
@@ -968,7 +1021,15 @@ async fn audit_export(
     Path(id): Path<String>,
     Query(q): Query<Since>,
 ) -> Answer {
-    let (by, _) = authorize(&fleet, &caller, Action::AuditRead, "read audit", &id).await?;
+    let (by, _) = authorize(
+        &fleet,
+        &caller,
+        Action::AuditRead,
+        "audit.export",
+        "read audit",
+        &id,
+    )
+    .await?;
     checked_id(&id)?;
     let since_ms = match q.since.as_deref() {
         None => 0,
@@ -1058,6 +1119,7 @@ async fn consumer_create(
         &fleet,
         &caller,
         Action::ConsumerCreate,
+        "consumer.create",
         "create consumers",
         object,
     )
@@ -1117,6 +1179,7 @@ async fn consumer_list(State(fleet): State<Arc<Fleet>>, caller: Caller) -> Answe
         &fleet,
         &caller,
         Action::DevicesRead,
+        "consumer.list",
         "list consumers",
         "consumers",
     )
@@ -1201,6 +1264,7 @@ async fn consumer_grant(
         &fleet,
         &caller,
         Action::ConsumerGrant,
+        "consumer.grant",
         "grant consumers a department's data",
         &name,
     )
@@ -1236,6 +1300,7 @@ async fn consumer_revoke_grant(
         &fleet,
         &caller,
         Action::ConsumerGrant,
+        "consumer.revoke-grant",
         "withdraw consumers' grants",
         &name,
     )
@@ -1278,6 +1343,7 @@ async fn consumer_revoke(
         &fleet,
         &caller,
         Action::ConsumerRevoke,
+        "consumer.revoke",
         "revoke consumers",
         &name,
     )
@@ -1345,7 +1411,15 @@ async fn alarms_list(
     caller: Caller,
     Query(q): Query<AlarmsQuery>,
 ) -> Answer {
-    authorize(&fleet, &caller, Action::AlarmsRead, "read alarms", "alarms").await?;
+    authorize(
+        &fleet,
+        &caller,
+        Action::AlarmsRead,
+        "alarm.list",
+        "read alarms",
+        "alarms",
+    )
+    .await?;
     if let Some(d) = &q.device {
         checked_id(d)?;
     }
@@ -1365,7 +1439,15 @@ async fn alarm_ack(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Answer {
-    let (by, _) = authorize(&fleet, &caller, Action::AlarmAck, "acknowledge alarms", &id).await?;
+    let (by, _) = authorize(
+        &fleet,
+        &caller,
+        Action::AlarmAck,
+        "alarm.ack",
+        "acknowledge alarms",
+        &id,
+    )
+    .await?;
     if !gateway_core::detect::valid_alarm_id(&id) {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -1396,7 +1478,15 @@ async fn alarm_ack(
 }
 
 async fn bans_list(State(fleet): State<Arc<Fleet>>, caller: Caller) -> Answer {
-    authorize(&fleet, &caller, Action::AlarmsRead, "read alarms", "bans").await?;
+    authorize(
+        &fleet,
+        &caller,
+        Action::AlarmsRead,
+        "ban.list",
+        "read alarms",
+        "bans",
+    )
+    .await?;
     let bans: Vec<Value> = fleet
         .ctx()
         .guard
@@ -1424,7 +1514,15 @@ async fn ban_lift(
     caller: Caller,
     axum::Json(r): axum::Json<LiftRequest>,
 ) -> Answer {
-    let (by, _) = authorize(&fleet, &caller, Action::BanLift, "lift bans", &r.address).await?;
+    let (by, _) = authorize(
+        &fleet,
+        &caller,
+        Action::BanLift,
+        "ban.lift",
+        "lift bans",
+        &r.address,
+    )
+    .await?;
     let Ok(ip) = r.address.parse::<std::net::IpAddr>() else {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,

@@ -63,7 +63,7 @@ fn checked_template(name: &str) -> Result<(), ApiError> {
 async fn pusher(
     fleet: &Fleet,
     caller: &Caller,
-    what: &str,
+    (event, what): (&str, &str),
     object: &str,
 ) -> Result<(String, AdminRole), ApiError> {
     let (by, role) = account(fleet, caller).await?;
@@ -72,7 +72,7 @@ async fn pusher(
     {
         return Ok((by, role));
     }
-    authorize(fleet, caller, Action::ConfigPushOther, what, object).await
+    authorize(fleet, caller, Action::ConfigPushOther, event, what, object).await
 }
 
 /// Refuses `role` a change that touches a part it may not change, naming
@@ -81,7 +81,7 @@ fn role_covers(
     fleet: &Fleet,
     (by, role): (&str, AdminRole),
     change: fleet::Change,
-    whose: &str,
+    (event, whose): (&str, &str),
     object: &str,
 ) -> Result<(), ApiError> {
     for action in ctl::role_needed(change) {
@@ -96,10 +96,14 @@ fn role_covers(
                 role_name(role),
                 role_for(action)
             );
-            fleet
-                .ctx()
-                .audit
-                .record(by, object, "admin.rollout", "deny", "", message.clone());
+            fleet.ctx().audit.record(
+                by,
+                object,
+                &format!("admin.{event}"),
+                "deny",
+                "",
+                message.clone(),
+            );
             warn!(%message, "Operator API: refused");
             return Err(ApiError::new(StatusCode::FORBIDDEN, message));
         }
@@ -113,7 +117,7 @@ async fn template_push(
     Path(name): Path<String>,
     body: String,
 ) -> Answer {
-    let (by, role) = pusher(&fleet, &caller, "push templates", &name).await?;
+    let (by, role) = pusher(&fleet, &caller, ("template.push", "push templates"), &name).await?;
     checked_template(&name)?;
     if body.len() > template::MAX_TEMPLATE {
         return Err(bad(format!(
@@ -169,7 +173,13 @@ async fn template_push(
     // each box's config); each version after it is classified against the
     // one before, as pushes are.
     if before.is_some() {
-        role_covers(&fleet, (&by, role), change, " of the template", &name)?;
+        role_covers(
+            &fleet,
+            (&by, role),
+            change,
+            ("template.push", " of the template"),
+            &name,
+        )?;
     }
     let version = reg
         .put_template(NewTemplate {
@@ -207,6 +217,7 @@ async fn template_list(State(fleet): State<Arc<Fleet>>, caller: Caller) -> Answe
         &fleet,
         &caller,
         Action::DevicesRead,
+        "template.list",
         "list templates",
         "templates",
     )
@@ -243,6 +254,7 @@ async fn template_show(
         &fleet,
         &caller,
         Action::DevicesRead,
+        "template.show",
         "read templates",
         &name,
     )
@@ -298,6 +310,7 @@ async fn vars_set(
         &fleet,
         &caller,
         Action::DevicesVars,
+        "device.vars",
         "set device variables",
         &id,
     )
@@ -344,6 +357,7 @@ async fn vars_show(
         &fleet,
         &caller,
         Action::DevicesRead,
+        "device.vars.show",
         "read device variables",
         &id,
     )
@@ -389,7 +403,13 @@ async fn rollout_start(
     caller: Caller,
     body: axum::body::Bytes,
 ) -> Answer {
-    let (by, role) = pusher(&fleet, &caller, "start rollouts", "rollouts").await?;
+    let (by, role) = pusher(
+        &fleet,
+        &caller,
+        ("rollout.start", "start rollouts"),
+        "rollouts",
+    )
+    .await?;
     let req: StartReq = parse_json(&body)?;
     checked_template(&req.template)?;
     let steps = rollout::parse_waves(&req.waves).map_err(bad)?;
@@ -534,7 +554,13 @@ async fn rollout_start(
         ),
     ] {
         if let Some(d) = first {
-            role_covers(&fleet, (&by, role), change, &format!(" on {d}"), &t.name)?;
+            role_covers(
+                &fleet,
+                (&by, role),
+                change,
+                ("rollout.start", &format!(" on {d}")),
+                &t.name,
+            )?;
         }
     }
     let ends = rollout::plan(picked.len(), &steps, min_wave);
@@ -695,6 +721,7 @@ async fn rollout_list(State(fleet): State<Arc<Fleet>>, caller: Caller) -> Answer
         &fleet,
         &caller,
         Action::DevicesRead,
+        "rollout.list",
         "list rollouts",
         "rollouts",
     )
@@ -726,7 +753,15 @@ async fn rollout_show(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Answer {
-    authorize(&fleet, &caller, Action::DevicesRead, "read rollouts", &id).await?;
+    authorize(
+        &fleet,
+        &caller,
+        Action::DevicesRead,
+        "rollout.status",
+        "read rollouts",
+        &id,
+    )
+    .await?;
     checked_rollout(&id)?;
     let (doc, st) = current(&fleet, &id).await?;
     Ok(axum::Json(status_json(&doc, &st)).into_response())
@@ -760,7 +795,13 @@ async fn rollout_command(
             "the rollout commands are pause, resume, abort and rollback".into(),
         ));
     }
-    let (by, role) = pusher(&fleet, &caller, &format!("{verb} rollouts"), &id).await?;
+    let (by, role) = pusher(
+        &fleet,
+        &caller,
+        (&format!("rollout.{verb}"), &format!("{verb} rollouts")),
+        &id,
+    )
+    .await?;
     checked_rollout(&id)?;
     // The failures counted now (for resume).
     let failures_now = if verb == "resume" {

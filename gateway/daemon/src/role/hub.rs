@@ -88,6 +88,28 @@ pub(super) async fn open_stores(h: &config::Hub, state_dir: &Path) -> Result<Sto
     })
 }
 
+/// A hub's own certificate is not renewed over a tunnel as a box's is: its
+/// expiry goes on `/metrics` (`gateway_cert_expiry_timestamp_seconds`) and
+/// the log warns from 30 days before it (docs/operate.md, "The hub's own
+/// certificate").
+fn hub_cert_expiry(ctx: &Ctx, cert: &Path) {
+    let Some((_, not_after_ms)) = std::fs::read_to_string(cert)
+        .ok()
+        .and_then(|pem| crate::tunnel::pki::validity(&pem))
+    else {
+        return;
+    };
+    ctx.metrics.cert_expiry(not_after_ms);
+    let days = (not_after_ms - crate::node::clock::now_ms()).div_euclid(86_400_000);
+    if days < 30 {
+        tracing::warn!(
+            cert = %cert.display(),
+            days,
+            "The hub's certificate expires in {days} days: issue a new one with gatewayd pki issue and restart the hub (docs/operate.md, \"The hub's own certificate\")"
+        );
+    }
+}
+
 /// The registry alone, for the offline commands (`gatewayd accounts`).
 ///
 /// # Errors
@@ -122,6 +144,7 @@ pub(super) fn start(
         &h.settings.cert.path,
         &h.settings.key.path,
     )?;
+    hub_cert_expiry(ctx, &h.settings.cert.path);
     let endpoints =
         endpoint::hub_endpoints(bindings.udp.take(), h.settings.listen, &server, state_dir)?;
     let quic_addr = endpoints.first().and_then(|e| e.local_addr().ok());

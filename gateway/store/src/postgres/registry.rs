@@ -147,7 +147,9 @@ impl PgRegistry {
 
     async fn create_token(&self, t: NewToken) -> R<()> {
         let c = self.pg.client().await?;
-        if is_revoked(&c, &t.device).await? {
+        // A revoked device comes back only on a replacing token (the
+        // security administrator's), made after the revocation.
+        if !t.replaces && is_revoked(&c, &t.device).await? {
             return Err(RegistryError::Revoked(t.device));
         }
         c.execute(
@@ -172,15 +174,15 @@ impl PgRegistry {
         // The token's row is locked: a second redemption waits, then sees it used.
         let row = tx
             .query_opt(
-                "SELECT device, expires_ms, used_ms, replaces FROM token WHERE digest = $1 FOR UPDATE",
+                "SELECT device, expires_ms, used_ms, replaces, created_ms FROM token WHERE digest = $1 FOR UPDATE",
                 &[&e.digest],
             )
             .await?;
         let Some(row) = row else {
             return Err(RegistryError::Token("unknown enrollment token"));
         };
-        let (for_device, expires, used, replaces): (String, i64, Option<i64>, bool) =
-            (row.get(0), row.get(1), row.get(2), row.get(3));
+        let (for_device, expires, used, replaces, created): (String, i64, Option<i64>, bool, i64) =
+            (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
         if used.is_some() {
             return Err(RegistryError::Token(
                 "this enrollment token was used already; ask central ops for a new one",
@@ -204,7 +206,7 @@ impl PgRegistry {
             .await?;
         let (revoked, not_after): (Option<i64>, Option<i64>) =
             dev.map_or((None, None), |r| (r.get(0), r.get(1)));
-        if revoked.is_some() {
+        if !crate::registry::may_come_back(revoked, replaces, created) {
             return Err(RegistryError::Revoked(e.device));
         }
         if not_after.is_some_and(|t| t > e.now_ms) && !replaces {
@@ -221,7 +223,8 @@ impl PgRegistry {
         tx.execute(
             "INSERT INTO device (id, enrolled_ms, not_after_ms, serial, serial_seen) VALUES ($1, $2, $3, $4, FALSE)
              ON CONFLICT (id) DO UPDATE SET enrolled_ms = $2, not_after_ms = $3, serial = $4,
-                 serial_seen = FALSE, prev_serial = NULL, prev_until_ms = NULL",
+                 serial_seen = FALSE, prev_serial = NULL, prev_until_ms = NULL,
+                 revoked_ms = NULL, revoked_by = NULL",
             &[&e.device, &e.now_ms, &not_after, &serial],
         )
         .await?;

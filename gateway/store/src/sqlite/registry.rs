@@ -278,7 +278,9 @@ impl SqliteRegistry {
         (by, now_ms): (&str, i64),
         replaces: bool,
     ) -> Result<(), RegistryError> {
-        if self.is_revoked(device)? {
+        // A revoked device comes back only on a replacing token (the
+        // security administrator's), made after the revocation.
+        if !replaces && self.is_revoked(device)? {
             return Err(RegistryError::Revoked(device.to_owned()));
         }
         self.db.execute(
@@ -305,14 +307,14 @@ impl SqliteRegistry {
         let tx = self
             .db
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let row: Option<(String, i64, Option<i64>, bool)> = tx
+        let row: Option<(String, i64, Option<i64>, bool, i64)> = tx
             .query_row(
-                "SELECT device, expires_ms, used_ms, replaces FROM token WHERE digest = ?1",
+                "SELECT device, expires_ms, used_ms, replaces, created_ms FROM token WHERE digest = ?1",
                 [digest],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
             )
             .optional()?;
-        let Some((for_device, expires, used, replaces)) = row else {
+        let Some((for_device, expires, used, replaces, created)) = row else {
             return Err(RegistryError::Token("unknown enrollment token"));
         };
         if used.is_some() {
@@ -330,12 +332,15 @@ impl SqliteRegistry {
                 "this enrollment token has expired; ask central ops for a new one",
             ));
         }
-        let revoked: bool = tx.query_row(
-            "SELECT EXISTS (SELECT 1 FROM device WHERE id = ?1 AND revoked_ms IS NOT NULL)",
-            [device],
-            |r| r.get(0),
-        )?;
-        if revoked {
+        let revoked: Option<i64> = tx
+            .query_row(
+                "SELECT revoked_ms FROM device WHERE id = ?1",
+                [device],
+                |r| r.get(0),
+            )
+            .optional()?
+            .flatten();
+        if !crate::registry::may_come_back(revoked, replaces, created) {
             return Err(RegistryError::Revoked(device.to_owned()));
         }
         // A second identity for an enrolled department takes a token made to
@@ -360,7 +365,8 @@ impl SqliteRegistry {
         tx.execute(
             "INSERT INTO device (id, enrolled_ms, not_after_ms, serial, serial_seen) VALUES (?1, ?2, ?3, ?4, 0)
              ON CONFLICT (id) DO UPDATE SET enrolled_ms = ?2, not_after_ms = ?3, serial = ?4,
-                 serial_seen = 0, prev_serial = NULL, prev_until_ms = NULL",
+                 serial_seen = 0, prev_serial = NULL, prev_until_ms = NULL,
+                 revoked_ms = NULL, revoked_by = NULL",
             params![device, now_ms, not_after, serial],
         )?;
         log_change(&tx, ChangeKind::Enrolled, device, now_ms)?;
@@ -1370,6 +1376,17 @@ mod tests {
             r.create_token("e1", "t5", 1_000, "alice", 0),
             Err(RegistryError::Revoked(_))
         ));
+        // A replacing token made after the revocation brings it back; one
+        // made before it is void.
+        r.create_token_for("e2", "t6", 1_000, ("sue", 0), true)
+            .expect("replacing token");
+        assert!(r.revoke("e2", "bob", 20).expect("revoke"));
+        assert!(r.enroll("t6", "e2", 30, sign).is_err());
+        assert!(r.is_revoked("e2").expect("revoked?"));
+        r.create_token_for("e2", "t7", 1_000, ("sue", 40), true)
+            .expect("replacing token after the revocation");
+        r.enroll("t7", "e2", 50, sign).expect("re-enrolled");
+        assert!(!r.is_revoked("e2").expect("revoked?"));
     }
 
     #[test]
