@@ -2523,7 +2523,9 @@ fn a_template_rolls_out_in_waves_pauses_on_a_failure_and_rolls_back() {
     );
     assert_eq!(code, 77, "{err}");
     assert!(
-        err.contains("may not change policy sections") && err.contains("of the template"),
+        err.contains("may not change policy keys (service[")
+            && err.contains("].allow;")
+            && err.contains("of the template"),
         "{err}"
     );
     let (code, _, err) = push_template(
@@ -2532,7 +2534,7 @@ fn a_template_rolls_out_in_waves_pauses_on_a_failure_and_rolls_back() {
         &template.replace("heartbeat = \"2s\"", "heartbeat = \"3s\""),
     );
     assert_eq!(code, 77, "{err}");
-    assert!(err.contains("non-policy sections"), "{err}");
+    assert!(err.contains("non-policy keys (uplink.heartbeat)"), "{err}");
     // A variable no device has: refused naming the device, line and variable.
     let line = template
         .lines()

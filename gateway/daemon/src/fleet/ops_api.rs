@@ -767,7 +767,7 @@ fn push_file_name(file: Option<&str>, id: &str) -> String {
 }
 
 /// Up to eight of `keys`, for a message.
-fn some_keys(keys: &[String]) -> String {
+pub(super) fn some_keys(keys: &[String]) -> String {
     let mut s = keys.iter().take(8).cloned().collect::<Vec<_>>().join(", ");
     if keys.len() > 8 {
         s += &format!(" and {} more", keys.len() - 8);

@@ -31,7 +31,7 @@ use tracing::warn;
 use super::hub::Fleet;
 use super::ops_api::{
     Answer, ApiError, Caller, account, audit_ok, authorize, checked_id, internal, parse_json,
-    role_for, role_name, select,
+    role_for, role_name, select, some_keys,
 };
 use super::rollout::{self as ctl, RolloutError};
 use crate::node::clock::now_ms;
@@ -80,16 +80,21 @@ async fn pusher(
 fn role_covers(
     fleet: &Fleet,
     (by, role): (&str, AdminRole),
-    change: fleet::Change,
+    (old, new): (&str, &str),
     (event, whose): (&str, &str),
     object: &str,
 ) -> Result<(), ApiError> {
+    let change = fleet::classify_change(old, new);
     for action in ctl::role_needed(change) {
         if !fleet::allowed(role, action) {
+            let (policy_keys, other_keys) = fleet::changed_keys(old, new);
             let part = if action == Action::ConfigPushPolicy {
-                "policy sections (zones, allow lists, content rules, where services, accesses and the uplink connect)"
+                format!(
+                    "policy keys ({}; the table in docs/operate.md, \"Push config\")",
+                    some_keys(&policy_keys)
+                )
             } else {
-                "non-policy sections"
+                format!("non-policy keys ({})", some_keys(&other_keys))
             };
             let message = format!(
                 "account {by} ({}) may not change {part}{whose}: that is the {}'s; make those changes separately",
@@ -176,7 +181,7 @@ async fn template_push(
         role_covers(
             &fleet,
             (&by, role),
-            change,
+            (&old, &symbolic),
             ("template.push", " of the template"),
             &name,
         )?;
@@ -501,11 +506,11 @@ async fn rollout_start(
                 let c = fleet::classify_change(base, text);
                 if c.policy {
                     policy += 1;
-                    first_policy.get_or_insert(d.clone());
+                    first_policy.get_or_insert((d.clone(), base.as_str(), text.as_str()));
                 }
                 if c.other {
                     other += 1;
-                    first_other.get_or_insert(d.clone());
+                    first_other.get_or_insert((d.clone(), base.as_str(), text.as_str()));
                 }
                 if !c.policy && !c.other {
                     unchanged += 1;
@@ -537,31 +542,15 @@ async fn rollout_start(
         )
             .into_response());
     }
-    for (first, change) in [
-        (
-            &first_policy,
-            fleet::Change {
-                policy: true,
-                other: false,
-            },
-        ),
-        (
-            &first_other,
-            fleet::Change {
-                policy: false,
-                other: true,
-            },
-        ),
-    ] {
-        if let Some(d) = first {
-            role_covers(
-                &fleet,
-                (&by, role),
-                change,
-                ("rollout.start", &format!(" on {d}")),
-                &t.name,
-            )?;
-        }
+    // The first device each part changes on, against its own config.
+    for (d, base, text) in first_policy.iter().chain(&first_other) {
+        role_covers(
+            &fleet,
+            (&by, role),
+            (base, text),
+            ("rollout.start", &format!(" on {d}")),
+            &t.name,
+        )?;
     }
     let ends = rollout::plan(picked.len(), &steps, min_wave);
     let summary = json!({
