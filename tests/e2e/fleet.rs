@@ -1990,13 +1990,63 @@ fn the_ca_rotates_as_the_operators_guide_says() {
         assert_eq!(common::code(&out), 0, "{args:?}: {:?}", common::text(&out));
     };
 
-    // 1. A new CA.
+    // The box reports the CA it trusts.
+    let fingerprints = |p: &Path| gateway_daemon::tunnel::pki::fingerprints(&pem(p));
+    let trusts = |hub: &Hub, want: Vec<String>| {
+        poll_blocking("the box reports its CAs", Duration::from_secs(15), || {
+            let d = hub.device("edge-a");
+            let ca: Vec<String> = d["status"]["ca"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect();
+            if ca == want {
+                Ok(())
+            } else {
+                Err(format!("{ca:?} != {want:?}"))
+            }
+        });
+    };
+    trusts(&hub, fingerprints(&old_ca));
+    // 1. A new CA, named apart from the old one.
     let new_ca = hub.dir.path().join("ca-2027");
-    gatewayd(&["pki", "init", "--out", &path(&new_ca)]);
-    // 2. The box trusts the old and the new CA; it reads the bundle when it
-    //    next renews.
-    std::fs::write(&box_ca, pem(&old_ca) + &pem(&new_ca.join("ca.pem"))).expect("bundle");
+    gatewayd(&[
+        "pki",
+        "init",
+        "--out",
+        &path(&new_ca),
+        "--name",
+        "Jilin e-gov CA 2027",
+    ]);
+    // 2. The box trusts the old and the new CA (a bundle `pki bundle` makes,
+    //    put in place of its file); it reads the bundle when it next renews,
+    //    and says so in its heartbeat.
+    let staged = hub.dir.path().join("box-bundle.pem");
+    gatewayd(&[
+        "pki",
+        "bundle",
+        "--out",
+        &path(&staged),
+        &path(&old_ca),
+        &path(&new_ca.join("ca.pem")),
+    ]);
+    std::fs::rename(&staged, &box_ca).expect("bundle in place");
     edge.wait_next_log("Certificate renewed");
+    trusts(
+        &hub,
+        [fingerprints(&old_ca), fingerprints(&new_ca.join("ca.pem"))].concat(),
+    );
+    let (_, listing, _) = hub.ctl("sam", &["devices", "list"]);
+    let short = |f: &[String]| f[0][..8].to_owned();
+    assert!(
+        listing.contains(&format!(
+            "{}+{}",
+            short(&fingerprints(&old_ca)),
+            short(&fingerprints(&new_ca.join("ca.pem")))
+        )),
+        "{listing}"
+    );
     // 3. The hub checks against new + old and signs with the new key.
     let hub_bundle = hub.dir.path().join("ca-bundle.pem");
     std::fs::write(&hub_bundle, pem(&new_ca.join("ca.pem")) + &pem(&old_ca)).expect("bundle");

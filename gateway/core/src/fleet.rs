@@ -49,7 +49,28 @@ pub struct Status {
     /// try window is open): not proven good.
     #[serde(default)]
     pub config_trying: bool,
+    /// SHA-256 fingerprints of the CA certificates the box trusts hubs by,
+    /// as it read them last (at start, renewal or an uplink reload): in a CA
+    /// rotation, which boxes hold the new bundle.
+    #[serde(default)]
+    pub ca: Vec<String>,
 }
+
+impl Status {
+    /// Keeps only what a hub may store of a peer's claim: at most
+    /// [`crate::fleet::MAX_CA`] fingerprints, each 64 lowercase hex digits.
+    pub fn bound(&mut self) {
+        self.ca.retain(|f| {
+            f.len() == 64
+                && f.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        });
+        self.ca.truncate(MAX_CA);
+    }
+}
+
+/// CA fingerprints a heartbeat may carry.
+pub const MAX_CA: usize = 8;
 
 /// What an edge did with an offered config.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

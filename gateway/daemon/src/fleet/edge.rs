@@ -53,6 +53,8 @@ pub struct EdgeFleet {
     validity: Mutex<Option<(i64, i64)>>,
     /// A pushed config is in its try window.
     trying: std::sync::atomic::AtomicBool,
+    /// Fingerprints of the CA file as last read for the tunnels.
+    ca_fingerprints: Mutex<Vec<String>>,
     /// Woken when a try ends: the sessions send a heartbeat at once, so
     /// the hub (and a rollout waiting on it) hears the version is kept
     /// without waiting up to an interval.
@@ -61,6 +63,13 @@ pub struct EdgeFleet {
     /// or two hubs each record a new certificate and the box may keep the
     /// one the registry no longer knows (then every hub refuses it).
     renewal: std::sync::atomic::AtomicBool,
+}
+
+/// The fingerprints of the CA certificates in `path` (empty when unreadable).
+fn ca_fingerprints(path: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .map(|pem| pki::fingerprints(&pem))
+        .unwrap_or_default()
 }
 
 /// A session's claim on the box's one renewal in flight; given back when
@@ -117,6 +126,7 @@ impl EdgeFleet {
             requests,
             validity: Mutex::new(validity),
             trying: std::sync::atomic::AtomicBool::new(false),
+            ca_fingerprints: Mutex::new(ca_fingerprints(&e.uplink.ca.path)),
             try_ended: tokio::sync::Notify::new(),
             renewal: std::sync::atomic::AtomicBool::new(false),
         }))
@@ -188,6 +198,7 @@ impl EdgeFleet {
             last_error: super::logring::last_error(),
             interval_s: self.heartbeat_now(ctx).as_secs().max(1),
             config_trying: self.trying.load(std::sync::atomic::Ordering::Relaxed),
+            ca: lock(&self.ca_fingerprints).clone(),
         }
     }
 
@@ -204,6 +215,7 @@ impl EdgeFleet {
             .client
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = client;
+        *lock(&self.ca_fingerprints) = ca_fingerprints(&self.ca);
         *lock(&self.validity) = Some(v);
         ctx.metrics.cert_expiry(v.1);
         Ok(v)

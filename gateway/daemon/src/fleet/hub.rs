@@ -673,7 +673,8 @@ impl Fleet {
     async fn handle(&self, device: &str, m: Message, tx: &mpsc::UnboundedSender<Message>) {
         let d = device.to_owned();
         match m {
-            Message::Heartbeat(status) => {
+            Message::Heartbeat(mut status) => {
+                status.bound();
                 let json = serde_json::to_string(&status).unwrap_or_default();
                 // Coalesced: the newest per device, written within a second.
                 let changed = status

@@ -411,6 +411,118 @@ pub fn new_request(id: &str) -> Result<(String, String), PkiError> {
     Ok((key.serialize_pem(), csr.pem()?))
 }
 
+/// The SHA-256 fingerprint (lowercase hex of the DER) of every certificate
+/// in `pem` (a CA file or bundle), in the file's order; what a box reports
+/// it trusts, and what `pki bundle` prints.
+pub fn fingerprints(pem: &str) -> Vec<String> {
+    use rustls_pki_types::pem::PemObject as _;
+    rustls_pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
+        .filter_map(Result::ok)
+        .map(|der| {
+            gateway_core::hex::encode(ring::digest::digest(&ring::digest::SHA256, &der).as_ref())
+        })
+        .collect()
+}
+
+/// The most certificates a bundle holds (a rotation needs two or three).
+pub const MAX_BUNDLE: usize = 8;
+
+/// Writes `out` (mode 0644, never over an existing file) holding the CA
+/// certificates of `certs` in that order (the first is the one a hub signs
+/// with); returns their fingerprints. Each file must hold CA certificates
+/// only, and no certificate may be listed twice.
+///
+/// # Errors
+/// A file that cannot be read, holds no certificate or one that is not a
+/// CA, a duplicate, more than [`MAX_BUNDLE`], or `out` exists.
+pub fn bundle(certs: &[PathBuf], out: &Path) -> Result<Vec<String>, PkiError> {
+    use rustls_pki_types::pem::PemObject as _;
+    let mut text = String::new();
+    let mut seen = Vec::new();
+    for path in certs {
+        let meta = std::fs::metadata(path).map_err(io(path))?;
+        if meta.len() > 1 << 20 {
+            return Err(PkiError::BadName(format!(
+                "{}: over 1 MiB, not a CA certificate",
+                path.display()
+            )));
+        }
+        let pem = std::fs::read_to_string(path).map_err(io(path))?;
+        let ders: Vec<_> = rustls_pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .map_err(|e| PkiError::BadName(format!("{}: {e}", path.display())))?;
+        if ders.is_empty() {
+            return Err(PkiError::BadName(format!(
+                "{}: no certificate in the file",
+                path.display()
+            )));
+        }
+        for der in ders {
+            let ca = x509_parser::parse_x509_certificate(&der)
+                .map(|(_, c)| c.is_ca())
+                .unwrap_or(false);
+            if !ca {
+                return Err(PkiError::BadName(format!(
+                    "{}: holds a certificate that is not a CA's (give the ca.pem of each `pki init` directory)",
+                    path.display()
+                )));
+            }
+            let fp = gateway_core::hex::encode(
+                ring::digest::digest(&ring::digest::SHA256, &der).as_ref(),
+            );
+            if seen.contains(&fp) {
+                return Err(PkiError::BadName(format!(
+                    "{}: CA {fp} is already in the bundle",
+                    path.display()
+                )));
+            }
+            seen.push(fp);
+            let one = rustls_pki_types::CertificateDer::from(der.to_vec());
+            text += &pem_of(&one);
+        }
+    }
+    if seen.len() > MAX_BUNDLE {
+        return Err(PkiError::BadName(format!(
+            "{} CA certificates: a bundle holds at most {MAX_BUNDLE}",
+            seen.len()
+        )));
+    }
+    write_new(out, &text, 0o644)?;
+    Ok(seen)
+}
+
+/// Standard base64 with padding (RFC 4648 4), for PEM.
+fn base64(bytes: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for c in bytes.chunks(3) {
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(c.get(1).copied().unwrap_or(0)) << 8)
+            | u32::from(c.get(2).copied().unwrap_or(0));
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(char::from(A[((n >> (18 - 6 * i)) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// One certificate as PEM (only the certificate: whatever else the source
+/// file held, a private key pasted in by mistake, is never copied).
+fn pem_of(der: &rustls_pki_types::CertificateDer<'_>) -> String {
+    let b64 = base64(der.as_ref());
+    let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
+    for chunk in b64.as_bytes().chunks(64) {
+        out += std::str::from_utf8(chunk).unwrap_or_default();
+        out.push('\n');
+    }
+    out += "-----END CERTIFICATE-----\n";
+    out
+}
+
 /// A certificate's validity (Unix ms): (not before, not after).
 pub fn validity(cert_pem: &str) -> Option<(i64, i64)> {
     use rustls_pki_types::pem::PemObject as _;
@@ -516,6 +628,59 @@ mod tests {
 
     fn read(p: &Path) -> String {
         std::fs::read_to_string(p).unwrap_or_default()
+    }
+
+    #[test]
+    fn base64_is_rfc_4648s() {
+        for (raw, b64) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+        ] {
+            assert_eq!(base64(raw.as_bytes()), b64);
+        }
+    }
+
+    #[test]
+    fn a_bundle_holds_ca_certificates_once_each_and_nothing_else() {
+        let d = tempfile::tempdir().expect("dir");
+        let (old, new) = (d.path().join("old"), d.path().join("new"));
+        init(&old, "old CA").expect("old");
+        init(&new, "new CA").expect("new");
+        let out = d.path().join("bundle.pem");
+        let fps = bundle(&[new.join("ca.pem"), old.join("ca.pem")], &out).expect("bundle");
+        assert_eq!(fps.len(), 2);
+        assert_ne!(fps[0], fps[1]);
+        let text = read(&out);
+        assert_eq!(fingerprints(&text), fps, "the new CA first, as given");
+        assert_eq!(fingerprints(&read(&new.join("ca.pem"))), fps[..1]);
+        assert!(!text.contains("PRIVATE KEY"));
+        // Never over an existing file; never twice the same CA; never a key
+        // or a device certificate.
+        assert!(matches!(
+            bundle(&[new.join("ca.pem")], &out),
+            Err(PkiError::Exists(_))
+        ));
+        let again = d.path().join("again.pem");
+        assert!(bundle(&[new.join("ca.pem"), new.join("ca.pem")], &again).is_err());
+        let mixed = d.path().join("mixed.pem");
+        std::fs::write(
+            &mixed,
+            read(&new.join("ca.key")) + &read(&old.join("ca.pem")),
+        )
+        .expect("write");
+        let fp = bundle(&[mixed], &again).expect("only the certificate is taken");
+        assert!(
+            !read(&again).contains("PRIVATE KEY"),
+            "a key pasted in is not copied"
+        );
+        assert_eq!(fp, fps[1..]);
+        issue(&new, "edge-a", &[], 1, d.path()).expect("issue");
+        let err =
+            bundle(&[d.path().join("edge-a.pem")], &d.path().join("x.pem")).expect_err("not a CA");
+        assert!(err.to_string().contains("not a CA"), "{err}");
     }
 
     /// A directory holding the pair in use ("old key", "old cert").

@@ -983,10 +983,20 @@ fn devices_csv(v: &Value) -> String {
     o
 }
 
+/// The CA fingerprints a heartbeat says the box trusts.
+fn trusted_cas(status: &Value) -> Vec<&str> {
+    status["ca"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect()
+}
+
 fn devices_table(v: &Value) -> String {
     let mut o = format!(
-        "{:<20} {:<10} {:>7} {:>12} {:>12} {:>6} {:>8}  LAST ERROR\n",
-        "DEVICE", "STATE", "CONFIG", "CERT", "HEARTBEAT", "RELAYS", "BACKLOG"
+        "{:<20} {:<10} {:>7} {:>12} {:>12} {:>6} {:>8} {:<17}  LAST ERROR\n",
+        "DEVICE", "STATE", "CONFIG", "CERT", "HEARTBEAT", "RELAYS", "BACKLOG", "CA"
     );
     for d in v.as_array().into_iter().flatten() {
         let s = &d["status"];
@@ -1004,8 +1014,18 @@ fn devices_table(v: &Value) -> String {
             opt(&d["config_applied"]),
             opt(&d["config_desired"])
         );
+        // Each trusted CA by the first 8 digits of its fingerprint.
+        let ca: Vec<&str> = trusted_cas(s)
+            .into_iter()
+            .map(|f| f.get(..8).unwrap_or(f))
+            .collect();
+        let ca = if ca.is_empty() {
+            "-".to_owned()
+        } else {
+            ca.join("+")
+        };
         o += &format!(
-            "{:<20} {:<10} {:>7} {:>12} {:>12} {:>6} {:>8}  {}\n",
+            "{:<20} {:<10} {:>7} {:>12} {:>12} {:>6} {:>8} {:<17}  {}\n",
             d["id"].as_str().unwrap_or("?"),
             d["state"].as_str().unwrap_or("?"),
             config,
@@ -1021,6 +1041,7 @@ fn devices_table(v: &Value) -> String {
             } else {
                 "-".into()
             },
+            ca,
             s["last_error"].as_str().unwrap_or("-"),
         );
     }
@@ -1035,6 +1056,16 @@ fn device_text(d: &Value) -> String {
     o += &format!("version       {}\n", s["version"].as_str().unwrap_or("-"));
     o += &format!("uptime        {}s\n", opt(&s["uptime_s"]));
     o += &format!("certificate   expires {}\n", until(&d["cert_not_after_ms"]));
+    // The CAs the box checks hubs against (SHA-256), as it last read them.
+    let cas = trusted_cas(s);
+    o += &format!(
+        "trusts CAs    {}\n",
+        if cas.is_empty() {
+            "-".to_owned()
+        } else {
+            cas.join(", ")
+        }
+    );
     o += &format!(
         "config        applied {} / desired {} ({})\n",
         opt(&d["config_applied"]),
