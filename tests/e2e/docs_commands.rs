@@ -157,29 +157,50 @@ fn no_page_promises_finished_work_for_later() {
     );
 }
 
-/// docs/audit.md's table of operator events is the hub's list, in order.
-#[test]
-fn admin_events_are_the_code_s() {
+/// The rows of the table between `<!-- NAME -->` markers in docs/audit.md:
+/// (first cell without `prefix` and backticks, second cell).
+fn audit_table(name: &str, prefix: &str) -> Vec<(String, String)> {
     let text = std::fs::read_to_string(common::root().join("docs/audit.md")).expect("audit.md");
     let table = text
-        .split("<!-- admin-events -->")
+        .split(&format!("<!-- {name} -->"))
         .nth(1)
-        .and_then(|t| t.split("<!-- /admin-events -->").next())
-        .expect("docs/audit.md has the admin-events table");
-    let documented: Vec<(String, String)> = table
+        .and_then(|t| t.split(&format!("<!-- /{name} -->")).next())
+        .unwrap_or_else(|| panic!("docs/audit.md has no {name} table"));
+    table
         .lines()
         .filter_map(|l| {
-            let cells: Vec<&str> = l.strip_prefix("| `admin.")?.splitn(2, "` |").collect();
+            let cells: Vec<&str> = l
+                .strip_prefix(&format!("| `{prefix}"))?
+                .splitn(2, "` |")
+                .collect();
             let what = cells.get(1)?.trim().strip_suffix('|')?.trim();
             Some(((*cells.first()?).to_owned(), what.to_owned()))
         })
-        .collect();
-    let code: Vec<(String, String)> = gateway_core::fleet::ADMIN_EVENTS
-        .iter()
+        .collect()
+}
+
+fn owned(list: &[(&str, &str)]) -> Vec<(String, String)> {
+    list.iter()
         .map(|(e, w)| ((*e).to_owned(), (*w).to_owned()))
-        .collect();
+        .collect()
+}
+
+/// docs/audit.md's table of operator events is the hub's list, in order.
+#[test]
+fn admin_events_are_the_code_s() {
     assert_eq!(
-        documented, code,
+        audit_table("admin-events", "admin."),
+        owned(gateway_core::fleet::ADMIN_EVENTS),
         "docs/audit.md differs from gateway_core::fleet::ADMIN_EVENTS"
+    );
+}
+
+/// docs/audit.md's table of refusal reasons is the code's list, in order.
+#[test]
+fn refusal_reasons_are_the_code_s() {
+    assert_eq!(
+        audit_table("refusal-reasons", ""),
+        owned(gateway_core::refusals::REASONS),
+        "docs/audit.md differs from gateway_core::refusals::REASONS"
     );
 }

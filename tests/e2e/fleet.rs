@@ -2229,7 +2229,7 @@ fn consumers_are_made_granted_and_revoked_by_the_right_roles() {
         "admin.consumer.create sam stats ok",
         "admin.consumer.grant sue stats ok [] may read edge-a/reports",
         "admin.consumer.revoke sue stats ok",
-        "admin.consumer.grant sam stats deny",
+        "admin.consumer.grant sam stats deny [roles]",
     ] {
         // The audit writer commits in batches: wait for the record.
         wait_audit_line(&hub, want);

@@ -16,6 +16,68 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 
+/// Why a refusal that no boundary rule (docs/policy.md) decides was made: an
+/// audit record of such a refusal carries one of these in its `rule` column,
+/// as a rule-decided one carries the rule's id. docs/audit.md lists them
+/// (tested against this list).
+pub const REASONS: &[(&str, &str)] = &[
+    (
+        "no-route",
+        "the target cannot be reached now: no tunnel up, the device not connected, no service of that name",
+    ),
+    ("protocol", "TCP asked of a UDP service, or the reverse"),
+    ("max-connections", "the service is at its `max_connections`"),
+    ("quota", "a producer or channel is over its quota"),
+    (
+        "spool",
+        "a spooled file cannot be taken (too large, the spool full)",
+    ),
+    ("format", "a record is not in the channel's declared format"),
+    (
+        "D6.malware",
+        "the scanner found malicious code (GB/T 22239-2019 8.1.3.4 a)",
+    ),
+    (
+        "config",
+        "an operator's config push, template or rollout the hub will not offer: it does not check, changes nothing, or conflicts with what the hub holds",
+    ),
+    (
+        "roles",
+        "the operator's account does not hold the role the action needs (three-role separation, DESIGN.md rule 7)",
+    ),
+    (
+        "operator-credential",
+        "an operator request without a valid credential",
+    ),
+    (
+        "enrollment",
+        "an enrollment refused (token unknown, used, expired or for another device)",
+    ),
+    (
+        "enrollment-connection",
+        "an enrollment connection that sent no request in time, or over the per-address limit",
+    ),
+    (
+        "consumer-certificate",
+        "a consumer request without a valid consumer certificate",
+    ),
+    (
+        "superseded-certificate",
+        "a tunnel with a certificate that is no longer its device's",
+    ),
+    ("revoked-device", "a tunnel from a revoked device"),
+    (
+        "producer-credential",
+        "a producer without a valid token or certificate",
+    ),
+    ("connection-cap", "a connection over an HTTP listener's cap"),
+];
+
+/// Whether `why` is one of [`REASONS`].
+pub fn is_reason(why: &str) -> bool {
+    REASONS.iter().any(|(r, _)| *r == why)
+}
+
 /// How long after a recorded refusal the same (source, kind) is only counted.
 pub const WINDOW_MS: i64 = 10_000;
 /// Sources remembered at once.

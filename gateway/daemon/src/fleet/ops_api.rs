@@ -238,7 +238,7 @@ pub(super) async fn authorize(
             object,
             &format!("admin.{event}"),
             "deny",
-            "",
+            "roles",
             message.clone(),
         );
         return Err(ApiError::new(StatusCode::FORBIDDEN, message));
@@ -798,17 +798,27 @@ async fn config_push(
             role_for(Action::ConfigPushOther),
         );
         warn!(%message, "Operator API: refused");
-        fleet
-            .ctx()
-            .audit
-            .record(&by, &id, "admin.config.push", "deny", "", message.clone());
+        fleet.ctx().audit.record(
+            &by,
+            &id,
+            "admin.config.push",
+            "deny",
+            "roles",
+            message.clone(),
+        );
         return Err(ApiError::new(StatusCode::FORBIDDEN, message));
     }
     let refuse = |status: StatusCode, message: String, errors: Vec<String>| {
+        // A role refusal, or a config the hub will not offer.
+        let why = if status == StatusCode::FORBIDDEN {
+            "roles"
+        } else {
+            "config"
+        };
         fleet
             .ctx()
             .audit
-            .record(&by, &id, "admin.config.push", "deny", "", message.clone());
+            .record(&by, &id, "admin.config.push", "deny", why, message.clone());
         warn!(device = %id, by, %message, "Config push refused");
         Ok((
             status,

@@ -106,7 +106,7 @@ fn role_covers(
                 object,
                 &format!("admin.{event}"),
                 "deny",
-                "",
+                "roles",
                 message.clone(),
             );
             warn!(%message, "Operator API: refused");
@@ -526,7 +526,7 @@ async fn rollout_start(
             &t.name,
             "admin.rollout.start",
             "deny",
-            "",
+            "config",
             format!("{n} errors in the rendered configs"),
         );
         return Ok((
@@ -603,10 +603,14 @@ async fn rollout_start(
     .await
     .map_err(|e| match e {
         e @ RegistryError::InRollout { .. } => {
-            fleet
-                .ctx()
-                .audit
-                .record(&by, &id, "admin.rollout.start", "deny", "", e.to_string());
+            fleet.ctx().audit.record(
+                &by,
+                &id,
+                "admin.rollout.start",
+                "deny",
+                "config",
+                e.to_string(),
+            );
             ApiError::new(StatusCode::CONFLICT, e.to_string())
         }
         other => internal(other),
@@ -864,7 +868,7 @@ async fn rollout_command(
     })
     .await
     .map_err(|e| {
-        fleet.ctx().audit.record(&by, &id, &format!("admin.rollout.{verb}"), "deny", "", e.to_string());
+        fleet.ctx().audit.record(&by, &id, &format!("admin.rollout.{verb}"), "deny", "config", e.to_string());
         rollout_err(e)
     })?;
     let Some(doc) = done else {

@@ -167,7 +167,7 @@ impl PeerAttempt {
     fn rule(self) -> &'static str {
         match self {
             PeerAttempt::IngestAddress => "R5.address",
-            _ => "",
+            other => other.kind(),
         }
     }
 }
@@ -351,7 +351,9 @@ impl Ctx {
     /// `no-route` or `max-connections` for the metrics.
     pub fn refuse(&self, event: &str, subject: &str, object: &str, why: &str, reason: &str) {
         info!(%subject, %object, why, %reason, "Refused");
-        let rule = if RuleId::parse(why).is_some() {
+        // The rule that decided, or the reason no rule decides (both
+        // documented: docs/policy.md, docs/audit.md).
+        let rule = if RuleId::parse(why).is_some() || gateway_core::refusals::is_reason(why) {
             why
         } else {
             ""

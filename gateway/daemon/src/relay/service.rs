@@ -90,7 +90,7 @@ fn admit(
     };
     if svc.protocol != wanted {
         let reason = format!("service {service:?} is {:?}, not {wanted:?}", svc.protocol);
-        ctx.refuse("relay.refuse", subject, service, "", &reason);
+        ctx.refuse("relay.refuse", subject, service, "protocol", &reason);
         return Err((RefuseCode::Protocol, String::new(), reason));
     }
     let max = svc
