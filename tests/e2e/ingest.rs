@@ -491,13 +491,13 @@ async fn ingest_serves_only_its_zone_and_audits_every_request() {
             }) && audit
                 .iter()
                 .any(|l| l.contains("channel.refuse 127.9.9.9 ingest deny [R5.address]"))
-                && audit
-                    .iter()
-                    .any(|l| l.contains("channel.refuse 127.0.2.200 readings deny [] body longer"))
+                && audit.iter().any(|l| {
+                    l.contains("channel.refuse 127.0.2.200 readings deny [size] body longer")
+                })
                 && audit.iter().any(|l| {
                     l.contains(
-                        "channel.refuse 127.0.2.200 readings deny [] declare the record's format",
-                    )
+                    "channel.refuse 127.0.2.200 readings deny [format] declare the record's format",
+                )
                 })
         },
     )
@@ -715,7 +715,7 @@ async fn token_auth_names_each_producer() {
             .iter()
             .any(|l| l.starts_with("channel.accept hr-app@127.0.2.200 readings ok"))
             && audit.iter().any(|l| {
-                l.starts_with("channel.refuse 127.0.2.200 ingest deny []")
+                l.starts_with("channel.refuse 127.0.2.200 ingest deny [producer-credential]")
                     && l.contains("no producer token")
             })
     })

@@ -34,6 +34,11 @@ pub const REASONS: &[(&str, &str)] = &[
     ),
     ("format", "a record is not in the channel's declared format"),
     (
+        "size",
+        "a request body longer than any record the node takes",
+    ),
+    ("slow", "a request body sent slower than the minimum rate"),
+    (
         "D6.malware",
         "the scanner found malicious code (GB/T 22239-2019 8.1.3.4 a)",
     ),

@@ -98,11 +98,11 @@ async fn access_relay(
         return;
     }
     let Some(conn) = hubs.any() else {
-        deny("", "no hub is connected".into(), &tcp);
+        deny("no-route", "no hub is connected".into(), &tcp);
         return;
     };
     let Ok((mut send, mut recv)) = conn.open_bi().await else {
-        deny("", "the tunnel closed".into(), &tcp);
+        deny("no-route", "the tunnel closed".into(), &tcp);
         return;
     };
     let open = Frame::Open {
@@ -121,7 +121,11 @@ async fn access_relay(
             return;
         }
         other => {
-            deny("", format!("no answer from the hub: {other:?}"), &tcp);
+            deny(
+                "no-route",
+                format!("no answer from the hub: {other:?}"),
+                &tcp,
+            );
             return;
         }
     }
