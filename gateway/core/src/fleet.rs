@@ -641,15 +641,20 @@ pub fn changed_keys(old: &str, new: &str) -> (Vec<String>, Vec<String>) {
     };
     let (a, b) = (flatten(&a), flatten(&b));
     let (mut policy, mut other) = (Vec::new(), Vec::new());
-    for (path, (table, key, _)) in a.iter().chain(b.iter()) {
-        let same = a.get(path).map(|x| &x.2) == b.get(path).map(|x| &x.2);
-        let list = if is_policy_key(table, key) {
-            &mut policy
-        } else {
-            &mut other
+    // Every path of either side once, in order (both maps are sorted).
+    let paths: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    for path in paths {
+        let (x, y) = (a.get(path), b.get(path));
+        let Some((table, key, _)) = x.or(y) else {
+            continue;
         };
-        if !same && !list.contains(path) {
-            list.push(path.clone());
+        if x.map(|x| &x.2) == y.map(|y| &y.2) {
+            continue;
+        }
+        if is_policy_key(table, key) {
+            policy.push(path.clone());
+        } else {
+            other.push(path.clone());
         }
     }
     (policy, other)

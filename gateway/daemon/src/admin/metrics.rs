@@ -184,11 +184,16 @@ impl Metrics {
         c.bytes_down += down;
     }
 
-    /// A crossing to `object` was refused by `rule`.
+    /// A crossing to `object` was refused by `rule`. The object can come
+    /// from a peer (a channel name in a producer's request): past
+    /// [`MAX_REFUSAL_SERIES`] series a new one is counted under object `*`.
     pub fn refused(&self, object: &str, rule: &str) {
-        *lock(&self.refusals)
-            .entry((object.to_owned(), rule.to_owned()))
-            .or_default() += 1;
+        let mut m = lock(&self.refusals);
+        let mut key = (object.to_owned(), rule.to_owned());
+        if !m.contains_key(&key) && m.len() >= MAX_REFUSAL_SERIES {
+            key.0 = "*".to_owned();
+        }
+        *m.entry(key).or_default() += 1;
     }
 
     /// An attempt to bring a tunnel to `peer` up failed.
@@ -561,7 +566,9 @@ impl Metrics {
         for ((obj, rule), n) in lock(&self.refusals).iter() {
             let _ = writeln!(
                 o,
-                "gateway_refusals_total{{object=\"{obj}\",rule=\"{rule}\"}} {n}"
+                "gateway_refusals_total{{object=\"{}\",rule=\"{}\"}} {n}",
+                label(obj),
+                label(rule)
             );
         }
         self.render_detect(&mut o);
@@ -884,5 +891,47 @@ impl Metrics {
                 c.expired_unread
             );
         }
+    }
+}
+
+/// Distinct (object, rule) series of `gateway_refusals_total`.
+pub const MAX_REFUSAL_SERIES: usize = 1024;
+
+/// A label value as the Prometheus text format wants it: backslashes, quotes
+/// and line breaks escaped, so a peer's text cannot end the label or the line.
+fn label(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusal_series_are_capped_and_their_labels_escaped() {
+        let m = Metrics::default();
+        m.refused("a\"}x 1\nfake_metric", "no-route");
+        for i in 0..MAX_REFUSAL_SERIES + 10 {
+            m.refused(&format!("channel-{i}"), "format");
+        }
+        assert_eq!(
+            lock(&m.refusals).len(),
+            MAX_REFUSAL_SERIES + 1,
+            "capped, plus `*`"
+        );
+        assert_eq!(
+            lock(&m.refusals).get(&("*".to_owned(), "format".to_owned())),
+            Some(&11)
+        );
+        assert_eq!(label("a\"}x 1\nb\\"), "a\\\"}x 1\\nb\\\\");
     }
 }

@@ -224,7 +224,6 @@ pub(super) async fn authorize(
         fleet::is_admin_event(event),
         "undocumented event admin.{event}"
     );
-    let object = &gateway_core::refusals::peer_text(object);
     let (name, role) = account(fleet, caller).await?;
     if !fleet::allowed(role, action) {
         let message = format!(
@@ -232,18 +231,31 @@ pub(super) async fn authorize(
             role_name(role),
             role_for(action)
         );
-        warn!(%message, "Operator API: refused");
-        fleet.ctx().audit.record(
-            &name,
-            object,
-            &format!("admin.{event}"),
-            "deny",
-            "roles",
-            message.clone(),
-        );
-        return Err(ApiError::new(StatusCode::FORBIDDEN, message));
+        return Err(refuse_role(fleet, &name, object, event, message));
     }
     Ok((name, role))
+}
+
+/// An operator refused for their role: logged, audited (`admin.EVENT`, rule
+/// `roles`) under the account, with `object` (from the request) escaped and
+/// capped, and answered 403 with `message`.
+pub(super) fn refuse_role(
+    fleet: &Fleet,
+    account: &str,
+    object: &str,
+    event: &str,
+    message: String,
+) -> ApiError {
+    warn!(%message, "Operator API: refused");
+    fleet.ctx().audit.record(
+        account,
+        &gateway_core::refusals::peer_text(object),
+        &format!("admin.{event}"),
+        "deny",
+        "roles",
+        message.clone(),
+    );
+    ApiError::new(StatusCode::FORBIDDEN, message)
 }
 
 pub(super) fn audit_ok(fleet: &Fleet, account: &str, what: &str, object: &str, detail: String) {
@@ -766,9 +778,28 @@ fn push_file_name(file: Option<&str>, id: &str) -> String {
         .map_or_else(|| format!("{id}.toml"), str::to_owned)
 }
 
-/// Up to eight of `keys`, for a message.
+/// The part of a change `action` covers, naming its keys, for a refusal.
+pub(super) fn changed_part(action: Action, old: &str, new: &str) -> String {
+    let (policy, other) = fleet::changed_keys(old, new);
+    if action == Action::ConfigPushPolicy {
+        format!(
+            "policy keys ({}; the table in docs/operate.md, \"Push config\")",
+            some_keys(&policy)
+        )
+    } else {
+        format!("non-policy keys ({})", some_keys(&other))
+    }
+}
+
+/// Up to eight of `keys`, for a message (and the audit): the operator's file
+/// names them, so each is escaped and capped as a peer's text is.
 pub(super) fn some_keys(keys: &[String]) -> String {
-    let mut s = keys.iter().take(8).cloned().collect::<Vec<_>>().join(", ");
+    let mut s = keys
+        .iter()
+        .take(8)
+        .map(|k| gateway_core::refusals::peer_text(k))
+        .collect::<Vec<_>>()
+        .join(", ");
     if keys.len() > 8 {
         s += &format!(" and {} more", keys.len() - 8);
     }
@@ -790,23 +821,13 @@ async fn config_push(
     if !fleet::allowed(role, Action::ConfigPushOther)
         && !fleet::allowed(role, Action::ConfigPushPolicy)
     {
-        checked_id(&id)?;
         let message = format!(
             "account {by} ({}) may not push config: a change of the policy sections is the {}'s, of the others the {}'s",
             role_name(role),
             role_for(Action::ConfigPushPolicy),
             role_for(Action::ConfigPushOther),
         );
-        warn!(%message, "Operator API: refused");
-        fleet.ctx().audit.record(
-            &by,
-            &id,
-            "admin.config.push",
-            "deny",
-            "roles",
-            message.clone(),
-        );
-        return Err(ApiError::new(StatusCode::FORBIDDEN, message));
+        return Err(refuse_role(&fleet, &by, &id, "config.push", message));
     }
     let refuse = |status: StatusCode, message: String, errors: Vec<String>| {
         // A role refusal, or a config the hub will not offer.
@@ -872,23 +893,12 @@ async fn config_push(
             vec![],
         );
     }
-    let (policy_keys, other_keys) = fleet::changed_keys(&base_text, &body);
-    for (changed, action, part) in [
-        (
-            change.policy,
-            Action::ConfigPushPolicy,
-            format!(
-                "policy keys ({}; the table in docs/operate.md, \"Push config\")",
-                some_keys(&policy_keys)
-            ),
-        ),
-        (
-            change.other,
-            Action::ConfigPushOther,
-            format!("non-policy keys ({})", some_keys(&other_keys)),
-        ),
+    for (changed, action) in [
+        (change.policy, Action::ConfigPushPolicy),
+        (change.other, Action::ConfigPushOther),
     ] {
         if changed && !fleet::allowed(role, action) {
+            let part = changed_part(action, &base_text, &body);
             return refuse(
                 StatusCode::FORBIDDEN,
                 format!(

@@ -26,12 +26,11 @@ use gateway_core::template;
 use gateway_store::registry::{Members, NewRollout, NewTemplate, RegistryError, VarsChange};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tracing::warn;
 
 use super::hub::Fleet;
 use super::ops_api::{
-    Answer, ApiError, Caller, account, audit_ok, authorize, checked_id, internal, parse_json,
-    role_for, role_name, select, some_keys,
+    Answer, ApiError, Caller, account, audit_ok, authorize, changed_part, checked_id, internal,
+    parse_json, refuse_role, role_for, role_name, select,
 };
 use super::rollout::{self as ctl, RolloutError};
 use crate::node::clock::now_ms;
@@ -87,30 +86,13 @@ fn role_covers(
     let change = fleet::classify_change(old, new);
     for action in ctl::role_needed(change) {
         if !fleet::allowed(role, action) {
-            let (policy_keys, other_keys) = fleet::changed_keys(old, new);
-            let part = if action == Action::ConfigPushPolicy {
-                format!(
-                    "policy keys ({}; the table in docs/operate.md, \"Push config\")",
-                    some_keys(&policy_keys)
-                )
-            } else {
-                format!("non-policy keys ({})", some_keys(&other_keys))
-            };
             let message = format!(
-                "account {by} ({}) may not change {part}{whose}: that is the {}'s; make those changes separately",
+                "account {by} ({}) may not change {}{whose}: that is the {}'s; make those changes separately",
                 role_name(role),
+                changed_part(action, old, new),
                 role_for(action)
             );
-            fleet.ctx().audit.record(
-                by,
-                object,
-                &format!("admin.{event}"),
-                "deny",
-                "roles",
-                message.clone(),
-            );
-            warn!(%message, "Operator API: refused");
-            return Err(ApiError::new(StatusCode::FORBIDDEN, message));
+            return Err(refuse_role(fleet, by, object, event, message));
         }
     }
     Ok(())

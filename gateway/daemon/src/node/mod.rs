@@ -346,9 +346,10 @@ impl Ctx {
         cut
     }
 
-    /// A refused crossing: logged, audited under `event` and counted. `why` is a
-    /// rule id (it then goes into the audit record) or a plain label such as
-    /// `no-route` or `max-connections` for the metrics.
+    /// A refused crossing: logged, audited under `event` and counted. `why` is
+    /// a rule id or a documented reason (`no-route`, `max-connections`, ...:
+    /// [`gateway_core::refusals::REASONS`]); it goes into the audit record and
+    /// the metrics label, anything else (a peer's claim) as `refused`.
     pub fn refuse(&self, event: &str, subject: &str, object: &str, why: &str, reason: &str) {
         info!(%subject, %object, why, %reason, "Refused");
         // The rule that decided, or the reason no rule decides (both
@@ -361,7 +362,7 @@ impl Ctx {
         self.audit
             .record(subject, object, event, "deny", rule, reason.to_owned());
         self.metrics
-            .refused(object, if why.is_empty() { "refused" } else { why });
+            .refused(object, if rule.is_empty() { "refused" } else { rule });
     }
 
     /// An unauthenticated peer at `addr` refused (`proven`: its address is,

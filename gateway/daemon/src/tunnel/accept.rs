@@ -70,25 +70,63 @@ pub enum Refusal {
 /// source is not counted until one finishes).
 const MAX_HANDSHAKING: usize = 16_384;
 
-/// Handshakes the hub carries at once; past it a new one is refused as past
-/// [`HANDSHAKES_PER_SLICE`] is. On loopback a handshake takes milliseconds, so
-/// 500 a second keep a few dozen in progress; many more means the hub (or
-/// the host) is falling behind, and starting yet more would only make every
-/// one of them slower until they all time out and are retried.
+/// Handshakes from proven addresses the hub carries at once; past it a new
+/// one is refused as past [`HANDSHAKES_PER_SLICE`] is. On loopback a
+/// handshake takes milliseconds, so 500 a second keep a few dozen in
+/// progress; many more means the hub (or the host) is falling behind, and
+/// starting yet more would only make every one of them slower until they all
+/// time out and are retried.
 pub const MAX_IN_FLIGHT: usize = 256;
 
-/// Handshakes in progress per source address, and in all.
+/// Handshakes from addresses not proven yet the hub carries at once. Past
+/// it, a new one is sent a QUIC Retry (stateless: no handshake state, no
+/// signature) and counts against [`MAX_IN_FLIGHT`] when it comes back with
+/// the token, its address proven. So Initials from forged addresses, which
+/// never come back, hold at most this many slots and cannot keep real boxes
+/// out; a real box pays one round trip more, and only under load.
+pub const UNPROVEN_IN_FLIGHT: usize = 64;
+
+/// What the accept loop does with one incoming handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Admit {
+    /// Start the handshake.
+    Start,
+    /// Ask the peer to prove its address first.
+    Retry,
+    /// CONNECTION_REFUSED: the box comes back after its busy backoff.
+    Refuse,
+}
+
+/// Pure: whether a handshake from an address `validated` (or not, and then
+/// whether it `may_retry`) starts, with `(unproven, proven)` in flight.
+fn admit(validated: bool, may_retry: bool, (unproven, proven): (usize, usize)) -> Admit {
+    match (validated, may_retry) {
+        (true, _) if proven < MAX_IN_FLIGHT => Admit::Start,
+        (true, _) => Admit::Refuse,
+        (false, _) if unproven < UNPROVEN_IN_FLIGHT => Admit::Start,
+        (false, true) => Admit::Retry,
+        (false, false) => Admit::Refuse,
+    }
+}
+
+/// Handshakes in progress per source address, and in all: (unproven,
+/// proven) addresses.
 #[derive(Default)]
-struct Handshaking(std::sync::Mutex<(std::collections::HashMap<std::net::IpAddr, u32>, usize)>);
+struct Handshaking(
+    std::sync::Mutex<(
+        std::collections::HashMap<std::net::IpAddr, u32>,
+        (usize, usize),
+    )>,
+);
 
 impl Handshaking {
-    fn start(&self, ip: std::net::IpAddr) -> u32 {
+    fn start(&self, ip: std::net::IpAddr, validated: bool) -> u32 {
         let mut g = self
             .0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let (m, total) = &mut *g;
-        *total += 1;
+        let (m, (unproven, proven)) = &mut *g;
+        *if validated { proven } else { unproven } += 1;
         if !m.contains_key(&ip) && m.len() >= MAX_HANDSHAKING {
             return 0;
         }
@@ -97,13 +135,14 @@ impl Handshaking {
         *n
     }
 
-    fn end(&self, ip: std::net::IpAddr) {
+    fn end(&self, ip: std::net::IpAddr, validated: bool) {
         let mut g = self
             .0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let (m, total) = &mut *g;
-        *total = total.saturating_sub(1);
+        let (m, (unproven, proven)) = &mut *g;
+        let count = if validated { proven } else { unproven };
+        *count = count.saturating_sub(1);
         if let Some(n) = m.get_mut(&ip) {
             *n -= 1;
             if *n == 0 {
@@ -112,8 +151,8 @@ impl Handshaking {
         }
     }
 
-    /// Handshakes in progress from every source.
-    fn in_flight(&self) -> usize {
+    /// Handshakes in progress from every source: (unproven, proven).
+    fn in_flight(&self) -> (usize, usize) {
         self.0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -211,10 +250,20 @@ pub async fn accept_edges<H: Handler>(
             incoming.ignore();
             continue;
         }
-        if handshaking.in_flight() >= MAX_IN_FLIGHT || !rate.admit(std::time::Instant::now()) {
-            ctx.metrics.handshake_deferred();
-            incoming.refuse();
-            continue;
+        let validated = incoming.remote_address_validated();
+        match admit(validated, incoming.may_retry(), handshaking.in_flight()) {
+            Admit::Retry => {
+                // Stateless; a peer that cannot be reached at its address
+                // never comes back.
+                let _ = incoming.retry();
+                continue;
+            }
+            Admit::Start if rate.admit(std::time::Instant::now()) => {}
+            Admit::Start | Admit::Refuse => {
+                ctx.metrics.handshake_deferred();
+                incoming.refuse();
+                continue;
+            }
         }
         let report = |verified| Report {
             peer: remote,
@@ -223,15 +272,14 @@ pub async fn accept_edges<H: Handler>(
             target: &target,
             device: None,
         };
-        let validated = incoming.remote_address_validated();
-        let in_progress = handshaking.start(remote.ip());
+        let in_progress = handshaking.start(remote.ip(), validated);
         ctx.report(&report(validated), Signal::Handshakes { in_progress });
         // Spawn before awaiting the handshake: a slow peer never stalls the loop.
         let (ctx, devices, handler) = (ctx.clone(), devices.clone(), handler.clone());
         let (handshaking, target) = (handshaking.clone(), target.clone());
         tokio::spawn(async move {
             let done = incoming.await;
-            handshaking.end(remote.ip());
+            handshaking.end(remote.ip(), validated);
             match done {
                 Ok(conn) if tls::alpn(&conn).as_deref() == Some(fleet::ENROLL_ALPN) => {
                     handler.enroll(conn).await;
@@ -439,14 +487,39 @@ mod tests {
         let h = Handshaking::default();
         let a: std::net::IpAddr = [192, 0, 2, 1].into();
         let b: std::net::IpAddr = [192, 0, 2, 2].into();
-        assert_eq!((h.start(a), h.start(a), h.start(b)), (1, 2, 1));
-        assert_eq!(h.in_flight(), 3);
-        h.end(a);
-        h.end(b);
-        assert_eq!(h.in_flight(), 1);
-        h.end(a);
-        h.end(a); // a stray end never wraps the count
-        assert_eq!(h.in_flight(), 0);
-        assert_eq!(h.start(b), 1, "a source's count starts again from one");
+        assert_eq!(
+            (h.start(a, false), h.start(a, true), h.start(b, true)),
+            (1, 2, 1)
+        );
+        assert_eq!(h.in_flight(), (1, 2));
+        h.end(a, true);
+        h.end(b, true);
+        assert_eq!(h.in_flight(), (1, 0));
+        h.end(a, false);
+        h.end(a, false); // a stray end never wraps the count
+        assert_eq!(h.in_flight(), (0, 0));
+        assert_eq!(
+            h.start(b, false),
+            1,
+            "a source's count starts again from one"
+        );
+    }
+
+    #[test]
+    fn forged_initials_cannot_fill_the_slots_of_real_boxes() {
+        // Unproven Initials start until their share is taken, then are asked
+        // to prove their address; one that cannot be asked again is refused.
+        assert_eq!(admit(false, true, (0, 0)), Admit::Start);
+        assert_eq!(admit(false, true, (UNPROVEN_IN_FLIGHT, 0)), Admit::Retry);
+        assert_eq!(admit(false, false, (UNPROVEN_IN_FLIGHT, 0)), Admit::Refuse);
+        // A proven address starts while its own share has room, however
+        // many unproven ones are in flight.
+        assert_eq!(admit(true, false, (UNPROVEN_IN_FLIGHT, 0)), Admit::Start);
+        assert_eq!(admit(true, false, (0, MAX_IN_FLIGHT - 1)), Admit::Start);
+        assert_eq!(admit(true, false, (0, MAX_IN_FLIGHT)), Admit::Refuse);
+        assert_eq!(
+            admit(true, true, (UNPROVEN_IN_FLIGHT, MAX_IN_FLIGHT)),
+            Admit::Refuse
+        );
     }
 }
