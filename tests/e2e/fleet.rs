@@ -208,21 +208,25 @@ impl Hub {
 
     /// Writes `text` to a file and pushes it to edge-a as `account`.
     fn push(&self, account: &str, text: &str) -> (i32, String, String) {
+        self.push_with(account, text, &[])
+    }
+
+    /// [`Hub::push`] with more `config push` arguments.
+    fn push_with(&self, account: &str, text: &str, extra: &[&str]) -> (i32, String, String) {
         let file = tempfile::Builder::new()
             .prefix("pushed-")
             .suffix(".toml")
             .tempfile_in(self.dir.path())
             .expect("file");
         std::fs::write(file.path(), text).expect("write");
-        self.ctl(
-            account,
-            &[
-                "config",
-                "push",
-                "edge-a",
-                file.path().to_str().expect("path"),
-            ],
-        )
+        let mut args = vec![
+            "config",
+            "push",
+            "edge-a",
+            file.path().to_str().expect("path"),
+        ];
+        args.extend_from_slice(extra);
+        self.ctl(account, &args)
     }
 
     /// Waits until edge-a's config status satisfies `ok`; returns it.
@@ -647,30 +651,22 @@ fn config_push_try_mode_status_commands_and_audit() {
     assert_eq!(code, 0, "{err}");
     edge.wait_next_log("Pushed config applied");
 
-    // A change only a restart can make is refused by the box, which says so.
+    // A change only a restart can make is refused by the hub unless the push
+    // says --restart (a_push_with_restart_restarts_the_box_and_reverts_by_restarting
+    // follows one through).
     let admin = hub_admin_of(&config);
     let restart = policy2.replace(&admin, &free_tcp("127.0.0.1").to_string());
     let (code, _, err) = hub.push("sam", &restart);
-    assert_eq!(code, 0, "{err}");
-    let s = hub.wait_config("version 3 refused by the box", |s| {
-        s["result"]["outcome"] == "refused"
-    });
-    assert_eq!(s["applied"], 2, "{s}");
+    assert_ne!(code, 0, "{err}");
     assert!(
-        s["result"]["errors"][0]
-            .as_str()
-            .unwrap_or("")
-            .contains("admin.listen cannot change on reload"),
-        "{s}"
+        err.contains("the change to admin.listen takes a restart of the box")
+            && err.contains("--restart"),
+        "{err}"
     );
+    assert_eq!(hub.config_status("edge-a")["desired"], 2);
 
     // A config that cannot reach any hub is reverted by try mode and reported
     // (the uplink's hubs are policy: the security administrator pushes it).
-    // First the system administrator takes back the refused change (v4, the
-    // text in force), then the uplink moves alone (v5).
-    let (code, _, err) = hub.push("sam", &policy2);
-    assert_eq!(code, 0, "{err}");
-    hub.wait_config("version 4 applied", |s| s["applied"] == 4);
     let broken = policy2.replace(&hub.quic.to_string(), &free_udp().to_string());
     let (code, _, err) = hub.push("sam", &broken);
     assert_ne!(
@@ -695,19 +691,19 @@ fn config_push_try_mode_status_commands_and_audit() {
     };
     assert_eq!(
         (s["desired"].as_u64(), s["applied"].as_u64()),
-        (Some(5), Some(4)),
+        (Some(3), Some(2)),
         "{s}"
     );
     // The reverted version is not offered again.
     let (code, text, _) = hub.ctl("sam", &["config", "status"]);
     assert_eq!(code, 0);
-    assert!(text.contains("reverted v5"), "{text}");
+    assert!(text.contains("reverted v3"), "{text}");
 
     // Remote commands.
     let (code, out, err) = hub.ctl("sam", &["command", "edge-a", "diagnostics"]);
     assert_eq!(code, 0, "{err}");
     let diag: Value = serde_json::from_str(&out).expect("json");
-    assert_eq!(diag["config_version"], 4, "{diag}");
+    assert_eq!(diag["config_version"], 2, "{diag}");
     assert_eq!(diag["config_valid"], true);
     assert!(
         diag["metrics"]
@@ -832,6 +828,129 @@ fn config_push_try_mode_status_commands_and_audit() {
             Err(d["state"].to_string())
         }
     });
+}
+
+/// Answers `GET /healthz` on an admin address, or why not.
+fn healthz(admin: &str) -> Result<String, String> {
+    let mut c = TcpStream::connect(admin).map_err(|e| e.to_string())?;
+    c.write_all(b"GET /healthz HTTP/1.0\r\n\r\n")
+        .map_err(|e| e.to_string())?;
+    let mut text = String::new();
+    c.read_to_string(&mut text).map_err(|e| e.to_string())?;
+    Ok(text)
+}
+
+/// A restart-only key (admin.listen) pushed with --restart: the box stores it,
+/// exits 75 as its unit restarts on, the next start runs it on trial and the
+/// hub hears it applied; then one whose way back also needs a restart and
+/// that cannot reach a hub: the box restarts onto the last good version and
+/// reports the revert it kept on disk across the restart.
+#[test]
+fn a_push_with_restart_restarts_the_box_and_reverts_by_restarting() {
+    let hub = Hub::start("1h");
+    let echo = echo_server("127.0.1.1");
+    let (config, state) = edge_config(&hub, "edge-a", echo, "config_try = \"3s\"\n");
+    let (code, out) = enroll(&config, &hub.token("edge-a"));
+    assert_eq!(code, 0, "{out}");
+    let mut edge = Proc::start(&config);
+    edge.wait_log("Tunnel up");
+    hub.wait_config("the box's config seen", |s| s["applied"] == 0);
+    let base = std::fs::read_to_string(&config).expect("config");
+    let old_admin = hub_admin_of(&config);
+    let new_admin = free_tcp("127.0.0.1").to_string();
+    let moved = base.replace(&old_admin, &new_admin);
+
+    // Without --restart: refused at the hub, nothing stored.
+    let (code, _, err) = hub.push("sam", &moved);
+    assert_ne!(code, 0);
+    assert!(err.contains("admin.listen takes a restart"), "{err}");
+    // With it: the box stores it, says so and exits 75.
+    let (code, out, err) = hub.push_with("sam", &moved, &["--restart"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("restarts itself"), "{out}");
+    edge.wait_log("restarting to apply it");
+    let (code, log) = edge.wait_exit();
+    assert_eq!(code, 75, "{}", log.join("\n"));
+    assert_eq!(
+        gateway_daemon::fleet::pushed_config::load_managed(&state).map(|m| (m.0, m.2)),
+        Some((1, true)),
+        "stored on trial"
+    );
+    // What systemd does on 75 (Restart=on-failure): start it again.
+    let mut edge = Proc::start(&config);
+    edge.wait_log("Pushed config confirmed");
+    let s = hub.wait_config("version 1 applied", |s| {
+        s["applied"] == 1 && s["result"]["outcome"] == "applied"
+    });
+    assert_eq!(s["desired"], 1, "{s}");
+    let answer = healthz(&new_admin).expect("the new admin.listen answers");
+    assert!(
+        answer.starts_with("HTTP/1.1 200") || answer.starts_with("HTTP/1.0 200"),
+        "{answer}"
+    );
+    assert!(
+        healthz(&old_admin).is_err(),
+        "the old admin.listen is closed"
+    );
+
+    // Version 2 moves admin.listen again and its uplink CA to one the hub's
+    // certificate is not from: no hub within config_try. The way back to
+    // version 1 moves admin.listen too, so the box restarts again.
+    let other_ca = hub.dir.path().join("other-ca");
+    let out = common::gatewayd(&["pki", "init", "--out", other_ca.to_str().expect("p")]);
+    assert_eq!(common::code(&out), 0, "{:?}", common::text(&out));
+    let third_admin = free_tcp("127.0.0.1").to_string();
+    let broken = moved.replace(&new_admin, &third_admin).replace(
+        hub.pki.ca().join("ca.pem").to_str().expect("p"),
+        other_ca.join("ca.pem").to_str().expect("p"),
+    );
+    assert_ne!(
+        broken,
+        moved.replace(&new_admin, &third_admin),
+        "the CA moved"
+    );
+    let (code, _, err) = hub.push_with("sam", &broken, &["--restart"]);
+    assert_eq!(code, 0, "{err}");
+    let (code, log) = edge.wait_exit();
+    assert_eq!(code, 75, "{}", log.join("\n"));
+    let mut edge = Proc::start(&config);
+    edge.wait_log("Restarting to run the last good config");
+    let (code, log) = edge.wait_exit();
+    assert_eq!(code, 75, "{}", log.join("\n"));
+    assert_eq!(
+        gateway_daemon::fleet::pushed_config::load_managed(&state).map(|m| (m.0, m.2)),
+        Some((1, false)),
+        "back to version 1 on disk"
+    );
+    let mut edge = Proc::start(&config);
+    edge.wait_log("Tunnel up");
+    let s = hub.wait_config("the revert reported", |s| {
+        s["result"]["outcome"] == "reverted"
+    });
+    assert_eq!(
+        (s["desired"].as_u64(), s["applied"].as_u64()),
+        (Some(2), Some(1)),
+        "{s}"
+    );
+    assert!(
+        s["result"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("no hub was reachable")),
+        "{s}"
+    );
+    assert!(
+        healthz(&new_admin).is_ok(),
+        "version 1's admin.listen again"
+    );
+    // Sent once: the kept report is gone.
+    poll_blocking("the report forgotten", Duration::from_secs(10), || {
+        if state.join("managed/report.json").exists() {
+            Err("still there".to_owned())
+        } else {
+            Ok(())
+        }
+    });
+    drop(edge);
 }
 
 #[test]
@@ -2636,6 +2755,29 @@ fn a_template_rolls_out_in_waves_pauses_on_a_failure_and_rolls_back() {
         out.contains("20 device(s) in 3 wave(s) of 1, 9, 10") && out.contains("0 policy, 20 other"),
         "{out}"
     );
+    // A variable that moves a box's admin.listen makes its config one a box
+    // applies only by restarting: refused unless the rollout says --restart.
+    let vars = |admin: &str| {
+        let (code, _, err) = hub.ctl(
+            "sam",
+            &["devices", "vars", "edge-00", &format!("admin={admin}")],
+        );
+        assert_eq!(code, 0, "{err}");
+    };
+    vars(&free_tcp("127.0.0.1").to_string());
+    let (code, _, err) = hub.ctl("sam", &dry);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("template county v1 for edge-00: the change to admin.listen takes a restart")
+            && err.contains("--restart"),
+        "{err}"
+    );
+    let mut dry_restart = dry.clone();
+    dry_restart.push("--restart");
+    let (code, _, err) = hub.ctl("sam", &dry_restart);
+    assert_eq!(code, 0, "{err}");
+    vars(&admin0);
+
     let (code, id, err) = hub.ctl("sam", &start);
     assert_eq!(code, 0, "{err}");
     let id = id.trim().to_owned();

@@ -276,6 +276,10 @@ pub struct Rollout {
     /// That account's role (`system`, `security`): what the rollout's pushes
     /// may change.
     pub by_role: String,
+    /// Started with `--restart`: its versions may change keys a box applies
+    /// only by restarting itself.
+    #[serde(default)]
+    pub restart: bool,
     /// When (Unix ms).
     pub created_ms: i64,
     /// Where it is.

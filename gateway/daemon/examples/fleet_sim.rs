@@ -312,7 +312,8 @@ async fn start(a: &Args, id: &str, pool: &[quinn::Endpoint], n: usize) -> Result
             tokio::select! {
                 expired = trial => if expired && !s.any_up() {
                     let c = ctx.clone();
-                    applier.revert(&f, &state_dir, |config| { c.set_policy(gateway_core::policy::Policy::new(config)); Ok(()) });
+                    let current = ctx.policy().config().clone();
+                    applier.revert(&f, &current, |config| { c.set_policy(gateway_core::policy::Policy::new(config)); Ok(()) });
                 },
                 r = req_rx.recv() => match r {
                     Some(Request::Apply { version, text, reply }) => {

@@ -7,6 +7,7 @@
 
 pub mod compile;
 pub mod raw;
+pub mod restart;
 
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU16;

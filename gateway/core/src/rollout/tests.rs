@@ -71,6 +71,7 @@ fn rollout(n: usize, waves: &[usize], soak_ms: u64) -> Rollout {
         soak_ms,
         by: "wang".into(),
         by_role: "system".into(),
+        restart: false,
         created_ms: 0,
         state: State::Running,
         reason: None,

@@ -169,6 +169,11 @@ async fn serve(
         Ok(r) => r,
         Err(e) => {
             error!("Not started: {e}");
+            // A pushed version on trial that cannot start is not kept: the
+            // last good one runs at the next start.
+            if trying && pushed_config::revert_on_disk(&state_dir, &e.to_string()) {
+                return exit::RESTART;
+            }
             if let (StartError::Tls(_), gateway_core::config::Role::Edge(e)) = (&e, &role) {
                 if !e.uplink.cert.path.exists() || !e.uplink.key.path.exists() {
                     error!(
@@ -236,7 +241,17 @@ async fn serve(
     let mut watchdog = notify::watchdog_interval().map(tokio::time::interval);
     let mut requests = running.take_fleet_requests();
     let fleet = running.edge_fleet();
+    if let (Some(f), Some(m)) = (&fleet, pushed_config::saved_report(&state_dir)) {
+        // From before the restart (a revert, a restart to apply a push).
+        f.report_later(m);
+    }
+    let mut code = exit::OK;
     loop {
+        if let Some(what) = applier.restart() {
+            info!(needs = what, "Restarting to run the stored config version");
+            code = exit::RESTART;
+            break;
+        }
         // A pushed config is on trial until a hub is reachable with it.
         if applier.deadline().is_some() && running.hub_reachable() {
             if let Some(f) = &fleet {
@@ -275,7 +290,8 @@ async fn serve(
             expired = trial => {
                 if expired && !running.hub_reachable() {
                     if let Some(f) = &fleet {
-                        applier.revert(f, &state_dir, |c| running.reload(c).map_err(|e| e.to_string()));
+                        let current = running.ctx().policy().config().clone();
+                        applier.revert(f, &current, |c| running.reload(c).map_err(|e| e.to_string()));
                         running.ctx().metrics.config_version(f.applied().0);
                     }
                 }
@@ -354,5 +370,5 @@ async fn serve(
         .await
         .ok();
     info!("Stopped");
-    exit::OK
+    code
 }

@@ -238,6 +238,7 @@ pub async fn session(
             fleet.report_later(m);
             return;
         }
+        super::pushed_config::forget_report(&fleet.state_dir);
     }
     let (version, text) = fleet.applied();
     if write_msg(&mut send, &Message::ConfigState { version, text })
@@ -535,7 +536,7 @@ mod tests {
         pki::init(&dir.path().join("ca"), "t").expect("ca");
         pki::issue(&dir.path().join("ca"), "e1", &[], 1, &dir.path().join("c")).expect("cert");
         let text = format!(
-            "[node]\nid = \"e1\"\nrole = \"edge\"\nstate_dir = \"{d}/state\"\n\n[[zone]]\nname = \"lab\"\nkind = \"legacy\"\nclassified = false\nlevel = 2\nnetworks = [\"10.0.0.0/24\"]\nassessment = {{ id = \"A\", valid_until = 2099-01-01 }}\n\n[uplink]\nhubs = [\"127.0.0.1:1\"]\nca = \"{d}/ca/ca.pem\"\ncert = \"{d}/c/e1.pem\"\nkey = \"{d}/c/e1.key\"\n\n[admin]\nlisten = \"127.0.0.1:9600\"\n",
+            "[node]\nid = \"e1\"\nrole = \"edge\"\nstate_dir = \"{d}/state\"\n\n[[zone]]\nname = \"lab\"\nkind = \"legacy\"\nclassified = false\nlevel = 2\nnetworks = [\"10.0.0.0/24\"]\nassessment = {{ id = \"A\", valid_until = 2099-01-01 }}\n\n[uplink]\nhubs = [\"127.0.0.1:1\"]\nca = \"{d}/ca/ca.pem\"\ncert = \"{d}/c/e1.pem\"\nkey = \"{d}/c/e1.key\"\nheartbeat = \"10s\"\n\n[admin]\nlisten = \"127.0.0.1:9600\"\n",
             d = dir.path().display()
         );
         let config = check_text(&text, "t").expect("config");
@@ -604,7 +605,7 @@ mod tests {
             matches!(outcome(&r), (ConfigOutcome::Refused { errors }, 0) if errors[0].contains("this box is e1"))
         );
         // A reload failure leaves everything as it was.
-        let v1 = b.text.replace("9600", "9601");
+        let v1 = b.text.replace("\"10s\"", "\"11s\"");
         let r = a.apply(&b.fleet, &b.config, 1, &v1, |_| Err("cannot bind".into()));
         assert!(matches!(outcome(&r), (ConfigOutcome::Refused { .. }, 0)));
         assert_eq!(b.fleet.applied().0, 0);
@@ -626,18 +627,21 @@ mod tests {
         assert_eq!(load_managed(&state), Some((1, v1.clone(), false)));
 
         // Applied, then no hub within the window: back to version 1, reported.
-        let v2 = v1.replace("9601", "9602");
+        let v2 = v1.replace("\"11s\"", "\"12s\"");
         let r = a.apply(&b.fleet, &b.config, 2, &v2, |_| Ok(()));
         assert_eq!(outcome(&r), (&ConfigOutcome::Applied, 2));
         let mut reloaded = None;
-        a.revert(&b.fleet, &state, |c| {
-            reloaded = Some(c.admin.listen.port());
+        a.revert(&b.fleet, &b.config, |c| {
+            let Role::Edge(e) = &c.role else {
+                panic!("edge")
+            };
+            reloaded = Some(e.uplink.heartbeat.as_secs());
             // A session starting now reports the revert, then version 1.
             assert_eq!(b.fleet.applied().0, 1, "said before the reload");
             assert!(lock(&b.fleet.report).is_some(), "the revert goes first");
             Ok(())
         });
-        assert_eq!(reloaded, Some(9601));
+        assert_eq!(reloaded, Some(11));
         assert_eq!(b.fleet.applied(), (1, v1.clone()));
         assert_eq!(load_managed(&state), Some((1, v1.clone(), false)));
         let report = lock(&b.fleet.report).take().expect("report");
@@ -648,11 +652,61 @@ mod tests {
 
         // A revert whose reload fails leaves the tried version said, and no
         // report of a revert that did not happen.
-        let v3 = v1.replace("9601", "9603");
+        let v3 = v1.replace("\"11s\"", "\"13s\"");
         let r = a.apply(&b.fleet, &b.config, 3, &v3, |_| Ok(()));
         assert_eq!(outcome(&r), (&ConfigOutcome::Applied, 3));
-        a.revert(&b.fleet, &state, |_| Err("cannot bind".into()));
+        a.revert(&b.fleet, &b.config, |_| Err("cannot bind".into()));
         assert_eq!(b.fleet.applied(), (3, v3));
         assert!(lock(&b.fleet.report).is_none());
+    }
+
+    #[test]
+    fn a_restart_only_change_is_stored_for_the_next_start_and_so_is_the_way_back() {
+        use crate::fleet::pushed_config::{revert_on_disk, saved_report};
+        let b = edge();
+        let state = b.config.node.state_dir.clone();
+        let mut a = Applier::new(Duration::from_secs(60), None);
+        let never = |_: Config| -> Result<(), String> { panic!("must not reload") };
+        // admin.listen is bound once: stored on trial, to run at the next
+        // start; nothing reloaded, the result kept on disk.
+        let v1 = b.text.replace("9600", "9601");
+        let r = a.apply(&b.fleet, &b.config, 1, &v1, never);
+        assert_eq!(outcome(&r), (&ConfigOutcome::Applied, 1));
+        assert_eq!(a.restart(), Some("admin.listen"));
+        assert!(a.deadline().is_none(), "the try starts at the next start");
+        assert_eq!(load_managed(&state), Some((1, v1.clone(), true)));
+        assert_eq!(saved_report(&state), Some(r));
+
+        // The next start runs v1 on trial; no hub within the window: the way
+        // back to the bootstrap text needs a restart as well.
+        let tried = check_text(&v1, "v1").expect("v1");
+        let mut a = Applier::new(Duration::from_secs(60), Some(1));
+        b.fleet.set_applied(1, v1.clone());
+        a.revert(&b.fleet, &tried, never);
+        assert_eq!(a.restart(), Some("admin.listen"));
+        assert_eq!(load_managed(&state), Some((0, b.text.clone(), false)));
+        assert!(matches!(
+            saved_report(&state).as_ref().map(outcome),
+            Some((ConfigOutcome::Reverted { tried: 1, .. }, 0))
+        ));
+
+        // A tried version that cannot start at all goes back on disk.
+        let mut a = Applier::new(Duration::from_secs(60), None);
+        let r = a.apply(&b.fleet, &b.config, 2, &v1.replace("9601", "9602"), never);
+        assert_eq!(outcome(&r), (&ConfigOutcome::Applied, 2));
+        assert!(revert_on_disk(&state, "cannot listen on 127.0.0.1:9602"));
+        assert_eq!(load_managed(&state), Some((1, v1.clone(), false)));
+        let Some(Message::ConfigResult {
+            outcome: ConfigOutcome::Reverted { tried: 2, reason },
+            ..
+        }) = saved_report(&state)
+        else {
+            panic!("a revert report")
+        };
+        assert!(
+            reason.contains("could not start with version 2"),
+            "{reason}"
+        );
+        assert!(!revert_on_disk(&state, "again"), "nothing on trial now");
     }
 }

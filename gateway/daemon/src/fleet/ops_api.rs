@@ -762,6 +762,9 @@ async fn revoke(State(fleet): State<Arc<Fleet>>, caller: Caller, Path(id): Path<
 #[derive(Debug, Deserialize)]
 struct PushQuery {
     file: Option<String>,
+    /// The operator knows the change needs the box to restart.
+    #[serde(default)]
+    restart: bool,
 }
 
 /// The file name a push's errors are located in: the operator's own (its
@@ -910,6 +913,20 @@ async fn config_push(
             );
         }
     }
+    // A key the box cannot reload is put in force only by restarting it: the
+    // operator says so, or the box would refuse the version.
+    let restart = super::pushed_config::check_text(&base_text, "base")
+        .ok()
+        .and_then(|base| gateway_core::config::restart::restart_needed(&base, &config));
+    if let (Some(what), false) = (restart, q.restart) {
+        return refuse(
+            StatusCode::CONFLICT,
+            format!(
+                "the change to {what} takes a restart of the box: push it again with --restart (the box restarts itself, then tries the version as any push), or leave {what} as it is"
+            ),
+            vec![],
+        );
+    }
     let version = fleet.push(&id, body, &by).await.map_err(internal)?;
     audit_ok(
         &fleet,
@@ -917,8 +934,10 @@ async fn config_push(
         "config.push",
         &id,
         format!(
-            "version={version} policy={} other={}",
-            change.policy, change.other
+            "version={version} policy={} other={}{}",
+            change.policy,
+            change.other,
+            restart.map_or(String::new(), |what| format!(" restart={what}"))
         ),
     );
     Ok((

@@ -70,6 +70,45 @@ fn save_managed(
     )
 }
 
+/// Keeps a result for the hub on disk (`STATE_DIR/managed/report.json`), so
+/// a revert or a restart's outcome survives the process: the next control
+/// session sends it first.
+pub fn save_report(state_dir: &Path, m: &Message) {
+    let dir = managed_dir(state_dir);
+    let saved = std::fs::create_dir_all(&dir)
+        .map_err(|source| PkiError::Io {
+            path: dir.clone(),
+            source,
+        })
+        .and_then(|()| {
+            pki::write_replace(
+                &dir.join("report.json"),
+                &serde_json::to_string(m).unwrap_or_default(),
+                0o600,
+            )
+        });
+    if let Err(e) = saved {
+        error!(%e, "Cannot keep the config result for the hub on disk");
+    }
+}
+
+/// The result kept by [`save_report`], if any (at most 1 MiB is read).
+pub fn saved_report(state_dir: &Path) -> Option<Message> {
+    use std::io::Read as _;
+    let f = std::fs::File::open(managed_dir(state_dir).join("report.json")).ok()?;
+    let mut text = String::new();
+    f.take(1 << 20).read_to_string(&mut text).ok()?;
+    match serde_json::from_str(&text) {
+        Ok(m @ Message::ConfigResult { .. }) => Some(m),
+        _ => None,
+    }
+}
+
+/// The kept result has been sent.
+pub fn forget_report(state_dir: &Path) {
+    let _ = std::fs::remove_file(managed_dir(state_dir).join("report.json"));
+}
+
 /// Checks a config text the way `gatewayd check` does; the errors rendered
 /// with their line and column under `name`.
 pub fn check_text(text: &str, name: &str) -> Result<Config, Vec<String>> {
@@ -85,11 +124,46 @@ pub fn check_text(text: &str, name: &str) -> Result<Config, Vec<String>> {
     }
 }
 
+/// A node started in a try window could not start with the tried version:
+/// the last good one is put back on disk, with the revert reported, for the
+/// next start (under systemd, at once). Returns whether it was put back.
+pub fn revert_on_disk(state_dir: &Path, why: &str) -> bool {
+    let Some((tried, _, true)) = load_managed(state_dir) else {
+        return false;
+    };
+    let Some((good, text)) = last_good(state_dir) else {
+        return false;
+    };
+    if save_managed(state_dir, (good, &text), (good, &text), false).is_err() {
+        return false;
+    }
+    save_report(
+        state_dir,
+        &Message::ConfigResult {
+            offered: tried,
+            applied: good,
+            outcome: ConfigOutcome::Reverted {
+                tried,
+                reason: format!("the box could not start with version {tried}: {why}"),
+            },
+        },
+    );
+    error!(
+        tried,
+        back_to = good,
+        "The tried config did not start; the last good one runs at the next start"
+    );
+    true
+}
+
 /// The main loop's half of config pushes: apply, watch the try window, revert.
 pub struct Applier {
     /// Until when a just-applied version may wait for a hub; the version.
     trying: Option<(Instant, u64)>,
     window: Duration,
+    /// A version (pushed, or the last good one a revert goes back to) was
+    /// stored to be run by restarting: what needs it.
+    restart: Option<&'static str>,
 }
 
 impl Applier {
@@ -98,7 +172,14 @@ impl Applier {
         Applier {
             trying: resume_trying.map(|v| (Instant::now() + window, v)),
             window,
+            restart: None,
         }
+    }
+
+    /// What a stored version needs a restart for, if the node is to restart
+    /// now to run it (under systemd: exit with [`crate::os::exit::RESTART`]).
+    pub fn restart(&self) -> Option<&'static str> {
+        self.restart
     }
 
     /// When the try window ends, if one is open.
@@ -169,6 +250,23 @@ impl Applier {
         ) {
             return refuse(vec![format!("cannot store it: {e}")]);
         }
+        if let Some(what) = gateway_core::config::restart::restart_needed(current, &config) {
+            // Stored on trial to run at the next start: the hub offers such
+            // a version only when its push said --restart.
+            let result = Message::ConfigResult {
+                offered: version,
+                applied: version,
+                outcome: ConfigOutcome::Applied,
+            };
+            save_report(&current.node.state_dir, &result);
+            self.restart = Some(what);
+            warn!(
+                version,
+                needs = what,
+                "Pushed config changes {what}: restarting to apply it (it is tried as any push)"
+            );
+            return result;
+        }
         // What the box runs is said before the reload: an uplink change opens
         // new tunnels at once, and their sessions report it at their start.
         fleet.set_applied(version, text.to_owned());
@@ -221,9 +319,10 @@ impl Applier {
     pub fn revert(
         &mut self,
         fleet: &EdgeFleet,
-        state_dir: &Path,
+        current: &Config,
         reload: impl FnOnce(Config) -> Result<(), String>,
     ) {
+        let state_dir = current.node.state_dir.as_path();
         let Some((_, tried)) = self.trying.take() else {
             return;
         };
@@ -250,16 +349,35 @@ impl Applier {
         };
         // Said before the reload: the tunnels it opens report at their start
         // what the box runs, and the revert goes first.
-        let tried_state = fleet.applied();
-        fleet.set_applied(good, text.clone());
-        let before = fleet.replace_report(Some(Message::ConfigResult {
+        let report = Message::ConfigResult {
             offered: tried,
             applied: good,
             outcome: ConfigOutcome::Reverted { tried, reason },
-        }));
+        };
+        if let Some(what) = gateway_core::config::restart::restart_needed(current, &config) {
+            // The way back needs a restart too: the next start runs it.
+            if save_managed(state_dir, (good, &text), (good, &text), false).is_ok() {
+                save_report(state_dir, &report);
+                self.restart = Some(what);
+                error!(
+                    back_to = good,
+                    needs = what,
+                    "Restarting to run the last good config"
+                );
+            } else {
+                error!(
+                    "Reverting failed: cannot store the last good config; the tried config stays in force"
+                );
+            }
+            return;
+        }
+        let tried_state = fleet.applied();
+        fleet.set_applied(good, text.clone());
+        let before = fleet.replace_report(Some(report.clone()));
         match reload(config) {
             Ok(()) => {
                 let _ = save_managed(state_dir, (good, &text), (good, &text), false);
+                save_report(state_dir, &report);
             }
             Err(e) => {
                 fleet.set_applied(tried_state.0, tried_state.1);

@@ -107,6 +107,15 @@ pub fn render_checked(
     Ok(rendered)
 }
 
+/// What of `text` a box running `base` can put in force only by restarting
+/// itself, if anything (both as the box checks them; `None` when `base` no
+/// longer checks: the box then judges).
+pub fn restart_of(base: &str, text: &str) -> Option<&'static str> {
+    let base = pushed_config::check_text(base, "base").ok()?;
+    let new = pushed_config::check_text(text, "new").ok()?;
+    gateway_core::config::restart::restart_needed(&base, &new)
+}
+
 /// What the hub observed of a device, for its rollout status.
 pub fn observed(row: Option<&DeviceRow>) -> Observed {
     let Some(row) = row else {
@@ -265,6 +274,11 @@ async fn push_one(
     if !change.policy && !change.other {
         return Ok(Pushed::Unchanged);
     }
+    if let (Some(what), false) = (restart_of(&base_text, &text), doc.restart) {
+        return Ok(Pushed::Error(format!(
+            "its change now touches {what}, which takes a restart of the box, and the rollout was not started with --restart"
+        )));
+    }
     let role = AdminRole::parse(&doc.by_role);
     for action in role_needed(change) {
         if !role.is_some_and(|r| fleet::allowed(r, action)) {
@@ -292,6 +306,7 @@ struct Job {
     template_version: u64,
     by: String,
     by_role: String,
+    restart: bool,
 }
 
 /// Pushes made at once (each a few statements of the registry).
@@ -380,6 +395,7 @@ async fn push_work(fleet: &Arc<Fleet>, id: &str) -> Result<(), RolloutError> {
         template_version: doc.template_version,
         by: doc.by.clone(),
         by_role: doc.by_role.clone(),
+        restart: doc.restart,
     });
     let template: Arc<str> = Arc::from(template);
     let mut done: HashMap<String, Pushed> = HashMap::new();

@@ -378,6 +378,8 @@ struct StartReq {
     soak: Option<String>,
     #[serde(default)]
     dry_run: bool,
+    #[serde(default)]
+    restart: bool,
 }
 
 /// At most this many errors are listed in a refusal (the count says the rest).
@@ -467,7 +469,11 @@ async fn rollout_start(
             .map(|(d, base)| {
                 let r =
                     ctl::render_checked((&name, version, &text), d, vars.get(d).unwrap_or(&none));
-                (r, base)
+                let restart = match (&r, &base) {
+                    (Ok(t), Some(b)) => ctl::restart_of(b, t),
+                    _ => None,
+                };
+                (r, base, restart)
             })
             .collect::<Vec<_>>()
     })
@@ -477,7 +483,14 @@ async fn rollout_start(
     let (mut policy, mut other, mut unchanged) = (0usize, 0usize, 0usize);
     let mut first_policy = None;
     let mut first_other = None;
-    for (d, (rendered, base)) in picked.iter().zip(&checked) {
+    for (d, (rendered, base, restart)) in picked.iter().zip(&checked) {
+        if let (Some(what), false) = (restart, req.restart) {
+            errors.push(format!(
+                "{}: the change to {what} takes a restart of the box: start the rollout with --restart (each box restarts itself, then tries its version), or leave {what} as it is",
+                ctl::rendered_name(&t.name, t.version, d)
+            ));
+            continue;
+        }
         match (rendered, base) {
             (Err(es), _) => errors.extend(es.iter().cloned()),
             (Ok(_), None) => errors.push(format!(
@@ -567,6 +580,7 @@ async fn rollout_start(
         soak_ms: u64::try_from(soak.as_millis()).unwrap_or(u64::MAX),
         by: by.clone(),
         by_role: role.as_str().to_owned(),
+        restart: req.restart,
         created_ms: now_ms(),
         state: RState::Running,
         reason: None,

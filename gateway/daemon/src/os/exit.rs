@@ -14,6 +14,10 @@ pub const NO_INPUT: u8 = 66;
 /// EX_UNAVAILABLE: a service the node needs cannot be reached now (the hub's
 /// PostgreSQL); systemd starts it again.
 pub const UNAVAILABLE: u8 = 69;
+/// EX_TEMPFAIL: `run` stopped to put in force a pushed config that changes
+/// keys a reload cannot (`config push --restart`), or to go back from one;
+/// the unit starts it again at once and the next start runs that version.
+pub const RESTART: u8 = 75;
 /// EX_OSERR: a listener, socket or TLS setup failed.
 pub const OS_ERR: u8 = 71;
 /// EX_NOPERM: a private key is readable by group or others.
@@ -46,6 +50,10 @@ pub const TABLE: &[(u8, &str)] = &[
     (
         OS_ERR,
         "a listener cannot bind, or a socket or TLS setup failed",
+    ),
+    (
+        RESTART,
+        "`run` stopped to apply a config pushed with `--restart` (or to go back from one): the unit starts it again, and the next start runs that version",
     ),
     (
         NO_PERM,

@@ -334,50 +334,6 @@ pub enum ReloadError {
     },
 }
 
-/// What an `[alarms]` section configures, without where it is written.
-fn forwarding(a: &gateway_core::config::AlarmForwarding) -> String {
-    let syslog = a.syslog.as_ref().map(|s| {
-        (
-            format!("{}:{}", s.address.host, s.address.port),
-            s.ca.path.clone(),
-            s.client
-                .as_ref()
-                .map(|(c, k)| (c.path.clone(), k.path.clone())),
-        )
-    });
-    let webhook = a.webhook.as_ref().map(|w| {
-        (
-            format!("{}:{}{}", w.address.host, w.address.port, w.path),
-            w.ca.path.clone(),
-            w.token_file.as_ref().map(|t| t.path.clone()),
-        )
-    });
-    format!(
-        "{:?} {:?} {syslog:?} {webhook:?}",
-        a.min_severity, a.down_after
-    )
-}
-
-/// The UDP publishes or accesses of a role: (listen, device, service, zone).
-fn udp_fronts(role: &Role) -> Vec<(SocketAddr, &str, &str, &str)> {
-    let all: Vec<_> = match role {
-        Role::Hub(h) => h
-            .publishes
-            .iter()
-            .map(|p| (p.protocol, (p.listen, &*p.device, &*p.service, &*p.zone)))
-            .collect(),
-        Role::Edge(e) => e
-            .accesses
-            .iter()
-            .map(|a| (a.protocol, (a.listen, &*a.device, &*a.service, &*a.zone)))
-            .collect(),
-    };
-    all.into_iter()
-        .filter(|(protocol, _)| *protocol == Protocol::Udp)
-        .map(|(_, front)| front)
-        .collect()
-}
-
 impl Running {
     /// Puts a new checked config in force: the policy is swapped, listeners of
     /// removed publishes or accesses stop (with their relays), new ones start,
@@ -388,8 +344,8 @@ impl Running {
     /// configuration then stays in force.
     pub fn reload(&self, config: Config) -> Result<(), ReloadError> {
         let old = self.ctx.policy();
-        if old.config().node.id != config.node.id {
-            return Err(ReloadError::NeedsRestart("node.id"));
+        if let Some(what) = gateway_core::config::restart::restart_needed(old.config(), &config) {
+            return Err(ReloadError::NeedsRestart(what));
         }
         let wanted: Vec<SocketAddr> = match (&self.role, &config.role) {
             (RoleState::Hub(_), Role::Hub(h)) => h
@@ -406,47 +362,6 @@ impl Running {
                 .collect(),
             _ => return Err(ReloadError::NeedsRestart("node.role")),
         };
-        // UDP fronts are bound once at start: a change would be half applied.
-        if udp_fronts(&old.config().role) != udp_fronts(&config.role) {
-            return Err(ReloadError::NeedsRestart("a UDP [[publish]] or [[access]]"));
-        }
-        // Listeners bound once at start: a change would be silently ignored.
-        let before = old.config();
-        if before.admin.listen != config.admin.listen {
-            return Err(ReloadError::NeedsRestart("admin.listen"));
-        }
-        if before.node.user != config.node.user {
-            return Err(ReloadError::NeedsRestart("node.user"));
-        }
-        if before.node.state_dir != config.node.state_dir {
-            return Err(ReloadError::NeedsRestart("node.state_dir"));
-        }
-        // The scanner and the alarm forwarders are made once at start.
-        if before.scan != config.scan {
-            return Err(ReloadError::NeedsRestart("[scan]"));
-        }
-        if forwarding(&before.alarms) != forwarding(&config.alarms) {
-            return Err(ReloadError::NeedsRestart("[alarms]"));
-        }
-        if let (Role::Edge(b), Role::Edge(a)) = (&before.role, &config.role) {
-            // Where they listen and how they know producers (a tokens
-            // file's contents are re-read without a restart).
-            let listens = |e: &gateway_core::config::Edge| -> Vec<(String, SocketAddr, String)> {
-                e.ingests
-                    .iter()
-                    .map(|i| {
-                        (
-                            i.zone.clone(),
-                            i.listen,
-                            format!("{:?}", auth_files(&i.auth)),
-                        )
-                    })
-                    .collect()
-            };
-            if listens(b) != listens(a) {
-                return Err(ReloadError::NeedsRestart("[[ingest]]"));
-            }
-        }
         let mut tasks = self
             .tasks
             .lock()
@@ -630,23 +545,4 @@ fn uplink_differs(a: &gateway_core::config::Uplink, b: &gateway_core::config::Up
         || a.ca.path != b.ca.path
         || a.cert.path != b.cert.path
         || a.key.path != b.key.path
-}
-
-/// The files an ingest's `auth` names, to tell whether it changed.
-fn auth_files(auth: &gateway_core::config::IngestAuth) -> (&'static str, Vec<&std::path::Path>) {
-    use gateway_core::config::IngestAuth;
-    let files = match auth {
-        IngestAuth::None => vec![],
-        IngestAuth::Token { tokens } => vec![tokens.path.as_path()],
-        IngestAuth::Mtls {
-            client_ca,
-            cert,
-            key,
-        } => vec![
-            client_ca.path.as_path(),
-            cert.path.as_path(),
-            key.path.as_path(),
-        ],
-    };
-    (auth.as_str(), files)
 }

@@ -544,8 +544,10 @@ impl PgRegistry {
         let from = first.unwrap_or(head_seq + 1);
         let records: Vec<Record> = c
             .query(
-                "SELECT json FROM edge_audit WHERE device = $1 AND seq >= $2 ORDER BY seq",
-                &[&device, &from],
+                // Records stored after the head was read are not this
+                // export's: it ends at the head it names.
+                "SELECT json FROM edge_audit WHERE device = $1 AND seq >= $2 AND seq <= $3 ORDER BY seq",
+                &[&device, &from, &head_seq],
             )
             .await?
             .iter()

@@ -985,12 +985,14 @@ impl SqliteRegistry {
             params![device, since_ms],
             |r| r.get(0),
         )?;
-        let mut st = self
-            .db
-            .prepare("SELECT json FROM edge_audit WHERE device = ?1 AND seq >= ?2 ORDER BY seq")?;
+        // Records stored after the head was read are not this export's: it
+        // ends at the head it names.
+        let mut st = self.db.prepare(
+            "SELECT json FROM edge_audit WHERE device = ?1 AND seq >= ?2 AND seq <= ?3 ORDER BY seq",
+        )?;
         let from = first.unwrap_or(head_seq + 1);
         let records: Vec<Record> = st
-            .query_map(params![device, from], |r| r.get::<_, String>(0))?
+            .query_map(params![device, from, head_seq], |r| r.get::<_, String>(0))?
             .filter_map(|j| j.ok().and_then(|j| serde_json::from_str(&j).ok()))
             .collect();
         let (a_seq, a_hash) = match records.first() {

@@ -271,6 +271,11 @@ enum ConfigCommand {
         device: String,
         /// The config file (TOML).
         file: PathBuf,
+        /// The change includes keys a running box cannot reload (such as
+        /// `admin.listen`): the box applies it by restarting itself, then
+        /// tries it as any push.
+        #[arg(long)]
+        restart: bool,
     },
     /// Print a device's config: the newest pushed version, a given one, or
     /// the one the box runs (as it reported).
@@ -569,7 +574,11 @@ async fn go(client: &OpsClient, command: Command) -> Result<(), u8> {
                 );
             }
         }
-        Command::Config(ConfigCommand::Push { device, file }) => {
+        Command::Config(ConfigCommand::Push {
+            device,
+            file,
+            restart,
+        }) => {
             let text = std::fs::read(&file).map_err(|e| {
                 eprintln!("error: {}: {e}", file.display());
                 USAGE
@@ -582,19 +591,33 @@ async fn go(client: &OpsClient, command: Command) -> Result<(), u8> {
                     n.bytes()
                         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
                 })
-                .map(|n| format!("?file={n}"))
-                .unwrap_or_default();
+                .map(|n| format!("file={n}"));
+            let query = name
+                .into_iter()
+                .chain(restart.then(|| "restart=true".to_owned()))
+                .collect::<Vec<_>>()
+                .join("&");
+            let query = if query.is_empty() {
+                query
+            } else {
+                format!("?{query}")
+            };
             let (_, b) = call(
                 client,
                 "POST",
-                &format!("/v1/devices/{device}/config{name}"),
+                &format!("/v1/devices/{device}/config{query}"),
                 Some(("application/toml", &text)),
             )
             .await?;
             let v = json(&b);
             println!(
-                "config version {} stored for {device}{}",
+                "config version {} stored for {device}{}{}",
                 v["version"],
+                if restart {
+                    " (the box restarts itself to apply it)"
+                } else {
+                    ""
+                },
                 if v["offered"].as_bool() == Some(true) {
                     "; offered to the device now (see gatewayctl config status)"
                 } else {

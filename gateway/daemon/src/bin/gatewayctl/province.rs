@@ -69,6 +69,10 @@ pub enum RolloutCommand {
         /// Render and check only; start nothing.
         #[arg(long)]
         dry_run: bool,
+        /// The configs change keys a running box cannot reload (such as
+        /// `admin.listen`): each box applies its version by restarting itself.
+        #[arg(long)]
+        restart: bool,
     },
     /// The rollouts, newest first.
     List {
@@ -262,11 +266,12 @@ pub async fn rollout(client: &OpsClient, command: RolloutCommand) -> Result<(), 
             max_failures,
             soak,
             dry_run,
+            restart,
         } => {
             let body = json!({
                 "template": template, "version": version, "selector": selector,
                 "waves": waves, "min_wave": min_wave, "max_failures": max_failures,
-                "soak": soak, "dry_run": dry_run,
+                "soak": soak, "dry_run": dry_run, "restart": restart,
             })
             .to_string();
             let (_, b) = call(
