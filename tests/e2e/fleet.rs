@@ -180,10 +180,15 @@ impl Hub {
 
     /// Runs gatewayctl as `account`; (exit code, stdout, stderr).
     fn ctl(&self, account: &str, args: &[&str]) -> (i32, String, String) {
+        self.ctl_trusting(&self.pki.ca().join("ca.pem"), account, args)
+    }
+
+    /// [`Hub::ctl`] checking the hub against `ca` (after a CA rotation).
+    fn ctl_trusting(&self, ca: &Path, account: &str, args: &[&str]) -> (i32, String, String) {
         let out = Command::new(env!("CARGO_BIN_EXE_gatewayctl"))
             .args(args)
             .env("GATEWAYCTL_HUB", self.ops.to_string())
-            .env("GATEWAYCTL_CA", self.pki.ca().join("ca.pem"))
+            .env("GATEWAYCTL_CA", ca)
             .env(
                 "GATEWAYCTL_CREDENTIALS",
                 self.dir.path().join(format!("{account}.cred")),
@@ -2111,9 +2116,15 @@ fn the_ca_rotates_as_the_operators_guide_says() {
 
     // The box reports the CA it trusts.
     let fingerprints = |p: &Path| gateway_daemon::tunnel::pki::fingerprints(&pem(p));
-    let trusts = |hub: &Hub, want: Vec<String>| {
+    let trusts_as_told_by = |hub: &Hub, ca: &Path, want: Vec<String>| {
         poll_blocking("the box reports its CAs", Duration::from_secs(15), || {
-            let d = hub.device("edge-a");
+            let (code, out, err) = hub.ctl_trusting(
+                ca,
+                "sam",
+                &["devices", "show", "edge-a", "--format", "json"],
+            );
+            assert_eq!(code, 0, "{err}");
+            let d: Value = serde_json::from_str(&out).expect("json");
             let ca: Vec<String> = d["status"]["ca"]
                 .as_array()
                 .into_iter()
@@ -2127,6 +2138,7 @@ fn the_ca_rotates_as_the_operators_guide_says() {
             }
         });
     };
+    let trusts = |hub: &Hub, want: Vec<String>| trusts_as_told_by(hub, &old_ca, want);
     trusts(&hub, fingerprints(&old_ca));
     // 1. A new CA, named apart from the old one.
     let new_ca = hub.dir.path().join("ca-2027");
@@ -2138,24 +2150,38 @@ fn the_ca_rotates_as_the_operators_guide_says() {
         "--name",
         "Jilin e-gov CA 2027",
     ]);
-    // 2. The box trusts the old and the new CA (a bundle `pki bundle` makes,
-    //    put in place of its file); it reads the bundle when it next renews,
-    //    and says so in its heartbeat.
-    let staged = hub.dir.path().join("box-bundle.pem");
+    // 2. The box trusts the old and the new CA: a bundle `pki bundle` makes,
+    //    named by hub.box_ca; the hub signs it with the CA key the box trusts
+    //    and sends it to the box, which says so in its heartbeat. The box's
+    //    own file is not touched.
+    let edit_hub = |hub: &Hub, from: String, to: String| {
+        let text = std::fs::read_to_string(&hub.config).expect("hub config");
+        assert!(text.contains(&from), "{from} not in {text}");
+        std::fs::write(&hub.config, text.replace(&from, &to)).expect("write");
+    };
+    let box_bundle = hub.dir.path().join("box-ca-2027.pem");
     gatewayd(&[
         "pki",
         "bundle",
         "--out",
-        &path(&staged),
+        &path(&box_bundle),
         &path(&old_ca),
         &path(&new_ca.join("ca.pem")),
     ]);
-    std::fs::rename(&staged, &box_ca).expect("bundle in place");
-    edge.wait_next_log("Certificate renewed");
+    let ca_key_line = format!("ca_key = \"{}\"", hub.pki.ca().join("ca.key").display());
+    edit_hub(
+        &hub,
+        ca_key_line.clone(),
+        format!("{ca_key_line}\nbox_ca = \"{}\"", box_bundle.display()),
+    );
+    hub.kill();
+    hub.run();
+    edge.wait_next_log("The hub sent a CA bundle");
     trusts(
         &hub,
         [fingerprints(&old_ca), fingerprints(&new_ca.join("ca.pem"))].concat(),
     );
+    assert_eq!(pem(&box_ca), pem(&old_ca), "the box's own file stays");
     let (_, listing, _) = hub.ctl("sam", &["devices", "list"]);
     let short = |f: &[String]| f[0][..8].to_owned();
     assert!(
@@ -2169,11 +2195,6 @@ fn the_ca_rotates_as_the_operators_guide_says() {
     // 3. The hub checks against new + old and signs with the new key.
     let hub_bundle = hub.dir.path().join("ca-bundle.pem");
     std::fs::write(&hub_bundle, pem(&new_ca.join("ca.pem")) + &pem(&old_ca)).expect("bundle");
-    let edit_hub = |hub: &Hub, from: String, to: String| {
-        let text = std::fs::read_to_string(&hub.config).expect("hub config");
-        assert!(text.contains(&from), "{from} not in {text}");
-        std::fs::write(&hub.config, text.replace(&from, &to)).expect("write");
-    };
     edit_hub(
         &hub,
         format!("ca_cert = \"{}\"", old_ca.display()),
@@ -2184,6 +2205,8 @@ fn the_ca_rotates_as_the_operators_guide_says() {
         format!("ca_key = \"{}\"", hub.pki.ca().join("ca.key").display()),
         format!("ca_key = \"{}\"", new_ca.join("ca.key").display()),
     );
+    // Lines logged so far are not the reconnection's.
+    let _ = edge.log_so_far();
     hub.kill();
     hub.run();
     edge.wait_next_log("Tunnel up");
@@ -2220,15 +2243,41 @@ fn the_ca_rotates_as_the_operators_guide_says() {
     edge.wait_next_log("Tunnel up");
     relay(&hub, "the hub's certificate is from the new CA");
     // 5. The old CA leaves both bundles: the hub now refuses any certificate
-    //    of the old CA, and the box trusts only the new one from its next
-    //    renewal on.
+    //    of the old CA, and the box, sent the new CA alone (signed by it, a
+    //    CA the box trusts), trusts only the new one.
     std::fs::write(&hub_bundle, pem(&new_ca.join("ca.pem"))).expect("new CA only");
-    std::fs::write(&box_ca, pem(&new_ca.join("ca.pem"))).expect("new CA only");
-    edge.wait_next_log("Certificate renewed");
+    let box_bundle_2 = hub.dir.path().join("box-ca-2027-only.pem");
+    gatewayd(&[
+        "pki",
+        "bundle",
+        "--out",
+        &path(&box_bundle_2),
+        &path(&new_ca.join("ca.pem")),
+    ]);
+    edit_hub(
+        &hub,
+        format!("box_ca = \"{}\"", box_bundle.display()),
+        format!("box_ca = \"{}\"", box_bundle_2.display()),
+    );
     hub.kill();
     hub.run();
-    edge.wait_next_log("Tunnel up");
+    edge.wait_next_log("The hub sent a CA bundle");
+    trusts_as_told_by(
+        &hub,
+        &new_ca.join("ca.pem"),
+        fingerprints(&new_ca.join("ca.pem")),
+    );
     relay(&hub, "the old CA is gone");
+    // The box no longer accepts a hub certificate from the old CA: it
+    // reconnects to this hub only because its certificate is the new CA's.
+    edge.signal(Signal::SIGKILL);
+    let _ = edge.child.wait();
+    let mut edge = Proc::start(&config);
+    edge.wait_log("Tunnel up");
+    relay(
+        &hub,
+        "after a restart the box still trusts the bundle it was sent",
+    );
     edge.signal(Signal::SIGKILL);
 }
 

@@ -182,6 +182,29 @@ pub enum Message {
         /// The records.
         records: Vec<Record>,
     },
+    /// Hub to edge: the CA certificates the box is to trust for hubs from
+    /// now on (a CA rotation), signed by the key of a CA the box trusts now
+    /// ([`ca_bundle_signed`]). Sent when the box's heartbeat reports other
+    /// CAs than these.
+    CaBundle {
+        /// The certificates, PEM, at most [`MAX_CA_BUNDLE_BYTES`].
+        pem: String,
+        /// When the operator made the bundle (Unix ms): a box never goes
+        /// back to an older one.
+        issued_ms: i64,
+        /// ECDSA P-256 / SHA-256 (ASN.1 DER), hex, over [`ca_bundle_signed`].
+        signature: String,
+    },
+}
+
+/// The largest CA bundle a box takes from a hub.
+pub const MAX_CA_BUNDLE_BYTES: usize = 64 * 1024;
+
+/// What the hub's CA key signs for [`Message::CaBundle`]: a fixed label,
+/// the time and the PEM text, so a signature over anything else (an audit
+/// export's head, a certificate) is never taken for one.
+pub fn ca_bundle_signed(pem: &str, issued_ms: i64) -> Vec<u8> {
+    format!("gatewayd ca bundle v1\n{issued_ms}\n{pem}").into_bytes()
 }
 
 /// Enrollment, edge to hub: the only message of an enrollment connection.

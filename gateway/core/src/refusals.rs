@@ -76,6 +76,18 @@ pub const REASONS: &[(&str, &str)] = &[
         "a producer without a valid token or certificate",
     ),
     ("connection-cap", "a connection over an HTTP listener's cap"),
+    (
+        "scan-refused",
+        "the scanner would not scan a record (over its size limit): refused, not passed unscanned",
+    ),
+    (
+        "scan-unavailable",
+        "a record of a scanned channel while no scanner answers: refused, not passed unscanned",
+    ),
+    (
+        "ca-bundle",
+        "a CA bundle from a hub the box does not take: not signed by a CA it trusts, leaving that CA out, or older than the one it holds",
+    ),
 ];
 
 /// Whether `why` is one of [`REASONS`].

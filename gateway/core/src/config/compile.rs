@@ -2005,6 +2005,10 @@ impl Compiler<'_> {
         }
         let ca_cert = self.file(&h.ca_cert, "hub.ca_cert");
         let ca_key = self.file(&h.ca_key, "hub.ca_key");
+        let box_ca = match &h.box_ca {
+            None => Some(None),
+            Some(s) => self.file(s, "hub.box_ca").map(Some),
+        };
         let cert = self.file(&h.cert, "hub.cert");
         let key = self.file(&h.key, "hub.key");
         let cert_lifetime = self.duration_or(h.cert_lifetime.as_ref(), "hub.cert_lifetime", 86_400);
@@ -2063,6 +2067,7 @@ impl Compiler<'_> {
                 api: api?,
                 ca_cert: ca_cert?,
                 ca_key: ca_key?,
+                box_ca: box_ca?,
                 cert: cert?,
                 key: key?,
                 cert_lifetime: cert_lifetime?,

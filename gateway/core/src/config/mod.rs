@@ -100,6 +100,7 @@ impl Config {
                     &h.settings.cert,
                     &h.settings.key,
                 ];
+                v.extend(&h.settings.box_ca);
                 if let Some(pg) = &h.settings.postgres {
                     if let PgTlsMode::VerifyFull { ca } = &pg.tls {
                         v.push(ca);
@@ -810,6 +811,9 @@ pub struct HubSettings {
     pub ca_cert: FilePath,
     /// The CA's private key.
     pub ca_key: FilePath,
+    /// The CA bundle boxes are to trust for hubs (a CA rotation), sent to
+    /// each box whose heartbeat reports other CAs, signed with `ca_key`.
+    pub box_ca: Option<FilePath>,
     /// The hub's certificate.
     pub cert: FilePath,
     /// The hub's private key.

@@ -204,6 +204,7 @@ pub struct RawHub {
     pub api: S,
     pub ca_cert: S,
     pub ca_key: S,
+    pub box_ca: Option<S>,
     pub cert: S,
     pub key: S,
     pub cert_lifetime: Option<S>,

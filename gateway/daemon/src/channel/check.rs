@@ -152,8 +152,8 @@ pub async fn scan_records(
     let refuse = |verdict: Verdict, reason: String| {
         let (why, rule) = match &verdict {
             Verdict::Found(_) => ("malware", "D6.malware"),
-            Verdict::Refused(_) => ("scan-refused", ""),
-            _ => ("scan-unavailable", ""),
+            Verdict::Refused(_) => ("scan-refused", "scan-refused"),
+            _ => ("scan-unavailable", "scan-unavailable"),
         };
         info!(%subject, %channel, %reason, "Refused by the malware scan");
         ctx.audit.record(

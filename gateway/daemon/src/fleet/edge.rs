@@ -40,9 +40,9 @@ pub enum Request {
 /// The edge's management state.
 pub struct EdgeFleet {
     state_dir: PathBuf,
-    ca: PathBuf,
-    cert: PathBuf,
-    key: PathBuf,
+    /// `[uplink]` `ca`, `cert` and `key` of the config in force (a reload
+    /// may move them).
+    uplink: Mutex<(PathBuf, PathBuf, PathBuf)>,
     /// The TLS client configuration the tunnels connect with (swapped on renewal).
     pub client: ClientHolder,
     heartbeat: Duration,
@@ -63,6 +63,30 @@ pub struct EdgeFleet {
     /// or two hubs each record a new certificate and the box may keep the
     /// one the registry no longer knows (then every hub refuses it).
     renewal: std::sync::atomic::AtomicBool,
+}
+
+/// Where a box keeps the CA bundle a hub sent it (a CA rotation): while it
+/// is there the box trusts it for hubs in place of its `[uplink].ca` file.
+pub fn delivered_ca(state_dir: &std::path::Path) -> PathBuf {
+    state_dir.join("trust").join("ca.pem")
+}
+
+/// The CA file a box checks hubs against: the delivered bundle if there is
+/// one, else `[uplink].ca`.
+pub fn trust_path(state_dir: &std::path::Path, configured: &std::path::Path) -> PathBuf {
+    let delivered = delivered_ca(state_dir);
+    if delivered.is_file() {
+        delivered
+    } else {
+        configured.to_owned()
+    }
+}
+
+/// What the box holds of a delivered bundle (`trust/ca.json`).
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct Delivered {
+    issued_ms: i64,
+    signer: String,
 }
 
 /// The fingerprints of the CA certificates in `path` (empty when unreadable).
@@ -113,11 +137,14 @@ impl EdgeFleet {
         let validity = std::fs::read_to_string(&e.uplink.cert.path)
             .ok()
             .and_then(|p| pki::validity(&p));
+        let trust = trust_path(&config.node.state_dir, &e.uplink.ca.path);
         Some(Arc::new(EdgeFleet {
             state_dir: config.node.state_dir.clone(),
-            ca: e.uplink.ca.path.clone(),
-            cert: e.uplink.cert.path.clone(),
-            key: e.uplink.key.path.clone(),
+            uplink: Mutex::new((
+                e.uplink.ca.path.clone(),
+                e.uplink.cert.path.clone(),
+                e.uplink.key.path.clone(),
+            )),
             client,
             heartbeat: e.uplink.heartbeat,
             started: Instant::now(),
@@ -126,10 +153,84 @@ impl EdgeFleet {
             requests,
             validity: Mutex::new(validity),
             trying: std::sync::atomic::AtomicBool::new(false),
-            ca_fingerprints: Mutex::new(ca_fingerprints(&e.uplink.ca.path)),
+            ca_fingerprints: Mutex::new(ca_fingerprints(&trust)),
             try_ended: tokio::sync::Notify::new(),
             renewal: std::sync::atomic::AtomicBool::new(false),
         }))
+    }
+
+    /// The CA file the box checks hubs against now.
+    pub fn trust(&self) -> PathBuf {
+        trust_path(&self.state_dir, &lock(&self.uplink).0)
+    }
+
+    /// A reload put other `[uplink]` files in force (the tunnels were given a
+    /// client made from them): renewals and a delivered bundle use them.
+    pub fn set_uplink(&self, ca: PathBuf, cert: PathBuf, key: PathBuf) {
+        *lock(&self.uplink) = (ca, cert, key);
+        *lock(&self.ca_fingerprints) = ca_fingerprints(&self.trust());
+    }
+
+    /// The tunnels' TLS client made again from the files in force.
+    fn reload_client(&self) -> Result<(), String> {
+        let (_, cert, key) = lock(&self.uplink).clone();
+        let trust = self.trust();
+        let client = tls::client(&trust, &cert, &key).map_err(|e| e.to_string())?;
+        *self
+            .client
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = client;
+        *lock(&self.ca_fingerprints) = ca_fingerprints(&trust);
+        Ok(())
+    }
+
+    /// A CA bundle from a hub: kept and trusted for hubs from now on when a CA
+    /// the box trusts now signed it, it holds that CA and it is not older
+    /// than the one held. Returns the new fingerprints, or `None` when it is
+    /// the one held already.
+    ///
+    /// # Errors
+    /// Why it was refused (the box goes on trusting what it trusted).
+    pub fn take_ca_bundle(
+        &self,
+        pem: &str,
+        issued_ms: i64,
+        signature: &str,
+    ) -> Result<Option<Vec<String>>, String> {
+        use std::io::Read as _;
+        let dir = self.state_dir.join("trust");
+        let held: Delivered = std::fs::read_to_string(dir.join("ca.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default();
+        if delivered_ca(&self.state_dir).is_file() {
+            if issued_ms < held.issued_ms {
+                return Err(format!(
+                    "it was made at {} ms, before the bundle held ({} ms)",
+                    issued_ms, held.issued_ms
+                ));
+            }
+            let same =
+                std::fs::read_to_string(delivered_ca(&self.state_dir)).is_ok_and(|t| t == pem);
+            if same && issued_ms == held.issued_ms {
+                return Ok(None);
+            }
+        }
+        let mut trusted = String::new();
+        std::fs::File::open(self.trust())
+            .and_then(|f| {
+                f.take(gateway_core::fleet::MAX_CA_BUNDLE_BYTES as u64)
+                    .read_to_string(&mut trusted)
+            })
+            .map_err(|e| format!("cannot read the CAs trusted now: {e}"))?;
+        let (signer, fps) = pki::verify_ca_bundle(&trusted, pem, issued_ms, signature)?;
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let meta = serde_json::to_string(&Delivered { issued_ms, signer }).unwrap_or_default();
+        pki::write_replace(&dir.join("ca.json"), &meta, 0o600).map_err(|e| e.to_string())?;
+        pki::write_replace(&delivered_ca(&self.state_dir), pem, 0o600)
+            .map_err(|e| e.to_string())?;
+        self.reload_client()?;
+        Ok(Some(fps))
     }
 
     /// The config in force: (version, text).
@@ -208,14 +309,10 @@ impl EdgeFleet {
         if v.1 <= now_ms() {
             return Err("the hub sent an expired certificate".into());
         }
+        let (_, cert, key) = lock(&self.uplink).clone();
         // As a pair: a crash half way is finished at the next start.
-        pki::write_pair(&self.key, key_pem, &self.cert, cert_pem).map_err(|e| e.to_string())?;
-        let client = tls::client(&self.ca, &self.cert, &self.key).map_err(|e| e.to_string())?;
-        *self
-            .client
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = client;
-        *lock(&self.ca_fingerprints) = ca_fingerprints(&self.ca);
+        pki::write_pair(&key, key_pem, &cert, cert_pem).map_err(|e| e.to_string())?;
+        self.reload_client()?;
         *lock(&self.validity) = Some(v);
         ctx.metrics.cert_expiry(v.1);
         Ok(v)
@@ -388,6 +485,23 @@ pub async fn session(
                         // rollout's wave waits for that).
                         if applied && write_msg(&mut send, &Message::Heartbeat(fleet.status(&ctx))).await.is_err() {
                             break;
+                        }
+                    }
+                    Message::CaBundle { pem, issued_ms, signature } => {
+                        let f = fleet.clone();
+                        let taken = tokio::task::spawn_blocking(move || f.take_ca_bundle(&pem, issued_ms, &signature)).await;
+                        match taken {
+                            Ok(Ok(Some(fps))) => {
+                                info!(cas = %fps.join(","), "The hub sent a CA bundle signed by a CA this box trusts: hubs are checked against it from now on");
+                                ctx.audit.record("hub", "ca", "ca.bundle", "ok", "", format!("cas={}", fps.join(",")));
+                                fleet.try_ended.notify_waiters();
+                            }
+                            Ok(Ok(None)) => {}
+                            Ok(Err(why)) => {
+                                warn!(%why, "A CA bundle from the hub refused; the CAs trusted now stay");
+                                ctx.audit.record("hub", "ca", "ca.bundle", "deny", "ca-bundle", why);
+                            }
+                            Err(e) => error!(%e, "Checking a CA bundle failed"),
                         }
                     }
                     Message::Command { id, kind: CommandKind::Reconnect } => {
@@ -708,5 +822,39 @@ mod tests {
             "{reason}"
         );
         assert!(!revert_on_disk(&state, "again"), "nothing on trial now");
+    }
+
+    #[test]
+    fn a_delivered_ca_bundle_is_kept_trusted_and_never_replaced_by_an_older_one() {
+        let b = edge();
+        let ca_dir = b.config.node.state_dir.parent().expect("dir").join("ca");
+        let ca_pem = std::fs::read_to_string(ca_dir.join("ca.pem")).expect("ca");
+        let key = std::fs::read_to_string(ca_dir.join("ca.key")).expect("key");
+        let (bundle, fps) = pki::checked_bundle(&ca_pem).expect("bundle");
+        let sign = |at: i64| pki::sign_ca_bundle(&key, &bundle, at).expect("sign");
+        assert_eq!(
+            b.fleet.trust(),
+            ca_dir.join("ca.pem"),
+            "[uplink].ca at first"
+        );
+        assert_eq!(
+            b.fleet.take_ca_bundle(&bundle, 10, &sign(10)),
+            Ok(Some(fps.clone()))
+        );
+        assert_eq!(b.fleet.trust(), delivered_ca(&b.config.node.state_dir));
+        assert_eq!(*lock(&b.fleet.ca_fingerprints), fps);
+        // The same again: nothing to do; an older one: refused; a forged
+        // signature: refused, the bundle held stays.
+        assert_eq!(b.fleet.take_ca_bundle(&bundle, 10, &sign(10)), Ok(None));
+        let err = b
+            .fleet
+            .take_ca_bundle(&bundle, 9, &sign(9))
+            .expect_err("older");
+        assert!(err.contains("before the bundle held"), "{err}");
+        assert!(b.fleet.take_ca_bundle(&bundle, 11, &sign(10)).is_err());
+        assert_eq!(
+            b.fleet.take_ca_bundle(&bundle, 11, &sign(11)),
+            Ok(Some(fps))
+        );
     }
 }

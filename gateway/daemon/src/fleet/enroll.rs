@@ -43,7 +43,10 @@ pub async fn enroll(config: &Config, token: &str) -> Result<(String, i64), Enrol
     };
     let id = config.node.id.clone();
     let (key_pem, csr_pem) = pki::new_request(&id)?;
-    let client = tls::enroll_client(&e.uplink.ca.path)?;
+    let client = tls::enroll_client(&super::edge::trust_path(
+        &config.node.state_dir,
+        &e.uplink.ca.path,
+    ))?;
     let any: std::net::SocketAddr = ([0, 0, 0, 0], 0).into();
     let endpoint =
         quinn::Endpoint::client(any).map_err(|e| EnrollError::Unreachable(e.to_string()))?;

@@ -41,6 +41,9 @@ pub struct Fleet {
     consumers: Arc<Consumers>,
     signer: Signer,
     export_key: Option<(ring::signature::EcdsaKeyPair, String)>,
+    /// `[hub].box_ca`, signed, with its fingerprints: sent to each box whose
+    /// heartbeat reports other CAs.
+    box_ca: Option<(Message, Vec<String>)>,
     lifetime: Duration,
     ctx: Arc<Ctx>,
     devices: Arc<Devices>,
@@ -157,10 +160,11 @@ impl Fleet {
         registry: Arc<dyn Registry>,
         consumers: Arc<Consumers>,
         signer: Signer,
-        lifetime: Duration,
-        hub_identity: (&std::path::Path, &std::path::Path),
+        settings: &gateway_core::config::HubSettings,
+        box_ca: Option<(Message, Vec<String>)>,
     ) -> Arc<Self> {
-        let export_key = export_key(hub_identity.0, hub_identity.1);
+        let lifetime = settings.cert_lifetime;
+        let export_key = export_key(&settings.cert.path, &settings.key.path);
         if export_key.is_none() {
             warn!("The hub's key is not ECDSA P-256: audit exports are not signed");
         }
@@ -169,6 +173,7 @@ impl Fleet {
             consumers,
             signer,
             export_key,
+            box_ca,
             lifetime,
             ctx,
             devices,
@@ -640,11 +645,23 @@ impl Fleet {
             });
             let mut registered = false;
             let mut cursor = None;
+            let mut ca_sent = false;
             loop {
                 let m: Message = match read_msg(&mut recv).await {
                     Ok(m) => m,
                     Err(_) => break,
                 };
+                // A box that trusts other CAs than the rotation's bundle is
+                // sent it, once a session.
+                if let (Message::Heartbeat(status), Some((bundle, fps)), false) =
+                    (&m, &self.box_ca, ca_sent)
+                {
+                    if !status.ca.is_empty() && status.ca != *fps {
+                        info!("Sending the box the CA bundle of hub.box_ca");
+                        let _ = tx.send(bundle.clone());
+                        ca_sent = true;
+                    }
+                }
                 if !registered {
                     // The edge's first message marks its management lane.
                     lock(&self.sessions).insert(device.clone(), tx.clone());
@@ -1190,6 +1207,63 @@ impl Fleet {
             }
         }
     }
+}
+
+/// `[hub].box_ca` made ready to send: read (at most
+/// [`fleet::MAX_CA_BUNDLE_BYTES`]), checked as `pki bundle` checks, holding
+/// the CA that signs (the first of `ca_cert`), and signed with `ca_key`;
+/// dated by the file's modification time. With its fingerprints.
+///
+/// # Errors
+/// What is wrong with the file, naming the key.
+pub fn box_ca_offer(
+    h: &gateway_core::config::HubSettings,
+) -> Result<Option<(Message, Vec<String>)>, String> {
+    use std::io::Read as _;
+    let Some(file) = &h.box_ca else {
+        return Ok(None);
+    };
+    let at = |e: &dyn std::fmt::Display| format!("hub.box_ca ({}): {e}", file.path.display());
+    let f = std::fs::File::open(&file.path).map_err(|e| at(&e))?;
+    let modified = f
+        .metadata()
+        .and_then(|m| m.modified())
+        .map_err(|e| at(&e))?;
+    let mut text = String::new();
+    f.take(fleet::MAX_CA_BUNDLE_BYTES as u64 + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| at(&e))?;
+    if text.len() > fleet::MAX_CA_BUNDLE_BYTES {
+        return Err(at(&format!(
+            "over {} bytes; a bundle holds a few CA certificates",
+            fleet::MAX_CA_BUNDLE_BYTES
+        )));
+    }
+    let (pem, fps) = pki::checked_bundle(&text).map_err(|e| at(&e))?;
+    let signing = std::fs::read_to_string(&h.ca_cert.path)
+        .map(|p| pki::fingerprints(&p))
+        .map_err(|e| at(&format!("cannot read hub.ca_cert: {e}")))?;
+    let Some(signer) = signing.first() else {
+        return Err(at(&"hub.ca_cert holds no certificate"));
+    };
+    if !fps.contains(signer) {
+        return Err(at(&format!(
+            "it leaves out {signer}, the CA that signs (the first of hub.ca_cert): boxes would refuse it; build it with that CA in it"
+        )));
+    }
+    let issued_ms = modified
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+    let key = std::fs::read_to_string(&h.ca_key.path).map_err(|e| at(&e))?;
+    let signature = pki::sign_ca_bundle(&key, &pem, issued_ms).map_err(|e| at(&e))?;
+    Ok(Some((
+        Message::CaBundle {
+            pem,
+            issued_ms,
+            signature,
+        },
+        fps,
+    )))
 }
 
 /// The hub's key, for signing audit exports (ECDSA P-256 as `gatewayd pki` makes).

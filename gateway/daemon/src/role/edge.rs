@@ -62,8 +62,11 @@ pub(super) fn start(
     if let Some(what) = recovered {
         tracing::warn!(key = %e.uplink.key.path.display(), "{what}");
     }
+    // Hubs are checked against a CA bundle a hub delivered (a rotation) if
+    // there is one, else against `[uplink].ca`.
+    let trust = managed::trust_path(state_dir, &e.uplink.ca.path);
     let client: ClientHolder = Arc::new(RwLock::new(tls::client(
-        &e.uplink.ca.path,
+        &trust,
         &e.uplink.cert.path,
         &e.uplink.key.path,
     )?));

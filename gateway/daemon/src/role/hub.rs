@@ -189,14 +189,15 @@ pub(super) fn start(
         ctx.clone(),
         h.settings.sink_retention,
     ));
+    let box_ca = crate::fleet::hub::box_ca_offer(&h.settings).map_err(StartError::Fleet)?;
     let fleet = Fleet::new(
         ctx.clone(),
         devices.clone(),
         registry,
         consumers,
         signer,
-        h.settings.cert_lifetime,
-        (&h.settings.cert.path, &h.settings.key.path),
+        &h.settings,
+        box_ca,
     );
     tokio::spawn(fleet.clone().prune_loop(retention_days));
     let (alarms, own_alarms) = tokio::sync::mpsc::channel(1024);

@@ -384,12 +384,10 @@ impl Running {
             (RoleState::Edge(t), Role::Edge(before), Role::Edge(after))
                 if uplink_differs(&before.uplink, &after.uplink) =>
             {
-                let client = tls::client(
-                    &after.uplink.ca.path,
-                    &after.uplink.cert.path,
-                    &after.uplink.key.path,
-                )
-                .map_err(|e| ReloadError::Uplink(e.to_string()))?;
+                let trust =
+                    crate::fleet::edge::trust_path(&config.node.state_dir, &after.uplink.ca.path);
+                let client = tls::client(&trust, &after.uplink.cert.path, &after.uplink.key.path)
+                    .map_err(|e| ReloadError::Uplink(e.to_string()))?;
                 Some((t.clone(), client, after.uplink.hubs.clone()))
             }
             _ => None,
@@ -402,6 +400,14 @@ impl Running {
                 .client
                 .write()
                 .unwrap_or_else(std::sync::PoisonError::into_inner) = client;
+            // Renewals and a delivered bundle use the files now in force.
+            if let (Some(f), Role::Edge(e)) = (tunnels.fleet(), &self.ctx.policy().config().role) {
+                f.set_uplink(
+                    e.uplink.ca.path.clone(),
+                    e.uplink.cert.path.clone(),
+                    e.uplink.key.path.clone(),
+                );
+            }
             info!(
                 hubs = hubs.len(),
                 "Uplink changed: reconnecting every tunnel"

@@ -436,9 +436,8 @@ pub const MAX_BUNDLE: usize = 8;
 /// A file that cannot be read, holds no certificate or one that is not a
 /// CA, a duplicate, more than [`MAX_BUNDLE`], or `out` exists.
 pub fn bundle(certs: &[PathBuf], out: &Path) -> Result<Vec<String>, PkiError> {
-    use rustls_pki_types::pem::PemObject as _;
     let mut text = String::new();
-    let mut seen = Vec::new();
+    let mut seen: Vec<String> = Vec::new();
     for path in certs {
         let meta = std::fs::metadata(path).map_err(io(path))?;
         if meta.len() > 1 << 20 {
@@ -448,38 +447,16 @@ pub fn bundle(certs: &[PathBuf], out: &Path) -> Result<Vec<String>, PkiError> {
             )));
         }
         let pem = std::fs::read_to_string(path).map_err(io(path))?;
-        let ders: Vec<_> = rustls_pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
-            .collect::<Result<_, _>>()
+        let (one, fps) = checked_bundle(&pem)
             .map_err(|e| PkiError::BadName(format!("{}: {e}", path.display())))?;
-        if ders.is_empty() {
+        if let Some(fp) = fps.iter().find(|f| seen.contains(f)) {
             return Err(PkiError::BadName(format!(
-                "{}: no certificate in the file",
+                "{}: CA {fp} is already in the bundle",
                 path.display()
             )));
         }
-        for der in ders {
-            let ca = x509_parser::parse_x509_certificate(&der)
-                .map(|(_, c)| c.is_ca())
-                .unwrap_or(false);
-            if !ca {
-                return Err(PkiError::BadName(format!(
-                    "{}: holds a certificate that is not a CA's (give the ca.pem of each `pki init` directory)",
-                    path.display()
-                )));
-            }
-            let fp = gateway_core::hex::encode(
-                ring::digest::digest(&ring::digest::SHA256, &der).as_ref(),
-            );
-            if seen.contains(&fp) {
-                return Err(PkiError::BadName(format!(
-                    "{}: CA {fp} is already in the bundle",
-                    path.display()
-                )));
-            }
-            seen.push(fp);
-            let one = rustls_pki_types::CertificateDer::from(der.to_vec());
-            text += &pem_of(&one);
-        }
+        seen.extend(fps);
+        text += &one;
     }
     if seen.len() > MAX_BUNDLE {
         return Err(PkiError::BadName(format!(
@@ -489,6 +466,122 @@ pub fn bundle(certs: &[PathBuf], out: &Path) -> Result<Vec<String>, PkiError> {
     }
     write_new(out, &text, 0o644)?;
     Ok(seen)
+}
+
+/// Checks a CA bundle's text: one to [`MAX_BUNDLE`] certificates, each a
+/// CA's, none twice, nothing else taken. Returns the certificates alone, as
+/// PEM, and their fingerprints.
+///
+/// # Errors
+/// What is wrong, for a message.
+pub fn checked_bundle(pem: &str) -> Result<(String, Vec<String>), String> {
+    use rustls_pki_types::pem::PemObject as _;
+    let ders: Vec<_> = rustls_pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .map_err(|e| e.to_string())?;
+    if ders.is_empty() {
+        return Err("no certificate in the file".into());
+    }
+    if ders.len() > MAX_BUNDLE {
+        return Err(format!(
+            "{} CA certificates: a bundle holds at most {MAX_BUNDLE}",
+            ders.len()
+        ));
+    }
+    let mut text = String::new();
+    let mut seen = Vec::new();
+    for der in ders {
+        let ca = x509_parser::parse_x509_certificate(&der)
+            .map(|(_, c)| c.is_ca())
+            .unwrap_or(false);
+        if !ca {
+            return Err(
+                "holds a certificate that is not a CA's (give the ca.pem of each `pki init` directory)"
+                    .into(),
+            );
+        }
+        let fp =
+            gateway_core::hex::encode(ring::digest::digest(&ring::digest::SHA256, &der).as_ref());
+        if seen.contains(&fp) {
+            return Err(format!("CA {fp} is in it twice"));
+        }
+        seen.push(fp);
+        text += &pem_of(&rustls_pki_types::CertificateDer::from(der.to_vec()));
+    }
+    Ok((text, seen))
+}
+
+/// Signs a CA bundle for the boxes with the CA's key (`ca_key`, ECDSA P-256
+/// as `pki init` makes): hex of the signature over
+/// [`gateway_core::fleet::ca_bundle_signed`].
+///
+/// # Errors
+/// The key does not parse or cannot sign.
+pub fn sign_ca_bundle(ca_key_pem: &str, pem: &str, issued_ms: i64) -> Result<String, String> {
+    use rustls_pki_types::pem::PemObject as _;
+    let der = rustls_pki_types::PrivatePkcs8KeyDer::from_pem_slice(ca_key_pem.as_bytes())
+        .map_err(|e| format!("the CA key: {e}"))?;
+    let rng = ring::rand::SystemRandom::new();
+    let pair = ring::signature::EcdsaKeyPair::from_pkcs8(
+        &ring::signature::ECDSA_P256_SHA256_ASN1_SIGNING,
+        der.secret_pkcs8_der(),
+        &rng,
+    )
+    .map_err(|e| format!("the CA key is not an ECDSA P-256 key: {e}"))?;
+    let sig = pair
+        .sign(&rng, &gateway_core::fleet::ca_bundle_signed(pem, issued_ms))
+        .map_err(|_| "the CA key cannot sign".to_owned())?;
+    Ok(gateway_core::hex::encode(sig.as_ref()))
+}
+
+/// Checks a CA bundle a hub sent: it is a bundle ([`checked_bundle`]), one
+/// of the CAs in `trusted_pem` (what the box trusts now) signed it, and that
+/// CA is in it (the box keeps trusting its signer). Returns the signer's
+/// fingerprint and the bundle's.
+///
+/// # Errors
+/// What does not hold, for the log and the audit.
+pub fn verify_ca_bundle(
+    trusted_pem: &str,
+    pem: &str,
+    issued_ms: i64,
+    sig_hex: &str,
+) -> Result<(String, Vec<String>), String> {
+    use rustls_pki_types::pem::PemObject as _;
+    if pem.len() > gateway_core::fleet::MAX_CA_BUNDLE_BYTES {
+        return Err(format!(
+            "{} bytes: a bundle is at most {}",
+            pem.len(),
+            gateway_core::fleet::MAX_CA_BUNDLE_BYTES
+        ));
+    }
+    let (_, fps) = checked_bundle(pem)?;
+    let sig = gateway_core::hex::decode(sig_hex).ok_or("the signature is not hex")?;
+    let message = gateway_core::fleet::ca_bundle_signed(pem, issued_ms);
+    for der in rustls_pki_types::CertificateDer::pem_slice_iter(trusted_pem.as_bytes())
+        .filter_map(Result::ok)
+        .take(MAX_BUNDLE)
+    {
+        let Ok((_, cert)) = x509_parser::parse_x509_certificate(&der) else {
+            continue;
+        };
+        let key = ring::signature::UnparsedPublicKey::new(
+            &ring::signature::ECDSA_P256_SHA256_ASN1,
+            cert.public_key().subject_public_key.data.as_ref(),
+        );
+        if key.verify(&message, &sig).is_ok() {
+            let fp = gateway_core::hex::encode(
+                ring::digest::digest(&ring::digest::SHA256, &der).as_ref(),
+            );
+            if !fps.contains(&fp) {
+                return Err(format!(
+                    "it leaves out CA {fp}, which signed it: a box keeps trusting the CA it has"
+                ));
+            }
+            return Ok((fp, fps));
+        }
+    }
+    Err("no CA this box trusts signed it".into())
 }
 
 /// Standard base64 with padding (RFC 4648 4), for PEM.
@@ -681,6 +774,53 @@ mod tests {
         let err =
             bundle(&[d.path().join("edge-a.pem")], &d.path().join("x.pem")).expect_err("not a CA");
         assert!(err.to_string().contains("not a CA"), "{err}");
+    }
+
+    #[test]
+    fn a_ca_bundle_is_taken_only_signed_by_a_trusted_ca_that_it_keeps() {
+        let d = tempfile::tempdir().expect("dir");
+        let (old, new, rogue) = (
+            d.path().join("old"),
+            d.path().join("new"),
+            d.path().join("r"),
+        );
+        init(&old, "old CA").expect("old");
+        init(&new, "new CA").expect("new");
+        init(&rogue, "rogue CA").expect("rogue");
+        let (old_pem, new_pem) = (read(&old.join("ca.pem")), read(&new.join("ca.pem")));
+        let both = old_pem.clone() + &new_pem;
+        let (both, fps) = checked_bundle(&both).expect("bundle");
+        let sign = |dir: &Path, pem: &str, at: i64| {
+            sign_ca_bundle(&read(&dir.join("ca.key")), pem, at).expect("sign")
+        };
+        // Signed by the CA the box trusts, which it holds: taken.
+        let sig = sign(&old, &both, 7);
+        let (signer, got) = verify_ca_bundle(&old_pem, &both, 7, &sig).expect("taken");
+        assert_eq!((signer, got), (fps[0].clone(), fps.clone()));
+        // The same signature over another time, another text, or checked
+        // by a box trusting another CA: refused.
+        assert!(verify_ca_bundle(&old_pem, &both, 8, &sig).is_err());
+        let swapped = checked_bundle(&(new_pem.clone() + &old_pem)).expect("b").0;
+        assert!(verify_ca_bundle(&old_pem, &swapped, 7, &sig).is_err());
+        assert!(verify_ca_bundle(&new_pem, &both, 7, &sig).is_err());
+        // A rogue CA's bundle, even one holding the trusted CA: refused.
+        let with_rogue = checked_bundle(&(old_pem.clone() + &read(&rogue.join("ca.pem"))))
+            .expect("b")
+            .0;
+        let err = verify_ca_bundle(&old_pem, &with_rogue, 7, &sign(&rogue, &with_rogue, 7))
+            .expect_err("rogue");
+        assert!(err.contains("no CA this box trusts"), "{err}");
+        // One that leaves out its signer: refused (the box would strand).
+        let new_only = checked_bundle(&new_pem).expect("b").0;
+        let err = verify_ca_bundle(&old_pem, &new_only, 7, &sign(&old, &new_only, 7))
+            .expect_err("left out");
+        assert!(err.contains("leaves out"), "{err}");
+        // Bad hex, a device certificate, too many bytes: refused.
+        assert!(verify_ca_bundle(&old_pem, &both, 7, "zz").is_err());
+        issue(&old, "edge-a", &[], 1, d.path()).expect("issue");
+        assert!(checked_bundle(&read(&d.path().join("edge-a.pem"))).is_err());
+        let huge = both.clone() + &" ".repeat(gateway_core::fleet::MAX_CA_BUNDLE_BYTES);
+        assert!(verify_ca_bundle(&old_pem, &huge, 7, &sig).is_err());
     }
 
     /// A directory holding the pair in use ("old key", "old cert").
