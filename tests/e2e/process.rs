@@ -114,7 +114,12 @@ impl Proc {
 
     /// Waits for a log line containing `needle` among lines not read yet.
     pub fn wait_next_log(&mut self, needle: &str) {
-        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        self.wait_next_log_within(needle, Duration::from_secs(15));
+    }
+
+    /// [`Proc::wait_next_log`] for up to `within`.
+    pub fn wait_next_log_within(&mut self, needle: &str, within: Duration) {
+        let deadline = std::time::Instant::now() + within;
         while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
             match self.lines.recv_timeout(left) {
                 Ok(l) => {

@@ -1057,7 +1057,16 @@ impl Fleet {
     async fn act(&self, change: Change) {
         let device = change.subject;
         match change.kind {
-            ChangeKind::Revoked => self.cut_revoked(&device),
+            // Read late, a revocation may be history: the device may have
+            // been re-enrolled on a replacing token since. Only a device
+            // revoked now is cut (an unanswering registry: cut, to be safe).
+            ChangeKind::Revoked => {
+                if self.reg.is_revoked(device.clone()).await.unwrap_or(true) {
+                    self.cut_revoked(&device);
+                } else {
+                    debug!(%device, "A revocation read from the change log is undone already (re-enrolled)");
+                }
+            }
             ChangeKind::Enrolled | ChangeKind::Renewed => {
                 // A revoked device re-enrolled on a replacing token is back.
                 lock(&self.revoked).remove(&device);
