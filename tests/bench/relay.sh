@@ -13,6 +13,11 @@
 # Needs: iperf3, socat, python3, openssl (apt-get install -y iperf3 socat openssl), rathole
 # (cargo install rathole). Usage: tests/bench/relay.sh [SECONDS_PER_RUN]
 # LAT_ONLY=1 measures the round trips only (about a minute), for trying changes.
+# NETNS=1 puts the hub side (the hub, rathole's servers, the clients) and the
+# box side (the edge, rathole's clients, the iperf3 and echo servers) in two
+# network namespaces joined by a veth pair with a 1,500-byte MTU, the path a
+# real box has (loopback lets QUIC use 6,500-byte packets and flatters it);
+# "direct" then crosses the veth too. Needs root for that.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -27,19 +32,43 @@ fi
 G=${GATEWAYD:-$ROOT/target/release/gatewayd}
 W=$(mktemp -d)
 PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }
+NA=gwrelay-hub NB=gwrelay-box
+if [ "${NETNS:-0}" = 1 ]; then
+    [ "$(id -u)" = 0 ] || { echo "NETNS=1 needs root" >&2; exit 1; }
+    A=(ip netns exec $NA) B=(ip netns exec $NB)
+    HUB_IP=10.77.1.1 DIRECT_IP=10.77.1.2 PATH_NAME="two namespaces, veth MTU 1500"
+else
+    A=() B=()
+    HUB_IP=127.0.0.1 DIRECT_IP=127.0.1.10 PATH_NAME="loopback"
+fi
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true
+    if [ "${NETNS:-0}" = 1 ]; then ip netns del $NA 2>/dev/null || true; ip netns del $NB 2>/dev/null || true; fi
+    rm -rf "$W"
+}
 trap cleanup EXIT
+if [ "${NETNS:-0}" = 1 ]; then
+    ip netns del $NA 2>/dev/null || true; ip netns del $NB 2>/dev/null || true
+    ip netns add $NA; ip netns add $NB
+    ip link add gwr-a type veth peer name gwr-b
+    ip link set gwr-a netns $NA; ip link set gwr-b netns $NB
+    ip -n $NA addr add 10.77.1.1/24 dev gwr-a; ip -n $NB addr add 10.77.1.2/24 dev gwr-b
+    for ns in $NA $NB; do ip -n $ns link set lo up; done
+    ip -n $NA link set gwr-a mtu 1500 up; ip -n $NB link set gwr-b mtu 1500 up
+fi
 
 # Ports (fixed, loopback only; the run fails loudly if one is taken).
 IPERF=15201 ECHO=15202 HUBQ=17443 PUB_IPERF=18201 PUB_ECHO=18202 RH_CTRL=12333 RH_IPERF=19201 RH_ECHO=19202
 RT_CTRL=12334 RT_IPERF=19211 RT_ECHO=19212
 
-iperf3 -s -B 127.0.1.10 -p $IPERF >/dev/null 2>&1 & PIDS+=($!)
-socat TCP-LISTEN:$ECHO,bind=127.0.1.10,fork,reuseaddr,backlog=4096 EXEC:cat >/dev/null 2>&1 & PIDS+=($!)
+for ip in $(echo "127.0.1.10 $DIRECT_IP" | tr ' ' '\n' | sort -u); do
+    "${B[@]}" iperf3 -s -B $ip -p $IPERF >/dev/null 2>&1 & PIDS+=($!)
+    "${B[@]}" socat TCP-LISTEN:$ECHO,bind=$ip,fork,reuseaddr,backlog=4096 EXEC:cat >/dev/null 2>&1 & PIDS+=($!)
+done
 
 # --- gatewayd: a hub and an edge ---
 $G pki init --out "$W/ca" >/dev/null
-$G pki issue --ca "$W/ca" --id bench-hub --san 127.0.0.1 --out "$W/certs" >/dev/null
+$G pki issue --ca "$W/ca" --id bench-hub --san $HUB_IP --out "$W/certs" >/dev/null
 $G pki issue --ca "$W/ca" --id bench-edge --out "$W/certs" >/dev/null
 cat > "$W/hub.toml" <<TOML
 [node]
@@ -47,7 +76,7 @@ id = "bench-hub"
 role = "hub"
 state_dir = "$W/hub-state"
 [hub]
-listen = "127.0.0.1:$HUBQ"
+listen = "$HUB_IP:$HUBQ"
 api = "127.0.0.1:19443"
 ca_cert = "$W/ca/ca.pem"
 ca_key = "$W/ca/ca.key"
@@ -57,7 +86,7 @@ key = "$W/certs/bench-hub.key"
 name = "extranet"
 kind = "extranet"
 level = 2
-networks = ["127.0.0.0/24"]
+networks = ["127.0.0.0/24", "10.77.1.1/32"]
 [[publish]]
 service = "bench-edge/iperf"
 zone = "extranet"
@@ -85,9 +114,9 @@ assessment = { id = "BENCH", valid_until = 2099-12-31 }
 name = "extranet"
 kind = "extranet"
 level = 2
-networks = ["127.0.0.0/24"]
+networks = ["127.0.0.0/24", "10.77.1.1/32"]
 [uplink]
-hubs = ["127.0.0.1:$HUBQ"]
+hubs = ["$HUB_IP:$HUBQ"]
 ca = "$W/ca/ca.pem"
 cert = "$W/certs/bench-edge.pem"
 key = "$W/certs/bench-edge.key"
@@ -105,10 +134,10 @@ allow = ["extranet"]
 listen = "127.0.0.1:19600"
 TOML
 GW_ARGS=${GW_ARGS:-}
-RUST_LOG=warn $G run --config "$W/hub.toml" $GW_ARGS 2>"$W/hub.log" & HUB=$!; PIDS+=($HUB)
+RUST_LOG=warn "${A[@]}" $G run --config "$W/hub.toml" $GW_ARGS 2>"$W/hub.log" & HUB=$!; PIDS+=($HUB)
 sleep 0.3
-RUST_LOG=warn $G run --config "$W/edge.toml" $GW_ARGS 2>"$W/edge.log" & EDGE=$!; PIDS+=($EDGE)
-for _ in $(seq 100); do curl -sf 127.0.0.1:19600/readyz >/dev/null 2>&1 && break; sleep 0.1; done
+RUST_LOG=warn "${B[@]}" $G run --config "$W/edge.toml" $GW_ARGS 2>"$W/edge.log" & EDGE=$!; PIDS+=($EDGE)
+for _ in $(seq 100); do "${B[@]}" curl -sf 127.0.0.1:19600/readyz >/dev/null 2>&1 && break; sleep 0.1; done
 
 # --- rathole, noise transport ---
 KEYS=$(rathole --genkey)
@@ -116,7 +145,7 @@ PRIV=$(echo "$KEYS" | awk '/Private Key/{getline; print}')
 PUB=$(echo "$KEYS" | awk '/Public Key/{getline; print}')
 cat > "$W/rh-server.toml" <<TOML
 [server]
-bind_addr = "127.0.0.1:$RH_CTRL"
+bind_addr = "$HUB_IP:$RH_CTRL"
 [server.transport]
 type = "noise"
 [server.transport.noise]
@@ -130,7 +159,7 @@ bind_addr = "127.0.0.1:$RH_ECHO"
 TOML
 cat > "$W/rh-client.toml" <<TOML
 [client]
-remote_addr = "127.0.0.1:$RH_CTRL"
+remote_addr = "$HUB_IP:$RH_CTRL"
 [client.transport]
 type = "noise"
 [client.transport.noise]
@@ -142,15 +171,15 @@ local_addr = "127.0.1.10:$IPERF"
 token = "bench"
 local_addr = "127.0.1.10:$ECHO"
 TOML
-rathole "$W/rh-server.toml" >"$W/rh-server.log" 2>&1 & RHS=$!; PIDS+=($RHS)
-rathole "$W/rh-client.toml" >"$W/rh-client.log" 2>&1 & RHC=$!; PIDS+=($RHC)
+"${A[@]}" rathole "$W/rh-server.toml" >"$W/rh-server.log" 2>&1 & RHS=$!; PIDS+=($RHS)
+"${B[@]}" rathole "$W/rh-client.toml" >"$W/rh-client.log" 2>&1 & RHC=$!; PIDS+=($RHC)
 
 # --- rathole, TLS transport (the hub's certificate from gatewayd's CA) ---
 openssl pkcs12 -export -inkey "$W/certs/bench-hub.key" -in "$W/certs/bench-hub.pem" \
     -out "$W/rt.p12" -passout pass:bench 2>/dev/null
 cat > "$W/rt-server.toml" <<TOML
 [server]
-bind_addr = "127.0.0.1:$RT_CTRL"
+bind_addr = "$HUB_IP:$RT_CTRL"
 [server.transport]
 type = "tls"
 [server.transport.tls]
@@ -165,7 +194,7 @@ bind_addr = "127.0.0.1:$RT_ECHO"
 TOML
 cat > "$W/rt-client.toml" <<TOML
 [client]
-remote_addr = "127.0.0.1:$RT_CTRL"
+remote_addr = "$HUB_IP:$RT_CTRL"
 [client.transport]
 type = "tls"
 [client.transport.tls]
@@ -178,12 +207,12 @@ local_addr = "127.0.1.10:$IPERF"
 token = "bench"
 local_addr = "127.0.1.10:$ECHO"
 TOML
-rathole "$W/rt-server.toml" >"$W/rt-server.log" 2>&1 & RTS=$!; PIDS+=($RTS)
-rathole "$W/rt-client.toml" >"$W/rt-client.log" 2>&1 & RTC=$!; PIDS+=($RTC)
+"${A[@]}" rathole "$W/rt-server.toml" >"$W/rt-server.log" 2>&1 & RTS=$!; PIDS+=($RTS)
+"${B[@]}" rathole "$W/rt-client.toml" >"$W/rt-client.log" 2>&1 & RTC=$!; PIDS+=($RTC)
 sleep 1
 
 gbps() { # host port parallel
-    iperf3 -c "$1" -p "$2" -P "$3" -t "$T" -J 2>/dev/null | python3 -c 'import json,sys; print("%.2f" % (json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e9))'
+    "${A[@]}" iperf3 -c "$1" -p "$2" -P "$3" -t "$T" -J 2>/dev/null | python3 -c 'import json,sys; print("%.2f" % (json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e9))'
 }
 cpu_ticks() { # pids... -> utime+stime in clock ticks
     local t=0; for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' /proc/$p/stat))); done; echo $t
@@ -204,7 +233,7 @@ declare -A S
 THROUGHPUT_REPS=$REPS; [ "${LAT_ONLY:-0}" = 1 ] && THROUGHPUT_REPS=0
 for rep in $(seq "$THROUGHPUT_REPS"); do
     for n in 1 8; do
-        S[direct,$n]+=" $(gbps 127.0.1.10 $IPERF $n)"
+        S[direct,$n]+=" $(gbps $DIRECT_IP $IPERF $n)"
         c0=$(cpu_ticks $HUB $EDGE); g=$(gbps 127.0.0.1 $PUB_IPERF $n); c1=$(cpu_ticks $HUB $EDGE)
         S[gw,$n]+=" $g"; S[gw,cpu$n]+=" $(python3 -c "print(($c1 - $c0) / $(getconf CLK_TCK) / ($g * $T / 8))")"
         c0=$(cpu_ticks $RHS $RHC); r=$(gbps 127.0.0.1 $RH_IPERF $n); c1=$(cpu_ticks $RHS $RHC)
@@ -220,8 +249,8 @@ R[gw,cpu]=${R[gw,cpu8]}; R[rh,cpu]=${R[rh,cpu8]}; R[rt,cpu]=${R[rt,cpu8]}
 # Latency: REPS runs of 20,000 round trips each, interleaved; median of the p50s and p99s.
 for rep in $(seq "$REPS"); do
     for who in direct gw rh rt; do
-        case $who in direct) a="127.0.1.10 $ECHO";; gw) a="127.0.0.1 $PUB_ECHO";; rh) a="127.0.0.1 $RH_ECHO";; rt) a="127.0.0.1 $RT_ECHO";; esac
-        read -r p50 p99 < <(python3 tests/bench/rtt.py latency $a 20000)
+        case $who in direct) a="$DIRECT_IP $ECHO";; gw) a="127.0.0.1 $PUB_ECHO";; rh) a="127.0.0.1 $RH_ECHO";; rt) a="127.0.0.1 $RT_ECHO";; esac
+        read -r p50 p99 < <("${A[@]}" python3 tests/bench/rtt.py latency $a 20000)
         S[$who,p50]+=" $p50"; S[$who,p99]+=" $p99"
     done
 done
@@ -234,13 +263,13 @@ if [ "${LAT_ONLY:-0}" = 1 ]; then
     for q in p50 p99; do echo "| $q, µs | ${R[direct,$q]} | ${R[gw,$q]} | ${R[rh,$q]} | ${R[rt,$q]} |"; done
     exit 0
 fi
-python3 tests/bench/rtt.py hold 127.0.0.1 $PUB_ECHO 1000 4 >/dev/null & H=$!; sleep 3; R[gw,1k]=$(rss_mb $HUB $EDGE); wait $H
-python3 tests/bench/rtt.py hold 127.0.0.1 $RH_ECHO 1000 4 >/dev/null & H=$!; sleep 3; R[rh,1k]=$(rss_mb $RHS $RHC); wait $H
-python3 tests/bench/rtt.py hold 127.0.0.1 $RT_ECHO 1000 4 >/dev/null & H=$!; sleep 3; R[rt,1k]=$(rss_mb $RTS $RTC); wait $H
+"${A[@]}" python3 tests/bench/rtt.py hold 127.0.0.1 $PUB_ECHO 1000 4 >/dev/null & H=$!; sleep 3; R[gw,1k]=$(rss_mb $HUB $EDGE); wait $H
+"${A[@]}" python3 tests/bench/rtt.py hold 127.0.0.1 $RH_ECHO 1000 4 >/dev/null & H=$!; sleep 3; R[rh,1k]=$(rss_mb $RHS $RHC); wait $H
+"${A[@]}" python3 tests/bench/rtt.py hold 127.0.0.1 $RT_ECHO 1000 4 >/dev/null & H=$!; sleep 3; R[rt,1k]=$(rss_mb $RTS $RTC); wait $H
 
 ratio() { python3 -c "print('%.2f' % ($1 / $2))"; }
 echo
-echo "machine: $(nproc) cores, $(uname -r), $(date -u +%Y-%m-%d), $T s per iperf3 run, median of $REPS interleaved runs"
+echo "machine: $(nproc) cores, $(uname -r), $(date -u +%Y-%m-%d), $PATH_NAME, $T s per iperf3 run, median of $REPS interleaved runs"
 echo
 echo "| measure | direct | gatewayd | rathole (noise) | rathole (tls) | gatewayd / direct | gatewayd / rathole noise | gatewayd / rathole tls |"
 echo "|---|---|---|---|---|---|---|---|"
