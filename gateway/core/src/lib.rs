@@ -22,6 +22,9 @@
 //! - [`table`]: capped tables keyed by what peers send; [`hex`]: hashes as text.
 //! - [`refusals`]: refusals of unauthenticated peers summarised for the audit,
 //!   and peer-supplied strings made safe to record.
+//! - [`firmware`]: update bundles: the minisign-signed manifest, chunk
+//!   hashes, and whether a box may install a version (no downgrade past a
+//!   security fix, no clock read).
 //!
 //! Time always comes in as a parameter ([`units::Date`], Unix milliseconds).
 #![forbid(unsafe_code)]
@@ -35,6 +38,7 @@ pub mod detect;
 pub mod diag;
 pub mod expiry;
 pub mod firewall;
+pub mod firmware;
 pub mod fleet;
 pub mod hex;
 pub mod policy;
