@@ -12,6 +12,7 @@
 //! is wrong still updates. A manifest below the box's recorded
 //! `security_version` is refused, whatever its signature.
 
+pub mod boot;
 pub mod minisign;
 
 use serde::{Deserialize, Serialize};
