@@ -140,6 +140,18 @@ mod tests {
         }
     }
 
+    /// A blessed 1.0 and `version` just installed.
+    fn installed_then(version: &str) -> Vec<Entry> {
+        vec![
+            Entry {
+                version: "1.0".into(),
+                left: None,
+                done: 0,
+            },
+            Entry::new(version),
+        ]
+    }
+
     /// Boots the default entry; `good` says whether the health gate passes.
     fn boot(entries: &mut [Entry], good: impl Fn(&str) -> bool) -> String {
         let version = pick(entries).expect("an entry").version.clone();
@@ -156,40 +168,19 @@ mod tests {
 
     #[test]
     fn a_version_that_never_passes_its_gate_gives_way_to_the_one_before_after_three_tries() {
-        let mut entries = vec![
-            Entry {
-                version: "1.0".into(),
-                left: None,
-                done: 0,
-            },
-            Entry::new("2.0"),
-        ];
+        let mut entries = installed_then("2.0");
         let booted: Vec<String> = (0..5).map(|_| boot(&mut entries, |v| v != "2.0")).collect();
         assert_eq!(booted, ["2.0", "2.0", "2.0", "1.0", "1.0"]);
         assert!(entries[1].is_bad());
         assert_eq!(entries[1].file_name(), "gw-2.0+0-3.conf");
         // A good one is blessed at its first boot and stays the default.
-        let mut entries = vec![
-            Entry {
-                version: "1.0".into(),
-                left: None,
-                done: 0,
-            },
-            Entry::new("2.0"),
-        ];
+        let mut entries = installed_then("2.0");
         let booted: Vec<String> = (0..3).map(|_| boot(&mut entries, |_| true)).collect();
         assert_eq!(booted, ["2.0", "2.0", "2.0"]);
         assert_eq!(entries[1].file_name(), "gw-2.0.conf");
         // A power cut during a trial boot uses a try up, no more: two cuts,
         // then a good boot, and the new version is kept.
-        let mut entries = vec![
-            Entry {
-                version: "1.0".into(),
-                left: None,
-                done: 0,
-            },
-            Entry::new("2.0"),
-        ];
+        let mut entries = installed_then("2.0");
         boot(&mut entries, |_| false);
         boot(&mut entries, |_| false);
         assert_eq!(boot(&mut entries, |_| true), "2.0");
