@@ -13,6 +13,7 @@
 //! `security_version` is refused, whatever its signature.
 
 pub mod boot;
+pub mod fetch;
 pub mod minisign;
 
 use serde::{Deserialize, Serialize};
