@@ -72,14 +72,10 @@ fn unhex<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Hash, D::Error> {
 
 /// A hash from 64 hex digits.
 pub fn from_hex(s: &str) -> Option<Hash> {
-    if s.len() != 64 || !s.is_ascii() {
+    if s.len() != 64 {
         return None;
     }
-    let mut h = [0u8; 32];
-    for (i, b) in h.iter_mut().enumerate() {
-        *b = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(h)
+    crate::hex::decode(s)?.try_into().ok()
 }
 
 /// Lowercase hex of a hash.

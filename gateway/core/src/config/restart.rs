@@ -50,6 +50,17 @@ pub fn restart_needed(before: &Config, after: &Config) -> Option<&'static str> {
     None
 }
 
+/// [`restart_needed`] over the text of the version `after` replaces, read
+/// without the checks that depend on the day (an assessment that expired
+/// since it was pushed does not hide a restart). A text that no longer reads
+/// at all takes a restart to be safe: nothing tells what the box would keep.
+pub fn restart_needed_over(before_text: &str, after: &Config) -> Option<&'static str> {
+    match super::compile::compile(before_text).0 {
+        Some(before) => restart_needed(&before, after),
+        None => Some("the whole file (the version it replaces no longer reads)"),
+    }
+}
+
 /// The UDP publishes or accesses of a role: (listen, device, service, zone).
 fn udp_fronts(role: &Role) -> Vec<(SocketAddr, &str, &str, &str)> {
     let all: Vec<_> = match role {
@@ -167,5 +178,17 @@ heartbeat = "10s"
         assert_eq!(restart_needed(&before, &admin), Some("admin.listen"));
         let user = config(&EDGE.replace("[admin]", "user = \"gatewayd\"\n\n[admin]"));
         assert_eq!(restart_needed(&before, &user), Some("node.user"));
+    }
+
+    #[test]
+    fn the_text_replaced_is_read_without_the_day_s_checks_and_an_unreadable_one_takes_a_restart() {
+        let zone = "\n[[zone]]\nname = \"lab\"\nkind = \"legacy\"\nclassified = false\nlevel = 2\nnetworks = [\"10.0.0.0/24\"]\nassessment = { id = \"A\", valid_until = 2020-01-01 }\n";
+        let expired = format!("{EDGE}{zone}");
+        let moved = config(&format!("{}{zone}", EDGE.replace("9100", "9101")));
+        // The assessment expired long ago (the day's checks refuse it for a
+        // bridged zone): read without them, the restart is still seen.
+        assert_eq!(restart_needed_over(&expired, &moved), Some("admin.listen"));
+        assert_eq!(restart_needed_over(&expired, &config(&expired)), None);
+        assert!(restart_needed_over("not toml ===", &moved).is_some());
     }
 }

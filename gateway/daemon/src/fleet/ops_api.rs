@@ -915,9 +915,7 @@ async fn config_push(
     }
     // A key the box cannot reload is put in force only by restarting it: the
     // operator says so, or the box would refuse the version.
-    let restart = super::pushed_config::check_text(&base_text, "base")
-        .ok()
-        .and_then(|base| gateway_core::config::restart::restart_needed(&base, &config));
+    let restart = gateway_core::config::restart::restart_needed_over(&base_text, &config);
     if let (Some(what), false) = (restart, q.restart) {
         return refuse(
             StatusCode::CONFLICT,

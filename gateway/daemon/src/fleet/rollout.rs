@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use gateway_core::config::Role;
+use gateway_core::config::{Config, Role};
 use gateway_core::fleet::{self, AdminRole};
 use gateway_core::rollout::{self, Decision, DeviceStatus, Member, Observed, Rollout, State};
 use gateway_core::template;
@@ -82,13 +82,13 @@ pub fn rendered_name(template: &str, version: u64, device: &str) -> String {
 }
 
 /// Renders `text` (template `name` v`version`) for `device` and checks the
-/// result as `gatewayd check` does: the config, or every error located in
-/// the template's lines and naming the device.
+/// result as `gatewayd check` does: the text and the config it checked as,
+/// or every error located in the template's lines and naming the device.
 pub fn render_checked(
     (name, version, text): (&str, u64, &str),
     device: &str,
     vars: &BTreeMap<String, String>,
-) -> Result<String, Vec<String>> {
+) -> Result<(String, Config), Vec<String>> {
     let file = rendered_name(name, version, device);
     let rendered = template::render_for_device(text, device, vars)
         .map_err(|es| es.iter().map(|e| located(&file, e)).collect::<Vec<_>>())?;
@@ -104,16 +104,7 @@ pub fn render_checked(
             "{file}: renders as a hub's config; templates are for edges"
         )]);
     }
-    Ok(rendered)
-}
-
-/// What of `text` a box running `base` can put in force only by restarting
-/// itself, if anything (both as the box checks them; `None` when `base` no
-/// longer checks: the box then judges).
-pub fn restart_of(base: &str, text: &str) -> Option<&'static str> {
-    let base = pushed_config::check_text(base, "base").ok()?;
-    let new = pushed_config::check_text(text, "new").ok()?;
-    gateway_core::config::restart::restart_needed(&base, &new)
+    Ok((rendered, config))
 }
 
 /// What the hub observed of a device, for its rollout status.
@@ -249,7 +240,7 @@ async fn push_one(
     device: &str,
     vars: &BTreeMap<String, String>,
 ) -> Result<Pushed, RegistryError> {
-    let text = match render_checked(
+    let (text, config) = match render_checked(
         (&doc.template, doc.template_version, template),
         device,
         vars,
@@ -274,7 +265,8 @@ async fn push_one(
     if !change.policy && !change.other {
         return Ok(Pushed::Unchanged);
     }
-    if let (Some(what), false) = (restart_of(&base_text, &text), doc.restart) {
+    let restart = gateway_core::config::restart::restart_needed_over(&base_text, &config);
+    if let (Some(what), false) = (restart, doc.restart) {
         return Ok(Pushed::Error(format!(
             "its change now touches {what}, which takes a restart of the box, and the rollout was not started with --restart"
         )));

@@ -470,10 +470,12 @@ async fn rollout_start(
                 let r =
                     ctl::render_checked((&name, version, &text), d, vars.get(d).unwrap_or(&none));
                 let restart = match (&r, &base) {
-                    (Ok(t), Some(b)) => ctl::restart_of(b, t),
+                    (Ok((_, config)), Some(b)) => {
+                        gateway_core::config::restart::restart_needed_over(b, config)
+                    }
                     _ => None,
                 };
-                (r, base, restart)
+                (r.map(|(text, _)| text), base, restart)
             })
             .collect::<Vec<_>>()
     })
