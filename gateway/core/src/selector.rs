@@ -234,6 +234,127 @@ impl Selector {
     }
 }
 
+/// One label test the registry runs on its label table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LabelTest {
+    /// The key.
+    pub key: String,
+    /// The values it must (or must not) have; empty: any value.
+    pub values: Vec<String>,
+    /// Whether a label with `key` (and one of `values`) must be there (`true`)
+    /// or must not.
+    pub present: bool,
+}
+
+/// The part of a selector the registry checks on its stored columns, so a
+/// query reads only the rows that may match. Every device the selector picks
+/// passes it; the hub then checks the whole selector on what it reads
+/// (whether a box is online lives in the hub's memory).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stored {
+    /// No device can match (states that exclude each other).
+    pub nothing: bool,
+    /// `Some(true)`: revoked devices only; `Some(false)`: not revoked.
+    pub revoked: Option<bool>,
+    /// Only devices the registry holds no heartbeat of.
+    pub no_heartbeat: bool,
+    /// `Some(true)`: only devices whose applied config is older than the
+    /// newest pushed one; `Some(false)`: only the others.
+    pub drift: Option<bool>,
+    /// Label tests, all of which must hold.
+    pub labels: Vec<LabelTest>,
+    /// The certificate ends before this (Unix ms).
+    pub cert_before_ms: Option<i64>,
+    /// The certificate ends after this (Unix ms).
+    pub cert_after_ms: Option<i64>,
+}
+
+impl Stored {
+    /// Whether nothing is filtered (every row is read).
+    pub fn is_empty(&self) -> bool {
+        *self == Stored::default()
+    }
+
+    /// The same test in memory, over what the registry stores of a device:
+    /// its labels, whether it is revoked, whether a heartbeat is stored,
+    /// whether its config drifts, and when its certificate ends. The
+    /// registry's queries must agree with it.
+    pub fn admits(
+        &self,
+        labels: &BTreeMap<String, String>,
+        (revoked, heartbeat, drift): (bool, bool, bool),
+        cert_not_after_ms: Option<i64>,
+    ) -> bool {
+        !self.nothing
+            && self.revoked.is_none_or(|r| r == revoked)
+            && self.drift.is_none_or(|d| d == drift)
+            && !(self.no_heartbeat && heartbeat)
+            && self.labels.iter().all(|t| {
+                let has = labels
+                    .get(&t.key)
+                    .is_some_and(|v| t.values.is_empty() || t.values.contains(v));
+                has == t.present
+            })
+            && self
+                .cert_before_ms
+                .is_none_or(|b| cert_not_after_ms.is_some_and(|t| t < b))
+            && self
+                .cert_after_ms
+                .is_none_or(|a| cert_not_after_ms.is_some_and(|t| t > a))
+    }
+}
+
+impl Selector {
+    /// What of this selector the registry can check, at `now_ms`.
+    pub fn stored(&self, now_ms: i64) -> Stored {
+        let mut out = Stored::default();
+        let mut states: Vec<&str> = STATES.to_vec();
+        for r in &self.0 {
+            let test = |key: &String, values: &[String], present: bool| LabelTest {
+                key: key.clone(),
+                values: values.to_vec(),
+                present,
+            };
+            match r {
+                Requirement::Eq(k, v) => out.labels.push(test(k, std::slice::from_ref(v), true)),
+                Requirement::Ne(k, v) => out.labels.push(test(k, std::slice::from_ref(v), false)),
+                Requirement::In(k, vs) => out.labels.push(test(k, vs, true)),
+                Requirement::NotIn(k, vs) => out.labels.push(test(k, vs, false)),
+                Requirement::Has(k) => out.labels.push(test(k, &[], true)),
+                Requirement::Lacks(k) => out.labels.push(test(k, &[], false)),
+                Requirement::State { negated, states: s } => {
+                    states.retain(|x| s.iter().any(|y| y == x) != *negated);
+                }
+                Requirement::Drift(d) => {
+                    if out.drift.is_some_and(|x| x != *d) {
+                        out.nothing = true;
+                    }
+                    out.drift = Some(*d);
+                }
+                Requirement::CertExpires { within, ms } => {
+                    let at = now_ms.saturating_add(*ms);
+                    if *within {
+                        out.cert_before_ms = Some(out.cert_before_ms.map_or(at, |b| b.min(at)));
+                    } else {
+                        out.cert_after_ms = Some(out.cert_after_ms.map_or(at, |a| a.max(at)));
+                    }
+                }
+            }
+        }
+        // A revoked device is listed revoked whatever else; one never seen
+        // has no heartbeat stored (one that is online may have none yet).
+        if states.is_empty() {
+            out.nothing = true;
+        } else if states == ["revoked"] {
+            out.revoked = Some(true);
+        } else if !states.contains(&"revoked") {
+            out.revoked = Some(false);
+            out.no_heartbeat = states == ["never-seen"];
+        }
+        out
+    }
+}
+
 struct Parser<'a> {
     s: &'a str,
     i: usize,
@@ -535,6 +656,24 @@ mod tests {
     }
 
     #[test]
+    fn the_stored_part_narrows_by_state() {
+        let at = |t: &str| Selector::parse(t).expect(t).stored(0);
+        assert_eq!(at("state=revoked").revoked, Some(true));
+        assert_eq!(at("state=online").revoked, Some(false));
+        assert!(!at("state=online").no_heartbeat);
+        assert!(at("state=never-seen").no_heartbeat);
+        assert_eq!(at("state in (revoked,online)").revoked, None);
+        assert!(at("state=online,state=offline").nothing);
+        assert_eq!(
+            at("cert-expires<1h,cert-expires<2h").cert_before_ms,
+            Some(3_600_000)
+        );
+        assert!(at("").is_empty());
+        assert_eq!(at("config=drift").drift, Some(true));
+        assert!(at("config=drift,config=in-sync").nothing);
+    }
+
+    #[test]
     fn assignments_set_and_remove() {
         assert_eq!(
             parse_assignment("city=changchun"),
@@ -575,6 +714,56 @@ mod tests {
             let s = Selector(reqs);
             let text = s.to_string();
             proptest::prop_assert_eq!(Selector::parse(&text).map_err(|e| e.to_string()), Ok(s), "{}", text);
+        }
+
+        /// The registry's part of a selector never drops a device the whole
+        /// selector picks, and on labels alone it is the whole selector.
+        #[test]
+        fn the_stored_part_keeps_every_device_the_selector_picks(
+            text in proptest::collection::vec(
+                proptest::sample::select(vec![
+                    "a=x", "a!=x", "a in (x,y)", "a notin (y)", "a", "!a", "b=x", "!b",
+                    "state=online", "state=offline", "state=revoked", "state=never-seen",
+                    "state!=revoked", "state in (offline,never-seen)", "state in (revoked,online)",
+                    "state!=online", "config=drift", "config=in-sync", "cert-expires<72h", "cert-expires>1h",
+                ]),
+                0..5,
+            ),
+            a in proptest::option::of(proptest::sample::select(vec!["x", "y", "z"])),
+            b in proptest::option::of(proptest::sample::select(vec!["x", "y"])),
+            revoked: bool,
+            heartbeat: bool,
+            online: bool,
+            drift: bool,
+            cert_left_h in proptest::option::of(-10i64..200),
+        ) {
+            let sel = Selector::parse(&text.join(",")).expect("valid");
+            let now = 1_000_000_000_000i64;
+            let mut l = BTreeMap::new();
+            if let Some(v) = a { l.insert("a".to_owned(), v.to_owned()); }
+            if let Some(v) = b { l.insert("b".to_owned(), v.to_owned()); }
+            // As the hub decides a device's state.
+            let state = if revoked {
+                "revoked"
+            } else if online {
+                "online"
+            } else if !heartbeat {
+                "never-seen"
+            } else {
+                "offline"
+            };
+            let cert_left_ms = cert_left_h.map(|h| h * 3_600_000);
+            let facts = Facts { labels: &l, state, drift, cert_left_ms };
+            let stored = sel.stored(now);
+            let admitted = stored.admits(&l, (revoked, heartbeat, drift), cert_left_ms.map(|c| now + c));
+            if sel.matches(&facts) {
+                proptest::prop_assert!(admitted, "{} dropped {:?}", sel, facts);
+            }
+            let labels_only = sel.0.iter().all(|r| !matches!(r,
+                Requirement::State { .. } | Requirement::CertExpires { .. }));
+            if labels_only {
+                proptest::prop_assert_eq!(admitted, sel.matches(&facts));
+            }
         }
     }
 }

@@ -21,6 +21,7 @@
 
 pub mod audit;
 pub mod buffer;
+mod device_query;
 pub mod error;
 pub mod inbox;
 pub mod postgres;

@@ -321,9 +321,15 @@ pub trait Registry: Send + Sync {
     /// Stores many heartbeats (and the certificate expiries they report) in
     /// one transaction: the hub writes them coalesced, once per interval.
     fn heartbeats(&self, beats: Vec<Heartbeat>) -> RegistryFuture<'_, ()>;
-    /// One page of devices in id order after `after`, with their labels:
-    /// one indexed query, whatever the fleet's size.
-    fn devices_page(&self, after: Option<String>, limit: usize) -> RegistryFuture<'_, DevicesPage>;
+    /// One page of devices in id order after `after` that pass `filter`
+    /// (the registry's part of a selector), with their labels: one query,
+    /// reading only the rows that may match.
+    fn devices_page(
+        &self,
+        after: Option<String>,
+        limit: usize,
+        filter: gateway_core::selector::Stored,
+    ) -> RegistryFuture<'_, DevicesPage>;
     /// Stores a new version of a config template; returns its number.
     fn put_template(&self, t: NewTemplate) -> RegistryFuture<'_, u64>;
     /// A template's version (`None`: the newest).

@@ -1095,7 +1095,10 @@ async fn province_suite(a: &dyn Registry, b: &dyn Registry) {
     let mut seen = Vec::new();
     let mut after = None;
     loop {
-        let page = b.devices_page(after.clone(), 10).await.expect("page");
+        let page = b
+            .devices_page(after.clone(), 10, Default::default())
+            .await
+            .expect("page");
         if page.rows.is_empty() {
             break;
         }
@@ -1117,6 +1120,158 @@ async fn province_suite(a: &dyn Registry, b: &dyn Registry) {
     // The page and the one-by-one read agree on every device.
     let whole = a.devices().await.expect("devices");
     assert_eq!(seen, whole);
+}
+
+/// Every page of `filter`, `limit` at a time.
+async fn filtered(
+    r: &dyn Registry,
+    filter: &gateway_core::selector::Stored,
+    limit: usize,
+) -> Vec<(gateway_store::registry::DeviceRow, Vec<(String, String)>)> {
+    let mut out = Vec::new();
+    let mut after = None;
+    loop {
+        let page = r
+            .devices_page(after.take(), limit, filter.clone())
+            .await
+            .expect("page");
+        let full = page.rows.len() == limit;
+        after = page.rows.last().map(|r| r.id.clone());
+        for row in page.rows {
+            let labels = page
+                .labels
+                .iter()
+                .filter(|l| l.0 == row.id)
+                .map(|l| (l.1.clone(), l.2.clone()))
+                .collect();
+            out.push((row, labels));
+        }
+        if !full {
+            return out;
+        }
+    }
+}
+
+/// A page filtered in the registry holds exactly the devices the same
+/// filter admits in memory over the whole table, in order, on both hubs.
+async fn device_filter_suite(a: &dyn Registry, b: &dyn Registry) {
+    use gateway_core::selector::Selector;
+    let now = 1_000_000_000_000i64;
+    for i in 0..30 {
+        let d = format!("d{i:02}");
+        if i % 2 == 0 {
+            a.heartbeats(vec![gateway_store::registry::Heartbeat {
+                device: d.clone(),
+                now_ms: now,
+                json: "{}".into(),
+                not_after_ms: Some(now + i64::try_from(i).expect("small") * 10 * 3_600_000),
+            }])
+            .await
+            .expect("beat");
+        } else if i % 3 == 0 {
+            b.revoke(d.clone(), "alice".into(), now)
+                .await
+                .expect("revoke");
+        } else {
+            let v = b
+                .push_config(ConfigPush {
+                    device: d.clone(),
+                    text: "x".into(),
+                    by: "wang".into(),
+                    now_ms: now,
+                })
+                .await
+                .expect("push");
+            if i % 5 == 1 {
+                a.set_applied(gateway_store::registry::AppliedReport {
+                    device: d.clone(),
+                    version: v,
+                    text: None,
+                    result: "{}".into(),
+                    now_ms: now,
+                })
+                .await
+                .expect("applied");
+            }
+        }
+        if i % 7 == 0 {
+            a.revoke(d.clone(), "alice".into(), now)
+                .await
+                .expect("revoke");
+        }
+        let mut set = Vec::new();
+        if i % 4 != 0 {
+            set.push(("city".to_owned(), ["cc", "jl", "sp"][i % 3].to_owned()));
+        }
+        if i % 5 == 0 {
+            set.push(("ring".to_owned(), "canary".to_owned()));
+        }
+        a.set_labels(gateway_store::registry::LabelChange {
+            device: d,
+            set,
+            remove: vec![],
+        })
+        .await
+        .expect("label");
+    }
+    let whole = filtered(b, &Default::default(), 7).await;
+    assert_eq!(whole.len(), 30);
+    let mut narrowed = 0;
+    for text in [
+        "",
+        "state=revoked",
+        "state=online",
+        "state=never-seen",
+        "state!=revoked,city=jl",
+        "state in (revoked,offline)",
+        "state=online,state=revoked",
+        "city in (cc,sp),!ring",
+        "city notin (cc),ring",
+        "city!=jl",
+        "!city",
+        "cert-expires<72h",
+        "cert-expires>100h,cert-expires<200h,city",
+        "config=drift,ring=canary",
+        "config=drift",
+        "config=in-sync,state!=revoked",
+    ] {
+        let stored = Selector::parse(text).expect(text).stored(now);
+        let want: Vec<&str> = whole
+            .iter()
+            .filter(|(row, labels)| {
+                let labels = labels.iter().cloned().collect();
+                let drift = row
+                    .desired
+                    .is_some_and(|d| row.applied.as_ref().is_none_or(|a| a.0 < d));
+                stored.admits(
+                    &labels,
+                    (row.revoked_ms.is_some(), row.status.is_some(), drift),
+                    row.not_after_ms,
+                )
+            })
+            .map(|(row, _)| row.id.as_str())
+            .collect();
+        narrowed += usize::from(!want.is_empty() && want.len() < whole.len());
+        for (r, limit) in [(a, 3), (b, 100)] {
+            let got = filtered(r, &stored, limit).await;
+            let ids: Vec<&str> = got.iter().map(|(row, _)| row.id.as_str()).collect();
+            assert_eq!(ids, want, "{text:?}, {limit} a page");
+            for (row, labels) in &got {
+                let same = whole.iter().find(|(w, _)| w.id == row.id).expect("known");
+                assert_eq!((&same.0, &same.1), (row, labels), "{text:?}");
+            }
+        }
+    }
+    assert!(
+        narrowed >= 10,
+        "the devices exercise the filters: {narrowed}"
+    );
+}
+
+#[tokio::test]
+async fn the_sqlite_registry_filters_device_pages_as_selectors_do() {
+    let (_dir, a, b) = two_hubs(|d| SqliteRegistry::open(d).expect("open"));
+    device_filter_suite(&a, &b).await;
 }
 
 #[tokio::test]
@@ -1185,6 +1340,8 @@ mod postgres {
         labels_suite(&PgRegistry::new(a), &PgRegistry::new(b)).await;
         let (a, b) = on(&c, "province").await;
         province_suite(&PgRegistry::new(a), &PgRegistry::new(b)).await;
+        let (a, b) = on(&c, "filter").await;
+        device_filter_suite(&PgRegistry::new(a), &PgRegistry::new(b)).await;
         let (a, b) = on(&c, "collect").await;
         collected_audit_suite(&PgRegistry::new(a), &PgRegistry::new(b)).await;
         let (a, b) = on(&c, "connect").await;

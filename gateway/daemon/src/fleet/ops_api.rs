@@ -580,7 +580,9 @@ fn device_view(fleet: &Fleet, row: &gateway_store::registry::DeviceRow) -> Value
 }
 
 /// Up to `limit` devices after `after` (by id) that `selector` picks, with
-/// their labels: read from the registry a page at a time, filtered here.
+/// their labels: the registry reads, a page at a time, only the rows its
+/// stored columns let match (labels, revocation, certificate, heartbeat);
+/// the whole selector is checked here (being online is known only here).
 pub(super) async fn select(
     fleet: &Fleet,
     selector: &gateway_core::selector::Selector,
@@ -589,10 +591,11 @@ pub(super) async fn select(
 ) -> Result<Vec<(gateway_store::registry::DeviceRow, BTreeMap<String, String>)>, ApiError> {
     let mut out = Vec::new();
     let now = now_ms();
+    let stored = selector.stored(now);
     loop {
         let page = fleet
             .registry()
-            .devices_page(after.take(), DEVICES_PAGE_MAX)
+            .devices_page(after.take(), DEVICES_PAGE_MAX, stored.clone())
             .await
             .map_err(internal)?;
         let full = page.rows.len() == DEVICES_PAGE_MAX;

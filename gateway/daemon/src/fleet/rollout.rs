@@ -137,7 +137,10 @@ pub async fn all_rows(fleet: &Fleet) -> Result<HashMap<String, DeviceRow>, Regis
     let mut out = HashMap::new();
     let mut after = None;
     loop {
-        let page = fleet.registry().devices_page(after.take(), PAGE).await?;
+        let page = fleet
+            .registry()
+            .devices_page(after.take(), PAGE, Default::default())
+            .await?;
         let full = page.rows.len() == PAGE;
         after = page.rows.last().map(|r| r.id.clone());
         out.extend(page.rows.into_iter().map(|r| (r.id.clone(), r)));

@@ -975,8 +975,13 @@ impl Registry for PgRegistry {
         Some(self.pg.wake.clone())
     }
 
-    fn devices_page(&self, after: Option<String>, limit: usize) -> RegistryFuture<'_, DevicesPage> {
-        Box::pin(self.devices_page(after, limit))
+    fn devices_page(
+        &self,
+        after: Option<String>,
+        limit: usize,
+        filter: gateway_core::selector::Stored,
+    ) -> RegistryFuture<'_, DevicesPage> {
+        Box::pin(self.devices_page(after, limit, filter))
     }
 
     fn heartbeats(&self, beats: Vec<Heartbeat>) -> RegistryFuture<'_, ()> {

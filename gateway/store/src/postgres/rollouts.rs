@@ -9,8 +9,11 @@ use std::collections::BTreeMap;
 
 use deadpool_postgres::GenericClient;
 
+use gateway_core::selector::Stored;
+
 use super::changes;
 use super::registry::PgRegistry;
+use crate::device_query::{self, Param};
 use crate::registry::{
     ChangeKind, DeviceRow, DeviceState, DevicesPage, Heartbeat, Members, NewRollout, NewTemplate,
     RegistryError, RolloutRow, RolloutUpdate, TemplateRow, VarsChange, apply_vars,
@@ -48,22 +51,8 @@ CREATE TABLE rollout_member (
 CREATE INDEX rollout_member_by_rollout ON rollout_member (rollout);
 ";
 
-const PAGE: &str = "
-WITH ids(id) AS (
-    SELECT id FROM device WHERE id > $1
-    UNION SELECT device FROM status WHERE device > $1
-    UNION SELECT device FROM config WHERE device > $1
-    UNION SELECT device FROM config_state WHERE device > $1
-    ORDER BY 1 LIMIT $2)
-SELECT ids.id, d.enrolled_ms, d.not_after_ms, d.revoked_ms, s.last_ms, s.json,
-       (SELECT MAX(version) FROM config c WHERE c.device = ids.id),
-       cs.applied, cs.result, cs.result_ms, h.head_seq, h.broken
-FROM ids
-LEFT JOIN device d ON d.id = ids.id
-LEFT JOIN status s ON s.device = ids.id
-LEFT JOIN config_state cs ON cs.device = ids.id
-LEFT JOIN edge_audit_head h ON h.device = ids.id AND h.head_seq >= 0
-ORDER BY ids.id";
+/// How this engine joins a device's audit head.
+const AUDIT_JOIN: &str = "LEFT JOIN edge_audit_head h ON h.device = ids.id AND h.head_seq >= 0";
 
 type R<T> = Result<T, RegistryError>;
 
@@ -173,12 +162,33 @@ impl PgRegistry {
         Ok(())
     }
 
-    pub(super) async fn devices_page(&self, after: Option<String>, limit: usize) -> R<DevicesPage> {
+    pub(super) async fn devices_page(
+        &self,
+        after: Option<String>,
+        limit: usize,
+        filter: Stored,
+    ) -> R<DevicesPage> {
+        let Some((sql, binds)) =
+            device_query::page(&after.unwrap_or_default(), limit, &filter, AUDIT_JOIN)
+        else {
+            return Ok(DevicesPage::default());
+        };
+        let binds: Vec<Box<dyn tokio_postgres::types::ToSql + Sync + Send>> = binds
+            .into_iter()
+            .map(|p| -> Box<dyn tokio_postgres::types::ToSql + Sync + Send> {
+                match p {
+                    Param::Text(t) => Box::new(t),
+                    Param::Int(n) => Box::new(n),
+                }
+            })
+            .collect();
+        let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = binds
+            .iter()
+            .map(|b| b.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync))
+            .collect();
         let c = self.pg.client().await?;
-        let after = after.unwrap_or_default();
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows: Vec<DeviceRow> = c
-            .query(PAGE, &[&after, &limit])
+            .query(&sql, &refs)
             .await?
             .iter()
             .map(|r| {

@@ -370,8 +370,13 @@ impl Registry for Blocking<SqliteRegistry> {
         None
     }
 
-    fn devices_page(&self, after: Option<String>, limit: usize) -> RegistryFuture<'_, DevicesPage> {
-        self.run(move |r| r.devices_page(after.as_deref(), limit))
+    fn devices_page(
+        &self,
+        after: Option<String>,
+        limit: usize,
+        filter: gateway_core::selector::Stored,
+    ) -> RegistryFuture<'_, DevicesPage> {
+        self.run(move |r| r.devices_page(after.as_deref(), limit, &filter))
     }
 
     fn heartbeats(&self, beats: Vec<crate::registry::Heartbeat>) -> RegistryFuture<'_, ()> {

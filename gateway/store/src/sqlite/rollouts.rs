@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use rusqlite::{OptionalExtension, TransactionBehavior, params};
 
 use super::registry::{SqliteRegistry, log_change};
+use crate::device_query::{self, Param};
 use crate::registry::{
     ChangeKind, DeviceRow, DeviceState, DevicesPage, Heartbeat, Members, NewRollout, NewTemplate,
     RegistryError, RolloutRow, RolloutUpdate, TemplateRow, VarsChange, apply_vars,
@@ -48,22 +49,8 @@ CREATE INDEX IF NOT EXISTS rollout_member_by_rollout ON rollout_member (rollout)
 
 /// The page query: the ids of every table that knows devices, after a key,
 /// then each one's row by its primary keys.
-const PAGE: &str = "
-WITH ids(id) AS (
-    SELECT id FROM device WHERE id > ?1
-    UNION SELECT device FROM status WHERE device > ?1
-    UNION SELECT device FROM config WHERE device > ?1
-    UNION SELECT device FROM config_state WHERE device > ?1
-    ORDER BY 1 LIMIT ?2)
-SELECT ids.id, d.enrolled_ms, d.not_after_ms, d.revoked_ms, s.last_ms, s.json,
-       (SELECT MAX(version) FROM config c WHERE c.device = ids.id),
-       cs.applied, cs.result, cs.result_ms, h.head_seq, h.broken
-FROM ids
-LEFT JOIN device d ON d.id = ids.id
-LEFT JOIN status s ON s.device = ids.id
-LEFT JOIN config_state cs ON cs.device = ids.id
-LEFT JOIN edge_audit_head h ON h.device = ids.id
-ORDER BY ids.id";
+/// How this engine joins a device's audit head.
+const AUDIT_JOIN: &str = "LEFT JOIN edge_audit_head h ON h.device = ids.id";
 
 fn u64_of(n: i64) -> u64 {
     u64::try_from(n).unwrap_or(0)
@@ -139,11 +126,19 @@ impl SqliteRegistry {
         &self,
         after: Option<&str>,
         limit: usize,
+        filter: &gateway_core::selector::Stored,
     ) -> Result<DevicesPage, RegistryError> {
-        let after = after.unwrap_or("");
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let mut st = self.db.prepare_cached(PAGE)?;
-        let rows = st.query_map(params![after, limit], |r| {
+        let Some((sql, binds)) = device_query::page(after.unwrap_or(""), limit, filter, AUDIT_JOIN)
+        else {
+            return Ok(DevicesPage::default());
+        };
+        // `?N`: SQLite's numbered parameters (`$N` would be named ones).
+        let mut st = self.db.prepare_cached(&sql.replace('$', "?"))?;
+        let binds = binds.into_iter().map(|p| match p {
+            Param::Text(t) => rusqlite::types::Value::Text(t),
+            Param::Int(n) => rusqlite::types::Value::Integer(n),
+        });
+        let rows = st.query_map(rusqlite::params_from_iter(binds), |r| {
             let id: String = r.get(0)?;
             let cert = r
                 .get::<_, Option<i64>>(1)?
