@@ -2,7 +2,7 @@
 //! boxes, and one control session per connected edge (heartbeats, config
 //! offers and results, commands, renewal, audit collection).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -83,6 +83,8 @@ const COLLECTED_ALL: usize = 200_000;
 /// Boxes per collected-audit transaction, and such transactions at once.
 const AUDIT_WRITE_DEVICES: usize = 200;
 const AUDIT_WRITES_AT_ONCE: usize = 6;
+/// Pushed configs read from the registry at once while following its log.
+const PUSH_READS: usize = 16;
 
 /// How often buffered heartbeats are written.
 pub const HEARTBEAT_WRITES: Duration = Duration::from_secs(1);
@@ -1074,22 +1076,54 @@ impl Fleet {
                     self.close_superseded(&[device]).await;
                 }
             }
-            ChangeKind::Config => {
-                if !self.connected(&device) {
-                    return;
-                }
-                match self.reg.desired(device.clone()).await {
-                    Ok(Some((version, text))) => {
-                        info!(%device, version, "Config pushed (seen in the registry); offering it");
-                        self.offer(&device, version, text);
-                    }
-                    Ok(None) => {}
-                    Err(e) => warn!(%device, %e, "Cannot read the pushed config"),
-                }
-            }
+            ChangeKind::Config => self.offer_pushed(device).await,
             ChangeKind::ConsumerRevoked => self.consumers.close(&device),
             ChangeKind::Rollout => self.wake_rollouts(),
         }
+    }
+
+    /// Offers `device` its newest pushed config if it has a control session
+    /// here.
+    async fn offer_pushed(&self, device: String) {
+        if !self.connected(&device) {
+            return;
+        }
+        match self.reg.desired(device.clone()).await {
+            Ok(Some((version, text))) => {
+                debug!(%device, version, "Config pushed (seen in the registry); offering it");
+                self.offer(&device, version, text);
+            }
+            Ok(None) => {}
+            Err(e) => warn!(%device, %e, "Cannot read the pushed config"),
+        }
+    }
+
+    /// Acts on a page of the change log. Pushes are read last, once per
+    /// device and [`PUSH_READS`] at a time: a rollout's wave writes thousands
+    /// of them, and read one by one in the log's order they would hold a
+    /// revocation behind them for seconds. Everything else is acted on in
+    /// order (a revocation and a re-enrollment of one device must not swap).
+    async fn act_on(self: &Arc<Self>, changes: Vec<Change>) {
+        let mut pushed = Vec::new();
+        let mut seen = HashSet::new();
+        for c in changes {
+            if c.kind == ChangeKind::Config {
+                if seen.insert(c.subject.clone()) {
+                    pushed.push(c.subject);
+                }
+            } else {
+                self.act(c).await;
+            }
+        }
+        let mut reads = tokio::task::JoinSet::new();
+        for device in pushed {
+            if reads.len() >= PUSH_READS {
+                let _ = reads.join_next().await;
+            }
+            let hub = self.clone();
+            reads.spawn(async move { hub.offer_pushed(device).await });
+        }
+        while reads.join_next().await.is_some() {}
     }
 
     /// Every connection here of a revoked device, or of a certificate no
@@ -1154,10 +1188,10 @@ impl Fleet {
                 match self.reg.changes(from, 1000).await {
                     Ok(changes) => {
                         let full = changes.len() == 1000;
-                        for c in changes {
-                            from = c.id;
-                            self.act(c).await;
+                        if let Some(last) = changes.last() {
+                            from = last.id;
                         }
+                        self.act_on(changes).await;
                         if !full {
                             break;
                         }
