@@ -63,9 +63,12 @@ ORDER BY ids.id"
         params.push(p);
         format!("${}", params.len())
     };
-    // A revoked device is one the device table holds.
+    // A revoked device is one the device table holds; a drifting one has a
+    // pushed config.
     let ids = if filter.revoked == Some(true) {
         "SELECT id FROM device WHERE id > $1 AND revoked_ms IS NOT NULL"
+    } else if filter.drift == Some(true) {
+        "SELECT DISTINCT device FROM config WHERE device > $1"
     } else {
         ALL_IDS
     };
