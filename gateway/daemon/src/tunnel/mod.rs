@@ -7,6 +7,7 @@
 //! - [`dial`]: the edge's side: connect, hello, keep up with backoff.
 //! - [`accept`]: the hub's side: accept, identify, hello.
 //! - [`hubs`]: an edge's live tunnels; [`devices`]: a hub's connected edges.
+//! - [`lane`]: a lane's endpoint and connections driven by one task (sans IO).
 //! - [`frame`]: frame and batch I/O on a stream, with timeouts.
 //! - [`streams`]: how many streams a peer may open, grown as it uses them.
 
@@ -16,6 +17,7 @@ pub mod dial;
 pub mod endpoint;
 pub mod frame;
 pub mod hubs;
+pub mod lane;
 pub mod pki;
 pub mod streams;
 pub mod tls;
