@@ -431,3 +431,25 @@ impl quinn::ConnectionIdGenerator for RandomCids {
         None
     }
 }
+
+/// A CA in `dir` and the tunnel's server and client configurations for a
+/// hub `hub-01` (named `hub_name`) and an edge `edge-01` it issued: for the
+/// tests of what runs on a tunnel.
+#[cfg(test)]
+pub fn test_pair(dir: &Path, hub_name: &str) -> (quinn::ServerConfig, quinn::ClientConfig) {
+    use super::pki;
+    let (ca, certs) = (dir.join("ca"), dir.join("certs"));
+    pki::init(&ca, "test CA").expect("ca");
+    pki::issue(&ca, "hub-01", &[hub_name.to_owned()], 1, &certs).expect("hub cert");
+    pki::issue(&ca, "edge-01", &[], 1, &certs).expect("edge cert");
+    let file = |n: &str| certs.join(n);
+    let server =
+        server(&ca.join("ca.pem"), &file("hub-01.pem"), &file("hub-01.key")).expect("server");
+    let client = client(
+        &ca.join("ca.pem"),
+        &file("edge-01.pem"),
+        &file("edge-01.key"),
+    )
+    .expect("client");
+    (server, client)
+}

@@ -460,26 +460,14 @@ async fn start(conn: quinn::Connection, by_conn: Arc<ByConn>) -> Result<Arc<Line
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tunnel::{pki, tls};
+    use crate::tunnel::tls;
     use std::sync::atomic::AtomicUsize;
 
     /// A real QUIC connection on loopback: (the dialer's side, the
     /// listener's side, the listener's endpoint).
     async fn pair() -> (quinn::Connection, quinn::Connection, tempfile::TempDir) {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (ca, certs) = (dir.path().join("ca"), dir.path().join("certs"));
-        pki::init(&ca, "test CA").expect("ca");
-        pki::issue(&ca, "hub-01", &["127.0.0.1".into()], 1, &certs).expect("hub cert");
-        pki::issue(&ca, "edge-01", &[], 1, &certs).expect("edge cert");
-        let file = |n: &str| certs.join(n);
-        let server = tls::server(&ca.join("ca.pem"), &file("hub-01.pem"), &file("hub-01.key"))
-            .expect("server config");
-        let client = tls::client(
-            &ca.join("ca.pem"),
-            &file("edge-01.pem"),
-            &file("edge-01.key"),
-        )
-        .expect("client config");
+        let (server, client) = tls::test_pair(dir.path(), "127.0.0.1");
         let listener =
             quinn::Endpoint::server(server, ([127, 0, 0, 1], 0).into()).expect("listener");
         let mut dialer = quinn::Endpoint::client(([127, 0, 0, 1], 0).into()).expect("dialer");

@@ -6,7 +6,6 @@
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,7 +14,7 @@ use quinn_proto::{ConnectionError, ConnectionHandle, Dir, StreamEvent, StreamId}
 use rand::{Rng as _, SeedableRng as _};
 
 use super::{Admit, Lane, LaneEvent};
-use crate::tunnel::{pki, tls};
+use crate::tunnel::tls;
 
 const EDGE: SocketAddr = SocketAddr::new(
     std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 2)),
@@ -103,27 +102,10 @@ struct World {
     server: quinn_proto::ServerConfig,
 }
 
-fn configs(dir: &Path) -> (quinn_proto::ServerConfig, quinn_proto::ClientConfig) {
-    let (ca, certs) = (dir.join("ca"), dir.join("certs"));
-    pki::init(&ca, "test CA").expect("ca");
-    pki::issue(&ca, "hub-01", &["hub.test".into()], 1, &certs).expect("hub cert");
-    pki::issue(&ca, "edge-01", &[], 1, &certs).expect("edge cert");
-    let file = |n: &str| certs.join(n);
-    let server = tls::server(&ca.join("ca.pem"), &file("hub-01.pem"), &file("hub-01.key"))
-        .expect("server config");
-    let client = tls::client(
-        &ca.join("ca.pem"),
-        &file("edge-01.pem"),
-        &file("edge-01.key"),
-    )
-    .expect("client config");
-    (server, client)
-}
-
 impl World {
     fn new(loss: f64) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (server, client) = configs(dir.path());
+        let (server, client) = tls::test_pair(dir.path(), "hub.test");
         let hub_state = dir.path().join("hub");
         std::fs::create_dir_all(&hub_state).expect("state dir");
         let hub = Lane::new(
