@@ -2,7 +2,7 @@
 //! boxes, and one control session per connected edge (heartbeats, config
 //! offers and results, commands, renewal, audit collection).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -85,6 +85,14 @@ const AUDIT_WRITE_DEVICES: usize = 200;
 const AUDIT_WRITES_AT_ONCE: usize = 6;
 /// Pushed configs read from the registry at once while following its log.
 const PUSH_READS: usize = 16;
+
+/// Devices whose newest pushed config is to be read and offered, each once
+/// (so it holds at most one entry per device), in the order pushed.
+#[derive(Default)]
+struct PushQueue {
+    devices: Mutex<(VecDeque<String>, HashSet<String>)>,
+    wake: tokio::sync::Notify,
+}
 
 /// How often buffered heartbeats are written.
 pub const HEARTBEAT_WRITES: Duration = Duration::from_secs(1);
@@ -1098,32 +1106,63 @@ impl Fleet {
         }
     }
 
-    /// Acts on a page of the change log. Pushes are read last, once per
-    /// device and [`PUSH_READS`] at a time: a rollout's wave writes thousands
-    /// of them, and read one by one in the log's order they would hold a
-    /// revocation behind them for seconds. Everything else is acted on in
-    /// order (a revocation and a re-enrollment of one device must not swap).
-    async fn act_on(self: &Arc<Self>, changes: Vec<Change>) {
-        let mut pushed = Vec::new();
-        let mut seen = HashSet::new();
+    /// Acts on a page of the change log in order, but for pushes: those go to
+    /// `pushes`, read and offered by [`Fleet::offer_pushes`] beside this
+    /// loop. A rollout's wave writes thousands of pushes; read here, one
+    /// registry read each, they would hold the next revocation behind them
+    /// for seconds. A revocation and a re-enrollment of one device are acted
+    /// on in their order.
+    async fn act_on(&self, changes: Vec<Change>, pushes: &PushQueue) {
+        let mut queued = false;
         for c in changes {
             if c.kind == ChangeKind::Config {
-                if seen.insert(c.subject.clone()) {
-                    pushed.push(c.subject);
+                let mut q = lock(&pushes.devices);
+                if q.1.insert(c.subject.clone()) {
+                    q.0.push_back(c.subject);
+                    queued = true;
                 }
             } else {
                 self.act(c).await;
             }
         }
-        let mut reads = tokio::task::JoinSet::new();
-        for device in pushed {
-            if reads.len() >= PUSH_READS {
-                let _ = reads.join_next().await;
-            }
-            let hub = self.clone();
-            reads.spawn(async move { hub.offer_pushed(device).await });
+        if queued {
+            pushes.wake.notify_one();
         }
-        while reads.join_next().await.is_some() {}
+    }
+
+    /// Reads and offers the pushed configs `pushes` holds, [`PUSH_READS`]
+    /// at a time, until draining.
+    async fn offer_pushes(self: Arc<Self>, pushes: Arc<PushQueue>) {
+        loop {
+            let batch: Vec<String> = {
+                let mut q = lock(&pushes.devices);
+                let n = q.0.len().min(PUSH_READS * 8);
+                let batch: Vec<String> = q.0.drain(..n).collect();
+                for d in &batch {
+                    q.1.remove(d);
+                }
+                batch
+            };
+            if batch.is_empty() {
+                let go = tokio::select! {
+                    () = pushes.wake.notified() => true,
+                    go = self.ctx.pause(Duration::from_secs(5)) => go,
+                };
+                if !go {
+                    return;
+                }
+                continue;
+            }
+            let mut reads = tokio::task::JoinSet::new();
+            for device in batch {
+                if reads.len() >= PUSH_READS {
+                    let _ = reads.join_next().await;
+                }
+                let hub = self.clone();
+                reads.spawn(async move { hub.offer_pushed(device).await });
+            }
+            while reads.join_next().await.is_some() {}
+        }
     }
 
     /// Every connection here of a revoked device, or of a certificate no
@@ -1172,6 +1211,8 @@ impl Fleet {
                 return;
             }
         };
+        let pushes = Arc::new(PushQueue::default());
+        tokio::spawn(self.clone().offer_pushes(pushes.clone()));
         let mut swept = tokio::time::Instant::now();
         loop {
             let go = match &wake {
@@ -1191,7 +1232,7 @@ impl Fleet {
                         if let Some(last) = changes.last() {
                             from = last.id;
                         }
-                        self.act_on(changes).await;
+                        self.act_on(changes, &pushes).await;
                         if !full {
                             break;
                         }
