@@ -1,22 +1,26 @@
 #!/usr/bin/env bash
 # The latency floor of the tunnel's transport on this machine, beside TCP's:
 # 64-byte round trips between two processes over one quinn stream (the
-# tunnel's transport and endpoint settings), over quinn-proto driven by one
-# task per process (no quinn driver tasks: the best a relay driving
-# quinn-proto itself could do), and over one TCP connection, with the echo
+# tunnel's transport and endpoint settings), over the tunnel's lane driver
+# (tunnel::lane: quinn-proto driven by one task per process on quinn-udp's
+# batched socket, no quinn driver tasks: what a relay on the lane can reach),
+# and over one TCP connection, with the echo
 # server's CPU time per round trip (user and system, /proc/PID/stat).
 # A relay through gatewayd crosses one QUIC hop each way; rathole's crosses a
 # TCP hop: the difference between the two rows is the part of
 # tests/bench/relay.sh's latency gap that comes with quinn.
 #
 # Usage: tests/bench/quic_floor.sh [ROUND_TRIPS] (default 20000), REPS runs each
-# (default 3), interleaved; prints the median of each column.
+# (default 3), interleaved; prints the median of each column. QUIC_FLOOR=PATH
+# runs another build of the example.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 N=${1:-20000}
 REPS=${REPS:-3}
-cargo build --release -q -p gateway-daemon --example quic_floor
-F=$PWD/target/release/examples/quic_floor
+if [ -z "${QUIC_FLOOR:-}" ]; then
+    cargo build --release -q -p gateway-daemon --example quic_floor
+fi
+F=${QUIC_FLOOR:-$PWD/target/release/examples/quic_floor}
 W=$(mktemp -d)
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }

@@ -12,14 +12,16 @@
 //! quic_floor tcp-client ADDR N
 //! ```
 //!
-//! The `proto` pair drives quinn's protocol core (quinn-proto) from a single
-//! task per process, without quinn's endpoint and connection driver tasks: what
-//! a relay driving quinn-proto itself could reach at best.
+//! The `proto` pair runs the tunnel's lane driver (`tunnel::lane`: quinn's
+//! protocol core, quinn-proto, driven from a single task per process with
+//! quinn-udp's batched socket, without quinn's endpoint and connection driver
+//! tasks): what a relay on the lane can reach at best.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use gateway_daemon::tunnel::lane::{Admit, Lane, LaneEvent, Socket};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -29,9 +31,20 @@ const WARM_UP: usize = 100;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
-#[tokio::main]
-async fn main() -> Result<(), Error> {
+fn main() -> Result<(), Error> {
+    // A lane is one task on a thread of its own: the proto pair runs on a
+    // current-thread runtime (no wake-ups handed between worker threads);
+    // quinn's and TCP's on the usual multi-thread one.
     let args: Vec<String> = std::env::args().collect();
+    let mut rt = if args.get(1).is_some_and(|m| m.starts_with("proto")) {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    rt.enable_all().build()?.block_on(run(args))
+}
+
+async fn run(args: Vec<String>) -> Result<(), Error> {
     let usage = "usage: quic_floor quic-server|proto-server ADDR CERT_OUT | quic-client|proto-client ADDR CERT N | tcp-server ADDR | tcp-client ADDR N";
     let arg = |i: usize| args.get(i).map(String::as_str).ok_or(usage);
     let addr: SocketAddr = arg(2)?.parse()?;
@@ -128,44 +141,42 @@ async fn quic_client(addr: SocketAddr, cert: &str, n: usize) -> Result<(), Error
     round_trips(&mut recv, &mut send, n).await
 }
 
-/// One process's QUIC endpoint and its one connection, driven by the caller's task.
+/// One process's lane (the tunnel's one-task driver, `tunnel::lane`) and its
+/// one connection, driven by the caller's task.
 struct Proto {
-    endpoint: quinn_proto::Endpoint,
-    server: Option<Arc<quinn::ServerConfig>>,
-    conn: Option<(quinn_proto::ConnectionHandle, quinn_proto::Connection)>,
-    socket: tokio::net::UdpSocket,
-    recv_buf: Vec<u8>,
-    send_buf: Vec<u8>,
+    lane: Lane,
+    socket: Socket,
+    conn: Option<quinn_proto::ConnectionHandle>,
 }
 
 impl Proto {
     fn new(addr: SocketAddr, server: Option<quinn::ServerConfig>) -> Result<Self, Error> {
         let socket = std::net::UdpSocket::bind(addr)?;
         gateway_daemon::node::sockets::size_udp_buffers(&socket);
-        socket.set_nonblocking(true)?;
-        let server = server.map(Arc::new);
-        Ok(Self {
-            endpoint: quinn_proto::Endpoint::new(
-                Arc::new(gateway_daemon::tunnel::tls::edge_endpoint_config()),
-                server.clone(),
-                true,
-                None,
-            ),
+        let socket = Socket::new(socket)?;
+        let lane = Lane::new(
+            Arc::new(gateway_daemon::tunnel::tls::edge_endpoint_config()),
             server,
+            16,
+            socket.batch(),
+        );
+        Ok(Self {
+            lane,
+            socket,
             conn: None,
-            socket: tokio::net::UdpSocket::from_std(socket)?,
-            recv_buf: vec![0; 64 * 1024],
-            send_buf: Vec::new(),
         })
     }
 
     fn conn(&mut self) -> Result<&mut quinn_proto::Connection, Error> {
-        Ok(&mut self.conn.as_mut().ok_or("no connection")?.1)
+        let h = self.conn.ok_or("no connection")?;
+        Ok(self.lane.conn(h).ok_or("connection gone")?)
     }
 
-    /// Waits for datagrams or the connection's timer and handles them.
-    async fn turn(&mut self) -> Result<(), Error> {
-        let deadline = self.conn.as_mut().and_then(|(_, c)| c.poll_timeout());
+    /// Waits for datagrams or the lane's timer and handles them; the lane's
+    /// events after. Nothing is sent until [`Proto::transmit`]: an answer
+    /// written meanwhile leaves with the acknowledgement, in one packet.
+    async fn turn(&mut self) -> Result<Vec<LaneEvent>, Error> {
+        let deadline = self.lane.next_timeout();
         tokio::select! {
             r = self.socket.readable() => r?,
             () = async {
@@ -176,59 +187,29 @@ impl Proto {
             } => {}
         }
         let now = Instant::now();
-        loop {
-            let (n, from) = match self.socket.try_recv_from(&mut self.recv_buf) {
-                Ok(got) => got,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(e.into()),
-            };
-            let data = bytes::BytesMut::from(&self.recv_buf[..n]);
-            let mut response = Vec::new();
-            match self
-                .endpoint
-                .handle(now, from, None, None, data, &mut response)
-            {
-                Some(quinn_proto::DatagramEvent::ConnectionEvent(_, event)) => {
-                    self.conn()?.handle_event(event);
-                }
-                Some(quinn_proto::DatagramEvent::NewConnection(incoming)) => {
-                    let accepted =
-                        self.endpoint
-                            .accept(incoming, now, &mut response, self.server.clone());
-                    self.conn = Some(accepted.map_err(|e| format!("{:?}", e.cause))?);
-                }
-                Some(quinn_proto::DatagramEvent::Response(t)) => {
-                    let _ = self.socket.try_send_to(&response[..t.size], t.destination);
-                }
-                None => {}
+        self.socket
+            .read_into(&mut self.lane, now, &mut |_| Admit::Accept)?;
+        self.lane.handle_timeouts(now);
+        self.lane.poll_events();
+        let mut events = Vec::new();
+        while let Some(e) = self.lane.event() {
+            // The newest connection is the one served (a client's run
+            // ends without closing; the next one connects anew).
+            match &e {
+                LaneEvent::Connected(h) => self.conn = Some(*h),
+                LaneEvent::Lost(h, _) if self.conn == Some(*h) => self.conn = None,
+                _ => {}
             }
+            events.push(e);
         }
-        if deadline.is_some_and(|t| t <= now) {
-            self.conn()?.handle_timeout(now);
-        }
-        Ok(())
+        Ok(events)
     }
 
-    /// Hands endpoint events over and sends whatever the connection has to send.
+    /// Sends whatever the lane has to send.
     fn transmit(&mut self) {
-        let Some((handle, conn)) = self.conn.as_mut() else {
-            return;
-        };
-        while let Some(event) = conn.poll_endpoint_events() {
-            if let Some(event) = self.endpoint.handle_event(*handle, event) {
-                conn.handle_event(event);
-            }
-        }
-        let now = Instant::now();
-        loop {
-            self.send_buf.clear();
-            let Some(t) = conn.poll_transmit(now, 1, &mut self.send_buf) else {
-                break;
-            };
-            let _ = self
-                .socket
-                .try_send_to(&self.send_buf[..t.size], t.destination);
-        }
+        let socket = &self.socket;
+        self.lane
+            .poll(Instant::now(), &mut |t, data| socket.send(t, data));
     }
 
     /// Everything readable on `id`, appended to `out`.
@@ -248,9 +229,11 @@ async fn proto_server(addr: SocketAddr, cert_out: &str) -> Result<(), Error> {
     let mut stream = None;
     let mut data = Vec::new();
     loop {
-        node.turn().await?;
+        let events = node.turn().await?;
+        if events.iter().any(|e| matches!(e, LaneEvent::Connected(_))) {
+            stream = None;
+        }
         if node.conn.is_some() {
-            while node.conn()?.poll().is_some() {}
             if let Some(id) = node.conn()?.streams().accept(quinn_proto::Dir::Bi) {
                 stream = Some(id);
             }
@@ -268,23 +251,21 @@ async fn proto_server(addr: SocketAddr, cert_out: &str) -> Result<(), Error> {
 
 async fn proto_client(addr: SocketAddr, cert: &str, n: usize) -> Result<(), Error> {
     let mut node = Proto::new(([127, 0, 0, 1], 0).into(), None)?;
-    let now = Instant::now();
-    node.conn = Some(
-        node.endpoint
-            .connect(now, client_config(cert)?, addr, "quic-floor")?,
-    );
+    let h = node
+        .lane
+        .connect(Instant::now(), client_config(cert)?, addr, "quic-floor")?;
     node.transmit();
     'connecting: loop {
-        node.turn().await?;
-        while let Some(event) = node.conn()?.poll() {
-            match event {
-                quinn_proto::Event::Connected => break 'connecting,
-                quinn_proto::Event::ConnectionLost { reason } => return Err(reason.into()),
+        node.transmit();
+        for e in node.turn().await? {
+            match e {
+                LaneEvent::Connected(_) => break 'connecting,
+                LaneEvent::Lost(_, reason) => return Err(reason.into()),
                 _ => {}
             }
         }
-        node.transmit();
     }
+    node.conn = Some(h);
     let id = node
         .conn()?
         .streams()
@@ -298,8 +279,11 @@ async fn proto_client(addr: SocketAddr, cert: &str, n: usize) -> Result<(), Erro
         node.transmit();
         got.clear();
         while got.len() < MESSAGE {
-            node.turn().await?;
-            while node.conn()?.poll().is_some() {}
+            for e in node.turn().await? {
+                if let LaneEvent::Lost(_, reason) = e {
+                    return Err(reason.into());
+                }
+            }
             node.read(id, &mut got)?;
             node.transmit();
         }

@@ -30,8 +30,11 @@ use quinn_proto::{
     EndpointConfig, Incoming, ServerConfig, StreamEvent, Transmit,
 };
 
+mod socket;
 #[cfg(test)]
 mod tests;
+
+pub use socket::Socket;
 
 /// What the lane does with a handshake a peer starts (the shell's admission
 /// decides, as the hub's accept loop does with quinn today).
@@ -253,6 +256,39 @@ impl Lane {
         self.events.pop_front()
     }
 
+    /// Queues the events of every connection that changed, sending nothing:
+    /// for an owner that acts on what arrived before [`Lane::poll`], so that
+    /// an answer leaves in the same packet as the acknowledgement.
+    pub fn poll_events(&mut self) {
+        let dirty: Vec<ConnectionHandle> = self.dirty.iter().copied().collect();
+        for h in dirty {
+            self.events_of(h);
+        }
+    }
+
+    fn events_of(&mut self, h: ConnectionHandle) {
+        let Some(conn) = self.conns.get_mut(&h) else {
+            return;
+        };
+        while let Some(e) = conn.poll_endpoint_events() {
+            if let Some(back) = self.endpoint.handle_event(h, e) {
+                conn.handle_event(back);
+            }
+        }
+        while let Some(e) = conn.poll() {
+            use quinn_proto::Event;
+            match e {
+                Event::Connected => self.events.push_back(LaneEvent::Connected(h)),
+                Event::ConnectionLost { reason } => {
+                    self.events.push_back(LaneEvent::Lost(h, reason));
+                }
+                Event::Stream(s) => self.events.push_back(LaneEvent::Stream(h, s)),
+                Event::DatagramReceived => self.events.push_back(LaneEvent::Datagrams(h)),
+                Event::HandshakeDataReady | Event::DatagramsUnblocked => {}
+            }
+        }
+    }
+
     /// Polls every connection that changed: its events queued, its
     /// datagrams handed to `send` (with the bytes; a `segment_size` means a
     /// batch of datagrams of that size), its timer rearmed; drained
@@ -263,26 +299,10 @@ impl Lane {
         }
         let dirty: Vec<ConnectionHandle> = self.dirty.drain().collect();
         for h in dirty {
+            self.events_of(h);
             let Some(conn) = self.conns.get_mut(&h) else {
                 continue;
             };
-            while let Some(e) = conn.poll_endpoint_events() {
-                if let Some(back) = self.endpoint.handle_event(h, e) {
-                    conn.handle_event(back);
-                }
-            }
-            while let Some(e) = conn.poll() {
-                use quinn_proto::Event;
-                match e {
-                    Event::Connected => self.events.push_back(LaneEvent::Connected(h)),
-                    Event::ConnectionLost { reason } => {
-                        self.events.push_back(LaneEvent::Lost(h, reason));
-                    }
-                    Event::Stream(s) => self.events.push_back(LaneEvent::Stream(h, s)),
-                    Event::DatagramReceived => self.events.push_back(LaneEvent::Datagrams(h)),
-                    Event::HandshakeDataReady | Event::DatagramsUnblocked => {}
-                }
-            }
             loop {
                 self.buf.clear();
                 let Some(t) = conn.poll_transmit(now, self.batch, &mut self.buf) else {
