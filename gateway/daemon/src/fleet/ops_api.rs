@@ -581,8 +581,9 @@ fn device_view(fleet: &Fleet, row: &gateway_store::registry::DeviceRow) -> Value
 
 /// Up to `limit` devices after `after` (by id) that `selector` picks, with
 /// their labels: the registry reads, a page at a time, only the rows its
-/// stored columns let match (labels, revocation, certificate, heartbeat);
-/// the whole selector is checked here (being online is known only here).
+/// stored columns let match (labels, revocation, drift, certificate,
+/// heartbeat); the whole selector is checked here (being online is known
+/// only here).
 pub(super) async fn select(
     fleet: &Fleet,
     selector: &gateway_core::selector::Selector,

@@ -47,9 +47,8 @@ CREATE TABLE IF NOT EXISTS rollout_member (
 CREATE INDEX IF NOT EXISTS rollout_member_by_rollout ON rollout_member (rollout);
 ";
 
-/// The page query: the ids of every table that knows devices, after a key,
-/// then each one's row by its primary keys.
-/// How this engine joins a device's audit head.
+/// How this engine joins a device's audit head (the page query itself is
+/// `device_query`'s, shared with PostgreSQL).
 const AUDIT_JOIN: &str = "LEFT JOIN edge_audit_head h ON h.device = ids.id";
 
 fn u64_of(n: i64) -> u64 {

@@ -34,6 +34,13 @@ mod socket;
 #[cfg(test)]
 mod tests;
 
+/// Stateless answers (resets, refusals, retries) kept until the next poll;
+/// past it a flood of unknown packets gets no more answers.
+const MAX_ANSWERS: usize = 1024;
+/// Stale timer entries allowed beyond one per connection before the heap is
+/// rebuilt from the current deadlines.
+const STALE_TIMERS: usize = 1024;
+
 pub use socket::Socket;
 
 /// What the lane does with a handshake a peer starts (the shell's admission
@@ -93,6 +100,8 @@ pub struct Lane {
     /// Datagrams a connection may hand over at once (GSO batches).
     batch: usize,
     buf: Vec<u8>,
+    /// The handles polled, kept between polls (no allocation per poll).
+    polling: Vec<ConnectionHandle>,
 }
 
 impl Lane {
@@ -119,6 +128,7 @@ impl Lane {
             answers: VecDeque::new(),
             batch: batch.max(1),
             buf: Vec::new(),
+            polling: Vec::new(),
         }
     }
 
@@ -167,8 +177,14 @@ impl Lane {
                 };
                 self.admit(now, incoming, choice, buf);
             }
-            Some(DatagramEvent::Response(t)) => self.answers.push_back((t, buf)),
+            Some(DatagramEvent::Response(t)) => self.answer(t, buf),
             None => {}
+        }
+    }
+
+    fn answer(&mut self, t: Transmit, buf: Vec<u8>) {
+        if self.answers.len() < MAX_ANSWERS {
+            self.answers.push_back((t, buf));
         }
     }
 
@@ -185,19 +201,19 @@ impl Lane {
                     }
                     Err(e) => {
                         if let Some(t) = e.response {
-                            self.answers.push_back((t, buf));
+                            self.answer(t, buf);
                         }
                     }
                 }
             }
             Admit::Retry => match self.endpoint.retry(incoming, &mut buf) {
-                Ok(t) => self.answers.push_back((t, buf)),
+                Ok(t) => self.answer(t, buf),
                 // Already retried once: a second Retry is not allowed.
                 Err(e) => self.admit(now, e.into_incoming(), Admit::Accept, buf),
             },
             Admit::Refuse => {
                 let t = self.endpoint.refuse(incoming, &mut buf);
-                self.answers.push_back((t, buf));
+                self.answer(t, buf);
             }
             Admit::Ignore => self.endpoint.ignore(incoming),
         }
@@ -260,10 +276,13 @@ impl Lane {
     /// for an owner that acts on what arrived before [`Lane::poll`], so that
     /// an answer leaves in the same packet as the acknowledgement.
     pub fn poll_events(&mut self) {
-        let dirty: Vec<ConnectionHandle> = self.dirty.iter().copied().collect();
-        for h in dirty {
+        let mut polling = std::mem::take(&mut self.polling);
+        polling.clear();
+        polling.extend(self.dirty.iter().copied());
+        for &h in &polling {
             self.events_of(h);
         }
+        self.polling = polling;
     }
 
     fn events_of(&mut self, h: ConnectionHandle) {
@@ -297,8 +316,10 @@ impl Lane {
         while let Some((t, data)) = self.answers.pop_front() {
             send(&t, &data[..t.size]);
         }
-        let dirty: Vec<ConnectionHandle> = self.dirty.drain().collect();
-        for h in dirty {
+        let mut polling = std::mem::take(&mut self.polling);
+        polling.clear();
+        polling.extend(self.dirty.drain());
+        for &h in &polling {
             self.events_of(h);
             let Some(conn) = self.conns.get_mut(&h) else {
                 continue;
@@ -331,6 +352,16 @@ impl Lane {
                     self.deadlines.remove(&h);
                 }
             }
+        }
+        self.polling = polling;
+        // A deadline that moves leaves its old entry behind until it comes
+        // up; past a bound the heap is made again from the deadlines.
+        if self.timers.len() > self.deadlines.len() + STALE_TIMERS {
+            self.timers = self
+                .deadlines
+                .iter()
+                .map(|(h, t)| Reverse((*t, *h)))
+                .collect();
         }
     }
 }

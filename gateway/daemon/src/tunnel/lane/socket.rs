@@ -15,6 +15,10 @@ use super::{Admit, Lane};
 
 /// Room for one read: the largest datagram, or a GRO batch of them.
 const READ_ROOM: usize = 64 * 1024;
+/// Batched reads in one [`Socket::read_into`]: a flood cannot keep the lane
+/// reading without ever sending or running its timers (what is left stays
+/// ready for the next turn).
+const READS_PER_TURN: usize = 16;
 
 /// A lane's socket, registered with the runtime.
 pub struct Socket {
@@ -62,7 +66,8 @@ impl Socket {
         self.io.readable().await
     }
 
-    /// Reads every datagram waiting into `lane`; the number read.
+    /// Reads the datagrams waiting into `lane`, at most [`READS_PER_TURN`]
+    /// batches; the number read.
     ///
     /// # Errors
     /// A socket error other than "nothing waiting".
@@ -73,11 +78,14 @@ impl Socket {
         admit: &mut dyn FnMut(&quinn_proto::Incoming) -> Admit,
     ) -> io::Result<usize> {
         let mut total = 0;
-        loop {
+        for _ in 0..READS_PER_TURN {
             let (io, state, bufs, meta) = (&self.io, &self.state, &mut self.bufs, &mut self.meta);
             let got = io.try_io(Interest::READABLE, || {
-                let mut slices: Vec<IoSliceMut<'_>> =
-                    bufs.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+                let mut each = bufs.iter_mut();
+                let mut slices: [IoSliceMut<'_>; BATCH_SIZE] = std::array::from_fn(|_| {
+                    each.next()
+                        .map_or_else(|| IoSliceMut::new(&mut []), |b| IoSliceMut::new(b))
+                });
                 state.recv(io.into(), &mut slices, meta)
             });
             let n = match got {
@@ -93,6 +101,7 @@ impl Socket {
                 }
             }
         }
+        Ok(total)
     }
 
     /// Sends one transmit of the lane (a batch of `segment_size` datagrams

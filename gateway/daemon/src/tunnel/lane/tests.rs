@@ -507,3 +507,50 @@ fn stream_events_say_when_a_peer_opens_one() {
         ))
     );
 }
+
+#[test]
+fn stateless_answers_are_bounded_between_polls() {
+    let mut w = World::new(0.0);
+    let now = w.net.now;
+    // However many a flood of unknown packets would earn (quinn-proto
+    // answers resets only to some), at most MAX_ANSWERS wait for a poll.
+    for _ in 0..(super::MAX_ANSWERS * 3) {
+        let t = quinn_proto::Transmit {
+            destination: EDGE,
+            ecn: None,
+            size: 40,
+            segment_size: None,
+            src_ip: None,
+        };
+        w.hub.answer(t, vec![0; 40]);
+    }
+    let mut sent = 0;
+    w.hub.poll(now, &mut |_, _| sent += 1);
+    assert_eq!(sent, super::MAX_ANSWERS);
+}
+
+#[test]
+fn stale_timer_entries_are_bounded() {
+    let mut w = World::new(0.0);
+    w.up();
+    // Entries of deadlines that moved (here: of a handle the lane does not
+    // hold) pile up only to the bound, then the heap is made again.
+    let later = w.net.now + Duration::from_secs(3600);
+    for i in 0..(super::STALE_TIMERS * 4) {
+        w.hub.timers.push(Reverse((
+            later + Duration::from_millis(i as u64),
+            ConnectionHandle(usize::MAX),
+        )));
+    }
+    let now = w.net.now;
+    w.hub.poll(now, &mut |_, _| {});
+    assert!(
+        w.hub.timers.len() <= w.hub.deadlines.len() + super::STALE_TIMERS,
+        "{} timer entries for {} deadlines",
+        w.hub.timers.len(),
+        w.hub.deadlines.len()
+    );
+    // The tunnel's own timers still run: keep-alives hold it for a while.
+    w.run_until(Duration::from_secs(10), |_| false);
+    assert!(World::lost(&w.edge_events).is_none());
+}
