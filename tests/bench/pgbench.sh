@@ -4,6 +4,10 @@
 #   direct    pgbench -> PostgreSQL
 #   gatewayd  pgbench -> hub publish -> QUIC tunnel -> edge -> PostgreSQL
 #   rathole   pgbench -> rathole server -> noise tunnel -> rathole client -> PostgreSQL
+#   lanes     pgbench -> lane relay hub -> QUIC -> lane relay edge -> PostgreSQL:
+#             the relay's data path alone on tunnel lanes (relay::pipes, one
+#             task per side; examples/quic_floor.rs relay-hub / relay-edge), no
+#             policy, audit or opening frames: what the relay gains on lanes
 # pgbench select-only (-S) and TPC-B-like (the built-in default), at 8 and 32
 # clients, ROUNDS rounds of every combination interleaved (each round runs
 # direct, gatewayd and rathole one after the other), SECONDS per run; prints
@@ -15,7 +19,8 @@
 # (loopback lets QUIC use far larger packets). Needs root for that.
 #
 # Needs: postgresql-15 (apt), rathole (cargo install rathole).
-# Usage: tests/bench/pgbench.sh [SECONDS] [ROUNDS]   (GATEWAYD=PATH for another build)
+# Usage: tests/bench/pgbench.sh [SECONDS] [ROUNDS]   (GATEWAYD=PATH, QUIC_FLOOR=PATH
+# for other builds)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 D=${1:-10}
@@ -26,7 +31,11 @@ command -v rathole >/dev/null || { echo "needs rathole (cargo install rathole)" 
 if [ -z "${GATEWAYD:-}" ]; then
     cargo build --release -q -p gateway-daemon --bin gatewayd
 fi
+if [ -z "${QUIC_FLOOR:-}" ]; then
+    cargo build --release -q -p gateway-daemon --example quic_floor
+fi
 G=${GATEWAYD:-$PWD/target/release/gatewayd}
+F=${QUIC_FLOOR:-$PWD/target/release/examples/quic_floor}
 W=$(mktemp -d -p "${BENCH_DIR:-/var/tmp}")
 chmod 755 "$W"
 PIDS=()
@@ -58,7 +67,7 @@ if [ "${NETNS:-0}" = 1 ]; then
     ip -n $NA link set gwb-a mtu 1500 up; ip -n $NB link set gwb-b mtu 1500 up
 fi
 
-PG=17770 HUBQ=17771 PUB=17772 RH_CTRL=17773 RH_PUB=17774
+PG=17770 HUBQ=17771 PUB=17772 RH_CTRL=17773 RH_PUB=17774 LANEQ=17778 LANE_PUB=17779
 mkdir -p "$W/data" "$W/sock"
 [ "$(id -u)" = 0 ] && chown postgres: "$W/data" "$W/sock"
 as_pg $BIN/initdb -D "$W/data" -U postgres --auth=trust --no-sync --no-instructions >/dev/null
@@ -163,6 +172,11 @@ local_addr = "127.0.1.10:$PG"
 TOML
 "${A[@]}" rathole "$W/rh-server.toml" >"$W/rh-server.log" 2>&1 & PIDS+=($!)
 "${B[@]}" rathole "$W/rh-client.toml" >"$W/rh-client.log" 2>&1 & PIDS+=($!)
+
+# --- the lane relay ---
+"${A[@]}" "$F" relay-hub $HUB_IP:$LANEQ 127.0.0.1:$LANE_PUB "$W/lane.der" 2>"$W/lane-hub.log" & PIDS+=($!)
+for _ in $(seq 50); do [ -s "$W/lane.der" ] && break; sleep 0.1; done
+"${B[@]}" "$F" relay-edge $HUB_IP:$LANEQ "$W/lane.der" 127.0.1.10:$PG 2>"$W/lane-edge.log" & PIDS+=($!)
 sleep 1
 
 # tps HOST PORT CLIENTS MODE
@@ -181,6 +195,7 @@ for _ in $(seq "$ROUNDS"); do
             S[direct,$m,$c]+=" $(tps $PG_IP $PG $c $m)"
             S[gw,$m,$c]+=" $(tps 127.0.0.1 $PUB $c $m)"
             S[rh,$m,$c]+=" $(tps 127.0.0.1 $RH_PUB $c $m)"
+            S[lane,$m,$c]+=" $(tps 127.0.0.1 $LANE_PUB $c $m)"
         done
     done
 done
@@ -188,12 +203,12 @@ echo "runs (tps): $(for k in "${!S[@]}"; do echo -n "$k:${S[$k]} | "; done)" >&2
 echo
 echo "machine: $(nproc) cores, $(uname -r), $(date -u +%Y-%m-%d), $PATH_NAME, pgbench -s 10, $D s per run, median of $ROUNDS interleaved rounds"
 echo
-echo "| workload | clients | direct, tps | gatewayd, tps | rathole (noise), tps | gatewayd / rathole |"
-echo "|---|---|---|---|---|---|"
+echo "| workload | clients | direct, tps | gatewayd, tps | rathole (noise), tps | lanes, tps | gatewayd / rathole | lanes / rathole |"
+echo "|---|---|---|---|---|---|---|---|"
 for m in select tpcb; do
     for c in 8 32; do
-        d=$(median ${S[direct,$m,$c]}); g=$(median ${S[gw,$m,$c]}); r=$(median ${S[rh,$m,$c]})
+        d=$(median ${S[direct,$m,$c]}); g=$(median ${S[gw,$m,$c]}); r=$(median ${S[rh,$m,$c]}); l=$(median ${S[lane,$m,$c]})
         name=$([ $m = select ] && echo "select-only (-S)" || echo "TPC-B-like")
-        echo "| $name | $c | $d | $g | $r | $(python3 -c "print('%.2f' % ($g / $r))") |"
+        echo "| $name | $c | $d | $g | $r | $l | $(python3 -c "print('%.2f' % ($g / $r))") | $(python3 -c "print('%.2f' % ($l / $r))") |"
     done
 done

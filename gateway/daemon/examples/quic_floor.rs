@@ -10,7 +10,17 @@
 //! quic_floor proto-client ADDR CERT N
 //! quic_floor tcp-server ADDR
 //! quic_floor tcp-client ADDR N
+//! quic_floor relay-hub ADDR LISTEN CERT_OUT  a lane relay's hub: TCP clients on LISTEN
+//! quic_floor relay-edge ADDR CERT TARGET     ... and its edge, dialling TARGET per stream
 //! ```
+//!
+//! The `relay` pair is a whole relay path on lanes (`relay::pipes`: each
+//! side's lane task moves the bytes between its QUIC streams and TCP
+//! sockets itself), for `tests/bench/pgbench.sh` and `tests/bench/relay.sh`
+//! to measure beside gatewayd and rathole. It carries only what a relay's
+//! data path carries: no opening frames, policy or audit (so it serves
+//! protocols whose client speaks first, as PostgreSQL's and HTTP's do),
+//! with a self-signed hub certificate and no client certificate.
 //!
 //! The `proto` pair runs the tunnel's lane driver (`tunnel::lane`: quinn's
 //! protocol core, quinn-proto, driven from a single task per process with
@@ -21,6 +31,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::Bytes;
+use gateway_daemon::relay::listen::reset_tcp;
+use gateway_daemon::relay::pipes::{Full, Pipes};
 use gateway_daemon::tunnel::lane::{Admit, Lane, LaneEvent, Socket};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -36,7 +49,10 @@ fn main() -> Result<(), Error> {
     // current-thread runtime (no wake-ups handed between worker threads);
     // quinn's and TCP's on the usual multi-thread one.
     let args: Vec<String> = std::env::args().collect();
-    let mut rt = if args.get(1).is_some_and(|m| m.starts_with("proto")) {
+    let mut rt = if args
+        .get(1)
+        .is_some_and(|m| m.starts_with("proto") || m.starts_with("relay"))
+    {
         tokio::runtime::Builder::new_current_thread()
     } else {
         tokio::runtime::Builder::new_multi_thread()
@@ -45,7 +61,7 @@ fn main() -> Result<(), Error> {
 }
 
 async fn run(args: Vec<String>) -> Result<(), Error> {
-    let usage = "usage: quic_floor quic-server|proto-server ADDR CERT_OUT | quic-client|proto-client ADDR CERT N | tcp-server ADDR | tcp-client ADDR N";
+    let usage = "usage: quic_floor quic-server|proto-server ADDR CERT_OUT | quic-client|proto-client ADDR CERT N | tcp-server ADDR | tcp-client ADDR N | relay-hub ADDR LISTEN CERT_OUT | relay-edge ADDR CERT TARGET";
     let arg = |i: usize| args.get(i).map(String::as_str).ok_or(usage);
     let addr: SocketAddr = arg(2)?.parse()?;
     match arg(1)? {
@@ -53,6 +69,8 @@ async fn run(args: Vec<String>) -> Result<(), Error> {
         "quic-client" => quic_client(addr, arg(3)?, arg(4)?.parse()?).await,
         "proto-server" => proto_server(addr, arg(3)?).await,
         "proto-client" => proto_client(addr, arg(3)?, arg(4)?.parse()?).await,
+        "relay-hub" => relay_hub(addr, arg(3)?.parse()?, arg(4)?).await,
+        "relay-edge" => relay_edge(addr, arg(4)?.parse()?, arg(3)?).await,
         "tcp-server" => tcp_server(addr).await,
         "tcp-client" => tcp_client(addr, arg(3)?.parse()?).await,
         _ => Err(usage.into()),
@@ -141,12 +159,14 @@ async fn quic_client(addr: SocketAddr, cert: &str, n: usize) -> Result<(), Error
     round_trips(&mut recv, &mut send, n).await
 }
 
-/// One process's lane (the tunnel's one-task driver, `tunnel::lane`) and its
-/// one connection, driven by the caller's task.
+/// One process's lane (the tunnel's one-task driver, `tunnel::lane`), its
+/// one connection and, for the relay pair, its pipes; driven by the
+/// caller's task.
 struct Proto {
     lane: Lane,
     socket: Socket,
     conn: Option<quinn_proto::ConnectionHandle>,
+    pipes: Pipes,
 }
 
 impl Proto {
@@ -164,6 +184,7 @@ impl Proto {
             lane,
             socket,
             conn: None,
+            pipes: Pipes::new(MAX_PIPES),
         })
     }
 
@@ -172,13 +193,21 @@ impl Proto {
         Ok(self.lane.conn(h).ok_or("connection gone")?)
     }
 
-    /// Waits for datagrams or the lane's timer and handles them; the lane's
-    /// events after. Nothing is sent until [`Proto::transmit`]: an answer
+    /// Waits for datagrams, the lane's timer, a pipe's TCP socket or
+    /// `other`; handles the datagrams and timers, then every event, first
+    /// by the pipes; returns `other`'s output and the events the pipes did
+    /// not take. Nothing is sent until [`Proto::transmit`]: an answer
     /// written meanwhile leaves with the acknowledgement, in one packet.
-    async fn turn(&mut self) -> Result<Vec<LaneEvent>, Error> {
+    async fn turn<T>(
+        &mut self,
+        other: impl std::future::Future<Output = T>,
+    ) -> Result<(Option<T>, Vec<LaneEvent>), Error> {
         let deadline = self.lane.next_timeout();
+        let mut got = None;
         tokio::select! {
             r = self.socket.readable() => r?,
+            () = self.pipes.woken() => {}
+            t = other => got = Some(t),
             () = async {
                 match deadline {
                     Some(t) => tokio::time::sleep_until(t.into()).await,
@@ -200,9 +229,13 @@ impl Proto {
                 LaneEvent::Lost(h, _) if self.conn == Some(*h) => self.conn = None,
                 _ => {}
             }
-            events.push(e);
+            if !self.pipes.on_event(&mut self.lane, &e) {
+                events.push(e);
+            }
         }
-        Ok(events)
+        self.pipes.drive_woken(&mut self.lane);
+        for _ in self.pipes.ended() {}
+        Ok((got, events))
     }
 
     /// Sends whatever the lane has to send.
@@ -229,7 +262,7 @@ async fn proto_server(addr: SocketAddr, cert_out: &str) -> Result<(), Error> {
     let mut stream = None;
     let mut data = Vec::new();
     loop {
-        let events = node.turn().await?;
+        let events = node.turn(std::future::pending::<()>()).await?.1;
         if events.iter().any(|e| matches!(e, LaneEvent::Connected(_))) {
             stream = None;
         }
@@ -257,7 +290,7 @@ async fn proto_client(addr: SocketAddr, cert: &str, n: usize) -> Result<(), Erro
     node.transmit();
     'connecting: loop {
         node.transmit();
-        for e in node.turn().await? {
+        for e in node.turn(std::future::pending::<()>()).await?.1 {
             match e {
                 LaneEvent::Connected(_) => break 'connecting,
                 LaneEvent::Lost(_, reason) => return Err(reason.into()),
@@ -279,7 +312,7 @@ async fn proto_client(addr: SocketAddr, cert: &str, n: usize) -> Result<(), Erro
         node.transmit();
         got.clear();
         while got.len() < MESSAGE {
-            for e in node.turn().await? {
+            for e in node.turn(std::future::pending::<()>()).await?.1 {
                 if let LaneEvent::Lost(_, reason) = e {
                     return Err(reason.into());
                 }
@@ -292,6 +325,85 @@ async fn proto_client(addr: SocketAddr, cert: &str, n: usize) -> Result<(), Erro
         }
     }
     report(samples)
+}
+
+/// Pipes a lane relay holds at once.
+const MAX_PIPES: usize = 16_384;
+
+/// A lane relay's hub: each TCP client on `listen` is a new stream to the
+/// edge connected last, joined with it by the lane's task.
+async fn relay_hub(addr: SocketAddr, listen: SocketAddr, cert_out: &str) -> Result<(), Error> {
+    let mut node = Proto::new(addr, Some(server_config(cert_out)?))?;
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    loop {
+        let (accepted, _) = node.turn(listener.accept()).await?;
+        if let Some(r) = accepted {
+            let (tcp, _) = r?;
+            let opened = node
+                .conn
+                .and_then(|h| Some((h, node.lane.conn(h)?.streams().open(quinn_proto::Dir::Bi)?)));
+            match opened {
+                Some((h, id)) => {
+                    if let Err(Full(tcp)) =
+                        node.pipes.attach(&mut node.lane, h, id, tcp, Bytes::new())
+                    {
+                        reset_tcp(&tcp);
+                    }
+                }
+                None => reset_tcp(&tcp),
+            }
+        }
+        node.transmit();
+    }
+}
+
+/// A lane relay's edge: connects to the hub at `addr`; each stream the hub
+/// opens is joined with a new TCP connection to `target` once it connects
+/// (dialled on a task of its own; the stream waits unread meanwhile).
+async fn relay_edge(addr: SocketAddr, target: SocketAddr, cert: &str) -> Result<(), Error> {
+    let any: SocketAddr = ([0, 0, 0, 0], 0).into();
+    let mut node = Proto::new(any, None)?;
+    let h = node
+        .lane
+        .connect(Instant::now(), client_config(cert)?, addr, "quic-floor")?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    loop {
+        node.transmit();
+        let (dialled, events) = node.turn(rx.recv()).await?;
+        for e in events {
+            match e {
+                LaneEvent::Lost(_, reason) => return Err(reason.into()),
+                LaneEvent::Stream(_, quinn_proto::StreamEvent::Opened { .. }) => {
+                    let conn = node.lane.conn(h).ok_or("connection gone")?;
+                    while let Some(id) = conn.streams().accept(quinn_proto::Dir::Bi) {
+                        let tx = tx.clone();
+                        tokio::spawn(async move {
+                            let _ = tx.send((id, tokio::net::TcpStream::connect(target).await));
+                        });
+                    }
+                }
+                _ => {}
+            }
+        }
+        if let Some(Some((id, dialled))) = dialled {
+            match dialled {
+                Ok(tcp) => {
+                    if let Err(Full(tcp)) =
+                        node.pipes.attach(&mut node.lane, h, id, tcp, Bytes::new())
+                    {
+                        reset_tcp(&tcp);
+                    }
+                }
+                Err(_) => {
+                    if let Some(conn) = node.lane.conn(h) {
+                        let code = quinn_proto::VarInt::from_u32(1);
+                        let _ = conn.send_stream(id).reset(code);
+                        let _ = conn.recv_stream(id).stop(code);
+                    }
+                }
+            }
+        }
+    }
 }
 
 async fn tcp_server(addr: SocketAddr) -> Result<(), Error> {

@@ -4,6 +4,7 @@
 //! verdict, and its close audited with bytes and duration.
 //!
 //! - [`splice`]: moving bytes between two streams, half-close and reset propagated.
+//! - [`pipes`]: the same, moved by a tunnel lane's own task (no task per relay).
 //! - [`listen`]: accept loops of `[[publish]]` and `[[access]]` listeners.
 //! - [`publish`]: a hub's provincial listener for an edge's service.
 //! - [`access`]: an edge's listener for another department's service.
@@ -19,6 +20,7 @@
 pub mod access;
 pub mod app_protocol;
 pub mod listen;
+pub mod pipes;
 pub mod postgres;
 pub mod publish;
 pub mod service;

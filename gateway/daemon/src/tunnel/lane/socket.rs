@@ -106,7 +106,10 @@ impl Socket {
 
     /// Sends one transmit of the lane (a batch of `segment_size` datagrams
     /// when set). A full socket buffer drops it: QUIC's loss recovery sends
-    /// it again, as it would after a loss on the path.
+    /// it again, as it would after a loss on the path. Sent straight to the
+    /// kernel, not through the runtime's readiness: a socket the runtime has
+    /// not yet seen writable would drop its first datagrams (a handshake's
+    /// Initial, then a second's wait for its retransmission).
     pub fn send(&self, t: &quinn_proto::Transmit, data: &[u8]) {
         let tx = quinn_udp::Transmit {
             destination: t.destination,
@@ -117,9 +120,7 @@ impl Socket {
             segment_size: t.segment_size,
             src_ip: t.src_ip,
         };
-        let _ = self.io.try_io(Interest::WRITABLE, || {
-            self.state.send((&self.io).into(), &tx)
-        });
+        let _ = self.state.send((&self.io).into(), &tx);
     }
 }
 
