@@ -5,6 +5,9 @@
 #   rathole  iperf3 client -> rathole server -> noise tunnel -> rathole client -> iperf3 server
 #   rathole-tls the same over rathole's TLS transport (native-tls, certificates
 #            from the same CA as gatewayd's: the like-for-like authentication)
+#   lanes    the relay's data path alone on tunnel lanes (relay::pipes, one task
+#            per side: examples/quic_floor.rs relay-hub / relay-edge, one pair
+#            per service), no policy or audit: what the relay gains on lanes
 # Single-stream and 8-stream throughput, 64-byte request/response latency
 # (p50/p99, through an echo server), RSS of the tunnel daemons idle and holding
 # 1,000 idle relayed connections. Prints a markdown table with ratios: medians of
@@ -29,7 +32,11 @@ done
 if [ -z "${GATEWAYD:-}" ]; then
     cargo build --release -q -p gateway-daemon --bin gatewayd
 fi
+if [ -z "${QUIC_FLOOR:-}" ]; then
+    cargo build --release -q -p gateway-daemon --example quic_floor
+fi
 G=${GATEWAYD:-$ROOT/target/release/gatewayd}
+F=${QUIC_FLOOR:-$ROOT/target/release/examples/quic_floor}
 W=$(mktemp -d)
 PIDS=()
 NA=gwrelay-hub NB=gwrelay-box
@@ -60,6 +67,7 @@ fi
 # Ports (fixed, loopback only; the run fails loudly if one is taken).
 IPERF=15201 ECHO=15202 HUBQ=17443 PUB_IPERF=18201 PUB_ECHO=18202 RH_CTRL=12333 RH_IPERF=19201 RH_ECHO=19202
 RT_CTRL=12334 RT_IPERF=19211 RT_ECHO=19212
+LN_Q1=17444 LN_Q2=17445 LN_IPERF=19221 LN_ECHO=19222
 
 for ip in $(echo "127.0.1.10 $DIRECT_IP" | tr ' ' '\n' | sort -u); do
     "${B[@]}" iperf3 -s -B $ip -p $IPERF >/dev/null 2>&1 & PIDS+=($!)
@@ -209,6 +217,13 @@ local_addr = "127.0.1.10:$ECHO"
 TOML
 "${A[@]}" rathole "$W/rt-server.toml" >"$W/rt-server.log" 2>&1 & RTS=$!; PIDS+=($RTS)
 "${B[@]}" rathole "$W/rt-client.toml" >"$W/rt-client.log" 2>&1 & RTC=$!; PIDS+=($RTC)
+
+# --- the lane relay: one hub/edge pair per service ---
+"${A[@]}" "$F" relay-hub $HUB_IP:$LN_Q1 127.0.0.1:$LN_IPERF "$W/ln1.der" 2>"$W/ln1-hub.log" & LNH1=$!; PIDS+=($LNH1)
+"${A[@]}" "$F" relay-hub $HUB_IP:$LN_Q2 127.0.0.1:$LN_ECHO "$W/ln2.der" 2>"$W/ln2-hub.log" & LNH2=$!; PIDS+=($LNH2)
+for _ in $(seq 50); do [ -s "$W/ln1.der" ] && [ -s "$W/ln2.der" ] && break; sleep 0.1; done
+"${B[@]}" "$F" relay-edge $HUB_IP:$LN_Q1 "$W/ln1.der" 127.0.1.10:$IPERF 2>"$W/ln1-edge.log" & LNE1=$!; PIDS+=($LNE1)
+"${B[@]}" "$F" relay-edge $HUB_IP:$LN_Q2 "$W/ln2.der" 127.0.1.10:$ECHO 2>"$W/ln2-edge.log" & LNE2=$!; PIDS+=($LNE2)
 sleep 1
 
 gbps() { # host port parallel
@@ -240,27 +255,29 @@ for rep in $(seq "$THROUGHPUT_REPS"); do
         S[rh,$n]+=" $r"; S[rh,cpu$n]+=" $(python3 -c "print(($c1 - $c0) / $(getconf CLK_TCK) / ($r * $T / 8))")"
         c0=$(cpu_ticks $RTS $RTC); r=$(gbps 127.0.0.1 $RT_IPERF $n); c1=$(cpu_ticks $RTS $RTC)
         S[rt,$n]+=" $r"; S[rt,cpu$n]+=" $(python3 -c "print(($c1 - $c0) / $(getconf CLK_TCK) / ($r * $T / 8))")"
+        c0=$(cpu_ticks $LNH1 $LNE1); r=$(gbps 127.0.0.1 $LN_IPERF $n); c1=$(cpu_ticks $LNH1 $LNE1)
+        S[ln,$n]+=" $r"; S[ln,cpu$n]+=" $(python3 -c "print(($c1 - $c0) / $(getconf CLK_TCK) / ($r * $T / 8))")"
     done
 done
-for k in direct,1 direct,8 gw,1 gw,8 rh,1 rh,8 rt,1 rt,8 gw,cpu8 rh,cpu8 rt,cpu8; do R[$k]=$(median ${S[$k]:-0}); done
-R[gw,cpu]=${R[gw,cpu8]}; R[rh,cpu]=${R[rh,cpu8]}; R[rt,cpu]=${R[rt,cpu8]}
+for k in direct,1 direct,8 gw,1 gw,8 rh,1 rh,8 rt,1 rt,8 ln,1 ln,8 gw,cpu8 rh,cpu8 rt,cpu8 ln,cpu8; do R[$k]=$(median ${S[$k]:-0}); done
+R[gw,cpu]=${R[gw,cpu8]}; R[rh,cpu]=${R[rh,cpu8]}; R[rt,cpu]=${R[rt,cpu8]}; R[ln,cpu]=${R[ln,cpu8]}
 [ "${LAT_ONLY:-0}" = 1 ] || echo "runs (Gbit/s): gatewayd 1:${S[gw,1]} 8:${S[gw,8]} | rathole noise 1:${S[rh,1]} 8:${S[rh,8]} | rathole tls 1:${S[rt,1]} 8:${S[rt,8]}" >&2
 
 # Latency: REPS runs of 20,000 round trips each, interleaved; median of the p50s and p99s.
 for rep in $(seq "$REPS"); do
-    for who in direct gw rh rt; do
-        case $who in direct) a="$DIRECT_IP $ECHO";; gw) a="127.0.0.1 $PUB_ECHO";; rh) a="127.0.0.1 $RH_ECHO";; rt) a="127.0.0.1 $RT_ECHO";; esac
+    for who in direct gw rh rt ln; do
+        case $who in direct) a="$DIRECT_IP $ECHO";; gw) a="127.0.0.1 $PUB_ECHO";; rh) a="127.0.0.1 $RH_ECHO";; rt) a="127.0.0.1 $RT_ECHO";; ln) a="127.0.0.1 $LN_ECHO";; esac
         read -r p50 p99 < <("${A[@]}" python3 tests/bench/rtt.py latency $a 20000)
         S[$who,p50]+=" $p50"; S[$who,p99]+=" $p99"
     done
 done
-for who in direct gw rh rt; do R[$who,p50]=$(median ${S[$who,p50]}); R[$who,p99]=$(median ${S[$who,p99]}); done
-echo "runs (µs p99): gatewayd${S[gw,p99]} | rathole noise${S[rh,p99]} | rathole tls${S[rt,p99]}" >&2
+for who in direct gw rh rt ln; do R[$who,p50]=$(median ${S[$who,p50]}); R[$who,p99]=$(median ${S[$who,p99]}); done
+echo "runs (µs p99): gatewayd${S[gw,p99]} | rathole noise${S[rh,p99]} | rathole tls${S[rt,p99]} | lanes${S[ln,p99]}" >&2
 
 if [ "${LAT_ONLY:-0}" = 1 ]; then
-    echo "| round trip | direct | gatewayd | rathole (noise) | rathole (tls) |"
-    echo "|---|---|---|---|---|"
-    for q in p50 p99; do echo "| $q, µs | ${R[direct,$q]} | ${R[gw,$q]} | ${R[rh,$q]} | ${R[rt,$q]} |"; done
+    echo "| round trip | direct | gatewayd | rathole (noise) | rathole (tls) | lanes |"
+    echo "|---|---|---|---|---|---|"
+    for q in p50 p99; do echo "| $q, µs | ${R[direct,$q]} | ${R[gw,$q]} | ${R[rh,$q]} | ${R[rt,$q]} | ${R[ln,$q]} |"; done
     exit 0
 fi
 "${A[@]}" python3 tests/bench/rtt.py hold 127.0.0.1 $PUB_ECHO 1000 4 >/dev/null & H=$!; sleep 3; R[gw,1k]=$(rss_mb $HUB $EDGE); wait $H
@@ -271,12 +288,14 @@ ratio() { python3 -c "print('%.2f' % ($1 / $2))"; }
 echo
 echo "machine: $(nproc) cores, $(uname -r), $(date -u +%Y-%m-%d), $PATH_NAME, $T s per iperf3 run, median of $REPS interleaved runs"
 echo
-echo "| measure | direct | gatewayd | rathole (noise) | rathole (tls) | gatewayd / direct | gatewayd / rathole noise | gatewayd / rathole tls |"
-echo "|---|---|---|---|---|---|---|---|"
+echo "| measure | direct | gatewayd | rathole (noise) | rathole (tls) | lanes | gatewayd / direct | gatewayd / rathole noise | gatewayd / rathole tls | lanes / rathole noise |"
+echo "|---|---|---|---|---|---|---|---|---|---|"
 row() { # label key [direct-key]
     local d=${R[direct,$2]:--}
     local vd=-; [ "$d" != - ] && vd=$(ratio ${R[gw,$2]} $d)
-    echo "| $1 | $d | ${R[gw,$2]} | ${R[rh,$2]} | ${R[rt,$2]} | $vd | $(ratio ${R[gw,$2]} ${R[rh,$2]}) | $(ratio ${R[gw,$2]} ${R[rt,$2]}) |"
+    local l=${R[ln,$2]:--} vl=-
+    [ "$l" != - ] && vl=$(ratio $l ${R[rh,$2]})
+    echo "| $1 | $d | ${R[gw,$2]} | ${R[rh,$2]} | ${R[rt,$2]} | $l | $vd | $(ratio ${R[gw,$2]} ${R[rh,$2]}) | $(ratio ${R[gw,$2]} ${R[rt,$2]}) | $vl |"
 }
 row "1 stream, Gbit/s" 1
 row "8 streams, Gbit/s" 8

@@ -206,6 +206,7 @@ impl Proto {
         let mut got = None;
         tokio::select! {
             r = self.socket.readable() => r?,
+            r = self.socket.writable(), if self.lane.blocked() => r?,
             () = self.pipes.woken() => {}
             t = other => got = Some(t),
             () = async {

@@ -112,6 +112,8 @@ async fn relay(dir: &std::path::Path, target: SocketAddr) -> Relay {
             tokio::select! {
                 r = hub.socket.readable() => r.expect("hub socket"),
                 r = edge.socket.readable() => r.expect("edge socket"),
+                r = hub.socket.writable(), if hub.lane.blocked() => r.expect("hub socket"),
+                r = edge.socket.writable(), if edge.lane.blocked() => r.expect("edge socket"),
                 () = hub.pipes.woken() => {}
                 () = edge.pipes.woken() => {}
                 r = listener.accept() => accepted = Some(r.expect("accept").0),

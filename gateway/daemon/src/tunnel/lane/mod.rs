@@ -40,6 +40,10 @@ const MAX_ANSWERS: usize = 1024;
 /// Stale timer entries allowed beyond one per connection before the heap is
 /// rebuilt from the current deadlines.
 const STALE_TIMERS: usize = 1024;
+/// Datagrams in one segmented send at most (as quinn's driver: larger
+/// batches cost memory and, with jumbo packets, pass the 64 KiB a UDP send
+/// carries, which the kernel refuses).
+const MAX_SEGMENTS: usize = 10;
 
 pub use socket::Socket;
 
@@ -100,6 +104,8 @@ pub struct Lane {
     /// Datagrams a connection may hand over at once (GSO batches).
     batch: usize,
     buf: Vec<u8>,
+    /// A transmit the socket had no room for, sent first at the next poll.
+    held: Option<(Transmit, Vec<u8>)>,
     /// The handles polled, kept between polls (no allocation per poll).
     polling: Vec<ConnectionHandle>,
 }
@@ -126,8 +132,9 @@ impl Lane {
             timers: BinaryHeap::new(),
             events: VecDeque::new(),
             answers: VecDeque::new(),
-            batch: batch.max(1),
+            batch: batch.clamp(1, MAX_SEGMENTS),
             buf: Vec::new(),
+            held: None,
             polling: Vec::new(),
         }
     }
@@ -308,18 +315,39 @@ impl Lane {
         }
     }
 
+    /// Whether a transmit waits for room in the socket: the owner polls
+    /// again once the socket is writable.
+    pub fn blocked(&self) -> bool {
+        self.held.is_some()
+    }
+
     /// Polls every connection that changed: its events queued, its
     /// datagrams handed to `send` (with the bytes; a `segment_size` means a
     /// batch of datagrams of that size), its timer rearmed; drained
-    /// connections go.
-    pub fn poll(&mut self, now: Instant, send: &mut dyn FnMut(&Transmit, &[u8])) {
+    /// connections go. `send` says `false` when the socket has no room: the
+    /// transmit is held and sending stops until the next poll (after the
+    /// socket is writable, see [`Lane::blocked`]); the connections not yet
+    /// polled stay marked.
+    pub fn poll(&mut self, now: Instant, send: &mut dyn FnMut(&Transmit, &[u8]) -> bool) {
+        if let Some((t, data)) = self.held.take() {
+            if !send(&t, &data[..t.size]) {
+                self.held = Some((t, data));
+                return;
+            }
+        }
         while let Some((t, data)) = self.answers.pop_front() {
+            // A stateless answer the socket has no room for is dropped.
             send(&t, &data[..t.size]);
         }
         let mut polling = std::mem::take(&mut self.polling);
         polling.clear();
         polling.extend(self.dirty.drain());
-        for &h in &polling {
+        for (i, &h) in polling.iter().enumerate() {
+            if self.held.is_some() {
+                // The socket is full: the rest wait for the next poll.
+                self.dirty.extend(polling[i..].iter().copied());
+                break;
+            }
             self.events_of(h);
             let Some(conn) = self.conns.get_mut(&h) else {
                 continue;
@@ -329,7 +357,12 @@ impl Lane {
                 let Some(t) = conn.poll_transmit(now, self.batch, &mut self.buf) else {
                     break;
                 };
-                send(&t, &self.buf[..t.size]);
+                if !send(&t, &self.buf[..t.size]) {
+                    self.held = Some((t, std::mem::take(&mut self.buf)));
+                    // Polled again next time: it may have more to send.
+                    self.dirty.insert(h);
+                    break;
+                }
             }
             // Sending may have produced endpoint events (a retired id).
             while let Some(e) = conn.poll_endpoint_events() {

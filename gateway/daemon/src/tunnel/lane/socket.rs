@@ -104,13 +104,21 @@ impl Socket {
         Ok(total)
     }
 
+    /// Waits until the socket has room to send (after [`Socket::send`]
+    /// found none).
+    ///
+    /// # Errors
+    /// When the runtime's registration fails.
+    pub async fn writable(&self) -> io::Result<()> {
+        self.io.writable().await
+    }
+
     /// Sends one transmit of the lane (a batch of `segment_size` datagrams
-    /// when set). A full socket buffer drops it: QUIC's loss recovery sends
-    /// it again, as it would after a loss on the path. Sent straight to the
-    /// kernel, not through the runtime's readiness: a socket the runtime has
-    /// not yet seen writable would drop its first datagrams (a handshake's
-    /// Initial, then a second's wait for its retransmission).
-    pub fn send(&self, t: &quinn_proto::Transmit, data: &[u8]) {
+    /// when set); `false` when the socket has no room (the lane holds it and
+    /// its owner waits for [`Socket::writable`], as quinn's driver does:
+    /// dropping it would cost a loss and a congestion window). Another error
+    /// drops the transmit, as a loss on the path would.
+    pub fn send(&self, t: &quinn_proto::Transmit, data: &[u8]) -> bool {
         let tx = quinn_udp::Transmit {
             destination: t.destination,
             ecn: t
@@ -120,7 +128,23 @@ impl Socket {
             segment_size: t.segment_size,
             src_ip: t.src_ip,
         };
-        let _ = self.state.send((&self.io).into(), &tx);
+        // Straight to the kernel: a socket the runtime has not yet seen
+        // writable would otherwise hold its first datagrams for a turn.
+        match self.state.send((&self.io).into(), &tx) {
+            Ok(()) => true,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                // Clear the runtime's stale readiness, so that
+                // `writable` waits for the kernel to free room.
+                let _ = self.io.try_io(Interest::WRITABLE, || {
+                    Err::<(), _>(io::ErrorKind::WouldBlock.into())
+                });
+                false
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "A lane datagram could not be sent");
+                true
+            }
+        }
     }
 }
 
@@ -205,6 +229,8 @@ mod tests {
                 tokio::select! {
                     r = hs.readable() => r.expect("hub socket"),
                     r = es.readable() => r.expect("edge socket"),
+                    r = hs.writable(), if hub.blocked() => r.expect("hub socket"),
+                    r = es.writable(), if edge.blocked() => r.expect("edge socket"),
                     () = tokio::time::sleep_until(wait.into()) => {}
                 }
                 let now = Instant::now();

@@ -152,8 +152,14 @@ impl World {
     fn turn(&mut self) -> bool {
         let now = self.net.now;
         let net = &mut self.net;
-        self.edge.poll(now, &mut |t, d| net.send(EDGE, t, d));
-        self.hub.poll(now, &mut |t, d| net.send(HUB, t, d));
+        self.edge.poll(now, &mut |t, d| {
+            net.send(EDGE, t, d);
+            true
+        });
+        self.hub.poll(now, &mut |t, d| {
+            net.send(HUB, t, d);
+            true
+        });
         while let Some(e) = self.edge.event() {
             self.edge_events.push(e);
         }
@@ -525,7 +531,10 @@ fn stateless_answers_are_bounded_between_polls() {
         w.hub.answer(t, vec![0; 40]);
     }
     let mut sent = 0;
-    w.hub.poll(now, &mut |_, _| sent += 1);
+    w.hub.poll(now, &mut |_, _| {
+        sent += 1;
+        true
+    });
     assert_eq!(sent, super::MAX_ANSWERS);
 }
 
@@ -543,7 +552,7 @@ fn stale_timer_entries_are_bounded() {
         )));
     }
     let now = w.net.now;
-    w.hub.poll(now, &mut |_, _| {});
+    w.hub.poll(now, &mut |_, _| true);
     assert!(
         w.hub.timers.len() <= w.hub.deadlines.len() + super::STALE_TIMERS,
         "{} timer entries for {} deadlines",
@@ -553,4 +562,41 @@ fn stale_timer_entries_are_bounded() {
     // The tunnel's own timers still run: keep-alives hold it for a while.
     w.run_until(Duration::from_secs(10), |_| false);
     assert!(World::lost(&w.edge_events).is_none());
+}
+
+#[test]
+fn a_full_socket_holds_the_transmit_and_batches_stay_within_a_udp_send() {
+    // A socket offering 64 segments gets batches of at most 10: 64 jumbo
+    // datagrams pass the 64 KiB one UDP send carries (the kernel refuses
+    // it, and the lane lost every batch on loopback).
+    let lane = Lane::new(Arc::new(tls::edge_endpoint_config()), None, 4, 64);
+    assert_eq!(lane.batch, super::MAX_SEGMENTS);
+    let mut w = World::new(0.0);
+    let (h, _) = w.up();
+    // A megabyte written: the lane has many datagrams to send.
+    let id = w
+        .edge
+        .conn(h)
+        .and_then(|c| c.streams().open(Dir::Bi))
+        .expect("stream");
+    let data = vec![5u8; 1 << 20];
+    let _ = w.edge.conn(h).expect("conn").send_stream(id).write(&data);
+    let now = w.net.now;
+    // The socket takes one send, then has no room: the second is held,
+    // nothing more is asked of it, and it is the first sent next time.
+    let mut offered = Vec::new();
+    w.edge.poll(now, &mut |t, d| {
+        offered.push((t.size, d.to_vec()));
+        offered.len() < 2
+    });
+    assert_eq!(offered.len(), 2, "sending stops at the full socket");
+    assert!(w.edge.blocked());
+    let mut next = Vec::new();
+    w.edge.poll(now, &mut |t, d| {
+        next.push((t.size, d.to_vec()));
+        true
+    });
+    assert_eq!(next.first(), offered.get(1), "the held transmit goes first");
+    assert!(next.len() > 1, "and the connection goes on sending");
+    assert!(!w.edge.blocked());
 }
