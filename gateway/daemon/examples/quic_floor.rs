@@ -330,6 +330,8 @@ async fn proto_client(addr: SocketAddr, cert: &str, n: usize) -> Result<(), Erro
 
 /// Pipes a lane relay holds at once.
 const MAX_PIPES: usize = 16_384;
+/// How long the lane relay's edge waits for its target to accept.
+const DIAL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A lane relay's hub: each TCP client on `listen` is a new stream to the
 /// edge connected last, joined with it by the lane's task.
@@ -379,7 +381,15 @@ async fn relay_edge(addr: SocketAddr, target: SocketAddr, cert: &str) -> Result<
                     while let Some(id) = conn.streams().accept(quinn_proto::Dir::Bi) {
                         let tx = tx.clone();
                         tokio::spawn(async move {
-                            let _ = tx.send((id, tokio::net::TcpStream::connect(target).await));
+                            // A target that never answers fails the stream,
+                            // not a task left waiting.
+                            let dialled = tokio::time::timeout(
+                                DIAL_TIMEOUT,
+                                tokio::net::TcpStream::connect(target),
+                            )
+                            .await
+                            .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
+                            let _ = tx.send((id, dialled));
                         });
                     }
                 }
