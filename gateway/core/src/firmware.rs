@@ -15,6 +15,7 @@
 pub mod boot;
 pub mod fetch;
 pub mod minisign;
+pub mod update;
 
 use serde::{Deserialize, Serialize};
 
