@@ -1,0 +1,405 @@
+//! The updater's shell around `gateway_core::firmware::update`: it keeps the
+//! state on the state disk, performs each action the state machine names,
+//! and keeps the new state before the next one, so a power cut or a `kill
+//! -9` at any point resumes where the disk says (the chunks marked are never
+//! written again; the one being written is).
+
+use std::path::{Path, PathBuf};
+
+use gateway_core::firmware::boot::Entry;
+use gateway_core::firmware::fetch::{Progress, Step};
+use gateway_core::firmware::update::{Action, Busy, Input, Outcome, State};
+use gateway_core::firmware::{self, Installed, Manifest, PublicKey, Refused};
+use serde::{Deserialize, Serialize};
+
+use crate::esp::{Esp, SlotName};
+use crate::files::{self, FileError};
+use crate::slot::{Slot, SlotError};
+use crate::source::{BootFile, ChunkSource, Signed, SourceError};
+
+/// The kept state's file in the state directory.
+const KEPT: &str = "updater.json";
+/// The offer being installed, kept to check again after a restart.
+const OFFER: &str = "offer.json";
+const OFFER_SIG: &str = "offer.json.minisig";
+
+/// The box, as the updater sees it.
+#[derive(Debug, Clone)]
+pub struct Device {
+    /// The updater's own directory on the state disk.
+    pub state_dir: PathBuf,
+    /// The ESP's mount point.
+    pub esp: PathBuf,
+    /// The root slots' partitions, A and B.
+    pub slots: [PathBuf; 2],
+    /// The slot that booted.
+    pub running: SlotName,
+    /// The version that booted.
+    pub version: String,
+    /// The hardware model.
+    pub hardware: String,
+    /// The keys bundles are signed with (current and next).
+    pub trusted: Vec<PublicKey>,
+}
+
+/// What the updater keeps.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Kept {
+    /// Where the update is.
+    pub state: State,
+    /// The highest `security_version` this box has committed.
+    pub security_version: u64,
+}
+
+/// Why the updater stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum UpdateError {
+    /// The offer is not installed.
+    #[error("offer refused: {0}")]
+    Refused(#[from] Refused),
+    /// The offer is not taken now.
+    #[error("offer not taken now: {0}")]
+    Busy(#[from] Busy),
+    /// The offer is the version running.
+    #[error("version {0} is running already")]
+    Running(String),
+    /// A file of the state disk or the ESP.
+    #[error(transparent)]
+    File(#[from] FileError),
+    /// A slot.
+    #[error(transparent)]
+    Slot(#[from] SlotError),
+    /// The kept state does not read.
+    #[error("{path}: {reason} (remove it to start over; the next offer writes the slot again)")]
+    Kept {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A chunk or boot file could not be had; the update resumes later.
+    #[error("fetching: {0}")]
+    Source(#[from] SourceError),
+    /// A chunk or boot file that does not match the signed manifest: it is
+    /// not written.
+    #[error("{what} does not match its signed hash: not written")]
+    Corrupt {
+        /// Which.
+        what: String,
+    },
+    /// A state that needs the offer's manifest, and the kept one is gone.
+    #[error("the offer's manifest is not kept any more: offer it again")]
+    NoOffer,
+}
+
+/// What the updater waits for after [`Updater::run`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Waiting {
+    /// An offer: nothing is under way.
+    Offer,
+    /// The maintenance window (or an order) to reboot into the new version.
+    Reboot,
+    /// The health gate of the new version on trial.
+    Gate,
+    /// The hub to acknowledge `Outcome`.
+    Report(Outcome),
+}
+
+/// Progress of a long step, for the log and the hub.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Chunk `chunk` is in the slot (copied from the running slot when
+    /// `local`); `done` of `total`.
+    Chunk {
+        /// The chunk.
+        chunk: usize,
+        /// Copied, not fetched.
+        local: bool,
+        /// Chunks in the slot.
+        done: usize,
+        /// Chunks in all.
+        total: usize,
+    },
+    /// The inactive slot's old entries are gone.
+    Cleared,
+    /// The boot entry is written.
+    Staged(String),
+}
+
+/// The updater of one box.
+pub struct Updater {
+    device: Device,
+    esp: Esp,
+    kept: Kept,
+}
+
+fn sha(bytes: &[u8]) -> String {
+    crate::sha256_hex(bytes)
+}
+
+impl Updater {
+    /// Opens the box's updater: reads the kept state and reconciles it with
+    /// what booted (the version, the ESP's entries), and keeps the result.
+    ///
+    /// # Errors
+    /// The state directory, the ESP, or a kept state that does not read.
+    pub fn open(device: Device) -> Result<Self, UpdateError> {
+        files::ensure_dir(&device.state_dir)?;
+        let esp = Esp::open(&device.esp)?;
+        let path = device.state_dir.join(KEPT);
+        let kept = match files::read_limited(&path, 1 << 20)? {
+            None => Kept {
+                state: State::Idle,
+                security_version: 0,
+            },
+            Some(b) => serde_json::from_slice(&b).map_err(|e| UpdateError::Kept {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?,
+        };
+        let mut u = Updater { device, esp, kept };
+        let entries = u.esp.entries()?;
+        u.kept.state = u.kept.state.clone().start(&u.device.version, &entries);
+        u.keep()?;
+        Ok(u)
+    }
+
+    /// What is kept now.
+    pub fn kept(&self) -> &Kept {
+        &self.kept
+    }
+
+    /// The slot an update writes.
+    pub fn inactive(&self) -> SlotName {
+        self.device.running.other()
+    }
+
+    fn keep(&mut self) -> Result<(), UpdateError> {
+        if let State::Report {
+            outcome: Outcome::Committed {
+                security_version, ..
+            },
+        } = &self.kept.state
+        {
+            self.kept.security_version = self.kept.security_version.max(*security_version);
+        }
+        let text = serde_json::to_vec(&self.kept).map_err(|e| UpdateError::Kept {
+            path: self.device.state_dir.join(KEPT),
+            reason: e.to_string(),
+        })?;
+        files::replace(&self.device.state_dir, KEPT, &text)?;
+        Ok(())
+    }
+
+    fn apply(&mut self, input: Input) -> Result<(), UpdateError> {
+        self.kept.state = self.kept.state.clone().apply(input);
+        self.keep()
+    }
+
+    /// Takes an offer: checks its signature and whether this box may
+    /// install it, keeps it, and starts (or, for the version being
+    /// written, goes on). `config_trying`: a configuration try is running.
+    ///
+    /// # Errors
+    /// A bad signature, a refusal, a busy updater, a disk error.
+    pub fn offer(&mut self, signed: &Signed, config_trying: bool) -> Result<Manifest, UpdateError> {
+        let m = self.check(signed)?;
+        self.kept.state.may_start(config_trying)?;
+        let same = self
+            .kept
+            .state
+            .target()
+            .is_some_and(|t| t.version == m.version);
+        if !same {
+            files::replace(&self.device.state_dir, OFFER, &signed.manifest)?;
+            files::replace(
+                &self.device.state_dir,
+                OFFER_SIG,
+                signed.signature.as_bytes(),
+            )?;
+        }
+        self.apply(Input::Offer {
+            version: m.version.clone(),
+            running: self.device.version.clone(),
+            security_version: m.security_version,
+            progress: Progress::new(&m),
+        })?;
+        Ok(m)
+    }
+
+    /// Whether this box may install a bundle: its signature (a trusted
+    /// key; never a clock), its hardware, no downgrade past the security
+    /// version committed, not the version running.
+    ///
+    /// # Errors
+    /// As [`UpdateError::Refused`] and [`UpdateError::Running`] say.
+    pub fn check(&self, signed: &Signed) -> Result<Manifest, UpdateError> {
+        let m = firmware::verify(&signed.manifest, &signed.signature, &self.device.trusted)?;
+        m.may_install(&Installed {
+            version: self.device.version.clone(),
+            security_version: self.kept.security_version,
+            hardware: self.device.hardware.clone(),
+        })?;
+        if m.version == self.device.version {
+            return Err(UpdateError::Running(m.version));
+        }
+        Ok(m)
+    }
+
+    /// The kept offer's manifest, checked again.
+    fn offered(&self) -> Result<Manifest, UpdateError> {
+        let dir = &self.device.state_dir;
+        let manifest = files::read_limited(&dir.join(OFFER), firmware::MAX_MANIFEST_BYTES as u64)?
+            .ok_or(UpdateError::NoOffer)?;
+        let sig = files::read_limited(&dir.join(OFFER_SIG), 4096)?.ok_or(UpdateError::NoOffer)?;
+        let m = firmware::verify(
+            &manifest,
+            &String::from_utf8_lossy(&sig),
+            &self.device.trusted,
+        )?;
+        match self.kept.state.target() {
+            Some(t) if t.version == m.version => Ok(m),
+            _ => Err(UpdateError::NoOffer),
+        }
+    }
+
+    /// Performs actions until one needs the outside world.
+    ///
+    /// # Errors
+    /// A source that fails (the update resumes from the disk), a corrupt
+    /// chunk, a disk error.
+    pub fn run(
+        &mut self,
+        source: &mut dyn ChunkSource,
+        on: &mut dyn FnMut(&Event),
+    ) -> Result<Waiting, UpdateError> {
+        loop {
+            match self.kept.state.next() {
+                Action::Wait => return Ok(Waiting::Offer),
+                Action::RebootInWindow => return Ok(Waiting::Reboot),
+                Action::AwaitGate => return Ok(Waiting::Gate),
+                Action::Report(o) => return Ok(Waiting::Report(o)),
+                Action::RemoveEntries { keep } => {
+                    self.esp.remove_except(&keep)?;
+                    on(&Event::Cleared);
+                    self.apply(Input::EntriesRemoved)?;
+                }
+                Action::FillSlot => self.fill(source, on)?,
+                Action::WriteEntry(entry) => {
+                    self.write_entry(source, &entry)?;
+                    on(&Event::Staged(entry.version.clone()));
+                    self.apply(Input::EntryWritten)?;
+                }
+            }
+        }
+    }
+
+    fn fill(
+        &mut self,
+        source: &mut dyn ChunkSource,
+        on: &mut dyn FnMut(&Event),
+    ) -> Result<(), UpdateError> {
+        let m = self.offered()?;
+        let slot = Slot::open_write(&self.device.slots[self.inactive().index()], m.root_bytes)?;
+        // What the running slot holds: the chunks the new image shares with
+        // it are copied, not fetched (checked against the new manifest all
+        // the same).
+        let running = Slot::open_read(&self.device.slots[self.device.running.index()]).ok();
+        let hashes = match &running {
+            Some(r) => r.chunk_hashes(m.chunk_count())?,
+            None => Vec::new(),
+        };
+        let plan = match &self.kept.state {
+            State::Writing { progress, .. } => progress.plan(&m, &hashes),
+            _ => return Ok(()),
+        };
+        let total = m.chunk_count();
+        for step in plan {
+            let (chunk, local) = match step {
+                Step::CopyLocal { chunk, from } => {
+                    let len = m.chunk_len(chunk).unwrap_or(0);
+                    let copied = running
+                        .as_ref()
+                        .and_then(|r| r.read_chunk(from, len).ok().flatten())
+                        .filter(|b| m.chunk_ok(chunk, b));
+                    (chunk, copied)
+                }
+                Step::Fetch(chunk) => (chunk, None),
+            };
+            let is_local = local.is_some();
+            let bytes = match local {
+                Some(b) => b,
+                None => {
+                    let b = source.chunk(chunk)?;
+                    if !m.chunk_ok(chunk, &b) {
+                        return Err(UpdateError::Corrupt {
+                            what: format!("chunk {chunk} of {}", m.version),
+                        });
+                    }
+                    b
+                }
+            };
+            slot.write_chunk(chunk, &bytes)?;
+            self.apply(Input::ChunkWritten(chunk))?;
+            let done = match &self.kept.state {
+                State::Writing { progress, .. } => progress.done(),
+                _ => total,
+            };
+            on(&Event::Chunk {
+                chunk,
+                local: is_local,
+                done,
+                total,
+            });
+        }
+        Ok(())
+    }
+
+    fn write_entry(
+        &mut self,
+        source: &mut dyn ChunkSource,
+        entry: &Entry,
+    ) -> Result<(), UpdateError> {
+        let m = self.offered()?;
+        if !self.esp.boot_files_ok(&m) {
+            let linux = source.boot_file(BootFile::Linux)?;
+            let initrd = source.boot_file(BootFile::Initrd)?;
+            for (what, bytes, want) in [
+                ("kernel", &linux, &m.kernel_sha256),
+                ("initrd", &initrd, &m.initrd_sha256),
+            ] {
+                if sha(bytes) != *want {
+                    return Err(UpdateError::Corrupt {
+                        what: format!("the {what} of {}", m.version),
+                    });
+                }
+            }
+            self.esp.put_boot_files(&m.version, &linux, &initrd)?;
+        }
+        self.esp.write_entry_once(entry, self.inactive())?;
+        Ok(())
+    }
+
+    /// The hub has the report.
+    ///
+    /// # Errors
+    /// A disk error.
+    pub fn reported(&mut self) -> Result<(), UpdateError> {
+        self.apply(Input::Reported)
+    }
+}
+
+/// Whether gatewayd's configuration try is running (its managed state in
+/// `gatewayd_state`, read-only to the updater).
+pub fn config_trying(gatewayd_state: &Path) -> bool {
+    #[derive(Deserialize)]
+    struct Managed {
+        #[serde(default)]
+        trying: bool,
+    }
+    files::read_limited(&gatewayd_state.join("managed/state.json"), 64 << 10)
+        .ok()
+        .flatten()
+        .and_then(|b| serde_json::from_slice::<Managed>(&b).ok())
+        .is_some_and(|m| m.trying)
+}

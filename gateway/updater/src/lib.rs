@@ -1,0 +1,23 @@
+//! The appliance's firmware updater (`gateway-updater`), apart from
+//! gatewayd: its own binary and unit, which may write only the inactive
+//! root slot, the ESP and its own state directory.
+//!
+//! - [`install`]: the shell of `gateway_core::firmware::update`: keeps the
+//!   state, performs each step, resumes after a cut.
+//! - [`slot`]: a root slot written chunk by chunk, synced.
+//! - [`esp`]: boot entries and kernels on the EFI system partition.
+//! - [`bundle`]: a signed bundle on disk, as a chunk source.
+//! - [`source`]: where an update's bytes come from (a bundle, the hub).
+//! - [`files`]: reading within bounds, never through links; atomic replaces.
+
+pub mod bundle;
+pub mod esp;
+pub mod files;
+pub mod install;
+pub mod slot;
+pub mod source;
+
+/// SHA-256 of `bytes`, lower-case hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    gateway_core::hex::encode(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
+}

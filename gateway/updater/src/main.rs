@@ -1,0 +1,220 @@
+//! `gateway-updater`: installs a signed firmware bundle into the inactive
+//! root slot, resuming where it stopped, and stages its boot entry.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use gateway_updater::bundle::{self, BundleSource};
+use gateway_updater::esp::SlotName;
+use gateway_updater::install::{Device, Event, Updater, Waiting, config_trying};
+
+/// The appliance's firmware updater.
+#[derive(Parser)]
+#[command(name = "gateway-updater", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
+#[derive(clap::Args)]
+struct DeviceArgs {
+    /// The updater's state directory (on the state disk).
+    #[arg(long, global = true, default_value = "/var/lib/gateway-updater")]
+    state_dir: PathBuf,
+    /// The EFI system partition's mount point.
+    #[arg(long, global = true, default_value = "/efi")]
+    esp: PathBuf,
+    /// Root slot A's partition (or a file standing in for it).
+    #[arg(
+        long,
+        global = true,
+        default_value = "/dev/disk/by-partlabel/gw-root-a"
+    )]
+    slot_a: PathBuf,
+    /// Root slot B's partition.
+    #[arg(
+        long,
+        global = true,
+        default_value = "/dev/disk/by-partlabel/gw-root-b"
+    )]
+    slot_b: PathBuf,
+    /// The slot that booted (`a` or `b`); default: `gw.slot=` of /proc/cmdline.
+    #[arg(long, global = true)]
+    running_slot: Option<String>,
+    /// The version that booted; default: `gw.version=` of /proc/cmdline.
+    #[arg(long = "running-version", global = true)]
+    running_version: Option<String>,
+    /// The hardware model; default: `gw.hardware=` of /proc/cmdline.
+    #[arg(long, global = true)]
+    hardware: Option<String>,
+    /// A trusted public key (minisign); give the current and the next.
+    #[arg(long = "key", global = true)]
+    keys: Vec<PathBuf>,
+    /// gatewayd's state directory (a configuration try there holds updates).
+    #[arg(long, global = true, default_value = "/var/lib/gatewayd")]
+    gatewayd_state: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Installs BUNDLE into the inactive slot (resuming a cut install) and
+    /// stages its boot entry; the box boots it at the next reboot.
+    Install {
+        /// The bundle directory (manifest.json, its .minisig, chunks/).
+        bundle: PathBuf,
+    },
+    /// Checks BUNDLE's signature and whether this box may install it.
+    Verify {
+        /// The bundle directory.
+        bundle: PathBuf,
+    },
+    /// Reconciles the kept state with what booted and prints it.
+    Status,
+    /// The hub has the outcome: clears the report.
+    Reported,
+}
+
+fn cmdline(key: &str) -> Option<String> {
+    let text = std::fs::read_to_string("/proc/cmdline").ok()?;
+    text.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+        .map(str::to_owned)
+}
+
+/// A partition named by a udev link is resolved here, once, to its device
+/// node (the slot itself is then opened without following links).
+fn resolve(p: &Path) -> PathBuf {
+    if p.starts_with("/dev/disk") {
+        std::fs::canonicalize(p).unwrap_or_else(|_| p.to_owned())
+    } else {
+        p.to_owned()
+    }
+}
+
+fn device(a: &DeviceArgs) -> Result<Device, String> {
+    let slot = a
+        .running_slot
+        .clone()
+        .or_else(|| cmdline("gw.slot"))
+        .ok_or("which slot booted is unknown: pass --running-slot a|b (or boot with gw.slot=)")?;
+    let running = match slot.as_str() {
+        "a" => SlotName::A,
+        "b" => SlotName::B,
+        other => return Err(format!("--running-slot {other:?}: a or b")),
+    };
+    let version = a
+        .running_version
+        .clone()
+        .or_else(|| cmdline("gw.version"))
+        .ok_or(
+            "the running version is unknown: pass --running-version (or boot with gw.version=)",
+        )?;
+    let hardware = a
+        .hardware
+        .clone()
+        .or_else(|| cmdline("gw.hardware"))
+        .ok_or("the hardware model is unknown: pass --hardware (or boot with gw.hardware=)")?;
+    let keys = if a.keys.is_empty() {
+        default_keys()
+    } else {
+        a.keys.clone()
+    };
+    if keys.is_empty() {
+        return Err("no trusted key: pass --key FILE (minisign public key)".into());
+    }
+    let trusted = bundle::read_keys(&keys).map_err(|e| e.to_string())?;
+    Ok(Device {
+        state_dir: a.state_dir.clone(),
+        esp: a.esp.clone(),
+        slots: [resolve(&a.slot_a), resolve(&a.slot_b)],
+        running,
+        version,
+        hardware,
+        trusted,
+    })
+}
+
+/// The keys the image trusts: `/usr/lib/gateway-updater/keys/*.pub`.
+fn default_keys() -> Vec<PathBuf> {
+    let mut keys: Vec<PathBuf> = std::fs::read_dir("/usr/lib/gateway-updater/keys")
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "pub"))
+        .collect();
+    keys.sort();
+    keys
+}
+
+fn run(cli: Cli) -> Result<(), String> {
+    let device = device(&cli.device)?;
+    let gatewayd_state = cli.device.gatewayd_state.clone();
+    let mut updater = Updater::open(device).map_err(|e| e.to_string())?;
+    match cli.command {
+        Command::Status => {
+            let text = serde_json::to_string_pretty(updater.kept()).map_err(|e| e.to_string())?;
+            println!("{text}");
+        }
+        Command::Reported => updater.reported().map_err(|e| e.to_string())?,
+        Command::Verify { bundle } => {
+            let signed = bundle::read_signed(&bundle).map_err(|e| e.to_string())?;
+            let m = updater.check(&signed).map_err(|e| e.to_string())?;
+            println!(
+                "{}: version {} (security_version {}), {} chunks: signature good, this box may install it",
+                bundle.display(),
+                m.version,
+                m.security_version,
+                m.chunk_count()
+            );
+        }
+        Command::Install { bundle } => {
+            let signed = bundle::read_signed(&bundle).map_err(|e| e.to_string())?;
+            let m = updater
+                .offer(&signed, config_trying(&gatewayd_state))
+                .map_err(|e| e.to_string())?;
+            println!(
+                "installing {} into slot {} ({} chunks)",
+                m.version,
+                updater.inactive().letter(),
+                m.chunk_count()
+            );
+            let mut source = BundleSource::new(&bundle);
+            let mut last = std::time::Instant::now();
+            let waiting = updater
+                .run(&mut source, &mut |e| match e {
+                    Event::Chunk { done, total, .. } => {
+                        if done == total || last.elapsed().as_secs() >= 1 {
+                            last = std::time::Instant::now();
+                            println!("chunks {done}/{total}");
+                        }
+                    }
+                    Event::Cleared => println!("old entries of the inactive slot removed"),
+                    Event::Staged(v) => println!("boot entry for {v} written"),
+                })
+                .map_err(|e| e.to_string())?;
+            match waiting {
+                Waiting::Reboot => println!(
+                    "staged {}: it boots at the next reboot, on trial ({} tries)",
+                    m.version,
+                    gateway_core::firmware::boot::TRIES
+                ),
+                other => println!("now waiting for {other:?}"),
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gateway-updater: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

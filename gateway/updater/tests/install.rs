@@ -1,0 +1,450 @@
+//! The real `gateway-updater` binary against files standing in for the two
+//! root partitions and a directory for the ESP: a bundle installs into the
+//! inactive slot (copying what the running slot holds, fetching the rest),
+//! a tampered chunk is never written, a `kill -9` mid-install resumes
+//! without writing a marked chunk again, and the boots that follow commit,
+//! roll back and refuse a downgrade as the kept state says.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use base64::Engine as _;
+use gateway_core::firmware::{CHUNK_BYTES, FORMAT, Manifest};
+use ring::signature::KeyPair as _;
+
+const BIN: &str = env!("CARGO_BIN_EXE_gateway-updater");
+
+fn b64(b: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(b)
+}
+
+fn sha(b: &[u8]) -> String {
+    gateway_updater::sha256_hex(b)
+}
+
+/// A signing key writing minisign's formats (prehashed, as `minisign -S`).
+struct Signer {
+    id: [u8; 8],
+    pair: ring::signature::Ed25519KeyPair,
+}
+
+impl Signer {
+    fn new(seed: u8) -> Self {
+        Signer {
+            id: [seed, 9, 8, 7, 6, 5, 4, 3],
+            pair: ring::signature::Ed25519KeyPair::from_seed_unchecked(&[seed; 32]).expect("key"),
+        }
+    }
+
+    fn public_file(&self) -> String {
+        let mut raw = b"Ed".to_vec();
+        raw.extend_from_slice(&self.id);
+        raw.extend_from_slice(self.pair.public_key().as_ref());
+        format!("untrusted comment: minisign public key\n{}\n", b64(&raw))
+    }
+
+    fn sign(&self, message: &[u8]) -> String {
+        use blake2::Digest as _;
+        let sig = self.pair.sign(&blake2::Blake2b512::digest(message));
+        let mut raw = b"ED".to_vec();
+        raw.extend_from_slice(&self.id);
+        raw.extend_from_slice(sig.as_ref());
+        let comment = "gateway firmware";
+        let mut global = sig.as_ref().to_vec();
+        global.extend_from_slice(comment.as_bytes());
+        format!(
+            "untrusted comment: signature\n{}\ntrusted comment: {comment}\n{}\n",
+            b64(&raw),
+            b64(self.pair.sign(&global).as_ref())
+        )
+    }
+}
+
+/// A root image of `n` chunks and a half: chunk `i` is filled with `tag + i`,
+/// except those in `shared`, filled as the v1 image's chunk of that number
+/// is (so they can be copied from the running slot).
+fn image(tag: u8, n: usize, shared: &[usize]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for i in 0..=n {
+        let t = if shared.contains(&i) {
+            i as u8
+        } else {
+            tag.wrapping_add(i as u8)
+        };
+        let len = if i == n { CHUNK_BYTES / 2 } else { CHUNK_BYTES };
+        out.extend((0..len).map(|j| t ^ (j % 7) as u8));
+    }
+    out
+}
+
+struct Box {
+    dir: tempfile::TempDir,
+    key: PathBuf,
+}
+
+impl Box {
+    /// A box running v1 (`image(0, n, [])`) from slot A; slot B is zeros.
+    fn new(signer: &Signer, n: usize) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let size = CHUNK_BYTES as usize * (n + 4);
+        let mut a = image(0, n, &[]);
+        a.resize(size, 0);
+        std::fs::write(dir.path().join("slot-a"), a).expect("slot a");
+        std::fs::write(dir.path().join("slot-b"), vec![0; size]).expect("slot b");
+        let entries = dir.path().join("esp/loader/entries");
+        std::fs::create_dir_all(&entries).expect("esp");
+        std::fs::write(entries.join("gw-1.0.conf"), "title Gateway 1.0\n").expect("entry");
+        std::fs::write(entries.join("loader-other.conf"), "not ours\n").expect("other");
+        let key = dir.path().join("key.pub");
+        std::fs::write(&key, signer.public_file()).expect("key");
+        Box { dir, key }
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    fn command(&self, running: (&str, &str), args: &[&str]) -> Command {
+        let d = self.dir.path();
+        let mut c = Command::new(BIN);
+        c.args(args)
+            .arg("--state-dir")
+            .arg(d.join("state"))
+            .arg("--esp")
+            .arg(d.join("esp"))
+            .arg("--slot-a")
+            .arg(d.join("slot-a"))
+            .arg("--slot-b")
+            .arg(d.join("slot-b"))
+            .args(["--running-slot", running.0, "--running-version", running.1])
+            .args(["--hardware", "qemu-x86_64"])
+            .arg("--key")
+            .arg(&self.key)
+            .arg("--gatewayd-state")
+            .arg(d.join("gatewayd"));
+        c
+    }
+
+    fn updater(&self, running: (&str, &str), args: &[&str]) -> Output {
+        self.command(running, args)
+            .output()
+            .expect("gateway-updater runs")
+    }
+
+    fn entries(&self) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(self.path("esp/loader/entries"))
+            .expect("entries")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("gw-"))
+            .collect();
+        names.sort();
+        names
+    }
+
+    fn rename_entry(&self, from: &str, to: &str) {
+        let d = self.path("esp/loader/entries");
+        std::fs::rename(d.join(from), d.join(to)).expect("rename");
+    }
+
+    fn kept(&self) -> serde_json::Value {
+        let text = std::fs::read(self.path("state/updater.json")).expect("kept");
+        serde_json::from_slice(&text).expect("json")
+    }
+}
+
+/// Writes a bundle of `root` as `version` into `dir`; returns its manifest.
+fn bundle(signer: &Signer, dir: &Path, version: &str, security: u64, root: &[u8]) -> Manifest {
+    std::fs::create_dir_all(dir.join("chunks")).expect("bundle");
+    let (linux, initrd) = (format!("kernel {version}"), format!("initrd {version}"));
+    let chunks: Vec<&[u8]> = root.chunks(CHUNK_BYTES as usize).collect();
+    for (i, c) in chunks.iter().enumerate() {
+        std::fs::write(dir.join(format!("chunks/{i:06}")), c).expect("chunk");
+    }
+    std::fs::write(dir.join("linux"), &linux).expect("linux");
+    std::fs::write(dir.join("initrd"), &initrd).expect("initrd");
+    let m = Manifest {
+        format: FORMAT.into(),
+        version: version.into(),
+        security_version: security,
+        hardware: vec!["qemu-x86_64".into()],
+        min_from_version: "1.0".into(),
+        kernel_sha256: sha(linux.as_bytes()),
+        initrd_sha256: sha(initrd.as_bytes()),
+        root_bytes: root.len() as u64,
+        chunks: chunks.iter().map(|c| sha(c)).collect(),
+    };
+    let text = serde_json::to_vec_pretty(&m).expect("manifest");
+    std::fs::write(dir.join("manifest.json"), &text).expect("manifest");
+    std::fs::write(dir.join("manifest.json.minisig"), signer.sign(&text)).expect("sig");
+    m
+}
+
+fn ok(out: &Output) -> String {
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "gateway-updater failed: {}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+fn failed(out: &Output) -> String {
+    assert!(!out.status.success(), "gateway-updater succeeded: {out:?}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn slot_holds(b: &Box, slot: &str, root: &[u8]) -> bool {
+    let bytes = std::fs::read(b.path(slot)).expect("slot");
+    &bytes[..root.len()] == root
+}
+
+#[test]
+fn a_bundle_installs_into_the_inactive_slot_copying_what_the_running_one_holds() {
+    let signer = Signer::new(1);
+    let b = Box::new(&signer, 8);
+    let v2 = image(100, 8, &[1, 4, 6]);
+    bundle(&signer, &b.path("v2"), "2.0", 2, &v2);
+    // The shared chunks are not in the bundle: fetching one would fail.
+    for i in [1, 4, 6] {
+        std::fs::remove_file(b.path(&format!("v2/chunks/{i:06}"))).expect("rm");
+    }
+    let out = ok(&b.updater(
+        ("a", "1.0"),
+        &["install", b.path("v2").to_str().expect("utf8")],
+    ));
+    assert!(
+        out.contains("installing 2.0 into slot b (9 chunks)"),
+        "{out}"
+    );
+    assert!(out.contains("chunks 9/9"), "{out}");
+    assert!(out.contains("staged 2.0"), "{out}");
+    assert!(slot_holds(&b, "slot-b", &v2), "slot b holds v2");
+    assert!(
+        slot_holds(&b, "slot-a", &image(0, 8, &[])),
+        "slot a untouched"
+    );
+    assert_eq!(b.entries(), ["gw-1.0.conf", "gw-2.0+3.conf"]);
+    let entry = std::fs::read_to_string(b.path("esp/loader/entries/gw-2.0+3.conf")).expect("entry");
+    assert!(entry.contains("root=PARTLABEL=gw-root-b"), "{entry}");
+    assert!(entry.contains("linux /EFI/gw/2.0/linux"), "{entry}");
+    assert_eq!(
+        std::fs::read_to_string(b.path("esp/EFI/gw/2.0/linux")).expect("linux"),
+        "kernel 2.0"
+    );
+    assert!(
+        b.path("esp/loader/entries/loader-other.conf").exists(),
+        "not ours: left"
+    );
+    assert_eq!(b.kept()["state"]["phase"], "staged");
+    // Installing it again changes nothing (the entry is not written twice).
+    let again = b.updater(
+        ("a", "1.0"),
+        &["install", b.path("v2").to_str().expect("utf8")],
+    );
+    assert!(failed(&again).contains("staged or on trial"), "{again:?}");
+}
+
+#[test]
+fn a_tampered_chunk_is_not_written_and_a_fixed_bundle_resumes() {
+    let signer = Signer::new(2);
+    let b = Box::new(&signer, 6);
+    let v2 = image(50, 6, &[]);
+    bundle(&signer, &b.path("v2"), "2.0", 1, &v2);
+    let good = std::fs::read(b.path("v2/chunks/000003")).expect("chunk");
+    let mut bad = good.clone();
+    bad[100] ^= 1;
+    std::fs::write(b.path("v2/chunks/000003"), &bad).expect("tamper");
+    let err = failed(&b.updater(
+        ("a", "1.0"),
+        &["install", b.path("v2").to_str().expect("utf8")],
+    ));
+    assert!(
+        err.contains("chunk 3 of 2.0 does not match its signed hash"),
+        "{err}"
+    );
+    let slot = std::fs::read(b.path("slot-b")).expect("slot");
+    let at = 3 * CHUNK_BYTES as usize;
+    assert!(
+        slot[at..at + CHUNK_BYTES as usize].iter().all(|x| *x == 0),
+        "chunk 3 not written"
+    );
+    assert_eq!(
+        b.entries(),
+        ["gw-1.0.conf"],
+        "no entry for a slot half written"
+    );
+    // A missing chunk (a link that dropped) stops it the same way.
+    std::fs::remove_file(b.path("v2/chunks/000003")).expect("rm");
+    let err = failed(&b.updater(
+        ("a", "1.0"),
+        &["install", b.path("v2").to_str().expect("utf8")],
+    ));
+    assert!(
+        err.contains("fetching:") && err.contains("000003: missing"),
+        "{err}"
+    );
+    std::fs::write(b.path("v2/chunks/000003"), &good).expect("fix");
+    // Chunks 0-2 are kept: the bundle no longer needs them.
+    for i in 0..3 {
+        std::fs::remove_file(b.path(&format!("v2/chunks/{i:06}"))).expect("rm");
+    }
+    ok(&b.updater(
+        ("a", "1.0"),
+        &["install", b.path("v2").to_str().expect("utf8")],
+    ));
+    assert!(slot_holds(&b, "slot-b", &v2));
+}
+
+#[test]
+fn a_kill_mid_install_resumes_without_writing_a_marked_chunk_again() {
+    let signer = Signer::new(3);
+    let n = 48;
+    let mut landed = false;
+    for _ in 0..20 {
+        let b = Box::new(&signer, n);
+        let v2 = image(70, n, &[]);
+        bundle(&signer, &b.path("v2"), "2.0", 1, &v2);
+        let mut child = b
+            .command(
+                ("a", "1.0"),
+                &["install", b.path("v2").to_str().expect("utf8")],
+            )
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn");
+        // Kill it once it has kept a chunk.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let kept = std::fs::read(b.path("state/updater.json")).ok();
+            let writing = kept
+                .and_then(|t| serde_json::from_slice::<serde_json::Value>(&t).ok())
+                .is_some_and(|v| {
+                    v["state"]["phase"] == "writing"
+                        && v["state"]["progress"]["have"][0].as_u64().unwrap_or(0) != 0
+                });
+            if writing || std::time::Instant::now() > deadline {
+                break;
+            }
+            std::thread::yield_now();
+        }
+        let _ = child.kill(); // SIGKILL
+        let _ = child.wait();
+        let v = b.kept();
+        if v["state"]["phase"] != "writing" {
+            continue; // it finished first: try again
+        }
+        landed = true;
+        let have: Vec<u64> = v["state"]["progress"]["have"]
+            .as_array()
+            .expect("bitmap")
+            .iter()
+            .map(|w| w.as_u64().expect("word"))
+            .collect();
+        let marked: Vec<usize> = (0..=n)
+            .filter(|i| have[i / 64] & (1 << (i % 64)) != 0)
+            .collect();
+        assert!(!marked.is_empty() && marked.len() <= n, "{marked:?}");
+        assert_eq!(
+            b.entries(),
+            ["gw-1.0.conf"],
+            "no entry before the last chunk"
+        );
+        // The marked chunks are in the slot: the bundle no longer has them.
+        for i in &marked {
+            std::fs::remove_file(b.path(&format!("v2/chunks/{i:06}"))).expect("rm");
+        }
+        let out = ok(&b.updater(
+            ("a", "1.0"),
+            &["install", b.path("v2").to_str().expect("utf8")],
+        ));
+        assert!(out.contains("staged 2.0"), "{out}");
+        assert!(
+            slot_holds(&b, "slot-b", &v2),
+            "slot b holds v2 after the resume"
+        );
+        break;
+    }
+    assert!(landed, "no kill landed mid-install in 20 tries");
+}
+
+#[test]
+fn boots_commit_roll_back_and_a_downgrade_is_refused() {
+    let signer = Signer::new(4);
+    let b = Box::new(&signer, 4);
+    let v2 = image(10, 4, &[]);
+    bundle(&signer, &b.path("v2"), "2.0", 5, &v2);
+    ok(&b.updater(
+        ("a", "1.0"),
+        &["install", b.path("v2").to_str().expect("utf8")],
+    ));
+    // systemd-boot tries 2.0 (one try used), on slot b.
+    b.rename_entry("gw-2.0+3.conf", "gw-2.0+2-1.conf");
+    let s = ok(&b.updater(("b", "2.0"), &["status"]));
+    assert!(s.contains("\"phase\": \"trial\""), "{s}");
+    // The health gate passed: systemd-bless-boot drops the counter.
+    b.rename_entry("gw-2.0+2-1.conf", "gw-2.0.conf");
+    let s = ok(&b.updater(("b", "2.0"), &["status"]));
+    assert!(s.contains("\"outcome\": \"committed\""), "{s}");
+    assert_eq!(b.kept()["security_version"], 5, "recorded once committed");
+    ok(&b.updater(("b", "2.0"), &["reported"]));
+    assert_eq!(b.kept()["state"]["phase"], "idle");
+
+    // A signed bundle below security version 5 is refused.
+    let old = image(20, 4, &[]);
+    bundle(&signer, &b.path("v3-old"), "3.0", 4, &old);
+    let err = failed(&b.updater(
+        ("b", "2.0"),
+        &["install", b.path("v3-old").to_str().expect("utf8")],
+    ));
+    assert!(err.contains("below this box's 5"), "{err}");
+    // One signed by another key is refused.
+    let other = Signer::new(9);
+    bundle(&other, &b.path("v3-other"), "3.0", 6, &old);
+    let err = failed(&b.updater(
+        ("b", "2.0"),
+        &["verify", b.path("v3-other").to_str().expect("utf8")],
+    ));
+    assert!(err.contains("signature"), "{err}");
+
+    // 3.0 installs into slot a (1.0's entry goes first), then fails its
+    // three tries: the box is back on 2.0 by itself and reports it.
+    let v3 = image(30, 4, &[]);
+    bundle(&signer, &b.path("v3"), "3.0", 6, &v3);
+    ok(&b.updater(
+        ("b", "2.0"),
+        &["install", b.path("v3").to_str().expect("utf8")],
+    ));
+    assert_eq!(b.entries(), ["gw-2.0.conf", "gw-3.0+3.conf"]);
+    assert!(slot_holds(&b, "slot-a", &v3));
+    assert!(!b.path("esp/EFI/gw/1.0").exists() || !b.path("esp/EFI/gw/1.0/linux").exists());
+    b.rename_entry("gw-3.0+3.conf", "gw-3.0+0-3.conf");
+    let s = ok(&b.updater(("b", "2.0"), &["status"]));
+    assert!(s.contains("\"outcome\": \"rolled-back\""), "{s}");
+    assert!(s.contains("\"running\": \"2.0\""), "{s}");
+    assert_eq!(
+        b.kept()["security_version"],
+        5,
+        "a rollback records nothing"
+    );
+}
+
+#[test]
+fn a_slot_reached_through_a_link_is_refused() {
+    let signer = Signer::new(5);
+    let b = Box::new(&signer, 2);
+    bundle(&signer, &b.path("v2"), "2.0", 1, &image(1, 2, &[]));
+    std::fs::rename(b.path("slot-b"), b.path("elsewhere")).expect("mv");
+    std::os::unix::fs::symlink(b.path("elsewhere"), b.path("slot-b")).expect("link");
+    let err = failed(&b.updater(
+        ("a", "1.0"),
+        &["install", b.path("v2").to_str().expect("utf8")],
+    ));
+    assert!(err.contains("slot") && err.contains("slot-b"), "{err}");
+    assert!(
+        std::fs::read(b.path("elsewhere"))
+            .expect("target")
+            .iter()
+            .all(|x| *x == 0)
+    );
+}
