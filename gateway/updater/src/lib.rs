@@ -8,11 +8,13 @@
 //! - [`esp`]: boot entries and kernels on the EFI system partition.
 //! - [`bundle`]: a signed bundle on disk, as a chunk source.
 //! - [`source`]: where an update's bytes come from (a bundle, the hub).
+//! - [`gate`]: the health gate of a trial boot (gatewayd's hub tunnel is up).
 //! - [`files`]: reading within bounds, never through links; atomic replaces.
 
 pub mod bundle;
 pub mod esp;
 pub mod files;
+pub mod gate;
 pub mod install;
 pub mod slot;
 pub mod source;

@@ -75,6 +75,30 @@ enum Command {
     Status,
     /// The hub has the outcome: clears the report.
     Reported,
+    /// The health gate of a trial boot: passes once gatewayd's tunnel to a
+    /// hub is up, fails when `--trial` passes first (its unit then reboots
+    /// the box). Passes at once when this boot is not a trial.
+    Gate {
+        /// gatewayd's admin listener (`[admin] listen`).
+        #[arg(long, default_value = "127.0.0.1:9600")]
+        admin: std::net::SocketAddr,
+        /// How long the new version has to bring its tunnel up.
+        #[arg(long, default_value = "15m", value_parser = trial)]
+        trial: std::time::Duration,
+    },
+}
+
+fn trial(s: &str) -> Result<std::time::Duration, String> {
+    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?}: a number and s, m or h (15m)"))?;
+    match unit {
+        "s" => Ok(std::time::Duration::from_secs(n)),
+        "m" => Ok(std::time::Duration::from_secs(n * 60)),
+        "h" => Ok(std::time::Duration::from_secs(n * 3600)),
+        _ => Err(format!("{s:?}: a number and s, m or h (15m)")),
+    }
 }
 
 fn cmdline(key: &str) -> Option<String> {
@@ -160,6 +184,31 @@ fn run(cli: Cli) -> Result<(), String> {
             println!("{text}");
         }
         Command::Reported => updater.reported().map_err(|e| e.to_string())?,
+        Command::Gate { admin, trial } => {
+            let gateway_core::firmware::update::State::Trial { target } = &updater.kept().state
+            else {
+                println!("not a trial boot: nothing to gate");
+                return Ok(());
+            };
+            println!(
+                "trial of {}: waiting up to {} s for gatewayd's hub tunnel ({admin})",
+                target.version,
+                trial.as_secs()
+            );
+            match gateway_updater::gate::wait(admin, trial, std::time::Duration::from_secs(5)) {
+                Ok(after) => println!(
+                    "health gate passed after {} s: {} is kept",
+                    after.as_secs(),
+                    target.version
+                ),
+                Err(seen) => {
+                    return Err(format!(
+                        "health gate failed: no hub tunnel within {} s (last: {seen:?}); rebooting counts this try",
+                        trial.as_secs()
+                    ));
+                }
+            }
+        }
         Command::Verify { bundle } => {
             let signed = bundle::read_signed(&bundle).map_err(|e| e.to_string())?;
             let m = updater.check(&signed).map_err(|e| e.to_string())?;
