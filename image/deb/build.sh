@@ -3,22 +3,28 @@
 # the systemd template unit, sysusers/tmpfiles/sysctl files, the example configs,
 # the guides, and gatewayd(8) generated from --help.
 #
-#   image/deb/build.sh [--binary PATH] [--out DIR]
+#   image/deb/build.sh [--binary PATH] [--updater PATH] [--out DIR]
 #
-# Without --binary it builds the release binary first.
+# The package also holds gateway-updater (the firmware updater) and its units.
+# Without --binary and --updater it builds the release binaries first.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-BIN="" OUT="$ROOT/target/deb"
+BIN="" UPD="" OUT="$ROOT/target/deb"
 while [ $# -gt 0 ]; do
     case $1 in
         --binary) BIN=$2; shift 2;;
+        --updater) UPD=$2; shift 2;;
         --out) OUT=$2; shift 2;;
-        *) echo "usage: $0 [--binary PATH] [--out DIR]" >&2; exit 2;;
+        *) echo "usage: $0 [--binary PATH] [--updater PATH] [--out DIR]" >&2; exit 2;;
     esac
 done
 if [ -z "$BIN" ]; then
     (cd "$ROOT" && cargo build --release --locked -q -p gateway-daemon --bin gatewayd)
     BIN=$ROOT/target/release/gatewayd
+fi
+if [ -z "$UPD" ]; then
+    (cd "$ROOT" && cargo build --release --locked -q -p gateway-updater --bin gateway-updater)
+    UPD=$ROOT/target/release/gateway-updater
 fi
 VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' "$ROOT/Cargo.toml" | head -1)
 ARCH=$(dpkg --print-architecture)
@@ -27,6 +33,10 @@ trap 'rm -rf "$STAGE"' EXIT
 
 install -D -m 0755 "$BIN" "$STAGE/usr/bin/gatewayd"
 install -D -m 0644 "$ROOT/systemd/gatewayd@.service" "$STAGE/usr/lib/systemd/system/gatewayd@.service"
+install -D -m 0755 "$UPD" "$STAGE/usr/bin/gateway-updater"
+for u in gateway-updater.service gateway-boot-ok.service; do
+    install -D -m 0644 "$ROOT/systemd/$u" "$STAGE/usr/lib/systemd/system/$u"
+done
 install -D -m 0644 "$ROOT/systemd/gatewayd.sysusers" "$STAGE/usr/lib/sysusers.d/gatewayd.conf"
 install -D -m 0644 "$ROOT/systemd/gatewayd.tmpfiles" "$STAGE/usr/lib/tmpfiles.d/gatewayd.conf"
 install -D -m 0644 "$ROOT/systemd/90-gatewayd.sysctl" "$STAGE/usr/lib/sysctl.d/90-gatewayd.conf"

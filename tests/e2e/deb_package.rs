@@ -46,15 +46,31 @@ fn the_package_builds_installs_verifies_and_removes() {
         println!("skipped: needs root and dpkg, systemd-analyze, systemd-sysusers (Debian)");
         return;
     }
+    // gateway-updater is another package's binary, built beside gatewayd by
+    // `cargo test --workspace` (the README's test command).
+    let updater =
+        std::path::Path::new(env!("CARGO_BIN_EXE_gatewayd")).with_file_name("gateway-updater");
+    if !updater.is_file() {
+        println!(
+            "skipped: no {} (run cargo test --workspace: the package holds it)",
+            updater.display()
+        );
+        return;
+    }
     let out = tempfile::tempdir().expect("out");
     let deb = run(Command::new(common::root().join("image/deb/build.sh"))
-        .args(["--binary", env!("CARGO_BIN_EXE_gatewayd"), "--out"])
+        .args(["--binary", env!("CARGO_BIN_EXE_gatewayd"), "--updater"])
+        .arg(&updater)
+        .arg("--out")
         .arg(out.path()));
     let deb = deb.trim();
     let contents = run(Command::new("dpkg-deb").args(["--contents", deb]));
     for f in [
         "./usr/bin/gatewayd",
         "./usr/lib/systemd/system/gatewayd@.service",
+        "./usr/bin/gateway-updater",
+        "./usr/lib/systemd/system/gateway-updater.service",
+        "./usr/lib/systemd/system/gateway-boot-ok.service",
         "./usr/lib/sysusers.d/gatewayd.conf",
         "./usr/lib/tmpfiles.d/gatewayd.conf",
         "./usr/lib/sysctl.d/90-gatewayd.conf",
@@ -74,6 +90,13 @@ fn the_package_builds_installs_verifies_and_removes() {
         0o700
     );
     run(Command::new("systemd-analyze").args(["verify", "gatewayd@edge.service"]));
+    run(Command::new("systemd-analyze").args([
+        "verify",
+        "gateway-updater.service",
+        "gateway-boot-ok.service",
+    ]));
+    let help = run(Command::new("/usr/bin/gateway-updater").arg("--help"));
+    assert!(help.contains("install") && help.contains("gate"), "{help}");
     let version = run(Command::new("/usr/bin/gatewayd").arg("--version"));
     assert!(version.starts_with("gatewayd "), "{version}");
     if std::path::Path::new("/run/systemd/system").is_dir() {

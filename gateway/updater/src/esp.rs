@@ -51,15 +51,16 @@ impl SlotName {
     }
 }
 
-/// The boot entry's text for `version` on `slot`.
-pub fn entry_text(version: &str, slot: SlotName) -> String {
+/// The boot entry's text for `version` on `slot`, for `hardware` (the
+/// updater reads the slot, version and model back from the command line).
+pub fn entry_text(version: &str, slot: SlotName, hardware: &str) -> String {
     let s = slot.letter();
     format!(
         "title Gateway {version}\n\
          version {version}\n\
          linux /EFI/gw/{version}/linux\n\
          initrd /EFI/gw/{version}/initrd\n\
-         options root=PARTLABEL=gw-root-{s} ro gw.slot={s} gw.version={version} console=ttyS0 panic=10\n"
+         options root=PARTLABEL=gw-root-{s} ro gw.slot={s} gw.version={version} gw.hardware={hardware} console=ttyS0 panic=10\n"
     )
 }
 
@@ -167,14 +168,19 @@ impl Esp {
     ///
     /// # Errors
     /// An OS error.
-    pub fn write_entry_once(&self, entry: &Entry, slot: SlotName) -> Result<bool, FileError> {
+    pub fn write_entry_once(
+        &self,
+        entry: &Entry,
+        slot: SlotName,
+        hardware: &str,
+    ) -> Result<bool, FileError> {
         if self.entries()?.iter().any(|e| e.version == entry.version) {
             return Ok(false);
         }
         files::replace(
             &self.entries_dir(),
             &entry.file_name(),
-            entry_text(&entry.version, slot).as_bytes(),
+            entry_text(&entry.version, slot, hardware).as_bytes(),
         )?;
         Ok(true)
     }

@@ -376,7 +376,8 @@ impl Updater {
             }
             self.esp.put_boot_files(&m.version, &linux, &initrd)?;
         }
-        self.esp.write_entry_once(entry, self.inactive())?;
+        self.esp
+            .write_entry_once(entry, self.inactive(), &self.device.hardware)?;
         Ok(())
     }
 

@@ -141,6 +141,16 @@ fn device(a: &DeviceArgs) -> Result<Device, String> {
         .clone()
         .or_else(|| cmdline("gw.hardware"))
         .ok_or("the hardware model is unknown: pass --hardware (or boot with gw.hardware=)")?;
+    if hardware.is_empty()
+        || hardware.len() > 64
+        || !hardware
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+    {
+        return Err(format!(
+            "hardware model {hardware:?}: at most 64 of a-z, 0-9, - and _ (qemu-x86_64)"
+        ));
+    }
     let keys = if a.keys.is_empty() {
         default_keys()
     } else {

@@ -227,6 +227,10 @@ fn a_bundle_installs_into_the_inactive_slot_copying_what_the_running_one_holds()
     assert_eq!(b.entries(), ["gw-1.0.conf", "gw-2.0+3.conf"]);
     let entry = std::fs::read_to_string(b.path("esp/loader/entries/gw-2.0+3.conf")).expect("entry");
     assert!(entry.contains("root=PARTLABEL=gw-root-b"), "{entry}");
+    assert!(
+        entry.contains("gw.slot=b gw.version=2.0 gw.hardware=qemu-x86_64"),
+        "{entry}"
+    );
     assert!(entry.contains("linux /EFI/gw/2.0/linux"), "{entry}");
     assert_eq!(
         std::fs::read_to_string(b.path("esp/EFI/gw/2.0/linux")).expect("linux"),
