@@ -10,7 +10,12 @@ use std::process::Command;
 #[test]
 fn the_image_scripts_parse_and_hold_the_appliance_layout() {
     let root = common::root();
-    for script in ["image/build.sh", "image/test", "image/deb/build.sh"] {
+    for script in [
+        "image/build.sh",
+        "image/test",
+        "image/deb/build.sh",
+        "image/bundle.sh",
+    ] {
         let out = Command::new("bash")
             .arg("-n")
             .arg(root.join(script))
