@@ -49,7 +49,16 @@ pub struct Kept {
     pub state: State,
     /// The highest `security_version` this box has committed.
     pub security_version: u64,
+    /// Versions that rolled back on this box, newest last (at most
+    /// [`MAX_FAILED`]): not installed again unless asked to retry, so a
+    /// bundle left on a stick or offered again cannot loop the box through
+    /// its tries.
+    #[serde(default)]
+    pub failed: Vec<String>,
 }
+
+/// Rolled-back versions kept.
+pub const MAX_FAILED: usize = 16;
 
 /// Why the updater stopped.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +72,9 @@ pub enum UpdateError {
     /// The offer is the version running.
     #[error("version {0} is running already")]
     Running(String),
+    /// The offer rolled back on this box before.
+    #[error("version {0} rolled back on this box before: offer it with --retry to try it again")]
+    FailedBefore(String),
     /// A file of the state disk or the ESP.
     #[error(transparent)]
     File(#[from] FileError),
@@ -151,6 +163,7 @@ impl Updater {
             None => Kept {
                 state: State::Idle,
                 security_version: 0,
+                failed: Vec::new(),
             },
             Some(b) => serde_json::from_slice(&b).map_err(|e| UpdateError::Kept {
                 path: path.clone(),
@@ -183,6 +196,15 @@ impl Updater {
         {
             self.kept.security_version = self.kept.security_version.max(*security_version);
         }
+        if let State::Report {
+            outcome: Outcome::RolledBack { version, .. },
+        } = &self.kept.state
+            && !self.kept.failed.contains(version)
+        {
+            self.kept.failed.push(version.clone());
+            let over = self.kept.failed.len().saturating_sub(MAX_FAILED);
+            self.kept.failed.drain(..over);
+        }
         let text = serde_json::to_vec(&self.kept).map_err(|e| UpdateError::Kept {
             path: self.device.state_dir.join(KEPT),
             reason: e.to_string(),
@@ -198,12 +220,24 @@ impl Updater {
 
     /// Takes an offer: checks its signature and whether this box may
     /// install it, keeps it, and starts (or, for the version being
-    /// written, goes on). `config_trying`: a configuration try is running.
+    /// written, goes on). `config_trying`: a configuration try is running;
+    /// `retry`: install a version that rolled back here before.
     ///
     /// # Errors
     /// A bad signature, a refusal, a busy updater, a disk error.
-    pub fn offer(&mut self, signed: &Signed, config_trying: bool) -> Result<Manifest, UpdateError> {
+    pub fn offer(
+        &mut self,
+        signed: &Signed,
+        config_trying: bool,
+        retry: bool,
+    ) -> Result<Manifest, UpdateError> {
         let m = self.check(signed)?;
+        if self.kept.failed.contains(&m.version) {
+            if !retry {
+                return Err(UpdateError::FailedBefore(m.version));
+            }
+            self.kept.failed.retain(|v| *v != m.version);
+        }
         self.kept.state.may_start(config_trying)?;
         let same = self
             .kept

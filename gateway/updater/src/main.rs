@@ -65,6 +65,9 @@ enum Command {
     Install {
         /// The bundle directory (manifest.json, its .minisig, chunks/).
         bundle: PathBuf,
+        /// Install it even though it rolled back on this box before.
+        #[arg(long)]
+        retry: bool,
     },
     /// Checks BUNDLE's signature and whether this box may install it.
     Verify {
@@ -230,10 +233,10 @@ fn run(cli: Cli) -> Result<(), String> {
                 m.chunk_count()
             );
         }
-        Command::Install { bundle } => {
+        Command::Install { bundle, retry } => {
             let signed = bundle::read_signed(&bundle).map_err(|e| e.to_string())?;
             let m = updater
-                .offer(&signed, config_trying(&gatewayd_state))
+                .offer(&signed, config_trying(&gatewayd_state), retry)
                 .map_err(|e| e.to_string())?;
             println!(
                 "installing {} into slot {} ({} chunks)",

@@ -431,6 +431,27 @@ fn boots_commit_roll_back_and_a_downgrade_is_refused() {
         5,
         "a rollback records nothing"
     );
+    // Reported; the same bundle again (a stick left in) is refused, unless
+    // asked to retry.
+    ok(&b.updater(("b", "2.0"), &["reported"]));
+    let again = b.updater(
+        ("b", "2.0"),
+        &["install", b.path("v3").to_str().expect("utf8")],
+    );
+    assert!(
+        failed(&again).contains("rolled back on this box before"),
+        "{again:?}"
+    );
+    let retry = ok(&b.updater(
+        ("b", "2.0"),
+        &["install", "--retry", b.path("v3").to_str().expect("utf8")],
+    ));
+    assert!(retry.contains("staged 3.0"), "{retry}");
+    assert_eq!(
+        b.entries(),
+        ["gw-2.0.conf", "gw-3.0+3.conf"],
+        "a fresh entry, three tries"
+    );
 }
 
 #[test]
