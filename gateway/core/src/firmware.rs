@@ -136,12 +136,24 @@ pub fn verify(
 }
 
 /// A version's dotted numbers (`1.4.2` -> [1, 4, 2]); `None` when it is not
-/// one.
+/// one: only `[0-9]+(.[0-9]+)*`, no leading zeros and no sign, so one
+/// version has one spelling (`1.02` and `+1.2` are not `1.2`'s other names
+/// on the ESP or in a manifest).
 pub fn version_numbers(v: &str) -> Option<Vec<u64>> {
     if v.is_empty() || v.len() > 64 {
         return None;
     }
-    v.split('.').map(|p| p.parse().ok()).collect()
+    v.split('.')
+        .map(|p| {
+            let digits = !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit());
+            let canonical = p == "0" || !p.starts_with('0');
+            if digits && canonical {
+                p.parse().ok()
+            } else {
+                None
+            }
+        })
+        .collect()
 }
 
 fn is_sha256_hex(s: &str) -> bool {

@@ -102,7 +102,14 @@ impl ChunkSource for BundleSource {
         need(self.dir.join("chunks").join(format!("{i:06}")), CHUNK_BYTES).map_err(source_error)
     }
 
-    fn boot_file(&mut self, file: BootFile) -> Result<Vec<u8>, SourceError> {
-        need(self.dir.join(file.name()), crate::esp::MAX_BOOT_FILE).map_err(source_error)
+    fn boot_file(&mut self, file: BootFile) -> Result<Box<dyn std::io::Read + '_>, SourceError> {
+        let path = self.dir.join(file.name());
+        match files::open_read(&path) {
+            Ok(f) => Ok(Box::new(f)),
+            Err(FileError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                Err(source_error(BundleError::Missing(path)))
+            }
+            Err(e) => Err(source_error(e.into())),
+        }
     }
 }

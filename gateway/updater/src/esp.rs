@@ -4,12 +4,42 @@
 //! `systemd-bless-boot` blesses (`gateway_core::firmware::boot`). Entries of
 //! other names are not the updater's and are left alone.
 
+use std::fs::FileType;
+use std::io::{Read, Write as _};
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
-use gateway_core::firmware::Manifest;
 use gateway_core::firmware::boot::Entry;
 
 use crate::files::{self, FileError};
+use crate::source::BootFile;
+
+/// What [`Esp::put_boot_file`] did.
+#[derive(Debug)]
+pub enum Put {
+    /// In place, its hash the manifest's.
+    Written,
+    /// Its hash is not the manifest's: not put in place.
+    Mismatch,
+    /// Longer than [`MAX_BOOT_FILE`]: not put in place.
+    TooLarge,
+    /// The source failed midway (the update resumes later).
+    Unreadable(std::io::Error),
+}
+
+/// Removes `path` whatever it is (`kind`, as listed: a link is removed, not
+/// followed).
+fn remove_any(path: &Path, kind: FileType) -> Result<(), FileError> {
+    let done = if kind.is_dir() {
+        std::fs::remove_dir_all(path)
+    } else {
+        std::fs::remove_file(path)
+    };
+    done.map_err(|source| FileError::Io {
+        path: path.to_owned(),
+        source,
+    })
+}
 
 /// The ESP, mounted at a directory.
 pub struct Esp {
@@ -76,6 +106,9 @@ impl Esp {
     pub fn open(root: &Path) -> Result<Self, FileError> {
         files::ensure_dir(&root.join("loader/entries"))?;
         files::ensure_dir(&root.join("EFI/gw"))?;
+        for dir in ["loader", "loader/entries", "EFI", "EFI/gw"] {
+            files::real_dir(&root.join(dir))?;
+        }
         Ok(Esp {
             root: root.to_owned(),
         })
@@ -95,12 +128,37 @@ impl Esp {
             path: dir.clone(),
             source,
         })?;
+        // Only regular files are entries (systemd-boot reads no other): a
+        // directory or a link named like one is not counted, and is
+        // removed when the slot is cleared.
         let mut out: Vec<Entry> = read
             .filter_map(Result::ok)
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
             .filter_map(|e| Entry::parse(e.file_name().to_str()?))
             .collect();
         out.sort_by_key(Entry::file_name);
         Ok(out)
+    }
+
+    /// Removes what is not a regular file but is named like one of the
+    /// updater's entries (`gw-*.conf`).
+    fn remove_strays(&self) -> Result<(), FileError> {
+        let dir = self.entries_dir();
+        let read = std::fs::read_dir(&dir).map_err(|source| FileError::Io {
+            path: dir.clone(),
+            source,
+        })?;
+        for e in read.filter_map(Result::ok) {
+            let name = e.file_name();
+            let ours = name
+                .to_str()
+                .is_some_and(|n| n.starts_with("gw-") && n.ends_with(".conf"));
+            let Ok(kind) = e.file_type() else { continue };
+            if ours && !kind.is_file() {
+                remove_any(&dir.join(&name), kind)?;
+            }
+        }
+        Ok(())
     }
 
     /// Removes every entry of the updater's, and every version's boot
@@ -110,6 +168,7 @@ impl Esp {
     /// When one cannot be removed.
     pub fn remove_except(&self, keep: &str) -> Result<(), FileError> {
         let dir = self.entries_dir();
+        self.remove_strays()?;
         for e in self.entries()? {
             if e.version != keep {
                 let path = dir.join(e.file_name());
@@ -126,40 +185,113 @@ impl Esp {
             let name = d.file_name();
             let Some(v) = name.to_str() else { continue };
             if v != keep && gateway_core::firmware::version_numbers(v).is_some() {
-                let path = gw.join(v);
-                std::fs::remove_dir_all(&path).map_err(|source| FileError::Io { path, source })?;
+                let kind = d.file_type().map_err(|source| FileError::Io {
+                    path: gw.join(v),
+                    source,
+                })?;
+                remove_any(&gw.join(v), kind)?;
             }
         }
         files::sync_dir(&gw)
     }
 
-    /// Puts `version`'s kernel and initrd in place (each already checked
-    /// against its manifest).
-    ///
-    /// # Errors
-    /// An OS error.
-    pub fn put_boot_files(
-        &self,
-        version: &str,
-        linux: &[u8],
-        initrd: &[u8],
-    ) -> Result<(), FileError> {
+    /// `EFI/gw/VERSION`, a real directory (a link or file there, which no
+    /// updater made, is removed first).
+    fn version_dir(&self, version: &str) -> Result<PathBuf, FileError> {
         let dir = self.root.join("EFI/gw").join(version);
+        if let Ok(meta) = std::fs::symlink_metadata(&dir)
+            && !meta.is_dir()
+        {
+            remove_any(&dir, meta.file_type())?;
+        }
         files::ensure_dir(&dir)?;
-        files::replace(&dir, "linux", linux)?;
-        files::replace(&dir, "initrd", initrd)
+        files::real_dir(&dir)?;
+        Ok(dir)
     }
 
-    /// Whether `version`'s kernel and initrd are in place and match `m`.
-    pub fn boot_files_ok(&self, m: &Manifest) -> bool {
-        let dir = self.root.join("EFI/gw").join(&m.version);
-        let ok = |name: &str, want: &str| {
-            files::read_limited(&dir.join(name), MAX_BOOT_FILE)
-                .ok()
-                .flatten()
-                .is_some_and(|b| crate::sha256_hex(&b) == want)
+    /// Streams `version`'s kernel or initrd from `from` into its place,
+    /// hashing as it goes: it replaces the file only when its SHA-256 is
+    /// `want` (the manifest's), so no unchecked byte is ever booted and no
+    /// more than one 1 MiB buffer is held.
+    ///
+    /// # Errors
+    /// An OS error on the ESP.
+    pub fn put_boot_file(
+        &self,
+        version: &str,
+        file: BootFile,
+        from: &mut dyn Read,
+        want: &str,
+    ) -> Result<Put, FileError> {
+        let dir = self.version_dir(version)?;
+        let name = file.name();
+        let tmp = dir.join(format!(".{name}.tmp"));
+        let _ = std::fs::remove_file(&tmp);
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| FileError::Io { path, source }
         };
-        ok("linux", &m.kernel_sha256) && ok("initrd", &m.initrd_sha256)
+        let mut out = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(files::O_NOFOLLOW)
+            .open(&tmp)
+            .map_err(io(&tmp))?;
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut buf = vec![0u8; 1 << 20];
+        let mut len = 0u64;
+        let verdict = loop {
+            let n = match from.read(&mut buf) {
+                Ok(0) => break None,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => break Some(Put::Unreadable(e)),
+            };
+            len += n as u64;
+            if len > MAX_BOOT_FILE {
+                break Some(Put::TooLarge);
+            }
+            ctx.update(&buf[..n]);
+            out.write_all(&buf[..n]).map_err(io(&tmp))?;
+        };
+        let verdict = verdict.or_else(|| {
+            (gateway_core::hex::encode(ctx.finish().as_ref()) != want).then_some(Put::Mismatch)
+        });
+        if let Some(refused) = verdict {
+            drop(out);
+            let _ = std::fs::remove_file(&tmp);
+            return Ok(refused);
+        }
+        out.sync_all().map_err(io(&tmp))?;
+        drop(out);
+        let path = dir.join(name);
+        std::fs::rename(&tmp, &path).map_err(io(&path))?;
+        files::sync_dir(&dir)?;
+        Ok(Put::Written)
+    }
+
+    /// Whether `version`'s kernel or initrd is in place with SHA-256 `want`
+    /// (hashed as it is read, 1 MiB at a time).
+    pub fn boot_file_ok(&self, version: &str, file: BootFile, want: &str) -> bool {
+        let dir = self.root.join("EFI/gw").join(version);
+        if files::real_dir(&dir).is_err() {
+            return false;
+        }
+        let Ok(f) = files::open_read(&dir.join(file.name())) else {
+            return false;
+        };
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut buf = vec![0u8; 1 << 20];
+        let mut r = f.take(MAX_BOOT_FILE + 1);
+        loop {
+            match r.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => ctx.update(&buf[..n]),
+                Err(_) => return false,
+            }
+        }
+        gateway_core::hex::encode(ctx.finish().as_ref()) == want
     }
 
     /// Writes `entry` booting `slot`, unless an entry for its version is
@@ -177,6 +309,7 @@ impl Esp {
         if self.entries()?.iter().any(|e| e.version == entry.version) {
             return Ok(false);
         }
+        self.remove_strays()?;
         files::replace(
             &self.entries_dir(),
             &entry.file_name(),

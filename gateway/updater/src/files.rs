@@ -8,7 +8,18 @@ use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
 /// `O_NOFOLLOW`: a link in place of the last component fails the open.
-const O_NOFOLLOW: i32 = 0o400_000;
+pub(crate) const O_NOFOLLOW: i32 = 0o400_000;
+/// `O_NONBLOCK`: a FIFO in place of a file opens at once (and is then
+/// refused as not a regular file) instead of hanging the updater.
+pub(crate) const O_NONBLOCK: i32 = 0o4000;
+
+/// Clears `O_NONBLOCK` once a file is open and known to be what it should.
+pub(crate) fn blocking(file: &File) -> std::io::Result<()> {
+    use nix::fcntl::{FcntlArg, OFlag, fcntl};
+    let flags = OFlag::from_bits_truncate(fcntl(file, FcntlArg::F_GETFL)?);
+    fcntl(file, FcntlArg::F_SETFL(flags - OFlag::O_NONBLOCK))?;
+    Ok(())
+}
 
 /// A file could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -29,10 +40,17 @@ pub enum FileError {
         /// The bound.
         limit: u64,
     },
-    /// Not a regular file (a link, a device, a directory).
-    #[error("{path}: not a regular file")]
+    /// Not what it should be (a link, a FIFO, a device; a file where a
+    /// directory should be).
+    #[error("{path}: a link or another kind of file than the updater's own")]
     NotRegular {
         /// The file.
+        path: PathBuf,
+    },
+    /// Another `gateway-updater` runs.
+    #[error("{path}: another gateway-updater is running; try again once it ends")]
+    Locked {
+        /// The lock file.
         path: PathBuf,
     },
 }
@@ -44,16 +62,74 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> FileError + '_ {
     }
 }
 
-/// Opens `path` for reading without following a link.
+/// Opens the regular file `path` for reading without following a link
+/// (and without waiting on a FIFO put in its place).
 ///
 /// # Errors
-/// When it cannot be opened.
+/// When it cannot be opened or is not a regular file.
 pub fn open_read(path: &Path) -> Result<File, FileError> {
-    OpenOptions::new()
+    let file = OpenOptions::new()
         .read(true)
-        .custom_flags(O_NOFOLLOW)
+        .custom_flags(O_NOFOLLOW | O_NONBLOCK)
         .open(path)
-        .map_err(io(path))
+        .map_err(io(path))?;
+    if !file.metadata().map_err(io(path))?.is_file() {
+        return Err(FileError::NotRegular {
+            path: path.to_owned(),
+        });
+    }
+    blocking(&file).map_err(io(path))?;
+    Ok(file)
+}
+
+/// Refuses a link (or anything but a directory) at `dir`: the updater's
+/// directories on the ESP and the state disk are real ones (vfat has no
+/// links; one there was put by somebody else).
+///
+/// # Errors
+/// A link, a non-directory, an OS error.
+pub fn real_dir(dir: &Path) -> Result<(), FileError> {
+    let meta = std::fs::symlink_metadata(dir).map_err(io(dir))?;
+    if meta.is_dir() {
+        Ok(())
+    } else {
+        Err(FileError::NotRegular {
+            path: dir.to_owned(),
+        })
+    }
+}
+
+/// An exclusive lock on `dir/lock`, held while the value lives: one
+/// updater at a time writes a slot and its state.
+pub struct Lock {
+    _held: nix::fcntl::Flock<File>,
+}
+
+/// Takes the lock of `dir`.
+///
+/// # Errors
+/// Another updater holds it ([`FileError::Locked`]), or an OS error.
+pub fn lock(dir: &Path) -> Result<Lock, FileError> {
+    let path = dir.join("lock");
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(O_NOFOLLOW | O_NONBLOCK)
+        .open(&path)
+        .map_err(io(&path))?;
+    if !file.metadata().map_err(io(&path))?.is_file() {
+        return Err(FileError::NotRegular { path });
+    }
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(l) => Ok(Lock { _held: l }),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(FileError::Locked { path }),
+        Err((_, e)) => Err(FileError::Io {
+            path,
+            source: e.into(),
+        }),
+    }
 }
 
 /// Reads the regular file `path` whole, at most `limit` bytes; `Ok(None)`
@@ -70,11 +146,6 @@ pub fn read_limited(path: &Path, limit: u64) -> Result<Option<Vec<u8>>, FileErro
         Err(e) => return Err(e),
     };
     let meta = file.metadata().map_err(io(path))?;
-    if !meta.is_file() {
-        return Err(FileError::NotRegular {
-            path: path.to_owned(),
-        });
-    }
     if meta.len() > limit {
         return Err(FileError::TooLarge {
             path: path.to_owned(),

@@ -12,7 +12,7 @@ use gateway_core::firmware::update::{Action, Busy, Input, Outcome, State};
 use gateway_core::firmware::{self, Installed, Manifest, PublicKey, Refused};
 use serde::{Deserialize, Serialize};
 
-use crate::esp::{Esp, SlotName};
+use crate::esp::{Esp, Put, SlotName};
 use crate::files::{self, FileError};
 use crate::slot::{Slot, SlotError};
 use crate::source::{BootFile, ChunkSource, Signed, SourceError};
@@ -40,6 +40,10 @@ pub struct Device {
     pub hardware: String,
     /// The keys bundles are signed with (current and next).
     pub trusted: Vec<PublicKey>,
+    /// The running image's own `security_version` (from its read-only
+    /// root): the floor below which nothing installs, whatever the state
+    /// disk says (a state file removed or replaced does not lower it).
+    pub image_security_version: u64,
 }
 
 /// What the updater keeps.
@@ -82,7 +86,9 @@ pub enum UpdateError {
     #[error(transparent)]
     Slot(#[from] SlotError),
     /// The kept state does not read.
-    #[error("{path}: {reason} (remove it to start over; the next offer writes the slot again)")]
+    #[error(
+        "{path}: {reason} (the updater does not guess: move it aside to start over; the next offer writes the slot again, and the running image's security_version still holds)"
+    )]
     Kept {
         /// The file.
         path: PathBuf,
@@ -102,6 +108,14 @@ pub enum UpdateError {
     /// A state that needs the offer's manifest, and the kept one is gone.
     #[error("the offer's manifest is not kept any more: offer it again")]
     NoOffer,
+    /// Whether a configuration try runs cannot be told.
+    #[error("{path}: {reason}: not updating while it is unknown whether a configuration try runs")]
+    ConfigState {
+        /// gatewayd's managed state.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 /// What the updater waits for after [`Updater::run`].
@@ -134,6 +148,12 @@ pub enum Event {
     },
     /// The inactive slot's old entries are gone.
     Cleared,
+    /// The slot was read back before its entry is written and `bad` chunks
+    /// did not match: they are written again.
+    Rechecked {
+        /// Chunks that did not match.
+        bad: usize,
+    },
     /// The boot entry is written.
     Staged(String),
 }
@@ -143,10 +163,7 @@ pub struct Updater {
     device: Device,
     esp: Esp,
     kept: Kept,
-}
-
-fn sha(bytes: &[u8]) -> String {
-    crate::sha256_hex(bytes)
+    _lock: files::Lock,
 }
 
 impl Updater {
@@ -157,6 +174,8 @@ impl Updater {
     /// The state directory, the ESP, or a kept state that does not read.
     pub fn open(device: Device) -> Result<Self, UpdateError> {
         files::ensure_dir(&device.state_dir)?;
+        files::real_dir(&device.state_dir)?;
+        let lock = files::lock(&device.state_dir)?;
         let esp = Esp::open(&device.esp)?;
         let path = device.state_dir.join(KEPT);
         let kept = match files::read_limited(&path, 1 << 20)? {
@@ -170,7 +189,12 @@ impl Updater {
                 reason: e.to_string(),
             })?,
         };
-        let mut u = Updater { device, esp, kept };
+        let mut u = Updater {
+            device,
+            esp,
+            kept,
+            _lock: lock,
+        };
         let entries = u.esp.entries()?;
         u.kept.state = u.kept.state.clone().start(&u.device.version, &entries);
         u.keep()?;
@@ -180,6 +204,26 @@ impl Updater {
     /// What is kept now.
     pub fn kept(&self) -> &Kept {
         &self.kept
+    }
+
+    /// The security version below which nothing installs: the highest
+    /// committed here, or the running image's own if higher.
+    pub fn floor(&self) -> u64 {
+        self.kept
+            .security_version
+            .max(self.device.image_security_version)
+    }
+
+    /// The boot entry of the version running, if the ESP has one.
+    ///
+    /// # Errors
+    /// When the ESP cannot be read.
+    pub fn running_entry(&self) -> Result<Option<Entry>, UpdateError> {
+        Ok(self
+            .esp
+            .entries()?
+            .into_iter()
+            .find(|e| e.version == self.device.version))
     }
 
     /// The slot an update writes.
@@ -244,7 +288,9 @@ impl Updater {
             .state
             .target()
             .is_some_and(|t| t.version == m.version);
-        if !same {
+        // The kept offer is written again when it is for another version
+        // or no longer reads (a removed offer file is no dead end).
+        if !same || self.offered().is_err() {
             files::replace(&self.device.state_dir, OFFER, &signed.manifest)?;
             files::replace(
                 &self.device.state_dir,
@@ -271,7 +317,7 @@ impl Updater {
         let m = firmware::verify(&signed.manifest, &signed.signature, &self.device.trusted)?;
         m.may_install(&Installed {
             version: self.device.version.clone(),
-            security_version: self.kept.security_version,
+            security_version: self.floor(),
             hardware: self.device.hardware.clone(),
         })?;
         if m.version == self.device.version {
@@ -320,7 +366,18 @@ impl Updater {
                 }
                 Action::FillSlot => self.fill(source, on)?,
                 Action::WriteEntry(entry) => {
-                    self.write_entry(source, &entry)?;
+                    // The slot read back and checked whole before an entry
+                    // can boot it: a kept bitmap is never trusted alone.
+                    let m = self.offered()?;
+                    let held = self.read_back(&m)?;
+                    if !held.complete() {
+                        on(&Event::Rechecked {
+                            bad: m.chunk_count() - held.done(),
+                        });
+                        self.apply(Input::Checked(held))?;
+                        continue;
+                    }
+                    self.write_entry(source, &m, &entry)?;
                     on(&Event::Staged(entry.version.clone()));
                     self.apply(Input::EntryWritten)?;
                 }
@@ -343,6 +400,15 @@ impl Updater {
             Some(r) => r.chunk_hashes(m.chunk_count())?,
             None => Vec::new(),
         };
+        // A kept bitmap of another shape or version is not trusted: it
+        // starts afresh (and one with every chunk settles at once).
+        let State::Writing { progress, .. } = &self.kept.state else {
+            return Ok(());
+        };
+        let resumed = Progress::resume(Some(progress.clone()), &m);
+        if resumed != *progress || resumed.complete() {
+            self.apply(Input::Checked(resumed))?;
+        }
         let plan = match &self.kept.state {
             State::Writing { progress, .. } => progress.plan(&m, &hashes),
             _ => return Ok(()),
@@ -389,26 +455,45 @@ impl Updater {
         Ok(())
     }
 
+    /// Reads the inactive slot back: the chunks that match `m`.
+    fn read_back(&self, m: &Manifest) -> Result<Progress, UpdateError> {
+        let slot = Slot::open_read(&self.device.slots[self.inactive().index()])?;
+        let mut held = Progress::new(m);
+        for i in 0..m.chunk_count() {
+            let len = m.chunk_len(i).unwrap_or(0);
+            if slot.read_chunk(i, len)?.is_some_and(|b| m.chunk_ok(i, &b)) {
+                held.mark(i);
+            }
+        }
+        Ok(held)
+    }
+
     fn write_entry(
         &mut self,
         source: &mut dyn ChunkSource,
+        m: &Manifest,
         entry: &Entry,
     ) -> Result<(), UpdateError> {
-        let m = self.offered()?;
-        if !self.esp.boot_files_ok(&m) {
-            let linux = source.boot_file(BootFile::Linux)?;
-            let initrd = source.boot_file(BootFile::Initrd)?;
-            for (what, bytes, want) in [
-                ("kernel", &linux, &m.kernel_sha256),
-                ("initrd", &initrd, &m.initrd_sha256),
-            ] {
-                if sha(bytes) != *want {
-                    return Err(UpdateError::Corrupt {
-                        what: format!("the {what} of {}", m.version),
-                    });
+        // The kernel is checked (and put in place) before the initrd is
+        // read; each is hashed as it streams to the ESP.
+        for (file, want) in [
+            (BootFile::Linux, &m.kernel_sha256),
+            (BootFile::Initrd, &m.initrd_sha256),
+        ] {
+            if self.esp.boot_file_ok(&m.version, file, want) {
+                continue;
+            }
+            let mut from = source.boot_file(file)?;
+            let what = || format!("the {} of {}", file.name(), m.version);
+            match self.esp.put_boot_file(&m.version, file, &mut from, want)? {
+                Put::Written => {}
+                Put::Mismatch | Put::TooLarge => {
+                    return Err(UpdateError::Corrupt { what: what() });
+                }
+                Put::Unreadable(e) => {
+                    return Err(UpdateError::Source(SourceError(format!("{}: {e}", what()))));
                 }
             }
-            self.esp.put_boot_files(&m.version, &linux, &initrd)?;
         }
         self.esp
             .write_entry_once(entry, self.inactive(), &self.device.hardware)?;
@@ -425,16 +510,27 @@ impl Updater {
 }
 
 /// Whether gatewayd's configuration try is running (its managed state in
-/// `gatewayd_state`, read-only to the updater).
-pub fn config_trying(gatewayd_state: &Path) -> bool {
+/// `gatewayd_state`, read-only to the updater). No file: none runs. A file
+/// that cannot be read or parsed fails closed: the updater does not start.
+///
+/// # Errors
+/// [`UpdateError::ConfigState`].
+pub fn config_trying(gatewayd_state: &Path) -> Result<bool, UpdateError> {
     #[derive(Deserialize)]
     struct Managed {
         #[serde(default)]
         trying: bool,
     }
-    files::read_limited(&gatewayd_state.join("managed/state.json"), 64 << 10)
-        .ok()
-        .flatten()
-        .and_then(|b| serde_json::from_slice::<Managed>(&b).ok())
-        .is_some_and(|m| m.trying)
+    let path = gatewayd_state.join("managed/state.json");
+    let fail = |reason: String| UpdateError::ConfigState {
+        path: path.clone(),
+        reason,
+    };
+    match files::read_limited(&path, 64 << 10) {
+        Ok(None) => Ok(false),
+        Ok(Some(b)) => serde_json::from_slice::<Managed>(&b)
+            .map(|m| m.trying)
+            .map_err(|e| fail(e.to_string())),
+        Err(e) => Err(fail(e.to_string())),
+    }
 }

@@ -53,6 +53,11 @@ struct DeviceArgs {
     /// A trusted public key (minisign); give the current and the next.
     #[arg(long = "key", global = true)]
     keys: Vec<PathBuf>,
+    /// The running image's security_version, the floor below which nothing
+    /// installs; default: /usr/lib/gateway-updater/security_version of the
+    /// read-only root (0 when the image has none).
+    #[arg(long, global = true)]
+    image_security_version: Option<u64>,
     /// gatewayd's state directory (a configuration try there holds updates).
     #[arg(long, global = true, default_value = "/var/lib/gatewayd")]
     gatewayd_state: PathBuf,
@@ -163,6 +168,10 @@ fn device(a: &DeviceArgs) -> Result<Device, String> {
         return Err("no trusted key: pass --key FILE (minisign public key)".into());
     }
     let trusted = bundle::read_keys(&keys).map_err(|e| e.to_string())?;
+    let image_security_version = match a.image_security_version {
+        Some(n) => n,
+        None => image_security_version()?,
+    };
     Ok(Device {
         state_dir: a.state_dir.clone(),
         esp: a.esp.clone(),
@@ -171,7 +180,20 @@ fn device(a: &DeviceArgs) -> Result<Device, String> {
         version,
         hardware,
         trusted,
+        image_security_version,
     })
+}
+
+/// The image's own security version, as `image/build.sh` wrote it.
+fn image_security_version() -> Result<u64, String> {
+    const FILE: &str = "/usr/lib/gateway-updater/security_version";
+    match gateway_updater::files::read_limited(Path::new(FILE), 64) {
+        Ok(None) => Ok(0),
+        Ok(Some(b)) => String::from_utf8_lossy(&b).trim().parse().map_err(|_| {
+            format!("{FILE}: not a number (the image is damaged; pass --image-security-version)")
+        }),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// The keys the image trusts: `/usr/lib/gateway-updater/keys/*.pub`.
@@ -198,11 +220,25 @@ fn run(cli: Cli) -> Result<(), String> {
         }
         Command::Reported => updater.reported().map_err(|e| e.to_string())?,
         Command::Gate { admin, trial } => {
-            let gateway_core::firmware::update::State::Trial { target } = &updater.kept().state
+            let gateway_core::firmware::update::State::Trial { target } =
+                updater.kept().state.clone()
             else {
+                // An entry still counting tries is a trial whatever the
+                // state disk says (it was lost or replaced): fail, so the
+                // box goes back to the version last marked good.
+                if let Some(e) = updater.running_entry().map_err(|e| e.to_string())?
+                    && e.left.is_some()
+                {
+                    return Err(format!(
+                        "health gate failed: this boot's entry {} counts tries but the updater has no trial of it on record; rebooting counts this try",
+                        e.file_name()
+                    ));
+                }
                 println!("not a trial boot: nothing to gate");
                 return Ok(());
             };
+            // The wait holds no lock: `status` answers meanwhile.
+            drop(updater);
             println!(
                 "trial of {}: waiting up to {} s for gatewayd's hub tunnel ({admin})",
                 target.version,
@@ -236,7 +272,11 @@ fn run(cli: Cli) -> Result<(), String> {
         Command::Install { bundle, retry } => {
             let signed = bundle::read_signed(&bundle).map_err(|e| e.to_string())?;
             let m = updater
-                .offer(&signed, config_trying(&gatewayd_state), retry)
+                .offer(
+                    &signed,
+                    config_trying(&gatewayd_state).map_err(|e| e.to_string())?,
+                    retry,
+                )
                 .map_err(|e| e.to_string())?;
             println!(
                 "installing {} into slot {} ({} chunks)",
@@ -255,6 +295,9 @@ fn run(cli: Cli) -> Result<(), String> {
                         }
                     }
                     Event::Cleared => println!("old entries of the inactive slot removed"),
+                    Event::Rechecked { bad } => println!(
+                        "read back: {bad} chunks of the slot do not match the manifest; writing them again"
+                    ),
                     Event::Staged(v) => println!("boot entry for {v} written"),
                 })
                 .map_err(|e| e.to_string())?;

@@ -9,9 +9,10 @@ use std::path::{Path, PathBuf};
 
 use gateway_core::firmware::CHUNK_BYTES;
 
-/// `O_NOFOLLOW`: a slot is named by its partition's own device node (or
-/// the link the updater resolves itself), never reached through a link.
-const O_NOFOLLOW: i32 = 0o400_000;
+// A slot is named by its partition's own device node (or the link the
+// updater resolves itself), never reached through a link, and a FIFO put
+// in its place is refused instead of waited on.
+use crate::files::{O_NOFOLLOW, O_NONBLOCK, blocking};
 
 /// A slot could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -86,7 +87,7 @@ impl Slot {
         let mut file = OpenOptions::new()
             .read(true)
             .write(write)
-            .custom_flags(O_NOFOLLOW)
+            .custom_flags(O_NOFOLLOW | O_NONBLOCK)
             .open(path)
             .map_err(io)?;
         let kind = file.metadata().map_err(io)?.file_type();
@@ -95,6 +96,7 @@ impl Slot {
                 path: path.to_owned(),
             });
         }
+        blocking(&file).map_err(io)?;
         // A block device's size is where a seek to its end lands.
         let len = file.seek(SeekFrom::End(0)).map_err(io)?;
         Ok(Slot {

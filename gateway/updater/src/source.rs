@@ -43,9 +43,10 @@ pub trait ChunkSource {
     /// # Errors
     /// When it cannot be had now.
     fn chunk(&mut self, i: usize) -> Result<Vec<u8>, SourceError>;
-    /// The kernel or the initrd.
+    /// The kernel or the initrd, as a stream (it is hashed as it is
+    /// written to the ESP, and put in place only if it matches).
     ///
     /// # Errors
     /// When it cannot be had now.
-    fn boot_file(&mut self, file: BootFile) -> Result<Vec<u8>, SourceError>;
+    fn boot_file(&mut self, file: BootFile) -> Result<Box<dyn std::io::Read + '_>, SourceError>;
 }

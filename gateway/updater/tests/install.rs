@@ -473,3 +473,174 @@ fn a_slot_reached_through_a_link_is_refused() {
             .all(|x| *x == 0)
     );
 }
+
+/// Runs `c`, failing the test if it has not ended within 20 s (a FIFO that
+/// hangs the updater would otherwise hang the test).
+fn within_20s(mut c: Command) -> Output {
+    let mut child = c
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let start = std::time::Instant::now();
+    while child.try_wait().expect("wait").is_none() {
+        if start.elapsed() > std::time::Duration::from_secs(20) {
+            let _ = child.kill();
+            panic!("gateway-updater hung");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("output")
+}
+
+#[test]
+fn one_updater_at_a_time_and_a_fifo_in_a_bundle_hangs_nothing() {
+    let signer = Signer::new(6);
+    let b = Box::new(&signer, 3);
+    let v2 = image(70, 3, &[]);
+    bundle(&signer, &b.path("v2"), "2.0", 1, &v2);
+    ok(&b.updater(("a", "1.0"), &["status"]));
+    // Another updater holds the state directory's lock.
+    let held = std::fs::File::open(b.path("state/lock")).expect("lock file");
+    let held = nix::fcntl::Flock::lock(held, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|(_, e)| e)
+        .expect("flock");
+    let err = failed(&b.updater(
+        ("a", "1.0"),
+        &["install", b.path("v2").to_str().expect("utf8")],
+    ));
+    assert!(err.contains("another gateway-updater is running"), "{err}");
+    assert!(
+        std::fs::read(b.path("slot-b"))
+            .expect("b")
+            .iter()
+            .all(|x| *x == 0),
+        "nothing written meanwhile"
+    );
+    drop(held);
+    // A FIFO in place of a chunk and of the kernel: refused at once.
+    let chunk = b.path("v2/chunks/000001");
+    std::fs::remove_file(&chunk).expect("rm");
+    nix::unistd::mkfifo(&chunk, nix::sys::stat::Mode::S_IRWXU).expect("mkfifo");
+    let out = within_20s(b.command(
+        ("a", "1.0"),
+        &["install", b.path("v2").to_str().expect("utf8")],
+    ));
+    let err = failed(&out);
+    assert!(
+        err.contains("000001") && err.contains("another kind of file"),
+        "{err}"
+    );
+    std::fs::remove_file(&chunk).expect("rm");
+    std::fs::write(&chunk, &v2[CHUNK_BYTES as usize..2 * CHUNK_BYTES as usize]).expect("chunk");
+    let linux = b.path("v2/linux");
+    let kernel = std::fs::read(&linux).expect("linux");
+    std::fs::remove_file(&linux).expect("rm");
+    nix::unistd::mkfifo(&linux, nix::sys::stat::Mode::S_IRWXU).expect("mkfifo");
+    let err = failed(&within_20s(b.command(
+        ("a", "1.0"),
+        &["install", b.path("v2").to_str().expect("utf8")],
+    )));
+    assert!(err.contains("linux"), "{err}");
+    assert!(
+        b.entries() == ["gw-1.0.conf"],
+        "no entry for a slot without a kernel"
+    );
+    std::fs::remove_file(&linux).expect("rm");
+    std::fs::write(&linux, kernel).expect("linux");
+    let out = ok(&b.updater(
+        ("a", "1.0"),
+        &["install", b.path("v2").to_str().expect("utf8")],
+    ));
+    assert!(out.contains("staged 2.0"), "{out}");
+}
+
+#[test]
+fn the_slot_is_read_back_before_its_entry_and_a_forged_bitmap_is_not_trusted() {
+    let signer = Signer::new(7);
+    for have in [serde_json::json!([511]), serde_json::json!([])] {
+        let b = Box::new(&signer, 8);
+        let v2 = image(90, 8, &[]);
+        bundle(&signer, &b.path("v2"), "2.0", 1, &v2);
+        // Cut after chunks 0-2: chunk 3 is missing from the bundle.
+        let c3 = b.path("v2/chunks/000003");
+        let kept_chunk = std::fs::read(&c3).expect("chunk");
+        std::fs::remove_file(&c3).expect("rm");
+        failed(&b.updater(
+            ("a", "1.0"),
+            &["install", b.path("v2").to_str().expect("utf8")],
+        ));
+        std::fs::write(&c3, kept_chunk).expect("chunk");
+        // The state disk is edited to claim every chunk (or to hold a
+        // bitmap of the wrong shape).
+        let mut kept = b.kept();
+        assert_eq!(kept["state"]["phase"], "writing");
+        kept["state"]["progress"]["have"] = have.clone();
+        std::fs::write(
+            b.path("state/updater.json"),
+            serde_json::to_vec(&kept).expect("json"),
+        )
+        .expect("write");
+        // So is the offer, removed: offering again writes it again.
+        std::fs::remove_file(b.path("state/offer.json")).expect("rm offer");
+        let out = ok(&b.updater(
+            ("a", "1.0"),
+            &["install", b.path("v2").to_str().expect("utf8")],
+        ));
+        assert!(out.contains("staged 2.0"), "{have}: {out}");
+        if have == serde_json::json!([511]) {
+            assert!(
+                out.contains("read back: 6 chunks of the slot do not match"),
+                "{out}"
+            );
+        }
+        assert!(slot_holds(&b, "slot-b", &v2), "{have}: slot b holds v2");
+    }
+}
+
+#[test]
+fn the_image_sets_the_floor_and_an_unreadable_config_state_holds_the_update() {
+    let signer = Signer::new(8);
+    let b = Box::new(&signer, 2);
+    bundle(&signer, &b.path("v2"), "2.0", 4, &image(3, 2, &[]));
+    // A fresh state disk (or one wiped) does not lower the floor the
+    // running image carries.
+    let mut c = b.command(
+        ("a", "1.0"),
+        &["install", b.path("v2").to_str().expect("utf8")],
+    );
+    c.args(["--image-security-version", "5"]);
+    let err = failed(&c.output().expect("runs"));
+    assert!(err.contains("below this box's 5"), "{err}");
+    // gatewayd's managed state that does not parse: not updating.
+    std::fs::create_dir_all(b.path("gatewayd/managed")).expect("dir");
+    std::fs::write(b.path("gatewayd/managed/state.json"), "{trying").expect("state");
+    let err = failed(&b.updater(
+        ("a", "1.0"),
+        &["install", b.path("v2").to_str().expect("utf8")],
+    ));
+    assert!(
+        err.contains("unknown whether a configuration try runs"),
+        "{err}"
+    );
+    std::fs::write(b.path("gatewayd/managed/state.json"), r#"{"trying":true}"#).expect("state");
+    let err = failed(&b.updater(
+        ("a", "1.0"),
+        &["install", b.path("v2").to_str().expect("utf8")],
+    ));
+    assert!(err.contains("configuration try is running"), "{err}");
+}
+
+#[test]
+fn a_boot_counting_tries_with_no_trial_on_record_fails_its_gate() {
+    let signer = Signer::new(10);
+    let b = Box::new(&signer, 2);
+    let gate = ["gate", "--admin", "127.0.0.1:1", "--trial", "1s"];
+    let out = ok(&b.updater(("a", "1.0"), &gate));
+    assert!(out.contains("not a trial boot"), "{out}");
+    // The state disk lost the trial, but systemd-boot is counting this
+    // entry's tries: the gate fails rather than passing by default.
+    b.rename_entry("gw-1.0.conf", "gw-1.0+2-1.conf");
+    let err = failed(&b.updater(("a", "1.0"), &gate));
+    assert!(err.contains("counts tries"), "{err}");
+}

@@ -63,19 +63,25 @@ impl Progress {
 
     /// Whether chunk `i` is in the slot.
     pub fn has(&self, i: usize) -> bool {
-        i < self.chunks && self.have[i / 64] & (1 << (i % 64)) != 0
+        i < self.chunks
+            && self
+                .have
+                .get(i / 64)
+                .is_some_and(|w| w & (1 << (i % 64)) != 0)
     }
 
     /// Chunk `i` is in the slot, checked and synced.
     pub fn mark(&mut self, i: usize) {
-        if i < self.chunks {
-            self.have[i / 64] |= 1 << (i % 64);
+        if i < self.chunks
+            && let Some(w) = self.have.get_mut(i / 64)
+        {
+            *w |= 1 << (i % 64);
         }
     }
 
     /// How many chunks are in the slot.
     pub fn done(&self) -> usize {
-        self.have.iter().map(|w| w.count_ones() as usize).sum()
+        (0..self.chunks).filter(|i| self.has(*i)).count()
     }
 
     /// Every chunk is in the slot: the boot entry may be written.

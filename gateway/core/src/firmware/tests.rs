@@ -225,6 +225,20 @@ fn installing_refuses_a_downgrade_other_hardware_and_too_old_a_box() {
 }
 
 #[test]
+fn a_version_has_one_spelling() {
+    assert_eq!(version_numbers("1.4.2"), Some(vec![1, 4, 2]));
+    assert_eq!(version_numbers("0.10"), Some(vec![0, 10]));
+    for bad in [
+        "", "+2", "1.+2", "1.02", "01", "1..2", "1.", " 1", "1-2", "1.2a",
+    ] {
+        assert_eq!(version_numbers(bad), None, "{bad:?}");
+    }
+    // An entry name splits at its counter only: `gw-+2.conf` is no entry.
+    assert!(super::boot::Entry::parse("gw-+2.conf").is_none());
+    assert!(super::boot::Entry::parse("gw-1.02+3.conf").is_none());
+}
+
+#[test]
 fn chunks_are_checked_by_length_and_hash() {
     let (root, m) = bundle("1.2.0", 3);
     let chunks: Vec<&[u8]> = root.chunks(CHUNK_BYTES as usize).collect();

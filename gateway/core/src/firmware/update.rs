@@ -140,6 +140,10 @@ pub enum Input {
     EntriesRemoved,
     /// Chunk `i` is in the slot, checked and synced.
     ChunkWritten(usize),
+    /// The inactive slot was read back and checked against the offer's
+    /// manifest: it holds the chunks `Progress` marks (a kept bitmap is
+    /// never trusted over the slot itself). Back to writing the rest.
+    Checked(Progress),
     /// The boot entry is on the ESP.
     EntryWritten,
     /// The new version's entry is blessed (its health gate passed and
@@ -239,6 +243,12 @@ impl State {
                 Input::ChunkWritten(i),
             ) => {
                 progress.mark(i);
+                State::Writing { target, progress }.settled()
+            }
+            (
+                State::Writing { target, .. } | State::Written { target },
+                Input::Checked(progress),
+            ) if progress.version == target.version => {
                 State::Writing { target, progress }.settled()
             }
             (State::Written { target }, Input::EntryWritten) => State::Staged { target },

@@ -273,6 +273,46 @@ fn another_offer_while_writing_starts_afresh_and_the_same_one_goes_on() {
 }
 
 #[test]
+fn a_slot_read_back_decides_what_is_written_not_the_kept_bitmap() {
+    let m = manifest("2.0");
+    let target = Target {
+        version: "2.0".into(),
+        from: "1.0".into(),
+        security_version: 1,
+    };
+    // Every chunk checked in the slot: a Writing state settles (it would
+    // otherwise wait for a chunk that is never written).
+    let mut all = Progress::new(&m);
+    (0..CHUNKS).for_each(|i| all.mark(i));
+    let writing = State::Writing {
+        target: target.clone(),
+        progress: Progress::new(&m),
+    };
+    assert_eq!(
+        writing.apply(Input::Checked(all)),
+        State::Written {
+            target: target.clone()
+        }
+    );
+    // A written slot whose read-back finds chunk 3 wrong goes back to
+    // writing it; the entry is not written meanwhile.
+    let mut some = Progress::new(&m);
+    (0..CHUNKS).filter(|i| *i != 3).for_each(|i| some.mark(i));
+    let back = State::Written {
+        target: target.clone(),
+    }
+    .apply(Input::Checked(some));
+    assert!(
+        matches!(back, State::Writing { ref progress, .. } if !progress.has(3) && progress.done() == CHUNKS - 1)
+    );
+    assert_eq!(back.next(), Action::FillSlot);
+    // A check of another version's slot changes nothing.
+    let other = Progress::new(&manifest("2.1"));
+    let written = State::Written { target };
+    assert_eq!(written.clone().apply(Input::Checked(other)), written);
+}
+
+#[test]
 fn no_offer_is_taken_during_a_config_try_a_trial_or_before_a_report() {
     let target = Target {
         version: "2.0".into(),
