@@ -13,6 +13,7 @@ fn the_image_scripts_parse_and_hold_the_appliance_layout() {
     for script in [
         "image/build.sh",
         "image/test",
+        "image/test-update",
         "image/deb/build.sh",
         "image/bundle.sh",
     ] {
@@ -29,9 +30,15 @@ fn the_image_scripts_parse_and_hold_the_appliance_layout() {
     }
     let build = std::fs::read_to_string(root.join("image/build.sh")).expect("read");
     for must in [
-        "LABEL=gw-root   /                  ext4 ro",
-        "LABEL=gw-state  /var/lib/gatewayd  ext4 rw",
+        "LABEL=gw-state  /var/lib/gw-state  ext4 rw",
+        "/var/lib/gw-state/gatewayd /var/lib/gatewayd none bind",
         "LABEL=gw-config /etc/gatewayd      ext4 ro",
+        "PARTLABEL=gw-esp /efi              vfat rw",
+        "name=gw-root-a",
+        "name=gw-root-b",
+        "options root=PARTLABEL=gw-root-a ro gw.slot=a gw.version=$V gw.hardware=$HARDWARE",
+        "boot-complete.target.requires/gateway-boot-ok.service",
+        "image/bundle.sh\" --root",
         "ConditionPathExists=/etc/gatewayd/%i.toml",
         "dpkg -i /tmp/gatewayd.deb",
     ] {
