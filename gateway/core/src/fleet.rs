@@ -347,6 +347,8 @@ pub enum Action {
     DevicesLabel,
     /// Set or remove devices' template variables.
     DevicesVars,
+    /// Upload a firmware version (its signature is checked all the same).
+    FirmwareUpload,
 }
 
 /// Every operator action's audit event, recorded as `admin.EVENT` whether it
@@ -378,6 +380,11 @@ pub const ADMIN_EVENTS: &[(&str, &str)] = &[
     ("rollout.resume", "a rollout resumed"),
     ("rollout.abort", "a rollout aborted"),
     ("rollout.rollback", "a rollout rolled back"),
+    (
+        "firmware.upload",
+        "a firmware version uploaded (begun, resumed or completed; refused: the signature or a part that does not match)",
+    ),
+    ("firmware.list", "firmware versions listed"),
     ("audit.export", "a device's collected audit exported"),
     ("consumer.create", "a consumer and its certificate made"),
     ("consumer.list", "consumers listed"),
@@ -418,6 +425,7 @@ pub fn allowed(role: AdminRole, action: Action) -> bool {
                 | A::ConfigPushOther
                 | A::ConsumerCreate
                 | A::AlarmsRead
+                | A::FirmwareUpload
         ),
         AdminRole::Security => matches!(
             action,

@@ -354,6 +354,114 @@ pub trait Registry: Send + Sync {
     /// Replaces a rollout's document if it is still at `rev`: false when
     /// another hub or operator changed it first (read it again).
     fn update_rollout(&self, u: RolloutUpdate) -> RegistryFuture<'_, bool>;
+
+    /// Stores a firmware version's signed manifest (checked by the caller)
+    /// and the parts it is to have. The same manifest again is the same
+    /// upload resumed: the row as it stands. Another manifest under a stored
+    /// version is [`RegistryError::Refused`].
+    fn put_firmware(&self, f: NewFirmware) -> RegistryFuture<'_, FirmwareRow>;
+    /// The firmware versions, newest upload first (at most 1,000).
+    fn firmwares(&self) -> RegistryFuture<'_, Vec<FirmwareRow>>;
+    /// A version, with its manifest and signature as uploaded.
+    fn firmware(&self, version: String) -> RegistryFuture<'_, Option<StoredFirmware>>;
+    /// Stores one part of a version (checked by the caller), over any
+    /// stored under that name.
+    fn put_firmware_part(&self, part: FirmwarePart) -> RegistryFuture<'_, ()>;
+    /// One part's bytes.
+    fn firmware_part(&self, version: String, name: String) -> RegistryFuture<'_, Option<Vec<u8>>>;
+    /// The names of the parts stored for a version.
+    fn firmware_parts(&self, version: String) -> RegistryFuture<'_, Vec<String>>;
+    /// Marks a version complete: every part stored and checked whole.
+    fn firmware_complete(&self, version: String) -> RegistryFuture<'_, ()>;
+}
+
+/// A firmware version to store ([`Registry::put_firmware`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewFirmware {
+    /// Its version (the manifest's).
+    pub version: String,
+    /// The manifest's `security_version`.
+    pub security_version: u64,
+    /// The manifest, as signed.
+    pub manifest: String,
+    /// Its minisign signature.
+    pub signature: String,
+    /// How many parts it is to have (root chunks, kernel and initrd parts).
+    pub parts: u64,
+    /// How many of them are the kernel's, and the initrd's.
+    pub boot_parts: [u64; 2],
+    /// The account uploading it.
+    pub by: String,
+    /// When (Unix ms).
+    pub now_ms: i64,
+}
+
+/// A stored firmware version (without its manifest).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FirmwareRow {
+    /// Its version.
+    pub version: String,
+    /// The manifest's `security_version`.
+    pub security_version: u64,
+    /// How many parts it is to have.
+    pub parts: u64,
+    /// How many of them are the kernel's, and the initrd's.
+    pub boot_parts: [u64; 2],
+    /// How many are stored.
+    pub stored: u64,
+    /// Every part stored and the kernel and initrd checked whole.
+    pub complete: bool,
+    /// Who uploaded it.
+    pub by: String,
+    /// When it was first uploaded (Unix ms).
+    pub at_ms: i64,
+}
+
+/// A stored firmware version with its manifest ([`Registry::firmware`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredFirmware {
+    /// The version.
+    pub row: FirmwareRow,
+    /// The manifest, as signed.
+    pub manifest: String,
+    /// Its minisign signature.
+    pub signature: String,
+}
+
+/// One part of a firmware version ([`Registry::put_firmware_part`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FirmwarePart {
+    /// The version.
+    pub version: String,
+    /// `root/000012`, `linux/000000`, `initrd/000003`.
+    pub name: String,
+    /// Its bytes (at most one 1 MiB chunk).
+    pub bytes: Vec<u8>,
+}
+
+/// Whether an upload of `new` may go on over `stored`: the same manifest
+/// and shape resumes it; anything else under that version is refused.
+///
+/// # Errors
+/// [`RegistryError::Refused`], saying what differs.
+pub fn same_firmware(
+    stored_manifest: &str,
+    stored_parts: [u64; 3],
+    new: &NewFirmware,
+) -> Result<(), RegistryError> {
+    if stored_manifest != new.manifest {
+        return Err(RegistryError::Refused(format!(
+            "version {} is stored with another manifest; a version is uploaded once (give a new build a new version)",
+            new.version
+        )));
+    }
+    if stored_parts != [new.parts, new.boot_parts[0], new.boot_parts[1]] {
+        return Err(RegistryError::Refused(format!(
+            "version {} is stored with {} parts, not {}: its kernel or initrd differs from the upload begun before",
+            new.version, stored_parts[0], new.parts
+        )));
+    }
+    Ok(())
 }
 
 /// One device's last heartbeat, for [`Registry::heartbeats`].

@@ -12,8 +12,8 @@ use gateway_store::error::StoreError;
 use std::time::Duration;
 
 use gateway_store::registry::{
-    Admission, ConfigPush, Enrollment, NewAccount, NewConsumer, NewToken, Registry, RegistryError,
-    Renewal, SignCertificate,
+    Admission, ConfigPush, Enrollment, FirmwarePart, NewAccount, NewConsumer, NewFirmware,
+    NewToken, Registry, RegistryError, Renewal, SignCertificate,
 };
 use gateway_store::sink::{Acked, Sink, SinkBatch, StreamKey};
 use gateway_store::sqlite::{Blocking, SqliteRegistry, SqliteSink};
@@ -302,6 +302,120 @@ fn two_hubs<T: Send + 'static>(
     let dir = tempfile::tempdir().expect("tempdir");
     let (a, b) = (open(dir.path()), open(dir.path()));
     (dir, Blocking::new(a), Blocking::new(b))
+}
+
+fn firmware(version: &str, manifest: &str, parts: u64) -> NewFirmware {
+    NewFirmware {
+        version: version.into(),
+        security_version: 3,
+        manifest: manifest.into(),
+        signature: format!("signature of {manifest}"),
+        parts,
+        boot_parts: [1, 1],
+        by: "sysadmin".into(),
+        now_ms: 1_000,
+    }
+}
+
+/// An upload begun at one hub resumes at another; a version is stored with
+/// one manifest only; every hub serves the parts any of them received.
+async fn firmware_suite(a: &dyn Registry, b: &dyn Registry) {
+    let row = a.put_firmware(firmware("2.0", "m2", 3)).await.expect("put");
+    assert_eq!(
+        (row.version.as_str(), row.parts, row.stored, row.complete),
+        ("2.0", 3, 0, false)
+    );
+    assert_eq!(
+        (row.security_version, row.boot_parts, row.by.as_str()),
+        (3, [1, 1], "sysadmin")
+    );
+    let part = |name: &str, bytes: &[u8]| FirmwarePart {
+        version: "2.0".into(),
+        name: name.into(),
+        bytes: bytes.to_vec(),
+    };
+    a.put_firmware_part(part("root/000000", b"first"))
+        .await
+        .expect("part");
+    // The same upload again, at the other hub: where it stands.
+    let again = b
+        .put_firmware(firmware("2.0", "m2", 3))
+        .await
+        .expect("resume");
+    assert_eq!((again.stored, again.at_ms), (1, 1_000));
+    let mut other_kernel = firmware("2.0", "m2", 3);
+    other_kernel.boot_parts = [2, 0];
+    for other in [
+        firmware("2.0", "another", 3),
+        firmware("2.0", "m2", 4),
+        other_kernel,
+    ] {
+        match b.put_firmware(other).await {
+            Err(RegistryError::Refused(m)) => assert!(m.contains("2.0"), "{m}"),
+            other => panic!("another manifest under 2.0 was not refused: {other:?}"),
+        }
+    }
+    b.put_firmware_part(part("root/000000", b"again"))
+        .await
+        .expect("over");
+    b.put_firmware_part(part("linux/000000", &[0, 255, 7]))
+        .await
+        .expect("binary");
+    assert_eq!(
+        a.firmware_parts("2.0".into()).await.expect("parts"),
+        ["linux/000000", "root/000000"]
+    );
+    assert_eq!(
+        a.firmware_part("2.0".into(), "root/000000".into())
+            .await
+            .expect("read"),
+        Some(b"again".to_vec())
+    );
+    assert_eq!(
+        a.firmware_part("2.0".into(), "linux/000000".into())
+            .await
+            .expect("read"),
+        Some(vec![0, 255, 7])
+    );
+    assert_eq!(
+        a.firmware_part("2.0".into(), "initrd/000000".into())
+            .await
+            .expect("read"),
+        None
+    );
+    assert!(
+        a.firmware_parts("9.9".into())
+            .await
+            .expect("none")
+            .is_empty()
+    );
+    let mut later = firmware("3.0", "m3", 1);
+    later.now_ms = 2_000;
+    b.put_firmware(later).await.expect("3.0");
+    b.firmware_complete("2.0".into()).await.expect("complete");
+    let list = a.firmwares().await.expect("list");
+    let shown: Vec<_> = list
+        .iter()
+        .map(|r| (r.version.as_str(), r.stored, r.complete))
+        .collect();
+    assert_eq!(shown, [("3.0", 0, false), ("2.0", 2, true)]);
+    let got = a
+        .firmware("2.0".into())
+        .await
+        .expect("2.0")
+        .expect("stored");
+    assert_eq!(
+        (got.manifest.as_str(), got.signature.as_str()),
+        ("m2", "signature of m2")
+    );
+    assert_eq!((got.row.stored, got.row.complete), (2, true));
+    assert_eq!(a.firmware("9.9".into()).await.expect("none"), None);
+}
+
+#[tokio::test]
+async fn the_sqlite_registry_stores_firmware_for_every_hub() {
+    let (_dir, a, b) = two_hubs(|d| SqliteRegistry::open(d).expect("open"));
+    firmware_suite(&a, &b).await;
 }
 
 #[tokio::test]
@@ -1346,6 +1460,8 @@ mod postgres {
         collected_audit_suite(&PgRegistry::new(a), &PgRegistry::new(b)).await;
         let (a, b) = on(&c, "connect").await;
         connected_suite(&PgRegistry::new(a), &PgRegistry::new(b)).await;
+        let (a, b) = on(&c, "firmware").await;
+        firmware_suite(&PgRegistry::new(a), &PgRegistry::new(b)).await;
     }
 
     #[tokio::test]

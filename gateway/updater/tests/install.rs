@@ -8,57 +8,18 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use base64::Engine as _;
 use gateway_core::firmware::{CHUNK_BYTES, FORMAT, Manifest};
-use ring::signature::KeyPair as _;
 
-const BIN: &str = env!("CARGO_BIN_EXE_gateway-updater");
+#[path = "../../../tests/e2e/minisign_signer.rs"]
+mod minisign_signer;
 
-fn b64(b: &[u8]) -> String {
-    base64::engine::general_purpose::STANDARD.encode(b)
-}
+use minisign_signer::Signer;
 
 fn sha(b: &[u8]) -> String {
     gateway_updater::sha256_hex(b)
 }
 
-/// A signing key writing minisign's formats (prehashed, as `minisign -S`).
-struct Signer {
-    id: [u8; 8],
-    pair: ring::signature::Ed25519KeyPair,
-}
-
-impl Signer {
-    fn new(seed: u8) -> Self {
-        Signer {
-            id: [seed, 9, 8, 7, 6, 5, 4, 3],
-            pair: ring::signature::Ed25519KeyPair::from_seed_unchecked(&[seed; 32]).expect("key"),
-        }
-    }
-
-    fn public_file(&self) -> String {
-        let mut raw = b"Ed".to_vec();
-        raw.extend_from_slice(&self.id);
-        raw.extend_from_slice(self.pair.public_key().as_ref());
-        format!("untrusted comment: minisign public key\n{}\n", b64(&raw))
-    }
-
-    fn sign(&self, message: &[u8]) -> String {
-        use blake2::Digest as _;
-        let sig = self.pair.sign(&blake2::Blake2b512::digest(message));
-        let mut raw = b"ED".to_vec();
-        raw.extend_from_slice(&self.id);
-        raw.extend_from_slice(sig.as_ref());
-        let comment = "gateway firmware";
-        let mut global = sig.as_ref().to_vec();
-        global.extend_from_slice(comment.as_bytes());
-        format!(
-            "untrusted comment: signature\n{}\ntrusted comment: {comment}\n{}\n",
-            b64(&raw),
-            b64(self.pair.sign(&global).as_ref())
-        )
-    }
-}
+const BIN: &str = env!("CARGO_BIN_EXE_gateway-updater");
 
 /// A root image of `n` chunks and a half: chunk `i` is filled with `tag + i`,
 /// except those in `shared`, filled as the v1 image's chunk of that number

@@ -711,6 +711,31 @@ impl Compiler<'_> {
         })
     }
 
+    /// `hub.firmware_keys`: one or two absolute paths (the current key and
+    /// the next).
+    fn firmware_keys(&mut self, keys: Option<&Spanned<Vec<S>>>) -> Option<Vec<FilePath>> {
+        let Some(keys) = keys else {
+            return Some(Vec::new());
+        };
+        if keys.get_ref().is_empty() || keys.get_ref().len() > 2 {
+            self.error(
+                &keys.span(),
+                format!(
+                    "hub.firmware_keys: {} keys; give one or two",
+                    keys.get_ref().len()
+                ),
+                "the current signing key, and the next one while the key rotates (docs/operate.md, \"Firmware updates\")",
+            );
+            return None;
+        }
+        let files: Vec<Option<FilePath>> = keys
+            .get_ref()
+            .iter()
+            .map(|k| self.file(k, "hub.firmware_keys"))
+            .collect();
+        files.into_iter().collect()
+    }
+
     /// A `protocol` key: `"tcp"` (the default) or `"udp"`.
     fn protocol(&mut self, s: Option<&S>, key: &str) -> Option<Protocol> {
         match s {
@@ -2009,6 +2034,7 @@ impl Compiler<'_> {
             None => Some(None),
             Some(s) => self.file(s, "hub.box_ca").map(Some),
         };
+        let firmware_keys = self.firmware_keys(h.firmware_keys.as_ref());
         let cert = self.file(&h.cert, "hub.cert");
         let key = self.file(&h.key, "hub.key");
         let cert_lifetime = self.duration_or(h.cert_lifetime.as_ref(), "hub.cert_lifetime", 86_400);
@@ -2068,6 +2094,7 @@ impl Compiler<'_> {
                 ca_cert: ca_cert?,
                 ca_key: ca_key?,
                 box_ca: box_ca?,
+                firmware_keys: firmware_keys?,
                 cert: cert?,
                 key: key?,
                 cert_lifetime: cert_lifetime?,

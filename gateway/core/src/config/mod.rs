@@ -814,6 +814,9 @@ pub struct HubSettings {
     /// The CA bundle boxes are to trust for hubs (a CA rotation), sent to
     /// each box whose heartbeat reports other CAs, signed with `ca_key`.
     pub box_ca: Option<FilePath>,
+    /// The minisign public keys firmware bundles must be signed with (the
+    /// current one and the next); none: the hub refuses uploads.
+    pub firmware_keys: Vec<FilePath>,
     /// The hub's certificate.
     pub cert: FilePath,
     /// The hub's private key.

@@ -205,6 +205,7 @@ pub struct RawHub {
     pub ca_cert: S,
     pub ca_key: S,
     pub box_ca: Option<S>,
+    pub firmware_keys: Option<Spanned<Vec<S>>>,
     pub cert: S,
     pub key: S,
     pub cert_lifetime: Option<S>,

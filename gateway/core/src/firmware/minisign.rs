@@ -34,7 +34,7 @@ pub enum Error {
     #[error("not a minisign {0}")]
     Format(&'static str),
     /// No trusted key has the signature's key id.
-    #[error("signed by key {0}, which this box does not trust")]
+    #[error("signed by key {0}, which is not one of the trusted keys")]
     UnknownKey(String),
     /// The signature does not match the file.
     #[error("the signature does not match the file")]

@@ -44,6 +44,8 @@ pub struct Fleet {
     /// `[hub].box_ca`, signed, with its fingerprints: sent to each box whose
     /// heartbeat reports other CAs.
     box_ca: Option<(Message, Vec<String>)>,
+    /// `[hub].firmware_keys`: what an uploaded bundle must be signed with.
+    firmware_keys: Vec<gateway_core::firmware::PublicKey>,
     lifetime: Duration,
     ctx: Arc<Ctx>,
     devices: Arc<Devices>,
@@ -171,7 +173,7 @@ impl Fleet {
         consumers: Arc<Consumers>,
         signer: Signer,
         settings: &gateway_core::config::HubSettings,
-        box_ca: Option<(Message, Vec<String>)>,
+        files: HubFiles,
     ) -> Arc<Self> {
         let lifetime = settings.cert_lifetime;
         let export_key = export_key(&settings.cert.path, &settings.key.path);
@@ -183,7 +185,8 @@ impl Fleet {
             consumers,
             signer,
             export_key,
-            box_ca,
+            box_ca: files.box_ca,
+            firmware_keys: files.firmware_keys,
             lifetime,
             ctx,
             devices,
@@ -201,6 +204,11 @@ impl Fleet {
             collected: Mutex::new(Collected::new(COLLECTED_PER_DEVICE, COLLECTED_ALL)),
             broken: Mutex::default(),
         })
+    }
+
+    /// The keys an uploaded firmware bundle must be signed with.
+    pub fn firmware_keys(&self) -> &[gateway_core::firmware::PublicKey] {
+        &self.firmware_keys
     }
 
     /// Wakes the rollout controller.
@@ -1291,6 +1299,54 @@ impl Fleet {
             }
         }
     }
+}
+
+/// What the hub reads from files its config names, at start.
+pub struct HubFiles {
+    /// [`box_ca_offer`].
+    pub box_ca: Option<(Message, Vec<String>)>,
+    /// [`firmware_keys`].
+    pub firmware_keys: Vec<gateway_core::firmware::PublicKey>,
+}
+
+/// `[hub].firmware_keys` read: minisign public key files, each at most 4 KiB,
+/// not followed through a link.
+///
+/// # Errors
+/// A file that cannot be read or is not a minisign public key, naming it.
+pub fn firmware_keys(
+    h: &gateway_core::config::HubSettings,
+) -> Result<Vec<gateway_core::firmware::PublicKey>, String> {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    h.firmware_keys
+        .iter()
+        .map(|file| {
+            let at = |e: &dyn std::fmt::Display| {
+                format!("hub.firmware_keys ({}): {e}", file.path.display())
+            };
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(
+                    (nix::fcntl::OFlag::O_NOFOLLOW | nix::fcntl::OFlag::O_NONBLOCK).bits(),
+                )
+                .open(&file.path)
+                .map_err(|e| at(&e))?;
+            if !f.metadata().map_err(|e| at(&e))?.is_file() {
+                return Err(at(&"not a regular file"));
+            }
+            let mut text = String::new();
+            f.take(4097).read_to_string(&mut text).map_err(|e| at(&e))?;
+            if text.len() > 4096 {
+                return Err(at(&"over 4096 bytes; a minisign public key is two lines"));
+            }
+            gateway_core::firmware::PublicKey::parse(&text).map_err(|e| {
+                at(&format!(
+                    "{e} (the .pub file minisign -G wrote, not the secret key)"
+                ))
+            })
+        })
+        .collect()
 }
 
 /// `[hub].box_ca` made ready to send: read (at most

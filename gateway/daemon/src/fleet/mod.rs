@@ -17,6 +17,8 @@
 //!   rollout starts and the controller every hub runs.
 //! - [`rollout_api`]: the operators' routes of templates, variables and
 //!   rollouts.
+//! - [`firmware_api`]: the operators' routes of the hub's firmware store
+//!   (uploads checked against `[hub].firmware_keys`).
 //!
 //! The pure parts (messages, roles, the policy-section diff, renewal timing, the
 //! audit export check) are in `gateway_core::fleet`; the registry is
@@ -24,6 +26,7 @@
 
 pub mod edge;
 pub mod enroll;
+pub mod firmware_api;
 pub mod hub;
 pub mod logring;
 pub mod ops_api;

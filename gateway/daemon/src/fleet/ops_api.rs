@@ -119,7 +119,8 @@ pub(super) fn role_for(action: Action) -> &'static str {
         | Action::DevicesVars
         | Action::Command
         | Action::ConfigPushOther
-        | Action::ConsumerCreate => "system administrator",
+        | Action::ConsumerCreate
+        | Action::FirmwareUpload => "system administrator",
         Action::ConfigPushPolicy
         | Action::Revoke
         | Action::TokenReplace
@@ -246,16 +247,35 @@ pub(super) fn refuse_role(
     event: &str,
     message: String,
 ) -> ApiError {
-    warn!(%message, "Operator API: refused");
+    refuse_for(
+        fleet,
+        (account, object, event),
+        "roles",
+        StatusCode::FORBIDDEN,
+        message,
+    )
+}
+
+/// An operator's request refused under `rule`: logged, audited
+/// (`admin.EVENT`, deny) under the account with `object` (from the request)
+/// escaped and capped, and answered with `status` and `message`.
+pub(super) fn refuse_for(
+    fleet: &Fleet,
+    (account, object, event): (&str, &str, &str),
+    rule: &str,
+    status: StatusCode,
+    message: String,
+) -> ApiError {
+    warn!(%message, rule, "Operator API: refused");
     fleet.ctx().audit.record(
         account,
         &gateway_core::refusals::peer_text(object),
         &format!("admin.{event}"),
         "deny",
-        "roles",
+        rule,
         message.clone(),
     );
-    ApiError::new(StatusCode::FORBIDDEN, message)
+    ApiError::new(status, message)
 }
 
 pub(super) fn audit_ok(fleet: &Fleet, account: &str, what: &str, object: &str, detail: String) {
@@ -303,6 +323,7 @@ pub async fn serve(
         .route("/v1/bans", get(bans_list))
         .route("/v1/bans/lift", post(ban_lift))
         .merge(super::rollout_api::routes())
+        .merge(super::firmware_api::routes())
         .with_state(fleet);
     let listener = http::Listener {
         tcp: listener,

@@ -189,7 +189,10 @@ pub(super) fn start(
         ctx.clone(),
         h.settings.sink_retention,
     ));
-    let box_ca = crate::fleet::hub::box_ca_offer(&h.settings).map_err(StartError::Fleet)?;
+    let files = crate::fleet::hub::HubFiles {
+        box_ca: crate::fleet::hub::box_ca_offer(&h.settings).map_err(StartError::Fleet)?,
+        firmware_keys: crate::fleet::hub::firmware_keys(&h.settings).map_err(StartError::Fleet)?,
+    };
     let fleet = Fleet::new(
         ctx.clone(),
         devices.clone(),
@@ -197,7 +200,7 @@ pub(super) fn start(
         consumers,
         signer,
         &h.settings,
-        box_ca,
+        files,
     );
     tokio::spawn(fleet.clone().prune_loop(retention_days));
     let (alarms, own_alarms) = tokio::sync::mpsc::channel(1024);

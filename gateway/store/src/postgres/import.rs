@@ -184,6 +184,31 @@ const TABLES: &[Table] = &[
     ),
     (
         File::Registry,
+        "firmware",
+        &[
+            ("version", Kind::Text),
+            ("security_version", Kind::Int),
+            ("manifest", Kind::Text),
+            ("signature", Kind::Text),
+            ("parts", Kind::Int),
+            ("linux_parts", Kind::Int),
+            ("initrd_parts", Kind::Int),
+            ("complete", Kind::Bool),
+            ("by_account", Kind::Text),
+            ("at_ms", Kind::Int),
+        ],
+    ),
+    (
+        File::Registry,
+        "firmware_part",
+        &[
+            ("version", Kind::Text),
+            ("name", Kind::Text),
+            ("bytes", Kind::Bytes),
+        ],
+    ),
+    (
+        File::Registry,
         "alarm",
         &[
             ("id", Kind::Text),

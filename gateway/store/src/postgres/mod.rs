@@ -23,6 +23,7 @@
 pub mod changes;
 #[cfg(feature = "test-cluster")]
 pub mod cluster;
+pub mod firmware;
 pub mod import;
 pub mod registry;
 pub mod rollouts;

@@ -20,9 +20,10 @@ use super::{Pg, changes};
 use crate::registry::{
     Admission, AlarmQuery, AlarmRow, AppliedReport, AuditExport, Change, ChangeKind,
     ConfigConnected, ConfigPush, ConfigSeen, ConsumerRow, DeviceRow, DeviceState, DevicesPage,
-    Enrollment, Heartbeat, LabelChange, NewAccount, NewConsumer, NewRollout, NewTemplate, NewToken,
-    Registry, RegistryError, RegistryFuture, Renewal, RolloutRow, RolloutUpdate, SignCertificate,
-    TemplateRow, VarsChange, apply_labels, continue_chain,
+    Enrollment, FirmwarePart, FirmwareRow, Heartbeat, LabelChange, NewAccount, NewConsumer,
+    NewFirmware, NewRollout, NewTemplate, NewToken, Registry, RegistryError, RegistryFuture,
+    Renewal, RolloutRow, RolloutUpdate, SignCertificate, StoredFirmware, TemplateRow, VarsChange,
+    apply_labels, continue_chain,
 };
 
 /// The registry of hubs sharing one PostgreSQL database.
@@ -1026,6 +1027,34 @@ impl Registry for PgRegistry {
 
     fn update_rollout(&self, u: RolloutUpdate) -> RegistryFuture<'_, bool> {
         Box::pin(self.update_rollout(u))
+    }
+
+    fn put_firmware(&self, f: NewFirmware) -> RegistryFuture<'_, FirmwareRow> {
+        Box::pin(self.put_firmware(f))
+    }
+
+    fn firmwares(&self) -> RegistryFuture<'_, Vec<FirmwareRow>> {
+        Box::pin(self.firmwares())
+    }
+
+    fn firmware(&self, version: String) -> RegistryFuture<'_, Option<StoredFirmware>> {
+        Box::pin(self.firmware(version))
+    }
+
+    fn put_firmware_part(&self, p: FirmwarePart) -> RegistryFuture<'_, ()> {
+        Box::pin(self.put_firmware_part(p))
+    }
+
+    fn firmware_part(&self, version: String, name: String) -> RegistryFuture<'_, Option<Vec<u8>>> {
+        Box::pin(self.firmware_part(version, name))
+    }
+
+    fn firmware_parts(&self, version: String) -> RegistryFuture<'_, Vec<String>> {
+        Box::pin(self.firmware_parts(version))
+    }
+
+    fn firmware_complete(&self, version: String) -> RegistryFuture<'_, ()> {
+        Box::pin(self.firmware_complete(version))
     }
 }
 

@@ -27,6 +27,11 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
         "templates, variables and rollouts",
         super::rollouts::SCHEMA,
     ),
+    (
+        4,
+        "firmware versions and their parts",
+        super::firmware::SCHEMA,
+    ),
 ];
 
 const V2: &str = "

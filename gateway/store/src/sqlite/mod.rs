@@ -9,6 +9,7 @@
 //! full disk is [`StoreError::Unavailable`] (retry later); a constraint, a
 //! corrupt or newer database is [`StoreError::Refused`].
 
+pub mod firmware;
 pub mod registry;
 pub mod rollouts;
 pub mod sink;
@@ -26,9 +27,10 @@ use gateway_core::detect::Alarm;
 
 use crate::registry::{
     Admission, AlarmQuery, AlarmRow, AppliedReport, AuditExport, Change, ConfigConnected,
-    ConfigPush, ConfigSeen, ConsumerRow, DeviceRow, DevicesPage, Enrollment, LabelChange,
-    NewAccount, NewConsumer, NewRollout, NewTemplate, NewToken, Registry, RegistryError,
-    RegistryFuture, Renewal, RolloutRow, RolloutUpdate, SignCertificate, TemplateRow, VarsChange,
+    ConfigPush, ConfigSeen, ConsumerRow, DeviceRow, DevicesPage, Enrollment, FirmwarePart,
+    FirmwareRow, LabelChange, NewAccount, NewConsumer, NewFirmware, NewRollout, NewTemplate,
+    NewToken, Registry, RegistryError, RegistryFuture, Renewal, RolloutRow, RolloutUpdate,
+    SignCertificate, StoredFirmware, TemplateRow, VarsChange,
 };
 use crate::sink::{Acked, Committed, Expired, Grant, Sink, SinkBatch, Stored, Stream, StreamKey};
 
@@ -421,5 +423,33 @@ impl Registry for Blocking<SqliteRegistry> {
 
     fn update_rollout(&self, u: RolloutUpdate) -> RegistryFuture<'_, bool> {
         self.run(move |r| r.update_rollout(&u))
+    }
+
+    fn put_firmware(&self, f: NewFirmware) -> RegistryFuture<'_, FirmwareRow> {
+        self.run(move |r| r.put_firmware(&f))
+    }
+
+    fn firmwares(&self) -> RegistryFuture<'_, Vec<FirmwareRow>> {
+        self.run(|r| r.firmwares())
+    }
+
+    fn firmware(&self, version: String) -> RegistryFuture<'_, Option<StoredFirmware>> {
+        self.run(move |r| r.firmware(&version))
+    }
+
+    fn put_firmware_part(&self, p: FirmwarePart) -> RegistryFuture<'_, ()> {
+        self.run(move |r| r.put_firmware_part(&p))
+    }
+
+    fn firmware_part(&self, version: String, name: String) -> RegistryFuture<'_, Option<Vec<u8>>> {
+        self.run(move |r| r.firmware_part(&version, &name))
+    }
+
+    fn firmware_parts(&self, version: String) -> RegistryFuture<'_, Vec<String>> {
+        self.run(move |r| r.firmware_parts(&version))
+    }
+
+    fn firmware_complete(&self, version: String) -> RegistryFuture<'_, ()> {
+        self.run(move |r| r.firmware_complete(&version))
     }
 }

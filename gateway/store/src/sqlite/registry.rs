@@ -164,6 +164,7 @@ impl SqliteRegistry {
         db.pragma_update(None, "cache_size", -512)?;
         db.execute_batch(SCHEMA)?;
         db.execute_batch(super::rollouts::SCHEMA)?;
+        db.execute_batch(super::firmware::SCHEMA)?;
         // Registries made before tokens could re-enroll a device.
         let has_replaces: bool = db.query_row(
             "SELECT EXISTS (SELECT 1 FROM pragma_table_info('token') WHERE name = 'replaces')",

@@ -11,6 +11,7 @@
 //! that does not verify, 69 the hub is unreachable, 77 not allowed (role or
 //! credential).
 
+mod firmware;
 mod province;
 
 use std::path::PathBuf;
@@ -88,6 +89,9 @@ enum Command {
     /// Rollouts of a template in waves, paused by themselves on failures.
     #[command(subcommand)]
     Rollout(province::RolloutCommand),
+    /// Firmware bundles in the hub's store, which every hub serves to boxes.
+    #[command(subcommand)]
+    Firmware(firmware::FirmwareCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -547,6 +551,7 @@ async fn go(client: &OpsClient, command: Command) -> Result<(), u8> {
         }) => province::vars(client, &device, &items, replace).await?,
         Command::Template(c) => province::template(client, c).await?,
         Command::Rollout(c) => province::rollout(client, c).await?,
+        Command::Firmware(c) => firmware::firmware(client, c).await?,
         Command::Devices(DevicesCommand::Show { device, format }) => {
             let (_, b) = call(client, "GET", &format!("/v1/devices/{device}"), None).await?;
             let v = json(&b);
