@@ -154,6 +154,21 @@ impl Hub {
         hub
     }
 
+    /// Restarts the hub trusting `signer` for firmware bundles.
+    fn trust_firmware(&mut self, signer: &Signer) {
+        let key = self.dir.path().join("firmware.pub");
+        std::fs::write(&key, signer.public_file()).expect("key");
+        self.kill();
+        let text = std::fs::read_to_string(&self.config).expect("config");
+        let text = text.replacen(
+            "[hub]\n",
+            &format!("[hub]\nfirmware_keys = [\"{}\"]\n", key.display()),
+            1,
+        );
+        std::fs::write(&self.config, text).expect("config");
+        self.run();
+    }
+
     fn run(&mut self) {
         let mut p = Proc::start(&self.config);
         p.wait_log("Running;");
@@ -2957,7 +2972,17 @@ fn a_template_rolls_out_in_waves_pauses_on_a_failure_and_rolls_back() {
 /// A signed bundle of `version` in `dir`, as image/build.sh lays one out: a
 /// root image of two chunks and a half, a kernel of a chunk and a half (two
 /// parts) and a small initrd; `salt` makes the bytes differ between builds.
-fn firmware_bundle(signer: &Signer, dir: &Path, version: &str, salt: u8) {
+fn firmware_bundle(signer: &Signer, dir: &Path, version: &str, salt: u8) -> Vec<u8> {
+    firmware_bundle_of(signer, dir, (version, 2), salt)
+}
+
+/// [`firmware_bundle`] with a root image of `chunks` chunks and a half.
+fn firmware_bundle_of(
+    signer: &Signer,
+    dir: &Path,
+    (version, chunks): (&str, u64),
+    salt: u8,
+) -> Vec<u8> {
     use gateway_core::firmware::{CHUNK_BYTES, FORMAT, Manifest};
     let sha = |b: &[u8]| {
         gateway_core::hex::encode(ring::digest::digest(&ring::digest::SHA256, b).as_ref())
@@ -2967,7 +2992,7 @@ fn firmware_bundle(signer: &Signer, dir: &Path, version: &str, salt: u8) {
             .map(|i| (i % 251) as u8 ^ tag ^ salt ^ (i / CHUNK_BYTES) as u8)
             .collect()
     };
-    let root = fill(2 * CHUNK_BYTES + CHUNK_BYTES / 2, 1);
+    let root = fill(chunks * CHUNK_BYTES + CHUNK_BYTES / 2, 1);
     let (linux, initrd) = (fill(CHUNK_BYTES + CHUNK_BYTES / 2, 2), fill(100, 3));
     std::fs::create_dir_all(dir.join("chunks")).expect("bundle");
     let chunks: Vec<&[u8]> = root.chunks(CHUNK_BYTES as usize).collect();
@@ -2990,6 +3015,7 @@ fn firmware_bundle(signer: &Signer, dir: &Path, version: &str, salt: u8) {
     let text = serde_json::to_vec_pretty(&m).expect("manifest");
     std::fs::write(dir.join("manifest.json"), &text).expect("manifest");
     std::fs::write(dir.join("manifest.json.minisig"), signer.sign(&text)).expect("sig");
+    root
 }
 
 /// `gatewayctl firmware upload` against a hub: refused without
@@ -3019,19 +3045,7 @@ fn firmware_uploads_are_checked_resumed_and_listed() {
         }
     });
 
-    std::fs::write(d.join("firmware.pub"), current.public_file()).expect("key");
-    hub.kill();
-    let text = std::fs::read_to_string(&hub.config).expect("config");
-    let text = text.replacen(
-        "[hub]\n",
-        &format!(
-            "[hub]\nfirmware_keys = [\"{}\"]\n",
-            d.join("firmware.pub").display()
-        ),
-        1,
-    );
-    std::fs::write(&hub.config, text).expect("config");
-    hub.run();
+    hub.trust_firmware(&current);
 
     for (account, code) in [("sue", 77), ("ada", 77)] {
         let (got, _, err) = hub.ctl(account, &["firmware", "upload", &b20]);
@@ -3165,4 +3179,112 @@ fn firmware_uploads_are_checked_resumed_and_listed() {
         "{}",
         audit.join("\n")
     );
+}
+
+/// A box's updater fetching a version from the hub through its gatewayd (the
+/// admin listener, then the tunnel) while the hub is killed and restarted
+/// twice: every attempt after a cut goes on from what is written, chunks the
+/// running slot holds are copied instead of fetched, none is fetched twice,
+/// and the slot and boot entry end up as the signed manifest says.
+#[test]
+fn a_box_fetches_firmware_over_the_tunnel_across_hub_restarts() {
+    use gateway_updater::install::{Device, Event, Updater, Waiting};
+    let mut hub = Hub::start("1h");
+    let d = hub.dir.path().to_owned();
+    let signer = Signer::new(3);
+    hub.trust_firmware(&signer);
+    // Twelve chunks: about 6 s at the default 2 MB/s for one box.
+    let root = firmware_bundle_of(&signer, &d.join("b2.0"), ("2.0", 11), 0);
+    let (code, _, err) = hub.ctl(
+        "sam",
+        &["firmware", "upload", d.join("b2.0").to_str().expect("path")],
+    );
+    assert_eq!(code, 0, "{err}");
+
+    let echo = echo_server("127.0.1.1");
+    let (config, state) = edge_config(&hub, "edge-a", echo, "");
+    let (code, out) = enroll(&config, &hub.token("edge-a"));
+    assert_eq!(code, 0, "{out}");
+    let mut edge = Proc::start(&config);
+    edge.wait_log("Tunnel up");
+    let admin: SocketAddr = hub_admin_of(&config).parse().expect("admin");
+
+    // The box: v1.0 in slot A, which shares chunks 4 and 8 with 2.0.
+    let chunk = gateway_core::firmware::CHUNK_BYTES as usize;
+    let size = root.len() + 4 * chunk;
+    let mut a: Vec<u8> = root.iter().map(|b| b ^ 0x5a).collect();
+    for shared in [4, 8] {
+        let r = shared * chunk..(shared + 1) * chunk;
+        a[r.clone()].copy_from_slice(&root[r]);
+    }
+    a.resize(size, 0);
+    let boxdir = d.join("box");
+    std::fs::create_dir_all(boxdir.join("esp/loader/entries")).expect("esp");
+    std::fs::write(boxdir.join("esp/loader/entries/gw-1.0.conf"), "title 1.0\n").expect("entry");
+    std::fs::write(boxdir.join("slot-a"), &a).expect("slot a");
+    std::fs::write(boxdir.join("slot-b"), vec![0u8; size]).expect("slot b");
+    let device = Device {
+        state_dir: boxdir.join("updater"),
+        esp: boxdir.join("esp"),
+        slots: [boxdir.join("slot-a"), boxdir.join("slot-b")],
+        running: gateway_updater::esp::SlotName::A,
+        version: "1.0".into(),
+        hardware: "qemu-x86_64".into(),
+        trusted: vec![
+            gateway_core::firmware::PublicKey::parse(&signer.public_file()).expect("key"),
+        ],
+        image_security_version: 0,
+    };
+    let (progress, done) = std::sync::mpsc::channel();
+    let fetching = std::thread::spawn(move || {
+        let mut updater = Updater::open(device).expect("updater");
+        let mut on = |e: &Event| {
+            if let Event::Chunk { done, .. } = e {
+                let _ = progress.send(*done);
+            }
+        };
+        let mut said = Vec::new();
+        let got = gateway_updater::hub::fetch(
+            &mut updater,
+            &state,
+            ("2.0", admin),
+            (false, Duration::from_secs(120)),
+            (&mut on, &mut |line: String| said.push(line)),
+        );
+        (got, said)
+    });
+    // The hub goes away twice while chunks flow, and comes back.
+    for after in [3, 7] {
+        loop {
+            let n = done
+                .recv_timeout(Duration::from_secs(60))
+                .expect("progress");
+            if n >= after {
+                break;
+            }
+        }
+        hub.kill();
+        hub.run();
+    }
+    let (got, said) = fetching.join().expect("fetch thread");
+    let got = got.unwrap_or_else(|e| panic!("{e}\n{}", said.join("\n")));
+    assert_eq!(got.waiting, Waiting::Reboot, "{said:?}");
+    assert!(got.tries >= 3, "two cuts, {} tries: {said:?}", got.tries);
+    assert_eq!(
+        got.fetched,
+        12 - 2,
+        "each chunk fetched once, two copied: {said:?}"
+    );
+    let b = std::fs::read(boxdir.join("slot-b")).expect("slot b");
+    assert!(b[..root.len()] == root[..], "slot B holds 2.0's root image");
+    let entries: Vec<String> = std::fs::read_dir(boxdir.join("esp/loader/entries"))
+        .expect("entries")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(entries.iter().any(|e| e == "gw-2.0+3.conf"), "{entries:?}");
+    assert_eq!(
+        std::fs::read(boxdir.join("esp/EFI/gw/2.0/linux")).expect("kernel"),
+        std::fs::read(d.join("b2.0/linux")).expect("bundle kernel")
+    );
+    drop(edge);
 }

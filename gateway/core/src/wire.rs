@@ -196,6 +196,17 @@ pub enum Frame {
         /// Why (rule and reason).
         reason: String,
     },
+    /// Edge to hub, on a stream of its own: one part of a firmware version in
+    /// the hub's store (`manifest`, `signature`, `parts`, `root/000012`,
+    /// `linux/000000`, `initrd/000003`). Answered [`Frame::Opened`] and the
+    /// part's bytes (at most 1 MiB) to the end of the stream, or
+    /// [`Frame::Refuse`].
+    FirmwareGet {
+        /// The version.
+        version: String,
+        /// The part.
+        part: String,
+    },
     /// Refused; the stream ends.
     Refuse {
         /// Why.
@@ -242,6 +253,7 @@ mod tag {
     pub const DELIVER: u8 = 0x23;
     pub const SYNC_DELIVERED: u8 = 0x24;
     pub const SYNC_FAILED: u8 = 0x25;
+    pub const FIRMWARE_GET: u8 = 0x30;
 }
 
 impl Frame {
@@ -324,6 +336,11 @@ impl Frame {
                 out.push(tag::DELIVER);
                 put_str(out, from);
                 put_str(out, channel);
+            }
+            Frame::FirmwareGet { version, part } => {
+                out.push(tag::FIRMWARE_GET);
+                put_str(out, version);
+                put_str(out, part);
             }
             Frame::SyncDelivered { upto } => {
                 out.push(tag::SYNC_DELIVERED);
@@ -431,6 +448,10 @@ impl Frame {
                 channel: r.str()?,
             },
             tag::SYNC_DELIVERED => Frame::SyncDelivered { upto: r.u64()? },
+            tag::FIRMWARE_GET => Frame::FirmwareGet {
+                version: r.str()?,
+                part: r.str()?,
+            },
             tag::SYNC_FAILED => Frame::SyncFailed {
                 seq: r.u64()?,
                 reason: r.str()?,
@@ -734,6 +755,7 @@ mod tests {
             any::<u64>().prop_map(|upto| Frame::SyncAck { upto }),
             (".{0,30}", ".{0,30}").prop_map(|(from, channel)| Frame::Deliver { from, channel }),
             any::<u64>().prop_map(|upto| Frame::SyncDelivered { upto }),
+            (".{0,20}", ".{0,20}").prop_map(|(version, part)| Frame::FirmwareGet { version, part }),
             (any::<u64>(), ".{0,60}").prop_map(|(seq, reason)| Frame::SyncFailed { seq, reason }),
             (code, ".{0,20}", ".{0,200}").prop_map(|(code, rule, message)| Frame::Refuse {
                 code,

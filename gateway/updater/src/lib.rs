@@ -7,6 +7,7 @@
 //! - [`slot`]: a root slot written chunk by chunk, synced.
 //! - [`esp`]: boot entries and kernels on the EFI system partition.
 //! - [`bundle`]: a signed bundle on disk, as a chunk source.
+//! - [`hub`]: a version on the hub, through gatewayd's admin listener.
 //! - [`source`]: where an update's bytes come from (a bundle, the hub).
 //! - [`gate`]: the health gate of a trial boot (gatewayd's hub tunnel is up).
 //! - [`files`]: reading within bounds, never through links; atomic replaces.
@@ -15,6 +16,7 @@ pub mod bundle;
 pub mod esp;
 pub mod files;
 pub mod gate;
+pub mod hub;
 pub mod install;
 pub mod slot;
 pub mod source;

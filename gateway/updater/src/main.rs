@@ -7,7 +7,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use gateway_updater::bundle::{self, BundleSource};
 use gateway_updater::esp::SlotName;
-use gateway_updater::install::{Device, Event, Updater, Waiting, config_trying};
+use gateway_updater::install::{Device, Event, UpdateError, Updater, Waiting, config_trying};
+use gateway_updater::source::ChunkSource;
 
 /// The appliance's firmware updater.
 #[derive(Parser)]
@@ -73,6 +74,23 @@ enum Command {
         /// Install it even though it rolled back on this box before.
         #[arg(long)]
         retry: bool,
+    },
+    /// Installs VERSION from the hub, through gatewayd's admin listener
+    /// (which fetches each part over its tunnel): as install does, and
+    /// across a dropping link, resuming from what is written, until it is
+    /// staged or --give-up-after passes.
+    Fetch {
+        /// The version (as `gatewayctl firmware list` shows it).
+        version: String,
+        /// gatewayd's admin listener (`[admin] listen`).
+        #[arg(long, default_value = "127.0.0.1:9600")]
+        admin: std::net::SocketAddr,
+        /// Install it even though it rolled back on this box before.
+        #[arg(long)]
+        retry: bool,
+        /// Stop trying after this long (what is written stays for the next try).
+        #[arg(long, default_value = "6h", value_parser = trial)]
+        give_up_after: std::time::Duration,
     },
     /// Checks BUNDLE's signature and whether this box may install it.
     Verify {
@@ -285,32 +303,79 @@ fn run(cli: Cli) -> Result<(), String> {
                 m.chunk_count()
             );
             let mut source = BundleSource::new(&bundle);
-            let mut last = std::time::Instant::now();
-            let waiting = updater
-                .run(&mut source, &mut |e| match e {
-                    Event::Chunk { done, total, .. } => {
-                        if done == total || last.elapsed().as_secs() >= 1 {
-                            last = std::time::Instant::now();
-                            println!("chunks {done}/{total}");
-                        }
-                    }
-                    Event::Cleared => println!("old entries of the inactive slot removed"),
-                    Event::Rechecked { bad } => println!(
-                        "read back: {bad} chunks of the slot do not match the manifest; writing them again"
-                    ),
-                    Event::Staged(v) => println!("boot entry for {v} written"),
-                })
-                .map_err(|e| e.to_string())?;
-            match waiting {
-                Waiting::Reboot => println!(
-                    "staged {}: it boots at the next reboot, on trial ({} tries)",
-                    m.version,
-                    gateway_core::firmware::boot::TRIES
-                ),
-                other => println!("now waiting for {other:?}"),
+            let waiting = fill(&mut updater, &mut source).map_err(|e| e.to_string())?;
+            staged(&m.version, &waiting);
+        }
+        Command::Fetch {
+            version,
+            admin,
+            retry,
+            give_up_after,
+        } => fetch(
+            &mut updater,
+            &gatewayd_state,
+            (&version, admin),
+            retry,
+            give_up_after,
+        )?,
+    }
+    Ok(())
+}
+
+/// Writes the offer into the inactive slot from `source`, printing progress.
+fn fill(updater: &mut Updater, source: &mut dyn ChunkSource) -> Result<Waiting, UpdateError> {
+    let mut last = std::time::Instant::now();
+    updater.run(source, &mut |e| print_event(e, &mut last))
+}
+
+fn print_event(e: &Event, last: &mut std::time::Instant) {
+    match e {
+        Event::Chunk { done, total, .. } => {
+            if done == total || last.elapsed().as_secs() >= 1 {
+                *last = std::time::Instant::now();
+                println!("chunks {done}/{total}");
             }
         }
+        Event::Cleared => println!("old entries of the inactive slot removed"),
+        Event::Rechecked { bad } => println!(
+            "read back: {bad} chunks of the slot do not match the manifest; writing them again"
+        ),
+        Event::Staged(v) => println!("boot entry for {v} written"),
     }
+}
+
+fn staged(version: &str, waiting: &Waiting) {
+    match waiting {
+        Waiting::Reboot => println!(
+            "staged {version}: it boots at the next reboot, on trial ({} tries)",
+            gateway_core::firmware::boot::TRIES
+        ),
+        other => println!("now waiting for {other:?}"),
+    }
+}
+
+/// `fetch`, printing what happens.
+fn fetch(
+    updater: &mut Updater,
+    gatewayd_state: &Path,
+    (version, admin): (&str, std::net::SocketAddr),
+    retry: bool,
+    give_up: std::time::Duration,
+) -> Result<(), String> {
+    let mut last = std::time::Instant::now();
+    let mut on = |e: &Event| print_event(e, &mut last);
+    let got = gateway_updater::hub::fetch(
+        updater,
+        gatewayd_state,
+        (version, admin),
+        (retry, give_up),
+        (&mut on, &mut |line: String| println!("{line}")),
+    )?;
+    println!(
+        "{} chunks fetched from the hub ({} tries; the rest were in the slot or copied from the running one)",
+        got.fetched, got.tries
+    );
+    staged(version, &got.waiting);
     Ok(())
 }
 

@@ -711,6 +711,20 @@ impl Compiler<'_> {
         })
     }
 
+    /// A rate key (`"10MB/s"`, `"100Mbit"`), or `default` bytes per second.
+    fn rate_or(&mut self, s: Option<&S>, key: &str, default: u64) -> Option<u64> {
+        let Some(s) = s else {
+            return Some(default);
+        };
+        match units::parse_bandwidth(s.get_ref()) {
+            Ok(b) => Some(b),
+            Err(e) => {
+                self.value_error(&s.span(), key, e);
+                None
+            }
+        }
+    }
+
     /// `hub.firmware_keys`: one or two absolute paths (the current key and
     /// the next).
     fn firmware_keys(&mut self, keys: Option<&Spanned<Vec<S>>>) -> Option<Vec<FilePath>> {
@@ -2035,6 +2049,13 @@ impl Compiler<'_> {
             Some(s) => self.file(s, "hub.box_ca").map(Some),
         };
         let firmware_keys = self.firmware_keys(h.firmware_keys.as_ref());
+        let firmware_rate =
+            self.rate_or(h.firmware_rate.as_ref(), "hub.firmware_rate", 100_000_000);
+        let firmware_rate_per_box = self.rate_or(
+            h.firmware_rate_per_box.as_ref(),
+            "hub.firmware_rate_per_box",
+            2_000_000,
+        );
         let cert = self.file(&h.cert, "hub.cert");
         let key = self.file(&h.key, "hub.key");
         let cert_lifetime = self.duration_or(h.cert_lifetime.as_ref(), "hub.cert_lifetime", 86_400);
@@ -2094,7 +2115,11 @@ impl Compiler<'_> {
                 ca_cert: ca_cert?,
                 ca_key: ca_key?,
                 box_ca: box_ca?,
-                firmware_keys: firmware_keys?,
+                firmware: Box::new(HubFirmware {
+                    keys: firmware_keys?,
+                    rate: firmware_rate?,
+                    rate_per_box: firmware_rate_per_box?,
+                }),
                 cert: cert?,
                 key: key?,
                 cert_lifetime: cert_lifetime?,

@@ -814,9 +814,8 @@ pub struct HubSettings {
     /// The CA bundle boxes are to trust for hubs (a CA rotation), sent to
     /// each box whose heartbeat reports other CAs, signed with `ca_key`.
     pub box_ca: Option<FilePath>,
-    /// The minisign public keys firmware bundles must be signed with (the
-    /// current one and the next); none: the hub refuses uploads.
-    pub firmware_keys: Vec<FilePath>,
+    /// Firmware uploads and the pacing of parts sent to boxes.
+    pub firmware: Box<HubFirmware>,
     /// The hub's certificate.
     pub cert: FilePath,
     /// The hub's private key.
@@ -839,6 +838,20 @@ pub struct HubSettings {
     /// `store = "postgres"`: the registry and the sink live in PostgreSQL
     /// (`[hub.postgres]`); `None` is the embedded SQLite files.
     pub postgres: Option<Box<PgStore>>,
+}
+
+/// `[hub]`'s firmware keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HubFirmware {
+    /// `firmware_keys`: the minisign public keys firmware bundles must be
+    /// signed with (the current one and the next); none: the hub refuses
+    /// uploads.
+    pub keys: Vec<FilePath>,
+    /// `firmware_rate`: bytes per second this hub sends firmware parts at,
+    /// to every box together.
+    pub rate: u64,
+    /// `firmware_rate_per_box`: the same, to one box.
+    pub rate_per_box: u64,
 }
 
 /// `[hub.postgres]`: where hubs sharing one PostgreSQL keep their state.

@@ -206,6 +206,8 @@ pub struct RawHub {
     pub ca_key: S,
     pub box_ca: Option<S>,
     pub firmware_keys: Option<Spanned<Vec<S>>>,
+    pub firmware_rate: Option<S>,
+    pub firmware_rate_per_box: Option<S>,
     pub cert: S,
     pub key: S,
     pub cert_lifetime: Option<S>,

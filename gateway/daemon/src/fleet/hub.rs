@@ -46,6 +46,8 @@ pub struct Fleet {
     box_ca: Option<(Message, Vec<String>)>,
     /// `[hub].firmware_keys`: what an uploaded bundle must be signed with.
     firmware_keys: Vec<gateway_core::firmware::PublicKey>,
+    /// The pacing of firmware parts sent to boxes.
+    firmware_pacer: super::firmware::Pacer,
     lifetime: Duration,
     ctx: Arc<Ctx>,
     devices: Arc<Devices>,
@@ -187,6 +189,10 @@ impl Fleet {
             export_key,
             box_ca: files.box_ca,
             firmware_keys: files.firmware_keys,
+            firmware_pacer: super::firmware::Pacer::new(
+                settings.firmware.rate,
+                settings.firmware.rate_per_box,
+            ),
             lifetime,
             ctx,
             devices,
@@ -209,6 +215,11 @@ impl Fleet {
     /// The keys an uploaded firmware bundle must be signed with.
     pub fn firmware_keys(&self) -> &[gateway_core::firmware::PublicKey] {
         &self.firmware_keys
+    }
+
+    /// The pacing of firmware parts sent to boxes.
+    pub fn firmware_pacer(&self) -> &super::firmware::Pacer {
+        &self.firmware_pacer
     }
 
     /// Wakes the rollout controller.
@@ -1319,7 +1330,8 @@ pub fn firmware_keys(
 ) -> Result<Vec<gateway_core::firmware::PublicKey>, String> {
     use std::io::Read as _;
     use std::os::unix::fs::OpenOptionsExt as _;
-    h.firmware_keys
+    h.firmware
+        .keys
         .iter()
         .map(|file| {
             let at = |e: &dyn std::fmt::Display| {

@@ -17,6 +17,8 @@
 //!   rollout starts and the controller every hub runs.
 //! - [`rollout_api`]: the operators' routes of templates, variables and
 //!   rollouts.
+//! - [`firmware`]: firmware parts over the tunnel: the hub sends them from
+//!   its store, paced; the edge's admin listener fetches them for its updater.
 //! - [`firmware_api`]: the operators' routes of the hub's firmware store
 //!   (uploads checked against `[hub].firmware_keys`).
 //!
@@ -26,6 +28,7 @@
 
 pub mod edge;
 pub mod enroll;
+pub mod firmware;
 pub mod firmware_api;
 pub mod hub;
 pub mod logring;

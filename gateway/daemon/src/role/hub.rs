@@ -367,6 +367,9 @@ impl tunnel::accept::Handler for Wiring {
                 hub_sink::serve_sync(ctx, sink, devices, from, (channel, deliver_to), send, recv)
                     .await;
             }
+            Frame::FirmwareGet { version, part } => {
+                crate::fleet::firmware::serve(&self.fleet, &from, (version, part), send).await;
+            }
             other => {
                 refuse_unexpected(&mut send, &other).await;
             }

@@ -296,7 +296,11 @@ pub async fn start(config: Config, mut bindings: Bindings) -> Result<Running, St
     tasks.servers.push(tokio::spawn(crate::node::http::serve(
         Some(ctx.clone()),
         admin_listener,
-        admin::router(ctx.metrics.clone(), readiness),
+        match &state {
+            RoleState::Edge(tunnels) => admin::router(ctx.metrics.clone(), readiness)
+                .merge(crate::fleet::firmware::edge_routes(tunnels.hubs.clone())),
+            RoleState::Hub(_) => admin::router(ctx.metrics.clone(), readiness),
+        },
         |addr, _| addr,
         tasks.admin_stop.clone(),
     )));
