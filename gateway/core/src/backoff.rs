@@ -21,19 +21,38 @@ pub fn busy_delay(jitter: f64) -> Duration {
     BUSY_MIN + (BUSY_MAX - BUSY_MIN).mul_f64(jitter.clamp(0.0, 1.0))
 }
 
-/// Backoff state for one hub.
-#[derive(Debug, Clone, Default)]
+/// Backoff state for one hub (or one retried job: [`Backoff::between`]).
+#[derive(Debug, Clone)]
 pub struct Backoff {
     failures: u32,
+    base: Duration,
+    cap: Duration,
+}
+
+impl Default for Backoff {
+    /// From [`BASE`] to [`CAP`]: reconnecting to a hub.
+    fn default() -> Self {
+        Backoff::between(BASE, CAP)
+    }
 }
 
 impl Backoff {
+    /// Doubling from `base` up to `cap` (a firmware fetch retried over a
+    /// link that drops: 1 s to 30 s).
+    pub fn between(base: Duration, cap: Duration) -> Self {
+        Backoff {
+            failures: 0,
+            base,
+            cap: cap.max(base),
+        }
+    }
+
     /// The delay before the next attempt, after one more failure. `jitter` in
     /// `[0, 1)` spreads the delay over its upper half ("equal jitter").
     pub fn next_delay(&mut self, jitter: f64) -> Duration {
-        let exp = BASE.saturating_mul(1u32 << self.failures.min(16));
+        let exp = self.base.saturating_mul(1u32 << self.failures.min(16));
         self.failures = self.failures.saturating_add(1);
-        let d = exp.min(CAP);
+        let d = exp.min(self.cap);
         d / 2 + d.mul_f64(jitter.clamp(0.0, 1.0) / 2.0)
     }
 
@@ -67,6 +86,18 @@ mod tests {
         b.reset();
         assert_eq!(b.failures(), 0);
         assert!(b.next_delay(0.0) <= BASE);
+    }
+
+    #[test]
+    fn a_job_backs_off_between_its_own_bounds() {
+        let mut b = Backoff::between(Duration::from_secs(1), Duration::from_secs(30));
+        let d: Vec<Duration> = (0..8).map(|_| b.next_delay(0.999)).collect();
+        assert!(d[0] >= Duration::from_millis(500) && d[0] < Duration::from_secs(1));
+        assert!(d[1] > Duration::from_secs(1) && d[1] < Duration::from_secs(2));
+        assert!(d.iter().all(|d| *d < Duration::from_secs(30)));
+        assert!(d[7] > Duration::from_secs(29));
+        b.reset();
+        assert!(b.next_delay(0.0) == Duration::from_millis(500));
     }
 
     #[test]

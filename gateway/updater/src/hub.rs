@@ -17,7 +17,7 @@ use crate::source::{BootFile, ChunkSource, Signed, SourceError};
 
 /// The most of an answer's head read.
 const MAX_HEAD: usize = 8192;
-/// How long one part may take (gatewayd itself gives the hub 60 s).
+/// How long one part may take, whole (gatewayd itself gives the hub 60 s).
 const TIMEOUT: Duration = Duration::from_secs(75);
 
 /// Fetches `path` from gatewayd's admin listener at `admin`: the body of a
@@ -32,10 +32,28 @@ pub fn get(admin: SocketAddr, path: &str, limit: u64) -> Result<Vec<u8>, SourceE
     s.set_write_timeout(Some(TIMEOUT)).map_err(err)?;
     s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
         .map_err(err)?;
+    // The whole answer within TIMEOUT, however slowly it trickles.
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    let cap = usize::try_from(limit)
+        .unwrap_or(usize::MAX)
+        .saturating_add(MAX_HEAD + 1);
     let mut raw = Vec::new();
-    s.take(limit + MAX_HEAD as u64 + 1)
-        .read_to_end(&mut raw)
-        .map_err(err)?;
+    let mut buf = vec![0u8; 64 * 1024];
+    while raw.len() < cap {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(SourceError(format!(
+                "gatewayd at {admin}: {path}: no whole answer within {} s",
+                TIMEOUT.as_secs()
+            )));
+        }
+        s.set_read_timeout(Some(left)).map_err(err)?;
+        let want = buf.len().min(cap - raw.len());
+        match s.read(&mut buf[..want]).map_err(err)? {
+            0 => break,
+            n => raw.extend_from_slice(&buf[..n]),
+        }
+    }
     let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
         return Err(SourceError(format!(
             "gatewayd at {admin}: {path}: no HTTP answer"
@@ -177,6 +195,15 @@ impl ChunkSource for HubSource {
     }
 }
 
+/// A number in `[0, 1)` from the system's randomness (0 when it fails).
+fn jitter() -> f64 {
+    let mut b = [0u8; 4];
+    match ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b) {
+        Ok(()) => f64::from(u32::from_be_bytes(b)) / (f64::from(u32::MAX) + 1.0),
+        Err(_) => 0.0,
+    }
+}
+
 /// Who hears [`fetch`]: the updater's events, and each retry's line.
 pub type Listeners<'a> = (&'a mut dyn FnMut(&Event), &'a mut dyn FnMut(String));
 
@@ -196,7 +223,8 @@ pub struct Fetched {
 /// chunk not in the slot yet. A part that cannot be had (the link dropped,
 /// the hub restarted, gatewayd has no tunnel) or one that does not match the
 /// manifest stops the attempt; the next goes on from what is written,
-/// after a wait doubling from 1 s to 30 s (back to 1 s after progress),
+/// after a jittered wait doubling from 1 s to 30 s (back to 1 s after
+/// progress),
 /// until `give_up` has passed. `on` hears the updater's events, `say` each
 /// retry.
 ///
@@ -213,7 +241,10 @@ pub fn fetch(
         return Err(format!("version {version:?}: dotted numbers (1.4.2)"));
     }
     let start = std::time::Instant::now();
-    let mut wait = Duration::from_secs(1);
+    // Jittered, so boxes cut off by one hub's restart do not all come back
+    // at the same second.
+    let mut backoff =
+        gateway_core::backoff::Backoff::between(Duration::from_secs(1), Duration::from_secs(30));
     let mut source = HubSource::new(admin, version);
     let mut tries = 0;
     loop {
@@ -248,11 +279,11 @@ pub fn fetch(
                     ));
                 }
                 if source.fetched > before {
-                    wait = Duration::from_secs(1);
+                    backoff.reset();
                 }
-                say(format!("{e}; trying again in {} s", wait.as_secs()));
+                let wait = backoff.next_delay(jitter());
+                say(format!("{e}; trying again in {:.1} s", wait.as_secs_f64()));
                 std::thread::sleep(wait);
-                wait = (wait * 2).min(Duration::from_secs(30));
             }
             Err(e) => return Err(e.to_string()),
         }

@@ -51,6 +51,43 @@ pub fn part_ok(part: &str) -> bool {
     })
 }
 
+/// Versions this hub has seen complete in its store, with their kernel's
+/// and initrd's part counts: a part request then reads only the part, not
+/// the version's row and manifest again. A complete version stays complete
+/// (versions are never removed or changed), so nothing here goes stale.
+#[derive(Default)]
+pub struct Complete(Mutex<HashMap<String, [u64; 2]>>);
+
+/// Complete versions a hub remembers (any further are read from the store
+/// each time).
+const MAX_COMPLETE: usize = 256;
+
+impl Complete {
+    /// `version`'s boot part counts if it is complete: remembered, or read
+    /// from the store once.
+    async fn get(&self, fleet: &Fleet, version: &str) -> Result<Option<[u64; 2]>, String> {
+        if let Some(p) = self
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(version)
+        {
+            return Ok(Some(*p));
+        }
+        match fleet.registry().firmware(version.to_owned()).await {
+            Ok(Some(f)) if f.row.complete => {
+                let mut known = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+                if known.len() < MAX_COMPLETE {
+                    known.insert(version.to_owned(), f.row.boot_parts);
+                }
+                Ok(Some(f.row.boot_parts))
+            }
+            Ok(_) => Ok(None),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}
+
 /// The hub's pacing of firmware parts: a bucket for every box together,
 /// one per box, and the streams open.
 pub struct Pacer {
@@ -184,9 +221,9 @@ pub async fn serve(
         Ok(s) => s,
         Err(message) => return refuse(&mut send, RefuseCode::Limit, message).await,
     };
-    let stored = match fleet.registry().firmware(version.clone()).await {
-        Ok(Some(f)) if f.row.complete => f,
-        Ok(_) => {
+    let boot_parts = match fleet.firmware_complete().get(fleet, &version).await {
+        Ok(Some(p)) => p,
+        Ok(None) => {
             let message = format!("no complete firmware {version} on this hub");
             return refuse(&mut send, RefuseCode::NoRoute, message).await;
         }
@@ -196,14 +233,21 @@ pub async fn serve(
         }
     };
     let bytes = match part.as_str() {
-        "manifest" => stored.manifest.into_bytes(),
-        "signature" => stored.signature.into_bytes(),
-        "parts" => serde_json::json!({
-            "linux": stored.row.boot_parts[0],
-            "initrd": stored.row.boot_parts[1],
-        })
-        .to_string()
-        .into_bytes(),
+        "manifest" | "signature" => match fleet.registry().firmware(version.clone()).await {
+            Ok(Some(f)) if part == "manifest" => f.manifest.into_bytes(),
+            Ok(Some(f)) => f.signature.into_bytes(),
+            Ok(None) => {
+                let message = format!("no complete firmware {version} on this hub");
+                return refuse(&mut send, RefuseCode::NoRoute, message).await;
+            }
+            Err(e) => {
+                let message = format!("the hub's store: {e}");
+                return refuse(&mut send, RefuseCode::Unreachable, message).await;
+            }
+        },
+        "parts" => serde_json::json!({ "linux": boot_parts[0], "initrd": boot_parts[1] })
+            .to_string()
+            .into_bytes(),
         _ => match fleet
             .registry()
             .firmware_part(version.clone(), part.clone())

@@ -48,6 +48,8 @@ pub struct Fleet {
     firmware_keys: Vec<gateway_core::firmware::PublicKey>,
     /// The pacing of firmware parts sent to boxes.
     firmware_pacer: super::firmware::Pacer,
+    /// Firmware versions seen complete in the store.
+    firmware_complete: super::firmware::Complete,
     lifetime: Duration,
     ctx: Arc<Ctx>,
     devices: Arc<Devices>,
@@ -193,6 +195,7 @@ impl Fleet {
                 settings.firmware.rate,
                 settings.firmware.rate_per_box,
             ),
+            firmware_complete: super::firmware::Complete::default(),
             lifetime,
             ctx,
             devices,
@@ -220,6 +223,11 @@ impl Fleet {
     /// The pacing of firmware parts sent to boxes.
     pub fn firmware_pacer(&self) -> &super::firmware::Pacer {
         &self.firmware_pacer
+    }
+
+    /// Firmware versions seen complete in the store.
+    pub fn firmware_complete(&self) -> &super::firmware::Complete {
+        &self.firmware_complete
     }
 
     /// Wakes the rollout controller.
