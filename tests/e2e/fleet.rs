@@ -3246,7 +3246,7 @@ fn a_box_fetches_firmware_over_the_tunnel_across_hub_restarts() {
         let mut said = Vec::new();
         let got = gateway_updater::hub::fetch(
             &mut updater,
-            &state,
+            &|| gateway_updater::install::config_trying(&state),
             ("2.0", admin),
             (false, Duration::from_secs(120)),
             (&mut on, &mut |line: String| said.push(line)),
@@ -3285,6 +3285,348 @@ fn a_box_fetches_firmware_over_the_tunnel_across_hub_restarts() {
     assert_eq!(
         std::fs::read(boxdir.join("esp/EFI/gw/2.0/linux")).expect("kernel"),
         std::fs::read(d.join("b2.0/linux")).expect("bundle kernel")
+    );
+    drop(edge);
+}
+
+/// The box as the updater sees it in the firmware tests: slots and an ESP
+/// in files, running `version` from `slot`.
+fn test_box(
+    boxdir: &Path,
+    signer: &Signer,
+    (version, slot): (&str, gateway_updater::esp::SlotName),
+) -> gateway_updater::install::Device {
+    gateway_updater::install::Device {
+        state_dir: boxdir.join("updater"),
+        esp: boxdir.join("esp"),
+        slots: [boxdir.join("slot-a"), boxdir.join("slot-b")],
+        running: slot,
+        version: version.into(),
+        hardware: "qemu-x86_64".into(),
+        trusted: vec![
+            gateway_core::firmware::PublicKey::parse(&signer.public_file()).expect("key"),
+        ],
+        image_security_version: 0,
+    }
+}
+
+/// Central ops roll firmware out as docs/operate.md says, against a real hub
+/// and a real enrolled gatewayd, with the updater's library standing in for
+/// its units (the path unit's `follow`, the reboot, systemd-boot's counter
+/// and systemd-bless-boot are played by the test; image/test-update runs
+/// them for real under qemu):
+///
+/// 1. `firmware rollout 2.0`: the hub offers it with the box's heartbeats,
+///    gatewayd hands it to the updater, `follow` fetches it over the tunnel
+///    and reboots (the window is `any`); on the trial boot the gate passes
+///    only once a hub acknowledged a heartbeat running 2.0; blessed, the
+///    box reports 2.0 committed, the wave succeeds and the rollout is done;
+///    `devices list` shows 2.0 running, 1.0 standing by;
+/// 2. `firmware rollout 3.0` (a build that never reaches the hub): its
+///    trial boots use up their tries, the box is back on 2.0 by itself and
+///    reports the rollback with the failed boot's journal; the rollout
+///    pauses by itself past `--max-failures 0`, and 3.0 is not taken again.
+#[test]
+fn firmware_rolls_out_in_waves_commits_and_a_broken_version_rolls_back() {
+    use gateway_updater::esp::SlotName;
+    use gateway_updater::follow::{Env, Followed};
+    use gateway_updater::install::{Event, Updater};
+    let mut hub = Hub::start("1h");
+    let d = hub.dir.path().to_owned();
+    let signer = Signer::new(3);
+    hub.trust_firmware(&signer);
+    let root2 = firmware_bundle(&signer, &d.join("b2.0"), "2.0", 0);
+    let root3 = firmware_bundle(&signer, &d.join("b3.0"), "3.0", 7);
+    for b in ["b2.0", "b3.0"] {
+        let (code, _, err) = hub.ctl(
+            "sam",
+            &["firmware", "upload", d.join(b).to_str().expect("path")],
+        );
+        assert_eq!(code, 0, "{err}");
+    }
+    let boxdir = d.join("box");
+    let (handoff, updater_state) = (boxdir.join("handoff"), boxdir.join("updater"));
+    std::fs::create_dir_all(&handoff).expect("handoff");
+    let echo = echo_server("127.0.1.1");
+    let (config, _) = edge_config(&hub, "edge-a", echo, "");
+    let mut text = std::fs::read_to_string(&config).expect("config");
+    text += &format!(
+        "\n[update]\nwindow = \"any\"\ntrial = \"20s\"\nhandoff = \"{}\"\nupdater_state = \"{}\"\n",
+        handoff.display(),
+        updater_state.display()
+    );
+    std::fs::write(&config, text).expect("config");
+    let (code, out) = enroll(&config, &hub.token("edge-a"));
+    assert_eq!(code, 0, "{out}");
+    let admin: SocketAddr = hub_admin_of(&config).parse().expect("admin");
+
+    // The box runs 1.0 from slot A; its updater publishes that.
+    let size = root2.len().max(root3.len()) + gateway_core::firmware::CHUNK_BYTES as usize;
+    std::fs::create_dir_all(boxdir.join("esp/loader/entries")).expect("esp");
+    std::fs::write(boxdir.join("esp/loader/entries/gw-1.0.conf"), "title 1.0\n").expect("entry");
+    std::fs::write(boxdir.join("slot-a"), vec![0x11u8; size]).expect("slot a");
+    std::fs::write(boxdir.join("slot-b"), vec![0u8; size]).expect("slot b");
+    drop(Updater::open(test_box(&boxdir, &signer, ("1.0", SlotName::A))).expect("updater"));
+    let mut edge = Proc::start(&config);
+    edge.wait_log("Tunnel up");
+    let firmware_of = |hub: &Hub| -> Value {
+        let (code, out, err) = hub.ctl("sam", &["devices", "show", "edge-a", "--format", "json"]);
+        assert_eq!(code, 0, "{err}");
+        let v: Value = serde_json::from_str(&out).expect("json");
+        v["status"]["firmware"].clone()
+    };
+    poll_blocking(
+        "the box's firmware in its heartbeat",
+        Duration::from_secs(15),
+        || {
+            let f = firmware_of(&hub);
+            if f["running"] == "1.0" {
+                Ok(())
+            } else {
+                Err(f.to_string())
+            }
+        },
+    );
+    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .expect("boot id")
+        .trim()
+        .to_owned();
+    // One pass of the path unit's service.
+    let follow = |version: &str, slot: SlotName, rebooted: &mut bool| -> Followed {
+        let mut updater =
+            Updater::open(test_box(&boxdir, &signer, (version, slot))).expect("updater");
+        let mut reboot = || {
+            *rebooted = true;
+            Ok(())
+        };
+        let env = Env {
+            handoff: &handoff,
+            admin,
+            give_up: Duration::from_secs(60),
+            boot_id: &boot_id,
+            minute: 0,
+            reboot: &mut reboot,
+        };
+        gateway_updater::follow::follow(
+            &mut updater,
+            env,
+            (&mut |_: &Event| {}, &mut |_: String| {}),
+        )
+        .expect("follow")
+    };
+    let wait_offer = |version: &str| {
+        poll_blocking(
+            "gatewayd hands the offer to the updater",
+            Duration::from_secs(30),
+            || match std::fs::read_to_string(handoff.join("offer.json")) {
+                Ok(t) if t.contains(&format!("\"{version}\"")) => Ok(t),
+                other => Err(format!("{other:?}")),
+            },
+        )
+    };
+    let entries = || -> Vec<String> {
+        let mut e: Vec<String> = std::fs::read_dir(boxdir.join("esp/loader/entries"))
+            .expect("entries")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        e.sort();
+        e
+    };
+
+    // 1. 2.0, committed.
+    let (code, id, err) = hub.ctl(
+        "sam",
+        &[
+            "firmware",
+            "rollout",
+            "2.0",
+            "--waves",
+            "100%",
+            "--trial",
+            "20s",
+            "--max-failures",
+            "0",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let id = id.trim().to_owned();
+    let offer = wait_offer("2.0");
+    assert!(offer.contains("\"any\"") && offer.contains("20"), "{offer}");
+    let mut rebooted = false;
+    assert_eq!(
+        follow("1.0", SlotName::A, &mut rebooted),
+        Followed::Rebooting("2.0".into())
+    );
+    assert!(rebooted);
+    assert!(
+        entries().contains(&"gw-2.0+3.conf".to_owned()),
+        "{:?}",
+        entries()
+    );
+    assert!(std::fs::read(boxdir.join("slot-b")).expect("slot b")[..root2.len()] == root2[..]);
+    // The trial boot: 2.0 from slot B, its entry counting (systemd-boot
+    // took one try).
+    std::fs::rename(
+        boxdir.join("esp/loader/entries/gw-2.0+3.conf"),
+        boxdir.join("esp/loader/entries/gw-2.0+2-1.conf"),
+    )
+    .expect("count a try");
+    let trial = Updater::open(test_box(&boxdir, &signer, ("2.0", SlotName::B))).expect("updater");
+    assert_eq!(trial.status().expect("status").phase, "trial");
+    drop(trial);
+    // The gate: gatewayd's tunnel is up, and it passes once a hub has
+    // acknowledged a heartbeat carrying 2.0 in this boot.
+    let acked = || {
+        gateway_updater::follow::ack(&handoff, &boot_id)
+            .ok()
+            .flatten()
+            .is_some_and(|a| a.running == "2.0")
+    };
+    gateway_updater::gate::wait(
+        admin,
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        &acked,
+    )
+    .expect("the health gate passes");
+    // systemd-bless-boot marks the entry good.
+    std::fs::rename(
+        boxdir.join("esp/loader/entries/gw-2.0+2-1.conf"),
+        boxdir.join("esp/loader/entries/gw-2.0.conf"),
+    )
+    .expect("bless");
+    let committed =
+        Updater::open(test_box(&boxdir, &signer, ("2.0", SlotName::B))).expect("updater");
+    assert_eq!(committed.status().expect("status").phase, "report");
+    drop(committed);
+    poll_blocking(
+        "the hub acknowledges the outcome",
+        Duration::from_secs(15),
+        || match gateway_updater::follow::ack(&handoff, &boot_id) {
+            Ok(Some(a)) if a.outcome.is_some() => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    let mut no = false;
+    assert!(matches!(
+        follow("2.0", SlotName::B, &mut no),
+        Followed::Reported(_)
+    ));
+    assert!(!no);
+    let (code, out, err) = hub.ctl(
+        "sam",
+        &["rollout", "status", &id, "--wait", "--timeout", "1m"],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(": done") && out.contains("applied"), "{out}");
+    poll_blocking(
+        "devices list shows the versions",
+        Duration::from_secs(15),
+        || {
+            let (_, out, _) = hub.ctl("sam", &["devices", "list"]);
+            let line = out
+                .lines()
+                .find(|l| l.starts_with("edge-a"))
+                .unwrap_or("")
+                .to_owned();
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            if cols.contains(&"2.0") && cols.contains(&"1.0") {
+                Ok(())
+            } else {
+                Err(out)
+            }
+        },
+    );
+
+    // 2. 3.0, which never comes up: rolled back, and the rollout pauses.
+    let (code, id3, err) = hub.ctl(
+        "sam",
+        &[
+            "firmware",
+            "rollout",
+            "3.0",
+            "--waves",
+            "100%",
+            "--trial",
+            "20s",
+            "--max-failures",
+            "0",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let id3 = id3.trim().to_owned();
+    wait_offer("3.0");
+    let mut rebooted = false;
+    assert_eq!(
+        follow("2.0", SlotName::B, &mut rebooted),
+        Followed::Rebooting("3.0".into())
+    );
+    assert!(std::fs::read(boxdir.join("slot-a")).expect("slot a")[..root3.len()] == root3[..]);
+    // Three trial boots whose gate never passes: systemd-boot counts the
+    // entry down to none left and boots 2.0 by itself.
+    std::fs::rename(
+        boxdir.join("esp/loader/entries/gw-3.0+3.conf"),
+        boxdir.join("esp/loader/entries/gw-3.0+0-3.conf"),
+    )
+    .expect("tries used up");
+    let mut back =
+        Updater::open(test_box(&boxdir, &signer, ("2.0", SlotName::B))).expect("updater");
+    back.keep_journal(vec![
+        "gatewayd@edge[812]: no hub answered within 20s".into(),
+    ])
+    .expect("journal");
+    drop(back);
+    let (code, out, err) = hub.ctl(
+        "sam",
+        &["rollout", "status", &id3, "--wait", "--timeout", "1m"],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(": paused") && out.contains("reverted"),
+        "{out}"
+    );
+    assert!(
+        out.contains("back on 2.0") && out.contains("no hub answered"),
+        "{out}"
+    );
+    poll_blocking("the rollback acknowledged", Duration::from_secs(15), || {
+        match gateway_updater::follow::ack(&handoff, &boot_id) {
+            Ok(Some(a))
+                if matches!(
+                    a.outcome,
+                    Some(gateway_core::firmware::update::Outcome::RolledBack { .. })
+                ) =>
+            {
+                Ok(())
+            }
+            other => Err(format!("{other:?}")),
+        }
+    });
+    assert!(matches!(
+        follow("2.0", SlotName::B, &mut no),
+        Followed::Reported(_)
+    ));
+    // 3.0 is offered still (the rollout is paused, not aborted) but never
+    // taken again.
+    assert_eq!(follow("2.0", SlotName::B, &mut no), Followed::Nothing);
+    assert!(!no, "never rebooted again");
+    let f = firmware_of(&hub);
+    assert_eq!(f["running"], "2.0", "{f}");
+    let audit = audit_lines(&hub.dir.path().join("state"));
+    for needle in [
+        "firmware.step edge-a firmware ok [] phase=writing running=1.0 target=2.0",
+        "firmware.outcome edge-a firmware ok [] committed 2.0",
+        "firmware.outcome edge-a firmware error [] rolled back: 3.0",
+        "rollout.pause",
+    ] {
+        assert!(audit.iter().any(|l| l.starts_with(needle) || (needle == "rollout.pause" && l.contains(needle))), "{needle}: {audit:#?}");
+    }
+    let edge_audit = audit_lines(&d.join("edge-a").join("state"));
+    assert!(
+        edge_audit
+            .iter()
+            .any(|l| l.starts_with("firmware.offer hub 2.0 ok")),
+        "{edge_audit:#?}"
     );
     drop(edge);
 }

@@ -15,6 +15,7 @@
 pub mod boot;
 pub mod fetch;
 pub mod minisign;
+pub mod report;
 pub mod update;
 
 use serde::{Deserialize, Serialize};

@@ -54,6 +54,10 @@ pub struct Status {
     /// rotation, which boxes hold the new bundle.
     #[serde(default)]
     pub ca: Vec<String>,
+    /// The box's firmware, as its updater published it (absent off the
+    /// appliance image).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firmware: Option<Box<crate::firmware::report::FirmwareStatus>>,
 }
 
 impl Status {
@@ -66,6 +70,9 @@ impl Status {
                     .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
         });
         self.ca.truncate(MAX_CA);
+        if let Some(f) = &mut self.firmware {
+            f.bound();
+        }
     }
 }
 
@@ -181,6 +188,26 @@ pub enum Message {
     AuditBatch {
         /// The records.
         records: Vec<Record>,
+    },
+    /// Hub to edge: install firmware `version` (from the hub's store), for
+    /// rollout `rollout`. Sent with heartbeats until the box's firmware
+    /// status shows it taken (or refused).
+    FirmwareOffer {
+        /// The rollout that offers it.
+        rollout: String,
+        /// The version.
+        version: String,
+    },
+    /// Hub to edge: the hub has recorded a heartbeat in which the box runs
+    /// `running` (on a trial boot, the health gate waits for this), and the
+    /// update's `outcome` if the heartbeat carried one (the updater then
+    /// forgets it).
+    FirmwareAck {
+        /// The version the heartbeat said runs.
+        running: String,
+        /// The outcome recorded.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        outcome: Option<crate::firmware::update::Outcome>,
     },
     /// Hub to edge: the CA certificates the box is to trust for hubs from
     /// now on (a CA rotation), signed by the key of a CA the box trusts now
@@ -349,6 +376,8 @@ pub enum Action {
     DevicesVars,
     /// Upload a firmware version (its signature is checked all the same).
     FirmwareUpload,
+    /// Roll a firmware version out to boxes.
+    FirmwareRollout,
 }
 
 /// Every operator action's audit event, recorded as `admin.EVENT` whether it
@@ -426,6 +455,7 @@ pub fn allowed(role: AdminRole, action: Action) -> bool {
                 | A::ConsumerCreate
                 | A::AlarmsRead
                 | A::FirmwareUpload
+                | A::FirmwareRollout
         ),
         AdminRole::Security => matches!(
             action,

@@ -21,6 +21,9 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::firmware::report::FirmwareStatus;
+use crate::firmware::update::Outcome;
+
 /// A device that has not reported this long after its offer (or the soak,
 /// if longer) is silent.
 pub const MIN_REPORT_MS: u64 = 60_000;
@@ -302,6 +305,20 @@ pub struct Rollout {
     pub rollback_started_ms: Option<i64>,
     /// The devices, in wave order.
     pub devices: Vec<Member>,
+    /// A rollout of a firmware version (then `template` is empty): what
+    /// each device's firmware status says decides, not its config.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firmware: Option<FirmwareRollout>,
+}
+
+/// What a firmware rollout installs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FirmwareRollout {
+    /// The version (in the hubs' firmware store).
+    pub version: String,
+    /// The boxes' trial time (`[update] trial`), milliseconds: a box not
+    /// heard from for twice this since its offer is silent.
+    pub trial_ms: u64,
 }
 
 /// What the hub knows of a device, for its status in a rollout.
@@ -321,6 +338,8 @@ pub struct Observed {
     /// The last heartbeat said its config is on trial (not yet proven to
     /// reach a hub): not applied yet.
     pub trying: bool,
+    /// The firmware status of its last heartbeat.
+    pub firmware: Option<FirmwareStatus>,
 }
 
 /// A device's status in a rollout.
@@ -435,9 +454,60 @@ pub fn status_of(
     }
 }
 
+/// The status of a device offered firmware `fw` at `offered_ms`, from its
+/// last heartbeat, at `now_ms`: applied once it runs the version past its
+/// trial, reverted when it rolled back from it, failed when its updater
+/// refused it, silent when not heard from for twice the trial time.
+pub fn firmware_status(
+    fw: &FirmwareRollout,
+    offered_ms: i64,
+    obs: &Observed,
+    now_ms: i64,
+) -> DeviceStatus {
+    let f = obs.firmware.as_ref();
+    let heard = obs.heartbeat.map(|h| h.0).filter(|&at| at >= offered_ms);
+    if let Some(f) = f {
+        let v = fw.version.as_str();
+        if let Some(Outcome::RolledBack { running, .. }) = f
+            .outcome
+            .as_ref()
+            .filter(|o| matches!(o, Outcome::RolledBack { version, .. } if version == v))
+        {
+            let last = f
+                .journal
+                .last()
+                .map(|l| format!("; last journal line: {l}"));
+            return DeviceStatus::Reverted(format!(
+                "{v} used up its boot tries; back on {running}{}",
+                last.unwrap_or_default()
+            ));
+        }
+        if f.failed.iter().any(|x| x == v) && f.running != v {
+            return DeviceStatus::Reverted(format!(
+                "{v} rolled back on this box before (offer it with a new rollout after a retry)"
+            ));
+        }
+        if let Some((ev, why)) = &f.error
+            && ev == v
+        {
+            return DeviceStatus::Failed(format!("updater: {why}"));
+        }
+        if f.running == v && f.phase != "trial" && heard.is_some() {
+            return DeviceStatus::Applied;
+        }
+    }
+    let last = heard.unwrap_or(offered_ms).max(offered_ms);
+    let allowed = i64::try_from(fw.trial_ms.saturating_mul(2)).unwrap_or(i64::MAX / 4);
+    if now_ms.saturating_sub(last) > allowed {
+        DeviceStatus::Silent
+    } else {
+        DeviceStatus::Pending
+    }
+}
+
 /// The status of one member of `r`.
 pub fn member_status(r: &Rollout, m: &Member, obs: &Observed, now_ms: i64) -> DeviceStatus {
-    if let Some(at) = r.rollback_started_ms {
+    if let (None, Some(at)) = (&r.firmware, r.rollback_started_ms) {
         if let Some(v) = m.rollback {
             // Its offer time is the rollback's push once made.
             return status_of(
@@ -464,9 +534,11 @@ pub fn member_status(r: &Rollout, m: &Member, obs: &Observed, now_ms: i64) -> De
     if m.unchanged {
         return DeviceStatus::Applied;
     }
-    match m.pushed {
-        Some(v) => status_of(v, m.offered_ms.unwrap_or(offered), obs, r.soak_ms, now_ms),
-        None => DeviceStatus::Pending,
+    let offered = m.offered_ms.unwrap_or(offered);
+    match (&r.firmware, m.pushed) {
+        (Some(fw), _) => firmware_status(fw, offered, obs, now_ms),
+        (None, Some(v)) => status_of(v, offered, obs, r.soak_ms, now_ms),
+        (None, None) => DeviceStatus::Pending,
     }
 }
 

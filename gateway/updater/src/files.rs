@@ -171,15 +171,32 @@ pub fn read_limited(path: &Path, limit: u64) -> Result<Option<Vec<u8>>, FileErro
 /// # Errors
 /// An OS error (the old file, if any, is left as it was).
 pub fn replace(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), FileError> {
+    replace_mode(dir, name, bytes, 0o600)
+}
+
+/// As [`replace`], but the file is readable by everyone (0644, whatever the
+/// umask): what the updater publishes for gatewayd.
+///
+/// # Errors
+/// An OS error.
+pub fn replace_public(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), FileError> {
+    replace_mode(dir, name, bytes, 0o644)
+}
+
+fn replace_mode(dir: &Path, name: &str, bytes: &[u8], mode: u32) -> Result<(), FileError> {
+    use std::os::unix::fs::PermissionsExt as _;
     let tmp = dir.join(format!(".{name}.tmp"));
     let path = dir.join(name);
     let _ = std::fs::remove_file(&tmp);
     let mut f = OpenOptions::new()
         .write(true)
         .create_new(true)
-        .mode(0o600)
+        .mode(mode)
         .custom_flags(O_NOFOLLOW)
         .open(&tmp)
+        .map_err(io(&tmp))?;
+    // Whatever the umask.
+    f.set_permissions(std::fs::Permissions::from_mode(mode))
         .map_err(io(&tmp))?;
     f.write_all(bytes).map_err(io(&tmp))?;
     f.sync_all().map_err(io(&tmp))?;

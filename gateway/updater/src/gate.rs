@@ -1,6 +1,8 @@
 //! The health gate of a trial boot: the new version is kept only if
 //! gatewayd's tunnel to a hub comes up within the trial time (its `/readyz`
-//! answers 200: "a hub tunnel is up"). `gateway-boot-ok.service`, required by
+//! answers 200: "a hub tunnel is up") and a hub has acknowledged a heartbeat
+//! in which the box runs the new version (gatewayd's `ack.json` in the
+//! handoff, of this boot). `gateway-boot-ok.service`, required by
 //! `boot-complete.target`, runs it; when it fails the unit reboots the box
 //! and systemd-boot's counter runs down.
 
@@ -48,17 +50,27 @@ pub fn look(admin: SocketAddr, timeout: Duration) -> Look {
     }
 }
 
-/// Waits until gatewayd is ready or `trial` has passed; the last thing seen
-/// when it has not.
+/// Waits until gatewayd is ready and `acked` says a hub acknowledged the
+/// new version, or `trial` has passed; the last thing seen when it has not.
 ///
 /// # Errors
 /// The last look, when the trial ran out.
-pub fn wait(admin: SocketAddr, trial: Duration, every: Duration) -> Result<Duration, Look> {
+pub fn wait(
+    admin: SocketAddr,
+    trial: Duration,
+    every: Duration,
+    acked: &dyn Fn() -> bool,
+) -> Result<Duration, Look> {
     let start = Instant::now();
     loop {
-        let seen = look(admin, every.max(Duration::from_secs(1)));
+        let mut seen = look(admin, every.max(Duration::from_secs(1)));
         if seen == Look::Ready {
-            return Ok(start.elapsed());
+            if acked() {
+                return Ok(start.elapsed());
+            }
+            seen = Look::NotReady(
+                "a hub tunnel is up, but no hub has acknowledged a heartbeat carrying this version yet".into(),
+            );
         }
         if start.elapsed() >= trial {
             return Err(seen);
@@ -98,8 +110,33 @@ mod tests {
                 "HTTP/1.1 503 Service Unavailable: not ready: no hub tunnel is up".into()
             )
         );
-        let r = wait(down, Duration::from_millis(300), Duration::from_millis(100));
+        let r = wait(
+            down,
+            Duration::from_millis(300),
+            Duration::from_millis(100),
+            &|| true,
+        );
         assert!(matches!(r, Err(Look::NotReady(_))), "{r:?}");
+        // Up, but no acknowledgement: not passed.
+        let r = wait(
+            up,
+            Duration::from_millis(300),
+            Duration::from_millis(100),
+            &|| false,
+        );
+        assert!(
+            matches!(&r, Err(Look::NotReady(why)) if why.contains("acknowledged")),
+            "{r:?}"
+        );
+        assert!(
+            wait(
+                up,
+                Duration::from_millis(300),
+                Duration::from_millis(100),
+                &|| true
+            )
+            .is_ok()
+        );
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::time::Duration;
 use gateway_core::firmware::minisign::MAX_SIGNATURE_TEXT;
 use gateway_core::firmware::{CHUNK_BYTES, MAX_MANIFEST_BYTES};
 
-use crate::install::{Event, UpdateError, Updater, Waiting, config_trying};
+use crate::install::{Event, UpdateError, Updater, Waiting};
 use crate::source::{BootFile, ChunkSource, Signed, SourceError};
 
 /// The most of an answer's head read.
@@ -207,6 +207,40 @@ fn jitter() -> f64 {
 /// Who hears [`fetch`]: the updater's events, and each retry's line.
 pub type Listeners<'a> = (&'a mut dyn FnMut(&Event), &'a mut dyn FnMut(String));
 
+/// Why [`fetch`] stopped.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FetchError {
+    /// This box will not install the version (a bad signature, a
+    /// downgrade, another hardware model, the version running, one that
+    /// rolled back here): the hub is told, and does not offer it again.
+    #[error("{0}")]
+    Refused(String),
+    /// Not now (a config try runs, another update is staged or its outcome
+    /// unreported): the next offer tries again.
+    #[error("{0}")]
+    Busy(String),
+    /// Stopped (gave up on the hub, a disk error); what is written stays.
+    #[error("{0}")]
+    Stopped(String),
+}
+
+impl From<UpdateError> for FetchError {
+    fn from(e: UpdateError) -> Self {
+        match e {
+            UpdateError::Refused(_) | UpdateError::Running(_) | UpdateError::FailedBefore(_) => {
+                FetchError::Refused(e.to_string())
+            }
+            UpdateError::Busy(_) | UpdateError::ConfigState { .. } => {
+                FetchError::Busy(e.to_string())
+            }
+            e => FetchError::Stopped(e.to_string()),
+        }
+    }
+}
+
+/// Whether a config try runs (the updater starts nothing while one does).
+pub type Trying<'a> = &'a dyn Fn() -> Result<bool, UpdateError>;
+
 /// What [`fetch`] did.
 #[derive(Debug)]
 pub struct Fetched {
@@ -229,16 +263,18 @@ pub struct Fetched {
 /// retry.
 ///
 /// # Errors
-/// A refused offer, a disk error, or the last failure once `give_up` passed.
+/// As [`FetchError`] says.
 pub fn fetch(
     updater: &mut Updater,
-    gatewayd_state: &std::path::Path,
+    trying: Trying<'_>,
     (version, admin): (&str, SocketAddr),
     (retry, give_up): (bool, Duration),
     (on, say): Listeners<'_>,
-) -> Result<Fetched, String> {
+) -> Result<Fetched, FetchError> {
     if gateway_core::firmware::version_numbers(version).is_none() {
-        return Err(format!("version {version:?}: dotted numbers (1.4.2)"));
+        return Err(FetchError::Refused(format!(
+            "version {version:?}: dotted numbers (1.4.2)"
+        )));
     }
     let start = std::time::Instant::now();
     // Jittered, so boxes cut off by one hub's restart do not all come back
@@ -252,7 +288,7 @@ pub fn fetch(
         let before = source.fetched;
         let mut attempt = || {
             let signed = source.signed()?;
-            let m = updater.offer(&signed, config_trying(gatewayd_state)?, retry)?;
+            let m = updater.offer(&signed, trying()?, retry)?;
             if m.version != version {
                 return Err(UpdateError::Refused(
                     gateway_core::firmware::Refused::Manifest(format!(
@@ -273,10 +309,10 @@ pub fn fetch(
             }
             Err(e @ (UpdateError::Source(_) | UpdateError::Corrupt { .. })) => {
                 if start.elapsed() >= give_up {
-                    return Err(format!(
+                    return Err(FetchError::Stopped(format!(
                         "{e}; gave up after {} s (what is written stays: fetch again to go on)",
                         start.elapsed().as_secs()
-                    ));
+                    )));
                 }
                 if source.fetched > before {
                     backoff.reset();
@@ -285,7 +321,7 @@ pub fn fetch(
                 say(format!("{e}; trying again in {:.1} s", wait.as_secs_f64()));
                 std::thread::sleep(wait);
             }
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(e.into()),
         }
     }
 }

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use gateway_core::firmware::boot::Entry;
 use gateway_core::firmware::fetch::{Progress, Step};
+use gateway_core::firmware::report::FirmwareStatus;
 use gateway_core::firmware::update::{Action, Busy, Input, Outcome, State};
 use gateway_core::firmware::{self, Installed, Manifest, PublicKey, Refused};
 use serde::{Deserialize, Serialize};
@@ -19,6 +20,8 @@ use crate::source::{BootFile, ChunkSource, Signed, SourceError};
 
 /// The kept state's file in the state directory.
 const KEPT: &str = "updater.json";
+/// What the updater publishes for gatewayd (and the hub), beside it.
+pub const STATUS: &str = "status.json";
 /// The offer being installed, kept to check again after a restart.
 const OFFER: &str = "offer.json";
 const OFFER_SIG: &str = "offer.json.minisig";
@@ -59,6 +62,13 @@ pub struct Kept {
     /// its tries.
     #[serde(default)]
     pub failed: Vec<String>,
+    /// The last offer refused (a bad signature, a downgrade, another
+    /// hardware model): its version and why, for the hub.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<(String, String)>,
+    /// With a rollback report: the failed boot's last journal lines.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub journal: Vec<String>,
 }
 
 /// Rolled-back versions kept.
@@ -183,6 +193,8 @@ impl Updater {
                 state: State::Idle,
                 security_version: 0,
                 failed: Vec::new(),
+                refused: None,
+                journal: Vec::new(),
             },
             Some(b) => serde_json::from_slice(&b).map_err(|e| UpdateError::Kept {
                 path: path.clone(),
@@ -199,6 +211,11 @@ impl Updater {
         u.kept.state = u.kept.state.clone().start(&u.device.version, &entries);
         u.keep()?;
         Ok(u)
+    }
+
+    /// The version running.
+    pub fn running_version(&self) -> &str {
+        &self.device.version
     }
 
     /// What is kept now.
@@ -254,7 +271,94 @@ impl Updater {
             reason: e.to_string(),
         })?;
         files::replace(&self.device.state_dir, KEPT, &text)?;
+        self.publish()
+    }
+
+    /// What the box's firmware is, for gatewayd's heartbeats.
+    ///
+    /// # Errors
+    /// When the ESP cannot be read.
+    pub fn status(&self) -> Result<FirmwareStatus, UpdateError> {
+        let running = self.device.version.clone();
+        let standby = self
+            .esp
+            .entries()?
+            .into_iter()
+            .filter(|e| e.version != running && !e.is_bad())
+            .filter(|e| {
+                self.kept
+                    .state
+                    .target()
+                    .is_none_or(|t| t.version != e.version)
+            })
+            .map(|e| e.version)
+            .max_by(|a, b| firmware::version_numbers(a).cmp(&firmware::version_numbers(b)));
+        let (phase, chunks) = match &self.kept.state {
+            State::Idle => ("idle", None),
+            State::Clearing { progress, .. } => ("clearing", Some(progress)),
+            State::Writing { progress, .. } => ("writing", Some(progress)),
+            State::Written { .. } => ("written", None),
+            State::Staged { .. } => ("staged", None),
+            State::Trial { .. } => ("trial", None),
+            State::Report { .. } => ("report", None),
+        };
+        let outcome = match &self.kept.state {
+            State::Report { outcome } => Some(outcome.clone()),
+            _ => None,
+        };
+        let rolled_back = matches!(outcome, Some(Outcome::RolledBack { .. }));
+        let mut s = FirmwareStatus {
+            running,
+            standby,
+            phase: phase.to_owned(),
+            target: self.kept.state.target().map(|t| t.version.clone()),
+            chunks: chunks.map(|p| (p.done() as u64, p.total() as u64)),
+            outcome,
+            error: self.kept.refused.clone(),
+            failed: self.kept.failed.clone(),
+            journal: if rolled_back {
+                self.kept.journal.clone()
+            } else {
+                Vec::new()
+            },
+        };
+        s.bound();
+        Ok(s)
+    }
+
+    /// Writes [`STATUS`], readable by gatewayd (0644, its directory 0755:
+    /// versions and progress, nothing secret).
+    fn publish(&self) -> Result<(), UpdateError> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let status = self.status()?;
+        let text = serde_json::to_vec(&status).unwrap_or_default();
+        let dir = &self.device.state_dir;
+        files::replace_public(dir, STATUS, &text)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).map_err(|e| {
+            FileError::Io {
+                path: dir.clone(),
+                source: e,
+            }
+        })?;
         Ok(())
+    }
+
+    /// Records that an offer of `version` was refused, and why.
+    ///
+    /// # Errors
+    /// A disk error.
+    pub fn refused(&mut self, version: &str, why: &str) -> Result<(), UpdateError> {
+        self.kept.refused = Some((version.to_owned(), why.to_owned()));
+        self.keep()
+    }
+
+    /// Keeps the failed boot's journal lines with a rollback report (once).
+    ///
+    /// # Errors
+    /// A disk error.
+    pub fn keep_journal(&mut self, lines: Vec<String>) -> Result<(), UpdateError> {
+        self.kept.journal = lines;
+        self.keep()
     }
 
     fn apply(&mut self, input: Input) -> Result<(), UpdateError> {
@@ -505,6 +609,7 @@ impl Updater {
     /// # Errors
     /// A disk error.
     pub fn reported(&mut self) -> Result<(), UpdateError> {
+        self.kept.journal.clear();
         self.apply(Input::Reported)
     }
 }

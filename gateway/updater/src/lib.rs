@@ -9,12 +9,15 @@
 //! - [`bundle`]: a signed bundle on disk, as a chunk source.
 //! - [`hub`]: a version on the hub, through gatewayd's admin listener.
 //! - [`source`]: where an update's bytes come from (a bundle, the hub).
+//! - [`follow`]: one pass over gatewayd's handoff: an offer fetched, an
+//!   outcome acknowledged, a staged version rebooted into in its window.
 //! - [`gate`]: the health gate of a trial boot (gatewayd's hub tunnel is up).
 //! - [`files`]: reading within bounds, never through links; atomic replaces.
 
 pub mod bundle;
 pub mod esp;
 pub mod files;
+pub mod follow;
 pub mod gate;
 pub mod hub;
 pub mod install;

@@ -62,6 +62,10 @@ struct DeviceArgs {
     /// gatewayd's state directory (a configuration try there holds updates).
     #[arg(long, global = true, default_value = "/var/lib/gatewayd")]
     gatewayd_state: PathBuf,
+    /// gatewayd's handoff (`[update] handoff`): its offers, the hub's
+    /// acknowledgements, the mark of a config try.
+    #[arg(long, global = true, default_value = "/var/lib/gw-state/handoff")]
+    handoff: PathBuf,
 }
 
 #[derive(Subcommand)]
@@ -91,6 +95,20 @@ enum Command {
         /// Stop trying after this long (what is written stays for the next try).
         #[arg(long, default_value = "6h", value_parser = trial)]
         give_up_after: std::time::Duration,
+    },
+    /// One pass over gatewayd's handoff: an acknowledged outcome cleared, an
+    /// offered version fetched from the hub (resuming), a staged one
+    /// rebooted into inside its window. Run by gateway-updater-follow.service.
+    Follow {
+        /// gatewayd's admin listener (`[admin] listen`).
+        #[arg(long, default_value = "127.0.0.1:9600")]
+        admin: std::net::SocketAddr,
+        /// Stop fetching after this long (what is written stays for the next pass).
+        #[arg(long, default_value = "6h", value_parser = trial)]
+        give_up_after: std::time::Duration,
+        /// How the box reboots into a staged version.
+        #[arg(long, default_value = "systemctl reboot")]
+        reboot_command: String,
     },
     /// Checks BUNDLE's signature and whether this box may install it.
     Verify {
@@ -227,10 +245,53 @@ fn default_keys() -> Vec<PathBuf> {
     keys
 }
 
+/// This boot's id.
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// The failed boot's last journal lines (the boot before this one), for a
+/// rollback report: best effort, none when the journal is not kept.
+fn failed_boot_journal() -> Vec<String> {
+    let out = std::process::Command::new("journalctl")
+        .args([
+            "--boot=-1",
+            "--lines=50",
+            "--priority=warning",
+            "--no-pager",
+            "--quiet",
+            "--output=short-iso",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output();
+    match out {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
 fn run(cli: Cli) -> Result<(), String> {
     let device = device(&cli.device)?;
     let gatewayd_state = cli.device.gatewayd_state.clone();
+    let handoff = cli.device.handoff.clone();
     let mut updater = Updater::open(device).map_err(|e| e.to_string())?;
+    // A rollback found at this start: its failed boot's journal goes with
+    // the report.
+    if let gateway_core::firmware::update::State::Report {
+        outcome: gateway_core::firmware::update::Outcome::RolledBack { .. },
+    } = &updater.kept().state
+        && updater.kept().journal.is_empty()
+    {
+        updater
+            .keep_journal(failed_boot_journal())
+            .map_err(|e| e.to_string())?;
+    }
     match cli.command {
         Command::Status => {
             let text = serde_json::to_string_pretty(updater.kept()).map_err(|e| e.to_string())?;
@@ -262,7 +323,19 @@ fn run(cli: Cli) -> Result<(), String> {
                 target.version,
                 trial.as_secs()
             );
-            match gateway_updater::gate::wait(admin, trial, std::time::Duration::from_secs(5)) {
+            let boot = boot_id();
+            let acked = || {
+                gateway_updater::follow::ack(&handoff, &boot)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|a| a.running == target.version)
+            };
+            match gateway_updater::gate::wait(
+                admin,
+                trial,
+                std::time::Duration::from_secs(5),
+                &acked,
+            ) {
                 Ok(after) => println!(
                     "health gate passed after {} s: {} is kept",
                     after.as_secs(),
@@ -270,7 +343,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 ),
                 Err(seen) => {
                     return Err(format!(
-                        "health gate failed: no hub tunnel within {} s (last: {seen:?}); rebooting counts this try",
+                        "health gate failed: no hub acknowledged this version within {} s (last: {seen:?}); rebooting counts this try",
                         trial.as_secs()
                     ));
                 }
@@ -289,12 +362,10 @@ fn run(cli: Cli) -> Result<(), String> {
         }
         Command::Install { bundle, retry } => {
             let signed = bundle::read_signed(&bundle).map_err(|e| e.to_string())?;
+            let trying = config_trying(&gatewayd_state).map_err(|e| e.to_string())?
+                || gateway_updater::follow::config_trying(&handoff).map_err(|e| e.to_string())?;
             let m = updater
-                .offer(
-                    &signed,
-                    config_trying(&gatewayd_state).map_err(|e| e.to_string())?,
-                    retry,
-                )
+                .offer(&signed, trying, retry)
                 .map_err(|e| e.to_string())?;
             println!(
                 "installing {} into slot {} ({} chunks)",
@@ -313,11 +384,77 @@ fn run(cli: Cli) -> Result<(), String> {
             give_up_after,
         } => fetch(
             &mut updater,
-            &gatewayd_state,
+            (&gatewayd_state, &handoff),
             (&version, admin),
             retry,
             give_up_after,
         )?,
+        Command::Follow {
+            admin,
+            give_up_after,
+            reboot_command,
+        } => follow(
+            &mut updater,
+            &handoff,
+            admin,
+            give_up_after,
+            &reboot_command,
+        )?,
+    }
+    Ok(())
+}
+
+/// `follow`, printing what happens.
+fn follow(
+    updater: &mut Updater,
+    handoff: &Path,
+    admin: std::net::SocketAddr,
+    give_up: std::time::Duration,
+    reboot_command: &str,
+) -> Result<(), String> {
+    use gateway_updater::follow::{Env, Followed};
+    let mut last = std::time::Instant::now();
+    let mut on = |e: &Event| print_event(e, &mut last);
+    let mut reboot = || {
+        println!("rebooting: {reboot_command}");
+        let mut words = reboot_command.split_whitespace();
+        let program = words.next().ok_or("--reboot-command is empty")?;
+        let status = std::process::Command::new(program)
+            .args(words)
+            .status()
+            .map_err(|e| format!("{reboot_command}: {e}"))?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(format!("{reboot_command}: {status}"))
+        }
+    };
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+    let boot = boot_id();
+    let env = Env {
+        handoff,
+        admin,
+        give_up,
+        boot_id: &boot,
+        minute: gateway_updater::follow::cst_minute(now_ms),
+        reboot: &mut reboot,
+    };
+    let done = gateway_updater::follow::follow(
+        updater,
+        env,
+        (&mut on, &mut |line: String| println!("{line}")),
+    )?;
+    match done {
+        Followed::Nothing => println!("nothing offered to do"),
+        Followed::Reported(o) => println!("the hub has the outcome ({o:?}): reported"),
+        Followed::Staged(v, w) => {
+            println!("{v} is staged: it boots in the window {w} (China Standard Time)")
+        }
+        Followed::Rebooting(v) => println!("rebooting into {v}"),
+        Followed::Refused(v, why) => println!("{v} refused on this box: {why} (the hub is told)"),
+        Followed::Busy(why) => println!("not now: {why}"),
     }
     Ok(())
 }
@@ -357,20 +494,23 @@ fn staged(version: &str, waiting: &Waiting) {
 /// `fetch`, printing what happens.
 fn fetch(
     updater: &mut Updater,
-    gatewayd_state: &Path,
+    (gatewayd_state, handoff): (&Path, &Path),
     (version, admin): (&str, std::net::SocketAddr),
     retry: bool,
     give_up: std::time::Duration,
 ) -> Result<(), String> {
     let mut last = std::time::Instant::now();
     let mut on = |e: &Event| print_event(e, &mut last);
+    let trying =
+        || Ok(config_trying(gatewayd_state)? || gateway_updater::follow::config_trying(handoff)?);
     let got = gateway_updater::hub::fetch(
         updater,
-        gatewayd_state,
+        &trying,
         (version, admin),
         (retry, give_up),
         (&mut on, &mut |line: String| println!("{line}")),
-    )?;
+    )
+    .map_err(|e| e.to_string())?;
     println!(
         "{} chunks fetched from the hub ({} tries; the rest were in the slot or copied from the running one)",
         got.fetched, got.tries

@@ -26,7 +26,7 @@ mod postgres;
 /// Unknown keys reported in one table before the rest of it is given up.
 const MAX_UNKNOWN_KEYS: usize = 32;
 
-const SECTIONS: &str = "node, zone, uplink, service, access, channel, ingest, audit, admin, detect, alarms, scan, hub, publish";
+const SECTIONS: &str = "node, zone, uplink, service, access, channel, ingest, audit, admin, detect, alarms, scan, update, hub, publish";
 
 /// Compiles TOML text into a [`Config`] (when there is no error) and the
 /// diagnostics found. Boundary rules are not applied here; see [`super::load`].
@@ -60,6 +60,7 @@ struct RawDoc {
     ingests: Vec<(RawIngest, Range<usize>)>,
     audit: Option<(RawAudit, Range<usize>)>,
     admin: Option<RawAdmin>,
+    update: Option<(RawUpdate, Range<usize>)>,
     detect: Option<(RawDetect, Range<usize>)>,
     alarms: Option<RawAlarms>,
     scan: Option<RawScan>,
@@ -357,6 +358,7 @@ impl Compiler<'_> {
                 "uplink" => raw.uplink = self.one(value, "uplink", &mut raw.broken),
                 "audit" => raw.audit = self.one(value, "audit", &mut raw.broken),
                 "admin" => raw.admin = self.one(value, "admin", &mut raw.broken).map(|(t, _)| t),
+                "update" => raw.update = self.one(value, "update", &mut raw.broken),
                 "hub" => raw.hub = self.one(value, "hub", &mut raw.broken),
                 "detect" => raw.detect = self.one(value, "detect", &mut raw.broken),
                 "alarms" => raw.alarms = self.one(value, "alarms", &mut raw.broken).map(|(t, _)| t),
@@ -543,6 +545,10 @@ impl Compiler<'_> {
                         );
                     }
                 }
+                let update = match raw.update.take() {
+                    Some((u, _)) => self.update(u),
+                    None => Some(Update::default()),
+                };
                 self.edge(
                     &zones,
                     raw.uplink,
@@ -552,11 +558,16 @@ impl Compiler<'_> {
                     raw.ingests,
                     raw.broken.contains("uplink"),
                 )
-                .map(Role::Edge)
+                .zip(update)
+                .map(|(mut e, update)| {
+                    e.update = update;
+                    Role::Edge(e)
+                })
             }
             Some(false) => {
                 let edge_only = [
                     (raw.uplink.is_some(), "[uplink]"),
+                    (raw.update.is_some(), "[update]"),
                     (!raw.services.is_empty(), "[[service]]"),
                     (!raw.accesses.is_empty(), "[[access]]"),
                     (!raw.channels.is_empty(), "[[channel]]"),
@@ -1304,6 +1315,60 @@ impl Compiler<'_> {
         })
     }
 
+    fn update(&mut self, raw: RawUpdate) -> Option<Update> {
+        let mut out = Update::default();
+        let mut ok = true;
+        if let Some(w) = &raw.window {
+            if w.get_ref() == "any" {
+                out.window = None;
+            } else {
+                match crate::firmware::report::Window::parse(w.get_ref()) {
+                    Ok(win) => out.window = Some(win),
+                    Err(e) => {
+                        self.error(
+                            &w.span(),
+                            format!("update.window: {e}"),
+                            "write \"02:00-05:00\" (local time; it may span midnight), or \"any\" to reboot as soon as a version is staged",
+                        );
+                        ok = false;
+                    }
+                }
+            }
+        }
+        match self.duration_or(raw.trial.as_ref(), "update.trial", 15 * 60) {
+            Some(t) => out.trial = t,
+            None => ok = false,
+        }
+        for (raw, key, into, hint) in [
+            (
+                &raw.updater_state,
+                "update.updater_state",
+                &mut out.updater_state,
+                "write the updater's --state-dir, /var/lib/gw-state/updater on the appliance image",
+            ),
+            (
+                &raw.handoff,
+                "update.handoff",
+                &mut out.handoff,
+                "write the updater's --handoff, /var/lib/gw-state/handoff on the appliance image",
+            ),
+        ] {
+            let Some(p) = raw else { continue };
+            let path = PathBuf::from(p.get_ref());
+            if path.is_absolute() {
+                *into = path;
+            } else {
+                self.error(
+                    &p.span(),
+                    format!("{key}: {:?} is not an absolute path", p.get_ref()),
+                    hint,
+                );
+                ok = false;
+            }
+        }
+        ok.then_some(out)
+    }
+
     fn admin(&mut self, raw: Option<RawAdmin>) -> Admin {
         let default = SocketAddr::from(([127, 0, 0, 1], DEFAULT_ADMIN_PORT.get()));
         let listen = raw
@@ -1840,6 +1905,7 @@ impl Compiler<'_> {
             accesses,
             channels,
             ingests,
+            update: Update::default(),
         })
     }
 

@@ -182,6 +182,38 @@ pub struct Edge {
     pub channels: Vec<Channel>,
     /// `[[ingest]]`
     pub ingests: Vec<Ingest>,
+    /// `[update]`
+    pub update: Update,
+}
+
+/// `[update]`: firmware updates from the hub (the appliance image's updater
+/// does them; gatewayd hands it the offers).
+#[derive(Debug, Clone)]
+pub struct Update {
+    /// When the box may reboot into a staged version (local time); `None`
+    /// (`window = "any"`): as soon as it is staged.
+    pub window: Option<crate::firmware::report::Window>,
+    /// How long a new version has on its trial boot to bring a hub tunnel
+    /// up and have a heartbeat acknowledged (default 15 min).
+    pub trial: std::time::Duration,
+    /// The updater's state directory, where it publishes `status.json`
+    /// (read-only to gatewayd; default `/var/lib/gw-state/updater`).
+    pub updater_state: PathBuf,
+    /// Where gatewayd hands offers and the hub's acknowledgements to the
+    /// updater (`offer.json`, `ack.json`; readable by it; default
+    /// `/var/lib/gw-state/handoff`).
+    pub handoff: PathBuf,
+}
+
+impl Default for Update {
+    fn default() -> Self {
+        Update {
+            window: Some(crate::firmware::report::Window { from: 120, to: 300 }),
+            trial: std::time::Duration::from_secs(15 * 60),
+            updater_state: PathBuf::from("/var/lib/gw-state/updater"),
+            handoff: PathBuf::from("/var/lib/gw-state/handoff"),
+        }
+    }
 }
 
 /// What a hub configures.

@@ -189,6 +189,16 @@ pub struct RawAlarms {
     pub webhook_token_file: Option<S>,
 }
 
+/// `[update]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpdate {
+    pub window: Option<S>,
+    pub trial: Option<S>,
+    pub updater_state: Option<S>,
+    pub handoff: Option<S>,
+}
+
 /// `[admin]`
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -46,6 +46,10 @@ pub fn restart_needed(before: &Config, after: &Config) -> Option<&'static str> {
         if ingest_listens(b) != ingest_listens(a) {
             return Some("[[ingest]]");
         }
+        // The handoff to the updater is where gatewayd marks a config try.
+        if b.update.handoff != a.update.handoff {
+            return Some("update.handoff");
+        }
     }
     None
 }

@@ -79,7 +79,12 @@ impl Progress {
         }
     }
 
-    /// How many chunks are in the slot.
+    /// Chunks in all.
+    pub fn total(&self) -> usize {
+        self.chunks
+    }
+
+    /// Chunks in the slot.
     pub fn done(&self) -> usize {
         (0..self.chunks).filter(|i| self.has(*i)).count()
     }

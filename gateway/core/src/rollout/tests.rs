@@ -80,6 +80,7 @@ fn rollout(n: usize, waves: &[usize], soak_ms: u64) -> Rollout {
         pushing: None,
         rollback_started_ms: None,
         devices: members((0..n).map(|i| format!("d{i}")).collect(), waves),
+        firmware: None,
     }
 }
 
@@ -91,6 +92,7 @@ fn applied(v: u64, at: i64) -> Observed {
         heartbeat: Some((at + 1, v)),
         result_ms: Some(at),
         trying: false,
+        firmware: None,
     }
 }
 
@@ -320,4 +322,155 @@ proptest::proptest! {
         let _ = parse_waves(&s);
         let _ = FailureLimit::parse(&s);
     }
+}
+
+fn box_firmware(at: i64, f: FirmwareStatus) -> Observed {
+    Observed {
+        heartbeat: Some((at, 0)),
+        firmware: Some(f),
+        ..Observed::default()
+    }
+}
+
+#[test]
+fn a_box_firmware_report_means_what_it_says() {
+    let fw = FirmwareRollout {
+        version: "2.0".into(),
+        trial_ms: 10_000,
+    };
+    let offered = 1_000;
+    let on = |running: &str, phase: &str| FirmwareStatus {
+        running: running.into(),
+        phase: phase.into(),
+        target: (phase != "idle").then(|| "2.0".to_owned()),
+        ..FirmwareStatus::default()
+    };
+    let st = |obs: &Observed, now| firmware_status(&fw, offered, obs, now);
+    // Fetching, staged, on trial: pending while it is heard from.
+    for phase in ["writing", "staged"] {
+        assert_eq!(
+            st(&box_firmware(20_000, on("1.0", phase)), 25_000),
+            DeviceStatus::Pending
+        );
+    }
+    assert_eq!(
+        st(&box_firmware(20_000, on("2.0", "trial")), 25_000),
+        DeviceStatus::Pending
+    );
+    // Committed: running it off trial, heard from since the offer.
+    let mut done = on("2.0", "report");
+    done.outcome = Some(Outcome::Committed {
+        version: "2.0".into(),
+        security_version: 3,
+    });
+    assert_eq!(
+        st(&box_firmware(20_000, done.clone()), 25_000),
+        DeviceStatus::Applied
+    );
+    assert_eq!(
+        st(&box_firmware(20_000, on("2.0", "idle")), 25_000),
+        DeviceStatus::Applied
+    );
+    // A heartbeat from before the offer proves nothing.
+    assert_eq!(
+        st(&box_firmware(500, on("2.0", "idle")), 2_000),
+        DeviceStatus::Pending
+    );
+    // Rolled back: reverted, with the failed boot's last journal line.
+    let mut back = on("1.0", "report");
+    back.outcome = Some(Outcome::RolledBack {
+        version: "2.0".into(),
+        running: "1.0".into(),
+    });
+    back.journal = vec!["gatewayd: no hub".into()];
+    let s = st(&box_firmware(20_000, back), 25_000);
+    assert!(
+        matches!(&s, DeviceStatus::Reverted(why) if why.contains("back on 1.0") && why.contains("no hub")),
+        "{s:?}"
+    );
+    // Once the report is acknowledged, the failed list still says so.
+    let mut later = on("1.0", "idle");
+    later.failed = vec!["2.0".into()];
+    assert!(matches!(
+        st(&box_firmware(20_000, later), 25_000),
+        DeviceStatus::Reverted(_)
+    ));
+    // The updater refused it (a bad signature, a downgrade): failed.
+    let mut refused = on("1.0", "idle");
+    refused.error = Some((
+        "2.0".into(),
+        "offer refused: security_version 1 is below 3".into(),
+    ));
+    assert!(matches!(
+        st(&box_firmware(20_000, refused.clone()), 25_000),
+        DeviceStatus::Failed(why) if why.contains("below 3")
+    ));
+    // ...but a refusal of another version is not this rollout's.
+    refused.error = Some(("1.5".into(), "no".into()));
+    assert_eq!(
+        st(&box_firmware(20_000, refused), 25_000),
+        DeviceStatus::Pending
+    );
+    // Silent: not heard from for twice the trial time, since the offer or
+    // since its last heartbeat, whichever is later.
+    assert_eq!(
+        st(&Observed::default(), offered + 20_000),
+        DeviceStatus::Pending
+    );
+    assert_eq!(
+        st(&Observed::default(), offered + 20_001),
+        DeviceStatus::Silent
+    );
+    assert_eq!(
+        st(&box_firmware(30_000, on("2.0", "trial")), 50_000),
+        DeviceStatus::Pending
+    );
+    assert_eq!(
+        st(&box_firmware(30_000, on("2.0", "trial")), 50_001),
+        DeviceStatus::Silent
+    );
+    assert!(!DeviceStatus::Pending.is_failure() && DeviceStatus::Silent.is_failure());
+}
+
+#[test]
+fn a_firmware_rollout_pauses_past_its_failures() {
+    let mut r = rollout(3, &[1, 3], 0);
+    r.template = String::new();
+    r.firmware = Some(FirmwareRollout {
+        version: "2.0".into(),
+        trial_ms: 10_000,
+    });
+    r.max_failures = 0;
+    let waiting = Observed::default();
+    let st: Vec<DeviceStatus> = r
+        .devices
+        .iter()
+        .map(|m| member_status(&r, m, &waiting, 0))
+        .collect();
+    assert!(st.iter().all(|s| *s == DeviceStatus::Waiting));
+    assert_eq!(decide(&r, &st, 0), Decision::StartWave(0));
+    r.wave_started_ms.push(1_000);
+    let ok = box_firmware(
+        5_000,
+        FirmwareStatus {
+            running: "2.0".into(),
+            phase: "idle".into(),
+            ..FirmwareStatus::default()
+        },
+    );
+    let st: Vec<DeviceStatus> = r
+        .devices
+        .iter()
+        .map(|m| member_status(&r, m, &ok, 6_000))
+        .collect();
+    assert_eq!(st[0], DeviceStatus::Applied);
+    assert_eq!(st[1], DeviceStatus::Waiting);
+    assert_eq!(decide(&r, &st, 6_000), Decision::StartWave(1));
+    r.wave_started_ms.push(7_000);
+    let st = vec![
+        DeviceStatus::Applied,
+        DeviceStatus::Reverted("x".into()),
+        DeviceStatus::Pending,
+    ];
+    assert!(matches!(decide(&r, &st, 8_000), Decision::Pause(why) if why.contains("d1")));
 }

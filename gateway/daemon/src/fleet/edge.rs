@@ -63,6 +63,10 @@ pub struct EdgeFleet {
     /// or two hubs each record a new certificate and the box may keep the
     /// one the registry no longer knows (then every hub refuses it).
     renewal: std::sync::atomic::AtomicBool,
+    /// `[update] handoff` (fixed at start): where offers and
+    /// acknowledgements are handed to the updater, and `config-try` says a
+    /// config try runs.
+    handoff: PathBuf,
 }
 
 /// Where a box keeps the CA bundle a hub sent it (a CA rotation): while it
@@ -138,6 +142,11 @@ impl EdgeFleet {
             .ok()
             .and_then(|p| pki::validity(&p));
         let trust = trust_path(&config.node.state_dir, &e.uplink.ca.path);
+        // A marker left by a crash mid-try: a try resumed at start marks
+        // it again.
+        if let Err(err) = super::firmware_box::mark_config_try(&e.update.handoff, false) {
+            error!(%err, "Cannot clear the config-try marker of the updater's handoff");
+        }
         Some(Arc::new(EdgeFleet {
             state_dir: config.node.state_dir.clone(),
             uplink: Mutex::new((
@@ -156,6 +165,7 @@ impl EdgeFleet {
             ca_fingerprints: Mutex::new(ca_fingerprints(&trust)),
             try_ended: tokio::sync::Notify::new(),
             renewal: std::sync::atomic::AtomicBool::new(false),
+            handoff: e.update.handoff.clone(),
         }))
     }
 
@@ -243,6 +253,10 @@ impl EdgeFleet {
         let was = self
             .trying
             .swap(trying, std::sync::atomic::Ordering::Relaxed);
+        // Before the try's reload: the updater starts nothing while it runs.
+        if let Err(e) = super::firmware_box::mark_config_try(&self.handoff, trying) {
+            error!(%e, "Cannot tell the updater whether a config try runs (it then starts no update)");
+        }
         if was && !trying {
             self.try_ended.notify_waiters();
         }
@@ -300,6 +314,7 @@ impl EdgeFleet {
             interval_s: self.heartbeat_now(ctx).as_secs().max(1),
             config_trying: self.trying.load(std::sync::atomic::Ordering::Relaxed),
             ca: lock(&self.ca_fingerprints).clone(),
+            firmware: firmware_now(ctx).map(Box::new),
         }
     }
 
@@ -362,8 +377,20 @@ pub async fn session(
     let jitter = rand::random::<f64>();
     let mut renewing: Option<(String, RenewalClaim)> = None;
     let mut renew_at = renew_deadline(&fleet, jitter);
+    // The updater's status as last sent: a change is sent at once.
+    let mut firmware_watch = tokio::time::interval(Duration::from_secs(2));
+    let mut firmware_sent = firmware_now(&ctx);
     loop {
         tokio::select! {
+            _ = firmware_watch.tick() => {
+                let now = firmware_now(&ctx);
+                if now != firmware_sent {
+                    firmware_sent = now;
+                    if write_msg(&mut send, &Message::Heartbeat(fleet.status(&ctx))).await.is_err() {
+                        break;
+                    }
+                }
+            }
             _ = heartbeat.tick() => {
                 // A pushed or reloaded config may change the interval.
                 let now = fleet.heartbeat_now(&ctx);
@@ -487,6 +514,14 @@ pub async fn session(
                             break;
                         }
                     }
+                    Message::FirmwareOffer { rollout, version } => {
+                        take_firmware_offer(&fleet, &ctx, &rollout, &version);
+                    }
+                    Message::FirmwareAck { running, outcome } => {
+                        if let Err(e) = super::firmware_box::write_ack(&fleet.handoff, &running, outcome, now_ms()) {
+                            error!(%e, "Cannot record the hub's acknowledgement for the updater");
+                        }
+                    }
                     Message::CaBundle { pem, issued_ms, signature } => {
                         let f = fleet.clone();
                         let taken = tokio::task::spawn_blocking(move || f.take_ca_bundle(&pem, issued_ms, &signature)).await;
@@ -543,6 +578,62 @@ pub async fn session(
         }
     }
     reader.abort();
+}
+
+/// The updater's published status, per `[update] updater_state`.
+fn firmware_now(ctx: &Ctx) -> Option<gateway_core::firmware::report::FirmwareStatus> {
+    match &ctx.policy().config().role {
+        Role::Edge(e) => super::firmware_box::status(&e.update.updater_state),
+        Role::Hub(_) => None,
+    }
+}
+
+/// A hub offers firmware: handed to the updater (`offer.json`), unless a
+/// config try is running (the offer comes again with the next heartbeat's
+/// answer) or it does not read.
+fn take_firmware_offer(fleet: &EdgeFleet, ctx: &Ctx, rollout: &str, version: &str) {
+    let text = gateway_core::refusals::peer_text;
+    if gateway_core::firmware::version_numbers(version).is_none()
+        || !gateway_core::rollout::valid_id(rollout)
+    {
+        warn!(version = %text(version), rollout = %text(rollout), "A firmware offer that does not read; ignored");
+        return;
+    }
+    if fleet.trying.load(std::sync::atomic::Ordering::Relaxed) {
+        info!(%version, "Firmware offered while a config try runs: taken after it ends");
+        return;
+    }
+    let policy = ctx.policy();
+    let Role::Edge(e) = &policy.config().role else {
+        return;
+    };
+    let offer = gateway_core::firmware::report::Offer {
+        rollout: rollout.to_owned(),
+        version: version.to_owned(),
+        window: e
+            .update
+            .window
+            .map_or_else(|| "any".to_owned(), |w| w.to_string()),
+        trial_s: e.update.trial.as_secs(),
+    };
+    match super::firmware_box::write_offer(&fleet.handoff, &offer) {
+        Ok(true) => {
+            info!(%version, %rollout, window = %offer.window, "Firmware offered: handed to the updater");
+            ctx.audit.record(
+                "hub",
+                version,
+                "firmware.offer",
+                "ok",
+                "",
+                format!(
+                    "rollout={rollout} window={} trial_s={}",
+                    offer.window, offer.trial_s
+                ),
+            );
+        }
+        Ok(false) => {}
+        Err(e) => error!(%e, "Cannot hand the firmware offer to the updater"),
+    }
 }
 
 async fn sleep_until(at: Option<Instant>) {

@@ -50,6 +50,8 @@ pub struct Fleet {
     firmware_pacer: super::firmware::Pacer,
     /// Firmware versions seen complete in the store.
     firmware_complete: super::firmware::Complete,
+    /// The firmware rollouts' offers, and the steps boxes reported.
+    firmware_offers: super::firmware_offers::Offers,
     lifetime: Duration,
     ctx: Arc<Ctx>,
     devices: Arc<Devices>,
@@ -196,6 +198,7 @@ impl Fleet {
                 settings.firmware.rate_per_box,
             ),
             firmware_complete: super::firmware::Complete::default(),
+            firmware_offers: super::firmware_offers::Offers::default(),
             lifetime,
             ctx,
             devices,
@@ -228,6 +231,11 @@ impl Fleet {
     /// Firmware versions seen complete in the store.
     pub fn firmware_complete(&self) -> &super::firmware::Complete {
         &self.firmware_complete
+    }
+
+    /// The firmware rollouts' offers.
+    pub fn firmware_offers(&self) -> &super::firmware_offers::Offers {
+        &self.firmware_offers
     }
 
     /// Wakes the rollout controller.
@@ -729,6 +737,18 @@ impl Fleet {
         match m {
             Message::Heartbeat(mut status) => {
                 status.bound();
+                if let Some(f) = &status.firmware {
+                    let (replies, records) = self.firmware_offers.heard(&d, f);
+                    for (event, outcome, detail) in records {
+                        info!(event, outcome, %detail, "Firmware");
+                        self.ctx
+                            .audit
+                            .record(device, "firmware", event, outcome, "", detail);
+                    }
+                    for m in replies {
+                        let _ = tx.send(m);
+                    }
+                }
                 let json = serde_json::to_string(&status).unwrap_or_default();
                 // Coalesced: the newest per device, written within a second.
                 let changed = status

@@ -21,6 +21,12 @@
 //!   its store, paced; the edge's admin listener fetches them for its updater.
 //! - [`firmware_api`]: the operators' routes of the hub's firmware store
 //!   (uploads checked against `[hub].firmware_keys`).
+//! - [`firmware_offers`]: firmware rollouts at the hub's end: offers with
+//!   heartbeats, acknowledgements for the box's health gate, each step
+//!   audited.
+//! - [`firmware_box`]: firmware at the box's end: offers handed to the
+//!   updater, its status read for heartbeats, the hub's acknowledgements
+//!   kept for its health gate.
 //!
 //! The pure parts (messages, roles, the policy-section diff, renewal timing, the
 //! audit export check) are in `gateway_core::fleet`; the registry is
@@ -30,6 +36,8 @@ pub mod edge;
 pub mod enroll;
 pub mod firmware;
 pub mod firmware_api;
+pub mod firmware_box;
+pub mod firmware_offers;
 pub mod hub;
 pub mod logring;
 pub mod ops_api;

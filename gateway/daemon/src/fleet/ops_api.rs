@@ -120,7 +120,8 @@ pub(super) fn role_for(action: Action) -> &'static str {
         | Action::Command
         | Action::ConfigPushOther
         | Action::ConsumerCreate
-        | Action::FirmwareUpload => "system administrator",
+        | Action::FirmwareUpload
+        | Action::FirmwareRollout => "system administrator",
         Action::ConfigPushPolicy
         | Action::Revoke
         | Action::TokenReplace

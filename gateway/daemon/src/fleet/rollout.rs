@@ -122,6 +122,9 @@ pub fn observed(row: Option<&DeviceRow>) -> Observed {
     let trying = status
         .as_ref()
         .is_some_and(|(_, v)| v["config_trying"].as_bool() == Some(true));
+    let firmware = status
+        .as_ref()
+        .and_then(|(_, v)| serde_json::from_value(v.get("firmware")?.clone()).ok());
     Observed {
         desired: row.desired,
         applied: row.applied.as_ref().map(|a| a.0),
@@ -129,6 +132,7 @@ pub fn observed(row: Option<&DeviceRow>) -> Observed {
         heartbeat,
         result_ms: row.applied.as_ref().map(|a| a.2),
         trying,
+        firmware,
     }
 }
 
@@ -210,6 +214,8 @@ enum Pushed {
     Error(String),
     Rollback(u64, i64),
     RollbackError(String),
+    /// Offered firmware, when (Unix ms).
+    Offered(i64),
 }
 
 fn merge(doc: &mut Rollout, done: &HashMap<String, Pushed>) {
@@ -229,6 +235,7 @@ fn merge(doc: &mut Rollout, done: &HashMap<String, Pushed>) {
             Some(Pushed::RollbackError(e)) => {
                 m.rollback_error = Some(e.clone());
             }
+            Some(Pushed::Offered(at)) => m.offered_ms = Some(*at),
             None => {}
         }
     }
@@ -348,6 +355,9 @@ async fn push_work(fleet: &Arc<Fleet>, id: &str) -> Result<(), RolloutError> {
         .await?
         .ok_or_else(|| RolloutError::Unknown(id.to_owned()))?;
     let doc = parse(&row)?;
+    if doc.firmware.is_some() {
+        return offer_firmware(fleet, doc).await;
+    }
     let rolling_back = doc.state == State::RollingBack;
     let wave = doc.wave_started_ms.len().saturating_sub(1);
     let todo: Vec<Member> = doc
@@ -457,6 +467,67 @@ async fn push_work(fleet: &Arc<Fleet>, id: &str) -> Result<(), RolloutError> {
     Ok(())
 }
 
+/// Offers the current wave of firmware rollout `doc`: each box is marked
+/// offered (the hubs then offer it with its heartbeats, see
+/// [`super::firmware_offers`]), unchanged when it runs the version already,
+/// or failed when it reports no updater.
+async fn offer_firmware(fleet: &Arc<Fleet>, doc: Rollout) -> Result<(), RolloutError> {
+    let Some(fw) = doc.firmware.clone() else {
+        return Ok(());
+    };
+    let wave = doc.wave_started_ms.len().saturating_sub(1);
+    let rows = all_rows(fleet).await?;
+    let now = now_ms();
+    let done: HashMap<String, Pushed> = doc
+        .devices
+        .iter()
+        .filter(|m| m.wave == wave && m.offered_ms.is_none() && !m.unchanged && m.error.is_none())
+        .map(|m| {
+            let f = observed(rows.get(&m.device)).firmware;
+            let p = match f {
+                Some(f) if f.running == fw.version && f.phase != "trial" => Pushed::Unchanged,
+                Some(_) => Pushed::Offered(now),
+                None => Pushed::Error(
+                    "the box reports no firmware updater (it does not run the appliance image, or its updater has not published its status yet)".into(),
+                ),
+            };
+            (m.device.clone(), p)
+        })
+        .collect();
+    let n = done.len();
+    update(fleet, &doc.id, |d| {
+        merge(d, &done);
+        d.pushing = None;
+        Ok(Some(Members::Keep))
+    })
+    .await?;
+    info!(rollout = %doc.id, wave = wave + 1, devices = n, firmware = %fw.version, "Rollout: firmware offered");
+    Ok(())
+}
+
+/// The offers of the active firmware rollouts: each device offered and
+/// still pending, with its rollout and version.
+fn firmware_offers(
+    active: &[RolloutRow],
+    rows: &HashMap<String, DeviceRow>,
+    now: i64,
+) -> HashMap<String, (String, String)> {
+    let mut out = HashMap::new();
+    for row in active {
+        let Ok(doc) = parse(row) else { continue };
+        let Some(fw) = &doc.firmware else { continue };
+        if !matches!(doc.state, State::Running | State::Paused) {
+            continue;
+        }
+        for (m, s) in doc.devices.iter().zip(statuses(&doc, rows, now)) {
+            if m.offered_ms.is_some() && s == DeviceStatus::Pending {
+                out.insert(m.device.clone(), (doc.id.clone(), fw.version.clone()));
+            }
+        }
+    }
+    out
+}
+
 /// One look at rollout `row`: acts on what `decide` says.
 async fn step(
     fleet: &Arc<Fleet>,
@@ -526,15 +597,17 @@ async fn step(
             if let Some(d) = claimed {
                 let size = d.devices.iter().filter(|m| m.wave == k).count();
                 info!(rollout = %d.id, wave = k + 1, of = d.waves.len(), devices = size, "Rollout: wave started");
+                let what = match &d.firmware {
+                    Some(fw) => format!("firmware {}", fw.version),
+                    None => format!("{} v{}", d.template, d.template_version),
+                };
                 audit(
                     "rollout.wave",
                     "ok",
                     format!(
-                        "wave {} of {}: {size} device(s) offered {} v{} (by hub {me})",
+                        "wave {} of {}: {size} device(s) offered {what} (by hub {me})",
                         k + 1,
                         d.waves.len(),
-                        d.template,
-                        d.template_version
                     ),
                 );
                 push_work(fleet, &d.id).await?;
@@ -617,6 +690,7 @@ pub async fn run(fleet: Arc<Fleet>) {
             }
         };
         if active.is_empty() {
+            fleet.firmware_offers().set(HashMap::new());
             continue;
         }
         let rows = match all_rows(&fleet).await {
@@ -631,5 +705,10 @@ pub async fn run(fleet: Arc<Fleet>) {
                 warn!(rollout = %row.id, %e, "Rollout step failed; trying again");
             }
         }
+        // The offers as the registry had them before this tick's steps: a
+        // wave just offered is offered from the next tick (2 s) on.
+        fleet
+            .firmware_offers()
+            .set(firmware_offers(&active, &rows, now_ms()));
     }
 }

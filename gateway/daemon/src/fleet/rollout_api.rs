@@ -365,7 +365,14 @@ async fn vars_show(
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct StartReq {
+    #[serde(default)]
     template: String,
+    /// A firmware version instead of a template.
+    #[serde(default)]
+    firmware: Option<String>,
+    /// For firmware: the boxes' trial time (`[update] trial`).
+    #[serde(default)]
+    trial: Option<String>,
     version: Option<u64>,
     #[serde(default)]
     selector: String,
@@ -392,6 +399,10 @@ async fn rollout_start(
     caller: Caller,
     body: axum::body::Bytes,
 ) -> Answer {
+    let req: StartReq = parse_json(&body)?;
+    if let Some(version) = req.firmware.clone() {
+        return firmware_start(&fleet, &caller, req, version).await;
+    }
     let (by, role) = pusher(
         &fleet,
         &caller,
@@ -399,7 +410,6 @@ async fn rollout_start(
         "rollouts",
     )
     .await?;
-    let req: StartReq = parse_json(&body)?;
     checked_template(&req.template)?;
     let steps = rollout::parse_waves(&req.waves).map_err(bad)?;
     let limit_spec = req.max_failures.clone().unwrap_or_else(|| "0".into());
@@ -426,26 +436,7 @@ async fn rollout_start(
             format!("no template {} on this hub", req.template),
         ));
     };
-    let picked: Vec<String> = select(&fleet, &selector, None, MAX_ROLLOUT + 1)
-        .await?
-        .into_iter()
-        .filter(|(row, _)| row.revoked_ms.is_none())
-        .map(|(row, _)| row.id)
-        .collect();
-    if picked.is_empty() {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            format!(
-                "the selector {selector:?} picks no device (revoked ones are never rolled out to)"
-            ),
-        ));
-    }
-    if picked.len() > MAX_ROLLOUT {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            format!("the selector picks more than {MAX_ROLLOUT} devices; narrow it"),
-        ));
-    }
+    let picked = picked_for_rollout(&fleet, &selector).await?;
     // Every device's config, rendered and checked, against what it has.
     let mut vars: HashMap<String, BTreeMap<String, String>> = HashMap::new();
     for (d, k, v) in reg.vars(picked.clone()).await.map_err(internal)? {
@@ -561,59 +552,18 @@ async fn rollout_start(
     if req.dry_run {
         return Ok(axum::Json(summary).into_response());
     }
-    let id = format!(
-        "r-{}-{:04x}",
-        gateway_core::units::rfc3339_cst(now_ms())
-            .chars()
-            .filter(char::is_ascii_digit)
-            .take(14)
-            .collect::<String>(),
-        rand::random::<u16>()
+    let id = new_id();
+    let mut doc = draft(
+        id.clone(),
+        (&picked, &ends, &selector),
+        (&req.waves, limit_spec, limit),
+        u64::try_from(soak.as_millis()).unwrap_or(u64::MAX),
+        (&by, role),
     );
-    let doc = Rollout {
-        id: id.clone(),
-        template: t.name.clone(),
-        template_version: t.version,
-        selector: selector.to_string(),
-        waves_spec: req.waves.clone(),
-        waves: ends.clone(),
-        max_failures_spec: limit_spec,
-        max_failures: limit.allowed(picked.len()),
-        soak_ms: u64::try_from(soak.as_millis()).unwrap_or(u64::MAX),
-        by: by.clone(),
-        by_role: role.as_str().to_owned(),
-        restart: req.restart,
-        created_ms: now_ms(),
-        state: RState::Running,
-        reason: None,
-        wave_started_ms: vec![],
-        failure_base: 0,
-        pushing: None,
-        rollback_started_ms: None,
-        devices: rollout::members(picked.clone(), &ends),
-    };
-    reg.create_rollout(NewRollout {
-        id: id.clone(),
-        json: serde_json::to_string(&doc).map_err(internal)?,
-        devices: picked,
-        now_ms: now_ms(),
-    })
-    .await
-    .map_err(|e| match e {
-        e @ RegistryError::InRollout { .. } => {
-            fleet.ctx().audit.record(
-                &by,
-                &id,
-                "admin.rollout.start",
-                "deny",
-                "config",
-                e.to_string(),
-            );
-            ApiError::new(StatusCode::CONFLICT, e.to_string())
-        }
-        other => internal(other),
-    })?;
-    fleet.wake_rollouts();
+    doc.template = t.name.clone();
+    doc.template_version = t.version;
+    doc.restart = req.restart;
+    create(&fleet, &by, &doc, picked).await?;
     audit_ok(
         &fleet,
         &by,
@@ -632,6 +582,223 @@ async fn rollout_start(
     );
     let mut out = summary;
     out["id"] = json!(id);
+    Ok((StatusCode::CREATED, axum::Json(out)).into_response())
+}
+
+/// A new rollout's id: `r-` the time (China Standard Time) and a random part.
+fn new_id() -> String {
+    format!(
+        "r-{}-{:04x}",
+        gateway_core::units::rfc3339_cst(now_ms())
+            .chars()
+            .filter(char::is_ascii_digit)
+            .take(14)
+            .collect::<String>(),
+        rand::random::<u16>()
+    )
+}
+
+/// A new rollout `id` of nothing yet (the caller says what it rolls out)
+/// over `picked` in waves ending at `ends`.
+fn draft(
+    id: String,
+    (picked, ends, selector): (&[String], &[usize], &gateway_core::selector::Selector),
+    (waves, limit_spec, limit): (&str, String, FailureLimit),
+    soak_ms: u64,
+    (by, role): (&str, AdminRole),
+) -> Rollout {
+    Rollout {
+        id,
+        template: String::new(),
+        template_version: 0,
+        selector: selector.to_string(),
+        waves_spec: waves.to_owned(),
+        waves: ends.to_vec(),
+        max_failures_spec: limit_spec,
+        max_failures: limit.allowed(picked.len()),
+        soak_ms,
+        by: by.to_owned(),
+        by_role: role.as_str().to_owned(),
+        restart: false,
+        created_ms: now_ms(),
+        state: RState::Running,
+        reason: None,
+        wave_started_ms: vec![],
+        failure_base: 0,
+        pushing: None,
+        rollback_started_ms: None,
+        devices: rollout::members(picked.to_vec(), ends),
+        firmware: None,
+    }
+}
+
+/// Stores rollout `doc` over `devices` (none of which may be in another
+/// active rollout) and wakes the controllers.
+async fn create(
+    fleet: &Fleet,
+    by: &str,
+    doc: &Rollout,
+    devices: Vec<String>,
+) -> Result<(), ApiError> {
+    fleet
+        .registry()
+        .create_rollout(NewRollout {
+            id: doc.id.clone(),
+            json: serde_json::to_string(doc).map_err(internal)?,
+            devices,
+            now_ms: now_ms(),
+        })
+        .await
+        .map_err(|e| match e {
+            e @ RegistryError::InRollout { .. } => {
+                fleet.ctx().audit.record(
+                    by,
+                    &doc.id,
+                    "admin.rollout.start",
+                    "deny",
+                    "config",
+                    e.to_string(),
+                );
+                ApiError::new(StatusCode::CONFLICT, e.to_string())
+            }
+            other => internal(other),
+        })?;
+    fleet.wake_rollouts();
+    Ok(())
+}
+
+/// The devices `selector` picks for a rollout (not revoked), at least one
+/// and at most [`MAX_ROLLOUT`].
+async fn picked_for_rollout(
+    fleet: &Fleet,
+    selector: &gateway_core::selector::Selector,
+) -> Result<Vec<String>, ApiError> {
+    let picked: Vec<String> = select(fleet, selector, None, MAX_ROLLOUT + 1)
+        .await?
+        .into_iter()
+        .filter(|(row, _)| row.revoked_ms.is_none())
+        .map(|(row, _)| row.id)
+        .collect();
+    if picked.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "the selector {selector:?} picks no device (revoked ones are never rolled out to)"
+            ),
+        ));
+    }
+    if picked.len() > MAX_ROLLOUT {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("the selector picks more than {MAX_ROLLOUT} devices; narrow it"),
+        ));
+    }
+    Ok(picked)
+}
+
+/// `POST /v1/rollouts` with `firmware`: a firmware version in waves (system
+/// administrator). The version must be complete in the hubs' store.
+async fn firmware_start(fleet: &Fleet, caller: &Caller, req: StartReq, version: String) -> Answer {
+    let (by, role) = authorize(
+        fleet,
+        caller,
+        Action::FirmwareRollout,
+        "rollout.start",
+        "start firmware rollouts",
+        "rollouts",
+    )
+    .await?;
+    if !req.template.is_empty() || req.version.is_some() || req.restart {
+        return Err(bad(
+            "a firmware rollout takes no template, version or restart".into(),
+        ));
+    }
+    if gateway_core::firmware::version_numbers(&version).is_none() {
+        return Err(bad(format!(
+            "firmware: {:?} is not a version (dotted numbers, as gatewayctl firmware list shows)",
+            gateway_core::refusals::peer_text(&version)
+        )));
+    }
+    let steps = rollout::parse_waves(&req.waves).map_err(bad)?;
+    let limit_spec = req.max_failures.clone().unwrap_or_else(|| "0".into());
+    let limit = FailureLimit::parse(&limit_spec).map_err(bad)?;
+    let duration = |name: &str, v: &Option<String>, default: u64| match v {
+        Some(s) => gateway_core::units::parse_duration(s)
+            .map_err(|e| bad(format!("{name}: {}; {}", e.message, e.hint))),
+        None => Ok(std::time::Duration::from_secs(default)),
+    };
+    let soak = duration("soak", &req.soak, 0)?;
+    let trial = duration("trial", &req.trial, 15 * 60)?;
+    if trial.is_zero() {
+        return Err(bad(
+            "trial: must be longer than 0 s (the boxes' [update] trial)".into(),
+        ));
+    }
+    let min_wave = req.min_wave.unwrap_or(1);
+    if min_wave > MAX_ROLLOUT {
+        return Err(bad(format!("min_wave: at most {MAX_ROLLOUT}")));
+    }
+    let selector = gateway_core::selector::Selector::parse(&req.selector)
+        .map_err(|e| bad(format!("selector: {e}")))?;
+    let stored = fleet
+        .registry()
+        .firmware(version.clone())
+        .await
+        .map_err(internal)?;
+    if !stored.as_ref().is_some_and(|f| f.row.complete) {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!(
+                "firmware {version} is not {} on the hubs' store; gatewayctl firmware upload BUNDLE first",
+                if stored.is_some() {
+                    "complete"
+                } else {
+                    "uploaded"
+                }
+            ),
+        ));
+    }
+    let picked = picked_for_rollout(fleet, &selector).await?;
+    let ends = rollout::plan(picked.len(), &steps, min_wave);
+    let summary = json!({
+        "firmware": version,
+        "devices": picked.len(),
+        "waves": ends.iter().scan(0, |prev, &e| { let n = e - *prev; *prev = e; Some(n) }).collect::<Vec<_>>(),
+        "max_failures": limit.allowed(picked.len()),
+        "trial_ms": trial.as_millis(),
+    });
+    if req.dry_run {
+        return Ok(axum::Json(summary).into_response());
+    }
+    let ms = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    let mut doc = draft(
+        new_id(),
+        (&picked, &ends, &selector),
+        (&req.waves, limit_spec, limit),
+        ms(soak),
+        (&by, role),
+    );
+    doc.firmware = Some(rollout::FirmwareRollout {
+        version: version.clone(),
+        trial_ms: ms(trial),
+    });
+    create(fleet, &by, &doc, picked).await?;
+    audit_ok(
+        fleet,
+        &by,
+        "rollout.start",
+        &doc.id,
+        format!(
+            "firmware={version} selector={:?} waves={} max_failures={} trial_ms={} devices={}",
+            doc.selector,
+            doc.waves_spec,
+            doc.max_failures_spec,
+            ms(trial),
+            doc.devices.len()
+        ),
+    );
+    let mut out = summary;
+    out["id"] = json!(doc.id);
     Ok((StatusCode::CREATED, axum::Json(out)).into_response())
 }
 
@@ -691,6 +858,8 @@ fn status_json(doc: &Rollout, st: &[rollout::DeviceStatus]) -> Value {
         "id": doc.id,
         "template": doc.template,
         "template_version": doc.template_version,
+        "firmware": doc.firmware.as_ref().map(|f| &f.version),
+        "trial_ms": doc.firmware.as_ref().map(|f| f.trial_ms),
         "selector": doc.selector,
         "waves_spec": doc.waves_spec,
         "max_failures": doc.max_failures_spec,
@@ -726,6 +895,7 @@ async fn rollout_list(State(fleet): State<Arc<Fleet>>, caller: Caller) -> Answer
                 "id": d.id,
                 "template": d.template,
                 "template_version": d.template_version,
+                "firmware": d.firmware.as_ref().map(|f| &f.version),
                 "state": d.state.as_str(),
                 "reason": d.reason,
                 "devices": d.devices.len(),
@@ -841,6 +1011,12 @@ async fn rollout_command(
                     return refuse(format!(
                         "rollout {} pushed as the {} administrator who started it; roll it back with such an account",
                         d.id, d.by_role
+                    ));
+                }
+                if d.firmware.is_some() {
+                    return refuse(format!(
+                        "rollout {} is of firmware: a hub does not roll firmware back; each box keeps its previous version in its other slot and goes back to it by itself when the new one fails its trial. Abort this rollout, then roll the previous version out",
+                        d.id
                     ));
                 }
                 if matches!(d.state, RState::RollingBack | RState::RolledBack) {

@@ -1,5 +1,7 @@
 //! `gatewayctl firmware`: uploading a bundle (as `image/build.sh` writes it)
-//! to the hub's firmware store, and listing what the store holds.
+//! to the hub's firmware store, listing what the store holds, and rolling a
+//! version out in waves (watched, paused and aborted as every rollout, with
+//! `gatewayctl rollout`).
 
 use std::io::{Read as _, Seek as _, SeekFrom};
 use std::os::unix::fs::OpenOptionsExt as _;
@@ -28,11 +30,73 @@ pub enum FirmwareCommand {
         #[arg(long, value_enum, default_value = "text")]
         format: Format,
     },
+    /// Offer a version to the boxes a selector picks, in waves: a box counts
+    /// once it runs the version past its trial; a rollback, a refusal by its
+    /// updater or a box silent for twice the trial time is a failure, and
+    /// the rollout pauses by itself past --max-failures (system
+    /// administrator). `gatewayctl rollout status ID` shows it.
+    Rollout {
+        /// The version (as firmware list shows it; complete in the store).
+        version: String,
+        /// Which boxes (as devices list --selector; revoked ones never).
+        #[arg(long, short = 'l', default_value = "")]
+        selector: String,
+        /// Cumulative shares or counts of the boxes reached by the end of
+        /// each wave; the last must be 100%.
+        #[arg(long, default_value = "1%,10%,50%,100%")]
+        waves: String,
+        /// Every wave holds at least this many boxes.
+        #[arg(long, default_value_t = 1)]
+        min_wave: usize,
+        /// Failures allowed before the rollout pauses by itself: a share
+        /// (2%) or a count (3).
+        #[arg(long, default_value = "0")]
+        max_failures: String,
+        /// The boxes' `[update] trial`: a box not heard from for twice this
+        /// since its offer is silent.
+        #[arg(long, default_value = "15m")]
+        trial: String,
+        /// At least this long between waves (none by default: a wave ends
+        /// when each of its boxes has its verdict).
+        #[arg(long)]
+        soak: Option<String>,
+        /// Check only; start nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 pub async fn firmware(client: &OpsClient, command: FirmwareCommand) -> Result<(), u8> {
     match command {
         FirmwareCommand::Upload { bundle } => upload(client, &bundle).await,
+        FirmwareCommand::Rollout {
+            version,
+            selector,
+            waves,
+            min_wave,
+            max_failures,
+            trial,
+            soak,
+            dry_run,
+        } => {
+            let body = json!({
+                "firmware": version, "selector": selector, "waves": waves,
+                "min_wave": min_wave, "max_failures": max_failures, "trial": trial,
+                "soak": soak, "dry_run": dry_run,
+            })
+            .to_string();
+            super::province::start(client, &body, dry_run, |v, sizes| {
+                format!(
+                    "firmware {version} for {} box(es) in {} wave(s) of {} ({} failure(s) allowed, trial {} s)",
+                    v["devices"],
+                    sizes.len(),
+                    sizes.join(", "),
+                    v["max_failures"],
+                    v["trial_ms"].as_u64().unwrap_or(0) / 1000,
+                )
+            })
+            .await
+        }
         FirmwareCommand::List { format } => {
             let (_, b) = call(client, "GET", "/v1/firmware", None).await?;
             let v = parse(&b);

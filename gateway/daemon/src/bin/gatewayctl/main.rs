@@ -986,7 +986,7 @@ fn devices_csv(v: &Value) -> String {
         }
     };
     let mut o = String::from(
-        "id,state,labels,config_applied,config_desired,cert_not_after_ms,last_heartbeat_ms\n",
+        "id,state,labels,config_applied,config_desired,cert_not_after_ms,last_heartbeat_ms,firmware_running,firmware_standby\n",
     );
     for d in v.as_array().into_iter().flatten() {
         let labels: Vec<String> = d["labels"]
@@ -1004,6 +1004,8 @@ fn devices_csv(v: &Value) -> String {
             n(&d["config_desired"]),
             n(&d["cert_not_after_ms"]),
             n(&d["last_heartbeat_ms"]),
+            field(firmware(&d["status"]).0),
+            field(firmware(&d["status"]).1),
         ]
         .join(",");
         o.push('\n');
@@ -1021,10 +1023,31 @@ fn trusted_cas(status: &Value) -> Vec<&str> {
         .collect()
 }
 
+/// The firmware a heartbeat says runs and stands by (empty off the
+/// appliance image), and what the updater is doing.
+fn firmware(status: &Value) -> (String, String, String) {
+    let f = &status["firmware"];
+    let text = |v: &Value| v.as_str().unwrap_or_default().to_owned();
+    let summary =
+        serde_json::from_value::<gateway_core::firmware::report::FirmwareStatus>(f.clone())
+            .map(|f| f.summary())
+            .unwrap_or_default();
+    (text(&f["running"]), text(&f["standby"]), summary)
+}
+
 fn devices_table(v: &Value) -> String {
     let mut o = format!(
-        "{:<20} {:<10} {:>7} {:>12} {:>12} {:>6} {:>8} {:<17}  LAST ERROR\n",
-        "DEVICE", "STATE", "CONFIG", "CERT", "HEARTBEAT", "RELAYS", "BACKLOG", "CA"
+        "{:<20} {:<10} {:>7} {:>12} {:>12} {:>6} {:>8} {:<17} {:<10} {:<10}  LAST ERROR\n",
+        "DEVICE",
+        "STATE",
+        "CONFIG",
+        "CERT",
+        "HEARTBEAT",
+        "RELAYS",
+        "BACKLOG",
+        "CA",
+        "FIRMWARE",
+        "STANDBY"
     );
     for d in v.as_array().into_iter().flatten() {
         let s = &d["status"];
@@ -1052,8 +1075,10 @@ fn devices_table(v: &Value) -> String {
         } else {
             ca.join("+")
         };
+        let (running, standby, _) = firmware(s);
+        let dash = |s: String| if s.is_empty() { "-".to_owned() } else { s };
         o += &format!(
-            "{:<20} {:<10} {:>7} {:>12} {:>12} {:>6} {:>8} {:<17}  {}\n",
+            "{:<20} {:<10} {:>7} {:>12} {:>12} {:>6} {:>8} {:<17} {:<10} {:<10}  {}\n",
             d["id"].as_str().unwrap_or("?"),
             d["state"].as_str().unwrap_or("?"),
             config,
@@ -1070,6 +1095,8 @@ fn devices_table(v: &Value) -> String {
                 "-".into()
             },
             ca,
+            dash(running),
+            dash(standby),
             s["last_error"].as_str().unwrap_or("-"),
         );
     }
@@ -1082,6 +1109,17 @@ fn device_text(d: &Value) -> String {
     o += &format!("state         {}\n", d["state"].as_str().unwrap_or("?"));
     o += &format!("heartbeat     {}\n", ago(&d["last_heartbeat_ms"]));
     o += &format!("version       {}\n", s["version"].as_str().unwrap_or("-"));
+    let (_, standby, summary) = firmware(s);
+    if !summary.is_empty() {
+        o += &format!(
+            "firmware      {summary}{}\n",
+            if standby.is_empty() {
+                String::new()
+            } else {
+                format!(", {standby} standing by")
+            }
+        );
+    }
     o += &format!("uptime        {}s\n", opt(&s["uptime_s"]));
     o += &format!("certificate   expires {}\n", until(&d["cert_not_after_ms"]));
     // The CAs the box checks hubs against (SHA-256), as it last read them.

@@ -255,6 +255,38 @@ pub async fn vars(
     Ok(())
 }
 
+/// Starts a rollout (`POST /v1/rollouts` with `body`) and says what it is,
+/// as `what` words it from the hub's answer and the waves' sizes.
+pub async fn start(
+    client: &OpsClient,
+    body: &str,
+    dry_run: bool,
+    what: impl FnOnce(&Value, &[String]) -> String,
+) -> Result<(), u8> {
+    let (_, b) = call(
+        client,
+        "POST",
+        "/v1/rollouts",
+        Some(("application/json", body.as_bytes())),
+    )
+    .await?;
+    let v = parse(&b);
+    let sizes: Vec<String> = v["waves"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(Value::to_string)
+        .collect();
+    let what = what(&v, &sizes);
+    if dry_run {
+        println!("checked, nothing started: {what}");
+    } else {
+        println!("{}", v["id"].as_str().unwrap_or(""));
+        eprintln!("rollout started: {what}; gatewayctl rollout status ID shows its waves");
+    }
+    Ok(())
+}
+
 pub async fn rollout(client: &OpsClient, command: RolloutCommand) -> Result<(), u8> {
     match command {
         RolloutCommand::Start {
@@ -274,38 +306,21 @@ pub async fn rollout(client: &OpsClient, command: RolloutCommand) -> Result<(), 
                 "soak": soak, "dry_run": dry_run, "restart": restart,
             })
             .to_string();
-            let (_, b) = call(
-                client,
-                "POST",
-                "/v1/rollouts",
-                Some(("application/json", body.as_bytes())),
-            )
+            start(client, &body, dry_run, |v, sizes| {
+                format!(
+                    "template {} v{} for {} device(s) in {} wave(s) of {} (changes: {} policy, {} other, {} unchanged; {} failure(s) allowed)",
+                    v["template"].as_str().unwrap_or(""),
+                    v["template_version"],
+                    v["devices"],
+                    sizes.len(),
+                    sizes.join(", "),
+                    v["changes"]["policy"],
+                    v["changes"]["other"],
+                    v["changes"]["unchanged"],
+                    v["max_failures"],
+                )
+            })
             .await?;
-            let v = parse(&b);
-            let sizes: Vec<String> = v["waves"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(Value::to_string)
-                .collect();
-            let what = format!(
-                "template {} v{} for {} device(s) in {} wave(s) of {} (changes: {} policy, {} other, {} unchanged; {} failure(s) allowed)",
-                v["template"].as_str().unwrap_or(""),
-                v["template_version"],
-                v["devices"],
-                sizes.len(),
-                sizes.join(", "),
-                v["changes"]["policy"],
-                v["changes"]["other"],
-                v["changes"]["unchanged"],
-                v["max_failures"],
-            );
-            if dry_run {
-                println!("checked, nothing started: {what}");
-            } else {
-                println!("{}", v["id"].as_str().unwrap_or(""));
-                eprintln!("rollout started: {what}; gatewayctl rollout status ID shows its waves");
-            }
         }
         RolloutCommand::List { format } => {
             let (_, b) = call(client, "GET", "/v1/rollouts", None).await?;
@@ -324,11 +339,7 @@ pub async fn rollout(client: &OpsClient, command: RolloutCommand) -> Result<(), 
                             "{:<26} {:<13} {:<20} {:>7} {:>5}  {}",
                             r["id"].as_str().unwrap_or(""),
                             r["state"].as_str().unwrap_or(""),
-                            format!(
-                                "{} v{}",
-                                r["template"].as_str().unwrap_or(""),
-                                r["template_version"]
-                            ),
+                            what_rolled(r),
                             r["devices"],
                             format!("{}/{}", r["wave"], r["waves"]),
                             r["by"].as_str().unwrap_or(""),
@@ -420,6 +431,18 @@ fn counts_text(c: &Value) -> String {
 
 /// A rollout's status for a reader: its state and why, then each wave with
 /// its counts and the devices that did not apply, with the cause.
+/// `template t v3` or `firmware 2.0`: what a rollout rolls out.
+fn what_rolled(v: &Value) -> String {
+    match v["firmware"].as_str() {
+        Some(f) => format!("firmware {f}"),
+        None => format!(
+            "template {} v{}",
+            v["template"].as_str().unwrap_or(""),
+            v["template_version"]
+        ),
+    }
+}
+
 fn status_text(v: &Value) -> String {
     let mut out = format!(
         "rollout {}: {}{}\n",
@@ -430,10 +453,13 @@ fn status_text(v: &Value) -> String {
             .map(|r| format!(" ({r})"))
             .unwrap_or_default()
     );
+    let trial = v["trial_ms"]
+        .as_u64()
+        .map(|t| format!(", trial {} s", t / 1000))
+        .unwrap_or_default();
     out += &format!(
-        "template {} v{}, selector {:?}, {} device(s), waves {}, max failures {} ({} allowed, {} so far), soak {} s, by {}\n",
-        v["template"].as_str().unwrap_or(""),
-        v["template_version"],
+        "{}{trial}, selector {:?}, {} device(s), waves {}, max failures {} ({} allowed, {} so far), soak {} s, by {}\n",
+        what_rolled(v),
         v["selector"].as_str().unwrap_or(""),
         v["devices"],
         v["waves_spec"].as_str().unwrap_or(""),
