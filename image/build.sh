@@ -78,10 +78,13 @@ rm "$W/rootfs/tmp/gatewayd.deb"
 
 # Read-only root (squashfs, the slot named on the kernel command line); the
 # state and config partitions are mounted by label, the ESP by its GPT name.
-mkdir -p "$W/rootfs/var/lib/gw-state" "$W/rootfs/efi"
+mkdir -p "$W/rootfs/var/lib/gw-state" "$W/rootfs/efi" "$W/rootfs/var/log/journal"
 cat > "$W/rootfs/etc/fstab" <<FSTAB
 LABEL=gw-state  /var/lib/gw-state  ext4 rw,noatime,nosuid,nodev   0 2
 /var/lib/gw-state/gatewayd /var/lib/gatewayd none bind,x-systemd.requires-mounts-for=/var/lib/gw-state 0 0
+# The journal persists on the state disk: a rollback report carries the
+# failed boot's last lines.
+/var/lib/gw-state/journal /var/log/journal none bind,x-systemd.requires-mounts-for=/var/lib/gw-state 0 0
 LABEL=gw-config /etc/gatewayd      ext4 ro,noatime,nosuid,nodev   0 2
 PARTLABEL=gw-esp /efi              vfat rw,noatime,umask=0077     0 2
 # The unit's PrivateTmp needs writable /tmp and /var/tmp (226/NAMESPACE without).
@@ -143,12 +146,20 @@ cat > "$W/rootfs/etc/systemd/system/gatewayd@.service.d/image.conf" <<'DROPIN'
 [Unit]
 RequiresMountsFor=/etc/gatewayd /var/lib/gatewayd
 ConditionPathExists=/etc/gatewayd/%i.toml
+[Service]
+# [update] handoff: offers and acknowledgements for the updater.
+ReadWritePaths=/var/lib/gw-state/handoff
 DROPIN
 for name in edge hub; do
     ln -sf /usr/lib/systemd/system/gatewayd@.service "$W/rootfs/etc/systemd/system/multi-user.target.wants/gatewayd@$name.service"
 done
 ln -sf /usr/lib/systemd/system/gateway-updater.service "$W/rootfs/etc/systemd/system/multi-user.target.wants/gateway-updater.service"
 ln -sf /etc/systemd/system/gateway-update-local.service "$W/rootfs/etc/systemd/system/multi-user.target.wants/gateway-update-local.service"
+# Updates from the hub: the path unit follows gatewayd's handoff, the timer
+# the maintenance window.
+mkdir -p "$W/rootfs/etc/systemd/system/timers.target.wants"
+ln -sf /usr/lib/systemd/system/gateway-updater-follow.path "$W/rootfs/etc/systemd/system/multi-user.target.wants/gateway-updater-follow.path"
+ln -sf /usr/lib/systemd/system/gateway-updater-follow.timer "$W/rootfs/etc/systemd/system/timers.target.wants/gateway-updater-follow.timer"
 # The serial console shows systemd's progress, which image/test watches.
 mkdir -p "$W/rootfs/etc/systemd/system.conf.d"
 printf '[Manager]\nShowStatus=yes\n' > "$W/rootfs/etc/systemd/system.conf.d/console.conf"
@@ -211,10 +222,13 @@ rm -rf "$OUT/bundle"
 mksquashfs "$W/rootfs" "$W/root.sqfs" -noappend -quiet >/dev/null
 SQ=$(stat -c %s "$W/root.sqfs")
 [ "$SQ" -le $((ROOT_MB << 20)) ] || { echo "the root image ($SQ bytes) is larger than a slot (ROOT_MB=$ROOT_MB)" >&2; exit 1; }
-# The state partition: gatewayd's directory and the updater's.
-mkdir -p "$W/state/gatewayd" "$W/state/updater"
-chown "$GW_UID:$GW_GID" "$W/state/gatewayd"
-chmod 0700 "$W/state/gatewayd" "$W/state/updater"
+# The state partition: gatewayd's directory, the updater's (it publishes
+# status.json there for gatewayd), the handoff between them (gatewayd
+# writes, the updater reads) and the journal.
+mkdir -p "$W/state/gatewayd" "$W/state/updater" "$W/state/handoff" "$W/state/journal"
+chown "$GW_UID:$GW_GID" "$W/state/gatewayd" "$W/state/handoff"
+chmod 0700 "$W/state/gatewayd"
+chmod 0755 "$W/state/updater" "$W/state/handoff"
 mkfs.ext4 -q -L gw-state -d "$W/state" "$OUT/state.img" 256M
 mkfs.ext4 -q -L gw-config -d "$W/config" -E root_owner="$GW_UID:$GW_GID" "$OUT/config.img" 16M
 # The ESP: systemd-boot, this version's kernel and initrd, and its entry,

@@ -34,7 +34,8 @@ trap 'rm -rf "$STAGE"' EXIT
 install -D -m 0755 "$BIN" "$STAGE/usr/bin/gatewayd"
 install -D -m 0644 "$ROOT/systemd/gatewayd@.service" "$STAGE/usr/lib/systemd/system/gatewayd@.service"
 install -D -m 0755 "$UPD" "$STAGE/usr/bin/gateway-updater"
-for u in gateway-updater.service gateway-boot-ok.service; do
+for u in gateway-updater.service gateway-boot-ok.service gateway-updater-follow.service \
+    gateway-updater-follow.path gateway-updater-follow.timer; do
     install -D -m 0644 "$ROOT/systemd/$u" "$STAGE/usr/lib/systemd/system/$u"
 done
 install -D -m 0644 "$ROOT/systemd/gatewayd.sysusers" "$STAGE/usr/lib/sysusers.d/gatewayd.conf"

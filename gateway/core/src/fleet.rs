@@ -208,6 +208,9 @@ pub enum Message {
         /// The outcome recorded.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         outcome: Option<crate::firmware::update::Outcome>,
+        /// The boot id the heartbeat's firmware status carried, echoed.
+        #[serde(default)]
+        boot: String,
     },
     /// Hub to edge: the CA certificates the box is to trust for hubs from
     /// now on (a CA rotation), signed by the key of a CA the box trusts now

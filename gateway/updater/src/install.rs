@@ -321,6 +321,7 @@ impl Updater {
             } else {
                 Vec::new()
             },
+            boot: crate::boot_id(),
         };
         s.bound();
         Ok(s)

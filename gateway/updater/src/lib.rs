@@ -24,6 +24,13 @@ pub mod install;
 pub mod slot;
 pub mod source;
 
+/// This boot's id (`/proc/sys/kernel/random/boot_id`), empty if unknown.
+pub fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
 /// SHA-256 of `bytes`, lower-case hex.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     gateway_core::hex::encode(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())

@@ -245,13 +245,6 @@ fn default_keys() -> Vec<PathBuf> {
     keys
 }
 
-/// This boot's id.
-fn boot_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_default()
-}
-
 /// The failed boot's last journal lines (the boot before this one), for a
 /// rollback report: best effort, none when the journal is not kept.
 fn failed_boot_journal() -> Vec<String> {
@@ -323,7 +316,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 target.version,
                 trial.as_secs()
             );
-            let boot = boot_id();
+            let boot = gateway_updater::boot_id();
             let acked = || {
                 gateway_updater::follow::ack(&handoff, &boot)
                     .ok()
@@ -432,7 +425,7 @@ fn follow(
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
-    let boot = boot_id();
+    let boot = gateway_updater::boot_id();
     let env = Env {
         handoff,
         admin,

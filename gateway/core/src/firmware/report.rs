@@ -47,6 +47,11 @@ pub struct FirmwareStatus {
     /// With a rollback: the failed boot's last journal lines.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub journal: Vec<String>,
+    /// The boot the updater published this in (its boot id): the hub
+    /// echoes it in its acknowledgement, so a trial boot's gate knows the
+    /// acknowledgement answers this boot, with no clock involved.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub boot: String,
 }
 
 fn cut(s: &mut String, max: usize) {
@@ -64,6 +69,7 @@ impl FirmwareStatus {
     /// 200 bytes, at most [`MAX_JOURNAL`] journal lines of 300.
     pub fn bound(&mut self) {
         cut(&mut self.running, MAX_TEXT);
+        cut(&mut self.boot, 64);
         cut(&mut self.phase, MAX_TEXT);
         for s in self.standby.iter_mut().chain(self.target.iter_mut()) {
             cut(s, MAX_TEXT);
@@ -134,9 +140,9 @@ pub struct Ack {
     /// The outcome it carried, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outcome: Option<Outcome>,
-    /// The boot it was recorded in (`/proc/sys/kernel/random/boot_id`): a
-    /// trial boot's gate takes only its own boot's acknowledgement, with no
-    /// clock involved.
+    /// The boot the acknowledged status was published in (the updater's
+    /// boot id, echoed by the hub): a trial boot's gate takes only its own
+    /// boot's acknowledgement, with no clock involved.
     pub boot_id: String,
     /// The hub's answer arrived at (Unix ms, the box's clock: shown, never
     /// compared).

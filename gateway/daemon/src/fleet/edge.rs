@@ -517,8 +517,8 @@ pub async fn session(
                     Message::FirmwareOffer { rollout, version } => {
                         take_firmware_offer(&fleet, &ctx, &rollout, &version);
                     }
-                    Message::FirmwareAck { running, outcome } => {
-                        if let Err(e) = super::firmware_box::write_ack(&fleet.handoff, &running, outcome, now_ms()) {
+                    Message::FirmwareAck { running, outcome, boot } => {
+                        if let Err(e) = super::firmware_box::write_ack(&fleet.handoff, (&running, outcome, &boot), now_ms()) {
                             error!(%e, "Cannot record the hub's acknowledgement for the updater");
                         }
                     }

@@ -119,27 +119,28 @@ pub fn write_offer(handoff: &Path, offer: &Offer) -> std::io::Result<bool> {
     Ok(true)
 }
 
-/// This boot's id (`/proc/sys/kernel/random/boot_id`), empty if unknown.
-pub fn boot_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_default()
-}
-
-/// Records a hub's acknowledgement for the updater.
+/// Records a hub's acknowledgement for the updater (`boot`: the boot id
+/// the acknowledged status carried), unless it says what the one there
+/// says already (the path unit then has nothing new to follow).
 ///
 /// # Errors
 /// The disk's.
 pub fn write_ack(
     handoff: &Path,
-    running: &str,
-    outcome: Option<Outcome>,
+    (running, outcome, boot): (&str, Option<Outcome>, &str),
     at_ms: i64,
 ) -> std::io::Result<()> {
+    if let Some(a) = current_ack(handoff)
+        && a.running == running
+        && a.outcome == outcome
+        && a.boot_id == boot
+    {
+        return Ok(());
+    }
     let ack = Ack {
         running: running.to_owned(),
         outcome,
-        boot_id: boot_id(),
+        boot_id: boot.to_owned(),
         at_ms,
     };
     let bytes = serde_json::to_vec_pretty(&ack).unwrap_or_default();
@@ -167,7 +168,13 @@ mod tests {
         assert!(write_offer(d.path(), &offer).expect("write"));
         assert!(!write_offer(d.path(), &offer).expect("again"));
         assert_eq!(current_offer(d.path()), Some(offer));
-        write_ack(d.path(), "2.0", None, 5).expect("ack");
+        write_ack(d.path(), ("2.0", None, "b1"), 5).expect("ack");
+        write_ack(d.path(), ("2.0", None, "b1"), 9).expect("same");
+        assert_eq!(
+            current_ack(d.path()).map(|a| a.at_ms),
+            Some(5),
+            "not written again"
+        );
         assert_eq!(current_ack(d.path()).map(|a| a.running), Some("2.0".into()));
 
         let up = tempfile::tempdir().expect("dir");

@@ -124,6 +124,7 @@ impl Offers {
             replies.push(Message::FirmwareAck {
                 running: f.running.clone(),
                 outcome: f.outcome.clone(),
+                boot: f.boot.clone(),
             });
         }
         if let Some((rollout, version)) = self.get(device)
@@ -179,7 +180,8 @@ mod tests {
             m,
             [Message::FirmwareAck {
                 running: "2.0".into(),
-                outcome: None
+                outcome: None,
+                boot: String::new(),
             }]
         );
         let mut back = status("1.0", "report", None);
