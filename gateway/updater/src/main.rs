@@ -409,7 +409,7 @@ fn follow(
     let mut last = std::time::Instant::now();
     let mut on = |e: &Event| print_event(e, &mut last);
     let mut reboot = || {
-        println!("rebooting: {reboot_command}");
+        println!("rebooting into the staged version: {reboot_command}");
         let mut words = reboot_command.split_whitespace();
         let program = words.next().ok_or("--reboot-command is empty")?;
         let status = std::process::Command::new(program)
