@@ -3628,5 +3628,75 @@ fn firmware_rolls_out_in_waves_commits_and_a_broken_version_rolls_back() {
             .any(|l| l.starts_with("firmware.offer hub 2.0 ok")),
         "{edge_audit:#?}"
     );
+
+    // 3. 2.5, signed but below the security version 2.0 committed: the
+    // paused rollout is aborted first (it holds the box), then the box's
+    // updater refuses 2.5, says why, and that rollout pauses too.
+    firmware_bundle(&signer, &d.join("b2.5"), "2.5", 9);
+    let manifest = d.join("b2.5/manifest.json");
+    let text = std::fs::read_to_string(&manifest)
+        .expect("manifest")
+        .replace("\"security_version\": 4", "\"security_version\": 3");
+    std::fs::write(&manifest, &text).expect("manifest");
+    std::fs::write(
+        d.join("b2.5/manifest.json.minisig"),
+        signer.sign(text.as_bytes()),
+    )
+    .expect("sig");
+    let (code, _, err) = hub.ctl(
+        "sam",
+        &["firmware", "upload", d.join("b2.5").to_str().expect("path")],
+    );
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = hub.ctl(
+        "sam",
+        &[
+            "firmware",
+            "rollout",
+            "2.5",
+            "--waves",
+            "100%",
+            "--max-failures",
+            "0",
+        ],
+    );
+    assert_ne!(code, 0, "the box is held by the paused rollout");
+    assert!(err.contains("rollout"), "{err}");
+    let (code, _, err) = hub.ctl("sam", &["rollout", "abort", &id3]);
+    assert_eq!(code, 0, "{err}");
+    let (code, id25, err) = hub.ctl(
+        "sam",
+        &[
+            "firmware",
+            "rollout",
+            "2.5",
+            "--waves",
+            "100%",
+            "--max-failures",
+            "0",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let id25 = id25.trim().to_owned();
+    wait_offer("2.5");
+    match follow("2.0", SlotName::B, &mut no) {
+        Followed::Refused(v, why) => assert!(v == "2.5" && why.contains("security"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+    let (code, out, err) = hub.ctl(
+        "sam",
+        &["rollout", "status", &id25, "--wait", "--timeout", "1m"],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(": paused") && out.contains("failed") && out.contains("updater:"),
+        "{out}"
+    );
+    assert_eq!(
+        follow("2.0", SlotName::B, &mut no),
+        Followed::Nothing,
+        "not tried again"
+    );
+    assert!(!no);
     drop(edge);
 }
