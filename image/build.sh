@@ -83,8 +83,9 @@ cat > "$W/rootfs/etc/fstab" <<FSTAB
 LABEL=gw-state  /var/lib/gw-state  ext4 rw,noatime,nosuid,nodev   0 2
 /var/lib/gw-state/gatewayd /var/lib/gatewayd none bind,x-systemd.requires-mounts-for=/var/lib/gw-state 0 0
 # The journal persists on the state disk: a rollback report carries the
-# failed boot's last lines.
-/var/lib/gw-state/journal /var/log/journal none bind,x-systemd.requires-mounts-for=/var/lib/gw-state 0 0
+# failed boot's last lines. nofail: a state disk from an older image has no
+# journal/ yet (tmpfiles makes it; it is bound from the next boot on).
+/var/lib/gw-state/journal /var/log/journal none bind,nofail,x-systemd.requires-mounts-for=/var/lib/gw-state 0 0
 LABEL=gw-config /etc/gatewayd      ext4 ro,noatime,nosuid,nodev   0 2
 PARTLABEL=gw-esp /efi              vfat rw,noatime,umask=0077     0 2
 # The unit's PrivateTmp needs writable /tmp and /var/tmp (226/NAMESPACE without).
@@ -147,9 +148,15 @@ cat > "$W/rootfs/etc/systemd/system/gatewayd@.service.d/image.conf" <<'DROPIN'
 RequiresMountsFor=/etc/gatewayd /var/lib/gatewayd
 ConditionPathExists=/etc/gatewayd/%i.toml
 [Service]
-# [update] handoff: offers and acknowledgements for the updater.
-ReadWritePaths=/var/lib/gw-state/handoff
+# [update] handoff: offers and acknowledgements for the updater (made by
+# tmpfiles on a state disk from an older image; "-": never a failed start).
+ReadWritePaths=-/var/lib/gw-state/handoff
 DROPIN
+# The directories an older image's state disk lacks.
+cat > "$W/rootfs/etc/tmpfiles.d/gw-state.conf" <<'TMPFILES'
+d /var/lib/gw-state/handoff 0755 gatewayd gatewayd -
+d /var/lib/gw-state/journal 0755 root root -
+TMPFILES
 for name in edge hub; do
     ln -sf /usr/lib/systemd/system/gatewayd@.service "$W/rootfs/etc/systemd/system/multi-user.target.wants/gatewayd@$name.service"
 done

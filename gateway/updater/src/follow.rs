@@ -80,6 +80,14 @@ pub fn ack(handoff: &Path, boot_id: &str) -> Result<Option<Ack>, String> {
     Ok(read::<Ack>(handoff, "ack.json")?.filter(|a| !boot_id.is_empty() && a.boot_id == boot_id))
 }
 
+/// The offer in `handoff`, if any.
+///
+/// # Errors
+/// When it does not read.
+pub fn offer(handoff: &Path) -> Result<Option<Offer>, String> {
+    read(handoff, "offer.json")
+}
+
 /// The minute of the day in China Standard Time at Unix time `ms`.
 pub fn cst_minute(ms: i64) -> u16 {
     u16::try_from((ms.div_euclid(60_000) + 8 * 60).rem_euclid(24 * 60)).unwrap_or(0)
@@ -133,10 +141,11 @@ pub fn follow(
     // 2. An offer not taken yet (or being written).
     let taken = updater.running_version() == offer.version
         || kept.failed.contains(&offer.version)
-        || kept
+        || (kept
             .refused
             .as_ref()
             .is_some_and(|(v, _)| *v == offer.version)
+            && kept.refused_rollout.as_deref() == Some(offer.rollout.as_str()))
         || (staged && target.as_deref() == Some(offer.version.as_str()));
     if !taken {
         if staged {
@@ -156,7 +165,7 @@ pub fn follow(
             Ok(_) => {}
             Err(FetchError::Refused(why)) => {
                 updater
-                    .refused(&offer.version, &why)
+                    .refused((&offer.version, &offer.rollout), &why)
                     .map_err(|e| e.to_string())?;
                 return Ok(Followed::Refused(offer.version, why));
             }

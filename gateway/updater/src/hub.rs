@@ -227,9 +227,10 @@ pub enum FetchError {
 impl From<UpdateError> for FetchError {
     fn from(e: UpdateError) -> Self {
         match e {
-            UpdateError::Refused(_) | UpdateError::Running(_) | UpdateError::FailedBefore(_) => {
-                FetchError::Refused(e.to_string())
-            }
+            UpdateError::Refused(_)
+            | UpdateError::Running(_)
+            | UpdateError::NotNewer(..)
+            | UpdateError::FailedBefore(_) => FetchError::Refused(e.to_string()),
             UpdateError::Busy(_) | UpdateError::ConfigState { .. } => {
                 FetchError::Busy(e.to_string())
             }
@@ -290,12 +291,11 @@ pub fn fetch(
             let signed = source.signed()?;
             let m = updater.offer(&signed, trying()?, retry)?;
             if m.version != version {
-                return Err(UpdateError::Refused(
-                    gateway_core::firmware::Refused::Manifest(format!(
-                        "asked for {version}, the hub sent {}'s manifest",
-                        m.version
-                    )),
-                ));
+                // The hub's fault, not the version's: tried again later.
+                return Err(UpdateError::Source(crate::source::SourceError(format!(
+                    "asked for {version}, the hub sent {}'s manifest",
+                    m.version
+                ))));
             }
             updater.run(&mut source, on)
         };

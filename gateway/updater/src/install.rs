@@ -66,6 +66,10 @@ pub struct Kept {
     /// hardware model): its version and why, for the hub.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refused: Option<(String, String)>,
+    /// The rollout whose offer was refused: another rollout of the version
+    /// is tried again (the refusal may have been one hub's bad answer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused_rollout: Option<String>,
     /// With a rollback report: the failed boot's last journal lines.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub journal: Vec<String>,
@@ -86,6 +90,13 @@ pub enum UpdateError {
     /// The offer is the version running.
     #[error("version {0} is running already")]
     Running(String),
+    /// The offer does not sort above the version running: systemd-boot
+    /// boots the highest version, so it would never boot (and a box told to
+    /// reboot into it would loop).
+    #[error(
+        "version {0} is not newer than {1}, which runs: systemd-boot boots the highest version, so {0} would never boot; build the old code again under a version above {1}"
+    )]
+    NotNewer(String, String),
     /// The offer rolled back on this box before.
     #[error("version {0} rolled back on this box before: offer it with --retry to try it again")]
     FailedBefore(String),
@@ -194,6 +205,7 @@ impl Updater {
                 security_version: 0,
                 failed: Vec::new(),
                 refused: None,
+                refused_rollout: None,
                 journal: Vec::new(),
             },
             Some(b) => serde_json::from_slice(&b).map_err(|e| UpdateError::Kept {
@@ -216,6 +228,24 @@ impl Updater {
     /// The version running.
     pub fn running_version(&self) -> &str {
         &self.device.version
+    }
+
+    /// As [`Updater::open`], waiting up to `wait` for another run of the
+    /// updater to let go of the state (the boot's `status` and a `follow`
+    /// the path unit started may meet).
+    ///
+    /// # Errors
+    /// As [`Updater::open`]; still locked after `wait`.
+    pub fn open_waiting(device: Device, wait: std::time::Duration) -> Result<Self, UpdateError> {
+        let start = std::time::Instant::now();
+        loop {
+            match Updater::open(device.clone()) {
+                Err(UpdateError::File(FileError::Locked { .. })) if start.elapsed() < wait => {
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                }
+                r => return r,
+            }
+        }
     }
 
     /// What is kept now.
@@ -344,12 +374,18 @@ impl Updater {
         Ok(())
     }
 
-    /// Records that an offer of `version` was refused, and why.
+    /// Records that rollout `rollout`'s offer of `version` was refused, and
+    /// why.
     ///
     /// # Errors
     /// A disk error.
-    pub fn refused(&mut self, version: &str, why: &str) -> Result<(), UpdateError> {
+    pub fn refused(
+        &mut self,
+        (version, rollout): (&str, &str),
+        why: &str,
+    ) -> Result<(), UpdateError> {
         self.kept.refused = Some((version.to_owned(), why.to_owned()));
+        self.kept.refused_rollout = Some(rollout.to_owned());
         self.keep()
     }
 
@@ -427,6 +463,13 @@ impl Updater {
         })?;
         if m.version == self.device.version {
             return Err(UpdateError::Running(m.version));
+        }
+        if firmware::version_numbers(&m.version) <= firmware::version_numbers(&self.device.version)
+        {
+            return Err(UpdateError::NotNewer(
+                m.version,
+                self.device.version.clone(),
+            ));
         }
         Ok(m)
     }

@@ -250,6 +250,8 @@ fn default_keys() -> Vec<PathBuf> {
 fn failed_boot_journal() -> Vec<String> {
     let out = std::process::Command::new("journalctl")
         .args([
+            // The read-only root's machine id is made afresh at each boot.
+            "--merge",
             "--boot=-1",
             "--lines=50",
             "--priority=warning",
@@ -273,7 +275,8 @@ fn run(cli: Cli) -> Result<(), String> {
     let device = device(&cli.device)?;
     let gatewayd_state = cli.device.gatewayd_state.clone();
     let handoff = cli.device.handoff.clone();
-    let mut updater = Updater::open(device).map_err(|e| e.to_string())?;
+    let mut updater = Updater::open_waiting(device, std::time::Duration::from_secs(60))
+        .map_err(|e| e.to_string())?;
     // A rollback found at this start: its failed boot's journal goes with
     // the report.
     if let gateway_core::firmware::update::State::Report {
@@ -311,6 +314,14 @@ fn run(cli: Cli) -> Result<(), String> {
             };
             // The wait holds no lock: `status` answers meanwhile.
             drop(updater);
+            // The trial gatewayd's [update] trial gave with the offer, for
+            // this version (between 1 minute and a day).
+            let trial = match gateway_updater::follow::offer(&handoff) {
+                Ok(Some(o)) if o.version == target.version => {
+                    std::time::Duration::from_secs(o.trial_s.clamp(60, 86_400))
+                }
+                _ => trial,
+            };
             println!(
                 "trial of {}: waiting up to {} s for gatewayd's hub tunnel ({admin})",
                 target.version,

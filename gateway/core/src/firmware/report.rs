@@ -54,7 +54,26 @@ pub struct FirmwareStatus {
     pub boot: String,
 }
 
+/// Control characters (an escape sequence for the operator's terminal, a
+/// forged log line) become U+FFFD.
+fn clean(s: &mut String) {
+    if s.chars().any(char::is_control) {
+        *s = s
+            .chars()
+            .map(|c| if c.is_control() { '\u{fffd}' } else { c })
+            .collect();
+    }
+}
+
+/// A version that does not read as one (dotted numbers) becomes `?`.
+fn version(s: &mut String) {
+    if super::version_numbers(s).is_none() {
+        "?".clone_into(s);
+    }
+}
+
 fn cut(s: &mut String, max: usize) {
+    clean(s);
     if s.len() > max {
         let mut end = max;
         while !s.is_char_boundary(end) {
@@ -65,9 +84,29 @@ fn cut(s: &mut String, max: usize) {
 }
 
 impl FirmwareStatus {
-    /// Keeps only what a hub may store of a peer's claim: texts of at most
-    /// 200 bytes, at most [`MAX_JOURNAL`] journal lines of 300.
+    /// Keeps only what a hub may store of a peer's claim: versions that
+    /// read as versions (else `?`), texts of at most 200 bytes without
+    /// control characters, at most [`MAX_JOURNAL`] journal lines of 300.
     pub fn bound(&mut self) {
+        version(&mut self.running);
+        for v in self.standby.iter_mut().chain(self.target.iter_mut()) {
+            version(v);
+        }
+        if let Some((v, _)) = &mut self.error {
+            version(v);
+        }
+        match &mut self.outcome {
+            Some(Outcome::Committed { version: v, .. }) => version(v),
+            Some(Outcome::RolledBack {
+                version: v,
+                running,
+            }) => {
+                version(v);
+                version(running);
+            }
+            None => {}
+        }
+        self.failed.retain(|v| super::version_numbers(v).is_some());
         cut(&mut self.running, MAX_TEXT);
         cut(&mut self.boot, 64);
         cut(&mut self.phase, MAX_TEXT);
@@ -234,10 +273,21 @@ mod tests {
 
     #[test]
     fn a_peers_claim_is_bounded() {
+        let mut hostile = FirmwareStatus {
+            running: "1.0\u{1b}[2J".into(),
+            phase: "idle\r\nforged".into(),
+            journal: vec!["a\u{1b}]0;x\u{7}b".into()],
+            failed: vec!["2.0".into(), "../x".into()],
+            ..Default::default()
+        };
+        hostile.bound();
+        assert_eq!(hostile.running, "?");
+        assert!(!hostile.phase.contains('\n') && !hostile.journal[0].contains('\u{1b}'));
+        assert_eq!(hostile.failed, ["2.0"]);
         let mut s = FirmwareStatus {
-            running: "é".repeat(500),
+            running: "1".repeat(500),
             phase: "idle".into(),
-            failed: vec!["1".into(); 100],
+            failed: vec!["1.0".into(); 100],
             journal: (0..200)
                 .map(|i| format!("{i} {}", "x".repeat(1000)))
                 .collect(),

@@ -142,9 +142,11 @@ impl EdgeFleet {
             .ok()
             .and_then(|p| pki::validity(&p));
         let trust = trust_path(&config.node.state_dir, &e.uplink.ca.path);
-        // A marker left by a crash mid-try: a try resumed at start marks
-        // it again.
-        if let Err(err) = super::firmware_box::mark_config_try(&e.update.handoff, false) {
+        // The marker as the managed state on disk says: a try resumed at
+        // start stays marked, one a crash left behind is cleared.
+        let resumed = super::pushed_config::load_managed(&config.node.state_dir)
+            .is_some_and(|(_, _, trying)| trying);
+        if let Err(err) = super::firmware_box::mark_config_try(&e.update.handoff, resumed) {
             error!(%err, "Cannot clear the config-try marker of the updater's handoff");
         }
         Some(Arc::new(EdgeFleet {
@@ -248,18 +250,25 @@ impl EdgeFleet {
         lock(&self.applied).clone()
     }
 
-    /// Whether a pushed config is on trial (heartbeats say so).
-    pub fn set_trying(&self, trying: bool) {
+    /// Whether a pushed config is on trial (heartbeats say so). Starting a
+    /// try: `false` when the updater cannot be told (the try must not
+    /// start: the updater could reboot the box in the middle of it).
+    pub fn set_trying(&self, trying: bool) -> bool {
         let was = self
             .trying
             .swap(trying, std::sync::atomic::Ordering::Relaxed);
         // Before the try's reload: the updater starts nothing while it runs.
         if let Err(e) = super::firmware_box::mark_config_try(&self.handoff, trying) {
-            error!(%e, "Cannot tell the updater whether a config try runs (it then starts no update)");
+            error!(%e, "Cannot tell the updater whether a config try runs");
+            if trying {
+                self.trying.store(was, std::sync::atomic::Ordering::Relaxed);
+                return false;
+            }
         }
         if was && !trying {
             self.try_ended.notify_waiters();
         }
+        true
     }
 
     /// Records the config in force.

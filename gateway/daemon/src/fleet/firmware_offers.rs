@@ -22,6 +22,9 @@ use gateway_core::fleet::Message;
 /// Boxes whose last firmware step a hub remembers (the rest are audited
 /// again at their next heartbeat: a repeated record, never a lost one).
 const MAX_SEEN: usize = 100_000;
+/// The same acknowledgement is sent again at most this often (a lost one
+/// is made good; a box that sends heartbeats in a loop gets no more).
+const ACK_AGAIN_MS: i64 = 30_000;
 
 /// An audit record to write: event, outcome, detail.
 pub type Record = (&'static str, &'static str, String);
@@ -31,8 +34,9 @@ pub type Record = (&'static str, &'static str, String);
 pub struct Offers {
     /// Device → (rollout, version).
     offers: Mutex<HashMap<String, (String, String)>>,
-    /// Device → its last reported step, as audited.
-    seen: Mutex<HashMap<String, String>>,
+    /// Device → its last reported step, as audited, and when it was last
+    /// acknowledged (Unix ms).
+    seen: Mutex<HashMap<String, (String, i64)>>,
 }
 
 /// Whether the box's status shows it took (or refused) `version`.
@@ -61,6 +65,15 @@ fn step(f: &FirmwareStatus) -> String {
     if let Some((v, why)) = &f.error {
         s.push_str(&format!(" refused={v}: {why}"));
     }
+    match &f.outcome {
+        Some(Outcome::Committed { version, .. }) => {
+            s.push_str(&format!(" outcome=committed {version}"))
+        }
+        Some(Outcome::RolledBack { version, .. }) => {
+            s.push_str(&format!(" outcome=rolled-back {version}"));
+        }
+        None => {}
+    }
     s
 }
 
@@ -80,23 +93,38 @@ impl Offers {
     }
 
     /// What the hub sends `device` for a heartbeat carrying `f` (already
-    /// bounded), and what it audits.
-    pub fn heard(&self, device: &str, f: &FirmwareStatus) -> (Vec<Message>, Vec<Record>) {
+    /// bounded) at `now_ms`, and what it audits: each step and outcome once,
+    /// the same acknowledgement at most every [`ACK_AGAIN_MS`].
+    pub fn heard(
+        &self,
+        device: &str,
+        f: &FirmwareStatus,
+        now_ms: i64,
+    ) -> (Vec<Message>, Vec<Record>) {
         let mut replies = Vec::new();
         let mut records = Vec::new();
         let now = step(f);
-        {
+        let (changed, ack_due) = {
             let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
-            if seen.get(device) != Some(&now) {
-                if seen.len() >= MAX_SEEN && !seen.contains_key(device) {
-                    seen.clear();
-                }
-                let outcome = if f.error.is_some() { "error" } else { "ok" };
-                records.push(("firmware.step", outcome, now.clone()));
-                seen.insert(device.to_owned(), now);
+            if seen.len() >= MAX_SEEN && !seen.contains_key(device) {
+                seen.clear();
             }
+            let entry = seen
+                .entry(device.to_owned())
+                .or_insert((String::new(), i64::MIN));
+            let changed = entry.0 != now;
+            let ack_due = changed || now_ms.saturating_sub(entry.1) >= ACK_AGAIN_MS;
+            entry.0 = now.clone();
+            if ack_due && (f.outcome.is_some() || f.phase == "trial") {
+                entry.1 = now_ms;
+            }
+            (changed, ack_due)
+        };
+        if changed {
+            let outcome = if f.error.is_some() { "error" } else { "ok" };
+            records.push(("firmware.step", outcome, now));
         }
-        if let Some(o) = &f.outcome {
+        if let Some(o) = f.outcome.as_ref().filter(|_| changed) {
             records.push(match o {
                 Outcome::Committed {
                     version,
@@ -120,7 +148,7 @@ impl Offers {
                 ),
             });
         }
-        if f.outcome.is_some() || f.phase == "trial" {
+        if ack_due && (f.outcome.is_some() || f.phase == "trial") {
             replies.push(Message::FirmwareAck {
                 running: f.running.clone(),
                 outcome: f.outcome.clone(),
@@ -158,7 +186,7 @@ mod tests {
             ("r-1".to_owned(), "2.0".to_owned()),
         )]));
         let idle = status("1.0", "idle", None);
-        let (m, r) = o.heard("a", &idle);
+        let (m, r) = o.heard("a", &idle, 0);
         assert_eq!(
             m,
             [Message::FirmwareOffer {
@@ -168,14 +196,18 @@ mod tests {
         );
         assert_eq!(r.len(), 1);
         // The same step again: offered again, not audited again.
-        let (m, r) = o.heard("a", &idle);
+        let (m, r) = o.heard("a", &idle, 1);
         assert_eq!(m.len(), 1);
         assert!(r.is_empty());
         // Taken: no offer; each new step audited.
-        let (m, r) = o.heard("a", &status("1.0", "writing", Some("2.0")));
+        let (m, r) = o.heard("a", &status("1.0", "writing", Some("2.0")), 2);
         assert!(m.is_empty());
         assert_eq!(r[0].0, "firmware.step");
-        let (m, _) = o.heard("a", &status("2.0", "trial", Some("2.0")));
+        let trial = status("2.0", "trial", Some("2.0"));
+        let (m, _) = o.heard("a", &trial, 3);
+        // The same trial heartbeat again: acknowledged again only after 30 s.
+        assert!(o.heard("a", &trial, 4).0.is_empty());
+        assert_eq!(o.heard("a", &trial, 30_004).0.len(), 1);
         assert_eq!(
             m,
             [Message::FirmwareAck {
@@ -190,7 +222,10 @@ mod tests {
             running: "1.0".into(),
         });
         back.journal = vec!["no hub".into()];
-        let (m, r) = o.heard("a", &back);
+        let (m0, r0) = o.heard("a", &back, 40_000);
+        let (_, again) = o.heard("a", &back, 40_001);
+        assert!(again.is_empty(), "its outcome is audited once: {again:?}");
+        let (m, r) = (m0, r0);
         assert!(matches!(
             &m[..],
             [Message::FirmwareAck {
@@ -204,10 +239,10 @@ mod tests {
         // Refused by the updater: not offered again.
         let mut refused = status("1.0", "idle", None);
         refused.error = Some(("2.0".into(), "bad signature".into()));
-        let (m, r) = o.heard("a", &refused);
+        let (m, r) = o.heard("a", &refused, 50_000);
         assert!(m.is_empty());
         assert_eq!(r[0].1, "error");
         // Another box has no offer.
-        assert!(o.heard("b", &idle).0.is_empty());
+        assert!(o.heard("b", &idle, 0).0.is_empty());
     }
 }

@@ -738,7 +738,7 @@ impl Fleet {
             Message::Heartbeat(mut status) => {
                 status.bound();
                 if let Some(f) = &status.firmware {
-                    let (replies, records) = self.firmware_offers.heard(&d, f);
+                    let (replies, records) = self.firmware_offers.heard(&d, f, now_ms());
                     for (event, outcome, detail) in records {
                         info!(event, outcome, %detail, "Firmware");
                         self.ctx

@@ -270,7 +270,12 @@ impl Applier {
         // What the box runs is said before the reload: an uplink change opens
         // new tunnels at once, and their sessions report it at their start.
         fleet.set_applied(version, text.to_owned());
-        fleet.set_trying(true);
+        if !fleet.set_trying(true) {
+            fleet.set_applied(applied, applied_text.clone());
+            return refuse(vec![
+                "this box cannot mark the try for its firmware updater ([update] handoff is not writable): it would not be safe from a reboot; fix the handoff directory".into(),
+            ]);
+        }
         if let Err(e) = reload(config) {
             // Put the files and the state back as they were.
             fleet.set_applied(applied, applied_text.clone());

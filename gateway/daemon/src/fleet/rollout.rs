@@ -483,10 +483,13 @@ async fn offer_firmware(fleet: &Arc<Fleet>, doc: Rollout) -> Result<(), RolloutE
         .iter()
         .filter(|m| m.wave == wave && m.offered_ms.is_none() && !m.unchanged && m.error.is_none())
         .map(|m| {
-            let f = observed(rows.get(&m.device)).firmware;
-            let p = match f {
+            let row = rows.get(&m.device);
+            let heard = row.is_some_and(|r| r.status.is_some());
+            let p = match observed(row).firmware {
                 Some(f) if f.running == fw.version && f.phase != "trial" => Pushed::Unchanged,
                 Some(_) => Pushed::Offered(now),
+                // Never heard from: offered (it is silent if it stays so).
+                None if !heard => Pushed::Offered(now),
                 None => Pushed::Error(
                     "the box reports no firmware updater (it does not run the appliance image, or its updater has not published its status yet)".into(),
                 ),

@@ -399,6 +399,8 @@ async fn rollout_start(
     caller: Caller,
     body: axum::body::Bytes,
 ) -> Answer {
+    // Who asks, before what they ask is read.
+    account(&fleet, &caller).await?;
     let req: StartReq = parse_json(&body)?;
     if let Some(version) = req.firmware.clone() {
         return firmware_start(&fleet, &caller, req, version).await;
