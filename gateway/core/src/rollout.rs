@@ -484,7 +484,8 @@ pub fn firmware_status(
         }
         if f.failed.iter().any(|x| x == v) && f.running != v {
             return DeviceStatus::Reverted(format!(
-                "{v} rolled back on this box before (offer it with a new rollout after a retry)"
+                "{v} rolled back on this box; back on {} (the hub's audit has the failed boot's journal)",
+                f.running
             ));
         }
         if let Some((ev, why)) = &f.error
