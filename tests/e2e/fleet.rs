@@ -3698,5 +3698,92 @@ fn firmware_rolls_out_in_waves_commits_and_a_broken_version_rolls_back() {
         "not tried again"
     );
     assert!(!no);
+
+    // 4. 2.7 staged (the reboot does not happen), then its rollout aborted:
+    // the hub withdraws it, the updater removes its entry before it boots.
+    firmware_bundle(&signer, &d.join("b2.7"), "2.7", 11);
+    let (code, _, err) = hub.ctl(
+        "sam",
+        &["firmware", "upload", d.join("b2.7").to_str().expect("path")],
+    );
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = hub.ctl("sam", &["rollout", "abort", &id25]);
+    assert_eq!(code, 0, "{err}");
+    let (code, id27, err) = hub.ctl(
+        "sam",
+        &[
+            "firmware",
+            "rollout",
+            "2.7",
+            "--waves",
+            "100%",
+            "--max-failures",
+            "0",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    wait_offer("2.7");
+    {
+        let mut updater =
+            Updater::open(test_box(&boxdir, &signer, ("2.0", SlotName::B))).expect("updater");
+        let mut reboot = || Err("no reboot in this test".to_owned());
+        let env = Env {
+            handoff: &handoff,
+            admin,
+            give_up: Duration::from_secs(60),
+            boot_id: &boot_id,
+            minute: 0,
+            reboot: &mut reboot,
+        };
+        let r = gateway_updater::follow::follow(
+            &mut updater,
+            env,
+            (&mut |_: &Event| {}, &mut |_: String| {}),
+        );
+        assert_eq!(r, Err("no reboot in this test".to_owned()));
+        assert_eq!(updater.status().expect("status").phase, "staged");
+    }
+    assert!(
+        entries().iter().any(|e| e.starts_with("gw-2.7+")),
+        "{:?}",
+        entries()
+    );
+    let (code, _, err) = hub.ctl("sam", &["rollout", "abort", id27.trim()]);
+    assert_eq!(code, 0, "{err}");
+    poll_blocking(
+        "gatewayd hands the withdrawal to the updater",
+        Duration::from_secs(30),
+        || match std::fs::read_to_string(handoff.join("withdraw.json")) {
+            Ok(t) if t.contains("2.7") => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    assert!(!handoff.join("offer.json").exists(), "the offer is gone");
+    assert_eq!(
+        follow("2.0", SlotName::B, &mut no),
+        Followed::Withdrawn("2.7".into())
+    );
+    assert!(
+        !entries().iter().any(|e| e.contains("2.7")),
+        "{:?}",
+        entries()
+    );
+    assert!(
+        entries().iter().any(|e| e.starts_with("gw-2.0")),
+        "{:?}",
+        entries()
+    );
+    poll_blocking(
+        "the box is idle on 2.0 again",
+        Duration::from_secs(15),
+        || {
+            let f = firmware_of(&hub);
+            if f["phase"] == "idle" && f["running"] == "2.0" {
+                Ok(())
+            } else {
+                Err(f.to_string())
+            }
+        },
+    );
     drop(edge);
 }

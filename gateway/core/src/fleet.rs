@@ -198,6 +198,13 @@ pub enum Message {
         /// The version.
         version: String,
     },
+    /// Hub to edge: the rollout that offered `version` was aborted; a box
+    /// that has not booted it yet drops it (its status shows it being
+    /// written or staged). Sent with heartbeats while it does.
+    FirmwareWithdraw {
+        /// The version.
+        version: String,
+    },
     /// Hub to edge: the hub has recorded a heartbeat in which the box runs
     /// `running` (on a trial boot, the health gate waits for this), and the
     /// update's `outcome` if the heartbeat carried one (the updater then

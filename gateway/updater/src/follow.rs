@@ -41,6 +41,9 @@ pub enum Followed {
     Refused(String, String),
     /// Not now, and why.
     Busy(String),
+    /// The update of the version was withdrawn (its rollout aborted) before
+    /// the box booted it.
+    Withdrawn(String),
 }
 
 /// Reads a handoff file within [`report::MAX_FILE`], not through a link.
@@ -130,6 +133,12 @@ pub fn follow(
         return Ok(Followed::Busy(
             "the last update's outcome waits for the hub's acknowledgement".into(),
         ));
+    }
+    // An aborted rollout's version, not booted yet: dropped.
+    if let Some(w) = read::<report::Withdraw>(b.handoff, "withdraw.json")?
+        && updater.withdraw(&w.version).map_err(|e| e.to_string())?
+    {
+        return Ok(Followed::Withdrawn(w.version));
     }
     let offer: Option<Offer> = read(b.handoff, "offer.json")?;
     let Some(offer) = offer else {

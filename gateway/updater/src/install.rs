@@ -374,6 +374,35 @@ impl Updater {
         Ok(())
     }
 
+    /// Drops the update of `version` if the box has not booted it yet: its
+    /// entries off the ESP first, then the state (a cut between leaves a
+    /// staged state without its entry, which writes nothing bootable: the
+    /// next pass withdraws it again). Whether it dropped it.
+    ///
+    /// # Errors
+    /// The ESP's or the disk's.
+    pub fn withdraw(&mut self, version: &str) -> Result<bool, UpdateError> {
+        let before_boot = matches!(
+            self.kept.state,
+            State::Clearing { .. }
+                | State::Writing { .. }
+                | State::Written { .. }
+                | State::Staged { .. }
+        );
+        if !before_boot
+            || self
+                .kept
+                .state
+                .target()
+                .is_none_or(|t| t.version != version)
+        {
+            return Ok(false);
+        }
+        self.esp.remove_except(&self.device.version)?;
+        self.apply(Input::Withdrawn)?;
+        Ok(true)
+    }
+
     /// Records that rollout `rollout`'s offer of `version` was refused, and
     /// why.
     ///

@@ -459,6 +459,9 @@ fn follow(
         Followed::Rebooting(v) => println!("rebooting into {v}"),
         Followed::Refused(v, why) => println!("{v} refused on this box: {why} (the hub is told)"),
         Followed::Busy(why) => println!("not now: {why}"),
+        Followed::Withdrawn(v) => {
+            println!("{v} withdrawn (its rollout was aborted): its boot entry removed")
+        }
     }
     Ok(())
 }

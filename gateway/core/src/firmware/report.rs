@@ -188,6 +188,15 @@ pub struct Ack {
     pub at_ms: i64,
 }
 
+/// gatewayd to the updater (`withdraw.json` beside the offer): the rollout
+/// that offered `version` was aborted; drop it unless it has booted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Withdraw {
+    /// The version.
+    pub version: String,
+}
+
 /// The largest offer, acknowledgement or status file read.
 pub const MAX_FILE: u64 = 256 << 10;
 

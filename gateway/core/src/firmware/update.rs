@@ -151,6 +151,9 @@ pub enum Input {
     Blessed,
     /// The hub has the report.
     Reported,
+    /// The offer was withdrawn (its rollout aborted) before the box booted
+    /// it, and the version's entry is off the ESP: nothing is under way.
+    Withdrawn,
 }
 
 /// An offer the updater does not take now.
@@ -256,6 +259,13 @@ impl State {
                 outcome: target.committed(),
             },
             (State::Report { .. }, Input::Reported) => State::Idle,
+            (
+                State::Clearing { .. }
+                | State::Writing { .. }
+                | State::Written { .. }
+                | State::Staged { .. },
+                Input::Withdrawn,
+            ) => State::Idle,
             (s, _) => s,
         }
     }

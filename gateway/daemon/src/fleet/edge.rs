@@ -526,6 +526,20 @@ pub async fn session(
                     Message::FirmwareOffer { rollout, version } => {
                         take_firmware_offer(&fleet, &ctx, &rollout, &version);
                     }
+                    Message::FirmwareWithdraw { version } => {
+                        if gateway_core::firmware::version_numbers(&version).is_none() {
+                            warn!(version = %gateway_core::refusals::peer_text(&version), "A firmware withdrawal that does not read; ignored");
+                        } else {
+                            match super::firmware_box::write_withdraw(&fleet.handoff, &version) {
+                                Ok(true) => {
+                                    info!(%version, "Firmware withdrawn (its rollout was aborted): the updater drops it unless it has booted");
+                                    ctx.audit.record("hub", &version, "firmware.withdraw", "ok", "", String::new());
+                                }
+                                Ok(false) => {}
+                                Err(e) => error!(%e, "Cannot hand the firmware withdrawal to the updater"),
+                            }
+                        }
+                    }
                     Message::FirmwareAck { running, outcome, boot } => {
                         if let Err(e) = super::firmware_box::write_ack(&fleet.handoff, (&running, outcome, &boot), now_ms()) {
                             error!(%e, "Cannot record the hub's acknowledgement for the updater");

@@ -114,8 +114,40 @@ pub fn write_offer(handoff: &Path, offer: &Offer) -> std::io::Result<bool> {
     if current_offer(handoff).as_ref() == Some(offer) {
         return Ok(false);
     }
+    // Offered again by a later rollout: no longer withdrawn.
+    if current_withdraw(handoff).is_some_and(|w| w.version == offer.version) {
+        std::fs::remove_file(handoff.join("withdraw.json"))?;
+    }
     let bytes = serde_json::to_vec_pretty(offer).unwrap_or_default();
     replace(handoff, "offer.json", &bytes)?;
+    Ok(true)
+}
+
+/// The withdrawal written for the updater, if any.
+pub fn current_withdraw(handoff: &Path) -> Option<gateway_core::firmware::report::Withdraw> {
+    serde_json::from_slice(&read_bounded(&handoff.join("withdraw.json"))?).ok()
+}
+
+/// Hands a withdrawal of `version` to the updater (unless written already)
+/// and removes an offer of it: whether it wrote it.
+///
+/// # Errors
+/// The disk's.
+pub fn write_withdraw(handoff: &Path, version: &str) -> std::io::Result<bool> {
+    if current_offer(handoff).is_some_and(|o| o.version == version) {
+        std::fs::remove_file(handoff.join("offer.json"))?;
+    }
+    if current_withdraw(handoff).is_some_and(|w| w.version == version) {
+        return Ok(false);
+    }
+    let w = gateway_core::firmware::report::Withdraw {
+        version: version.to_owned(),
+    };
+    replace(
+        handoff,
+        "withdraw.json",
+        &serde_json::to_vec(&w).unwrap_or_default(),
+    )?;
     Ok(true)
 }
 
@@ -167,7 +199,12 @@ mod tests {
         };
         assert!(write_offer(d.path(), &offer).expect("write"));
         assert!(!write_offer(d.path(), &offer).expect("again"));
-        assert_eq!(current_offer(d.path()), Some(offer));
+        assert_eq!(current_offer(d.path()), Some(offer.clone()));
+        assert!(write_withdraw(d.path(), "2.0").expect("withdraw"));
+        assert!(!write_withdraw(d.path(), "2.0").expect("again"));
+        assert_eq!(current_offer(d.path()), None, "the offer is gone");
+        assert!(write_offer(d.path(), &offer).expect("offered again"));
+        assert_eq!(current_withdraw(d.path()), None, "no longer withdrawn");
         write_ack(d.path(), ("2.0", None, "b1"), 5).expect("ack");
         write_ack(d.path(), ("2.0", None, "b1"), 9).expect("same");
         assert_eq!(

@@ -34,6 +34,8 @@ pub type Record = (&'static str, &'static str, String);
 pub struct Offers {
     /// Device → (rollout, version).
     offers: Mutex<HashMap<String, (String, String)>>,
+    /// Device → a version its aborted rollout offered.
+    withdrawn: Mutex<HashMap<String, String>>,
     /// Device → its last reported step, as audited, and when it was last
     /// acknowledged (Unix ms).
     seen: Mutex<HashMap<String, (String, i64)>>,
@@ -81,6 +83,14 @@ impl Offers {
     /// Replaces the offers (device → rollout, version).
     pub fn set(&self, offers: HashMap<String, (String, String)>) {
         *self.offers.lock().unwrap_or_else(PoisonError::into_inner) = offers;
+    }
+
+    /// Replaces the withdrawals (device → version of an aborted rollout).
+    pub fn set_withdrawn(&self, w: HashMap<String, String>) {
+        *self
+            .withdrawn
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = w;
     }
 
     /// The offer to `device`, if any.
@@ -155,11 +165,30 @@ impl Offers {
                 boot: f.boot.clone(),
             });
         }
-        if let Some((rollout, version)) = self.get(device)
+        let offer = self.get(device);
+        if let Some((rollout, version)) = offer.clone()
             && !taken(f, &version)
             && f.outcome.is_none()
         {
             replies.push(Message::FirmwareOffer { rollout, version });
+        }
+        // An aborted rollout's version the box is writing or has staged,
+        // and no rollout offers it now: withdrawn.
+        let withdrawn = self
+            .withdrawn
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(device)
+            .cloned();
+        if let Some(v) = withdrawn
+            && offer.is_none_or(|(_, o)| o != v)
+            && f.target.as_deref() == Some(v.as_str())
+            && matches!(
+                f.phase.as_str(),
+                "clearing" | "writing" | "written" | "staged"
+            )
+        {
+            replies.push(Message::FirmwareWithdraw { version: v });
         }
         (replies, records)
     }
@@ -242,6 +271,28 @@ mod tests {
         let (m, r) = o.heard("a", &refused, 50_000);
         assert!(m.is_empty());
         assert_eq!(r[0].1, "error");
+        // Staged from a rollout since aborted: withdrawn, until it is not.
+        o.set(HashMap::new());
+        o.set_withdrawn(HashMap::from([("a".to_owned(), "2.0".to_owned())]));
+        let staged = status("1.0", "staged", Some("2.0"));
+        assert_eq!(
+            o.heard("a", &staged, 60_000).0,
+            [Message::FirmwareWithdraw {
+                version: "2.0".into()
+            }]
+        );
+        assert!(
+            o.heard("a", &status("1.0", "idle", None), 60_001)
+                .0
+                .is_empty()
+        );
+        assert!(
+            o.heard("a", &status("2.0", "trial", Some("2.0")), 60_002)
+                .0
+                .iter()
+                .all(|m| !matches!(m, Message::FirmwareWithdraw { .. })),
+            "booted: the gate decides"
+        );
         // Another box has no offer.
         assert!(o.heard("b", &idle, 0).0.is_empty());
     }

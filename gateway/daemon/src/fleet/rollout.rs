@@ -531,6 +531,28 @@ fn firmware_offers(
     out
 }
 
+/// Aborted firmware rollouts are withdrawn from their boxes this long.
+const WITHDRAW_FOR_MS: i64 = 30 * 24 * 3600 * 1000;
+
+/// The versions aborted firmware rollouts (of the last 30 days) offered,
+/// by device, the newest rollout's for a device offered by several.
+fn firmware_withdrawn(all: &[RolloutRow], now: i64) -> HashMap<String, String> {
+    let mut out = HashMap::new();
+    // Newest first, as the registry lists them.
+    for row in all {
+        let Ok(doc) = parse(row) else { continue };
+        let Some(fw) = &doc.firmware else { continue };
+        if doc.state != State::Aborted || now - doc.created_ms > WITHDRAW_FOR_MS {
+            continue;
+        }
+        for m in doc.devices.iter().filter(|m| m.offered_ms.is_some()) {
+            out.entry(m.device.clone())
+                .or_insert_with(|| fw.version.clone());
+        }
+    }
+    out
+}
+
 /// One look at rollout `row`: acts on what `decide` says.
 async fn step(
     fleet: &Arc<Fleet>,
@@ -677,13 +699,25 @@ pub fn summary(st: &[DeviceStatus]) -> String {
 /// active rollout is looked at, until draining.
 pub async fn run(fleet: Arc<Fleet>) {
     let wake = fleet.rollouts_wake();
+    let mut tick: u64 = 0;
     loop {
-        tokio::select! {
-            () = wake.notified() => {}
-            go = fleet.ctx().pause(Duration::from_secs(2)) => if !go { return },
-        }
+        let woken = tokio::select! {
+            () = wake.notified() => true,
+            go = fleet.ctx().pause(Duration::from_secs(2)) => if go { false } else { return },
+        };
         if fleet.ctx().draining.is_cancelled() {
             return;
+        }
+        tick += 1;
+        // Aborted firmware rollouts: read when a rollout changed, else
+        // every 30 s (they are not among the active ones).
+        if woken || tick % 15 == 1 {
+            match fleet.registry().rollouts(false).await {
+                Ok(all) => fleet
+                    .firmware_offers()
+                    .set_withdrawn(firmware_withdrawn(&all, now_ms())),
+                Err(e) => warn!(%e, "Rollouts: cannot read the registry"),
+            }
         }
         let active = match fleet.registry().rollouts(true).await {
             Ok(a) => a,

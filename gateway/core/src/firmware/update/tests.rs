@@ -246,6 +246,31 @@ fn an_entry_on_the_esp_is_never_written_again() {
 }
 
 #[test]
+fn a_withdrawn_offer_ends_before_its_trial_only() {
+    let target = Target {
+        version: "2.0".into(),
+        from: "1.0".into(),
+        security_version: 1,
+    };
+    for s in [
+        State::Written {
+            target: target.clone(),
+        },
+        State::Staged {
+            target: target.clone(),
+        },
+    ] {
+        assert_eq!(s.apply(Input::Withdrawn), State::Idle);
+    }
+    let trial = State::Trial { target };
+    assert_eq!(
+        trial.clone().apply(Input::Withdrawn),
+        trial,
+        "booted: the gate decides"
+    );
+}
+
+#[test]
 fn another_offer_while_writing_starts_afresh_and_the_same_one_goes_on() {
     let mut progress = Progress::new(&manifest("2.0"));
     progress.mark(0);
