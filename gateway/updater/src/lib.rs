@@ -4,6 +4,7 @@
 //!
 //! - [`install`]: the shell of `gateway_core::firmware::update`: keeps the
 //!   state, performs each step, resumes after a cut.
+//! - [`journal`]: the failed boot's last warnings, for a rollback report.
 //! - [`slot`]: a root slot written chunk by chunk, synced.
 //! - [`esp`]: boot entries and kernels on the EFI system partition.
 //! - [`bundle`]: a signed bundle on disk, as a chunk source.
@@ -21,6 +22,7 @@ pub mod follow;
 pub mod gate;
 pub mod hub;
 pub mod install;
+pub mod journal;
 pub mod slot;
 pub mod source;
 

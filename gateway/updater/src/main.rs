@@ -245,32 +245,6 @@ fn default_keys() -> Vec<PathBuf> {
     keys
 }
 
-/// The failed boot's last journal lines (the boot before this one), for a
-/// rollback report: best effort, none when the journal is not kept.
-fn failed_boot_journal() -> Vec<String> {
-    let out = std::process::Command::new("journalctl")
-        .args([
-            // The read-only root's machine id is made afresh at each boot.
-            "--merge",
-            "--boot=-1",
-            "--lines=50",
-            "--priority=warning",
-            "--no-pager",
-            "--quiet",
-            "--output=short-iso",
-        ])
-        .stdin(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .output();
-    match out {
-        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout)
-            .lines()
-            .map(str::to_owned)
-            .collect(),
-        _ => Vec::new(),
-    }
-}
-
 fn run(cli: Cli) -> Result<(), String> {
     let device = device(&cli.device)?;
     let gatewayd_state = cli.device.gatewayd_state.clone();
@@ -285,7 +259,10 @@ fn run(cli: Cli) -> Result<(), String> {
         && updater.kept().journal.is_empty()
     {
         updater
-            .keep_journal(failed_boot_journal())
+            .keep_journal(gateway_updater::journal::failed_boot(
+                gateway_updater::journal::DIR,
+                &gateway_updater::boot_id(),
+            ))
             .map_err(|e| e.to_string())?;
     }
     match cli.command {
