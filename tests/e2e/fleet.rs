@@ -3392,27 +3392,48 @@ fn firmware_rolls_out_in_waves_commits_and_a_broken_version_rolls_back() {
         .trim()
         .to_owned();
     // One pass of the path unit's service.
-    let follow = |version: &str, slot: SlotName, rebooted: &mut bool| -> Followed {
+    // One pass of the path unit's service, rebooting with `reboot`.
+    let pass = |version: &str,
+                slot: SlotName,
+                reboot: &mut dyn FnMut() -> Result<(), String>|
+     -> Result<Followed, String> {
         let mut updater =
             Updater::open(test_box(&boxdir, &signer, (version, slot))).expect("updater");
-        let mut reboot = || {
-            *rebooted = true;
-            Ok(())
-        };
         let env = Env {
             handoff: &handoff,
             admin,
             give_up: Duration::from_secs(60),
             boot_id: &boot_id,
             minute: 0,
-            reboot: &mut reboot,
+            reboot,
         };
         gateway_updater::follow::follow(
             &mut updater,
             env,
             (&mut |_: &Event| {}, &mut |_: String| {}),
         )
+    };
+    // A pass whose reboot is recorded in `rebooted`.
+    let follow = |version: &str, slot: SlotName, rebooted: &mut bool| -> Followed {
+        pass(version, slot, &mut || {
+            *rebooted = true;
+            Ok(())
+        })
         .expect("follow")
+    };
+    // `firmware rollout VERSION` to every box in one wave, no failure allowed.
+    let roll = |version: &str, extra: &[&str]| {
+        let mut args = vec![
+            "firmware",
+            "rollout",
+            version,
+            "--waves",
+            "100%",
+            "--max-failures",
+            "0",
+        ];
+        args.extend_from_slice(extra);
+        hub.ctl("sam", &args)
     };
     let wait_offer = |version: &str| {
         poll_blocking(
@@ -3434,20 +3455,7 @@ fn firmware_rolls_out_in_waves_commits_and_a_broken_version_rolls_back() {
     };
 
     // 1. 2.0, committed.
-    let (code, id, err) = hub.ctl(
-        "sam",
-        &[
-            "firmware",
-            "rollout",
-            "2.0",
-            "--waves",
-            "100%",
-            "--trial",
-            "20s",
-            "--max-failures",
-            "0",
-        ],
-    );
+    let (code, id, err) = roll("2.0", &["--trial", "20s"]);
     assert_eq!(code, 0, "{err}");
     let id = id.trim().to_owned();
     let offer = wait_offer("2.0");
@@ -3539,20 +3547,7 @@ fn firmware_rolls_out_in_waves_commits_and_a_broken_version_rolls_back() {
     );
 
     // 2. 3.0, which never comes up: rolled back, and the rollout pauses.
-    let (code, id3, err) = hub.ctl(
-        "sam",
-        &[
-            "firmware",
-            "rollout",
-            "3.0",
-            "--waves",
-            "100%",
-            "--trial",
-            "20s",
-            "--max-failures",
-            "0",
-        ],
-    );
+    let (code, id3, err) = roll("3.0", &["--trial", "20s"]);
     assert_eq!(code, 0, "{err}");
     let id3 = id3.trim().to_owned();
     wait_offer("3.0");
@@ -3648,34 +3643,12 @@ fn firmware_rolls_out_in_waves_commits_and_a_broken_version_rolls_back() {
         &["firmware", "upload", d.join("b2.5").to_str().expect("path")],
     );
     assert_eq!(code, 0, "{err}");
-    let (code, _, err) = hub.ctl(
-        "sam",
-        &[
-            "firmware",
-            "rollout",
-            "2.5",
-            "--waves",
-            "100%",
-            "--max-failures",
-            "0",
-        ],
-    );
+    let (code, _, err) = roll("2.5", &[]);
     assert_ne!(code, 0, "the box is held by the paused rollout");
     assert!(err.contains("rollout"), "{err}");
     let (code, _, err) = hub.ctl("sam", &["rollout", "abort", &id3]);
     assert_eq!(code, 0, "{err}");
-    let (code, id25, err) = hub.ctl(
-        "sam",
-        &[
-            "firmware",
-            "rollout",
-            "2.5",
-            "--waves",
-            "100%",
-            "--max-failures",
-            "0",
-        ],
-    );
+    let (code, id25, err) = roll("2.5", &[]);
     assert_eq!(code, 0, "{err}");
     let id25 = id25.trim().to_owned();
     wait_offer("2.5");
@@ -3709,40 +3682,23 @@ fn firmware_rolls_out_in_waves_commits_and_a_broken_version_rolls_back() {
     assert_eq!(code, 0, "{err}");
     let (code, _, err) = hub.ctl("sam", &["rollout", "abort", &id25]);
     assert_eq!(code, 0, "{err}");
-    let (code, id27, err) = hub.ctl(
-        "sam",
-        &[
-            "firmware",
-            "rollout",
-            "2.7",
-            "--waves",
-            "100%",
-            "--max-failures",
-            "0",
-        ],
-    );
+    let (code, id27, err) = roll("2.7", &[]);
     assert_eq!(code, 0, "{err}");
     wait_offer("2.7");
-    {
-        let mut updater =
-            Updater::open(test_box(&boxdir, &signer, ("2.0", SlotName::B))).expect("updater");
-        let mut reboot = || Err("no reboot in this test".to_owned());
-        let env = Env {
-            handoff: &handoff,
-            admin,
-            give_up: Duration::from_secs(60),
-            boot_id: &boot_id,
-            minute: 0,
-            reboot: &mut reboot,
-        };
-        let r = gateway_updater::follow::follow(
-            &mut updater,
-            env,
-            (&mut |_: &Event| {}, &mut |_: String| {}),
-        );
-        assert_eq!(r, Err("no reboot in this test".to_owned()));
-        assert_eq!(updater.status().expect("status").phase, "staged");
-    }
+    assert_eq!(
+        pass("2.0", SlotName::B, &mut || Err(
+            "no reboot in this test".to_owned()
+        )),
+        Err("no reboot in this test".to_owned())
+    );
+    assert_eq!(
+        Updater::open(test_box(&boxdir, &signer, ("2.0", SlotName::B)))
+            .expect("updater")
+            .status()
+            .expect("status")
+            .phase,
+        "staged"
+    );
     assert!(
         entries().iter().any(|e| e.starts_with("gw-2.7+")),
         "{:?}",

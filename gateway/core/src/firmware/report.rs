@@ -197,6 +197,24 @@ pub struct Withdraw {
     pub version: String,
 }
 
+impl Ack {
+    /// Whether an acknowledgement a hub sent reads as one: versions that
+    /// are versions, a boot id of at most 64 hex digits and dashes (else
+    /// it is not written for the updater: one hub's garbage must not stall
+    /// every pass of it).
+    pub fn well_formed(running: &str, outcome: Option<&Outcome>, boot: &str) -> bool {
+        let v = |s: &str| super::version_numbers(s).is_some();
+        v(running)
+            && boot.len() <= 64
+            && boot.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')
+            && match outcome {
+                Some(Outcome::Committed { version, .. }) => v(version),
+                Some(Outcome::RolledBack { version, running }) => v(version) && v(running),
+                None => true,
+            }
+    }
+}
+
 /// The largest offer, acknowledgement or status file read.
 pub const MAX_FILE: u64 = 256 << 10;
 
@@ -307,6 +325,21 @@ mod tests {
         assert_eq!(s.failed.len(), 16);
         assert_eq!(s.journal.len(), MAX_JOURNAL);
         assert!(s.journal[0].starts_with("150 ") && s.journal[0].len() == 300);
+    }
+
+    #[test]
+    fn a_hubs_acknowledgement_must_read_as_one() {
+        let boot = "b068c2b4-93d8-421b-8df7-0d3aa4ceb007";
+        assert!(Ack::well_formed("2.0", None, boot));
+        assert!(Ack::well_formed("2.0", None, ""));
+        assert!(!Ack::well_formed("2.0\n", None, boot));
+        assert!(!Ack::well_formed("2.0", None, &"a".repeat(65)));
+        assert!(!Ack::well_formed("2.0", None, "../x"));
+        let back = Outcome::RolledBack {
+            version: "x".repeat(300),
+            running: "2.0".into(),
+        };
+        assert!(!Ack::well_formed("2.0", Some(&back), boot));
     }
 
     #[test]

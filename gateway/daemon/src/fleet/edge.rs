@@ -541,7 +541,9 @@ pub async fn session(
                         }
                     }
                     Message::FirmwareAck { running, outcome, boot } => {
-                        if let Err(e) = super::firmware_box::write_ack(&fleet.handoff, (&running, outcome, &boot), now_ms()) {
+                        if !gateway_core::firmware::report::Ack::well_formed(&running, outcome.as_ref(), &boot) {
+                            warn!(running = %gateway_core::refusals::peer_text(&running), "A firmware acknowledgement that does not read; ignored");
+                        } else if let Err(e) = super::firmware_box::write_ack(&fleet.handoff, (&running, outcome, &boot), now_ms()) {
                             error!(%e, "Cannot record the hub's acknowledgement for the updater");
                         }
                     }
